@@ -1,0 +1,351 @@
+//! The admin API, on its own listener: API keys (create, list, read, update, revoke, rotate),
+//! tiers and backends. Every call needs the admin bearer token or a JWT whose role claim is
+//! `admin` (anything) or `viewer` (reads only). The secret of a key appears in exactly two
+//! answers, create and rotate, and nowhere else.
+
+use crate::app::Gateway;
+use crate::error::ApiError;
+use crate::keys::{new_key_id, KeyRecord, NewSecret};
+use axum::body::Bytes;
+use axum::extract::{Path, Request, State};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::{de::DeserializeOwned, Deserialize};
+use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
+use sluice_policies::LimitOverrides;
+use std::sync::Arc;
+
+type AppState = Arc<Gateway>;
+
+pub async fn serve(listener: tokio::net::TcpListener, gateway: Arc<Gateway>) {
+    if let Err(e) = axum::serve(listener, router(gateway)).await {
+        tracing::error!(error = %e, "admin listener failed");
+    }
+}
+
+pub fn router(gateway: Arc<Gateway>) -> Router {
+    let api = Router::new()
+        .route("/admin/v1/keys", post(create_key).get(list_keys))
+        .route(
+            "/admin/v1/keys/{id}",
+            get(get_key).patch(update_key).delete(revoke_key),
+        )
+        .route("/admin/v1/keys/{id}/rotate", post(rotate_key))
+        .route("/admin/v1/tiers", get(list_tiers))
+        .route("/admin/v1/tiers/{name}", get(get_tier))
+        .route("/admin/v1/backends", get(list_backends))
+        .layer(middleware::from_fn_with_state(gateway.clone(), authorize));
+    Router::new()
+        .route("/health", get(|| async { Json(json!({"status": "ok"})) }))
+        .merge(api)
+        .fallback(|request: Request| async move {
+            ApiError::not_found(format!(
+                "Unknown admin URL: {} {}.",
+                request.method(),
+                request.uri().path()
+            ))
+        })
+        .with_state(gateway)
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Role {
+    Admin,
+    Viewer,
+}
+
+/// Lets a call through when its credential's role allows the method.
+async fn authorize(State(gateway): State<AppState>, request: Request, next: Next) -> Response {
+    let authorization = request
+        .headers()
+        .get(http::header::AUTHORIZATION)
+        .map(|v| v.as_bytes());
+    let role = match role_of(&gateway, authorization) {
+        Ok(role) => role,
+        Err(e) => return e.into_response(),
+    };
+    let is_read = matches!(*request.method(), http::Method::GET | http::Method::HEAD);
+    if role == Role::Viewer && !is_read {
+        return ApiError::forbidden("The viewer role may only read; this call needs admin.")
+            .into_response();
+    }
+    next.run(request).await
+}
+
+fn role_of(gateway: &Gateway, authorization: Option<&[u8]>) -> Result<Role, ApiError> {
+    let Some(token) = crate::auth::bearer(authorization) else {
+        return Err(ApiError::invalid_api_key(
+            "Admin API calls need 'Authorization: Bearer <admin token or JWT>'.",
+        ));
+    };
+    if let Some(admin_token) = &gateway.config.admin_token {
+        // Compare digests so the comparison time says nothing about the token.
+        if Sha256::digest(token.as_bytes()) == Sha256::digest(admin_token.as_bytes()) {
+            return Ok(Role::Admin);
+        }
+    }
+    if let Some(jwt) = gateway.jwt.as_ref().filter(|_| token.starts_with("eyJ")) {
+        let claims = jwt
+            .verify(token)
+            .map_err(|e| ApiError::invalid_api_key(format!("Invalid token: {e}.")))?;
+        return match claims.role.as_deref() {
+            Some("admin") => Ok(Role::Admin),
+            Some("viewer") => Ok(Role::Viewer),
+            _ => Err(ApiError::forbidden(
+                "This token carries no admin or viewer role.",
+            )),
+        };
+    }
+    Err(ApiError::invalid_api_key("Invalid admin credential."))
+}
+
+fn parse_body<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+    serde_json::from_slice(body)
+        .map_err(|e| ApiError::bad_request(format!("Invalid request body: {e}.")))
+}
+
+fn store_error(e: crate::store::StoreError) -> ApiError {
+    tracing::error!(error = %e, "admin store call failed");
+    ApiError::unavailable("The store is unavailable; try again shortly.")
+}
+
+fn now_unix() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
+}
+
+fn non_empty(field: &'static str, value: &str) -> Result<(), ApiError> {
+    if value.trim().is_empty() || value.len() > 256 {
+        return Err(ApiError::bad_request(format!(
+            "'{field}' must be a non-empty string of at most 256 bytes."
+        ))
+        .with_param(field));
+    }
+    Ok(())
+}
+
+/// A key as the admin API shows it: never its secret or hash.
+fn key_view(gateway: &Gateway, record: &KeyRecord) -> Value {
+    let effective = gateway
+        .config
+        .tiers
+        .get(&record.tier)
+        .map(|t| t.limits.with_overrides(&record.limits))
+        .ok();
+    json!({
+        "id": record.id,
+        "object": "api_key",
+        "name": record.name,
+        "tenant": record.tenant,
+        "tier": record.tier,
+        "limits": record.limits,
+        "effective_limits": effective,
+        "display_prefix": record.display_prefix,
+        "created_at": record.created_at,
+        "revoked_at": record.revoked_at,
+        "status": if record.is_revoked() { "revoked" } else { "active" },
+    })
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreateKey {
+    name: String,
+    tenant: String,
+    tier: Option<String>,
+    #[serde(default)]
+    limits: LimitOverrides,
+}
+
+async fn create_key(
+    State(gateway): State<AppState>,
+    body: Bytes,
+) -> Result<impl IntoResponse, ApiError> {
+    let req: CreateKey = parse_body(&body)?;
+    non_empty("name", &req.name)?;
+    non_empty("tenant", &req.tenant)?;
+    let tier = req
+        .tier
+        .unwrap_or_else(|| sluice_policies::tiers::DEFAULT_TIER.to_owned());
+    gateway
+        .config
+        .tiers
+        .get(&tier)
+        .map_err(|e| ApiError::bad_request(e.to_string()).with_param("tier"))?;
+    let secret = NewSecret::generate();
+    let record = KeyRecord {
+        id: new_key_id(),
+        name: req.name,
+        tenant: req.tenant,
+        tier,
+        limits: req.limits,
+        hash: secret.hash,
+        display_prefix: secret.display_prefix,
+        created_at: now_unix(),
+        revoked_at: None,
+    };
+    gateway
+        .store
+        .put_key(&record, None)
+        .await
+        .map_err(store_error)?;
+    tracing::info!(key_id = %record.id, tenant = %record.tenant, tier = %record.tier, "key created");
+    let mut view = key_view(&gateway, &record);
+    view["key"] = Value::String(secret.secret);
+    Ok((http::StatusCode::CREATED, Json(view)))
+}
+
+async fn list_keys(State(gateway): State<AppState>) -> Result<Json<Value>, ApiError> {
+    let keys = gateway.store.list_keys().await.map_err(store_error)?;
+    let data: Vec<Value> = keys.iter().map(|k| key_view(&gateway, k)).collect();
+    Ok(Json(json!({"object": "list", "data": data})))
+}
+
+async fn find_key(gateway: &Gateway, id: &str) -> Result<KeyRecord, ApiError> {
+    gateway
+        .store
+        .key(id)
+        .await
+        .map_err(store_error)?
+        .ok_or_else(|| ApiError::not_found(format!("No API key with id '{id}'.")))
+}
+
+async fn get_key(
+    State(gateway): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let record = find_key(&gateway, &id).await?;
+    Ok(Json(key_view(&gateway, &record)))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct UpdateKey {
+    name: Option<String>,
+    tenant: Option<String>,
+    tier: Option<String>,
+    /// Replaces the key's overrides as a whole; `{}` clears them.
+    limits: Option<LimitOverrides>,
+}
+
+async fn update_key(
+    State(gateway): State<AppState>,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> Result<Json<Value>, ApiError> {
+    let req: UpdateKey = parse_body(&body)?;
+    let mut record = find_key(&gateway, &id).await?;
+    if record.is_revoked() {
+        return Err(ApiError::bad_request(format!(
+            "API key '{id}' is revoked and cannot be changed."
+        )));
+    }
+    if let Some(name) = req.name {
+        non_empty("name", &name)?;
+        record.name = name;
+    }
+    if let Some(tenant) = req.tenant {
+        non_empty("tenant", &tenant)?;
+        record.tenant = tenant;
+    }
+    if let Some(tier) = req.tier {
+        gateway
+            .config
+            .tiers
+            .get(&tier)
+            .map_err(|e| ApiError::bad_request(e.to_string()).with_param("tier"))?;
+        record.tier = tier;
+    }
+    if let Some(limits) = req.limits {
+        record.limits = limits;
+    }
+    gateway
+        .store
+        .put_key(&record, None)
+        .await
+        .map_err(store_error)?;
+    gateway.key_cache.invalidate();
+    Ok(Json(key_view(&gateway, &record)))
+}
+
+async fn revoke_key(
+    State(gateway): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let mut record = find_key(&gateway, &id).await?;
+    if !record.is_revoked() {
+        record.revoked_at = Some(now_unix());
+        gateway
+            .store
+            .put_key(&record, None)
+            .await
+            .map_err(store_error)?;
+        gateway.key_cache.invalidate();
+        tracing::info!(key_id = %record.id, "key revoked");
+    }
+    Ok(Json(key_view(&gateway, &record)))
+}
+
+async fn rotate_key(
+    State(gateway): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let mut record = find_key(&gateway, &id).await?;
+    if record.is_revoked() {
+        return Err(ApiError::bad_request(format!(
+            "API key '{id}' is revoked and cannot be rotated."
+        )));
+    }
+    let secret = NewSecret::generate();
+    let old_hash = std::mem::replace(&mut record.hash, secret.hash);
+    record.display_prefix = secret.display_prefix;
+    gateway
+        .store
+        .put_key(&record, Some(&old_hash))
+        .await
+        .map_err(store_error)?;
+    gateway.key_cache.invalidate();
+    tracing::info!(key_id = %record.id, "key rotated");
+    let mut view = key_view(&gateway, &record);
+    view["key"] = Value::String(secret.secret);
+    Ok(Json(view))
+}
+
+async fn list_tiers(State(gateway): State<AppState>) -> Json<Value> {
+    let data: Vec<_> = gateway.config.tiers.iter().collect();
+    Json(json!({"object": "list", "data": data}))
+}
+
+async fn get_tier(
+    State(gateway): State<AppState>,
+    Path(name): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let tier = gateway
+        .config
+        .tiers
+        .get(&name)
+        .map_err(|e| ApiError::not_found(e.to_string()))?;
+    Ok(Json(json!(tier)))
+}
+
+async fn list_backends(State(gateway): State<AppState>) -> Json<Value> {
+    let models = gateway.upstreams.models();
+    let data: Vec<Value> = gateway
+        .upstreams
+        .backends()
+        .iter()
+        .map(|b| {
+            let served: Vec<&str> = models
+                .values()
+                .filter(|m| m.backends.iter().any(|mb| std::sync::Arc::ptr_eq(mb, b)))
+                .map(|m| m.id.as_str())
+                .collect();
+            json!({"name": b.name, "url": b.url, "models": served})
+        })
+        .collect();
+    Json(json!({"object": "list", "data": data}))
+}

@@ -1,0 +1,129 @@
+//! The gateway, assembled: configuration, store, authentication and upstreams, shared by the
+//! proxy and the admin API, and the start-up that brings them up in order.
+
+use crate::admin;
+use crate::auth::{Authenticator, JwtVerifier, KeyCache};
+use crate::config::Config;
+use crate::proxy::Proxy;
+use crate::store::{EmbeddedStore, RedisStore, Store};
+use crate::upstream::Upstreams;
+use anyhow::Context;
+use bytes::Bytes;
+use pingora_core::server::configuration::ServerConf;
+use pingora_core::server::Server;
+use serde_json::json;
+use std::sync::Arc;
+
+/// Entries the local key cache may hold before it starts over.
+const KEY_CACHE_CAPACITY: usize = 100_000;
+
+pub struct Gateway {
+    pub config: Config,
+    pub store: Arc<dyn Store>,
+    pub key_cache: Arc<KeyCache>,
+    pub auth: Authenticator,
+    pub jwt: Option<Arc<JwtVerifier>>,
+    pub upstreams: Arc<Upstreams>,
+}
+
+impl Gateway {
+    /// Connects the store and learns the backends' models. Runs on the support runtime.
+    pub async fn build(config: Config) -> anyhow::Result<Arc<Gateway>> {
+        let store: Arc<dyn Store> = match &config.redis_url {
+            Some(url) => Arc::new(
+                RedisStore::connect(url, &config.redis_prefix)
+                    .await
+                    .with_context(|| format!("cannot connect to Redis at {url}"))?,
+            ),
+            None => Arc::new(EmbeddedStore::open(&config.data_dir)?),
+        };
+        let jwt = config
+            .jwt
+            .as_ref()
+            .map(|j| JwtVerifier::new(j).map(Arc::new))
+            .transpose()
+            .context("auth.jwt")?;
+        let key_cache = Arc::new(KeyCache::new(KEY_CACHE_CAPACITY));
+        let auth = Authenticator::new(
+            store.clone(),
+            key_cache.clone(),
+            jwt.clone(),
+            config.tiers.clone(),
+        );
+        let upstreams = Arc::new(Upstreams::new(&config.backends));
+        upstreams.discover().await;
+        Ok(Arc::new(Gateway {
+            config,
+            store,
+            key_cache,
+            auth,
+            jwt,
+            upstreams,
+        }))
+    }
+
+    /// The body of `GET /v1/models`: every model some backend serves.
+    pub fn model_list(&self) -> Bytes {
+        let data: Vec<_> = self
+            .upstreams
+            .models()
+            .values()
+            .map(|m| json!({"id": m.id, "object": "model", "created": 0, "owned_by": m.owned_by}))
+            .collect();
+        Bytes::from(json!({"object": "list", "data": data}).to_string())
+    }
+}
+
+/// Runs the gateway until a signal stops it. Never returns on success.
+pub fn run(config: Config) -> anyhow::Result<()> {
+    // Store connections, the admin API and background followers live on their own small
+    // runtime, so they keep running while pingora's proxy threads serve traffic.
+    let support = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("sluice-support")
+        .enable_all()
+        .build()?;
+    let gateway = support.block_on(Gateway::build(config.clone()))?;
+
+    let admin_listener = support
+        .block_on(tokio::net::TcpListener::bind(config.admin_listen))
+        .with_context(|| format!("cannot listen on {} (admin)", config.admin_listen))?;
+    support.spawn(admin::serve(admin_listener, gateway.clone()));
+    support.spawn(gateway.key_cache.clone().follow(gateway.store.clone()));
+    support.spawn(gateway.upstreams.clone().follow());
+
+    if config.admin_token.is_none() && config.jwt.is_none() {
+        tracing::warn!(
+            "no admin credentials configured (SLUICE_ADMIN_TOKEN or auth.jwt): \
+             the admin API refuses every call"
+        );
+    }
+    let models = gateway.upstreams.models();
+    tracing::info!(
+        listen = %config.listen,
+        admin = %config.admin_listen,
+        store = gateway.store.kind(),
+        backends = config.backends.len(),
+        models = ?models.keys().collect::<Vec<_>>(),
+        "sluice gateway starting"
+    );
+
+    let server_conf = ServerConf {
+        threads: config.threads,
+        grace_period_seconds: Some(config.grace_period_secs),
+        graceful_shutdown_timeout_seconds: Some(config.grace_period_secs),
+        ..ServerConf::default()
+    };
+    let mut server = Server::new_with_opt_and_conf(None, server_conf);
+    server.bootstrap();
+    let mut proxy = pingora_proxy::http_proxy_service_with_name(
+        &server.configuration,
+        Proxy::new(gateway),
+        "sluice-proxy",
+    );
+    proxy.add_tcp(&config.listen.to_string());
+    server.add_service(proxy);
+    // Keep the support runtime alive for as long as the server runs.
+    let _support = support;
+    server.run_forever()
+}

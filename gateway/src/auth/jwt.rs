@@ -1,0 +1,191 @@
+//! JWT verification: HS256 from a shared secret, RS256/ES256 from configured public keys,
+//! with exp, nbf, iss and aud checked. The claims name the caller's tenant, tier and, for the
+//! admin API, role.
+
+use crate::config::JwtConfig;
+use jsonwebtoken::{decode, decode_header, Algorithm, DecodingKey, Validation};
+use serde_json::{Map, Value};
+
+pub struct JwtVerifier {
+    keys: Vec<VerifyingKey>,
+    tenant_claim: String,
+    tier_claim: String,
+    role_claim: String,
+}
+
+struct VerifyingKey {
+    kid: Option<String>,
+    key: DecodingKey,
+    validation: Validation,
+}
+
+/// What a verified token says about its bearer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VerifiedToken {
+    pub subject: String,
+    pub tenant: Option<String>,
+    pub tier: Option<String>,
+    pub role: Option<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum JwtError {
+    #[error("no configured key verifies {0} tokens")]
+    NoKeyForAlgorithm(String),
+    #[error("{0}")]
+    Rejected(jsonwebtoken::errors::Error),
+    #[error("the token has no 'sub' claim")]
+    NoSubject,
+    #[error("claim '{0}' must be a string")]
+    ClaimNotString(String),
+}
+
+impl JwtVerifier {
+    pub fn new(config: &JwtConfig) -> Result<Self, jsonwebtoken::errors::Error> {
+        let validation = |alg: Algorithm| {
+            let mut v = Validation::new(alg);
+            v.leeway = config.leeway_secs;
+            v.validate_nbf = true;
+            v.set_required_spec_claims(&["exp", "sub"]);
+            match &config.issuer {
+                Some(iss) => v.set_issuer(&[iss]),
+                None => v.iss = None,
+            }
+            match &config.audience {
+                Some(aud) => v.set_audience(&[aud]),
+                // A gateway that names no audience accepts tokens for any.
+                None => v.validate_aud = false,
+            }
+            v
+        };
+        let mut keys = Vec::new();
+        if let Some(secret) = &config.hs256_secret {
+            keys.push(VerifyingKey {
+                kid: None,
+                key: DecodingKey::from_secret(secret.as_bytes()),
+                validation: validation(Algorithm::HS256),
+            });
+        }
+        for pk in &config.public_keys {
+            let key = match pk.algorithm {
+                Algorithm::ES256 => DecodingKey::from_ec_pem(pk.pem.as_bytes())?,
+                _ => DecodingKey::from_rsa_pem(pk.pem.as_bytes())?,
+            };
+            keys.push(VerifyingKey {
+                kid: pk.kid.clone(),
+                key,
+                validation: validation(pk.algorithm),
+            });
+        }
+        Ok(JwtVerifier {
+            keys,
+            tenant_claim: config.tenant_claim.clone(),
+            tier_claim: config.tier_claim.clone(),
+            role_claim: config.role_claim.clone(),
+        })
+    }
+
+    pub fn verify(&self, token: &str) -> Result<VerifiedToken, JwtError> {
+        let header = decode_header(token).map_err(JwtError::Rejected)?;
+        let candidates = self.keys.iter().filter(|k| {
+            k.validation.algorithms.contains(&header.alg)
+                && (header.kid.is_none() || k.kid.is_none() || k.kid == header.kid)
+        });
+        let mut last_error = None;
+        for candidate in candidates {
+            match decode::<Map<String, Value>>(token, &candidate.key, &candidate.validation) {
+                Ok(data) => return self.read_claims(data.claims),
+                Err(e) => last_error = Some(e),
+            }
+        }
+        Err(match last_error {
+            Some(e) => JwtError::Rejected(e),
+            None => JwtError::NoKeyForAlgorithm(format!("{:?}", header.alg)),
+        })
+    }
+
+    fn read_claims(&self, claims: Map<String, Value>) -> Result<VerifiedToken, JwtError> {
+        let string_claim = |name: &str| match claims.get(name) {
+            None | Some(Value::Null) => Ok(None),
+            Some(Value::String(s)) => Ok(Some(s.clone())),
+            Some(_) => Err(JwtError::ClaimNotString(name.to_owned())),
+        };
+        Ok(VerifiedToken {
+            subject: string_claim("sub")?.ok_or(JwtError::NoSubject)?,
+            tenant: string_claim(&self.tenant_claim)?,
+            tier: string_claim(&self.tier_claim)?,
+            role: string_claim(&self.role_claim)?,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use jsonwebtoken::{encode, EncodingKey, Header};
+    use serde_json::json;
+
+    const SECRET: &str = "a-test-secret-that-is-long-enough-for-hs256";
+
+    fn config() -> JwtConfig {
+        JwtConfig {
+            issuer: Some("https://issuer.example".into()),
+            audience: Some("sluice".into()),
+            hs256_secret: Some(SECRET.into()),
+            public_keys: Vec::new(),
+            tenant_claim: "tenant".into(),
+            tier_claim: "tier".into(),
+            role_claim: "role".into(),
+            leeway_secs: 0,
+        }
+    }
+
+    fn now() -> i64 {
+        jsonwebtoken::get_current_timestamp() as i64
+    }
+
+    fn token(claims: Value, secret: &str) -> String {
+        encode(
+            &Header::new(Algorithm::HS256),
+            &claims,
+            &EncodingKey::from_secret(secret.as_bytes()),
+        )
+        .unwrap()
+    }
+
+    fn good_claims() -> Value {
+        json!({"sub": "u1", "tenant": "acme", "tier": "pro", "iss": "https://issuer.example",
+               "aud": "sluice", "exp": now() + 60})
+    }
+
+    #[test]
+    fn a_good_token_names_tenant_and_tier() {
+        let v = JwtVerifier::new(&config()).unwrap();
+        let t = v.verify(&token(good_claims(), SECRET)).unwrap();
+        assert_eq!(t.subject, "u1");
+        assert_eq!(t.tenant.as_deref(), Some("acme"));
+        assert_eq!(t.tier.as_deref(), Some("pro"));
+        assert_eq!(t.role, None);
+    }
+
+    #[test]
+    fn bad_signature_expiry_issuer_audience_and_nbf_are_refused() {
+        let v = JwtVerifier::new(&config()).unwrap();
+        assert!(v.verify(&token(good_claims(), "another-secret-another-secret-xx")).is_err());
+        let mut c = good_claims();
+        c["exp"] = json!(now() - 10);
+        assert!(v.verify(&token(c, SECRET)).is_err());
+        let mut c = good_claims();
+        c["iss"] = json!("https://evil.example");
+        assert!(v.verify(&token(c, SECRET)).is_err());
+        let mut c = good_claims();
+        c["aud"] = json!("someone-else");
+        assert!(v.verify(&token(c, SECRET)).is_err());
+        let mut c = good_claims();
+        c["nbf"] = json!(now() + 3600);
+        assert!(v.verify(&token(c, SECRET)).is_err());
+        let mut c = good_claims();
+        c.as_object_mut().unwrap().remove("exp");
+        assert!(v.verify(&token(c, SECRET)).is_err());
+    }
+}

@@ -1,0 +1,145 @@
+//! Who is this? Turns an `Authorization` header into an [`Identity`], or a 401.
+//!
+//! `Bearer sk-...` is an API key, looked up by the SHA-256 of the secret in a local cache in
+//! front of the store; `Bearer eyJ...` is a JWT. The secret itself is never stored, logged or
+//! kept past this call.
+
+mod jwt;
+mod key_cache;
+
+pub use jwt::{JwtError, JwtVerifier, VerifiedToken};
+pub use key_cache::KeyCache;
+
+use crate::error::ApiError;
+use crate::keys::{KeyHash, KeyRecord};
+use crate::store::Store;
+use sluice_policies::{Limits, Tiers};
+use std::sync::Arc;
+
+/// The caller of a request, as far as policy cares.
+#[derive(Debug, Clone)]
+pub struct Identity {
+    /// The API key's id, or `jwt:<subject>` for a token.
+    pub key_id: String,
+    pub tenant: String,
+    pub tier: String,
+    pub limits: Limits,
+}
+
+pub struct Authenticator {
+    store: Arc<dyn Store>,
+    cache: Arc<KeyCache>,
+    jwt: Option<Arc<JwtVerifier>>,
+    tiers: Tiers,
+}
+
+/// The bearer credential of a request, still unverified.
+pub fn bearer(authorization: Option<&[u8]>) -> Option<&str> {
+    let value = std::str::from_utf8(authorization?).ok()?.trim();
+    let (scheme, token) = value.split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then(|| token.trim())
+        .filter(|t| !t.is_empty())
+}
+
+impl Authenticator {
+    pub fn new(
+        store: Arc<dyn Store>,
+        cache: Arc<KeyCache>,
+        jwt: Option<Arc<JwtVerifier>>,
+        tiers: Tiers,
+    ) -> Self {
+        Authenticator {
+            store,
+            cache,
+            jwt,
+            tiers,
+        }
+    }
+
+    pub async fn authenticate(&self, authorization: Option<&[u8]>) -> Result<Identity, ApiError> {
+        let Some(token) = bearer(authorization) else {
+            return Err(ApiError::invalid_api_key(
+                "You didn't provide an API key. Provide it in the Authorization header as \
+                 'Bearer sk-...' (or a JWT).",
+            ));
+        };
+        if token.starts_with("eyJ") {
+            return self.authenticate_jwt(token);
+        }
+        let record = self.lookup_key(token).await?.ok_or_else(|| {
+            ApiError::invalid_api_key(
+                "Incorrect API key provided. It is unknown, revoked or rotated.",
+            )
+        })?;
+        self.identity_of_key(&record)
+    }
+
+    async fn lookup_key(&self, secret: &str) -> Result<Option<Arc<KeyRecord>>, ApiError> {
+        let hash = KeyHash::of_secret(secret);
+        if let Some(hit) = self.cache.get(&hash) {
+            return Ok(hit);
+        }
+        let epoch = self.cache.epoch();
+        let found = self.store.key_by_hash(&hash).await.map_err(|e| {
+            tracing::error!(error = %e, "key lookup failed");
+            ApiError::unavailable("Sluice cannot check API keys right now; try again shortly.")
+        })?;
+        let found = found.map(Arc::new);
+        self.cache.insert(hash, found.clone(), epoch);
+        Ok(found)
+    }
+
+    fn identity_of_key(&self, record: &KeyRecord) -> Result<Identity, ApiError> {
+        let tier = self.tiers.get(&record.tier).map_err(|e| {
+            tracing::error!(key_id = %record.id, error = %e, "key names a tier that no longer exists");
+            ApiError::internal("This API key's tier is not configured; contact the operator.")
+        })?;
+        Ok(Identity {
+            key_id: record.id.clone(),
+            tenant: record.tenant.clone(),
+            tier: record.tier.clone(),
+            limits: tier.limits.with_overrides(&record.limits),
+        })
+    }
+
+    fn authenticate_jwt(&self, token: &str) -> Result<Identity, ApiError> {
+        let Some(verifier) = &self.jwt else {
+            return Err(ApiError::invalid_api_key(
+                "JWT authentication is not enabled on this gateway.",
+            ));
+        };
+        let claims = verifier
+            .verify(token)
+            .map_err(|e| ApiError::invalid_api_key(format!("Invalid token: {e}.")))?;
+        let tier_name = claims
+            .tier
+            .as_deref()
+            .unwrap_or(sluice_policies::tiers::DEFAULT_TIER);
+        let tier = self
+            .tiers
+            .get(tier_name)
+            .map_err(|e| ApiError::invalid_api_key(format!("Invalid token: {e}.")))?;
+        Ok(Identity {
+            key_id: format!("jwt:{}", claims.subject),
+            tenant: claims.tenant.unwrap_or_else(|| claims.subject.clone()),
+            tier: tier.name.clone(),
+            limits: tier.limits.clone(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::bearer;
+
+    #[test]
+    fn bearer_takes_the_token_of_any_case_scheme() {
+        assert_eq!(bearer(Some(b"Bearer sk-abc")), Some("sk-abc"));
+        assert_eq!(bearer(Some(b"bearer   sk-abc ")), Some("sk-abc"));
+        assert_eq!(bearer(Some(b"Basic dXNlcg==")), None);
+        assert_eq!(bearer(Some(b"Bearer ")), None);
+        assert_eq!(bearer(None), None);
+    }
+}

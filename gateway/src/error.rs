@@ -1,0 +1,191 @@
+//! What a client is told when Sluice refuses or fails a request: every error, from the proxy
+//! and from the admin API, becomes OpenAI's error shape here and nowhere else.
+
+use bytes::Bytes;
+use serde::Serialize;
+
+/// An error as the client sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApiError {
+    pub status: u16,
+    pub kind: ErrorKind,
+    pub code: Option<&'static str>,
+    pub param: Option<&'static str>,
+    pub message: String,
+}
+
+/// OpenAI's `type` values that Sluice uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorKind {
+    InvalidRequest,
+    Authentication,
+    Permission,
+    NotFound,
+    RateLimit,
+    Server,
+    ServiceUnavailable,
+}
+
+impl ErrorKind {
+    fn as_str(self) -> &'static str {
+        match self {
+            ErrorKind::InvalidRequest => "invalid_request_error",
+            ErrorKind::Authentication => "invalid_request_error",
+            ErrorKind::Permission => "permission_error",
+            ErrorKind::NotFound => "invalid_request_error",
+            ErrorKind::RateLimit => "rate_limit_error",
+            ErrorKind::Server => "server_error",
+            ErrorKind::ServiceUnavailable => "service_unavailable_error",
+        }
+    }
+}
+
+impl ApiError {
+    fn new(status: u16, kind: ErrorKind, code: Option<&'static str>, message: String) -> Self {
+        ApiError {
+            status,
+            kind,
+            code,
+            param: None,
+            message,
+        }
+    }
+
+    pub fn with_param(mut self, param: &'static str) -> Self {
+        self.param = Some(param);
+        self
+    }
+
+    pub fn bad_request(message: impl Into<String>) -> Self {
+        Self::new(400, ErrorKind::InvalidRequest, None, message.into())
+    }
+
+    pub fn invalid_api_key(message: impl Into<String>) -> Self {
+        Self::new(
+            401,
+            ErrorKind::Authentication,
+            Some("invalid_api_key"),
+            message.into(),
+        )
+    }
+
+    pub fn forbidden(message: impl Into<String>) -> Self {
+        Self::new(
+            403,
+            ErrorKind::Permission,
+            Some("insufficient_permissions"),
+            message.into(),
+        )
+    }
+
+    pub fn not_found(message: impl Into<String>) -> Self {
+        Self::new(404, ErrorKind::NotFound, Some("not_found"), message.into())
+    }
+
+    pub fn model_not_found(model: &str) -> Self {
+        Self::new(
+            404,
+            ErrorKind::NotFound,
+            Some("model_not_found"),
+            format!("The model `{model}` does not exist or you do not have access to it."),
+        )
+        .with_param("model")
+    }
+
+    pub fn method_not_allowed(method: &str, path: &str) -> Self {
+        Self::new(
+            405,
+            ErrorKind::InvalidRequest,
+            Some("method_not_allowed"),
+            format!("{method} is not allowed on {path}"),
+        )
+    }
+
+    pub fn body_too_large(limit: usize) -> Self {
+        Self::new(
+            413,
+            ErrorKind::InvalidRequest,
+            Some("request_too_large"),
+            format!("The request body is larger than the limit of {limit} bytes."),
+        )
+    }
+
+    pub fn bad_gateway(message: impl Into<String>) -> Self {
+        Self::new(502, ErrorKind::Server, Some("bad_gateway"), message.into())
+    }
+
+    pub fn unavailable(message: impl Into<String>) -> Self {
+        Self::new(
+            503,
+            ErrorKind::ServiceUnavailable,
+            Some("service_unavailable"),
+            message.into(),
+        )
+    }
+
+    pub fn gateway_timeout(message: impl Into<String>) -> Self {
+        Self::new(504, ErrorKind::Server, Some("timeout"), message.into())
+    }
+
+    pub fn internal(message: impl Into<String>) -> Self {
+        Self::new(500, ErrorKind::Server, Some("internal_error"), message.into())
+    }
+
+    /// The JSON body: `{"error":{"message","type","param","code"}}`.
+    pub fn body(&self) -> Bytes {
+        #[derive(Serialize)]
+        struct Body<'a> {
+            error: Inner<'a>,
+        }
+        #[derive(Serialize)]
+        struct Inner<'a> {
+            message: &'a str,
+            r#type: &'static str,
+            param: Option<&'static str>,
+            code: Option<&'static str>,
+        }
+        let body = Body {
+            error: Inner {
+                message: &self.message,
+                r#type: self.kind.as_str(),
+                param: self.param,
+                code: self.code,
+            },
+        };
+        Bytes::from(serde_json::to_vec(&body).expect("error body serializes"))
+    }
+}
+
+impl std::fmt::Display for ApiError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} {}", self.status, self.message)
+    }
+}
+
+impl axum::response::IntoResponse for ApiError {
+    fn into_response(self) -> axum::response::Response {
+        let status =
+            http::StatusCode::from_u16(self.status).unwrap_or(http::StatusCode::INTERNAL_SERVER_ERROR);
+        (
+            status,
+            [(http::header::CONTENT_TYPE, "application/json")],
+            self.body(),
+        )
+            .into_response()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn body_has_openai_shape() {
+        let body = ApiError::invalid_api_key("Incorrect API key provided.").body();
+        let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(v["error"]["message"], "Incorrect API key provided.");
+        assert_eq!(v["error"]["type"], "invalid_request_error");
+        assert_eq!(v["error"]["code"], "invalid_api_key");
+        assert!(v["error"]["param"].is_null());
+    }
+}

@@ -1,0 +1,12 @@
+//! Sluice's gateway: an OpenAI-compatible proxy on pingora, with its admin API.
+
+pub mod admin;
+pub mod app;
+pub mod auth;
+pub mod config;
+pub mod error;
+pub mod keys;
+pub mod proxy;
+pub mod request;
+pub mod store;
+pub mod upstream;

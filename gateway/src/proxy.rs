@@ -1,0 +1,323 @@
+//! The proxy: pingora's request phases, each handing its question to the module that answers
+//! it. The phases orchestrate; they hold no policy.
+//!
+//! 1. `request_filter`: which route (request), who is calling (auth), what they ask for
+//!    (request: the body is read here, bounded, and parsed into a borrowed view).
+//! 2. `upstream_peer`: which backend (upstream).
+//! 3. `upstream_request_filter` / `request_body_filter`: the request as the backend sees it:
+//!    the client's credential removed, the body read in step 1 replayed.
+//! 4. `response_filter`: the headers every answer carries.
+//! 5. `fail_to_proxy` / `logging`: errors in OpenAI's shape, one access-log line.
+
+use crate::app::Gateway;
+use crate::auth::Identity;
+use crate::error::ApiError;
+use crate::request::{RequestView, Route};
+use crate::upstream::Backend;
+use async_trait::async_trait;
+use bytes::{Bytes, BytesMut};
+use pingora_core::upstreams::peer::HttpPeer;
+use pingora_core::{Error, ErrorType, Result};
+use pingora_http::{RequestHeader, ResponseHeader};
+use pingora_proxy::{FailToProxy, ProxyHttp, Session};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+
+pub struct Proxy {
+    gateway: Arc<Gateway>,
+}
+
+impl Proxy {
+    pub fn new(gateway: Arc<Gateway>) -> Self {
+        Proxy { gateway }
+    }
+}
+
+/// Everything one request accumulates on its way through the phases.
+pub struct RequestCtx {
+    pub request_id: String,
+    pub route: Option<Route>,
+    pub identity: Option<Identity>,
+    /// The request body, read whole in `request_filter` and replayed to the backend.
+    pub body: Bytes,
+    pub model: Option<String>,
+    pub stream: bool,
+    pub backend: Option<Arc<Backend>>,
+    /// Set when the gateway refuses the request itself, for `fail_to_proxy` and the log.
+    pub error: Option<ApiError>,
+    pub started: Instant,
+}
+
+#[async_trait]
+impl ProxyHttp for Proxy {
+    type CTX = RequestCtx;
+
+    fn new_ctx(&self) -> RequestCtx {
+        RequestCtx {
+            request_id: String::new(),
+            route: None,
+            identity: None,
+            body: Bytes::new(),
+            model: None,
+            stream: false,
+            backend: None,
+            error: None,
+            started: Instant::now(),
+        }
+    }
+
+    async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
+        ctx.request_id = request_id(session.req_header());
+        match self.admit(session, ctx).await {
+            Ok(Some(local_answer)) => {
+                respond(session, ctx, 200, local_answer).await?;
+                Ok(true)
+            }
+            Ok(None) => Ok(false),
+            Err(error) => {
+                // An unread body would be taken for the next request on this connection.
+                let body_pending = !session.is_body_done();
+                if body_pending {
+                    session.set_keepalive(None);
+                }
+                let body = error.body();
+                let status = error.status;
+                ctx.error = Some(error);
+                respond(session, ctx, status, body).await?;
+                Ok(true)
+            }
+        }
+    }
+
+    async fn upstream_peer(
+        &self,
+        _session: &mut Session,
+        ctx: &mut RequestCtx,
+    ) -> Result<Box<HttpPeer>> {
+        let model = ctx.model.as_deref().unwrap_or_default();
+        let Some(backend) = self
+            .gateway
+            .upstreams
+            .model(model)
+            .and_then(|route| route.pick().cloned())
+        else {
+            ctx.error = Some(ApiError::unavailable(format!(
+                "No backend is serving model `{model}` right now."
+            )));
+            return Err(Error::explain(
+                ErrorType::HTTPStatus(503),
+                "no backend for model",
+            ));
+        };
+        let mut peer = HttpPeer::new(backend.addr, false, String::new());
+        peer.options.connection_timeout = Some(CONNECT_TIMEOUT);
+        ctx.backend = Some(backend);
+        Ok(Box::new(peer))
+    }
+
+    async fn upstream_request_filter(
+        &self,
+        _session: &mut Session,
+        upstream_request: &mut RequestHeader,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        // The client's credential is for the gateway; backends never see it.
+        upstream_request.remove_header("authorization");
+        upstream_request.insert_header("x-request-id", &ctx.request_id)?;
+        if let Some(backend) = &ctx.backend {
+            upstream_request.insert_header("host", backend.addr.to_string())?;
+        }
+        Ok(())
+    }
+
+    async fn request_body_filter(
+        &self,
+        _session: &mut Session,
+        body: &mut Option<Bytes>,
+        end_of_stream: bool,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        // The body was consumed in request_filter; the patched forwarding loop (see
+        // vendor/README.md) calls here once at its end, on every attempt, to replay it.
+        if end_of_stream && body.is_none() && !ctx.body.is_empty() {
+            *body = Some(ctx.body.clone());
+        }
+        Ok(())
+    }
+
+    async fn response_filter(
+        &self,
+        _session: &mut Session,
+        upstream_response: &mut ResponseHeader,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        upstream_response.insert_header("x-request-id", &ctx.request_id)?;
+        if let Some(backend) = &ctx.backend {
+            upstream_response.insert_header("x-sluice-backend", &backend.name)?;
+        }
+        Ok(())
+    }
+
+    async fn fail_to_proxy(
+        &self,
+        session: &mut Session,
+        e: &Error,
+        ctx: &mut RequestCtx,
+    ) -> FailToProxy {
+        let error = ctx.error.clone().or_else(|| upstream_error(e, ctx));
+        let code = match error {
+            Some(error) => {
+                let status = error.status;
+                if let Err(write_error) = respond(session, ctx, status, error.body()).await {
+                    tracing::debug!(error = %write_error, "could not send error response");
+                }
+                ctx.error = Some(error);
+                status
+            }
+            None => 0,
+        };
+        FailToProxy {
+            error_code: code,
+            can_reuse_downstream: false,
+        }
+    }
+
+    async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut RequestCtx) {
+        let status = session
+            .response_written()
+            .map_or(0, |r| r.status.as_u16());
+        let identity = ctx.identity.as_ref();
+        tracing::info!(
+            target: "sluice::access",
+            request_id = %ctx.request_id,
+            method = %session.req_header().method,
+            route = ctx.route.map_or("unknown", Route::name),
+            status,
+            key_id = identity.map_or("", |i| i.key_id.as_str()),
+            tenant = identity.map_or("", |i| i.tenant.as_str()),
+            tier = identity.map_or("", |i| i.tier.as_str()),
+            model = ctx.model.as_deref().unwrap_or(""),
+            stream = ctx.stream,
+            backend = ctx.backend.as_ref().map_or("", |b| b.name.as_str()),
+            duration_ms = ctx.started.elapsed().as_millis() as u64,
+            error = e.map(|e| e.to_string()),
+            "request"
+        );
+    }
+}
+
+impl Proxy {
+    /// Decides whether the request goes on: `Ok(None)` to forward it, `Ok(Some(body))` when the
+    /// gateway answers it itself, `Err` to refuse it.
+    async fn admit(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+    ) -> Result<Option<Bytes>, ApiError> {
+        let header = session.req_header();
+        let route = Route::resolve(&header.method, header.uri.path())?;
+        ctx.route = Some(route);
+        if route == Route::Health {
+            return Ok(Some(Bytes::from_static(b"{\"status\":\"ok\"}")));
+        }
+        let authorization = header.headers.get(http::header::AUTHORIZATION);
+        let identity = self
+            .gateway
+            .auth
+            .authenticate(authorization.map(|v| v.as_bytes()))
+            .await?;
+        ctx.identity = Some(identity);
+        if route == Route::Models {
+            return Ok(Some(self.gateway.model_list()));
+        }
+
+        ctx.body = read_body(session, self.gateway.config.max_body_bytes).await?;
+        let view = RequestView::parse(route, &ctx.body)?;
+        let model = view.model();
+        if self.gateway.upstreams.model(model).is_none() {
+            return Err(ApiError::model_not_found(model));
+        }
+        ctx.model = Some(model.to_owned());
+        ctx.stream = view.is_stream();
+        Ok(None)
+    }
+}
+
+/// Reads the whole request body, refusing it past `limit` bytes.
+async fn read_body(session: &mut Session, limit: usize) -> Result<Bytes, ApiError> {
+    let declared = session
+        .req_header()
+        .headers
+        .get(http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok());
+    if declared.is_some_and(|len| len > limit) {
+        return Err(ApiError::body_too_large(limit));
+    }
+    let mut body = BytesMut::with_capacity(declared.unwrap_or(0));
+    loop {
+        match session.read_request_body().await {
+            Ok(Some(chunk)) => {
+                if body.len() + chunk.len() > limit {
+                    return Err(ApiError::body_too_large(limit));
+                }
+                body.extend_from_slice(&chunk);
+            }
+            Ok(None) => return Ok(body.freeze()),
+            Err(e) => {
+                return Err(ApiError::bad_request(format!(
+                    "Could not read the request body: {e}"
+                )))
+            }
+        }
+    }
+}
+
+/// The client's `x-request-id` when it is a sane token, else a fresh UUIDv7.
+fn request_id(header: &RequestHeader) -> String {
+    header
+        .headers
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .filter(|id| {
+            !id.is_empty()
+                && id.len() <= 128
+                && id
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(&b))
+        })
+        .map_or_else(|| uuid::Uuid::now_v7().to_string(), str::to_owned)
+}
+
+/// An answer the gateway writes itself: JSON, with the request id.
+async fn respond(session: &mut Session, ctx: &RequestCtx, status: u16, body: Bytes) -> Result<()> {
+    let mut header = ResponseHeader::build(status, Some(4))?;
+    header.insert_header("content-type", "application/json")?;
+    header.insert_header("content-length", body.len().to_string())?;
+    header.insert_header("x-request-id", &ctx.request_id)?;
+    session
+        .write_response_header(Box::new(header), false)
+        .await?;
+    session.write_response_body(Some(body), true).await?;
+    Ok(())
+}
+
+/// What the client is told when forwarding failed; `None` when the client is gone.
+fn upstream_error(e: &Error, ctx: &RequestCtx) -> Option<ApiError> {
+    use ErrorType::*;
+    let backend = ctx.backend.as_ref().map_or("the backend", |b| b.name.as_str());
+    Some(match e.etype() {
+        HTTPStatus(code) => ApiError::internal(format!("Request failed with status {code}.")),
+        ConnectTimedout | ConnectRefused | ConnectNoRoute | ConnectError | ConnectProxyFailure
+        | BindError | SocketError => {
+            ApiError::bad_gateway(format!("Backend {backend} is unreachable ({}).", e.etype().as_str()))
+        }
+        ReadTimedout | WriteTimedout => {
+            ApiError::gateway_timeout(format!("Backend {backend} did not answer in time."))
+        }
+        _ if e.esource() == &pingora_core::ErrorSource::Downstream => return None,
+        _ => ApiError::bad_gateway(format!("Backend {backend} failed: {}.", e.etype().as_str())),
+    })
+}

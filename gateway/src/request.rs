@@ -1,0 +1,205 @@
+//! What are they asking for? Which OpenAI route a request is for, and a borrowed view of just
+//! the body fields that policy needs. The body itself is forwarded as it came.
+
+use crate::error::ApiError;
+use serde::Deserialize;
+use serde_json::value::RawValue;
+use std::borrow::Cow;
+
+/// The routes the gateway serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Route {
+    Health,
+    Models,
+    ChatCompletions,
+    Completions,
+    Embeddings,
+}
+
+impl Route {
+    /// The route for a method and path, or the error to answer with.
+    pub fn resolve(method: &http::Method, path: &str) -> Result<Route, ApiError> {
+        let path = path.strip_suffix('/').filter(|p| !p.is_empty()).unwrap_or(path);
+        let (route, allowed) = match path {
+            "/health" => (Route::Health, http::Method::GET),
+            "/v1/models" => (Route::Models, http::Method::GET),
+            "/v1/chat/completions" => (Route::ChatCompletions, http::Method::POST),
+            "/v1/completions" => (Route::Completions, http::Method::POST),
+            "/v1/embeddings" => (Route::Embeddings, http::Method::POST),
+            _ => {
+                return Err(ApiError::not_found(format!(
+                    "Unknown request URL: {method} {path}."
+                )))
+            }
+        };
+        if *method != allowed && !(allowed == http::Method::GET && method == http::Method::HEAD) {
+            return Err(ApiError::method_not_allowed(method.as_str(), path));
+        }
+        Ok(route)
+    }
+
+    /// Whether the gateway forwards this route to a backend (and so reads a body for it).
+    pub fn is_forwarded(self) -> bool {
+        matches!(
+            self,
+            Route::ChatCompletions | Route::Completions | Route::Embeddings
+        )
+    }
+
+    /// A short stable name for logs and metrics.
+    pub fn name(self) -> &'static str {
+        match self {
+            Route::Health => "health",
+            Route::Models => "models",
+            Route::ChatCompletions => "chat_completions",
+            Route::Completions => "completions",
+            Route::Embeddings => "embeddings",
+        }
+    }
+}
+
+/// The fields of an OpenAI request body that policy reads, borrowed from the body bytes.
+#[derive(Debug, Deserialize)]
+pub struct RequestView<'a> {
+    #[serde(borrow, default)]
+    pub model: Option<Cow<'a, str>>,
+    #[serde(default)]
+    pub stream: Option<bool>,
+    #[serde(default)]
+    pub max_tokens: Option<u32>,
+    #[serde(default)]
+    pub max_completion_tokens: Option<u32>,
+    #[serde(default)]
+    pub n: Option<u32>,
+    #[serde(default)]
+    pub temperature: Option<f64>,
+    #[serde(borrow, default)]
+    pub messages: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    pub prompt: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    pub input: Option<&'a RawValue>,
+}
+
+impl<'a> RequestView<'a> {
+    /// Parses and checks a body for `route`. Errors say what is wrong and where.
+    pub fn parse(route: Route, body: &'a [u8]) -> Result<RequestView<'a>, ApiError> {
+        if body.iter().all(u8::is_ascii_whitespace) {
+            return Err(ApiError::bad_request(
+                "The request body is empty; send a JSON object.",
+            ));
+        }
+        let view: RequestView = serde_json::from_slice(body).map_err(|e| {
+            ApiError::bad_request(format!(
+                "We could not parse the JSON body of your request: {e}."
+            ))
+        })?;
+        let model = view.model.as_deref().unwrap_or("");
+        if model.is_empty() {
+            return Err(
+                ApiError::bad_request("You must provide a model parameter.").with_param("model")
+            );
+        }
+        let (field, present) = match route {
+            Route::ChatCompletions => ("messages", view.messages),
+            Route::Completions => ("prompt", view.prompt),
+            Route::Embeddings => ("input", view.input),
+            Route::Health | Route::Models => return Ok(view),
+        };
+        let param: &'static str = field;
+        match present.map(RawValue::get) {
+            None | Some("null") => {
+                return Err(ApiError::bad_request(format!(
+                    "Missing required parameter: '{field}'."
+                ))
+                .with_param(param))
+            }
+            Some(raw) if route == Route::ChatCompletions && !raw.starts_with('[') => {
+                return Err(ApiError::bad_request(
+                    "Invalid type for 'messages': expected an array of message objects.",
+                )
+                .with_param(param))
+            }
+            Some(_) => {}
+        }
+        if let Some(t) = view.temperature {
+            if !(0.0..=2.0).contains(&t) {
+                return Err(ApiError::bad_request(format!(
+                    "Invalid 'temperature': {t} is not between 0 and 2."
+                ))
+                .with_param("temperature"));
+            }
+        }
+        if view.n == Some(0) {
+            return Err(ApiError::bad_request("Invalid 'n': must be at least 1.").with_param("n"));
+        }
+        Ok(view)
+    }
+
+    pub fn model(&self) -> &str {
+        self.model.as_deref().unwrap_or_default()
+    }
+
+    pub fn is_stream(&self) -> bool {
+        self.stream.unwrap_or(false)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn chat(body: &str) -> Result<RequestView<'_>, ApiError> {
+        RequestView::parse(Route::ChatCompletions, body.as_bytes())
+    }
+
+    #[test]
+    fn reads_the_fields_policy_needs() {
+        let v = chat(r#"{"model":"m","stream":true,"max_tokens":7,"n":2,"messages":[{"role":"user","content":"hi"}],"tools":[]}"#).unwrap();
+        assert_eq!(v.model(), "m");
+        assert!(v.is_stream());
+        assert_eq!(v.max_tokens, Some(7));
+        assert_eq!(v.n, Some(2));
+        assert!(v.messages.unwrap().get().contains("hi"));
+    }
+
+    #[test]
+    fn says_what_is_wrong() {
+        let e = chat("{\"model\": ").unwrap_err();
+        assert_eq!(e.status, 400);
+        assert!(e.message.contains("line 1 column"), "{}", e.message);
+
+        let e = chat(r#"{"messages":[]}"#).unwrap_err();
+        assert_eq!(e.param, Some("model"));
+
+        let e = chat(r#"{"model":"m","stream":"yes","messages":[]}"#).unwrap_err();
+        assert!(e.message.contains("expected a boolean"), "{}", e.message);
+
+        let e = chat(r#"{"model":"m"}"#).unwrap_err();
+        assert_eq!(e.param, Some("messages"));
+
+        let e = chat(r#"{"model":"m","messages":"hi"}"#).unwrap_err();
+        assert_eq!(e.param, Some("messages"));
+
+        let e = RequestView::parse(Route::Embeddings, br#"{"model":"m"}"#).unwrap_err();
+        assert_eq!(e.param, Some("input"));
+
+        let e = chat("[1,2]").unwrap_err();
+        assert_eq!(e.status, 400);
+
+        let e = chat("  ").unwrap_err();
+        assert!(e.message.contains("empty"));
+    }
+
+    #[test]
+    fn routes_resolve_by_method_and_path() {
+        use http::Method;
+        assert_eq!(
+            Route::resolve(&Method::POST, "/v1/chat/completions").unwrap(),
+            Route::ChatCompletions
+        );
+        assert_eq!(Route::resolve(&Method::GET, "/v1/models/").unwrap(), Route::Models);
+        assert_eq!(Route::resolve(&Method::GET, "/v1/chat/completions").unwrap_err().status, 405);
+        assert_eq!(Route::resolve(&Method::POST, "/v1/nope").unwrap_err().status, 404);
+    }
+}

@@ -1,0 +1,159 @@
+//! The embedded store: a redb file on local disk. redb is crash-safe (copy-on-write B-trees,
+//! fsync on commit), so a key answered as created survives a crash or restart.
+
+use super::{Store, StoreError};
+use crate::keys::{KeyHash, KeyRecord};
+use async_trait::async_trait;
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+/// key id -> JSON `KeyRecord`
+const KEYS: TableDefinition<&str, &[u8]> = TableDefinition::new("keys");
+/// hex SHA-256 of the secret -> key id, only for live keys
+const KEY_HASHES: TableDefinition<&str, &str> = TableDefinition::new("key_hashes");
+
+pub struct EmbeddedStore {
+    db: Arc<Database>,
+    /// One process owns the file, so a counter in memory is the whole truth of "changed".
+    epoch: AtomicU64,
+}
+
+impl From<redb::Error> for StoreError {
+    fn from(e: redb::Error) -> Self {
+        StoreError::Embedded(e.to_string())
+    }
+}
+
+fn embedded_err(e: impl Into<redb::Error>) -> StoreError {
+    StoreError::from(e.into())
+}
+
+impl EmbeddedStore {
+    /// Opens (or creates) `dir/sluice.redb`, creating `dir` if needed.
+    pub fn open(dir: &Path) -> Result<Self, StoreError> {
+        std::fs::create_dir_all(dir).map_err(|e| {
+            StoreError::Embedded(format!("cannot create data dir {}: {e}", dir.display()))
+        })?;
+        let path = dir.join("sluice.redb");
+        let db = Database::create(&path).map_err(|e| {
+            StoreError::Embedded(format!("cannot open {}: {e}", path.display()))
+        })?;
+        // Create the tables up front so readers never meet a missing table.
+        let txn = db.begin_write().map_err(embedded_err)?;
+        txn.open_table(KEYS).map_err(embedded_err)?;
+        txn.open_table(KEY_HASHES).map_err(embedded_err)?;
+        txn.commit().map_err(embedded_err)?;
+        Ok(EmbeddedStore {
+            db: Arc::new(db),
+            epoch: AtomicU64::new(0),
+        })
+    }
+
+    /// Runs blocking disk work off the async workers.
+    async fn blocking<T: Send + 'static>(
+        &self,
+        work: impl FnOnce(&Database) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let db = self.db.clone();
+        tokio::task::spawn_blocking(move || work(&db))
+            .await
+            .map_err(|e| StoreError::Embedded(format!("store task failed: {e}")))?
+    }
+}
+
+#[async_trait]
+impl Store for EmbeddedStore {
+    async fn put_key(
+        &self,
+        record: &KeyRecord,
+        replaced_hash: Option<&KeyHash>,
+    ) -> Result<(), StoreError> {
+        let json = serde_json::to_vec(record)?;
+        let record = record.clone();
+        let replaced_hash = replaced_hash.cloned();
+        self.blocking(move |db| {
+            let txn = db.begin_write().map_err(embedded_err)?;
+            {
+                let mut keys = txn.open_table(KEYS).map_err(embedded_err)?;
+                keys.insert(record.id.as_str(), json.as_slice())
+                    .map_err(embedded_err)?;
+                let mut hashes = txn.open_table(KEY_HASHES).map_err(embedded_err)?;
+                if let Some(old) = &replaced_hash {
+                    hashes.remove(old.as_str()).map_err(embedded_err)?;
+                }
+                if record.is_revoked() {
+                    hashes.remove(record.hash.as_str()).map_err(embedded_err)?;
+                } else {
+                    hashes
+                        .insert(record.hash.as_str(), record.id.as_str())
+                        .map_err(embedded_err)?;
+                }
+            }
+            txn.commit().map_err(embedded_err)?;
+            Ok(())
+        })
+        .await?;
+        self.epoch.fetch_add(1, Ordering::Release);
+        Ok(())
+    }
+
+    async fn key(&self, id: &str) -> Result<Option<KeyRecord>, StoreError> {
+        let id = id.to_owned();
+        self.blocking(move |db| {
+            let txn = db.begin_read().map_err(embedded_err)?;
+            let keys = txn.open_table(KEYS).map_err(embedded_err)?;
+            match keys.get(id.as_str()).map_err(embedded_err)? {
+                Some(json) => Ok(Some(serde_json::from_slice(json.value())?)),
+                None => Ok(None),
+            }
+        })
+        .await
+    }
+
+    async fn key_by_hash(&self, hash: &KeyHash) -> Result<Option<KeyRecord>, StoreError> {
+        let hash = hash.clone();
+        self.blocking(move |db| {
+            let txn = db.begin_read().map_err(embedded_err)?;
+            let hashes = txn.open_table(KEY_HASHES).map_err(embedded_err)?;
+            let Some(id) = hashes.get(hash.as_str()).map_err(embedded_err)? else {
+                return Ok(None);
+            };
+            let keys = txn.open_table(KEYS).map_err(embedded_err)?;
+            match keys.get(id.value()).map_err(embedded_err)? {
+                Some(json) => {
+                    let record: KeyRecord = serde_json::from_slice(json.value())?;
+                    Ok((!record.is_revoked()).then_some(record))
+                }
+                None => Ok(None),
+            }
+        })
+        .await
+    }
+
+    async fn list_keys(&self) -> Result<Vec<KeyRecord>, StoreError> {
+        let mut records = self
+            .blocking(|db| {
+                let txn = db.begin_read().map_err(embedded_err)?;
+                let keys = txn.open_table(KEYS).map_err(embedded_err)?;
+                let mut out = Vec::new();
+                for entry in keys.iter().map_err(embedded_err)? {
+                    let (_, json) = entry.map_err(embedded_err)?;
+                    out.push(serde_json::from_slice::<KeyRecord>(json.value())?);
+                }
+                Ok(out)
+            })
+            .await?;
+        records.sort_by(|a, b| (a.created_at, &a.id).cmp(&(b.created_at, &b.id)));
+        Ok(records)
+    }
+
+    async fn keys_epoch(&self) -> Result<u64, StoreError> {
+        Ok(self.epoch.load(Ordering::Acquire))
+    }
+
+    fn kind(&self) -> &'static str {
+        "embedded"
+    }
+}

@@ -1,0 +1,50 @@
+//! Where state that outlives a request lives. One trait, two homes: `embedded` (in-process,
+//! on local disk; the default, so `sluice` runs with nothing else installed) and `redis` (the
+//! production one, shared by every replica). Both keep the same semantics and pass the same
+//! tests (`tests/store_contract.rs`).
+
+mod embedded;
+mod redis;
+
+pub use embedded::EmbeddedStore;
+pub use redis::RedisStore;
+
+use crate::keys::{KeyHash, KeyRecord};
+use async_trait::async_trait;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("embedded store: {0}")]
+    Embedded(String),
+    #[error("redis: {0}")]
+    Redis(#[from] ::redis::RedisError),
+    #[error("stored record is corrupt: {0}")]
+    Corrupt(#[from] serde_json::Error),
+}
+
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// Writes a key record and its hash index in one atomic step. `replaced_hash` is the hash
+    /// the record had before (a rotation), whose index entry is removed in the same step. A
+    /// revoked record keeps no index entry, so its secret stops resolving.
+    async fn put_key(
+        &self,
+        record: &KeyRecord,
+        replaced_hash: Option<&KeyHash>,
+    ) -> Result<(), StoreError>;
+
+    async fn key(&self, id: &str) -> Result<Option<KeyRecord>, StoreError>;
+
+    /// The live (not revoked) key whose secret has this hash.
+    async fn key_by_hash(&self, hash: &KeyHash) -> Result<Option<KeyRecord>, StoreError>;
+
+    /// Every key, revoked ones included, ordered by creation time.
+    async fn list_keys(&self) -> Result<Vec<KeyRecord>, StoreError>;
+
+    /// A number that changes whenever any key changes, so each replica can drop its local key
+    /// cache within one poll of a change made anywhere.
+    async fn keys_epoch(&self) -> Result<u64, StoreError>;
+
+    /// A short name for logs and health output.
+    fn kind(&self) -> &'static str;
+}

@@ -1,0 +1,221 @@
+//! Where does it go? The backends this gateway knows, the models each serves, and the choice
+//! of one backend for a request. Models are declared in the configuration or discovered from
+//! each backend's `/v1/models`, re-read in the background so a backend that starts late (or
+//! gains a model) is picked up without a restart.
+//!
+//! The choice is plain round robin over a model's backends; load-aware balancing, health
+//! checks and retries belong to the balancer.
+
+use crate::config::BackendConfig;
+use arc_swap::ArcSwap;
+use serde::Deserialize;
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// How often backends are asked which models they serve.
+const DISCOVERY_INTERVAL: Duration = Duration::from_secs(5);
+const DISCOVERY_TIMEOUT: Duration = Duration::from_secs(2);
+
+#[derive(Debug)]
+pub struct Backend {
+    pub name: String,
+    pub url: String,
+    pub addr: SocketAddr,
+    /// Models named in the configuration; empty means discovered.
+    declared_models: Vec<String>,
+}
+
+/// One model, and the backends that serve it.
+#[derive(Debug)]
+pub struct ModelRoute {
+    pub id: String,
+    pub owned_by: String,
+    pub backends: Vec<Arc<Backend>>,
+    cursor: AtomicUsize,
+}
+
+impl ModelRoute {
+    pub fn pick(&self) -> Option<&Arc<Backend>> {
+        if self.backends.is_empty() {
+            return None;
+        }
+        let i = self.cursor.fetch_add(1, Ordering::Relaxed);
+        self.backends.get(i % self.backends.len())
+    }
+}
+
+pub struct Upstreams {
+    backends: Vec<Arc<Backend>>,
+    models: ArcSwap<BTreeMap<String, Arc<ModelRoute>>>,
+    http: reqwest::Client,
+}
+
+#[derive(Deserialize)]
+struct ModelList {
+    data: Vec<ModelEntry>,
+}
+
+#[derive(Deserialize)]
+struct ModelEntry {
+    id: String,
+    #[serde(default)]
+    owned_by: Option<String>,
+}
+
+impl Upstreams {
+    pub fn new(configs: &[BackendConfig]) -> Self {
+        let backends = configs
+            .iter()
+            .map(|c| {
+                Arc::new(Backend {
+                    name: c.name.clone(),
+                    url: c.url.clone(),
+                    addr: c.addr,
+                    declared_models: c.models.clone(),
+                })
+            })
+            .collect();
+        let http = reqwest::Client::builder()
+            .timeout(DISCOVERY_TIMEOUT)
+            .build()
+            .expect("http client builds without TLS");
+        let upstreams = Upstreams {
+            backends,
+            models: ArcSwap::from_pointee(BTreeMap::new()),
+            http,
+        };
+        upstreams.install(Vec::new());
+        upstreams
+    }
+
+    pub fn model(&self, id: &str) -> Option<Arc<ModelRoute>> {
+        self.models.load().get(id).cloned()
+    }
+
+    pub fn models(&self) -> Arc<BTreeMap<String, Arc<ModelRoute>>> {
+        self.models.load_full()
+    }
+
+    pub fn backends(&self) -> &[Arc<Backend>] {
+        &self.backends
+    }
+
+    /// Asks every backend without declared models what it serves, and installs the result.
+    /// A backend that does not answer keeps no models until it does.
+    pub async fn discover(&self) {
+        let mut found = Vec::new();
+        for backend in &self.backends {
+            if !backend.declared_models.is_empty() {
+                continue;
+            }
+            match self.fetch_models(backend).await {
+                Ok(models) => found.push((backend.clone(), models)),
+                Err(e) => {
+                    tracing::warn!(backend = %backend.name, error = %e, "model discovery failed")
+                }
+            }
+        }
+        self.install(found);
+    }
+
+    /// Re-runs discovery until the process ends.
+    pub async fn follow(self: Arc<Self>) {
+        if self.backends.iter().all(|b| !b.declared_models.is_empty()) {
+            return;
+        }
+        loop {
+            tokio::time::sleep(DISCOVERY_INTERVAL).await;
+            self.discover().await;
+        }
+    }
+
+    async fn fetch_models(&self, backend: &Backend) -> Result<Vec<(String, String)>, String> {
+        let url = format!("{}/v1/models", backend.url);
+        let response = self.http.get(&url).send().await.map_err(|e| e.to_string())?;
+        if !response.status().is_success() {
+            return Err(format!("{url} answered {}", response.status()));
+        }
+        let list: ModelList = response.json().await.map_err(|e| e.to_string())?;
+        Ok(list
+            .data
+            .into_iter()
+            .map(|m| {
+                let owned_by = m.owned_by.unwrap_or_else(|| backend.name.clone());
+                (m.id, owned_by)
+            })
+            .collect())
+    }
+
+    fn install(&self, discovered: Vec<(Arc<Backend>, Vec<(String, String)>)>) {
+        let mut routes: BTreeMap<String, (String, Vec<Arc<Backend>>)> = BTreeMap::new();
+        for backend in &self.backends {
+            for model in &backend.declared_models {
+                routes
+                    .entry(model.clone())
+                    .or_insert_with(|| ("sluice".to_owned(), Vec::new()))
+                    .1
+                    .push(backend.clone());
+            }
+        }
+        for (backend, models) in discovered {
+            for (model, owned_by) in models {
+                routes
+                    .entry(model)
+                    .or_insert_with(|| (owned_by, Vec::new()))
+                    .1
+                    .push(backend.clone());
+            }
+        }
+        let current = self.models.load();
+        let unchanged = current.len() == routes.len()
+            && routes.iter().all(|(id, (_, backends))| {
+                current.get(id).is_some_and(|r| {
+                    r.backends.len() == backends.len()
+                        && r.backends.iter().zip(backends).all(|(a, b)| Arc::ptr_eq(a, b))
+                })
+            });
+        if unchanged {
+            return;
+        }
+        let table = routes
+            .into_iter()
+            .map(|(id, (owned_by, backends))| {
+                let route = ModelRoute {
+                    id: id.clone(),
+                    owned_by,
+                    backends,
+                    cursor: AtomicUsize::new(0),
+                };
+                (id, Arc::new(route))
+            })
+            .collect();
+        self.models.store(Arc::new(table));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn backend(name: &str, port: u16, models: &[&str]) -> BackendConfig {
+        BackendConfig {
+            name: name.into(),
+            url: format!("http://127.0.0.1:{port}"),
+            addr: SocketAddr::from(([127, 0, 0, 1], port)),
+            models: models.iter().map(|m| m.to_string()).collect(),
+        }
+    }
+
+    #[test]
+    fn declared_models_route_round_robin() {
+        let u = Upstreams::new(&[backend("a", 1, &["m1", "m2"]), backend("b", 2, &["m1"])]);
+        let m1 = u.model("m1").unwrap();
+        let picks: Vec<_> = (0..4).map(|_| m1.pick().unwrap().name.clone()).collect();
+        assert_eq!(picks, ["a", "b", "a", "b"]);
+        assert_eq!(u.model("m2").unwrap().backends.len(), 1);
+        assert!(u.model("m3").is_none());
+    }
+}

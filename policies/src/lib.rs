@@ -1,0 +1,11 @@
+//! Sluice's policy logic, kept pure: no I/O, no async, no clocks read here. Everything in this
+//! crate is a function of its arguments, so it can be unit- and property-tested in isolation
+//! and shared by every store and replica without drift.
+
+pub mod limits;
+pub mod money;
+pub mod tiers;
+
+pub use limits::{LimitOverrides, Limits};
+pub use money::Money;
+pub use tiers::{Tier, TierError, Tiers};

@@ -1,0 +1,110 @@
+//! Pricing tiers: named bundles of limits. `free` is where a new key starts.
+
+use crate::limits::Limits;
+use crate::money::Money;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+pub const DEFAULT_TIER: &str = "free";
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Tier {
+    pub name: String,
+    /// ISO 4217 code the tier's prices and budgets are in.
+    pub currency: String,
+    pub limits: Limits,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum TierError {
+    #[error("unknown tier '{name}'; known tiers: {known}")]
+    Unknown { name: String, known: String },
+    #[error("tier '{0}': currency must be a three-letter ISO 4217 code")]
+    BadCurrency(String),
+    #[error("the default tier '{DEFAULT_TIER}' must be declared")]
+    NoDefault,
+}
+
+/// The set of tiers in force.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Tiers {
+    by_name: BTreeMap<String, Tier>,
+}
+
+impl Tiers {
+    pub fn new(tiers: impl IntoIterator<Item = Tier>) -> Result<Self, TierError> {
+        let by_name: BTreeMap<String, Tier> =
+            tiers.into_iter().map(|t| (t.name.clone(), t)).collect();
+        for tier in by_name.values() {
+            let c = &tier.currency;
+            if c.len() != 3 || !c.bytes().all(|b| b.is_ascii_uppercase()) {
+                return Err(TierError::BadCurrency(tier.name.clone()));
+            }
+        }
+        if !by_name.contains_key(DEFAULT_TIER) {
+            return Err(TierError::NoDefault);
+        }
+        Ok(Tiers { by_name })
+    }
+
+    /// The tiers Sluice ships with, used when the policy file declares none.
+    pub fn builtin() -> Self {
+        let tier = |name: &str, rpm, rpd, tpm, tpd, conc, budget: &str| Tier {
+            name: name.to_owned(),
+            currency: "USD".to_owned(),
+            limits: Limits {
+                requests_per_minute: rpm,
+                requests_per_day: rpd,
+                tokens_per_minute: tpm,
+                tokens_per_day: tpd,
+                max_concurrent: conc,
+                monthly_budget: Some(budget.parse::<Money>().expect("builtin budget")),
+            },
+        };
+        Tiers::new([
+            tier("free", Some(20), Some(1_000), Some(40_000), Some(500_000), Some(4), "5"),
+            tier("pro", Some(600), Some(100_000), Some(1_000_000), Some(50_000_000), Some(64), "500"),
+            tier("enterprise", Some(6_000), None, Some(10_000_000), None, Some(512), "50000"),
+        ])
+        .expect("builtin tiers are valid")
+    }
+
+    pub fn get(&self, name: &str) -> Result<&Tier, TierError> {
+        self.by_name.get(name).ok_or_else(|| TierError::Unknown {
+            name: name.to_owned(),
+            known: self.names().collect::<Vec<_>>().join(", "),
+        })
+    }
+
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.by_name.keys().map(String::as_str)
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &Tier> {
+        self.by_name.values()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn builtin_tiers_are_free_pro_enterprise() {
+        let tiers = Tiers::builtin();
+        assert_eq!(tiers.names().collect::<Vec<_>>(), ["enterprise", "free", "pro"]);
+        assert!(tiers.get("pro").unwrap().limits.requests_per_minute > tiers.get("free").unwrap().limits.requests_per_minute);
+    }
+
+    #[test]
+    fn unknown_tier_names_the_known_ones() {
+        let err = Tiers::builtin().get("gold").unwrap_err().to_string();
+        assert_eq!(err, "unknown tier 'gold'; known tiers: enterprise, free, pro");
+    }
+
+    #[test]
+    fn a_policy_without_the_default_tier_is_refused() {
+        let only_pro = Tiers::builtin().get("pro").unwrap().clone();
+        assert_eq!(Tiers::new([only_pro]), Err(TierError::NoDefault));
+    }
+}
