@@ -1,0 +1,161 @@
+//! The same store behaviour, proved against both implementations: the embedded store on a
+//! temporary directory and the Redis store on a real Redis (SLUICE_TEST_REDIS_URL, default
+//! redis://127.0.0.1:6379), each Redis run under its own key prefix.
+
+use sluice_gateway::keys::{new_key_id, KeyHash, KeyRecord, NewSecret};
+use sluice_gateway::store::{EmbeddedStore, RedisStore, Store};
+use sluice_policies::LimitOverrides;
+
+fn redis_url() -> String {
+    std::env::var("SLUICE_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
+}
+
+async fn redis_store() -> (RedisStore, String) {
+    let prefix = format!("sluice-test-{}", uuid::Uuid::new_v4().simple());
+    let store = RedisStore::connect(&redis_url(), &prefix)
+        .await
+        .expect("a Redis for the store tests (start one, or set SLUICE_TEST_REDIS_URL)");
+    (store, prefix)
+}
+
+async fn drop_prefix(prefix: &str) {
+    let client = redis::Client::open(redis_url()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("{{{prefix}}}:*"))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    if !keys.is_empty() {
+        let _: () = redis::cmd("DEL").arg(keys).query_async(&mut conn).await.unwrap();
+    }
+}
+
+fn record(name: &str, created_at: i64) -> (KeyRecord, String) {
+    let secret = NewSecret::generate();
+    let record = KeyRecord {
+        id: new_key_id(),
+        name: name.into(),
+        tenant: "acme".into(),
+        tier: "free".into(),
+        limits: LimitOverrides {
+            requests_per_minute: Some(7),
+            ..Default::default()
+        },
+        hash: secret.hash,
+        display_prefix: secret.display_prefix,
+        created_at,
+        revoked_at: None,
+    };
+    (record, secret.secret)
+}
+
+/// Runs one contract case against both stores.
+macro_rules! contract {
+    ($name:ident, $case:ident) => {
+        mod $name {
+            #[tokio::test]
+            async fn embedded() {
+                let dir = tempfile::tempdir().unwrap();
+                let store = super::EmbeddedStore::open(dir.path()).unwrap();
+                super::$case(&store).await;
+            }
+
+            #[tokio::test]
+            async fn redis() {
+                let (store, prefix) = super::redis_store().await;
+                super::$case(&store).await;
+                super::drop_prefix(&prefix).await;
+            }
+        }
+    };
+}
+
+contract!(created_key_is_found_by_id_and_secret_hash, created_key_is_found);
+async fn created_key_is_found(store: &dyn Store) {
+    let (rec, secret) = record("one", 100);
+    store.put_key(&rec, None).await.unwrap();
+    assert_eq!(store.key(&rec.id).await.unwrap().as_ref(), Some(&rec));
+    let by_hash = store.key_by_hash(&KeyHash::of_secret(&secret)).await.unwrap();
+    assert_eq!(by_hash, Some(rec));
+    assert_eq!(store.key("key_missing").await.unwrap(), None);
+    assert_eq!(
+        store.key_by_hash(&KeyHash::of_secret("sk-sluice-nope")).await.unwrap(),
+        None
+    );
+}
+
+contract!(revoked_key_no_longer_resolves, revoked_key_no_longer_resolves_case);
+async fn revoked_key_no_longer_resolves_case(store: &dyn Store) {
+    let (mut rec, secret) = record("revoked", 100);
+    store.put_key(&rec, None).await.unwrap();
+    rec.revoked_at = Some(200);
+    store.put_key(&rec, None).await.unwrap();
+    assert_eq!(store.key_by_hash(&KeyHash::of_secret(&secret)).await.unwrap(), None);
+    // The record stays, for audit and billing.
+    assert_eq!(store.key(&rec.id).await.unwrap().unwrap().revoked_at, Some(200));
+}
+
+contract!(rotation_retires_the_old_secret, rotation_retires_the_old_secret_case);
+async fn rotation_retires_the_old_secret_case(store: &dyn Store) {
+    let (mut rec, old_secret) = record("rotating", 100);
+    store.put_key(&rec, None).await.unwrap();
+    let new = NewSecret::generate();
+    let old_hash = std::mem::replace(&mut rec.hash, new.hash);
+    store.put_key(&rec, Some(&old_hash)).await.unwrap();
+    assert_eq!(store.key_by_hash(&KeyHash::of_secret(&old_secret)).await.unwrap(), None);
+    assert_eq!(
+        store.key_by_hash(&KeyHash::of_secret(&new.secret)).await.unwrap().map(|r| r.id),
+        Some(rec.id)
+    );
+}
+
+contract!(keys_list_in_creation_order, keys_list_in_creation_order_case);
+async fn keys_list_in_creation_order_case(store: &dyn Store) {
+    let (late, _) = record("late", 300);
+    let (early, _) = record("early", 100);
+    store.put_key(&late, None).await.unwrap();
+    store.put_key(&early, None).await.unwrap();
+    let names: Vec<String> = store.list_keys().await.unwrap().into_iter().map(|r| r.name).collect();
+    assert_eq!(names, ["early", "late"]);
+}
+
+contract!(every_key_change_moves_the_epoch, every_key_change_moves_the_epoch_case);
+async fn every_key_change_moves_the_epoch_case(store: &dyn Store) {
+    let before = store.keys_epoch().await.unwrap();
+    let (mut rec, _) = record("epoch", 100);
+    store.put_key(&rec, None).await.unwrap();
+    let after_create = store.keys_epoch().await.unwrap();
+    assert_ne!(before, after_create);
+    rec.revoked_at = Some(1);
+    store.put_key(&rec, None).await.unwrap();
+    assert_ne!(after_create, store.keys_epoch().await.unwrap());
+}
+
+#[tokio::test]
+async fn embedded_store_keeps_keys_across_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let (rec, secret) = record("durable", 100);
+    {
+        let store = EmbeddedStore::open(dir.path()).unwrap();
+        store.put_key(&rec, None).await.unwrap();
+    }
+    let reopened = EmbeddedStore::open(dir.path()).unwrap();
+    assert_eq!(
+        reopened.key_by_hash(&KeyHash::of_secret(&secret)).await.unwrap(),
+        Some(rec)
+    );
+}
+
+#[tokio::test]
+async fn the_secret_is_never_stored() {
+    let dir = tempfile::tempdir().unwrap();
+    let (rec, secret) = record("secret", 100);
+    {
+        let store = EmbeddedStore::open(dir.path()).unwrap();
+        store.put_key(&rec, None).await.unwrap();
+    }
+    let bytes = std::fs::read(dir.path().join("sluice.redb")).unwrap();
+    let needle = &secret.as_bytes()["sk-sluice-".len()..];
+    assert!(!bytes.windows(needle.len()).any(|w| w == needle));
+}
