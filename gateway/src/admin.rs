@@ -49,6 +49,17 @@ pub fn router(gateway: Arc<Gateway>) -> Router {
             ))
         })
         .with_state(gateway)
+        .layer(middleware::from_fn(request_id))
+}
+
+/// Every admin answer carries `x-request-id`: the caller's, or a fresh one.
+async fn request_id(request: Request, next: Next) -> Response {
+    let id = crate::proxy::request_id(request.headers());
+    let mut response = next.run(request).await;
+    if let Ok(value) = http::HeaderValue::from_str(&id) {
+        response.headers_mut().insert("x-request-id", value);
+    }
+    response
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -69,7 +69,7 @@ impl ProxyHttp for Proxy {
     }
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
-        ctx.request_id = request_id(session.req_header());
+        ctx.request_id = request_id(&session.req_header().headers);
         match self.admit(session, ctx).await {
             Ok(Some(local_answer)) => {
                 respond(session, ctx, 200, local_answer).await?;
@@ -276,9 +276,8 @@ async fn read_body(session: &mut Session, limit: usize) -> Result<Bytes, ApiErro
 }
 
 /// The client's `x-request-id` when it is a sane token, else a fresh UUIDv7.
-fn request_id(header: &RequestHeader) -> String {
-    header
-        .headers
+pub fn request_id(headers: &http::HeaderMap) -> String {
+    headers
         .get("x-request-id")
         .and_then(|v| v.to_str().ok())
         .filter(|id| {

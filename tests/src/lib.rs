@@ -1,0 +1,320 @@
+//! The end-to-end harness: real `sluice` and `sluice-backend` processes on loopback ports,
+//! started from the binaries cargo built next to the test executable, and killed on drop.
+//!
+//! `scripts/test.sh` builds the binaries before the tests run; running a test alone needs
+//! `cargo build --workspace --bins` first.
+
+use anyhow::{bail, Context, Result};
+use serde_json::{json, Value};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub const ADMIN_TOKEN: &str = "e2e-admin-token-0123456789";
+pub const JWT_SECRET: &str = "e2e-jwt-secret-0123456789-0123456789";
+pub const JWT_ISSUER: &str = "https://issuer.sluice.test";
+pub const JWT_AUDIENCE: &str = "sluice-e2e";
+pub const SIM_MODEL: &str = "sim-chat";
+pub const SIM_EMBED_MODEL: &str = "sim-embed";
+
+/// A binary of this workspace, from cargo's target directory.
+pub fn binary(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    // target/<profile>/deps/<test> -> target/<profile>/<name>
+    let dir = exe.parent().and_then(Path::parent).expect("target dir");
+    let path = dir.join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: run `cargo build --workspace --bins` first (scripts/test.sh does)",
+        path.display()
+    );
+    path
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free loopback port")
+        .port()
+}
+
+pub fn redis_url() -> String {
+    std::env::var("SLUICE_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
+}
+
+/// A child process that is killed when dropped, with its output in a log file.
+struct Process {
+    child: Child,
+    log: PathBuf,
+}
+
+impl Process {
+    fn spawn(mut command: Command, log: PathBuf) -> Result<Process> {
+        let out = std::fs::File::create(&log)?;
+        let child = command
+            .stdin(Stdio::null())
+            .stdout(out.try_clone()?)
+            .stderr(out)
+            .spawn()
+            .with_context(|| format!("spawn {command:?}"))?;
+        Ok(Process { child, log })
+    }
+
+    fn log_tail(&self) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let start = text.len().saturating_sub(4000);
+        text[text.floor_char_boundary(start)..].to_owned()
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+async fn wait_healthy(url: &str, process: &mut Process) -> Result<()> {
+    let http = reqwest::Client::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Ok(r) = http.get(url).send().await {
+            if r.status().is_success() {
+                return Ok(());
+            }
+        }
+        if let Some(status) = process.child.try_wait()? {
+            bail!("process exited with {status} before {url} answered:\n{}", process.log_tail());
+        }
+        if Instant::now() > deadline {
+            bail!("{url} did not become healthy:\n{}", process.log_tail());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A simulated backend serving `sim-chat` and `sim-embed`.
+pub struct Backend {
+    pub url: String,
+    _process: Process,
+    _dir: tempfile::TempDir,
+}
+
+impl Backend {
+    pub async fn start() -> Result<Backend> {
+        Backend::start_with(&[]).await
+    }
+
+    pub async fn start_with(extra_args: &[&str]) -> Result<Backend> {
+        let dir = tempfile::tempdir()?;
+        let port = free_port();
+        let url = format!("http://127.0.0.1:{port}");
+        let mut command = Command::new(binary("sluice-backend"));
+        command
+            .args(["--engine", "sim", "--listen", &format!("127.0.0.1:{port}")])
+            .args(["--model", SIM_MODEL, "--model", SIM_EMBED_MODEL])
+            .args(extra_args);
+        let mut process = Process::spawn(command, dir.path().join("backend.log"))?;
+        wait_healthy(&format!("{url}/health"), &mut process).await?;
+        Ok(Backend {
+            url,
+            _process: process,
+            _dir: dir,
+        })
+    }
+
+    /// Opens a sim gate; answers how many streams were waiting on it.
+    pub async fn open_gate(&self, name: &str) -> Result<u64> {
+        let v: Value = reqwest::Client::new()
+            .post(format!("{}/sim/gates/{name}/open", self.url))
+            .send()
+            .await?
+            .error_for_status()?
+            .json()
+            .await?;
+        v["released"].as_u64().context("released count")
+    }
+}
+
+/// Which store a gateway runs on.
+#[derive(Clone, Debug)]
+pub enum StoreKind {
+    /// The embedded store, in this directory (a restart with the same one keeps its state).
+    Embedded(PathBuf),
+    /// Redis, under this key prefix (gateways with the same prefix share state).
+    Redis(String),
+}
+
+impl StoreKind {
+    pub fn fresh_redis() -> StoreKind {
+        StoreKind::Redis(format!("sluice-e2e-{}", uuid::Uuid::new_v4().simple()))
+    }
+}
+
+pub struct GatewayOptions {
+    pub backends: Vec<String>,
+    pub store: StoreKind,
+    pub max_body_bytes: usize,
+}
+
+/// A running `sluice serve`.
+pub struct Gateway {
+    pub url: String,
+    pub admin_url: String,
+    pub http: reqwest::Client,
+    process: Process,
+    _dir: tempfile::TempDir,
+}
+
+impl Gateway {
+    pub async fn start(options: GatewayOptions) -> Result<Gateway> {
+        let dir = tempfile::tempdir()?;
+        let (port, admin_port) = (free_port(), free_port());
+        let store = match &options.store {
+            StoreKind::Embedded(data) => format!("data_dir = {:?}", data.display().to_string()),
+            StoreKind::Redis(prefix) => {
+                format!("redis_url = {:?}\nredis_prefix = {prefix:?}", redis_url())
+            }
+        };
+        let backends: String = options
+            .backends
+            .iter()
+            .enumerate()
+            .map(|(i, url)| format!("[[backends]]\nname = \"backend-{i}\"\nurl = {url:?}\n\n"))
+            .collect();
+        let config = format!(
+            r#"
+[server]
+listen = "127.0.0.1:{port}"
+admin_listen = "127.0.0.1:{admin_port}"
+admin_token = "{ADMIN_TOKEN}"
+max_body_bytes = {max_body}
+threads = 2
+grace_period_secs = 1
+{store}
+
+[auth.jwt]
+issuer = "{JWT_ISSUER}"
+audience = "{JWT_AUDIENCE}"
+hs256_secret = "{JWT_SECRET}"
+
+{backends}"#,
+            max_body = options.max_body_bytes,
+        );
+        let config_path = dir.path().join("sluice.toml");
+        std::fs::write(&config_path, config)?;
+        let mut command = Command::new(binary("sluice"));
+        command
+            .arg("serve")
+            .arg("--config")
+            .arg(&config_path)
+            .env("SLUICE_LOG", "info")
+            .env_remove("SLUICE_REDIS_URL")
+            .env_remove("SLUICE_ADMIN_TOKEN")
+            .env_remove("SLUICE_BACKENDS")
+            .current_dir(dir.path());
+        let mut process = Process::spawn(command, dir.path().join("gateway.log"))?;
+        let url = format!("http://127.0.0.1:{port}");
+        let admin_url = format!("http://127.0.0.1:{admin_port}");
+        wait_healthy(&format!("{url}/health"), &mut process).await?;
+        wait_healthy(&format!("{admin_url}/health"), &mut process).await?;
+        Ok(Gateway {
+            url,
+            admin_url,
+            http: reqwest::Client::new(),
+            process,
+            _dir: dir,
+        })
+    }
+
+    /// A gateway in front of `backend` with the embedded store in a fresh directory.
+    pub async fn embedded(backend: &Backend, data_dir: &Path) -> Result<Gateway> {
+        Gateway::start(GatewayOptions {
+            backends: vec![backend.url.clone()],
+            store: StoreKind::Embedded(data_dir.to_owned()),
+            max_body_bytes: 1024 * 1024,
+        })
+        .await
+    }
+
+    pub fn log(&self) -> String {
+        self.process.log_tail()
+    }
+
+    /// Creates an API key through the admin API: `(id, secret)`.
+    pub async fn create_key(&self, tenant: &str, tier: &str) -> Result<(String, String)> {
+        let response = self
+            .http
+            .post(format!("{}/admin/v1/keys", self.admin_url))
+            .bearer_auth(ADMIN_TOKEN)
+            .json(&json!({"name": format!("{tenant}-key"), "tenant": tenant, "tier": tier}))
+            .send()
+            .await?;
+        let status = response.status();
+        let body: Value = response.json().await?;
+        if status != 201 {
+            bail!("create key answered {status}: {body}");
+        }
+        Ok((
+            body["id"].as_str().context("id")?.to_owned(),
+            body["key"].as_str().context("key")?.to_owned(),
+        ))
+    }
+
+    pub async fn revoke_key(&self, id: &str) -> Result<()> {
+        self.http
+            .delete(format!("{}/admin/v1/keys/{id}", self.admin_url))
+            .bearer_auth(ADMIN_TOKEN)
+            .send()
+            .await?
+            .error_for_status()?;
+        Ok(())
+    }
+
+    /// POSTs a raw body to a proxy path with an optional bearer credential.
+    pub async fn post_raw(
+        &self,
+        path: &str,
+        bearer: Option<&str>,
+        body: impl Into<reqwest::Body>,
+    ) -> Result<reqwest::Response> {
+        let mut request = self
+            .http
+            .post(format!("{}{path}", self.url))
+            .header("content-type", "application/json")
+            .body(body);
+        if let Some(token) = bearer {
+            request = request.bearer_auth(token);
+        }
+        Ok(request.send().await?)
+    }
+}
+
+/// A JWT signed with the gateway's HS256 secret; `claims` are merged over good defaults.
+pub fn jwt(claims: Value, secret: &str) -> String {
+    let now = jsonwebtoken::get_current_timestamp() as i64;
+    let mut all = json!({
+        "sub": "jwt-user", "tenant": "jwt-tenant", "tier": "pro",
+        "iss": JWT_ISSUER, "aud": JWT_AUDIENCE, "exp": now + 300, "iat": now,
+    });
+    for (k, v) in claims.as_object().expect("claims object") {
+        all[k] = v.clone();
+    }
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+        &all,
+        &jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()),
+    )
+    .expect("sign jwt")
+}
+
+/// Reads an OpenAI error body and checks its shape: returns (type, code, message).
+pub async fn openai_error(response: reqwest::Response) -> Result<(String, String, String)> {
+    let body: Value = response.json().await.context("error body is JSON")?;
+    let error = body.get("error").context("body has an 'error' object")?;
+    let field = |name: &str| error[name].as_str().unwrap_or_default().to_owned();
+    if field("message").is_empty() || field("type").is_empty() {
+        bail!("error body lacks message or type: {body}");
+    }
+    Ok((field("type"), field("code"), field("message")))
+}
