@@ -216,7 +216,10 @@ impl Config {
         }
         let max_body_bytes = match env("SLUICE_MAX_BODY_BYTES") {
             Some(v) => v.parse().map_err(|_| {
-                invalid("SLUICE_MAX_BODY_BYTES", format!("'{v}' is not a byte count"))
+                invalid(
+                    "SLUICE_MAX_BODY_BYTES",
+                    format!("'{v}' is not a byte count"),
+                )
             })?,
             None => s.max_body_bytes.unwrap_or(DEFAULT_MAX_BODY_BYTES),
         };
@@ -425,7 +428,11 @@ fn resolve_backend(field: &str, b: BackendSection) -> Result<BackendConfig, Conf
     let authority = uri
         .authority()
         .ok_or_else(|| invalid(format!("{field}.url"), format!("'{}' has no host", b.url)))?;
-    let host_port = format!("{}:{}", authority.host(), authority.port_u16().unwrap_or(80));
+    let host_port = format!(
+        "{}:{}",
+        authority.host(),
+        authority.port_u16().unwrap_or(80)
+    );
     let addr = socket_addr(&format!("{field}.url"), &host_port)?;
     if uri.path() != "/" && !uri.path().is_empty() {
         return Err(invalid(
@@ -488,12 +495,9 @@ mod tests {
             .to_string();
         assert!(err.contains("lisen"), "{err}");
 
-        let err = Config::from_toml(
-            "[[backends]]\nurl = \"https://127.0.0.1:1\"\n",
-            &no_env,
-        )
-        .unwrap_err()
-        .to_string();
+        let err = Config::from_toml("[[backends]]\nurl = \"https://127.0.0.1:1\"\n", &no_env)
+            .unwrap_err()
+            .to_string();
         assert!(err.starts_with("backends[0].url"), "{err}");
 
         let err = Config::from_toml(
@@ -503,6 +507,17 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(err.contains("requests_per_minute"), "{err}");
+    }
+
+    #[test]
+    fn the_example_policy_file_is_valid() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../policies/sluice.example.toml");
+        let c = Config::load(Some(&path), &no_env).unwrap();
+        assert_eq!(c.backends.len(), 1);
+        assert_eq!(
+            c.tiers.get("pro").unwrap().limits.monthly_budget,
+            Some("500".parse().unwrap())
+        );
     }
 
     #[test]

@@ -128,7 +128,12 @@ impl ApiError {
     }
 
     pub fn internal(message: impl Into<String>) -> Self {
-        Self::new(500, ErrorKind::Server, Some("internal_error"), message.into())
+        Self::new(
+            500,
+            ErrorKind::Server,
+            Some("internal_error"),
+            message.into(),
+        )
     }
 
     /// The JSON body: `{"error":{"message","type","param","code"}}`.
@@ -164,8 +169,8 @@ impl std::fmt::Display for ApiError {
 
 impl axum::response::IntoResponse for ApiError {
     fn into_response(self) -> axum::response::Response {
-        let status =
-            http::StatusCode::from_u16(self.status).unwrap_or(http::StatusCode::INTERNAL_SERVER_ERROR);
+        let status = http::StatusCode::from_u16(self.status)
+            .unwrap_or(http::StatusCode::INTERNAL_SERVER_ERROR);
         (
             status,
             [(http::header::CONTENT_TYPE, "application/json")],

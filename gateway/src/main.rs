@@ -5,7 +5,11 @@ use sluice_gateway::config::{process_env, Config};
 use std::path::PathBuf;
 
 #[derive(Parser)]
-#[command(name = "sluice", version, about = "An OpenAI-compatible LLM API gateway")]
+#[command(
+    name = "sluice",
+    version,
+    about = "An OpenAI-compatible LLM API gateway"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -36,7 +40,11 @@ fn main() {
                 "ok: listen {}, admin {}, store {}, {} backend(s), tiers: {}",
                 c.listen,
                 c.admin_listen,
-                if c.redis_url.is_some() { "redis" } else { "embedded" },
+                if c.redis_url.is_some() {
+                    "redis"
+                } else {
+                    "embedded"
+                },
                 c.backends.len(),
                 c.tiers.names().collect::<Vec<_>>().join(", ")
             )

@@ -185,9 +185,7 @@ impl ProxyHttp for Proxy {
     }
 
     async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut RequestCtx) {
-        let status = session
-            .response_written()
-            .map_or(0, |r| r.status.as_u16());
+        let status = session.response_written().map_or(0, |r| r.status.as_u16());
         let identity = ctx.identity.as_ref();
         tracing::info!(
             target: "sluice::access",
@@ -306,13 +304,17 @@ async fn respond(session: &mut Session, ctx: &RequestCtx, status: u16, body: Byt
 /// What the client is told when forwarding failed; `None` when the client is gone.
 fn upstream_error(e: &Error, ctx: &RequestCtx) -> Option<ApiError> {
     use ErrorType::*;
-    let backend = ctx.backend.as_ref().map_or("the backend", |b| b.name.as_str());
+    let backend = ctx
+        .backend
+        .as_ref()
+        .map_or("the backend", |b| b.name.as_str());
     Some(match e.etype() {
         HTTPStatus(code) => ApiError::internal(format!("Request failed with status {code}.")),
         ConnectTimedout | ConnectRefused | ConnectNoRoute | ConnectError | ConnectProxyFailure
-        | BindError | SocketError => {
-            ApiError::bad_gateway(format!("Backend {backend} is unreachable ({}).", e.etype().as_str()))
-        }
+        | BindError | SocketError => ApiError::bad_gateway(format!(
+            "Backend {backend} is unreachable ({}).",
+            e.etype().as_str()
+        )),
         ReadTimedout | WriteTimedout => {
             ApiError::gateway_timeout(format!("Backend {backend} did not answer in time."))
         }

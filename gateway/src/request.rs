@@ -19,7 +19,10 @@ pub enum Route {
 impl Route {
     /// The route for a method and path, or the error to answer with.
     pub fn resolve(method: &http::Method, path: &str) -> Result<Route, ApiError> {
-        let path = path.strip_suffix('/').filter(|p| !p.is_empty()).unwrap_or(path);
+        let path = path
+            .strip_suffix('/')
+            .filter(|p| !p.is_empty())
+            .unwrap_or(path);
         let (route, allowed) = match path {
             "/health" => (Route::Health, http::Method::GET),
             "/v1/models" => (Route::Models, http::Method::GET),
@@ -198,8 +201,21 @@ mod tests {
             Route::resolve(&Method::POST, "/v1/chat/completions").unwrap(),
             Route::ChatCompletions
         );
-        assert_eq!(Route::resolve(&Method::GET, "/v1/models/").unwrap(), Route::Models);
-        assert_eq!(Route::resolve(&Method::GET, "/v1/chat/completions").unwrap_err().status, 405);
-        assert_eq!(Route::resolve(&Method::POST, "/v1/nope").unwrap_err().status, 404);
+        assert_eq!(
+            Route::resolve(&Method::GET, "/v1/models/").unwrap(),
+            Route::Models
+        );
+        assert_eq!(
+            Route::resolve(&Method::GET, "/v1/chat/completions")
+                .unwrap_err()
+                .status,
+            405
+        );
+        assert_eq!(
+            Route::resolve(&Method::POST, "/v1/nope")
+                .unwrap_err()
+                .status,
+            404
+        );
     }
 }

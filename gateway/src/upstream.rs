@@ -134,7 +134,12 @@ impl Upstreams {
 
     async fn fetch_models(&self, backend: &Backend) -> Result<Vec<(String, String)>, String> {
         let url = format!("{}/v1/models", backend.url);
-        let response = self.http.get(&url).send().await.map_err(|e| e.to_string())?;
+        let response = self
+            .http
+            .get(&url)
+            .send()
+            .await
+            .map_err(|e| e.to_string())?;
         if !response.status().is_success() {
             return Err(format!("{url} answered {}", response.status()));
         }
@@ -174,7 +179,10 @@ impl Upstreams {
             && routes.iter().all(|(id, (_, backends))| {
                 current.get(id).is_some_and(|r| {
                     r.backends.len() == backends.len()
-                        && r.backends.iter().zip(backends).all(|(a, b)| Arc::ptr_eq(a, b))
+                        && r.backends
+                            .iter()
+                            .zip(backends)
+                            .all(|(a, b)| Arc::ptr_eq(a, b))
                 })
             });
         if unchanged {

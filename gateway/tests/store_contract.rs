@@ -27,7 +27,11 @@ async fn drop_prefix(prefix: &str) {
         .await
         .unwrap();
     if !keys.is_empty() {
-        let _: () = redis::cmd("DEL").arg(keys).query_async(&mut conn).await.unwrap();
+        let _: () = redis::cmd("DEL")
+            .arg(keys)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
     }
 }
 
@@ -71,56 +75,102 @@ macro_rules! contract {
     };
 }
 
-contract!(created_key_is_found_by_id_and_secret_hash, created_key_is_found);
+contract!(
+    created_key_is_found_by_id_and_secret_hash,
+    created_key_is_found
+);
 async fn created_key_is_found(store: &dyn Store) {
     let (rec, secret) = record("one", 100);
     store.put_key(&rec, None).await.unwrap();
     assert_eq!(store.key(&rec.id).await.unwrap().as_ref(), Some(&rec));
-    let by_hash = store.key_by_hash(&KeyHash::of_secret(&secret)).await.unwrap();
+    let by_hash = store
+        .key_by_hash(&KeyHash::of_secret(&secret))
+        .await
+        .unwrap();
     assert_eq!(by_hash, Some(rec));
     assert_eq!(store.key("key_missing").await.unwrap(), None);
     assert_eq!(
-        store.key_by_hash(&KeyHash::of_secret("sk-sluice-nope")).await.unwrap(),
+        store
+            .key_by_hash(&KeyHash::of_secret("sk-sluice-nope"))
+            .await
+            .unwrap(),
         None
     );
 }
 
-contract!(revoked_key_no_longer_resolves, revoked_key_no_longer_resolves_case);
+contract!(
+    revoked_key_no_longer_resolves,
+    revoked_key_no_longer_resolves_case
+);
 async fn revoked_key_no_longer_resolves_case(store: &dyn Store) {
     let (mut rec, secret) = record("revoked", 100);
     store.put_key(&rec, None).await.unwrap();
     rec.revoked_at = Some(200);
     store.put_key(&rec, None).await.unwrap();
-    assert_eq!(store.key_by_hash(&KeyHash::of_secret(&secret)).await.unwrap(), None);
+    assert_eq!(
+        store
+            .key_by_hash(&KeyHash::of_secret(&secret))
+            .await
+            .unwrap(),
+        None
+    );
     // The record stays, for audit and billing.
-    assert_eq!(store.key(&rec.id).await.unwrap().unwrap().revoked_at, Some(200));
+    assert_eq!(
+        store.key(&rec.id).await.unwrap().unwrap().revoked_at,
+        Some(200)
+    );
 }
 
-contract!(rotation_retires_the_old_secret, rotation_retires_the_old_secret_case);
+contract!(
+    rotation_retires_the_old_secret,
+    rotation_retires_the_old_secret_case
+);
 async fn rotation_retires_the_old_secret_case(store: &dyn Store) {
     let (mut rec, old_secret) = record("rotating", 100);
     store.put_key(&rec, None).await.unwrap();
     let new = NewSecret::generate();
     let old_hash = std::mem::replace(&mut rec.hash, new.hash);
     store.put_key(&rec, Some(&old_hash)).await.unwrap();
-    assert_eq!(store.key_by_hash(&KeyHash::of_secret(&old_secret)).await.unwrap(), None);
     assert_eq!(
-        store.key_by_hash(&KeyHash::of_secret(&new.secret)).await.unwrap().map(|r| r.id),
+        store
+            .key_by_hash(&KeyHash::of_secret(&old_secret))
+            .await
+            .unwrap(),
+        None
+    );
+    assert_eq!(
+        store
+            .key_by_hash(&KeyHash::of_secret(&new.secret))
+            .await
+            .unwrap()
+            .map(|r| r.id),
         Some(rec.id)
     );
 }
 
-contract!(keys_list_in_creation_order, keys_list_in_creation_order_case);
+contract!(
+    keys_list_in_creation_order,
+    keys_list_in_creation_order_case
+);
 async fn keys_list_in_creation_order_case(store: &dyn Store) {
     let (late, _) = record("late", 300);
     let (early, _) = record("early", 100);
     store.put_key(&late, None).await.unwrap();
     store.put_key(&early, None).await.unwrap();
-    let names: Vec<String> = store.list_keys().await.unwrap().into_iter().map(|r| r.name).collect();
+    let names: Vec<String> = store
+        .list_keys()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|r| r.name)
+        .collect();
     assert_eq!(names, ["early", "late"]);
 }
 
-contract!(every_key_change_moves_the_epoch, every_key_change_moves_the_epoch_case);
+contract!(
+    every_key_change_moves_the_epoch,
+    every_key_change_moves_the_epoch_case
+);
 async fn every_key_change_moves_the_epoch_case(store: &dyn Store) {
     let before = store.keys_epoch().await.unwrap();
     let (mut rec, _) = record("epoch", 100);
@@ -142,7 +192,10 @@ async fn embedded_store_keeps_keys_across_a_restart() {
     }
     let reopened = EmbeddedStore::open(dir.path()).unwrap();
     assert_eq!(
-        reopened.key_by_hash(&KeyHash::of_secret(&secret)).await.unwrap(),
+        reopened
+            .key_by_hash(&KeyHash::of_secret(&secret))
+            .await
+            .unwrap(),
         Some(rec)
     );
 }

@@ -103,9 +103,13 @@ mod tests {
 
     #[test]
     fn refuses_floats_and_negatives() {
-        let err = serde_json::from_str::<Money>("0.1").unwrap_err().to_string();
+        let err = serde_json::from_str::<Money>("0.1")
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("not a float"), "{err}");
-        let err = serde_json::from_str::<Money>("\"-1\"").unwrap_err().to_string();
+        let err = serde_json::from_str::<Money>("\"-1\"")
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("negative"), "{err}");
         assert!(serde_json::from_str::<Money>("\"ten\"").is_err());
     }

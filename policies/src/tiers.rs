@@ -62,9 +62,33 @@ impl Tiers {
             },
         };
         Tiers::new([
-            tier("free", Some(20), Some(1_000), Some(40_000), Some(500_000), Some(4), "5"),
-            tier("pro", Some(600), Some(100_000), Some(1_000_000), Some(50_000_000), Some(64), "500"),
-            tier("enterprise", Some(6_000), None, Some(10_000_000), None, Some(512), "50000"),
+            tier(
+                "free",
+                Some(20),
+                Some(1_000),
+                Some(40_000),
+                Some(500_000),
+                Some(4),
+                "5",
+            ),
+            tier(
+                "pro",
+                Some(600),
+                Some(100_000),
+                Some(1_000_000),
+                Some(50_000_000),
+                Some(64),
+                "500",
+            ),
+            tier(
+                "enterprise",
+                Some(6_000),
+                None,
+                Some(10_000_000),
+                None,
+                Some(512),
+                "50000",
+            ),
         ])
         .expect("builtin tiers are valid")
     }
@@ -92,14 +116,23 @@ mod tests {
     #[test]
     fn builtin_tiers_are_free_pro_enterprise() {
         let tiers = Tiers::builtin();
-        assert_eq!(tiers.names().collect::<Vec<_>>(), ["enterprise", "free", "pro"]);
-        assert!(tiers.get("pro").unwrap().limits.requests_per_minute > tiers.get("free").unwrap().limits.requests_per_minute);
+        assert_eq!(
+            tiers.names().collect::<Vec<_>>(),
+            ["enterprise", "free", "pro"]
+        );
+        assert!(
+            tiers.get("pro").unwrap().limits.requests_per_minute
+                > tiers.get("free").unwrap().limits.requests_per_minute
+        );
     }
 
     #[test]
     fn unknown_tier_names_the_known_ones() {
         let err = Tiers::builtin().get("gold").unwrap_err().to_string();
-        assert_eq!(err, "unknown tier 'gold'; known tiers: enterprise, free, pro");
+        assert_eq!(
+            err,
+            "unknown tier 'gold'; known tiers: enterprise, free, pro"
+        );
     }
 
     #[test]

@@ -84,7 +84,10 @@ async fn wait_healthy(url: &str, process: &mut Process) -> Result<()> {
             }
         }
         if let Some(status) = process.child.try_wait()? {
-            bail!("process exited with {status} before {url} answered:\n{}", process.log_tail());
+            bail!(
+                "process exited with {status} before {url} answered:\n{}",
+                process.log_tail()
+            );
         }
         if Instant::now() > deadline {
             bail!("{url} did not become healthy:\n{}", process.log_tail());

@@ -39,9 +39,15 @@ async fn missing_unknown_and_revoked_keys_get_401() {
     let r = gw.post_raw(CHAT, None, chat_body()).await.unwrap();
     expect_error(r, 401, "invalid_api_key").await;
 
-    let r = gw.post_raw(CHAT, Some("sk-sluice-0000"), chat_body()).await.unwrap();
+    let r = gw
+        .post_raw(CHAT, Some("sk-sluice-0000"), chat_body())
+        .await
+        .unwrap();
     let message = expect_error(r, 401, "invalid_api_key").await;
-    assert!(!message.contains("sk-sluice-0000"), "the key is never echoed");
+    assert!(
+        !message.contains("sk-sluice-0000"),
+        "the key is never echoed"
+    );
 
     let (id, key) = gw.create_key("acme", "free").await.unwrap();
     let r = gw.post_raw(CHAT, Some(&key), chat_body()).await.unwrap();
@@ -51,7 +57,12 @@ async fn missing_unknown_and_revoked_keys_get_401() {
     expect_error(r, 401, "invalid_api_key").await;
 
     // GET routes are guarded too.
-    let r = gw.http.get(format!("{}/v1/models", gw.url)).send().await.unwrap();
+    let r = gw
+        .http
+        .get(format!("{}/v1/models", gw.url))
+        .send()
+        .await
+        .unwrap();
     expect_error(r, 401, "invalid_api_key").await;
 
     assert!(!gw.log().contains(&key), "the secret never reaches the log");
@@ -70,16 +81,25 @@ async fn jwts_are_checked_for_signature_and_expiry() {
 
     let now = jsonwebtoken::get_current_timestamp() as i64;
     let expired = jwt(json!({"exp": now - 3600}), JWT_SECRET);
-    let r = gw.post_raw(CHAT, Some(&expired), chat_body()).await.unwrap();
+    let r = gw
+        .post_raw(CHAT, Some(&expired), chat_body())
+        .await
+        .unwrap();
     let message = expect_error(r, 401, "invalid_api_key").await;
     assert!(message.to_lowercase().contains("expired"), "{message}");
 
     let wrong_audience = jwt(json!({"aud": "someone-else"}), JWT_SECRET);
-    let r = gw.post_raw(CHAT, Some(&wrong_audience), chat_body()).await.unwrap();
+    let r = gw
+        .post_raw(CHAT, Some(&wrong_audience), chat_body())
+        .await
+        .unwrap();
     expect_error(r, 401, "invalid_api_key").await;
 
     let unknown_tier = jwt(json!({"tier": "platinum"}), JWT_SECRET);
-    let r = gw.post_raw(CHAT, Some(&unknown_tier), chat_body()).await.unwrap();
+    let r = gw
+        .post_raw(CHAT, Some(&unknown_tier), chat_body())
+        .await
+        .unwrap();
     expect_error(r, 401, "invalid_api_key").await;
 }
 
@@ -112,15 +132,26 @@ async fn bad_bodies_get_400_unknown_models_404_and_huge_bodies_413() {
     assert!(message.contains("model"), "{message}");
 
     let r = gw
-        .post_raw(CHAT, key, json!({"model": SIM_MODEL, "messages": [], "stream": "yes"}).to_string())
+        .post_raw(
+            CHAT,
+            key,
+            json!({"model": SIM_MODEL, "messages": [], "stream": "yes"}).to_string(),
+        )
         .await
         .unwrap();
     assert_eq!(r.status(), 400);
     let (_, _, message) = openai_error(r).await.unwrap();
-    assert!(message.contains("boolean"), "names the wrong type: {message}");
+    assert!(
+        message.contains("boolean"),
+        "names the wrong type: {message}"
+    );
 
     let r = gw
-        .post_raw(CHAT, key, json!({"model": "no-such-model", "messages": []}).to_string())
+        .post_raw(
+            CHAT,
+            key,
+            json!({"model": "no-such-model", "messages": []}).to_string(),
+        )
         .await
         .unwrap();
     expect_error(r, 404, "model_not_found").await;
@@ -161,10 +192,17 @@ async fn bodies_past_pingoras_retry_buffer_are_forwarded_whole() {
     let (_, key) = gw.create_key("acme", "free").await.unwrap();
     let long_prompt = "word ".repeat(40_000);
     let body = json!({"model": SIM_MODEL, "messages": [{"role": "user", "content": long_prompt}], "max_tokens": 2});
-    let r = gw.post_raw(CHAT, Some(&key), body.to_string()).await.unwrap();
+    let r = gw
+        .post_raw(CHAT, Some(&key), body.to_string())
+        .await
+        .unwrap();
     assert_eq!(r.status(), 200);
     let v: serde_json::Value = r.json().await.unwrap();
-    assert!(v["usage"]["prompt_tokens"].as_u64().unwrap() >= 40_000, "{}", v["usage"]);
+    assert!(
+        v["usage"]["prompt_tokens"].as_u64().unwrap() >= 40_000,
+        "{}",
+        v["usage"]
+    );
 }
 
 #[tokio::test]
@@ -187,7 +225,12 @@ async fn request_ids_are_kept_or_minted() {
     let minted = r.headers()["x-request-id"].to_str().unwrap().to_owned();
     assert!(uuid::Uuid::parse_str(&minted).is_ok(), "{minted}");
 
-    let r = gw.http.get(format!("{}/health", gw.url)).send().await.unwrap();
+    let r = gw
+        .http
+        .get(format!("{}/health", gw.url))
+        .send()
+        .await
+        .unwrap();
     assert!(r.headers().contains_key("x-request-id"));
 }
 
@@ -199,25 +242,64 @@ async fn admin_api_needs_credentials_and_viewers_only_read() {
 
     let r = gw.http.get(&keys).send().await.unwrap();
     expect_error(r, 401, "invalid_api_key").await;
-    let r = gw.http.get(&keys).bearer_auth("wrong-token").send().await.unwrap();
+    let r = gw
+        .http
+        .get(&keys)
+        .bearer_auth("wrong-token")
+        .send()
+        .await
+        .unwrap();
     expect_error(r, 401, "invalid_api_key").await;
 
     let viewer = jwt(json!({"role": "viewer"}), JWT_SECRET);
-    let r = gw.http.get(&keys).bearer_auth(&viewer).send().await.unwrap();
+    let r = gw
+        .http
+        .get(&keys)
+        .bearer_auth(&viewer)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 200);
-    let r = gw.http.post(&keys).bearer_auth(&viewer).json(&create).send().await.unwrap();
+    let r = gw
+        .http
+        .post(&keys)
+        .bearer_auth(&viewer)
+        .json(&create)
+        .send()
+        .await
+        .unwrap();
     expect_error(r, 403, "insufficient_permissions").await;
 
     let admin = jwt(json!({"role": "admin"}), JWT_SECRET);
-    let r = gw.http.post(&keys).bearer_auth(&admin).json(&create).send().await.unwrap();
+    let r = gw
+        .http
+        .post(&keys)
+        .bearer_auth(&admin)
+        .json(&create)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 201);
 
     let no_role = jwt(json!({}), JWT_SECRET);
-    let r = gw.http.get(&keys).bearer_auth(&no_role).send().await.unwrap();
+    let r = gw
+        .http
+        .get(&keys)
+        .bearer_auth(&no_role)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 403);
 
     // Bad bodies say what is wrong.
-    let r = gw.http.post(&keys).bearer_auth(ADMIN_TOKEN).body("{").send().await.unwrap();
+    let r = gw
+        .http
+        .post(&keys)
+        .bearer_auth(ADMIN_TOKEN)
+        .body("{")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 400);
     let r = gw
         .http
@@ -228,7 +310,10 @@ async fn admin_api_needs_credentials_and_viewers_only_read() {
         .await
         .unwrap();
     let message = expect_error_any(r, 400).await;
-    assert!(message.contains("gold") && message.contains("free"), "{message}");
+    assert!(
+        message.contains("gold") && message.contains("free"),
+        "{message}"
+    );
     let r = gw
         .http
         .post(&keys)
@@ -238,7 +323,10 @@ async fn admin_api_needs_credentials_and_viewers_only_read() {
         .await
         .unwrap();
     let message = expect_error_any(r, 400).await;
-    assert!(message.contains("lots") || message.contains("invalid type"), "{message}");
+    assert!(
+        message.contains("lots") || message.contains("invalid type"),
+        "{message}"
+    );
 }
 
 async fn expect_error_any(response: reqwest::Response, status: u16) -> String {

@@ -10,7 +10,12 @@ fn chat_body() -> String {
         .to_string()
 }
 
-async fn admin(gw: &Gateway, method: reqwest::Method, path: &str, body: Option<Value>) -> (u16, Value) {
+async fn admin(
+    gw: &Gateway,
+    method: reqwest::Method,
+    path: &str,
+    body: Option<Value>,
+) -> (u16, Value) {
     let mut request = gw
         .http
         .request(method, format!("{}{path}", gw.admin_url))
@@ -64,22 +69,43 @@ async fn operator_manages_a_key_from_creation_to_revocation() {
     assert_eq!(updated["tier"], "enterprise");
     assert_eq!(updated["limits"], json!({}));
 
-    let (status, rotated) = admin(&gw, Method::POST, &format!("/admin/v1/keys/{id}/rotate"), None).await;
+    let (status, rotated) = admin(
+        &gw,
+        Method::POST,
+        &format!("/admin/v1/keys/{id}/rotate"),
+        None,
+    )
+    .await;
     assert_eq!(status, 200);
     let new_secret = rotated["key"].as_str().unwrap().to_owned();
     assert_ne!(new_secret, secret);
-    let old = gw.post_raw("/v1/chat/completions", Some(&secret), chat_body()).await.unwrap();
+    let old = gw
+        .post_raw("/v1/chat/completions", Some(&secret), chat_body())
+        .await
+        .unwrap();
     assert_eq!(old.status(), 401, "the rotated-away secret stops working");
-    let new = gw.post_raw("/v1/chat/completions", Some(&new_secret), chat_body()).await.unwrap();
+    let new = gw
+        .post_raw("/v1/chat/completions", Some(&new_secret), chat_body())
+        .await
+        .unwrap();
     assert_eq!(new.status(), 200);
 
     let (status, revoked) = admin(&gw, Method::DELETE, &format!("/admin/v1/keys/{id}"), None).await;
     assert_eq!(status, 200);
     assert_eq!(revoked["status"], "revoked");
-    let r = gw.post_raw("/v1/chat/completions", Some(&new_secret), chat_body()).await.unwrap();
+    let r = gw
+        .post_raw("/v1/chat/completions", Some(&new_secret), chat_body())
+        .await
+        .unwrap();
     assert_eq!(r.status(), 401);
 
-    let (status, _) = admin(&gw, Method::GET, "/admin/v1/keys/key_0000000000000000", None).await;
+    let (status, _) = admin(
+        &gw,
+        Method::GET,
+        "/admin/v1/keys/key_0000000000000000",
+        None,
+    )
+    .await;
     assert_eq!(status, 404);
 }
 
@@ -91,7 +117,10 @@ async fn embedded_store_keeps_keys_across_a_gateway_restart() {
     let (_, key) = gw.create_key("acme", "free").await.unwrap();
     drop(gw);
     let gw = Gateway::embedded(&backend, dir.path()).await.unwrap();
-    let r = gw.post_raw("/v1/chat/completions", Some(&key), chat_body()).await.unwrap();
+    let r = gw
+        .post_raw("/v1/chat/completions", Some(&key), chat_body())
+        .await
+        .unwrap();
     assert_eq!(r.status(), 200, "{}", gw.log());
 }
 
@@ -109,12 +138,22 @@ async fn revoked_key_is_refused_by_another_replica_within_a_second() {
     let (id, key) = a.create_key("acme", "free").await.unwrap();
 
     // The key made on A works on B, and B now holds it in its local cache.
-    let r = b.post_raw("/v1/chat/completions", Some(&key), chat_body()).await.unwrap();
+    let r = b
+        .post_raw("/v1/chat/completions", Some(&key), chat_body())
+        .await
+        .unwrap();
     assert_eq!(r.status(), 200, "{}", b.log());
 
     a.revoke_key(&id).await.unwrap();
     // The promise is "within one second" of the revocation answer.
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let r = b.post_raw("/v1/chat/completions", Some(&key), chat_body()).await.unwrap();
-    assert_eq!(r.status(), 401, "B still accepts a key revoked on A a second ago");
+    let r = b
+        .post_raw("/v1/chat/completions", Some(&key), chat_body())
+        .await
+        .unwrap();
+    assert_eq!(
+        r.status(),
+        401,
+        "B still accepts a key revoked on A a second ago"
+    );
 }

@@ -41,7 +41,10 @@ async fn async_openai_round_trip(store: StoreKind) {
 
     let models = client.models().list().await.unwrap();
     let ids: Vec<&str> = models.data.iter().map(|m| m.id.as_str()).collect();
-    assert!(ids.contains(&SIM_MODEL) && ids.contains(&SIM_EMBED_MODEL), "{ids:?}");
+    assert!(
+        ids.contains(&SIM_MODEL) && ids.contains(&SIM_EMBED_MODEL),
+        "{ids:?}"
+    );
 
     let user_turn = ChatCompletionRequestUserMessageArgs::default()
         .content("What is a sluice gate?")
@@ -64,7 +67,10 @@ async fn async_openai_round_trip(store: StoreKind) {
     let usage = chat.usage.expect("usage block");
     assert_eq!(usage.completion_tokens, 8);
     assert!(usage.prompt_tokens > 0);
-    assert_eq!(usage.total_tokens, usage.prompt_tokens + usage.completion_tokens);
+    assert_eq!(
+        usage.total_tokens,
+        usage.prompt_tokens + usage.completion_tokens
+    );
 
     // The stream holds after its first token until the test opens the gate: a gateway that
     // buffered the stream would never hand the first token over, and this test would hang
@@ -102,7 +108,11 @@ async fn async_openai_round_trip(store: StoreKind) {
     .await
     .expect("first token arrives while the backend still holds the rest of the stream");
     text.push_str(&first_token);
-    assert_eq!(backend.open_gate(&gate).await.unwrap(), 1, "the stream was still held");
+    assert_eq!(
+        backend.open_gate(&gate).await.unwrap(),
+        1,
+        "the stream was still held"
+    );
     let mut usage = None;
     while let Some(chunk) = stream.next().await {
         let chunk = chunk.unwrap();

@@ -171,7 +171,9 @@ mod tests {
     #[test]
     fn bad_signature_expiry_issuer_audience_and_nbf_are_refused() {
         let v = JwtVerifier::new(&config()).unwrap();
-        assert!(v.verify(&token(good_claims(), "another-secret-another-secret-xx")).is_err());
+        assert!(v
+            .verify(&token(good_claims(), "another-secret-another-secret-xx"))
+            .is_err());
         let mut c = good_claims();
         c["exp"] = json!(now() - 10);
         assert!(v.verify(&token(c, SECRET)).is_err());

@@ -37,9 +37,8 @@ impl EmbeddedStore {
             StoreError::Embedded(format!("cannot create data dir {}: {e}", dir.display()))
         })?;
         let path = dir.join("sluice.redb");
-        let db = Database::create(&path).map_err(|e| {
-            StoreError::Embedded(format!("cannot open {}: {e}", path.display()))
-        })?;
+        let db = Database::create(&path)
+            .map_err(|e| StoreError::Embedded(format!("cannot open {}: {e}", path.display())))?;
         // Create the tables up front so readers never meet a missing table.
         let txn = db.begin_write().map_err(embedded_err)?;
         txn.open_table(KEYS).map_err(embedded_err)?;

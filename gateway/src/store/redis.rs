@@ -98,10 +98,8 @@ impl Store for RedisStore {
             return Ok(Vec::new());
         }
         let keys: Vec<String> = ids.iter().map(|id| self.key_key(id)).collect();
-        let jsons: Vec<Option<String>> = redis::cmd("MGET")
-            .arg(&keys)
-            .query_async(&mut conn)
-            .await?;
+        let jsons: Vec<Option<String>> =
+            redis::cmd("MGET").arg(&keys).query_async(&mut conn).await?;
         let mut records = jsons
             .into_iter()
             .flatten()
