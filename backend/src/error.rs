@@ -1,0 +1,122 @@
+//! What went wrong with a request, and how a client is told.
+//!
+//! Every failure a handler can meet is one `ApiError` variant, and `IntoResponse` below is the
+//! only place that turns one into HTTP: OpenAI's `{"error":{...}}` shape with the right
+//! status. Clients (and the gateway's own error handling) parse that shape, so no handler may
+//! build an error body by hand.
+
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde::Serialize;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// The body is not JSON at all; the message is serde's, which says where.
+    #[error("We could not parse the JSON body of your request: {0}")]
+    InvalidJson(String),
+
+    /// The body could not be read (too large, connection cut); the status comes from axum.
+    #[error("We could not read the body of your request: {message}")]
+    UnreadableBody { status: StatusCode, message: String },
+
+    #[error("Missing required parameter: '{0}'.")]
+    MissingParameter(&'static str),
+
+    /// A field has the wrong JSON type or a malformed shape; `message` is serde's.
+    #[error("Invalid type for '{param}': {message}")]
+    InvalidType { param: String, message: String },
+
+    /// A field is well-typed but out of range or not one of the allowed values.
+    #[error("Invalid value for '{param}': {message}")]
+    InvalidValue { param: String, message: String },
+
+    #[error("The model `{0}` does not exist or you do not have access to it.")]
+    ModelNotFound(String),
+
+    #[error("Invalid URL ({method} {path})")]
+    UnknownRoute { method: String, path: String },
+
+    #[error("Method {method} is not allowed on {path}")]
+    MethodNotAllowed { method: String, path: String },
+}
+
+impl ApiError {
+    pub fn invalid_value(param: impl Into<String>, message: impl Into<String>) -> Self {
+        Self::InvalidValue {
+            param: param.into(),
+            message: message.into(),
+        }
+    }
+
+    fn status(&self) -> StatusCode {
+        match self {
+            Self::UnreadableBody { status, .. } => *status,
+            Self::ModelNotFound(_) | Self::UnknownRoute { .. } => StatusCode::NOT_FOUND,
+            Self::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
+            Self::InvalidJson(_)
+            | Self::MissingParameter(_)
+            | Self::InvalidType { .. }
+            | Self::InvalidValue { .. } => StatusCode::BAD_REQUEST,
+        }
+    }
+
+    fn code(&self) -> Option<&'static str> {
+        match self {
+            Self::InvalidJson(_) => Some("invalid_json"),
+            Self::UnreadableBody { .. } => None,
+            Self::MissingParameter(_) => Some("missing_required_parameter"),
+            Self::InvalidType { .. } => Some("invalid_type"),
+            Self::InvalidValue { .. } => Some("invalid_value"),
+            Self::ModelNotFound(_) => Some("model_not_found"),
+            Self::UnknownRoute { .. } => Some("unknown_url"),
+            Self::MethodNotAllowed { .. } => Some("method_not_allowed"),
+        }
+    }
+
+    fn param(&self) -> Option<&str> {
+        match self {
+            Self::MissingParameter(param) => Some(param),
+            Self::InvalidType { param, .. } | Self::InvalidValue { param, .. } => Some(param),
+            Self::ModelNotFound(_) => Some("model"),
+            Self::InvalidJson(_)
+            | Self::UnreadableBody { .. }
+            | Self::UnknownRoute { .. }
+            | Self::MethodNotAllowed { .. } => None,
+        }
+    }
+}
+
+#[derive(Serialize)]
+struct ErrorEnvelope<'a> {
+    error: ErrorBody<'a>,
+}
+
+#[derive(Serialize)]
+struct ErrorBody<'a> {
+    message: String,
+    #[serde(rename = "type")]
+    kind: &'static str,
+    code: Option<&'static str>,
+    param: Option<&'a str>,
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let status = self.status();
+        if status.is_server_error() {
+            tracing::error!(error = %self, "request failed");
+        } else {
+            tracing::debug!(error = %self, %status, "request refused");
+        }
+        let envelope = ErrorEnvelope {
+            error: ErrorBody {
+                message: self.to_string(),
+                kind: "invalid_request_error",
+                code: self.code(),
+                param: self.param(),
+            },
+        };
+        (status, Json(envelope)).into_response()
+    }
+}

@@ -1,0 +1,26 @@
+//! `sluice-backend`: Sluice's co-located, OpenAI-compatible inference service.
+//!
+//! It serves chat completions (whole or as SSE), text completions, embeddings, the model
+//! list, health and Prometheus metrics. This build carries only the simulated engine
+//! ([`sim`]): deterministic replies, token counts and embeddings, with configurable pacing
+//! and stream gates ([`gates`]) so the gateway can be tested and load-tested end to end
+//! without weights or a GPU. The binary in `main.rs` is a thin shell over [`serve`].
+
+mod chat;
+mod completions;
+mod embeddings;
+pub mod engine;
+pub mod error;
+pub mod gates;
+pub mod metrics;
+pub mod models;
+pub mod openai;
+mod request;
+pub mod server;
+pub mod sim;
+mod sse;
+pub mod state;
+
+pub use server::{router, serve};
+pub use sim::SimConfig;
+pub use state::AppState;

@@ -1,0 +1,172 @@
+//! The `sluice-backend` command: read the command line, pick the engine, serve until told
+//! to stop.
+
+use std::net::SocketAddr;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use clap::Parser;
+use tracing_subscriber::EnvFilter;
+
+use sluice_backend::engine::{Device, EngineKind};
+use sluice_backend::models::{served_names, ModelSpec};
+use sluice_backend::{serve, AppState, SimConfig};
+
+/// Sluice's co-located OpenAI-compatible inference service.
+#[derive(Debug, Parser)]
+#[command(name = "sluice-backend", version, about)]
+struct Args {
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1:9000")]
+    listen: SocketAddr,
+
+    /// A model to serve, as [NAME=]PATH (a GGUF file or a Hugging Face folder). NAME
+    /// defaults to the folder name or the file stem. Repeatable. With --engine sim, PATH is
+    /// not read and a bare name will do; with no --model, sim serves `sluice-sim`.
+    #[arg(long = "model", value_name = "[NAME=]PATH")]
+    models: Vec<ModelSpec>,
+
+    /// The engine that answers requests.
+    #[arg(long, value_enum, default_value_t = EngineKind::Native)]
+    engine: EngineKind,
+
+    /// Where the native engine runs: auto, cpu or cuda:N.
+    #[arg(long, default_value = "auto")]
+    device: Device,
+
+    /// Simulated engine: milliseconds before the first token.
+    #[arg(long, env = "SLUICE_SIM_TTFT_MS", default_value_t = 0)]
+    sim_ttft_ms: u64,
+
+    /// Simulated engine: milliseconds between tokens.
+    #[arg(long, env = "SLUICE_SIM_TOKEN_DELAY_MS", default_value_t = 0)]
+    sim_token_delay_ms: u64,
+
+    /// Simulated engine: reply length, in tokens, when the request does not cap it lower.
+    #[arg(long, env = "SLUICE_SIM_OUTPUT_TOKENS", default_value_t = 16)]
+    sim_output_tokens: u32,
+
+    /// Simulated engine: length of embedding vectors.
+    #[arg(
+        long,
+        env = "SLUICE_SIM_EMBEDDING_DIM",
+        default_value_t = 384,
+        value_parser = clap::value_parser!(u32).range(1..=65_536)
+    )]
+    sim_embedding_dim: u32,
+}
+
+/// Exit status for a command line this build cannot serve, as for clap's own usage errors.
+const EXIT_USAGE: u8 = 2;
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    init_tracing();
+
+    if args.engine == EngineKind::Native {
+        eprintln!("error: the native engine is not in this build yet; run with --engine sim");
+        return ExitCode::from(EXIT_USAGE);
+    }
+    let names = match served_names(&args.models) {
+        Ok(names) => names,
+        Err(err) => {
+            eprintln!("error: {err}");
+            return ExitCode::from(EXIT_USAGE);
+        }
+    };
+
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            eprintln!("error: cannot start the async runtime: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(args, names)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            tracing::error!("{err:#}");
+            eprintln!("error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(args: Args, names: Vec<String>) -> anyhow::Result<()> {
+    let sim = SimConfig {
+        ttft: Duration::from_millis(args.sim_ttft_ms),
+        token_delay: Duration::from_millis(args.sim_token_delay_ms),
+        output_tokens: args.sim_output_tokens,
+        embedding_dim: args.sim_embedding_dim as usize,
+    };
+    if args.device != Device::Auto {
+        tracing::info!(device = %args.device, "the simulated engine runs on no device; --device is ignored");
+    }
+    let state = AppState::new(names, sim);
+
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", args.listen))?;
+    let address = listener
+        .local_addr()
+        .context("cannot read the listening address")?;
+    tracing::info!(
+        %address,
+        engine = args.engine.label(),
+        models = ?state.models(),
+        config = ?state.sim,
+        "sluice-backend listening"
+    );
+    serve(listener, state, shutdown_signal())
+        .await
+        .context("server failed")?;
+    tracing::info!("sluice-backend stopped");
+    Ok(())
+}
+
+fn init_tracing() {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    // Colour codes only help a person at a terminal; in a log file they are noise.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(ansi)
+        .init();
+}
+
+/// Resolves on Ctrl-C or SIGTERM (what Kubernetes and docker send), starting a graceful
+/// shutdown.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        if let Err(err) = tokio::signal::ctrl_c().await {
+            tracing::warn!(%err, "cannot listen for Ctrl-C");
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut sigterm) => {
+                sigterm.recv().await;
+            }
+            Err(err) => {
+                tracing::warn!(%err, "cannot listen for SIGTERM");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+
+    tokio::select! {
+        () = ctrl_c => {}
+        () = terminate => {}
+    }
+    tracing::info!("shutting down: finishing in-flight requests");
+}

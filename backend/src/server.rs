@@ -1,0 +1,163 @@
+//! Which route answers a request, and the layers every request passes through.
+//!
+//! The generation routes live in their own modules; the small routes (models, health,
+//! metrics, stream gates) live here. The layer order is listed once, in `router`.
+
+use std::future::Future;
+use std::sync::Arc;
+
+use axum::extract::{DefaultBodyLimit, Path, Request, State};
+use axum::http::{header, HeaderName, HeaderValue, Method, Uri};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde_json::json;
+use tokio::net::TcpListener;
+
+use crate::error::ApiError;
+use crate::metrics::Route;
+use crate::openai::{ModelCard, ModelList};
+use crate::state::AppState;
+use crate::{chat, completions, embeddings};
+
+/// Long chat histories and batched embedding inputs are large; axum's 2 MiB default is not.
+const MAX_BODY_BYTES: usize = 32 * 1024 * 1024;
+
+const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+/// Every route this backend answers.
+pub fn router(state: Arc<AppState>) -> Router {
+    Router::new()
+        .route("/v1/chat/completions", post(chat::chat_completions))
+        .route("/v1/completions", post(completions::completions))
+        .route("/v1/embeddings", post(embeddings::embeddings))
+        .route("/v1/models", get(list_models))
+        // Model names may contain slashes (`org/model`).
+        .route("/v1/models/{*model}", get(get_model))
+        .route("/health", get(health))
+        .route("/metrics", get(metrics))
+        .route("/sim/gates/{name}/open", post(open_gate))
+        .fallback(unknown_route)
+        .method_not_allowed_fallback(method_not_allowed)
+        // Layers run outermost-last-listed: a request meets `echo_request_id` first, then
+        // the body limit, then its route.
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(middleware::from_fn(echo_request_id))
+        .with_state(state)
+}
+
+/// Serves `state` on `listener` until `shutdown` resolves, then lets in-flight requests
+/// (streams included) finish. Streams held at a gate are released at that point, or the
+/// shutdown would wait for their timeout.
+pub async fn serve(
+    listener: TcpListener,
+    state: Arc<AppState>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let gates = Arc::clone(&state.gates);
+    let shutdown = async move {
+        shutdown.await;
+        let released = gates.open_all();
+        if released > 0 {
+            tracing::info!(released, "shutdown opened the stream gates");
+        }
+    };
+    axum::serve(listener, router(state))
+        .with_graceful_shutdown(shutdown)
+        .await
+}
+
+/// The gateway stamps each request with an id; echoing it lets a client or an operator tie
+/// a response (or an error) to the gateway's logs.
+async fn echo_request_id(request: Request, next: Next) -> Response {
+    let request_id = request.headers().get(X_REQUEST_ID).cloned();
+    let method = request.method().clone();
+    let path = request.uri().path().to_owned();
+    let mut response = next.run(request).await;
+    tracing::debug!(
+        %method,
+        %path,
+        status = response.status().as_u16(),
+        request_id = request_id.as_ref().and_then(|id| id.to_str().ok()),
+        "request"
+    );
+    if let Some(request_id) = request_id {
+        response.headers_mut().insert(X_REQUEST_ID, request_id);
+    }
+    response
+}
+
+async fn list_models(State(state): State<Arc<AppState>>) -> Response {
+    state.metrics.record_request(Route::Models);
+    let data = state
+        .models()
+        .iter()
+        .map(|name| model_card(name, state.started_at))
+        .collect();
+    Json(ModelList {
+        object: "list",
+        data,
+    })
+    .into_response()
+}
+
+async fn get_model(
+    State(state): State<Arc<AppState>>,
+    Path(model): Path<String>,
+) -> Result<Response, ApiError> {
+    state.metrics.record_request(Route::Models);
+    let name = state.model(&model)?;
+    Ok(Json(model_card(name, state.started_at)).into_response())
+}
+
+fn model_card(name: &str, created: u64) -> ModelCard<'_> {
+    ModelCard {
+        id: name,
+        object: "model",
+        created,
+        owned_by: "sluice-sim",
+        simulated: true,
+    }
+}
+
+async fn health(State(state): State<Arc<AppState>>) -> Json<serde_json::Value> {
+    state.metrics.record_request(Route::Health);
+    Json(json!({ "status": "ok" }))
+}
+
+async fn metrics(State(state): State<Arc<AppState>>) -> impl IntoResponse {
+    state.metrics.record_request(Route::Metrics);
+    (
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+        )],
+        state.metrics.render("sim"),
+    )
+}
+
+/// The test hook documented in `gates`.
+async fn open_gate(
+    State(state): State<Arc<AppState>>,
+    Path(name): Path<String>,
+) -> Json<serde_json::Value> {
+    state.metrics.record_request(Route::SimGates);
+    let released = state.gates.open(&name);
+    tracing::debug!(gate = %name, released, "stream gate opened");
+    Json(json!({ "released": released }))
+}
+
+async fn unknown_route(method: Method, uri: Uri) -> ApiError {
+    ApiError::UnknownRoute {
+        method: method.to_string(),
+        path: uri.path().to_owned(),
+    }
+}
+
+async fn method_not_allowed(method: Method, uri: Uri) -> ApiError {
+    ApiError::MethodNotAllowed {
+        method: method.to_string(),
+        path: uri.path().to_owned(),
+    }
+}

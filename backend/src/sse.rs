@@ -1,0 +1,176 @@
+//! How a generation reaches a streaming client: Server-Sent Events, one token per event,
+//! each sent the moment it exists.
+//!
+//! The generation runs in its own task and hands events to the response body through a
+//! small channel, so nothing is collected before it is sent. The task paces the tokens
+//! (time to first token, delay between tokens), holds at a stream gate when asked, and
+//! stops as soon as the client goes away: every wait also watches the channel closing.
+//! Chat and text completions differ only in how a chunk looks, which a [`ChunkWriter`] says.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::{Body, Bytes};
+use axum::http::header;
+use axum::response::{IntoResponse, Response};
+use serde::Serialize;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+
+use crate::gates::{GateOutcome, GateTicket, GATE_TIMEOUT};
+use crate::openai::{FinishReason, Usage};
+use crate::state::AppState;
+
+/// Events buffered between the generation and the socket: enough to ride out a scheduling
+/// hiccup, small enough that a slow reader slows the generation instead of growing memory.
+const CHANNEL_DEPTH: usize = 8;
+
+/// One choice of a reply: its index in the response and every token it will emit.
+#[derive(Debug)]
+pub struct Sequence {
+    pub index: u32,
+    pub tokens: Vec<String>,
+    pub finish_reason: FinishReason,
+}
+
+/// What each event of a stream looks like, for one kind of completion.
+pub trait ChunkWriter: Send + Sync + 'static {
+    /// The event that opens a choice before any token (chat's role chunk), if any.
+    fn opening(&self, index: u32) -> Option<Bytes>;
+    fn token(&self, index: u32, text: &str) -> Bytes;
+    fn finish(&self, index: u32, reason: FinishReason) -> Bytes;
+    fn usage(&self, usage: Usage) -> Bytes;
+}
+
+pub struct StreamJob<W> {
+    pub writer: W,
+    pub sequences: Vec<Sequence>,
+    /// The usage to report at the end; `None` when the client did not ask for it.
+    pub usage: Option<Usage>,
+    /// The stream gate to hold at after the first token (see `gates`).
+    pub gate: Option<String>,
+}
+
+/// One SSE event carrying `value` as JSON.
+pub fn event<T: Serialize>(value: &T) -> Bytes {
+    let mut buf = Vec::with_capacity(256);
+    buf.extend_from_slice(b"data: ");
+    if let Err(err) = serde_json::to_writer(&mut buf, value) {
+        // Only a bug in our own response types can get here.
+        tracing::error!(%err, "could not serialise a stream chunk");
+        buf.truncate(6);
+        buf.extend_from_slice(br#"{"error":{"message":"internal error","type":"server_error"}}"#);
+    }
+    buf.extend_from_slice(b"\n\n");
+    Bytes::from(buf)
+}
+
+const DONE: &[u8] = b"data: [DONE]\n\n";
+
+/// Starts streaming `job` and returns the response whose body carries it.
+pub fn respond<W: ChunkWriter>(state: Arc<AppState>, job: StreamJob<W>) -> Response {
+    let (sender, receiver) = mpsc::channel(CHANNEL_DEPTH);
+    tokio::spawn(async move {
+        let outlet = Outlet(sender);
+        if run(&state, job, &outlet).await.is_err() {
+            tracing::debug!("client went away; generation stopped");
+        }
+    });
+    (
+        [
+            (header::CONTENT_TYPE, "text/event-stream"),
+            (header::CACHE_CONTROL, "no-cache"),
+            // Asks any nginx-style proxy in front of us not to buffer the stream either.
+            (header::HeaderName::from_static("x-accel-buffering"), "no"),
+        ],
+        Body::from_stream(ReceiverStream::new(receiver)),
+    )
+        .into_response()
+}
+
+async fn run<W: ChunkWriter>(
+    state: &AppState,
+    job: StreamJob<W>,
+    outlet: &Outlet,
+) -> Result<(), ClientGone> {
+    let _running = state.metrics.running();
+    let StreamJob {
+        writer,
+        sequences,
+        usage,
+        gate,
+    } = job;
+
+    for sequence in &sequences {
+        if let Some(opening) = writer.opening(sequence.index) {
+            outlet.send(opening).await?;
+        }
+    }
+
+    outlet.pause(state.sim.ttft).await?;
+    let steps = sequences.iter().map(|s| s.tokens.len()).max().unwrap_or(0);
+    let mut gate = gate;
+    for step in 0..steps {
+        if step > 0 {
+            outlet.pause(state.sim.token_delay).await?;
+        }
+        for sequence in &sequences {
+            let Some(token) = sequence.tokens.get(step) else {
+                continue;
+            };
+            // Join the gate before the token leaves, so a client that reacts to the token
+            // by opening the gate always finds this stream waiting.
+            let ticket = gate.take().map(|name| state.gates.join(&name));
+            outlet.send(writer.token(sequence.index, token)).await?;
+            state.metrics.add_generated_tokens(1);
+            if let Some(ticket) = ticket {
+                outlet.hold(ticket).await?;
+            }
+        }
+    }
+
+    for sequence in &sequences {
+        outlet
+            .send(writer.finish(sequence.index, sequence.finish_reason))
+            .await?;
+    }
+    if let Some(usage) = usage {
+        outlet.send(writer.usage(usage)).await?;
+    }
+    outlet.send(Bytes::from_static(DONE)).await
+}
+
+/// The client closed the connection; the generation should stop.
+struct ClientGone;
+
+struct Outlet(mpsc::Sender<Result<Bytes, Infallible>>);
+
+impl Outlet {
+    async fn send(&self, event: Bytes) -> Result<(), ClientGone> {
+        self.0.send(Ok(event)).await.map_err(|_| ClientGone)
+    }
+
+    async fn pause(&self, delay: Duration) -> Result<(), ClientGone> {
+        if delay.is_zero() {
+            return Ok(());
+        }
+        tokio::select! {
+            () = tokio::time::sleep(delay) => Ok(()),
+            () = self.0.closed() => Err(ClientGone),
+        }
+    }
+
+    async fn hold(&self, ticket: GateTicket) -> Result<(), ClientGone> {
+        let gate = ticket.name().to_owned();
+        tokio::select! {
+            outcome = ticket.wait(GATE_TIMEOUT) => {
+                if outcome == GateOutcome::TimedOut {
+                    tracing::warn!(%gate, timeout = ?GATE_TIMEOUT, "stream gate never opened; carrying on");
+                }
+                Ok(())
+            }
+            () = self.0.closed() => Err(ClientGone),
+        }
+    }
+}
