@@ -50,6 +50,9 @@ impl ModelRoute {
 pub struct Upstreams {
     backends: Vec<Arc<Backend>>,
     models: ArcSwap<BTreeMap<String, Arc<ModelRoute>>>,
+    /// What each backend (by position) last said it serves: a backend that is briefly
+    /// unreachable keeps its models, so its clients see a 502 and not a vanished model.
+    last_discovered: std::sync::Mutex<Vec<Option<Vec<(String, String)>>>>,
     http: reqwest::Client,
 }
 
@@ -83,6 +86,7 @@ impl Upstreams {
             .build()
             .expect("http client builds without TLS");
         let upstreams = Upstreams {
+            last_discovered: std::sync::Mutex::new(vec![None; configs.len()]),
             backends,
             models: ArcSwap::from_pointee(BTreeMap::new()),
             http,
@@ -104,20 +108,31 @@ impl Upstreams {
     }
 
     /// Asks every backend without declared models what it serves, and installs the result.
-    /// A backend that does not answer keeps no models until it does.
+    /// A backend that does not answer keeps the models it last listed.
     pub async fn discover(&self) {
-        let mut found = Vec::new();
+        let mut answers = Vec::with_capacity(self.backends.len());
         for backend in &self.backends {
-            if !backend.declared_models.is_empty() {
-                continue;
-            }
-            match self.fetch_models(backend).await {
-                Ok(models) => found.push((backend.clone(), models)),
-                Err(e) => {
-                    tracing::warn!(backend = %backend.name, error = %e, "model discovery failed")
-                }
+            if backend.declared_models.is_empty() {
+                answers.push(self.fetch_models(backend).await.map_err(|e| {
+                    tracing::warn!(backend = %backend.name, error = %e, "model discovery failed");
+                }));
+            } else {
+                answers.push(Err(()));
             }
         }
+        let found = {
+            let mut last = self.last_discovered.lock().expect("discovery lock");
+            for (slot, answer) in last.iter_mut().zip(answers) {
+                if let Ok(models) = answer {
+                    *slot = Some(models);
+                }
+            }
+            self.backends
+                .iter()
+                .zip(last.iter())
+                .filter_map(|(b, models)| Some((b.clone(), models.clone()?)))
+                .collect()
+        };
         self.install(found);
     }
 

@@ -333,3 +333,13 @@ async fn expect_error_any(response: reqwest::Response, status: u16) -> String {
     assert_eq!(response.status().as_u16(), status);
     openai_error(response).await.unwrap().2
 }
+
+#[tokio::test]
+async fn a_backend_that_went_away_gets_502_in_openai_shape() {
+    let (backend, gw, _dir) = setup().await;
+    let (_, key) = gw.create_key("acme", "free").await.unwrap();
+    drop(backend);
+    let r = gw.post_raw(CHAT, Some(&key), chat_body()).await.unwrap();
+    let message = expect_error(r, 502, "bad_gateway").await;
+    assert!(message.contains("unreachable"), "{message}");
+}

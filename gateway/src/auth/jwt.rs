@@ -190,4 +190,59 @@ mod tests {
         c.as_object_mut().unwrap().remove("exp");
         assert!(v.verify(&token(c, SECRET)).is_err());
     }
+
+    fn fixture(name: &str) -> String {
+        let path = format!("{}/tests/fixtures/{name}", env!("CARGO_MANIFEST_DIR"));
+        std::fs::read_to_string(path).unwrap()
+    }
+
+    #[test]
+    fn rs256_and_es256_tokens_verify_against_their_public_keys() {
+        use crate::config::PublicKeyConfig;
+        let mut cfg = config();
+        cfg.hs256_secret = None;
+        cfg.public_keys = vec![
+            PublicKeyConfig {
+                algorithm: Algorithm::RS256,
+                pem: fixture("rsa-public.pem"),
+                kid: Some("rsa-1".into()),
+            },
+            PublicKeyConfig {
+                algorithm: Algorithm::ES256,
+                pem: fixture("ec-public.pem"),
+                kid: None,
+            },
+        ];
+        let v = JwtVerifier::new(&cfg).unwrap();
+        let rsa = EncodingKey::from_rsa_pem(fixture("rsa-private.pem").as_bytes()).unwrap();
+        let ec = EncodingKey::from_ec_pem(fixture("ec-private.pem").as_bytes()).unwrap();
+
+        let mut header = Header::new(Algorithm::RS256);
+        header.kid = Some("rsa-1".into());
+        let token = encode(&header, &good_claims(), &rsa).unwrap();
+        assert_eq!(v.verify(&token).unwrap().subject, "u1");
+
+        let token = encode(&Header::new(Algorithm::ES256), &good_claims(), &ec).unwrap();
+        assert_eq!(v.verify(&token).unwrap().tenant.as_deref(), Some("acme"));
+
+        // An HS256 token is refused when no shared secret is configured, even if it is
+        // "signed" with the public key's text (the classic algorithm-confusion attack).
+        let forged = token_with_secret_bytes(fixture("rsa-public.pem").as_bytes());
+        assert!(v.verify(&forged).is_err());
+
+        // A token for another kid is not tried against this key.
+        let mut header = Header::new(Algorithm::RS256);
+        header.kid = Some("rsa-2".into());
+        let token = encode(&header, &good_claims(), &rsa).unwrap();
+        assert!(v.verify(&token).is_err());
+    }
+
+    fn token_with_secret_bytes(secret: &[u8]) -> String {
+        encode(
+            &Header::new(Algorithm::HS256),
+            &good_claims(),
+            &EncodingKey::from_secret(secret),
+        )
+        .unwrap()
+    }
 }
