@@ -19,6 +19,9 @@ use std::time::Duration;
 const DISCOVERY_INTERVAL: Duration = Duration::from_secs(5);
 const DISCOVERY_TIMEOUT: Duration = Duration::from_secs(2);
 
+/// What a backend said it serves: (model id, owned_by) pairs.
+type ServedModels = Vec<(String, String)>;
+
 #[derive(Debug)]
 pub struct Backend {
     pub name: String,
@@ -52,7 +55,7 @@ pub struct Upstreams {
     models: ArcSwap<BTreeMap<String, Arc<ModelRoute>>>,
     /// What each backend (by position) last said it serves: a backend that is briefly
     /// unreachable keeps its models, so its clients see a 502 and not a vanished model.
-    last_discovered: std::sync::Mutex<Vec<Option<Vec<(String, String)>>>>,
+    last_discovered: std::sync::Mutex<Vec<Option<ServedModels>>>,
     http: reqwest::Client,
 }
 
@@ -147,7 +150,7 @@ impl Upstreams {
         }
     }
 
-    async fn fetch_models(&self, backend: &Backend) -> Result<Vec<(String, String)>, String> {
+    async fn fetch_models(&self, backend: &Backend) -> Result<ServedModels, String> {
         let url = format!("{}/v1/models", backend.url);
         let response = self
             .http
@@ -169,7 +172,7 @@ impl Upstreams {
             .collect())
     }
 
-    fn install(&self, discovered: Vec<(Arc<Backend>, Vec<(String, String)>)>) {
+    fn install(&self, discovered: Vec<(Arc<Backend>, ServedModels)>) {
         let mut routes: BTreeMap<String, (String, Vec<Arc<Backend>>)> = BTreeMap::new();
         for backend in &self.backends {
             for model in &backend.declared_models {

@@ -114,8 +114,8 @@ async fn bad_bodies_get_400_unknown_models_404_and_huge_bodies_413() {
     })
     .await
     .unwrap();
-    let (_, key) = gw.create_key("acme", "free").await.unwrap();
-    let key = Some(key.as_str());
+    let (_, secret) = gw.create_key("acme", "free").await.unwrap();
+    let key = Some(secret.as_str());
 
     let r = gw.post_raw(CHAT, key, "{\"model\": \"x\",").await.unwrap();
     assert_eq!(r.status(), 400);
@@ -159,7 +159,7 @@ async fn bad_bodies_get_400_unknown_models_404_and_huge_bodies_413() {
     let r = gw
         .http
         .post(format!("{}/v1/nothing-here", gw.url))
-        .bearer_auth(key.unwrap())
+        .bearer_auth(&secret)
         .send()
         .await
         .unwrap();
