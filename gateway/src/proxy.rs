@@ -13,7 +13,7 @@ use crate::app::Gateway;
 use crate::auth::Identity;
 use crate::error::ApiError;
 use crate::request::{RequestView, Route};
-use crate::upstream::Backend;
+use crate::upstream::{Backend, ModelRoute};
 use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
 use pingora_core::upstreams::peer::HttpPeer;
@@ -43,6 +43,8 @@ pub struct RequestCtx {
     /// The request body, read whole in `request_filter` and replayed to the backend.
     pub body: Bytes,
     pub model: Option<String>,
+    /// The backends serving `model`, looked up once in `request_filter`.
+    pub model_route: Option<Arc<ModelRoute>>,
     pub stream: bool,
     pub backend: Option<Arc<Backend>>,
     /// Set when the gateway refuses the request itself, for `fail_to_proxy` and the log.
@@ -61,6 +63,7 @@ impl ProxyHttp for Proxy {
             identity: None,
             body: Bytes::new(),
             model: None,
+            model_route: None,
             stream: false,
             backend: None,
             error: None,
@@ -97,12 +100,7 @@ impl ProxyHttp for Proxy {
         ctx: &mut RequestCtx,
     ) -> Result<Box<HttpPeer>> {
         let model = ctx.model.as_deref().unwrap_or_default();
-        let Some(backend) = self
-            .gateway
-            .upstreams
-            .model(model)
-            .and_then(|route| route.pick().cloned())
-        else {
+        let Some(backend) = ctx.model_route.as_ref().and_then(|r| r.pick().cloned()) else {
             ctx.error = Some(ApiError::unavailable(format!(
                 "No backend is serving model `{model}` right now."
             )));
@@ -234,9 +232,12 @@ impl Proxy {
         ctx.body = read_body(session, self.gateway.config.max_body_bytes).await?;
         let view = RequestView::parse(route, &ctx.body)?;
         let model = view.model();
-        if self.gateway.upstreams.model(model).is_none() {
-            return Err(ApiError::model_not_found(model));
-        }
+        let route = self
+            .gateway
+            .upstreams
+            .model(model)
+            .ok_or_else(|| ApiError::model_not_found(model))?;
+        ctx.model_route = Some(route);
         ctx.model = Some(model.to_owned());
         ctx.stream = view.is_stream();
         Ok(None)
@@ -253,6 +254,18 @@ async fn read_body(session: &mut Session, limit: usize) -> Result<Bytes, ApiErro
         .and_then(|v| v.parse::<usize>().ok());
     if declared.is_some_and(|len| len > limit) {
         return Err(ApiError::body_too_large(limit));
+    }
+    let expects_continue = session
+        .req_header()
+        .headers
+        .get(http::header::EXPECT)
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
+    if expects_continue {
+        // The client waits for this before sending a large body (curl does).
+        session
+            .write_continue_response()
+            .await
+            .map_err(|e| ApiError::bad_request(format!("Could not read the request body: {e}")))?;
     }
     let mut body = BytesMut::with_capacity(declared.unwrap_or(0));
     loop {
