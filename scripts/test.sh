@@ -36,11 +36,12 @@ if [ -z "${SLUICE_TEST_PYTHON:-}" ]; then
   export SLUICE_TEST_PYTHON="$PWD/.venv/bin/python"
 fi
 
-# The end-to-end tests run the binaries, so build them first.
-cargo build --workspace --bins
+# The end-to-end tests run the binaries, so build them (with the tests, so that both share
+# one feature resolution and nothing is compiled twice) first.
+cargo build --workspace --all-targets
 if cargo nextest --version >/dev/null 2>&1; then
-  cargo nextest run --workspace --no-fail-fast
   cargo test --workspace --doc
+  cargo nextest run --workspace --no-fail-fast
 else
   cargo test --workspace --no-fail-fast
 fi

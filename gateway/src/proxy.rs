@@ -39,7 +39,7 @@ impl Proxy {
 pub struct RequestCtx {
     pub request_id: String,
     pub route: Option<Route>,
-    pub identity: Option<Identity>,
+    pub identity: Option<Arc<Identity>>,
     /// The request body, read whole in `request_filter` and replayed to the backend.
     pub body: Bytes,
     pub model: Option<String>,

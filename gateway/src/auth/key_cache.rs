@@ -3,9 +3,12 @@
 //! Entries (hits and misses alike) stay until the store's key epoch moves; every replica polls
 //! that epoch a few times a second, so a revocation made on any replica is honoured everywhere
 //! within one poll interval. The cache is bounded: past `capacity` entries it starts over,
-//! so a flood of made-up keys cannot grow it without limit.
+//! so a flood of made-up keys cannot grow it without limit. Entries hold resolved identities
+//! (tier limits applied), so anything that changes what a key resolves to, tiers included,
+//! must move the epoch.
 
-use crate::keys::{KeyHash, KeyRecord};
+use super::Identity;
+use crate::keys::KeyHash;
 use crate::store::Store;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -16,7 +19,8 @@ use std::time::Duration;
 pub const EPOCH_POLL: Duration = Duration::from_millis(200);
 
 pub struct KeyCache {
-    entries: RwLock<HashMap<KeyHash, Option<Arc<KeyRecord>>>>,
+    /// A key's resolved identity, or `None` for a secret the store does not know.
+    entries: RwLock<HashMap<KeyHash, Option<Arc<Identity>>>>,
     /// The store epoch the entries were read under.
     epoch: AtomicU64,
     capacity: usize,
@@ -32,7 +36,7 @@ impl KeyCache {
     }
 
     /// `Some(found)` when the lookup is cached (`found` is `None` for an unknown key).
-    pub fn get(&self, hash: &KeyHash) -> Option<Option<Arc<KeyRecord>>> {
+    pub fn get(&self, hash: &KeyHash) -> Option<Option<Arc<Identity>>> {
         self.entries
             .read()
             .expect("key cache lock")
@@ -46,7 +50,7 @@ impl KeyCache {
 
     /// Caches a lookup made under `epoch`; dropped if the epoch moved meanwhile, so a lookup
     /// that raced a revocation is never kept.
-    pub fn insert(&self, hash: KeyHash, found: Option<Arc<KeyRecord>>, epoch: u64) {
+    pub fn insert(&self, hash: KeyHash, found: Option<Arc<Identity>>, epoch: u64) {
         let mut entries = self.entries.write().expect("key cache lock");
         if self.epoch.load(Ordering::Acquire) != epoch {
             return;

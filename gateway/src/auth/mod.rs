@@ -17,7 +17,7 @@ use sluice_policies::{Limits, Tiers};
 use std::sync::Arc;
 
 /// The caller of a request, as far as policy cares.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Identity {
     /// The API key's id, or `jwt:<subject>` for a token.
     pub key_id: String,
@@ -58,7 +58,12 @@ impl Authenticator {
         }
     }
 
-    pub async fn authenticate(&self, authorization: Option<&[u8]>) -> Result<Identity, ApiError> {
+    /// A key's identity is resolved once and cached, so a request pays one hash and one
+    /// shared pointer, not a store call or a copy of its limits.
+    pub async fn authenticate(
+        &self,
+        authorization: Option<&[u8]>,
+    ) -> Result<Arc<Identity>, ApiError> {
         let Some(token) = bearer(authorization) else {
             return Err(ApiError::invalid_api_key(
                 "You didn't provide an API key. Provide it in the Authorization header as \
@@ -66,17 +71,16 @@ impl Authenticator {
             ));
         };
         if token.starts_with("eyJ") {
-            return self.authenticate_jwt(token);
+            return self.authenticate_jwt(token).map(Arc::new);
         }
-        let record = self.lookup_key(token).await?.ok_or_else(|| {
+        self.lookup_key(token).await?.ok_or_else(|| {
             ApiError::invalid_api_key(
                 "Incorrect API key provided. It is unknown, revoked or rotated.",
             )
-        })?;
-        self.identity_of_key(&record)
+        })
     }
 
-    async fn lookup_key(&self, secret: &str) -> Result<Option<Arc<KeyRecord>>, ApiError> {
+    async fn lookup_key(&self, secret: &str) -> Result<Option<Arc<Identity>>, ApiError> {
         let hash = KeyHash::of_secret(secret);
         if let Some(hit) = self.cache.get(&hash) {
             return Ok(hit);
@@ -86,9 +90,12 @@ impl Authenticator {
             tracing::error!(error = %e, "key lookup failed");
             ApiError::unavailable("Sluice cannot check API keys right now; try again shortly.")
         })?;
-        let found = found.map(Arc::new);
-        self.cache.insert(hash, found.clone(), epoch);
-        Ok(found)
+        let identity = match found {
+            Some(record) => Some(Arc::new(self.identity_of_key(&record)?)),
+            None => None,
+        };
+        self.cache.insert(hash, identity.clone(), epoch);
+        Ok(identity)
     }
 
     fn identity_of_key(&self, record: &KeyRecord) -> Result<Identity, ApiError> {
