@@ -324,7 +324,7 @@ impl Config {
             redis_prefix,
             admin_token,
             threads,
-            grace_period_secs: s.grace_period_secs.unwrap_or(30),
+            grace_period_secs: s.grace_period_secs.unwrap_or(10),
             jwt,
             tiers,
             backends,
