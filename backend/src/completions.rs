@@ -11,14 +11,13 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 
 use crate::error::ApiError;
-use crate::gates::gate_name;
 use crate::metrics::Route;
 use crate::openai::{
     CompletionRequest, FinishReason, ReplyId, TextChoice, TextCompletion, Usage, SYSTEM_FINGERPRINT,
 };
 use crate::request::{choice_count, parse_body, required, token_cap};
 use crate::sim::{self, count_input_tokens};
-use crate::sse::{self, ChunkWriter, Sequence, StreamJob};
+use crate::sse::{self, ChunkWriter, Reply, Sequence};
 use crate::state::AppState;
 
 pub async fn completions(
@@ -57,30 +56,21 @@ pub async fn completions(
     state.metrics.add_prompt_tokens(prompt_tokens);
     let reply_id = ReplyId::new("cmpl");
 
-    if request.stream.unwrap_or(false) {
-        let include_usage = request
-            .stream_options
-            .and_then(|options| options.include_usage)
-            .unwrap_or(false);
-        let job = StreamJob {
-            writer: TextChunks {
-                reply_id,
-                model,
-                include_usage,
-            },
-            sequences,
-            usage: include_usage.then_some(usage),
-            gate: gate_name(request.user.as_deref()).map(str::to_owned),
-        };
-        return Ok(sse::respond(state, job));
-    }
-
-    let _running = state.metrics.running();
-    let generation_time = state.sim.generation_time(len);
-    if !generation_time.is_zero() {
-        tokio::time::sleep(generation_time).await;
-    }
-    state.metrics.add_generated_tokens(usage.completion_tokens);
+    let stream = sse::StreamRequest {
+        stream: request.stream,
+        options: request.stream_options.as_ref(),
+        user: request.user.as_deref(),
+    };
+    let writer = |include_usage| TextChunks {
+        reply_id: reply_id.clone(),
+        model: model.clone(),
+        include_usage,
+    };
+    let sequences = match sse::stream_or_finish(&state, stream, writer, sequences, usage, len).await
+    {
+        Reply::Streamed(response) => return Ok(response),
+        Reply::Finished(sequences) => sequences,
+    };
     let texts: Vec<String> = sequences.iter().map(|s| s.tokens.concat()).collect();
     let completion = TextCompletion {
         id: &reply_id.id,

@@ -18,8 +18,8 @@ use serde::Serialize;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
-use crate::gates::{GateOutcome, GateTicket, GATE_TIMEOUT};
-use crate::openai::{FinishReason, Usage};
+use crate::gates::{gate_name, GateOutcome, GateTicket, GATE_TIMEOUT};
+use crate::openai::{FinishReason, StreamOptions, Usage};
 use crate::state::AppState;
 
 /// Events buffered between the generation and the socket: enough to ride out a scheduling
@@ -50,6 +50,54 @@ pub struct StreamJob<W> {
     pub usage: Option<Usage>,
     /// The stream gate to hold at after the first token (see `gates`).
     pub gate: Option<String>,
+}
+
+/// What a completion request said about streaming.
+pub struct StreamRequest<'a> {
+    pub stream: Option<bool>,
+    pub options: Option<&'a StreamOptions>,
+    pub user: Option<&'a str>,
+}
+
+/// How a completion handler ends.
+pub enum Reply {
+    /// The request asked for a stream, and this response streams it.
+    Streamed(Response),
+    /// The generation has run its simulated time; the caller writes the JSON body.
+    Finished(Vec<Sequence>),
+}
+
+/// The shared end of every completion handler: streams the reply when the request asked for
+/// a stream, otherwise waits as long as the engine would take and hands the sequences back.
+/// `writer` is told whether the client asked for a usage chunk.
+pub async fn stream_or_finish<W: ChunkWriter>(
+    state: &Arc<AppState>,
+    request: StreamRequest<'_>,
+    writer: impl FnOnce(bool) -> W,
+    sequences: Vec<Sequence>,
+    usage: Usage,
+    len: usize,
+) -> Reply {
+    if request.stream.unwrap_or(false) {
+        let include_usage = request
+            .options
+            .and_then(|options| options.include_usage)
+            .unwrap_or(false);
+        let job = StreamJob {
+            writer: writer(include_usage),
+            sequences,
+            usage: include_usage.then_some(usage),
+            gate: gate_name(request.user).map(str::to_owned),
+        };
+        return Reply::Streamed(respond(state.clone(), job));
+    }
+    let _running = state.metrics.running();
+    let generation_time = state.sim.generation_time(len);
+    if !generation_time.is_zero() {
+        tokio::time::sleep(generation_time).await;
+    }
+    state.metrics.add_generated_tokens(usage.completion_tokens);
+    Reply::Finished(sequences)
 }
 
 /// One SSE event carrying `value` as JSON.
