@@ -11,6 +11,7 @@ use axum::http::{header, HeaderName, HeaderValue, Method, Uri};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use axum::serve::ListenerExt;
 use axum::{Json, Router};
 use serde_json::json;
 use tokio::net::TcpListener;
@@ -63,6 +64,13 @@ pub async fn serve(
             tracing::info!(released, "shutdown opened the stream gates");
         }
     };
+    // Tokens are small writes: without TCP_NODELAY, Nagle's algorithm and the peer's delayed
+    // ACK hold each short stream for ~40 ms.
+    let listener = listener.tap_io(|tcp| {
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::debug!(error = %e, "could not set TCP_NODELAY");
+        }
+    });
     axum::serve(listener, router(state))
         .with_graceful_shutdown(shutdown)
         .await

@@ -11,6 +11,7 @@ use axum::extract::{Path, Request, State};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use axum::serve::ListenerExt;
 use axum::{Json, Router};
 use serde::{de::DeserializeOwned, Deserialize};
 use serde_json::{json, Value};
@@ -21,6 +22,9 @@ use std::sync::Arc;
 type AppState = Arc<Gateway>;
 
 pub async fn serve(listener: tokio::net::TcpListener, gateway: Arc<Gateway>) {
+    let listener = listener.tap_io(|tcp| {
+        let _ = tcp.set_nodelay(true);
+    });
     if let Err(e) = axum::serve(listener, router(gateway)).await {
         tracing::error!(error = %e, "admin listener failed");
     }
