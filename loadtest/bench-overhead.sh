@@ -1,0 +1,119 @@
+#!/usr/bin/env bash
+# The gateway overhead benchmark: the same load, in one run, sent directly to a simulated
+# backend (zero delays), through nginx as a plain reverse proxy, and through Sluice (API-key
+# auth, Redis store). Targets alternate round by round (direct, nginx, sluice, direct, ...)
+# so that a noisy machine shifts all three alike. Writes the table to docs/benchmarks.md.
+#
+#   loadtest/bench-overhead.sh                    # defaults below
+#   RATE=300 DURATION=5s ROUNDS=3 loadtest/bench-overhead.sh
+#
+# Everything listens on 127.0.0.1 and stops when the script ends.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+RATE="${RATE:-500}"                 # fixed-rate scenarios: requests per second
+CONCURRENCY="${CONCURRENCY:-32}"    # max-throughput scenarios: closed-loop clients
+DURATION="${DURATION:-10s}"         # measured time per target per round
+WARMUP="${WARMUP:-2s}"
+ROUNDS="${ROUNDS:-3}"
+MAX_TOKENS="${MAX_TOKENS:-16}"
+THREADS="${THREADS:-2}"             # worker threads for Sluice, worker processes for nginx
+OUT="${OUT:-docs/benchmarks.md}"
+PORT_BASE="${PORT_BASE:-19100}"
+
+if ! command -v nginx >/dev/null 2>&1; then
+  echo "bench: installing nginx" >&2
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx-light >/dev/null
+fi
+scripts/ensure-redis.sh
+
+cargo build --release --bin sluice --bin sluice-backend --bin sluice-load
+bin="${CARGO_TARGET_DIR:-target}/release"
+
+work=$(mktemp -d)
+pids=()
+cleanup() {
+  kill "${pids[@]}" 2>/dev/null || true
+  [ -f "$work/nginx.pid" ] && kill "$(cat "$work/nginx.pid")" 2>/dev/null || true
+  wait 2>/dev/null || true
+  rm -rf "$work"
+}
+trap cleanup EXIT INT TERM
+
+wait_for() {
+  for _ in $(seq 100); do curl -fsS "$1" >/dev/null 2>&1 && return 0; sleep 0.1; done
+  echo "bench: $1 did not answer" >&2; exit 1
+}
+
+backend_port=$PORT_BASE; nginx_port=$((PORT_BASE + 1)); sluice_port=$((PORT_BASE + 2)); admin_port=$((PORT_BASE + 3))
+
+"$bin/sluice-backend" --engine sim --listen "127.0.0.1:$backend_port" --model sluice-sim \
+  >"$work/backend.log" 2>&1 &
+pids+=($!)
+wait_for "http://127.0.0.1:$backend_port/health"
+
+cat >"$work/nginx.conf" <<NGINX
+worker_processes $THREADS;
+pid $work/nginx.pid;
+error_log $work/nginx-error.log warn;
+events { worker_connections 4096; }
+http {
+  access_log off;
+  upstream sim { server 127.0.0.1:$backend_port; keepalive 256; }
+  server {
+    listen 127.0.0.1:$nginx_port;
+    location / {
+      proxy_pass http://sim;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+      proxy_buffering off;
+    }
+  }
+}
+NGINX
+nginx -c "$work/nginx.conf" -p "$work"
+wait_for "http://127.0.0.1:$nginx_port/health"
+
+admin_token="bench-$(od -An -N12 -tx1 /dev/urandom | tr -d ' \n')"
+cat >"$work/sluice.toml" <<TOML
+[server]
+listen = "127.0.0.1:$sluice_port"
+admin_listen = "127.0.0.1:$admin_port"
+threads = $THREADS
+redis_url = "redis://127.0.0.1:6379"
+redis_prefix = "sluice-bench-$$"
+grace_period_secs = 0
+
+[[backends]]
+name = "sim"
+url = "http://127.0.0.1:$backend_port"
+TOML
+SLUICE_ADMIN_TOKEN="$admin_token" SLUICE_LOG=info "$bin/sluice" serve --config "$work/sluice.toml" \
+  >"$work/sluice.log" 2>&1 &
+pids+=($!)
+wait_for "http://127.0.0.1:$sluice_port/health"
+key=$(curl -fsS "http://127.0.0.1:$admin_port/admin/v1/keys" -H "Authorization: Bearer $admin_token" \
+  -d '{"name":"bench","tenant":"bench","tier":"enterprise","limits":{"requests_per_minute":100000000,"tokens_per_minute":100000000000,"max_concurrent":100000}}' \
+  | sed -n 's/.*"key":"\([^"]*\)".*/\1/p')
+
+targets=(direct nginx sluice)
+declare -A url=([direct]="http://127.0.0.1:$backend_port" [nginx]="http://127.0.0.1:$nginx_port" [sluice]="http://127.0.0.1:$sluice_port")
+results="$work/results.jsonl"
+for scenario in "fixed json" "fixed stream" "max json" "max stream"; do
+  set -- $scenario
+  load=(--duration "$DURATION" --warmup "$WARMUP" --max-tokens "$MAX_TOKENS" --json)
+  [ "$1" = fixed ] && load+=(--rate "$RATE") || load+=(--concurrency "$CONCURRENCY")
+  [ "$2" = stream ] && load+=(--stream)
+  for round in $(seq "$ROUNDS"); do
+    for target in "${targets[@]}"; do
+      keyarg=(); [ "$target" = sluice ] && keyarg=(--key "$key")
+      echo "bench: $scenario, round $round, $target" >&2
+      report=$("$bin/sluice-load" run "${url[$target]}" "${keyarg[@]}" "${load[@]}")
+      printf '{"scenario":"%s %s","round":%s,"target":"%s","report":%s}\n' "$1" "$2" "$round" "$target" "$report" >>"$results"
+    done
+  done
+done
+
+command_line="RATE=$RATE CONCURRENCY=$CONCURRENCY DURATION=$DURATION WARMUP=$WARMUP ROUNDS=$ROUNDS MAX_TOKENS=$MAX_TOKENS THREADS=$THREADS loadtest/bench-overhead.sh"
+python3 loadtest/overhead_table.py "$results" "$OUT" "$command_line" "$RATE" "$CONCURRENCY"
+echo "bench: wrote $OUT" >&2

@@ -1,0 +1,118 @@
+"""Turns bench-overhead.sh's results (JSON Lines of sluice-load reports) into the overhead
+table in docs/benchmarks.md, replacing the section between its markers.
+
+Per scenario and target: the median over rounds of throughput, p50 and p99 latency. Then,
+per scenario: Sluice's throughput as a fraction of nginx's, and the latency each proxy adds
+over the direct connection (median of the per-round differences, so each difference comes
+from runs made back to back)."""
+
+import datetime
+import json
+import os
+import platform
+import statistics
+import sys
+
+results_path, out_path, command_line, rate, concurrency = sys.argv[1:6]
+runs = [json.loads(line) for line in open(results_path)]
+
+scenarios = []
+for r in runs:
+    if r["scenario"] not in scenarios:
+        scenarios.append(r["scenario"])
+
+
+def pick(scenario, target):
+    return {r["round"]: r["report"] for r in runs if r["scenario"] == scenario and r["target"] == target}
+
+
+def med(values):
+    values = [v for v in values if v is not None]
+    return statistics.median(values) if values else None
+
+
+def lat(report, q):
+    return report["latency_ms"][q] if report.get("latency_ms") else None
+
+
+def fmt(v, digits=3):
+    return "-" if v is None else f"{v:.{digits}f}"
+
+
+def errors(reports):
+    total = sum(sum(r["errors"].values()) for r in reports.values())
+    return str(total)
+
+
+lines = []
+lines.append("| scenario | target | throughput (req/s) | p50 (ms) | p99 (ms) | errors | added p50 vs direct (ms) | added p99 vs direct (ms) |")
+lines.append("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+summary = []
+for scenario in scenarios:
+    direct = pick(scenario, "direct")
+    per_target = {}
+    for target in ("direct", "nginx", "sluice"):
+        reports = pick(scenario, target)
+        rounds = sorted(reports)
+        added50 = med([lat(reports[k], "p50") - lat(direct[k], "p50") for k in rounds if k in direct and lat(reports[k], "p50") is not None and lat(direct[k], "p50") is not None])
+        added99 = med([lat(reports[k], "p99") - lat(direct[k], "p99") for k in rounds if k in direct and lat(reports[k], "p99") is not None and lat(direct[k], "p99") is not None])
+        tput = med([reports[k]["throughput_rps"] for k in rounds])
+        per_target[target] = (tput, added50, added99, reports)
+        lines.append(
+            f"| {scenario} | {target} | {fmt(tput, 1)} | {fmt(med([lat(reports[k], 'p50') for k in rounds]))} | "
+            f"{fmt(med([lat(reports[k], 'p99') for k in rounds]))} | {errors(reports)} | "
+            f"{'' if target == 'direct' else fmt(added50)} | {'' if target == 'direct' else fmt(added99)} |"
+        )
+    nginx, sluice = per_target["nginx"], per_target["sluice"]
+    ratios = [sluice[3][k]["throughput_rps"] / nginx[3][k]["throughput_rps"] for k in sluice[3] if k in nginx[3] and nginx[3][k]["throughput_rps"] > 0]
+    p99_ratio = None
+    if nginx[2] and sluice[2] is not None and nginx[2] > 0:
+        p99_ratio = sluice[2] / nginx[2]
+    summary.append(
+        f"- {scenario}: Sluice throughput / nginx = {fmt(med(ratios))} (median of per-round ratios); "
+        f"added p50 Sluice {fmt(sluice[1])} ms vs nginx {fmt(nginx[1])} ms; "
+        f"added p99 Sluice {fmt(sluice[2])} ms vs nginx {fmt(nginx[2])} ms"
+        + (f" ({fmt(p99_ratio, 2)}× nginx's)" if p99_ratio is not None else "")
+    )
+
+cpu = "unknown CPU"
+try:
+    for line in open("/proc/cpuinfo"):
+        if line.startswith("model name"):
+            cpu = line.split(":", 1)[1].strip()
+            break
+except OSError:
+    pass
+section = "\n".join(
+    [
+        "<!-- overhead:begin (written by loadtest/bench-overhead.sh) -->",
+        "## Gateway overhead: direct vs nginx vs Sluice",
+        "",
+        f"Run {datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')} on "
+        f"{os.cpu_count()} CPUs ({cpu}), {platform.system()} {platform.release()}.",
+        "",
+        f"Command: `{command_line}`",
+        "",
+        f"Fixed-rate scenarios send {rate} req/s open loop; max scenarios run {concurrency} "
+        "closed-loop clients. Figures are medians over the rounds; each round runs direct, "
+        "nginx and Sluice back to back with the same load. The load generator shares the "
+        "machine's cores with the target, so max-throughput figures compare targets on equal "
+        "terms, not absolute capacity.",
+        "",
+        *lines,
+        "",
+        *summary,
+        "<!-- overhead:end -->",
+    ]
+)
+
+existing = open(out_path).read() if os.path.exists(out_path) else "# Benchmarks\n"
+begin, end = "<!-- overhead:begin", "<!-- overhead:end -->"
+if begin in existing and end in existing:
+    head = existing[: existing.index(begin)]
+    tail = existing[existing.index(end) + len(end):]
+    text = head + section + tail
+else:
+    text = existing.rstrip("\n") + "\n\n" + section + "\n"
+open(out_path, "w").write(text)
+print("\n".join(lines + [""] + summary))
