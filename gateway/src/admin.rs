@@ -4,10 +4,11 @@
 //! answers, create and rotate, and nowhere else.
 
 use crate::app::Gateway;
+use crate::billing;
 use crate::error::ApiError;
 use crate::keys::{new_key_id, KeyRecord, NewSecret};
 use axum::body::Bytes;
-use axum::extract::{Path, Request, State};
+use axum::extract::{Path, Query, Request, State};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -17,6 +18,7 @@ use serde::{de::DeserializeOwned, Deserialize};
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 use sluice_policies::LimitOverrides;
+use std::collections::HashMap;
 use std::sync::Arc;
 
 type AppState = Arc<Gateway>;
@@ -41,6 +43,8 @@ pub fn router(gateway: Arc<Gateway>) -> Router {
         .route("/admin/v1/tiers", get(list_tiers))
         .route("/admin/v1/tiers/{name}", get(get_tier))
         .route("/admin/v1/backends", get(list_backends))
+        .route("/admin/v1/billing/export", get(billing_export))
+        .route("/admin/v1/usage", get(usage))
         .layer(middleware::from_fn_with_state(gateway.clone(), authorize));
     Router::new()
         .route("/health", get(|| async { Json(json!({"status": "ok"})) }))
@@ -363,4 +367,76 @@ async fn list_backends(State(gateway): State<AppState>) -> Json<Value> {
         })
         .collect();
     Json(json!({"object": "list", "data": data}))
+}
+
+/// The priced usage events a query needs: from the start of its first month, so that
+/// graduated prices see each key's whole month.
+async fn priced_events(
+    gateway: &Gateway,
+    from_ms: i64,
+    to_ms: i64,
+) -> Result<Vec<billing::PricedEvent>, ApiError> {
+    let events = gateway
+        .store
+        .usage_events(billing::month_start(from_ms), to_ms)
+        .await
+        .map_err(store_error)?;
+    Ok(billing::price(
+        events,
+        &gateway.config.prices,
+        &gateway.config.tiers,
+    ))
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+/// `GET /admin/v1/billing/export?from=&to=&group_by=key,tenant,model,day|event&format=csv|jsonl`
+async fn billing_export(
+    State(gateway): State<AppState>,
+    Query(params): Query<HashMap<String, String>>,
+) -> Result<Response, ApiError> {
+    let param = |name: &str| params.get(name).map(String::as_str);
+    let query = billing::ExportQuery::parse(
+        param("from"),
+        param("to"),
+        param("group_by"),
+        param("format"),
+        now_ms(),
+    )
+    .map_err(|e| ApiError::bad_request(e.to_string()))?;
+    let events = priced_events(&gateway, query.from_ms, query.to_ms).await?;
+    let body = billing::render(&events, &query);
+    let content_type = match query.format {
+        billing::Format::Csv => "text/csv; charset=utf-8",
+        billing::Format::Jsonl => "application/x-ndjson",
+    };
+    Ok(([(http::header::CONTENT_TYPE, content_type)], body).into_response())
+}
+
+/// `GET /admin/v1/usage?key=&from=&to=`: totals and per-model rows, for one key or all.
+async fn usage(
+    State(gateway): State<AppState>,
+    Query(params): Query<HashMap<String, String>>,
+) -> Result<Json<Value>, ApiError> {
+    let param = |name: &str| params.get(name).map(String::as_str);
+    let query = billing::ExportQuery::parse(param("from"), param("to"), None, None, now_ms())
+        .map_err(|e| ApiError::bad_request(e.to_string()))?;
+    let mut events = priced_events(&gateway, query.from_ms, query.to_ms).await?;
+    if let Some(key) = param("key") {
+        events.retain(|p| p.event.key_id == key);
+    }
+    use billing::Dim;
+    let totals = billing::aggregate(&events, &[Dim::Key], query.from_ms, query.to_ms);
+    let by_model = billing::aggregate(&events, &[Dim::Key, Dim::Model], query.from_ms, query.to_ms);
+    Ok(Json(json!({
+        "object": "usage",
+        "from_ms": query.from_ms,
+        "to_ms": query.to_ms,
+        "totals": totals,
+        "by_model": by_model,
+    })))
 }

@@ -4,6 +4,7 @@
 use crate::admin;
 use crate::auth::{Authenticator, JwtVerifier, KeyCache};
 use crate::config::Config;
+use crate::metering::events::{usage_channel, UsageSink, UsageWriter};
 use crate::proxy::Proxy;
 use crate::store::{EmbeddedStore, RedisStore, Store};
 use crate::upstream::Upstreams;
@@ -24,11 +25,13 @@ pub struct Gateway {
     pub auth: Authenticator,
     pub jwt: Option<Arc<JwtVerifier>>,
     pub upstreams: Arc<Upstreams>,
+    pub usage: UsageSink,
 }
 
 impl Gateway {
-    /// Connects the store and learns the backends' models. Runs on the support runtime.
-    pub async fn build(config: Config) -> anyhow::Result<Arc<Gateway>> {
+    /// Connects the store and learns the backends' models. Runs on the support runtime; the
+    /// returned writer must be run there too.
+    pub async fn build(config: Config) -> anyhow::Result<(Arc<Gateway>, UsageWriter)> {
         let store: Arc<dyn Store> = match &config.redis_url {
             Some(url) => Arc::new(
                 RedisStore::connect(url, &config.redis_prefix)
@@ -52,14 +55,18 @@ impl Gateway {
         );
         let upstreams = Arc::new(Upstreams::new(&config.backends));
         upstreams.discover().await;
-        Ok(Arc::new(Gateway {
+        let (usage, writer) =
+            usage_channel(store.clone(), config.data_dir.join("usage-journal.jsonl"));
+        let gateway = Arc::new(Gateway {
             config,
             store,
             key_cache,
             auth,
             jwt,
             upstreams,
-        }))
+            usage,
+        });
+        Ok((gateway, writer))
     }
 
     /// The body of `GET /v1/models`: every model some backend serves.
@@ -83,7 +90,8 @@ pub fn run(config: Config) -> anyhow::Result<()> {
         .thread_name("sluice-support")
         .enable_all()
         .build()?;
-    let gateway = support.block_on(Gateway::build(config.clone()))?;
+    let (gateway, usage_writer) = support.block_on(Gateway::build(config.clone()))?;
+    support.spawn(usage_writer.run());
 
     let admin_listener = support
         .block_on(tokio::net::TcpListener::bind(config.admin_listen))

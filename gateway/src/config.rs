@@ -2,6 +2,7 @@
 //! deployment overrides. Every error names the field it is about, and stops start-up.
 
 use serde::Deserialize;
+use sluice_policies::pricing::{PriceBook, PriceEntry};
 use sluice_policies::{Limits, Tier, Tiers};
 use std::collections::BTreeMap;
 use std::net::{SocketAddr, ToSocketAddrs};
@@ -47,6 +48,13 @@ pub struct Config {
     pub jwt: Option<JwtConfig>,
     pub tiers: Tiers,
     pub backends: Vec<BackendConfig>,
+    /// Prices per model and tier; a model without a price costs nothing.
+    pub prices: PriceBook,
+    /// Read usage from responses and record a usage event per request.
+    pub metering: bool,
+    /// How long the gateway keeps reading a backend's answer after its client hung up, so
+    /// that what was generated is known and billed.
+    pub drain_limit: std::time::Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -91,6 +99,17 @@ struct FileConfig {
     tiers: BTreeMap<String, TierSection>,
     #[serde(default)]
     backends: Vec<BackendSection>,
+    #[serde(default)]
+    metering: MeteringSection,
+    #[serde(default)]
+    prices: Vec<PriceEntry>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MeteringSection {
+    enabled: Option<bool>,
+    drain_secs: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -315,6 +334,25 @@ impl Config {
             }
         }
 
+        let metering = match env("SLUICE_METERING") {
+            Some(v) => match v.as_str() {
+                "on" | "true" | "1" => true,
+                "off" | "false" | "0" => false,
+                _ => {
+                    return Err(invalid(
+                        "SLUICE_METERING",
+                        format!("'{v}' is not on or off"),
+                    ))
+                }
+            },
+            None => file.metering.enabled.unwrap_or(true),
+        };
+        let drain_limit = std::time::Duration::from_secs(file.metering.drain_secs.unwrap_or(120));
+        let prices = PriceBook::new(file.prices).map_err(|e| invalid("prices", e.to_string()))?;
+        prices
+            .validate(&tiers)
+            .map_err(|e| invalid("prices", e.to_string()))?;
+
         Ok(Config {
             listen,
             admin_listen,
@@ -328,6 +366,9 @@ impl Config {
             jwt,
             tiers,
             backends,
+            prices,
+            metering,
+            drain_limit,
         })
     }
 }

@@ -3,9 +3,11 @@
 pub mod admin;
 pub mod app;
 pub mod auth;
+pub mod billing;
 pub mod config;
 pub mod error;
 pub mod keys;
+pub mod metering;
 pub mod proxy;
 pub mod request;
 pub mod store;

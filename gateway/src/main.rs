@@ -28,6 +28,43 @@ enum Command {
         #[arg(long, short)]
         config: Option<PathBuf>,
     },
+    /// Billing: exports from a running gateway's admin API.
+    Billing {
+        #[command(subcommand)]
+        command: BillingCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum BillingCommand {
+    /// Write a billing export (CSV or JSON Lines) to stdout or a file.
+    Export {
+        /// The admin API of a running gateway.
+        #[arg(
+            long,
+            env = "SLUICE_ADMIN_URL",
+            default_value = "http://127.0.0.1:8081"
+        )]
+        admin_url: String,
+        /// Admin bearer token (or an admin/viewer JWT).
+        #[arg(long, env = "SLUICE_ADMIN_TOKEN", hide_env_values = true)]
+        token: String,
+        /// Start, inclusive: YYYY-MM-DD or RFC 3339. Default: the start of the month.
+        #[arg(long)]
+        from: Option<String>,
+        /// End, exclusive. Default: now.
+        #[arg(long)]
+        to: Option<String>,
+        /// key, tenant, model, day (comma-separated), or event for raw priced events.
+        #[arg(long, default_value = "key,model,day")]
+        group_by: String,
+        /// csv or jsonl.
+        #[arg(long, default_value = "csv")]
+        format: String,
+        /// Write here instead of stdout.
+        #[arg(long, short)]
+        output: Option<PathBuf>,
+    },
 }
 
 fn main() {
@@ -35,6 +72,7 @@ fn main() {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Serve { config } => load(config).and_then(sluice_gateway::app::run),
+        Command::Billing { command } => billing(command),
         Command::Check { config } => load(config).map(|c| {
             println!(
                 "ok: listen {}, admin {}, store {}, {} backend(s), tiers: {}",
@@ -54,6 +92,46 @@ fn main() {
         eprintln!("sluice: {e:#}");
         std::process::exit(1);
     }
+}
+
+fn billing(command: BillingCommand) -> anyhow::Result<()> {
+    let BillingCommand::Export {
+        admin_url,
+        token,
+        from,
+        to,
+        group_by,
+        format,
+        output,
+    } = command;
+    let mut query = vec![("group_by", group_by), ("format", format)];
+    query.extend(from.map(|f| ("from", f)));
+    query.extend(to.map(|t| ("to", t)));
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let body = runtime.block_on(async {
+        let response = reqwest::Client::new()
+            .get(format!(
+                "{}/admin/v1/billing/export",
+                admin_url.trim_end_matches('/')
+            ))
+            .bearer_auth(token)
+            .query(&query)
+            .send()
+            .await?;
+        let status = response.status();
+        let body = response.bytes().await?;
+        if !status.is_success() {
+            anyhow::bail!("{status}: {}", String::from_utf8_lossy(&body));
+        }
+        Ok(body)
+    })?;
+    match output {
+        Some(path) => std::fs::write(&path, &body)?,
+        None => std::io::Write::write_all(&mut std::io::stdout(), &body)?,
+    }
+    Ok(())
 }
 
 fn load(path: Option<PathBuf>) -> anyhow::Result<Config> {

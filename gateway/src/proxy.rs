@@ -6,12 +6,16 @@
 //! 2. `upstream_peer`: which backend (upstream).
 //! 3. `upstream_request_filter` / `request_body_filter`: the request as the backend sees it:
 //!    the client's credential removed, the body read in step 1 replayed.
-//! 4. `response_filter`: the headers every answer carries.
-//! 5. `fail_to_proxy` / `logging`: errors in OpenAI's shape, one access-log line.
+//! 4. `response_filter` / `response_body_filter`: the headers every answer carries; the
+//!    usage read as the body passes (metering).
+//! 5. `fail_to_proxy` / `logging`: errors in OpenAI's shape; the usage event and one
+//!    access-log line.
 
 use crate::app::Gateway;
 use crate::auth::Identity;
 use crate::error::ApiError;
+use crate::metering::events::UsageEvent;
+use crate::metering::{request_usage_chunk, Meter, Usage};
 use crate::request::{RequestView, Route};
 use crate::upstream::{Backend, ModelRoute};
 use async_trait::async_trait;
@@ -46,7 +50,17 @@ pub struct RequestCtx {
     /// The backends serving `model`, looked up once in `request_filter`.
     pub model_route: Option<Arc<ModelRoute>>,
     pub stream: bool,
+    /// The body was changed to ask for a usage chunk the client did not ask for, which is
+    /// then removed from the client's stream.
+    pub usage_chunk_added: bool,
     pub backend: Option<Arc<Backend>>,
+    /// The backend's response status, once its header arrived.
+    pub upstream_status: Option<u16>,
+    pub meter: Option<Meter>,
+    pub usage: Option<Usage>,
+    pub first_byte_at: Option<Instant>,
+    /// The client hung up while the backend was still answering.
+    pub client_left: bool,
     /// Set when the gateway refuses the request itself, for `fail_to_proxy` and the log.
     pub error: Option<ApiError>,
     pub started: Instant,
@@ -65,7 +79,13 @@ impl ProxyHttp for Proxy {
             model: None,
             model_route: None,
             stream: false,
+            usage_chunk_added: false,
             backend: None,
+            upstream_status: None,
+            meter: None,
+            usage: None,
+            first_byte_at: None,
+            client_left: false,
             error: None,
             started: Instant::now(),
         }
@@ -127,6 +147,10 @@ impl ProxyHttp for Proxy {
         if let Some(backend) = &ctx.backend {
             upstream_request.insert_header("host", backend.addr.to_string())?;
         }
+        if ctx.usage_chunk_added {
+            upstream_request.remove_header("transfer-encoding");
+            upstream_request.insert_header("content-length", ctx.body.len().to_string())?;
+        }
         Ok(())
     }
 
@@ -155,7 +179,60 @@ impl ProxyHttp for Proxy {
         if let Some(backend) = &ctx.backend {
             upstream_response.insert_header("x-sluice-backend", &backend.name)?;
         }
+        let status = upstream_response.status.as_u16();
+        ctx.upstream_status = Some(status);
+        if self.gateway.config.metering && (200..300).contains(&status) {
+            let content_type = upstream_response
+                .headers
+                .get(http::header::CONTENT_TYPE)
+                .map(|v| v.as_bytes());
+            let meter = Meter::for_response(content_type, ctx.usage_chunk_added);
+            if ctx.usage_chunk_added && matches!(meter, Meter::Sse(_)) {
+                // The body may shrink by the removed chunk.
+                upstream_response.remove_header("content-length");
+            }
+            ctx.meter = Some(meter);
+        }
         Ok(())
+    }
+
+    fn response_body_filter(
+        &self,
+        _session: &mut Session,
+        body: &mut Option<Bytes>,
+        end_of_stream: bool,
+        ctx: &mut RequestCtx,
+    ) -> Result<Option<Duration>> {
+        if ctx.first_byte_at.is_none() && body.as_ref().is_some_and(|b| !b.is_empty()) {
+            ctx.first_byte_at = Some(Instant::now());
+        }
+        if let Some(meter) = ctx.meter.as_mut() {
+            if let Some(chunk) = body.take() {
+                *body = Some(meter.feed(chunk));
+            }
+            if end_of_stream {
+                let (rest, usage) = meter.finish();
+                ctx.usage = usage;
+                if !rest.is_empty() {
+                    let mut joined = BytesMut::from(body.take().unwrap_or_default());
+                    joined.extend_from_slice(&rest);
+                    *body = Some(joined.freeze());
+                }
+            }
+        }
+        Ok(None)
+    }
+
+    fn keep_reading_after_client_left(
+        &self,
+        _session: &mut Session,
+        _e: &Error,
+        ctx: &mut RequestCtx,
+    ) -> Option<Duration> {
+        // What the backend generates is billed, so its answer is read to the end (bounded).
+        let metered = self.gateway.config.metering && ctx.route.is_some_and(Route::is_forwarded);
+        ctx.client_left = metered;
+        metered.then_some(self.gateway.config.drain_limit)
     }
 
     async fn fail_to_proxy(
@@ -184,6 +261,9 @@ impl ProxyHttp for Proxy {
 
     async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut RequestCtx) {
         let status = session.response_written().map_or(0, |r| r.status.as_u16());
+        if let Some(event) = self.usage_event(ctx) {
+            self.gateway.usage.record(event);
+        }
         let identity = ctx.identity.as_ref();
         tracing::info!(
             target: "sluice::access",
@@ -197,6 +277,9 @@ impl ProxyHttp for Proxy {
             model = ctx.model.as_deref().unwrap_or(""),
             stream = ctx.stream,
             backend = ctx.backend.as_ref().map_or("", |b| b.name.as_str()),
+            prompt_tokens = ctx.usage.map_or(0, |u| u.prompt_tokens),
+            completion_tokens = ctx.usage.map_or(0, |u| u.completion_tokens),
+            client_left = ctx.client_left,
             duration_ms = ctx.started.elapsed().as_millis() as u64,
             error = e.map(|e| e.to_string()),
             "request"
@@ -205,6 +288,45 @@ impl ProxyHttp for Proxy {
 }
 
 impl Proxy {
+    /// The usage event of a request a backend answered; `None` for everything else.
+    fn usage_event(&self, ctx: &RequestCtx) -> Option<UsageEvent> {
+        if !self.gateway.config.metering {
+            return None;
+        }
+        let status = ctx.upstream_status?;
+        let identity = ctx.identity.as_ref()?;
+        let usage = ctx.usage.unwrap_or_default();
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as i64);
+        Some(UsageEvent {
+            id: uuid::Uuid::now_v7().to_string(),
+            time_ms: now,
+            request_id: ctx.request_id.clone(),
+            key_id: identity.key_id.clone(),
+            tenant: identity.tenant.clone(),
+            tier: identity.tier.clone(),
+            model: ctx.model.clone().unwrap_or_default(),
+            backend: ctx
+                .backend
+                .as_ref()
+                .map(|b| b.name.clone())
+                .unwrap_or_default(),
+            route: ctx.route.map_or("", Route::name).to_owned(),
+            prompt_tokens: usage.prompt_tokens,
+            completion_tokens: usage.completion_tokens,
+            cached_tokens: usage.cached_tokens,
+            cache_status: "miss".to_owned(),
+            status,
+            latency_ms: ctx.started.elapsed().as_millis() as u64,
+            ttft_ms: ctx
+                .first_byte_at
+                .map(|t| (t - ctx.started).as_millis() as u64),
+            client_disconnected: ctx.client_left,
+            usage_reported: ctx.usage.is_some(),
+        })
+    }
+
     /// Decides whether the request goes on: `Ok(None)` to forward it, `Ok(Some(body))` when the
     /// gateway answers it itself, `Err` to refuse it.
     async fn admit(
@@ -230,6 +352,7 @@ impl Proxy {
         }
 
         ctx.body = read_body(session, self.gateway.config.max_body_bytes).await?;
+        let route_kind = route;
         let view = RequestView::parse(route, &ctx.body)?;
         let model = view.model();
         let route = self
@@ -240,6 +363,14 @@ impl Proxy {
         ctx.model_route = Some(route);
         ctx.model = Some(model.to_owned());
         ctx.stream = view.is_stream();
+        let streams_text = matches!(route_kind, Route::ChatCompletions | Route::Completions);
+        if ctx.stream && streams_text && self.gateway.config.metering {
+            let stream_options = view.stream_options.map(|o| o.get().to_owned());
+            if let Some(body) = request_usage_chunk(&ctx.body, stream_options.as_deref()) {
+                ctx.body = body;
+                ctx.usage_chunk_added = true;
+            }
+        }
         Ok(None)
     }
 }

@@ -82,6 +82,8 @@ pub struct RequestView<'a> {
     pub prompt: Option<&'a RawValue>,
     #[serde(borrow, default)]
     pub input: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    pub stream_options: Option<&'a RawValue>,
 }
 
 impl<'a> RequestView<'a> {

@@ -4,8 +4,12 @@
 
 pub mod limits;
 pub mod money;
+pub mod pricing;
 pub mod tiers;
 
 pub use limits::{LimitOverrides, Limits};
 pub use money::Money;
+pub use pricing::{
+    Band, ModelPrice, PriceBook, PriceEntry, PriceSchedule, PricingError, TokenCounts,
+};
 pub use tiers::{Tier, TierError, Tiers};

@@ -126,6 +126,28 @@ impl Backend {
         })
     }
 
+    /// A counter from the backend's own `/metrics` (Prometheus text), summed over labels.
+    pub async fn metric(&self, name: &str) -> Result<u64> {
+        let text = reqwest::get(format!("{}/metrics", self.url))
+            .await?
+            .text()
+            .await?;
+        let mut total = 0;
+        for line in text.lines().filter(|l| !l.starts_with('#')) {
+            let Some((series, value)) = line.rsplit_once(' ') else {
+                continue;
+            };
+            let metric = series.split('{').next().unwrap_or(series);
+            if metric == name {
+                total += value
+                    .trim()
+                    .parse::<f64>()
+                    .with_context(|| line.to_owned())? as u64;
+            }
+        }
+        Ok(total)
+    }
+
     /// Opens a sim gate; answers how many streams were waiting on it.
     pub async fn open_gate(&self, name: &str) -> Result<u64> {
         let v: Value = reqwest::Client::new()
@@ -146,6 +168,8 @@ pub enum StoreKind {
     Embedded(PathBuf),
     /// Redis, under this key prefix (gateways with the same prefix share state).
     Redis(String),
+    /// A Redis of the test's own at this URL, under this key prefix.
+    RedisAt { url: String, prefix: String },
 }
 
 impl StoreKind {
@@ -158,6 +182,19 @@ pub struct GatewayOptions {
     pub backends: Vec<String>,
     pub store: StoreKind,
     pub max_body_bytes: usize,
+    /// Extra TOML appended to the generated config (e.g. `[[prices]]` tables).
+    pub extra_config: String,
+}
+
+impl GatewayOptions {
+    pub fn new(backend: &Backend, store: StoreKind) -> GatewayOptions {
+        GatewayOptions {
+            backends: vec![backend.url.clone()],
+            store,
+            max_body_bytes: 1024 * 1024,
+            extra_config: String::new(),
+        }
+    }
 }
 
 /// A running `sluice serve`.
@@ -177,6 +214,9 @@ impl Gateway {
             StoreKind::Embedded(data) => format!("data_dir = {:?}", data.display().to_string()),
             StoreKind::Redis(prefix) => {
                 format!("redis_url = {:?}\nredis_prefix = {prefix:?}", redis_url())
+            }
+            StoreKind::RedisAt { url, prefix } => {
+                format!("redis_url = {url:?}\nredis_prefix = {prefix:?}")
             }
         };
         let backends: String = options
@@ -201,8 +241,10 @@ issuer = "{JWT_ISSUER}"
 audience = "{JWT_AUDIENCE}"
 hs256_secret = "{JWT_SECRET}"
 
-{backends}"#,
+{backends}
+{extra}"#,
             max_body = options.max_body_bytes,
+            extra = options.extra_config,
         );
         let config_path = dir.path().join("sluice.toml");
         std::fs::write(&config_path, config)?;
@@ -232,16 +274,20 @@ hs256_secret = "{JWT_SECRET}"
 
     /// A gateway in front of `backend` with the embedded store in a fresh directory.
     pub async fn embedded(backend: &Backend, data_dir: &Path) -> Result<Gateway> {
-        Gateway::start(GatewayOptions {
-            backends: vec![backend.url.clone()],
-            store: StoreKind::Embedded(data_dir.to_owned()),
-            max_body_bytes: 1024 * 1024,
-        })
+        Gateway::start(GatewayOptions::new(
+            backend,
+            StoreKind::Embedded(data_dir.to_owned()),
+        ))
         .await
     }
 
     pub fn log(&self) -> String {
         self.process.log_tail()
+    }
+
+    /// Whether the gateway's whole log so far contains `needle`.
+    pub fn log_contains(&self, needle: &str) -> bool {
+        std::fs::read_to_string(&self.process.log).is_ok_and(|text| text.contains(needle))
     }
 
     /// Creates an API key through the admin API: `(id, secret)`.

@@ -108,9 +108,8 @@ async fn bad_bodies_get_400_unknown_models_404_and_huge_bodies_413() {
     let backend = Backend::start().await.unwrap();
     let dir = tempfile::tempdir().unwrap();
     let gw = Gateway::start(GatewayOptions {
-        backends: vec![backend.url.clone()],
-        store: StoreKind::Embedded(dir.path().to_owned()),
         max_body_bytes: 64 * 1024,
+        ..GatewayOptions::new(&backend, StoreKind::Embedded(dir.path().to_owned()))
     })
     .await
     .unwrap();

@@ -128,11 +128,7 @@ async fn embedded_store_keeps_keys_across_a_gateway_restart() {
 async fn revoked_key_is_refused_by_another_replica_within_a_second() {
     let backend = Backend::start().await.unwrap();
     let store = StoreKind::fresh_redis();
-    let options = || GatewayOptions {
-        backends: vec![backend.url.clone()],
-        store: store.clone(),
-        max_body_bytes: 1024 * 1024,
-    };
+    let options = || GatewayOptions::new(&backend, store.clone());
     let a = Gateway::start(options()).await.unwrap();
     let b = Gateway::start(options()).await.unwrap();
     let (id, key) = a.create_key("acme", "free").await.unwrap();

@@ -23,13 +23,9 @@ fn client(gateway: &Gateway, key: &str) -> Client<OpenAIConfig> {
 }
 
 async fn gateway_on(store: StoreKind, backend: &Backend) -> Gateway {
-    Gateway::start(GatewayOptions {
-        backends: vec![backend.url.clone()],
-        store,
-        max_body_bytes: 1024 * 1024,
-    })
-    .await
-    .expect("gateway starts")
+    Gateway::start(GatewayOptions::new(backend, store))
+        .await
+        .expect("gateway starts")
 }
 
 /// Every route through async-openai: models, chat, streamed chat, completion, embedding.

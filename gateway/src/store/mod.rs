@@ -10,6 +10,7 @@ pub use embedded::EmbeddedStore;
 pub use redis::RedisStore;
 
 use crate::keys::{KeyHash, KeyRecord};
+use crate::metering::events::UsageEvent;
 use async_trait::async_trait;
 
 #[derive(Debug, thiserror::Error)]
@@ -44,6 +45,13 @@ pub trait Store: Send + Sync + 'static {
     /// A number that changes whenever any key changes, so each replica can drop its local key
     /// cache within one poll of a change made anywhere.
     async fn keys_epoch(&self) -> Result<u64, StoreError>;
+
+    /// Adds usage events, each counted once by its id however often it is written; returns
+    /// how many were new. Atomic per call: all of a batch is taken or none of it.
+    async fn append_usage(&self, events: &[UsageEvent]) -> Result<usize, StoreError>;
+
+    /// The usage events that finished in `[from_ms, to_ms)`, ordered by time, then id.
+    async fn usage_events(&self, from_ms: i64, to_ms: i64) -> Result<Vec<UsageEvent>, StoreError>;
 
     /// A short name for logs and health output.
     fn kind(&self) -> &'static str;

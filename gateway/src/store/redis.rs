@@ -4,6 +4,11 @@
 //! - `{prefix}:keyhash:{hash}`  key id, only for live keys
 //! - `{prefix}:keys`            sorted set of key ids by creation time
 //! - `{prefix}:keys:epoch`      counter bumped on every key change
+//! - `{prefix}:usage:ids`       hash: usage event id -> time (what makes an event count once)
+//! - `{prefix}:usage:events`    sorted set of usage event JSON, scored by time in ms
+//!
+//! Usage events are kept in a sorted set rather than a stream so that a replayed (older)
+//! event lands at its own time and a range read is a time range.
 //!
 //! The prefix is written as a hash tag (`{sluice}`), so these few admin keys share one Redis
 //! Cluster slot and every write can be one MULTI/EXEC: a replica never sees a record without
@@ -11,6 +16,7 @@
 
 use super::{Store, StoreError};
 use crate::keys::{KeyHash, KeyRecord};
+use crate::metering::events::UsageEvent;
 use async_trait::async_trait;
 use redis::aio::ConnectionManager;
 use redis::AsyncCommands;
@@ -47,7 +53,32 @@ impl RedisStore {
     fn epoch_key(&self) -> String {
         format!("{{{}}}:keys:epoch", self.prefix)
     }
+
+    fn usage_ids_key(&self) -> String {
+        format!("{{{}}}:usage:ids", self.prefix)
+    }
+
+    fn usage_events_key(&self) -> String {
+        format!("{{{}}}:usage:events", self.prefix)
+    }
 }
+
+/// Adds each (id, time, json) triple unless its id was seen. Versioned by name, so a rolling
+/// upgrade never runs two meanings of the script under one name.
+const APPEND_USAGE_V1: &str = r"
+-- sluice_append_usage_v1
+local added = 0
+for i = 1, #ARGV, 3 do
+  if redis.call('HSETNX', KEYS[1], ARGV[i], ARGV[i + 1]) == 1 then
+    redis.call('ZADD', KEYS[2], ARGV[i + 1], ARGV[i + 2])
+    added = added + 1
+  end
+end
+return added
+";
+
+static APPEND_USAGE: std::sync::LazyLock<redis::Script> =
+    std::sync::LazyLock::new(|| redis::Script::new(APPEND_USAGE_V1));
 
 #[async_trait]
 impl Store for RedisStore {
@@ -113,6 +144,39 @@ impl Store for RedisStore {
         let mut conn = self.conn.clone();
         let epoch: Option<u64> = conn.get(self.epoch_key()).await?;
         Ok(epoch.unwrap_or(0))
+    }
+
+    async fn append_usage(&self, events: &[UsageEvent]) -> Result<usize, StoreError> {
+        if events.is_empty() {
+            return Ok(0);
+        }
+        let mut invocation = APPEND_USAGE.prepare_invoke();
+        invocation
+            .key(self.usage_ids_key())
+            .key(self.usage_events_key());
+        for event in events {
+            invocation
+                .arg(&event.id)
+                .arg(event.time_ms)
+                .arg(serde_json::to_string(event)?);
+        }
+        let mut conn = self.conn.clone();
+        let added: usize = invocation.invoke_async(&mut conn).await?;
+        Ok(added)
+    }
+
+    async fn usage_events(&self, from_ms: i64, to_ms: i64) -> Result<Vec<UsageEvent>, StoreError> {
+        let mut conn = self.conn.clone();
+        // `(` makes the upper bound exclusive.
+        let jsons: Vec<String> = conn
+            .zrangebyscore(self.usage_events_key(), from_ms, format!("({to_ms}"))
+            .await?;
+        let mut events = jsons
+            .iter()
+            .map(|j| serde_json::from_str::<UsageEvent>(j))
+            .collect::<Result<Vec<_>, _>>()?;
+        events.sort_by(|a, b| (a.time_ms, &a.id).cmp(&(b.time_ms, &b.id)));
+        Ok(events)
     }
 
     fn kind(&self) -> &'static str {

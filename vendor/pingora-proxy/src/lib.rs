@@ -576,6 +576,9 @@ pub struct Session {
     pub cache: HttpCache,
     /// (de)compress responses coming into the proxy (from upstream)
     pub upstream_compression: ResponseCompressionCtx,
+    /// SLUICE PATCH: set when the client left and the proxy keeps reading the upstream
+    /// response (through the filters, writing nothing) until this instant.
+    pub(crate) client_gone_until: Option<tokio::time::Instant>,
     /// ignore downstream range (skip downstream range filters)
     pub ignore_downstream_range: bool,
     /// Were the upstream request headers modified?
@@ -621,6 +624,7 @@ impl Session {
             cache: HttpCache::new(),
             // disable both upstream and downstream compression
             upstream_compression: ResponseCompressionCtx::new(0, false, false),
+            client_gone_until: None,
             ignore_downstream_range: false,
             upstream_headers_mutated_for_cache: false,
             h1_upgrade_request_status: H1UpgradeRequestStatus::default(),

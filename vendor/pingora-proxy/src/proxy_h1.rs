@@ -433,9 +433,38 @@ where
             return Ok(None);
         }
 
-        let response_done = session.write_response_tasks(filtered_tasks).await?;
+        // SLUICE PATCH: once the client is gone, the filters above still see the response but
+        // nothing is written; a failed write may start that state (see client_left).
+        let ends_response = filtered_tasks.iter().any(HttpTask::is_end);
+        if session.client_gone_until.is_some() {
+            return Ok(Some(ends_response));
+        }
+        let response_done = match session.write_response_tasks(filtered_tasks).await {
+            Ok(done) => done,
+            Err(e) if self.client_left(session, &e, ctx) => ends_response,
+            Err(e) => return Err(e),
+        };
 
         Ok(Some(response_done))
+    }
+
+    /// SLUICE PATCH: whether to keep reading the upstream response now that the client has
+    /// gone, as the user's `keep_reading_after_client_left` decides (asked once).
+    fn client_left(&self, session: &mut Session, e: &Error, ctx: &mut SV::CTX) -> bool
+    where
+        SV: ProxyHttp + Send + Sync,
+        SV::CTX: Send + Sync,
+    {
+        if session.client_gone_until.is_some() {
+            return true;
+        }
+        match self.inner.keep_reading_after_client_left(session, e, ctx) {
+            Some(limit) => {
+                session.client_gone_until = Some(tokio::time::Instant::now() + limit);
+                true
+            }
+            None => false,
+        }
     }
 
     // todo use this function to replace bidirection_1to2()
@@ -555,7 +584,20 @@ where
                 session.cache.support_streaming_partial_write() == Some(true);
             let upgraded = session.was_upgraded();
 
+            // SLUICE PATCH: after the client left, stop polling it, and stop at the deadline.
+            let client_gone_until = session.client_gone_until;
+            if client_gone_until.is_some() {
+                downstream_state.to_errored();
+            }
+            let drain_deadline: OptionFuture<_> =
+                client_gone_until.map(tokio::time::sleep_until).into();
+
             tokio::select! {
+                _ = drain_deadline, if client_gone_until.is_some() => {
+                    debug!("stopped reading upstream: client gone and drain time is up");
+                    break;
+                }
+
                 // only try to send to pipe if there is capacity to avoid deadlock
                 // Otherwise deadlock could happen if both upstream and downstream are blocked
                 // on sending to their corresponding pipes which are both full.
@@ -568,6 +610,11 @@ where
                         Err(e) => {
                             let wait_for_cache_fill = (!serve_from_cache.is_on() && support_cache_partial_read)
                                 || serve_from_cache.is_miss();
+                            if !wait_for_cache_fill && self.client_left(session, &e, ctx) {
+                                // SLUICE PATCH: the client hung up; read the upstream to its end.
+                                downstream_state.to_errored();
+                                continue;
+                            }
                             if wait_for_cache_fill {
                                 // ignore downstream error so that upstream can continue to write cache
                                 downstream_state.to_errored();

@@ -499,6 +499,21 @@ pub trait ProxyHttp {
         Ok(None)
     }
 
+    /// SLUICE PATCH: called once when the client has gone away (a read or write on the
+    /// downstream connection failed) while the upstream response is still coming. Return how
+    /// long to keep reading the upstream response (it still passes through the response
+    /// filters, and nothing is written to the client), or `None` to stop at once, which is
+    /// pingora's own behaviour. A gateway that bills what the upstream generated uses this to
+    /// learn the final usage of a stream whose client hung up.
+    fn keep_reading_after_client_left(
+        &self,
+        _session: &mut Session,
+        _e: &Error,
+        _ctx: &mut Self::CTX,
+    ) -> Option<std::time::Duration> {
+        None
+    }
+
     /// This filter is called when the entire response is sent to the downstream successfully or
     /// there is a fatal error that terminate the request.
     ///

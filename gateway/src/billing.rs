@@ -1,0 +1,457 @@
+//! Billing: what usage cost, and the exports finance takes.
+//!
+//! Costs are computed here, from the stored usage events, and nowhere else: events are
+//! priced in time order, and graduated prices are evaluated on each key's running total for
+//! the model in the calendar month (UTC) of the event. Because the graduated cost of a month
+//! telescopes, the sum of the per-event costs of a period equals the price of its totals,
+//! exactly (decimal arithmetic, never floats, no rounding: amounts are printed in full).
+
+use crate::metering::events::UsageEvent;
+use rust_decimal::Decimal;
+use serde::Serialize;
+use sluice_policies::pricing::{PriceBook, TokenCounts};
+use sluice_policies::Tiers;
+use std::collections::{BTreeMap, HashMap};
+use time::{Date, OffsetDateTime};
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ExportError {
+    #[error("'{value}' is not a date (YYYY-MM-DD) or an RFC 3339 time for '{field}'")]
+    BadTime { field: &'static str, value: String },
+    #[error("'from' ({from}) must be before 'to' ({to})")]
+    EmptyRange { from: String, to: String },
+    #[error("unknown group_by '{0}': use key, tenant, model, day (comma-separated) or event")]
+    BadGroup(String),
+    #[error("unknown format '{0}': use csv or jsonl")]
+    BadFormat(String),
+}
+
+/// What to group an export by.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dim {
+    Key,
+    Tenant,
+    Model,
+    Day,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    Csv,
+    Jsonl,
+}
+
+/// Rows of aggregates, or one row per event.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Grouping {
+    By(Vec<Dim>),
+    Events,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExportQuery {
+    pub from_ms: i64,
+    pub to_ms: i64,
+    pub grouping: Grouping,
+    pub format: Format,
+}
+
+/// Parses `YYYY-MM-DD` (midnight UTC) or an RFC 3339 time into unix milliseconds.
+pub fn parse_time(field: &'static str, value: &str) -> Result<i64, ExportError> {
+    let bad = || ExportError::BadTime {
+        field,
+        value: value.to_owned(),
+    };
+    let date_format = time::macros::format_description!("[year]-[month]-[day]");
+    let at = match Date::parse(value, &date_format) {
+        Ok(date) => date.midnight().assume_utc(),
+        Err(_) => OffsetDateTime::parse(value, &time::format_description::well_known::Rfc3339)
+            .map_err(|_| bad())?,
+    };
+    Ok((at.unix_timestamp_nanos() / 1_000_000) as i64)
+}
+
+fn utc(ms: i64) -> OffsetDateTime {
+    OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
+        .unwrap_or(OffsetDateTime::UNIX_EPOCH)
+}
+
+/// Unix ms of the first instant of the month that contains `ms`.
+pub fn month_start(ms: i64) -> i64 {
+    let date = utc(ms).date();
+    let first = date.replace_day(1).expect("day 1 exists");
+    (first.midnight().assume_utc().unix_timestamp_nanos() / 1_000_000) as i64
+}
+
+fn day_of(ms: i64) -> String {
+    let d = utc(ms).date();
+    format!("{:04}-{:02}-{:02}", d.year(), u8::from(d.month()), d.day())
+}
+
+fn month_of(ms: i64) -> (i32, u8) {
+    let d = utc(ms).date();
+    (d.year(), u8::from(d.month()))
+}
+
+impl ExportQuery {
+    /// From the query string's values. `to` defaults to now, `from` to the start of `to`'s month.
+    pub fn parse(
+        from: Option<&str>,
+        to: Option<&str>,
+        group_by: Option<&str>,
+        format: Option<&str>,
+        now_ms: i64,
+    ) -> Result<ExportQuery, ExportError> {
+        let to_ms = to
+            .map(|t| parse_time("to", t))
+            .transpose()?
+            .unwrap_or(now_ms);
+        let from_ms = from
+            .map(|f| parse_time("from", f))
+            .transpose()?
+            .unwrap_or_else(|| month_start(to_ms - 1));
+        if from_ms >= to_ms {
+            return Err(ExportError::EmptyRange {
+                from: from.unwrap_or("").to_owned(),
+                to: to.unwrap_or("now").to_owned(),
+            });
+        }
+        let grouping = match group_by.unwrap_or("key,model,day") {
+            "event" | "events" => Grouping::Events,
+            dims => Grouping::By(
+                dims.split(',')
+                    .map(|d| match d.trim() {
+                        "key" => Ok(Dim::Key),
+                        "tenant" => Ok(Dim::Tenant),
+                        "model" => Ok(Dim::Model),
+                        "day" => Ok(Dim::Day),
+                        other => Err(ExportError::BadGroup(other.to_owned())),
+                    })
+                    .collect::<Result<_, _>>()?,
+            ),
+        };
+        let format = match format.unwrap_or("csv") {
+            "csv" => Format::Csv,
+            "jsonl" | "json" => Format::Jsonl,
+            other => return Err(ExportError::BadFormat(other.to_owned())),
+        };
+        Ok(ExportQuery {
+            from_ms,
+            to_ms,
+            grouping,
+            format,
+        })
+    }
+}
+
+/// An event with its price.
+#[derive(Debug, Clone, Serialize)]
+pub struct PricedEvent {
+    #[serde(flatten)]
+    pub event: UsageEvent,
+    pub cost: Decimal,
+    pub currency: String,
+}
+
+/// Prices `events` (in time order, and starting at the beginning of the first event's month,
+/// so that graduated prices see the whole month).
+pub fn price(events: Vec<UsageEvent>, prices: &PriceBook, tiers: &Tiers) -> Vec<PricedEvent> {
+    let mut month_to_date: HashMap<(String, String, (i32, u8)), TokenCounts> = HashMap::new();
+    events
+        .into_iter()
+        .map(|event| {
+            let counts = TokenCounts {
+                input: event.prompt_tokens - event.cached_tokens.min(event.prompt_tokens),
+                output: event.completion_tokens,
+                cached: event.cached_tokens,
+            };
+            let (cost, currency) = match prices.lookup(&event.model, &event.tier) {
+                Some(price) => {
+                    let month = month_of(event.time_ms);
+                    let before = month_to_date
+                        .entry((event.key_id.clone(), event.model.clone(), month))
+                        .or_default();
+                    let cost = price.cost(before, &counts);
+                    before.input += counts.input;
+                    before.output += counts.output;
+                    before.cached += counts.cached;
+                    (cost, price.currency().to_owned())
+                }
+                None => {
+                    let currency = tiers
+                        .get(&event.tier)
+                        .map_or_else(|_| "USD".to_owned(), |t| t.currency.clone());
+                    (Decimal::ZERO, currency)
+                }
+            };
+            PricedEvent {
+                event,
+                cost,
+                currency,
+            }
+        })
+        .collect()
+}
+
+/// One aggregate row. Fields of dimensions not grouped by are empty.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct Row {
+    pub day: Option<String>,
+    pub key_id: Option<String>,
+    pub tenant: Option<String>,
+    pub model: Option<String>,
+    pub currency: String,
+    pub requests: u64,
+    pub prompt_tokens: u64,
+    pub completion_tokens: u64,
+    pub cached_tokens: u64,
+    pub cost: Decimal,
+}
+
+/// What a row is grouped by: day, key, tenant, model (each when grouped) and currency.
+type GroupKey = (
+    Option<String>,
+    Option<String>,
+    Option<String>,
+    Option<String>,
+    String,
+);
+
+/// Sums priced events in `[from_ms, to_ms)` by `dims` (and currency).
+pub fn aggregate(events: &[PricedEvent], dims: &[Dim], from_ms: i64, to_ms: i64) -> Vec<Row> {
+    let mut rows: BTreeMap<GroupKey, Row> = BTreeMap::new();
+    for p in events
+        .iter()
+        .filter(|p| (from_ms..to_ms).contains(&p.event.time_ms))
+    {
+        let e = &p.event;
+        let pick = |dim: Dim, value: &str| dims.contains(&dim).then(|| value.to_owned());
+        let day = dims.contains(&Dim::Day).then(|| day_of(e.time_ms));
+        let group = (
+            day,
+            pick(Dim::Key, &e.key_id),
+            pick(Dim::Tenant, &e.tenant),
+            pick(Dim::Model, &e.model),
+            p.currency.clone(),
+        );
+        let row = rows.entry(group.clone()).or_insert_with(|| Row {
+            day: group.0,
+            key_id: group.1,
+            tenant: group.2,
+            model: group.3,
+            currency: group.4,
+            ..Row::default()
+        });
+        row.requests += 1;
+        row.prompt_tokens += e.prompt_tokens;
+        row.completion_tokens += e.completion_tokens;
+        row.cached_tokens += e.cached_tokens;
+        row.cost += p.cost;
+    }
+    rows.into_values().collect()
+}
+
+pub const CSV_HEADER: [&str; 10] = [
+    "day",
+    "key_id",
+    "tenant",
+    "model",
+    "currency",
+    "requests",
+    "prompt_tokens",
+    "completion_tokens",
+    "cached_tokens",
+    "cost",
+];
+
+pub const EVENT_CSV_HEADER: [&str; 21] = [
+    "id",
+    "time",
+    "request_id",
+    "key_id",
+    "tenant",
+    "tier",
+    "model",
+    "backend",
+    "route",
+    "prompt_tokens",
+    "completion_tokens",
+    "cached_tokens",
+    "cache_status",
+    "status",
+    "latency_ms",
+    "ttft_ms",
+    "client_disconnected",
+    "usage_reported",
+    "cost",
+    "currency",
+    "time_ms",
+];
+
+/// The export body, one line per row (plus a header row for CSV).
+pub fn render(events: &[PricedEvent], query: &ExportQuery) -> Vec<u8> {
+    let mut out = Vec::new();
+    match (&query.grouping, query.format) {
+        (Grouping::By(dims), Format::Csv) => {
+            let mut w = csv::Writer::from_writer(&mut out);
+            let _ = w.write_record(CSV_HEADER);
+            for r in aggregate(events, dims, query.from_ms, query.to_ms) {
+                let cell = |v: &Option<String>| v.clone().unwrap_or_default();
+                let _ = w.write_record([
+                    cell(&r.day),
+                    cell(&r.key_id),
+                    cell(&r.tenant),
+                    cell(&r.model),
+                    r.currency.clone(),
+                    r.requests.to_string(),
+                    r.prompt_tokens.to_string(),
+                    r.completion_tokens.to_string(),
+                    r.cached_tokens.to_string(),
+                    r.cost.normalize().to_string(),
+                ]);
+            }
+            let _ = w.flush();
+        }
+        (Grouping::By(dims), Format::Jsonl) => {
+            for r in aggregate(events, dims, query.from_ms, query.to_ms) {
+                let mut v = serde_json::to_value(&r).expect("row serializes");
+                v["cost"] = serde_json::Value::String(r.cost.normalize().to_string());
+                out.extend_from_slice(v.to_string().as_bytes());
+                out.push(b'\n');
+            }
+        }
+        (Grouping::Events, format) => {
+            let in_range = events
+                .iter()
+                .filter(|p| (query.from_ms..query.to_ms).contains(&p.event.time_ms));
+            match format {
+                Format::Jsonl => {
+                    for p in in_range {
+                        let mut v = serde_json::to_value(p).expect("event serializes");
+                        v["cost"] = serde_json::Value::String(p.cost.normalize().to_string());
+                        out.extend_from_slice(v.to_string().as_bytes());
+                        out.push(b'\n');
+                    }
+                }
+                Format::Csv => {
+                    let mut w = csv::Writer::from_writer(&mut out);
+                    let _ = w.write_record(EVENT_CSV_HEADER);
+                    for p in in_range {
+                        let e = &p.event;
+                        let time = utc(e.time_ms)
+                            .format(&time::format_description::well_known::Rfc3339)
+                            .unwrap_or_default();
+                        let _ = w.write_record([
+                            e.id.clone(),
+                            time,
+                            e.request_id.clone(),
+                            e.key_id.clone(),
+                            e.tenant.clone(),
+                            e.tier.clone(),
+                            e.model.clone(),
+                            e.backend.clone(),
+                            e.route.clone(),
+                            e.prompt_tokens.to_string(),
+                            e.completion_tokens.to_string(),
+                            e.cached_tokens.to_string(),
+                            e.cache_status.clone(),
+                            e.status.to_string(),
+                            e.latency_ms.to_string(),
+                            e.ttft_ms.map(|t| t.to_string()).unwrap_or_default(),
+                            e.client_disconnected.to_string(),
+                            e.usage_reported.to_string(),
+                            p.cost.normalize().to_string(),
+                            p.currency.clone(),
+                            e.time_ms.to_string(),
+                        ]);
+                    }
+                    let _ = w.flush();
+                }
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event(key: &str, model: &str, time_ms: i64, prompt: u64, completion: u64) -> UsageEvent {
+        UsageEvent {
+            id: format!("{key}-{time_ms}"),
+            time_ms,
+            request_id: String::new(),
+            key_id: key.into(),
+            tenant: "t".into(),
+            tier: "pro".into(),
+            model: model.into(),
+            backend: "b".into(),
+            route: "chat_completions".into(),
+            prompt_tokens: prompt,
+            completion_tokens: completion,
+            cached_tokens: 0,
+            cache_status: "miss".into(),
+            status: 200,
+            latency_ms: 1,
+            ttft_ms: None,
+            client_disconnected: false,
+            usage_reported: true,
+        }
+    }
+
+    fn book() -> PriceBook {
+        #[derive(serde::Deserialize)]
+        struct File {
+            prices: PriceBook,
+        }
+        let file: File = toml::from_str(
+            r#"
+            [[prices]]
+            model = "m"
+            tier = "*"
+            currency = "USD"
+            input = "0.50"
+            output = [ { up_to = 2000, per_million = "2.00" }, { per_million = "1.25" } ]
+            "#,
+        )
+        .unwrap();
+        file.prices
+    }
+
+    #[test]
+    fn graduated_prices_follow_each_keys_month_to_date() {
+        let d = |s: &str| Decimal::from_str_exact(s).unwrap();
+        let day = 86_400_000;
+        let nov = parse_time("t", "2026-11-01").unwrap();
+        let dec = parse_time("t", "2026-12-01").unwrap();
+        let events = vec![
+            event("a", "m", nov + day, 1000, 1500),
+            event("a", "m", nov + 2 * day, 0, 1000), // crosses the 2000-token band
+            event("b", "m", nov + 2 * day, 0, 1000), // another key starts at zero
+            event("a", "m", dec, 0, 1000),           // a new month starts at zero
+        ];
+        let priced = price(events, &book(), &Tiers::builtin());
+        let costs: Vec<Decimal> = priced.iter().map(|p| p.cost).collect();
+        assert_eq!(costs, [d("0.0035"), d("0.001625"), d("0.002"), d("0.002")]);
+        let rows = aggregate(&priced, &[Dim::Key], nov, dec);
+        assert_eq!(rows.len(), 2);
+        assert_eq!(rows[0].key_id.as_deref(), Some("a"));
+        assert_eq!(rows[0].cost, d("0.005125"));
+        assert_eq!(rows[0].requests, 2);
+    }
+
+    #[test]
+    fn query_parsing_defaults_and_errors() {
+        let now = parse_time("t", "2026-11-28T12:00:00Z").unwrap();
+        let q = ExportQuery::parse(None, None, None, None, now).unwrap();
+        assert_eq!(q.from_ms, parse_time("t", "2026-11-01").unwrap());
+        assert_eq!(q.to_ms, now);
+        assert_eq!(q.format, Format::Csv);
+        assert!(matches!(
+            ExportQuery::parse(Some("2026-11-02"), Some("2026-11-01"), None, None, now),
+            Err(ExportError::EmptyRange { .. })
+        ));
+        assert!(ExportQuery::parse(None, None, Some("key,colour"), None, now).is_err());
+    }
+}

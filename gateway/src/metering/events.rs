@@ -1,0 +1,191 @@
+//! Usage events: one per metered request, with a unique id, on their way to the store.
+//!
+//! The proxy hands each event to a [`UsageSink`] (a channel; never blocks, never drops). One
+//! writer drains it in small batches into the store. When the store cannot be reached the
+//! batch goes to an on-disk journal (fsynced), which the writer replays once the store
+//! answers again. The store counts an event once by its id, so a replayed event (or one
+//! written twice because an answer was lost) is never counted twice. Each event is written
+//! (or journaled) within milliseconds of its request's end.
+
+use crate::store::Store;
+use serde::{Deserialize, Serialize};
+use std::io::{BufRead, Write};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::mpsc;
+
+/// One metered request.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UsageEvent {
+    /// UUIDv7: unique, and ordered by time.
+    pub id: String,
+    /// Unix milliseconds when the request finished.
+    pub time_ms: i64,
+    pub request_id: String,
+    pub key_id: String,
+    pub tenant: String,
+    pub tier: String,
+    pub model: String,
+    pub backend: String,
+    pub route: String,
+    pub prompt_tokens: u64,
+    pub completion_tokens: u64,
+    pub cached_tokens: u64,
+    /// `miss`, `hit` or `semantic`.
+    pub cache_status: String,
+    pub status: u16,
+    pub latency_ms: u64,
+    pub ttft_ms: Option<u64>,
+    /// The client hung up before the response ended; the usage is what the backend reported
+    /// after the gateway read its response to the end.
+    pub client_disconnected: bool,
+    /// False when the backend reported no usage (the event then carries zeros).
+    pub usage_reported: bool,
+}
+
+/// Where the proxy puts events; cheap to clone, never blocks.
+#[derive(Clone)]
+pub struct UsageSink {
+    tx: mpsc::UnboundedSender<UsageEvent>,
+}
+
+impl UsageSink {
+    pub fn record(&self, event: UsageEvent) {
+        if let Err(lost) = self.tx.send(event) {
+            // Only after the writer has shut down: keep the event in the log rather than lose it.
+            tracing::error!(event = ?lost.0, "usage event after shutdown");
+        }
+    }
+}
+
+/// Events written per store call at most.
+const BATCH: usize = 512;
+/// How often the journal is retried while the store is unreachable.
+const REPLAY_EVERY: Duration = Duration::from_secs(1);
+
+pub struct UsageWriter {
+    rx: mpsc::UnboundedReceiver<UsageEvent>,
+    store: Arc<dyn Store>,
+    journal: Journal,
+}
+
+pub fn usage_channel(store: Arc<dyn Store>, journal_path: PathBuf) -> (UsageSink, UsageWriter) {
+    let (tx, rx) = mpsc::unbounded_channel();
+    (
+        UsageSink { tx },
+        UsageWriter {
+            rx,
+            store,
+            journal: Journal { path: journal_path },
+        },
+    )
+}
+
+impl UsageWriter {
+    /// Writes events until every sink is dropped.
+    pub async fn run(mut self) {
+        let mut replay = tokio::time::interval(REPLAY_EVERY);
+        replay.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut batch = Vec::with_capacity(BATCH);
+        loop {
+            tokio::select! {
+                n = self.rx.recv_many(&mut batch, BATCH) => {
+                    if n == 0 {
+                        break;
+                    }
+                    self.write(std::mem::take(&mut batch)).await;
+                }
+                _ = replay.tick() => self.replay_journal().await,
+            }
+        }
+        self.replay_journal().await;
+    }
+
+    async fn write(&mut self, batch: Vec<UsageEvent>) {
+        // While a journal is pending, new events queue behind it so the store sees them in order.
+        if !self.journal.is_empty() {
+            self.replay_journal().await;
+        }
+        if self.journal.is_empty() {
+            match self.store.append_usage(&batch).await {
+                Ok(_) => return,
+                Err(e) => {
+                    tracing::warn!(error = %e, events = batch.len(), "store unreachable; journaling usage events")
+                }
+            }
+        }
+        if let Err(e) = self.journal.append(&batch) {
+            // Nowhere left to put them: the log is the last record.
+            tracing::error!(error = %e, events = ?batch, "cannot journal usage events");
+        }
+    }
+
+    async fn replay_journal(&mut self) {
+        if self.journal.is_empty() {
+            return;
+        }
+        let events = match self.journal.read() {
+            Ok(events) => events,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot read the usage journal");
+                return;
+            }
+        };
+        for chunk in events.chunks(BATCH) {
+            if let Err(e) = self.store.append_usage(chunk).await {
+                tracing::debug!(error = %e, "usage journal replay deferred");
+                return;
+            }
+        }
+        match self.journal.clear() {
+            Ok(()) => tracing::info!(events = events.len(), "usage journal replayed"),
+            Err(e) => tracing::error!(error = %e, "cannot clear the replayed usage journal"),
+        }
+    }
+}
+
+/// Events the store has not taken yet, one JSON object per line.
+struct Journal {
+    path: PathBuf,
+}
+
+impl Journal {
+    fn is_empty(&self) -> bool {
+        std::fs::metadata(&self.path).map_or(true, |m| m.len() == 0)
+    }
+
+    fn append(&self, events: &[UsageEvent]) -> std::io::Result<()> {
+        if let Some(dir) = self.path.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        let mut file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.path)?;
+        let mut text = Vec::new();
+        for event in events {
+            serde_json::to_writer(&mut text, event)?;
+            text.push(b'\n');
+        }
+        file.write_all(&text)?;
+        file.sync_data()
+    }
+
+    /// Every complete line; a torn last line (a crash mid-write) is skipped.
+    fn read(&self) -> std::io::Result<Vec<UsageEvent>> {
+        let file = std::fs::File::open(&self.path)?;
+        let mut events = Vec::new();
+        for line in std::io::BufReader::new(file).lines() {
+            match serde_json::from_str(&line?) {
+                Ok(event) => events.push(event),
+                Err(e) => tracing::warn!(error = %e, "skipping a torn usage journal line"),
+            }
+        }
+        Ok(events)
+    }
+
+    fn clear(&self) -> std::io::Result<()> {
+        std::fs::File::create(&self.path)?.sync_all()
+    }
+}
