@@ -20,7 +20,9 @@ pub enum ExportError {
     BadTime { field: &'static str, value: String },
     #[error("'from' ({from}) must be before 'to' ({to})")]
     EmptyRange { from: String, to: String },
-    #[error("unknown group_by '{0}': use key, tenant, model, day (comma-separated) or event")]
+    #[error(
+        "unknown group_by '{0}': use key, tenant, model, day, month (comma-separated) or event"
+    )]
     BadGroup(String),
     #[error("unknown format '{0}': use csv or jsonl")]
     BadFormat(String),
@@ -33,6 +35,7 @@ pub enum Dim {
     Tenant,
     Model,
     Day,
+    Month,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -88,6 +91,11 @@ fn day_of(ms: i64) -> String {
     format!("{:04}-{:02}-{:02}", d.year(), u8::from(d.month()), d.day())
 }
 
+fn month_label(ms: i64) -> String {
+    let (year, month) = month_of(ms);
+    format!("{year:04}-{month:02}")
+}
+
 fn month_of(ms: i64) -> (i32, u8) {
     let d = utc(ms).date();
     (d.year(), u8::from(d.month()))
@@ -125,6 +133,7 @@ impl ExportQuery {
                         "tenant" => Ok(Dim::Tenant),
                         "model" => Ok(Dim::Model),
                         "day" => Ok(Dim::Day),
+                        "month" => Ok(Dim::Month),
                         other => Err(ExportError::BadGroup(other.to_owned())),
                     })
                     .collect::<Result<_, _>>()?,
@@ -196,6 +205,7 @@ pub fn price(events: Vec<UsageEvent>, prices: &PriceBook, tiers: &Tiers) -> Vec<
 /// One aggregate row. Fields of dimensions not grouped by are empty.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct Row {
+    pub month: Option<String>,
     pub day: Option<String>,
     pub key_id: Option<String>,
     pub tenant: Option<String>,
@@ -208,8 +218,9 @@ pub struct Row {
     pub cost: Decimal,
 }
 
-/// What a row is grouped by: day, key, tenant, model (each when grouped) and currency.
+/// What a row is grouped by: month, day, key, tenant, model (each when grouped) and currency.
 type GroupKey = (
+    Option<String>,
     Option<String>,
     Option<String>,
     Option<String>,
@@ -226,20 +237,21 @@ pub fn aggregate(events: &[PricedEvent], dims: &[Dim], from_ms: i64, to_ms: i64)
     {
         let e = &p.event;
         let pick = |dim: Dim, value: &str| dims.contains(&dim).then(|| value.to_owned());
-        let day = dims.contains(&Dim::Day).then(|| day_of(e.time_ms));
         let group = (
-            day,
+            dims.contains(&Dim::Month).then(|| month_label(e.time_ms)),
+            dims.contains(&Dim::Day).then(|| day_of(e.time_ms)),
             pick(Dim::Key, &e.key_id),
             pick(Dim::Tenant, &e.tenant),
             pick(Dim::Model, &e.model),
             p.currency.clone(),
         );
         let row = rows.entry(group.clone()).or_insert_with(|| Row {
-            day: group.0,
-            key_id: group.1,
-            tenant: group.2,
-            model: group.3,
-            currency: group.4,
+            month: group.0,
+            day: group.1,
+            key_id: group.2,
+            tenant: group.3,
+            model: group.4,
+            currency: group.5,
             ..Row::default()
         });
         row.requests += 1;
@@ -251,7 +263,8 @@ pub fn aggregate(events: &[PricedEvent], dims: &[Dim], from_ms: i64, to_ms: i64)
     rows.into_values().collect()
 }
 
-pub const CSV_HEADER: [&str; 10] = [
+pub const CSV_HEADER: [&str; 11] = [
+    "month",
     "day",
     "key_id",
     "tenant",
@@ -298,6 +311,7 @@ pub fn render(events: &[PricedEvent], query: &ExportQuery) -> Vec<u8> {
             for r in aggregate(events, dims, query.from_ms, query.to_ms) {
                 let cell = |v: &Option<String>| v.clone().unwrap_or_default();
                 let _ = w.write_record([
+                    cell(&r.month),
                     cell(&r.day),
                     cell(&r.key_id),
                     cell(&r.tenant),
@@ -434,6 +448,10 @@ mod tests {
         let priced = price(events, &book(), &Tiers::builtin());
         let costs: Vec<Decimal> = priced.iter().map(|p| p.cost).collect();
         assert_eq!(costs, [d("0.0035"), d("0.001625"), d("0.002"), d("0.002")]);
+        let months = aggregate(&priced, &[Dim::Month], nov, dec + day);
+        let labels: Vec<_> = months.iter().map(|r| r.month.clone().unwrap()).collect();
+        assert_eq!(labels, ["2026-11", "2026-12"]);
+        assert_eq!(months[0].requests, 3);
         let rows = aggregate(&priced, &[Dim::Key], nov, dec);
         assert_eq!(rows.len(), 2);
         assert_eq!(rows[0].key_id.as_deref(), Some("a"));

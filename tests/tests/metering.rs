@@ -342,14 +342,14 @@ async fn usage_survives_a_redis_outage_without_loss_or_double_count() {
     let (_, key) = gw.create_key("acme", "pro").await.unwrap();
     let keys = vec![key];
 
-    traffic(&gw, &keys, 42, 0).await;
+    traffic(&gw, &keys, 70, 0).await;
     redis.kill();
     // Served from the key cache; their events go to the local journal.
-    traffic(&gw, &keys, 42, 42).await;
+    traffic(&gw, &keys, 70, 70).await;
     redis.spawn();
-    traffic(&gw, &keys, 42, 84).await;
+    traffic(&gw, &keys, 70, 140).await;
 
-    assert_reconciles(&gw, &backend, 126).await;
+    assert_reconciles(&gw, &backend, 210).await;
     assert!(
         gw.log_contains("usage journal replayed"),
         "the outage went through the journal"
@@ -392,5 +392,5 @@ async fn bad_export_requests_get_400() {
         .unwrap();
     assert_eq!(r.status(), 200);
     let text = r.text().await.unwrap();
-    assert!(text.starts_with("day,key_id,tenant,model,currency,requests,prompt_tokens,completion_tokens,cached_tokens,cost"));
+    assert!(text.starts_with("month,day,key_id,tenant,model,currency,requests,prompt_tokens,completion_tokens,cached_tokens,cost"));
 }
