@@ -158,6 +158,7 @@ impl ExportQuery {
 pub struct PricedEvent {
     #[serde(flatten)]
     pub event: UsageEvent,
+    #[serde(serialize_with = "exact")]
     pub cost: Decimal,
     pub currency: String,
 }
@@ -215,7 +216,13 @@ pub struct Row {
     pub prompt_tokens: u64,
     pub completion_tokens: u64,
     pub cached_tokens: u64,
+    #[serde(serialize_with = "exact")]
     pub cost: Decimal,
+}
+
+/// An amount printed exactly, without trailing zeros.
+fn exact<S: serde::Serializer>(amount: &Decimal, s: S) -> Result<S::Ok, S::Error> {
+    s.collect_str(&amount.normalize())
 }
 
 /// What a row is grouped by: month, day, key, tenant, model (each when grouped) and currency.
@@ -328,9 +335,7 @@ pub fn render(events: &[PricedEvent], query: &ExportQuery) -> Vec<u8> {
         }
         (Grouping::By(dims), Format::Jsonl) => {
             for r in aggregate(events, dims, query.from_ms, query.to_ms) {
-                let mut v = serde_json::to_value(&r).expect("row serializes");
-                v["cost"] = serde_json::Value::String(r.cost.normalize().to_string());
-                out.extend_from_slice(v.to_string().as_bytes());
+                serde_json::to_writer(&mut out, &r).expect("row serializes");
                 out.push(b'\n');
             }
         }
@@ -341,9 +346,7 @@ pub fn render(events: &[PricedEvent], query: &ExportQuery) -> Vec<u8> {
             match format {
                 Format::Jsonl => {
                     for p in in_range {
-                        let mut v = serde_json::to_value(p).expect("event serializes");
-                        v["cost"] = serde_json::Value::String(p.cost.normalize().to_string());
-                        out.extend_from_slice(v.to_string().as_bytes());
+                        serde_json::to_writer(&mut out, p).expect("event serializes");
                         out.push(b'\n');
                     }
                 }
