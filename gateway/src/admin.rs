@@ -40,6 +40,8 @@ pub fn router(gateway: Arc<Gateway>) -> Router {
             get(get_key).patch(update_key).delete(revoke_key),
         )
         .route("/admin/v1/keys/{id}/rotate", post(rotate_key))
+        .route("/admin/v1/keys/{id}/quota", get(key_quota))
+        .route("/admin/v1/keys/{id}/quota/reset", post(reset_key_quota))
         .route("/admin/v1/tiers", get(list_tiers))
         .route("/admin/v1/tiers/{name}", get(get_tier))
         .route("/admin/v1/backends", get(list_backends))
@@ -119,6 +121,15 @@ fn role_of(gateway: &Gateway, authorization: Option<&[u8]>) -> Result<Role, ApiE
         };
     }
     Err(ApiError::invalid_api_key("Invalid admin credential."))
+}
+
+/// After a key write here: drop this replica's cached lookups at once and take the store's
+/// new key epoch, so the poller does not drop the cache a second time.
+async fn key_written(gateway: &Gateway) {
+    gateway.key_cache.invalidate();
+    if let Ok(epoch) = gateway.store.keys_epoch().await {
+        gateway.key_cache.observe_epoch(epoch);
+    }
 }
 
 fn parse_body<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
@@ -212,6 +223,7 @@ async fn create_key(
         .put_key(&record, None)
         .await
         .map_err(store_error)?;
+    key_written(&gateway).await;
     tracing::info!(key_id = %record.id, tenant = %record.tenant, tier = %record.tier, "key created");
     let mut view = key_view(&gateway, &record);
     view["key"] = Value::String(secret.secret);
@@ -287,7 +299,7 @@ async fn update_key(
         .put_key(&record, None)
         .await
         .map_err(store_error)?;
-    gateway.key_cache.invalidate();
+    key_written(&gateway).await;
     Ok(Json(key_view(&gateway, &record)))
 }
 
@@ -303,7 +315,7 @@ async fn revoke_key(
             .put_key(&record, None)
             .await
             .map_err(store_error)?;
-        gateway.key_cache.invalidate();
+        key_written(&gateway).await;
         tracing::info!(key_id = %record.id, "key revoked");
     }
     Ok(Json(key_view(&gateway, &record)))
@@ -327,7 +339,7 @@ async fn rotate_key(
         .put_key(&record, Some(&old_hash))
         .await
         .map_err(store_error)?;
-    gateway.key_cache.invalidate();
+    key_written(&gateway).await;
     tracing::info!(key_id = %record.id, "key rotated");
     let mut view = key_view(&gateway, &record);
     view["key"] = Value::String(secret.secret);
@@ -439,4 +451,82 @@ async fn usage(
         "totals": totals,
         "by_model": by_model,
     })))
+}
+
+/// `GET /admin/v1/keys/{id}/quota`: each limit's live state. `used` includes what requests
+/// in flight have reserved; `resets_in_secs` is when the window frees room (rates) or renews
+/// (days, months).
+async fn key_quota(
+    State(gateway): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    use sluice_policies::quota;
+    let record = find_key(&gateway, &id).await?;
+    let tier = gateway
+        .config
+        .tiers
+        .get(&record.tier)
+        .map_err(|e| ApiError::internal(e.to_string()))?;
+    let limits = tier.limits.with_overrides(&record.limits);
+    let now = now_ms() / 1000;
+    let (month, to_month_end) = crate::admission::month_of(now);
+    let c = gateway
+        .store
+        .quota_counters(&id, now, &month)
+        .await
+        .map_err(store_error)?;
+    let in_window = |field: fn(&quota::Bucket) -> u64| -> u64 {
+        c.minute
+            .iter()
+            .filter(|b| b.second > now - quota::WINDOW_SECS)
+            .map(field)
+            .sum()
+    };
+    // The decision function knows when each minute window frees room.
+    let probe = quota::decide(
+        &limits,
+        &c,
+        &quota::Reservation::default(),
+        now,
+        to_month_end,
+    );
+    let rate = |limit: Option<u64>, used: u64, resets: Option<u64>| json!({"limit": limit, "used": used, "remaining": limit.map(|l| l.saturating_sub(used)), "resets_in_secs": resets});
+    let to_day_end = quota::secs_to_next_day(now);
+    let nano = rust_decimal::Decimal::from(quota::NANO);
+    let spent = rust_decimal::Decimal::from(c.month_spend_nano) / nano;
+    let budget = limits.monthly_budget.map(|b| b.amount());
+    Ok(Json(json!({
+        "key_id": id,
+        "tier": record.tier,
+        "requests_per_minute": rate(limits.requests_per_minute, in_window(|b| b.requests), probe.headers.reset_requests_secs),
+        "tokens_per_minute": rate(limits.tokens_per_minute, in_window(|b| b.tokens), probe.headers.reset_tokens_secs),
+        "requests_per_day": rate(limits.requests_per_day, c.day_requests, Some(to_day_end)),
+        "tokens_per_day": rate(limits.tokens_per_day, c.day_tokens, Some(to_day_end)),
+        "max_concurrent": {"limit": limits.max_concurrent, "in_flight": c.in_flight},
+        "monthly_budget": {
+            "limit": budget.map(|b| b.normalize().to_string()),
+            "used": spent.normalize().to_string(),
+            "remaining": budget.map(|b| (b - spent).max(rust_decimal::Decimal::ZERO).normalize().to_string()),
+            "currency": tier.currency,
+            "month": month,
+            "resets_in_secs": to_month_end,
+        },
+    })))
+}
+
+/// `POST /admin/v1/keys/{id}/quota/reset`: forgets the key's windows, caps and month spend.
+async fn reset_key_quota(
+    State(gateway): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    find_key(&gateway, &id).await?;
+    let (month, _) = crate::admission::month_of(now_ms() / 1000);
+    gateway
+        .store
+        .reset_quota(&id, &month)
+        .await
+        .map_err(store_error)?;
+    gateway.local_limiter.forget(&id);
+    tracing::info!(key_id = %id, "quota reset");
+    Ok(Json(json!({"key_id": id, "reset": true})))
 }

@@ -26,6 +26,7 @@ pub struct Gateway {
     pub jwt: Option<Arc<JwtVerifier>>,
     pub upstreams: Arc<Upstreams>,
     pub usage: UsageSink,
+    pub local_limiter: crate::admission::LocalLimiter,
 }
 
 impl Gateway {
@@ -38,7 +39,25 @@ impl Gateway {
                     .await
                     .with_context(|| format!("cannot connect to Redis at {url}"))?,
             ),
-            None => Arc::new(EmbeddedStore::open(&config.data_dir)?),
+            None => {
+                let store = EmbeddedStore::open(&config.data_dir)?;
+                let now = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_secs() as i64);
+                let (month, _) = crate::admission::month_of(now);
+                let prices = &config.prices;
+                store
+                    .restore_month_spend(crate::billing::month_start(now * 1000), &month, |e| {
+                        let usage = crate::metering::Usage {
+                            prompt_tokens: e.prompt_tokens,
+                            completion_tokens: e.completion_tokens,
+                            cached_tokens: e.cached_tokens,
+                        };
+                        crate::admission::settled_cost_nano(prices, &e.model, &e.tier, &usage)
+                    })
+                    .await?;
+                Arc::new(store)
+            }
         };
         let jwt = config
             .jwt
@@ -65,6 +84,7 @@ impl Gateway {
             jwt,
             upstreams,
             usage,
+            local_limiter: Default::default(),
         });
         Ok((gateway, writer))
     }

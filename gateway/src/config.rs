@@ -50,6 +50,8 @@ pub struct Config {
     pub backends: Vec<BackendConfig>,
     /// Prices per model and tier; a model without a price costs nothing.
     pub prices: PriceBook,
+    /// The completion cap reserved for a request that names no max_tokens.
+    pub default_max_tokens: u64,
     /// Read usage from responses and record a usage event per request.
     pub metering: bool,
     /// How long the gateway keeps reading a backend's answer after its client hung up, so
@@ -103,6 +105,14 @@ struct FileConfig {
     metering: MeteringSection,
     #[serde(default)]
     prices: Vec<PriceEntry>,
+    #[serde(default)]
+    quotas: QuotasSection,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct QuotasSection {
+    default_max_tokens: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -162,6 +172,8 @@ struct TierSection {
     currency: String,
     #[serde(default)]
     limits: Limits,
+    #[serde(default)]
+    on_store_unavailable: sluice_policies::FailMode,
 }
 
 fn default_currency() -> String {
@@ -296,6 +308,7 @@ impl Config {
                 name,
                 currency: t.currency,
                 limits: t.limits,
+                on_store_unavailable: t.on_store_unavailable,
             }))
             .map_err(|e| invalid("tiers", e.to_string()))?
         };
@@ -367,6 +380,7 @@ impl Config {
             tiers,
             backends,
             prices,
+            default_max_tokens: file.quotas.default_max_tokens.unwrap_or(4096),
             metering,
             drain_limit,
         })

@@ -110,6 +110,11 @@ impl ApiError {
         )
     }
 
+    /// 429: `code` is `rate_limit_exceeded` (wait) or `insufficient_quota` (a cap is spent).
+    pub fn rate_limited(code: &'static str, message: impl Into<String>) -> Self {
+        Self::new(429, ErrorKind::RateLimit, Some(code), message.into())
+    }
+
     pub fn bad_gateway(message: impl Into<String>) -> Self {
         Self::new(502, ErrorKind::Server, Some("bad_gateway"), message.into())
     }

@@ -1,6 +1,7 @@
 //! Sluice's gateway: an OpenAI-compatible proxy on pingora, with its admin API.
 
 pub mod admin;
+pub mod admission;
 pub mod app;
 pub mod auth;
 pub mod billing;

@@ -11,6 +11,7 @@
 //! 5. `fail_to_proxy` / `logging`: errors in OpenAI's shape; the usage event and one
 //!    access-log line.
 
+use crate::admission::{self, Admitted};
 use crate::app::Gateway;
 use crate::auth::Identity;
 use crate::error::ApiError;
@@ -61,6 +62,10 @@ pub struct RequestCtx {
     pub first_byte_at: Option<Instant>,
     /// The client hung up while the backend was still answering.
     pub client_left: bool,
+    /// The quota reservation, settled in `logging`.
+    pub admitted: Option<Admitted>,
+    /// `x-ratelimit-*` values and `Retry-After` for a refused request.
+    pub refused_headers: Option<(sluice_policies::quota::RateHeaders, Option<u64>)>,
     /// Set when the gateway refuses the request itself, for `fail_to_proxy` and the log.
     pub error: Option<ApiError>,
     pub started: Instant,
@@ -86,6 +91,8 @@ impl ProxyHttp for Proxy {
             usage: None,
             first_byte_at: None,
             client_left: false,
+            admitted: None,
+            refused_headers: None,
             error: None,
             started: Instant::now(),
         }
@@ -179,6 +186,9 @@ impl ProxyHttp for Proxy {
         if let Some(backend) = &ctx.backend {
             upstream_response.insert_header("x-sluice-backend", &backend.name)?;
         }
+        if let Some(admitted) = &ctx.admitted {
+            rate_limit_headers(upstream_response, &admitted.headers, None)?;
+        }
         let status = upstream_response.status.as_u16();
         ctx.upstream_status = Some(status);
         if self.gateway.config.metering && (200..300).contains(&status) {
@@ -263,6 +273,15 @@ impl ProxyHttp for Proxy {
         let status = session.response_written().map_or(0, |r| r.status.as_u16());
         if let Some(event) = self.usage_event(ctx) {
             self.gateway.usage.record(event);
+        }
+        if let (Some(admitted), Some(identity)) = (ctx.admitted.take(), ctx.identity.clone()) {
+            admission::settle(
+                self.gateway.clone(),
+                identity,
+                ctx.model.clone().unwrap_or_default(),
+                admitted,
+                ctx.usage,
+            );
         }
         let identity = ctx.identity.as_ref();
         tracing::info!(
@@ -363,6 +382,14 @@ impl Proxy {
         ctx.model_route = Some(route);
         ctx.model = Some(model.to_owned());
         ctx.stream = view.is_stream();
+        let identity = ctx.identity.clone().expect("authenticated above");
+        match admission::admit(&self.gateway, &identity, route_kind, &view, &ctx.request_id).await {
+            Ok(admitted) => ctx.admitted = Some(admitted),
+            Err(refused) => {
+                ctx.refused_headers = Some((refused.headers, refused.retry_after_secs));
+                return Err(refused.error);
+            }
+        }
         let streams_text = matches!(route_kind, Route::ChatCompletions | Route::Completions);
         if ctx.stream && streams_text && self.gateway.config.metering {
             let stream_options = view.stream_options.map(|o| o.get().to_owned());
@@ -432,12 +459,59 @@ pub fn request_id(headers: &http::HeaderMap) -> String {
         .map_or_else(|| uuid::Uuid::now_v7().to_string(), str::to_owned)
 }
 
+/// OpenAI's `x-ratelimit-*` headers (for the limits the key has), and `Retry-After`.
+fn rate_limit_headers(
+    header: &mut ResponseHeader,
+    h: &sluice_policies::quota::RateHeaders,
+    retry_after: Option<u64>,
+) -> Result<()> {
+    use sluice_policies::quota::reset_duration;
+    let pairs = [
+        (
+            "x-ratelimit-limit-requests",
+            h.limit_requests.map(|v| v.to_string()),
+        ),
+        (
+            "x-ratelimit-remaining-requests",
+            h.remaining_requests.map(|v| v.to_string()),
+        ),
+        (
+            "x-ratelimit-reset-requests",
+            h.reset_requests_secs.map(reset_duration),
+        ),
+        (
+            "x-ratelimit-limit-tokens",
+            h.limit_tokens.map(|v| v.to_string()),
+        ),
+        (
+            "x-ratelimit-remaining-tokens",
+            h.remaining_tokens.map(|v| v.to_string()),
+        ),
+        (
+            "x-ratelimit-reset-tokens",
+            h.reset_tokens_secs.map(reset_duration),
+        ),
+        ("retry-after", retry_after.map(|v| v.to_string())),
+    ];
+    for (name, value) in pairs {
+        if let Some(value) = value {
+            header.insert_header(name, value)?;
+        }
+    }
+    Ok(())
+}
+
 /// An answer the gateway writes itself: JSON, with the request id.
 async fn respond(session: &mut Session, ctx: &RequestCtx, status: u16, body: Bytes) -> Result<()> {
     let mut header = ResponseHeader::build(status, Some(4))?;
     header.insert_header("content-type", "application/json")?;
     header.insert_header("content-length", body.len().to_string())?;
     header.insert_header("x-request-id", &ctx.request_id)?;
+    if let Some((headers, retry_after)) = &ctx.refused_headers {
+        rate_limit_headers(&mut header, headers, *retry_after)?;
+    } else if let Some(admitted) = &ctx.admitted {
+        rate_limit_headers(&mut header, &admitted.headers, None)?;
+    }
     session
         .write_response_header(Box::new(header), false)
         .await?;

@@ -5,6 +5,7 @@
 pub mod limits;
 pub mod money;
 pub mod pricing;
+pub mod quota;
 pub mod tiers;
 
 pub use limits::{LimitOverrides, Limits};
@@ -12,4 +13,4 @@ pub use money::Money;
 pub use pricing::{
     Band, ModelPrice, PriceBook, PriceEntry, PriceSchedule, PricingError, TokenCounts,
 };
-pub use tiers::{Tier, TierError, Tiers};
+pub use tiers::{FailMode, Tier, TierError, Tiers};

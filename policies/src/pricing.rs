@@ -660,6 +660,7 @@ mod tests {
             name: name.to_owned(),
             currency: currency.to_owned(),
             limits: Limits::default(),
+            on_store_unavailable: Default::default(),
         };
         Tiers::new([tier("free", "USD"), tier("eu", "EUR")]).unwrap()
     }

@@ -13,6 +13,20 @@ pub struct Tier {
     /// ISO 4217 code the tier's prices and budgets are in.
     pub currency: String,
     pub limits: Limits,
+    /// What a replica does when the shared quota store cannot be reached.
+    #[serde(default)]
+    pub on_store_unavailable: FailMode,
+}
+
+/// Fail-open serves the tier's keys under each replica's local limits only (so a fleet of N
+/// replicas may admit up to N times a rate while the store is down); fail-closed refuses
+/// them with 503.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FailMode {
+    #[default]
+    Open,
+    Closed,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -60,6 +74,7 @@ impl Tiers {
                 max_concurrent: conc,
                 monthly_budget: Some(budget.parse::<Money>().expect("builtin budget")),
             },
+            on_store_unavailable: FailMode::Open,
         };
         Tiers::new([
             tier(

@@ -292,11 +292,21 @@ hs256_secret = "{JWT_SECRET}"
 
     /// Creates an API key through the admin API: `(id, secret)`.
     pub async fn create_key(&self, tenant: &str, tier: &str) -> Result<(String, String)> {
+        self.create_key_with(tenant, tier, json!({})).await
+    }
+
+    /// Creates an API key with limit overrides: `(id, secret)`.
+    pub async fn create_key_with(
+        &self,
+        tenant: &str,
+        tier: &str,
+        limits: Value,
+    ) -> Result<(String, String)> {
         let response = self
             .http
             .post(format!("{}/admin/v1/keys", self.admin_url))
             .bearer_auth(ADMIN_TOKEN)
-            .json(&json!({"name": format!("{tenant}-key"), "tenant": tenant, "tier": tier}))
+            .json(&json!({"name": format!("{tenant}-key"), "tenant": tenant, "tier": tier, "limits": limits}))
             .send()
             .await?;
         let status = response.status();

@@ -188,7 +188,8 @@ async fn bad_bodies_get_400_unknown_models_404_and_huge_bodies_413() {
 async fn bodies_past_pingoras_retry_buffer_are_forwarded_whole() {
     // pingora replays a pre-read body only up to 64 KiB on its own; vendor/README.md.
     let (_backend, gw, _dir) = setup().await;
-    let (_, key) = gw.create_key("acme", "free").await.unwrap();
+    // Enterprise: the free tier's token limits are smaller than this prompt.
+    let (_, key) = gw.create_key("acme", "enterprise").await.unwrap();
     let long_prompt = "word ".repeat(40_000);
     let body = json!({"model": SIM_MODEL, "messages": [{"role": "user", "content": long_prompt}], "max_tokens": 2});
     let r = gw

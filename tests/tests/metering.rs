@@ -233,8 +233,8 @@ async fn every_generated_token_is_exported_once_and_priced_exactly() {
     })
     .await
     .unwrap();
-    let (_, a) = gw.create_key("acme", "pro").await.unwrap();
-    let (_, b) = gw.create_key("globex", "free").await.unwrap();
+    let (_, a) = gw.create_key("acme", "enterprise").await.unwrap();
+    let (_, b) = gw.create_key("globex", "enterprise").await.unwrap();
     let keys = vec![a, b];
     traffic(&gw, &keys, 280, 0).await;
     assert_reconciles(&gw, &backend, 280).await;
@@ -339,7 +339,7 @@ async fn usage_survives_a_redis_outage_without_loss_or_double_count() {
     })
     .await
     .unwrap();
-    let (_, key) = gw.create_key("acme", "pro").await.unwrap();
+    let (_, key) = gw.create_key("acme", "enterprise").await.unwrap();
     let keys = vec![key];
 
     traffic(&gw, &keys, 70, 0).await;

@@ -1,11 +1,13 @@
 //! The embedded store: a redb file on local disk. redb is crash-safe (copy-on-write B-trees,
 //! fsync on commit), so a key answered as created survives a crash or restart.
 
+use super::quota_memory::{AdmitArgs, MemoryQuotas, SettleArgs};
 use super::{Store, StoreError};
 use crate::keys::{KeyHash, KeyRecord};
 use crate::metering::events::UsageEvent;
 use async_trait::async_trait;
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use sluice_policies::quota::{Counters, Decision};
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -26,6 +28,7 @@ fn usage_key(time_ms: i64, id: &str) -> String {
 
 pub struct EmbeddedStore {
     db: Arc<Database>,
+    quotas: MemoryQuotas,
     /// One process owns the file, so a counter in memory is the whole truth of "changed".
     epoch: AtomicU64,
 }
@@ -58,6 +61,7 @@ impl EmbeddedStore {
         txn.commit().map_err(embedded_err)?;
         Ok(EmbeddedStore {
             db: Arc::new(db),
+            quotas: MemoryQuotas::default(),
             epoch: AtomicU64::new(0),
         })
     }
@@ -71,6 +75,24 @@ impl EmbeddedStore {
         tokio::task::spawn_blocking(move || work(&db))
             .await
             .map_err(|e| StoreError::Embedded(format!("store task failed: {e}")))?
+    }
+}
+
+impl EmbeddedStore {
+    /// Rebuilds this month's budget use from the stored usage events, so a restart does not
+    /// hand every key its budget again. (Minute and day windows start afresh.)
+    pub async fn restore_month_spend(
+        &self,
+        month_start_ms: i64,
+        month: &str,
+        cost_nano: impl Fn(&UsageEvent) -> i64,
+    ) -> Result<(), StoreError> {
+        let events = self.usage_events(month_start_ms, i64::MAX).await?;
+        for event in &events {
+            self.quotas
+                .add_month_spend(&event.key_id, month, cost_nano(event));
+        }
+        Ok(())
     }
 }
 
@@ -215,6 +237,29 @@ impl Store for EmbeddedStore {
             Ok(out)
         })
         .await
+    }
+
+    async fn admit(&self, args: &AdmitArgs<'_>) -> Result<Decision, StoreError> {
+        Ok(self.quotas.admit(args))
+    }
+
+    async fn settle(&self, args: &SettleArgs<'_>) -> Result<(), StoreError> {
+        self.quotas.settle(args);
+        Ok(())
+    }
+
+    async fn quota_counters(
+        &self,
+        key_id: &str,
+        now_sec: i64,
+        month: &str,
+    ) -> Result<Counters, StoreError> {
+        Ok(self.quotas.counters(key_id, now_sec, month))
+    }
+
+    async fn reset_quota(&self, key_id: &str, _month: &str) -> Result<(), StoreError> {
+        self.quotas.reset(key_id);
+        Ok(())
     }
 
     fn kind(&self) -> &'static str {

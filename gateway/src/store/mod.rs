@@ -4,14 +4,17 @@
 //! tests (`tests/store_contract.rs`).
 
 mod embedded;
+mod quota_memory;
 mod redis;
 
 pub use embedded::EmbeddedStore;
+pub use quota_memory::{AdmitArgs, SettleArgs};
 pub use redis::RedisStore;
 
 use crate::keys::{KeyHash, KeyRecord};
 use crate::metering::events::UsageEvent;
 use async_trait::async_trait;
+use sluice_policies::quota::{Counters, Decision};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -52,6 +55,24 @@ pub trait Store: Send + Sync + 'static {
 
     /// The usage events that finished in `[from_ms, to_ms)`, ordered by time, then id.
     async fn usage_events(&self, from_ms: i64, to_ms: i64) -> Result<Vec<UsageEvent>, StoreError>;
+
+    /// Decides, in one atomic step, whether a request reserving `args.reservation` may start,
+    /// and reserves it if so.
+    async fn admit(&self, args: &AdmitArgs<'_>) -> Result<Decision, StoreError>;
+
+    /// Replaces a reservation with what the request really used, and frees its slot.
+    async fn settle(&self, args: &SettleArgs<'_>) -> Result<(), StoreError>;
+
+    /// A key's live quota counters.
+    async fn quota_counters(
+        &self,
+        key_id: &str,
+        now_sec: i64,
+        month: &str,
+    ) -> Result<Counters, StoreError>;
+
+    /// Forgets a key's quota counters (windows, caps and spend).
+    async fn reset_quota(&self, key_id: &str, month: &str) -> Result<(), StoreError>;
 
     /// A short name for logs and health output.
     fn kind(&self) -> &'static str;

@@ -14,12 +14,14 @@
 //! Cluster slot and every write can be one MULTI/EXEC: a replica never sees a record without
 //! its index or the other way round.
 
+use super::quota_memory::{AdmitArgs, SettleArgs};
 use super::{Store, StoreError};
 use crate::keys::{KeyHash, KeyRecord};
 use crate::metering::events::UsageEvent;
 use async_trait::async_trait;
 use redis::aio::ConnectionManager;
 use redis::AsyncCommands;
+use sluice_policies::quota::{self, Counters, Decision};
 
 pub struct RedisStore {
     conn: ConnectionManager,
@@ -31,7 +33,16 @@ impl RedisStore {
     /// deployments (or test runs) can share one Redis.
     pub async fn connect(url: &str, prefix: &str) -> Result<Self, StoreError> {
         let client = redis::Client::open(url)?;
-        let conn = ConnectionManager::new(client).await?;
+        // Fail fast while Redis is down: the gateway has a fallback for every call (cached
+        // keys, fail-open limits, the usage journal), so waiting out long reconnect back-offs
+        // would only stall requests.
+        let config = redis::aio::ConnectionManagerConfig::new()
+            .set_number_of_retries(1)
+            .set_min_delay(std::time::Duration::from_millis(50))
+            .set_max_delay(std::time::Duration::from_millis(500))
+            .set_connection_timeout(Some(std::time::Duration::from_millis(500)))
+            .set_response_timeout(Some(std::time::Duration::from_secs(2)));
+        let conn = ConnectionManager::new_with_config(client, config).await?;
         Ok(RedisStore {
             conn,
             prefix: prefix.to_owned(),
@@ -79,6 +90,157 @@ return added
 
 static APPEND_USAGE: std::sync::LazyLock<redis::Script> =
     std::sync::LazyLock::new(|| redis::Script::new(APPEND_USAGE_V1));
+
+/// One admission, atomically: the same checks as `sluice_policies::quota::decide`, and the
+/// reservation when they pass. All keys are one API key's, under one hash tag.
+/// KEYS: minute requests, minute tokens, day, month spend, in-flight.
+/// ARGV: now, rpm, rpd, tpm, tpd, concurrent, budget (-1 = unlimited), tokens, cost,
+/// reservation id, in-flight expiry.
+/// Returns {admitted, minute requests (second, count, ...), minute tokens, day requests,
+/// day tokens, in flight, month spend}, counted before this request.
+const ADMIT_V1: &str = r"
+-- sluice_admit_v1
+local now = tonumber(ARGV[1])
+local function window(key)
+  local all = redis.call('HGETALL', key)
+  local sum, live = 0, {}
+  for i = 1, #all, 2 do
+    if tonumber(all[i]) > now - 60 then
+      sum = sum + tonumber(all[i + 1])
+      live[#live + 1] = all[i]
+      live[#live + 1] = all[i + 1]
+    else
+      redis.call('HDEL', key, all[i])
+    end
+  end
+  return sum, live
+end
+local rpm_used, mr = window(KEYS[1])
+local tpm_used, mt = window(KEYS[2])
+local day_r = tonumber(redis.call('HGET', KEYS[3], 'r') or '0')
+local day_t = tonumber(redis.call('HGET', KEYS[3], 't') or '0')
+local spend = tonumber(redis.call('GET', KEYS[4]) or '0')
+redis.call('ZREMRANGEBYSCORE', KEYS[5], '-inf', now)
+local in_flight = redis.call('ZCARD', KEYS[5])
+local tokens, cost = tonumber(ARGV[8]), tonumber(ARGV[9])
+local function over(limit, used, need)
+  local l = tonumber(limit)
+  return l >= 0 and used + need > l
+end
+local admitted = 1
+if over(ARGV[6], in_flight, 1) or over(ARGV[2], rpm_used, 1) or over(ARGV[4], tpm_used, tokens)
+  or over(ARGV[3], day_r, 1) or over(ARGV[5], day_t, tokens) or over(ARGV[7], spend, cost) then
+  admitted = 0
+end
+if admitted == 1 then
+  redis.call('HINCRBY', KEYS[1], now, 1)
+  redis.call('EXPIRE', KEYS[1], 120)
+  redis.call('HINCRBY', KEYS[2], now, tokens)
+  redis.call('EXPIRE', KEYS[2], 120)
+  redis.call('HINCRBY', KEYS[3], 'r', 1)
+  redis.call('HINCRBY', KEYS[3], 't', tokens)
+  redis.call('EXPIRE', KEYS[3], 172800)
+  redis.call('INCRBY', KEYS[4], cost)
+  redis.call('EXPIRE', KEYS[4], 3456000)
+  redis.call('ZADD', KEYS[5], ARGV[11], ARGV[10])
+  redis.call('EXPIRE', KEYS[5], 86400)
+end
+return {admitted, mr, mt, day_r, day_t, in_flight, spend}
+";
+
+/// Settles a reservation: frees its slot and moves its counters from reserved to actual.
+/// KEYS: minute tokens, day, month spend, in-flight.
+/// ARGV: admitted second, token delta, cost delta, reservation id.
+const SETTLE_V1: &str = r"
+-- sluice_settle_v1
+redis.call('ZREM', KEYS[4], ARGV[4])
+local function adjust(key, field, delta)
+  if delta ~= 0 and redis.call('HEXISTS', key, field) == 1 then
+    if redis.call('HINCRBY', key, field, delta) < 0 then
+      redis.call('HSET', key, field, 0)
+    end
+  end
+end
+local d = tonumber(ARGV[2])
+adjust(KEYS[1], ARGV[1], d)
+adjust(KEYS[2], 't', d)
+local c = tonumber(ARGV[3])
+if c ~= 0 and redis.call('EXISTS', KEYS[3]) == 1 then
+  if redis.call('INCRBY', KEYS[3], c) < 0 then
+    redis.call('SET', KEYS[3], 0, 'KEEPTTL')
+  end
+end
+return 1
+";
+
+static ADMIT: std::sync::LazyLock<redis::Script> =
+    std::sync::LazyLock::new(|| redis::Script::new(ADMIT_V1));
+static SETTLE: std::sync::LazyLock<redis::Script> =
+    std::sync::LazyLock::new(|| redis::Script::new(SETTLE_V1));
+
+/// The Redis keys of one API key's quota state, all under one hash tag so that a script
+/// touching them runs on one Redis Cluster slot.
+struct QuotaKeys {
+    tag: String,
+}
+
+impl QuotaKeys {
+    fn new(prefix: &str, key_id: &str) -> Self {
+        QuotaKeys {
+            tag: format!("{{{prefix}:{key_id}}}"),
+        }
+    }
+    fn minute_requests(&self) -> String {
+        format!("{}:q:mr", self.tag)
+    }
+    fn minute_tokens(&self) -> String {
+        format!("{}:q:mt", self.tag)
+    }
+    fn day(&self, sec: i64) -> String {
+        format!("{}:q:d:{}", self.tag, sec.div_euclid(86_400))
+    }
+    fn month(&self, month: &str) -> String {
+        format!("{}:q:m:{month}", self.tag)
+    }
+    fn in_flight(&self) -> String {
+        format!("{}:q:f", self.tag)
+    }
+}
+
+fn limit_arg(limit: Option<u64>) -> i64 {
+    limit.map_or(-1, |l| i64::try_from(l).unwrap_or(i64::MAX))
+}
+
+fn buckets(requests: &[String], tokens: &[String]) -> Vec<sluice_policies::quota::Bucket> {
+    use sluice_policies::quota::Bucket;
+    let mut out: Vec<Bucket> = requests
+        .chunks(2)
+        .filter_map(|p| {
+            Some(Bucket {
+                second: p.first()?.parse().ok()?,
+                requests: p.get(1)?.parse().ok()?,
+                tokens: 0,
+            })
+        })
+        .collect();
+    for p in tokens.chunks(2) {
+        let (Some(Ok(second)), Some(Ok(n))) = (
+            p.first().map(|s| s.parse::<i64>()),
+            p.get(1).map(|s| s.parse::<u64>()),
+        ) else {
+            continue;
+        };
+        match out.iter_mut().find(|b| b.second == second) {
+            Some(b) => b.tokens = n,
+            None => out.push(Bucket {
+                second,
+                requests: 0,
+                tokens: n,
+            }),
+        }
+    }
+    out
+}
 
 #[async_trait]
 impl Store for RedisStore {
@@ -177,6 +339,121 @@ impl Store for RedisStore {
             .collect::<Result<Vec<_>, _>>()?;
         events.sort_by(|a, b| (a.time_ms, &a.id).cmp(&(b.time_ms, &b.id)));
         Ok(events)
+    }
+
+    async fn admit(&self, a: &AdmitArgs<'_>) -> Result<Decision, StoreError> {
+        let keys = QuotaKeys::new(&self.prefix, a.key_id);
+        let l = a.limits;
+        let mut invocation = ADMIT.prepare_invoke();
+        invocation
+            .key(keys.minute_requests())
+            .key(keys.minute_tokens())
+            .key(keys.day(a.now_sec))
+            .key(keys.month(a.month))
+            .key(keys.in_flight())
+            .arg(a.now_sec)
+            .arg(limit_arg(l.requests_per_minute))
+            .arg(limit_arg(l.requests_per_day))
+            .arg(limit_arg(l.tokens_per_minute))
+            .arg(limit_arg(l.tokens_per_day))
+            .arg(limit_arg(l.max_concurrent))
+            .arg(quota::budget_nano(l).unwrap_or(-1))
+            .arg(a.reservation.tokens)
+            .arg(a.reservation.cost_nano)
+            .arg(a.reservation_id)
+            .arg(a.now_sec + a.in_flight_ttl_secs);
+        let mut conn = self.conn.clone();
+        type Reply = (i64, Vec<String>, Vec<String>, u64, u64, u64, i64);
+        let (admitted, mr, mt, day_requests, day_tokens, in_flight, spend): Reply =
+            invocation.invoke_async(&mut conn).await?;
+        let counters = Counters {
+            minute: buckets(&mr, &mt),
+            day_requests,
+            day_tokens,
+            in_flight,
+            month_spend_nano: spend,
+        };
+        let mut decision =
+            quota::decide(l, &counters, a.reservation, a.now_sec, a.secs_to_month_end);
+        // The script's verdict is the one that counted; the pure function explains it.
+        if admitted == 1 {
+            decision.refused = None;
+        } else if decision.refused.is_none() {
+            decision.refused = Some((quota::LimitKind::Concurrent, 1));
+        }
+        Ok(decision)
+    }
+
+    async fn settle(&self, s: &SettleArgs<'_>) -> Result<(), StoreError> {
+        let keys = QuotaKeys::new(&self.prefix, s.key_id);
+        let token_delta = s.actual.tokens as i64 - s.reserved.tokens as i64;
+        let cost_delta = s.actual.cost_nano - s.reserved.cost_nano;
+        let mut invocation = SETTLE.prepare_invoke();
+        invocation
+            .key(keys.minute_tokens())
+            .key(keys.day(s.admitted_sec))
+            .key(keys.month(s.month))
+            .key(keys.in_flight())
+            .arg(s.admitted_sec)
+            .arg(token_delta)
+            .arg(cost_delta)
+            .arg(s.reservation_id);
+        let mut conn = self.conn.clone();
+        let _: i64 = invocation.invoke_async(&mut conn).await?;
+        Ok(())
+    }
+
+    async fn quota_counters(
+        &self,
+        key_id: &str,
+        now_sec: i64,
+        month: &str,
+    ) -> Result<Counters, StoreError> {
+        let keys = QuotaKeys::new(&self.prefix, key_id);
+        let mut conn = self.conn.clone();
+        let (mr, mt, day, spend, in_flight): (
+            Vec<String>,
+            Vec<String>,
+            std::collections::HashMap<String, u64>,
+            Option<i64>,
+            u64,
+        ) = redis::pipe()
+            .cmd("HGETALL")
+            .arg(keys.minute_requests())
+            .cmd("HGETALL")
+            .arg(keys.minute_tokens())
+            .cmd("HGETALL")
+            .arg(keys.day(now_sec))
+            .get(keys.month(month))
+            .zcount(keys.in_flight(), now_sec + 1, "+inf")
+            .query_async(&mut conn)
+            .await?;
+        let mut minute = buckets(&mr, &mt);
+        minute.retain(|b| b.second > now_sec - quota::WINDOW_SECS);
+        Ok(Counters {
+            minute,
+            day_requests: day.get("r").copied().unwrap_or(0),
+            day_tokens: day.get("t").copied().unwrap_or(0),
+            in_flight,
+            month_spend_nano: spend.unwrap_or(0),
+        })
+    }
+
+    async fn reset_quota(&self, key_id: &str, month: &str) -> Result<(), StoreError> {
+        let keys = QuotaKeys::new(&self.prefix, key_id);
+        let now_sec = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs() as i64);
+        let mut conn = self.conn.clone();
+        let _: () = redis::cmd("DEL")
+            .arg(keys.minute_requests())
+            .arg(keys.minute_tokens())
+            .arg(keys.day(now_sec))
+            .arg(keys.month(month))
+            .arg(keys.in_flight())
+            .query_async(&mut conn)
+            .await?;
+        Ok(())
     }
 
     fn kind(&self) -> &'static str {
