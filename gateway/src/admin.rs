@@ -43,7 +43,7 @@ pub fn router(gateway: Arc<Gateway>) -> Router {
         .route("/admin/v1/keys/{id}/quota", get(key_quota))
         .route("/admin/v1/keys/{id}/quota/reset", post(reset_key_quota))
         .route("/admin/v1/tiers", get(list_tiers))
-        .route("/admin/v1/tiers/{name}", get(get_tier))
+        .route("/admin/v1/tiers/{name}", get(get_tier).put(put_tier))
         .route("/admin/v1/backends", get(list_backends))
         .route("/admin/v1/billing/export", get(billing_export))
         .route("/admin/v1/usage", get(usage))
@@ -161,8 +161,7 @@ fn non_empty(field: &'static str, value: &str) -> Result<(), ApiError> {
 /// A key as the admin API shows it: never its secret or hash.
 fn key_view(gateway: &Gateway, record: &KeyRecord) -> Value {
     let effective = gateway
-        .config
-        .tiers
+        .tiers()
         .get(&record.tier)
         .map(|t| t.limits.with_overrides(&record.limits))
         .ok();
@@ -202,8 +201,7 @@ async fn create_key(
         .tier
         .unwrap_or_else(|| sluice_policies::tiers::DEFAULT_TIER.to_owned());
     gateway
-        .config
-        .tiers
+        .tiers()
         .get(&tier)
         .map_err(|e| ApiError::bad_request(e.to_string()).with_param("tier"))?;
     let secret = NewSecret::generate();
@@ -285,8 +283,7 @@ async fn update_key(
     }
     if let Some(tier) = req.tier {
         gateway
-            .config
-            .tiers
+            .tiers()
             .get(&tier)
             .map_err(|e| ApiError::bad_request(e.to_string()).with_param("tier"))?;
         record.tier = tier;
@@ -347,7 +344,8 @@ async fn rotate_key(
 }
 
 async fn list_tiers(State(gateway): State<AppState>) -> Json<Value> {
-    let data: Vec<_> = gateway.config.tiers.iter().collect();
+    let tiers = gateway.tiers();
+    let data: Vec<_> = tiers.iter().collect();
     Json(json!({"object": "list", "data": data}))
 }
 
@@ -355,11 +353,62 @@ async fn get_tier(
     State(gateway): State<AppState>,
     Path(name): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
-    let tier = gateway
-        .config
-        .tiers
+    let tiers = gateway.tiers();
+    let tier = tiers
         .get(&name)
         .map_err(|e| ApiError::not_found(e.to_string()))?;
+    Ok(Json(json!(tier)))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PutTier {
+    currency: Option<String>,
+    limits: sluice_policies::Limits,
+    #[serde(default)]
+    on_store_unavailable: Option<sluice_policies::FailMode>,
+}
+
+/// `PUT /admin/v1/tiers/{name}`: creates or replaces a tier; every replica applies it within
+/// a second (it moves the store's key epoch, which each replica polls).
+async fn put_tier(
+    State(gateway): State<AppState>,
+    Path(name): Path<String>,
+    body: Bytes,
+) -> Result<Json<Value>, ApiError> {
+    let req: PutTier = parse_body(&body)?;
+    non_empty("name", &name)?;
+    let current = gateway.tiers();
+    let existing = current.get(&name).ok();
+    let tier = sluice_policies::Tier {
+        name: name.clone(),
+        currency: req
+            .currency
+            .or_else(|| existing.map(|t| t.currency.clone()))
+            .unwrap_or_else(|| "USD".to_owned()),
+        limits: req.limits,
+        on_store_unavailable: req
+            .on_store_unavailable
+            .or_else(|| existing.map(|t| t.on_store_unavailable))
+            .unwrap_or_default(),
+    };
+    // Validate as the whole set would be, prices included, before storing anything.
+    let mut all: Vec<_> = current.iter().filter(|t| t.name != name).cloned().collect();
+    all.push(tier.clone());
+    let candidate =
+        sluice_policies::Tiers::new(all).map_err(|e| ApiError::bad_request(e.to_string()))?;
+    gateway
+        .config
+        .prices
+        .validate(&candidate)
+        .map_err(|e| ApiError::bad_request(e.to_string()))?;
+    gateway.store.put_tier(&tier).await.map_err(store_error)?;
+    gateway.reload_tiers().await.map_err(|e| {
+        tracing::error!(error = %e, "tier reload failed");
+        ApiError::unavailable("The store is unavailable; try again shortly.")
+    })?;
+    key_written(&gateway).await;
+    tracing::info!(tier = %name, "tier written");
     Ok(Json(json!(tier)))
 }
 
@@ -396,7 +445,7 @@ async fn priced_events(
     Ok(billing::price(
         events,
         &gateway.config.prices,
-        &gateway.config.tiers,
+        &gateway.tiers(),
     ))
 }
 
@@ -462,9 +511,8 @@ async fn key_quota(
 ) -> Result<Json<Value>, ApiError> {
     use sluice_policies::quota;
     let record = find_key(&gateway, &id).await?;
-    let tier = gateway
-        .config
-        .tiers
+    let tiers = gateway.tiers();
+    let tier = tiers
         .get(&record.tier)
         .map_err(|e| ApiError::internal(e.to_string()))?;
     let limits = tier.limits.with_overrides(&record.limits);

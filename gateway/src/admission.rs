@@ -237,8 +237,7 @@ pub async fn admit(
         Ok(decision) => decision,
         Err(e) => {
             let fail_mode = gateway
-                .config
-                .tiers
+                .tiers()
                 .get(&identity.tier)
                 .map_or(FailMode::Closed, |t| t.on_store_unavailable);
             tracing::warn!(error = %e, key_id = %identity.key_id, ?fail_mode, "quota store unreachable");

@@ -9,10 +9,12 @@ use crate::proxy::Proxy;
 use crate::store::{EmbeddedStore, RedisStore, Store};
 use crate::upstream::Upstreams;
 use anyhow::Context;
+use arc_swap::ArcSwap;
 use bytes::Bytes;
 use pingora_core::server::configuration::ServerConf;
 use pingora_core::server::Server;
 use serde_json::json;
+use sluice_policies::Tiers;
 use std::sync::Arc;
 
 /// Entries the local key cache may hold before it starts over.
@@ -20,6 +22,9 @@ const KEY_CACHE_CAPACITY: usize = 100_000;
 
 pub struct Gateway {
     pub config: Config,
+    /// The tiers in force: the configuration's, overridden by those written through the
+    /// admin API, reloaded whenever the store's key epoch moves.
+    pub tiers: Arc<ArcSwap<Tiers>>,
     pub store: Arc<dyn Store>,
     pub key_cache: Arc<KeyCache>,
     pub auth: Authenticator,
@@ -66,18 +71,17 @@ impl Gateway {
             .transpose()
             .context("auth.jwt")?;
         let key_cache = Arc::new(KeyCache::new(KEY_CACHE_CAPACITY));
-        let auth = Authenticator::new(
-            store.clone(),
-            key_cache.clone(),
-            jwt.clone(),
-            config.tiers.clone(),
-        );
+        let tiers = Arc::new(ArcSwap::from_pointee(
+            merged_tiers(&config.tiers, store.as_ref()).await?,
+        ));
+        let auth = Authenticator::new(store.clone(), key_cache.clone(), jwt.clone(), tiers.clone());
         let upstreams = Arc::new(Upstreams::new(&config.backends));
         upstreams.discover().await;
         let (usage, writer) =
             usage_channel(store.clone(), config.data_dir.join("usage-journal.jsonl"));
         let gateway = Arc::new(Gateway {
             config,
+            tiers,
             store,
             key_cache,
             auth,
@@ -87,6 +91,43 @@ impl Gateway {
             local_limiter: Default::default(),
         });
         Ok((gateway, writer))
+    }
+
+    /// The tiers in force now.
+    pub fn tiers(&self) -> Arc<Tiers> {
+        self.tiers.load_full()
+    }
+
+    /// Re-reads the tiers written through the admin API.
+    pub async fn reload_tiers(&self) -> anyhow::Result<()> {
+        let tiers = merged_tiers(&self.config.tiers, self.store.as_ref()).await?;
+        self.tiers.store(Arc::new(tiers));
+        Ok(())
+    }
+
+    /// Follows the store's key epoch until the process ends: when it moves (a key or tier
+    /// changed on any replica), reload the tiers, then drop the cached identities.
+    pub async fn follow_changes(self: Arc<Self>) {
+        let mut tick = tokio::time::interval(crate::auth::EPOCH_POLL);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut seen = None;
+        loop {
+            tick.tick().await;
+            match self.store.keys_epoch().await {
+                Ok(epoch) if seen != Some(epoch) => {
+                    if let Err(e) = self.reload_tiers().await {
+                        tracing::warn!(error = %e, "cannot reload tiers");
+                        continue;
+                    }
+                    seen = Some(epoch);
+                    self.key_cache.observe_epoch(epoch);
+                }
+                Ok(_) => {}
+                // While the store is unreachable nothing can change in it either: keep the
+                // cached identities and tiers.
+                Err(e) => tracing::warn!(error = %e, "cannot read the key epoch"),
+            }
+        }
     }
 
     /// The body of `GET /v1/models`: every model some backend serves.
@@ -99,6 +140,22 @@ impl Gateway {
             .collect();
         Bytes::from(json!({"object": "list", "data": data}).to_string())
     }
+}
+
+/// The configuration's tiers with the stored ones over them.
+async fn merged_tiers(configured: &Tiers, store: &dyn Store) -> anyhow::Result<Tiers> {
+    let stored = store.stored_tiers().await?;
+    if stored.is_empty() {
+        return Ok(configured.clone());
+    }
+    let mut all: std::collections::BTreeMap<String, sluice_policies::Tier> = configured
+        .iter()
+        .map(|t| (t.name.clone(), t.clone()))
+        .collect();
+    for tier in stored {
+        all.insert(tier.name.clone(), tier);
+    }
+    Ok(Tiers::new(all.into_values())?)
 }
 
 /// Runs the gateway until a signal stops it. Never returns on success.
@@ -117,7 +174,7 @@ pub fn run(config: Config) -> anyhow::Result<()> {
         .block_on(tokio::net::TcpListener::bind(config.admin_listen))
         .with_context(|| format!("cannot listen on {} (admin)", config.admin_listen))?;
     support.spawn(admin::serve(admin_listener, gateway.clone()));
-    support.spawn(gateway.key_cache.clone().follow(gateway.store.clone()));
+    support.spawn(gateway.clone().follow_changes());
     support.spawn(gateway.upstreams.clone().follow());
 
     if config.admin_token.is_none() && config.jwt.is_none() {

@@ -114,11 +114,13 @@ pub fn to_nano_ceil(amount: Decimal) -> i64 {
     i64::try_from(scaled.mantissa() / 10i128.pow(scaled.scale())).unwrap_or(i64::MAX)
 }
 
+/// The window's use. Buckets stamped after `now_sec` count too: another replica may have
+/// admitted in the next second before this decision ran, and the store's script counts them.
 fn window_sum(counters: &Counters, now_sec: i64, field: fn(&Bucket) -> u64) -> u64 {
     counters
         .minute
         .iter()
-        .filter(|b| b.second > now_sec - WINDOW_SECS && b.second <= now_sec)
+        .filter(|b| b.second > now_sec - WINDOW_SECS)
         .map(field)
         .sum()
 }
@@ -134,7 +136,7 @@ fn minute_retry(
     let mut live: Vec<&Bucket> = counters
         .minute
         .iter()
-        .filter(|b| b.second > now_sec - WINDOW_SECS && b.second <= now_sec)
+        .filter(|b| b.second > now_sec - WINDOW_SECS)
         .collect();
     live.sort_by_key(|b| b.second);
     let mut used: u64 = live.iter().map(|b| field(b)).sum();

@@ -6,9 +6,8 @@ use futures::StreamExt;
 use rust_decimal::Decimal;
 use serde_json::{json, Value};
 use sluice_e2e::{
-    free_port, Backend, Gateway, GatewayOptions, StoreKind, ADMIN_TOKEN, SIM_EMBED_MODEL, SIM_MODEL,
+    Backend, Gateway, GatewayOptions, OwnRedis, StoreKind, ADMIN_TOKEN, SIM_EMBED_MODEL, SIM_MODEL,
 };
-use std::process::{Child, Command, Stdio};
 use std::str::FromStr;
 use std::time::Duration;
 
@@ -258,69 +257,6 @@ async fn every_generated_token_is_exported_once_and_priced_exactly() {
         events.iter().all(|e| e["usage_reported"] == true),
         "the backend's usage was read for every request"
     );
-}
-
-/// A Redis of the test's own, with its data on disk so that a restart keeps it.
-struct OwnRedis {
-    port: u16,
-    dir: tempfile::TempDir,
-    child: Option<Child>,
-}
-
-impl OwnRedis {
-    fn start() -> OwnRedis {
-        let mut redis = OwnRedis {
-            port: free_port(),
-            dir: tempfile::tempdir().unwrap(),
-            child: None,
-        };
-        redis.spawn();
-        redis
-    }
-
-    fn spawn(&mut self) {
-        let child = Command::new("redis-server")
-            .args(["--bind", "127.0.0.1", "--port", &self.port.to_string()])
-            .args([
-                "--appendonly",
-                "yes",
-                "--appendfsync",
-                "always",
-                "--save",
-                "",
-            ])
-            .arg("--dir")
-            .arg(self.dir.path())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("redis-server (scripts/ensure-redis.sh installs it)");
-        self.child = Some(child);
-        for _ in 0..100 {
-            if std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        panic!("redis-server did not start on {}", self.port);
-    }
-
-    fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-
-    fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
-    }
-}
-
-impl Drop for OwnRedis {
-    fn drop(&mut self) {
-        self.kill();
-    }
 }
 
 #[tokio::test]

@@ -4,7 +4,7 @@
 use futures::StreamExt;
 use rust_decimal::Decimal;
 use serde_json::{json, Value};
-use sluice_e2e::{Backend, Gateway, GatewayOptions, StoreKind, ADMIN_TOKEN, SIM_MODEL};
+use sluice_e2e::{Backend, Gateway, GatewayOptions, OwnRedis, StoreKind, ADMIN_TOKEN, SIM_MODEL};
 use std::str::FromStr;
 
 const PRICES: &str = r#"
@@ -91,7 +91,7 @@ async fn a_request_limit_holds_exactly_across_three_replicas() {
                     .unwrap()
                     >= 1
             );
-            assert_eq!(headers["x-ratelimit-remaining-requests"], "0");
+            assert_eq!(headers["x-ratelimit-remaining-requests"], "0", "{body}");
         } else {
             assert_eq!(*status, 200);
         }
@@ -268,4 +268,146 @@ async fn operators_see_and_reset_live_quota_state() {
         .await
         .unwrap();
     assert_eq!(r.status(), 200, "a reset key is admitted again");
+}
+
+#[tokio::test]
+async fn a_tier_change_applies_on_every_replica_within_a_second() {
+    let backend = Backend::start().await.unwrap();
+    let gws = fleet(&backend, 2).await;
+    let (_, key) = gws[0].create_key("acme", "pro").await.unwrap();
+    let r = gws[1]
+        .post_raw("/v1/chat/completions", Some(&key), chat(2))
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+
+    let r = gws[0]
+        .http
+        .put(format!("{}/admin/v1/tiers/pro", gws[0].admin_url))
+        .bearer_auth(ADMIN_TOKEN)
+        .json(&json!({"limits": {"requests_per_minute": 2}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let tier: Value = r.json().await.unwrap();
+    assert_eq!(tier["limits"]["requests_per_minute"], 2);
+
+    // The promise is "within one second" of the change's answer.
+    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    let r = gws[1]
+        .post_raw("/v1/chat/completions", Some(&key), chat(2))
+        .await
+        .unwrap();
+    assert_eq!(
+        r.status(),
+        200,
+        "the second request of the minute fits a limit of 2"
+    );
+    assert_eq!(r.headers()["x-ratelimit-limit-requests"], "2");
+    let r = gws[1]
+        .post_raw("/v1/chat/completions", Some(&key), chat(2))
+        .await
+        .unwrap();
+    assert_eq!(
+        r.status(),
+        429,
+        "replica B enforces the tier changed on replica A"
+    );
+
+    let r = gws[1]
+        .http
+        .put(format!("{}/admin/v1/tiers/pro", gws[1].admin_url))
+        .bearer_auth(ADMIN_TOKEN)
+        .json(&json!({"limits": {"requests_per_minute": "many"}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+}
+
+#[tokio::test]
+async fn with_redis_down_fail_open_keys_keep_local_limits_and_fail_closed_keys_get_503() {
+    let backend = Backend::start().await.unwrap();
+    let mut redis = OwnRedis::start();
+    let tiers = r#"
+[tiers.free.limits]
+requests_per_minute = 100
+
+[tiers.open]
+on_store_unavailable = "open"
+[tiers.open.limits]
+requests_per_minute = 6
+
+[tiers.closed]
+on_store_unavailable = "closed"
+[tiers.closed.limits]
+requests_per_minute = 100
+"#;
+    let gw = Gateway::start(GatewayOptions {
+        extra_config: tiers.to_owned(),
+        ..GatewayOptions::new(
+            &backend,
+            StoreKind::RedisAt {
+                url: redis.url(),
+                prefix: "failmodes".into(),
+            },
+        )
+    })
+    .await
+    .unwrap();
+    let (_, open) = gw.create_key("acme", "open").await.unwrap();
+    let (_, closed) = gw.create_key("acme", "closed").await.unwrap();
+    for key in [&open, &closed] {
+        let r = gw
+            .post_raw("/v1/chat/completions", Some(key), chat(2))
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+    }
+
+    redis.kill();
+    let mut open_statuses = Vec::new();
+    for _ in 0..10 {
+        let r = gw
+            .post_raw("/v1/chat/completions", Some(&open), chat(2))
+            .await
+            .unwrap();
+        open_statuses.push(r.status().as_u16());
+    }
+    let served = open_statuses.iter().filter(|s| **s == 200).count();
+    assert!(served >= 1, "fail-open keys are served: {open_statuses:?}");
+    assert!(
+        served <= 5,
+        "...within the replica's local limit (6/min, one already used): {open_statuses:?}"
+    );
+    assert!(
+        open_statuses.iter().all(|s| *s == 200 || *s == 429),
+        "{open_statuses:?}"
+    );
+    let r = gw
+        .post_raw("/v1/chat/completions", Some(&closed), chat(2))
+        .await
+        .unwrap();
+    assert_eq!(
+        r.status(),
+        503,
+        "fail-closed keys are refused while the store is down"
+    );
+
+    redis.spawn();
+    let mut recovered = false;
+    for _ in 0..50 {
+        let r = gw
+            .post_raw("/v1/chat/completions", Some(&closed), chat(2))
+            .await
+            .unwrap();
+        if r.status() == 200 {
+            recovered = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert!(recovered, "admission recovers when Redis returns");
+    assert!(!gw.log_contains("panicked"));
 }

@@ -9,7 +9,6 @@
 
 use super::Identity;
 use crate::keys::KeyHash;
-use crate::store::Store;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
@@ -76,24 +75,6 @@ impl KeyCache {
         let mut entries = self.entries.write().expect("key cache lock");
         entries.clear();
         self.epoch.store(u64::MAX, Ordering::Release);
-    }
-
-    /// Polls the store's key epoch until the process ends.
-    pub async fn follow(self: Arc<Self>, store: Arc<dyn Store>) {
-        let mut tick = tokio::time::interval(EPOCH_POLL);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tick.tick().await;
-            match store.keys_epoch().await {
-                Ok(epoch) => self.observe_epoch(epoch),
-                Err(e) => {
-                    // While the store is unreachable no key can change there either, so the
-                    // cached lookups stay right: keep serving them. Unknown keys still need
-                    // the store and fail until it is back.
-                    tracing::warn!(error = %e, "cannot read the key epoch; keeping cached keys");
-                }
-            }
-        }
     }
 }
 

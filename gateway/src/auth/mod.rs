@@ -8,7 +8,7 @@ mod jwt;
 mod key_cache;
 
 pub use jwt::{JwtError, JwtVerifier, VerifiedToken};
-pub use key_cache::KeyCache;
+pub use key_cache::{KeyCache, EPOCH_POLL};
 
 use crate::error::ApiError;
 use crate::keys::{KeyHash, KeyRecord};
@@ -30,7 +30,7 @@ pub struct Authenticator {
     store: Arc<dyn Store>,
     cache: Arc<KeyCache>,
     jwt: Option<Arc<JwtVerifier>>,
-    tiers: Tiers,
+    tiers: Arc<arc_swap::ArcSwap<Tiers>>,
 }
 
 /// The bearer credential of a request, still unverified.
@@ -48,7 +48,7 @@ impl Authenticator {
         store: Arc<dyn Store>,
         cache: Arc<KeyCache>,
         jwt: Option<Arc<JwtVerifier>>,
-        tiers: Tiers,
+        tiers: Arc<arc_swap::ArcSwap<Tiers>>,
     ) -> Self {
         Authenticator {
             store,
@@ -99,7 +99,8 @@ impl Authenticator {
     }
 
     fn identity_of_key(&self, record: &KeyRecord) -> Result<Identity, ApiError> {
-        let tier = self.tiers.get(&record.tier).map_err(|e| {
+        let tiers = self.tiers.load();
+        let tier = tiers.get(&record.tier).map_err(|e| {
             tracing::error!(key_id = %record.id, error = %e, "key names a tier that no longer exists");
             ApiError::internal("This API key's tier is not configured; contact the operator.")
         })?;
@@ -124,8 +125,8 @@ impl Authenticator {
             .tier
             .as_deref()
             .unwrap_or(sluice_policies::tiers::DEFAULT_TIER);
-        let tier = self
-            .tiers
+        let tiers = self.tiers.load();
+        let tier = tiers
             .get(tier_name)
             .map_err(|e| ApiError::invalid_api_key(format!("Invalid token: {e}.")))?;
         Ok(Identity {

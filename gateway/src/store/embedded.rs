@@ -8,6 +8,7 @@ use crate::metering::events::UsageEvent;
 use async_trait::async_trait;
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use sluice_policies::quota::{Counters, Decision};
+use sluice_policies::Tier;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -16,6 +17,8 @@ use std::sync::Arc;
 const KEYS: TableDefinition<&str, &[u8]> = TableDefinition::new("keys");
 /// hex SHA-256 of the secret -> key id, only for live keys
 const KEY_HASHES: TableDefinition<&str, &str> = TableDefinition::new("key_hashes");
+/// tier name -> JSON `Tier`, for tiers changed through the admin API
+const TIERS: TableDefinition<&str, &[u8]> = TableDefinition::new("tiers");
 /// `{time_ms:020}/{event id}` -> JSON `UsageEvent`, so a range scan is a time range
 const USAGE: TableDefinition<&str, &[u8]> = TableDefinition::new("usage_events");
 /// event id -> its USAGE key: what makes an event count once
@@ -57,6 +60,7 @@ impl EmbeddedStore {
         txn.open_table(KEYS).map_err(embedded_err)?;
         txn.open_table(KEY_HASHES).map_err(embedded_err)?;
         txn.open_table(USAGE).map_err(embedded_err)?;
+        txn.open_table(TIERS).map_err(embedded_err)?;
         txn.open_table(USAGE_IDS).map_err(embedded_err)?;
         txn.commit().map_err(embedded_err)?;
         Ok(EmbeddedStore {
@@ -241,6 +245,37 @@ impl Store for EmbeddedStore {
 
     async fn admit(&self, args: &AdmitArgs<'_>) -> Result<Decision, StoreError> {
         Ok(self.quotas.admit(args))
+    }
+
+    async fn put_tier(&self, tier: &Tier) -> Result<(), StoreError> {
+        let json = serde_json::to_vec(tier)?;
+        let name = tier.name.clone();
+        self.blocking(move |db| {
+            let txn = db.begin_write().map_err(embedded_err)?;
+            txn.open_table(TIERS)
+                .map_err(embedded_err)?
+                .insert(name.as_str(), json.as_slice())
+                .map_err(embedded_err)?;
+            txn.commit().map_err(embedded_err)?;
+            Ok(())
+        })
+        .await?;
+        self.epoch.fetch_add(1, Ordering::Release);
+        Ok(())
+    }
+
+    async fn stored_tiers(&self) -> Result<Vec<Tier>, StoreError> {
+        self.blocking(|db| {
+            let txn = db.begin_read().map_err(embedded_err)?;
+            let tiers = txn.open_table(TIERS).map_err(embedded_err)?;
+            let mut out = Vec::new();
+            for row in tiers.iter().map_err(embedded_err)? {
+                let (_, json) = row.map_err(embedded_err)?;
+                out.push(serde_json::from_slice(json.value())?);
+            }
+            Ok(out)
+        })
+        .await
     }
 
     async fn settle(&self, args: &SettleArgs<'_>) -> Result<(), StoreError> {

@@ -15,6 +15,7 @@ use crate::keys::{KeyHash, KeyRecord};
 use crate::metering::events::UsageEvent;
 use async_trait::async_trait;
 use sluice_policies::quota::{Counters, Decision};
+use sluice_policies::Tier;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -48,6 +49,12 @@ pub trait Store: Send + Sync + 'static {
     /// A number that changes whenever any key changes, so each replica can drop its local key
     /// cache within one poll of a change made anywhere.
     async fn keys_epoch(&self) -> Result<u64, StoreError>;
+
+    /// Creates or replaces a tier, and moves the key epoch (identities embed tier limits).
+    async fn put_tier(&self, tier: &Tier) -> Result<(), StoreError>;
+
+    /// Tiers written through the admin API; they override the configuration's.
+    async fn stored_tiers(&self) -> Result<Vec<Tier>, StoreError>;
 
     /// Adds usage events, each counted once by its id however often it is written; returns
     /// how many were new. Atomic per call: all of a batch is taken or none of it.

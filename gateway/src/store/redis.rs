@@ -3,7 +3,8 @@
 //! - `{prefix}:key:{id}`        JSON `KeyRecord`
 //! - `{prefix}:keyhash:{hash}`  key id, only for live keys
 //! - `{prefix}:keys`            sorted set of key ids by creation time
-//! - `{prefix}:keys:epoch`      counter bumped on every key change
+//! - `{prefix}:keys:epoch`      counter bumped on every key or tier change
+//! - `{prefix}:tiers`           hash: tier name -> JSON `Tier` (changed through the admin API)
 //! - `{prefix}:usage:ids`       hash: usage event id -> time (what makes an event count once)
 //! - `{prefix}:usage:events`    sorted set of usage event JSON, scored by time in ms
 //!
@@ -22,6 +23,7 @@ use async_trait::async_trait;
 use redis::aio::ConnectionManager;
 use redis::AsyncCommands;
 use sluice_policies::quota::{self, Counters, Decision};
+use sluice_policies::Tier;
 
 pub struct RedisStore {
     conn: ConnectionManager,
@@ -63,6 +65,10 @@ impl RedisStore {
 
     fn epoch_key(&self) -> String {
         format!("{{{}}}:keys:epoch", self.prefix)
+    }
+
+    fn tiers_key(&self) -> String {
+        format!("{{{}}}:tiers", self.prefix)
     }
 
     fn usage_ids_key(&self) -> String {
@@ -339,6 +345,28 @@ impl Store for RedisStore {
             .collect::<Result<Vec<_>, _>>()?;
         events.sort_by(|a, b| (a.time_ms, &a.id).cmp(&(b.time_ms, &b.id)));
         Ok(events)
+    }
+
+    async fn put_tier(&self, tier: &Tier) -> Result<(), StoreError> {
+        let mut conn = self.conn.clone();
+        redis::pipe()
+            .atomic()
+            .hset(self.tiers_key(), &tier.name, serde_json::to_string(tier)?)
+            .ignore()
+            .incr(self.epoch_key(), 1)
+            .ignore()
+            .query_async::<()>(&mut conn)
+            .await?;
+        Ok(())
+    }
+
+    async fn stored_tiers(&self) -> Result<Vec<Tier>, StoreError> {
+        let mut conn = self.conn.clone();
+        let jsons: Vec<String> = conn.hvals(self.tiers_key()).await?;
+        Ok(jsons
+            .iter()
+            .map(|j| serde_json::from_str(j))
+            .collect::<Result<_, _>>()?)
     }
 
     async fn admit(&self, a: &AdmitArgs<'_>) -> Result<Decision, StoreError> {
