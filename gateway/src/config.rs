@@ -258,12 +258,15 @@ impl Config {
             return Err(invalid("server.max_body_bytes", "must be greater than 0"));
         }
         let redis_url = env("SLUICE_REDIS_URL").or(s.redis_url);
-        if let Some(url) = &redis_url {
-            if !(url.starts_with("redis://") || url.starts_with("rediss://")) {
-                return Err(invalid(
-                    "server.redis_url (SLUICE_REDIS_URL)",
-                    format!("'{url}' is not a redis:// URL"),
-                ));
+        if let Some(urls) = &redis_url {
+            // One URL, or a comma-separated list of Redis Cluster nodes.
+            for url in urls.split(',').map(str::trim) {
+                if !(url.starts_with("redis://") || url.starts_with("rediss://")) {
+                    return Err(invalid(
+                        "server.redis_url (SLUICE_REDIS_URL)",
+                        format!("'{url}' is not a redis:// URL"),
+                    ));
+                }
             }
         }
         let redis_prefix = env("SLUICE_REDIS_PREFIX")

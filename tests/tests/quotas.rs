@@ -4,7 +4,9 @@
 use futures::StreamExt;
 use rust_decimal::Decimal;
 use serde_json::{json, Value};
-use sluice_e2e::{Backend, Gateway, GatewayOptions, OwnRedis, StoreKind, ADMIN_TOKEN, SIM_MODEL};
+use sluice_e2e::{
+    Backend, Gateway, GatewayOptions, OwnRedis, RedisCluster, StoreKind, ADMIN_TOKEN, SIM_MODEL,
+};
 use std::str::FromStr;
 
 const PRICES: &str = r#"
@@ -22,7 +24,10 @@ fn chat(max_tokens: u32) -> String {
 }
 
 async fn fleet(backend: &Backend, replicas: usize) -> Vec<Gateway> {
-    let store = StoreKind::fresh_redis();
+    fleet_on(backend, replicas, StoreKind::fresh_redis()).await
+}
+
+async fn fleet_on(backend: &Backend, replicas: usize, store: StoreKind) -> Vec<Gateway> {
     let mut gateways = Vec::new();
     for _ in 0..replicas {
         gateways.push(
@@ -69,11 +74,27 @@ async fn burst(
 async fn a_request_limit_holds_exactly_across_three_replicas() {
     let backend = Backend::start().await.unwrap();
     let gws = fleet(&backend, 3).await;
+    request_limit_holds_exactly(&gws).await;
+}
+
+#[tokio::test]
+async fn a_request_limit_holds_exactly_across_three_replicas_on_a_redis_cluster() {
+    let backend = Backend::start().await.unwrap();
+    let cluster = RedisCluster::start();
+    let store = StoreKind::RedisAt {
+        url: cluster.url(),
+        prefix: "cluster".into(),
+    };
+    let gws = fleet_on(&backend, 3, store).await;
+    request_limit_holds_exactly(&gws).await;
+}
+
+async fn request_limit_holds_exactly(gws: &[Gateway]) {
     let (_, key) = gws[0]
         .create_key_with("acme", "enterprise", json!({"requests_per_minute": 60}))
         .await
         .unwrap();
-    let answers = burst(&gws, &key, 300, chat(2)).await;
+    let answers = burst(gws, &key, 300, chat(2)).await;
     let ok = answers.iter().filter(|a| a.0 == 200).count();
     assert_eq!(ok, 60, "exactly the limit is admitted across the fleet");
     for (status, headers, body) in &answers {

@@ -26,25 +26,81 @@ use sluice_policies::quota::{self, Counters, Decision};
 use sluice_policies::Tier;
 
 pub struct RedisStore {
-    conn: ConnectionManager,
+    conn: Conn,
     prefix: String,
 }
 
+/// One Redis, or a Redis Cluster: every key this store touches in one call shares a hash tag,
+/// so the same commands and scripts run on either.
+#[derive(Clone)]
+enum Conn {
+    Single(ConnectionManager),
+    Cluster(redis::cluster_async::ClusterConnection),
+}
+
+impl redis::aio::ConnectionLike for Conn {
+    fn req_packed_command<'a>(
+        &'a mut self,
+        cmd: &'a redis::Cmd,
+    ) -> redis::RedisFuture<'a, redis::Value> {
+        match self {
+            Conn::Single(c) => c.req_packed_command(cmd),
+            Conn::Cluster(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a redis::Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> redis::RedisFuture<'a, Vec<redis::Value>> {
+        match self {
+            Conn::Single(c) => c.req_packed_commands(pipeline, offset, count),
+            Conn::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Conn::Single(c) => c.get_db(),
+            Conn::Cluster(c) => c.get_db(),
+        }
+    }
+}
+
 impl RedisStore {
-    /// Connects to `url` (`redis://host:port/db`). `prefix` namespaces every key, so several
+    /// Connects to `url` (`redis://host:port/db`), or to a Redis Cluster when `url` lists
+    /// several nodes separated by commas. `prefix` namespaces every key, so several
     /// deployments (or test runs) can share one Redis.
     pub async fn connect(url: &str, prefix: &str) -> Result<Self, StoreError> {
-        let client = redis::Client::open(url)?;
         // Fail fast while Redis is down: the gateway has a fallback for every call (cached
         // keys, fail-open limits, the usage journal), so waiting out long reconnect back-offs
         // would only stall requests.
-        let config = redis::aio::ConnectionManagerConfig::new()
-            .set_number_of_retries(1)
-            .set_min_delay(std::time::Duration::from_millis(50))
-            .set_max_delay(std::time::Duration::from_millis(500))
-            .set_connection_timeout(Some(std::time::Duration::from_millis(500)))
-            .set_response_timeout(Some(std::time::Duration::from_secs(2)));
-        let conn = ConnectionManager::new_with_config(client, config).await?;
+        let connect_timeout = std::time::Duration::from_millis(500);
+        let response_timeout = std::time::Duration::from_secs(2);
+        let nodes: Vec<&str> = url
+            .split(',')
+            .map(str::trim)
+            .filter(|n| !n.is_empty())
+            .collect();
+        let conn = if nodes.len() > 1 {
+            let client = redis::cluster::ClusterClientBuilder::new(nodes)
+                .connection_timeout(connect_timeout)
+                .response_timeout(response_timeout)
+                .retries(1)
+                .build()?;
+            Conn::Cluster(client.get_async_connection().await?)
+        } else {
+            let client = redis::Client::open(url)?;
+            let config = redis::aio::ConnectionManagerConfig::new()
+                .set_number_of_retries(1)
+                .set_min_delay(std::time::Duration::from_millis(50))
+                .set_max_delay(std::time::Duration::from_millis(500))
+                .set_connection_timeout(Some(connect_timeout))
+                .set_response_timeout(Some(response_timeout));
+            Conn::Single(ConnectionManager::new_with_config(client, config).await?)
+        };
         Ok(RedisStore {
             conn,
             prefix: prefix.to_owned(),
