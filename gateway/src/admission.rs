@@ -180,6 +180,7 @@ pub fn reservation(gateway: &Gateway, route: Route, view: &RequestView, tier: &s
         .lookup(view.model(), tier)
         .map_or(Decimal::ZERO, |p| cost_bound(p, &counts));
     Reservation {
+        requests: 1,
         tokens: prompt + completion,
         cost_nano: quota::to_nano_ceil(cost),
     }
@@ -320,6 +321,7 @@ pub fn settle(
     tokio::spawn(async move {
         let usage = usage.unwrap_or_default();
         let actual = Reservation {
+            requests: 1,
             tokens: usage.prompt_tokens + usage.completion_tokens,
             cost_nano: settled_cost_nano(&gateway.config.prices, &model, &identity.tier, &usage),
         };

@@ -54,10 +54,12 @@ impl LimitKind {
     }
 }
 
-/// What one request reserves before it is forwarded.
+/// What a request (or a lease of several) reserves before it is forwarded.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Reservation {
-    /// Estimated prompt tokens plus the completion cap.
+    /// Requests: 1, or a lease's size.
+    pub requests: u64,
+    /// Estimated prompt tokens plus the completion cap (all of them, for a lease).
     pub tokens: u64,
     /// Upper bound of its cost, in nano-units.
     pub cost_nano: i64,
@@ -236,7 +238,7 @@ pub fn decide(
         limit_requests: limits.requests_per_minute,
         remaining_requests: limits
             .requests_per_minute
-            .map(|l| l.saturating_sub(after(rpm_used, 1))),
+            .map(|l| l.saturating_sub(after(rpm_used, r.requests))),
         reset_requests_secs: limits
             .requests_per_minute
             .map(|l| minute_retry(counters, now_sec, l, 1, |b| b.requests)),
@@ -287,6 +289,7 @@ mod tests {
 
     fn one(tokens: u64) -> Reservation {
         Reservation {
+            requests: 1,
             tokens,
             cost_nano: 0,
         }
@@ -365,6 +368,7 @@ mod tests {
         };
         counters.month_spend_nano = NANO - 10;
         let r = Reservation {
+            requests: 1,
             tokens: 1,
             cost_nano: 11,
         };
@@ -373,6 +377,7 @@ mod tests {
             Some((LimitKind::MonthlyBudget, 77))
         );
         let r = Reservation {
+            requests: 1,
             tokens: 1,
             cost_nano: 10,
         };

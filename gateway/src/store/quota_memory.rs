@@ -67,7 +67,9 @@ pub struct AdmitArgs<'a> {
     pub in_flight_ttl_secs: i64,
 }
 
-/// What a settled request really used, against what it reserved at `admitted_sec`.
+/// What a settled request (or lease) really used, against what it reserved at
+/// `admitted_sec`. Its concurrency slots are `reservation_id:1` to `reservation_id:N`, N being
+/// `reserved.requests`.
 pub struct SettleArgs<'a> {
     pub key_id: &'a str,
     pub reservation_id: &'a str,
@@ -112,15 +114,20 @@ impl MemoryQuotas {
     pub fn settle(&self, s: &SettleArgs) {
         let mut keys = self.keys.lock().expect("quota lock");
         let q = keys.entry(s.key_id.to_owned()).or_default();
-        q.in_flight.remove(s.reservation_id);
-        let adjust = |v: u64| {
-            (v as i128 + s.actual.tokens as i128 - s.reserved.tokens as i128).max(0) as u64
+        for slot in 1..=s.reserved.requests {
+            q.in_flight.remove(&format!("{}:{slot}", s.reservation_id));
+        }
+        let adjust = |v: u64, actual: u64, reserved: u64| {
+            (v as i128 + actual as i128 - reserved as i128).max(0) as u64
         };
+        let (a, r) = (s.actual, s.reserved);
         if let Some(b) = q.minute.iter_mut().find(|b| b.second == s.admitted_sec) {
-            b.tokens = adjust(b.tokens);
+            b.tokens = adjust(b.tokens, a.tokens, r.tokens);
+            b.requests = adjust(b.requests, a.requests, r.requests);
         }
         if q.day.0 == s.admitted_sec.div_euclid(86_400) {
-            q.day.2 = adjust(q.day.2);
+            q.day.1 = adjust(q.day.1, a.requests, r.requests);
+            q.day.2 = adjust(q.day.2, a.tokens, r.tokens);
         }
         if q.month.0 == s.month {
             q.month.1 = (q.month.1 + s.actual.cost_nano - s.reserved.cost_nano).max(0);

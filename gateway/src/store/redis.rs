@@ -157,11 +157,12 @@ static APPEND_USAGE: std::sync::LazyLock<redis::Script> =
 /// reservation when they pass. All keys are one API key's, under one hash tag.
 /// KEYS: minute requests, minute tokens, day, month spend, in-flight.
 /// ARGV: now, rpm, rpd, tpm, tpd, concurrent, budget (-1 = unlimited), tokens, cost,
-/// reservation id, in-flight expiry.
+/// reservation id, in-flight expiry, requests (1, or a lease's size; its concurrency slots
+/// are members `id:1` .. `id:n`).
 /// Returns {admitted, minute requests (second, count, ...), minute tokens, day requests,
 /// day tokens, in flight, month spend}, counted before this request.
-const ADMIT_V1: &str = r"
--- sluice_admit_v1
+const ADMIT_V2: &str = r"
+-- sluice_admit_v2
 local now = tonumber(ARGV[1])
 local function window(key)
   local all = redis.call('HGETALL', key)
@@ -184,38 +185,43 @@ local day_t = tonumber(redis.call('HGET', KEYS[3], 't') or '0')
 local spend = tonumber(redis.call('GET', KEYS[4]) or '0')
 redis.call('ZREMRANGEBYSCORE', KEYS[5], '-inf', now)
 local in_flight = redis.call('ZCARD', KEYS[5])
-local tokens, cost = tonumber(ARGV[8]), tonumber(ARGV[9])
+local tokens, cost, n = tonumber(ARGV[8]), tonumber(ARGV[9]), tonumber(ARGV[12])
 local function over(limit, used, need)
   local l = tonumber(limit)
   return l >= 0 and used + need > l
 end
 local admitted = 1
-if over(ARGV[6], in_flight, 1) or over(ARGV[2], rpm_used, 1) or over(ARGV[4], tpm_used, tokens)
-  or over(ARGV[3], day_r, 1) or over(ARGV[5], day_t, tokens) or over(ARGV[7], spend, cost) then
+if over(ARGV[6], in_flight, n) or over(ARGV[2], rpm_used, n) or over(ARGV[4], tpm_used, tokens)
+  or over(ARGV[3], day_r, n) or over(ARGV[5], day_t, tokens) or over(ARGV[7], spend, cost) then
   admitted = 0
 end
 if admitted == 1 then
-  redis.call('HINCRBY', KEYS[1], now, 1)
+  redis.call('HINCRBY', KEYS[1], now, n)
   redis.call('EXPIRE', KEYS[1], 120)
   redis.call('HINCRBY', KEYS[2], now, tokens)
   redis.call('EXPIRE', KEYS[2], 120)
-  redis.call('HINCRBY', KEYS[3], 'r', 1)
+  redis.call('HINCRBY', KEYS[3], 'r', n)
   redis.call('HINCRBY', KEYS[3], 't', tokens)
   redis.call('EXPIRE', KEYS[3], 172800)
   redis.call('INCRBY', KEYS[4], cost)
   redis.call('EXPIRE', KEYS[4], 3456000)
-  redis.call('ZADD', KEYS[5], ARGV[11], ARGV[10])
+  for i = 1, n do
+    redis.call('ZADD', KEYS[5], ARGV[11], ARGV[10] .. ':' .. i)
+  end
   redis.call('EXPIRE', KEYS[5], 86400)
 end
 return {admitted, mr, mt, day_r, day_t, in_flight, spend}
 ";
 
-/// Settles a reservation: frees its slot and moves its counters from reserved to actual.
-/// KEYS: minute tokens, day, month spend, in-flight.
-/// ARGV: admitted second, token delta, cost delta, reservation id.
-const SETTLE_V1: &str = r"
--- sluice_settle_v1
-redis.call('ZREM', KEYS[4], ARGV[4])
+/// Settles a reservation (or a lease): frees its slots and moves its counters from reserved
+/// to actual.
+/// KEYS: minute tokens, day, month spend, in-flight, minute requests.
+/// ARGV: admitted second, token delta, cost delta, reservation id, slots, request delta.
+const SETTLE_V2: &str = r"
+-- sluice_settle_v2
+for i = 1, tonumber(ARGV[5]) do
+  redis.call('ZREM', KEYS[4], ARGV[4] .. ':' .. i)
+end
 local function adjust(key, field, delta)
   if delta ~= 0 and redis.call('HEXISTS', key, field) == 1 then
     if redis.call('HINCRBY', key, field, delta) < 0 then
@@ -226,6 +232,9 @@ end
 local d = tonumber(ARGV[2])
 adjust(KEYS[1], ARGV[1], d)
 adjust(KEYS[2], 't', d)
+local r = tonumber(ARGV[6])
+adjust(KEYS[5], ARGV[1], r)
+adjust(KEYS[2], 'r', r)
 local c = tonumber(ARGV[3])
 if c ~= 0 and redis.call('EXISTS', KEYS[3]) == 1 then
   if redis.call('INCRBY', KEYS[3], c) < 0 then
@@ -236,9 +245,9 @@ return 1
 ";
 
 static ADMIT: std::sync::LazyLock<redis::Script> =
-    std::sync::LazyLock::new(|| redis::Script::new(ADMIT_V1));
+    std::sync::LazyLock::new(|| redis::Script::new(ADMIT_V2));
 static SETTLE: std::sync::LazyLock<redis::Script> =
-    std::sync::LazyLock::new(|| redis::Script::new(SETTLE_V1));
+    std::sync::LazyLock::new(|| redis::Script::new(SETTLE_V2));
 
 /// The Redis keys of one API key's quota state, all under one hash tag so that a script
 /// touching them runs on one Redis Cluster slot.
@@ -445,7 +454,8 @@ impl Store for RedisStore {
             .arg(a.reservation.tokens)
             .arg(a.reservation.cost_nano)
             .arg(a.reservation_id)
-            .arg(a.now_sec + a.in_flight_ttl_secs);
+            .arg(a.now_sec + a.in_flight_ttl_secs)
+            .arg(a.reservation.requests);
         let mut conn = self.conn.clone();
         type Reply = (i64, Vec<String>, Vec<String>, u64, u64, u64, i64);
         let (admitted, mr, mt, day_requests, day_tokens, in_flight, spend): Reply =
@@ -478,10 +488,13 @@ impl Store for RedisStore {
             .key(keys.day(s.admitted_sec))
             .key(keys.month(s.month))
             .key(keys.in_flight())
+            .key(keys.minute_requests())
             .arg(s.admitted_sec)
             .arg(token_delta)
             .arg(cost_delta)
-            .arg(s.reservation_id);
+            .arg(s.reservation_id)
+            .arg(s.reserved.requests)
+            .arg(s.actual.requests as i64 - s.reserved.requests as i64);
         let mut conn = self.conn.clone();
         let _: i64 = invocation.invoke_async(&mut conn).await?;
         Ok(())
