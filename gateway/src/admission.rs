@@ -18,6 +18,7 @@
 use crate::app::Gateway;
 use crate::auth::Identity;
 use crate::error::ApiError;
+use crate::leases::{give_back, Miss};
 use crate::metering::Usage;
 use crate::request::{RequestView, Route};
 use crate::store::{AdmitArgs, SettleArgs};
@@ -90,6 +91,8 @@ pub struct Admitted {
     pub headers: RateHeaders,
     /// Admitted by this replica alone while the store was unreachable: nothing to settle.
     pub local_only: bool,
+    /// Admitted from this replica's lease (see `leases`): settled into the lease.
+    pub lease: Option<String>,
 }
 
 /// A refusal, with the headers the 429 carries.
@@ -224,6 +227,21 @@ pub async fn admit(
             },
         });
     }
+    if gateway.leases.enabled() {
+        if let Some(admitted) = admit_leased(
+            gateway,
+            identity,
+            &reservation,
+            reservation_id,
+            now,
+            &month,
+            secs_to_month_end,
+        )
+        .await
+        {
+            return Ok(admitted);
+        }
+    }
     let args = AdmitArgs {
         key_id: &identity.key_id,
         limits: &identity.limits,
@@ -251,6 +269,7 @@ pub async fn admit(
                     month,
                     headers: RateHeaders::default(),
                     local_only: true,
+                    lease: None,
                 }),
                 FailMode::Closed => Err(Refused::from(ApiError::unavailable(
                     "Sluice cannot check quotas right now; try again shortly.",
@@ -266,12 +285,125 @@ pub async fn admit(
             month,
             headers: decision.headers,
             local_only: false,
+            lease: None,
         }),
         Some((kind, retry_after)) => Err(Refused {
             error: refusal_error(kind, retry_after),
             retry_after_secs: Some(retry_after),
             headers: decision.headers,
         }),
+    }
+}
+
+/// Admits from this replica's lease of the key, taking (or waiting for) one when the key is
+/// busy; `None` when the request is to be decided alone.
+async fn admit_leased(
+    gateway: &Gateway,
+    identity: &Identity,
+    reservation: &Reservation,
+    reservation_id: &str,
+    now: i64,
+    month: &str,
+    secs_to_month_end: u64,
+) -> Option<Admitted> {
+    /// How long a request waits for a lease another request is taking.
+    const LEASE_WAIT: std::time::Duration = std::time::Duration::from_millis(50);
+    for attempt in 0..2 {
+        match gateway
+            .leases
+            .try_admit(&identity.key_id, &identity.limits, reservation, now)
+        {
+            Ok(leased) => {
+                return Some(Admitted {
+                    reservation: *reservation,
+                    reservation_id: leased.lease_id.clone(),
+                    admitted_sec: leased.admitted_sec,
+                    month: month.to_owned(),
+                    headers: leased.headers,
+                    local_only: false,
+                    lease: Some(leased.lease_id),
+                })
+            }
+            Err(Miss::Take(size)) => {
+                return take_lease(
+                    gateway,
+                    identity,
+                    reservation,
+                    reservation_id,
+                    size,
+                    now,
+                    month,
+                    secs_to_month_end,
+                )
+                .await
+            }
+            Err(Miss::Wait(taking)) if attempt == 0 => {
+                let _ = tokio::time::timeout(LEASE_WAIT, taking.notified()).await;
+            }
+            Err(_) => return None,
+        }
+    }
+    None
+}
+
+/// Asks the store for a lease of `size` requests, the first of which is this one. `None`
+/// when it is refused (or the store fails): the request is then decided alone.
+#[allow(clippy::too_many_arguments)]
+async fn take_lease(
+    gateway: &Gateway,
+    identity: &Identity,
+    first: &Reservation,
+    reservation_id: &str,
+    size: u64,
+    now: i64,
+    month: &str,
+    secs_to_month_end: u64,
+) -> Option<Admitted> {
+    let lease_id = format!("{reservation_id}-lease");
+    let bulk = Reservation {
+        requests: size,
+        tokens: first.tokens.saturating_mul(size),
+        cost_nano: first.cost_nano.saturating_mul(size as i64),
+    };
+    let args = AdmitArgs {
+        key_id: &identity.key_id,
+        limits: &identity.limits,
+        reservation: &bulk,
+        reservation_id: &lease_id,
+        now_sec: now,
+        month,
+        secs_to_month_end,
+        in_flight_ttl_secs: IN_FLIGHT_TTL_SECS,
+    };
+    match gateway.store.admit(&args).await {
+        Ok(decision) if decision.refused.is_none() => {
+            let lease_headers = decision.headers.clone();
+            let mut headers = decision.headers;
+            headers.remaining_requests = headers.remaining_requests.map(|v| v + size - 1);
+            let idle = gateway.leases.install(
+                &identity.key_id,
+                lease_id.clone(),
+                now,
+                month.to_owned(),
+                bulk,
+                *first,
+                lease_headers,
+            );
+            give_back(gateway.store.clone(), idle);
+            Some(Admitted {
+                reservation: *first,
+                reservation_id: lease_id.clone(),
+                admitted_sec: now,
+                month: month.to_owned(),
+                headers,
+                local_only: false,
+                lease: Some(lease_id),
+            })
+        }
+        _ => {
+            gateway.leases.not_taken(&identity.key_id);
+            None
+        }
     }
 }
 
@@ -318,6 +450,23 @@ pub fn settle(
     admitted: Admitted,
     usage: Option<Usage>,
 ) {
+    if admitted.local_only {
+        return;
+    }
+    if let Some(lease_id) = &admitted.lease {
+        let usage = usage.unwrap_or_default();
+        let actual = Reservation {
+            requests: 1,
+            tokens: usage.prompt_tokens + usage.completion_tokens,
+            cost_nano: settled_cost_nano(&gateway.config.prices, &model, &identity.tier, &usage),
+        };
+        let idle =
+            gateway
+                .leases
+                .settle(&identity.key_id, lease_id, &admitted.reservation, &actual);
+        give_back(gateway.store.clone(), idle);
+        return;
+    }
     tokio::spawn(async move {
         let usage = usage.unwrap_or_default();
         let actual = Reservation {

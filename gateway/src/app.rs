@@ -32,6 +32,7 @@ pub struct Gateway {
     pub upstreams: Arc<Upstreams>,
     pub usage: UsageSink,
     pub local_limiter: crate::admission::LocalLimiter,
+    pub leases: crate::leases::Leases,
 }
 
 impl Gateway {
@@ -79,6 +80,7 @@ impl Gateway {
         upstreams.discover().await;
         let (usage, writer) =
             usage_channel(store.clone(), config.data_dir.join("usage-journal.jsonl"));
+        let config_leases = (config.lease_max_requests, config.lease_ms);
         let gateway = Arc::new(Gateway {
             config,
             tiers,
@@ -89,6 +91,10 @@ impl Gateway {
             upstreams,
             usage,
             local_limiter: Default::default(),
+            leases: crate::leases::Leases::new(
+                config_leases.0,
+                std::time::Duration::from_millis(config_leases.1),
+            ),
         });
         Ok((gateway, writer))
     }
@@ -127,6 +133,18 @@ impl Gateway {
                 // cached identities and tiers.
                 Err(e) => tracing::warn!(error = %e, "cannot read the key epoch"),
             }
+        }
+    }
+
+    /// Gives back expired leases whose requests are done, until the process ends.
+    pub async fn sweep_leases(self: Arc<Self>) {
+        if !self.leases.enabled() {
+            return;
+        }
+        let mut tick = tokio::time::interval(std::time::Duration::from_millis(100));
+        loop {
+            tick.tick().await;
+            crate::leases::give_back(self.store.clone(), self.leases.sweep());
         }
     }
 
@@ -175,6 +193,7 @@ pub fn run(config: Config) -> anyhow::Result<()> {
         .with_context(|| format!("cannot listen on {} (admin)", config.admin_listen))?;
     support.spawn(admin::serve(admin_listener, gateway.clone()));
     support.spawn(gateway.clone().follow_changes());
+    support.spawn(gateway.clone().sweep_leases());
     support.spawn(gateway.upstreams.clone().follow());
 
     if config.admin_token.is_none() && config.jwt.is_none() {

@@ -52,6 +52,10 @@ pub struct Config {
     pub prices: PriceBook,
     /// The completion cap reserved for a request that names no max_tokens.
     pub default_max_tokens: u64,
+    /// The most requests one quota lease may cover; 0 or 1 turns leases off.
+    pub lease_max_requests: u64,
+    /// How long a lease may admit from memory.
+    pub lease_ms: u64,
     /// Read usage from responses and record a usage event per request.
     pub metering: bool,
     /// How long the gateway keeps reading a backend's answer after its client hung up, so
@@ -113,6 +117,8 @@ struct FileConfig {
 #[serde(deny_unknown_fields)]
 struct QuotasSection {
     default_max_tokens: Option<u64>,
+    lease_max_requests: Option<u64>,
+    lease_ms: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -384,6 +390,8 @@ impl Config {
             backends,
             prices,
             default_max_tokens: file.quotas.default_max_tokens.unwrap_or(4096),
+            lease_max_requests: file.quotas.lease_max_requests.unwrap_or(16),
+            lease_ms: file.quotas.lease_ms.unwrap_or(1000),
             metering,
             drain_limit,
         })

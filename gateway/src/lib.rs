@@ -8,6 +8,7 @@ pub mod billing;
 pub mod config;
 pub mod error;
 pub mod keys;
+pub mod leases;
 pub mod metering;
 pub mod proxy;
 pub mod request;

@@ -23,16 +23,24 @@ fn chat(max_tokens: u32) -> String {
         .to_string()
 }
 
+/// Leases off: every request is decided by the store, exactly.
+const NO_LEASES: &str = "\n[quotas]\nlease_max_requests = 0\n";
+
 async fn fleet(backend: &Backend, replicas: usize) -> Vec<Gateway> {
-    fleet_on(backend, replicas, StoreKind::fresh_redis()).await
+    fleet_on(backend, replicas, StoreKind::fresh_redis(), NO_LEASES).await
 }
 
-async fn fleet_on(backend: &Backend, replicas: usize, store: StoreKind) -> Vec<Gateway> {
+async fn fleet_on(
+    backend: &Backend,
+    replicas: usize,
+    store: StoreKind,
+    extra: &str,
+) -> Vec<Gateway> {
     let mut gateways = Vec::new();
     for _ in 0..replicas {
         gateways.push(
             Gateway::start(GatewayOptions {
-                extra_config: PRICES.to_owned(),
+                extra_config: format!("{PRICES}{extra}"),
                 ..GatewayOptions::new(backend, store.clone())
             })
             .await
@@ -85,8 +93,27 @@ async fn a_request_limit_holds_exactly_across_three_replicas_on_a_redis_cluster(
         url: cluster.url(),
         prefix: "cluster".into(),
     };
-    let gws = fleet_on(&backend, 3, store).await;
+    let gws = fleet_on(&backend, 3, store, NO_LEASES).await;
     request_limit_holds_exactly(&gws).await;
+}
+
+#[tokio::test]
+async fn with_leases_a_request_limit_is_never_exceeded_across_three_replicas() {
+    let backend = Backend::start().await.unwrap();
+    let gws = fleet_on(&backend, 3, StoreKind::fresh_redis(), "").await;
+    let (_, key) = gws[0]
+        .create_key_with("acme", "enterprise", json!({"requests_per_minute": 60}))
+        .await
+        .unwrap();
+    let answers = burst(&gws, &key, 300, chat(2)).await;
+    let ok = answers.iter().filter(|a| a.0 == 200).count();
+    // Leases are counted in full by the store when taken: never more than the limit. What a
+    // lease may strand is at most its size (a quarter of the limit) per other replica.
+    assert!(ok <= 60, "{ok} admitted under a limit of 60");
+    assert!(
+        ok >= 60 - 2 * 15,
+        "{ok} admitted: leases stranded more than their bound"
+    );
 }
 
 async fn request_limit_holds_exactly(gws: &[Gateway]) {
@@ -150,14 +177,23 @@ async fn a_token_limit_is_never_overspent_across_three_replicas() {
 #[tokio::test]
 async fn a_budget_holds_under_two_hundred_simultaneous_requests() {
     let backend = Backend::start().await.unwrap();
-    let gws = fleet(&backend, 3).await;
+    budget_holds(&fleet(&backend, 3).await).await;
+}
+
+#[tokio::test]
+async fn with_leases_a_budget_holds_and_the_ledger_reconciles() {
+    let backend = Backend::start().await.unwrap();
+    budget_holds(&fleet_on(&backend, 3, StoreKind::fresh_redis(), "").await).await;
+}
+
+async fn budget_holds(gws: &[Gateway]) {
     // Each request reserves at most (prompt bytes + 64) input and 10 output tokens:
     // about 110 × 1.00 + 10 × 3.00 per million. A budget of 0.007 fits ~50 reservations.
     let (id, key) = gws[0]
         .create_key_with("acme", "enterprise", json!({"monthly_budget": "0.007"}))
         .await
         .unwrap();
-    let answers = burst(&gws, &key, 200, chat(10)).await;
+    let answers = burst(gws, &key, 200, chat(10)).await;
     let admitted: Vec<&Value> = answers
         .iter()
         .filter(|a| a.0 == 200)
@@ -188,7 +224,7 @@ async fn a_budget_holds_under_two_hundred_simultaneous_requests() {
 
     // Settlement runs after each response; wait for the ledger to settle, then compare.
     let mut ledger = Decimal::ZERO;
-    for _ in 0..100 {
+    for _ in 0..200 {
         let q: Value = gws[1]
             .http
             .get(format!("{}/admin/v1/keys/{id}/quota", gws[1].admin_url))
@@ -431,4 +467,77 @@ requests_per_minute = 100
     }
     assert!(recovered, "admission recovers when Redis returns");
     assert!(!gw.log_contains("panicked"));
+}
+
+/// Redis's own count of script calls (admissions and settlements; metering is off here).
+fn script_calls(redis: &OwnRedis) -> u64 {
+    let out = std::process::Command::new("redis-cli")
+        .args(["-u", &redis.url(), "info", "commandstats"])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| l.starts_with("cmdstat_evalsha:") || l.starts_with("cmdstat_eval:"))
+        .filter_map(|l| {
+            l.split("calls=")
+                .nth(1)?
+                .split(',')
+                .next()?
+                .parse::<u64>()
+                .ok()
+        })
+        .sum()
+}
+
+#[tokio::test]
+async fn with_leases_most_requests_make_no_store_call() {
+    let backend = Backend::start().await.unwrap();
+    let mut counts = Vec::new();
+    for extra in [NO_LEASES, ""] {
+        let redis = OwnRedis::start();
+        let store = StoreKind::RedisAt {
+            url: redis.url(),
+            prefix: "trips".into(),
+        };
+        let gws = fleet_on(
+            &backend,
+            1,
+            store,
+            &format!("{extra}\n[metering]\nenabled = false\n"),
+        )
+        .await;
+        let (_, key) = gws[0].create_key("acme", "enterprise").await.unwrap();
+        let before = script_calls(&redis);
+        let answers: Vec<u16> = futures::stream::iter(0..200)
+            .map(|_| {
+                let gw = &gws[0];
+                let key = key.clone();
+                async move {
+                    gw.post_raw("/v1/chat/completions", Some(&key), chat(2))
+                        .await
+                        .unwrap()
+                        .status()
+                        .as_u16()
+                }
+            })
+            .buffer_unordered(8)
+            .collect()
+            .await;
+        assert!(answers.iter().all(|s| *s == 200));
+        // Let the last settlements and lease give-backs land.
+        tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+        counts.push(script_calls(&redis) - before);
+        drop(gws);
+        drop(redis);
+    }
+    let (exact, leased) = (counts[0], counts[1]);
+    // (A script's first calls may be an EVALSHA answered NOSCRIPT, then an EVAL.)
+    assert!(
+        exact >= 400,
+        "without leases: an admission and a settlement per request ({exact})"
+    );
+    assert!(
+        leased <= 100,
+        "with leases, {leased} store calls for 200 requests (without: {exact})"
+    );
 }

@@ -1,0 +1,409 @@
+//! Quota leases: a replica reserves a slice of a key's quota in one store step and admits
+//! from it in memory, so a busy key costs a store round trip per slice, not per request.
+//!
+//! A lease is an ordinary reservation of `k` requests (with `k` times the triggering
+//! request's tokens and cost, and `k` concurrency slots) taken when the key is busy on this
+//! replica. Requests that fit in what is left of it are admitted without the store; their
+//! settlements are kept in the lease; when the lease expires (or runs out) and its last
+//! request has finished, one settlement gives back what it did not use.
+//!
+//! Because the store counts a lease in full when it is taken, leases never let the fleet
+//! admit more than a limit. What they cost is the other way round: while a lease is held, up
+//! to its unused part is unavailable to other replicas, at most `k` requests (and their
+//! tokens and cost) per replica per key, for at most the lease's time plus its requests'
+//! run time. `lease_max_requests = 0` turns leases off (every request is decided by the
+//! store, exactly).
+
+use crate::store::{SettleArgs, Store};
+use sluice_policies::quota::{RateHeaders, Reservation};
+use sluice_policies::Limits;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// A lease being taken or held for one key on this replica.
+struct Lease {
+    id: String,
+    admitted_sec: i64,
+    month: String,
+    expires: Instant,
+    granted: Reservation,
+    /// Taken by requests: reservations, replaced by actual use as they settle.
+    used: Reservation,
+    in_flight: u64,
+    headers: RateHeaders,
+}
+
+impl Lease {
+    fn fits(&self, r: &Reservation) -> bool {
+        self.used.requests < self.granted.requests
+            && self.in_flight < self.granted.requests
+            && self.used.tokens + r.tokens <= self.granted.tokens
+            && self.used.cost_nano + r.cost_nano <= self.granted.cost_nano
+    }
+}
+
+#[derive(Default)]
+struct KeyLeases {
+    current: Option<Lease>,
+    /// Expired or spent leases whose requests are still running.
+    retiring: Vec<Lease>,
+    /// Requests seen in the current second, to size a lease by the key's recent rate.
+    second: (i64, u64),
+    /// Requests seen in the second before.
+    previous: u64,
+    /// Set while a lease is being taken; requests meanwhile wait for it.
+    taking: Option<Arc<tokio::sync::Notify>>,
+}
+
+/// A request admitted from a lease.
+#[derive(Debug, Clone)]
+pub struct LeasedAdmission {
+    pub lease_id: String,
+    pub admitted_sec: i64,
+    pub headers: RateHeaders,
+}
+
+pub struct Leases {
+    max_requests: u64,
+    ttl: Duration,
+    keys: Mutex<HashMap<String, KeyLeases>>,
+}
+
+/// What to do when the current lease cannot serve a request.
+#[derive(Debug)]
+pub enum Miss {
+    /// Take a new lease of this many requests (the caller asks the store, then `install`s).
+    Take(u64),
+    /// Another request is taking a lease: wait for it, then try again once.
+    Wait(Arc<tokio::sync::Notify>),
+    /// Decide this request alone with the store.
+    Single,
+}
+
+impl Leases {
+    pub fn new(max_requests: u64, ttl: Duration) -> Self {
+        Leases {
+            max_requests,
+            ttl,
+            keys: Mutex::new(HashMap::new()),
+        }
+    }
+
+    pub fn enabled(&self) -> bool {
+        self.max_requests > 1
+    }
+
+    /// Admits from the key's current lease, or says how to go on. Returns leases to settle
+    /// with the store (spent ones whose requests are all done).
+    pub fn try_admit(
+        &self,
+        key_id: &str,
+        limits: &Limits,
+        r: &Reservation,
+        now_sec: i64,
+    ) -> Result<LeasedAdmission, Miss> {
+        let mut keys = self.keys.lock().expect("lease lock");
+        let k = keys.entry(key_id.to_owned()).or_default();
+        if k.second.0 == now_sec {
+            k.second.1 += 1;
+        } else {
+            k.previous = if k.second.0 == now_sec - 1 {
+                k.second.1
+            } else {
+                0
+            };
+            k.second = (now_sec, 1);
+        }
+        if let Some(lease) = k.current.as_mut() {
+            if lease.expires > Instant::now() && lease.fits(r) {
+                lease.used.requests += 1;
+                lease.used.tokens += r.tokens;
+                lease.used.cost_nano += r.cost_nano;
+                lease.in_flight += 1;
+                let spare = lease.granted.requests - lease.used.requests;
+                let mut headers = lease.headers.clone();
+                headers.remaining_requests = headers.remaining_requests.map(|v| v + spare);
+                return Ok(LeasedAdmission {
+                    lease_id: lease.id.clone(),
+                    admitted_sec: lease.admitted_sec,
+                    headers,
+                });
+            }
+        }
+        if let Some(taking) = &k.taking {
+            return Err(Miss::Wait(taking.clone()));
+        }
+        // Size by the key's rate here (twice the busier of this second and the last, so a
+        // lease lasts a while), and keep a lease a small part of any limit it counts against,
+        // so that one replica never holds most of a key's quota.
+        let mut size = (k.second.1.max(k.previous) * 2).min(self.max_requests);
+        for limit in [
+            limits.requests_per_minute,
+            limits.requests_per_day,
+            limits.max_concurrent,
+        ]
+        .into_iter()
+        .flatten()
+        {
+            size = size.min(limit / 4);
+        }
+        if k.second.1 + k.previous <= 1 || size <= 1 {
+            return Err(Miss::Single);
+        }
+        k.taking = Some(Arc::new(tokio::sync::Notify::new()));
+        Err(Miss::Take(size))
+    }
+
+    /// Installs a lease the store granted, with the first request (`first`) already taken
+    /// from it; the lease it replaces retires. Returns a retired lease that is already idle.
+    #[allow(clippy::too_many_arguments)]
+    pub fn install(
+        &self,
+        key_id: &str,
+        id: String,
+        admitted_sec: i64,
+        month: String,
+        granted: Reservation,
+        first: Reservation,
+        headers: RateHeaders,
+    ) -> Vec<IdleLease> {
+        let mut keys = self.keys.lock().expect("lease lock");
+        let k = keys.entry(key_id.to_owned()).or_default();
+        if let Some(taking) = k.taking.take() {
+            taking.notify_waiters();
+        }
+        let lease = Lease {
+            id,
+            admitted_sec,
+            month,
+            expires: Instant::now() + self.ttl,
+            granted,
+            used: Reservation {
+                requests: 1,
+                ..first
+            },
+            in_flight: 1,
+            headers,
+        };
+        if let Some(old) = k.current.replace(lease) {
+            k.retiring.push(old);
+        }
+        take_idle(key_id, k)
+    }
+
+    /// The store refused a lease (or failed): let the next request try again.
+    pub fn not_taken(&self, key_id: &str) {
+        if let Some(k) = self.keys.lock().expect("lease lock").get_mut(key_id) {
+            if let Some(taking) = k.taking.take() {
+                taking.notify_waiters();
+            }
+        }
+    }
+
+    /// A leased request finished: its reservation is replaced by what it used. Returns the
+    /// lease to give back when it was retiring and this was its last request.
+    pub fn settle(
+        &self,
+        key_id: &str,
+        lease_id: &str,
+        reserved: &Reservation,
+        actual: &Reservation,
+    ) -> Vec<IdleLease> {
+        let mut keys = self.keys.lock().expect("lease lock");
+        let Some(k) = keys.get_mut(key_id) else {
+            return Vec::new();
+        };
+        let lease = k
+            .current
+            .iter_mut()
+            .chain(k.retiring.iter_mut())
+            .find(|l| l.id == lease_id);
+        if let Some(lease) = lease {
+            lease.in_flight = lease.in_flight.saturating_sub(1);
+            lease.used.tokens = (lease.used.tokens + actual.tokens).saturating_sub(reserved.tokens);
+            lease.used.cost_nano =
+                (lease.used.cost_nano + actual.cost_nano - reserved.cost_nano).max(0);
+        }
+        take_idle(key_id, k)
+    }
+
+    /// Retires expired leases and hands back those whose requests have all finished.
+    pub fn sweep(&self) -> Vec<IdleLease> {
+        let now = Instant::now();
+        let mut keys = self.keys.lock().expect("lease lock");
+        let mut idle = Vec::new();
+        for (key_id, k) in keys.iter_mut() {
+            if k.current.as_ref().is_some_and(|l| l.expires <= now) {
+                let old = k.current.take().expect("checked");
+                k.retiring.push(old);
+            }
+            idle.extend(take_idle(key_id, k));
+        }
+        keys.retain(|_, k| k.current.is_some() || !k.retiring.is_empty() || k.taking.is_some());
+        idle
+    }
+}
+
+/// A lease with no request running: what to give back to the store.
+pub struct IdleLease {
+    pub key_id: String,
+    pub id: String,
+    pub admitted_sec: i64,
+    pub month: String,
+    pub granted: Reservation,
+    pub used: Reservation,
+}
+
+fn take_idle(key_id: &str, k: &mut KeyLeases) -> Vec<IdleLease> {
+    let (idle, busy): (Vec<Lease>, Vec<Lease>) =
+        k.retiring.drain(..).partition(|l| l.in_flight == 0);
+    k.retiring = busy;
+    idle.into_iter()
+        .map(|l| IdleLease {
+            key_id: key_id.to_owned(),
+            id: l.id,
+            admitted_sec: l.admitted_sec,
+            month: l.month,
+            granted: l.granted,
+            used: l.used,
+        })
+        .collect()
+}
+
+/// Gives idle leases back to the store: their unused requests, tokens, cost and slots.
+pub fn give_back(store: Arc<dyn Store>, idle: Vec<IdleLease>) {
+    if idle.is_empty() {
+        return;
+    }
+    tokio::spawn(async move {
+        for lease in idle {
+            let args = SettleArgs {
+                key_id: &lease.key_id,
+                reservation_id: &lease.id,
+                admitted_sec: lease.admitted_sec,
+                month: &lease.month,
+                reserved: lease.granted,
+                actual: lease.used,
+            };
+            for attempt in 0..5u32 {
+                match store.settle(&args).await {
+                    Ok(()) => break,
+                    Err(e) => {
+                        tracing::warn!(error = %e, attempt, "lease give-back failed");
+                        tokio::time::sleep(Duration::from_millis(200 << attempt)).await;
+                    }
+                }
+            }
+        }
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn r(tokens: u64) -> Reservation {
+        Reservation {
+            requests: 1,
+            tokens,
+            cost_nano: 10,
+        }
+    }
+
+    #[test]
+    fn a_busy_key_takes_a_lease_and_admits_from_it() {
+        let leases = Leases::new(8, Duration::from_secs(60));
+        let limits = Limits::default();
+        assert!(matches!(
+            leases.try_admit("k", &limits, &r(5), 100),
+            Err(Miss::Single)
+        ));
+        let Err(Miss::Take(size)) = leases.try_admit("k", &limits, &r(5), 100) else {
+            panic!("the second request of a second asks for a lease");
+        };
+        assert_eq!(size, 4);
+        assert!(matches!(
+            leases.try_admit("k", &limits, &r(5), 100),
+            Err(Miss::Wait(_))
+        ));
+        let granted = Reservation {
+            requests: 2,
+            tokens: 10,
+            cost_nano: 20,
+        };
+        leases.install(
+            "k",
+            "L".into(),
+            100,
+            "2026-11".into(),
+            granted,
+            r(5),
+            RateHeaders::default(),
+        );
+        let taken = leases
+            .try_admit("k", &limits, &r(5), 100)
+            .expect("one more fits");
+        assert_eq!(taken.lease_id, "L");
+        assert!(
+            leases.try_admit("k", &limits, &r(5), 100).is_err(),
+            "the lease is spent"
+        );
+    }
+
+    #[test]
+    fn a_lease_is_given_back_once_its_requests_are_done() {
+        let leases = Leases::new(8, Duration::from_millis(0));
+        let granted = Reservation {
+            requests: 4,
+            tokens: 40,
+            cost_nano: 40,
+        };
+        leases.install(
+            "k",
+            "L".into(),
+            100,
+            "2026-11".into(),
+            granted,
+            r(10),
+            RateHeaders::default(),
+        );
+        // Expired at once, but its first request still runs.
+        assert!(leases.sweep().is_empty());
+        let idle = leases.settle(
+            "k",
+            "L",
+            &r(10),
+            &Reservation {
+                requests: 1,
+                tokens: 3,
+                cost_nano: 2,
+            },
+        );
+        assert_eq!(idle.len(), 1);
+        assert_eq!(
+            idle[0].used,
+            Reservation {
+                requests: 1,
+                tokens: 3,
+                cost_nano: 2
+            }
+        );
+        assert_eq!(idle[0].granted, granted);
+    }
+
+    #[test]
+    fn leases_stay_a_small_part_of_small_limits() {
+        let leases = Leases::new(64, Duration::from_secs(1));
+        let limits = Limits {
+            requests_per_minute: Some(20),
+            ..Limits::default()
+        };
+        for _ in 0..30 {
+            if let Err(Miss::Take(size)) = leases.try_admit("k", &limits, &r(1), 5) {
+                assert!(size <= 5);
+                leases.not_taken("k");
+            }
+        }
+    }
+}
