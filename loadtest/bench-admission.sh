@@ -1,0 +1,148 @@
+#!/usr/bin/env bash
+# What admission costs: Redis round trips per admitted request with quota leases off and on,
+# and the latency the gateway adds (full path: API-key auth, Redis-backed quotas, metering)
+# over a direct connection to the same simulated backend. Writes docs/benchmarks.md.
+#
+#   loadtest/bench-admission.sh
+#   RATE=300 DURATION=8s ROUNDS=3 loadtest/bench-admission.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+RATE="${RATE:-300}"
+DURATION="${DURATION:-8s}"
+WARMUP="${WARMUP:-2s}"
+ROUNDS="${ROUNDS:-3}"
+REQUESTS="${REQUESTS:-2000}"
+CONCURRENCY="${CONCURRENCY:-16}"
+OUT="${OUT:-docs/benchmarks.md}"
+PORT_BASE="${PORT_BASE:-19300}"
+
+cargo build --release --bin sluice --bin sluice-backend --bin sluice-load
+bin="${CARGO_TARGET_DIR:-target}/release"
+work=$(mktemp -d)
+pids=()
+redis_port=$((PORT_BASE + 9))
+cleanup() {
+  kill "${pids[@]}" 2>/dev/null || true
+  redis-cli -p "$redis_port" shutdown nosave >/dev/null 2>&1 || true
+  wait 2>/dev/null || true
+  rm -rf "$work"
+}
+trap cleanup EXIT INT TERM
+wait_for() {
+  for _ in $(seq 100); do curl -fsS "$1" >/dev/null 2>&1 && return 0; sleep 0.1; done
+  echo "bench: $1 did not answer" >&2; exit 1
+}
+command -v redis-server >/dev/null || scripts/ensure-redis.sh
+
+# A Redis of the benchmark's own, so its command counts are this run's alone.
+redis-server --bind 127.0.0.1 --port "$redis_port" --save "" --appendonly no --daemonize yes \
+  --logfile "$work/redis.log" --dir "$work"
+for _ in $(seq 50); do redis-cli -p "$redis_port" ping >/dev/null 2>&1 && break; sleep 0.1; done
+
+backend_port=$PORT_BASE
+"$bin/sluice-backend" --engine sim --listen "127.0.0.1:$backend_port" --model sluice-sim >"$work/backend.log" 2>&1 &
+pids+=($!)
+wait_for "http://127.0.0.1:$backend_port/health"
+
+token="bench-$(od -An -N12 -tx1 /dev/urandom | tr -d ' \n')"
+declare -A key port
+for leases in off on; do
+  [ $leases = off ] && { offset=1; lease_max=0; } || { offset=3; lease_max=16; }
+  port[$leases]=$((PORT_BASE + offset)); admin=$((PORT_BASE + offset + 1))
+  cat >"$work/sluice-$leases.toml" <<TOML
+[server]
+listen = "127.0.0.1:${port[$leases]}"
+admin_listen = "127.0.0.1:$admin"
+redis_url = "redis://127.0.0.1:$redis_port"
+redis_prefix = "bench-$leases"
+data_dir = "$work/data-$leases"
+threads = 2
+grace_period_secs = 0
+
+[quotas]
+lease_max_requests = $lease_max
+
+[[backends]]
+name = "sim"
+url = "http://127.0.0.1:$backend_port"
+TOML
+  SLUICE_ADMIN_TOKEN="$token" SLUICE_LOG=info "$bin/sluice" serve --config "$work/sluice-$leases.toml" \
+    >"$work/sluice-$leases.log" 2>&1 &
+  pids+=($!)
+  wait_for "http://127.0.0.1:${port[$leases]}/health"
+  key[$leases]=$(curl -fsS "http://127.0.0.1:$admin/admin/v1/keys" -H "Authorization: Bearer $token" \
+    -d '{"name":"bench","tenant":"bench","tier":"enterprise"}' | sed -n 's/.*"key":"\([^"]*\)".*/\1/p')
+done
+
+trips="$work/trips.txt"
+for leases in off on; do
+  # MONITOR sees every command a client sends (commands a script runs are marked "lua"):
+  # exactly the round trips.
+  redis-cli -p "$redis_port" monitor >"$work/monitor-$leases.txt" &
+  monitor=$!
+  sleep 0.5
+  report=$("$bin/sluice-load" run "http://127.0.0.1:${port[$leases]}" --key "${key[$leases]}" \
+    --concurrency "$CONCURRENCY" --requests "$REQUESTS" --max-tokens 8 --json)
+  sleep 2  # the last settlements, lease give-backs and usage events land
+  kill "$monitor"; wait "$monitor" 2>/dev/null || true
+  ok=$(printf '%s' "$report" | python3 -c 'import json,sys; print(json.load(sys.stdin)["ok"])')
+  # Top-level commands from this gateway, less the key-epoch poll (not per request).
+  sent=$(grep -v ' lua\]' "$work/monitor-$leases.txt" | grep "bench-$leases" | grep -vc ':keys:epoch"' || true)
+  scripts=$(grep -v ' lua\]' "$work/monitor-$leases.txt" | grep "bench-$leases" | grep -cE '"(EVALSHA|EVAL|evalsha|eval)"' || true)
+  echo "$leases $ok $sent $scripts" >>"$trips"
+done
+
+"$bin/sluice-load" compare \
+  --a "http://127.0.0.1:$backend_port" --a-name direct \
+  --b "http://127.0.0.1:${port[on]}" --b-name sluice --b-key "${key[on]}" \
+  --rounds "$ROUNDS" --rate "$RATE" --duration "$DURATION" --warmup "$WARMUP" \
+  --max-tokens 8 --json >"$work/compare.json"
+
+command_line="RATE=$RATE DURATION=$DURATION WARMUP=$WARMUP ROUNDS=$ROUNDS REQUESTS=$REQUESTS CONCURRENCY=$CONCURRENCY loadtest/bench-admission.sh"
+python3 - "$trips" "$work/compare.json" "$OUT" "$command_line" <<'PY'
+import datetime, json, os, statistics, sys
+trips_path, compare_path, out_path, command_line = sys.argv[1:5]
+rows = []
+for line in open(trips_path):
+    leases, ok, sent, scripts = line.split()
+    ok, sent, scripts = int(ok), int(sent), int(scripts)
+    per = lambda n: f"{n / ok:.3f}" if ok else "-"
+    rows.append(f"| {leases} | {ok} | {per(sent)} | {per(scripts)} |")
+data = json.load(open(compare_path))
+d50 = [r["b"]["latency_ms"]["p50"] - r["a"]["latency_ms"]["p50"] for r in data["rounds"]]
+d99 = [r["b"]["latency_ms"]["p99"] - r["a"]["latency_ms"]["p99"] for r in data["rounds"]]
+section = "\n".join([
+    "<!-- admission:begin (written by loadtest/bench-admission.sh) -->",
+    "## Admission: Redis round trips and added latency",
+    "",
+    f"Run {datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')} on {os.cpu_count()} CPUs.",
+    "",
+    f"Command: `{command_line}`",
+    "",
+    "Round trips: one key, closed loop, through one gateway on a Redis of the benchmark's own, "
+    "counted with MONITOR (every command a client sent; those a script runs inside Redis are "
+    "not round trips). Script calls are admissions, settlements (per request, or per lease) "
+    "and usage-event batches (metering is on). The key-epoch poll (five GETs a second per "
+    "replica, whatever the traffic) is left out.",
+    "",
+    "| leases | admitted requests | Redis round trips per request | of which script calls |",
+    "| --- | ---: | ---: | ---: |",
+    *rows,
+    "",
+    "Added latency of the full admission path (API-key auth, Redis-backed quotas with leases on, "
+    "metering on), Sluice against a direct connection to the same backend, "
+    f"{len(d50)} alternating rounds at a fixed rate: median added p50 {statistics.median(d50):.3f} ms, "
+    f"p99 {statistics.median(d99):.3f} ms (per round p50: {', '.join(f'{x:.3f}' for x in d50)}; "
+    f"p99: {', '.join(f'{x:.3f}' for x in d99)}).",
+    "<!-- admission:end -->",
+])
+text = open(out_path).read() if os.path.exists(out_path) else "# Benchmarks\n"
+b, e = "<!-- admission:begin", "<!-- admission:end -->"
+if b in text and e in text:
+    text = text[:text.index(b)] + section + text[text.index(e) + len(e):]
+else:
+    text = text.rstrip("\n") + "\n\n" + section + "\n"
+open(out_path, "w").write(text)
+print(section)
+PY
