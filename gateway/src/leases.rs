@@ -11,7 +11,9 @@
 //! admit more than a limit. What they cost is the other way round: while a lease is held, up
 //! to its unused part is unavailable to other replicas, at most `k` requests (and their
 //! tokens and cost) per replica per key, for at most the lease's time plus its requests'
-//! run time. `lease_max_requests = 0` turns leases off (every request is decided by the
+//! run time. `k` is kept to a quarter of every limit the lease counts against (requests,
+//! tokens, concurrency, budget), so one replica never holds most of a key's quota.
+//! `lease_max_requests = 0` turns leases off (every request is decided by the
 //! store, exactly).
 
 use crate::store::{SettleArgs, Store};
@@ -147,6 +149,15 @@ impl Leases {
         .flatten()
         {
             size = size.min(limit / 4);
+        }
+        for limit in [limits.tokens_per_minute, limits.tokens_per_day]
+            .into_iter()
+            .flatten()
+        {
+            size = size.min(limit / 4 / r.tokens.max(1));
+        }
+        if let Some(budget) = sluice_policies::quota::budget_nano(limits) {
+            size = size.min((budget / 4 / r.cost_nano.max(1)) as u64);
         }
         if k.second.1 + k.previous <= 1 || size <= 1 {
             return Err(Miss::Single);

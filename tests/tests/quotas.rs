@@ -149,13 +149,22 @@ async fn request_limit_holds_exactly(gws: &[Gateway]) {
 #[tokio::test]
 async fn a_token_limit_is_never_overspent_across_three_replicas() {
     let backend = Backend::start().await.unwrap();
-    let gws = fleet(&backend, 3).await;
+    token_limit_holds(&fleet(&backend, 3).await).await;
+}
+
+#[tokio::test]
+async fn with_leases_a_token_limit_is_never_overspent_across_three_replicas() {
+    let backend = Backend::start().await.unwrap();
+    token_limit_holds(&fleet_on(&backend, 3, StoreKind::fresh_redis(), "").await).await;
+}
+
+async fn token_limit_holds(gws: &[Gateway]) {
     let limit = 2_000u64;
     let (_, key) = gws[0]
         .create_key_with("acme", "enterprise", json!({"tokens_per_minute": limit}))
         .await
         .unwrap();
-    let answers = burst(&gws, &key, 300, chat(8)).await;
+    let answers = burst(gws, &key, 300, chat(8)).await;
     let used: u64 = answers
         .iter()
         .filter(|a| a.0 == 200)
