@@ -424,7 +424,16 @@ async fn list_backends(State(gateway): State<AppState>) -> Json<Value> {
                 .filter(|m| m.backends.iter().any(|mb| std::sync::Arc::ptr_eq(mb, b)))
                 .map(|m| m.id.as_str())
                 .collect();
-            json!({"name": b.name, "url": b.url, "models": served})
+            let st = &b.state;
+            json!({
+                "name": b.name,
+                "url": b.url,
+                "models": served,
+                "health": if !st.is_up() { "down" } else if st.ejected() { "ejected" } else { "up" },
+                "draining": st.draining.load(std::sync::atomic::Ordering::Relaxed),
+                "in_flight": st.in_flight.load(std::sync::atomic::Ordering::Relaxed),
+                "ewma_ms": st.ewma().as_secs_f64() * 1000.0,
+            })
         })
         .collect();
     Json(json!({"object": "list", "data": data}))

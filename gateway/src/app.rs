@@ -195,6 +195,12 @@ pub fn run(config: Config) -> anyhow::Result<()> {
     support.spawn(gateway.clone().follow_changes());
     support.spawn(gateway.clone().sweep_leases());
     support.spawn(gateway.upstreams.clone().follow());
+    support.spawn(
+        gateway
+            .upstreams
+            .clone()
+            .check_health(config.balancer.clone()),
+    );
 
     if config.admin_token.is_none() && config.jwt.is_none() {
         tracing::warn!(

@@ -50,6 +50,7 @@ pub struct Config {
     pub backends: Vec<BackendConfig>,
     /// Prices per model and tier; a model without a price costs nothing.
     pub prices: PriceBook,
+    pub balancer: crate::balancer::BalancerConfig,
     /// The completion cap reserved for a request that names no max_tokens.
     pub default_max_tokens: u64,
     /// The most requests one quota lease may cover; 0 or 1 turns leases off.
@@ -111,6 +112,8 @@ struct FileConfig {
     prices: Vec<PriceEntry>,
     #[serde(default)]
     quotas: QuotasSection,
+    #[serde(default)]
+    balancer: crate::balancer::BalancerConfig,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -370,6 +373,23 @@ impl Config {
             None => file.metering.enabled.unwrap_or(true),
         };
         let drain_limit = std::time::Duration::from_secs(file.metering.drain_secs.unwrap_or(120));
+        let b = &file.balancer;
+        for (field, value) in [
+            ("balancer.health_interval_ms", b.health_interval_ms),
+            ("balancer.health_timeout_ms", b.health_timeout_ms),
+            (
+                "balancer.unhealthy_threshold",
+                u64::from(b.unhealthy_threshold),
+            ),
+            ("balancer.healthy_threshold", u64::from(b.healthy_threshold)),
+            ("balancer.eject_after", u64::from(b.eject_after)),
+            ("balancer.connect_timeout_ms", b.connect_timeout_ms),
+            ("balancer.read_timeout_secs", b.read_timeout_secs),
+        ] {
+            if value == 0 {
+                return Err(invalid(field, "must be greater than 0"));
+            }
+        }
         let prices = PriceBook::new(file.prices).map_err(|e| invalid("prices", e.to_string()))?;
         prices
             .validate(&tiers)
@@ -389,6 +409,7 @@ impl Config {
             tiers,
             backends,
             prices,
+            balancer: file.balancer,
             default_max_tokens: file.quotas.default_max_tokens.unwrap_or(4096),
             lease_max_requests: file.quotas.lease_max_requests.unwrap_or(16),
             lease_ms: file.quotas.lease_ms.unwrap_or(1000),

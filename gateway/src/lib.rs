@@ -4,6 +4,7 @@ pub mod admin;
 pub mod admission;
 pub mod app;
 pub mod auth;
+pub mod balancer;
 pub mod billing;
 pub mod config;
 pub mod error;

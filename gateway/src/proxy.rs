@@ -25,10 +25,9 @@ use pingora_core::upstreams::peer::HttpPeer;
 use pingora_core::{Error, ErrorType, Result};
 use pingora_http::{RequestHeader, ResponseHeader};
 use pingora_proxy::{FailToProxy, ProxyHttp, Session};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 
 pub struct Proxy {
     gateway: Arc<Gateway>,
@@ -55,6 +54,11 @@ pub struct RequestCtx {
     /// then removed from the client's stream.
     pub usage_chunk_added: bool,
     pub backend: Option<Arc<Backend>>,
+    /// Backends already tried for this request (a retry goes elsewhere).
+    pub tried: Vec<Arc<Backend>>,
+    pub retries: u32,
+    /// When the current backend was chosen: its latency sample starts here.
+    pub backend_started: Option<Instant>,
     /// The backend's response status, once its header arrived.
     pub upstream_status: Option<u16>,
     pub meter: Option<Meter>,
@@ -86,6 +90,9 @@ impl ProxyHttp for Proxy {
             stream: false,
             usage_chunk_added: false,
             backend: None,
+            tried: Vec::new(),
+            retries: 0,
+            backend_started: None,
             upstream_status: None,
             meter: None,
             usage: None,
@@ -126,20 +133,92 @@ impl ProxyHttp for Proxy {
         _session: &mut Session,
         ctx: &mut RequestCtx,
     ) -> Result<Box<HttpPeer>> {
+        // A retry: the previous backend is done with this request and is not tried again.
+        if let Some(previous) = ctx.backend.take() {
+            previous.state.in_flight.fetch_sub(1, Ordering::Relaxed);
+            ctx.tried.push(previous);
+        }
+        let config = &self.gateway.config.balancer;
         let model = ctx.model.as_deref().unwrap_or_default();
-        let Some(backend) = ctx.model_route.as_ref().and_then(|r| r.pick().cloned()) else {
+        let Some(backend) = ctx
+            .model_route
+            .as_ref()
+            .and_then(|r| r.pick(config.strategy, &ctx.tried))
+        else {
+            let total = ctx.model_route.as_ref().map_or(0, |r| r.backends.len());
             ctx.error = Some(ApiError::unavailable(format!(
-                "No backend is serving model `{model}` right now."
+                "No backend is serving model `{model}` right now: {} of {total} tried, the rest down, ejected or draining.",
+                ctx.tried.len()
             )));
             return Err(Error::explain(
                 ErrorType::HTTPStatus(503),
                 "no backend for model",
             ));
         };
+        backend.state.in_flight.fetch_add(1, Ordering::Relaxed);
         let mut peer = HttpPeer::new(backend.addr, false, String::new());
-        peer.options.connection_timeout = Some(CONNECT_TIMEOUT);
+        peer.options.connection_timeout = Some(Duration::from_millis(config.connect_timeout_ms));
+        peer.options.read_timeout = Some(Duration::from_secs(config.read_timeout_secs));
         ctx.backend = Some(backend);
+        ctx.backend_started = Some(Instant::now());
         Ok(Box::new(peer))
+    }
+
+    fn fail_to_connect(
+        &self,
+        _session: &mut Session,
+        _peer: &HttpPeer,
+        ctx: &mut RequestCtx,
+        mut e: Box<Error>,
+    ) -> Box<Error> {
+        // Nothing reached the backend, let alone the client: another backend may serve it.
+        self.backend_failed(ctx);
+        e.set_retry(self.may_retry(ctx));
+        e
+    }
+
+    fn error_while_proxy(
+        &self,
+        peer: &HttpPeer,
+        session: &mut Session,
+        e: Box<Error>,
+        ctx: &mut RequestCtx,
+        _client_reused: bool,
+    ) -> Box<Error> {
+        let mut e = e.more_context(format!("backend {peer}"));
+        // Retried only while the client has seen nothing of this answer; a started stream is
+        // never replayed.
+        let untouched = session.response_written().is_none() && !ctx.client_left;
+        if e.esource() == &pingora_core::ErrorSource::Upstream
+            || ctx.upstream_status.is_some_and(|s| s >= 500)
+        {
+            self.backend_failed(ctx);
+        }
+        e.set_retry(
+            untouched
+                && e.esource() != &pingora_core::ErrorSource::Downstream
+                && self.may_retry(ctx),
+        );
+        e
+    }
+
+    async fn upstream_response_filter(
+        &self,
+        _session: &mut Session,
+        upstream_response: &mut ResponseHeader,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        // A backend that answers 502/503 (overloaded, shutting down) leaves the request to
+        // another, when one is left to try.
+        let status = upstream_response.status.as_u16();
+        if matches!(status, 502 | 503) && self.retries_left(ctx) {
+            ctx.upstream_status = Some(status);
+            return Err(Error::explain(
+                ErrorType::HTTPStatus(status),
+                "backend unavailable; retrying elsewhere",
+            ));
+        }
+        Ok(())
     }
 
     async fn upstream_request_filter(
@@ -191,6 +270,13 @@ impl ProxyHttp for Proxy {
         }
         let status = upstream_response.status.as_u16();
         ctx.upstream_status = Some(status);
+        if let (Some(backend), Some(started)) = (&ctx.backend, ctx.backend_started) {
+            if status < 500 {
+                backend.state.succeeded(started.elapsed());
+            } else {
+                backend.state.failed(&self.gateway.config.balancer);
+            }
+        }
         if self.gateway.config.metering && (200..300).contains(&status) {
             let content_type = upstream_response
                 .headers
@@ -271,6 +357,10 @@ impl ProxyHttp for Proxy {
 
     async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut RequestCtx) {
         let status = session.response_written().map_or(0, |r| r.status.as_u16());
+        if let Some(backend) = ctx.backend.take() {
+            backend.state.in_flight.fetch_sub(1, Ordering::Relaxed);
+            ctx.backend = Some(backend);
+        }
         if let Some(event) = self.usage_event(ctx) {
             self.gateway.usage.record(event);
         }
@@ -307,6 +397,28 @@ impl ProxyHttp for Proxy {
 }
 
 impl Proxy {
+    fn retries_left(&self, ctx: &RequestCtx) -> bool {
+        ctx.retries < self.gateway.config.balancer.retries
+    }
+
+    /// Whether this request may go to another backend; counts the retry when it may.
+    fn may_retry(&self, ctx: &mut RequestCtx) -> bool {
+        let may = self.retries_left(ctx);
+        if may {
+            ctx.retries += 1;
+        }
+        may
+    }
+
+    /// Passive health: the current backend failed this request.
+    fn backend_failed(&self, ctx: &RequestCtx) {
+        if let Some(backend) = &ctx.backend {
+            if backend.state.failed(&self.gateway.config.balancer) {
+                tracing::warn!(backend = %backend.name, "backend ejected after consecutive failures");
+            }
+        }
+    }
+
     /// The usage event of a request a backend answered; `None` for everything else.
     fn usage_event(&self, ctx: &RequestCtx) -> Option<UsageEvent> {
         if !self.gateway.config.metering {

@@ -3,9 +3,9 @@
 //! each backend's `/v1/models`, re-read in the background so a backend that starts late (or
 //! gains a model) is picked up without a restart.
 //!
-//! The choice is plain round robin over a model's backends; load-aware balancing, health
-//! checks and retries belong to the balancer.
+//! The choice itself (strategies, health, ejection) is the balancer's.
 
+use crate::balancer::{self, BackendState, BalancerConfig, Strategy};
 use crate::config::BackendConfig;
 use arc_swap::ArcSwap;
 use serde::Deserialize;
@@ -29,6 +29,13 @@ pub struct Backend {
     pub addr: SocketAddr,
     /// Models named in the configuration; empty means discovered.
     declared_models: Vec<String>,
+    pub state: BackendState,
+}
+
+impl AsRef<BackendState> for Arc<Backend> {
+    fn as_ref(&self) -> &BackendState {
+        &self.state
+    }
 }
 
 /// One model, and the backends that serve it.
@@ -41,12 +48,16 @@ pub struct ModelRoute {
 }
 
 impl ModelRoute {
-    pub fn pick(&self) -> Option<&Arc<Backend>> {
-        if self.backends.is_empty() {
-            return None;
-        }
-        let i = self.cursor.fetch_add(1, Ordering::Relaxed);
-        self.backends.get(i % self.backends.len())
+    /// An available backend not in `tried`, chosen by `strategy`.
+    pub fn pick(&self, strategy: Strategy, tried: &[Arc<Backend>]) -> Option<Arc<Backend>> {
+        let candidates: Vec<Arc<Backend>> = self
+            .backends
+            .iter()
+            .filter(|b| b.state.available() && !tried.iter().any(|t| Arc::ptr_eq(t, b)))
+            .cloned()
+            .collect();
+        let turn = self.cursor.fetch_add(1, Ordering::Relaxed);
+        balancer::choose(strategy, &candidates, turn).cloned()
     }
 }
 
@@ -81,6 +92,7 @@ impl Upstreams {
                     url: c.url.clone(),
                     addr: c.addr,
                     declared_models: c.models.clone(),
+                    state: BackendState::default(),
                 })
             })
             .collect();
@@ -147,6 +159,27 @@ impl Upstreams {
         loop {
             tokio::time::sleep(DISCOVERY_INTERVAL).await;
             self.discover().await;
+        }
+    }
+
+    /// Checks every backend's `/health` at the configured interval until the process ends.
+    pub async fn check_health(self: Arc<Self>, config: BalancerConfig) {
+        let mut tick = tokio::time::interval(Duration::from_millis(config.health_interval_ms));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let timeout = Duration::from_millis(config.health_timeout_ms);
+        let config = &config;
+        loop {
+            tick.tick().await;
+            let checks = self.backends.iter().map(|b| {
+                let request = self.http.get(format!("{}/health", b.url)).timeout(timeout);
+                async move {
+                    let ok = request.send().await.is_ok_and(|r| r.status().is_success());
+                    if b.state.checked(ok, config) {
+                        tracing::warn!(backend = %b.name, up = ok, "backend health changed");
+                    }
+                }
+            });
+            futures::future::join_all(checks).await;
         }
     }
 
@@ -239,8 +272,16 @@ mod tests {
     fn declared_models_route_round_robin() {
         let u = Upstreams::new(&[backend("a", 1, &["m1", "m2"]), backend("b", 2, &["m1"])]);
         let m1 = u.model("m1").unwrap();
-        let picks: Vec<_> = (0..4).map(|_| m1.pick().unwrap().name.clone()).collect();
+        let picks: Vec<_> = (0..4)
+            .map(|_| m1.pick(Strategy::RoundRobin, &[]).unwrap().name.clone())
+            .collect();
         assert_eq!(picks, ["a", "b", "a", "b"]);
+        let a = u.backends()[0].clone();
+        assert_eq!(
+            m1.pick(Strategy::RoundRobin, &[a]).unwrap().name,
+            "b",
+            "tried backends are skipped"
+        );
         assert_eq!(u.model("m2").unwrap().backends.len(), 1);
         assert!(u.model("m3").is_none());
     }

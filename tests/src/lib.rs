@@ -99,6 +99,7 @@ async fn wait_healthy(url: &str, process: &mut Process) -> Result<()> {
 /// A simulated backend serving `sim-chat` and `sim-embed`.
 pub struct Backend {
     pub url: String,
+    pub port: u16,
     _process: Process,
     _dir: tempfile::TempDir,
 }
@@ -109,8 +110,12 @@ impl Backend {
     }
 
     pub async fn start_with(extra_args: &[&str]) -> Result<Backend> {
+        Backend::start_on(free_port(), extra_args).await
+    }
+
+    /// A backend on a given port (to restart one where it was).
+    pub async fn start_on(port: u16, extra_args: &[&str]) -> Result<Backend> {
         let dir = tempfile::tempdir()?;
-        let port = free_port();
         let url = format!("http://127.0.0.1:{port}");
         let mut command = Command::new(binary("sluice-backend"));
         command
@@ -121,6 +126,7 @@ impl Backend {
         wait_healthy(&format!("{url}/health"), &mut process).await?;
         Ok(Backend {
             url,
+            port,
             _process: process,
             _dir: dir,
         })
@@ -283,6 +289,16 @@ hs256_secret = "{JWT_SECRET}"
 
     pub fn log(&self) -> String {
         self.process.log_tail()
+    }
+
+    /// The gateway's whole log so far, less lines containing `skip`.
+    pub fn log_without(&self, skip: &str) -> String {
+        std::fs::read_to_string(&self.process.log)
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| !l.contains(skip))
+            .collect::<Vec<_>>()
+            .join("\n")
     }
 
     /// Whether the gateway's whole log so far contains `needle`.

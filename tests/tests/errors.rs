@@ -335,11 +335,11 @@ async fn expect_error_any(response: reqwest::Response, status: u16) -> String {
 }
 
 #[tokio::test]
-async fn a_backend_that_went_away_gets_502_in_openai_shape() {
+async fn a_model_whose_backends_are_all_gone_gets_503_in_openai_shape() {
     let (backend, gw, _dir) = setup().await;
     let (_, key) = gw.create_key("acme", "free").await.unwrap();
     drop(backend);
     let r = gw.post_raw(CHAT, Some(&key), chat_body()).await.unwrap();
-    let message = expect_error(r, 502, "bad_gateway").await;
-    assert!(message.contains("unreachable"), "{message}");
+    let message = expect_error(r, 503, "service_unavailable").await;
+    assert!(message.contains("No backend is serving model"), "{message}");
 }

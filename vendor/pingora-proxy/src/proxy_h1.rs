@@ -441,7 +441,10 @@ where
         }
         let response_done = match session.write_response_tasks(filtered_tasks).await {
             Ok(done) => done,
-            Err(e) if self.client_left(session, &e, ctx) => ends_response,
+            // Upstream failures are surfaced through this write too; only the client's count.
+            Err(e) if e.esource() == &ErrorSource::Downstream && self.client_left(session, &e, ctx) => {
+                ends_response
+            }
             Err(e) => return Err(e),
         };
 

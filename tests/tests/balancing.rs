@@ -1,0 +1,158 @@
+//! Balancing and failover across real backend processes: a backend that dies costs clients
+//! nothing, health follows it down and up again, and load-aware strategies steer traffic away
+//! from a slow backend.
+
+use futures::StreamExt;
+use serde_json::{json, Value};
+use sluice_e2e::{Backend, Gateway, GatewayOptions, StoreKind, ADMIN_TOKEN, SIM_MODEL};
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+fn chat() -> String {
+    json!({"model": SIM_MODEL, "max_tokens": 3, "messages": [{"role": "user", "content": "hi"}]})
+        .to_string()
+}
+
+async fn gateway(backends: &[&Backend], balancer: &str, dir: &tempfile::TempDir) -> Gateway {
+    Gateway::start(GatewayOptions {
+        backends: backends.iter().map(|b| b.url.clone()).collect(),
+        extra_config: format!("[balancer]\n{balancer}\n"),
+        ..GatewayOptions::new(backends[0], StoreKind::Embedded(dir.path().to_owned()))
+    })
+    .await
+    .unwrap()
+}
+
+/// Sends `count` requests, `concurrency` at a time; returns (status, backend) of each.
+async fn load(gw: &Gateway, key: &str, count: usize, concurrency: usize) -> Vec<(u16, String)> {
+    let run = futures::stream::iter(0..count)
+        .map(|_| async {
+            let r = gw
+                .post_raw("/v1/chat/completions", Some(key), chat())
+                .await
+                .unwrap();
+            let backend = r
+                .headers()
+                .get("x-sluice-backend")
+                .map(|v| v.to_str().unwrap().to_owned())
+                .unwrap_or_default();
+            (r.status().as_u16(), backend)
+        })
+        .buffer_unordered(concurrency)
+        .collect();
+    match tokio::time::timeout(Duration::from_secs(30), run).await {
+        Ok(answers) => answers,
+        Err(_) => panic!("requests hung:\n{}", gw.log_without("model discovery")),
+    }
+}
+
+async fn backend_health(gw: &Gateway, name: &str) -> String {
+    let v: Value = gw
+        .http
+        .get(format!("{}/admin/v1/backends", gw.admin_url))
+        .bearer_auth(ADMIN_TOKEN)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    v["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|b| b["name"] == name)
+        .map(|b| b["health"].as_str().unwrap().to_owned())
+        .unwrap()
+}
+
+async fn wait_health(gw: &Gateway, name: &str, want: &str, within: Duration) {
+    let deadline = Instant::now() + within;
+    while backend_health(gw, name).await != want {
+        assert!(Instant::now() < deadline, "{name} did not become {want}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_backend_killed_mid_run_costs_clients_nothing_and_returns_when_restarted() {
+    let delay = ["--sim-ttft-ms", "5", "--sim-token-delay-ms", "2"];
+    let a = Backend::start_with(&delay).await.unwrap();
+    let b = Backend::start_with(&delay).await.unwrap();
+    let c = Backend::start_with(&delay).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let gw = gateway(
+        &[&a, &b, &c],
+        "strategy = \"round_robin\"\nhealth_interval_ms = 200\nretries = 2",
+        &dir,
+    )
+    .await;
+    let (_, key) = gw.create_key("acme", "enterprise").await.unwrap();
+    let b_port = b.port;
+
+    let (before, (), after) = tokio::join!(
+        load(&gw, &key, 150, 6),
+        async {
+            tokio::time::sleep(Duration::from_millis(150)).await;
+            drop(b); // killed mid-run, with requests in flight to it
+        },
+        async {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            load(&gw, &key, 150, 6).await
+        }
+    );
+    let all: Vec<&(u16, String)> = before.iter().chain(after.iter()).collect();
+    let failed: Vec<_> = all.iter().filter(|(s, _)| *s != 200).collect();
+    assert!(
+        failed.is_empty(),
+        "clients saw failures: {failed:?}\n{}",
+        gw.log()
+    );
+
+    // Two failed checks at 200 ms mark it down.
+    wait_health(&gw, "backend-1", "down", Duration::from_secs(2)).await;
+    let served: Vec<_> = load(&gw, &key, 30, 3).await;
+    assert!(served.iter().all(|(s, b)| *s == 200 && b != "backend-1"));
+
+    let _b = Backend::start_on(b_port, &delay).await.unwrap();
+    wait_health(&gw, "backend-1", "up", Duration::from_secs(3)).await;
+    let served = load(&gw, &key, 30, 3).await;
+    assert!(
+        served.iter().any(|(_, b)| b == "backend-1"),
+        "the restarted backend gets traffic again"
+    );
+}
+
+#[tokio::test]
+async fn load_aware_strategies_send_a_slow_backend_less_than_round_robin() {
+    let slow = Backend::start_with(&["--sim-ttft-ms", "60"]).await.unwrap();
+    let fast1 = Backend::start().await.unwrap();
+    let fast2 = Backend::start().await.unwrap();
+    let mut share = HashMap::new();
+    for strategy in ["round_robin", "least_outstanding", "p2c"] {
+        let dir = tempfile::tempdir().unwrap();
+        let gw = gateway(
+            &[&slow, &fast1, &fast2],
+            &format!("strategy = \"{strategy}\""),
+            &dir,
+        )
+        .await;
+        let (_, key) = gw.create_key("acme", "enterprise").await.unwrap();
+        // Warm the latency estimates, then measure.
+        load(&gw, &key, 30, 6).await;
+        let answers = load(&gw, &key, 150, 6).await;
+        assert!(answers.iter().all(|(s, _)| *s == 200));
+        let to_slow = answers.iter().filter(|(_, b)| b == "backend-0").count();
+        share.insert(strategy, to_slow);
+    }
+    let rr = share["round_robin"];
+    assert!(
+        (45..=55).contains(&rr),
+        "round robin gives each backend a third: {share:?}"
+    );
+    assert!(
+        share["least_outstanding"] * 10 < rr * 6,
+        "least outstanding: {share:?}"
+    );
+    assert!(share["p2c"] * 10 < rr * 6, "p2c: {share:?}");
+}
