@@ -7,6 +7,11 @@
 //! - `p2c` (default): power of two choices, two backends at random and the one with the lower
 //!   latency EWMA × (in flight + 1), as in Finagle and tower's PeakEWMA. It follows real load
 //!   (a GPU backend's cost is its queue, not its connection count) at two reads a request.
+//! - `prefix_affinity`: requests whose prompts start alike go to the same backend, where that
+//!   prefix's KV cache is warm: rendezvous hashing of the prompt's first bytes over the
+//!   backends, taking the first in hash order whose in-flight count is within
+//!   `affinity_load_factor` × the average (bounded-load consistent hashing), so one popular
+//!   prefix cannot overload its backend; past the bound it spills to the next.
 //!
 //! A backend is available while its active checks pass, no passive ejection is running and it
 //! is not draining. Passive ejection: `eject_after` consecutive failures (connect errors, 5xx)
@@ -36,6 +41,10 @@ pub struct BalancerConfig {
     pub connect_timeout_ms: u64,
     /// The longest wait for the first byte, and between two reads of a stream.
     pub read_timeout_secs: u64,
+    /// prefix_affinity: how many leading bytes of the prompt pick the backend.
+    pub affinity_prefix_bytes: usize,
+    /// prefix_affinity: a backend takes more only while below this × the average in flight.
+    pub affinity_load_factor: f64,
 }
 
 impl Default for BalancerConfig {
@@ -52,6 +61,8 @@ impl Default for BalancerConfig {
             eject_max_ms: 30_000,
             connect_timeout_ms: 3000,
             read_timeout_secs: 300,
+            affinity_prefix_bytes: 512,
+            affinity_load_factor: 1.25,
         }
     }
 }
@@ -62,6 +73,7 @@ pub enum Strategy {
     RoundRobin,
     LeastOutstanding,
     P2c,
+    PrefixAffinity,
 }
 
 /// A backend's live state, shared by every request and the health checker.
@@ -184,12 +196,25 @@ impl BackendState {
     }
 }
 
+/// What a choice may take into account beyond the backends' state.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Hints {
+    /// Round-robin position.
+    pub turn: usize,
+    /// Hash of the prompt's leading bytes (prefix affinity).
+    pub prefix: u64,
+    pub load_factor: f64,
+}
+
 /// Chooses among `candidates` (already available and not yet tried) by `strategy`.
-pub fn choose<T: AsRef<BackendState>>(
+/// `ids` name the candidates stably (for rendezvous hashing).
+pub fn choose<'a, T: AsRef<BackendState>>(
     strategy: Strategy,
-    candidates: &[T],
-    turn: usize,
-) -> Option<&T> {
+    candidates: &'a [T],
+    ids: &[u64],
+    hints: Hints,
+) -> Option<&'a T> {
+    let turn = hints.turn;
     match candidates.len() {
         0 => None,
         1 => candidates.first(),
@@ -217,8 +242,38 @@ pub fn choose<T: AsRef<BackendState>>(
                     &candidates[b]
                 })
             }
+            Strategy::PrefixAffinity => {
+                let in_flight = |c: &T| c.as_ref().in_flight.load(Ordering::Relaxed);
+                let total: u64 = candidates.iter().map(in_flight).sum();
+                // The bound counts this request too; at least 1 so an idle fleet has room.
+                let bound = ((total + 1) as f64 / n as f64 * hints.load_factor)
+                    .ceil()
+                    .max(1.0) as u64;
+                let mut order: Vec<usize> = (0..n).collect();
+                order.sort_by_key(|&i| std::cmp::Reverse(mix(hints.prefix ^ ids[i])));
+                order
+                    .iter()
+                    .map(|&i| &candidates[i])
+                    .find(|c| in_flight(c) < bound)
+                    .or_else(|| candidates.iter().min_by_key(|c| in_flight(c)))
+            }
         },
     }
+}
+
+/// A well-mixed 64-bit hash of `x` (splitmix64's finaliser).
+fn mix(mut x: u64) -> u64 {
+    x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    x ^ (x >> 31)
+}
+
+/// The affinity hash of a prompt: its first `len` bytes.
+pub fn prefix_hash(prompt: &[u8], len: usize) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    prompt[..prompt.len().min(len)].hash(&mut h);
+    h.finish()
 }
 
 #[cfg(test)]
@@ -237,7 +292,11 @@ mod tests {
         s[1].in_flight.store(1, Ordering::Relaxed);
         s[2].in_flight.store(3, Ordering::Relaxed);
         for turn in 0..6 {
-            let chosen = choose(Strategy::LeastOutstanding, &s, turn).unwrap();
+            let hints = Hints {
+                turn,
+                ..Hints::default()
+            };
+            let chosen = choose(Strategy::LeastOutstanding, &s, &[0, 1, 2], hints).unwrap();
             assert!(Arc::ptr_eq(chosen, &s[1]));
         }
     }
@@ -249,10 +308,54 @@ mod tests {
         s[1].succeeded(Duration::from_millis(2));
         s[2].succeeded(Duration::from_millis(2));
         let slow = (0..3000)
-            .filter(|&t| Arc::ptr_eq(choose(Strategy::P2c, &s, t).unwrap(), &s[0]))
+            .filter(|&t| {
+                let hints = Hints {
+                    turn: t,
+                    ..Hints::default()
+                };
+                Arc::ptr_eq(choose(Strategy::P2c, &s, &[0, 1, 2], hints).unwrap(), &s[0])
+            })
             .count();
         // The slow one wins only when both draws are itself, which p2c never makes.
         assert_eq!(slow, 0);
+    }
+
+    #[test]
+    fn prefix_affinity_sticks_within_the_bound_and_spills_past_it() {
+        let s = states(3);
+        let ids = [11, 22, 33];
+        let hints = Hints {
+            prefix: prefix_hash(b"You are a helpful assistant.", 512),
+            load_factor: 1.25,
+            turn: 0,
+        };
+        let first = choose(Strategy::PrefixAffinity, &s, &ids, hints)
+            .unwrap()
+            .clone();
+        for _ in 0..5 {
+            let again = choose(Strategy::PrefixAffinity, &s, &ids, hints).unwrap();
+            assert!(
+                Arc::ptr_eq(again, &first),
+                "the same prefix goes to the same backend"
+            );
+        }
+        // Load it past its bound: the same prefix spills to another backend.
+        first.in_flight.store(4, Ordering::Relaxed);
+        let spilled = choose(Strategy::PrefixAffinity, &s, &ids, hints).unwrap();
+        assert!(!Arc::ptr_eq(spilled, &first));
+        // Other prefixes spread over the backends.
+        first.in_flight.store(0, Ordering::Relaxed);
+        let mut used = std::collections::HashSet::new();
+        for p in 0..30u64 {
+            let h = Hints {
+                prefix: prefix_hash(format!("system prompt {p}").as_bytes(), 512),
+                ..hints
+            };
+            used.insert(Arc::as_ptr(
+                choose(Strategy::PrefixAffinity, &s, &ids, h).unwrap(),
+            ));
+        }
+        assert_eq!(used.len(), 3);
     }
 
     #[test]

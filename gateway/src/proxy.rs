@@ -54,6 +54,8 @@ pub struct RequestCtx {
     /// then removed from the client's stream.
     pub usage_chunk_added: bool,
     pub backend: Option<Arc<Backend>>,
+    /// Hash of the prompt's leading bytes, for prefix affinity.
+    pub prompt_prefix: u64,
     /// Backends already tried for this request (a retry goes elsewhere).
     pub tried: Vec<Arc<Backend>>,
     pub retries: u32,
@@ -90,6 +92,7 @@ impl ProxyHttp for Proxy {
             stream: false,
             usage_chunk_added: false,
             backend: None,
+            prompt_prefix: 0,
             tried: Vec::new(),
             retries: 0,
             backend_started: None,
@@ -140,11 +143,14 @@ impl ProxyHttp for Proxy {
         }
         let config = &self.gateway.config.balancer;
         let model = ctx.model.as_deref().unwrap_or_default();
-        let Some(backend) = ctx
-            .model_route
-            .as_ref()
-            .and_then(|r| r.pick(config.strategy, &ctx.tried))
-        else {
+        let Some(backend) = ctx.model_route.as_ref().and_then(|r| {
+            r.pick(
+                config.strategy,
+                &ctx.tried,
+                ctx.prompt_prefix,
+                config.affinity_load_factor,
+            )
+        }) else {
             let total = ctx.model_route.as_ref().map_or(0, |r| r.backends.len());
             ctx.error = Some(ApiError::unavailable(format!(
                 "No backend is serving model `{model}` right now: {} of {total} tried, the rest down, ejected or draining.",
@@ -493,6 +499,17 @@ impl Proxy {
             .ok_or_else(|| ApiError::model_not_found(model))?;
         ctx.model_route = Some(route);
         ctx.model = Some(model.to_owned());
+        if self.gateway.config.balancer.strategy == crate::balancer::Strategy::PrefixAffinity {
+            let prompt = view
+                .messages
+                .or(view.prompt)
+                .or(view.input)
+                .map_or("", |r| r.get());
+            ctx.prompt_prefix = crate::balancer::prefix_hash(
+                prompt.as_bytes(),
+                self.gateway.config.balancer.affinity_prefix_bytes,
+            );
+        }
         ctx.stream = view.is_stream();
         let identity = ctx.identity.clone().expect("authenticated above");
         match admission::admit(&self.gateway, &identity, route_kind, &view, &ctx.request_id).await {

@@ -30,6 +30,8 @@ pub struct Backend {
     /// Models named in the configuration; empty means discovered.
     declared_models: Vec<String>,
     pub state: BackendState,
+    /// A stable number for the backend (from its address), for rendezvous hashing.
+    pub id: u64,
 }
 
 impl AsRef<BackendState> for Arc<Backend> {
@@ -48,16 +50,28 @@ pub struct ModelRoute {
 }
 
 impl ModelRoute {
-    /// An available backend not in `tried`, chosen by `strategy`.
-    pub fn pick(&self, strategy: Strategy, tried: &[Arc<Backend>]) -> Option<Arc<Backend>> {
+    /// An available backend not in `tried`, chosen by `strategy`; `prefix` is the prompt's
+    /// affinity hash.
+    pub fn pick(
+        &self,
+        strategy: Strategy,
+        tried: &[Arc<Backend>],
+        prefix: u64,
+        load_factor: f64,
+    ) -> Option<Arc<Backend>> {
         let candidates: Vec<Arc<Backend>> = self
             .backends
             .iter()
             .filter(|b| b.state.available() && !tried.iter().any(|t| Arc::ptr_eq(t, b)))
             .cloned()
             .collect();
-        let turn = self.cursor.fetch_add(1, Ordering::Relaxed);
-        balancer::choose(strategy, &candidates, turn).cloned()
+        let ids: Vec<u64> = candidates.iter().map(|b| b.id).collect();
+        let hints = balancer::Hints {
+            turn: self.cursor.fetch_add(1, Ordering::Relaxed),
+            prefix,
+            load_factor,
+        };
+        balancer::choose(strategy, &candidates, &ids, hints).cloned()
     }
 }
 
@@ -93,6 +107,7 @@ impl Upstreams {
                     addr: c.addr,
                     declared_models: c.models.clone(),
                     state: BackendState::default(),
+                    id: crate::balancer::prefix_hash(c.url.as_bytes(), usize::MAX),
                 })
             })
             .collect();
@@ -273,12 +288,17 @@ mod tests {
         let u = Upstreams::new(&[backend("a", 1, &["m1", "m2"]), backend("b", 2, &["m1"])]);
         let m1 = u.model("m1").unwrap();
         let picks: Vec<_> = (0..4)
-            .map(|_| m1.pick(Strategy::RoundRobin, &[]).unwrap().name.clone())
+            .map(|_| {
+                m1.pick(Strategy::RoundRobin, &[], 0, 1.25)
+                    .unwrap()
+                    .name
+                    .clone()
+            })
             .collect();
         assert_eq!(picks, ["a", "b", "a", "b"]);
         let a = u.backends()[0].clone();
         assert_eq!(
-            m1.pick(Strategy::RoundRobin, &[a]).unwrap().name,
+            m1.pick(Strategy::RoundRobin, &[a], 0, 1.25).unwrap().name,
             "b",
             "tried backends are skipped"
         );

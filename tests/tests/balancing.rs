@@ -156,3 +156,59 @@ async fn load_aware_strategies_send_a_slow_backend_less_than_round_robin() {
     );
     assert!(share["p2c"] * 10 < rr * 6, "p2c: {share:?}");
 }
+
+fn chat_with_system(system: &str, question: usize) -> String {
+    json!({"model": SIM_MODEL, "max_tokens": 2, "messages": [
+        {"role": "system", "content": system},
+        {"role": "user", "content": format!("question {question}")}
+    ]})
+    .to_string()
+}
+
+#[tokio::test]
+async fn prefix_affinity_keeps_a_shared_prompt_on_one_backend_until_its_load_bound() {
+    let delay = ["--sim-ttft-ms", "40"];
+    let a = Backend::start_with(&delay).await.unwrap();
+    let b = Backend::start_with(&delay).await.unwrap();
+    let c = Backend::start_with(&delay).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let gw = gateway(&[&a, &b, &c], "strategy = \"prefix_affinity\"", &dir).await;
+    let (_, key) = gw.create_key("acme", "enterprise").await.unwrap();
+    let system = "You are the support assistant of a canal company. ".repeat(12);
+
+    let send = |i: usize| {
+        let body = chat_with_system(&system, i);
+        let (gw, key) = (&gw, &key);
+        async move {
+            let r = gw
+                .post_raw("/v1/chat/completions", Some(key), body)
+                .await
+                .unwrap();
+            assert_eq!(r.status(), 200);
+            r.headers()["x-sluice-backend"].to_str().unwrap().to_owned()
+        }
+    };
+    // One at a time: every request with the shared prefix lands on the same backend.
+    let mut one_by_one = Vec::new();
+    for i in 0..12 {
+        one_by_one.push(send(i).await);
+    }
+    assert!(
+        one_by_one.iter().all(|b| *b == one_by_one[0]),
+        "{one_by_one:?}"
+    );
+
+    // Twelve at once: past the load bound the same prefix spills to other backends.
+    let together: Vec<String> = futures::stream::iter(0..12)
+        .map(send)
+        .buffer_unordered(12)
+        .collect()
+        .await;
+    let distinct: std::collections::HashSet<_> = together.iter().collect();
+    assert!(distinct.len() > 1, "no spill-over under load: {together:?}");
+    let home = together.iter().filter(|b| **b == one_by_one[0]).count();
+    assert!(
+        home >= 4,
+        "the prefix's backend still takes the biggest share: {together:?}"
+    );
+}
