@@ -45,6 +45,10 @@ pub fn router(gateway: Arc<Gateway>) -> Router {
         .route("/admin/v1/tiers", get(list_tiers))
         .route("/admin/v1/tiers/{name}", get(get_tier).put(put_tier))
         .route("/admin/v1/backends", get(list_backends))
+        .route(
+            "/admin/v1/backends/{name}/drain",
+            post(drain_backend).delete(undrain_backend),
+        )
         .route("/admin/v1/billing/export", get(billing_export))
         .route("/admin/v1/usage", get(usage))
         .layer(middleware::from_fn_with_state(gateway.clone(), authorize));
@@ -586,4 +590,43 @@ async fn reset_key_quota(
     gateway.local_limiter.forget(&id);
     tracing::info!(key_id = %id, "quota reset");
     Ok(Json(json!({"key_id": id, "reset": true})))
+}
+
+/// `POST /admin/v1/backends/{name}/drain`: the backend takes no new requests (on every
+/// replica within a second); those in flight, streams included, finish. `DELETE` on the same
+/// path puts it back in service.
+async fn drain_backend(
+    State(gateway): State<AppState>,
+    Path(name): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    set_draining(&gateway, &name, true).await
+}
+
+async fn undrain_backend(
+    State(gateway): State<AppState>,
+    Path(name): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    set_draining(&gateway, &name, false).await
+}
+
+async fn set_draining(
+    gateway: &Gateway,
+    name: &str,
+    draining: bool,
+) -> Result<Json<Value>, ApiError> {
+    let Some(backend) = gateway.upstreams.backends().iter().find(|b| b.name == name) else {
+        return Err(ApiError::not_found(format!("No backend named '{name}'.")));
+    };
+    gateway
+        .store
+        .set_draining(name, draining)
+        .await
+        .map_err(store_error)?;
+    backend
+        .state
+        .draining
+        .store(draining, std::sync::atomic::Ordering::Relaxed);
+    key_written(gateway).await;
+    tracing::info!(backend = %name, draining, "backend drain changed");
+    Ok(Json(json!({"name": name, "draining": draining})))
 }

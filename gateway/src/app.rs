@@ -104,10 +104,18 @@ impl Gateway {
         self.tiers.load_full()
     }
 
-    /// Re-reads the tiers written through the admin API.
+    /// Re-reads what the admin API changed in the store: tiers, and which backends drain.
     pub async fn reload_tiers(&self) -> anyhow::Result<()> {
         let tiers = merged_tiers(&self.config.tiers, self.store.as_ref()).await?;
         self.tiers.store(Arc::new(tiers));
+        let draining = self.store.draining_backends().await?;
+        for backend in self.upstreams.backends() {
+            let drain = draining.contains(&backend.name);
+            backend
+                .state
+                .draining
+                .store(drain, std::sync::atomic::Ordering::Relaxed);
+        }
         Ok(())
     }
 

@@ -212,3 +212,74 @@ async fn prefix_affinity_keeps_a_shared_prompt_on_one_backend_until_its_load_bou
         "the prefix's backend still takes the biggest share: {together:?}"
     );
 }
+
+#[tokio::test]
+async fn a_drained_backend_finishes_its_streams_and_gets_no_new_requests() {
+    let a = Backend::start().await.unwrap();
+    let b = Backend::start().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let gw = gateway(&[&a, &b], "strategy = \"round_robin\"", &dir).await;
+    let (_, key) = gw.create_key("acme", "enterprise").await.unwrap();
+
+    // A stream held open by its backend after the first token.
+    let gate = format!("drain-{}", uuid::Uuid::new_v4().simple());
+    let body = json!({"model": SIM_MODEL, "stream": true, "max_tokens": 5, "user": format!("sim-gate:{gate}"),
+                      "messages": [{"role": "user", "content": "stream please"}]});
+    let r = gw
+        .post_raw("/v1/chat/completions", Some(&key), body.to_string())
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let streaming_on = r.headers()["x-sluice-backend"].to_str().unwrap().to_owned();
+    let (held, other) = if streaming_on == "backend-0" {
+        (&a, "backend-1")
+    } else {
+        (&b, "backend-0")
+    };
+    let mut stream = r.bytes_stream();
+    let first = stream.next().await.unwrap().unwrap();
+    assert!(!first.is_empty());
+
+    let drain = gw
+        .http
+        .post(format!(
+            "{}/admin/v1/backends/{streaming_on}/drain",
+            gw.admin_url
+        ))
+        .bearer_auth(ADMIN_TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(drain.status(), 200);
+
+    let after = load(&gw, &key, 12, 3).await;
+    assert!(
+        after.iter().all(|(s, b)| *s == 200 && b == other),
+        "new requests avoid the drained backend: {after:?}"
+    );
+
+    // The in-flight stream still finishes on the drained backend.
+    assert_eq!(held.open_gate(&gate).await.unwrap(), 1);
+    let mut text = String::from_utf8_lossy(&first).into_owned();
+    while let Some(chunk) = stream.next().await {
+        text.push_str(&String::from_utf8_lossy(&chunk.unwrap()));
+    }
+    assert!(text.ends_with("data: [DONE]\n\n"), "{text}");
+
+    let undrain = gw
+        .http
+        .delete(format!(
+            "{}/admin/v1/backends/{streaming_on}/drain",
+            gw.admin_url
+        ))
+        .bearer_auth(ADMIN_TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(undrain.status(), 200);
+    let back = load(&gw, &key, 12, 3).await;
+    assert!(
+        back.iter().any(|(_, b)| *b == streaming_on),
+        "back in service: {back:?}"
+    );
+}

@@ -19,6 +19,8 @@ const KEYS: TableDefinition<&str, &[u8]> = TableDefinition::new("keys");
 const KEY_HASHES: TableDefinition<&str, &str> = TableDefinition::new("key_hashes");
 /// tier name -> JSON `Tier`, for tiers changed through the admin API
 const TIERS: TableDefinition<&str, &[u8]> = TableDefinition::new("tiers");
+/// backend name -> () for backends marked draining
+const DRAINING: TableDefinition<&str, ()> = TableDefinition::new("draining_backends");
 /// `{time_ms:020}/{event id}` -> JSON `UsageEvent`, so a range scan is a time range
 const USAGE: TableDefinition<&str, &[u8]> = TableDefinition::new("usage_events");
 /// event id -> its USAGE key: what makes an event count once
@@ -61,6 +63,7 @@ impl EmbeddedStore {
         txn.open_table(KEY_HASHES).map_err(embedded_err)?;
         txn.open_table(USAGE).map_err(embedded_err)?;
         txn.open_table(TIERS).map_err(embedded_err)?;
+        txn.open_table(DRAINING).map_err(embedded_err)?;
         txn.open_table(USAGE_IDS).map_err(embedded_err)?;
         txn.commit().map_err(embedded_err)?;
         Ok(EmbeddedStore {
@@ -262,6 +265,39 @@ impl Store for EmbeddedStore {
         .await?;
         self.epoch.fetch_add(1, Ordering::Release);
         Ok(())
+    }
+
+    async fn set_draining(&self, backend: &str, draining: bool) -> Result<(), StoreError> {
+        let name = backend.to_owned();
+        self.blocking(move |db| {
+            let txn = db.begin_write().map_err(embedded_err)?;
+            {
+                let mut table = txn.open_table(DRAINING).map_err(embedded_err)?;
+                if draining {
+                    table.insert(name.as_str(), ()).map_err(embedded_err)?;
+                } else {
+                    table.remove(name.as_str()).map_err(embedded_err)?;
+                }
+            }
+            txn.commit().map_err(embedded_err)?;
+            Ok(())
+        })
+        .await?;
+        self.epoch.fetch_add(1, Ordering::Release);
+        Ok(())
+    }
+
+    async fn draining_backends(&self) -> Result<Vec<String>, StoreError> {
+        self.blocking(|db| {
+            let txn = db.begin_read().map_err(embedded_err)?;
+            let table = txn.open_table(DRAINING).map_err(embedded_err)?;
+            let mut out = Vec::new();
+            for row in table.iter().map_err(embedded_err)? {
+                out.push(row.map_err(embedded_err)?.0.value().to_owned());
+            }
+            Ok(out)
+        })
+        .await
     }
 
     async fn stored_tiers(&self) -> Result<Vec<Tier>, StoreError> {

@@ -56,6 +56,13 @@ pub trait Store: Send + Sync + 'static {
     /// Tiers written through the admin API; they override the configuration's.
     async fn stored_tiers(&self) -> Result<Vec<Tier>, StoreError>;
 
+    /// Marks a backend (by name) draining or not, and moves the key epoch so every replica
+    /// applies it.
+    async fn set_draining(&self, backend: &str, draining: bool) -> Result<(), StoreError>;
+
+    /// The backends marked draining.
+    async fn draining_backends(&self) -> Result<Vec<String>, StoreError>;
+
     /// Adds usage events, each counted once by its id however often it is written; returns
     /// how many were new. Atomic per call: all of a batch is taken or none of it.
     async fn append_usage(&self, events: &[UsageEvent]) -> Result<usize, StoreError>;

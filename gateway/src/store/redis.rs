@@ -5,6 +5,7 @@
 //! - `{prefix}:keys`            sorted set of key ids by creation time
 //! - `{prefix}:keys:epoch`      counter bumped on every key or tier change
 //! - `{prefix}:tiers`           hash: tier name -> JSON `Tier` (changed through the admin API)
+//! - `{prefix}:backends:draining` set of backend names taking no new requests
 //! - `{prefix}:usage:ids`       hash: usage event id -> time (what makes an event count once)
 //! - `{prefix}:usage:events`    sorted set of usage event JSON, scored by time in ms
 //!
@@ -125,6 +126,10 @@ impl RedisStore {
 
     fn tiers_key(&self) -> String {
         format!("{{{}}}:tiers", self.prefix)
+    }
+
+    fn draining_key(&self) -> String {
+        format!("{{{}}}:backends:draining", self.prefix)
     }
 
     fn usage_ids_key(&self) -> String {
@@ -423,6 +428,27 @@ impl Store for RedisStore {
             .query_async::<()>(&mut conn)
             .await?;
         Ok(())
+    }
+
+    async fn set_draining(&self, backend: &str, draining: bool) -> Result<(), StoreError> {
+        let mut conn = self.conn.clone();
+        let mut pipe = redis::pipe();
+        pipe.atomic();
+        if draining {
+            pipe.sadd(self.draining_key(), backend).ignore();
+        } else {
+            pipe.srem(self.draining_key(), backend).ignore();
+        }
+        pipe.incr(self.epoch_key(), 1)
+            .ignore()
+            .query_async::<()>(&mut conn)
+            .await?;
+        Ok(())
+    }
+
+    async fn draining_backends(&self) -> Result<Vec<String>, StoreError> {
+        let mut conn = self.conn.clone();
+        Ok(conn.smembers(self.draining_key()).await?)
     }
 
     async fn stored_tiers(&self) -> Result<Vec<Tier>, StoreError> {
