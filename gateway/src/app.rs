@@ -156,14 +156,17 @@ impl Gateway {
         }
     }
 
-    /// The body of `GET /v1/models`: every model some backend serves.
+    /// The body of `GET /v1/models`: every model some backend serves, and the aliases.
     pub fn model_list(&self) -> Bytes {
-        let data: Vec<_> = self
+        let mut data: Vec<_> = self
             .upstreams
             .models()
             .values()
             .map(|m| json!({"id": m.id, "object": "model", "created": 0, "owned_by": m.owned_by}))
             .collect();
+        data.extend(self.config.aliases.keys().map(|alias| {
+            json!({"id": alias, "object": "model", "created": 0, "owned_by": "sluice-alias"})
+        }));
         Bytes::from(json!({"object": "list", "data": data}).to_string())
     }
 }

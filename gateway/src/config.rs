@@ -51,6 +51,8 @@ pub struct Config {
     /// Prices per model and tier; a model without a price costs nothing.
     pub prices: PriceBook,
     pub balancer: crate::balancer::BalancerConfig,
+    /// Model aliases: alias -> (tier or "*") -> model.
+    pub aliases: BTreeMap<String, BTreeMap<String, String>>,
     /// The completion cap reserved for a request that names no max_tokens.
     pub default_max_tokens: u64,
     /// The most requests one quota lease may cover; 0 or 1 turns leases off.
@@ -114,6 +116,8 @@ struct FileConfig {
     quotas: QuotasSection,
     #[serde(default)]
     balancer: crate::balancer::BalancerConfig,
+    #[serde(default)]
+    aliases: BTreeMap<String, BTreeMap<String, String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -206,6 +210,15 @@ pub fn process_env(name: &str) -> Option<String> {
 }
 
 impl Config {
+    /// The model an alias names for `tier`, if `model` is an alias.
+    pub fn resolve_alias(&self, model: &str, tier: &str) -> Option<&str> {
+        let by_tier = self.aliases.get(model)?;
+        by_tier
+            .get(tier)
+            .or_else(|| by_tier.get("*"))
+            .map(String::as_str)
+    }
+
     /// Loads `path` (or the built-in defaults when `None`) and applies the environment.
     pub fn load(path: Option<&Path>, env: Env) -> Result<Config, ConfigError> {
         let file = match path {
@@ -390,6 +403,17 @@ impl Config {
                 return Err(invalid(field, "must be greater than 0"));
             }
         }
+        let aliases = file.aliases;
+        for (alias, by_tier) in &aliases {
+            for tier in by_tier.keys() {
+                if tier != "*" && tiers.get(tier).is_err() {
+                    return Err(invalid(
+                        format!("aliases.{alias}.{tier}"),
+                        format!("'{tier}' is not a tier (use a tier name or \"*\")"),
+                    ));
+                }
+            }
+        }
         let prices = PriceBook::new(file.prices).map_err(|e| invalid("prices", e.to_string()))?;
         prices
             .validate(&tiers)
@@ -410,6 +434,7 @@ impl Config {
             backends,
             prices,
             balancer: file.balancer,
+            aliases,
             default_max_tokens: file.quotas.default_max_tokens.unwrap_or(4096),
             lease_max_requests: file.quotas.lease_max_requests.unwrap_or(16),
             lease_ms: file.quotas.lease_ms.unwrap_or(1000),

@@ -53,6 +53,8 @@ pub struct RequestCtx {
     /// The body was changed to ask for a usage chunk the client did not ask for, which is
     /// then removed from the client's stream.
     pub usage_chunk_added: bool,
+    /// The body was changed (an alias resolved); its length is set again.
+    pub body_rewritten: bool,
     pub backend: Option<Arc<Backend>>,
     /// Hash of the prompt's leading bytes, for prefix affinity.
     pub prompt_prefix: u64,
@@ -91,6 +93,7 @@ impl ProxyHttp for Proxy {
             model_route: None,
             stream: false,
             usage_chunk_added: false,
+            body_rewritten: false,
             backend: None,
             prompt_prefix: 0,
             tried: Vec::new(),
@@ -239,7 +242,7 @@ impl ProxyHttp for Proxy {
         if let Some(backend) = &ctx.backend {
             upstream_request.insert_header("host", backend.addr.to_string())?;
         }
-        if ctx.usage_chunk_added {
+        if ctx.body_rewritten || ctx.usage_chunk_added {
             upstream_request.remove_header("transfer-encoding");
             upstream_request.insert_header("content-length", ctx.body.len().to_string())?;
         }
@@ -490,6 +493,16 @@ impl Proxy {
 
         ctx.body = read_body(session, self.gateway.config.max_body_bytes).await?;
         let route_kind = route;
+        if !self.gateway.config.aliases.is_empty() {
+            // An alias names a model per tier: the backend is sent the model it stands for.
+            let tier = ctx.identity.as_ref().map_or("", |i| i.tier.as_str());
+            let view = RequestView::parse(route, &ctx.body)?;
+            if let Some(target) = self.gateway.config.resolve_alias(view.model(), tier) {
+                let target = target.to_owned();
+                ctx.body = with_model(&ctx.body, &target)?;
+                ctx.body_rewritten = true;
+            }
+        }
         let view = RequestView::parse(route, &ctx.body)?;
         let model = view.model();
         let route = self
@@ -529,6 +542,21 @@ impl Proxy {
         }
         Ok(None)
     }
+}
+
+/// The body with its `model` replaced (an alias resolved).
+fn with_model(body: &Bytes, model: &str) -> Result<Bytes, ApiError> {
+    let mut value: serde_json::Value = serde_json::from_slice(body)
+        .map_err(|e| ApiError::bad_request(format!("Invalid request body: {e}.")))?;
+    if let Some(object) = value.as_object_mut() {
+        object.insert(
+            "model".to_owned(),
+            serde_json::Value::String(model.to_owned()),
+        );
+    }
+    Ok(Bytes::from(
+        serde_json::to_vec(&value).expect("JSON re-serializes"),
+    ))
 }
 
 /// Reads the whole request body, refusing it past `limit` bytes.

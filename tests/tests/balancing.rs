@@ -283,3 +283,47 @@ async fn a_drained_backend_finishes_its_streams_and_gets_no_new_requests() {
         "back in service: {back:?}"
     );
 }
+
+#[tokio::test]
+async fn an_alias_routes_each_tier_to_its_own_model() {
+    let backend = Backend::start().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let gw = Gateway::start(GatewayOptions {
+        extra_config: "[aliases.chat]\nfree = \"sim-embed\"\n\"*\" = \"sim-chat\"\n".to_owned(),
+        ..GatewayOptions::new(&backend, StoreKind::Embedded(dir.path().to_owned()))
+    })
+    .await
+    .unwrap();
+    let (_, free) = gw.create_key("acme", "free").await.unwrap();
+    let (_, enterprise) = gw.create_key("acme", "enterprise").await.unwrap();
+    let body =
+        json!({"model": "chat", "max_tokens": 2, "messages": [{"role": "user", "content": "hi"}]})
+            .to_string();
+    for (key, model) in [(&free, "sim-embed"), (&enterprise, "sim-chat")] {
+        let r = gw
+            .post_raw("/v1/chat/completions", Some(key), body.clone())
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        let v: Value = r.json().await.unwrap();
+        assert_eq!(
+            v["model"], model,
+            "the backend was asked for the tier's model"
+        );
+    }
+    let models: Value = gw
+        .http
+        .get(format!("{}/v1/models", gw.url))
+        .bearer_auth(&free)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert!(models["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|m| m["id"] == "chat"));
+}
