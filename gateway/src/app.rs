@@ -212,6 +212,12 @@ pub fn run(config: Config) -> anyhow::Result<()> {
             .clone()
             .check_health(config.balancer.clone()),
     );
+    support.spawn(
+        gateway
+            .upstreams
+            .clone()
+            .scrape_load(config.balancer.clone()),
+    );
 
     if config.admin_token.is_none() && config.jwt.is_none() {
         tracing::warn!(

@@ -7,6 +7,10 @@
 //! - `p2c` (default): power of two choices, two backends at random and the one with the lower
 //!   latency EWMA × (in flight + 1), as in Finagle and tower's PeakEWMA. It follows real load
 //!   (a GPU backend's cost is its queue, not its connection count) at two reads a request.
+//! - `load_aware`: the backend's own view of its load, scraped from its `/metrics` every
+//!   `scrape_interval_ms` (waiting requests weigh most, then running ones, then KV-cache use),
+//!   which counts the load other gateways put on it too; until a backend has been scraped, or
+//!   when its scrape is stale, this gateway's in-flight count stands in.
 //! - `prefix_affinity`: requests whose prompts start alike go to the same backend, where that
 //!   prefix's KV cache is warm: rendezvous hashing of the prompt's first bytes over the
 //!   backends, taking the first in hash order whose in-flight count is within
@@ -41,6 +45,8 @@ pub struct BalancerConfig {
     pub connect_timeout_ms: u64,
     /// The longest wait for the first byte, and between two reads of a stream.
     pub read_timeout_secs: u64,
+    /// load_aware: how often each backend's `/metrics` is read.
+    pub scrape_interval_ms: u64,
     /// prefix_affinity: how many leading bytes of the prompt pick the backend.
     pub affinity_prefix_bytes: usize,
     /// prefix_affinity: a backend takes more only while below this × the average in flight.
@@ -61,6 +67,7 @@ impl Default for BalancerConfig {
             eject_max_ms: 30_000,
             connect_timeout_ms: 3000,
             read_timeout_secs: 300,
+            scrape_interval_ms: 500,
             affinity_prefix_bytes: 512,
             affinity_load_factor: 1.25,
         }
@@ -73,6 +80,7 @@ pub enum Strategy {
     RoundRobin,
     LeastOutstanding,
     P2c,
+    LoadAware,
     PrefixAffinity,
 }
 
@@ -92,6 +100,12 @@ pub struct BackendState {
     /// Milliseconds since `epoch` until which the backend is ejected (0: not ejected).
     ejected_until_ms: AtomicI64,
     pub draining: AtomicBool,
+    /// From the backend's `/metrics`: waiting and running requests, KV-cache use (f64 bits),
+    /// and when (ms since `epoch`; 0 = never).
+    scraped_waiting: AtomicU64,
+    scraped_running: AtomicU64,
+    scraped_kv: AtomicU64,
+    scraped_at_ms: AtomicI64,
     epoch: Instant,
 }
 
@@ -110,6 +124,10 @@ impl Default for BackendState {
             ejections: AtomicU32::new(0),
             ejected_until_ms: AtomicI64::new(0),
             draining: AtomicBool::new(false),
+            scraped_waiting: AtomicU64::new(0),
+            scraped_running: AtomicU64::new(0),
+            scraped_kv: AtomicU64::new(0f64.to_bits()),
+            scraped_at_ms: AtomicI64::new(0),
             epoch: Instant::now(),
         }
     }
@@ -139,6 +157,47 @@ impl BackendState {
     fn score(&self) -> f64 {
         let ewma = f64::from_bits(self.ewma_us.load(Ordering::Relaxed));
         (ewma.max(1.0)) * (self.in_flight.load(Ordering::Relaxed) + 1) as f64
+    }
+
+    /// Records a scrape of the backend's `/metrics` text.
+    pub fn scraped(&self, metrics: &str) {
+        let value = |name: &str| -> f64 {
+            metrics
+                .lines()
+                .filter(|l| !l.starts_with('#'))
+                .filter_map(|l| l.rsplit_once(' '))
+                .filter(|(series, _)| series.split('{').next() == Some(name))
+                .filter_map(|(_, v)| v.trim().parse::<f64>().ok())
+                .sum()
+        };
+        self.scraped_waiting.store(
+            value("sluice_backend_requests_waiting") as u64,
+            Ordering::Relaxed,
+        );
+        self.scraped_running.store(
+            value("sluice_backend_requests_running") as u64,
+            Ordering::Relaxed,
+        );
+        self.scraped_kv.store(
+            value("sluice_backend_kv_cache_usage_ratio").to_bits(),
+            Ordering::Relaxed,
+        );
+        self.scraped_at_ms
+            .store(self.now_ms().max(1), Ordering::Relaxed);
+    }
+
+    /// The backend's load as it reports it, or this gateway's in-flight count when its report
+    /// is older than `stale`.
+    fn reported_load(&self, stale: Duration) -> f64 {
+        let at = self.scraped_at_ms.load(Ordering::Relaxed);
+        if at == 0 || self.now_ms() - at > stale.as_millis() as i64 {
+            return self.in_flight.load(Ordering::Relaxed) as f64;
+        }
+        let waiting = self.scraped_waiting.load(Ordering::Relaxed) as f64;
+        let running = self.scraped_running.load(Ordering::Relaxed) as f64;
+        let kv = f64::from_bits(self.scraped_kv.load(Ordering::Relaxed));
+        // Requests sent since the scrape are not in it yet: count this gateway's in flight too.
+        4.0 * waiting + running.max(self.in_flight.load(Ordering::Relaxed) as f64) + 8.0 * kv
     }
 
     /// A request reached the backend and got an answer (any status below 500).
@@ -204,6 +263,8 @@ pub struct Hints {
     /// Hash of the prompt's leading bytes (prefix affinity).
     pub prefix: u64,
     pub load_factor: f64,
+    /// load_aware: a scrape older than this is not trusted.
+    pub stale: Duration,
 }
 
 /// Chooses among `candidates` (already available and not yet tried) by `strategy`.
@@ -240,6 +301,16 @@ pub fn choose<'a, T: AsRef<BackendState>>(
                     &candidates[a]
                 } else {
                     &candidates[b]
+                })
+            }
+            Strategy::LoadAware => {
+                let start = turn % n;
+                (0..n).map(|i| &candidates[(start + i) % n]).min_by(|a, b| {
+                    let (la, lb) = (
+                        a.as_ref().reported_load(hints.stale),
+                        b.as_ref().reported_load(hints.stale),
+                    );
+                    la.total_cmp(&lb)
                 })
             }
             Strategy::PrefixAffinity => {
@@ -327,7 +398,7 @@ mod tests {
         let hints = Hints {
             prefix: prefix_hash(b"You are a helpful assistant.", 512),
             load_factor: 1.25,
-            turn: 0,
+            ..Hints::default()
         };
         let first = choose(Strategy::PrefixAffinity, &s, &ids, hints)
             .unwrap()
@@ -356,6 +427,26 @@ mod tests {
             ));
         }
         assert_eq!(used.len(), 3);
+    }
+
+    #[test]
+    fn load_aware_reads_the_backends_own_queue() {
+        let s = states(2);
+        s[0].scraped("sluice_backend_requests_waiting 3\nsluice_backend_requests_running 8\n");
+        s[1].scraped(
+            "# HELP x\nsluice_backend_requests_waiting 0\nsluice_backend_requests_running 2\n",
+        );
+        let hints = Hints {
+            stale: Duration::from_secs(5),
+            ..Hints::default()
+        };
+        for turn in 0..4 {
+            let h = Hints { turn, ..hints };
+            assert!(Arc::ptr_eq(
+                choose(Strategy::LoadAware, &s, &[0, 1], h).unwrap(),
+                &s[1]
+            ));
+        }
     }
 
     #[test]

@@ -19,6 +19,9 @@ use std::time::Duration;
 const DISCOVERY_INTERVAL: Duration = Duration::from_secs(5);
 const DISCOVERY_TIMEOUT: Duration = Duration::from_secs(2);
 
+/// A backend's scraped load older than this is not trusted (load_aware).
+const SCRAPE_STALE: Duration = Duration::from_secs(3);
+
 /// What a backend said it serves: (model id, owned_by) pairs.
 type ServedModels = Vec<(String, String)>;
 
@@ -70,6 +73,7 @@ impl ModelRoute {
             turn: self.cursor.fetch_add(1, Ordering::Relaxed),
             prefix,
             load_factor,
+            stale: SCRAPE_STALE,
         };
         balancer::choose(strategy, &candidates, &ids, hints).cloned()
     }
@@ -195,6 +199,29 @@ impl Upstreams {
                 }
             });
             futures::future::join_all(checks).await;
+        }
+    }
+
+    /// Reads every backend's `/metrics` at the configured interval, for `load_aware`.
+    pub async fn scrape_load(self: Arc<Self>, config: BalancerConfig) {
+        if config.strategy != Strategy::LoadAware {
+            return;
+        }
+        let mut tick = tokio::time::interval(Duration::from_millis(config.scrape_interval_ms));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let timeout = Duration::from_millis(config.health_timeout_ms);
+            let scrapes = self.backends.iter().map(|b| {
+                let request = self.http.get(format!("{}/metrics", b.url)).timeout(timeout);
+                async move {
+                    let response = request.send().await;
+                    if let Ok(text) = async { response?.error_for_status()?.text().await }.await {
+                        b.state.scraped(&text);
+                    }
+                }
+            });
+            futures::future::join_all(scrapes).await;
         }
     }
 

@@ -129,7 +129,7 @@ async fn load_aware_strategies_send_a_slow_backend_less_than_round_robin() {
     let fast1 = Backend::start().await.unwrap();
     let fast2 = Backend::start().await.unwrap();
     let mut share = HashMap::new();
-    for strategy in ["round_robin", "least_outstanding", "p2c"] {
+    for strategy in ["round_robin", "least_outstanding", "p2c", "load_aware"] {
         let dir = tempfile::tempdir().unwrap();
         let gw = gateway(
             &[&slow, &fast1, &fast2],
@@ -155,6 +155,7 @@ async fn load_aware_strategies_send_a_slow_backend_less_than_round_robin() {
         "least outstanding: {share:?}"
     );
     assert!(share["p2c"] * 10 < rr * 6, "p2c: {share:?}");
+    assert!(share["load_aware"] * 10 < rr * 6, "load aware: {share:?}");
 }
 
 fn chat_with_system(system: &str, question: usize) -> String {
