@@ -7,6 +7,7 @@
 #   RATE=300 DURATION=8s ROUNDS=3 loadtest/bench-admission.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. scripts/lib.sh
 
 RATE="${RATE:-300}"
 DURATION="${DURATION:-8s}"
@@ -29,10 +30,6 @@ cleanup() {
   rm -rf "$work"
 }
 trap cleanup EXIT INT TERM
-wait_for() {
-  for _ in $(seq 100); do curl -fsS "$1" >/dev/null 2>&1 && return 0; sleep 0.1; done
-  echo "bench: $1 did not answer" >&2; exit 1
-}
 command -v redis-server >/dev/null || scripts/ensure-redis.sh
 
 # A Redis of the benchmark's own, so its command counts are this run's alone.
@@ -45,7 +42,7 @@ backend_port=$PORT_BASE
 pids+=($!)
 wait_for "http://127.0.0.1:$backend_port/health"
 
-token="bench-$(od -An -N12 -tx1 /dev/urandom | tr -d ' \n')"
+token=$(random_token bench-)
 declare -A key port
 for leases in off on; do
   [ $leases = off ] && { offset=1; lease_max=0; } || { offset=3; lease_max=16; }

@@ -8,6 +8,7 @@
 #   RATE=300 DURATION=10s ROUNDS=5 loadtest/bench-metering.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. scripts/lib.sh
 
 RATE="${RATE:-300}"
 DURATION="${DURATION:-10s}"
@@ -24,10 +25,6 @@ work=$(mktemp -d)
 pids=()
 cleanup() { kill "${pids[@]}" 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$work"; }
 trap cleanup EXIT INT TERM
-wait_for() {
-  for _ in $(seq 100); do curl -fsS "$1" >/dev/null 2>&1 && return 0; sleep 0.1; done
-  echo "bench: $1 did not answer" >&2; exit 1
-}
 
 backend_port=$PORT_BASE
 "$bin/sluice-backend" --engine sim --listen "127.0.0.1:$backend_port" --model sluice-sim \
@@ -35,7 +32,7 @@ backend_port=$PORT_BASE
 pids+=($!)
 wait_for "http://127.0.0.1:$backend_port/health"
 
-token="bench-$(od -An -N12 -tx1 /dev/urandom | tr -d ' \n')"
+token=$(random_token bench-)
 declare -A key
 for metering in off on; do
   [ $metering = off ] && offset=1 || offset=3

@@ -10,6 +10,7 @@
 # Everything listens on 127.0.0.1 and stops when the script ends.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. scripts/lib.sh
 
 RATE="${RATE:-500}"                 # fixed-rate scenarios: requests per second
 CONCURRENCY="${CONCURRENCY:-32}"    # max-throughput scenarios: closed-loop clients
@@ -40,10 +41,6 @@ cleanup() {
 }
 trap cleanup EXIT INT TERM
 
-wait_for() {
-  for _ in $(seq 100); do curl -fsS "$1" >/dev/null 2>&1 && return 0; sleep 0.1; done
-  echo "bench: $1 did not answer" >&2; exit 1
-}
 
 backend_port=$PORT_BASE; nginx_port=$((PORT_BASE + 1)); sluice_port=$((PORT_BASE + 2)); admin_port=$((PORT_BASE + 3))
 
@@ -74,7 +71,7 @@ NGINX
 nginx -c "$work/nginx.conf" -p "$work"
 wait_for "http://127.0.0.1:$nginx_port/health"
 
-admin_token="bench-$(od -An -N12 -tx1 /dev/urandom | tr -d ' \n')"
+admin_token=$(random_token bench-)
 cat >"$work/sluice.toml" <<TOML
 [server]
 listen = "127.0.0.1:$sluice_port"

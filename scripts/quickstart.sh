@@ -5,13 +5,14 @@
 # Ctrl-C stops both.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. scripts/lib.sh
 
 BACKEND_LISTEN="${SLUICE_BACKEND_LISTEN:-127.0.0.1:9000}"
 export SLUICE_LISTEN="${SLUICE_LISTEN:-127.0.0.1:8080}"
 export SLUICE_ADMIN_LISTEN="${SLUICE_ADMIN_LISTEN:-127.0.0.1:8081}"
 export SLUICE_BACKENDS="${SLUICE_BACKENDS:-http://$BACKEND_LISTEN}"
 if [ -z "${SLUICE_ADMIN_TOKEN:-}" ]; then
-  SLUICE_ADMIN_TOKEN="admin-$(od -An -N16 -tx1 /dev/urandom | tr -d ' \n')"
+  SLUICE_ADMIN_TOKEN=$(random_token admin-)
   export SLUICE_ADMIN_TOKEN
 fi
 
@@ -22,14 +23,6 @@ pids=()
 cleanup() { kill "${pids[@]}" 2>/dev/null || true; wait 2>/dev/null || true; }
 trap cleanup EXIT INT TERM
 
-wait_for() {
-  for _ in $(seq 100); do
-    curl -fsS "$1" >/dev/null 2>&1 && return 0
-    sleep 0.1
-  done
-  echo "quickstart: $1 did not answer" >&2
-  exit 1
-}
 
 "$bin/sluice-backend" --engine sim --listen "$BACKEND_LISTEN" --model sluice-sim \
   --sim-ttft-ms 50 --sim-token-delay-ms 20 &
