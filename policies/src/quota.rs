@@ -156,6 +156,24 @@ fn minute_retry(
     1
 }
 
+/// Seconds until the minute window holds none of its current use (OpenAI's "reset"):
+/// until the newest used bucket leaves it. `adding_now` counts a use in the current second.
+fn window_clears(
+    counters: &Counters,
+    now_sec: i64,
+    adding_now: bool,
+    field: fn(&Bucket) -> u64,
+) -> u64 {
+    let newest = counters
+        .minute
+        .iter()
+        .filter(|b| b.second > now_sec - WINDOW_SECS && field(b) > 0)
+        .map(|b| b.second)
+        .max();
+    let newest = if adding_now { Some(now_sec) } else { newest };
+    newest.map_or(0, |s| (s + WINDOW_SECS - now_sec).max(0) as u64)
+}
+
 /// Seconds until the next UTC midnight after `now_sec`.
 pub fn secs_to_next_day(now_sec: i64) -> u64 {
     (86_400 - now_sec.rem_euclid(86_400)) as u64
@@ -239,16 +257,18 @@ pub fn decide(
         remaining_requests: limits
             .requests_per_minute
             .map(|l| l.saturating_sub(after(rpm_used, r.requests))),
-        reset_requests_secs: limits
-            .requests_per_minute
-            .map(|l| minute_retry(counters, now_sec, l, 1, |b| b.requests)),
+        reset_requests_secs: limits.requests_per_minute.map(|_| {
+            window_clears(counters, now_sec, admitted && r.requests > 0, |b| {
+                b.requests
+            })
+        }),
         limit_tokens: limits.tokens_per_minute,
         remaining_tokens: limits
             .tokens_per_minute
             .map(|l| l.saturating_sub(after(tpm_used, r.tokens))),
         reset_tokens_secs: limits
             .tokens_per_minute
-            .map(|l| minute_retry(counters, now_sec, l, r.tokens.min(l), |b| b.tokens)),
+            .map(|_| window_clears(counters, now_sec, admitted && r.tokens > 0, |b| b.tokens)),
     };
     Decision { refused, headers }
 }
@@ -391,6 +411,8 @@ mod tests {
         assert_eq!(d.refused, None);
         assert_eq!(d.headers.remaining_requests, Some(9));
         assert_eq!(d.headers.remaining_tokens, Some(700));
+        // The window holds this request for a full minute: that is when it is reset.
+        assert_eq!(d.headers.reset_requests_secs, Some(60));
         assert_eq!(d.headers.limit_tokens, Some(1000));
     }
 
