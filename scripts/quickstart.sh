@@ -16,6 +16,7 @@ if [ -z "${SLUICE_ADMIN_TOKEN:-}" ]; then
   export SLUICE_ADMIN_TOKEN
 fi
 
+ensure_build_tools
 cargo build --release --bin sluice --bin sluice-backend
 bin="${CARGO_TARGET_DIR:-target}/release"
 

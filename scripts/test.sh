@@ -6,6 +6,8 @@
 # port does not answer) and a .venv with the `openai` package.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. scripts/lib.sh
+ensure_build_tools
 
 if [ -z "${SLUICE_TEST_REDIS_URL:-}" ]; then
   scripts/ensure-redis.sh
