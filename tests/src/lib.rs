@@ -346,6 +346,18 @@ hs256_secret = "{JWT_SECRET}"
         Ok(())
     }
 
+    /// Calls the admin API as the admin: the answer's status and JSON body.
+    pub async fn admin(&self, method: reqwest::Method, path: &str) -> Result<(u16, Value)> {
+        let response = self
+            .http
+            .request(method, format!("{}{path}", self.admin_url))
+            .bearer_auth(ADMIN_TOKEN)
+            .send()
+            .await?;
+        let status = response.status().as_u16();
+        Ok((status, response.json().await?))
+    }
+
     /// POSTs a raw body to a proxy path with an optional bearer credential.
     pub async fn post_raw(
         &self,

@@ -4,7 +4,7 @@
 
 use futures::StreamExt;
 use serde_json::{json, Value};
-use sluice_e2e::{Backend, Gateway, GatewayOptions, StoreKind, ADMIN_TOKEN, SIM_MODEL};
+use sluice_e2e::{Backend, Gateway, GatewayOptions, StoreKind, SIM_MODEL};
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
@@ -47,14 +47,8 @@ async fn load(gw: &Gateway, key: &str, count: usize, concurrency: usize) -> Vec<
 }
 
 async fn backend_health(gw: &Gateway, name: &str) -> String {
-    let v: Value = gw
-        .http
-        .get(format!("{}/admin/v1/backends", gw.admin_url))
-        .bearer_auth(ADMIN_TOKEN)
-        .send()
-        .await
-        .unwrap()
-        .json()
+    let (_, v) = gw
+        .admin(reqwest::Method::GET, "/admin/v1/backends")
         .await
         .unwrap();
     v["data"]
@@ -241,17 +235,9 @@ async fn a_drained_backend_finishes_its_streams_and_gets_no_new_requests() {
     let first = stream.next().await.unwrap().unwrap();
     assert!(!first.is_empty());
 
-    let drain = gw
-        .http
-        .post(format!(
-            "{}/admin/v1/backends/{streaming_on}/drain",
-            gw.admin_url
-        ))
-        .bearer_auth(ADMIN_TOKEN)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(drain.status(), 200);
+    let drain_path = format!("/admin/v1/backends/{streaming_on}/drain");
+    let (status, _) = gw.admin(reqwest::Method::POST, &drain_path).await.unwrap();
+    assert_eq!(status, 200);
 
     let after = load(&gw, &key, 12, 3).await;
     assert!(
@@ -267,17 +253,11 @@ async fn a_drained_backend_finishes_its_streams_and_gets_no_new_requests() {
     }
     assert!(text.ends_with("data: [DONE]\n\n"), "{text}");
 
-    let undrain = gw
-        .http
-        .delete(format!(
-            "{}/admin/v1/backends/{streaming_on}/drain",
-            gw.admin_url
-        ))
-        .bearer_auth(ADMIN_TOKEN)
-        .send()
+    let (status, _) = gw
+        .admin(reqwest::Method::DELETE, &drain_path)
         .await
         .unwrap();
-    assert_eq!(undrain.status(), 200);
+    assert_eq!(status, 200);
     let back = load(&gw, &key, 12, 3).await;
     assert!(
         back.iter().any(|(_, b)| *b == streaming_on),

@@ -234,14 +234,8 @@ async fn budget_holds(gws: &[Gateway]) {
     // Settlement runs after each response; wait for the ledger to settle, then compare.
     let mut ledger = Decimal::ZERO;
     for _ in 0..200 {
-        let q: Value = gws[1]
-            .http
-            .get(format!("{}/admin/v1/keys/{id}/quota", gws[1].admin_url))
-            .bearer_auth(ADMIN_TOKEN)
-            .send()
-            .await
-            .unwrap()
-            .json()
+        let (_, q) = gws[1]
+            .admin(reqwest::Method::GET, &format!("/admin/v1/keys/{id}/quota"))
             .await
             .unwrap();
         ledger = Decimal::from_str(q["monthly_budget"]["used"].as_str().unwrap()).unwrap() * nano;
@@ -305,30 +299,18 @@ async fn operators_see_and_reset_live_quota_state() {
         .unwrap();
     assert_eq!(r.status(), 429);
 
-    let quota_url = format!("{}/admin/v1/keys/{id}/quota", gw.admin_url);
-    let q: Value = gw
-        .http
-        .get(&quota_url)
-        .bearer_auth(ADMIN_TOKEN)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let quota_path = format!("/admin/v1/keys/{id}/quota");
+    let (_, q) = gw.admin(reqwest::Method::GET, &quota_path).await.unwrap();
     assert_eq!(q["requests_per_minute"]["used"], 3);
     assert_eq!(q["requests_per_minute"]["remaining"], 0);
     assert_eq!(q["requests_per_day"]["used"], 3);
     assert!(q["requests_per_minute"]["resets_in_secs"].as_u64().unwrap() >= 1);
 
-    let r = gw
-        .http
-        .post(format!("{quota_url}/reset"))
-        .bearer_auth(ADMIN_TOKEN)
-        .send()
+    let (status, _) = gw
+        .admin(reqwest::Method::POST, &format!("{quota_path}/reset"))
         .await
         .unwrap();
-    assert_eq!(r.status(), 200);
+    assert_eq!(status, 200);
     let r = gw
         .post_raw("/v1/chat/completions", Some(&key), chat(2))
         .await
