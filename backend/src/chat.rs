@@ -35,7 +35,7 @@ pub async fn chat_completions(
     }
     let n = choice_count(request.n)?;
     let cap = token_cap(request.max_tokens, request.max_completion_tokens)?;
-    let model = state.model(&model)?.to_owned();
+    let model = state.text_model(&model, "/v1/chat/completions")?.to_owned();
 
     let prompt = ChatPrompt::new(&messages);
     let (len, finish_reason) = state.sim.reply_length(cap);

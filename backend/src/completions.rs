@@ -36,7 +36,7 @@ pub async fn completions(
     }
     let n = choice_count(request.n)?;
     let cap = token_cap(request.max_tokens, None)?;
-    let model = state.model(&model)?.to_owned();
+    let model = state.text_model(&model, "/v1/completions")?.to_owned();
 
     let (len, finish_reason) = state.sim.reply_length(cap);
     let mut prompt_tokens = 0;

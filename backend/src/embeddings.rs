@@ -1,4 +1,5 @@
-//! `POST /v1/embeddings`: simulated embeddings, as floats or as base64.
+//! `POST /v1/embeddings`: embeddings from the served model (simulated, or a real encoder),
+//! as floats or as base64.
 
 use std::sync::Arc;
 
@@ -15,7 +16,10 @@ use crate::openai::{
 };
 use crate::request::{parse_body, required};
 use crate::sim::{self, count_input_tokens};
-use crate::state::AppState;
+use crate::state::{AppState, ModelEngine};
+
+/// OpenAI's limit on inputs per request; it also bounds one request's turn on an engine.
+const MAX_INPUTS: usize = 2048;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Encoding {
@@ -48,7 +52,11 @@ pub async fn embeddings(
             ))
         }
     };
-    let full_dim = state.sim.embedding_dim;
+    let served = state.model(&model)?;
+    let full_dim = match &served.engine {
+        ModelEngine::Sim => state.sim.embedding_dim,
+        ModelEngine::Embedding(model) => model.dim(),
+    };
     let dim = match request.dimensions {
         None => full_dim,
         Some(dim) if dim >= 1 && dim as u64 <= full_dim as u64 => dim as usize,
@@ -61,15 +69,37 @@ pub async fn embeddings(
             ))
         }
     };
-    let model = state.model(&model)?;
 
-    let mut prompt_tokens = 0;
-    let data = inputs
-        .iter()
+    let (vectors, prompt_tokens) = match &served.engine {
+        ModelEngine::Sim => {
+            let prompt_tokens = inputs.iter().map(count_input_tokens).sum();
+            let vectors = inputs
+                .iter()
+                .map(|input| sim::embed(&input.to_text(), full_dim))
+                .collect::<Vec<_>>();
+            (vectors, prompt_tokens)
+        }
+        ModelEngine::Embedding(model) => {
+            if inputs.len() > MAX_INPUTS {
+                return Err(ApiError::invalid_value(
+                    "input",
+                    format!(
+                        "{} inputs is too many; send at most {MAX_INPUTS} per request",
+                        inputs.len()
+                    ),
+                ));
+            }
+            let _running = state.metrics.running();
+            let embedded = model.embed(inputs).await?;
+            (embedded.vectors, embedded.tokens)
+        }
+    };
+    state.metrics.add_prompt_tokens(prompt_tokens);
+
+    let data = vectors
+        .into_iter()
         .enumerate()
-        .map(|(index, input)| {
-            prompt_tokens += count_input_tokens(input);
-            let mut vector = sim::embed(&input.to_text(), full_dim);
+        .map(|(index, mut vector)| {
             if dim < full_dim {
                 vector = sim::truncate(vector, dim);
             }
@@ -83,12 +113,10 @@ pub async fn embeddings(
             }
         })
         .collect();
-    state.metrics.add_prompt_tokens(prompt_tokens);
-
     let list = EmbeddingList {
         object: "list",
         data,
-        model,
+        model: &served.name,
         usage: EmbeddingUsage {
             prompt_tokens,
             total_tokens: prompt_tokens,

@@ -10,6 +10,8 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::Serialize;
 
+use crate::native::EmbedError;
+
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
     /// The body is not JSON at all; the message is serde's, which says where.
@@ -39,6 +41,32 @@ pub enum ApiError {
 
     #[error("Method {method} is not allowed on {path}")]
     MethodNotAllowed { method: String, path: String },
+
+    /// A chat or completion request named a model that only computes embeddings.
+    #[error("The model `{model}` only serves embeddings (POST /v1/embeddings); it cannot answer {route}.")]
+    EmbeddingsOnly { model: String, route: &'static str },
+
+    /// An input the model cannot read whole (too many tokens, an unknown token id).
+    #[error("Invalid value for 'input': {0}")]
+    UnreadableInput(EmbedError),
+
+    /// The engine failed on a request it had accepted: a server fault, not the client's.
+    #[error("The model failed to process your request: {0}")]
+    Engine(EmbedError),
+}
+
+impl From<EmbedError> for ApiError {
+    fn from(err: EmbedError) -> Self {
+        match err {
+            EmbedError::InputTooLong { .. } | EmbedError::TokenOutOfRange { .. } => {
+                Self::UnreadableInput(err)
+            }
+            EmbedError::Tokenizer(_)
+            | EmbedError::Device(_)
+            | EmbedError::Panicked
+            | EmbedError::EngineStopped => Self::Engine(err),
+        }
+    }
 }
 
 impl ApiError {
@@ -57,7 +85,19 @@ impl ApiError {
             Self::InvalidJson(_)
             | Self::MissingParameter(_)
             | Self::InvalidType { .. }
-            | Self::InvalidValue { .. } => StatusCode::BAD_REQUEST,
+            | Self::InvalidValue { .. }
+            | Self::EmbeddingsOnly { .. }
+            | Self::UnreadableInput(_) => StatusCode::BAD_REQUEST,
+            Self::Engine(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    /// OpenAI's error `type`: the client's fault or the server's.
+    fn kind(&self) -> &'static str {
+        if self.status().is_server_error() {
+            "server_error"
+        } else {
+            "invalid_request_error"
         }
     }
 
@@ -71,6 +111,12 @@ impl ApiError {
             Self::ModelNotFound(_) => Some("model_not_found"),
             Self::UnknownRoute { .. } => Some("unknown_url"),
             Self::MethodNotAllowed { .. } => Some("method_not_allowed"),
+            Self::EmbeddingsOnly { .. } => Some("model_not_supported"),
+            Self::UnreadableInput(EmbedError::InputTooLong { .. }) => {
+                Some("context_length_exceeded")
+            }
+            Self::UnreadableInput(_) => Some("invalid_value"),
+            Self::Engine(_) => None,
         }
     }
 
@@ -78,8 +124,10 @@ impl ApiError {
         match self {
             Self::MissingParameter(param) => Some(param),
             Self::InvalidType { param, .. } | Self::InvalidValue { param, .. } => Some(param),
-            Self::ModelNotFound(_) => Some("model"),
-            Self::InvalidJson(_)
+            Self::ModelNotFound(_) | Self::EmbeddingsOnly { .. } => Some("model"),
+            Self::UnreadableInput(_) => Some("input"),
+            Self::Engine(_)
+            | Self::InvalidJson(_)
             | Self::UnreadableBody { .. }
             | Self::UnknownRoute { .. }
             | Self::MethodNotAllowed { .. } => None,
@@ -112,7 +160,7 @@ impl IntoResponse for ApiError {
         let envelope = ErrorEnvelope {
             error: ErrorBody {
                 message: self.to_string(),
-                kind: "invalid_request_error",
+                kind: self.kind(),
                 code: self.code(),
                 param: self.param(),
             },

@@ -1,10 +1,16 @@
 //! `sluice-backend`: Sluice's co-located, OpenAI-compatible inference service.
 //!
 //! It serves chat completions (whole or as SSE), text completions, embeddings, the model
-//! list, health and Prometheus metrics. This build carries only the simulated engine
-//! ([`sim`]): deterministic replies, token counts and embeddings, with configurable pacing
-//! and stream gates ([`gates`]) so the gateway can be tested and load-tested end to end
-//! without weights or a GPU. The binary in `main.rs` is a thin shell over [`serve`].
+//! list, health and Prometheus metrics, from one of two engines:
+//!
+//! - the simulated engine ([`sim`]): deterministic replies, token counts and embeddings,
+//!   with configurable pacing and stream gates ([`gates`]) so the gateway can be tested and
+//!   load-tested end to end without weights or a GPU;
+//! - the native engine ([`native`]): real models from local files. This build serves BERT
+//!   sentence encoders (all-MiniLM-L6-v2) for `/v1/embeddings` on the CPU; chat and
+//!   completions from Llama-family decoders, and CUDA, are not in it yet.
+//!
+//! The binary in `main.rs` is a thin shell over [`serve`].
 
 mod chat;
 mod completions;
@@ -14,6 +20,7 @@ pub mod error;
 pub mod gates;
 pub mod metrics;
 pub mod models;
+pub mod native;
 pub mod openai;
 mod request;
 pub mod server;

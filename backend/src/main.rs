@@ -3,7 +3,8 @@
 
 use std::net::SocketAddr;
 use std::process::ExitCode;
-use std::time::Duration;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use clap::Parser;
@@ -11,6 +12,7 @@ use tracing_subscriber::EnvFilter;
 
 use sluice_backend::engine::{Device, EngineKind};
 use sluice_backend::models::{served_names, ModelSpec};
+use sluice_backend::native::{self, EmbeddingModel, LoadError, ModelKind};
 use sluice_backend::{serve, AppState, SimConfig};
 
 /// Sluice's co-located OpenAI-compatible inference service.
@@ -31,7 +33,8 @@ struct Args {
     #[arg(long, value_enum, default_value_t = EngineKind::Native)]
     engine: EngineKind,
 
-    /// Where the native engine runs: auto, cpu or cuda:N.
+    /// Where the native engine runs: auto, cpu or cuda:N. This build has only the CPU, which
+    /// auto picks.
     #[arg(long, default_value = "auto")]
     device: Device,
 
@@ -64,16 +67,29 @@ fn main() -> ExitCode {
     let args = Args::parse();
     init_tracing();
 
-    if args.engine == EngineKind::Native {
-        eprintln!("error: the native engine is not in this build yet; run with --engine sim");
-        return ExitCode::from(EXIT_USAGE);
-    }
     let names = match served_names(&args.models) {
         Ok(names) => names,
         Err(err) => {
             eprintln!("error: {err}");
             return ExitCode::from(EXIT_USAGE);
         }
+    };
+    // Models load before the runtime starts: a backend that cannot serve what it was asked
+    // to exits at once instead of listening and failing every request.
+    let state = match args.engine {
+        EngineKind::Sim => {
+            if args.device != Device::Auto {
+                tracing::info!(device = %args.device, "the simulated engine runs on no device; --device is ignored");
+            }
+            AppState::new(names, sim_config(&args))
+        }
+        EngineKind::Native => match load_native(&args) {
+            Ok(state) => state,
+            Err((code, message)) => {
+                eprintln!("error: {message}");
+                return code;
+            }
+        },
     };
 
     let runtime = match tokio::runtime::Builder::new_multi_thread()
@@ -86,7 +102,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run(args, names)) {
+    match runtime.block_on(run(args, state)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             tracing::error!("{err:#}");
@@ -96,18 +112,62 @@ fn main() -> ExitCode {
     }
 }
 
-async fn run(args: Args, names: Vec<String>) -> anyhow::Result<()> {
-    let sim = SimConfig {
+fn sim_config(args: &Args) -> SimConfig {
+    SimConfig {
         ttft: Duration::from_millis(args.sim_ttft_ms),
         token_delay: Duration::from_millis(args.sim_token_delay_ms),
         output_tokens: args.sim_output_tokens,
         embedding_dim: args.sim_embedding_dim as usize,
-    };
-    if args.device != Device::Auto {
-        tracing::info!(device = %args.device, "the simulated engine runs on no device; --device is ignored");
     }
-    let state = AppState::new(names, sim);
+}
 
+/// Loads every `--model` for the native engine, or says why not with the exit status to
+/// leave with: 2 for what this build cannot serve, 1 for files that are broken.
+fn load_native(args: &Args) -> Result<Arc<AppState>, (ExitCode, String)> {
+    let usage = |message: String| (ExitCode::from(EXIT_USAGE), message);
+    if let Device::Cuda(_) = args.device {
+        return Err(usage(format!(
+            "--device {}: CUDA is not in this build yet; use --device cpu (or auto)",
+            args.device
+        )));
+    }
+    if args.models.is_empty() {
+        return Err(usage(
+            "the native engine needs at least one --model [NAME=]PATH (or run with --engine sim)"
+                .to_owned(),
+        ));
+    }
+    let mut models = Vec::with_capacity(args.models.len());
+    for spec in &args.models {
+        let fail = |err: LoadError| {
+            let code = if err.is_usage() {
+                ExitCode::from(EXIT_USAGE)
+            } else {
+                ExitCode::FAILURE
+            };
+            (code, format!("model `{}`: {err}", spec.name))
+        };
+        match native::inspect(&spec.path).map_err(fail)? {
+            ModelKind::Bert => {
+                let started = Instant::now();
+                let model = EmbeddingModel::load(&spec.name, &spec.path).map_err(fail)?;
+                tracing::info!(
+                    model = %spec.name,
+                    path = %spec.path.display(),
+                    device = model.device(),
+                    dimensions = model.dim(),
+                    max_tokens = model.max_tokens(),
+                    elapsed_ms = started.elapsed().as_millis() as u64,
+                    "embedding model loaded"
+                );
+                models.push((spec.name.clone(), Arc::new(model)));
+            }
+        }
+    }
+    Ok(AppState::native(models))
+}
+
+async fn run(args: Args, state: Arc<AppState>) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;
@@ -117,8 +177,8 @@ async fn run(args: Args, names: Vec<String>) -> anyhow::Result<()> {
     tracing::info!(
         %address,
         engine = args.engine.label(),
-        models = ?state.models(),
-        config = ?state.sim,
+        models = ?state.model_names(),
+        config = ?(args.engine == EngineKind::Sim).then_some(&state.sim),
         "sluice-backend listening"
     );
     serve(listener, state, shutdown_signal())

@@ -19,7 +19,7 @@ use tokio::net::TcpListener;
 use crate::error::ApiError;
 use crate::metrics::Route;
 use crate::openai::{ModelCard, ModelList};
-use crate::state::AppState;
+use crate::state::{AppState, ModelEngine, ServedModel};
 use crate::{chat, completions, embeddings};
 
 /// Long chat histories and batched embedding inputs are large; axum's 2 MiB default is not.
@@ -101,7 +101,7 @@ async fn list_models(State(state): State<Arc<AppState>>) -> Response {
     let data = state
         .models()
         .iter()
-        .map(|name| model_card(name, state.started_at))
+        .map(|model| model_card(model, state.started_at))
         .collect();
     Json(ModelList {
         object: "list",
@@ -115,17 +115,18 @@ async fn get_model(
     Path(model): Path<String>,
 ) -> Result<Response, ApiError> {
     state.metrics.record_request(Route::Models);
-    let name = state.model(&model)?;
-    Ok(Json(model_card(name, state.started_at)).into_response())
+    let model = state.model(&model)?;
+    Ok(Json(model_card(model, state.started_at)).into_response())
 }
 
-fn model_card(name: &str, created: u64) -> ModelCard<'_> {
+fn model_card(model: &ServedModel, created: u64) -> ModelCard<'_> {
+    let simulated = matches!(model.engine, ModelEngine::Sim);
     ModelCard {
-        id: name,
+        id: &model.name,
         object: "model",
         created,
-        owned_by: "sluice-sim",
-        simulated: true,
+        owned_by: if simulated { "sluice-sim" } else { "sluice" },
+        simulated,
     }
 }
 
@@ -141,7 +142,7 @@ async fn metrics(State(state): State<Arc<AppState>>) -> impl IntoResponse {
             header::CONTENT_TYPE,
             HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
         )],
-        state.metrics.render("sim"),
+        state.metrics.render(state.engine_label()),
     )
 }
 

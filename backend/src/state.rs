@@ -8,12 +8,28 @@ use crate::error::ApiError;
 use crate::gates::Gates;
 use crate::metrics::Metrics;
 use crate::models::DEFAULT_SIM_MODEL;
+use crate::native::EmbeddingModel;
 use crate::openai::unix_now;
 use crate::sim::SimConfig;
 
+/// What answers requests for one served model name.
+#[derive(Debug, Clone)]
+pub enum ModelEngine {
+    /// The simulated engine: chat, completions and embeddings.
+    Sim,
+    /// A real encoder: embeddings only.
+    Embedding(Arc<EmbeddingModel>),
+}
+
+#[derive(Debug)]
+pub struct ServedModel {
+    pub name: String,
+    pub engine: ModelEngine,
+}
+
 #[derive(Debug)]
 pub struct AppState {
-    models: Vec<String>,
+    models: Vec<ServedModel>,
     /// Reported as every model's `created`: when this process started serving it.
     pub started_at: u64,
     pub sim: SimConfig,
@@ -30,6 +46,33 @@ impl AppState {
         } else {
             models
         };
+        Self::with_models(
+            models
+                .into_iter()
+                .map(|name| ServedModel {
+                    name,
+                    engine: ModelEngine::Sim,
+                })
+                .collect(),
+            sim,
+        )
+    }
+
+    /// State for the native engine serving these loaded models.
+    pub fn native(models: Vec<(String, Arc<EmbeddingModel>)>) -> Arc<Self> {
+        Self::with_models(
+            models
+                .into_iter()
+                .map(|(name, model)| ServedModel {
+                    name,
+                    engine: ModelEngine::Embedding(model),
+                })
+                .collect(),
+            SimConfig::default(),
+        )
+    }
+
+    fn with_models(models: Vec<ServedModel>, sim: SimConfig) -> Arc<Self> {
         Arc::new(Self {
             models,
             started_at: unix_now(),
@@ -39,16 +82,45 @@ impl AppState {
         })
     }
 
-    pub fn models(&self) -> &[String] {
+    pub fn models(&self) -> &[ServedModel] {
         &self.models
     }
 
+    pub fn model_names(&self) -> Vec<&str> {
+        self.models.iter().map(|m| m.name.as_str()).collect()
+    }
+
+    /// The engine label `/metrics` reports: `sim`, or `native` once any real model is served.
+    pub fn engine_label(&self) -> &'static str {
+        if self
+            .models
+            .iter()
+            .all(|m| matches!(m.engine, ModelEngine::Sim))
+        {
+            "sim"
+        } else {
+            "native"
+        }
+    }
+
     /// The served model a request names, or the 404 OpenAI gives for an unknown one.
-    pub fn model(&self, requested: &str) -> Result<&str, ApiError> {
+    pub fn model(&self, requested: &str) -> Result<&ServedModel, ApiError> {
         self.models
             .iter()
-            .find(|name| *name == requested)
-            .map(String::as_str)
+            .find(|model| model.name == requested)
             .ok_or_else(|| ApiError::ModelNotFound(requested.to_owned()))
+    }
+
+    /// The served model a chat or completion request names: 404 for an unknown one, 400
+    /// for one that only serves embeddings.
+    pub fn text_model(&self, requested: &str, route: &'static str) -> Result<&str, ApiError> {
+        let model = self.model(requested)?;
+        match model.engine {
+            ModelEngine::Sim => Ok(&model.name),
+            ModelEngine::Embedding(_) => Err(ApiError::EmbeddingsOnly {
+                model: model.name.clone(),
+                route,
+            }),
+        }
     }
 }

