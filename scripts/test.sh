@@ -3,7 +3,8 @@
 # real Redis, the async-openai crate and the Python openai package).
 #
 # Installs what the tests need when it is missing: Redis (started on 127.0.0.1:6379 if that
-# port does not answer) and a .venv with the `openai` package.
+# port does not answer), a .venv with the `openai` package (and numpy, safetensors and
+# tokenizers for scripts/minilm_reference.py), and the all-MiniLM-L6-v2 weights.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/lib.sh
@@ -14,13 +15,14 @@ if [ -z "${SLUICE_TEST_REDIS_URL:-}" ]; then
 fi
 
 if [ -z "${SLUICE_TEST_PYTHON:-}" ]; then
-  if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c 'import openai' 2>/dev/null; then
-    echo "test.sh: installing the Python openai package into .venv" >&2
+  if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c 'import openai, numpy, safetensors, tokenizers' 2>/dev/null; then
+    echo "test.sh: installing the Python openai, numpy, safetensors and tokenizers packages into .venv" >&2
     python3 -m venv .venv
-    .venv/bin/pip install --quiet --disable-pip-version-check 'openai>=1.40,<4'
+    .venv/bin/pip install --quiet --disable-pip-version-check 'openai>=1.40,<4' numpy safetensors tokenizers
   fi
   export SLUICE_TEST_PYTHON="$PWD/.venv/bin/python"
 fi
+export SLUICE_MINILM_DIR="${SLUICE_MINILM_DIR:-$(scripts/fetch-weights.sh all-MiniLM-L6-v2)}"
 
 # The end-to-end tests run the binaries, so build them (with the tests, so that both share
 # one feature resolution and nothing is compiled twice) first.

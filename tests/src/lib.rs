@@ -38,6 +38,27 @@ pub fn free_port() -> u16 {
         .port()
 }
 
+/// The all-MiniLM-L6-v2 folder (`SLUICE_MINILM_DIR`, which scripts/test.sh sets from
+/// scripts/fetch-weights.sh), if it is there.
+pub fn minilm_dir() -> Option<PathBuf> {
+    std::env::var_os("SLUICE_MINILM_DIR")
+        .map(PathBuf::from)
+        .filter(|dir| dir.join("config.json").is_file())
+}
+
+/// The Python that runs the tests' scripts: SLUICE_TEST_PYTHON, else the repository's
+/// .venv (scripts/test.sh fills it), else python3.
+pub fn test_python() -> String {
+    std::env::var("SLUICE_TEST_PYTHON").unwrap_or_else(|_| {
+        let venv = concat!(env!("CARGO_MANIFEST_DIR"), "/../.venv/bin/python");
+        if Path::new(venv).exists() {
+            venv.to_owned()
+        } else {
+            "python3".to_owned()
+        }
+    })
+}
+
 pub fn redis_url() -> String {
     std::env::var("SLUICE_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
 }
@@ -115,13 +136,32 @@ impl Backend {
 
     /// A backend on a given port (to restart one where it was).
     pub async fn start_on(port: u16, extra_args: &[&str]) -> Result<Backend> {
+        let mut args = vec![
+            "--engine",
+            "sim",
+            "--model",
+            SIM_MODEL,
+            "--model",
+            SIM_EMBED_MODEL,
+        ];
+        args.extend_from_slice(extra_args);
+        Backend::spawn(port, &args).await
+    }
+
+    /// A backend with the native engine, serving what `args` (`--model`, `--device`) say.
+    pub async fn start_native(args: &[&str]) -> Result<Backend> {
+        let mut all = vec!["--engine", "native"];
+        all.extend_from_slice(args);
+        Backend::spawn(free_port(), &all).await
+    }
+
+    async fn spawn(port: u16, args: &[&str]) -> Result<Backend> {
         let dir = tempfile::tempdir()?;
         let url = format!("http://127.0.0.1:{port}");
         let mut command = Command::new(binary("sluice-backend"));
         command
-            .args(["--engine", "sim", "--listen", &format!("127.0.0.1:{port}")])
-            .args(["--model", SIM_MODEL, "--model", SIM_EMBED_MODEL])
-            .args(extra_args);
+            .args(["--listen", &format!("127.0.0.1:{port}")])
+            .args(args);
         let mut process = Process::spawn(command, dir.path().join("backend.log"))?;
         wait_healthy(&format!("{url}/health"), &mut process).await?;
         Ok(Backend {
