@@ -51,6 +51,8 @@ pub fn router(gateway: Arc<Gateway>) -> Router {
         )
         .route("/admin/v1/billing/export", get(billing_export))
         .route("/admin/v1/usage", get(usage))
+        .route("/admin/v1/cache", axum::routing::delete(purge_cache))
+        .route("/admin/v1/cache/stats", get(cache_stats))
         .layer(middleware::from_fn_with_state(gateway.clone(), authorize));
     Router::new()
         .route("/health", get(|| async { Json(json!({"status": "ok"})) }))
@@ -180,6 +182,7 @@ fn key_view(gateway: &Gateway, record: &KeyRecord) -> Value {
         "display_prefix": record.display_prefix,
         "created_at": record.created_at,
         "revoked_at": record.revoked_at,
+        "cache": record.cache,
         "status": if record.is_revoked() { "revoked" } else { "active" },
     })
 }
@@ -192,6 +195,8 @@ struct CreateKey {
     tier: Option<String>,
     #[serde(default)]
     limits: LimitOverrides,
+    /// `false` keeps this key's answers out of the response cache.
+    cache: Option<bool>,
 }
 
 async fn create_key(
@@ -219,6 +224,7 @@ async fn create_key(
         display_prefix: secret.display_prefix,
         created_at: now_unix(),
         revoked_at: None,
+        cache: req.cache.unwrap_or(true),
     };
     gateway
         .store
@@ -263,6 +269,7 @@ struct UpdateKey {
     tier: Option<String>,
     /// Replaces the key's overrides as a whole; `{}` clears them.
     limits: Option<LimitOverrides>,
+    cache: Option<bool>,
 }
 
 async fn update_key(
@@ -294,6 +301,9 @@ async fn update_key(
     }
     if let Some(limits) = req.limits {
         record.limits = limits;
+    }
+    if let Some(cache) = req.cache {
+        record.cache = cache;
     }
     gateway
         .store
@@ -590,6 +600,46 @@ async fn reset_key_quota(
     gateway.local_limiter.forget(&id);
     tracing::info!(key_id = %id, "quota reset");
     Ok(Json(json!({"key_id": id, "reset": true})))
+}
+
+/// `GET /admin/v1/cache/stats`: entries (the same on every replica) and this replica's
+/// lookups by kind, overall and per tenant.
+async fn cache_stats(State(gateway): State<AppState>) -> Json<Value> {
+    Json(gateway.cache.stats())
+}
+
+/// `DELETE /admin/v1/cache?tenant=..&model=..`: deletes the entries of a tenant, a model,
+/// both, or (with neither) every entry, on every replica.
+async fn purge_cache(
+    State(gateway): State<AppState>,
+    Query(params): Query<HashMap<String, String>>,
+) -> Result<Json<Value>, ApiError> {
+    if let Some(unknown) = params
+        .keys()
+        .find(|k| !matches!(k.as_str(), "tenant" | "model"))
+    {
+        return Err(ApiError::bad_request(format!(
+            "Unknown parameter '{unknown}': purge by tenant, model, or neither for everything."
+        )));
+    }
+    let tenant = params.get("tenant").map(String::as_str);
+    let model = params.get("model").map(String::as_str);
+    for (name, value) in [("tenant", tenant), ("model", model)] {
+        if value.is_some_and(str::is_empty) {
+            return Err(ApiError::bad_request(format!(
+                "'{name}' must not be empty."
+            )));
+        }
+    }
+    let deleted = gateway
+        .cache
+        .purge(tenant, model)
+        .await
+        .map_err(store_error)?;
+    tracing::info!(tenant, model, deleted, "cache purged");
+    Ok(Json(
+        json!({"deleted": deleted, "tenant": tenant, "model": model}),
+    ))
 }
 
 /// `POST /admin/v1/backends/{name}/drain`: the backend takes no new requests (on every

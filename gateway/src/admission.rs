@@ -430,11 +430,7 @@ fn refusal_error(kind: LimitKind, retry_after: u64) -> ApiError {
 /// its tokens at the model's first bands (the budget does not follow graduated bands, which
 /// billing exports do; for prices that fall with volume this over-counts, never under).
 pub fn settled_cost_nano(prices: &PriceBook, model: &str, tier: &str, usage: &Usage) -> i64 {
-    let counts = TokenCounts {
-        input: usage.prompt_tokens - usage.cached_tokens.min(usage.prompt_tokens),
-        output: usage.completion_tokens,
-        cached: usage.cached_tokens,
-    };
+    let counts = usage.billable();
     let cost = prices
         .lookup(model, tier)
         .map_or(Decimal::ZERO, |p| p.cost(&TokenCounts::default(), &counts));

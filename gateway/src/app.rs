@@ -33,6 +33,7 @@ pub struct Gateway {
     pub usage: UsageSink,
     pub local_limiter: crate::admission::LocalLimiter,
     pub leases: crate::leases::Leases,
+    pub cache: Arc<crate::cache::ResponseCache>,
 }
 
 impl Gateway {
@@ -54,11 +55,7 @@ impl Gateway {
                 let prices = &config.prices;
                 store
                     .restore_month_spend(crate::billing::month_start(now * 1000), &month, |e| {
-                        let usage = crate::metering::Usage {
-                            prompt_tokens: e.prompt_tokens,
-                            completion_tokens: e.completion_tokens,
-                            cached_tokens: e.cached_tokens,
-                        };
+                        let usage = crate::metering::Usage::of_event(e);
                         crate::admission::settled_cost_nano(prices, &e.model, &e.tier, &usage)
                     })
                     .await?;
@@ -81,6 +78,10 @@ impl Gateway {
         let (usage, writer) =
             usage_channel(store.clone(), config.data_dir.join("usage-journal.jsonl"));
         let config_leases = (config.lease_max_requests, config.lease_ms);
+        let cache = Arc::new(crate::cache::ResponseCache::new(
+            config.cache.clone(),
+            store.clone(),
+        ));
         let gateway = Arc::new(Gateway {
             config,
             tiers,
@@ -95,6 +96,7 @@ impl Gateway {
                 config_leases.0,
                 std::time::Duration::from_millis(config_leases.1),
             ),
+            cache,
         });
         Ok((gateway, writer))
     }
@@ -205,6 +207,7 @@ pub fn run(config: Config) -> anyhow::Result<()> {
     support.spawn(admin::serve(admin_listener, gateway.clone()));
     support.spawn(gateway.clone().follow_changes());
     support.spawn(gateway.clone().sweep_leases());
+    support.spawn(gateway.cache.clone().follow());
     support.spawn(gateway.upstreams.clone().follow());
     support.spawn(
         gateway

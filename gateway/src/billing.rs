@@ -170,11 +170,7 @@ pub fn price(events: Vec<UsageEvent>, prices: &PriceBook, tiers: &Tiers) -> Vec<
     events
         .into_iter()
         .map(|event| {
-            let counts = TokenCounts {
-                input: event.prompt_tokens - event.cached_tokens.min(event.prompt_tokens),
-                output: event.completion_tokens,
-                cached: event.cached_tokens,
-            };
+            let counts = crate::metering::Usage::of_event(&event).billable();
             let (cost, currency) = match prices.lookup(&event.model, &event.tier) {
                 Some(price) => {
                     let month = month_of(event.time_ms);

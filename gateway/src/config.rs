@@ -64,6 +64,22 @@ pub struct Config {
     /// How long the gateway keeps reading a backend's answer after its client hung up, so
     /// that what was generated is known and billed.
     pub drain_limit: std::time::Duration,
+    pub cache: CacheConfig,
+}
+
+/// `[cache]`: the response cache's rules, and where prompts are embedded for semantic hits.
+#[derive(Debug, Clone)]
+pub struct CacheConfig {
+    pub policy: sluice_policies::cache::CachePolicy,
+    /// An OpenAI-compatible `/v1/embeddings` URL; without one only exact hits are served.
+    pub embedding_url: Option<String>,
+    pub embedding_model: String,
+    pub embedding_api_key: Option<String>,
+    pub embedding_timeout: std::time::Duration,
+    /// Larger answers are not kept.
+    pub max_entry_bytes: usize,
+    /// Entries each replica indexes at most; past it new answers are not kept.
+    pub max_entries: usize,
 }
 
 #[derive(Debug, Clone)]
@@ -118,6 +134,27 @@ struct FileConfig {
     balancer: crate::balancer::BalancerConfig,
     #[serde(default)]
     aliases: BTreeMap<String, BTreeMap<String, String>>,
+    #[serde(default)]
+    cache: CacheSection,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CacheSection {
+    enabled: Option<bool>,
+    ttl_secs: Option<u64>,
+    similarity_threshold: Option<f32>,
+    cache_unset_temperature: Option<bool>,
+    embedding_url: Option<String>,
+    embedding_model: Option<String>,
+    embedding_api_key: Option<String>,
+    embedding_timeout_ms: Option<u64>,
+    max_entry_bytes: Option<usize>,
+    max_entries: Option<usize>,
+    #[serde(default)]
+    tiers: BTreeMap<String, sluice_policies::cache::RuleOverrides>,
+    #[serde(default)]
+    models: BTreeMap<String, sluice_policies::cache::RuleOverrides>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -419,6 +456,8 @@ impl Config {
             .validate(&tiers)
             .map_err(|e| invalid("prices", e.to_string()))?;
 
+        let cache = resolve_cache(file.cache, &tiers, env)?;
+
         Ok(Config {
             listen,
             admin_listen,
@@ -440,8 +479,75 @@ impl Config {
             lease_ms: file.quotas.lease_ms.unwrap_or(1000),
             metering,
             drain_limit,
+            cache,
         })
     }
+}
+
+fn resolve_cache(c: CacheSection, tiers: &Tiers, env: Env) -> Result<CacheConfig, ConfigError> {
+    use sluice_policies::cache::{CachePolicy, CacheRules};
+    let mut defaults = CacheRules::default();
+    defaults.enabled = match env("SLUICE_CACHE").as_deref() {
+        Some("on" | "true" | "1") => true,
+        Some("off" | "false" | "0") => false,
+        Some(v) => return Err(invalid("SLUICE_CACHE", format!("'{v}' is not on or off"))),
+        None => c.enabled.unwrap_or(defaults.enabled),
+    };
+    defaults.ttl_secs = c.ttl_secs.unwrap_or(defaults.ttl_secs);
+    defaults.similarity_threshold = c
+        .similarity_threshold
+        .unwrap_or(defaults.similarity_threshold);
+    defaults.cache_unset_temperature = c
+        .cache_unset_temperature
+        .unwrap_or(defaults.cache_unset_temperature);
+    let policy = CachePolicy {
+        defaults,
+        tiers: c.tiers,
+        models: c.models,
+    };
+    policy
+        .check()
+        .map_err(|e| invalid("cache", e.to_string()))?;
+    for tier in policy.tiers.keys() {
+        if tiers.get(tier).is_err() {
+            return Err(invalid(
+                format!("cache.tiers.{tier}"),
+                format!("'{tier}' is not a tier"),
+            ));
+        }
+    }
+    let embedding_url = env("SLUICE_CACHE_EMBEDDING_URL").or(c.embedding_url);
+    if let Some(url) = &embedding_url {
+        if !(url.starts_with("http://") || url.starts_with("https://")) {
+            return Err(invalid(
+                "cache.embedding_url (SLUICE_CACHE_EMBEDDING_URL)",
+                format!("'{url}' is not an http:// URL"),
+            ));
+        }
+    }
+    let embedding_timeout_ms = c.embedding_timeout_ms.unwrap_or(1000);
+    let max_entry_bytes = c.max_entry_bytes.unwrap_or(1 << 20);
+    let max_entries = c.max_entries.unwrap_or(1_000_000);
+    for (field, value) in [
+        ("cache.embedding_timeout_ms", embedding_timeout_ms as usize),
+        ("cache.max_entry_bytes", max_entry_bytes),
+        ("cache.max_entries", max_entries),
+    ] {
+        if value == 0 {
+            return Err(invalid(field, "must be greater than 0"));
+        }
+    }
+    Ok(CacheConfig {
+        policy,
+        embedding_url,
+        embedding_model: c
+            .embedding_model
+            .unwrap_or_else(|| "all-MiniLM-L6-v2".to_owned()),
+        embedding_api_key: env("SLUICE_CACHE_EMBEDDING_API_KEY").or(c.embedding_api_key),
+        embedding_timeout: std::time::Duration::from_millis(embedding_timeout_ms),
+        max_entry_bytes,
+        max_entries,
+    })
 }
 
 fn socket_addr(field: &str, value: &str) -> Result<SocketAddr, ConfigError> {

@@ -28,6 +28,14 @@ pub struct KeyRecord {
     pub created_at: i64,
     #[serde(default)]
     pub revoked_at: Option<i64>,
+    /// Whether this key's answers may be served from and kept in the response cache (the
+    /// tier's and model's rules apply as well).
+    #[serde(default = "cache_on")]
+    pub cache: bool,
+}
+
+fn cache_on() -> bool {
+    true
 }
 
 impl KeyRecord {

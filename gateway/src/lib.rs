@@ -6,6 +6,7 @@ pub mod app;
 pub mod auth;
 pub mod balancer;
 pub mod billing;
+pub mod cache;
 pub mod config;
 pub mod error;
 pub mod keys;

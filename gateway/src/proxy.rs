@@ -2,18 +2,21 @@
 //! it. The phases orchestrate; they hold no policy.
 //!
 //! 1. `request_filter`: which route (request), who is calling (auth), what they ask for
-//!    (request: the body is read here, bounded, and parsed into a borrowed view).
+//!    (request: the body is read here, bounded, and parsed into a borrowed view), may they
+//!    (admission), and do we already know the answer (cache: a hit is answered here).
 //! 2. `upstream_peer`: which backend (upstream).
 //! 3. `upstream_request_filter` / `request_body_filter`: the request as the backend sees it:
 //!    the client's credential removed, the body read in step 1 replayed.
 //! 4. `response_filter` / `response_body_filter`: the headers every answer carries; the
-//!    usage read as the body passes (metering).
+//!    usage read as the body passes (metering); a cacheable answer copied aside (cache).
 //! 5. `fail_to_proxy` / `logging`: errors in OpenAI's shape; the usage event and one
 //!    access-log line.
 
 use crate::admission::{self, Admitted};
 use crate::app::Gateway;
 use crate::auth::Identity;
+use crate::cache::answer::{CachedAnswer, Shape};
+use crate::cache::{CacheStatus, Hit, Plan};
 use crate::error::ApiError;
 use crate::metering::events::UsageEvent;
 use crate::metering::{request_usage_chunk, Meter, Usage};
@@ -76,6 +79,11 @@ pub struct RequestCtx {
     pub refused_headers: Option<(sluice_policies::quota::RateHeaders, Option<u64>)>,
     /// Set when the gateway refuses the request itself, for `fail_to_proxy` and the log.
     pub error: Option<ApiError>,
+    /// The cache's business with this request: how it was answered, and, for a miss whose
+    /// answer may be kept, the plan and the answer's bytes as they pass.
+    pub cache_status: Option<CacheStatus>,
+    pub cache_plan: Option<Plan>,
+    pub cache_capture: Option<BytesMut>,
     pub started: Instant,
 }
 
@@ -107,6 +115,9 @@ impl ProxyHttp for Proxy {
             admitted: None,
             refused_headers: None,
             error: None,
+            cache_status: None,
+            cache_plan: None,
+            cache_capture: None,
             started: Instant::now(),
         }
     }
@@ -114,8 +125,12 @@ impl ProxyHttp for Proxy {
     async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
         ctx.request_id = request_id(&session.req_header().headers);
         match self.admit(session, ctx).await {
-            Ok(Some(local_answer)) => {
-                respond(session, ctx, 200, local_answer).await?;
+            Ok(Some(LocalAnswer::Json(body))) => {
+                respond(session, ctx, 200, body).await?;
+                Ok(true)
+            }
+            Ok(Some(LocalAnswer::Cached(hit))) => {
+                respond_from_cache(session, ctx, hit).await?;
                 Ok(true)
             }
             Ok(None) => Ok(false),
@@ -277,7 +292,16 @@ impl ProxyHttp for Proxy {
         if let Some(admitted) = &ctx.admitted {
             rate_limit_headers(upstream_response, &admitted.headers, None)?;
         }
+        if let Some(status) = ctx.cache_status {
+            upstream_response.insert_header("x-sluice-cache", status.as_str())?;
+        }
         let status = upstream_response.status.as_u16();
+        let encoded = upstream_response
+            .headers
+            .contains_key(http::header::CONTENT_ENCODING);
+        if status == 200 && !encoded && ctx.cache_plan.is_some() {
+            ctx.cache_capture = Some(BytesMut::new());
+        }
         ctx.upstream_status = Some(status);
         if let (Some(backend), Some(started)) = (&ctx.backend, ctx.backend_started) {
             if status < 500 {
@@ -311,6 +335,7 @@ impl ProxyHttp for Proxy {
         if ctx.first_byte_at.is_none() && body.as_ref().is_some_and(|b| !b.is_empty()) {
             ctx.first_byte_at = Some(Instant::now());
         }
+        self.copy_for_cache(body.as_ref(), end_of_stream, ctx);
         if let Some(meter) = ctx.meter.as_mut() {
             if let Some(chunk) = body.take() {
                 *body = Some(meter.feed(chunk));
@@ -398,6 +423,7 @@ impl ProxyHttp for Proxy {
             prompt_tokens = ctx.usage.map_or(0, |u| u.prompt_tokens),
             completion_tokens = ctx.usage.map_or(0, |u| u.completion_tokens),
             client_left = ctx.client_left,
+            cache = ctx.cache_status.map_or("", CacheStatus::as_str),
             duration_ms = ctx.started.elapsed().as_millis() as u64,
             error = e.map(|e| e.to_string()),
             "request"
@@ -433,7 +459,15 @@ impl Proxy {
         if !self.gateway.config.metering {
             return None;
         }
-        let status = ctx.upstream_status?;
+        let served_from_cache = matches!(
+            ctx.cache_status,
+            Some(CacheStatus::Hit | CacheStatus::Semantic)
+        );
+        let status = match ctx.upstream_status {
+            Some(status) => status,
+            None if served_from_cache => 200,
+            None => return None,
+        };
         let identity = ctx.identity.as_ref()?;
         let usage = ctx.usage.unwrap_or_default();
         let now = std::time::SystemTime::now()
@@ -456,7 +490,11 @@ impl Proxy {
             prompt_tokens: usage.prompt_tokens,
             completion_tokens: usage.completion_tokens,
             cached_tokens: usage.cached_tokens,
-            cache_status: "miss".to_owned(),
+            cache_status: ctx
+                .cache_status
+                .unwrap_or(CacheStatus::Miss)
+                .as_str()
+                .to_owned(),
             status,
             latency_ms: ctx.started.elapsed().as_millis() as u64,
             ttft_ms: ctx
@@ -467,18 +505,48 @@ impl Proxy {
         })
     }
 
-    /// Decides whether the request goes on: `Ok(None)` to forward it, `Ok(Some(body))` when the
-    /// gateway answers it itself, `Err` to refuse it.
+    /// Copies a cacheable answer aside as it passes, and keeps it once it is complete.
+    fn copy_for_cache(&self, body: Option<&Bytes>, end_of_stream: bool, ctx: &mut RequestCtx) {
+        let Some(copy) = ctx.cache_capture.as_mut() else {
+            return;
+        };
+        if let Some(chunk) = body {
+            if copy.len() + chunk.len() > self.gateway.cache.max_entry_bytes() {
+                ctx.cache_capture = None;
+                return;
+            }
+            copy.extend_from_slice(chunk);
+        }
+        if !end_of_stream {
+            return;
+        }
+        let (Some(copy), Some(plan)) = (ctx.cache_capture.take(), ctx.cache_plan.take()) else {
+            return;
+        };
+        let answer = if ctx.stream {
+            CachedAnswer::from_stream(plan.route, &copy)
+        } else {
+            CachedAnswer::from_json(plan.route, &copy)
+        };
+        if let Some(answer) = answer {
+            self.gateway.cache.keep(plan, answer);
+        }
+    }
+
+    /// Decides whether the request goes on: `Ok(None)` to forward it, `Ok(Some(answer))` when
+    /// the gateway answers it itself, `Err` to refuse it.
     async fn admit(
         &self,
         session: &mut Session,
         ctx: &mut RequestCtx,
-    ) -> Result<Option<Bytes>, ApiError> {
+    ) -> Result<Option<LocalAnswer>, ApiError> {
         let header = session.req_header();
         let route = Route::resolve(&header.method, header.uri.path())?;
         ctx.route = Some(route);
         if route == Route::Health {
-            return Ok(Some(Bytes::from_static(b"{\"status\":\"ok\"}")));
+            return Ok(Some(LocalAnswer::Json(Bytes::from_static(
+                b"{\"status\":\"ok\"}",
+            ))));
         }
         let authorization = header.headers.get(http::header::AUTHORIZATION);
         let identity = self
@@ -488,7 +556,7 @@ impl Proxy {
             .await?;
         ctx.identity = Some(identity);
         if route == Route::Models {
-            return Ok(Some(self.gateway.model_list()));
+            return Ok(Some(LocalAnswer::Json(self.gateway.model_list())));
         }
 
         ctx.body = read_body(session, self.gateway.config.max_body_bytes).await?;
@@ -532,6 +600,32 @@ impl Proxy {
                 return Err(refused.error);
             }
         }
+        let cache_control = session
+            .req_header()
+            .headers
+            .get(http::header::CACHE_CONTROL)
+            .and_then(|v| v.to_str().ok());
+        let include_usage = view.stream_options.is_some_and(|o| {
+            serde_json::from_str::<serde_json::Value>(o.get())
+                .is_ok_and(|o| o["include_usage"] == serde_json::Value::Bool(true))
+        });
+        if let Some(mut plan) = self.gateway.cache.plan(
+            route_kind,
+            &identity.tenant,
+            &identity.tier,
+            identity.cache,
+            &ctx.body,
+            cache_control,
+            include_usage,
+        ) {
+            if let Some(hit) = self.gateway.cache.lookup(&mut plan).await {
+                return Ok(Some(LocalAnswer::Cached(hit)));
+            }
+            ctx.cache_status = Some(CacheStatus::Miss);
+            if self.gateway.cache.wants(&plan) {
+                ctx.cache_plan = Some(plan);
+            }
+        }
         let streams_text = matches!(route_kind, Route::ChatCompletions | Route::Completions);
         if ctx.stream && streams_text && self.gateway.config.metering {
             let stream_options = view.stream_options.map(|o| o.get().to_owned());
@@ -542,6 +636,51 @@ impl Proxy {
         }
         Ok(None)
     }
+}
+
+/// An answer the gateway gives without a backend.
+enum LocalAnswer {
+    Json(Bytes),
+    Cached(Hit),
+}
+
+/// Serves a cached answer in the shape the client asked for, and records it as this
+/// request's usage (billed at the cached price).
+async fn respond_from_cache(session: &mut Session, ctx: &mut RequestCtx, hit: Hit) -> Result<()> {
+    let shape = hit.shape;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let body = hit.answer.render(shape, now);
+    let mut header = ResponseHeader::build(200, Some(8))?;
+    let content_type = match shape {
+        Shape::Json => "application/json",
+        Shape::Stream { .. } => "text/event-stream",
+    };
+    header.insert_header("content-type", content_type)?;
+    header.insert_header("content-length", body.len().to_string())?;
+    header.insert_header("x-request-id", &ctx.request_id)?;
+    header.insert_header("x-sluice-cache", hit.status.as_str())?;
+    if let Some(similarity) = hit.similarity {
+        header.insert_header("x-sluice-cache-similarity", format!("{similarity:.4}"))?;
+    }
+    if let Some(admitted) = &ctx.admitted {
+        rate_limit_headers(&mut header, &admitted.headers, None)?;
+    }
+    ctx.cache_status = Some(hit.status);
+    let tokens = hit.answer.prompt_tokens + hit.answer.completion_tokens;
+    ctx.usage = Some(Usage {
+        prompt_tokens: hit.answer.prompt_tokens,
+        completion_tokens: hit.answer.completion_tokens,
+        cached_tokens: tokens,
+        served_from_cache: true,
+    });
+    ctx.first_byte_at = Some(Instant::now());
+    session
+        .write_response_header(Box::new(header), false)
+        .await?;
+    session.write_response_body(Some(body), true).await?;
+    Ok(())
 }
 
 /// The body with its `model` replaced (an alias resolved).

@@ -21,11 +21,17 @@ async fn redis_store() -> (RedisStore, String) {
 async fn drop_prefix(prefix: &str) {
     let client = redis::Client::open(redis_url()).unwrap();
     let mut conn = client.get_multiplexed_async_connection().await.unwrap();
-    let keys: Vec<String> = redis::cmd("KEYS")
+    let mut keys: Vec<String> = redis::cmd("KEYS")
         .arg(format!("{{{prefix}}}:*"))
         .query_async(&mut conn)
         .await
         .unwrap();
+    let cache_entries: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("{prefix}:cache:*"))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    keys.extend(cache_entries);
     if !keys.is_empty() {
         let _: () = redis::cmd("DEL")
             .arg(keys)
@@ -50,6 +56,7 @@ fn record(name: &str, created_at: i64) -> (KeyRecord, String) {
         display_prefix: secret.display_prefix,
         created_at,
         revoked_at: None,
+        cache: true,
     };
     (record, secret.secret)
 }
@@ -79,6 +86,46 @@ contract!(
     created_key_is_found_by_id_and_secret_hash,
     created_key_is_found
 );
+contract!(
+    cache_entries_expire_and_the_log_replays_in_order,
+    cache_entries_and_log_case
+);
+
+async fn cache_entries_and_log_case(store: &dyn Store) {
+    assert!(store.cache_log("0", 10).await.unwrap().is_empty());
+    store
+        .cache_put("a", b"body-a", 60_000, b"put-a", 3_600_000)
+        .await
+        .unwrap();
+    store
+        .cache_put("b", b"body-b", 150, b"put-b", 3_600_000)
+        .await
+        .unwrap();
+    assert_eq!(
+        store.cache_get("a").await.unwrap().as_deref(),
+        Some(&b"body-a"[..])
+    );
+    assert_eq!(store.cache_get("missing").await.unwrap(), None);
+
+    let log = store.cache_log("0", 10).await.unwrap();
+    let events: Vec<&[u8]> = log.iter().map(|(_, e)| e.as_slice()).collect();
+    assert_eq!(events, [&b"put-a"[..], &b"put-b"[..]]);
+    // Reading on from a cursor gives only what came after it.
+    let after_first = store.cache_log(&log[0].0, 10).await.unwrap();
+    assert_eq!(after_first.len(), 1);
+    assert_eq!(after_first[0].1, b"put-b");
+    assert_eq!(store.cache_log(&log[0].0, 0).await.unwrap().len(), 0);
+
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    assert_eq!(store.cache_get("b").await.unwrap(), None, "expired");
+
+    store.cache_purge(&["a".into()], b"purge").await.unwrap();
+    assert_eq!(store.cache_get("a").await.unwrap(), None);
+    let tail = store.cache_log(&log[1].0, 10).await.unwrap();
+    assert_eq!(tail.len(), 1);
+    assert_eq!(tail[0].1, b"purge");
+}
+
 async fn created_key_is_found(store: &dyn Store) {
     let (rec, secret) = record("one", 100);
     store.put_key(&rec, None).await.unwrap();

@@ -24,6 +24,8 @@ pub struct Identity {
     pub tenant: String,
     pub tier: String,
     pub limits: Limits,
+    /// The key allows the response cache (tokens always do; their tier's rules decide).
+    pub cache: bool,
 }
 
 pub struct Authenticator {
@@ -109,6 +111,7 @@ impl Authenticator {
             tenant: record.tenant.clone(),
             tier: record.tier.clone(),
             limits: tier.limits.with_overrides(&record.limits),
+            cache: record.cache,
         })
     }
 
@@ -134,6 +137,7 @@ impl Authenticator {
             tenant: claims.tenant.unwrap_or_else(|| claims.subject.clone()),
             tier: tier.name.clone(),
             limits: tier.limits.clone(),
+            cache: true,
         })
     }
 }

@@ -31,6 +31,8 @@ pub struct UsageEvent {
     pub route: String,
     pub prompt_tokens: u64,
     pub completion_tokens: u64,
+    /// Prompt tokens the backend served from its prompt cache; for an answer from Sluice's
+    /// response cache (`cache_status` hit or semantic), every token of it.
     pub cached_tokens: u64,
     /// `miss`, `hit` or `semantic`.
     pub cache_status: String,

@@ -23,6 +23,38 @@ pub struct Usage {
     /// Prompt tokens served from the backend's prompt cache
     /// (`prompt_tokens_details.cached_tokens`); part of `prompt_tokens`.
     pub cached_tokens: u64,
+    /// The answer came from Sluice's response cache, not a backend: every token is billed
+    /// at the cached price.
+    #[serde(skip)]
+    pub served_from_cache: bool,
+}
+
+impl Usage {
+    /// The tokens of each price kind this usage is billed as.
+    pub fn billable(&self) -> sluice_policies::TokenCounts {
+        if self.served_from_cache {
+            return sluice_policies::TokenCounts {
+                input: 0,
+                output: 0,
+                cached: self.prompt_tokens + self.completion_tokens,
+            };
+        }
+        sluice_policies::TokenCounts {
+            input: self.prompt_tokens - self.cached_tokens.min(self.prompt_tokens),
+            output: self.completion_tokens,
+            cached: self.cached_tokens,
+        }
+    }
+
+    /// The usage a stored event records.
+    pub fn of_event(event: &events::UsageEvent) -> Usage {
+        Usage {
+            prompt_tokens: event.prompt_tokens,
+            completion_tokens: event.completion_tokens,
+            cached_tokens: event.cached_tokens,
+            served_from_cache: event.cache_status != "miss",
+        }
+    }
 }
 
 impl<'de> Deserialize<'de> for Usage {
@@ -51,6 +83,7 @@ impl<'de> Deserialize<'de> for Usage {
                 .and_then(|d| d.cached_tokens)
                 .unwrap_or(0)
                 .min(prompt_tokens),
+            served_from_cache: false,
         })
     }
 }
@@ -181,7 +214,8 @@ mod tests {
             Some(Usage {
                 prompt_tokens: 5,
                 completion_tokens: 3,
-                cached_tokens: 0
+                cached_tokens: 0,
+                served_from_cache: false,
             })
         );
     }

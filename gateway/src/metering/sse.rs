@@ -159,6 +159,7 @@ mod tests {
             prompt_tokens: 11,
             completion_tokens: 2,
             cached_tokens: 4,
+            served_from_cache: false,
         }
     }
 

@@ -1,6 +1,7 @@
 //! The embedded store: a redb file on local disk. redb is crash-safe (copy-on-write B-trees,
 //! fsync on commit), so a key answered as created survives a crash or restart.
 
+use super::cache_memory::MemoryCache;
 use super::quota_memory::{AdmitArgs, MemoryQuotas, SettleArgs};
 use super::{Store, StoreError};
 use crate::keys::{KeyHash, KeyRecord};
@@ -34,6 +35,7 @@ fn usage_key(time_ms: i64, id: &str) -> String {
 pub struct EmbeddedStore {
     db: Arc<Database>,
     quotas: MemoryQuotas,
+    cache: MemoryCache,
     /// One process owns the file, so a counter in memory is the whole truth of "changed".
     epoch: AtomicU64,
 }
@@ -69,6 +71,7 @@ impl EmbeddedStore {
         Ok(EmbeddedStore {
             db: Arc::new(db),
             quotas: MemoryQuotas::default(),
+            cache: MemoryCache::default(),
             epoch: AtomicU64::new(0),
         })
     }
@@ -331,6 +334,42 @@ impl Store for EmbeddedStore {
     async fn reset_quota(&self, key_id: &str, _month: &str) -> Result<(), StoreError> {
         self.quotas.reset(key_id);
         Ok(())
+    }
+
+    async fn cache_put(
+        &self,
+        id: &str,
+        body: &[u8],
+        ttl_ms: u64,
+        event: &[u8],
+        log_horizon_ms: u64,
+    ) -> Result<(), StoreError> {
+        use std::time::Duration;
+        self.cache.put(
+            id,
+            body,
+            Duration::from_millis(ttl_ms),
+            event,
+            Duration::from_millis(log_horizon_ms),
+        );
+        Ok(())
+    }
+
+    async fn cache_get(&self, id: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self.cache.get(id))
+    }
+
+    async fn cache_purge(&self, ids: &[String], event: &[u8]) -> Result<(), StoreError> {
+        self.cache.purge(ids, event);
+        Ok(())
+    }
+
+    async fn cache_log(
+        &self,
+        cursor: &str,
+        limit: usize,
+    ) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        Ok(self.cache.log(cursor, limit))
     }
 
     fn kind(&self) -> &'static str {

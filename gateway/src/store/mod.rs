@@ -3,6 +3,7 @@
 //! production one, shared by every replica). Both keep the same semantics and pass the same
 //! tests (`tests/store_contract.rs`).
 
+mod cache_memory;
 mod embedded;
 mod quota_memory;
 mod redis;
@@ -87,6 +88,31 @@ pub trait Store: Send + Sync + 'static {
 
     /// Forgets a key's quota counters (windows, caps and spend).
     async fn reset_quota(&self, key_id: &str, month: &str) -> Result<(), StoreError>;
+
+    /// Keeps a cache entry's body for `ttl_ms`, then appends `event` to the cache log that
+    /// every replica follows. The log forgets events older than `log_horizon_ms`.
+    async fn cache_put(
+        &self,
+        id: &str,
+        body: &[u8],
+        ttl_ms: u64,
+        event: &[u8],
+        log_horizon_ms: u64,
+    ) -> Result<(), StoreError>;
+
+    /// A cache entry's body, unless it expired or was deleted.
+    async fn cache_get(&self, id: &str) -> Result<Option<Vec<u8>>, StoreError>;
+
+    /// Deletes cache entries' bodies and appends `event` (what was purged) to the cache log.
+    async fn cache_purge(&self, ids: &[String], event: &[u8]) -> Result<(), StoreError>;
+
+    /// Up to `limit` cache log events after `cursor` (`"0"`: from the start), with the
+    /// cursor of each.
+    async fn cache_log(
+        &self,
+        cursor: &str,
+        limit: usize,
+    ) -> Result<Vec<(String, Vec<u8>)>, StoreError>;
 
     /// A short name for logs and health output.
     fn kind(&self) -> &'static str;

@@ -9,6 +9,10 @@
 //! - `{prefix}:usage:ids`       hash: usage event id -> time (what makes an event count once)
 //! - `{prefix}:usage:events`    sorted set of usage event JSON, scored by time in ms
 //!
+//! - `{prefix}:cache:log`      stream of cache events (entries added, purges) replicas follow
+//! - `{prefix}:cache:entry:{{id}}` a cache entry's body, with its TTL; hash-tagged by its own
+//!   id, so a cluster spreads the cache over every node
+//!
 //! Usage events are kept in a sorted set rather than a stream so that a replayed (older)
 //! event lands at its own time and a range read is a time range.
 //!
@@ -130,6 +134,14 @@ impl RedisStore {
 
     fn draining_key(&self) -> String {
         format!("{{{}}}:backends:draining", self.prefix)
+    }
+
+    fn cache_log_key(&self) -> String {
+        format!("{{{}}}:cache:log", self.prefix)
+    }
+
+    fn cache_entry_key(&self, id: &str) -> String {
+        format!("{}:cache:entry:{{{id}}}", self.prefix)
     }
 
     fn usage_ids_key(&self) -> String {
@@ -577,6 +589,96 @@ impl Store for RedisStore {
             .query_async(&mut conn)
             .await?;
         Ok(())
+    }
+
+    async fn cache_put(
+        &self,
+        id: &str,
+        body: &[u8],
+        ttl_ms: u64,
+        event: &[u8],
+        log_horizon_ms: u64,
+    ) -> Result<(), StoreError> {
+        let mut conn = self.conn.clone();
+        // The body first: a replica that reads the event can fetch it.
+        let () = redis::cmd("SET")
+            .arg(self.cache_entry_key(id))
+            .arg(body)
+            .arg("PX")
+            .arg(ttl_ms.max(1))
+            .query_async(&mut conn)
+            .await?;
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        let oldest = now_ms.saturating_sub(log_horizon_ms);
+        let _: String = redis::cmd("XADD")
+            .arg(self.cache_log_key())
+            .arg("MINID")
+            .arg("~")
+            .arg(oldest)
+            .arg("*")
+            .arg("e")
+            .arg(event)
+            .query_async(&mut conn)
+            .await?;
+        Ok(())
+    }
+
+    async fn cache_get(&self, id: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        let mut conn = self.conn.clone();
+        Ok(conn.get(self.cache_entry_key(id)).await?)
+    }
+
+    async fn cache_purge(&self, ids: &[String], event: &[u8]) -> Result<(), StoreError> {
+        let mut conn = self.conn.clone();
+        // Each body has its own hash tag: deleted one by one (pipelined), never in one DEL
+        // that a cluster would refuse as cross-slot.
+        for batch in ids.chunks(512) {
+            let mut pipe = redis::pipe();
+            for id in batch {
+                pipe.del(self.cache_entry_key(id)).ignore();
+            }
+            let () = pipe.query_async(&mut conn).await?;
+        }
+        let _: String = redis::cmd("XADD")
+            .arg(self.cache_log_key())
+            .arg("*")
+            .arg("e")
+            .arg(event)
+            .query_async(&mut conn)
+            .await?;
+        Ok(())
+    }
+
+    async fn cache_log(
+        &self,
+        cursor: &str,
+        limit: usize,
+    ) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        if limit == 0 {
+            // XREAD takes COUNT 0 as no limit.
+            return Ok(Vec::new());
+        }
+        let mut conn = self.conn.clone();
+        // XREAD without BLOCK: a blocking read would hold the shared connection.
+        let reply: Option<redis::streams::StreamReadReply> = redis::cmd("XREAD")
+            .arg("COUNT")
+            .arg(limit)
+            .arg("STREAMS")
+            .arg(self.cache_log_key())
+            .arg(cursor)
+            .query_async(&mut conn)
+            .await?;
+        let mut events = Vec::new();
+        for key in reply.map(|r| r.keys).unwrap_or_default() {
+            for entry in key.ids {
+                if let Some(redis::Value::BulkString(event)) = entry.map.get("e") {
+                    events.push((entry.id.clone(), event.clone()));
+                }
+            }
+        }
+        Ok(events)
     }
 
     fn kind(&self) -> &'static str {
