@@ -1,7 +1,8 @@
 //! Which engine answers requests, and on which device it would run.
 //!
-//! Only the simulated engine exists in this build; the native engine (real weights, CPU or
-//! CUDA) is chosen here already so the command line stays stable when it arrives.
+//! The native engine in this build serves BERT embedding models on the CPU; `cuda:N` is
+//! parsed already so the command line stays stable when the CUDA device arrives, and is
+//! refused at start-up until then.
 
 use std::fmt;
 use std::str::FromStr;
@@ -10,7 +11,7 @@ use std::str::FromStr;
 pub enum EngineKind {
     /// Deterministic simulated replies and embeddings; loads no weights.
     Sim,
-    /// Real models from GGUF or safetensors (not in this build yet).
+    /// Real models from local files (this build: BERT embedding models from safetensors).
     Native,
 }
 
