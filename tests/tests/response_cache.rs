@@ -1,0 +1,485 @@
+//! The response cache end to end: real gateways, real backends (the simulated one for
+//! answers, the native one running all-MiniLM-L6-v2 for embeddings), real Redis.
+
+use reqwest::header::HeaderMap;
+use serde_json::{json, Value};
+use sluice_e2e::{
+    minilm_dir, test_python, Backend, Gateway, GatewayOptions, StoreKind, ADMIN_TOKEN, SIM_MODEL,
+};
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// The MiniLM folder; a clear failure under CI, where scripts/test.sh fetched it.
+fn require_minilm() -> Option<PathBuf> {
+    if let Some(dir) = minilm_dir() {
+        return Some(dir);
+    }
+    let message = "SLUICE_MINILM_DIR does not name an all-MiniLM-L6-v2 folder: run \
+                   `export SLUICE_MINILM_DIR=$(scripts/fetch-weights.sh all-MiniLM-L6-v2)` \
+                   (scripts/test.sh does this)";
+    if std::env::var("CI").as_deref() == Ok("true") {
+        panic!("{message}");
+    }
+    eprintln!("skipping: {message}");
+    None
+}
+
+async fn embedder() -> Option<Backend> {
+    let dir = require_minilm()?;
+    let model = format!("all-MiniLM-L6-v2={}", dir.display());
+    Some(
+        Backend::start_native(&["--device", "cpu", "--model", &model])
+            .await
+            .expect("the MiniLM backend starts"),
+    )
+}
+
+fn cache_config(embedder: Option<&Backend>, extra: &str) -> String {
+    let embedding = embedder.map_or(String::new(), |b| {
+        format!(
+            "embedding_url = \"{}/v1/embeddings\"\nembedding_model = \"all-MiniLM-L6-v2\"\n",
+            b.url
+        )
+    });
+    format!("[cache]\n{embedding}{extra}\n")
+}
+
+async fn gateway(backend: &Backend, store: StoreKind, config: String) -> Gateway {
+    let mut options = GatewayOptions::new(backend, store);
+    options.extra_config = config;
+    Gateway::start(options).await.unwrap()
+}
+
+fn embedded() -> StoreKind {
+    let dir = tempfile::tempdir().unwrap().keep();
+    StoreKind::Embedded(dir)
+}
+
+fn ask(question: &str) -> Value {
+    json!({
+        "model": SIM_MODEL,
+        "temperature": 0,
+        "messages": [
+            {"role": "system", "content": "You are a helpful assistant."},
+            {"role": "user", "content": question},
+        ],
+    })
+}
+
+struct Answer {
+    status: u16,
+    headers: HeaderMap,
+    body: Value,
+}
+
+impl Answer {
+    fn cache(&self) -> &str {
+        self.headers
+            .get("x-sluice-cache")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+    }
+
+    fn content(&self) -> &str {
+        self.body["choices"][0]["message"]["content"]
+            .as_str()
+            .unwrap_or_default()
+    }
+}
+
+async fn send_with(gw: &Gateway, key: &str, body: &Value, headers: &[(&str, &str)]) -> Answer {
+    let mut request = gw
+        .http
+        .post(format!("{}/v1/chat/completions", gw.url))
+        .bearer_auth(key)
+        .json(body);
+    for (name, value) in headers {
+        request = request.header(*name, *value);
+    }
+    let response = request.send().await.unwrap();
+    let status = response.status().as_u16();
+    let headers = response.headers().clone();
+    let body = response.json().await.unwrap_or(Value::Null);
+    Answer {
+        status,
+        headers,
+        body,
+    }
+}
+
+async fn send(gw: &Gateway, key: &str, body: &Value) -> Answer {
+    send_with(gw, key, body, &[]).await
+}
+
+/// Sends until the answer comes from the cache (an answer is kept just after it is sent).
+async fn send_until_cached(gw: &Gateway, key: &str, body: &Value) -> Answer {
+    for _ in 0..100 {
+        let answer = send(gw, key, body).await;
+        if answer.cache() != "miss" {
+            return answer;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("never answered from the cache\n{}", gw.log());
+}
+
+/// Chat completions the backend received (its health checks and scrapes not counted).
+async fn backend_requests(backend: &Backend) -> u64 {
+    let text = reqwest::get(format!("{}/metrics", backend.url))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let series = "sluice_backend_requests_total{route=\"/v1/chat/completions\"} ";
+    text.lines()
+        .find_map(|l| l.strip_prefix(series))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("the backend counts chat completions")
+}
+
+#[tokio::test]
+async fn the_same_request_twice_is_an_exact_hit_with_the_same_content() {
+    let backend = Backend::start().await.unwrap();
+    let gw = gateway(&backend, embedded(), cache_config(None, "")).await;
+    let (_, key) = gw.create_key("acme", "pro").await.unwrap();
+    let question = ask("What is the boiling point of water at sea level?");
+
+    let first = send(&gw, &key, &question).await;
+    assert_eq!(first.status, 200, "{:?}", first.body);
+    assert_eq!(first.cache(), "miss");
+    assert!(first.headers.contains_key("x-sluice-backend"));
+
+    let served = backend_requests(&backend).await;
+    let second = send_until_cached(&gw, &key, &question).await;
+    assert_eq!(second.status, 200);
+    assert_eq!(second.cache(), "hit");
+    assert_eq!(second.content(), first.content());
+    assert_eq!(second.body["object"], "chat.completion");
+    assert_ne!(second.body["id"], first.body["id"], "a hit gets a new id");
+    assert_eq!(second.body["usage"], {
+        let mut usage = first.body["usage"].clone();
+        usage["prompt_tokens_details"] = json!({"cached_tokens": usage["prompt_tokens"]});
+        usage
+    });
+    assert!(!second.headers.contains_key("x-sluice-backend"));
+    assert!(second
+        .headers
+        .contains_key("x-ratelimit-remaining-requests"));
+    assert_eq!(
+        backend_requests(&backend).await,
+        served,
+        "the backend was not asked"
+    );
+
+    // The same request written differently (key order, spacing, a delivery-only field) is
+    // the same entry.
+    let reordered: Value = serde_json::from_str(&format!(
+        r#"{{ "user": "someone", "messages": {}, "temperature": 0.0, "model": "{SIM_MODEL}" }}"#,
+        question["messages"]
+    ))
+    .unwrap();
+    assert_eq!(send(&gw, &key, &reordered).await.cache(), "hit");
+
+    // Cache-Control: no-cache goes to the backend; a different max_tokens is another entry.
+    let fresh = send_with(&gw, &key, &question, &[("cache-control", "no-cache")]).await;
+    assert_eq!(fresh.cache(), "miss");
+    assert!(fresh.headers.contains_key("x-sluice-backend"));
+    let mut capped = question.clone();
+    capped["max_tokens"] = json!(3);
+    assert_eq!(send(&gw, &key, &capped).await.cache(), "miss");
+}
+
+#[tokio::test]
+async fn the_same_question_from_another_tenant_is_a_miss() {
+    let backend = Backend::start().await.unwrap();
+    let gw = gateway(&backend, embedded(), cache_config(None, "")).await;
+    let (_, acme) = gw.create_key("acme", "pro").await.unwrap();
+    let (_, other) = gw.create_key("globex", "pro").await.unwrap();
+    let (_, acme_too) = gw.create_key("acme", "free").await.unwrap();
+    let question = ask("Summarise our refund policy.");
+
+    send(&gw, &acme, &question).await;
+    assert_eq!(
+        send_until_cached(&gw, &acme, &question).await.cache(),
+        "hit"
+    );
+    // no-store, so that globex never finds an entry of its own either.
+    for _ in 0..3 {
+        let answer = send_with(&gw, &other, &question, &[("cache-control", "no-store")]).await;
+        assert_eq!(
+            answer.cache(),
+            "miss",
+            "another tenant never sees acme's entry"
+        );
+        assert!(answer.headers.contains_key("x-sluice-backend"));
+    }
+    // The tenant, not the key, owns an entry: acme's other key finds it.
+    assert_eq!(send(&gw, &acme_too, &question).await.cache(), "hit");
+}
+
+#[tokio::test]
+async fn ineligible_requests_are_never_answered_from_the_cache() {
+    let backend = Backend::start().await.unwrap();
+    let gw = gateway(&backend, embedded(), cache_config(None, "")).await;
+    let (_, key) = gw.create_key("acme", "pro").await.unwrap();
+    let (id, no_cache_key) = gw.create_key("acme", "pro").await.unwrap();
+    let turned_off = gw
+        .http
+        .patch(format!("{}/admin/v1/keys/{id}", gw.admin_url))
+        .bearer_auth(ADMIN_TOKEN)
+        .json(&json!({"cache": false}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(turned_off.status(), 200);
+    let view: Value = turned_off.json().await.unwrap();
+    assert_eq!(view["cache"], false);
+
+    let base = ask("Name a prime number.");
+    let mut sampled = base.clone();
+    sampled["temperature"] = json!(0.7);
+    let mut unset = base.clone();
+    unset.as_object_mut().unwrap().remove("temperature");
+    let mut several = base.clone();
+    several["n"] = json!(2);
+    let mut tools = base.clone();
+    tools["tools"] = json!([{"type": "function", "function": {"name": "f", "parameters": {}}}]);
+    for body in [&sampled, &unset, &several, &tools] {
+        for _ in 0..3 {
+            let answer = send(&gw, &key, body).await;
+            assert_eq!(answer.status, 200, "{:?}", answer.body);
+            assert!(
+                answer.headers.contains_key("x-sluice-backend"),
+                "{body} was served from the cache"
+            );
+        }
+    }
+    for _ in 0..3 {
+        let answer = send(&gw, &no_cache_key, &base).await;
+        assert!(answer.headers.contains_key("x-sluice-backend"));
+        tokio::time::sleep(Duration::from_millis(30)).await;
+    }
+    // no-store: answered, never kept.
+    for _ in 0..3 {
+        let answer = send_with(&gw, &key, &ask("Kept?"), &[("cache-control", "no-store")]).await;
+        assert_eq!(answer.cache(), "miss");
+        tokio::time::sleep(Duration::from_millis(30)).await;
+    }
+    let (_, stats) = gw
+        .admin(reqwest::Method::GET, "/admin/v1/cache/stats")
+        .await
+        .unwrap();
+    assert_eq!(stats["entries"], 0, "{stats}");
+}
+
+#[tokio::test]
+async fn a_paraphrase_is_a_semantic_hit_and_a_negation_is_a_miss() {
+    let Some(embedder) = embedder().await else {
+        return;
+    };
+    let backend = Backend::start().await.unwrap();
+    let gw = gateway(
+        &backend,
+        StoreKind::fresh_redis(),
+        cache_config(Some(&embedder), ""),
+    )
+    .await;
+    let (_, key) = gw.create_key("acme", "pro").await.unwrap();
+    let (_, other) = gw.create_key("globex", "pro").await.unwrap();
+
+    let original = send(&gw, &key, &ask("How do I reset my password?")).await;
+    assert_eq!(original.cache(), "miss");
+    send_until_cached(&gw, &key, &ask("How do I reset my password?")).await;
+
+    let paraphrase = send(&gw, &key, &ask("What is the way to reset my password?")).await;
+    assert_eq!(paraphrase.cache(), "semantic", "{}", gw.log());
+    assert_eq!(paraphrase.content(), original.content());
+    let similarity: f32 = paraphrase.headers["x-sluice-cache-similarity"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((0.95..=1.0).contains(&similarity), "{similarity}");
+    assert!(!paraphrase.headers.contains_key("x-sluice-backend"));
+
+    // Unrelated, another tenant, or another system prompt: misses.
+    assert_eq!(
+        send(&gw, &key, &ask("How do I bake bread?")).await.cache(),
+        "miss"
+    );
+    let mut other_system = ask("What is the way to reset my password?");
+    other_system["messages"][0]["content"] = json!("Answer in French.");
+    assert_eq!(send(&gw, &key, &other_system).await.cache(), "miss");
+    assert_eq!(
+        send(&gw, &other, &ask("What is the way to reset my password?"))
+            .await
+            .cache(),
+        "miss"
+    );
+
+    // MiniLM puts a question and its negation closer together (cosine ~0.99) than most
+    // paraphrases: only the guard keeps the answer to one from the other.
+    let safe = ask("Is ibuprofen safe during pregnancy?");
+    send(&gw, &key, &safe).await;
+    send_until_cached(&gw, &key, &safe).await;
+    let negated = send(&gw, &key, &ask("Is ibuprofen not safe during pregnancy?")).await;
+    assert_eq!(negated.cache(), "miss");
+    assert!(negated.headers.contains_key("x-sluice-backend"));
+    let (_, stats) = gw
+        .admin(reqwest::Method::GET, "/admin/v1/cache/stats")
+        .await
+        .unwrap();
+    assert!(stats["guard_rejections"].as_u64().unwrap() >= 1, "{stats}");
+    assert!(stats["semantic_hits"].as_u64().unwrap() >= 1, "{stats}");
+    assert_eq!(stats["by_tenant"]["globex"]["semantic_hits"], 0, "{stats}");
+    assert_eq!(stats["by_tenant"]["globex"]["hits"], 0, "{stats}");
+}
+
+#[tokio::test]
+async fn an_entry_written_through_one_replica_is_a_hit_through_another() {
+    let backend = Backend::start().await.unwrap();
+    let store = StoreKind::fresh_redis();
+    let first = gateway(&backend, store.clone(), cache_config(None, "")).await;
+    let second = gateway(&backend, store, cache_config(None, "")).await;
+    let (_, key) = first.create_key("acme", "pro").await.unwrap();
+    let question = ask("Which replica wrote this?");
+
+    let original = send(&first, &key, &question).await;
+    assert_eq!(original.cache(), "miss");
+    let started = std::time::Instant::now();
+    let replayed = send_until_cached(&second, &key, &question).await;
+    assert_eq!(replayed.cache(), "hit");
+    assert_eq!(replayed.content(), original.content());
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "found by the second replica only after {:?}",
+        started.elapsed()
+    );
+
+    // A purge through the second replica reaches the first.
+    let (status, purged) = second
+        .admin(reqwest::Method::DELETE, "/admin/v1/cache?tenant=acme")
+        .await
+        .unwrap();
+    assert_eq!(status, 200);
+    assert_eq!(purged["deleted"], 1);
+    for _ in 0..100 {
+        let (_, stats) = first
+            .admin(reqwest::Method::GET, "/admin/v1/cache/stats")
+            .await
+            .unwrap();
+        if stats["entries"] == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(send(&first, &key, &question).await.cache(), "miss");
+}
+
+#[tokio::test]
+async fn hits_are_billed_as_cached_tokens_at_the_cache_price() {
+    let backend = Backend::start().await.unwrap();
+    let prices = format!(
+        r#"
+[[prices]]
+model = "{SIM_MODEL}"
+tier = "*"
+currency = "USD"
+input = "1"
+output = "2"
+cached = "0.1"
+"#
+    );
+    let gw = gateway(&backend, embedded(), cache_config(None, "") + &prices).await;
+    let (key_id, key) = gw.create_key("acme", "pro").await.unwrap();
+    let question = ask("Bill me once.");
+    let first = send(&gw, &key, &question).await;
+    let hit = send_until_cached(&gw, &key, &question).await;
+    assert_eq!(hit.cache(), "hit");
+    let prompt = first.body["usage"]["prompt_tokens"].as_u64().unwrap();
+    let completion = first.body["usage"]["completion_tokens"].as_u64().unwrap();
+
+    let mut events = Vec::new();
+    for _ in 0..100 {
+        let r = gw
+            .http
+            .get(format!("{}/admin/v1/billing/export", gw.admin_url))
+            .query(&[("group_by", "event"), ("format", "jsonl")])
+            .bearer_auth(ADMIN_TOKEN)
+            .send()
+            .await
+            .unwrap();
+        events = r
+            .text()
+            .await
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str::<Value>(l).unwrap())
+            .filter(|e| e["key_id"] == key_id.as_str())
+            .collect();
+        if events.iter().any(|e| e["cache_status"] == "hit") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let hit_event = events
+        .iter()
+        .find(|e| e["cache_status"] == "hit")
+        .unwrap_or_else(|| panic!("no hit event in {events:?}"));
+    assert_eq!(hit_event["prompt_tokens"], prompt);
+    assert_eq!(hit_event["completion_tokens"], completion);
+    assert_eq!(hit_event["cached_tokens"], prompt + completion);
+    // Every token at the cached price: (prompt + completion) × 0.1 per million.
+    let expected = rust_decimal::Decimal::from(prompt + completion)
+        * rust_decimal::Decimal::new(1, 1)
+        / rust_decimal::Decimal::from(1_000_000);
+    let cost: rust_decimal::Decimal = hit_event["cost"].as_str().unwrap().parse().unwrap();
+    assert_eq!(cost, expected, "{hit_event}");
+    let miss_event = events.iter().find(|e| e["cache_status"] == "miss").unwrap();
+    let miss_cost: rust_decimal::Decimal = miss_event["cost"].as_str().unwrap().parse().unwrap();
+    assert!(miss_cost > cost);
+}
+
+#[tokio::test]
+async fn a_streamed_request_is_answered_from_cache_as_a_stream_python_reads() {
+    let backend = Backend::start().await.unwrap();
+    let gw = gateway(&backend, embedded(), cache_config(None, "")).await;
+    let (_, key) = gw.create_key("acme", "pro").await.unwrap();
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/python/cached_stream.py");
+    let (url, python) = (gw.url.clone(), test_python());
+    let output = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(python)
+            .arg(script)
+            .env("SLUICE_URL", url)
+            .env("SLUICE_KEY", key)
+            .env("SIM_MODEL", SIM_MODEL)
+            .output()
+    })
+    .await
+    .unwrap()
+    .expect("python runs");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        output.status.success() && stdout.contains("ALL OK"),
+        "python:\n{stdout}\n{stderr}\ngateway log:\n{}",
+        gw.log()
+    );
+}
+
+#[tokio::test]
+async fn bad_purge_requests_get_400() {
+    let backend = Backend::start().await.unwrap();
+    let gw = gateway(&backend, embedded(), cache_config(None, "")).await;
+    for path in ["/admin/v1/cache?tennant=x", "/admin/v1/cache?tenant="] {
+        let (status, body) = gw.admin(reqwest::Method::DELETE, path).await.unwrap();
+        assert_eq!(status, 400, "{path}: {body}");
+        assert_eq!(body["error"]["type"], "invalid_request_error", "{body}");
+    }
+    let (status, body) = gw
+        .admin(reqwest::Method::DELETE, "/admin/v1/cache")
+        .await
+        .unwrap();
+    assert_eq!((status, body["deleted"].clone()), (200, json!(0)));
+}
