@@ -302,7 +302,8 @@ impl ResponseCache {
         });
     }
 
-    async fn put(
+    /// Keeps an answer and waits until it is kept ([`ResponseCache::keep`] without the task).
+    pub async fn put(
         &self,
         mut plan: Plan,
         answer: CachedAnswer,
