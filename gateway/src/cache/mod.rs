@@ -34,7 +34,7 @@ use std::time::Duration;
 const LOG_POLL: Duration = Duration::from_millis(100);
 /// Events read per store call.
 const LOG_BATCH: usize = 1000;
-/// How often expired entries leave the index, and graphs are compacted.
+/// How often expired entries leave the index, and shrunken namespaces are regrouped.
 const SWEEP_EVERY: Duration = Duration::from_secs(10);
 
 /// How a request was answered, as `x-sluice-cache` says it.
@@ -125,7 +125,8 @@ struct Stats {
 pub struct ResponseCache {
     config: CacheConfig,
     store: Arc<dyn Store>,
-    index: CacheIndex,
+    /// Shared with blocking tasks: an insert may regroup a large namespace.
+    index: Arc<CacheIndex>,
     embedder: Option<Embedder>,
     stats: Stats,
 }
@@ -143,7 +144,7 @@ impl ResponseCache {
         ResponseCache {
             config,
             store,
-            index: CacheIndex::default(),
+            index: Arc::default(),
             embedder,
             stats: Stats::default(),
         }
@@ -336,7 +337,7 @@ impl ResponseCache {
             .cache_put(&id, &body, ttl_ms, &serde_json::to_vec(&event)?, horizon_ms)
             .await?;
         self.stats.stored.fetch_add(1, Ordering::Relaxed);
-        self.index.insert(IndexEntry {
+        let entry = IndexEntry {
             id,
             tenant: plan.tenant,
             model: plan.model,
@@ -344,7 +345,10 @@ impl ResponseCache {
             exact: plan.keys.exact,
             expires_ms,
             embedding,
-        });
+        };
+        let index = self.index.clone();
+        // Found by this replica at once, not only after its next read of the log.
+        let _ = tokio::task::spawn_blocking(move || index.insert(entry)).await;
         Ok(())
     }
 
@@ -377,10 +381,16 @@ impl ResponseCache {
                 match self.store.cache_log(&cursor, LOG_BATCH).await {
                     Ok(events) => {
                         let full = events.len() == LOG_BATCH;
-                        for (at, event) in events {
-                            self.apply(&event);
-                            cursor = at;
+                        if let Some((at, _)) = events.last() {
+                            cursor = at.clone();
                         }
+                        let cache = self.clone();
+                        let _ = tokio::task::spawn_blocking(move || {
+                            for (_, event) in events {
+                                cache.apply(&event);
+                            }
+                        })
+                        .await;
                         if !full {
                             break;
                         }
@@ -394,7 +404,7 @@ impl ResponseCache {
             if last_sweep.elapsed() >= SWEEP_EVERY {
                 last_sweep = tokio::time::Instant::now();
                 let cache = self.clone();
-                // Compaction may rebuild a large graph: off the async workers.
+                // Regrouping a large namespace takes a while: off the async workers.
                 let _ = tokio::task::spawn_blocking(move || {
                     cache.index.sweep(now_ms());
                     cache.index.compact();
