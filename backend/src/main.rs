@@ -58,6 +58,11 @@ struct Args {
         value_parser = clap::value_parser!(u32).range(1..=65_536)
     )]
     sim_embedding_dim: u32,
+
+    /// Simulated engine: replies generated at once at most, like a GPU's batch; the rest
+    /// wait their turn (shown as sluice_backend_requests_waiting). 0: no limit.
+    #[arg(long, env = "SLUICE_SIM_MAX_RUNNING", default_value_t = 0)]
+    sim_max_running: usize,
 }
 
 /// Exit status for a command line this build cannot serve, as for clap's own usage errors.
@@ -118,6 +123,7 @@ fn sim_config(args: &Args) -> SimConfig {
         token_delay: Duration::from_millis(args.sim_token_delay_ms),
         output_tokens: args.sim_output_tokens,
         embedding_dim: args.sim_embedding_dim as usize,
+        max_running: args.sim_max_running,
     }
 }
 

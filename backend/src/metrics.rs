@@ -49,6 +49,7 @@ impl Route {
 pub struct Metrics {
     requests: [AtomicU64; Route::ALL.len()],
     running: AtomicI64,
+    waiting: AtomicI64,
     prompt_tokens: AtomicU64,
     generated_tokens: AtomicU64,
 }
@@ -62,6 +63,12 @@ impl Metrics {
     pub fn running(self: &Arc<Self>) -> RunningGuard {
         self.running.fetch_add(1, Ordering::Relaxed);
         RunningGuard(Arc::clone(self))
+    }
+
+    /// Counts a request as waiting for the engine until the guard is dropped.
+    pub fn waiting(self: &Arc<Self>) -> WaitingGuard {
+        self.waiting.fetch_add(1, Ordering::Relaxed);
+        WaitingGuard(Arc::clone(self))
     }
 
     pub fn add_prompt_tokens(&self, tokens: u64) {
@@ -113,14 +120,18 @@ impl Metrics {
             self.running.load(Ordering::Relaxed).max(0)
         )?;
 
-        // The simulated engine admits every request at once, so nothing ever queues and no
-        // KV cache fills; the series exist so dashboards and the balancer read one schema.
+        // The simulated engine queues only past --sim-max-running and fills no KV cache;
+        // the series exist so dashboards and the balancer read one schema.
         writeln!(
             out,
             "# HELP sluice_backend_requests_waiting Requests queued for the engine."
         )?;
         writeln!(out, "# TYPE sluice_backend_requests_waiting gauge")?;
-        writeln!(out, "sluice_backend_requests_waiting 0")?;
+        writeln!(
+            out,
+            "sluice_backend_requests_waiting {}",
+            self.waiting.load(Ordering::Relaxed).max(0)
+        )?;
         writeln!(
             out,
             "# HELP sluice_backend_kv_cache_usage_ratio Share of KV-cache blocks in use."
@@ -157,6 +168,15 @@ pub struct RunningGuard(Arc<Metrics>);
 impl Drop for RunningGuard {
     fn drop(&mut self) {
         self.0.running.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+#[derive(Debug)]
+pub struct WaitingGuard(Arc<Metrics>);
+
+impl Drop for WaitingGuard {
+    fn drop(&mut self) {
+        self.0.waiting.fetch_sub(1, Ordering::Relaxed);
     }
 }
 

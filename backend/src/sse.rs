@@ -91,7 +91,7 @@ pub async fn stream_or_finish<W: ChunkWriter>(
         };
         return Reply::Streamed(respond(state.clone(), job));
     }
-    let _running = state.metrics.running();
+    let _generation = state.start_generation().await;
     let generation_time = state.sim.generation_time(len);
     if !generation_time.is_zero() {
         tokio::time::sleep(generation_time).await;
@@ -142,7 +142,7 @@ async fn run<W: ChunkWriter>(
     job: StreamJob<W>,
     outlet: &Outlet,
 ) -> Result<(), ClientGone> {
-    let _running = state.metrics.running();
+    let _generation = state.start_generation().await;
     let StreamJob {
         writer,
         sequences,

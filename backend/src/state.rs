@@ -35,9 +35,34 @@ pub struct AppState {
     pub sim: SimConfig,
     pub gates: Arc<Gates>,
     pub metrics: Arc<Metrics>,
+    /// The simulated engine's capacity (`SimConfig::max_running`), when it has one.
+    slots: Option<Arc<tokio::sync::Semaphore>>,
+}
+
+/// A reply being generated: it holds a slot of the engine's capacity and counts as running
+/// until dropped.
+pub struct Generation {
+    _slot: Option<tokio::sync::OwnedSemaphorePermit>,
+    _running: crate::metrics::RunningGuard,
 }
 
 impl AppState {
+    /// Waits for a slot of the engine's capacity (counted as waiting meanwhile), then counts
+    /// the reply as running.
+    pub async fn start_generation(&self) -> Generation {
+        let slot = match &self.slots {
+            Some(slots) => {
+                let _waiting = self.metrics.waiting();
+                slots.clone().acquire_owned().await.ok()
+            }
+            None => None,
+        };
+        Generation {
+            _slot: slot,
+            _running: self.metrics.running(),
+        }
+    }
+
     /// State for the simulated engine serving `models`; with none, it serves one model
     /// named [`DEFAULT_SIM_MODEL`].
     pub fn new(models: Vec<String>, sim: SimConfig) -> Arc<Self> {
@@ -73,9 +98,12 @@ impl AppState {
     }
 
     fn with_models(models: Vec<ServedModel>, sim: SimConfig) -> Arc<Self> {
+        let slots =
+            (sim.max_running > 0).then(|| Arc::new(tokio::sync::Semaphore::new(sim.max_running)));
         Arc::new(Self {
             models,
             started_at: unix_now(),
+            slots,
             sim,
             gates: Arc::default(),
             metrics: Arc::default(),

@@ -906,3 +906,45 @@ async fn pacing_delays_do_not_change_the_reply() {
         reply["choices"][0]["message"]["content"].as_str().unwrap()
     );
 }
+
+#[tokio::test]
+async fn replies_past_the_capacity_wait_their_turn_and_are_counted_waiting() {
+    let backend = Backend::start_with(SimConfig {
+        ttft: Duration::from_millis(400),
+        max_running: 1,
+        ..SimConfig::default()
+    })
+    .await;
+    let backend = std::sync::Arc::new(backend);
+    let started = std::time::Instant::now();
+    let replies: Vec<_> = (0..2)
+        .map(|i| {
+            let backend = backend.clone();
+            tokio::spawn(async move {
+                backend
+                    .post("/v1/chat/completions", chat(&format!("q{i}")))
+                    .await
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    let text = backend.get("/metrics").await.text().await.unwrap();
+    assert!(
+        text.contains("sluice_backend_requests_running 1\n"),
+        "{text}"
+    );
+    assert!(
+        text.contains("sluice_backend_requests_waiting 1\n"),
+        "{text}"
+    );
+    for reply in replies {
+        assert_eq!(reply.await.unwrap().0, StatusCode::OK);
+    }
+    // One at a time: the second reply started when the first ended.
+    assert!(started.elapsed() >= Duration::from_millis(800));
+    let text = backend.get("/metrics").await.text().await.unwrap();
+    assert!(
+        text.contains("sluice_backend_requests_waiting 0\n"),
+        "{text}"
+    );
+}

@@ -44,7 +44,11 @@ pub fn router(gateway: Arc<Gateway>) -> Router {
         .route("/admin/v1/keys/{id}/quota/reset", post(reset_key_quota))
         .route("/admin/v1/tiers", get(list_tiers))
         .route("/admin/v1/tiers/{name}", get(get_tier).put(put_tier))
-        .route("/admin/v1/backends", get(list_backends))
+        .route("/admin/v1/backends", get(list_backends).post(add_backend))
+        .route(
+            "/admin/v1/backends/{name}",
+            axum::routing::delete(remove_backend),
+        )
         .route(
             "/admin/v1/backends/{name}/drain",
             post(drain_backend).delete(undrain_backend),
@@ -417,7 +421,7 @@ async fn put_tier(
         .validate(&candidate)
         .map_err(|e| ApiError::bad_request(e.to_string()))?;
     gateway.store.put_tier(&tier).await.map_err(store_error)?;
-    gateway.reload_tiers().await.map_err(|e| {
+    gateway.reload_shared().await.map_err(|e| {
         tracing::error!(error = %e, "tier reload failed");
         ApiError::unavailable("The store is unavailable; try again shortly.")
     })?;
@@ -426,31 +430,118 @@ async fn put_tier(
     Ok(Json(json!(tier)))
 }
 
-async fn list_backends(State(gateway): State<AppState>) -> Json<Value> {
+/// A backend as the admin API shows it.
+fn backend_view(gateway: &Gateway, b: &std::sync::Arc<crate::upstream::Backend>) -> Value {
     let models = gateway.upstreams.models();
+    let served: Vec<&str> = models
+        .values()
+        .filter(|m| m.backends.iter().any(|mb| std::sync::Arc::ptr_eq(mb, b)))
+        .map(|m| m.id.as_str())
+        .collect();
+    let st = &b.state;
+    json!({
+        "name": b.name,
+        "url": b.url,
+        "models": served,
+        "health": if !st.is_up() { "down" } else if st.ejected() { "ejected" } else { "up" },
+        "draining": st.draining.load(std::sync::atomic::Ordering::Relaxed),
+        "in_flight": st.in_flight.load(std::sync::atomic::Ordering::Relaxed),
+        "ewma_ms": st.ewma().as_secs_f64() * 1000.0,
+    })
+}
+
+async fn list_backends(State(gateway): State<AppState>) -> Json<Value> {
     let data: Vec<Value> = gateway
         .upstreams
         .backends()
         .iter()
-        .map(|b| {
-            let served: Vec<&str> = models
-                .values()
-                .filter(|m| m.backends.iter().any(|mb| std::sync::Arc::ptr_eq(mb, b)))
-                .map(|m| m.id.as_str())
-                .collect();
-            let st = &b.state;
-            json!({
-                "name": b.name,
-                "url": b.url,
-                "models": served,
-                "health": if !st.is_up() { "down" } else if st.ejected() { "ejected" } else { "up" },
-                "draining": st.draining.load(std::sync::atomic::Ordering::Relaxed),
-                "in_flight": st.in_flight.load(std::sync::atomic::Ordering::Relaxed),
-                "ewma_ms": st.ewma().as_secs_f64() * 1000.0,
-            })
-        })
+        .map(|b| backend_view(&gateway, b))
         .collect();
     Json(json!({"object": "list", "data": data}))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AddBackend {
+    name: String,
+    url: String,
+    /// The models it serves; without them the gateway asks its `/v1/models`.
+    #[serde(default)]
+    models: Vec<String>,
+}
+
+/// `POST /admin/v1/backends`: adds a backend to the pool on every replica (within a second).
+async fn add_backend(
+    State(gateway): State<AppState>,
+    body: Bytes,
+) -> Result<impl IntoResponse, ApiError> {
+    let req: AddBackend = parse_body(&body)?;
+    non_empty("name", &req.name)?;
+    if gateway
+        .upstreams
+        .backends()
+        .iter()
+        .any(|b| b.name == req.name)
+    {
+        return Err(ApiError::conflict(format!(
+            "A backend named '{}' is already in the pool; remove it first to change it.",
+            req.name
+        ))
+        .with_param("name"));
+    }
+    let backend = crate::config::backend(&req.name, &req.url, req.models)
+        .map_err(|e| ApiError::bad_request(e.to_string()).with_param("url"))?;
+    let record = crate::store::BackendRecord {
+        url: backend.url.clone(),
+        models: backend.models.clone(),
+    };
+    gateway
+        .store
+        .set_backend(&req.name, Some(&record))
+        .await
+        .map_err(store_error)?;
+    pool_written(&gateway).await?;
+    let added = gateway
+        .upstreams
+        .backends()
+        .iter()
+        .find(|b| b.name == req.name)
+        .cloned()
+        .ok_or_else(|| ApiError::internal("The backend was stored but is not in the pool."))?;
+    tracing::info!(backend = %req.name, url = %added.url, "backend added");
+    Ok((
+        http::StatusCode::CREATED,
+        Json(backend_view(&gateway, &added)),
+    ))
+}
+
+/// `DELETE /admin/v1/backends/{name}`: takes a backend out of the pool on every replica.
+/// Requests it is serving finish; no new ones go to it.
+async fn remove_backend(
+    State(gateway): State<AppState>,
+    Path(name): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    if !gateway.upstreams.backends().iter().any(|b| b.name == name) {
+        return Err(ApiError::not_found(format!("No backend named '{name}'.")));
+    }
+    gateway
+        .store
+        .set_backend(&name, None)
+        .await
+        .map_err(store_error)?;
+    pool_written(&gateway).await?;
+    tracing::info!(backend = %name, "backend removed");
+    Ok(Json(json!({"name": name, "removed": true})))
+}
+
+/// Applies a pool change here at once; other replicas follow the store's epoch.
+async fn pool_written(gateway: &Gateway) -> Result<(), ApiError> {
+    gateway.reload_shared().await.map_err(|e| {
+        tracing::error!(error = %e, "pool reload failed");
+        ApiError::unavailable("The store is unavailable; try again shortly.")
+    })?;
+    key_written(gateway).await;
+    Ok(())
 }
 
 /// The priced usage events a query needs: from the start of its first month, so that
@@ -664,7 +755,13 @@ async fn set_draining(
     name: &str,
     draining: bool,
 ) -> Result<Json<Value>, ApiError> {
-    let Some(backend) = gateway.upstreams.backends().iter().find(|b| b.name == name) else {
+    let Some(backend) = gateway
+        .upstreams
+        .backends()
+        .iter()
+        .find(|b| b.name == name)
+        .cloned()
+    else {
         return Err(ApiError::not_found(format!("No backend named '{name}'.")));
     };
     gateway

@@ -106,12 +106,34 @@ impl Gateway {
         self.tiers.load_full()
     }
 
-    /// Re-reads what the admin API changed in the store: tiers, and which backends drain.
-    pub async fn reload_tiers(&self) -> anyhow::Result<()> {
+    /// Re-reads what the admin API changed in the store: tiers, the backend pool, and which
+    /// backends drain.
+    pub async fn reload_shared(&self) -> anyhow::Result<()> {
         let tiers = merged_tiers(&self.config.tiers, self.store.as_ref()).await?;
         self.tiers.store(Arc::new(tiers));
+        let mut pool = Vec::new();
+        for (name, record) in self.store.backend_changes().await? {
+            let backend = match record {
+                Some(r) => match crate::config::backend(&name, &r.url, r.models) {
+                    Ok(backend) => Some(backend),
+                    Err(e) => {
+                        tracing::error!(backend = %name, error = %e, "stored backend is invalid; skipped");
+                        continue;
+                    }
+                },
+                None => None,
+            };
+            pool.push((name, backend));
+        }
+        if self.upstreams.set_pool(&pool) {
+            tracing::info!(
+                backends = ?self.upstreams.backends().iter().map(|b| &b.name).collect::<Vec<_>>(),
+                "backend pool changed"
+            );
+            self.upstreams.discover().await;
+        }
         let draining = self.store.draining_backends().await?;
-        for backend in self.upstreams.backends() {
+        for backend in self.upstreams.backends().iter() {
             let drain = draining.contains(&backend.name);
             backend
                 .state
@@ -131,7 +153,7 @@ impl Gateway {
             tick.tick().await;
             match self.store.keys_epoch().await {
                 Ok(epoch) if seen != Some(epoch) => {
-                    if let Err(e) = self.reload_tiers().await {
+                    if let Err(e) = self.reload_shared().await {
                         tracing::warn!(error = %e, "cannot reload tiers");
                         continue;
                     }

@@ -629,6 +629,18 @@ fn resolve_jwt(j: JwtSection, base_dir: &Path) -> Result<JwtConfig, ConfigError>
     })
 }
 
+/// A backend added at run time (the admin API), checked as a `[[backends]]` entry would be.
+pub fn backend(name: &str, url: &str, models: Vec<String>) -> Result<BackendConfig, ConfigError> {
+    resolve_backend(
+        "backend",
+        BackendSection {
+            name: Some(name.to_owned()),
+            url: url.to_owned(),
+            models,
+        },
+    )
+}
+
 fn resolve_backend(field: &str, b: BackendSection) -> Result<BackendConfig, ConfigError> {
     let uri: http::Uri = b
         .url

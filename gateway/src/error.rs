@@ -82,6 +82,16 @@ impl ApiError {
         Self::new(404, ErrorKind::NotFound, Some("not_found"), message.into())
     }
 
+    /// 409: the request conflicts with what exists (a name already taken).
+    pub fn conflict(message: impl Into<String>) -> Self {
+        Self::new(
+            409,
+            ErrorKind::InvalidRequest,
+            Some("conflict"),
+            message.into(),
+        )
+    }
+
     pub fn model_not_found(model: &str) -> Self {
         Self::new(
             404,

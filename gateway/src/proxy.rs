@@ -611,9 +611,7 @@ impl Proxy {
         });
         if let Some(mut plan) = self.gateway.cache.plan(
             route_kind,
-            &identity.tenant,
-            &identity.tier,
-            identity.cache,
+            &identity,
             &ctx.body,
             cache_control,
             include_usage,

@@ -1,7 +1,9 @@
 //! Where does it go? The backends this gateway knows, the models each serves, and the choice
 //! of one backend for a request. Models are declared in the configuration or discovered from
 //! each backend's `/v1/models`, re-read in the background so a backend that starts late (or
-//! gains a model) is picked up without a restart.
+//! gains a model) is picked up without a restart. The pool itself is the configuration's
+//! backends, changed at run time through the admin API (kept in the store, so every replica
+//! applies the same changes): backends that stay keep their health and load.
 //!
 //! The choice itself (strategies, health, ejection) is the balancer's.
 
@@ -80,12 +82,36 @@ impl ModelRoute {
 }
 
 pub struct Upstreams {
-    backends: Vec<Arc<Backend>>,
+    configured: Vec<BackendConfig>,
+    backends: ArcSwap<Vec<Arc<Backend>>>,
     models: ArcSwap<BTreeMap<String, Arc<ModelRoute>>>,
-    /// What each backend (by position) last said it serves: a backend that is briefly
+    /// What each backend (by name) last said it serves: a backend that is briefly
     /// unreachable keeps its models, so its clients see a 502 and not a vanished model.
-    last_discovered: std::sync::Mutex<Vec<Option<ServedModels>>>,
+    last_discovered: std::sync::Mutex<std::collections::HashMap<String, ServedModels>>,
     http: reqwest::Client,
+}
+
+impl Backend {
+    fn new(c: &BackendConfig) -> Backend {
+        Backend {
+            name: c.name.clone(),
+            url: c.url.clone(),
+            addr: c.addr,
+            declared_models: c.models.clone(),
+            state: BackendState::default(),
+            id: crate::balancer::prefix_hash(c.url.as_bytes(), usize::MAX),
+        }
+    }
+
+    /// Whether this backend is what `c` describes (so it can stay, state and all).
+    fn is(&self, c: &BackendConfig) -> bool {
+        self.name == c.name && self.url == c.url && self.declared_models == c.models
+    }
+
+    /// Models named in the configuration or when it was added; empty means discovered.
+    pub fn declared_models(&self) -> &[String] {
+        &self.declared_models
+    }
 }
 
 #[derive(Deserialize)]
@@ -102,31 +128,61 @@ struct ModelEntry {
 
 impl Upstreams {
     pub fn new(configs: &[BackendConfig]) -> Self {
-        let backends = configs
-            .iter()
-            .map(|c| {
-                Arc::new(Backend {
-                    name: c.name.clone(),
-                    url: c.url.clone(),
-                    addr: c.addr,
-                    declared_models: c.models.clone(),
-                    state: BackendState::default(),
-                    id: crate::balancer::prefix_hash(c.url.as_bytes(), usize::MAX),
-                })
-            })
-            .collect();
+        let backends = configs.iter().map(|c| Arc::new(Backend::new(c))).collect();
         let http = reqwest::Client::builder()
             .timeout(DISCOVERY_TIMEOUT)
             .build()
             .expect("http client builds without TLS");
         let upstreams = Upstreams {
-            last_discovered: std::sync::Mutex::new(vec![None; configs.len()]),
-            backends,
+            configured: configs.to_vec(),
+            last_discovered: Default::default(),
+            backends: ArcSwap::from_pointee(backends),
             models: ArcSwap::from_pointee(BTreeMap::new()),
             http,
         };
-        upstreams.install(Vec::new());
+        upstreams.install();
         upstreams
+    }
+
+    /// Sets the pool to the configured backends with `changes` (from the store) applied:
+    /// a name with `Some` is that backend (added, or replacing a configured one), with
+    /// `None` it is out. Returns whether the pool changed; new backends still need
+    /// [`Upstreams::discover`] to learn their models.
+    pub fn set_pool(&self, changes: &[(String, Option<BackendConfig>)]) -> bool {
+        let changed: std::collections::HashMap<&str, &Option<BackendConfig>> =
+            changes.iter().map(|(n, c)| (n.as_str(), c)).collect();
+        let mut wanted: Vec<&BackendConfig> = self
+            .configured
+            .iter()
+            .filter(|c| !changed.contains_key(c.name.as_str()))
+            .collect();
+        wanted.extend(changes.iter().filter_map(|(_, c)| c.as_ref()));
+        let current = self.backends.load_full();
+        let next: Vec<Arc<Backend>> = wanted
+            .into_iter()
+            .map(|c| {
+                current
+                    .iter()
+                    .find(|b| b.is(c))
+                    .cloned()
+                    .unwrap_or_else(|| Arc::new(Backend::new(c)))
+            })
+            .collect();
+        let same = next.len() == current.len()
+            && next
+                .iter()
+                .zip(current.iter())
+                .all(|(a, b)| Arc::ptr_eq(a, b));
+        if same {
+            return false;
+        }
+        {
+            let mut last = self.last_discovered.lock().expect("discovery lock");
+            last.retain(|name, _| next.iter().any(|b| &b.name == name));
+        }
+        self.backends.store(Arc::new(next));
+        self.install();
+        true
     }
 
     pub fn model(&self, id: &str) -> Option<Arc<ModelRoute>> {
@@ -137,44 +193,37 @@ impl Upstreams {
         self.models.load_full()
     }
 
-    pub fn backends(&self) -> &[Arc<Backend>] {
-        &self.backends
+    /// The pool now. A backend taken out stays alive for the requests that still hold it.
+    pub fn backends(&self) -> Arc<Vec<Arc<Backend>>> {
+        self.backends.load_full()
     }
 
     /// Asks every backend without declared models what it serves, and installs the result.
     /// A backend that does not answer keeps the models it last listed.
     pub async fn discover(&self) {
-        let mut answers = Vec::with_capacity(self.backends.len());
-        for backend in &self.backends {
-            if backend.declared_models.is_empty() {
-                answers.push(self.fetch_models(backend).await.map_err(|e| {
-                    tracing::warn!(backend = %backend.name, error = %e, "model discovery failed");
-                }));
-            } else {
-                answers.push(Err(()));
-            }
-        }
-        let found = {
-            let mut last = self.last_discovered.lock().expect("discovery lock");
-            for (slot, answer) in last.iter_mut().zip(answers) {
-                if let Ok(models) = answer {
-                    *slot = Some(models);
+        let backends = self.backends();
+        let mut answers = Vec::with_capacity(backends.len());
+        for backend in backends.iter().filter(|b| b.declared_models.is_empty()) {
+            match self.fetch_models(backend).await {
+                Ok(models) => answers.push((backend.name.clone(), models)),
+                Err(e) => {
+                    tracing::warn!(backend = %backend.name, error = %e, "model discovery failed")
                 }
             }
-            self.backends
-                .iter()
-                .zip(last.iter())
-                .filter_map(|(b, models)| Some((b.clone(), models.clone()?)))
-                .collect()
-        };
-        self.install(found);
+        }
+        {
+            let mut last = self.last_discovered.lock().expect("discovery lock");
+            for (name, models) in answers {
+                if backends.iter().any(|b| b.name == name) {
+                    last.insert(name, models);
+                }
+            }
+        }
+        self.install();
     }
 
     /// Re-runs discovery until the process ends.
     pub async fn follow(self: Arc<Self>) {
-        if self.backends.iter().all(|b| !b.declared_models.is_empty()) {
-            return;
-        }
         loop {
             tokio::time::sleep(DISCOVERY_INTERVAL).await;
             self.discover().await;
@@ -189,7 +238,8 @@ impl Upstreams {
         let config = &config;
         loop {
             tick.tick().await;
-            let checks = self.backends.iter().map(|b| {
+            let backends = self.backends();
+            let checks = backends.iter().map(|b| {
                 let request = self.http.get(format!("{}/health", b.url)).timeout(timeout);
                 async move {
                     let ok = request.send().await.is_ok_and(|r| r.status().is_success());
@@ -212,7 +262,8 @@ impl Upstreams {
         loop {
             tick.tick().await;
             let timeout = Duration::from_millis(config.health_timeout_ms);
-            let scrapes = self.backends.iter().map(|b| {
+            let backends = self.backends();
+            let scrapes = backends.iter().map(|b| {
                 let request = self.http.get(format!("{}/metrics", b.url)).timeout(timeout);
                 async move {
                     let response = request.send().await;
@@ -247,9 +298,12 @@ impl Upstreams {
             .collect())
     }
 
-    fn install(&self, discovered: Vec<(Arc<Backend>, ServedModels)>) {
+    /// Rebuilds the model table from the pool and what its backends last said they serve.
+    fn install(&self) {
+        let backends = self.backends();
+        let discovered = self.last_discovered.lock().expect("discovery lock").clone();
         let mut routes: BTreeMap<String, (String, Vec<Arc<Backend>>)> = BTreeMap::new();
-        for backend in &self.backends {
+        for backend in backends.iter() {
             for model in &backend.declared_models {
                 routes
                     .entry(model.clone())
@@ -257,12 +311,10 @@ impl Upstreams {
                     .1
                     .push(backend.clone());
             }
-        }
-        for (backend, models) in discovered {
-            for (model, owned_by) in models {
+            for (model, owned_by) in discovered.get(&backend.name).into_iter().flatten() {
                 routes
-                    .entry(model)
-                    .or_insert_with(|| (owned_by, Vec::new()))
+                    .entry(model.clone())
+                    .or_insert_with(|| (owned_by.clone(), Vec::new()))
                     .1
                     .push(backend.clone());
             }
@@ -331,5 +383,34 @@ mod tests {
         );
         assert_eq!(u.model("m2").unwrap().backends.len(), 1);
         assert!(u.model("m3").is_none());
+    }
+
+    #[test]
+    fn pool_changes_add_remove_and_keep_the_state_of_backends_that_stay() {
+        let u = Upstreams::new(&[backend("a", 1, &["m1"]), backend("b", 2, &["m1"])]);
+        let a = u.backends()[0].clone();
+        a.state.in_flight.fetch_add(3, Ordering::Relaxed);
+        assert!(!u.set_pool(&[]), "no change");
+        assert!(u.set_pool(&[
+            ("b".into(), None),
+            ("c".into(), Some(backend("c", 3, &["m1", "m2"]))),
+        ]));
+        let names: Vec<_> = u.backends().iter().map(|b| b.name.clone()).collect();
+        assert_eq!(names, ["a", "c"]);
+        assert!(Arc::ptr_eq(&u.backends()[0], &a), "a kept its state");
+        assert_eq!(u.backends()[0].state.in_flight.load(Ordering::Relaxed), 3);
+        let m1: Vec<_> = u
+            .model("m1")
+            .unwrap()
+            .backends
+            .iter()
+            .map(|b| b.name.clone())
+            .collect();
+        assert_eq!(m1, ["a", "c"]);
+        assert!(u.model("m2").is_some());
+        // Back to the configuration.
+        assert!(u.set_pool(&[]));
+        assert!(u.model("m2").is_none());
+        assert_eq!(u.backends().len(), 2);
     }
 }

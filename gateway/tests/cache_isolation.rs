@@ -6,12 +6,14 @@
 use axum::{routing::post, Json, Router};
 use proptest::prelude::*;
 use serde_json::{json, Value};
+use sluice_gateway::auth::Identity;
 use sluice_gateway::cache::answer::CachedAnswer;
 use sluice_gateway::cache::ResponseCache;
 use sluice_gateway::config::CacheConfig;
 use sluice_gateway::request::Route;
 use sluice_gateway::store::EmbeddedStore;
 use sluice_policies::cache::{CachePolicy, CacheRules};
+use sluice_policies::Limits;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -69,6 +71,16 @@ fn cache(url: String, dir: &std::path::Path) -> ResponseCache {
     ResponseCache::new(config, Arc::new(EmbeddedStore::open(dir).unwrap()))
 }
 
+fn asker(tenant: &str) -> Identity {
+    Identity {
+        key_id: format!("key-of-{tenant}"),
+        tenant: tenant.to_owned(),
+        tier: "free".to_owned(),
+        limits: Limits::default(),
+        cache: true,
+    }
+}
+
 fn body(question: &str) -> Vec<u8> {
     serde_json::to_vec(&json!({
         "model": "m", "temperature": 0,
@@ -104,7 +116,7 @@ proptest! {
                 let tenant = ["tenant-a", "tenant-b"][who];
                 let question = QUESTIONS[q];
                 let mut plan = cache
-                    .plan(Route::ChatCompletions, tenant, "free", true, &body(question), None, false)
+                    .plan(Route::ChatCompletions, &asker(tenant), &body(question), None, false)
                     .expect("eligible");
                 match cache.lookup(&mut plan).await {
                     Some(hit) => {
@@ -130,9 +142,7 @@ async fn the_pool_produces_exact_and_semantic_hits_within_a_tenant() {
         let mut plan = cache
             .plan(
                 Route::ChatCompletions,
-                "t",
-                "free",
-                true,
+                &asker("t"),
                 &body(QUESTIONS[q]),
                 None,
                 false,

@@ -86,6 +86,30 @@ contract!(
     created_key_is_found_by_id_and_secret_hash,
     created_key_is_found
 );
+contract!(pool_changes_are_kept_and_move_the_epoch, pool_changes_case);
+
+async fn pool_changes_case(store: &dyn Store) {
+    use sluice_gateway::store::BackendRecord;
+    assert!(store.backend_changes().await.unwrap().is_empty());
+    let epoch = store.keys_epoch().await.unwrap();
+    let record = BackendRecord {
+        url: "http://127.0.0.1:9001".into(),
+        models: vec!["m".into()],
+    };
+    store.set_backend("gpu-2", Some(&record)).await.unwrap();
+    store.set_backend("gpu-1", None).await.unwrap();
+    assert!(store.keys_epoch().await.unwrap() > epoch);
+    let mut changes = store.backend_changes().await.unwrap();
+    changes.sort_by(|a, b| a.0.cmp(&b.0));
+    assert_eq!(
+        changes,
+        vec![
+            ("gpu-1".to_owned(), None),
+            ("gpu-2".to_owned(), Some(record))
+        ]
+    );
+}
+
 contract!(
     cache_entries_expire_and_the_log_replays_in_order,
     cache_entries_and_log_case

@@ -169,7 +169,7 @@ pub fn eligible(rules: &CacheRules, facts: &RequestFacts) -> Result<(), Ineligib
         return Err(Ineligible::Disabled);
     }
     match facts.temperature {
-        Some(t) if t == 0.0 => {}
+        Some(0.0) => {}
         None if rules.cache_unset_temperature => {}
         _ => return Err(Ineligible::Sampled),
     }
@@ -307,7 +307,8 @@ const NUMBER_WORDS: &[&str] = &[
     "dozen",
 ];
 
-/// Capitalised words that start questions and sentences without naming anything.
+/// Capitalised words that start questions and sentences without naming anything (folded
+/// to lower case without apostrophes).
 const COMMON_CAPITALISED: &[&str] = &[
     "a",
     "an",
@@ -434,13 +435,10 @@ impl Markers {
             quoted: quoted_strings(text),
             ..Markers::default()
         };
-        let mut sentence_start = true;
         for raw in text.split(|c: char| c.is_whitespace() || "()[]{}<>\"“”«»`;:/".contains(c))
         {
-            let ends_sentence = raw.ends_with(['.', '?', '!']) && !looks_numeric(raw);
             let word = raw.trim_matches(|c: char| !c.is_alphanumeric());
             if word.is_empty() {
-                sentence_start |= ends_sentence;
                 continue;
             }
             let folded: String = word
@@ -458,12 +456,11 @@ impl Markers {
                 markers.numbers.insert(normalise_number(word));
             } else if NUMBER_WORDS.contains(&folded.as_str()) {
                 markers.numbers.insert(folded.clone());
-            } else if is_entity_like(word, sentence_start, &folded) {
+            } else if is_entity_like(word, &folded) {
                 markers
                     .entities
                     .insert(bare.map_or(folded.clone(), str::to_owned));
             }
-            sentence_start = ends_sentence;
         }
         markers
     }
@@ -483,7 +480,7 @@ fn normalise_number(word: &str) -> String {
     }
 }
 
-fn is_entity_like(word: &str, sentence_start: bool, folded: &str) -> bool {
+fn is_entity_like(word: &str, folded: &str) -> bool {
     let mut chars = word.chars();
     let first_upper = chars.next().is_some_and(char::is_uppercase);
     let inner_upper = chars.any(char::is_uppercase);
@@ -494,9 +491,8 @@ fn is_entity_like(word: &str, sentence_start: bool, folded: &str) -> bool {
     if !first_upper {
         return false;
     }
-    // A capitalised first word is usually just a sentence start.
-    !(sentence_start && COMMON_CAPITALISED.contains(&folded))
-        && !COMMON_CAPITALISED.contains(&folded)
+    // Capitalised question words and the like start sentences; they name nothing.
+    !COMMON_CAPITALISED.contains(&folded)
 }
 
 /// Text between matching quotes: "…", “…”, «…», `…`, and '…' when it does not look like an

@@ -308,3 +308,135 @@ async fn an_alias_routes_each_tier_to_its_own_model() {
         .iter()
         .any(|m| m["id"] == "chat"));
 }
+
+async fn pool(gw: &Gateway) -> Vec<String> {
+    let (_, v) = gw
+        .admin(reqwest::Method::GET, "/admin/v1/backends")
+        .await
+        .unwrap();
+    v["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| b["name"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+async fn wait_pool(gw: &Gateway, want: &[&str]) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let names = pool(gw).await;
+        if names == want {
+            return;
+        }
+        assert!(Instant::now() < deadline, "pool is {names:?}, not {want:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn admin_json(
+    gw: &Gateway,
+    method: reqwest::Method,
+    path: &str,
+    body: Value,
+) -> (u16, Value) {
+    let r = gw
+        .http
+        .request(method, format!("{}{path}", gw.admin_url))
+        .bearer_auth(sluice_e2e::ADMIN_TOKEN)
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    (r.status().as_u16(), r.json().await.unwrap())
+}
+
+#[tokio::test]
+async fn backends_added_and_removed_through_one_replica_change_every_replicas_pool() {
+    let first = Backend::start().await.unwrap();
+    let second = Backend::start().await.unwrap();
+    let store = StoreKind::fresh_redis();
+    let gw_a = Gateway::start(GatewayOptions::new(&first, store.clone()))
+        .await
+        .unwrap();
+    let gw_b = Gateway::start(GatewayOptions::new(&first, store))
+        .await
+        .unwrap();
+    let (_, key) = gw_a.create_key("acme", "pro").await.unwrap();
+    assert_eq!(pool(&gw_b).await, ["backend-0"]);
+
+    let (status, added) = admin_json(
+        &gw_a,
+        reqwest::Method::POST,
+        "/admin/v1/backends",
+        json!({"name": "added", "url": second.url}),
+    )
+    .await;
+    assert_eq!(status, 201, "{added}");
+    assert_eq!(added["name"], "added");
+    assert_eq!(
+        added["models"],
+        json!([SIM_MODEL, sluice_e2e::SIM_EMBED_MODEL])
+    );
+
+    // The other replica takes it into its pool and sends it traffic.
+    wait_pool(&gw_b, &["backend-0", "added"]).await;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let served = load(&gw_b, &key, 20, 4).await;
+        assert!(
+            served.iter().all(|(status, _)| *status == 200),
+            "{served:?}"
+        );
+        if served.iter().any(|(_, backend)| backend == "added") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the added backend got no traffic: {served:?}"
+        );
+    }
+
+    // Names are unique; bad URLs are refused with the field named.
+    let (status, body) = admin_json(
+        &gw_a,
+        reqwest::Method::POST,
+        "/admin/v1/backends",
+        json!({"name": "added", "url": second.url}),
+    )
+    .await;
+    assert_eq!(
+        (status, body["error"]["code"].clone()),
+        (409, json!("conflict"))
+    );
+    let (status, body) = admin_json(
+        &gw_a,
+        reqwest::Method::POST,
+        "/admin/v1/backends",
+        json!({"name": "bad", "url": "ftp://example"}),
+    )
+    .await;
+    assert_eq!(status, 400, "{body}");
+    assert_eq!(body["error"]["param"], "url");
+
+    // Removed through the second replica (the configured one, even): both pools lose it and
+    // no request fails on the way.
+    let (status, _) = gw_b
+        .admin(reqwest::Method::DELETE, "/admin/v1/backends/backend-0")
+        .await
+        .unwrap();
+    assert_eq!(status, 200);
+    wait_pool(&gw_a, &["added"]).await;
+    let served = load(&gw_a, &key, 20, 4).await;
+    assert!(
+        served
+            .iter()
+            .all(|(status, backend)| *status == 200 && backend == "added"),
+        "{served:?}"
+    );
+    let (status, _) = gw_a
+        .admin(reqwest::Method::DELETE, "/admin/v1/backends/nope")
+        .await
+        .unwrap();
+    assert_eq!(status, 404);
+}

@@ -27,6 +27,8 @@ pub struct SimConfig {
     pub output_tokens: u32,
     /// Length of every embedding vector (before a request's `dimensions`).
     pub embedding_dim: usize,
+    /// Replies generated at once at most, like a GPU's batch; the rest queue (0: no limit).
+    pub max_running: usize,
 }
 
 impl Default for SimConfig {
@@ -36,6 +38,7 @@ impl Default for SimConfig {
             token_delay: Duration::ZERO,
             output_tokens: 16,
             embedding_dim: 384,
+            max_running: 0,
         }
     }
 }

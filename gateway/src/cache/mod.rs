@@ -155,16 +155,15 @@ impl ResponseCache {
     pub fn plan(
         &self,
         route: Route,
-        tenant: &str,
-        tier: &str,
-        key_allows: bool,
+        identity: &crate::auth::Identity,
         body: &[u8],
         cache_control: Option<&str>,
         include_usage: bool,
     ) -> Option<Plan> {
-        if !matches!(route, Route::ChatCompletions | Route::Completions) || !key_allows {
+        if !matches!(route, Route::ChatCompletions | Route::Completions) || !identity.cache {
             return None;
         }
+        let (tenant, tier) = (identity.tenant.as_str(), identity.tier.as_str());
         let request = CacheRequest::parse(body)?;
         let model = request.model().to_owned();
         let rules = self.config.policy.rules(tier, &model);

@@ -3,7 +3,7 @@
 
 use super::cache_memory::MemoryCache;
 use super::quota_memory::{AdmitArgs, MemoryQuotas, SettleArgs};
-use super::{Store, StoreError};
+use super::{BackendRecord, Store, StoreError};
 use crate::keys::{KeyHash, KeyRecord};
 use crate::metering::events::UsageEvent;
 use async_trait::async_trait;
@@ -22,6 +22,8 @@ const KEY_HASHES: TableDefinition<&str, &str> = TableDefinition::new("key_hashes
 const TIERS: TableDefinition<&str, &[u8]> = TableDefinition::new("tiers");
 /// backend name -> () for backends marked draining
 const DRAINING: TableDefinition<&str, ()> = TableDefinition::new("draining_backends");
+/// backend name -> JSON `Option<BackendRecord>`: pool changes made through the admin API
+const POOL: TableDefinition<&str, &[u8]> = TableDefinition::new("backend_pool");
 /// `{time_ms:020}/{event id}` -> JSON `UsageEvent`, so a range scan is a time range
 const USAGE: TableDefinition<&str, &[u8]> = TableDefinition::new("usage_events");
 /// event id -> its USAGE key: what makes an event count once
@@ -66,6 +68,7 @@ impl EmbeddedStore {
         txn.open_table(USAGE).map_err(embedded_err)?;
         txn.open_table(TIERS).map_err(embedded_err)?;
         txn.open_table(DRAINING).map_err(embedded_err)?;
+        txn.open_table(POOL).map_err(embedded_err)?;
         txn.open_table(USAGE_IDS).map_err(embedded_err)?;
         txn.commit().map_err(embedded_err)?;
         Ok(EmbeddedStore {
@@ -288,6 +291,44 @@ impl Store for EmbeddedStore {
         .await?;
         self.epoch.fetch_add(1, Ordering::Release);
         Ok(())
+    }
+
+    async fn set_backend(
+        &self,
+        name: &str,
+        backend: Option<&BackendRecord>,
+    ) -> Result<(), StoreError> {
+        let name = name.to_owned();
+        let json = serde_json::to_vec(&backend)?;
+        self.blocking(move |db| {
+            let txn = db.begin_write().map_err(embedded_err)?;
+            txn.open_table(POOL)
+                .map_err(embedded_err)?
+                .insert(name.as_str(), json.as_slice())
+                .map_err(embedded_err)?;
+            txn.commit().map_err(embedded_err)?;
+            Ok(())
+        })
+        .await?;
+        self.epoch.fetch_add(1, Ordering::Release);
+        Ok(())
+    }
+
+    async fn backend_changes(&self) -> Result<Vec<(String, Option<BackendRecord>)>, StoreError> {
+        self.blocking(|db| {
+            let txn = db.begin_read().map_err(embedded_err)?;
+            let table = txn.open_table(POOL).map_err(embedded_err)?;
+            let mut out = Vec::new();
+            for row in table.iter().map_err(embedded_err)? {
+                let (name, json) = row.map_err(embedded_err)?;
+                out.push((
+                    name.value().to_owned(),
+                    serde_json::from_slice(json.value())?,
+                ));
+            }
+            Ok(out)
+        })
+        .await
     }
 
     async fn draining_backends(&self) -> Result<Vec<String>, StoreError> {

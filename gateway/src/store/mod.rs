@@ -15,8 +15,18 @@ pub use redis::RedisStore;
 use crate::keys::{KeyHash, KeyRecord};
 use crate::metering::events::UsageEvent;
 use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
 use sluice_policies::quota::{Counters, Decision};
 use sluice_policies::Tier;
+
+/// A backend added through the admin API, as the store keeps it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BackendRecord {
+    pub url: String,
+    /// Models it serves; empty: ask its `/v1/models`.
+    #[serde(default)]
+    pub models: Vec<String>,
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -63,6 +73,18 @@ pub trait Store: Send + Sync + 'static {
 
     /// The backends marked draining.
     async fn draining_backends(&self) -> Result<Vec<String>, StoreError>;
+
+    /// Adds a backend to the pool (`Some`) or takes one out (`None`, configured ones
+    /// included) through the admin API, and moves the key epoch so every replica applies it.
+    async fn set_backend(
+        &self,
+        name: &str,
+        backend: Option<&BackendRecord>,
+    ) -> Result<(), StoreError>;
+
+    /// The pool changes made through the admin API: each name with the backend it now is,
+    /// or `None` where it was taken out.
+    async fn backend_changes(&self) -> Result<Vec<(String, Option<BackendRecord>)>, StoreError>;
 
     /// Adds usage events, each counted once by its id however often it is written; returns
     /// how many were new. Atomic per call: all of a batch is taken or none of it.

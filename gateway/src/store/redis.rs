@@ -6,6 +6,8 @@
 //! - `{prefix}:keys:epoch`      counter bumped on every key or tier change
 //! - `{prefix}:tiers`           hash: tier name -> JSON `Tier` (changed through the admin API)
 //! - `{prefix}:backends:draining` set of backend names taking no new requests
+//! - `{prefix}:backends:pool`   hash: backend name -> JSON `BackendRecord`, or `null` for
+//!   one taken out (pool changes made through the admin API)
 //! - `{prefix}:usage:ids`       hash: usage event id -> time (what makes an event count once)
 //! - `{prefix}:usage:events`    sorted set of usage event JSON, scored by time in ms
 //!
@@ -21,7 +23,7 @@
 //! its index or the other way round.
 
 use super::quota_memory::{AdmitArgs, SettleArgs};
-use super::{Store, StoreError};
+use super::{BackendRecord, Store, StoreError};
 use crate::keys::{KeyHash, KeyRecord};
 use crate::metering::events::UsageEvent;
 use async_trait::async_trait;
@@ -134,6 +136,10 @@ impl RedisStore {
 
     fn draining_key(&self) -> String {
         format!("{{{}}}:backends:draining", self.prefix)
+    }
+
+    fn pool_key(&self) -> String {
+        format!("{{{}}}:backends:pool", self.prefix)
     }
 
     fn cache_log_key(&self) -> String {
@@ -456,6 +462,32 @@ impl Store for RedisStore {
             .query_async::<()>(&mut conn)
             .await?;
         Ok(())
+    }
+
+    async fn set_backend(
+        &self,
+        name: &str,
+        backend: Option<&BackendRecord>,
+    ) -> Result<(), StoreError> {
+        let mut conn = self.conn.clone();
+        redis::pipe()
+            .atomic()
+            .hset(self.pool_key(), name, serde_json::to_string(&backend)?)
+            .ignore()
+            .incr(self.epoch_key(), 1)
+            .ignore()
+            .query_async::<()>(&mut conn)
+            .await?;
+        Ok(())
+    }
+
+    async fn backend_changes(&self) -> Result<Vec<(String, Option<BackendRecord>)>, StoreError> {
+        let mut conn = self.conn.clone();
+        let all: Vec<(String, String)> = conn.hgetall(self.pool_key()).await?;
+        Ok(all
+            .into_iter()
+            .map(|(name, json)| Ok((name, serde_json::from_str(&json)?)))
+            .collect::<Result<_, StoreError>>()?)
     }
 
     async fn draining_backends(&self) -> Result<Vec<String>, StoreError> {
