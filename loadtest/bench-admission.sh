@@ -18,18 +18,9 @@ CONCURRENCY="${CONCURRENCY:-16}"
 OUT="${OUT:-docs/benchmarks.md}"
 PORT_BASE="${PORT_BASE:-19300}"
 
-cargo build --release --bin sluice --bin sluice-backend --bin sluice-load
-bin="${CARGO_TARGET_DIR:-target}/release"
-work=$(mktemp -d)
-pids=()
 redis_port=$((PORT_BASE + 9))
-cleanup() {
-  kill "${pids[@]}" 2>/dev/null || true
-  redis-cli -p "$redis_port" shutdown nosave >/dev/null 2>&1 || true
-  wait 2>/dev/null || true
-  rm -rf "$work"
-}
-trap cleanup EXIT INT TERM
+bench_extra_cleanup() { redis-cli -p "$redis_port" shutdown nosave >/dev/null 2>&1 || true; }
+bench_setup
 command -v redis-server >/dev/null || scripts/ensure-redis.sh
 
 # A Redis of the benchmark's own, so its command counts are this run's alone.
@@ -68,8 +59,7 @@ TOML
     >"$work/sluice-$leases.log" 2>&1 &
   pids+=($!)
   wait_for "http://127.0.0.1:${port[$leases]}/health"
-  key[$leases]=$(curl -fsS "http://127.0.0.1:$admin/admin/v1/keys" -H "Authorization: Bearer $token" \
-    -d '{"name":"bench","tenant":"bench","tier":"enterprise"}' | sed -n 's/.*"key":"\([^"]*\)".*/\1/p')
+  key[$leases]=$(bench_key "$admin" "$token")
 done
 
 trips="$work/trips.txt"

@@ -21,15 +21,10 @@ DURATION="${DURATION:-10s}"
 WARMUP="${WARMUP:-2s}"
 SIM_TTFT_MS="${SIM_TTFT_MS:-0}"
 OUT="${OUT:-docs/benchmarks.md}"
-PORT_BASE="${PORT_BASE:-19300}"
+PORT_BASE="${PORT_BASE:-19500}"
 MINILM_DIR="${SLUICE_MINILM_DIR:-}"
 
-cargo build --release --bin sluice --bin sluice-backend --bin sluice-load
-bin="${CARGO_TARGET_DIR:-target}/release"
-work=$(mktemp -d)
-pids=()
-cleanup() { kill "${pids[@]}" 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$work"; }
-trap cleanup EXIT INT TERM
+bench_setup
 
 backend=$PORT_BASE
 "$bin/sluice-backend" --engine sim --listen "127.0.0.1:$backend" --model sluice-sim \
@@ -61,8 +56,7 @@ start_gateway() { # name port semantic?
     >"$work/sluice-$name.log" 2>&1 &
   pids+=($!)
   wait_for "http://127.0.0.1:$port/health"
-  curl -fsS "http://127.0.0.1:$admin/admin/v1/keys" -H "Authorization: Bearer $token" \
-    -d '{"name":"bench","tenant":"bench","tier":"enterprise"}' | sed -n 's/.*"key":"\([^"]*\)".*/\1/p'
+  bench_key "$admin" "$token"
 }
 
 python3 - "$work" <<'PY'

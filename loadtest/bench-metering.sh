@@ -19,12 +19,7 @@ TOKEN_DELAY_MS="${TOKEN_DELAY_MS:-1}"
 OUT="${OUT:-docs/benchmarks.md}"
 PORT_BASE="${PORT_BASE:-19200}"
 
-cargo build --release --bin sluice --bin sluice-backend --bin sluice-load
-bin="${CARGO_TARGET_DIR:-target}/release"
-work=$(mktemp -d)
-pids=()
-cleanup() { kill "${pids[@]}" 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$work"; }
-trap cleanup EXIT INT TERM
+bench_setup
 
 backend_port=$PORT_BASE
 "$bin/sluice-backend" --engine sim --listen "127.0.0.1:$backend_port" --model sluice-sim \
@@ -42,8 +37,7 @@ for metering in off on; do
     SLUICE_BACKENDS="http://127.0.0.1:$backend_port" "$bin/sluice" serve >"$work/sluice-$metering.log" 2>&1 &
   pids+=($!)
   wait_for "http://127.0.0.1:$port/health"
-  key[$metering]=$(curl -fsS "http://127.0.0.1:$admin/admin/v1/keys" -H "Authorization: Bearer $token" \
-    -d '{"name":"bench","tenant":"bench","tier":"enterprise"}' | sed -n 's/.*"key":"\([^"]*\)".*/\1/p')
+  key[$metering]=$(bench_key "$admin" "$token")
 done
 
 "$bin/sluice-load" compare \

@@ -28,18 +28,10 @@ if ! command -v nginx >/dev/null 2>&1; then
 fi
 scripts/ensure-redis.sh
 
-cargo build --release --bin sluice --bin sluice-backend --bin sluice-load
-bin="${CARGO_TARGET_DIR:-target}/release"
-
-work=$(mktemp -d)
-pids=()
-cleanup() {
-  kill "${pids[@]}" 2>/dev/null || true
+bench_extra_cleanup() {
   [ -f "$work/nginx.pid" ] && kill "$(cat "$work/nginx.pid")" 2>/dev/null || true
-  wait 2>/dev/null || true
-  rm -rf "$work"
 }
-trap cleanup EXIT INT TERM
+bench_setup
 
 
 backend_port=$PORT_BASE; nginx_port=$((PORT_BASE + 1)); sluice_port=$((PORT_BASE + 2)); admin_port=$((PORT_BASE + 3))

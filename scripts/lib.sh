@@ -22,3 +22,27 @@ ensure_build_tools() {
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq cmake >/dev/null
   fi
 }
+
+# bench_setup: for the benchmark scripts. Builds the release binaries and sets $bin (where
+# they are), $work (a scratch folder) and $pids (processes to stop); at exit, stops them,
+# runs bench_extra_cleanup if the script defines it, and removes $work.
+bench_setup() {
+  cargo build --release --bin sluice --bin sluice-backend --bin sluice-load
+  bin="${CARGO_TARGET_DIR:-target}/release"
+  work=$(mktemp -d)
+  pids=()
+  trap bench_cleanup EXIT INT TERM
+}
+
+bench_cleanup() {
+  kill "${pids[@]}" 2>/dev/null || true
+  if declare -F bench_extra_cleanup >/dev/null; then bench_extra_cleanup; fi
+  wait 2>/dev/null || true
+  rm -rf "$work"
+}
+
+# bench_key ADMIN_PORT ADMIN_TOKEN: creates an enterprise-tier key and prints its secret.
+bench_key() {
+  curl -fsS "http://127.0.0.1:$1/admin/v1/keys" -H "Authorization: Bearer $2" \
+    -d '{"name":"bench","tenant":"bench","tier":"enterprise"}' | sed -n 's/.*"key":"\([^"]*\)".*/\1/p'
+}
