@@ -42,7 +42,7 @@ for pool in one three; do
     SLUICE_BACKENDS="$backends" "$bin/sluice" serve >"$work/sluice-$pool.log" 2>&1 &
   pids+=($!)
   wait_for "http://127.0.0.1:$port/health"
-  key[$pool]=$(bench_key "$admin" "$token")
+  key[$pool]=$(bench_key "$admin" "$token" unlimited)
 done
 
 "$bin/sluice-load" compare \

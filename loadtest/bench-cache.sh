@@ -56,7 +56,7 @@ start_gateway() { # name port semantic?
     >"$work/sluice-$name.log" 2>&1 &
   pids+=($!)
   wait_for "http://127.0.0.1:$port/health"
-  bench_key "$admin" "$token"
+  bench_key "$admin" "$token" unlimited
 }
 
 python3 - "$work" <<'PY'

@@ -23,11 +23,12 @@ ensure_build_tools() {
   fi
 }
 
-# bench_setup: for the benchmark scripts. Builds the release binaries and sets $bin (where
-# they are), $work (a scratch folder) and $pids (processes to stop); at exit, stops them,
-# runs bench_extra_cleanup if the script defines it, and removes $work.
+# bench_setup: for the benchmark scripts. Builds the release binaries (unless
+# BENCH_NO_BUILD=1: use those already built) and sets $bin (where they are), $work (a scratch
+# folder) and $pids (processes to stop); at exit, stops them, runs bench_extra_cleanup if the
+# script defines it, and removes $work.
 bench_setup() {
-  cargo build --release --bin sluice --bin sluice-backend --bin sluice-load
+  [ -n "${BENCH_NO_BUILD:-}" ] || cargo build --release --bin sluice --bin sluice-backend --bin sluice-load
   bin="${CARGO_TARGET_DIR:-target}/release"
   work=$(mktemp -d)
   pids=()
@@ -41,8 +42,12 @@ bench_cleanup() {
   rm -rf "$work"
 }
 
-# bench_key ADMIN_PORT ADMIN_TOKEN: creates an enterprise-tier key and prints its secret.
+# bench_key ADMIN_PORT ADMIN_TOKEN [unlimited]: creates an enterprise-tier key and prints
+# its secret; with "unlimited", its rate limits are far above anything a benchmark sends.
 bench_key() {
+  local limits=""
+  [ "${3:-}" = unlimited ] && limits=',"limits":{"requests_per_minute":100000000,"requests_per_day":10000000000,"tokens_per_minute":100000000000,"tokens_per_day":100000000000,"max_concurrent":100000}'
   curl -fsS "http://127.0.0.1:$1/admin/v1/keys" -H "Authorization: Bearer $2" \
-    -d '{"name":"bench","tenant":"bench","tier":"enterprise"}' | sed -n 's/.*"key":"\([^"]*\)".*/\1/p'
+    -d "{\"name\":\"bench\",\"tenant\":\"bench\",\"tier\":\"enterprise\"$limits}" |
+    sed -n 's/.*"key":"\([^"]*\)".*/\1/p'
 }
