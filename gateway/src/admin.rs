@@ -447,6 +447,12 @@ fn backend_view(gateway: &Gateway, b: &std::sync::Arc<crate::upstream::Backend>)
         "draining": st.draining.load(std::sync::atomic::Ordering::Relaxed),
         "in_flight": st.in_flight.load(std::sync::atomic::Ordering::Relaxed),
         "ewma_ms": st.ewma().as_secs_f64() * 1000.0,
+        "last_scrape": st.last_scrape().map(|(waiting, running, kv, age)| json!({
+            "waiting": waiting,
+            "running": running,
+            "kv_cache_usage": kv,
+            "age_ms": age.as_millis() as u64,
+        })),
     })
 }
 

@@ -186,6 +186,20 @@ impl BackendState {
             .store(self.now_ms().max(1), Ordering::Relaxed);
     }
 
+    /// The backend's last `/metrics` report: waiting, running, KV-cache use, and how long
+    /// ago it was read; `None` before the first.
+    pub fn last_scrape(&self) -> Option<(u64, u64, f64, Duration)> {
+        let at = self.scraped_at_ms.load(Ordering::Relaxed);
+        (at != 0).then(|| {
+            (
+                self.scraped_waiting.load(Ordering::Relaxed),
+                self.scraped_running.load(Ordering::Relaxed),
+                f64::from_bits(self.scraped_kv.load(Ordering::Relaxed)),
+                Duration::from_millis((self.now_ms() - at).max(0) as u64),
+            )
+        })
+    }
+
     /// The backend's load as it reports it, or this gateway's in-flight count when its report
     /// is older than `stale`.
     fn reported_load(&self, stale: Duration) -> f64 {

@@ -138,6 +138,18 @@ async fn load_aware_strategies_send_a_slow_backend_less_than_round_robin() {
         assert!(answers.iter().all(|(s, _)| *s == 200));
         let to_slow = answers.iter().filter(|(_, b)| b == "backend-0").count();
         share.insert(strategy, to_slow);
+        if strategy == "load_aware" {
+            // What the strategy read is shown: each backend's last /metrics report.
+            let (_, list) = gw
+                .admin(reqwest::Method::GET, "/admin/v1/backends")
+                .await
+                .unwrap();
+            for backend in list["data"].as_array().unwrap() {
+                let scrape = &backend["last_scrape"];
+                assert!(scrape["running"].is_u64(), "{backend}");
+                assert!(scrape["age_ms"].as_u64().unwrap() < 5_000, "{backend}");
+            }
+        }
     }
     let rr = share["round_robin"];
     assert!(
