@@ -57,6 +57,7 @@ pub fn router(gateway: Arc<Gateway>) -> Router {
         .route("/admin/v1/usage", get(usage))
         .route("/admin/v1/cache", axum::routing::delete(purge_cache))
         .route("/admin/v1/cache/stats", get(cache_stats))
+        .route("/metrics", get(metrics))
         .layer(middleware::from_fn_with_state(gateway.clone(), authorize));
     Router::new()
         .route("/health", get(|| async { Json(json!({"status": "ok"})) }))
@@ -697,6 +698,18 @@ async fn reset_key_quota(
     gateway.local_limiter.forget(&id);
     tracing::info!(key_id = %id, "quota reset");
     Ok(Json(json!({"key_id": id, "reset": true})))
+}
+
+/// `GET /metrics`: Prometheus text exposition (behind the admin listener's auth, like
+/// everything on it: give the scraper a viewer token).
+async fn metrics(State(gateway): State<AppState>) -> impl IntoResponse {
+    (
+        [(
+            http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        crate::metrics::get().render(&gateway),
+    )
 }
 
 /// `GET /admin/v1/cache/stats`: entries (the same on every replica) and this replica's

@@ -100,6 +100,8 @@ pub struct Refused {
     pub error: ApiError,
     pub retry_after_secs: Option<u64>,
     pub headers: RateHeaders,
+    /// The limit that refused it; `None` when something else did (the store was down).
+    pub limit: Option<LimitKind>,
 }
 
 impl From<ApiError> for Refused {
@@ -108,6 +110,7 @@ impl From<ApiError> for Refused {
             error,
             retry_after_secs: None,
             headers: RateHeaders::default(),
+            limit: None,
         }
     }
 }
@@ -218,6 +221,7 @@ pub async fn admit(
     if !gateway.local_limiter.check(&identity.key_id, rpm) {
         return Err(Refused {
             error: refusal_error(LimitKind::RequestsPerMinute, 1),
+            limit: Some(LimitKind::RequestsPerMinute),
             retry_after_secs: Some(1),
             headers: RateHeaders {
                 limit_requests: rpm,
@@ -289,6 +293,7 @@ pub async fn admit(
         }),
         Some((kind, retry_after)) => Err(Refused {
             error: refusal_error(kind, retry_after),
+            limit: Some(kind),
             retry_after_secs: Some(retry_after),
             headers: decision.headers,
         }),

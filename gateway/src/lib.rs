@@ -12,6 +12,7 @@ pub mod error;
 pub mod keys;
 pub mod leases;
 pub mod metering;
+pub mod metrics;
 pub mod proxy;
 pub mod request;
 pub mod store;

@@ -77,6 +77,8 @@ pub struct RequestCtx {
     pub admitted: Option<Admitted>,
     /// `x-ratelimit-*` values and `Retry-After` for a refused request.
     pub refused_headers: Option<(sluice_policies::quota::RateHeaders, Option<u64>)>,
+    /// The limit that refused the request, for metrics.
+    pub refused_by: Option<&'static str>,
     /// Set when the gateway refuses the request itself, for `fail_to_proxy` and the log.
     pub error: Option<ApiError>,
     /// The cache's business with this request: how it was answered, and, for a miss whose
@@ -114,6 +116,7 @@ impl ProxyHttp for Proxy {
             client_left: false,
             admitted: None,
             refused_headers: None,
+            refused_by: None,
             error: None,
             cache_status: None,
             cache_plan: None,
@@ -407,6 +410,7 @@ impl ProxyHttp for Proxy {
                 ctx.usage,
             );
         }
+        self.record_metrics(status, ctx);
         let identity = ctx.identity.as_ref();
         tracing::info!(
             target: "sluice::access",
@@ -505,6 +509,35 @@ impl Proxy {
         })
     }
 
+    fn record_metrics(&self, status: u16, ctx: &RequestCtx) {
+        let tier = ctx.identity.as_ref().map_or("", |i| i.tier.as_str());
+        let model = ctx.model.as_deref().unwrap_or("");
+        let usage = ctx.usage.unwrap_or_default();
+        let prices = &self.gateway.config.prices;
+        let (cost_nano, currency) = match (ctx.usage, prices.lookup(model, tier)) {
+            (Some(usage), Some(price)) => (
+                admission::settled_cost_nano(prices, model, tier, &usage),
+                price.currency(),
+            ),
+            _ => (0, ""),
+        };
+        crate::metrics::get().record_request(&crate::metrics::RequestRecord {
+            route: ctx.route.map_or("unknown", Route::name),
+            model,
+            tier,
+            status,
+            cache: ctx.cache_status.map_or("", CacheStatus::as_str),
+            duration: ctx.started.elapsed(),
+            first_byte: ctx.first_byte_at.map(|t| t - ctx.started),
+            prompt_tokens: usage.prompt_tokens,
+            completion_tokens: usage.completion_tokens,
+            cached_tokens: usage.cached_tokens,
+            cost_nano,
+            currency,
+            refused_by: ctx.refused_by,
+        });
+    }
+
     /// Copies a cacheable answer aside as it passes, and keeps it once it is complete.
     fn copy_for_cache(&self, body: Option<&Bytes>, end_of_stream: bool, ctx: &mut RequestCtx) {
         let Some(copy) = ctx.cache_capture.as_mut() else {
@@ -597,6 +630,7 @@ impl Proxy {
             Ok(admitted) => ctx.admitted = Some(admitted),
             Err(refused) => {
                 ctx.refused_headers = Some((refused.headers, refused.retry_after_secs));
+                ctx.refused_by = Some(refused.limit.map_or("store_unavailable", |l| l.name()));
                 return Err(refused.error);
             }
         }

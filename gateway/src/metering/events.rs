@@ -50,6 +50,7 @@ pub struct UsageEvent {
 #[derive(Clone)]
 pub struct UsageSink {
     tx: mpsc::UnboundedSender<UsageEvent>,
+    journal_path: Arc<PathBuf>,
 }
 
 impl UsageSink {
@@ -58,6 +59,11 @@ impl UsageSink {
             // Only after the writer has shut down: keep the event in the log rather than lose it.
             tracing::error!(event = ?lost.0, "usage event after shutdown");
         }
+    }
+
+    /// How many bytes of events wait in the journal for the store to come back (0: none).
+    pub fn journal_bytes(&self) -> u64 {
+        std::fs::metadata(self.journal_path.as_path()).map_or(0, |m| m.len())
     }
 }
 
@@ -75,7 +81,10 @@ pub struct UsageWriter {
 pub fn usage_channel(store: Arc<dyn Store>, journal_path: PathBuf) -> (UsageSink, UsageWriter) {
     let (tx, rx) = mpsc::unbounded_channel();
     (
-        UsageSink { tx },
+        UsageSink {
+            tx,
+            journal_path: Arc::new(journal_path.clone()),
+        },
         UsageWriter {
             rx,
             store,

@@ -1,0 +1,286 @@
+//! What is the gateway doing? Prometheus metrics, served at `GET /metrics` on the admin
+//! listener.
+//!
+//! Counters and histograms are process-wide (one gateway per process) and updated where
+//! things happen: the proxy's `logging` phase, the Redis connection. State that already lives
+//! elsewhere (cache entries and lookups, backend health and load) is read when scraped rather
+//! than counted twice.
+//!
+//! Labels are bounded: route, model (only models the gateway serves), tier, status code,
+//! cache status, limit kind, Redis command, backend name. Never a key, tenant or prompt.
+
+use crate::app::Gateway;
+use prometheus::{
+    Encoder, HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry, TextEncoder,
+};
+use std::fmt::Write as _;
+use std::sync::atomic::Ordering;
+use std::sync::LazyLock;
+use std::time::Duration;
+
+pub struct Metrics {
+    registry: Registry,
+    requests: IntCounterVec,
+    duration: HistogramVec,
+    first_byte: HistogramVec,
+    tokens: IntCounterVec,
+    cost: IntCounterVec,
+    refused: IntCounterVec,
+    redis_calls: HistogramVec,
+    redis_errors: IntCounterVec,
+}
+
+/// Request latencies: 1 ms to 2 minutes.
+const LATENCY_BUCKETS: &[f64] = &[
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0,
+];
+/// Redis round trips: 50 µs to 1 s.
+const REDIS_BUCKETS: &[f64] = &[
+    0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1, 1.0,
+];
+
+static METRICS: LazyLock<Metrics> = LazyLock::new(Metrics::new);
+
+pub fn get() -> &'static Metrics {
+    &METRICS
+}
+
+fn counter(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    let c = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
+    registry
+        .register(Box::new(c.clone()))
+        .expect("unique metric");
+    c
+}
+
+fn histogram(
+    registry: &Registry,
+    name: &str,
+    help: &str,
+    labels: &[&str],
+    buckets: &[f64],
+) -> HistogramVec {
+    let h = HistogramVec::new(
+        HistogramOpts::new(name, help).buckets(buckets.to_vec()),
+        labels,
+    )
+    .expect("valid metric");
+    registry
+        .register(Box::new(h.clone()))
+        .expect("unique metric");
+    h
+}
+
+/// One finished request, as `logging` saw it.
+pub struct RequestRecord<'a> {
+    pub route: &'a str,
+    /// Empty when the request never named a served model.
+    pub model: &'a str,
+    pub tier: &'a str,
+    pub status: u16,
+    pub cache: &'a str,
+    pub duration: Duration,
+    pub first_byte: Option<Duration>,
+    pub prompt_tokens: u64,
+    pub completion_tokens: u64,
+    pub cached_tokens: u64,
+    /// What the request cost, in nano-units of `currency`.
+    pub cost_nano: i64,
+    pub currency: &'a str,
+    /// The limit that refused it, if one did.
+    pub refused_by: Option<&'a str>,
+}
+
+impl Metrics {
+    fn new() -> Metrics {
+        let r = Registry::new();
+        Metrics {
+            requests: counter(
+                &r,
+                "sluice_requests_total",
+                "Requests answered, by route, model, tier, status and cache status.",
+                &["route", "model", "tier", "status", "cache"],
+            ),
+            duration: histogram(
+                &r,
+                "sluice_request_duration_seconds",
+                "Time from request to the end of its response.",
+                &["route", "model", "tier"],
+                LATENCY_BUCKETS,
+            ),
+            first_byte: histogram(
+                &r,
+                "sluice_time_to_first_byte_seconds",
+                "Time from request to the first byte of its response body (time to first token for streams).",
+                &["route", "model"],
+                LATENCY_BUCKETS,
+            ),
+            tokens: counter(
+                &r,
+                "sluice_tokens_total",
+                "Tokens metered, by kind (prompt, completion, cached).",
+                &["model", "tier", "kind"],
+            ),
+            cost: counter(
+                &r,
+                "sluice_cost_nano_total",
+                "What requests cost at the price book's first bands, in nano-units of the currency (graduated prices are applied in billing exports).",
+                &["model", "tier", "currency"],
+            ),
+            refused: counter(
+                &r,
+                "sluice_rate_limited_total",
+                "Requests refused by a limit, by tier and limit kind.",
+                &["tier", "limit"],
+            ),
+            redis_calls: histogram(
+                &r,
+                "sluice_redis_call_duration_seconds",
+                "Redis round trips and their latency, by command (pipelines as PIPELINE).",
+                &["command"],
+                REDIS_BUCKETS,
+            ),
+            redis_errors: counter(
+                &r,
+                "sluice_redis_errors_total",
+                "Redis round trips that failed, by command.",
+                &["command"],
+            ),
+            registry: r,
+        }
+    }
+
+    pub fn record_request(&self, r: &RequestRecord<'_>) {
+        let status = r.status.to_string();
+        self.requests
+            .with_label_values(&[r.route, r.model, r.tier, &status, r.cache])
+            .inc();
+        self.duration
+            .with_label_values(&[r.route, r.model, r.tier])
+            .observe(r.duration.as_secs_f64());
+        if let Some(first) = r.first_byte {
+            self.first_byte
+                .with_label_values(&[r.route, r.model])
+                .observe(first.as_secs_f64());
+        }
+        for (kind, n) in [
+            ("prompt", r.prompt_tokens),
+            ("completion", r.completion_tokens),
+            ("cached", r.cached_tokens),
+        ] {
+            if n > 0 {
+                self.tokens
+                    .with_label_values(&[r.model, r.tier, kind])
+                    .inc_by(n);
+            }
+        }
+        if r.cost_nano > 0 {
+            self.cost
+                .with_label_values(&[r.model, r.tier, r.currency])
+                .inc_by(r.cost_nano as u64);
+        }
+        if let Some(limit) = r.refused_by {
+            self.refused.with_label_values(&[r.tier, limit]).inc();
+        }
+    }
+
+    pub fn record_redis(&self, command: &str, took: Duration, ok: bool) {
+        self.redis_calls
+            .with_label_values(&[command])
+            .observe(took.as_secs_f64());
+        if !ok {
+            self.redis_errors.with_label_values(&[command]).inc();
+        }
+    }
+
+    /// The text exposition: the counters above, then what is read from the gateway now.
+    pub fn render(&self, gateway: &Gateway) -> String {
+        let mut out = Vec::new();
+        TextEncoder::new()
+            .encode(&self.registry.gather(), &mut out)
+            .expect("text encoding of gathered metrics");
+        let mut out = String::from_utf8(out).expect("the text exposition is UTF-8");
+        render_state(&mut out, gateway);
+        out
+    }
+}
+
+/// Gauges and counters kept by other modules, written as they are at scrape time.
+fn render_state(out: &mut String, gateway: &Gateway) {
+    let mut family = |name: &str, kind: &str, help: &str, samples: Vec<(String, f64)>| {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+        for (labels, value) in samples {
+            let _ = writeln!(out, "{name}{labels} {value}");
+        }
+    };
+    let backends = gateway.upstreams.backends();
+    let per_backend = |f: &dyn Fn(&crate::upstream::Backend) -> f64| -> Vec<(String, f64)> {
+        backends
+            .iter()
+            .map(|b| (format!("{{backend=\"{}\"}}", escape(&b.name)), f(b)))
+            .collect()
+    };
+    family(
+        "sluice_backend_up",
+        "gauge",
+        "1 when the backend takes requests (healthy, not ejected, not draining).",
+        per_backend(&|b| f64::from(u8::from(b.state.available()))),
+    );
+    family(
+        "sluice_backend_in_flight",
+        "gauge",
+        "Requests this gateway has at the backend now.",
+        per_backend(&|b| b.state.in_flight.load(Ordering::Relaxed) as f64),
+    );
+    family(
+        "sluice_backend_latency_ewma_seconds",
+        "gauge",
+        "The backend's latency EWMA as the balancer sees it.",
+        per_backend(&|b| b.state.ewma().as_secs_f64()),
+    );
+
+    let cache = gateway.cache.stats();
+    let number = |v: &serde_json::Value| v.as_f64().unwrap_or(0.0);
+    family(
+        "sluice_cache_entries",
+        "gauge",
+        "Response cache entries (the same on every replica).",
+        vec![(String::new(), number(&cache["entries"]))],
+    );
+    family(
+        "sluice_cache_lookups_total",
+        "counter",
+        "Response cache lookups on this replica, by result.",
+        ["hits", "semantic_hits", "misses"]
+            .iter()
+            .map(|k| {
+                let result = match *k {
+                    "hits" => "hit",
+                    "semantic_hits" => "semantic",
+                    _ => "miss",
+                };
+                (format!("{{result=\"{result}\"}}"), number(&cache[*k]))
+            })
+            .collect(),
+    );
+    family(
+        "sluice_cache_guard_rejections_total",
+        "counter",
+        "Semantic candidates turned down by the guard (negation, numbers, entities, quotes).",
+        vec![(String::new(), number(&cache["guard_rejections"]))],
+    );
+    family(
+        "sluice_usage_journal_bytes",
+        "gauge",
+        "Usage events waiting in the on-disk journal for the store to come back, in bytes.",
+        vec![(String::new(), gateway.usage.journal_bytes() as f64)],
+    );
+}
+
+/// A label value as the text format wants it.
+fn escape(value: &str) -> String {
+    value
+        .replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}

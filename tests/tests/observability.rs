@@ -1,0 +1,175 @@
+//! What operators see: Prometheus metrics on the admin listener, from real traffic through a
+//! real gateway on Redis.
+
+use serde_json::json;
+use sluice_e2e::{Backend, Gateway, GatewayOptions, StoreKind, ADMIN_TOKEN, SIM_MODEL};
+
+/// The value of the first sample of `name` whose labels include all of `labels`.
+fn sample(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| l.rsplit_once(' '))
+        .find(|(series, _)| {
+            let metric = series.split('{').next().unwrap_or(series);
+            metric == name
+                && labels
+                    .iter()
+                    .all(|(k, v)| series.contains(&format!("{k}=\"{v}\"")))
+        })
+        .and_then(|(_, v)| v.parse().ok())
+}
+
+#[tokio::test]
+async fn metrics_count_requests_tokens_refusals_cache_redis_and_backends() {
+    let backend = Backend::start().await.unwrap();
+    let mut options = GatewayOptions::new(&backend, StoreKind::fresh_redis());
+    options.extra_config = format!(
+        "[quotas]\nlease_max_requests = 0\n\n[[prices]]\nmodel = \"{SIM_MODEL}\"\ntier = \"*\"\ncurrency = \"USD\"\ninput = \"1\"\noutput = \"2\"\n"
+    );
+    let gw = Gateway::start(options).await.unwrap();
+    let (_, key) = gw
+        .create_key("tenant-never-in-metrics", "pro")
+        .await
+        .unwrap();
+    let (_, limited) = gw
+        .create_key_with(
+            "another-tenant-never-in-metrics",
+            "pro",
+            json!({"requests_per_minute": 1}),
+        )
+        .await
+        .unwrap();
+    let body = json!({"model": SIM_MODEL, "temperature": 0, "max_tokens": 5,
+                      "messages": [{"role": "user", "content": "count me"}]})
+    .to_string();
+    for _ in 0..2 {
+        let r = gw
+            .post_raw("/v1/chat/completions", Some(&key), body.clone())
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        // The second request is a hit once the first answer is kept.
+        for _ in 0..100 {
+            let (_, stats) = gw
+                .admin(reqwest::Method::GET, "/admin/v1/cache/stats")
+                .await
+                .unwrap();
+            if stats["entries"] == 1 {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    }
+    let statuses: Vec<u16> = {
+        let mut s = Vec::new();
+        for _ in 0..2 {
+            let r = gw
+                .post_raw("/v1/chat/completions", Some(&limited), body.clone())
+                .await
+                .unwrap();
+            s.push(r.status().as_u16());
+        }
+        s
+    };
+    assert_eq!(statuses, [200, 429]);
+
+    let unauthorized = gw
+        .http
+        .get(format!("{}/metrics", gw.admin_url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(unauthorized.status(), 401);
+    // Both tenants' answers are kept just after they are sent.
+    let mut text = String::new();
+    for _ in 0..100 {
+        let response = gw
+            .http
+            .get(format!("{}/metrics", gw.admin_url))
+            .bearer_auth(ADMIN_TOKEN)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200);
+        assert!(response.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/plain"));
+        text = response.text().await.unwrap();
+        if sample(&text, "sluice_cache_entries", &[]) == Some(2.0) {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+
+    let ok = [
+        ("route", "chat_completions"),
+        ("model", SIM_MODEL),
+        ("tier", "pro"),
+        ("status", "200"),
+    ];
+    let miss = sample(
+        &text,
+        "sluice_requests_total",
+        &[ok.as_slice(), &[("cache", "miss")]].concat(),
+    );
+    let hit = sample(
+        &text,
+        "sluice_requests_total",
+        &[ok.as_slice(), &[("cache", "hit")]].concat(),
+    );
+    assert_eq!(miss, Some(2.0), "{text}");
+    assert_eq!(hit, Some(1.0), "{text}");
+    assert_eq!(
+        sample(
+            &text,
+            "sluice_rate_limited_total",
+            &[("tier", "pro"), ("limit", "requests_per_minute")]
+        ),
+        Some(1.0),
+        "{text}"
+    );
+    assert_eq!(
+        sample(
+            &text,
+            "sluice_tokens_total",
+            &[("model", SIM_MODEL), ("kind", "completion")]
+        ),
+        Some(15.0),
+        "three answers of five tokens\n{text}"
+    );
+    assert!(sample(&text, "sluice_cost_nano_total", &[("currency", "USD")]).unwrap() > 0.0);
+    assert!(
+        sample(
+            &text,
+            "sluice_request_duration_seconds_count",
+            &[("route", "chat_completions")]
+        )
+        .unwrap()
+            >= 4.0
+    );
+    assert!(
+        sample(
+            &text,
+            "sluice_redis_call_duration_seconds_count",
+            &[("command", "EVALSHA")]
+        )
+        .unwrap()
+            >= 4.0
+    );
+    assert_eq!(
+        sample(&text, "sluice_backend_up", &[("backend", "backend-0")]),
+        Some(1.0)
+    );
+    assert_eq!(
+        sample(&text, "sluice_cache_lookups_total", &[("result", "hit")]),
+        Some(1.0)
+    );
+    assert_eq!(sample(&text, "sluice_cache_entries", &[]), Some(2.0));
+    assert_eq!(sample(&text, "sluice_usage_journal_bytes", &[]), Some(0.0));
+    assert!(
+        !text.contains("tenant-never-in-metrics"),
+        "no tenant in labels"
+    );
+    assert!(!text.contains("sk-sluice"), "no key in labels");
+}
