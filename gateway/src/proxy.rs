@@ -410,7 +410,8 @@ impl ProxyHttp for Proxy {
                 ctx.usage,
             );
         }
-        self.record_metrics(status, ctx);
+        let (cost_nano, currency) = self.request_cost(ctx);
+        self.record_metrics(status, ctx, cost_nano, currency);
         let identity = ctx.identity.as_ref();
         tracing::info!(
             target: "sluice::access",
@@ -426,9 +427,14 @@ impl ProxyHttp for Proxy {
             backend = ctx.backend.as_ref().map_or("", |b| b.name.as_str()),
             prompt_tokens = ctx.usage.map_or(0, |u| u.prompt_tokens),
             completion_tokens = ctx.usage.map_or(0, |u| u.completion_tokens),
+            cached_tokens = ctx.usage.map_or(0, |u| u.cached_tokens),
+            cost = %rust_decimal::Decimal::new(cost_nano, 9).normalize(),
+            currency,
             client_left = ctx.client_left,
             cache = ctx.cache_status.map_or("", CacheStatus::as_str),
             duration_ms = ctx.started.elapsed().as_millis() as u64,
+            first_byte_ms = ctx.first_byte_at.map(|t| (t - ctx.started).as_millis() as u64),
+            retries = ctx.retries,
             error = e.map(|e| e.to_string()),
             "request"
         );
@@ -509,18 +515,25 @@ impl Proxy {
         })
     }
 
-    fn record_metrics(&self, status: u16, ctx: &RequestCtx) {
+    /// What the request cost at the price book's first bands (graduated prices are applied
+    /// in billing exports), in nano-units of the currency; 0 and "" when it has no price.
+    fn request_cost(&self, ctx: &RequestCtx) -> (i64, &str) {
         let tier = ctx.identity.as_ref().map_or("", |i| i.tier.as_str());
         let model = ctx.model.as_deref().unwrap_or("");
-        let usage = ctx.usage.unwrap_or_default();
         let prices = &self.gateway.config.prices;
-        let (cost_nano, currency) = match (ctx.usage, prices.lookup(model, tier)) {
+        match (ctx.usage, prices.lookup(model, tier)) {
             (Some(usage), Some(price)) => (
                 admission::settled_cost_nano(prices, model, tier, &usage),
                 price.currency(),
             ),
             _ => (0, ""),
-        };
+        }
+    }
+
+    fn record_metrics(&self, status: u16, ctx: &RequestCtx, cost_nano: i64, currency: &str) {
+        let tier = ctx.identity.as_ref().map_or("", |i| i.tier.as_str());
+        let model = ctx.model.as_deref().unwrap_or("");
+        let usage = ctx.usage.unwrap_or_default();
         crate::metrics::get().record_request(&crate::metrics::RequestRecord {
             route: ctx.route.map_or("unknown", Route::name),
             model,

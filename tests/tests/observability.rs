@@ -172,4 +172,23 @@ async fn metrics_count_requests_tokens_refusals_cache_redis_and_backends() {
         "no tenant in labels"
     );
     assert!(!text.contains("sk-sluice"), "no key in labels");
+
+    // One access-log line per request, with what billing and debugging need.
+    let log = gw.log();
+    let hit_line = log
+        .lines()
+        .find(|l| l.contains("sluice::access") && l.contains("\"cache\":\"hit\""))
+        .unwrap_or_else(|| panic!("no access line for the hit:\n{log}"));
+    for field in [
+        "\"request_id\"",
+        "\"key_id\"",
+        "\"tenant\"",
+        "\"cost\":\"0.0",
+        "\"currency\":\"USD\"",
+        "\"first_byte_ms\"",
+        "\"duration_ms\"",
+    ] {
+        assert!(hit_line.contains(field), "{field} missing from {hit_line}");
+    }
+    assert!(!log.contains(&key), "the key's secret is never logged");
 }
