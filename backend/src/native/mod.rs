@@ -14,6 +14,8 @@ pub mod bert;
 pub mod cpu;
 pub mod device;
 pub mod embedder;
+pub mod gguf;
+pub mod quant;
 pub mod weights;
 
 use std::path::{Path, PathBuf};
@@ -45,6 +47,8 @@ pub enum LoadError {
     TensorType { name: String, dtype: String },
     #[error(transparent)]
     Device(#[from] device::DeviceError),
+    #[error(transparent)]
+    Gguf(#[from] gguf::GgufError),
 }
 
 impl LoadError {

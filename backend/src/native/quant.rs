@@ -1,0 +1,362 @@
+//! GGML's weight encodings, and matrix products that read them as they are stored.
+//!
+//! A quantised matrix is never widened to f32 as a whole: each thread dequantises one weight
+//! row at a time into a small buffer and multiplies it with every activation row, in f32
+//! with f32 accumulation. The result is that of a float32 product with the dequantised
+//! matrix (up to summation order), which is what the references compute. Activations are
+//! never quantised: SmolLM2's top two logits can lie within 0.1 of each other, and rounding
+//! the activations (as llama.cpp's Q8 dot products do) changes its answers.
+
+use half::{bf16, f16};
+use rayon::prelude::*;
+
+/// The element encodings this engine reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GgmlType {
+    F32,
+    F16,
+    BF16,
+    /// Blocks of 32: an f16 scale `d`, then 16 bytes of 4-bit values `q`; w = d·(q − 8).
+    Q4_0,
+    /// Blocks of 32: f16 `d`, f16 `m`, then 16 bytes of 4-bit values `q`; w = d·q + m.
+    /// Byte `i` holds weight `i` in its low nibble and weight `i + 16` in its high one.
+    Q4_1,
+    /// Blocks of 32: an f16 scale `d`, then 32 signed bytes `q`; w = d·q.
+    Q8_0,
+}
+
+/// GGML's names for its type ids, for errors about types this engine does not read.
+const GGML_TYPE_NAMES: [&str; 31] = [
+    "F32", "F16", "Q4_0", "Q4_1", "Q4_2", "Q4_3", "Q5_0", "Q5_1", "Q8_0", "Q8_1", "Q2_K", "Q3_K",
+    "Q4_K", "Q5_K", "Q6_K", "Q8_K", "IQ2_XXS", "IQ2_XS", "IQ3_XXS", "IQ1_S", "IQ4_NL", "IQ3_S",
+    "IQ2_S", "IQ4_XS", "I8", "I16", "I32", "I64", "F64", "IQ1_M", "BF16",
+];
+
+impl GgmlType {
+    /// The type with GGML id `id`, or that id's name (`"unknown"` past the table) when this
+    /// engine does not read it.
+    pub fn from_id(id: u32) -> Result<GgmlType, &'static str> {
+        Ok(match id {
+            0 => GgmlType::F32,
+            1 => GgmlType::F16,
+            2 => GgmlType::Q4_0,
+            3 => GgmlType::Q4_1,
+            8 => GgmlType::Q8_0,
+            30 => GgmlType::BF16,
+            _ => {
+                return Err(GGML_TYPE_NAMES
+                    .get(id as usize)
+                    .copied()
+                    .unwrap_or("unknown"))
+            }
+        })
+    }
+
+    /// Elements per block.
+    pub fn block_len(self) -> usize {
+        match self {
+            GgmlType::F32 | GgmlType::F16 | GgmlType::BF16 => 1,
+            GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q8_0 => 32,
+        }
+    }
+
+    /// Bytes per block.
+    pub fn block_bytes(self) -> usize {
+        match self {
+            GgmlType::F32 => 4,
+            GgmlType::F16 | GgmlType::BF16 => 2,
+            GgmlType::Q4_0 => 18,
+            GgmlType::Q4_1 => 20,
+            GgmlType::Q8_0 => 34,
+        }
+    }
+
+    /// Bytes of `elements` values; `elements` is a whole number of blocks.
+    pub fn row_bytes(self, elements: usize) -> usize {
+        elements / self.block_len() * self.block_bytes()
+    }
+}
+
+fn f16_at(bytes: &[u8], at: usize) -> f32 {
+    f16::from_le_bytes([bytes[at], bytes[at + 1]]).to_f32()
+}
+
+/// Decodes `out.len()` values from `bytes` (whole blocks of `dtype`).
+pub fn dequantize(dtype: GgmlType, bytes: &[u8], out: &mut [f32]) {
+    assert_eq!(
+        bytes.len(),
+        dtype.row_bytes(out.len()),
+        "{dtype:?}: {} bytes for {} values",
+        bytes.len(),
+        out.len()
+    );
+    match dtype {
+        GgmlType::F32 => {
+            for (o, b) in out.iter_mut().zip(bytes.chunks_exact(4)) {
+                *o = f32::from_le_bytes(b.try_into().expect("4 bytes"));
+            }
+        }
+        GgmlType::F16 => {
+            for (o, b) in out.iter_mut().zip(bytes.chunks_exact(2)) {
+                *o = f16::from_le_bytes([b[0], b[1]]).to_f32();
+            }
+        }
+        GgmlType::BF16 => {
+            for (o, b) in out.iter_mut().zip(bytes.chunks_exact(2)) {
+                *o = bf16::from_le_bytes([b[0], b[1]]).to_f32();
+            }
+        }
+        GgmlType::Q4_0 => {
+            for (o, b) in out.chunks_exact_mut(32).zip(bytes.chunks_exact(18)) {
+                let d = f16_at(b, 0);
+                let (lo, hi) = o.split_at_mut(16);
+                for i in 0..16 {
+                    lo[i] = d * (f32::from(b[2 + i] & 0x0f) - 8.0);
+                    hi[i] = d * (f32::from(b[2 + i] >> 4) - 8.0);
+                }
+            }
+        }
+        GgmlType::Q4_1 => {
+            for (o, b) in out.chunks_exact_mut(32).zip(bytes.chunks_exact(20)) {
+                let (d, m) = (f16_at(b, 0), f16_at(b, 2));
+                let (lo, hi) = o.split_at_mut(16);
+                for i in 0..16 {
+                    lo[i] = d * f32::from(b[4 + i] & 0x0f) + m;
+                    hi[i] = d * f32::from(b[4 + i] >> 4) + m;
+                }
+            }
+        }
+        GgmlType::Q8_0 => {
+            for (o, b) in out.chunks_exact_mut(32).zip(bytes.chunks_exact(34)) {
+                let d = f16_at(b, 0);
+                for (o, &q) in o.iter_mut().zip(&b[2..]) {
+                    *o = d * f32::from(q as i8);
+                }
+            }
+        }
+    }
+}
+
+/// A matrix of `rows × cols` values of `dtype`, row-major, as GGUF stores a weight (`cols`
+/// is GGUF's first dimension: the layer's input width).
+#[derive(Debug, Clone)]
+pub struct QMatrix {
+    pub dtype: GgmlType,
+    pub rows: usize,
+    pub cols: usize,
+    pub bytes: Vec<u8>,
+}
+
+impl QMatrix {
+    pub fn new(dtype: GgmlType, rows: usize, cols: usize, bytes: Vec<u8>) -> QMatrix {
+        assert!(
+            cols.is_multiple_of(dtype.block_len()),
+            "{dtype:?} rows of {cols}"
+        );
+        assert_eq!(
+            bytes.len(),
+            rows * dtype.row_bytes(cols),
+            "{dtype:?} {rows}×{cols}"
+        );
+        QMatrix {
+            dtype,
+            rows,
+            cols,
+            bytes,
+        }
+    }
+
+    fn row_bytes(&self) -> usize {
+        self.dtype.row_bytes(self.cols)
+    }
+
+    /// Row `r`, decoded into `out`.
+    pub fn dequantize_row(&self, r: usize, out: &mut [f32]) {
+        let n = self.row_bytes();
+        dequantize(self.dtype, &self.bytes[r * n..(r + 1) * n], out);
+    }
+}
+
+/// A dot product with eight independent accumulators, which the compiler turns into SIMD
+/// lanes (a single running sum is a dependency chain it may not reorder).
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0.0f32; 8];
+    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let tail: f32 = ca
+        .remainder()
+        .iter()
+        .zip(cb.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
+    for (x, y) in ca.zip(cb) {
+        for i in 0..8 {
+            acc[i] += x[i] * y[i];
+        }
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
+/// Output rows (weight rows) per parallel task: enough that a task's dequantised row and its
+/// activation rows stay in cache, few enough that two cores share the work evenly.
+const ROWS_PER_TASK: usize = 16;
+
+/// `out[m × w.rows] = x[m × w.cols] · wᵀ`.
+pub fn matmul(x: &[f32], m: usize, w: &QMatrix, out: &mut [f32]) {
+    let (n, k) = (w.rows, w.cols);
+    assert_eq!(x.len(), m * k, "matmul: x is not {m}×{k}");
+    assert_eq!(out.len(), m * n, "matmul: out is not {m}×{n}");
+    // Each task owns a band of weight rows, that is a band of output columns. Its results
+    // are gathered per task and scattered after, so no two tasks write one cache line.
+    let bands: Vec<Vec<f32>> = (0..n.div_ceil(ROWS_PER_TASK))
+        .into_par_iter()
+        .map(|band| {
+            let first = band * ROWS_PER_TASK;
+            let last = (first + ROWS_PER_TASK).min(n);
+            let mut row = vec![0.0f32; k];
+            let mut part = vec![0.0f32; (last - first) * m];
+            for (j, r) in (first..last).enumerate() {
+                w.dequantize_row(r, &mut row);
+                for (i, xi) in x.chunks_exact(k).enumerate() {
+                    part[j * m + i] = dot(xi, &row);
+                }
+            }
+            part
+        })
+        .collect();
+    for (band, part) in bands.iter().enumerate() {
+        let first = band * ROWS_PER_TASK;
+        for (j, col) in part.chunks_exact(m).enumerate() {
+            for (i, &v) in col.iter().enumerate() {
+                out[i * n + first + j] = v;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn values(n: usize, seed: u64) -> Vec<f32> {
+        let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        (0..n)
+            .map(|_| {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                (state >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+            })
+            .collect()
+    }
+
+    fn bytes(n: usize, seed: u64) -> Vec<u8> {
+        values(n, seed)
+            .iter()
+            .map(|v| ((v + 1.0) * 127.9) as u8)
+            .collect()
+    }
+
+    /// Random blocks whose scales are sane f16s (random bytes would include NaNs and
+    /// infinities in the scale fields).
+    fn random_matrix(dtype: GgmlType, rows: usize, cols: usize, seed: u64) -> QMatrix {
+        let mut raw = bytes(rows * dtype.row_bytes(cols), seed);
+        let scale = |raw: &mut [u8], at: usize, v: f32| {
+            raw[at..at + 2].copy_from_slice(&f16::from_f32(v).to_le_bytes())
+        };
+        match dtype {
+            GgmlType::F32 => {
+                for (chunk, v) in raw.chunks_exact_mut(4).zip(values(rows * cols, seed)) {
+                    chunk.copy_from_slice(&v.to_le_bytes());
+                }
+            }
+            GgmlType::F16 => {
+                for (chunk, v) in raw.chunks_exact_mut(2).zip(values(rows * cols, seed)) {
+                    chunk.copy_from_slice(&f16::from_f32(v).to_le_bytes());
+                }
+            }
+            GgmlType::BF16 => {
+                for (chunk, v) in raw.chunks_exact_mut(2).zip(values(rows * cols, seed)) {
+                    chunk.copy_from_slice(&bf16::from_f32(v).to_le_bytes());
+                }
+            }
+            GgmlType::Q4_0 | GgmlType::Q8_0 | GgmlType::Q4_1 => {
+                let bb = dtype.block_bytes();
+                let s = values(raw.len() / bb * 2, seed + 1);
+                for (i, block) in raw.chunks_exact_mut(bb).enumerate() {
+                    scale(block, 0, s[2 * i] * 0.05);
+                    if dtype == GgmlType::Q4_1 {
+                        scale(block, 2, s[2 * i + 1]);
+                    }
+                }
+            }
+        }
+        QMatrix::new(dtype, rows, cols, raw)
+    }
+
+    #[test]
+    fn q4_1_and_q8_0_blocks_decode_as_ggml_lays_them_out() {
+        // Q4_1: d = 0.5, m = -1; byte i = (i+1)<<4 | i: weight i = i, weight 16+i = i+1.
+        let mut block = f16::from_f32(0.5).to_le_bytes().to_vec();
+        block.extend(f16::from_f32(-1.0).to_le_bytes());
+        block.extend((0..16u8).map(|i| ((i + 1) & 0x0f) << 4 | i));
+        let mut out = [0.0f32; 32];
+        dequantize(GgmlType::Q4_1, &block, &mut out);
+        for i in 0..16 {
+            assert_eq!(out[i], 0.5 * i as f32 - 1.0, "weight {i}");
+            assert_eq!(
+                out[16 + i],
+                0.5 * ((i + 1) % 16) as f32 - 1.0,
+                "weight {}",
+                16 + i
+            );
+        }
+        // Q8_0: d = 0.25, q = -16..16.
+        let mut block = f16::from_f32(0.25).to_le_bytes().to_vec();
+        block.extend((-16i8..16).map(|q| q as u8));
+        dequantize(GgmlType::Q8_0, &block, &mut out);
+        for (i, v) in out.iter().enumerate() {
+            assert_eq!(*v, 0.25 * (i as f32 - 16.0));
+        }
+    }
+
+    #[test]
+    fn matmul_matches_dequantise_then_multiply() {
+        for dtype in [
+            GgmlType::F32,
+            GgmlType::F16,
+            GgmlType::BF16,
+            GgmlType::Q4_0,
+            GgmlType::Q4_1,
+            GgmlType::Q8_0,
+        ] {
+            // One row (decode), a few (prefill), and a row count that leaves a ragged band.
+            for (m, n, k) in [(1, 37, 64), (5, 96, 576), (3, 16 * 3 + 5, 96)] {
+                let w = random_matrix(dtype, n, k, 7);
+                let x = values(m * k, 8);
+                let mut dense = vec![0.0f32; n * k];
+                dequantize(dtype, &w.bytes, &mut dense);
+                let mut got = vec![0.0f32; m * n];
+                matmul(&x, m, &w, &mut got);
+                for i in 0..m {
+                    for j in 0..n {
+                        let want: f64 = (0..k)
+                            .map(|p| f64::from(x[i * k + p]) * f64::from(dense[j * k + p]))
+                            .sum();
+                        let g = f64::from(got[i * n + j]);
+                        assert!(
+                            (g - want).abs() <= 1e-4 * (1.0 + want.abs()),
+                            "{dtype:?} {m}×{n}×{k} [{i},{j}]: got {g}, want {want}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn unknown_types_are_named() {
+        assert_eq!(GgmlType::from_id(12), Err("Q4_K"));
+        assert_eq!(GgmlType::from_id(999), Err("unknown"));
+        assert_eq!(GgmlType::from_id(3), Ok(GgmlType::Q4_1));
+    }
+}
