@@ -6,7 +6,8 @@
 
 use rayon::prelude::*;
 
-use super::device::{Attention, Device, DeviceError, Tensor};
+use super::device::{Attention, CausalAttention, Device, DeviceError, Tensor};
+use super::quant::{self, QMatrix};
 
 /// Roughly the multiply-adds below which an operation runs on the calling thread.
 const PARALLEL_FLOPS: usize = 1 << 16;
@@ -61,6 +62,7 @@ unsafe fn sgemm(
 
 impl Device for Cpu {
     type Storage = Vec<f32>;
+    type Matrix = QMatrix;
 
     fn name(&self) -> String {
         "cpu".to_owned()
@@ -306,6 +308,182 @@ impl Device for Cpu {
             tasks.par_iter().for_each(run);
         }
         Ok(Tensor::from_parts(out, vec![tokens, width]))
+    }
+
+    fn upload_matrix(&self, matrix: QMatrix) -> Result<QMatrix, DeviceError> {
+        Ok(matrix)
+    }
+
+    fn matmul(&self, x: &CpuTensor, weight: &QMatrix) -> Result<CpuTensor, DeviceError> {
+        assert_eq!(
+            x.cols(),
+            weight.cols,
+            "matmul: x {x:?}, weight {}×{}",
+            weight.rows,
+            weight.cols
+        );
+        let m = x.rows();
+        let mut out = vec![0.0f32; m * weight.rows];
+        quant::matmul(x.data(), m, weight, &mut out);
+        Ok(Tensor::from_parts(out, vec![m, weight.rows]))
+    }
+
+    fn gather_matrix_rows(&self, table: &QMatrix, ids: &[u32]) -> Result<CpuTensor, DeviceError> {
+        let d = table.cols;
+        let mut out = vec![0.0f32; ids.len() * d];
+        for (row, &id) in out.chunks_exact_mut(d).zip(ids) {
+            let id = id as usize;
+            assert!(id < table.rows, "row {id} of a {}-row table", table.rows);
+            table.dequantize_row(id, row);
+        }
+        Ok(Tensor::from_parts(out, vec![ids.len(), d]))
+    }
+
+    fn rms_norm(
+        &self,
+        x: &CpuTensor,
+        weight: &CpuTensor,
+        eps: f32,
+    ) -> Result<CpuTensor, DeviceError> {
+        let d = x.cols();
+        assert_eq!(weight.len(), d, "rms_norm over {d}");
+        let mut out = x.data().clone();
+        let w = weight.data();
+        for row in out.chunks_exact_mut(d) {
+            // The mean square in f64: 576 squares summed in f32 lose the last digits.
+            let ms = row.iter().map(|&v| f64::from(v).powi(2)).sum::<f64>() / d as f64;
+            let inv = (1.0 / (ms + f64::from(eps)).sqrt()) as f32;
+            row.iter_mut().zip(w).for_each(|(v, w)| *v = *v * inv * w);
+        }
+        Ok(Tensor::from_parts(out, x.shape().to_vec()))
+    }
+
+    fn rope(
+        &self,
+        x: &mut CpuTensor,
+        heads: usize,
+        positions: &[u32],
+        base: f32,
+    ) -> Result<(), DeviceError> {
+        let width = x.cols();
+        assert_eq!(positions.len(), x.rows(), "rope: one position per row");
+        assert!(
+            width.is_multiple_of(heads) && (width / heads).is_multiple_of(2),
+            "rope: {width} over {heads} heads"
+        );
+        let head_dim = width / heads;
+        // The angles in f64: position · base^(−2i/d) in f32 is off by ~1e-3 radians at
+        // positions in the thousands.
+        let inv_freq: Vec<f64> = (0..head_dim / 2)
+            .map(|i| f64::from(base).powf(-2.0 * i as f64 / head_dim as f64))
+            .collect();
+        for (row, &pos) in x.data_mut().chunks_exact_mut(width).zip(positions) {
+            let turns: Vec<(f32, f32)> = inv_freq
+                .iter()
+                .map(|f| {
+                    let (sin, cos) = (f64::from(pos) * f).sin_cos();
+                    (sin as f32, cos as f32)
+                })
+                .collect();
+            for head in row.chunks_exact_mut(head_dim) {
+                for (pair, &(sin, cos)) in head.chunks_exact_mut(2).zip(&turns) {
+                    let (a, b) = (pair[0], pair[1]);
+                    pair[0] = a * cos - b * sin;
+                    pair[1] = a * sin + b * cos;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn silu_mul(&self, gate: &mut CpuTensor, up: &CpuTensor) -> Result<(), DeviceError> {
+        assert_eq!(gate.shape(), up.shape(), "silu_mul");
+        gate.data_mut()
+            .iter_mut()
+            .zip(up.data())
+            .for_each(|(g, u)| *g = *g / (1.0 + (-*g).exp()) * u);
+        Ok(())
+    }
+
+    fn write_rows(
+        &self,
+        dest: &mut CpuTensor,
+        x: &CpuTensor,
+        at: usize,
+    ) -> Result<(), DeviceError> {
+        let d = dest.cols();
+        assert_eq!(x.cols(), d, "write_rows: {x:?} into {dest:?}");
+        assert!(
+            at + x.rows() <= dest.rows(),
+            "write_rows: {} rows at {at} into {dest:?}",
+            x.rows()
+        );
+        dest.data_mut()[at * d..(at + x.rows()) * d].copy_from_slice(x.data());
+        Ok(())
+    }
+
+    fn causal_attention(
+        &self,
+        q: &CpuTensor,
+        k: &CpuTensor,
+        v: &CpuTensor,
+        layout: CausalAttention,
+    ) -> Result<CpuTensor, DeviceError> {
+        let CausalAttention {
+            past,
+            heads,
+            kv_heads,
+            scale,
+        } = layout;
+        let (new, width) = (q.rows(), q.cols());
+        assert!(
+            heads.is_multiple_of(kv_heads) && width.is_multiple_of(heads),
+            "causal_attention: {heads} heads over {kv_heads}"
+        );
+        let head_dim = width / heads;
+        let kv_width = kv_heads * head_dim;
+        let group = heads / kv_heads;
+        assert!(
+            k.cols() == kv_width && v.shape() == k.shape(),
+            "causal_attention: k {k:?} v {v:?}"
+        );
+        assert!(
+            past + new <= k.rows(),
+            "causal_attention: {past} + {new} rows of {k:?}"
+        );
+        let (qd, kd, vd) = (q.data(), k.data(), v.data());
+        // One task per head: each writes its own columns, gathered per head and scattered
+        // after, as in `quant::matmul`.
+        let per_head: Vec<Vec<f32>> = (0..heads)
+            .into_par_iter()
+            .map(|h| {
+                let kv = (h / group) * head_dim;
+                let mut out = vec![0.0f32; new * head_dim];
+                let mut scores = Vec::with_capacity(past + new);
+                for i in 0..new {
+                    let qi = &qd[i * width + h * head_dim..][..head_dim];
+                    scores.clear();
+                    scores.extend((0..=past + i).map(|j| {
+                        let kj = &kd[j * kv_width + kv..][..head_dim];
+                        qi.iter().zip(kj).map(|(a, b)| a * b).sum::<f32>() * scale
+                    }));
+                    softmax_row(&mut scores);
+                    let oi = &mut out[i * head_dim..][..head_dim];
+                    for (j, &p) in scores.iter().enumerate() {
+                        let vj = &vd[j * kv_width + kv..][..head_dim];
+                        oi.iter_mut().zip(vj).for_each(|(o, v)| *o += p * v);
+                    }
+                }
+                out
+            })
+            .collect();
+        let mut out = vec![0.0f32; new * width];
+        for (h, part) in per_head.iter().enumerate() {
+            for (i, row) in part.chunks_exact(head_dim).enumerate() {
+                out[i * width + h * head_dim..][..head_dim].copy_from_slice(row);
+            }
+        }
+        Ok(Tensor::from_parts(out, vec![new, width]))
     }
 
     fn mean_pool(&self, x: &CpuTensor, seq_lens: &[usize]) -> Result<CpuTensor, DeviceError> {
@@ -555,5 +733,124 @@ mod tests {
         let pooled = Cpu.mean_pool(&rows, &[2, 1]).unwrap();
         assert_eq!(pooled.shape(), [2, 2]);
         assert_eq!(pooled.data(), &[11.0, 12.0, 11.0, 12.0]);
+    }
+
+    #[test]
+    fn rope_turns_adjacent_pairs_of_each_head_by_position() {
+        // Two heads of 4: pair 0 turns by pos·1, pair 1 by pos·base^(-1/2) = pos/10.
+        let mut t = tensor(vec![1.0, 0.0, 1.0, 0.0, 0.0, 1.0, 0.0, 1.0], &[1, 8]);
+        Cpu.rope(&mut t, 2, &[3], 100.0).unwrap();
+        let (a, b) = (3.0f64, 0.3f64);
+        let want = [
+            a.cos(),
+            a.sin(),
+            b.cos(),
+            b.sin(),
+            -a.sin(),
+            a.cos(),
+            -b.sin(),
+            b.cos(),
+        ];
+        assert_close(t.data(), &want, 1e-6);
+    }
+
+    #[test]
+    fn rms_norm_and_silu_gating() {
+        let x = tensor(vec![3.0, 4.0], &[1, 2]);
+        let w = tensor(vec![1.0, 2.0], &[2]);
+        // mean square 12.5
+        let s = 12.5f64.sqrt();
+        assert_close(
+            Cpu.rms_norm(&x, &w, 0.0).unwrap().data(),
+            &[3.0 / s, 8.0 / s],
+            1e-6,
+        );
+        let mut gate = tensor(vec![-1.0, 0.0, 2.0], &[3]);
+        Cpu.silu_mul(&mut gate, &tensor(vec![2.0, 5.0, 0.5], &[3]))
+            .unwrap();
+        let silu = |v: f64| v / (1.0 + (-v).exp());
+        assert_close(gate.data(), &[silu(-1.0) * 2.0, 0.0, silu(2.0) * 0.5], 1e-6);
+    }
+
+    #[test]
+    fn causal_attention_sees_only_the_past_through_shared_kv_heads() {
+        // 6 query heads over 2 key/value heads of 8, 3 tokens cached and 4 new ones.
+        let (heads, kv_heads, hd, past, new) = (6usize, 2usize, 8usize, 3usize, 4usize);
+        let total = past + new;
+        let q = values(new * heads * hd, 11);
+        let k = values(total * kv_heads * hd, 12);
+        let v = values(total * kv_heads * hd, 13);
+        // The cache has room for more rows than are filled; those must not be read.
+        let mut kc = tensor(
+            vec![f32::NAN; (total + 2) * kv_heads * hd],
+            &[total + 2, kv_heads * hd],
+        );
+        let mut vc = kc.clone();
+        Cpu.write_rows(&mut kc, &tensor(k.clone(), &[total, kv_heads * hd]), 0)
+            .unwrap();
+        Cpu.write_rows(&mut vc, &tensor(v.clone(), &[total, kv_heads * hd]), 0)
+            .unwrap();
+        let scale = 1.0 / (hd as f32).sqrt();
+        let got = Cpu
+            .causal_attention(
+                &tensor(q.clone(), &[new, heads * hd]),
+                &kc,
+                &vc,
+                CausalAttention {
+                    past,
+                    heads,
+                    kv_heads,
+                    scale,
+                },
+            )
+            .unwrap();
+        let mut want = vec![0.0f64; new * heads * hd];
+        for h in 0..heads {
+            let g = h / (heads / kv_heads);
+            for i in 0..new {
+                let qi = &q[(i * heads + h) * hd..][..hd];
+                let scores: Vec<f64> = (0..=past + i)
+                    .map(|j| {
+                        let kj = &k[(j * kv_heads + g) * hd..][..hd];
+                        qi.iter()
+                            .zip(kj)
+                            .map(|(a, b)| f64::from(a * b))
+                            .sum::<f64>()
+                            * f64::from(scale)
+                    })
+                    .collect();
+                let max = scores.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+                let exp: Vec<f64> = scores.iter().map(|s| (s - max).exp()).collect();
+                let sum: f64 = exp.iter().sum();
+                for d in 0..hd {
+                    want[(i * heads + h) * hd + d] = exp
+                        .iter()
+                        .enumerate()
+                        .map(|(j, e)| e / sum * f64::from(v[(j * kv_heads + g) * hd + d]))
+                        .sum();
+                }
+            }
+        }
+        assert_close(got.data(), &want, 1e-5);
+    }
+
+    #[test]
+    fn quantised_matmul_and_row_gather_decode_the_stored_rows() {
+        // Q8_0, two rows of one block: row r is (r+1)·0.5·(i − 16).
+        let mut bytes = Vec::new();
+        for r in 0..2 {
+            bytes.extend(half::f16::from_f32((r + 1) as f32 * 0.5).to_le_bytes());
+            bytes.extend((-16i8..16).map(|q| q as u8));
+        }
+        let w = Cpu
+            .upload_matrix(QMatrix::new(quant::GgmlType::Q8_0, 2, 32, bytes))
+            .unwrap();
+        let rows = Cpu.gather_matrix_rows(&w, &[1, 0]).unwrap();
+        assert_eq!(rows.shape(), [2, 32]);
+        assert_eq!(rows.data()[0], -16.0);
+        assert_eq!(rows.data()[32], -8.0);
+        let ones = tensor(vec![1.0; 32], &[1, 32]);
+        // Σ(i − 16) over 0..32 = −16.
+        assert_eq!(Cpu.matmul(&ones, &w).unwrap().data(), &[-8.0, -16.0]);
     }
 }

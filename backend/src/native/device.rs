@@ -16,6 +16,8 @@
 
 use std::fmt;
 
+use super::quant::QMatrix;
+
 /// A dense row-major f32 tensor whose data lives on some device.
 #[derive(Clone)]
 pub struct Tensor<S> {
@@ -87,10 +89,28 @@ pub struct Attention<'a> {
     pub scale: f32,
 }
 
+/// Causal self-attention of new tokens over a sequence's key/value cache.
+#[derive(Debug, Clone, Copy)]
+pub struct CausalAttention {
+    /// Tokens already in the cache before the new ones: new row `i` sits at position
+    /// `past + i` and sees cache rows `0..=past + i`.
+    pub past: usize,
+    pub heads: usize,
+    /// Key/value heads, dividing `heads`: query head `h` reads key/value head
+    /// `h / (heads / kv_heads)` (grouped-query attention).
+    pub kv_heads: usize,
+    /// Multiplies the scores before the softmax: 1/sqrt(head_dim).
+    pub scale: f32,
+}
+
 /// Where tensors live and how they are computed on.
 pub trait Device: Send + Sync + 'static {
     /// The device's buffer of f32s (a `Vec<f32>` on the CPU, device memory on a GPU).
     type Storage: Send + Sync;
+
+    /// A weight matrix kept in its stored encoding (F32, F16, Q8_0, Q4_1...), so quantised
+    /// weights take their quantised size in device memory.
+    type Matrix: Send + Sync;
 
     /// A short name for logs and errors: `cpu`, `cuda:0`.
     fn name(&self) -> String;
@@ -150,6 +170,72 @@ pub trait Device: Send + Sync + 'static {
         k: &Tensor<Self::Storage>,
         v: &Tensor<Self::Storage>,
         layout: Attention<'_>,
+    ) -> Result<Tensor<Self::Storage>, DeviceError>;
+
+    /// Moves a weight matrix, in its own encoding, to the device.
+    fn upload_matrix(&self, matrix: QMatrix) -> Result<Self::Matrix, DeviceError>;
+
+    /// `x · weightᵀ` for a weight of `[out, in]` in any encoding, `x` being `[rows, in]`:
+    /// f32 activations and accumulation, the weight decoded block by block as it is read,
+    /// never as a whole.
+    fn matmul(
+        &self,
+        x: &Tensor<Self::Storage>,
+        weight: &Self::Matrix,
+    ) -> Result<Tensor<Self::Storage>, DeviceError>;
+
+    /// Rows `ids` of an encoded matrix, decoded: the embedding look-up of a model whose
+    /// table is quantised (and, tied, also its output head).
+    fn gather_matrix_rows(
+        &self,
+        table: &Self::Matrix,
+        ids: &[u32],
+    ) -> Result<Tensor<Self::Storage>, DeviceError>;
+
+    /// RMS normalisation over the last dimension, `x / sqrt(mean(x²) + eps) · weight`.
+    fn rms_norm(
+        &self,
+        x: &Tensor<Self::Storage>,
+        weight: &Tensor<Self::Storage>,
+        eps: f32,
+    ) -> Result<Tensor<Self::Storage>, DeviceError>;
+
+    /// Rotary position embedding in place, on `x` of `[rows, heads · head_dim]` with row `r`
+    /// at position `positions[r]`. Pairs are *adjacent* columns `(2i, 2i + 1)` of each head,
+    /// turned by `position · base^(−2i / head_dim)`: GGUF's llama weights are permuted for
+    /// this pairing (not the "rotate half" one of Hugging Face's code).
+    fn rope(
+        &self,
+        x: &mut Tensor<Self::Storage>,
+        heads: usize,
+        positions: &[u32],
+        base: f32,
+    ) -> Result<(), DeviceError>;
+
+    /// `gate = silu(gate) · up`, element-wise: the SwiGLU feed-forward's gating.
+    fn silu_mul(
+        &self,
+        gate: &mut Tensor<Self::Storage>,
+        up: &Tensor<Self::Storage>,
+    ) -> Result<(), DeviceError>;
+
+    /// Copies the rows of `x` into `dest` from row `at` on (a KV-cache write).
+    fn write_rows(
+        &self,
+        dest: &mut Tensor<Self::Storage>,
+        x: &Tensor<Self::Storage>,
+        at: usize,
+    ) -> Result<(), DeviceError>;
+
+    /// Causal grouped-query attention of `q` (`[new, heads · head_dim]`) over the first
+    /// `past + new` rows of the caches `k` and `v` (`[capacity, kv_heads · head_dim]`), which
+    /// already hold the new tokens' keys and values. The result is shaped like `q`.
+    fn causal_attention(
+        &self,
+        q: &Tensor<Self::Storage>,
+        k: &Tensor<Self::Storage>,
+        v: &Tensor<Self::Storage>,
+        layout: CausalAttention,
     ) -> Result<Tensor<Self::Storage>, DeviceError>;
 
     /// The mean of each sequence's rows: `[tokens, d]` packed by `seq_lens` to

@@ -7,15 +7,20 @@
 //! trait, implemented for the CPU in [`cpu`], so that a GPU can take its place; requests
 //! reach it through one engine thread per model ([`embedder`]), never on the async runtime.
 //!
-//! Llama-family decoders (GGUF or safetensors) and CUDA are not in this build: the command
-//! line refuses them with exit status 2 rather than serving something else.
+//! Llama-family decoders have their parts here, not yet served: GGUF files ([`gguf`]) with
+//! weights kept in their stored encodings ([`quant`]), the decoder's forward pass for one
+//! sequence ([`llama`], checked against an independent numpy reference), and its tokenizer
+//! and chat template ([`tokenizer`]). Until the engine that batches them lands, the command
+//! line refuses decoders (and CUDA) with exit status 2 rather than serving something else.
 
 pub mod bert;
 pub mod cpu;
 pub mod device;
 pub mod embedder;
 pub mod gguf;
+pub mod llama;
 pub mod quant;
+pub mod tokenizer;
 pub mod weights;
 
 use std::path::{Path, PathBuf};

@@ -1,0 +1,289 @@
+//! A decoder's tokenizer and chat template, built from the metadata of its GGUF file.
+//!
+//! GGUF stores a GPT-2-style byte-level BPE as `tokenizer.ggml.tokens` (the vocabulary, in
+//! id order), `tokenizer.ggml.merges` ("a b" lines, in rank order) and
+//! `tokenizer.ggml.token_type` (3 marks control tokens, which match whole and are never split).
+//! The `tokenizers` crate runs it; `tokenizer.ggml.pre` names the pre-tokenizer, which GGUF
+//! does not store, so only the ones known here are accepted. The chat template is Jinja,
+//! rendered by minijinja.
+
+use std::collections::HashMap;
+
+use tokenizers::decoders::byte_level::ByteLevel as ByteLevelDecoder;
+use tokenizers::models::bpe::BPE;
+use tokenizers::pre_tokenizers::byte_level::ByteLevel;
+use tokenizers::pre_tokenizers::digits::Digits;
+use tokenizers::pre_tokenizers::sequence::Sequence;
+use tokenizers::pre_tokenizers::PreTokenizerWrapper;
+use tokenizers::{AddedToken, Tokenizer};
+
+use super::gguf::{Gguf, Value};
+
+/// GGUF's `token_type` of control tokens (`<|im_start|>`...).
+const CONTROL: i64 = 3;
+
+/// One message of a chat, as the template sees it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ChatMessage<'a> {
+    pub role: &'a str,
+    pub content: &'a str,
+}
+
+/// Text to token ids and back, and chats to prompt text.
+pub struct LlamaTokenizer {
+    tokenizer: Tokenizer,
+    /// Each token's bytes (byte-level BPE maps bytes to printable characters; this undoes
+    /// it), so text can be streamed by bytes: a token may end inside a UTF-8 character.
+    token_bytes: Vec<Vec<u8>>,
+    template: Option<minijinja::Environment<'static>>,
+    pub bos: Option<u32>,
+    pub eos: Option<u32>,
+    pub add_bos: bool,
+}
+
+impl std::fmt::Debug for LlamaTokenizer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LlamaTokenizer")
+            .field("vocab", &self.token_bytes.len())
+            .finish()
+    }
+}
+
+/// GPT-2's table from bytes to the characters that stand for them in the vocabulary:
+/// printable Latin-1 bytes stand for themselves, the rest for U+0100 onwards in order.
+fn byte_chars() -> [char; 256] {
+    let mut table = ['\0'; 256];
+    let mut next = 256u32;
+    for (b, slot) in table.iter_mut().enumerate() {
+        let printable = (0x21..=0x7e).contains(&b) || (0xa1..=0xac).contains(&b) || b >= 0xae;
+        *slot = if printable {
+            char::from(b as u8)
+        } else {
+            next += 1;
+            char::from_u32(next - 1).expect("U+0100..U+0143")
+        };
+    }
+    table
+}
+
+fn strings<'a>(gguf: &'a Gguf, key: &str) -> Result<Vec<&'a str>, String> {
+    gguf.get(key)
+        .and_then(Value::as_array)
+        .ok_or_else(|| format!("{key} is missing or not an array"))?
+        .iter()
+        .map(|v| {
+            v.as_str()
+                .ok_or_else(|| format!("{key} holds a non-string"))
+        })
+        .collect()
+}
+
+impl LlamaTokenizer {
+    pub fn from_gguf(gguf: &Gguf) -> Result<LlamaTokenizer, String> {
+        let model = gguf
+            .get("tokenizer.ggml.model")
+            .and_then(Value::as_str)
+            .unwrap_or("");
+        if model != "gpt2" {
+            return Err(format!(
+                "tokenizer.ggml.model `{model}` (only `gpt2`, byte-level BPE, is read)"
+            ));
+        }
+        let pre = gguf
+            .get("tokenizer.ggml.pre")
+            .and_then(Value::as_str)
+            .unwrap_or("default");
+        // What Hugging Face's tokenizer.json says for these models: SmolLM's splits every
+        // digit on its own before GPT-2's regex.
+        let byte_level = ByteLevel::new(false, true, true);
+        let pre_tokenizer: PreTokenizerWrapper = match pre {
+            "smollm" => Sequence::new(vec![Digits::new(true).into(), byte_level.into()]).into(),
+            "gpt2" | "default" => byte_level.into(),
+            other => {
+                return Err(format!(
+                    "tokenizer.ggml.pre `{other}` (known: smollm, gpt2, default)"
+                ))
+            }
+        };
+        let tokens = strings(gguf, "tokenizer.ggml.tokens")?;
+        let merges = strings(gguf, "tokenizer.ggml.merges")?
+            .into_iter()
+            .map(|line| {
+                line.split_once(' ')
+                    .map(|(a, b)| (a.to_owned(), b.to_owned()))
+                    .ok_or_else(|| format!("merge `{line}` is not two tokens"))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let types: Vec<i64> = match gguf.get("tokenizer.ggml.token_type") {
+            Some(v) => v
+                .as_array()
+                .ok_or("tokenizer.ggml.token_type is not an array")?
+                .iter()
+                .map(|t| match *t {
+                    Value::I32(t) => Ok(i64::from(t)),
+                    _ => t
+                        .as_u64()
+                        .map(|t| t as i64)
+                        .ok_or("tokenizer.ggml.token_type holds a non-integer"),
+                })
+                .collect::<Result<_, _>>()?,
+            None => vec![1; tokens.len()],
+        };
+        if types.len() != tokens.len() {
+            return Err(format!(
+                "{} token types for {} tokens",
+                types.len(),
+                tokens.len()
+            ));
+        }
+        let vocab: tokenizers::models::bpe::Vocab = tokens
+            .iter()
+            .enumerate()
+            .map(|(id, t)| ((*t).to_owned(), id as u32))
+            .collect();
+        let bpe = BPE::builder()
+            .vocab_and_merges(vocab, merges)
+            .build()
+            .map_err(|err| format!("BPE: {err}"))?;
+        let mut tokenizer = Tokenizer::new(bpe);
+        tokenizer.with_pre_tokenizer(Some(pre_tokenizer));
+        tokenizer.with_decoder(Some(ByteLevelDecoder::default()));
+        let specials: Vec<AddedToken> = tokens
+            .iter()
+            .zip(&types)
+            .filter(|(_, &t)| t == CONTROL)
+            .map(|(t, _)| AddedToken::from((*t).to_owned(), true))
+            .collect();
+        tokenizer
+            .add_special_tokens(specials)
+            .map_err(|err| format!("control tokens: {err}"))?;
+
+        let to_byte: HashMap<char, u8> = byte_chars()
+            .iter()
+            .enumerate()
+            .map(|(b, &c)| (c, b as u8))
+            .collect();
+        let token_bytes = tokens
+            .iter()
+            .zip(&types)
+            .map(|(t, &ty)| match ty {
+                // Control tokens are text as written, never byte-mapped.
+                CONTROL => t.as_bytes().to_vec(),
+                _ => t
+                    .chars()
+                    .map(|c| to_byte.get(&c).copied())
+                    .collect::<Option<Vec<u8>>>()
+                    .unwrap_or_else(|| t.as_bytes().to_vec()),
+            })
+            .collect();
+
+        let template = match gguf.get("tokenizer.chat_template").and_then(Value::as_str) {
+            Some(source) => {
+                let mut env = minijinja::Environment::new();
+                env.add_template_owned("chat", source.to_owned())
+                    .map_err(|err| format!("tokenizer.chat_template: {err}"))?;
+                // Hugging Face's templates call this to refuse a malformed conversation.
+                env.add_function(
+                    "raise_exception",
+                    |message: String| -> Result<(), minijinja::Error> {
+                        Err(minijinja::Error::new(
+                            minijinja::ErrorKind::InvalidOperation,
+                            message,
+                        ))
+                    },
+                );
+                Some(env)
+            }
+            None => None,
+        };
+        let id = |key: &str| {
+            gguf.get(key)
+                .and_then(Value::as_u64)
+                .and_then(|v| u32::try_from(v).ok())
+        };
+        Ok(LlamaTokenizer {
+            tokenizer,
+            token_bytes,
+            template,
+            bos: id("tokenizer.ggml.bos_token_id"),
+            eos: id("tokenizer.ggml.eos_token_id"),
+            add_bos: gguf
+                .get("tokenizer.ggml.add_bos_token")
+                .and_then(Value::as_bool)
+                .unwrap_or(false),
+        })
+    }
+
+    pub fn vocab_size(&self) -> usize {
+        self.token_bytes.len()
+    }
+
+    /// Token ids of `text`, control tokens written in it matching whole, with the BOS token
+    /// first when the model asks for one.
+    pub fn encode(&self, text: &str) -> Result<Vec<u32>, String> {
+        let encoding = self
+            .tokenizer
+            .encode(text, false)
+            .map_err(|err| err.to_string())?;
+        let mut ids = Vec::with_capacity(encoding.len() + 1);
+        if self.add_bos {
+            ids.extend(self.bos);
+        }
+        ids.extend_from_slice(encoding.get_ids());
+        Ok(ids)
+    }
+
+    /// The bytes a token stands for; empty for ids past the vocabulary.
+    pub fn token_bytes(&self, id: u32) -> &[u8] {
+        self.token_bytes
+            .get(id as usize)
+            .map_or(&[][..], Vec::as_slice)
+    }
+
+    /// The text of `ids`, bytes joined first so characters split across tokens come out
+    /// whole (and any left incomplete as U+FFFD).
+    pub fn decode(&self, ids: &[u32]) -> String {
+        let bytes: Vec<u8> = ids
+            .iter()
+            .flat_map(|&id| self.token_bytes(id).iter().copied())
+            .collect();
+        String::from_utf8_lossy(&bytes).into_owned()
+    }
+
+    /// The prompt text for `messages`, from the model's chat template, ending where the
+    /// assistant's reply begins.
+    pub fn apply_chat_template(&self, messages: &[ChatMessage<'_>]) -> Result<String, String> {
+        let env = self
+            .template
+            .as_ref()
+            .ok_or("the model has no chat template (tokenizer.chat_template)")?;
+        let template = env.get_template("chat").map_err(|err| err.to_string())?;
+        let token = |id: Option<u32>| id.map(|id| self.decode(&[id])).unwrap_or_default();
+        template
+            .render(minijinja::context! {
+                messages => minijinja::Value::from(minijinja::value::Serde(messages)),
+                add_generation_prompt => true,
+                bos_token => token(self.bos),
+                eos_token => token(self.eos),
+            })
+            .map_err(|err| format!("chat template: {err}"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn byte_table_is_gpt2s() {
+        let t = byte_chars();
+        assert_eq!(t[b'a' as usize], 'a');
+        // Space and newline are the well-known Ġ and Ċ.
+        assert_eq!(t[b' ' as usize], 'Ġ');
+        assert_eq!(t[b'\n' as usize], 'Ċ');
+        let mut all: Vec<char> = t.to_vec();
+        all.sort();
+        all.dedup();
+        assert_eq!(all.len(), 256);
+    }
+}
