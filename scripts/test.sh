@@ -4,7 +4,8 @@
 #
 # Installs what the tests need when it is missing: Redis (started on 127.0.0.1:6379 if that
 # port does not answer), a .venv with the `openai` package (and numpy, safetensors and
-# tokenizers for scripts/minilm_reference.py), and the all-MiniLM-L6-v2 weights.
+# tokenizers for scripts/minilm_reference.py; gguf and jinja2 for
+# scripts/smollm2_reference.py), and the all-MiniLM-L6-v2 and SmolLM2-135M-Instruct weights.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/lib.sh
@@ -15,14 +16,15 @@ if [ -z "${SLUICE_TEST_REDIS_URL:-}" ]; then
 fi
 
 if [ -z "${SLUICE_TEST_PYTHON:-}" ]; then
-  if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c 'import openai, numpy, safetensors, tokenizers' 2>/dev/null; then
-    echo "test.sh: installing the Python openai, numpy, safetensors and tokenizers packages into .venv" >&2
+  if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c 'import openai, numpy, safetensors, tokenizers, gguf, jinja2' 2>/dev/null; then
+    echo "test.sh: installing the Python openai, numpy, safetensors, tokenizers, gguf and jinja2 packages into .venv" >&2
     python3 -m venv .venv
-    .venv/bin/pip install --quiet --disable-pip-version-check 'openai>=1.40,<4' numpy safetensors tokenizers
+    .venv/bin/pip install --quiet --disable-pip-version-check 'openai>=1.40,<4' numpy safetensors tokenizers gguf jinja2
   fi
   export SLUICE_TEST_PYTHON="$PWD/.venv/bin/python"
 fi
 export SLUICE_MINILM_DIR="${SLUICE_MINILM_DIR:-$(scripts/fetch-weights.sh all-MiniLM-L6-v2)}"
+export SLUICE_SMOLLM2_GGUF="${SLUICE_SMOLLM2_GGUF:-$(scripts/fetch-weights.sh SmolLM2-135M-Instruct)}"
 
 # The end-to-end tests run the binaries, so build them (with the tests, so that both share
 # one feature resolution and nothing is compiled twice) first.
