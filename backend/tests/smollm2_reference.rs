@@ -14,7 +14,7 @@ use serde_json::{json, Value};
 use sluice_backend::native::cpu::Cpu;
 use sluice_backend::native::device::Device;
 use sluice_backend::native::gguf::Gguf;
-use sluice_backend::native::llama::Llama;
+use sluice_backend::native::llama::{Llama, Logits};
 use sluice_backend::native::tokenizer::{ChatMessage, LlamaTokenizer};
 
 /// Greedy tokens compared per chat: enough to cover a short answer.
@@ -166,7 +166,7 @@ fn chat_logits_and_greedy_tokens_match_an_independent_numpy_reference() {
         let mut cache = model.new_cache(tokens.len() + GREEDY_TOKENS).unwrap();
         let logits = model
             .device()
-            .download(&model.forward(&mut cache, &tokens).unwrap())
+            .download(&model.forward(&mut cache, &tokens, Logits::All).unwrap())
             .unwrap();
         assert_eq!(logits.len(), want.logits.len(), "[tokens, {vocab}]");
         let mut worst = 0.0f32;
@@ -196,6 +196,22 @@ fn chat_logits_and_greedy_tokens_match_an_independent_numpy_reference() {
             tokens.len()
         );
 
+        // The same prompt in two chunks through a fresh cache, asking for the last logits
+        // only (as a chunked prefill does), gives the same last row: every row's arithmetic
+        // is independent of how many others run with it.
+        let mut chunked = model.new_cache(tokens.len()).unwrap();
+        let (first, second) = tokens.split_at(tokens.len() / 2);
+        model.forward(&mut chunked, first, Logits::Last).unwrap();
+        let last = model
+            .device()
+            .download(&model.forward(&mut chunked, second, Logits::Last).unwrap())
+            .unwrap();
+        assert_eq!(chunked.len(), tokens.len());
+        assert!(
+            last == logits[logits.len() - vocab..],
+            "chunked prefill changed the last position's logits"
+        );
+
         // Greedy decoding one token at a time through the cache, which the reference does
         // not have: it recomputes the whole sequence at every step.
         let eos = tokenizer.eos.expect("an end-of-turn token");
@@ -208,7 +224,7 @@ fn chat_logits_and_greedy_tokens_match_an_independent_numpy_reference() {
             }
             let step = model
                 .device()
-                .download(&model.forward(&mut cache, &[next]).unwrap())
+                .download(&model.forward(&mut cache, &[next], Logits::Last).unwrap())
                 .unwrap();
             next = argmax(&step) as u32;
         }

@@ -115,6 +115,17 @@ struct Layer<D: Device> {
     down: D::Matrix,
 }
 
+/// Which positions' logits a forward pass returns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Logits {
+    /// Every new token's: for checking a whole prompt against a reference.
+    All,
+    /// The last new token's only, which is all that sampling needs: the output head is the
+    /// largest matrix (49152 × 576 for SmolLM2), so a prompt's other rows would cost as
+    /// much again as its whole forward pass.
+    Last,
+}
+
 /// A loaded decoder on device `D`.
 pub struct Llama<D: Device> {
     device: D,
@@ -239,17 +250,20 @@ impl<D: Device> Llama<D> {
         Ok(KvCache { k, v, len: 0 })
     }
 
-    /// Runs `tokens`, which follow the ones already in `cache`, and returns their logits,
-    /// `[tokens, vocab]` (row `i` predicts the token after `tokens[i]`). The caller checks
-    /// that the tokens are in the vocabulary and fit in the cache.
+    /// Runs `tokens` (at least one), which follow the ones already in `cache`, and returns
+    /// their logits, `[tokens, vocab]` (row `i` predicts the token after `tokens[i]`), or
+    /// `[1, vocab]` for [`Logits::Last`]. The caller checks that the tokens are in the
+    /// vocabulary and fit in the cache.
     pub fn forward(
         &self,
         cache: &mut KvCache<D::Storage>,
         tokens: &[u32],
+        logits: Logits,
     ) -> Result<Tensor<D::Storage>, DeviceError> {
         let dev = &self.device;
         let c = &self.config;
         let past = cache.len;
+        assert!(!tokens.is_empty(), "forward over no tokens");
         assert!(
             past + tokens.len() <= cache.capacity(),
             "{past} + {} tokens in a cache of {}",
@@ -282,6 +296,9 @@ impl<D: Device> Llama<D> {
             dev.add_assign(&mut x, &dev.matmul(&gate, &layer.down)?)?;
         }
         cache.len = past + tokens.len();
+        if logits == Logits::Last && tokens.len() > 1 {
+            x = dev.gather_rows(&x, &[tokens.len() as u32 - 1])?;
+        }
         let x = dev.rms_norm(&x, &self.norm, c.rms_eps)?;
         dev.matmul(&x, self.output.as_ref().unwrap_or(&self.embed))
     }
