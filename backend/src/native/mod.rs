@@ -20,6 +20,7 @@ pub mod embedder;
 pub mod gguf;
 pub mod llama;
 pub mod quant;
+pub mod sampling;
 pub mod tokenizer;
 pub mod weights;
 

@@ -270,6 +270,56 @@ impl LlamaTokenizer {
     }
 }
 
+/// Turns the bytes of generated tokens, one token at a time, into text that is safe to send:
+/// whole UTF-8 characters only. A token may end inside a character (byte-level BPE splits
+/// emoji and CJK into several), so its last bytes wait for the next token's.
+#[derive(Debug, Default)]
+pub struct TextStream {
+    pending: Vec<u8>,
+}
+
+impl TextStream {
+    /// Adds a token's bytes and returns the text now complete (possibly empty). Bytes that
+    /// can never be part of a valid character come out as U+FFFD, as a lossy decode would.
+    pub fn push(&mut self, bytes: &[u8]) -> String {
+        self.pending.extend_from_slice(bytes);
+        let mut text = String::new();
+        let mut rest = &self.pending[..];
+        loop {
+            match std::str::from_utf8(rest) {
+                Ok(valid) => {
+                    text.push_str(valid);
+                    rest = &[];
+                    break;
+                }
+                Err(err) => {
+                    let (valid, after) = rest.split_at(err.valid_up_to());
+                    text.push_str(std::str::from_utf8(valid).expect("checked valid"));
+                    match err.error_len() {
+                        Some(bad) => {
+                            text.push(char::REPLACEMENT_CHARACTER);
+                            rest = &after[bad..];
+                        }
+                        // An incomplete character at the end: wait for more bytes.
+                        None => {
+                            rest = after;
+                            break;
+                        }
+                    }
+                }
+            }
+        }
+        let keep = rest.len();
+        self.pending.drain(..self.pending.len() - keep);
+        text
+    }
+
+    /// What is left when generation stops: a character cut short, as U+FFFD.
+    pub fn finish(self) -> String {
+        String::from_utf8_lossy(&self.pending).into_owned()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -285,5 +335,20 @@ mod tests {
         all.sort();
         all.dedup();
         assert_eq!(all.len(), 256);
+    }
+
+    #[test]
+    fn text_streams_only_whole_characters() {
+        // "é" is C3 A9, "😀" is F0 9F 98 80: split across tokens as byte-level BPE may.
+        let mut stream = TextStream::default();
+        assert_eq!(stream.push(b"caf\xC3"), "caf");
+        assert_eq!(stream.push(b"\xA9 \xF0\x9F"), "\u{e9} ");
+        assert_eq!(stream.push(b"\x98"), "");
+        assert_eq!(stream.push(b"\x80!"), "\u{1F600}!");
+        // A byte that cannot start a character is replaced at once, not held back.
+        assert_eq!(stream.push(b"\xFFok"), "\u{FFFD}ok");
+        // A character cut short by the end of generation.
+        assert_eq!(stream.push(b"\xE2\x82"), "");
+        assert_eq!(stream.finish(), "\u{FFFD}");
     }
 }
