@@ -8,7 +8,6 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use clap::Parser;
-use tracing_subscriber::EnvFilter;
 
 use sluice_backend::engine::{Device, EngineKind};
 use sluice_backend::models::{served_names, ModelSpec};
@@ -70,7 +69,7 @@ const EXIT_USAGE: u8 = 2;
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    init_tracing();
+    let _telemetry = sluice_telemetry::init("sluice-backend", "RUST_LOG");
 
     let names = match served_names(&args.models) {
         Ok(names) => names,
@@ -192,17 +191,6 @@ async fn run(args: Args, state: Arc<AppState>) -> anyhow::Result<()> {
         .context("server failed")?;
     tracing::info!("sluice-backend stopped");
     Ok(())
-}
-
-fn init_tracing() {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    // Colour codes only help a person at a terminal; in a log file they are noise.
-    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(ansi)
-        .init();
 }
 
 /// Resolves on Ctrl-C or SIGTERM (what Kubernetes and docker send), starting a graceful

@@ -41,11 +41,39 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/sim/gates/{name}/open", post(open_gate))
         .fallback(unknown_route)
         .method_not_allowed_fallback(method_not_allowed)
-        // Layers run outermost-last-listed: a request meets `echo_request_id` first, then
-        // the body limit, then its route.
+        // Layers run outermost-last-listed: a request meets `trace_request` first, then
+        // `echo_request_id`, then the body limit, then its route.
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .layer(middleware::from_fn(echo_request_id))
+        .layer(middleware::from_fn(trace_request))
         .with_state(state)
+}
+
+/// One exported span per request when trace export is on, continuing the caller's trace
+/// (the gateway's `traceparent`); nothing at all when it is off.
+async fn trace_request(request: Request, next: Next) -> Response {
+    use tracing::Instrument;
+    // Health checks and scrapes come every few seconds from every gateway: not traced.
+    let housekeeping = matches!(request.uri().path(), "/health" | "/metrics");
+    if !sluice_telemetry::enabled() || housekeeping {
+        return next.run(request).await;
+    }
+    let span = tracing::info_span!(
+        target: sluice_telemetry::TARGET,
+        "backend request",
+        otel.name = %format!("{} {}", request.method(), request.uri().path()),
+        otel.kind = "server",
+        http.request.method = %request.method(),
+        url.path = %request.uri().path(),
+        http.response.status_code = tracing::field::Empty,
+    );
+    sluice_telemetry::continue_from(&span, request.headers());
+    let response = next.run(request).instrument(span.clone()).await;
+    span.record(
+        "http.response.status_code",
+        i64::from(response.status().as_u16()),
+    );
+    response
 }
 
 /// Serves `state` on `listener` until `shutdown` resolves, then lets in-flight requests

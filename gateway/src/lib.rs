@@ -16,4 +16,5 @@ pub mod metrics;
 pub mod proxy;
 pub mod request;
 pub mod store;
+pub mod traces;
 pub mod upstream;

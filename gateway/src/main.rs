@@ -68,7 +68,7 @@ enum BillingCommand {
 }
 
 fn main() {
-    init_logging();
+    let _telemetry = sluice_telemetry::init("sluice-gateway", "SLUICE_LOG");
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Serve { config } => load(config).and_then(sluice_gateway::app::run),
@@ -136,19 +136,4 @@ fn billing(command: BillingCommand) -> anyhow::Result<()> {
 
 fn load(path: Option<PathBuf>) -> anyhow::Result<Config> {
     Ok(Config::load(path.as_deref(), &process_env)?)
-}
-
-/// JSON lines when logs go to a file or collector, readable text on a terminal.
-fn init_logging() {
-    use std::io::IsTerminal;
-    let filter = tracing_subscriber::EnvFilter::try_from_env("SLUICE_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    if std::io::stderr().is_terminal() {
-        builder.init();
-    } else {
-        builder.json().flatten_event(true).init();
-    }
 }

@@ -21,6 +21,7 @@ use crate::error::ApiError;
 use crate::metering::events::UsageEvent;
 use crate::metering::{request_usage_chunk, Meter, Usage};
 use crate::request::{RequestView, Route};
+use crate::traces;
 use crate::upstream::{Backend, ModelRoute};
 use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
@@ -31,6 +32,7 @@ use pingora_proxy::{FailToProxy, ProxyHttp, Session};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use tracing::Instrument;
 
 pub struct Proxy {
     gateway: Arc<Gateway>,
@@ -86,6 +88,10 @@ pub struct RequestCtx {
     pub cache_status: Option<CacheStatus>,
     pub cache_plan: Option<Plan>,
     pub cache_capture: Option<BytesMut>,
+    /// The request's exported span and its current upstream attempt's, when trace export is
+    /// on (see sluice-telemetry); `None` costs nothing.
+    pub span: Option<tracing::Span>,
+    pub upstream_span: Option<tracing::Span>,
     pub started: Instant,
 }
 
@@ -121,12 +127,15 @@ impl ProxyHttp for Proxy {
             cache_status: None,
             cache_plan: None,
             cache_capture: None,
+            span: None,
+            upstream_span: None,
             started: Instant::now(),
         }
     }
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
         ctx.request_id = request_id(&session.req_header().headers);
+        ctx.span = traces::request_span(session.req_header(), &ctx.request_id);
         match self.admit(session, ctx).await {
             Ok(Some(LocalAnswer::Json(body))) => {
                 respond(session, ctx, 200, body).await?;
@@ -183,6 +192,7 @@ impl ProxyHttp for Proxy {
             ));
         };
         backend.state.in_flight.fetch_add(1, Ordering::Relaxed);
+        ctx.upstream_span = traces::upstream_span(ctx.span.as_ref(), &backend, ctx.retries);
         let mut peer = HttpPeer::new(backend.addr, false, String::new());
         peer.options.connection_timeout = Some(Duration::from_millis(config.connect_timeout_ms));
         peer.options.read_timeout = Some(Duration::from_secs(config.read_timeout_secs));
@@ -257,6 +267,16 @@ impl ProxyHttp for Proxy {
         // The client's credential is for the gateway; backends never see it.
         upstream_request.remove_header("authorization");
         upstream_request.insert_header("x-request-id", &ctx.request_id)?;
+        if let Some(span) = &ctx.upstream_span {
+            // The backend continues this trace under the upstream attempt's span.
+            let mut context = Vec::new();
+            sluice_telemetry::inject(span, &mut |name, value| {
+                context.push((name.to_owned(), value))
+            });
+            for (name, value) in context {
+                upstream_request.insert_header(name, value)?;
+            }
+        }
         if let Some(backend) = &ctx.backend {
             upstream_request.insert_header("host", backend.addr.to_string())?;
         }
@@ -337,6 +357,12 @@ impl ProxyHttp for Proxy {
     ) -> Result<Option<Duration>> {
         if ctx.first_byte_at.is_none() && body.as_ref().is_some_and(|b| !b.is_empty()) {
             ctx.first_byte_at = Some(Instant::now());
+            if let Some(span) = &ctx.upstream_span {
+                span.record(
+                    "sluice.time_to_first_byte_ms",
+                    ctx.started.elapsed().as_millis() as i64,
+                );
+            }
         }
         self.copy_for_cache(body.as_ref(), end_of_stream, ctx);
         if let Some(meter) = ctx.meter.as_mut() {
@@ -398,6 +424,8 @@ impl ProxyHttp for Proxy {
             backend.state.in_flight.fetch_sub(1, Ordering::Relaxed);
             ctx.backend = Some(backend);
         }
+        let metering = traces::child(ctx.span.as_ref(), "metering");
+        let metering_entered = metering.enter();
         if let Some(event) = self.usage_event(ctx) {
             self.gateway.usage.record(event);
         }
@@ -411,7 +439,9 @@ impl ProxyHttp for Proxy {
             );
         }
         let (cost_nano, currency) = self.request_cost(ctx);
+        drop(metering_entered);
         self.record_metrics(status, ctx, cost_nano, currency);
+        traces::finish(ctx, status);
         let identity = ctx.identity.as_ref();
         tracing::info!(
             target: "sluice::access",
@@ -599,6 +629,7 @@ impl Proxy {
             .gateway
             .auth
             .authenticate(authorization.map(|v| v.as_bytes()))
+            .instrument(traces::child(ctx.span.as_ref(), "auth"))
             .await?;
         ctx.identity = Some(identity);
         if route == Route::Models {
@@ -639,7 +670,11 @@ impl Proxy {
         }
         ctx.stream = view.is_stream();
         let identity = ctx.identity.clone().expect("authenticated above");
-        match admission::admit(&self.gateway, &identity, route_kind, &view, &ctx.request_id).await {
+        traces::record_request(ctx.span.as_ref(), route_kind, &view);
+        let admitting =
+            admission::admit(&self.gateway, &identity, route_kind, &view, &ctx.request_id)
+                .instrument(traces::child(ctx.span.as_ref(), "admission"));
+        match admitting.await {
             Ok(admitted) => ctx.admitted = Some(admitted),
             Err(refused) => {
                 ctx.refused_headers = Some((refused.headers, refused.retry_after_secs));
@@ -663,7 +698,14 @@ impl Proxy {
             cache_control,
             include_usage,
         ) {
-            if let Some(hit) = self.gateway.cache.lookup(&mut plan).await {
+            let lookup = traces::child(ctx.span.as_ref(), "cache lookup");
+            if let Some(hit) = self
+                .gateway
+                .cache
+                .lookup(&mut plan)
+                .instrument(lookup)
+                .await
+            {
                 return Ok(Some(LocalAnswer::Cached(hit)));
             }
             ctx.cache_status = Some(CacheStatus::Miss);

@@ -145,23 +145,37 @@ impl Backend {
             SIM_EMBED_MODEL,
         ];
         args.extend_from_slice(extra_args);
-        Backend::spawn(port, &args).await
+        Backend::spawn(port, &args, &[]).await
+    }
+
+    /// A simulated backend with extra environment (e.g. `OTEL_*`).
+    pub async fn start_with_env(env: &[(&str, &str)]) -> Result<Backend> {
+        let args = [
+            "--engine",
+            "sim",
+            "--model",
+            SIM_MODEL,
+            "--model",
+            SIM_EMBED_MODEL,
+        ];
+        Backend::spawn(free_port(), &args, env).await
     }
 
     /// A backend with the native engine, serving what `args` (`--model`, `--device`) say.
     pub async fn start_native(args: &[&str]) -> Result<Backend> {
         let mut all = vec!["--engine", "native"];
         all.extend_from_slice(args);
-        Backend::spawn(free_port(), &all).await
+        Backend::spawn(free_port(), &all, &[]).await
     }
 
-    async fn spawn(port: u16, args: &[&str]) -> Result<Backend> {
+    async fn spawn(port: u16, args: &[&str], env: &[(&str, &str)]) -> Result<Backend> {
         let dir = tempfile::tempdir()?;
         let url = format!("http://127.0.0.1:{port}");
         let mut command = Command::new(binary("sluice-backend"));
         command
             .args(["--listen", &format!("127.0.0.1:{port}")])
-            .args(args);
+            .args(args)
+            .envs(env.iter().copied());
         let mut process = Process::spawn(command, dir.path().join("backend.log"))?;
         wait_healthy(&format!("{url}/health"), &mut process).await?;
         Ok(Backend {
@@ -230,6 +244,8 @@ pub struct GatewayOptions {
     pub max_body_bytes: usize,
     /// Extra TOML appended to the generated config (e.g. `[[prices]]` tables).
     pub extra_config: String,
+    /// Extra environment for the process (e.g. `OTEL_*`).
+    pub env: Vec<(String, String)>,
 }
 
 impl GatewayOptions {
@@ -239,6 +255,7 @@ impl GatewayOptions {
             store,
             max_body_bytes: 1024 * 1024,
             extra_config: String::new(),
+            env: Vec::new(),
         }
     }
 }
@@ -303,6 +320,7 @@ hs256_secret = "{JWT_SECRET}"
             .env_remove("SLUICE_REDIS_URL")
             .env_remove("SLUICE_ADMIN_TOKEN")
             .env_remove("SLUICE_BACKENDS")
+            .envs(options.env.iter().map(|(k, v)| (k, v)))
             .current_dir(dir.path());
         let mut process = Process::spawn(command, dir.path().join("gateway.log"))?;
         let url = format!("http://127.0.0.1:{port}");
