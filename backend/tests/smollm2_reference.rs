@@ -14,11 +14,15 @@ use serde_json::{json, Value};
 use sluice_backend::native::cpu::Cpu;
 use sluice_backend::native::device::Device;
 use sluice_backend::native::gguf::Gguf;
-use sluice_backend::native::llama::{Llama, Logits};
+use sluice_backend::native::llama::{KvCache, Llama, Logits, SeqCache, Step};
 use sluice_backend::native::tokenizer::{ChatMessage, LlamaTokenizer};
 
 /// Greedy tokens compared per chat: enough to cover a short answer.
 const GREEDY_TOKENS: usize = 10;
+
+/// Small blocks, so that every sequence spans several, not in order.
+const BLOCK_SIZE: usize = 16;
+const BLOCKS: usize = 64;
 
 /// Largest difference allowed between a logit here and the reference's. Both sum in
 /// float32 in different orders over 30 layers (measured: 1e-4 at most, on logits of size
@@ -131,6 +135,20 @@ fn argmax(row: &[f32]) -> usize {
         .0
 }
 
+/// One sequence's step, on its own, downloaded.
+fn run(
+    model: &Llama<Cpu>,
+    cache: &mut KvCache<Vec<f32>>,
+    seq: &mut SeqCache,
+    tokens: &[u32],
+    logits: Logits,
+) -> Vec<f32> {
+    let out = model
+        .forward(cache, &mut [Step { seq, tokens }], logits)
+        .unwrap();
+    model.device().download(&out).unwrap()
+}
+
 #[test]
 fn chat_logits_and_greedy_tokens_match_an_independent_numpy_reference() {
     let Some(path) = weights() else { return };
@@ -163,11 +181,10 @@ fn chat_logits_and_greedy_tokens_match_an_independent_numpy_reference() {
         let tokens = tokenizer.encode(&prompt).unwrap();
         assert_eq!(tokens, want.tokens, "tokens of {prompt:?}");
 
-        let mut cache = model.new_cache(tokens.len() + GREEDY_TOKENS).unwrap();
-        let logits = model
-            .device()
-            .download(&model.forward(&mut cache, &tokens, Logits::All).unwrap())
-            .unwrap();
+        let mut cache = model.new_cache(BLOCKS, BLOCK_SIZE).unwrap();
+        let mut seq = SeqCache::default();
+        assert!(cache.reserve(&mut seq, tokens.len()));
+        let logits = run(&model, &mut cache, &mut seq, &tokens, Logits::All);
         assert_eq!(logits.len(), want.logits.len(), "[tokens, {vocab}]");
         let mut worst = 0.0f32;
         for (pos, (got, exp)) in logits
@@ -196,16 +213,14 @@ fn chat_logits_and_greedy_tokens_match_an_independent_numpy_reference() {
             tokens.len()
         );
 
-        // The same prompt in two chunks through a fresh cache, asking for the last logits
-        // only (as a chunked prefill does), gives the same last row: every row's arithmetic
+        // The same prompt in two chunks as a second sequence in the cache, asking for the
+        // last logits only (as a chunked prefill does), gives the same last row: every row's arithmetic
         // is independent of how many others run with it.
-        let mut chunked = model.new_cache(tokens.len()).unwrap();
+        let mut chunked = SeqCache::default();
+        assert!(cache.reserve(&mut chunked, tokens.len()));
         let (first, second) = tokens.split_at(tokens.len() / 2);
-        model.forward(&mut chunked, first, Logits::Last).unwrap();
-        let last = model
-            .device()
-            .download(&model.forward(&mut chunked, second, Logits::Last).unwrap())
-            .unwrap();
+        run(&model, &mut cache, &mut chunked, first, Logits::Last);
+        let last = run(&model, &mut cache, &mut chunked, second, Logits::Last);
         assert_eq!(chunked.len(), tokens.len());
         assert!(
             last == logits[logits.len() - vocab..],
@@ -222,10 +237,8 @@ fn chat_logits_and_greedy_tokens_match_an_independent_numpy_reference() {
             if next == eos {
                 break;
             }
-            let step = model
-                .device()
-                .download(&model.forward(&mut cache, &[next], Logits::Last).unwrap())
-                .unwrap();
+            assert!(cache.reserve(&mut seq, 1));
+            let step = run(&model, &mut cache, &mut seq, &[next], Logits::Last);
             next = argmax(&step) as u32;
         }
         assert_eq!(
@@ -241,6 +254,60 @@ fn chat_logits_and_greedy_tokens_match_an_independent_numpy_reference() {
             tokenizer.decode(&greedy)
         );
     }
+
+    // All chats in one cache, joining one step apart and leaving when done: each step runs
+    // the newcomer's whole prompt alongside the others' single generated tokens, and blocks
+    // freed by one sequence are reused by the others. Their greedy tokens do not change.
+    let eos = tokenizer.eos.expect("an end-of-turn token");
+    let n = refs.len();
+    let mut cache = model.new_cache(BLOCKS, BLOCK_SIZE).unwrap();
+    let mut seqs: Vec<SeqCache> = (0..n).map(|_| SeqCache::default()).collect();
+    let mut generated: Vec<Vec<u32>> = vec![Vec::new(); n];
+    let mut done = vec![false; n];
+    let mut step = 0;
+    while done.contains(&false) {
+        let inputs: Vec<(usize, Vec<u32>)> = (0..n.min(step + 1))
+            .filter(|&i| !done[i])
+            .map(|i| match generated[i].last() {
+                None => (i, refs[i].tokens.clone()),
+                Some(&t) => (i, vec![t]),
+            })
+            .collect();
+        for (i, tokens) in &inputs {
+            assert!(cache.reserve(&mut seqs[*i], tokens.len()));
+        }
+        let mut steps: Vec<Step<'_>> = seqs
+            .iter_mut()
+            .enumerate()
+            .filter_map(|(i, seq)| {
+                let (_, tokens) = inputs.iter().find(|(j, _)| *j == i)?;
+                Some(Step { seq, tokens })
+            })
+            .collect();
+        let logits = model
+            .device()
+            .download(&model.forward(&mut cache, &mut steps, Logits::Last).unwrap())
+            .unwrap();
+        drop(steps);
+        for ((i, _), row) in inputs.iter().zip(logits.chunks_exact(vocab)) {
+            let token = argmax(row) as u32;
+            generated[*i].push(token);
+            if token == eos || generated[*i].len() == GREEDY_TOKENS {
+                done[*i] = true;
+                cache.release(&mut seqs[*i]);
+            }
+        }
+        step += 1;
+    }
+    assert_eq!(cache.free_blocks(), BLOCKS);
+    for (got, want) in generated.iter().zip(&refs) {
+        assert_eq!(
+            got, &want.greedy,
+            "batched greedy continuation of {:?}",
+            want.prompt
+        );
+    }
+
     let france = tokenizer.decode(&refs[0].greedy);
     assert!(france.contains("Paris"), "{france:?}");
 }

@@ -6,7 +6,7 @@
 
 use rayon::prelude::*;
 
-use super::device::{Attention, CausalAttention, Device, DeviceError, Tensor};
+use super::device::{Attention, Device, DeviceError, PagedAttention, Tensor};
 use super::quant::{self, QMatrix};
 
 /// Roughly the multiply-adds below which an operation runs on the calling thread.
@@ -405,85 +405,109 @@ impl Device for Cpu {
         Ok(())
     }
 
-    fn write_rows(
+    fn scatter_rows(
         &self,
         dest: &mut CpuTensor,
         x: &CpuTensor,
-        at: usize,
+        rows: &[u32],
     ) -> Result<(), DeviceError> {
         let d = dest.cols();
-        assert_eq!(x.cols(), d, "write_rows: {x:?} into {dest:?}");
-        assert!(
-            at + x.rows() <= dest.rows(),
-            "write_rows: {} rows at {at} into {dest:?}",
-            x.rows()
-        );
-        dest.data_mut()[at * d..(at + x.rows()) * d].copy_from_slice(x.data());
+        let capacity = dest.rows();
+        assert_eq!(x.cols(), d, "scatter_rows: {x:?} into {dest:?}");
+        assert_eq!(x.rows(), rows.len(), "scatter_rows: one row index per row");
+        let data = dest.data_mut();
+        for (src, &r) in x.data().chunks_exact(d).zip(rows) {
+            let r = r as usize;
+            assert!(r < capacity, "scatter_rows: row {r} of {capacity}");
+            data[r * d..(r + 1) * d].copy_from_slice(src);
+        }
         Ok(())
     }
 
-    fn causal_attention(
+    fn paged_attention(
         &self,
         q: &CpuTensor,
         k: &CpuTensor,
         v: &CpuTensor,
-        layout: CausalAttention,
+        layout: PagedAttention<'_>,
     ) -> Result<CpuTensor, DeviceError> {
-        let CausalAttention {
-            past,
+        let PagedAttention {
+            seqs,
+            block_size,
             heads,
             kv_heads,
             scale,
         } = layout;
-        let (new, width) = (q.rows(), q.cols());
+        let (rows, width) = (q.rows(), q.cols());
         assert!(
             heads.is_multiple_of(kv_heads) && width.is_multiple_of(heads),
-            "causal_attention: {heads} heads over {kv_heads}"
+            "paged_attention: {heads} heads over {kv_heads}"
         );
         let head_dim = width / heads;
         let kv_width = kv_heads * head_dim;
         let group = heads / kv_heads;
         assert!(
             k.cols() == kv_width && v.shape() == k.shape(),
-            "causal_attention: k {k:?} v {v:?}"
+            "paged_attention: k {k:?} v {v:?}"
         );
-        assert!(
-            past + new <= k.rows(),
-            "causal_attention: {past} + {new} rows of {k:?}"
+        assert_eq!(
+            seqs.iter().map(|s| s.new).sum::<usize>(),
+            rows,
+            "paged_attention: sequences' rows"
         );
+        let mut tasks = Vec::with_capacity(seqs.len() * heads);
+        let mut start = 0;
+        for seq in seqs {
+            let total = seq.past + seq.new;
+            assert!(
+                seq.blocks.len() * block_size >= total
+                    && seq
+                        .blocks
+                        .iter()
+                        .all(|&b| (b as usize + 1) * block_size <= k.rows()),
+                "paged_attention: {total} positions in blocks {:?} of {block_size}",
+                seq.blocks
+            );
+            tasks.extend((0..heads).map(|h| (start, *seq, h)));
+            start += seq.new;
+        }
         let (qd, kd, vd) = (q.data(), k.data(), v.data());
-        // One task per head: each writes its own columns, gathered per head and scattered
-        // after, as in `quant::matmul`.
-        let per_head: Vec<Vec<f32>> = (0..heads)
-            .into_par_iter()
-            .map(|h| {
+        // One task per (sequence, head), each writing its own rows and columns: gathered per
+        // task and scattered after, so no two threads write one buffer.
+        let parts: Vec<Vec<f32>> = tasks
+            .par_iter()
+            .map(|&(start, seq, h)| {
                 let kv = (h / group) * head_dim;
-                let mut out = vec![0.0f32; new * head_dim];
-                let mut scores = Vec::with_capacity(past + new);
-                for i in 0..new {
-                    let qi = &qd[i * width + h * head_dim..][..head_dim];
+                let slot = |p: usize| {
+                    (seq.blocks[p / block_size] as usize * block_size + p % block_size) * kv_width
+                        + kv
+                };
+                let mut out = vec![0.0f32; seq.new * head_dim];
+                let mut scores = Vec::with_capacity(seq.past + seq.new);
+                for i in 0..seq.new {
+                    let qi = &qd[(start + i) * width + h * head_dim..][..head_dim];
                     scores.clear();
-                    scores.extend((0..=past + i).map(|j| {
-                        let kj = &kd[j * kv_width + kv..][..head_dim];
-                        qi.iter().zip(kj).map(|(a, b)| a * b).sum::<f32>() * scale
+                    scores.extend((0..=seq.past + i).map(|p| {
+                        let kp = &kd[slot(p)..][..head_dim];
+                        qi.iter().zip(kp).map(|(a, b)| a * b).sum::<f32>() * scale
                     }));
                     softmax_row(&mut scores);
                     let oi = &mut out[i * head_dim..][..head_dim];
-                    for (j, &p) in scores.iter().enumerate() {
-                        let vj = &vd[j * kv_width + kv..][..head_dim];
-                        oi.iter_mut().zip(vj).for_each(|(o, v)| *o += p * v);
+                    for (p, &w) in scores.iter().enumerate() {
+                        let vp = &vd[slot(p)..][..head_dim];
+                        oi.iter_mut().zip(vp).for_each(|(o, v)| *o += w * v);
                     }
                 }
                 out
             })
             .collect();
-        let mut out = vec![0.0f32; new * width];
-        for (h, part) in per_head.iter().enumerate() {
+        let mut out = vec![0.0f32; rows * width];
+        for (&(start, _, h), part) in tasks.iter().zip(&parts) {
             for (i, row) in part.chunks_exact(head_dim).enumerate() {
-                out[i * width + h * head_dim..][..head_dim].copy_from_slice(row);
+                out[(start + i) * width + h * head_dim..][..head_dim].copy_from_slice(row);
             }
         }
-        Ok(Tensor::from_parts(out, vec![new, width]))
+        Ok(Tensor::from_parts(out, vec![rows, width]))
     }
 
     fn mean_pool(&self, x: &CpuTensor, seq_lens: &[usize]) -> Result<CpuTensor, DeviceError> {
@@ -523,6 +547,7 @@ fn softmax_row(row: &mut [f32]) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::native::device::PagedSequence;
 
     /// Deterministic values in [-1, 1), so failures reproduce.
     fn values(n: usize, seed: u64) -> Vec<f32> {
@@ -773,63 +798,86 @@ mod tests {
     }
 
     #[test]
-    fn causal_attention_sees_only_the_past_through_shared_kv_heads() {
-        // 6 query heads over 2 key/value heads of 8, 3 tokens cached and 4 new ones.
-        let (heads, kv_heads, hd, past, new) = (6usize, 2usize, 8usize, 3usize, 4usize);
-        let total = past + new;
-        let q = values(new * heads * hd, 11);
-        let k = values(total * kv_heads * hd, 12);
-        let v = values(total * kv_heads * hd, 13);
-        // The cache has room for more rows than are filled; those must not be read.
-        let mut kc = tensor(
-            vec![f32::NAN; (total + 2) * kv_heads * hd],
-            &[total + 2, kv_heads * hd],
-        );
+    fn paged_attention_sees_only_its_own_past_through_scattered_blocks_and_shared_kv_heads() {
+        // 6 query heads over 2 key/value heads of 8; blocks of 2 rows. Sequence A has 3
+        // tokens cached and 4 new in blocks 5, 0, 3, 6; sequence B 2 new in block 2.
+        let (heads, kv_heads, hd, bs) = (6usize, 2usize, 8usize, 2usize);
+        let kvw = kv_heads * hd;
+        let seqs = [(3usize, 4usize, vec![5u32, 0, 3, 6]), (0, 2, vec![2])];
+        let rows: usize = seqs.iter().map(|s| s.1).sum();
+        let q = values(rows * heads * hd, 11);
+        // Slots never written stay NaN: reading one would poison the result.
+        let mut kc = tensor(vec![f32::NAN; 8 * bs * kvw], &[8 * bs, kvw]);
         let mut vc = kc.clone();
-        Cpu.write_rows(&mut kc, &tensor(k.clone(), &[total, kv_heads * hd]), 0)
-            .unwrap();
-        Cpu.write_rows(&mut vc, &tensor(v.clone(), &[total, kv_heads * hd]), 0)
-            .unwrap();
+        let mut kv_of = Vec::new();
+        for (n, (past, new, blocks)) in seqs.iter().enumerate() {
+            let total = past + new;
+            let (k, v) = (
+                values(total * kvw, 12 + n as u64),
+                values(total * kvw, 14 + n as u64),
+            );
+            let slots: Vec<u32> = (0..total)
+                .map(|p| blocks[p / bs] * bs as u32 + (p % bs) as u32)
+                .collect();
+            Cpu.scatter_rows(&mut kc, &tensor(k.clone(), &[total, kvw]), &slots)
+                .unwrap();
+            Cpu.scatter_rows(&mut vc, &tensor(v.clone(), &[total, kvw]), &slots)
+                .unwrap();
+            kv_of.push((k, v));
+        }
+        let layout: Vec<PagedSequence<'_>> = seqs
+            .iter()
+            .map(|(past, new, blocks)| PagedSequence {
+                past: *past,
+                new: *new,
+                blocks,
+            })
+            .collect();
         let scale = 1.0 / (hd as f32).sqrt();
         let got = Cpu
-            .causal_attention(
-                &tensor(q.clone(), &[new, heads * hd]),
+            .paged_attention(
+                &tensor(q.clone(), &[rows, heads * hd]),
                 &kc,
                 &vc,
-                CausalAttention {
-                    past,
+                PagedAttention {
+                    seqs: &layout,
+                    block_size: bs,
                     heads,
                     kv_heads,
                     scale,
                 },
             )
             .unwrap();
-        let mut want = vec![0.0f64; new * heads * hd];
-        for h in 0..heads {
-            let g = h / (heads / kv_heads);
-            for i in 0..new {
-                let qi = &q[(i * heads + h) * hd..][..hd];
-                let scores: Vec<f64> = (0..=past + i)
-                    .map(|j| {
-                        let kj = &k[(j * kv_heads + g) * hd..][..hd];
-                        qi.iter()
-                            .zip(kj)
-                            .map(|(a, b)| f64::from(a * b))
-                            .sum::<f64>()
-                            * f64::from(scale)
-                    })
-                    .collect();
-                let max = scores.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-                let exp: Vec<f64> = scores.iter().map(|s| (s - max).exp()).collect();
-                let sum: f64 = exp.iter().sum();
-                for d in 0..hd {
-                    want[(i * heads + h) * hd + d] = exp
-                        .iter()
-                        .enumerate()
-                        .map(|(j, e)| e / sum * f64::from(v[(j * kv_heads + g) * hd + d]))
-                        .sum();
+        let mut want = vec![0.0f64; rows * heads * hd];
+        let mut start = 0;
+        for ((past, new, _), (k, v)) in seqs.iter().zip(&kv_of) {
+            for h in 0..heads {
+                let g = h / (heads / kv_heads);
+                for i in 0..*new {
+                    let qi = &q[((start + i) * heads + h) * hd..][..hd];
+                    let scores: Vec<f64> = (0..=past + i)
+                        .map(|j| {
+                            let kj = &k[(j * kv_heads + g) * hd..][..hd];
+                            qi.iter()
+                                .zip(kj)
+                                .map(|(a, b)| f64::from(a * b))
+                                .sum::<f64>()
+                                * f64::from(scale)
+                        })
+                        .collect();
+                    let max = scores.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+                    let exp: Vec<f64> = scores.iter().map(|s| (s - max).exp()).collect();
+                    let sum: f64 = exp.iter().sum();
+                    for d in 0..hd {
+                        want[((start + i) * heads + h) * hd + d] = exp
+                            .iter()
+                            .enumerate()
+                            .map(|(j, e)| e / sum * f64::from(v[(j * kv_heads + g) * hd + d]))
+                            .sum();
+                    }
                 }
             }
+            start += new;
         }
         assert_close(got.data(), &want, 1e-5);
     }

@@ -89,12 +89,25 @@ pub struct Attention<'a> {
     pub scale: f32,
 }
 
-/// Causal self-attention of new tokens over a sequence's key/value cache.
+/// One sequence's part of a [`PagedAttention`] batch.
 #[derive(Debug, Clone, Copy)]
-pub struct CausalAttention {
-    /// Tokens already in the cache before the new ones: new row `i` sits at position
-    /// `past + i` and sees cache rows `0..=past + i`.
+pub struct PagedSequence<'a> {
+    /// Tokens already in the cache before this step's: new row `i` sits at position
+    /// `past + i` and sees positions `0..=past + i`.
     pub past: usize,
+    /// This step's tokens: `new` consecutive rows of the batch (1 for a decode step).
+    pub new: usize,
+    /// The cache blocks holding positions `0..past + new`, in order: position `p` is row
+    /// `blocks[p / block_size] · block_size + p % block_size` of the cache.
+    pub blocks: &'a [u32],
+}
+
+/// Causal grouped-query attention of a batch of sequences over a paged key/value cache.
+#[derive(Debug, Clone, Copy)]
+pub struct PagedAttention<'a> {
+    /// In the order their rows are packed in the batch.
+    pub seqs: &'a [PagedSequence<'a>],
+    pub block_size: usize,
     pub heads: usize,
     /// Key/value heads, dividing `heads`: query head `h` reads key/value head
     /// `h / (heads / kv_heads)` (grouped-query attention).
@@ -219,23 +232,25 @@ pub trait Device: Send + Sync + 'static {
         up: &Tensor<Self::Storage>,
     ) -> Result<(), DeviceError>;
 
-    /// Copies the rows of `x` into `dest` from row `at` on (a KV-cache write).
-    fn write_rows(
+    /// Row `i` of `x` into row `rows[i]` of `dest`: writes new keys and values into their
+    /// cache slots, wherever their blocks are.
+    fn scatter_rows(
         &self,
         dest: &mut Tensor<Self::Storage>,
         x: &Tensor<Self::Storage>,
-        at: usize,
+        rows: &[u32],
     ) -> Result<(), DeviceError>;
 
-    /// Causal grouped-query attention of `q` (`[new, heads · head_dim]`) over the first
-    /// `past + new` rows of the caches `k` and `v` (`[capacity, kv_heads · head_dim]`), which
-    /// already hold the new tokens' keys and values. The result is shaped like `q`.
-    fn causal_attention(
+    /// Causal grouped-query attention of `q` (`[batch rows, heads · head_dim]`, packed by
+    /// sequence) over the caches `k` and `v` (`[blocks · block_size, kv_heads · head_dim]`),
+    /// which already hold this step's keys and values. Each sequence sees only its own
+    /// positions, through its block table. The result is shaped like `q`.
+    fn paged_attention(
         &self,
         q: &Tensor<Self::Storage>,
         k: &Tensor<Self::Storage>,
         v: &Tensor<Self::Storage>,
-        layout: CausalAttention,
+        layout: PagedAttention<'_>,
     ) -> Result<Tensor<Self::Storage>, DeviceError>;
 
     /// The mean of each sequence's rows: `[tokens, d]` packed by `seq_lens` to

@@ -5,10 +5,13 @@
 //! adjacent-pair form), a residual add, RMSNorm, a SwiGLU feed-forward block, a residual
 //! add; then a final RMSNorm and the output head, which is the token embedding itself when
 //! the file has no `output.weight` (tied). Weights stay in their stored encoding on the
-//! device. Batching many sequences and a paged cache are the engine's business, not this
-//! module's: it only promises that the same tokens give the same logits.
+//! device. One forward pass runs a batch of sequences, each with its own new tokens (a
+//! whole or partial prompt, or one generated token), over a paged key/value cache: blocks of
+//! a fixed number of positions handed out as sequences grow. Which sequences run together
+//! is the engine's business; this module promises that it never changes their logits, since
+//! every row's arithmetic is the same whatever else is in the batch.
 
-use super::device::{CausalAttention, Device, DeviceError, Tensor};
+use super::device::{Device, DeviceError, PagedAttention, PagedSequence, Tensor};
 use super::gguf::{Gguf, Value};
 use super::quant::{dequantize, QMatrix};
 use super::LoadError;
@@ -120,9 +123,9 @@ struct Layer<D: Device> {
 pub enum Logits {
     /// Every new token's: for checking a whole prompt against a reference.
     All,
-    /// The last new token's only, which is all that sampling needs: the output head is the
-    /// largest matrix (49152 × 576 for SmolLM2), so a prompt's other rows would cost as
-    /// much again as its whole forward pass.
+    /// Each sequence's last new token's only, which is all that sampling needs: the output
+    /// head is the largest matrix (49152 × 576 for SmolLM2), so a prompt's other rows would
+    /// cost as much again as its whole forward pass.
     Last,
 }
 
@@ -137,15 +140,26 @@ pub struct Llama<D: Device> {
     output: Option<D::Matrix>,
 }
 
-/// One sequence's keys and values, for every layer, in room for `capacity` tokens.
+/// Key/value memory for many sequences: per layer, a tensor of `blocks · block_size` rows
+/// for keys and one for values, handed out to sequences a block at a time.
 pub struct KvCache<S> {
     k: Vec<Tensor<S>>,
     v: Vec<Tensor<S>>,
+    block_size: usize,
+    blocks: usize,
+    /// Free block ids; taken from the end.
+    free: Vec<u32>,
+}
+
+/// A sequence's place in a [`KvCache`]: its block table and how many positions it holds.
+#[derive(Debug, Default)]
+pub struct SeqCache {
+    blocks: Vec<u32>,
     len: usize,
 }
 
-impl<S> KvCache<S> {
-    /// Tokens the cache holds.
+impl SeqCache {
+    /// Tokens this sequence has in the cache.
     pub fn len(&self) -> usize {
         self.len
     }
@@ -154,9 +168,49 @@ impl<S> KvCache<S> {
         self.len == 0
     }
 
-    pub fn capacity(&self) -> usize {
-        self.k.first().map_or(0, Tensor::rows)
+    pub fn blocks(&self) -> &[u32] {
+        &self.blocks
     }
+}
+
+impl<S> KvCache<S> {
+    pub fn block_size(&self) -> usize {
+        self.block_size
+    }
+
+    pub fn total_blocks(&self) -> usize {
+        self.blocks
+    }
+
+    pub fn free_blocks(&self) -> usize {
+        self.free.len()
+    }
+
+    /// Makes room in `seq` for `tokens` more positions. False, with nothing taken, when
+    /// too few blocks are free: the engine then waits or preempts.
+    pub fn reserve(&mut self, seq: &mut SeqCache, tokens: usize) -> bool {
+        let needed = (seq.len + tokens).div_ceil(self.block_size);
+        let more = needed.saturating_sub(seq.blocks.len());
+        if more > self.free.len() {
+            return false;
+        }
+        let at = self.free.len() - more;
+        seq.blocks.extend(self.free.drain(at..).rev());
+        true
+    }
+
+    /// Gives all of `seq`'s blocks back and empties it.
+    pub fn release(&mut self, seq: &mut SeqCache) {
+        self.free.extend(seq.blocks.drain(..).rev());
+        seq.len = 0;
+    }
+}
+
+/// One sequence's part in a forward pass.
+pub struct Step<'a> {
+    pub seq: &'a mut SeqCache,
+    /// The tokens that follow the ones in `seq`'s cache: at least one, with room reserved.
+    pub tokens: &'a [u32],
 }
 
 impl<D: Device> Llama<D> {
@@ -236,48 +290,79 @@ impl<D: Device> Llama<D> {
         &self.device
     }
 
-    /// An empty cache with room for `capacity` tokens (at most the context length).
-    pub fn new_cache(&self, capacity: usize) -> Result<KvCache<D::Storage>, DeviceError> {
-        let capacity = capacity.min(self.config.context_length);
+    /// An empty cache of `blocks` blocks of `block_size` positions each.
+    pub fn new_cache(
+        &self,
+        blocks: usize,
+        block_size: usize,
+    ) -> Result<KvCache<D::Storage>, DeviceError> {
+        assert!(block_size > 0 && blocks <= u32::MAX as usize);
         let width = self.config.kv_heads * self.config.head_dim();
-        let zeros = vec![0.0f32; capacity * width];
+        let zeros = vec![0.0f32; blocks * block_size * width];
         let mut k = Vec::with_capacity(self.config.layers);
         let mut v = Vec::with_capacity(self.config.layers);
         for _ in 0..self.config.layers {
-            k.push(self.device.upload(&zeros, &[capacity, width])?);
-            v.push(self.device.upload(&zeros, &[capacity, width])?);
+            k.push(self.device.upload(&zeros, &[blocks * block_size, width])?);
+            v.push(self.device.upload(&zeros, &[blocks * block_size, width])?);
         }
-        Ok(KvCache { k, v, len: 0 })
+        Ok(KvCache {
+            k,
+            v,
+            block_size,
+            blocks,
+            free: (0..blocks as u32).rev().collect(),
+        })
     }
 
-    /// Runs `tokens` (at least one), which follow the ones already in `cache`, and returns
-    /// their logits, `[tokens, vocab]` (row `i` predicts the token after `tokens[i]`), or
-    /// `[1, vocab]` for [`Logits::Last`]. The caller checks that the tokens are in the
-    /// vocabulary and fit in the cache.
+    /// Runs one step of a batch: each sequence's new tokens, all at once. Returns the logits
+    /// of every new token, `[new tokens, vocab]` packed in `steps` order (row `i` predicts
+    /// the token after new token `i`), or of each sequence's last one, `[steps, vocab]`,
+    /// for [`Logits::Last`]. The caller checks that tokens are in the vocabulary, within
+    /// the context length, and have cache room reserved ([`KvCache::reserve`]).
     pub fn forward(
         &self,
         cache: &mut KvCache<D::Storage>,
-        tokens: &[u32],
+        steps: &mut [Step<'_>],
         logits: Logits,
     ) -> Result<Tensor<D::Storage>, DeviceError> {
         let dev = &self.device;
         let c = &self.config;
-        let past = cache.len;
-        assert!(!tokens.is_empty(), "forward over no tokens");
-        assert!(
-            past + tokens.len() <= cache.capacity(),
-            "{past} + {} tokens in a cache of {}",
-            tokens.len(),
-            cache.capacity()
-        );
-        let positions: Vec<u32> = (past..past + tokens.len()).map(|p| p as u32).collect();
-        let layout = CausalAttention {
-            past,
+        let bs = cache.block_size;
+        let mut ids = Vec::new();
+        let mut positions = Vec::new();
+        let mut slots = Vec::new();
+        let mut last_rows = Vec::with_capacity(steps.len());
+        for step in steps.iter() {
+            let (past, new) = (step.seq.len, step.tokens.len());
+            assert!(new > 0, "a step with no tokens");
+            assert!(
+                step.seq.blocks.len() * bs >= past + new,
+                "{past} + {new} positions in {} blocks of {bs}: reserve first",
+                step.seq.blocks.len()
+            );
+            ids.extend_from_slice(step.tokens);
+            for p in past..past + new {
+                positions.push(p as u32);
+                slots.push(step.seq.blocks[p / bs] * bs as u32 + (p % bs) as u32);
+            }
+            last_rows.push(ids.len() as u32 - 1);
+        }
+        let seqs: Vec<PagedSequence<'_>> = steps
+            .iter()
+            .map(|step| PagedSequence {
+                past: step.seq.len,
+                new: step.tokens.len(),
+                blocks: &step.seq.blocks,
+            })
+            .collect();
+        let layout = PagedAttention {
+            seqs: &seqs,
+            block_size: bs,
             heads: c.heads,
             kv_heads: c.kv_heads,
             scale: 1.0 / (c.head_dim() as f32).sqrt(),
         };
-        let mut x = dev.gather_matrix_rows(&self.embed, tokens)?;
+        let mut x = dev.gather_matrix_rows(&self.embed, &ids)?;
         for (i, layer) in self.layers.iter().enumerate() {
             let h = dev.rms_norm(&x, &layer.attn_norm, c.rms_eps)?;
             let mut q = dev.matmul(&h, &layer.q)?;
@@ -285,9 +370,9 @@ impl<D: Device> Llama<D> {
             let v = dev.matmul(&h, &layer.v)?;
             dev.rope(&mut q, c.heads, &positions, c.rope_base)?;
             dev.rope(&mut k, c.kv_heads, &positions, c.rope_base)?;
-            dev.write_rows(&mut cache.k[i], &k, past)?;
-            dev.write_rows(&mut cache.v[i], &v, past)?;
-            let attended = dev.causal_attention(&q, &cache.k[i], &cache.v[i], layout)?;
+            dev.scatter_rows(&mut cache.k[i], &k, &slots)?;
+            dev.scatter_rows(&mut cache.v[i], &v, &slots)?;
+            let attended = dev.paged_attention(&q, &cache.k[i], &cache.v[i], layout)?;
             dev.add_assign(&mut x, &dev.matmul(&attended, &layer.o)?)?;
 
             let h = dev.rms_norm(&x, &layer.ffn_norm, c.rms_eps)?;
@@ -295,11 +380,46 @@ impl<D: Device> Llama<D> {
             dev.silu_mul(&mut gate, &dev.matmul(&h, &layer.up)?)?;
             dev.add_assign(&mut x, &dev.matmul(&gate, &layer.down)?)?;
         }
-        cache.len = past + tokens.len();
-        if logits == Logits::Last && tokens.len() > 1 {
-            x = dev.gather_rows(&x, &[tokens.len() as u32 - 1])?;
+        drop(seqs);
+        for step in steps.iter_mut() {
+            step.seq.len += step.tokens.len();
+        }
+        if logits == Logits::Last && last_rows.len() < ids.len() {
+            x = dev.gather_rows(&x, &last_rows)?;
         }
         let x = dev.rms_norm(&x, &self.norm, c.rms_eps)?;
         dev.matmul(&x, self.output.as_ref().unwrap_or(&self.embed))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cache_blocks_are_reserved_as_sequences_grow_and_come_back_on_release() {
+        let mut cache: KvCache<Vec<f32>> = KvCache {
+            k: Vec::new(),
+            v: Vec::new(),
+            block_size: 4,
+            blocks: 5,
+            free: (0..5).rev().collect(),
+        };
+        let (mut a, mut b) = (SeqCache::default(), SeqCache::default());
+        assert!(cache.reserve(&mut a, 5));
+        assert_eq!(a.blocks(), [0, 1]);
+        a.len = 5;
+        // Three more positions still fit in block 1; a fourth needs block 2.
+        assert!(cache.reserve(&mut a, 3));
+        assert_eq!(a.blocks().len(), 2);
+        assert!(cache.reserve(&mut b, 9));
+        assert_eq!(b.blocks(), [2, 3, 4]);
+        // Nothing is free: a request for more takes nothing.
+        assert!(!cache.reserve(&mut a, 4));
+        assert_eq!((a.blocks().len(), cache.free_blocks()), (2, 0));
+        cache.release(&mut b);
+        assert_eq!((b.blocks().len(), b.len(), cache.free_blocks()), (0, 0, 3));
+        assert!(cache.reserve(&mut a, 4));
+        assert_eq!(a.blocks(), [0, 1, 2]);
     }
 }
