@@ -23,6 +23,14 @@ ensure_build_tools() {
   fi
 }
 
+# ensure_browser: headless Chromium and its WebDriver, for the admin console's browser test.
+ensure_browser() {
+  if ! command -v chromium >/dev/null 2>&1 || ! command -v chromedriver >/dev/null 2>&1; then
+    echo "$(basename "$0"): installing chromium and chromium-driver" >&2
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null
+  fi
+}
+
 # bench_setup: for the benchmark scripts. Builds the release binaries (unless
 # BENCH_NO_BUILD=1: use those already built) and sets $bin (where they are), $work (a scratch
 # folder) and $pids (processes to stop); at exit, stops them, runs bench_extra_cleanup if the

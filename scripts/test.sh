@@ -5,21 +5,23 @@
 # Installs what the tests need when it is missing: Redis (started on 127.0.0.1:6379 if that
 # port does not answer), a .venv with the `openai` package (and numpy, safetensors and
 # tokenizers for scripts/minilm_reference.py; gguf and jinja2 for
-# scripts/smollm2_reference.py), and the all-MiniLM-L6-v2 and SmolLM2-135M-Instruct weights.
+# scripts/smollm2_reference.py; selenium for the console's browser test), Chromium and its
+# driver, and the all-MiniLM-L6-v2 and SmolLM2-135M-Instruct weights.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/lib.sh
 ensure_build_tools
+ensure_browser
 
 if [ -z "${SLUICE_TEST_REDIS_URL:-}" ]; then
   scripts/ensure-redis.sh
 fi
 
 if [ -z "${SLUICE_TEST_PYTHON:-}" ]; then
-  if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c 'import openai, numpy, safetensors, tokenizers, gguf, jinja2' 2>/dev/null; then
-    echo "test.sh: installing the Python openai, numpy, safetensors, tokenizers, gguf and jinja2 packages into .venv" >&2
+  if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c 'import openai, numpy, safetensors, tokenizers, gguf, jinja2, selenium' 2>/dev/null; then
+    echo "test.sh: installing the Python openai, numpy, safetensors, tokenizers, gguf, jinja2 and selenium packages into .venv" >&2
     python3 -m venv .venv
-    .venv/bin/pip install --quiet --disable-pip-version-check 'openai>=1.40,<4' numpy safetensors tokenizers gguf jinja2
+    .venv/bin/pip install --quiet --disable-pip-version-check 'openai>=1.40,<4' numpy safetensors tokenizers gguf jinja2 selenium
   fi
   export SLUICE_TEST_PYTHON="$PWD/.venv/bin/python"
 fi

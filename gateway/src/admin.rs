@@ -61,6 +61,7 @@ pub fn router(gateway: Arc<Gateway>) -> Router {
         .layer(middleware::from_fn_with_state(gateway.clone(), authorize));
     Router::new()
         .route("/health", get(|| async { Json(json!({"status": "ok"})) }))
+        .route("/console", get(console))
         .merge(api)
         .fallback(|request: Request| async move {
             ApiError::not_found(format!(
@@ -698,6 +699,25 @@ async fn reset_key_quota(
     gateway.local_limiter.forget(&id);
     tracing::info!(key_id = %id, "quota reset");
     Ok(Json(json!({"key_id": id, "reset": true})))
+}
+
+/// The admin web console: one static page, built into the binary, that signs in with the
+/// admin token and then uses this API like any client. The page holds no data itself, so
+/// it is served without credentials.
+const CONSOLE: &str = include_str!("console.html");
+
+async fn console() -> impl IntoResponse {
+    (
+        [
+            (http::header::CONTENT_TYPE, "text/html; charset=utf-8"),
+            // The page runs only its own inline script and talks only to this listener.
+            (
+                http::header::CONTENT_SECURITY_POLICY,
+                "default-src 'self'; script-src 'unsafe-inline'; style-src 'unsafe-inline'",
+            ),
+        ],
+        CONSOLE,
+    )
 }
 
 /// `GET /metrics`: Prometheus text exposition (behind the admin listener's auth, like

@@ -1,0 +1,97 @@
+"""The admin console in a real browser (headless Chromium through Selenium): sign in, create a
+key, change its tier, watch its live quota, revoke it, and read usage charts, cache stats and
+backends. Needs SLUICE_ADMIN_URL, SLUICE_ADMIN_TOKEN and SLUICE_TENANT (a tenant with traffic)."""
+
+import os
+import sys
+
+from selenium import webdriver
+from selenium.common.exceptions import StaleElementReferenceException
+from selenium.webdriver.chrome.service import Service
+from selenium.webdriver.common.by import By
+from selenium.webdriver.support import expected_conditions as ec
+from selenium.webdriver.support.ui import Select, WebDriverWait
+
+ADMIN = os.environ["SLUICE_ADMIN_URL"]
+TOKEN = os.environ["SLUICE_ADMIN_TOKEN"]
+TENANT = os.environ["SLUICE_TENANT"]
+
+options = webdriver.ChromeOptions()
+options.binary_location = os.environ.get("CHROMIUM", "/usr/bin/chromium")
+for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu"):
+    options.add_argument(flag)
+service = Service(executable_path=os.environ.get("CHROMEDRIVER", "/usr/bin/chromedriver"))
+driver = webdriver.Chrome(service=service, options=options)
+# The console re-renders tables after each change: a row read mid-render is simply read again.
+wait = WebDriverWait(driver, 15, ignored_exceptions=(StaleElementReferenceException,))
+
+
+def check(condition, message):
+    if not condition:
+        print("FAILED:", message)
+        print(driver.page_source[:4000])
+        driver.quit()
+        sys.exit(1)
+
+
+def css(selector):
+    return driver.find_element(By.CSS_SELECTOR, selector)
+
+
+def tab(name):
+    css(f'header button[data-tab="{name}"]').click()
+
+
+try:
+    driver.get(ADMIN + "/console")
+    # A wrong token is refused with a message.
+    css("#token").send_keys("wrong-token-0123456789")
+    css("#signin-button").click()
+    wait.until(lambda d: "Sign-in failed" in css("#signin-error").text)
+    css("#token").clear()
+    css("#token").send_keys(TOKEN)
+    css("#signin-button").click()
+    wait.until(ec.visibility_of_element_located((By.ID, "app")))
+
+    # Create a key through the form; its secret is shown once and it appears in the table.
+    css("#new-name").send_keys("from-the-browser")
+    css("#new-tenant").send_keys("browser-tenant")
+    Select(css("#new-tier")).select_by_visible_text("free")
+    css("#create-key button").click()
+    wait.until(lambda d: "sk-sluice-" in css("#new-secret").text)
+    row = wait.until(lambda d: next((r for r in d.find_elements(By.CSS_SELECTOR, "#keys tbody tr")
+                                     if "from-the-browser" in r.text), None))
+    key_id = row.get_attribute("data-key")
+
+    # Change its tier; the change is in the API afterwards.
+    Select(row.find_element(By.CSS_SELECTOR, "select.tier")).select_by_visible_text("pro")
+    wait.until(lambda d: Select(d.find_element(By.CSS_SELECTOR, f'#keys tr[data-key="{key_id}"] select.tier'))
+               .first_selected_option.text == "pro")
+
+    # Its live quota.
+    driver.find_element(By.CSS_SELECTOR, f'#keys tr[data-key="{key_id}"] .show-quota').click()
+    wait.until(lambda d: "requests_per_minute" in css("#quota-rows").text)
+    check(key_id in css("#quota-key").text, "quota panel names the key")
+
+    # Revoke it.
+    driver.find_element(By.CSS_SELECTOR, f'#keys tr[data-key="{key_id}"] .revoke').click()
+    wait.until(lambda d: "revoked" in d.find_element(By.CSS_SELECTOR, f'#keys tr[data-key="{key_id}"]').text)
+
+    # Usage: the tenant with traffic has bars in the chart and a row in the table.
+    tab("usage")
+    wait.until(lambda d: TENANT in css("#usage-table tbody").text)
+    bars = driver.find_elements(By.CSS_SELECTOR, f'#usage-chart rect.bar[data-tenant="{TENANT}"]')
+    check(len(bars) >= 1, "usage chart has a bar for the tenant")
+    Select(css("#usage-measure")).select_by_visible_text("requests")
+    wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, f'#usage-chart rect.bar[data-tenant="{TENANT}"]'))
+
+    # Cache and backends.
+    tab("cache")
+    wait.until(lambda d: "entries" in css("#cache-summary").text)
+    wait.until(lambda d: TENANT in css("#cache-tenants").text)
+    tab("backends")
+    wait.until(lambda d: "up" in css("#backends tbody").text)
+    check("sim-chat" in css("#backends tbody").text, "backends list their models")
+    print("ALL OK")
+finally:
+    driver.quit()

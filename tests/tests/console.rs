@@ -1,0 +1,78 @@
+//! The admin console, driven in a real browser (headless Chromium, through Selenium from
+//! tests/python/console_test.py) against a real gateway with real traffic.
+
+use serde_json::json;
+use sluice_e2e::{
+    test_python, Backend, Gateway, GatewayOptions, StoreKind, ADMIN_TOKEN, SIM_MODEL,
+};
+use std::path::Path;
+
+#[tokio::test]
+async fn the_console_manages_keys_and_shows_usage_cache_and_backends_in_a_browser() {
+    let browser = std::env::var("CHROMIUM").unwrap_or_else(|_| "/usr/bin/chromium".into());
+    if !Path::new(&browser).exists() {
+        let message = "no Chromium for the console test: scripts/test.sh installs chromium and \
+                       chromium-driver (or set CHROMIUM and CHROMEDRIVER)";
+        assert!(std::env::var("CI").as_deref() != Ok("true"), "{message}");
+        eprintln!("skipping: {message}");
+        return;
+    }
+    let backend = Backend::start().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let gw = Gateway::start(GatewayOptions::new(
+        &backend,
+        StoreKind::Embedded(dir.path().to_owned()),
+    ))
+    .await
+    .unwrap();
+
+    // Traffic for the usage chart and the cache table.
+    let (_, key) = gw.create_key("traffic-tenant", "pro").await.unwrap();
+    for _ in 0..2 {
+        let r = gw
+            .post_raw(
+                "/v1/chat/completions",
+                Some(&key),
+                json!({"model": SIM_MODEL, "temperature": 0,
+                       "messages": [{"role": "user", "content": "chart me"}]})
+                .to_string(),
+            )
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+    }
+
+    let page = gw
+        .http
+        .get(format!("{}/console", gw.admin_url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(page.status(), 200);
+    assert!(page.headers()["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("text/html"));
+
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/python/console_test.py");
+    let (admin, python) = (gw.admin_url.clone(), test_python());
+    let output = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(python)
+            .arg(script)
+            .env("SLUICE_ADMIN_URL", admin)
+            .env("SLUICE_ADMIN_TOKEN", ADMIN_TOKEN)
+            .env("SLUICE_TENANT", "traffic-tenant")
+            .env("SE_OFFLINE", "true")
+            .output()
+    })
+    .await
+    .unwrap()
+    .expect("python runs");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        output.status.success() && stdout.contains("ALL OK"),
+        "console test:\n{stdout}\n{stderr}\ngateway log:\n{}",
+        gw.log()
+    );
+}
