@@ -13,6 +13,7 @@ from selenium.webdriver.support import expected_conditions as ec
 from selenium.webdriver.support.ui import Select, WebDriverWait
 
 ADMIN = os.environ["SLUICE_ADMIN_URL"]
+# Where the keys page is saved as a PNG once the key is revoked (a test artefact).
 TOKEN = os.environ["SLUICE_ADMIN_TOKEN"]
 TENANT = os.environ["SLUICE_TENANT"]
 
@@ -76,6 +77,8 @@ try:
     # Revoke it.
     driver.find_element(By.CSS_SELECTOR, f'#keys tr[data-key="{key_id}"] .revoke').click()
     wait.until(lambda d: "revoked" in d.find_element(By.CSS_SELECTOR, f'#keys tr[data-key="{key_id}"]').text)
+    driver.set_window_size(1280, 900)
+    check(driver.save_screenshot(os.environ["SLUICE_SCREENSHOT"]), "screenshot saved")
 
     # Usage: the tenant with traffic has bars in the chart and a row in the table.
     tab("usage")

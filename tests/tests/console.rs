@@ -54,14 +54,29 @@ async fn the_console_manages_keys_and_shows_usage_cache_and_backends_in_a_browse
         .unwrap()
         .starts_with("text/html"));
 
+    // The screenshot is kept as a test artefact in the target directory:
+    // target/test-artifacts/console-keys.png.
+    let artifacts = std::env::current_exe()
+        .unwrap()
+        .parent()
+        .and_then(Path::parent)
+        .and_then(Path::parent)
+        .unwrap()
+        .join("test-artifacts");
+    std::fs::create_dir_all(&artifacts).unwrap();
+    let screenshot = artifacts.join("console-keys.png");
+    let _ = std::fs::remove_file(&screenshot);
+
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/python/console_test.py");
     let (admin, python) = (gw.admin_url.clone(), test_python());
+    let screenshot_arg = screenshot.clone();
     let output = tokio::task::spawn_blocking(move || {
         std::process::Command::new(python)
             .arg(script)
             .env("SLUICE_ADMIN_URL", admin)
             .env("SLUICE_ADMIN_TOKEN", ADMIN_TOKEN)
             .env("SLUICE_TENANT", "traffic-tenant")
+            .env("SLUICE_SCREENSHOT", &screenshot_arg)
             .env("SE_OFFLINE", "true")
             .output()
     })
@@ -75,4 +90,11 @@ async fn the_console_manages_keys_and_shows_usage_cache_and_backends_in_a_browse
         "console test:\n{stdout}\n{stderr}\ngateway log:\n{}",
         gw.log()
     );
+    let png = std::fs::read(&screenshot).expect("the screenshot was saved");
+    assert!(
+        png.starts_with(b"\x89PNG"),
+        "{} is not a PNG",
+        screenshot.display()
+    );
+    eprintln!("console screenshot: {}", screenshot.display());
 }
