@@ -26,6 +26,7 @@ pub struct Metrics {
     tokens: IntCounterVec,
     cost: IntCounterVec,
     refused: IntCounterVec,
+    admissions: IntCounterVec,
     redis_calls: HistogramVec,
     redis_errors: IntCounterVec,
 }
@@ -133,6 +134,12 @@ impl Metrics {
                 "Requests refused by a limit, by tier and limit kind.",
                 &["tier", "limit"],
             ),
+            admissions: counter(
+                &r,
+                "sluice_quota_admissions_total",
+                "Requests admitted, by how: from this replica's quota lease (no store call), by one atomic store step, or by the local limiter alone while the store was unreachable (fail-open).",
+                &["path"],
+            ),
             redis_calls: histogram(
                 &r,
                 "sluice_redis_call_duration_seconds",
@@ -182,6 +189,11 @@ impl Metrics {
         if let Some(limit) = r.refused_by {
             self.refused.with_label_values(&[r.tier, limit]).inc();
         }
+    }
+
+    /// `path`: `lease`, `store` or `local`.
+    pub fn record_admission(&self, path: &str) {
+        self.admissions.with_label_values(&[path]).inc();
     }
 
     pub fn record_redis(&self, command: &str, took: Duration, ok: bool) {

@@ -675,7 +675,15 @@ impl Proxy {
             admission::admit(&self.gateway, &identity, route_kind, &view, &ctx.request_id)
                 .instrument(traces::child(ctx.span.as_ref(), "admission"));
         match admitting.await {
-            Ok(admitted) => ctx.admitted = Some(admitted),
+            Ok(admitted) => {
+                let path = match (&admitted.lease, admitted.local_only) {
+                    (_, true) => "local",
+                    (Some(_), false) => "lease",
+                    (None, false) => "store",
+                };
+                crate::metrics::get().record_admission(path);
+                ctx.admitted = Some(admitted);
+            }
             Err(refused) => {
                 ctx.refused_headers = Some((refused.headers, refused.retry_after_secs));
                 ctx.refused_by = Some(refused.limit.map_or("store_unavailable", |l| l.name()));

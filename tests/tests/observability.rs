@@ -148,6 +148,13 @@ async fn metrics_count_requests_tokens_refusals_cache_redis_and_backends() {
         .unwrap()
             >= 4.0
     );
+    // Leases are off in this gateway: each of the three admitted requests was one store step
+    // (the refused one is not admitted).
+    assert_eq!(
+        sample(&text, "sluice_quota_admissions_total", &[("path", "store")]),
+        Some(3.0),
+        "{text}"
+    );
     assert!(
         sample(
             &text,
