@@ -8,10 +8,12 @@
 //! reach it through one engine thread per model ([`embedder`]), never on the async runtime.
 //!
 //! Llama-family decoders have their parts here, not yet served: GGUF files ([`gguf`]) with
-//! weights kept in their stored encodings ([`quant`]), the decoder's forward pass for one
-//! sequence ([`llama`], checked against an independent numpy reference), and its tokenizer
-//! and chat template ([`tokenizer`]). Until the engine that batches them lands, the command
-//! line refuses decoders (and CUDA) with exit status 2 rather than serving something else.
+//! weights kept in their stored encodings ([`quant`]), the decoder's forward pass over a
+//! batch of sequences over a paged key/value cache ([`llama`], checked against an
+//! independent numpy reference), its tokenizer and chat template ([`tokenizer`]), sampling
+//! ([`sampling`]) and continuous batching ([`scheduler`]). Until an engine thread serves
+//! them, the command line refuses decoders (and CUDA) with exit status 2 rather than
+//! serving something else.
 
 pub mod bert;
 pub mod cpu;
@@ -21,6 +23,7 @@ pub mod gguf;
 pub mod llama;
 pub mod quant;
 pub mod sampling;
+pub mod scheduler;
 pub mod tokenizer;
 pub mod weights;
 

@@ -1,0 +1,141 @@
+//! Continuous batching is invisible in the output: SmolLM2's continuations of eight chats,
+//! greedy and seeded-sampled, are the same whether each runs alone or all run together
+//! through a key/value cache too small for them, with prompts cut into chunks and sequences
+//! preempted and recomputed. (The forward pass itself is checked against an independent
+//! reference in smollm2_reference.rs.)
+//!
+//! The weights come from `SLUICE_SMOLLM2_GGUF` (scripts/test.sh sets it). Without them this
+//! test says so and passes, except under `CI=true`, where it fails.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+use sluice_backend::native::cpu::Cpu;
+use sluice_backend::native::gguf::Gguf;
+use sluice_backend::native::llama::Llama;
+use sluice_backend::native::sampling::SamplingParams;
+use sluice_backend::native::scheduler::{Event, Finish, Request, Scheduler};
+use sluice_backend::native::tokenizer::{ChatMessage, LlamaTokenizer};
+
+const MAX_TOKENS: usize = 8;
+const BLOCK_SIZE: usize = 16;
+
+fn weights() -> Option<PathBuf> {
+    let path = std::env::var_os("SLUICE_SMOLLM2_GGUF").map(PathBuf::from);
+    if let Some(path) = path.filter(|p| p.is_file()) {
+        return Some(path);
+    }
+    let message = "SLUICE_SMOLLM2_GGUF does not name the SmolLM2-135M-Instruct GGUF file: run \
+                   `export SLUICE_SMOLLM2_GGUF=$(scripts/fetch-weights.sh SmolLM2-135M-Instruct)` \
+                   (scripts/test.sh does this)";
+    if std::env::var("CI").as_deref() == Ok("true") {
+        panic!("{message}");
+    }
+    eprintln!("skipping: {message}");
+    None
+}
+
+/// Runs the scheduler until every request has finished; each request's tokens and finish.
+fn drain(scheduler: &mut Scheduler<'_, Cpu>) -> HashMap<u64, (Vec<u32>, Finish)> {
+    let mut out: HashMap<u64, (Vec<u32>, Option<Finish>)> = HashMap::new();
+    let mut steps = 0;
+    while !scheduler.is_idle() {
+        for event in scheduler.step().unwrap() {
+            match event {
+                Event::Token { id, token } => out.entry(id).or_default().0.push(token),
+                Event::Finished { id, finish } => {
+                    let entry = out.entry(id).or_default();
+                    assert!(entry.1.is_none(), "request {id} finished twice");
+                    entry.1 = Some(finish);
+                }
+            }
+        }
+        steps += 1;
+        assert!(steps < 10_000, "the scheduler makes no progress");
+    }
+    out.into_iter()
+        .map(|(id, (tokens, finish))| (id, (tokens, finish.expect("finished"))))
+        .collect()
+}
+
+#[test]
+fn outputs_are_the_same_alone_or_batched_with_chunked_prompts_and_preemption() {
+    let Some(path) = weights() else { return };
+    let gguf = Gguf::open(&path).unwrap();
+    let tokenizer = LlamaTokenizer::from_gguf(&gguf).unwrap();
+    let model = Llama::load(Cpu, &gguf, &path).unwrap();
+    drop(gguf);
+    let questions = [
+        "What is the capital of France?",
+        "Name a colour of the sky.",
+        "What is 12 + 30?",
+        "Write one word that rhymes with cat.",
+        "Who wrote Hamlet?",
+        "How many days are in a week?",
+        "Give me a fruit that is yellow.",
+        "What do bees make?",
+    ];
+    let requests: Vec<Request> = questions
+        .iter()
+        .enumerate()
+        .map(|(i, q)| {
+            let prompt = tokenizer
+                .apply_chat_template(&[ChatMessage {
+                    role: "user",
+                    content: q,
+                }])
+                .unwrap();
+            Request {
+                id: i as u64,
+                prompt: tokenizer.encode(&prompt).unwrap(),
+                // Half greedy, half sampled with a seed: a preempted sequence must resume
+                // its sampler where it was, not restart it.
+                params: SamplingParams {
+                    temperature: if i % 2 == 0 { 0.0 } else { 0.9 },
+                    seed: Some(1000 + i as u64),
+                    ..SamplingParams::default()
+                },
+                max_tokens: MAX_TOKENS,
+            }
+        })
+        .collect();
+
+    let mut alone = HashMap::new();
+    for request in &requests {
+        let mut scheduler = Scheduler::new(&model, 16, BLOCK_SIZE, 512, tokenizer.eos).unwrap();
+        scheduler.add(request.clone());
+        alone.extend(drain(&mut scheduler));
+    }
+
+    // Room for about three of the eight at once, and prompts (~35 tokens) cut in chunks.
+    let mut scheduler = Scheduler::new(&model, 10, BLOCK_SIZE, 24, tokenizer.eos).unwrap();
+    for request in &requests {
+        scheduler.add(request.clone());
+    }
+    let together = drain(&mut scheduler);
+    assert!(
+        scheduler.preemptions() > 0,
+        "the small cache forced no preemption: the test proves less than it says"
+    );
+    assert_eq!(
+        scheduler.cache().free_blocks(),
+        scheduler.cache().total_blocks()
+    );
+    for request in &requests {
+        let id = request.id;
+        assert_eq!(
+            together[&id],
+            alone[&id],
+            "request {id} ({:?}): {:?} together, {:?} alone",
+            questions[id as usize],
+            tokenizer.decode(&together[&id].0),
+            tokenizer.decode(&alone[&id].0)
+        );
+        eprintln!(
+            "{:?} -> {:?}",
+            questions[id as usize],
+            tokenizer.decode(&alone[&id].0)
+        );
+    }
+    eprintln!("{} preemptions", scheduler.preemptions());
+}
