@@ -24,6 +24,7 @@ pub mod llama;
 pub mod quant;
 pub mod sampling;
 pub mod scheduler;
+pub mod stop;
 pub mod tokenizer;
 pub mod weights;
 
