@@ -83,10 +83,12 @@ try:
     # Usage: the tenant with traffic has bars in the chart and a row in the table.
     tab("usage")
     wait.until(lambda d: TENANT in css("#usage-table tbody").text)
-    bars = driver.find_elements(By.CSS_SELECTOR, f'#usage-chart rect.bar[data-tenant="{TENANT}"]')
+    bars = driver.find_elements(By.CSS_SELECTOR, f'#usage-chart rect.bar[data-series="{TENANT}"]')
     check(len(bars) >= 1, "usage chart has a bar for the tenant")
     Select(css("#usage-measure")).select_by_visible_text("requests")
-    wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, f'#usage-chart rect.bar[data-tenant="{TENANT}"]'))
+    wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, f'#usage-chart rect.bar[data-series="{TENANT}"]'))
+    Select(css("#usage-group")).select_by_visible_text("model")
+    wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, '#usage-chart rect.bar[data-series="sim-chat"]'))
 
     # Cache and backends.
     tab("cache")
