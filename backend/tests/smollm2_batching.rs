@@ -138,4 +138,28 @@ fn outputs_are_the_same_alone_or_batched_with_chunked_prompts_and_preemption() {
         );
     }
     eprintln!("{} preemptions", scheduler.preemptions());
+
+    // A client that goes away mid-generation frees its blocks at once, and the others
+    // carry on as if it had never been there.
+    let mut scheduler = Scheduler::new(&model, 16, BLOCK_SIZE, 512, tokenizer.eos).unwrap();
+    for request in &requests[..3] {
+        scheduler.add(request.clone());
+    }
+    scheduler.step().unwrap();
+    let before = scheduler.cache().free_blocks();
+    assert!(scheduler.cancel(1));
+    assert!(!scheduler.cancel(1), "cancelled twice");
+    assert!(scheduler.cache().free_blocks() > before);
+    let rest = drain(&mut scheduler);
+    assert!(!rest.contains_key(&1));
+    for id in [0, 2] {
+        // The first step's token came before the drain: compare what followed it.
+        assert_eq!(
+            rest[&id].0[..],
+            alone[&id].0[1..],
+            "request {id} after a cancel"
+        );
+    }
+    // Keys and values, 30 layers, 3 key/value heads of 64, f32: 720 KiB a block of 16.
+    assert_eq!(model.cache_block_bytes(16), 2 * 30 * 16 * 192 * 4);
 }

@@ -290,6 +290,13 @@ impl<D: Device> Llama<D> {
         &self.device
     }
 
+    /// Bytes of device memory one cache block of `block_size` positions takes (keys and
+    /// values, every layer, f32): divide a memory budget by it for the block count.
+    pub fn cache_block_bytes(&self, block_size: usize) -> usize {
+        let c = &self.config;
+        2 * c.layers * block_size * c.kv_heads * c.head_dim() * std::mem::size_of::<f32>()
+    }
+
     /// An empty cache of `blocks` blocks of `block_size` positions each.
     pub fn new_cache(
         &self,

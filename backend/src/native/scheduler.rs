@@ -125,6 +125,22 @@ impl<'m, D: Device> Scheduler<'m, D> {
         &self.cache
     }
 
+    /// Drops a request wherever it is (its client went away), freeing its blocks at once.
+    /// False when it is not here (finished already, or never added).
+    pub fn cancel(&mut self, id: u64) -> bool {
+        if let Some(at) = self.waiting.iter().position(|s| s.request.id == id) {
+            let mut seq = self.waiting.remove(at).expect("found");
+            self.cache.release(&mut seq.cache);
+            return true;
+        }
+        if let Some(at) = self.running.iter().position(|s| s.request.id == id) {
+            let mut seq = self.running.remove(at);
+            self.cache.release(&mut seq.cache);
+            return true;
+        }
+        false
+    }
+
     /// Sends the most recently admitted running sequence back to the front of the queue.
     fn preempt_newest(&mut self) {
         let mut seq = self.running.pop().expect("a running sequence to preempt");
