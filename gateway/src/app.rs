@@ -211,7 +211,9 @@ async fn merged_tiers(configured: &Tiers, store: &dyn Store) -> anyhow::Result<T
     Ok(Tiers::new(all.into_values())?)
 }
 
-/// Runs the gateway until a signal stops it. Never returns on success.
+/// Runs the gateway until a signal stops it. On SIGTERM (or Ctrl-C) the listener closes,
+/// requests in flight (streams included) get `grace_period_secs` to finish, and the usage
+/// events they produced are written to the store (or the journal) before this returns.
 pub fn run(config: Config) -> anyhow::Result<()> {
     // Store connections, the admin API and background followers live on their own small
     // runtime, so they keep running while pingora's proxy threads serve traffic.
@@ -270,12 +272,22 @@ pub fn run(config: Config) -> anyhow::Result<()> {
     server.bootstrap();
     let mut proxy = pingora_proxy::http_proxy_service_with_name(
         &server.configuration,
-        Proxy::new(gateway),
+        Proxy::new(gateway.clone()),
         "sluice-proxy",
     );
     proxy.add_tcp(&config.listen.to_string());
     server.add_service(proxy);
-    // Keep the support runtime alive for as long as the server runs.
-    let _support = support;
-    server.run_forever()
+    server.run(pingora_core::server::RunArgs::default());
+    let flushed = support
+        .block_on(async { tokio::time::timeout(USAGE_FLUSH_LIMIT, gateway.usage.flush()).await });
+    match flushed {
+        Ok(()) => tracing::info!("usage events flushed; gateway stopped"),
+        Err(_) => tracing::error!(
+            "usage events not flushed within {USAGE_FLUSH_LIMIT:?}; those not written are lost unless journaled"
+        ),
+    }
+    Ok(())
 }
+
+/// How long a stopping gateway waits for its usage events to reach the store or journal.
+const USAGE_FLUSH_LIMIT: std::time::Duration = std::time::Duration::from_secs(15);

@@ -81,6 +81,29 @@ impl Process {
         Ok(Process { child, log })
     }
 
+    /// Sends SIGTERM (what Kubernetes and docker send), as `kill` does.
+    fn terminate(&self) -> Result<()> {
+        let status = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()?;
+        anyhow::ensure!(status.success(), "kill -TERM failed: {status}");
+        Ok(())
+    }
+
+    /// Waits up to `limit` for the process to exit; its exit status, or `None` if it did not.
+    async fn wait_exit(&mut self, limit: Duration) -> Result<Option<std::process::ExitStatus>> {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(status) = self.child.try_wait()? {
+                return Ok(Some(status));
+            }
+            if Instant::now() >= deadline {
+                return Ok(None);
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     fn log_tail(&self) -> String {
         let text = std::fs::read_to_string(&self.log).unwrap_or_default();
         let start = text.len().saturating_sub(4000);
@@ -343,6 +366,17 @@ hs256_secret = "{JWT_SECRET}"
             StoreKind::Embedded(data_dir.to_owned()),
         ))
         .await
+    }
+
+    /// Sends SIGTERM: the gateway stops accepting, lets requests in flight finish, flushes
+    /// its usage events and exits.
+    pub fn terminate(&self) -> Result<()> {
+        self.process.terminate()
+    }
+
+    /// Waits up to `limit` for the gateway process to exit.
+    pub async fn wait_exit(&mut self, limit: Duration) -> Result<Option<std::process::ExitStatus>> {
+        self.process.wait_exit(limit).await
     }
 
     pub fn log(&self) -> String {

@@ -49,15 +49,24 @@ pub struct UsageEvent {
 /// Where the proxy puts events; cheap to clone, never blocks.
 #[derive(Clone)]
 pub struct UsageSink {
-    tx: mpsc::UnboundedSender<UsageEvent>,
+    tx: mpsc::UnboundedSender<Message>,
     journal_path: Arc<PathBuf>,
 }
 
 impl UsageSink {
     pub fn record(&self, event: UsageEvent) {
-        if let Err(lost) = self.tx.send(event) {
+        if let Err(lost) = self.tx.send(Message::Event(event)) {
             // Only after the writer has shut down: keep the event in the log rather than lose it.
             tracing::error!(event = ?lost.0, "usage event after shutdown");
+        }
+    }
+
+    /// Resolves once every event recorded before this call is in the store (or, with the
+    /// store unreachable, in the journal): what a shutdown waits for.
+    pub async fn flush(&self) {
+        let (done, flushed) = tokio::sync::oneshot::channel();
+        if self.tx.send(Message::Flush(done)).is_ok() {
+            let _ = flushed.await;
         }
     }
 
@@ -67,13 +76,23 @@ impl UsageSink {
     }
 }
 
+/// What the writer is sent: events, in order, and requests to confirm that those before have
+/// been written.
+#[derive(Debug)]
+// Events are nearly every message; boxing them would allocate once per request.
+#[allow(clippy::large_enum_variant)]
+enum Message {
+    Event(UsageEvent),
+    Flush(tokio::sync::oneshot::Sender<()>),
+}
+
 /// Events written per store call at most.
 const BATCH: usize = 512;
 /// How often the journal is retried while the store is unreachable.
 const REPLAY_EVERY: Duration = Duration::from_secs(1);
 
 pub struct UsageWriter {
-    rx: mpsc::UnboundedReceiver<UsageEvent>,
+    rx: mpsc::UnboundedReceiver<Message>,
     store: Arc<dyn Store>,
     journal: Journal,
 }
@@ -98,14 +117,29 @@ impl UsageWriter {
     pub async fn run(mut self) {
         let mut replay = tokio::time::interval(REPLAY_EVERY);
         replay.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut batch = Vec::with_capacity(BATCH);
+        let mut received = Vec::with_capacity(BATCH);
         loop {
             tokio::select! {
-                n = self.rx.recv_many(&mut batch, BATCH) => {
+                n = self.rx.recv_many(&mut received, BATCH) => {
                     if n == 0 {
                         break;
                     }
-                    self.write(std::mem::take(&mut batch)).await;
+                    let mut batch = Vec::with_capacity(n);
+                    for message in received.drain(..) {
+                        match message {
+                            Message::Event(event) => batch.push(event),
+                            Message::Flush(done) => {
+                                // Everything sent before the flush is in `batch` or written.
+                                if !batch.is_empty() {
+                                    self.write(std::mem::take(&mut batch)).await;
+                                }
+                                let _ = done.send(());
+                            }
+                        }
+                    }
+                    if !batch.is_empty() {
+                        self.write(batch).await;
+                    }
                 }
                 _ = replay.tick() => self.replay_journal().await,
             }
