@@ -25,6 +25,7 @@ if [ -z "${SLUICE_TEST_PYTHON:-}" ]; then
   fi
   export SLUICE_TEST_PYTHON="$PWD/.venv/bin/python"
 fi
+scripts/check-deploy.sh
 export SLUICE_MINILM_DIR="${SLUICE_MINILM_DIR:-$(scripts/fetch-weights.sh all-MiniLM-L6-v2)}"
 export SLUICE_SMOLLM2_GGUF="${SLUICE_SMOLLM2_GGUF:-$(scripts/fetch-weights.sh SmolLM2-135M-Instruct)}"
 
