@@ -18,7 +18,7 @@ use crate::openai::{
 use crate::request::{choice_count, parse_body, required, token_cap};
 use crate::sim::{self, count_input_tokens};
 use crate::sse::{self, ChunkWriter, Reply, Sequence};
-use crate::state::AppState;
+use crate::state::{AppState, ModelEngine};
 
 pub async fn completions(
     State(state): State<Arc<AppState>>,
@@ -36,7 +36,14 @@ pub async fn completions(
     }
     let n = choice_count(request.n)?;
     let cap = token_cap(request.max_tokens, None)?;
-    let model = state.text_model(&model, "/v1/completions")?.to_owned();
+    let served = state.text_model(&model, "/v1/completions")?;
+    if matches!(served.engine, ModelEngine::Text(_)) {
+        return Err(ApiError::ChatOnly {
+            model: served.name.clone(),
+            route: "/v1/completions",
+        });
+    }
+    let model = served.name.clone();
 
     let (len, finish_reason) = state.sim.reply_length(cap);
     let mut prompt_tokens = 0;

@@ -53,10 +53,18 @@ pub async fn embeddings(
         }
     };
     let served = state.model(&model)?;
-    let full_dim = match &served.engine {
-        ModelEngine::Sim => state.sim.embedding_dim,
-        ModelEngine::Embedding(model) => model.dim(),
+    // `None`: the simulated engine.
+    let encoder = match &served.engine {
+        ModelEngine::Sim => None,
+        ModelEngine::Embedding(model) => Some(model),
+        ModelEngine::Text(_) => {
+            return Err(ApiError::ChatOnly {
+                model: served.name.clone(),
+                route: "/v1/embeddings",
+            })
+        }
     };
+    let full_dim = encoder.map_or(state.sim.embedding_dim, |model| model.dim());
     let dim = match request.dimensions {
         None => full_dim,
         Some(dim) if dim >= 1 && dim as u64 <= full_dim as u64 => dim as usize,
@@ -70,8 +78,8 @@ pub async fn embeddings(
         }
     };
 
-    let (vectors, prompt_tokens) = match &served.engine {
-        ModelEngine::Sim => {
+    let (vectors, prompt_tokens) = match encoder {
+        None => {
             let prompt_tokens = inputs.iter().map(count_input_tokens).sum();
             let vectors = inputs
                 .iter()
@@ -79,7 +87,7 @@ pub async fn embeddings(
                 .collect::<Vec<_>>();
             (vectors, prompt_tokens)
         }
-        ModelEngine::Embedding(model) => {
+        Some(model) => {
             if inputs.len() > MAX_INPUTS {
                 return Err(ApiError::invalid_value(
                     "input",

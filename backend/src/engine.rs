@@ -1,8 +1,8 @@
 //! Which engine answers requests, and on which device it would run.
 //!
-//! The native engine in this build serves BERT embedding models on the CPU; `cuda:N` is
-//! parsed already so the command line stays stable when the CUDA device arrives, and is
-//! refused at start-up until then.
+//! The native engine in this build serves BERT embedding models and GGUF chat models on the
+//! CPU; `cuda:N` is parsed already so the command line stays stable when the CUDA device
+//! arrives, and is refused at start-up until then.
 
 use std::fmt;
 use std::str::FromStr;
@@ -11,7 +11,8 @@ use std::str::FromStr;
 pub enum EngineKind {
     /// Deterministic simulated replies and embeddings; loads no weights.
     Sim,
-    /// Real models from local files (this build: BERT embedding models from safetensors).
+    /// Real models from local files (this build: BERT embedding models from safetensors,
+    /// Llama-family chat models from GGUF).
     Native,
 }
 

@@ -46,6 +46,20 @@ pub enum ApiError {
     #[error("The model `{model}` only serves embeddings (POST /v1/embeddings); it cannot answer {route}.")]
     EmbeddingsOnly { model: String, route: &'static str },
 
+    /// A completion or embedding request named a decoder that serves chat only.
+    #[error(
+        "The model `{model}` serves POST /v1/chat/completions only; it cannot answer {route}."
+    )]
+    ChatOnly { model: String, route: &'static str },
+
+    /// The prompt leaves no room for a reply within the model's context.
+    #[error("This model's maximum context length is {context} tokens. However, your messages resulted in {prompt} tokens.")]
+    ContextLengthExceeded { context: usize, prompt: usize },
+
+    /// The decoder failed mid-reply (a device fault) or stopped (the server is stopping).
+    #[error("The model failed to generate a reply: {0}")]
+    Generation(String),
+
     /// An input the model cannot read whole (too many tokens, an unknown token id).
     #[error("Invalid value for 'input': {0}")]
     UnreadableInput(EmbedError),
@@ -87,8 +101,10 @@ impl ApiError {
             | Self::InvalidType { .. }
             | Self::InvalidValue { .. }
             | Self::EmbeddingsOnly { .. }
+            | Self::ChatOnly { .. }
+            | Self::ContextLengthExceeded { .. }
             | Self::UnreadableInput(_) => StatusCode::BAD_REQUEST,
-            Self::Engine(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            Self::Engine(_) | Self::Generation(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
 
@@ -111,12 +127,13 @@ impl ApiError {
             Self::ModelNotFound(_) => Some("model_not_found"),
             Self::UnknownRoute { .. } => Some("unknown_url"),
             Self::MethodNotAllowed { .. } => Some("method_not_allowed"),
-            Self::EmbeddingsOnly { .. } => Some("model_not_supported"),
+            Self::EmbeddingsOnly { .. } | Self::ChatOnly { .. } => Some("model_not_supported"),
+            Self::ContextLengthExceeded { .. } => Some("context_length_exceeded"),
             Self::UnreadableInput(EmbedError::InputTooLong { .. }) => {
                 Some("context_length_exceeded")
             }
             Self::UnreadableInput(_) => Some("invalid_value"),
-            Self::Engine(_) => None,
+            Self::Engine(_) | Self::Generation(_) => None,
         }
     }
 
@@ -124,9 +141,13 @@ impl ApiError {
         match self {
             Self::MissingParameter(param) => Some(param),
             Self::InvalidType { param, .. } | Self::InvalidValue { param, .. } => Some(param),
-            Self::ModelNotFound(_) | Self::EmbeddingsOnly { .. } => Some("model"),
+            Self::ModelNotFound(_) | Self::EmbeddingsOnly { .. } | Self::ChatOnly { .. } => {
+                Some("model")
+            }
+            Self::ContextLengthExceeded { .. } => Some("messages"),
             Self::UnreadableInput(_) => Some("input"),
             Self::Engine(_)
+            | Self::Generation(_)
             | Self::InvalidJson(_)
             | Self::UnreadableBody { .. }
             | Self::UnknownRoute { .. }

@@ -7,8 +7,9 @@
 //!   with configurable pacing and stream gates ([`gates`]) so the gateway can be tested and
 //!   load-tested end to end without weights or a GPU;
 //! - the native engine ([`native`]): real models from local files. This build serves BERT
-//!   sentence encoders (all-MiniLM-L6-v2) for `/v1/embeddings` on the CPU; chat and
-//!   completions from Llama-family decoders, and CUDA, are not in it yet.
+//!   sentence encoders (all-MiniLM-L6-v2) for `/v1/embeddings` and Llama-family decoders
+//!   from GGUF files (SmolLM2) for `/v1/chat/completions`, on the CPU; text completions
+//!   from decoders, Llama safetensors folders and CUDA are not in it yet.
 //!
 //! The binary in `main.rs` is a thin shell over [`serve`].
 

@@ -11,7 +11,8 @@ use clap::Parser;
 
 use sluice_backend::engine::{Device, EngineKind};
 use sluice_backend::models::{served_names, ModelSpec};
-use sluice_backend::native::{self, EmbeddingModel, LoadError, ModelKind};
+use sluice_backend::native::{self, EmbeddingModel, LoadError, ModelKind, TextModel};
+use sluice_backend::state::{ModelEngine, ServedModel};
 use sluice_backend::{serve, AppState, SimConfig};
 
 /// Sluice's co-located OpenAI-compatible inference service.
@@ -165,7 +166,26 @@ fn load_native(args: &Args) -> Result<Arc<AppState>, (ExitCode, String)> {
                     elapsed_ms = started.elapsed().as_millis() as u64,
                     "embedding model loaded"
                 );
-                models.push((spec.name.clone(), Arc::new(model)));
+                models.push(ServedModel {
+                    name: spec.name.clone(),
+                    engine: ModelEngine::Embedding(Arc::new(model)),
+                });
+            }
+            ModelKind::Llama => {
+                let started = Instant::now();
+                let model = TextModel::load(&spec.name, &spec.path).map_err(fail)?;
+                tracing::info!(
+                    model = %spec.name,
+                    path = %spec.path.display(),
+                    device = model.device(),
+                    context_length = model.context_length(),
+                    elapsed_ms = started.elapsed().as_millis() as u64,
+                    "chat model loaded"
+                );
+                models.push(ServedModel {
+                    name: spec.name.clone(),
+                    engine: ModelEngine::Text(Arc::new(model)),
+                });
             }
         }
     }

@@ -2,8 +2,8 @@
 //!
 //! Requests keep every field a client may omit as `Option`, so that a missing field is
 //! reported by the handler with its parameter name (OpenAI's wording) rather than by serde.
-//! Fields this backend does not act on (temperature, stop, tools, ...) are accepted and
-//! ignored: a gateway forwards bodies unchanged and must not be refused for them. Responses
+//! Fields this backend does not act on (tools, logit_bias, ...; sampling and stop for the
+//! simulated engine) are accepted and ignored: a gateway forwards bodies unchanged and must not be refused for them. Responses
 //! borrow what they can; they are serialised once and dropped.
 
 use std::fmt;
@@ -28,6 +28,29 @@ pub struct ChatCompletionRequest {
     pub n: Option<i64>,
     pub seed: Option<i64>,
     pub user: Option<String>,
+    /// Sampling and stopping, which the native engine acts on and the simulated one ignores.
+    pub temperature: Option<f64>,
+    pub top_p: Option<f64>,
+    pub presence_penalty: Option<f64>,
+    pub frequency_penalty: Option<f64>,
+    pub stop: Option<Stop>,
+}
+
+/// `stop`: one string or a list of them.
+#[derive(Debug, Deserialize)]
+#[serde(untagged, expecting = "a string or an array of strings")]
+pub enum Stop {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl Stop {
+    pub fn into_vec(self) -> Vec<String> {
+        match self {
+            Stop::One(stop) => vec![stop],
+            Stop::Many(stops) => stops,
+        }
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -237,6 +260,15 @@ fn token_ids(items: &[Value]) -> Option<Vec<u32>> {
 pub enum FinishReason {
     Stop,
     Length,
+}
+
+impl From<crate::native::scheduler::Finish> for FinishReason {
+    fn from(finish: crate::native::scheduler::Finish) -> Self {
+        match finish {
+            crate::native::scheduler::Finish::Stop => FinishReason::Stop,
+            crate::native::scheduler::Finish::Length => FinishReason::Length,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]

@@ -19,6 +19,7 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
 use crate::gates::{gate_name, GateOutcome, GateTicket, GATE_TIMEOUT};
+use crate::native::generator::Piece;
 use crate::openai::{FinishReason, StreamOptions, Usage};
 use crate::state::AppState;
 
@@ -125,6 +126,80 @@ pub fn respond<W: ChunkWriter>(state: Arc<AppState>, job: StreamJob<W>) -> Respo
             tracing::debug!("client went away; generation stopped");
         }
     });
+    event_stream(receiver)
+}
+
+/// A generation the native engine is running, as one choice (index 0).
+pub struct LiveJob<W> {
+    pub writer: W,
+    pub pieces: tokio::sync::mpsc::UnboundedReceiver<Piece>,
+    pub prompt_tokens: u64,
+    pub include_usage: bool,
+}
+
+/// Streams the native engine's pieces as they come. When the client goes away the task
+/// ends and drops `pieces`, which the engine takes as the order to cancel the sequence.
+pub fn respond_live<W: ChunkWriter>(state: Arc<AppState>, job: LiveJob<W>) -> Response {
+    let (sender, receiver) = mpsc::channel(CHANNEL_DEPTH);
+    tokio::spawn(async move {
+        let outlet = Outlet(sender);
+        if run_live(&state, job, &outlet).await.is_err() {
+            tracing::debug!("client went away; generation cancelled");
+        }
+    });
+    event_stream(receiver)
+}
+
+async fn run_live<W: ChunkWriter>(
+    state: &AppState,
+    job: LiveJob<W>,
+    outlet: &Outlet,
+) -> Result<(), ClientGone> {
+    let _running = state.metrics.running();
+    let LiveJob {
+        writer,
+        mut pieces,
+        prompt_tokens,
+        include_usage,
+    } = job;
+    if let Some(opening) = writer.opening(0) {
+        outlet.send(opening).await?;
+    }
+    loop {
+        // Waiting for the engine also watches the client, so that a client that leaves
+        // between tokens (a long prefill) is cancelled without waiting for one.
+        let piece = tokio::select! {
+            piece = pieces.recv() => piece,
+            () = outlet.0.closed() => return Err(ClientGone),
+        };
+        match piece {
+            Some(Piece::Text(text)) => outlet.send(writer.token(0, &text)).await?,
+            Some(Piece::Done {
+                finish,
+                completion_tokens,
+            }) => {
+                state.metrics.add_generated_tokens(completion_tokens);
+                outlet.send(writer.finish(0, finish.into())).await?;
+                if include_usage {
+                    let usage = Usage::new(prompt_tokens, completion_tokens);
+                    outlet.send(writer.usage(usage)).await?;
+                }
+                return outlet.send(Bytes::from_static(DONE)).await;
+            }
+            // No `[DONE]`: the client must see a reply cut short, not a complete one.
+            Some(Piece::Failed(err)) => {
+                tracing::error!(%err, "generation failed mid-stream");
+                return Ok(());
+            }
+            None => {
+                tracing::warn!("the engine stopped mid-stream");
+                return Ok(());
+            }
+        }
+    }
+}
+
+fn event_stream(receiver: mpsc::Receiver<Result<Bytes, Infallible>>) -> Response {
     (
         [
             (header::CONTENT_TYPE, "text/event-stream"),

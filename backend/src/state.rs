@@ -8,7 +8,7 @@ use crate::error::ApiError;
 use crate::gates::Gates;
 use crate::metrics::Metrics;
 use crate::models::DEFAULT_SIM_MODEL;
-use crate::native::EmbeddingModel;
+use crate::native::{EmbeddingModel, TextModel};
 use crate::openai::unix_now;
 use crate::sim::SimConfig;
 
@@ -19,6 +19,8 @@ pub enum ModelEngine {
     Sim,
     /// A real encoder: embeddings only.
     Embedding(Arc<EmbeddingModel>),
+    /// A real decoder: chat completions.
+    Text(Arc<TextModel>),
 }
 
 #[derive(Debug)]
@@ -84,17 +86,8 @@ impl AppState {
     }
 
     /// State for the native engine serving these loaded models.
-    pub fn native(models: Vec<(String, Arc<EmbeddingModel>)>) -> Arc<Self> {
-        Self::with_models(
-            models
-                .into_iter()
-                .map(|(name, model)| ServedModel {
-                    name,
-                    engine: ModelEngine::Embedding(model),
-                })
-                .collect(),
-            SimConfig::default(),
-        )
+    pub fn native(models: Vec<ServedModel>) -> Arc<Self> {
+        Self::with_models(models, SimConfig::default())
     }
 
     fn with_models(models: Vec<ServedModel>, sim: SimConfig) -> Arc<Self> {
@@ -141,10 +134,14 @@ impl AppState {
 
     /// The served model a chat or completion request names: 404 for an unknown one, 400
     /// for one that only serves embeddings.
-    pub fn text_model(&self, requested: &str, route: &'static str) -> Result<&str, ApiError> {
+    pub fn text_model(
+        &self,
+        requested: &str,
+        route: &'static str,
+    ) -> Result<&ServedModel, ApiError> {
         let model = self.model(requested)?;
         match model.engine {
-            ModelEngine::Sim => Ok(&model.name),
+            ModelEngine::Sim | ModelEngine::Text(_) => Ok(model),
             ModelEngine::Embedding(_) => Err(ApiError::EmbeddingsOnly {
                 model: model.name.clone(),
                 route,

@@ -46,6 +46,14 @@ pub fn minilm_dir() -> Option<PathBuf> {
         .filter(|dir| dir.join("config.json").is_file())
 }
 
+/// The SmolLM2-135M-Instruct GGUF file (`SLUICE_SMOLLM2_GGUF`, which scripts/test.sh sets
+/// from scripts/fetch-weights.sh), if it is there.
+pub fn smollm2_gguf() -> Option<PathBuf> {
+    std::env::var_os("SLUICE_SMOLLM2_GGUF")
+        .map(PathBuf::from)
+        .filter(|file| file.is_file())
+}
+
 /// The Python that runs the tests' scripts: SLUICE_TEST_PYTHON, else the repository's
 /// .venv (scripts/test.sh fills it), else python3.
 pub fn test_python() -> String {

@@ -379,9 +379,10 @@ async fn health_answers_while_a_long_embedding_request_runs() {
     );
 }
 
-/// Needs no weights: what this build cannot serve is refused at start-up with status 2.
+/// Needs no weights: what this build cannot serve is refused at start-up with status 2, and
+/// a GGUF file it would serve but cannot read with status 1.
 #[test]
-fn the_native_engine_refuses_cuda_and_llama_models_with_exit_status_2() {
+fn the_native_engine_refuses_cuda_and_llama_folders_with_2_and_broken_gguf_with_1() {
     let dir = tempfile::tempdir().unwrap();
     let gguf = dir.path().join("smollm2.gguf");
     std::fs::write(&gguf, b"GGUF\x03\0\0\0").unwrap();
@@ -396,25 +397,27 @@ fn the_native_engine_refuses_cuda_and_llama_models_with_exit_status_2() {
     std::fs::create_dir(&bert).unwrap();
     std::fs::write(bert.join("config.json"), r#"{"model_type":"bert"}"#).unwrap();
 
-    let cases: [(&[&str], &str); 3] = [
+    let cases: [(&[&str], i32, &str); 3] = [
         (
             &["--device", "cuda:0", "--model", bert.to_str().unwrap()],
+            2,
             "CUDA is not in this build",
         ),
         (
             &["--device", "cpu", "--model", gguf.to_str().unwrap()],
-            "Llama engine",
+            1,
+            "model `smollm2`",
         ),
-        (&["--model", llama.to_str().unwrap()], "Llama engine"),
+        (&["--model", llama.to_str().unwrap()], 2, "Llama engine"),
     ];
-    for (args, expected) in cases {
+    for (args, status, expected) in cases {
         let output = Command::new(binary("sluice-backend"))
             .args(["--engine", "native", "--listen", "127.0.0.1:0"])
             .args(args)
             .output()
             .unwrap();
         let stderr = String::from_utf8_lossy(&output.stderr);
-        assert_eq!(output.status.code(), Some(2), "{args:?}: {stderr}");
+        assert_eq!(output.status.code(), Some(status), "{args:?}: {stderr}");
         assert!(
             stderr.contains(expected),
             "{args:?}: stderr lacks {expected:?}: {stderr}"

@@ -7,18 +7,19 @@
 //! trait, implemented for the CPU in [`cpu`], so that a GPU can take its place; requests
 //! reach it through one engine thread per model ([`embedder`]), never on the async runtime.
 //!
-//! Llama-family decoders have their parts here, not yet served: GGUF files ([`gguf`]) with
-//! weights kept in their stored encodings ([`quant`]), the decoder's forward pass over a
-//! batch of sequences over a paged key/value cache ([`llama`], checked against an
-//! independent numpy reference), its tokenizer and chat template ([`tokenizer`]), sampling
-//! ([`sampling`]) and continuous batching ([`scheduler`]). Until an engine thread serves
-//! them, the command line refuses decoders (and CUDA) with exit status 2 rather than
-//! serving something else.
+//! Llama-family decoders come from GGUF files ([`gguf`]) with weights kept in their stored
+//! encodings ([`quant`]): the forward pass over a batch of sequences over a paged key/value
+//! cache ([`llama`], checked against an independent numpy reference), the tokenizer and chat
+//! template ([`tokenizer`]), sampling ([`sampling`]), stop strings ([`stop`]) and continuous
+//! batching ([`scheduler`]), served through one engine thread per model ([`generator`]).
+//! Llama-family safetensors folders (and CUDA) are refused by the command line with exit
+//! status 2 rather than served by something else.
 
 pub mod bert;
 pub mod cpu;
 pub mod device;
 pub mod embedder;
+pub mod generator;
 pub mod gguf;
 pub mod llama;
 pub mod quant;
@@ -31,6 +32,7 @@ pub mod weights;
 use std::path::{Path, PathBuf};
 
 pub use embedder::{EmbedError, Embedded, EmbeddingModel};
+pub use generator::TextModel;
 
 /// Why a model could not be loaded.
 #[derive(Debug, thiserror::Error)]
@@ -75,10 +77,12 @@ impl LoadError {
 pub enum ModelKind {
     /// A Hugging Face BERT folder: served as an embedding model.
     Bert,
+    /// A GGUF Llama-family decoder: served for chat completions.
+    Llama,
 }
 
 const LLAMA_NOT_IN_BUILD: &str =
-    "the Llama engine (chat and completions from GGUF or Llama-family safetensors) is not in this build yet";
+    "the Llama engine serves GGUF files only in this build; Llama-family safetensors folders are not in it yet";
 
 /// Decides from its files what a model path holds, without loading weights.
 pub fn inspect(path: &Path) -> Result<ModelKind, LoadError> {
@@ -94,17 +98,13 @@ pub fn inspect(path: &Path) -> Result<ModelKind, LoadError> {
             || std::fs::File::open(path)
                 .and_then(|mut file| std::io::Read::read_exact(&mut file, &mut magic))
                 .is_ok_and(|()| &magic == b"GGUF");
-        return Err(if is_gguf {
-            LoadError::NotInThisBuild(format!(
-                "{}: a GGUF model; {LLAMA_NOT_IN_BUILD}",
-                path.display()
-            ))
-        } else {
-            LoadError::Unsupported(format!(
-                "{}: give a Hugging Face model folder (with config.json)",
-                path.display()
-            ))
-        });
+        if is_gguf {
+            return Ok(ModelKind::Llama);
+        }
+        return Err(LoadError::Unsupported(format!(
+            "{}: give a GGUF file or a Hugging Face model folder (with config.json)",
+            path.display()
+        )));
     }
     let config_path = path.join("config.json");
     let text = std::fs::read_to_string(&config_path).map_err(|err| LoadError::Read {
@@ -157,7 +157,7 @@ mod tests {
     }
 
     #[test]
-    fn bert_folders_are_embedders_and_decoders_are_not_in_this_build() {
+    fn bert_folders_are_embedders_gguf_files_decoders_and_llama_folders_not_in_this_build() {
         let bert = folder_with_config("bert", r#"{"model_type":"bert"}"#);
         assert_eq!(inspect(&bert).unwrap(), ModelKind::Bert);
         let arch = folder_with_config("arch", r#"{"architectures":["BertModel"]}"#);
@@ -177,8 +177,7 @@ mod tests {
 
         let gguf = bert.join("model.gguf");
         std::fs::write(&gguf, b"GGUF\x03\0\0\0").unwrap();
-        let err = inspect(&gguf).unwrap_err();
-        assert!(err.to_string().contains("Llama engine"), "{err}");
+        assert_eq!(inspect(&gguf).unwrap(), ModelKind::Llama);
 
         let missing = inspect(Path::new("/nonexistent/sluice-model")).unwrap_err();
         assert!(missing.is_usage(), "{missing}");

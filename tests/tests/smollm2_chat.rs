@@ -1,0 +1,201 @@
+//! The native engine's chat completions: a real `sluice-backend --engine native` process
+//! serving SmolLM2-135M-Instruct from its GGUF file on the CPU, asked over HTTP, whole and
+//! streamed. (The forward pass and batching are checked against an independent reference
+//! in the backend's own tests; this proves the server around them.)
+//!
+//! The weights come from scripts/fetch-weights.sh through `SLUICE_SMOLLM2_GGUF`
+//! (scripts/test.sh sets it). Without them these tests say so and pass, except under
+//! `CI=true`, where a missing model is a broken setup and fails them.
+
+use std::path::{Path, PathBuf};
+
+use serde_json::{json, Value};
+use sluice_e2e::{openai_error, smollm2_gguf, Backend};
+
+const MODEL: &str = "smollm2";
+const QUESTION: &str = "What is the capital of France?";
+
+/// The GGUF file, or `None` (with a note) where a developer has not fetched it.
+fn weights() -> Option<PathBuf> {
+    if let Some(file) = smollm2_gguf() {
+        return Some(file);
+    }
+    let message = "SLUICE_SMOLLM2_GGUF does not name the SmolLM2-135M-Instruct GGUF file: run \
+                   `export SLUICE_SMOLLM2_GGUF=$(scripts/fetch-weights.sh SmolLM2-135M-Instruct)` \
+                   (scripts/test.sh does this)";
+    if std::env::var("CI").as_deref() == Ok("true") {
+        panic!("{message}");
+    }
+    eprintln!("skipping: {message}");
+    None
+}
+
+async fn smollm2_backend(file: &Path) -> Backend {
+    let model = format!("{MODEL}={}", file.display());
+    Backend::start_native(&["--device", "cpu", "--model", &model])
+        .await
+        .expect("the native backend starts with SmolLM2")
+}
+
+async fn post(backend: &Backend, body: Value) -> reqwest::Response {
+    reqwest::Client::new()
+        .post(format!("{}/v1/chat/completions", backend.url))
+        .json(&body)
+        .send()
+        .await
+        .expect("backend answers")
+}
+
+fn question(extra: Value) -> Value {
+    let mut body = json!({
+        "model": MODEL,
+        "messages": [{"role": "user", "content": QUESTION}],
+        "temperature": 0,
+        "max_tokens": 48,
+    });
+    for (key, value) in extra.as_object().unwrap() {
+        body[key] = value.clone();
+    }
+    body
+}
+
+#[tokio::test]
+async fn greedy_chat_answers_paris_whole_and_streamed_alike_with_exact_usage() {
+    let Some(file) = weights() else { return };
+    let backend = smollm2_backend(&file).await;
+
+    let health = reqwest::get(format!("{}/health", backend.url))
+        .await
+        .unwrap();
+    assert_eq!(health.status(), 200);
+    let models: Value = reqwest::get(format!("{}/v1/models", backend.url))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert!(
+        models["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|m| m["id"] == MODEL),
+        "{models}"
+    );
+
+    let response = post(&backend, question(json!({}))).await;
+    assert_eq!(response.status(), 200);
+    let whole: Value = response.json().await.unwrap();
+    assert_eq!(whole["object"], "chat.completion");
+    assert_eq!(whole["model"], MODEL);
+    let choice = &whole["choices"][0];
+    assert_eq!(choice["message"]["role"], "assistant");
+    let answer = choice["message"]["content"].as_str().unwrap().to_owned();
+    assert!(
+        answer.contains("Paris"),
+        "the reply does not name Paris: {answer:?}"
+    );
+    let finish = choice["finish_reason"].as_str().unwrap().to_owned();
+    let usage = &whole["usage"];
+    let (prompt_tokens, completion_tokens) = (
+        usage["prompt_tokens"].as_u64().unwrap(),
+        usage["completion_tokens"].as_u64().unwrap(),
+    );
+    // The chat template wraps the question in role markers, and more: more tokens than words.
+    assert!(prompt_tokens > 7, "{usage}");
+    assert!((1..=48).contains(&completion_tokens), "{usage}");
+    assert_eq!(
+        usage["total_tokens"].as_u64().unwrap(),
+        prompt_tokens + completion_tokens
+    );
+    // A greedy reply that fits in 48 tokens ends at the end-of-sequence token; one that
+    // does not stops at exactly the cap.
+    match finish.as_str() {
+        "stop" => assert!(completion_tokens < 48, "{usage}"),
+        "length" => assert_eq!(completion_tokens, 48, "{usage}"),
+        other => panic!("finish_reason {other}"),
+    }
+
+    let response = post(
+        &backend,
+        question(json!({"stream": true, "stream_options": {"include_usage": true}})),
+    )
+    .await;
+    assert_eq!(response.status(), 200);
+    assert!(response.headers()["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("text/event-stream"));
+    let body = response.text().await.unwrap();
+    let events: Vec<&str> = body
+        .split("\n\n")
+        .filter(|e| !e.is_empty())
+        .map(|e| e.strip_prefix("data: ").expect("every event is data"))
+        .collect();
+    assert_eq!(events.last(), Some(&"[DONE]"), "{body}");
+    let chunks: Vec<Value> = events[..events.len() - 1]
+        .iter()
+        .map(|e| serde_json::from_str(e).unwrap())
+        .collect();
+    let mut streamed = String::new();
+    let mut finishes = Vec::new();
+    for chunk in &chunks {
+        assert_eq!(chunk["object"], "chat.completion.chunk");
+        if let Some(choice) = chunk["choices"].as_array().unwrap().first() {
+            streamed.push_str(choice["delta"]["content"].as_str().unwrap_or_default());
+            if let Some(reason) = choice["finish_reason"].as_str() {
+                finishes.push(reason.to_owned());
+            }
+        }
+    }
+    assert_eq!(
+        streamed, answer,
+        "greedy: the stream must say what the JSON said"
+    );
+    assert_eq!(finishes, [finish]);
+    let last = chunks.last().unwrap();
+    assert!(last["choices"].as_array().unwrap().is_empty(), "{last}");
+    assert_eq!(&last["usage"], usage);
+}
+
+#[tokio::test]
+async fn a_stop_string_ends_the_reply_before_it_and_a_prompt_past_the_context_is_refused() {
+    let Some(file) = weights() else { return };
+    let backend = smollm2_backend(&file).await;
+
+    let whole: Value = post(&backend, question(json!({})))
+        .await
+        .json()
+        .await
+        .unwrap();
+    let answer = whole["choices"][0]["message"]["content"].as_str().unwrap();
+    let stopped: Value = post(&backend, question(json!({"stop": ["Paris"]})))
+        .await
+        .json()
+        .await
+        .unwrap();
+    let choice = &stopped["choices"][0];
+    let before = &answer[..answer.find("Paris").expect("the reply names Paris")];
+    assert_eq!(choice["message"]["content"], before, "{stopped}");
+    assert_eq!(choice["finish_reason"], "stop");
+
+    let capped: Value = post(&backend, question(json!({"max_tokens": 2})))
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(capped["choices"][0]["finish_reason"], "length", "{capped}");
+    assert_eq!(capped["usage"]["completion_tokens"], 2);
+
+    // Far more than SmolLM2's context (8192 tokens): each " Paris" is at least one token.
+    let long = " Paris".repeat(9000);
+    let response = post(
+        &backend,
+        json!({"model": MODEL, "messages": [{"role": "user", "content": long}]}),
+    )
+    .await;
+    assert_eq!(response.status(), 400);
+    let (kind, code, message) = openai_error(response).await.unwrap();
+    assert_eq!(kind, "invalid_request_error");
+    assert_eq!(code, "context_length_exceeded", "{message}");
+}
