@@ -17,7 +17,8 @@ use crate::native::tokenizer;
 use crate::native::TextModel;
 use crate::openai::{
     AssistantMessage, ChatChoice, ChatChunk, ChatChunkChoice, ChatCompletion,
-    ChatCompletionRequest, ChatMessage, Delta, FinishReason, ReplyId, Usage, SYSTEM_FINGERPRINT,
+    ChatCompletionRequest, ChatMessage, Delta, FinishReason, ReplyId, Usage, NATIVE_FINGERPRINT,
+    SYSTEM_FINGERPRINT,
 };
 use crate::request::{choice_count, parse_body, required, token_cap};
 use crate::sim::{self, count_tokens, MESSAGE_OVERHEAD_TOKENS};
@@ -68,6 +69,7 @@ pub async fn chat_completions(
     let writer = |include_usage| ChatChunks {
         reply_id: reply_id.clone(),
         model: model.clone(),
+        fingerprint: SYSTEM_FINGERPRINT,
         include_usage,
     };
     let sequences = match sse::stream_or_finish(&state, stream, writer, sequences, usage, len).await
@@ -168,6 +170,7 @@ async fn native_chat(
             writer: ChatChunks {
                 reply_id,
                 model,
+                fingerprint: NATIVE_FINGERPRINT,
                 include_usage,
             },
             pieces,
@@ -187,7 +190,7 @@ async fn native_chat(
         object: "chat.completion",
         created: reply_id.created,
         model: &model,
-        system_fingerprint: SYSTEM_FINGERPRINT,
+        system_fingerprint: NATIVE_FINGERPRINT,
         choices: vec![ChatChoice {
             index: 0,
             message: AssistantMessage {
@@ -275,6 +278,8 @@ impl ChatPrompt {
 struct ChatChunks {
     reply_id: ReplyId,
     model: String,
+    /// Which engine wrote the reply (`system_fingerprint`).
+    fingerprint: &'static str,
     include_usage: bool,
 }
 
@@ -285,7 +290,7 @@ impl ChatChunks {
             object: "chat.completion.chunk",
             created: self.reply_id.created,
             model: &self.model,
-            system_fingerprint: SYSTEM_FINGERPRINT,
+            system_fingerprint: self.fingerprint,
             choices: choice.into_iter().collect(),
             usage: self.include_usage.then_some(usage),
         })

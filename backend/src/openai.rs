@@ -311,8 +311,10 @@ pub fn unix_now() -> u64 {
         .map_or(0, |elapsed| elapsed.as_secs())
 }
 
-/// Tells clients which build produced a reply, as OpenAI's `system_fingerprint` does.
+/// Tells clients which build produced a reply, as OpenAI's `system_fingerprint` does: the
+/// simulated engine's replies, and the native engine's (with the build's version).
 pub const SYSTEM_FINGERPRINT: &str = "sluice-sim";
+pub const NATIVE_FINGERPRINT: &str = concat!("sluice-native-", env!("CARGO_PKG_VERSION"));
 
 #[derive(Debug, Serialize)]
 pub struct ChatCompletion<'a> {

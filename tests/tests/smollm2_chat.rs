@@ -97,6 +97,11 @@ async fn greedy_chat_answers_paris_whole_and_streamed_alike_with_exact_usage() {
     );
     let finish = choice["finish_reason"].as_str().unwrap().to_owned();
     let usage = &whole["usage"];
+    let fingerprint = whole["system_fingerprint"].as_str().unwrap_or_default();
+    assert!(
+        fingerprint.starts_with("sluice-native-"),
+        "a native reply says so: {fingerprint}"
+    );
     let (prompt_tokens, completion_tokens) = (
         usage["prompt_tokens"].as_u64().unwrap(),
         usage["completion_tokens"].as_u64().unwrap(),
