@@ -80,7 +80,8 @@ async fn metrics_count_requests_tokens_refusals_cache_redis_and_backends() {
         .await
         .unwrap();
     assert_eq!(unauthorized.status(), 401);
-    // Both tenants' answers are kept just after they are sent.
+    // Both tenants' answers are kept just after they are sent, and each request is counted
+    // just after its answer: wait for both.
     let mut text = String::new();
     for _ in 0..100 {
         let response = gw
@@ -96,7 +97,9 @@ async fn metrics_count_requests_tokens_refusals_cache_redis_and_backends() {
             .unwrap()
             .starts_with("text/plain"));
         text = response.text().await.unwrap();
-        if sample(&text, "sluice_cache_entries", &[]) == Some(2.0) {
+        // A request is counted in its logging phase, just after its answer went out.
+        let refused_counted = sample(&text, "sluice_rate_limited_total", &[]).is_some();
+        if sample(&text, "sluice_cache_entries", &[]) == Some(2.0) && refused_counted {
             break;
         }
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
