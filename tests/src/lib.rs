@@ -54,6 +54,24 @@ pub fn smollm2_gguf() -> Option<PathBuf> {
         .filter(|file| file.is_file())
 }
 
+/// Model weights a test needs: `found` (from [`minilm_dir`] or [`smollm2_gguf`]), or `None`
+/// with a note where a developer has not fetched them. Under CI (`CI=true`), where
+/// scripts/test.sh fetches them, their absence fails the test instead.
+pub fn required_weights(found: Option<PathBuf>, variable: &str, model: &str) -> Option<PathBuf> {
+    if found.is_some() {
+        return found;
+    }
+    let message = format!(
+        "{variable} does not name the {model} weights: run \
+         `export {variable}=$(scripts/fetch-weights.sh {model})` (scripts/test.sh does this)"
+    );
+    if std::env::var("CI").as_deref() == Ok("true") {
+        panic!("{message}");
+    }
+    eprintln!("skipping: {message}");
+    None
+}
+
 /// The Python that runs the tests' scripts: SLUICE_TEST_PYTHON, else the repository's
 /// .venv (scripts/test.sh fills it), else python3.
 pub fn test_python() -> String {

@@ -12,23 +12,12 @@ use std::time::Duration;
 
 use base64::Engine as _;
 use serde_json::{json, Value};
-use sluice_e2e::{binary, minilm_dir, openai_error, test_python, Backend};
+use sluice_e2e::{binary, minilm_dir, openai_error, required_weights, test_python, Backend};
 
 const MODEL: &str = "all-MiniLM-L6-v2";
 
-/// The MiniLM folder, or `None` (with a note) where a developer has not fetched it.
 fn weights() -> Option<PathBuf> {
-    if let Some(dir) = minilm_dir() {
-        return Some(dir);
-    }
-    let message = "SLUICE_MINILM_DIR does not name an all-MiniLM-L6-v2 folder: run \
-                   `export SLUICE_MINILM_DIR=$(scripts/fetch-weights.sh all-MiniLM-L6-v2)` \
-                   (scripts/test.sh does this)";
-    if std::env::var("CI").as_deref() == Ok("true") {
-        panic!("{message}");
-    }
-    eprintln!("skipping: {message}");
-    None
+    required_weights(minilm_dir(), "SLUICE_MINILM_DIR", "all-MiniLM-L6-v2")
 }
 
 async fn minilm_backend(dir: &Path) -> Backend {

@@ -4,28 +4,13 @@
 use reqwest::header::HeaderMap;
 use serde_json::{json, Value};
 use sluice_e2e::{
-    minilm_dir, test_python, Backend, Gateway, GatewayOptions, StoreKind, ADMIN_TOKEN, SIM_MODEL,
+    minilm_dir, required_weights, test_python, Backend, Gateway, GatewayOptions, StoreKind,
+    ADMIN_TOKEN, SIM_MODEL,
 };
-use std::path::PathBuf;
 use std::time::Duration;
 
-/// The MiniLM folder; a clear failure under CI, where scripts/test.sh fetched it.
-fn require_minilm() -> Option<PathBuf> {
-    if let Some(dir) = minilm_dir() {
-        return Some(dir);
-    }
-    let message = "SLUICE_MINILM_DIR does not name an all-MiniLM-L6-v2 folder: run \
-                   `export SLUICE_MINILM_DIR=$(scripts/fetch-weights.sh all-MiniLM-L6-v2)` \
-                   (scripts/test.sh does this)";
-    if std::env::var("CI").as_deref() == Ok("true") {
-        panic!("{message}");
-    }
-    eprintln!("skipping: {message}");
-    None
-}
-
 async fn embedder() -> Option<Backend> {
-    let dir = require_minilm()?;
+    let dir = required_weights(minilm_dir(), "SLUICE_MINILM_DIR", "all-MiniLM-L6-v2")?;
     let model = format!("all-MiniLM-L6-v2={}", dir.display());
     Some(
         Backend::start_native(&["--device", "cpu", "--model", &model])

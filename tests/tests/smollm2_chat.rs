@@ -10,24 +10,17 @@
 use std::path::{Path, PathBuf};
 
 use serde_json::{json, Value};
-use sluice_e2e::{openai_error, smollm2_gguf, Backend};
+use sluice_e2e::{openai_error, required_weights, smollm2_gguf, Backend};
 
 const MODEL: &str = "smollm2";
 const QUESTION: &str = "What is the capital of France?";
 
-/// The GGUF file, or `None` (with a note) where a developer has not fetched it.
 fn weights() -> Option<PathBuf> {
-    if let Some(file) = smollm2_gguf() {
-        return Some(file);
-    }
-    let message = "SLUICE_SMOLLM2_GGUF does not name the SmolLM2-135M-Instruct GGUF file: run \
-                   `export SLUICE_SMOLLM2_GGUF=$(scripts/fetch-weights.sh SmolLM2-135M-Instruct)` \
-                   (scripts/test.sh does this)";
-    if std::env::var("CI").as_deref() == Ok("true") {
-        panic!("{message}");
-    }
-    eprintln!("skipping: {message}");
-    None
+    required_weights(
+        smollm2_gguf(),
+        "SLUICE_SMOLLM2_GGUF",
+        "SmolLM2-135M-Instruct",
+    )
 }
 
 async fn smollm2_backend(file: &Path) -> Backend {
