@@ -1,5 +1,5 @@
-//! `POST /v1/completions`: legacy text completion from the simulated engine, whole or
-//! streamed. Each prompt gets `n` choices; choice indexes run on across prompts, as OpenAI's
+//! `POST /v1/completions`: legacy text completion from the simulated engine or a native
+//! decoder, whole or streamed. Each prompt gets `n` choices; choice indexes run on across prompts, as OpenAI's
 //! do (prompt k, choice j is index k·n + j).
 
 use std::sync::Arc;
@@ -11,9 +11,12 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 
 use crate::error::ApiError;
+use crate::generation::{self, Generation, Outcome, SamplingFields};
 use crate::metrics::Route;
+use crate::native::TextModel;
 use crate::openai::{
-    CompletionRequest, FinishReason, ReplyId, TextChoice, TextCompletion, Usage, SYSTEM_FINGERPRINT,
+    CompletionRequest, FinishReason, Input, ReplyId, TextChoice, TextCompletion, Usage,
+    NATIVE_FINGERPRINT, SYSTEM_FINGERPRINT,
 };
 use crate::request::{choice_count, parse_body, required, token_cap};
 use crate::sim::{self, count_input_tokens};
@@ -25,9 +28,9 @@ pub async fn completions(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     state.metrics.record_request(Route::Completions);
-    let request: CompletionRequest = parse_body(body)?;
-    let model = required(request.model, "model")?;
-    let prompts = required(request.prompt, "prompt")?.0;
+    let mut request: CompletionRequest = parse_body(body)?;
+    let model = required(request.model.take(), "model")?;
+    let prompts = required(request.prompt.take(), "prompt")?.0;
     if prompts.is_empty() {
         return Err(ApiError::invalid_value(
             "prompt",
@@ -37,13 +40,11 @@ pub async fn completions(
     let n = choice_count(request.n)?;
     let cap = token_cap(request.max_tokens, None)?;
     let served = state.text_model(&model, "/v1/completions")?;
-    if matches!(served.engine, ModelEngine::Text(_)) {
-        return Err(ApiError::ChatOnly {
-            model: served.name.clone(),
-            route: "/v1/completions",
-        });
-    }
     let model = served.name.clone();
+    if let ModelEngine::Text(engine) = &served.engine {
+        let engine = engine.clone();
+        return native_completions(&state, model, &engine, request, prompts, n, cap).await;
+    }
 
     let (len, finish_reason) = state.sim.reply_length(cap);
     let mut prompt_tokens = 0;
@@ -71,6 +72,7 @@ pub async fn completions(
     let writer = |include_usage| TextChunks {
         reply_id: reply_id.clone(),
         model: model.clone(),
+        fingerprint: SYSTEM_FINGERPRINT,
         include_usage,
     };
     let sequences = match sse::stream_or_finish(&state, stream, writer, sequences, usage, len).await
@@ -100,9 +102,91 @@ pub async fn completions(
     Ok(Json(completion).into_response())
 }
 
+/// Text completions from a native decoder: each prompt as given (text is tokenized, with
+/// the model's BOS token when it wants one; token lists are taken as they are), no template.
+async fn native_completions(
+    state: &Arc<AppState>,
+    model: String,
+    engine: &TextModel,
+    request: CompletionRequest,
+    inputs: Vec<Input>,
+    n: u32,
+    cap: Option<u32>,
+) -> Result<Response, ApiError> {
+    let (params, stop) = SamplingFields {
+        temperature: request.temperature,
+        top_p: request.top_p,
+        top_k: request.top_k,
+        presence_penalty: request.presence_penalty,
+        frequency_penalty: request.frequency_penalty,
+        seed: request.seed,
+        stop: request.stop,
+    }
+    .check()?;
+    let tokenizer = engine.tokenizer();
+    let vocab = tokenizer.vocab_size();
+    let prompts = inputs
+        .into_iter()
+        .map(|input| match input {
+            Input::Text(text) => tokenizer.encode(&text).map_err(ApiError::Generation),
+            Input::Tokens(ids) => match ids.iter().find(|&&id| id as usize >= vocab) {
+                Some(id) => Err(ApiError::invalid_value(
+                    "prompt",
+                    format!("token {id} is not in the model's vocabulary of {vocab}"),
+                )),
+                None => Ok(ids),
+            },
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let generation = Generation {
+        prompts,
+        n,
+        cap,
+        params,
+        stop,
+        prompt_param: "prompt",
+    };
+    let reply_id = ReplyId::new("cmpl");
+    let stream = sse::StreamRequest {
+        stream: request.stream,
+        options: request.stream_options.as_ref(),
+        user: request.user.as_deref(),
+    };
+    let writer = |include_usage| TextChunks {
+        reply_id: reply_id.clone(),
+        model: model.clone(),
+        fingerprint: NATIVE_FINGERPRINT,
+        include_usage,
+    };
+    let (choices, usage) = match generation::run(state, engine, generation, stream, writer).await? {
+        Outcome::Streamed(response) => return Ok(response),
+        Outcome::Finished { choices, usage } => (choices, usage),
+    };
+    let completion = TextCompletion {
+        id: &reply_id.id,
+        object: "text_completion",
+        created: reply_id.created,
+        model: &model,
+        system_fingerprint: NATIVE_FINGERPRINT,
+        choices: choices
+            .iter()
+            .map(|choice| TextChoice {
+                text: &choice.text,
+                index: choice.index,
+                logprobs: None,
+                finish_reason: Some(choice.finish_reason),
+            })
+            .collect(),
+        usage: Some(Some(usage)),
+    };
+    Ok(Json(completion).into_response())
+}
+
 struct TextChunks {
     reply_id: ReplyId,
     model: String,
+    /// Which engine wrote the reply (`system_fingerprint`).
+    fingerprint: &'static str,
     include_usage: bool,
 }
 
@@ -113,7 +197,7 @@ impl TextChunks {
             object: "text_completion",
             created: self.reply_id.created,
             model: &self.model,
-            system_fingerprint: SYSTEM_FINGERPRINT,
+            system_fingerprint: self.fingerprint,
             choices: choice.into_iter().collect(),
             usage: self.include_usage.then_some(usage),
         })

@@ -48,13 +48,18 @@ pub enum ApiError {
 
     /// A completion or embedding request named a decoder that serves chat only.
     #[error(
-        "The model `{model}` serves POST /v1/chat/completions only; it cannot answer {route}."
+        "The model `{model}` generates text (POST /v1/chat/completions and /v1/completions); it cannot answer {route}."
     )]
     ChatOnly { model: String, route: &'static str },
 
     /// The prompt leaves no room for a reply within the model's context.
-    #[error("This model's maximum context length is {context} tokens. However, your messages resulted in {prompt} tokens.")]
-    ContextLengthExceeded { context: usize, prompt: usize },
+    #[error("This model's maximum context length is {context} tokens. However, your {param} resulted in {prompt} tokens.")]
+    ContextLengthExceeded {
+        context: usize,
+        prompt: usize,
+        /// `messages` or `prompt`.
+        param: &'static str,
+    },
 
     /// The decoder failed mid-reply (a device fault) or stopped (the server is stopping).
     #[error("The model failed to generate a reply: {0}")]
@@ -144,7 +149,7 @@ impl ApiError {
             Self::ModelNotFound(_) | Self::EmbeddingsOnly { .. } | Self::ChatOnly { .. } => {
                 Some("model")
             }
-            Self::ContextLengthExceeded { .. } => Some("messages"),
+            Self::ContextLengthExceeded { param, .. } => Some(param),
             Self::UnreadableInput(_) => Some("input"),
             Self::Engine(_)
             | Self::Generation(_)

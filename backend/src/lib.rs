@@ -8,8 +8,8 @@
 //!   load-tested end to end without weights or a GPU;
 //! - the native engine ([`native`]): real models from local files. This build serves BERT
 //!   sentence encoders (all-MiniLM-L6-v2) for `/v1/embeddings` and Llama-family decoders
-//!   from GGUF files (SmolLM2) for `/v1/chat/completions`, on the CPU; text completions
-//!   from decoders, Llama safetensors folders and CUDA are not in it yet.
+//!   (SmolLM2; GGUF files or Hugging Face folders) for `/v1/chat/completions` and
+//!   `/v1/completions` ([`generation`]), on the CPU; CUDA is not in it yet.
 //!
 //! The binary in `main.rs` is a thin shell over [`serve`].
 
@@ -19,6 +19,7 @@ mod embeddings;
 pub mod engine;
 pub mod error;
 pub mod gates;
+mod generation;
 pub mod metrics;
 pub mod models;
 pub mod native;

@@ -11,6 +11,7 @@ use clap::Parser;
 
 use sluice_backend::engine::{Device, EngineKind};
 use sluice_backend::models::{served_names, ModelSpec};
+use sluice_backend::native::generator::{EngineOptions, DEFAULT_KV_CACHE_BYTES};
 use sluice_backend::native::{self, EmbeddingModel, LoadError, ModelKind, TextModel};
 use sluice_backend::state::{ModelEngine, ServedModel};
 use sluice_backend::{serve, AppState, SimConfig};
@@ -37,6 +38,12 @@ struct Args {
     /// auto picks.
     #[arg(long, default_value = "auto")]
     device: Device,
+
+    /// Native engine: memory for each decoder's key/value cache, in MiB. At least one
+    /// full-context sequence always fits; past that, more concurrent sequences.
+    #[arg(long, env = "SLUICE_KV_CACHE_MB", default_value_t = (DEFAULT_KV_CACHE_BYTES >> 20) as u64,
+          value_parser = clap::value_parser!(u64).range(1..=1 << 30))]
+    kv_cache_mb: u64,
 
     /// Simulated engine: milliseconds before the first token.
     #[arg(long, env = "SLUICE_SIM_TTFT_MS", default_value_t = 0)]
@@ -173,12 +180,16 @@ fn load_native(args: &Args) -> Result<Arc<AppState>, (ExitCode, String)> {
             }
             ModelKind::Llama => {
                 let started = Instant::now();
-                let model = TextModel::load(&spec.name, &spec.path).map_err(fail)?;
+                let options = EngineOptions {
+                    kv_cache_bytes: usize::try_from(args.kv_cache_mb << 20).unwrap_or(usize::MAX),
+                };
+                let model = TextModel::load(&spec.name, &spec.path, options).map_err(fail)?;
                 tracing::info!(
                     model = %spec.name,
                     path = %spec.path.display(),
                     device = model.device(),
                     context_length = model.context_length(),
+                    kv_cache_blocks = model.stats().snapshot().kv_blocks_total,
                     elapsed_ms = started.elapsed().as_millis() as u64,
                     "chat model loaded"
                 );

@@ -9,6 +9,8 @@ use std::fmt::Write as _;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
 
+use crate::native::stats::{StatsSnapshot, TTFT_BUCKETS};
+
 /// The routes counted by `sluice_backend_requests_total`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Route {
@@ -79,15 +81,33 @@ impl Metrics {
         self.generated_tokens.fetch_add(tokens, Ordering::Relaxed);
     }
 
-    /// The Prometheus text exposition (format 0.0.4).
-    pub fn render(&self, engine: &str) -> String {
-        let mut out = String::with_capacity(2048);
+    /// The Prometheus text exposition (format 0.0.4), with each native decoder's engine
+    /// statistics under its model name.
+    pub fn render(&self, engine: &str, engines: &[(&str, StatsSnapshot)]) -> String {
+        let mut out = String::with_capacity(4096);
         // Writing to a String cannot fail.
-        let _ = self.write(&mut out, engine);
+        let _ = self.write(&mut out, engine, engines);
+        let _ = write_engines(&mut out, engines);
         out
     }
 
-    fn write(&self, out: &mut String, engine: &str) -> std::fmt::Result {
+    fn write(
+        &self,
+        out: &mut String,
+        engine: &str,
+        engines: &[(&str, StatsSnapshot)],
+    ) -> std::fmt::Result {
+        // A native request waiting in its engine's queue is in flight here, but not yet
+        // generating: it counts as waiting, so the balancer sees the queue.
+        let engine_waiting: i64 = engines.iter().map(|(_, s)| s.waiting as i64).sum();
+        let (kv_used, kv_total) = engines.iter().fold((0, 0), |(u, t), (_, s)| {
+            (u + s.kv_blocks_used, t + s.kv_blocks_total)
+        });
+        let kv_ratio = if kv_total == 0 {
+            0.0
+        } else {
+            kv_used as f64 / kv_total as f64
+        };
         writeln!(
             out,
             "# HELP sluice_backend_info Which engine serves this backend."
@@ -117,11 +137,11 @@ impl Metrics {
         writeln!(
             out,
             "sluice_backend_requests_running {}",
-            self.running.load(Ordering::Relaxed).max(0)
+            (self.running.load(Ordering::Relaxed) - engine_waiting).max(0)
         )?;
 
         // The simulated engine queues only past --sim-max-running and fills no KV cache;
-        // the series exist so dashboards and the balancer read one schema.
+        // the series exist for it too, so dashboards and the balancer read one schema.
         writeln!(
             out,
             "# HELP sluice_backend_requests_waiting Requests queued for the engine."
@@ -130,14 +150,14 @@ impl Metrics {
         writeln!(
             out,
             "sluice_backend_requests_waiting {}",
-            self.waiting.load(Ordering::Relaxed).max(0)
+            self.waiting.load(Ordering::Relaxed).max(0) + engine_waiting
         )?;
         writeln!(
             out,
             "# HELP sluice_backend_kv_cache_usage_ratio Share of KV-cache blocks in use."
         )?;
         writeln!(out, "# TYPE sluice_backend_kv_cache_usage_ratio gauge")?;
-        writeln!(out, "sluice_backend_kv_cache_usage_ratio 0")?;
+        writeln!(out, "sluice_backend_kv_cache_usage_ratio {kv_ratio}")?;
 
         writeln!(
             out,
@@ -160,6 +180,104 @@ impl Metrics {
             self.generated_tokens.load(Ordering::Relaxed)
         )
     }
+}
+
+/// Each native decoder's queue, cache, throughput and time to first token, labelled with
+/// its model name.
+fn write_engines(out: &mut String, engines: &[(&str, StatsSnapshot)]) -> std::fmt::Result {
+    if engines.is_empty() {
+        return Ok(());
+    }
+    type Field = fn(&StatsSnapshot) -> f64;
+    let families: [(&str, &str, &str, Field); 9] = [
+        (
+            "sluice_backend_engine_sequences_waiting",
+            "gauge",
+            "Sequences queued for the engine (not yet admitted, or preempted).",
+            |s| s.waiting as f64,
+        ),
+        (
+            "sluice_backend_engine_sequences_running",
+            "gauge",
+            "Sequences admitted to the engine's batch.",
+            |s| s.running as f64,
+        ),
+        (
+            "sluice_backend_kv_cache_blocks_used",
+            "gauge",
+            "Key/value cache blocks held by sequences.",
+            |s| s.kv_blocks_used as f64,
+        ),
+        (
+            "sluice_backend_kv_cache_blocks_total",
+            "gauge",
+            "Key/value cache blocks, in all.",
+            |s| s.kv_blocks_total as f64,
+        ),
+        (
+            "sluice_backend_engine_prefill_tokens_total",
+            "counter",
+            "Prompt tokens computed (recomputed ones after a preemption included).",
+            |s| s.prefill_tokens as f64,
+        ),
+        (
+            "sluice_backend_engine_decode_tokens_total",
+            "counter",
+            "Tokens decoded.",
+            |s| s.decode_tokens as f64,
+        ),
+        (
+            "sluice_backend_engine_preemptions_total",
+            "counter",
+            "Sequences sent back to wait because the key/value cache ran out.",
+            |s| s.preemptions as f64,
+        ),
+        (
+            "sluice_backend_prefill_tokens_per_second",
+            "gauge",
+            "Prompt tokens computed per second over the last 10 seconds.",
+            |s| s.prefill_tokens_per_second,
+        ),
+        (
+            "sluice_backend_decode_tokens_per_second",
+            "gauge",
+            "Tokens decoded per second over the last 10 seconds.",
+            |s| s.decode_tokens_per_second,
+        ),
+    ];
+    for (name, kind, help, field) in families {
+        writeln!(out, "# HELP {name} {help}")?;
+        writeln!(out, "# TYPE {name} {kind}")?;
+        for (model, stats) in engines {
+            writeln!(out, "{name}{{model=\"{model}\"}} {}", field(stats))?;
+        }
+    }
+    let name = "sluice_backend_time_to_first_token_seconds";
+    writeln!(
+        out,
+        "# HELP {name} From a request's arrival at the engine to its first generated token."
+    )?;
+    writeln!(out, "# TYPE {name} histogram")?;
+    for (model, stats) in engines {
+        let bounds = TTFT_BUCKETS.iter().map(|b| b.to_string());
+        for (le, count) in bounds
+            .chain(std::iter::once("+Inf".to_owned()))
+            .zip(&stats.ttft_buckets)
+        {
+            writeln!(
+                out,
+                "{name}_bucket{{model=\"{model}\",le=\"{le}\"}} {count}"
+            )?;
+        }
+        let count = stats.ttft_buckets.last().copied().unwrap_or(0);
+        writeln!(
+            out,
+            "{name}_sum{{model=\"{model}\"}} {}",
+            stats.ttft_sum_seconds
+        )?;
+        writeln!(out, "{name}_count{{model=\"{model}\"}} {count}")?;
+    }
+    Ok(())
 }
 
 #[derive(Debug)]
@@ -190,13 +308,13 @@ mod tests {
         let guard = metrics.running();
         metrics.record_request(Route::Embeddings);
         metrics.add_generated_tokens(5);
-        let text = metrics.render("sim");
+        let text = metrics.render("sim", &[]);
         assert!(text.contains("sluice_backend_requests_running 1\n"));
         assert!(text.contains("sluice_backend_requests_total{route=\"/v1/embeddings\"} 1\n"));
         assert!(text.contains("sluice_backend_generation_tokens_total 5\n"));
         drop(guard);
         assert!(metrics
-            .render("sim")
+            .render("sim", &[])
             .contains("sluice_backend_requests_running 0\n"));
     }
 }

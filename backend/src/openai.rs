@@ -31,6 +31,8 @@ pub struct ChatCompletionRequest {
     /// Sampling and stopping, which the native engine acts on and the simulated one ignores.
     pub temperature: Option<f64>,
     pub top_p: Option<f64>,
+    /// Not OpenAI's, but vLLM's and llama.cpp's: keep the k likeliest tokens (0: all).
+    pub top_k: Option<i64>,
     pub presence_penalty: Option<f64>,
     pub frequency_penalty: Option<f64>,
     pub stop: Option<Stop>,
@@ -64,6 +66,13 @@ pub struct CompletionRequest {
     pub n: Option<i64>,
     pub seed: Option<i64>,
     pub user: Option<String>,
+    /// As for chat: acted on by the native engine.
+    pub temperature: Option<f64>,
+    pub top_p: Option<f64>,
+    pub top_k: Option<i64>,
+    pub presence_penalty: Option<f64>,
+    pub frequency_penalty: Option<f64>,
+    pub stop: Option<Stop>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -437,6 +446,12 @@ pub struct ModelCard<'a> {
     pub owned_by: &'static str,
     /// Lets operators and tests see at a glance that no real model answers here.
     pub simulated: bool,
+    /// Where a native model runs: `cpu`, `cuda:0`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub device: Option<&'a str>,
+    /// A decoder's longest prompt and reply together, in tokens (vLLM's name for it).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_model_len: Option<usize>,
 }
 
 #[cfg(test)]

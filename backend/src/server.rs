@@ -18,6 +18,7 @@ use tokio::net::TcpListener;
 
 use crate::error::ApiError;
 use crate::metrics::Route;
+use crate::native::stats::StatsSnapshot;
 use crate::openai::{ModelCard, ModelList};
 use crate::state::{AppState, ModelEngine, ServedModel};
 use crate::{chat, completions, embeddings};
@@ -155,6 +156,15 @@ fn model_card(model: &ServedModel, created: u64) -> ModelCard<'_> {
         created,
         owned_by: if simulated { "sluice-sim" } else { "sluice" },
         simulated,
+        device: match &model.engine {
+            ModelEngine::Sim => None,
+            ModelEngine::Embedding(engine) => Some(engine.device()),
+            ModelEngine::Text(engine) => Some(engine.device()),
+        },
+        max_model_len: match &model.engine {
+            ModelEngine::Text(engine) => Some(engine.context_length()),
+            _ => None,
+        },
     }
 }
 
@@ -165,12 +175,20 @@ async fn health(State(state): State<Arc<AppState>>) -> Json<serde_json::Value> {
 
 async fn metrics(State(state): State<Arc<AppState>>) -> impl IntoResponse {
     state.metrics.record_request(Route::Metrics);
+    let engines: Vec<(&str, StatsSnapshot)> = state
+        .models()
+        .iter()
+        .filter_map(|model| match &model.engine {
+            ModelEngine::Text(engine) => Some((model.name.as_str(), engine.stats().snapshot())),
+            _ => None,
+        })
+        .collect();
     (
         [(
             header::CONTENT_TYPE,
             HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
         )],
-        state.metrics.render(state.engine_label()),
+        state.metrics.render(state.engine_label(), &engines),
     )
 }
 

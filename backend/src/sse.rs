@@ -14,9 +14,11 @@ use std::time::Duration;
 use axum::body::{Body, Bytes};
 use axum::http::header;
 use axum::response::{IntoResponse, Response};
+use futures::StreamExt as _;
 use serde::Serialize;
 use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
+use tokio::sync::mpsc::UnboundedReceiver;
+use tokio_stream::wrappers::{ReceiverStream, UnboundedReceiverStream};
 
 use crate::gates::{gate_name, GateOutcome, GateTicket, GATE_TIMEOUT};
 use crate::native::generator::Piece;
@@ -129,16 +131,17 @@ pub fn respond<W: ChunkWriter>(state: Arc<AppState>, job: StreamJob<W>) -> Respo
     event_stream(receiver)
 }
 
-/// A generation the native engine is running, as one choice (index 0).
+/// A generation the native engine is running: one channel of pieces per choice.
 pub struct LiveJob<W> {
     pub writer: W,
-    pub pieces: tokio::sync::mpsc::UnboundedReceiver<Piece>,
+    /// Each choice's index in the reply and the engine's channel for it.
+    pub choices: Vec<(u32, UnboundedReceiver<Piece>)>,
     pub prompt_tokens: u64,
     pub include_usage: bool,
 }
 
 /// Streams the native engine's pieces as they come. When the client goes away the task
-/// ends and drops `pieces`, which the engine takes as the order to cancel the sequence.
+/// ends and drops every choice's channel, which the engine takes as the order to cancel.
 pub fn respond_live<W: ChunkWriter>(state: Arc<AppState>, job: LiveJob<W>) -> Response {
     let (sender, receiver) = mpsc::channel(CHANNEL_DEPTH);
     tokio::spawn(async move {
@@ -158,36 +161,44 @@ async fn run_live<W: ChunkWriter>(
     let _running = state.metrics.running();
     let LiveJob {
         writer,
-        mut pieces,
+        choices,
         prompt_tokens,
         include_usage,
     } = job;
-    if let Some(opening) = writer.opening(0) {
-        outlet.send(opening).await?;
+    for (index, _) in &choices {
+        if let Some(opening) = writer.opening(*index) {
+            outlet.send(opening).await?;
+        }
     }
-    loop {
+    let mut open = choices.len();
+    let mut completion_tokens = 0;
+    // A choice's stream ends after its `Done`; one that ends without it was cut short.
+    let mut pieces = futures::stream::select_all(choices.into_iter().map(|(index, pieces)| {
+        UnboundedReceiverStream::new(pieces).map(move |piece| (index, piece))
+    }));
+    while open > 0 {
         // Waiting for the engine also watches the client, so that a client that leaves
         // between tokens (a long prefill) is cancelled without waiting for one.
         let piece = tokio::select! {
-            piece = pieces.recv() => piece,
+            piece = pieces.next() => piece,
             () = outlet.0.closed() => return Err(ClientGone),
         };
         match piece {
-            Some(Piece::Text(text)) => outlet.send(writer.token(0, &text)).await?,
-            Some(Piece::Done {
-                finish,
-                completion_tokens,
-            }) => {
-                state.metrics.add_generated_tokens(completion_tokens);
-                outlet.send(writer.finish(0, finish.into())).await?;
-                if include_usage {
-                    let usage = Usage::new(prompt_tokens, completion_tokens);
-                    outlet.send(writer.usage(usage)).await?;
-                }
-                return outlet.send(Bytes::from_static(DONE)).await;
+            Some((index, Piece::Text(text))) => outlet.send(writer.token(index, &text)).await?,
+            Some((
+                index,
+                Piece::Done {
+                    finish,
+                    completion_tokens: tokens,
+                },
+            )) => {
+                open -= 1;
+                completion_tokens += tokens;
+                state.metrics.add_generated_tokens(tokens);
+                outlet.send(writer.finish(index, finish.into())).await?;
             }
             // No `[DONE]`: the client must see a reply cut short, not a complete one.
-            Some(Piece::Failed(err)) => {
+            Some((_, Piece::Failed(err))) => {
                 tracing::error!(%err, "generation failed mid-stream");
                 return Ok(());
             }
@@ -197,6 +208,11 @@ async fn run_live<W: ChunkWriter>(
             }
         }
     }
+    if include_usage {
+        let usage = Usage::new(prompt_tokens, completion_tokens);
+        outlet.send(writer.usage(usage)).await?;
+    }
+    outlet.send(Bytes::from_static(DONE)).await
 }
 
 fn event_stream(receiver: mpsc::Receiver<Result<Bytes, Infallible>>) -> Response {

@@ -7,8 +7,9 @@
 //! The weights come from `SLUICE_SMOLLM2_GGUF` (scripts/test.sh sets it). Without them this
 //! test says so and passes, except under `CI=true`, where it fails.
 
+mod common;
+
 use std::collections::HashMap;
-use std::path::PathBuf;
 
 use sluice_backend::native::cpu::Cpu;
 use sluice_backend::native::gguf::Gguf;
@@ -19,21 +20,6 @@ use sluice_backend::native::tokenizer::{ChatMessage, LlamaTokenizer};
 
 const MAX_TOKENS: usize = 8;
 const BLOCK_SIZE: usize = 16;
-
-fn weights() -> Option<PathBuf> {
-    let path = std::env::var_os("SLUICE_SMOLLM2_GGUF").map(PathBuf::from);
-    if let Some(path) = path.filter(|p| p.is_file()) {
-        return Some(path);
-    }
-    let message = "SLUICE_SMOLLM2_GGUF does not name the SmolLM2-135M-Instruct GGUF file: run \
-                   `export SLUICE_SMOLLM2_GGUF=$(scripts/fetch-weights.sh SmolLM2-135M-Instruct)` \
-                   (scripts/test.sh does this)";
-    if std::env::var("CI").as_deref() == Ok("true") {
-        panic!("{message}");
-    }
-    eprintln!("skipping: {message}");
-    None
-}
 
 /// Runs the scheduler until every request has finished; each request's tokens and finish.
 fn drain(scheduler: &mut Scheduler<'_, Cpu>) -> HashMap<u64, (Vec<u32>, Finish)> {
@@ -60,7 +46,9 @@ fn drain(scheduler: &mut Scheduler<'_, Cpu>) -> HashMap<u64, (Vec<u32>, Finish)>
 
 #[test]
 fn outputs_are_the_same_alone_or_batched_with_chunked_prompts_and_preemption() {
-    let Some(path) = weights() else { return };
+    let Some(path) = common::smollm2_weights() else {
+        return;
+    };
     let gguf = Gguf::open(&path).unwrap();
     let tokenizer = LlamaTokenizer::from_gguf(&gguf).unwrap();
     let model = Llama::load(Cpu, &gguf, &path).unwrap();

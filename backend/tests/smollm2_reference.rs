@@ -7,7 +7,9 @@
 //! packages from scripts/test.sh's .venv. Without the weights these tests say so and pass,
 //! except under `CI=true`, where a missing model is a broken setup and fails them.
 
-use std::path::{Path, PathBuf};
+mod common;
+
+use std::path::Path;
 use std::process::{Command, Stdio};
 
 use serde_json::{json, Value};
@@ -29,33 +31,6 @@ const BLOCKS: usize = 64;
 /// ~10-30); the issue asks for 1e-3.
 const LOGIT_TOLERANCE: f32 = 1e-3;
 
-fn weights() -> Option<PathBuf> {
-    let path = std::env::var_os("SLUICE_SMOLLM2_GGUF").map(PathBuf::from);
-    if let Some(path) = path.filter(|p| p.is_file()) {
-        return Some(path);
-    }
-    let message = "SLUICE_SMOLLM2_GGUF does not name the SmolLM2-135M-Instruct GGUF file: run \
-                   `export SLUICE_SMOLLM2_GGUF=$(scripts/fetch-weights.sh SmolLM2-135M-Instruct)` \
-                   (scripts/test.sh does this)";
-    if std::env::var("CI").as_deref() == Ok("true") {
-        panic!("{message}");
-    }
-    eprintln!("skipping: {message}");
-    None
-}
-
-/// SLUICE_TEST_PYTHON, else the repository's .venv, else python3.
-fn python() -> String {
-    std::env::var("SLUICE_TEST_PYTHON").unwrap_or_else(|_| {
-        let venv = concat!(env!("CARGO_MANIFEST_DIR"), "/../.venv/bin/python");
-        if Path::new(venv).exists() {
-            venv.to_owned()
-        } else {
-            "python3".to_owned()
-        }
-    })
-}
-
 struct Reference {
     prompt: String,
     tokens: Vec<u32>,
@@ -70,7 +45,7 @@ fn reference(gguf: &Path, chats: &Value) -> Vec<Reference> {
         env!("CARGO_MANIFEST_DIR"),
         "/../scripts/smollm2_reference.py"
     );
-    let mut child = Command::new(python())
+    let mut child = Command::new(common::python())
         .arg(script)
         .arg(gguf)
         .arg(&out)
@@ -151,7 +126,9 @@ fn run(
 
 #[test]
 fn chat_logits_and_greedy_tokens_match_an_independent_numpy_reference() {
-    let Some(path) = weights() else { return };
+    let Some(path) = common::smollm2_weights() else {
+        return;
+    };
     let chats = json!([
         [{"role": "user", "content": "What is the capital of France?"}],
         [{"role": "system", "content": "You answer in one short sentence."},

@@ -369,9 +369,9 @@ async fn health_answers_while_a_long_embedding_request_runs() {
 }
 
 /// Needs no weights: what this build cannot serve is refused at start-up with status 2, and
-/// a GGUF file it would serve but cannot read with status 1.
+/// a GGUF file or Llama folder it would serve but cannot read with status 1.
 #[test]
-fn the_native_engine_refuses_cuda_and_llama_folders_with_2_and_broken_gguf_with_1() {
+fn the_native_engine_refuses_cuda_and_other_decoders_with_2_and_broken_models_with_1() {
     let dir = tempfile::tempdir().unwrap();
     let gguf = dir.path().join("smollm2.gguf");
     std::fs::write(&gguf, b"GGUF\x03\0\0\0").unwrap();
@@ -382,11 +382,14 @@ fn the_native_engine_refuses_cuda_and_llama_folders_with_2_and_broken_gguf_with_
         r#"{"model_type":"llama","architectures":["LlamaForCausalLM"]}"#,
     )
     .unwrap();
+    let qwen = dir.path().join("qwen");
+    std::fs::create_dir(&qwen).unwrap();
+    std::fs::write(qwen.join("config.json"), r#"{"model_type":"qwen2"}"#).unwrap();
     let bert = dir.path().join("bert");
     std::fs::create_dir(&bert).unwrap();
     std::fs::write(bert.join("config.json"), r#"{"model_type":"bert"}"#).unwrap();
 
-    let cases: [(&[&str], i32, &str); 3] = [
+    let cases: [(&[&str], i32, &str); 4] = [
         (
             &["--device", "cuda:0", "--model", bert.to_str().unwrap()],
             2,
@@ -397,7 +400,8 @@ fn the_native_engine_refuses_cuda_and_llama_folders_with_2_and_broken_gguf_with_
             1,
             "model `smollm2`",
         ),
-        (&["--model", llama.to_str().unwrap()], 2, "Llama engine"),
+        (&["--model", llama.to_str().unwrap()], 1, "tokenizer.json"),
+        (&["--model", qwen.to_str().unwrap()], 2, "model_type `qwen2`"),
     ];
     for (args, status, expected) in cases {
         let output = Command::new(binary("sluice-backend"))

@@ -197,3 +197,191 @@ async fn a_stop_string_ends_the_reply_before_it_and_a_prompt_past_the_context_is
     assert_eq!(kind, "invalid_request_error");
     assert_eq!(code, "context_length_exceeded", "{message}");
 }
+
+/// The value of the series `name` (with its labels, if any) on the backend's /metrics.
+async fn metric(backend: &Backend, series: &str) -> f64 {
+    let text = reqwest::get(format!("{}/metrics", backend.url))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    text.lines()
+        .find_map(|line| line.strip_prefix(series)?.strip_prefix(' '))
+        .unwrap_or_else(|| panic!("no {series} in\n{text}"))
+        .parse()
+        .unwrap()
+}
+
+/// Polls `series` until `done` holds of it, for up to a minute (a debug build on a busy
+/// machine is slow).
+async fn metric_until(backend: &Backend, series: &str, done: impl Fn(f64) -> bool) -> f64 {
+    for _ in 0..600 {
+        let value = metric(backend, series).await;
+        if done(value) {
+            return value;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    panic!("{series} never reached the expected value");
+}
+
+#[tokio::test]
+async fn text_completions_give_n_choices_per_prompt_and_the_engine_reports_its_work() {
+    let Some(file) = weights() else { return };
+    let backend = smollm2_backend(&file).await;
+    let models: Value = reqwest::get(format!("{}/v1/models", backend.url))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(models["data"][0]["device"], "cpu", "{models}");
+    assert_eq!(models["data"][0]["max_model_len"], 8192, "{models}");
+
+    let body = json!({
+        "model": MODEL,
+        "prompt": ["The capital of France is", "1, 2, 3, 4,"],
+        "n": 2,
+        "temperature": 0,
+        "max_tokens": 4,
+    });
+    let response = reqwest::Client::new()
+        .post(format!("{}/v1/completions", backend.url))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let reply: Value = response.json().await.unwrap();
+    assert_eq!(reply["object"], "text_completion");
+    let choices = reply["choices"].as_array().unwrap();
+    let indexes: Vec<u64> = choices
+        .iter()
+        .map(|c| c["index"].as_u64().unwrap())
+        .collect();
+    assert_eq!(indexes, [0, 1, 2, 3], "{reply}");
+    let text = |i: usize| choices[i]["text"].as_str().unwrap();
+    // Greedy: both choices of a prompt agree, and the two prompts differ.
+    assert_eq!(text(0), text(1));
+    assert_eq!(text(2), text(3));
+    assert!(text(0).contains("Paris"), "{reply}");
+    assert!(text(2).contains('5'), "{reply}");
+    for choice in choices {
+        assert_eq!(choice["finish_reason"], "length", "{reply}");
+    }
+    assert_eq!(reply["usage"]["completion_tokens"], 4 * 4, "{reply}");
+    let prompt_tokens = reply["usage"]["prompt_tokens"].as_u64().unwrap();
+    assert!(prompt_tokens >= 8, "{reply}");
+
+    // The engine counted those prompts (one prefill per choice), the decoded tokens and
+    // four first tokens; its cache is free again.
+    let labels = format!("{{model=\"{MODEL}\"}}");
+    let prefill = metric_until(
+        &backend,
+        &format!("sluice_backend_engine_prefill_tokens_total{labels}"),
+        |v| v > 0.0,
+    )
+    .await;
+    assert_eq!(prefill as u64, 2 * prompt_tokens);
+    let decoded = metric(
+        &backend,
+        &format!("sluice_backend_engine_decode_tokens_total{labels}"),
+    )
+    .await;
+    // Each choice's last sampled token is never fed back.
+    assert_eq!(decoded as u64, 4 * 3);
+    let first_tokens = metric(
+        &backend,
+        &format!("sluice_backend_time_to_first_token_seconds_count{labels}"),
+    )
+    .await;
+    assert_eq!(first_tokens as u64, 4);
+    assert!(
+        metric(
+            &backend,
+            &format!("sluice_backend_kv_cache_blocks_total{labels}")
+        )
+        .await
+            > 0.0
+    );
+    assert_eq!(
+        metric(
+            &backend,
+            &format!("sluice_backend_kv_cache_blocks_used{labels}")
+        )
+        .await,
+        0.0
+    );
+
+    let bad = reqwest::Client::new()
+        .post(format!("{}/v1/completions", backend.url))
+        .json(&json!({"model": MODEL, "prompt": [[49152]]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(bad.status(), 400);
+    let (_, code, message) = openai_error(bad).await.unwrap();
+    assert_eq!(code, "invalid_value", "{message}");
+}
+
+#[tokio::test]
+async fn a_client_that_hangs_up_mid_stream_frees_its_sequence() {
+    let Some(file) = weights() else { return };
+    let backend = smollm2_backend(&file).await;
+    let labels = format!("{{model=\"{MODEL}\"}}");
+    let max_tokens = 4000;
+    // Counting goes on and on: left alone, this runs to max_tokens (minutes on a CPU).
+    let mut response = reqwest::Client::new()
+        .post(format!("{}/v1/completions", backend.url))
+        .json(&json!({
+            "model": MODEL,
+            "prompt": "1, 2, 3, 4, 5, 6, 7, 8,",
+            "temperature": 0,
+            "max_tokens": max_tokens,
+            "stream": true,
+        }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    // Wait for a few tokens, so the sequence is surely running.
+    let mut seen = String::new();
+    while seen.matches("data: ").count() < 3 {
+        let chunk = response.chunk().await.unwrap().expect("the stream goes on");
+        seen.push_str(&String::from_utf8_lossy(&chunk));
+    }
+    assert_eq!(
+        metric(
+            &backend,
+            &format!("sluice_backend_engine_sequences_running{labels}")
+        )
+        .await,
+        1.0
+    );
+    drop(response);
+
+    metric_until(
+        &backend,
+        &format!("sluice_backend_engine_sequences_running{labels}"),
+        |v| v == 0.0,
+    )
+    .await;
+    assert_eq!(
+        metric(
+            &backend,
+            &format!("sluice_backend_kv_cache_blocks_used{labels}")
+        )
+        .await,
+        0.0
+    );
+    let decoded = metric(
+        &backend,
+        &format!("sluice_backend_engine_decode_tokens_total{labels}"),
+    )
+    .await;
+    assert!(
+        decoded < f64::from(max_tokens) / 2.0,
+        "{decoded} tokens decoded"
+    );
+}

@@ -13,24 +13,26 @@ use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{mpsc, Arc};
 use std::thread;
+use std::time::Instant;
 
 use tokio::sync::mpsc as tokio_mpsc;
 
 use super::cpu::Cpu;
-use super::device::Device;
+use super::device::{Device, DeviceError};
 use super::gguf::Gguf;
 use super::llama::Llama;
 use super::sampling::SamplingParams;
 use super::scheduler::{Event, Finish, Request, Scheduler};
+use super::stats::{EngineStats, StepReport};
 use super::stop::{StopCheck, StopStrings};
 use super::tokenizer::{LlamaTokenizer, TextStream};
 use super::LoadError;
 
 /// Positions per key/value cache block.
 const BLOCK_SIZE: usize = 16;
-/// Memory the key/value cache may take. At least one full-context sequence always fits,
-/// whatever this says, so that no accepted request can be refused by the cache.
-const KV_BUDGET_BYTES: usize = 512 << 20;
+/// The key/value cache's memory when `--kv-cache-mb` does not say: room for 16 sequences of
+/// 2048 positions of SmolLM2-135M (30 layers, 3 × 64 wide, f32).
+pub const DEFAULT_KV_CACHE_BYTES: usize = 1 << 30;
 /// Tokens per forward pass: decodes first, then prompt chunks. Larger chunks amortise the
 /// weight reads; smaller ones keep running streams' inter-token latency low.
 const TOKEN_BUDGET: usize = 256;
@@ -52,6 +54,22 @@ pub enum Piece {
     Failed(String),
 }
 
+/// How a decoder's engine is sized.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EngineOptions {
+    /// Memory the key/value cache may take. At least one full-context sequence always
+    /// fits, whatever this says, so that no accepted request can be refused by the cache.
+    pub kv_cache_bytes: usize,
+}
+
+impl Default for EngineOptions {
+    fn default() -> Self {
+        EngineOptions {
+            kv_cache_bytes: DEFAULT_KV_CACHE_BYTES,
+        }
+    }
+}
+
 /// One generation request, tokenized and checked against the context by the caller.
 pub struct GenerateJob {
     pub prompt: Vec<u32>,
@@ -64,10 +82,17 @@ pub struct GenerateJob {
 /// A loaded decoder, answering requests through its engine thread.
 pub struct TextModel {
     tokenizer: Arc<LlamaTokenizer>,
-    jobs: mpsc::Sender<(u64, GenerateJob)>,
+    jobs: mpsc::Sender<(u64, Queued)>,
     next_id: AtomicU64,
     context_length: usize,
     device: String,
+    stats: Arc<EngineStats>,
+}
+
+/// A job on its way to the engine thread, stamped with when it arrived.
+struct Queued {
+    job: GenerateJob,
+    at: Instant,
 }
 
 impl std::fmt::Debug for TextModel {
@@ -80,41 +105,52 @@ impl std::fmt::Debug for TextModel {
 }
 
 impl TextModel {
-    /// Loads a GGUF decoder onto the CPU and starts its engine thread, named after `name`.
-    pub fn load(name: &str, path: &Path) -> Result<Self, LoadError> {
-        let gguf = Gguf::open(path)?;
+    /// Loads a decoder (a GGUF file, or a Hugging Face folder) onto the CPU and starts its
+    /// engine thread, named after `name`. Returns once the engine has run a first step, so
+    /// that a model that is served is also warm.
+    pub fn load(name: &str, path: &Path, options: EngineOptions) -> Result<Self, LoadError> {
         let invalid = |message: String| LoadError::Invalid {
             path: path.to_owned(),
             message,
         };
-        let tokenizer = Arc::new(LlamaTokenizer::from_gguf(&gguf).map_err(invalid)?);
-        let model = Llama::load(Cpu, &gguf, path)?;
-        drop(gguf);
+        let (tokenizer, model) = if path.is_dir() {
+            let tokenizer = LlamaTokenizer::from_folder(path).map_err(invalid)?;
+            (tokenizer, Llama::load_safetensors(Cpu, path)?)
+        } else {
+            let gguf = Gguf::open(path)?;
+            let tokenizer = LlamaTokenizer::from_gguf(&gguf).map_err(invalid)?;
+            (tokenizer, Llama::load(Cpu, &gguf, path)?)
+        };
+        let tokenizer = Arc::new(tokenizer);
         let context_length = model.config().context_length.clamp(1, MAX_CONTEXT);
         let per_sequence = context_length.div_ceil(BLOCK_SIZE);
-        let blocks = (KV_BUDGET_BYTES / model.cache_block_bytes(BLOCK_SIZE)).max(per_sequence);
+        let blocks =
+            (options.kv_cache_bytes / model.cache_block_bytes(BLOCK_SIZE)).max(per_sequence);
         let device = model.device().name();
         let eos = tokenizer.eos;
         let engine_tokenizer = tokenizer.clone();
+        let stats = Arc::new(EngineStats::default());
+        stats.set_kv_blocks_total(blocks);
+        let engine_stats = stats.clone();
         let (jobs, queue) = mpsc::channel();
-        // The cache is allocated on the engine thread, but before `load` returns, so that
-        // a cache that does not fit fails start-up instead of the first request.
+        // The cache is allocated and the model warmed up on the engine thread, but before
+        // `load` returns, so that a cache that does not fit fails start-up instead of the
+        // first request, and the first request does not pay for cold memory.
         let (ready, started) = mpsc::channel();
         thread::Builder::new()
             .name(format!("engine-{name}"))
             .spawn(move || {
-                let scheduler = match Scheduler::new(&model, blocks, BLOCK_SIZE, TOKEN_BUDGET, eos)
-                {
+                let scheduler = Scheduler::new(&model, blocks, BLOCK_SIZE, TOKEN_BUDGET, eos)
+                    .and_then(|mut scheduler| warm_up(&mut scheduler).map(|()| scheduler));
+                match scheduler {
                     Ok(scheduler) => {
                         let _ = ready.send(Ok(()));
-                        scheduler
+                        run(scheduler, &engine_tokenizer, &engine_stats, queue);
                     }
                     Err(err) => {
                         let _ = ready.send(Err(err));
-                        return;
                     }
-                };
-                run(scheduler, &engine_tokenizer, queue);
+                }
             })
             .map_err(|err| LoadError::Unsupported(format!("cannot start a thread: {err}")))?;
         started
@@ -133,7 +169,13 @@ impl TextModel {
             next_id: AtomicU64::new(0),
             context_length,
             device,
+            stats,
         })
+    }
+
+    /// What the engine says about its queue, cache and speed.
+    pub fn stats(&self) -> &EngineStats {
+        &self.stats
     }
 
     pub fn tokenizer(&self) -> &LlamaTokenizer {
@@ -154,8 +196,26 @@ impl TextModel {
     pub fn generate(&self, job: GenerateJob) -> bool {
         assert!(job.prompt.len() + job.max_tokens <= self.context_length);
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        self.jobs.send((id, job)).is_ok()
+        let at = Instant::now();
+        self.jobs.send((id, Queued { job, at })).is_ok()
     }
+}
+
+/// One greedy token from a one-token prompt: touches every weight and the cache once.
+fn warm_up<D: Device>(scheduler: &mut Scheduler<'_, D>) -> Result<(), DeviceError> {
+    scheduler.add(Request {
+        id: u64::MAX,
+        prompt: vec![0],
+        params: SamplingParams {
+            temperature: 0.0,
+            ..SamplingParams::default()
+        },
+        max_tokens: 1,
+    });
+    while !scheduler.is_idle() {
+        scheduler.step()?;
+    }
+    Ok(())
 }
 
 /// A sequence's way back to its client, and the text not yet safe to send.
@@ -164,6 +224,8 @@ struct Live {
     text: TextStream,
     stops: StopStrings,
     tokens: u64,
+    /// When the request reached the engine, until its first token is out.
+    waiting_since: Option<Instant>,
 }
 
 impl Live {
@@ -185,7 +247,8 @@ impl Live {
 fn run<D: Device>(
     mut scheduler: Scheduler<'_, D>,
     tokenizer: &LlamaTokenizer,
-    queue: mpsc::Receiver<(u64, GenerateJob)>,
+    stats: &EngineStats,
+    queue: mpsc::Receiver<(u64, Queued)>,
 ) {
     let mut live: HashMap<u64, Live> = HashMap::new();
     loop {
@@ -207,9 +270,18 @@ fn run<D: Device>(
             !gone
         });
         if scheduler.is_idle() {
+            // Cancellations emptied it: the queue and cache changed, but no step ran.
+            stats.record_step(StepReport {
+                prefill_tokens: 0,
+                decode_tokens: 0,
+                preemptions: 0,
+                ..scheduler.report()
+            });
             continue;
         }
-        let events = match scheduler.step() {
+        let step = scheduler.step();
+        stats.record_step(scheduler.report());
+        let events = match step {
             Ok(events) => events,
             Err(err) => {
                 tracing::error!(%err, "the engine failed a step; its requests are cut short");
@@ -227,6 +299,9 @@ fn run<D: Device>(
                         continue;
                     };
                     seq.tokens += 1;
+                    if let Some(since) = seq.waiting_since.take() {
+                        stats.record_first_token(since.elapsed());
+                    }
                     let text = seq.text.push(tokenizer.token_bytes(token));
                     match seq.stops.push(&text) {
                         StopCheck::Continue(text) => seq.send_text(text),
@@ -265,7 +340,7 @@ fn admit<D: Device>(
     scheduler: &mut Scheduler<'_, D>,
     live: &mut HashMap<u64, Live>,
     id: u64,
-    job: GenerateJob,
+    Queued { job, at }: Queued,
 ) {
     if job.max_tokens == 0 {
         let _ = job.reply.send(Piece::Done {
@@ -287,6 +362,7 @@ fn admit<D: Device>(
             text: TextStream::default(),
             stops: StopStrings::new(job.stop),
             tokens: 0,
+            waiting_since: Some(at),
         },
     );
 }

@@ -1,5 +1,6 @@
-//! A Llama-family decoder (SmolLM2, TinyLlama and their kin) from a GGUF file: token ids in,
-//! next-token logits out, for one sequence with its own key/value cache.
+//! A Llama-family decoder (SmolLM2, TinyLlama and their kin) from a GGUF file (or, through
+//! [`super::hf_llama`], a Hugging Face folder): token ids in, next-token logits out, for a
+//! batch of sequences over a paged key/value cache.
 //!
 //! Per layer: RMSNorm, grouped-query self-attention with rotary position embeddings (GGUF's
 //! adjacent-pair form), a residual add, RMSNorm, a SwiGLU feed-forward block, a residual
@@ -106,16 +107,18 @@ impl LlamaConfig {
     }
 }
 
-struct Layer<D: Device> {
-    attn_norm: Tensor<D::Storage>,
-    q: D::Matrix,
-    k: D::Matrix,
-    v: D::Matrix,
-    o: D::Matrix,
-    ffn_norm: Tensor<D::Storage>,
-    gate: D::Matrix,
-    up: D::Matrix,
-    down: D::Matrix,
+/// One decoder layer's weights. `q` and `k` rows are in GGUF's order, permuted for
+/// adjacent-pair rotary embeddings (see [`Device::rope`]).
+pub(super) struct Layer<D: Device> {
+    pub(super) attn_norm: Tensor<D::Storage>,
+    pub(super) q: D::Matrix,
+    pub(super) k: D::Matrix,
+    pub(super) v: D::Matrix,
+    pub(super) o: D::Matrix,
+    pub(super) ffn_norm: Tensor<D::Storage>,
+    pub(super) gate: D::Matrix,
+    pub(super) up: D::Matrix,
+    pub(super) down: D::Matrix,
 }
 
 /// Which positions' logits a forward pass returns.
@@ -131,13 +134,13 @@ pub enum Logits {
 
 /// A loaded decoder on device `D`.
 pub struct Llama<D: Device> {
-    device: D,
-    config: LlamaConfig,
-    embed: D::Matrix,
-    layers: Vec<Layer<D>>,
-    norm: Tensor<D::Storage>,
+    pub(super) device: D,
+    pub(super) config: LlamaConfig,
+    pub(super) embed: D::Matrix,
+    pub(super) layers: Vec<Layer<D>>,
+    pub(super) norm: Tensor<D::Storage>,
     /// `None`: the output head is `embed` (tied).
-    output: Option<D::Matrix>,
+    pub(super) output: Option<D::Matrix>,
 }
 
 /// Key/value memory for many sequences: per layer, a tensor of `blocks · block_size` rows

@@ -7,13 +7,13 @@
 //! trait, implemented for the CPU in [`cpu`], so that a GPU can take its place; requests
 //! reach it through one engine thread per model ([`embedder`]), never on the async runtime.
 //!
-//! Llama-family decoders come from GGUF files ([`gguf`]) with weights kept in their stored
-//! encodings ([`quant`]): the forward pass over a batch of sequences over a paged key/value
+//! Llama-family decoders come from GGUF files ([`gguf`]) or Hugging Face folders
+//! ([`hf_llama`]) with weights kept in their stored encodings ([`quant`]): the forward pass over a batch of sequences over a paged key/value
 //! cache ([`llama`], checked against an independent numpy reference), the tokenizer and chat
 //! template ([`tokenizer`]), sampling ([`sampling`]), stop strings ([`stop`]) and continuous
 //! batching ([`scheduler`]), served through one engine thread per model ([`generator`]).
-//! Llama-family safetensors folders (and CUDA) are refused by the command line with exit
-//! status 2 rather than served by something else.
+//! CUDA is refused by the command line with exit status 2 rather than served by something
+//! else.
 
 pub mod bert;
 pub mod cpu;
@@ -21,10 +21,12 @@ pub mod device;
 pub mod embedder;
 pub mod generator;
 pub mod gguf;
+pub mod hf_llama;
 pub mod llama;
 pub mod quant;
 pub mod sampling;
 pub mod scheduler;
+pub mod stats;
 pub mod stop;
 pub mod tokenizer;
 pub mod weights;
@@ -37,9 +39,6 @@ pub use generator::TextModel;
 /// Why a model could not be loaded.
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
-    /// A kind of model the native engine will serve, but not in this build.
-    #[error("{0}")]
-    NotInThisBuild(String),
     /// A model this engine does not know how to run at all.
     #[error("unsupported model: {0}")]
     Unsupported(String),
@@ -67,7 +66,7 @@ impl LoadError {
     /// Whether the command line asked for something this build cannot do, as opposed to
     /// files that are broken: the first is a usage error (exit status 2).
     pub fn is_usage(&self) -> bool {
-        matches!(self, Self::NotInThisBuild(_) | Self::Unsupported(_))
+        matches!(self, Self::Unsupported(_))
             || matches!(self, Self::Read { path, .. } if !path.exists())
     }
 }
@@ -77,12 +76,10 @@ impl LoadError {
 pub enum ModelKind {
     /// A Hugging Face BERT folder: served as an embedding model.
     Bert,
-    /// A GGUF Llama-family decoder: served for chat completions.
+    /// A Llama-family decoder (a GGUF file or a Hugging Face folder): served for chat and
+    /// text completions.
     Llama,
 }
-
-const LLAMA_NOT_IN_BUILD: &str =
-    "the Llama engine serves GGUF files only in this build; Llama-family safetensors folders are not in it yet";
 
 /// Decides from its files what a model path holds, without loading weights.
 pub fn inspect(path: &Path) -> Result<ModelKind, LoadError> {
@@ -124,24 +121,13 @@ pub fn inspect(path: &Path) -> Result<ModelKind, LoadError> {
     if model_type == "bert" || architectures.contains(&"BertModel") {
         return Ok(ModelKind::Bert);
     }
-    let decoder = matches!(model_type, "llama" | "qwen2" | "mistral")
-        || architectures.iter().any(|a| a.ends_with("ForCausalLM"));
-    Err(if decoder {
-        LoadError::NotInThisBuild(format!(
-            "{}: a {} model; {LLAMA_NOT_IN_BUILD}",
-            path.display(),
-            if model_type.is_empty() {
-                "decoder"
-            } else {
-                model_type
-            }
-        ))
-    } else {
-        LoadError::Unsupported(format!(
-            "{}: model_type `{model_type}`, architectures {architectures:?}; this build serves BERT encoders (model_type `bert`)",
-            config_path.display()
-        ))
-    })
+    if model_type == "llama" || architectures.contains(&"LlamaForCausalLM") {
+        return Ok(ModelKind::Llama);
+    }
+    Err(LoadError::Unsupported(format!(
+        "{}: model_type `{model_type}`, architectures {architectures:?}; this build serves BERT encoders (model_type `bert`) and Llama decoders (model_type `llama`)",
+        config_path.display()
+    )))
 }
 
 #[cfg(test)]
@@ -157,7 +143,7 @@ mod tests {
     }
 
     #[test]
-    fn bert_folders_are_embedders_gguf_files_decoders_and_llama_folders_not_in_this_build() {
+    fn bert_folders_are_embedders_and_gguf_files_and_llama_folders_decoders() {
         let bert = folder_with_config("bert", r#"{"model_type":"bert"}"#);
         assert_eq!(inspect(&bert).unwrap(), ModelKind::Bert);
         let arch = folder_with_config("arch", r#"{"architectures":["BertModel"]}"#);
@@ -167,13 +153,13 @@ mod tests {
             "llama",
             r#"{"model_type":"llama","architectures":["LlamaForCausalLM"]}"#,
         );
-        let err = inspect(&llama).unwrap_err();
-        assert!(matches!(err, LoadError::NotInThisBuild(_)), "{err}");
-        assert!(err.to_string().contains("Llama engine"), "{err}");
-        assert!(err.is_usage());
+        assert_eq!(inspect(&llama).unwrap(), ModelKind::Llama);
 
-        let other = folder_with_config("t5", r#"{"model_type":"t5"}"#);
-        assert!(matches!(inspect(&other), Err(LoadError::Unsupported(_))));
+        let other = folder_with_config("t5", r#"{"model_type":"qwen2"}"#);
+        let err = inspect(&other).unwrap_err();
+        assert!(matches!(err, LoadError::Unsupported(_)), "{err}");
+        assert!(err.to_string().contains("qwen2"), "{err}");
+        assert!(err.is_usage());
 
         let gguf = bert.join("model.gguf");
         std::fs::write(&gguf, b"GGUF\x03\0\0\0").unwrap();

@@ -16,6 +16,7 @@ use std::collections::VecDeque;
 use super::device::{Device, DeviceError};
 use super::llama::{KvCache, Llama, Logits, SeqCache, Step};
 use super::sampling::{Sampler, SamplingParams};
+use super::stats::StepReport;
 
 /// One generation request, already tokenized and checked against the context length.
 #[derive(Debug, Clone)]
@@ -63,6 +64,10 @@ pub struct Scheduler<'m, D: Device> {
     /// In admission order: the last is the first to be preempted.
     running: Vec<Sequence>,
     preemptions: u64,
+    /// What the last step fed, for [`Scheduler::report`].
+    last_prefill: u64,
+    last_decode: u64,
+    last_preemptions: u64,
 }
 
 impl<'m, D: Device> Scheduler<'m, D> {
@@ -84,6 +89,9 @@ impl<'m, D: Device> Scheduler<'m, D> {
             waiting: VecDeque::new(),
             running: Vec::new(),
             preemptions: 0,
+            last_prefill: 0,
+            last_decode: 0,
+            last_preemptions: 0,
         })
     }
 
@@ -125,6 +133,19 @@ impl<'m, D: Device> Scheduler<'m, D> {
         &self.cache
     }
 
+    /// The queue and cache now, and what the last [`Scheduler::step`] fed.
+    pub fn report(&self) -> StepReport {
+        StepReport {
+            waiting: self.waiting.len(),
+            running: self.running.len(),
+            kv_blocks_used: self.cache.total_blocks() - self.cache.free_blocks(),
+            kv_blocks_total: self.cache.total_blocks(),
+            prefill_tokens: self.last_prefill,
+            decode_tokens: self.last_decode,
+            preemptions: self.last_preemptions,
+        }
+    }
+
     /// Drops a request wherever it is (its client went away), freeing its blocks at once.
     /// False when it is not here (finished already, or never added).
     pub fn cancel(&mut self, id: u64) -> bool {
@@ -158,6 +179,8 @@ impl<'m, D: Device> Scheduler<'m, D> {
 
     /// Runs one forward pass over the sequences that fit, and samples those that are due.
     pub fn step(&mut self) -> Result<Vec<Event>, DeviceError> {
+        let preemptions_before = self.preemptions;
+        (self.last_prefill, self.last_decode) = (0, 0);
         // How many tokens each running sequence feeds this step, by index in `running`.
         let mut feed = vec![0usize; self.running.len()];
         let mut budget = self.token_budget;
@@ -200,12 +223,23 @@ impl<'m, D: Device> Scheduler<'m, D> {
             feed.push(take);
         }
 
+        self.last_preemptions = self.preemptions - preemptions_before;
         let inputs: Vec<Vec<u32>> = self
             .running
             .iter_mut()
             .zip(&feed)
             .map(|(seq, &n)| seq.pending.drain(..n).collect())
             .collect();
+        for (seq, tokens) in self.running.iter().zip(&inputs) {
+            // A decode feeds back the one token sampled last; anything else is a prompt,
+            // or a preempted sequence's recomputation.
+            let known = seq.request.prompt.len() + seq.generated.len();
+            if tokens.len() == 1 && !seq.generated.is_empty() && seq.cache.len() + 1 == known {
+                self.last_decode += 1;
+            } else {
+                self.last_prefill += tokens.len() as u64;
+            }
+        }
         let mut steps: Vec<Step<'_>> = self
             .running
             .iter_mut()

@@ -1,4 +1,5 @@
-//! A decoder's tokenizer and chat template, built from the metadata of its GGUF file.
+//! A decoder's tokenizer and chat template, built from the metadata of its GGUF file or read
+//! from a Hugging Face folder's `tokenizer.json` and `tokenizer_config.json`.
 //!
 //! GGUF stores a GPT-2-style byte-level BPE as `tokenizer.ggml.tokens` (the vocabulary, in
 //! id order), `tokenizer.ggml.merges` ("a b" lines, in rank order) and
@@ -8,8 +9,10 @@
 //! rendered by minijinja.
 
 use std::collections::HashMap;
+use std::path::Path;
 
 use tokenizers::decoders::byte_level::ByteLevel as ByteLevelDecoder;
+use tokenizers::decoders::DecoderWrapper;
 use tokenizers::models::bpe::BPE;
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::pre_tokenizers::digits::Digits;
@@ -177,25 +180,11 @@ impl LlamaTokenizer {
             })
             .collect();
 
-        let template = match gguf.get("tokenizer.chat_template").and_then(Value::as_str) {
-            Some(source) => {
-                let mut env = minijinja::Environment::new();
-                env.add_template_owned("chat", source.to_owned())
-                    .map_err(|err| format!("tokenizer.chat_template: {err}"))?;
-                // Hugging Face's templates call this to refuse a malformed conversation.
-                env.add_function(
-                    "raise_exception",
-                    |message: String| -> Result<(), minijinja::Error> {
-                        Err(minijinja::Error::new(
-                            minijinja::ErrorKind::InvalidOperation,
-                            message,
-                        ))
-                    },
-                );
-                Some(env)
-            }
-            None => None,
-        };
+        let template = gguf
+            .get("tokenizer.chat_template")
+            .and_then(Value::as_str)
+            .map(|source| chat_template(source, "tokenizer.chat_template"))
+            .transpose()?;
         let id = |key: &str| {
             gguf.get(key)
                 .and_then(Value::as_u64)
@@ -211,6 +200,94 @@ impl LlamaTokenizer {
                 .get("tokenizer.ggml.add_bos_token")
                 .and_then(Value::as_bool)
                 .unwrap_or(false),
+        })
+    }
+
+    /// The tokenizer of a Hugging Face folder: `tokenizer.json` for the tokens,
+    /// `tokenizer_config.json` for the chat template, the BOS and EOS tokens and whether a
+    /// prompt starts with BOS, `generation_config.json` for the EOS id when it says one.
+    pub fn from_folder(dir: &Path) -> Result<LlamaTokenizer, String> {
+        let tokenizer_path = dir.join("tokenizer.json");
+        let tokenizer = Tokenizer::from_file(&tokenizer_path)
+            .map_err(|err| format!("{}: {err}", tokenizer_path.display()))?;
+        let read_json = |name: &str| -> Result<serde_json::Value, String> {
+            let path = dir.join(name);
+            match std::fs::read_to_string(&path) {
+                Ok(text) => {
+                    serde_json::from_str(&text).map_err(|err| format!("{}: {err}", path.display()))
+                }
+                Err(err) if err.kind() == std::io::ErrorKind::NotFound => {
+                    Ok(serde_json::Value::Null)
+                }
+                Err(err) => Err(format!("{}: {err}", path.display())),
+            }
+        };
+        let config = read_json("tokenizer_config.json")?;
+        let generation = read_json("generation_config.json")?;
+
+        let byte_level = matches!(tokenizer.get_decoder(), Some(DecoderWrapper::ByteLevel(_)));
+        let to_byte: HashMap<char, u8> = byte_chars()
+            .iter()
+            .enumerate()
+            .map(|(b, &c)| (c, b as u8))
+            .collect();
+        let added = tokenizer.get_added_tokens_decoder();
+        let vocab_size = tokenizer.get_vocab_size(true);
+        let token_bytes = (0..vocab_size as u32)
+            .map(|id| {
+                let Some(token) = tokenizer.id_to_token(id) else {
+                    return Vec::new();
+                };
+                if added.contains_key(&id) {
+                    // Added tokens (`<|im_start|>`...) are text as written.
+                    token.into_bytes()
+                } else if byte_level {
+                    token
+                        .chars()
+                        .map(|c| to_byte.get(&c).copied())
+                        .collect::<Option<Vec<u8>>>()
+                        .unwrap_or_else(|| token.into_bytes())
+                } else {
+                    sentencepiece_bytes(&token)
+                }
+            })
+            .collect();
+
+        // A token is written as its text, or as an object with a `content` field.
+        let token_text = |value: &serde_json::Value| {
+            value
+                .as_str()
+                .or_else(|| value["content"].as_str())
+                .map(str::to_owned)
+        };
+        let id_of = |key: &str| -> Option<u32> {
+            let id = match &generation[key] {
+                serde_json::Value::Array(ids) => ids.first().and_then(serde_json::Value::as_u64),
+                other => other.as_u64(),
+            };
+            id.and_then(|id| u32::try_from(id).ok()).or_else(|| {
+                token_text(&config[key.trim_end_matches("_id")])
+                    .and_then(|text| tokenizer.token_to_id(&text))
+            })
+        };
+        let template = match &config["chat_template"] {
+            serde_json::Value::String(source) => Some(source.as_str()),
+            // Several named templates: the default one is the chat template.
+            serde_json::Value::Array(named) => named
+                .iter()
+                .find(|t| t["name"] == "default")
+                .and_then(|t| t["template"].as_str()),
+            _ => None,
+        }
+        .map(|source| chat_template(source, "tokenizer_config.json chat_template"))
+        .transpose()?;
+        Ok(LlamaTokenizer {
+            bos: id_of("bos_token_id"),
+            eos: id_of("eos_token_id"),
+            add_bos: config["add_bos_token"].as_bool().unwrap_or(false),
+            tokenizer,
+            token_bytes,
+            template,
         })
     }
 
@@ -267,6 +344,38 @@ impl LlamaTokenizer {
                 eos_token => token(self.eos),
             })
             .map_err(|err| format!("chat template: {err}"))
+    }
+}
+
+/// A chat template ready to render; `origin` names where it came from, in errors.
+fn chat_template(source: &str, origin: &str) -> Result<minijinja::Environment<'static>, String> {
+    let mut env = minijinja::Environment::new();
+    env.add_template_owned("chat", source.to_owned())
+        .map_err(|err| format!("{origin}: {err}"))?;
+    // Hugging Face's templates call this to refuse a malformed conversation.
+    env.add_function(
+        "raise_exception",
+        |message: String| -> Result<(), minijinja::Error> {
+            Err(minijinja::Error::new(
+                minijinja::ErrorKind::InvalidOperation,
+                message,
+            ))
+        },
+    );
+    Ok(env)
+}
+
+/// The bytes a SentencePiece-style token stands for: `<0xAB>` is one raw byte (byte
+/// fallback), `▁` is a space.
+fn sentencepiece_bytes(token: &str) -> Vec<u8> {
+    let byte = token
+        .strip_prefix("<0x")
+        .and_then(|hex| hex.strip_suffix('>'))
+        .filter(|hex| hex.len() == 2)
+        .and_then(|hex| u8::from_str_radix(hex, 16).ok());
+    match byte {
+        Some(byte) => vec![byte],
+        None => token.replace('\u{2581}', " ").into_bytes(),
     }
 }
 

@@ -8,8 +8,10 @@
 
 use std::path::{Path, PathBuf};
 
+use safetensors::tensor::TensorView;
 use safetensors::{Dtype, SafeTensors};
 
+use super::quant::{GgmlType, QMatrix};
 use super::LoadError;
 
 /// A safetensors file held in memory, answering "give me this tensor as f32".
@@ -39,8 +41,22 @@ impl Weights {
         })
     }
 
-    /// The tensor `name` (or its prefixed form), as f32, after checking it has `shape`.
-    pub fn get(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>, LoadError> {
+    /// Whether the file holds `name` (or its prefixed form).
+    pub fn contains(&self, name: &str) -> bool {
+        SafeTensors::deserialize(&self.bytes).is_ok_and(|tensors| {
+            let prefixed = format!("{}{name}", self.prefix);
+            tensors.tensor(&prefixed).is_ok() || tensors.tensor(name).is_ok()
+        })
+    }
+
+    /// Calls `read` with the tensor `name` (or its prefixed form), after checking it has
+    /// `shape`.
+    fn with_view<T>(
+        &self,
+        name: &str,
+        shape: &[usize],
+        read: impl FnOnce(&TensorView<'_>) -> Result<T, LoadError>,
+    ) -> Result<T, LoadError> {
         let tensors = SafeTensors::deserialize(&self.bytes).map_err(|err| LoadError::Invalid {
             path: self.path.clone(),
             message: err.to_string(),
@@ -60,6 +76,34 @@ impl Weights {
                 expected: shape.to_vec(),
             });
         }
+        read(&view)
+    }
+
+    /// The `[rows, cols]` tensor `name` in the float encoding it was saved in, so that an
+    /// F16 or BF16 checkpoint takes half the memory of an f32 one.
+    pub fn matrix(&self, name: &str, rows: usize, cols: usize) -> Result<QMatrix, LoadError> {
+        self.with_view(name, &[rows, cols], |view| {
+            let dtype = match view.dtype() {
+                Dtype::F32 => GgmlType::F32,
+                Dtype::F16 => GgmlType::F16,
+                Dtype::BF16 => GgmlType::BF16,
+                other => {
+                    return Err(LoadError::TensorType {
+                        name: name.to_owned(),
+                        dtype: format!("{other:?}"),
+                    })
+                }
+            };
+            Ok(QMatrix::new(dtype, rows, cols, view.data().to_vec()))
+        })
+    }
+
+    /// The tensor `name` (or its prefixed form), as f32, after checking it has `shape`.
+    pub fn get(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>, LoadError> {
+        self.with_view(name, shape, |view| Self::to_f32(name, view))
+    }
+
+    fn to_f32(name: &str, view: &TensorView<'_>) -> Result<Vec<f32>, LoadError> {
         let data = view.data();
         let values = match view.dtype() {
             Dtype::F32 => data
@@ -88,7 +132,6 @@ impl Weights {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use safetensors::tensor::TensorView;
 
     fn file_with(tensors: &[(&str, Dtype, Vec<u8>, Vec<usize>)]) -> PathBuf {
         let views: Vec<(String, TensorView<'_>)> = tensors
