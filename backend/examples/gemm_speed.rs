@@ -6,7 +6,8 @@
 //! MiniLM's feed-forward shape and a larger square one, and products over Q4_1 weights
 //! decoded band by band (the Llama path, `Device::matmul`), at the shapes SmolLM2-135M runs:
 //! one row (a lone decode), 16 (a batch of decodes) and 128 (a prompt chunk), against its
-//! feed-forward weight (1536 × 576). The machine's peak is cores × GHz × 32 (two 8-wide
+//! feed-forward weight (1536 × 576), both ways: dot products (what generated tokens use) and
+//! GEMM over decoded tiles (what prompt tokens use). The machine's peak is cores × GHz × 32 (two 8-wide
 //! fused multiply-adds per cycle with AVX2 and FMA).
 
 use std::time::Instant;
@@ -64,10 +65,13 @@ fn main() -> anyhow::Result<()> {
     let q = cpu.upload_matrix(QMatrix::new(GgmlType::Q4_1, n, k, bytes))?;
     for m in [1, 16, 128] {
         let x = cpu.upload(&values(m * k, 4), &[m, k])?;
-        let gflops = rate(2.0 * (m * k * n) as f64, || {
-            cpu.matmul(&x, &q).expect("matmul");
-        });
-        println!("Q4_1 {m}×{k} · ({n}×{k})ᵀ: {gflops:.1} GFLOP/s");
+        for (path, prompt) in [("dot products", false), ("GEMM", true)] {
+            let kinds = vec![prompt; m];
+            let gflops = rate(2.0 * (m * k * n) as f64, || {
+                cpu.matmul(&x, &q, &kinds).expect("matmul");
+            });
+            println!("Q4_1 {m}×{k} · ({n}×{k})ᵀ by {path}: {gflops:.1} GFLOP/s");
+        }
     }
     Ok(())
 }

@@ -53,6 +53,7 @@ fn main() -> anyhow::Result<()> {
             &mut [Step {
                 seq,
                 tokens: &tokens,
+                generated: 0,
             }],
             Logits::Last,
         )?;
@@ -68,7 +69,11 @@ fn main() -> anyhow::Result<()> {
             .zip(&inputs)
             .map(|(seq, tokens)| {
                 assert!(cache.reserve(seq, 1));
-                Step { seq, tokens }
+                Step {
+                    seq,
+                    tokens,
+                    generated: 1,
+                }
             })
             .collect();
         let logits = model.forward(&mut cache, &mut steps, Logits::Last)?;

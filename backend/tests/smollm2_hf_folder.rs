@@ -49,6 +49,7 @@ fn last_logits(model: &Llama<Cpu>, tokens: &[u32]) -> Vec<f32> {
             &mut [Step {
                 seq: &mut seq,
                 tokens,
+                generated: 0,
             }],
             Logits::Last,
         )

@@ -116,10 +116,19 @@ fn run(
     cache: &mut KvCache<Vec<f32>>,
     seq: &mut SeqCache,
     tokens: &[u32],
+    generated: usize,
     logits: Logits,
 ) -> Vec<f32> {
     let out = model
-        .forward(cache, &mut [Step { seq, tokens }], logits)
+        .forward(
+            cache,
+            &mut [Step {
+                seq,
+                tokens,
+                generated,
+            }],
+            logits,
+        )
         .unwrap();
     model.device().download(&out).unwrap()
 }
@@ -161,7 +170,7 @@ fn chat_logits_and_greedy_tokens_match_an_independent_numpy_reference() {
         let mut cache = model.new_cache(BLOCKS, BLOCK_SIZE).unwrap();
         let mut seq = SeqCache::default();
         assert!(cache.reserve(&mut seq, tokens.len()));
-        let logits = run(&model, &mut cache, &mut seq, &tokens, Logits::All);
+        let logits = run(&model, &mut cache, &mut seq, &tokens, 0, Logits::All);
         assert_eq!(logits.len(), want.logits.len(), "[tokens, {vocab}]");
         let mut worst = 0.0f32;
         for (pos, (got, exp)) in logits
@@ -196,8 +205,8 @@ fn chat_logits_and_greedy_tokens_match_an_independent_numpy_reference() {
         let mut chunked = SeqCache::default();
         assert!(cache.reserve(&mut chunked, tokens.len()));
         let (first, second) = tokens.split_at(tokens.len() / 2);
-        run(&model, &mut cache, &mut chunked, first, Logits::Last);
-        let last = run(&model, &mut cache, &mut chunked, second, Logits::Last);
+        run(&model, &mut cache, &mut chunked, first, 0, Logits::Last);
+        let last = run(&model, &mut cache, &mut chunked, second, 0, Logits::Last);
         assert_eq!(chunked.len(), tokens.len());
         assert!(
             last == logits[logits.len() - vocab..],
@@ -215,7 +224,7 @@ fn chat_logits_and_greedy_tokens_match_an_independent_numpy_reference() {
                 break;
             }
             assert!(cache.reserve(&mut seq, 1));
-            let step = run(&model, &mut cache, &mut seq, &[next], Logits::Last);
+            let step = run(&model, &mut cache, &mut seq, &[next], 1, Logits::Last);
             next = argmax(&step) as u32;
         }
         assert_eq!(
@@ -258,7 +267,12 @@ fn chat_logits_and_greedy_tokens_match_an_independent_numpy_reference() {
             .enumerate()
             .filter_map(|(i, seq)| {
                 let (_, tokens) = inputs.iter().find(|(j, _)| *j == i)?;
-                Some(Step { seq, tokens })
+                let generated = usize::from(!generated[i].is_empty());
+                Some(Step {
+                    seq,
+                    tokens,
+                    generated,
+                })
             })
             .collect();
         let logits = model

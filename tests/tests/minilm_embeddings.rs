@@ -401,7 +401,11 @@ fn the_native_engine_refuses_cuda_and_other_decoders_with_2_and_broken_models_wi
             "model `smollm2`",
         ),
         (&["--model", llama.to_str().unwrap()], 1, "tokenizer.json"),
-        (&["--model", qwen.to_str().unwrap()], 2, "model_type `qwen2`"),
+        (
+            &["--model", qwen.to_str().unwrap()],
+            2,
+            "model_type `qwen2`",
+        ),
     ];
     for (args, status, expected) in cases {
         let output = Command::new(binary("sluice-backend"))

@@ -314,18 +314,43 @@ impl Device for Cpu {
         Ok(matrix)
     }
 
-    fn matmul(&self, x: &CpuTensor, weight: &QMatrix) -> Result<CpuTensor, DeviceError> {
+    fn matmul(
+        &self,
+        x: &CpuTensor,
+        weight: &QMatrix,
+        prompt_rows: &[bool],
+    ) -> Result<CpuTensor, DeviceError> {
+        let (m, k, n) = (x.rows(), x.cols(), weight.rows);
         assert_eq!(
-            x.cols(),
-            weight.cols,
-            "matmul: x {x:?}, weight {}×{}",
-            weight.rows,
+            k, weight.cols,
+            "matmul: x {x:?}, weight {n}×{}",
             weight.cols
         );
-        let m = x.rows();
-        let mut out = vec![0.0f32; m * weight.rows];
-        quant::matmul(x.data(), m, weight, &mut out);
-        Ok(Tensor::from_parts(out, vec![m, weight.rows]))
+        assert_eq!(prompt_rows.len(), m, "matmul: {m} rows, {prompt_rows:?}");
+        let mut out = vec![0.0f32; m * n];
+        let prompts = prompt_rows.iter().filter(|&&p| p).count();
+        if prompts == m {
+            quant::gemm(x.data(), m, weight, &mut out);
+        } else if prompts == 0 {
+            quant::matmul(x.data(), m, weight, &mut out);
+        } else {
+            // Each kind on its own path, then each row back in its place.
+            for kind in [true, false] {
+                let rows: Vec<usize> = (0..m).filter(|&r| prompt_rows[r] == kind).collect();
+                let picked: Vec<f32> = rows
+                    .iter()
+                    .flat_map(|&r| &x.data()[r * k..(r + 1) * k])
+                    .copied()
+                    .collect();
+                let mut part = vec![0.0f32; rows.len() * n];
+                let multiply = if kind { quant::gemm } else { quant::matmul };
+                multiply(&picked, rows.len(), weight, &mut part);
+                for (&r, values) in rows.iter().zip(part.chunks_exact(n)) {
+                    out[r * n..(r + 1) * n].copy_from_slice(values);
+                }
+            }
+        }
+        Ok(Tensor::from_parts(out, vec![m, n]))
     }
 
     fn gather_matrix_rows(&self, table: &QMatrix, ids: &[u32]) -> Result<CpuTensor, DeviceError> {
@@ -899,6 +924,11 @@ mod tests {
         assert_eq!(rows.data()[32], -8.0);
         let ones = tensor(vec![1.0; 32], &[1, 32]);
         // Σ(i − 16) over 0..32 = −16.
-        assert_eq!(Cpu.matmul(&ones, &w).unwrap().data(), &[-8.0, -16.0]);
+        for kinds in [[true], [false]] {
+            assert_eq!(
+                Cpu.matmul(&ones, &w, &kinds).unwrap().data(),
+                &[-8.0, -16.0]
+            );
+        }
     }
 }

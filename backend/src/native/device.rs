@@ -191,10 +191,18 @@ pub trait Device: Send + Sync + 'static {
     /// `x · weightᵀ` for a weight of `[out, in]` in any encoding, `x` being `[rows, in]`:
     /// f32 activations and accumulation, the weight decoded block by block as it is read,
     /// never as a whole.
+    ///
+    /// `prompt_rows[r]` says whether row `r` is a prompt token's (else a generated one's).
+    /// A device may compute the two kinds differently (the CPU runs prompt rows as a GEMM
+    /// and generated rows as dot products, the fastest way for each), but a row's result
+    /// must depend only on its own values and kind, never on the other rows of the batch:
+    /// then a sequence gets the same logits alone or batched, chunked or preempted and
+    /// recomputed, and batching never changes a greedy answer.
     fn matmul(
         &self,
         x: &Tensor<Self::Storage>,
         weight: &Self::Matrix,
+        prompt_rows: &[bool],
     ) -> Result<Tensor<Self::Storage>, DeviceError>;
 
     /// Rows `ids` of an encoded matrix, decoded: the embedding look-up of a model whose

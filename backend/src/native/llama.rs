@@ -214,6 +214,10 @@ pub struct Step<'a> {
     pub seq: &'a mut SeqCache,
     /// The tokens that follow the ones in `seq`'s cache: at least one, with room reserved.
     pub tokens: &'a [u32],
+    /// How many of `tokens`, at the end, the model generated (the rest are prompt): one
+    /// for a decode step, none for a prompt chunk. See [`Device::matmul`]: the kind of a
+    /// token, not the batch it runs in, decides how its products are computed.
+    pub generated: usize,
 }
 
 impl<D: Device> Llama<D> {
@@ -342,9 +346,16 @@ impl<D: Device> Llama<D> {
         let mut positions = Vec::new();
         let mut slots = Vec::new();
         let mut last_rows = Vec::with_capacity(steps.len());
+        let mut prompt_rows = Vec::new();
         for step in steps.iter() {
             let (past, new) = (step.seq.len, step.tokens.len());
             assert!(new > 0, "a step with no tokens");
+            assert!(
+                step.generated <= new,
+                "{} generated of {new}",
+                step.generated
+            );
+            prompt_rows.extend((0..new).map(|i| i < new - step.generated));
             assert!(
                 step.seq.blocks.len() * bs >= past + new,
                 "{past} + {new} positions in {} blocks of {bs}: reserve first",
@@ -375,20 +386,20 @@ impl<D: Device> Llama<D> {
         let mut x = dev.gather_matrix_rows(&self.embed, &ids)?;
         for (i, layer) in self.layers.iter().enumerate() {
             let h = dev.rms_norm(&x, &layer.attn_norm, c.rms_eps)?;
-            let mut q = dev.matmul(&h, &layer.q)?;
-            let mut k = dev.matmul(&h, &layer.k)?;
-            let v = dev.matmul(&h, &layer.v)?;
+            let mut q = dev.matmul(&h, &layer.q, &prompt_rows)?;
+            let mut k = dev.matmul(&h, &layer.k, &prompt_rows)?;
+            let v = dev.matmul(&h, &layer.v, &prompt_rows)?;
             dev.rope(&mut q, c.heads, &positions, c.rope_base)?;
             dev.rope(&mut k, c.kv_heads, &positions, c.rope_base)?;
             dev.scatter_rows(&mut cache.k[i], &k, &slots)?;
             dev.scatter_rows(&mut cache.v[i], &v, &slots)?;
             let attended = dev.paged_attention(&q, &cache.k[i], &cache.v[i], layout)?;
-            dev.add_assign(&mut x, &dev.matmul(&attended, &layer.o)?)?;
+            dev.add_assign(&mut x, &dev.matmul(&attended, &layer.o, &prompt_rows)?)?;
 
             let h = dev.rms_norm(&x, &layer.ffn_norm, c.rms_eps)?;
-            let mut gate = dev.matmul(&h, &layer.gate)?;
-            dev.silu_mul(&mut gate, &dev.matmul(&h, &layer.up)?)?;
-            dev.add_assign(&mut x, &dev.matmul(&gate, &layer.down)?)?;
+            let mut gate = dev.matmul(&h, &layer.gate, &prompt_rows)?;
+            dev.silu_mul(&mut gate, &dev.matmul(&h, &layer.up, &prompt_rows)?)?;
+            dev.add_assign(&mut x, &dev.matmul(&gate, &layer.down, &prompt_rows)?)?;
         }
         drop(seqs);
         for step in steps.iter_mut() {
@@ -396,9 +407,14 @@ impl<D: Device> Llama<D> {
         }
         if logits == Logits::Last && last_rows.len() < ids.len() {
             x = dev.gather_rows(&x, &last_rows)?;
+            prompt_rows = last_rows.iter().map(|&r| prompt_rows[r as usize]).collect();
         }
         let x = dev.rms_norm(&x, &self.norm, c.rms_eps)?;
-        dev.matmul(&x, self.output.as_ref().unwrap_or(&self.embed))
+        dev.matmul(
+            &x,
+            self.output.as_ref().unwrap_or(&self.embed),
+            &prompt_rows,
+        )
     }
 }
 

@@ -245,9 +245,16 @@ impl<'m, D: Device> Scheduler<'m, D> {
             .iter_mut()
             .zip(&inputs)
             .filter(|(_, tokens)| !tokens.is_empty())
-            .map(|(seq, tokens)| Step {
-                seq: &mut seq.cache,
-                tokens,
+            .map(|(seq, tokens)| {
+                // Positions from the prompt's length on hold generated tokens, also when a
+                // preempted sequence recomputes them.
+                let end = seq.cache.len() + tokens.len();
+                let generated = end - end.min(seq.request.prompt.len().max(seq.cache.len()));
+                Step {
+                    seq: &mut seq.cache,
+                    tokens,
+                    generated,
+                }
             })
             .collect();
         if steps.is_empty() {
