@@ -1,13 +1,22 @@
 # Shell helpers shared by the quickstart and benchmark scripts (sourced, not run).
 
-# wait_for URL: waits up to 10 s for URL to answer 2xx, or exits the script.
+# wait_for URL [SECONDS]: waits up to SECONDS (default 10) for URL to answer 2xx, or exits
+# the script.
 wait_for() {
-  for _ in $(seq 100); do
+  for _ in $(seq $((${2:-10} * 10))); do
     curl -fsS "$1" >/dev/null 2>&1 && return 0
     sleep 0.1
   done
   echo "$(basename "$0"): $1 did not answer" >&2
   exit 1
+}
+
+# ensure_pip: python3 with pip, which scripts/fetch-weights.sh downloads the weights with.
+ensure_pip() {
+  if ! python3 -m pip --version >/dev/null 2>&1; then
+    echo "$(basename "$0"): installing python3-pip" >&2
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-pip >/dev/null
+  fi
 }
 
 # random_token PREFIX: PREFIX followed by 24 random hex digits.

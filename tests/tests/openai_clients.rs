@@ -11,7 +11,9 @@ use async_openai::types::completions::CreateCompletionRequestArgs;
 use async_openai::types::embeddings::CreateEmbeddingRequestArgs;
 use async_openai::Client;
 use futures::StreamExt;
-use sluice_e2e::{Backend, Gateway, GatewayOptions, StoreKind, SIM_EMBED_MODEL, SIM_MODEL};
+use sluice_e2e::{
+    test_python, Backend, Gateway, GatewayOptions, StoreKind, SIM_EMBED_MODEL, SIM_MODEL,
+};
 use std::process::Command;
 
 fn client(gateway: &Gateway, key: &str) -> Client<OpenAIConfig> {
@@ -170,14 +172,7 @@ async fn python_openai_round_trip(store: StoreKind) {
     let backend = Backend::start().await.unwrap();
     let gateway = gateway_on(store, &backend).await;
     let (_, key) = gateway.create_key("pyco", "free").await.unwrap();
-    let python = std::env::var("SLUICE_TEST_PYTHON").unwrap_or_else(|_| {
-        let venv = concat!(env!("CARGO_MANIFEST_DIR"), "/../.venv/bin/python");
-        if std::path::Path::new(venv).exists() {
-            venv.to_owned()
-        } else {
-            "python3".to_owned()
-        }
-    });
+    let python = test_python();
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/python/openai_client.py");
     let gateway_url = gateway.url.clone();
     let backend_url = backend.url.clone();

@@ -1,7 +1,9 @@
-//! The native engine's chat completions: a real `sluice-backend --engine native` process
-//! serving SmolLM2-135M-Instruct from its GGUF file on the CPU, asked over HTTP, whole and
-//! streamed. (The forward pass and batching are checked against an independent reference
-//! in the backend's own tests; this proves the server around them.)
+//! The native engine's chat and text completions: a real `sluice-backend --engine native`
+//! process serving SmolLM2-135M-Instruct from its GGUF file on the CPU, asked over HTTP,
+//! whole and streamed, with several choices, by the Python `openai` package directly and
+//! through a gateway; its metrics; a client hanging up. (The forward pass and batching are
+//! checked against an independent reference in the backend's own tests; this proves the
+//! server around them.)
 //!
 //! The weights come from scripts/fetch-weights.sh through `SLUICE_SMOLLM2_GGUF`
 //! (scripts/test.sh sets it). Without them these tests say so and pass, except under
@@ -10,7 +12,10 @@
 use std::path::{Path, PathBuf};
 
 use serde_json::{json, Value};
-use sluice_e2e::{openai_error, required_weights, smollm2_gguf, Backend};
+use sluice_e2e::{
+    openai_error, required_weights, smollm2_gguf, test_python, Backend, Gateway, GatewayOptions,
+    StoreKind,
+};
 
 const MODEL: &str = "smollm2";
 const QUESTION: &str = "What is the capital of France?";
@@ -383,5 +388,42 @@ async fn a_client_that_hangs_up_mid_stream_frees_its_sequence() {
     assert!(
         decoded < f64::from(max_tokens) / 2.0,
         "{decoded} tokens decoded"
+    );
+}
+
+/// The Python `openai` package (scripts/test.sh's .venv) streams SmolLM2's reply from the
+/// backend directly and through a gateway: tests/python/native_stream.py.
+#[tokio::test]
+async fn the_python_openai_client_streams_from_the_backend_and_through_the_gateway() {
+    let Some(file) = weights() else { return };
+    let backend = smollm2_backend(&file).await;
+    let dir = tempfile::tempdir().unwrap();
+    let gateway = Gateway::start(GatewayOptions::new(
+        &backend,
+        StoreKind::Embedded(dir.path().to_owned()),
+    ))
+    .await
+    .expect("gateway starts");
+    let (_, key) = gateway.create_key("native", "pro").await.unwrap();
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/python/native_stream.py");
+    let (backend_url, gateway_url) = (backend.url.clone(), gateway.url.clone());
+    let output = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(test_python())
+            .arg(script)
+            .env("BACKEND_URL", backend_url)
+            .env("SLUICE_URL", gateway_url)
+            .env("SLUICE_KEY", key)
+            .env("MODEL", MODEL)
+            .output()
+    })
+    .await
+    .unwrap()
+    .expect("python runs");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        output.status.success() && stdout.contains("ALL OK"),
+        "native_stream.py failed:\n{stdout}\n{stderr}\ngateway log:\n{}",
+        gateway.log()
     );
 }

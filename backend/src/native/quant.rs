@@ -221,9 +221,14 @@ fn dot<const FMA: bool>(a: &[f32], b: &[f32]) -> f32 {
     acc.iter().sum::<f32>() + tail
 }
 
-/// Output rows (weight rows) per parallel task: enough that a task's dequantised row and its
-/// activation rows stay in cache, few enough that two cores share the work evenly.
-const ROWS_PER_TASK: usize = 16;
+/// Output rows (weight rows) per parallel task of [`matmul`], at least: a task decodes one
+/// weight row at a time, so its size does not change what stays in cache.
+const MIN_ROWS_PER_TASK: usize = 16;
+
+/// Tasks per thread for [`matmul`]: a few, so that a thread that finishes early can take
+/// another's, but no more, since each hand-off costs a few microseconds and a decode step
+/// runs some 200 products.
+const TASKS_PER_THREAD: usize = 4;
 
 /// Weight rows `first..` of `w` against every row of `x`, into `part` (`[rows, m]`), through
 /// `row`, a buffer of one decoded weight row, decoded by `decode`.
@@ -334,11 +339,14 @@ pub fn matmul(x: &[f32], m: usize, w: &QMatrix, out: &mut [f32]) {
     }
     // Each task owns a band of weight rows, that is a band of output columns. Its results
     // are gathered per task and scattered after, so no two tasks write one cache line.
-    let bands: Vec<Vec<f32>> = (0..n.div_ceil(ROWS_PER_TASK))
+    let per_task = n
+        .div_ceil(rayon::current_num_threads() * TASKS_PER_THREAD)
+        .max(MIN_ROWS_PER_TASK);
+    let bands: Vec<Vec<f32>> = (0..n.div_ceil(per_task))
         .into_par_iter()
         .map(|band| {
-            let first = band * ROWS_PER_TASK;
-            let last = (first + ROWS_PER_TASK).min(n);
+            let first = band * per_task;
+            let last = (first + per_task).min(n);
             let mut row = vec![0.0f32; k];
             let mut part = vec![0.0f32; (last - first) * m];
             run_band(w, x, first, &mut row, &mut part);
@@ -346,7 +354,7 @@ pub fn matmul(x: &[f32], m: usize, w: &QMatrix, out: &mut [f32]) {
         })
         .collect();
     for (band, part) in bands.iter().enumerate() {
-        let first = band * ROWS_PER_TASK;
+        let first = band * per_task;
         for (j, col) in part.chunks_exact(m).enumerate() {
             for (i, &v) in col.iter().enumerate() {
                 out[i * n + first + j] = v;

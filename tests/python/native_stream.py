@@ -1,0 +1,59 @@
+"""Streams real model output with the official `openai` Python package, from a native
+sluice-backend directly and through a Sluice gateway in front of it.
+
+Run by tests/tests/smollm2_chat.rs with BACKEND_URL, SLUICE_URL, SLUICE_KEY and MODEL set.
+Prints "ALL OK" when every check passed; any failure raises.
+"""
+
+import os
+
+import openai
+
+model = os.environ["MODEL"]
+question = [{"role": "user", "content": "What is the capital of France?"}]
+clients = {
+    # The backend asks for no key; the client insists on one.
+    "backend": openai.OpenAI(
+        base_url=f"{os.environ['BACKEND_URL']}/v1", api_key="unused", max_retries=0
+    ),
+    "gateway": openai.OpenAI(
+        base_url=f"{os.environ['SLUICE_URL']}/v1", api_key=os.environ["SLUICE_KEY"], max_retries=0
+    ),
+}
+
+answers = {}
+for name, client in clients.items():
+    stream = client.chat.completions.create(
+        model=model,
+        messages=question,
+        temperature=0,
+        max_tokens=48,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    pieces, finish, usage = [], None, None
+    for chunk in stream:
+        if chunk.usage is not None:
+            usage = chunk.usage
+        for choice in chunk.choices:
+            if choice.delta.content:
+                pieces.append(choice.delta.content)
+            if choice.finish_reason:
+                finish = choice.finish_reason
+    text = "".join(pieces)
+    assert "Paris" in text, (name, text)
+    assert len(pieces) > 1, (name, "the reply came in one piece", pieces)
+    assert finish == "stop", (name, finish)
+    assert usage is not None and usage.prompt_tokens > 0, (name, usage)
+    assert usage.completion_tokens >= len(pieces), (name, usage, len(pieces))
+    answers[name] = text
+
+    completion = client.completions.create(
+        model=model, prompt="The capital of France is", temperature=0, max_tokens=6, stream=True
+    )
+    text = "".join(c.choices[0].text for c in completion if c.choices)
+    assert "Paris" in text, (name, text)
+
+# Greedy decoding: the gateway passes the backend's reply through unchanged.
+assert answers["backend"] == answers["gateway"], answers
+print("ALL OK")
