@@ -368,6 +368,39 @@ async fn health_answers_while_a_long_embedding_request_runs() {
     );
 }
 
+/// Requests that arrive together share the engine's passes, but each gets its own answer:
+/// the same vectors and token counts as alone, and a bad input fails only its own request.
+#[tokio::test]
+async fn concurrent_requests_share_passes_but_not_answers_or_errors() {
+    let Some(dir) = weights() else { return };
+    let backend = minilm_backend(&dir).await;
+    let texts: Vec<String> = (0..12)
+        .map(|i| format!("Request number {i} asks about canal lock number {}.", i * 7))
+        .collect();
+    let mut alone = Vec::new();
+    for text in &texts {
+        alone.push(embed(&backend, json!([text, "and a second input"])).await);
+    }
+    let together = futures::future::join_all(texts.iter().map(|text| {
+        let backend = &backend;
+        async move { embed(backend, json!([text, "and a second input"])).await }
+    }));
+    let bad = post(
+        &backend,
+        "/v1/embeddings",
+        json!({"model": MODEL, "input": [[1, 2, 999_999]]}),
+    );
+    let (together, bad) = tokio::join!(together, bad);
+    assert_eq!(bad.status(), 400);
+    for ((vectors, tokens), (want, want_tokens)) in together.iter().zip(&alone) {
+        assert_eq!(tokens, want_tokens);
+        assert_eq!(vectors.len(), 2);
+        for (got, want) in vectors.iter().zip(want) {
+            assert!(cosine(got, want) > 0.999_999, "{}", cosine(got, want));
+        }
+    }
+}
+
 /// Needs no weights: what this build cannot serve is refused at start-up with status 2, and
 /// a GGUF file or Llama folder it would serve but cannot read with status 1.
 #[test]

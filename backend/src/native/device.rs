@@ -72,7 +72,7 @@ impl<S> fmt::Debug for Tensor<S> {
 }
 
 /// A device operation failed for a reason of the device's own (memory, a driver error).
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 #[error("{device}: {message}")]
 pub struct DeviceError {
     pub device: String,

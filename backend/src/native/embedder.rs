@@ -3,9 +3,10 @@
 //!
 //! Tokenizing and the forward pass are seconds of CPU work for a large request, so they
 //! never run on the async runtime: each model owns one engine thread, requests queue for it
-//! in arrival order, and the handler awaits the answer. The thread itself spreads each
-//! forward pass over every core (see [`super::cpu`]); running requests side by side
-//! would only make them fight for those cores. `/health` and `/metrics` keep answering
+//! in arrival order, and the handler awaits the answer. The thread runs every request
+//! waiting at once in the same forward passes, and spreads each pass over every core (see
+//! [`super::cpu`]); running requests side by side would only make them fight for those
+//! cores. `/health` and `/metrics` keep answering
 //! meanwhile, since they need nothing from the engine.
 //!
 //! Inputs longer than the model's position table (512 tokens for MiniLM) are refused with a
@@ -30,6 +31,10 @@ use crate::openai::Input;
 /// Tokens per forward pass. A request with more is run in several passes, so that a
 /// batch of 2048 long inputs does not hold gigabytes of activations at once.
 const MAX_BATCH_TOKENS: usize = 8192;
+
+/// Requests whose inputs share one set of passes, at most: enough to fill the cores, few
+/// enough that one pass does not keep the first of them waiting long.
+const MAX_REQUESTS_PER_PASS: usize = 64;
 
 /// The embeddings of a request's inputs, in input order, and the tokens read to make them.
 #[derive(Debug)]
@@ -168,21 +173,60 @@ impl EmbeddingModel {
 impl Engine {
     fn run(self, queue: mpsc::Receiver<Job>) {
         // Ends when the model is dropped, which drops the sender.
-        while let Ok(job) = queue.recv() {
+        while let Ok(first) = queue.recv() {
+            // Every request waiting now runs in the same passes: one short input alone is
+            // too little work to keep the cores busy, many together are not.
+            let mut jobs = vec![first];
+            while jobs.len() < MAX_REQUESTS_PER_PASS {
+                match queue.try_recv() {
+                    Ok(job) => jobs.push(job),
+                    Err(_) => break,
+                }
+            }
             // A client that hung up no longer needs the work.
-            if job.reply.is_closed() {
+            jobs.retain(|job| !job.reply.is_closed());
+            // Each request is tokenized and checked on its own, so bad input fails only its
+            // own request.
+            let mut ready = Vec::with_capacity(jobs.len());
+            for job in jobs {
+                match self.tokenize(&job.inputs) {
+                    Ok(sequences) => ready.push((job, sequences)),
+                    Err(err) => {
+                        let _ = job.reply.send(Err(err));
+                    }
+                }
+            }
+            if ready.is_empty() {
                 continue;
             }
-            // A bug that panics fails its own request, not every later one.
-            let result = panic::catch_unwind(AssertUnwindSafe(|| self.embed(&job.inputs)))
-                .unwrap_or(Err(EmbedError::Panicked));
-            let _ = job.reply.send(result);
+            let all: Vec<Vec<u32>> = ready.iter().flat_map(|(_, s)| s.iter().cloned()).collect();
+            // A bug that panics fails the requests of its pass, not every later one.
+            let failure = match panic::catch_unwind(AssertUnwindSafe(|| self.embed(&all))) {
+                Ok(Ok(vectors)) => {
+                    let mut vectors = vectors.into_iter();
+                    for (job, sequences) in ready {
+                        let embedded = Embedded {
+                            vectors: vectors.by_ref().take(sequences.len()).collect(),
+                            tokens: sequences.iter().map(|s| s.len() as u64).sum(),
+                        };
+                        let _ = job.reply.send(Ok(embedded));
+                    }
+                    continue;
+                }
+                Ok(Err(err)) => Some(err),
+                Err(_) => None,
+            };
+            for (job, _) in ready {
+                let _ = job.reply.send(Err(match &failure {
+                    Some(err) => EmbedError::Device(err.clone()),
+                    None => EmbedError::Panicked,
+                }));
+            }
         }
     }
 
-    fn embed(&self, inputs: &[Input]) -> Result<Embedded, EmbedError> {
-        let sequences = self.tokenize(inputs)?;
-        let tokens = sequences.iter().map(|s| s.len() as u64).sum();
+    /// Embeds token sequences in passes of at most [`MAX_BATCH_TOKENS`].
+    fn embed(&self, sequences: &[Vec<u32>]) -> Result<Vec<Vec<f32>>, DeviceError> {
         let mut vectors = Vec::with_capacity(sequences.len());
         let mut start = 0;
         while start < sequences.len() {
@@ -196,7 +240,7 @@ impl Engine {
             vectors.extend(self.bert.embed(&sequences[start..end])?);
             start = end;
         }
-        Ok(Embedded { vectors, tokens })
+        Ok(vectors)
     }
 
     /// Each input as the token ids the encoder reads, checked against the model's limits.

@@ -40,6 +40,12 @@ impl Default for SamplingParams {
     }
 }
 
+/// How far below the likeliest token's scaled logit a token's may be and still be drawn.
+const NEGLIGIBLE_LOGIT_GAP: f64 = 40.0;
+
+/// Tokens sorted first when looking for a top_p nucleus.
+const NUCLEUS_GUESS: usize = 256;
+
 /// One sequence's sampler: its parameters, random state and generated-token counts.
 #[derive(Debug)]
 pub struct Sampler {
@@ -69,14 +75,26 @@ impl Sampler {
     /// generated, for the penalties of the tokens after it.
     pub fn sample(&mut self, logits: &[f32]) -> u32 {
         let p = &self.params;
-        let penalised = |id: usize, logit: f32| match self.counts.get(&(id as u32)) {
-            Some(&n) => logit - p.presence_penalty - p.frequency_penalty * n as f32,
-            None => logit,
+        // The penalties touch only the tokens generated so far: applied to those alone, the
+        // vocabulary-wide pass below needs no look-up per token.
+        let penalised: Vec<f32>;
+        let logits = if self.counts.is_empty()
+            || (p.presence_penalty == 0.0 && p.frequency_penalty == 0.0)
+        {
+            logits
+        } else {
+            let mut adjusted = logits.to_vec();
+            for (&id, &n) in &self.counts {
+                if let Some(logit) = adjusted.get_mut(id as usize) {
+                    *logit -= p.presence_penalty + p.frequency_penalty * n as f32;
+                }
+            }
+            penalised = adjusted;
+            &penalised[..]
         };
         let token = if p.temperature <= 0.0 {
             let mut best = (0usize, f32::NEG_INFINITY);
-            for (id, &logit) in logits.iter().enumerate() {
-                let v = penalised(id, logit);
+            for (id, &v) in logits.iter().enumerate() {
                 if v > best.1 {
                     best = (id, v);
                 }
@@ -84,41 +102,58 @@ impl Sampler {
             best.0 as u32
         } else {
             let inv_t = 1.0 / f64::from(p.temperature);
+            let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let max = f64::from(max) * inv_t;
             let c = &mut self.candidates;
             c.clear();
+            // Tokens below e^-40 of the likeliest (4e-18 each, under 2e-13 for a whole
+            // vocabulary) cannot change a draw in f64; leaving them out spares sorting them.
             c.extend(
                 logits
                     .iter()
                     .enumerate()
-                    .map(|(id, &l)| (id as u32, f64::from(penalised(id, l)) * inv_t)),
+                    .map(|(id, &l)| (id as u32, f64::from(l) * inv_t))
+                    .filter(|&(_, v)| v >= max - NEGLIGIBLE_LOGIT_GAP),
             );
             // Most likely first; ids break ties so the order (and a seeded draw) is fixed.
+            // Without top_p no order is needed: the draw walks the candidates as they are.
             let order = |a: &(u32, f64), b: &(u32, f64)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
             if p.top_k > 0 && p.top_k < c.len() {
                 c.select_nth_unstable_by(p.top_k - 1, order);
                 c.truncate(p.top_k);
             }
-            c.sort_unstable_by(order);
-            let max = c[0].1;
             let mut total = 0.0;
             for (_, v) in c.iter_mut() {
                 *v = (*v - max).exp();
                 total += *v;
             }
             if p.top_p < 1.0 {
-                // The smallest prefix whose probability reaches top_p (at least one token).
+                // The smallest prefix, most likely first, whose probability reaches top_p
+                // (at least one token). The nucleus is usually a handful of tokens: sort a
+                // few of the likeliest first, and the whole vocabulary only if they fall short.
                 let want = f64::from(p.top_p) * total;
-                let mut sum = 0.0;
-                let mut keep = c.len();
-                for (i, (_, v)) in c.iter().enumerate() {
-                    sum += v;
-                    if sum >= want {
-                        keep = i + 1;
+                let mut sorted = NUCLEUS_GUESS.min(c.len());
+                loop {
+                    if sorted < c.len() {
+                        c.select_nth_unstable_by(sorted - 1, order);
+                    }
+                    c[..sorted].sort_unstable_by(order);
+                    let mut sum = 0.0;
+                    let reached = c[..sorted].iter().position(|(_, v)| {
+                        sum += v;
+                        sum >= want
+                    });
+                    if let Some(last) = reached {
+                        c.truncate(last + 1);
+                        total = sum.min(total);
                         break;
                     }
+                    if sorted == c.len() {
+                        // Rounding left the sum a hair short: keep everything.
+                        break;
+                    }
+                    sorted = c.len();
                 }
-                c.truncate(keep);
-                total = sum.min(total);
             }
             let mut u = self.rng.random::<f64>() * total;
             let mut chosen = c[c.len() - 1].0;
@@ -223,6 +258,23 @@ mod tests {
             200,
         );
         assert_eq!(one[0], 200);
+    }
+
+    #[test]
+    fn a_wide_nucleus_past_the_first_guess_is_kept_whole() {
+        // 1000 equally likely tokens: top_p 0.9 keeps the 900 with the lowest ids (ties go
+        // by id), more than the first sort looks at.
+        let logits = vec![0.0f32; 1000];
+        let got = draws(
+            SamplingParams {
+                top_p: 0.9,
+                ..params(1.0)
+            },
+            &logits,
+            5000,
+        );
+        assert!(got[900..].iter().all(|&n| n == 0), "drew past the nucleus");
+        assert!(got[NUCLEUS_GUESS..900].iter().sum::<usize>() > 3000);
     }
 
     #[test]
