@@ -5,8 +5,9 @@
 # Installs what the tests need when it is missing: Redis (started on 127.0.0.1:6379 if that
 # port does not answer), a .venv with the `openai` package (and numpy, safetensors and
 # tokenizers for scripts/minilm_reference.py; gguf and jinja2 for
-# scripts/smollm2_reference.py; selenium for the console's browser test), Chromium and its
-# driver, and the all-MiniLM-L6-v2 and SmolLM2-135M-Instruct weights.
+# scripts/smollm2_reference.py; selenium for the console's browser test; NVRTC for the CUDA
+# kernels' compile test), Chromium and its driver, and the all-MiniLM-L6-v2 and
+# SmolLM2-135M-Instruct weights.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/lib.sh
@@ -18,12 +19,17 @@ if [ -z "${SLUICE_TEST_REDIS_URL:-}" ]; then
 fi
 
 if [ -z "${SLUICE_TEST_PYTHON:-}" ]; then
-  if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c 'import openai, numpy, safetensors, tokenizers, gguf, jinja2, selenium' 2>/dev/null; then
-    echo "test.sh: installing the Python openai, numpy, safetensors, tokenizers, gguf, jinja2 and selenium packages into .venv" >&2
+  if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c 'import openai, numpy, safetensors, tokenizers, gguf, jinja2, selenium, nvidia.cuda_nvrtc' 2>/dev/null; then
+    echo "test.sh: installing the Python openai, numpy, safetensors, tokenizers, gguf, jinja2, selenium and nvidia-cuda-nvrtc-cu12 packages into .venv" >&2
     python3 -m venv .venv
-    .venv/bin/pip install --quiet --disable-pip-version-check 'openai>=1.40,<4' numpy safetensors tokenizers gguf jinja2 selenium
+    .venv/bin/pip install --quiet --disable-pip-version-check 'openai>=1.40,<4' numpy safetensors tokenizers gguf jinja2 selenium nvidia-cuda-nvrtc-cu12
   fi
   export SLUICE_TEST_PYTHON="$PWD/.venv/bin/python"
+fi
+# NVRTC (from the nvidia-cuda-nvrtc-cu12 wheel) compiles the CUDA kernels in the tests; no
+# GPU is needed for that. libnvrtc.so.12 finds its builtins library beside itself.
+if nvrtc_lib=$("$SLUICE_TEST_PYTHON" -c 'import nvidia.cuda_nvrtc as n, os; print(os.path.join(list(n.__path__)[0], "lib"))' 2>/dev/null); then
+  export LD_LIBRARY_PATH="$nvrtc_lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 fi
 scripts/check-deploy.sh
 export SLUICE_MINILM_DIR="${SLUICE_MINILM_DIR:-$(scripts/fetch-weights.sh all-MiniLM-L6-v2)}"

@@ -34,8 +34,8 @@ struct Args {
     #[arg(long, value_enum, default_value_t = EngineKind::Native)]
     engine: EngineKind,
 
-    /// Where the native engine runs: auto, cpu or cuda:N. This build has only the CPU, which
-    /// auto picks.
+    /// Where the native engine runs: auto, cpu or cuda:N. This build runs models on the CPU
+    /// only: auto picks it (and logs whether a GPU was found), cuda:N is refused.
     #[arg(long, default_value = "auto")]
     device: Device,
 
@@ -138,11 +138,24 @@ fn sim_config(args: &Args) -> SimConfig {
 /// leave with: 2 for what this build cannot serve, 1 for files that are broken.
 fn load_native(args: &Args) -> Result<Arc<AppState>, (ExitCode, String)> {
     let usage = |message: String| (ExitCode::from(EXIT_USAGE), message);
-    if let Device::Cuda(_) = args.device {
-        return Err(usage(format!(
-            "--device {}: CUDA is not in this build yet; use --device cpu (or auto)",
-            args.device
-        )));
+    match args.device {
+        Device::Cuda(ordinal) => {
+            return Err(usage(match native::cuda::probe(ordinal as usize) {
+                Err(why) => format!("--device {}: no usable GPU: {why}", args.device),
+                Ok(gpu) => format!(
+                    "--device {}: {} (compute {}.{}) is here, but this build runs models on the CPU only; use --device cpu (or auto)",
+                    args.device, gpu.name, gpu.compute_capability.0, gpu.compute_capability.1
+                ),
+            }))
+        }
+        Device::Auto => match native::cuda::probe(0) {
+            Err(why) => tracing::info!(%why, "--device auto: no usable GPU; running on the CPU"),
+            Ok(gpu) => tracing::info!(
+                gpu = %gpu.name,
+                "--device auto: a GPU is here, but this build runs models on the CPU"
+            ),
+        },
+        Device::Cpu => {}
     }
     if args.models.is_empty() {
         return Err(usage(

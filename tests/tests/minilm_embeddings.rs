@@ -426,7 +426,7 @@ fn the_native_engine_refuses_cuda_and_other_decoders_with_2_and_broken_models_wi
         (
             &["--device", "cuda:0", "--model", bert.to_str().unwrap()],
             2,
-            "CUDA is not in this build",
+            "no usable GPU: no libcuda (the NVIDIA driver) could be loaded",
         ),
         (
             &["--device", "cpu", "--model", gguf.to_str().unwrap()],

@@ -12,11 +12,12 @@
 //! cache ([`llama`], checked against an independent numpy reference), the tokenizer and chat
 //! template ([`tokenizer`]), sampling ([`sampling`]), stop strings ([`stop`]) and continuous
 //! batching ([`scheduler`]), served through one engine thread per model ([`generator`]).
-//! CUDA is refused by the command line with exit status 2 rather than served by something
-//! else.
+//! A GPU is probed and the CUDA kernels compiled by [`cuda`]; models still run on the CPU,
+//! and `--device cuda:N` is refused with exit status 2 rather than served by something else.
 
 pub mod bert;
 pub mod cpu;
+pub mod cuda;
 pub mod device;
 pub mod embedder;
 pub mod generator;

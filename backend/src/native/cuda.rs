@@ -1,0 +1,174 @@
+//! NVIDIA GPUs through cudarc, loaded at run time: whether one can be used here, and the
+//! kernels a CUDA device will run, compiled by NVRTC.
+//!
+//! Nothing CUDA is needed to build: cudarc loads libcuda, libnvrtc and libcublas when asked
+//! (its `dynamic-loading` feature), and calling into a library that is missing panics, so
+//! [`probe`] checks each one is present before anything else touches it. The kernels are
+//! CUDA C sources in `backend/kernels/`, built into the binary and compiled for the GPU in
+//! hand at start-up ([`compile_kernels`]).
+//!
+//! This build probes and compiles, but runs models on the CPU: the CUDA implementation of
+//! [`super::device::Device`] over these kernels (and cuBLAS) is not in it yet, so
+//! `--device cuda:N` is refused and `--device auto` says why it chose the CPU.
+
+use std::sync::Arc;
+
+use cudarc::driver::CudaContext;
+use cudarc::nvrtc::{CompileOptions, Ptx};
+
+/// The kernel sources, by file name.
+pub const KERNELS: [(&str, &str); 3] = [
+    (
+        "elementwise.cu",
+        include_str!("../../kernels/elementwise.cu"),
+    ),
+    ("quant.cu", include_str!("../../kernels/quant.cu")),
+    ("attention.cu", include_str!("../../kernels/attention.cu")),
+];
+
+/// Every kernel the CUDA device will load, by the name it loads it by.
+pub const ENTRY_POINTS: [&str; 29] = [
+    "add_assign",
+    "silu_mul",
+    "gelu_erf",
+    "rms_norm",
+    "layer_norm",
+    "softmax_rows",
+    "rope",
+    "gather_rows",
+    "scatter_rows",
+    "mean_pool",
+    "gather_rows_f32",
+    "gather_rows_f16",
+    "gather_rows_bf16",
+    "gather_rows_q4_0",
+    "gather_rows_q4_1",
+    "gather_rows_q8_0",
+    "matvec_f32",
+    "matvec_f16",
+    "matvec_bf16",
+    "matvec_q4_0",
+    "matvec_q4_1",
+    "matvec_q8_0",
+    "dequantize_f16_to_f32",
+    "dequantize_bf16_to_f32",
+    "dequantize_q4_0_to_f32",
+    "dequantize_q4_1_to_f32",
+    "dequantize_q8_0_to_f32",
+    "paged_attention",
+    "attention_bidirectional",
+];
+
+/// Why no GPU can be used here.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CudaUnavailable {
+    /// A library CUDA needs did not load: no driver, or no NVRTC or cuBLAS beside it.
+    #[error("no {library} ({what}) could be loaded; put its folder on LD_LIBRARY_PATH")]
+    MissingLibrary {
+        library: &'static str,
+        what: &'static str,
+    },
+    /// The driver loaded but has no such GPU, or failed to start.
+    #[error("cuda:{ordinal}: {message}")]
+    NoDevice { ordinal: usize, message: String },
+}
+
+/// A GPU that can be used: its name and compute capability.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GpuInfo {
+    pub ordinal: usize,
+    pub name: String,
+    pub compute_capability: (i32, i32),
+}
+
+impl GpuInfo {
+    /// NVRTC's `--gpu-architecture` for this GPU: `compute_90` for an H100 or H200.
+    pub fn arch(&self) -> String {
+        let (major, minor) = self.compute_capability;
+        format!("compute_{major}{minor}")
+    }
+}
+
+/// Whether the CUDA libraries load, without starting the driver.
+pub fn libraries() -> Result<(), CudaUnavailable> {
+    let missing = |library, what| Err(CudaUnavailable::MissingLibrary { library, what });
+    // SAFETY: these only try to open the libraries by name; nothing is called in them.
+    unsafe {
+        if !cudarc::driver::sys::is_culib_present() {
+            return missing("libcuda", "the NVIDIA driver");
+        }
+        if !cudarc::nvrtc::sys::is_culib_present() {
+            return missing("libnvrtc", "the CUDA runtime compiler");
+        }
+        if !cudarc::cublas::sys::is_culib_present() {
+            return missing("libcublas", "CUDA's BLAS");
+        }
+    }
+    Ok(())
+}
+
+/// The GPU `ordinal`, if the libraries load and the driver has it.
+pub fn probe(ordinal: usize) -> Result<GpuInfo, CudaUnavailable> {
+    libraries()?;
+    let no_device = |err: cudarc::driver::DriverError| CudaUnavailable::NoDevice {
+        ordinal,
+        message: err.to_string(),
+    };
+    let context = CudaContext::new(ordinal).map_err(no_device)?;
+    Ok(GpuInfo {
+        ordinal,
+        name: context.name().map_err(no_device)?,
+        compute_capability: context.compute_capability().map_err(no_device)?,
+    })
+}
+
+/// Every kernel source compiled by NVRTC for `arch` (`compute_90`...), in [`KERNELS`]
+/// order. Only NVRTC is needed, not a GPU. The options keep IEEE rounding and subnormals,
+/// which the kernels' agreement with the CPU device relies on.
+pub fn compile_kernels(arch: &'static str) -> Result<Vec<Ptx>, String> {
+    // SAFETY: only tries to open the library by name.
+    if !unsafe { cudarc::nvrtc::sys::is_culib_present() } {
+        return Err(CudaUnavailable::MissingLibrary {
+            library: "libnvrtc",
+            what: "the CUDA runtime compiler",
+        }
+        .to_string());
+    }
+    KERNELS
+        .iter()
+        .map(|(name, source)| {
+            let options = CompileOptions {
+                arch: Some(arch),
+                name: Some((*name).to_owned()),
+                ..CompileOptions::default()
+            };
+            cudarc::nvrtc::compile_ptx_with_opts(source, options)
+                .map_err(|err| format!("{name}: {err}"))
+        })
+        .collect()
+}
+
+/// On a machine with a GPU: the kernels compiled for it, loaded into a context on it, and
+/// every entry point looked up, as the CUDA device will at start-up. Proves the driver
+/// takes NVRTC's output (a driver older than the NVRTC found cannot read its PTX).
+pub fn load_kernels(ordinal: usize) -> Result<GpuInfo, String> {
+    let gpu = probe(ordinal).map_err(|err| err.to_string())?;
+    // NVRTC wants a 'static architecture name; this runs once per process.
+    let arch: &'static str = Box::leak(gpu.arch().into_boxed_str());
+    let context: Arc<CudaContext> = CudaContext::new(ordinal).map_err(|err| err.to_string())?;
+    let mut found = Vec::new();
+    for ((name, _), ptx) in KERNELS.iter().zip(compile_kernels(arch)?) {
+        let module = context
+            .load_module(ptx)
+            .map_err(|err| format!("{name}: the driver refused the PTX: {err}"))?;
+        for entry in ENTRY_POINTS {
+            if module.load_function(entry).is_ok() {
+                found.push(entry);
+            }
+        }
+    }
+    match ENTRY_POINTS.iter().find(|entry| !found.contains(entry)) {
+        Some(missing) => Err(format!("no kernel `{missing}` in any module")),
+        None => Ok(gpu),
+    }
+}

@@ -1,0 +1,73 @@
+//! The CUDA side, on a machine with no GPU: every kernel source compiles under NVRTC for the
+//! GPUs the backend targets (so a syntax error in a kernel fails CI), and asking for a GPU
+//! where there is none gets a plain answer, not a panic.
+//!
+//! NVRTC comes from the `nvidia-cuda-nvrtc-cu12` PyPI package: scripts/test.sh installs it
+//! into .venv and puts its folder on LD_LIBRARY_PATH. Without it the compile test says so
+//! and passes, except under `CI=true`, where a missing NVRTC is a broken setup and fails it.
+
+use sluice_backend::native::cuda::{self, CudaUnavailable, ENTRY_POINTS, KERNELS};
+
+fn nvrtc_present() -> bool {
+    // SAFETY: only tries to open the library by name.
+    if unsafe { cudarc::nvrtc::sys::is_culib_present() } {
+        return true;
+    }
+    let message = "libnvrtc.so.12 did not load: scripts/test.sh installs the \
+                   nvidia-cuda-nvrtc-cu12 package into .venv and puts its lib folder on \
+                   LD_LIBRARY_PATH";
+    if std::env::var("CI").as_deref() == Ok("true") {
+        panic!("{message}");
+    }
+    eprintln!("skipping: {message}");
+    false
+}
+
+#[test]
+fn every_kernel_compiles_under_nvrtc_for_a100_and_h100_class_gpus() {
+    if !nvrtc_present() {
+        return;
+    }
+    for arch in ["compute_80", "compute_90"] {
+        let ptx = cuda::compile_kernels(arch).unwrap_or_else(|err| panic!("{arch}: {err}"));
+        assert_eq!(ptx.len(), KERNELS.len());
+        let all: String = ptx.iter().map(|p| p.to_src()).collect();
+        for name in ENTRY_POINTS {
+            assert!(
+                all.contains(&format!(".entry {name}(")),
+                "{arch}: no kernel `{name}` in the PTX"
+            );
+        }
+    }
+}
+
+#[test]
+fn a_kernel_with_a_syntax_error_is_reported_with_the_compilers_log() {
+    if !nvrtc_present() {
+        return;
+    }
+    let broken = "extern \"C\" __global__ void broken(float* x) { x[0] = ; }";
+    let err = cudarc::nvrtc::compile_ptx(broken).unwrap_err().to_string();
+    assert!(err.contains("expected an expression"), "{err}");
+}
+
+#[test]
+fn a_machine_without_a_driver_is_told_so_without_a_panic() {
+    // SAFETY: only tries to open the library by name.
+    if unsafe { cudarc::driver::sys::is_culib_present() } {
+        eprintln!("skipping: this machine has an NVIDIA driver");
+        return;
+    }
+    let err = cuda::probe(0).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            CudaUnavailable::MissingLibrary {
+                library: "libcuda",
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    assert!(err.to_string().contains("NVIDIA driver"), "{err}");
+}
