@@ -87,9 +87,9 @@ done
   --max-tokens 8 --json >"$work/compare.json"
 
 command_line="RATE=$RATE DURATION=$DURATION WARMUP=$WARMUP ROUNDS=$ROUNDS REQUESTS=$REQUESTS CONCURRENCY=$CONCURRENCY loadtest/bench-admission.sh"
-python3 - "$trips" "$work/compare.json" "$OUT" "$command_line" <<'PY'
+python3 - "$trips" "$work/compare.json" "$command_line" <<'PY' | python3 loadtest/write-section.py admission "$OUT" loadtest/bench-admission.sh
 import datetime, json, os, statistics, sys
-trips_path, compare_path, out_path, command_line = sys.argv[1:5]
+trips_path, compare_path, command_line = sys.argv[1:4]
 rows = []
 for line in open(trips_path):
     leases, ok, sent, scripts = line.split()
@@ -100,7 +100,6 @@ data = json.load(open(compare_path))
 d50 = [r["b"]["latency_ms"]["p50"] - r["a"]["latency_ms"]["p50"] for r in data["rounds"]]
 d99 = [r["b"]["latency_ms"]["p99"] - r["a"]["latency_ms"]["p99"] for r in data["rounds"]]
 section = "\n".join([
-    "<!-- admission:begin (written by loadtest/bench-admission.sh) -->",
     "## Admission: Redis round trips and added latency",
     "",
     f"Run {datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')} on {os.cpu_count()} CPUs.",
@@ -122,14 +121,6 @@ section = "\n".join([
     f"{len(d50)} alternating rounds at a fixed rate: median added p50 {statistics.median(d50):.3f} ms, "
     f"p99 {statistics.median(d99):.3f} ms (per round p50: {', '.join(f'{x:.3f}' for x in d50)}; "
     f"p99: {', '.join(f'{x:.3f}' for x in d99)}).",
-    "<!-- admission:end -->",
 ])
-text = open(out_path).read() if os.path.exists(out_path) else "# Benchmarks\n"
-b, e = "<!-- admission:begin", "<!-- admission:end -->"
-if b in text and e in text:
-    text = text[:text.index(b)] + section + text[text.index(e) + len(e):]
-else:
-    text = text.rstrip("\n") + "\n\n" + section + "\n"
-open(out_path, "w").write(text)
 print(section)
 PY

@@ -52,10 +52,10 @@ done
   --max-tokens 16 --json >"$work/compare.json"
 
 command_line="CONCURRENCY=$CONCURRENCY DURATION=$DURATION WARMUP=$WARMUP ROUNDS=$ROUNDS MAX_RUNNING=$MAX_RUNNING SIM_TTFT_MS=$SIM_TTFT_MS loadtest/bench-backends.sh"
-python3 - "$work/compare.json" "$OUT" "$command_line" "$MAX_RUNNING" "$SIM_TTFT_MS" <<'PY'
+python3 - "$work/compare.json" "$command_line" "$MAX_RUNNING" "$SIM_TTFT_MS" <<'PY' | python3 loadtest/write-section.py backends "$OUT" loadtest/bench-backends.sh
 import datetime, json, os, statistics, sys
 data = json.load(open(sys.argv[1]))
-out_path, command_line, max_running, ttft = sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
+command_line, max_running, ttft = sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
 capacity = max_running * 1000 / ttft
 rows, ratios = [], []
 for i, r in enumerate(data["rounds"], 1):
@@ -66,7 +66,6 @@ for i, r in enumerate(data["rounds"], 1):
                 f"{a['latency_ms']['p50']:.2f} | {b['latency_ms']['p50']:.2f} | "
                 f"{a['latency_ms']['p99']:.2f} | {b['latency_ms']['p99']:.2f} | {errors} |")
 section = "\n".join([
-    "<!-- backends:begin (written by loadtest/bench-backends.sh) -->",
     "## Throughput with one backend and with three",
     "",
     f"Run {datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')} on {os.cpu_count()} CPUs.",
@@ -85,14 +84,6 @@ section = "\n".join([
     *rows,
     "",
     f"Median throughput ratio, three backends against one: {statistics.median(ratios):.2f}×.",
-    "<!-- backends:end -->",
 ])
-text = open(out_path).read() if os.path.exists(out_path) else "# Benchmarks\n"
-b, e = "<!-- backends:begin", "<!-- backends:end -->"
-if b in text and e in text:
-    text = text[:text.index(b)] + section + text[text.index(e) + len(e):]
-else:
-    text = text.rstrip("\n") + "\n\n" + section + "\n"
-open(out_path, "w").write(text)
 print(section)
 PY

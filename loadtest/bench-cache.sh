@@ -100,9 +100,9 @@ stats=$(curl -fsS "http://127.0.0.1:$((PORT_BASE + 3))/admin/v1/cache/stats" -H 
 echo "$stats" >"$work/exact-stats.json"
 
 command_line="RATE=$RATE SEMANTIC_RATE=$SEMANTIC_RATE DURATION=$DURATION WARMUP=$WARMUP SIM_TTFT_MS=$SIM_TTFT_MS loadtest/bench-cache.sh"
-python3 - "$work" "$OUT" "$command_line" "$RATE" "$SEMANTIC_RATE" <<'PY'
+python3 - "$work" "$command_line" "$RATE" "$SEMANTIC_RATE" <<'PY' | python3 loadtest/write-section.py cache-e2e "$OUT" loadtest/bench-cache.sh
 import datetime, json, os, sys
-work, out_path, command_line, rate, semantic_rate = sys.argv[1:6]
+work, command_line, rate, semantic_rate = sys.argv[1:5]
 rows = []
 def row(label, path, what, r):
     if not os.path.exists(path):
@@ -118,7 +118,6 @@ row("semantic hit", f"{work}/semantic-paraphrase.json", "a paraphrase: embedded,
 row("semantic miss", f"{work}/semantic-miss.json", "distinct prompts: embedded, searched, forwarded, kept", semantic_rate)
 stats = json.load(open(f"{work}/exact-stats.json"))
 section = "\n".join([
-    "<!-- cache-e2e:begin (written by loadtest/bench-cache.sh) -->",
     "## Response cache: a hit against a miss, end to end",
     "",
     f"Run {datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')} on {os.cpu_count()} CPUs.",
@@ -137,14 +136,6 @@ section = "\n".join([
     "",
     f"The exact gateway's cache afterwards: {stats['entries']} entries, {stats['hits']} hits, "
     f"{stats['misses']} misses.",
-    "<!-- cache-e2e:end -->",
 ])
-text = open(out_path).read() if os.path.exists(out_path) else "# Benchmarks\n"
-b, e = "<!-- cache-e2e:begin", "<!-- cache-e2e:end -->"
-if b in text and e in text:
-    text = text[:text.index(b)] + section + text[text.index(e) + len(e):]
-else:
-    text = text.rstrip("\n") + "\n\n" + section + "\n"
-open(out_path, "w").write(text)
 print(section)
 PY

@@ -46,7 +46,7 @@ for c in 1 8; do
 done
 
 command_line="DURATION=$DURATION MAX_TOKENS=$MAX_TOKENS loadtest/bench-engine.sh"
-python3 - "$work" "$command_line" "$MAX_TOKENS" <<'PY' | python3 loadtest/write-section.py engine "$OUT"
+python3 - "$work" "$command_line" "$MAX_TOKENS" <<'PY' | python3 loadtest/write-section.py engine "$OUT" loadtest/bench-engine.sh
 import datetime, json, os, re, sys
 
 work, command_line, max_tokens = sys.argv[1], sys.argv[2], int(sys.argv[3])

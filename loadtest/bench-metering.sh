@@ -47,10 +47,10 @@ done
   --stream --max-tokens "$MAX_TOKENS" --json >"$work/compare.json"
 
 command_line="RATE=$RATE DURATION=$DURATION WARMUP=$WARMUP ROUNDS=$ROUNDS MAX_TOKENS=$MAX_TOKENS TOKEN_DELAY_MS=$TOKEN_DELAY_MS loadtest/bench-metering.sh"
-python3 - "$work/compare.json" "$OUT" "$command_line" <<'PY'
+python3 - "$work/compare.json" "$command_line" <<'PY' | python3 loadtest/write-section.py metering "$OUT" loadtest/bench-metering.sh
 import datetime, json, os, statistics, sys
 data = json.load(open(sys.argv[1]))
-out_path, command_line = sys.argv[2], sys.argv[3]
+command_line = sys.argv[2]
 rows, d50, d99 = [], [], []
 for i, r in enumerate(data["rounds"], 1):
     a, b = r["a"]["ttft_ms"], r["b"]["ttft_ms"]
@@ -58,7 +58,6 @@ for i, r in enumerate(data["rounds"], 1):
     rows.append(f"| {i} | {a['p50']:.3f} | {b['p50']:.3f} | {a['p99']:.3f} | {b['p99']:.3f} | "
                 f"{r['a']['throughput_rps']:.1f} | {r['b']['throughput_rps']:.1f} |")
 section = "\n".join([
-    "<!-- metering:begin (written by loadtest/bench-metering.sh) -->",
     "## Metering and time to first token",
     "",
     f"Run {datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')} on {os.cpu_count()} CPUs.",
@@ -76,14 +75,6 @@ section = "\n".join([
     "",
     f"Median difference (on − off): TTFT p50 {statistics.median(d50):+.3f} ms, p99 {statistics.median(d99):+.3f} ms "
     f"(per-round differences p50: {', '.join(f'{x:+.3f}' for x in d50)}).",
-    "<!-- metering:end -->",
 ])
-text = open(out_path).read() if os.path.exists(out_path) else "# Benchmarks\n"
-b, e = "<!-- metering:begin", "<!-- metering:end -->"
-if b in text and e in text:
-    text = text[:text.index(b)] + section + text[text.index(e) + len(e):]
-else:
-    text = text.rstrip("\n") + "\n\n" + section + "\n"
-open(out_path, "w").write(text)
 print(section)
 PY
