@@ -297,6 +297,40 @@ mod avx2 {
         }
     }
 
+    /// One Q4_1 weight row dotted with `x` without storing the decoded row: the same
+    /// decoding and the same sums as [`dequantize_q4_1`] then `dot::<true>`, bit for bit
+    /// (lane `l` of the four accumulators is `dot`'s `acc[l]`).
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn dot_q4_1(bytes: &[u8], x: &[f32]) -> f32 {
+        assert_eq!(bytes.len() / 20 * 32, x.len());
+        let mut acc = [_mm256_setzero_ps(); 4];
+        for (xs, b) in x.chunks_exact(32).zip(bytes.chunks_exact(20)) {
+            let d = _mm256_set1_ps(f16_at(b, 0));
+            let m = _mm256_set1_ps(f16_at(b, 2));
+            let mask = _mm_set1_epi8(0x0f);
+            // SAFETY: b holds 20 bytes, so 16 from offset 4; xs holds 32 floats.
+            unsafe {
+                let q = _mm_loadu_si128(b.as_ptr().add(4).cast());
+                let lo = _mm_and_si128(q, mask);
+                let hi = _mm_and_si128(_mm_srli_epi16::<4>(q), mask);
+                let parts = [lo, _mm_srli_si128::<8>(lo), hi, _mm_srli_si128::<8>(hi)];
+                for (k, v) in parts.into_iter().enumerate() {
+                    let f = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(v));
+                    let w = _mm256_add_ps(_mm256_mul_ps(d, f), m);
+                    let xv = _mm256_loadu_ps(xs.as_ptr().add(8 * k));
+                    acc[k] = _mm256_fmadd_ps(xv, w, acc[k]);
+                }
+            }
+        }
+        let mut lanes = [0.0f32; 32];
+        for (k, a) in acc.iter().enumerate() {
+            // SAFETY: lanes holds 32 floats, 8 per accumulator.
+            unsafe { _mm256_storeu_ps(lanes.as_mut_ptr().add(8 * k), *a) };
+        }
+        let tail: f32 = 0.0;
+        lanes.iter().sum::<f32>() + tail
+    }
+
     #[target_feature(enable = "avx2")]
     pub unsafe fn dequantize_q8_0(bytes: &[u8], out: &mut [f32]) {
         assert_eq!(bytes.len() / 34 * 32, out.len());
@@ -317,6 +351,17 @@ mod avx2 {
 fn run_band(w: &QMatrix, x: &[f32], first: usize, row: &mut [f32], part: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+        // One activation row (a lone decode) reuses no decoded weight row: decoding straight
+        // into the products spares storing and reloading it, about a fifth of the time.
+        if x.len() == w.cols && w.dtype == GgmlType::Q4_1 {
+            let n = w.row_bytes();
+            for (j, out) in part.iter_mut().enumerate() {
+                let r = first + j;
+                // SAFETY: the CPU has both features, checked just now.
+                *out = unsafe { avx2::dot_q4_1(&w.bytes[r * n..(r + 1) * n], x) };
+            }
+            return;
+        }
         // SAFETY: the CPU has both features, checked just now.
         unsafe { band_avx2(w, x, first, row, part) };
         return;
