@@ -10,7 +10,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 
 use crate::error::ApiError;
-use crate::generation::{self, Generation, Outcome, SamplingFields};
+use crate::generation::{self, Generation, SamplingFields};
 use crate::metrics::Route;
 use crate::native::tokenizer;
 use crate::native::TextModel;
@@ -21,7 +21,7 @@ use crate::openai::{
 };
 use crate::request::{choice_count, parse_body, required, token_cap};
 use crate::sim::{self, count_tokens, MESSAGE_OVERHEAD_TOKENS};
-use crate::sse::{self, ChunkWriter, Reply, Sequence};
+use crate::sse::{self, ChunkWriter, Outcome, Sequence};
 use crate::state::{AppState, ModelEngine};
 
 pub async fn chat_completions(
@@ -42,24 +42,17 @@ pub async fn chat_completions(
     let cap = token_cap(request.max_tokens, request.max_completion_tokens)?;
     let served = state.text_model(&model, "/v1/chat/completions")?;
     let model = served.name.clone();
-    if let ModelEngine::Text(engine) = &served.engine {
-        let engine = engine.clone();
-        return native_chat(&state, model, &engine, request, &messages, n, cap).await;
-    }
+    let sampling = SamplingFields::of_chat(&mut request);
 
-    let prompt = ChatPrompt::new(&messages);
-    let (len, finish_reason) = state.sim.reply_length(cap);
-    let sequences: Vec<Sequence> = (0..n)
-        .map(|index| Sequence {
-            index,
-            tokens: sim::reply_tokens(&prompt.text, request.seed, index, len),
-            finish_reason,
-        })
-        .collect();
-    let usage = Usage::new(prompt.tokens, len as u64 * u64::from(n));
-    state.metrics.add_prompt_tokens(prompt.tokens);
+    let native = match &served.engine {
+        ModelEngine::Text(engine) => Some(engine.clone()),
+        _ => None,
+    };
+    let fingerprint = match native {
+        Some(_) => NATIVE_FINGERPRINT,
+        None => SYSTEM_FINGERPRINT,
+    };
     let reply_id = ReplyId::new("chatcmpl");
-
     let stream = sse::StreamRequest {
         stream: request.stream,
         options: request.stream_options.as_ref(),
@@ -68,30 +61,49 @@ pub async fn chat_completions(
     let writer = |include_usage| ChatChunks {
         reply_id: reply_id.clone(),
         model: model.clone(),
-        fingerprint: SYSTEM_FINGERPRINT,
+        fingerprint,
         include_usage,
     };
-    let sequences = match sse::stream_or_finish(&state, stream, writer, sequences, usage, len).await
-    {
-        Reply::Streamed(response) => return Ok(response),
-        Reply::Finished(sequences) => sequences,
+    let outcome = match native {
+        Some(engine) => {
+            let generation = native_prompt(&engine, &messages, n, cap, sampling)?;
+            generation::run(&state, &engine, generation, stream, writer).await?
+        }
+        None => {
+            let prompt = ChatPrompt::new(&messages);
+            let (len, finish_reason) = state.sim.reply_length(cap);
+            let sequences: Vec<Sequence> = (0..n)
+                .map(|index| Sequence {
+                    index,
+                    tokens: sim::reply_tokens(&prompt.text, request.seed, index, len),
+                    finish_reason,
+                })
+                .collect();
+            let usage = Usage::new(prompt.tokens, len as u64 * u64::from(n));
+            state.metrics.add_prompt_tokens(prompt.tokens);
+            sse::stream_or_finish(&state, stream, writer, sequences, usage, len).await
+        }
+    };
+    let (choices, usage) = match outcome {
+        Outcome::Streamed(response) => return Ok(response),
+        Outcome::Finished { choices, usage } => (choices, usage),
     };
     let completion = ChatCompletion {
         id: &reply_id.id,
         object: "chat.completion",
         created: reply_id.created,
         model: &model,
-        system_fingerprint: SYSTEM_FINGERPRINT,
-        choices: sequences
+        system_fingerprint: fingerprint,
+        choices: choices
             .into_iter()
-            .map(|sequence| ChatChoice {
-                index: sequence.index,
+            .map(|choice| ChatChoice {
+                index: choice.index,
                 message: AssistantMessage {
                     role: "assistant",
-                    content: sequence.tokens.concat(),
+                    content: choice.text,
                 },
                 logprobs: None,
-                finish_reason: sequence.finish_reason,
+                finish_reason: choice.finish_reason,
             })
             .collect(),
         usage,
@@ -99,27 +111,16 @@ pub async fn chat_completions(
     Ok(Json(completion).into_response())
 }
 
-/// One chat turn from a native decoder: the chat template applied, `n` replies generated
-/// by the model's engine thread and sent whole or as they come.
-async fn native_chat(
-    state: &Arc<AppState>,
-    model: String,
+/// What a native decoder generates for a chat: its chat template applied to the
+/// conversation, `n` replies.
+fn native_prompt(
     engine: &TextModel,
-    request: ChatCompletionRequest,
     messages: &[ChatMessage],
     n: u32,
     cap: Option<u32>,
-) -> Result<Response, ApiError> {
-    let (params, stop) = SamplingFields {
-        temperature: request.temperature,
-        top_p: request.top_p,
-        top_k: request.top_k,
-        presence_penalty: request.presence_penalty,
-        frequency_penalty: request.frequency_penalty,
-        seed: request.seed,
-        stop: request.stop,
-    }
-    .check()?;
+    sampling: SamplingFields,
+) -> Result<Generation, ApiError> {
+    let (params, stop) = sampling.check()?;
     let texts: Vec<String> = messages.iter().map(|m| m.texts().collect()).collect();
     let chat: Vec<tokenizer::ChatMessage<'_>> = messages
         .iter()
@@ -136,51 +137,14 @@ async fn native_chat(
     let prompt = tokenizer
         .encode(&prompt_text)
         .map_err(ApiError::Generation)?;
-    let generation = Generation {
+    Ok(Generation {
         prompts: vec![prompt],
         n,
         cap,
         params,
         stop,
         prompt_param: "messages",
-    };
-    let reply_id = ReplyId::new("chatcmpl");
-    let stream = sse::StreamRequest {
-        stream: request.stream,
-        options: request.stream_options.as_ref(),
-        user: request.user.as_deref(),
-    };
-    let writer = |include_usage| ChatChunks {
-        reply_id: reply_id.clone(),
-        model: model.clone(),
-        fingerprint: NATIVE_FINGERPRINT,
-        include_usage,
-    };
-    let (choices, usage) = match generation::run(state, engine, generation, stream, writer).await? {
-        Outcome::Streamed(response) => return Ok(response),
-        Outcome::Finished { choices, usage } => (choices, usage),
-    };
-    let completion = ChatCompletion {
-        id: &reply_id.id,
-        object: "chat.completion",
-        created: reply_id.created,
-        model: &model,
-        system_fingerprint: NATIVE_FINGERPRINT,
-        choices: choices
-            .into_iter()
-            .map(|choice| ChatChoice {
-                index: choice.index,
-                message: AssistantMessage {
-                    role: "assistant",
-                    content: choice.text,
-                },
-                logprobs: None,
-                finish_reason: choice.finish_reason,
-            })
-            .collect(),
-        usage,
-    };
-    Ok(Json(completion).into_response())
+    })
 }
 
 /// A conversation as the simulated engine reads it.

@@ -11,7 +11,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 
 use crate::error::ApiError;
-use crate::generation::{self, Generation, Outcome, SamplingFields};
+use crate::generation::{self, Generation, SamplingFields};
 use crate::metrics::Route;
 use crate::native::TextModel;
 use crate::openai::{
@@ -20,7 +20,7 @@ use crate::openai::{
 };
 use crate::request::{choice_count, parse_body, required, token_cap};
 use crate::sim::{self, count_input_tokens};
-use crate::sse::{self, ChunkWriter, Reply, Sequence};
+use crate::sse::{self, ChunkWriter, Outcome, Sequence};
 use crate::state::{AppState, ModelEngine};
 
 pub async fn completions(
@@ -41,29 +41,17 @@ pub async fn completions(
     let cap = token_cap(request.max_tokens, None)?;
     let served = state.text_model(&model, "/v1/completions")?;
     let model = served.name.clone();
-    if let ModelEngine::Text(engine) = &served.engine {
-        let engine = engine.clone();
-        return native_completions(&state, model, &engine, request, prompts, n, cap).await;
-    }
+    let sampling = SamplingFields::of_completion(&mut request);
 
-    let (len, finish_reason) = state.sim.reply_length(cap);
-    let mut prompt_tokens = 0;
-    let mut sequences = Vec::with_capacity(prompts.len() * n as usize);
-    for (k, prompt) in prompts.iter().enumerate() {
-        prompt_tokens += count_input_tokens(prompt);
-        let text = prompt.to_text();
-        // The reply depends on the choice's place within its prompt, not in the batch, so
-        // a prompt gets the same reply alone or among others.
-        sequences.extend((0..n).map(|j| Sequence {
-            index: (k as u32).saturating_mul(n).saturating_add(j),
-            tokens: sim::reply_tokens(&text, request.seed, j, len),
-            finish_reason,
-        }));
-    }
-    let usage = Usage::new(prompt_tokens, len as u64 * sequences.len() as u64);
-    state.metrics.add_prompt_tokens(prompt_tokens);
+    let native = match &served.engine {
+        ModelEngine::Text(engine) => Some(engine.clone()),
+        _ => None,
+    };
+    let fingerprint = match native {
+        Some(_) => NATIVE_FINGERPRINT,
+        None => SYSTEM_FINGERPRINT,
+    };
     let reply_id = ReplyId::new("cmpl");
-
     let stream = sse::StreamRequest {
         stream: request.stream,
         options: request.stream_options.as_ref(),
@@ -72,29 +60,51 @@ pub async fn completions(
     let writer = |include_usage| TextChunks {
         reply_id: reply_id.clone(),
         model: model.clone(),
-        fingerprint: SYSTEM_FINGERPRINT,
+        fingerprint,
         include_usage,
     };
-    let sequences = match sse::stream_or_finish(&state, stream, writer, sequences, usage, len).await
-    {
-        Reply::Streamed(response) => return Ok(response),
-        Reply::Finished(sequences) => sequences,
+    let outcome = match native {
+        Some(engine) => {
+            let generation = native_prompts(&engine, prompts, n, cap, sampling)?;
+            generation::run(&state, &engine, generation, stream, writer).await?
+        }
+        None => {
+            let (len, finish_reason) = state.sim.reply_length(cap);
+            let mut prompt_tokens = 0;
+            let mut sequences = Vec::with_capacity(prompts.len() * n as usize);
+            for (k, prompt) in prompts.iter().enumerate() {
+                prompt_tokens += count_input_tokens(prompt);
+                let text = prompt.to_text();
+                // The reply depends on the choice's place within its prompt, not in the
+                // batch, so a prompt gets the same reply alone or among others.
+                sequences.extend((0..n).map(|j| Sequence {
+                    index: (k as u32).saturating_mul(n).saturating_add(j),
+                    tokens: sim::reply_tokens(&text, request.seed, j, len),
+                    finish_reason,
+                }));
+            }
+            let usage = Usage::new(prompt_tokens, len as u64 * sequences.len() as u64);
+            state.metrics.add_prompt_tokens(prompt_tokens);
+            sse::stream_or_finish(&state, stream, writer, sequences, usage, len).await
+        }
     };
-    let texts: Vec<String> = sequences.iter().map(|s| s.tokens.concat()).collect();
+    let (choices, usage) = match outcome {
+        Outcome::Streamed(response) => return Ok(response),
+        Outcome::Finished { choices, usage } => (choices, usage),
+    };
     let completion = TextCompletion {
         id: &reply_id.id,
         object: "text_completion",
         created: reply_id.created,
         model: &model,
-        system_fingerprint: SYSTEM_FINGERPRINT,
-        choices: sequences
+        system_fingerprint: fingerprint,
+        choices: choices
             .iter()
-            .zip(&texts)
-            .map(|(sequence, text)| TextChoice {
-                text,
-                index: sequence.index,
+            .map(|choice| TextChoice {
+                text: &choice.text,
+                index: choice.index,
                 logprobs: None,
-                finish_reason: Some(sequence.finish_reason),
+                finish_reason: Some(choice.finish_reason),
             })
             .collect(),
         usage: Some(Some(usage)),
@@ -102,27 +112,17 @@ pub async fn completions(
     Ok(Json(completion).into_response())
 }
 
-/// Text completions from a native decoder: each prompt as given (text is tokenized, with
-/// the model's BOS token when it wants one; token lists are taken as they are), no template.
-async fn native_completions(
-    state: &Arc<AppState>,
-    model: String,
+/// What a native decoder generates for text completions: each prompt as given (text is
+/// tokenized, with the model's BOS token when it wants one; token lists are taken as they
+/// are), no template, `n` choices each.
+fn native_prompts(
     engine: &TextModel,
-    request: CompletionRequest,
     inputs: Vec<Input>,
     n: u32,
     cap: Option<u32>,
-) -> Result<Response, ApiError> {
-    let (params, stop) = SamplingFields {
-        temperature: request.temperature,
-        top_p: request.top_p,
-        top_k: request.top_k,
-        presence_penalty: request.presence_penalty,
-        frequency_penalty: request.frequency_penalty,
-        seed: request.seed,
-        stop: request.stop,
-    }
-    .check()?;
+    sampling: SamplingFields,
+) -> Result<Generation, ApiError> {
+    let (params, stop) = sampling.check()?;
     let tokenizer = engine.tokenizer();
     let vocab = tokenizer.vocab_size();
     let prompts = inputs
@@ -138,48 +138,14 @@ async fn native_completions(
             },
         })
         .collect::<Result<Vec<_>, _>>()?;
-    let generation = Generation {
+    Ok(Generation {
         prompts,
         n,
         cap,
         params,
         stop,
         prompt_param: "prompt",
-    };
-    let reply_id = ReplyId::new("cmpl");
-    let stream = sse::StreamRequest {
-        stream: request.stream,
-        options: request.stream_options.as_ref(),
-        user: request.user.as_deref(),
-    };
-    let writer = |include_usage| TextChunks {
-        reply_id: reply_id.clone(),
-        model: model.clone(),
-        fingerprint: NATIVE_FINGERPRINT,
-        include_usage,
-    };
-    let (choices, usage) = match generation::run(state, engine, generation, stream, writer).await? {
-        Outcome::Streamed(response) => return Ok(response),
-        Outcome::Finished { choices, usage } => (choices, usage),
-    };
-    let completion = TextCompletion {
-        id: &reply_id.id,
-        object: "text_completion",
-        created: reply_id.created,
-        model: &model,
-        system_fingerprint: NATIVE_FINGERPRINT,
-        choices: choices
-            .iter()
-            .map(|choice| TextChoice {
-                text: &choice.text,
-                index: choice.index,
-                logprobs: None,
-                finish_reason: Some(choice.finish_reason),
-            })
-            .collect(),
-        usage: Some(Some(usage)),
-    };
-    Ok(Json(completion).into_response())
+    })
 }
 
 struct TextChunks {

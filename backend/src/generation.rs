@@ -7,14 +7,12 @@
 
 use std::sync::Arc;
 
-use axum::response::Response;
-
 use crate::error::ApiError;
 use crate::native::generator::{self, GenerateJob};
 use crate::native::sampling::SamplingParams;
 use crate::native::TextModel;
-use crate::openai::{FinishReason, Stop, Usage};
-use crate::sse::{self, ChunkWriter, StreamRequest};
+use crate::openai::{ChatCompletionRequest, CompletionRequest, Stop, Usage};
+use crate::sse::{self, Choice, ChunkWriter, Outcome, StreamRequest};
 use crate::state::AppState;
 
 /// The sampling fields of a chat or text completion request, as sent.
@@ -39,25 +37,36 @@ pub struct Generation {
     pub prompt_param: &'static str,
 }
 
-/// One finished choice.
-pub struct Choice {
-    pub index: u32,
-    pub text: String,
-    pub finish_reason: FinishReason,
-}
-
-/// How a native generation ends for its handler.
-pub enum Outcome {
-    /// The client asked for a stream; this response carries it.
-    Streamed(Response),
-    /// Every choice, in index order, and the usage of the whole request.
-    Finished { choices: Vec<Choice>, usage: Usage },
-}
-
 /// The most stop strings a request may give, as OpenAI allows.
 const MAX_STOPS: usize = 4;
 
 impl SamplingFields {
+    /// A chat request's sampling fields; its stop strings are taken out of it.
+    pub fn of_chat(request: &mut ChatCompletionRequest) -> Self {
+        SamplingFields {
+            temperature: request.temperature,
+            top_p: request.top_p,
+            top_k: request.top_k,
+            presence_penalty: request.presence_penalty,
+            frequency_penalty: request.frequency_penalty,
+            seed: request.seed,
+            stop: request.stop.take(),
+        }
+    }
+
+    /// A text completion request's sampling fields; its stop strings are taken out of it.
+    pub fn of_completion(request: &mut CompletionRequest) -> Self {
+        SamplingFields {
+            temperature: request.temperature,
+            top_p: request.top_p,
+            top_k: request.top_k,
+            presence_penalty: request.presence_penalty,
+            frequency_penalty: request.frequency_penalty,
+            seed: request.seed,
+            stop: request.stop.take(),
+        }
+    }
+
     /// The parameters in OpenAI's ranges, and the stop strings.
     pub fn check(self) -> Result<(SamplingParams, Vec<String>), ApiError> {
         let ranged =

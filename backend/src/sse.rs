@@ -62,17 +62,25 @@ pub struct StreamRequest<'a> {
     pub user: Option<&'a str>,
 }
 
-/// How a completion handler ends.
-pub enum Reply {
-    /// The request asked for a stream, and this response streams it.
-    Streamed(Response),
-    /// The generation has run its simulated time; the caller writes the JSON body.
-    Finished(Vec<Sequence>),
+/// One finished choice of a reply.
+pub struct Choice {
+    pub index: u32,
+    pub text: String,
+    pub finish_reason: FinishReason,
 }
 
-/// The shared end of every completion handler: streams the reply when the request asked for
-/// a stream, otherwise waits as long as the engine would take and hands the sequences back.
-/// `writer` is told whether the client asked for a usage chunk.
+/// How a completion handler's generation ends, whichever engine ran it.
+pub enum Outcome {
+    /// The request asked for a stream, and this response streams it.
+    Streamed(Response),
+    /// Every choice, in index order, and the usage of the whole request; the caller writes
+    /// the JSON body.
+    Finished { choices: Vec<Choice>, usage: Usage },
+}
+
+/// The simulated engine's end of a completion handler: streams the reply when the request
+/// asked for a stream, otherwise waits as long as the engine would take and hands the
+/// choices back. `writer` is told whether the client asked for a usage chunk.
 pub async fn stream_or_finish<W: ChunkWriter>(
     state: &Arc<AppState>,
     request: StreamRequest<'_>,
@@ -80,7 +88,7 @@ pub async fn stream_or_finish<W: ChunkWriter>(
     sequences: Vec<Sequence>,
     usage: Usage,
     len: usize,
-) -> Reply {
+) -> Outcome {
     if request.stream.unwrap_or(false) {
         let include_usage = request
             .options
@@ -92,7 +100,7 @@ pub async fn stream_or_finish<W: ChunkWriter>(
             usage: include_usage.then_some(usage),
             gate: gate_name(request.user).map(str::to_owned),
         };
-        return Reply::Streamed(respond(state.clone(), job));
+        return Outcome::Streamed(respond(state.clone(), job));
     }
     let _generation = state.start_generation().await;
     let generation_time = state.sim.generation_time(len);
@@ -100,7 +108,15 @@ pub async fn stream_or_finish<W: ChunkWriter>(
         tokio::time::sleep(generation_time).await;
     }
     state.metrics.add_generated_tokens(usage.completion_tokens);
-    Reply::Finished(sequences)
+    let choices = sequences
+        .into_iter()
+        .map(|sequence| Choice {
+            index: sequence.index,
+            text: sequence.tokens.concat(),
+            finish_reason: sequence.finish_reason,
+        })
+        .collect();
+    Outcome::Finished { choices, usage }
 }
 
 /// One SSE event carrying `value` as JSON.

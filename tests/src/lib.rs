@@ -85,6 +85,35 @@ pub fn test_python() -> String {
     })
 }
 
+/// Runs `tests/python/{script}` with [`test_python`] and `env`, off the async runtime, and
+/// fails the test unless it exits 0 having printed "ALL OK" (the scripts' convention); the
+/// failure shows its output and `log` (a process log worth seeing next to it).
+pub async fn python_check(script: &str, env: &[(&str, &str)], log: impl FnOnce() -> String) {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("python")
+        .join(script);
+    let env: Vec<(String, String)> = env
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+        .collect();
+    let output = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(test_python())
+            .arg(path)
+            .envs(env)
+            .output()
+    })
+    .await
+    .expect("the python task")
+    .expect("python runs");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        output.status.success() && stdout.contains("ALL OK"),
+        "{script} failed:\n{stdout}\n{stderr}\nlog:\n{}",
+        log()
+    );
+}
+
 pub fn redis_url() -> String {
     std::env::var("SLUICE_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
 }

@@ -3,7 +3,7 @@
 
 use serde_json::json;
 use sluice_e2e::{
-    test_python, Backend, Gateway, GatewayOptions, StoreKind, ADMIN_TOKEN, SIM_MODEL,
+    python_check, Backend, Gateway, GatewayOptions, StoreKind, ADMIN_TOKEN, SIM_MODEL,
 };
 use std::path::Path;
 
@@ -67,29 +67,19 @@ async fn the_console_manages_keys_and_shows_usage_cache_and_backends_in_a_browse
     let screenshot = artifacts.join("console-keys.png");
     let _ = std::fs::remove_file(&screenshot);
 
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/python/console_test.py");
-    let (admin, python) = (gw.admin_url.clone(), test_python());
-    let screenshot_arg = screenshot.clone();
-    let output = tokio::task::spawn_blocking(move || {
-        std::process::Command::new(python)
-            .arg(script)
-            .env("SLUICE_ADMIN_URL", admin)
-            .env("SLUICE_ADMIN_TOKEN", ADMIN_TOKEN)
-            .env("SLUICE_TENANT", "traffic-tenant")
-            .env("SLUICE_SCREENSHOT", &screenshot_arg)
-            .env("SE_OFFLINE", "true")
-            .output()
-    })
-    .await
-    .unwrap()
-    .expect("python runs");
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(
-        output.status.success() && stdout.contains("ALL OK"),
-        "console test:\n{stdout}\n{stderr}\ngateway log:\n{}",
-        gw.log()
-    );
+    let screenshot_arg = screenshot.display().to_string();
+    python_check(
+        "console_test.py",
+        &[
+            ("SLUICE_ADMIN_URL", &gw.admin_url),
+            ("SLUICE_ADMIN_TOKEN", ADMIN_TOKEN),
+            ("SLUICE_TENANT", "traffic-tenant"),
+            ("SLUICE_SCREENSHOT", &screenshot_arg),
+            ("SE_OFFLINE", "true"),
+        ],
+        || gw.log(),
+    )
+    .await;
     let png = std::fs::read(&screenshot).expect("the screenshot was saved");
     assert!(
         png.starts_with(b"\x89PNG"),

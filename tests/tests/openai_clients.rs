@@ -12,9 +12,8 @@ use async_openai::types::embeddings::CreateEmbeddingRequestArgs;
 use async_openai::Client;
 use futures::StreamExt;
 use sluice_e2e::{
-    test_python, Backend, Gateway, GatewayOptions, StoreKind, SIM_EMBED_MODEL, SIM_MODEL,
+    python_check, Backend, Gateway, GatewayOptions, StoreKind, SIM_EMBED_MODEL, SIM_MODEL,
 };
-use std::process::Command;
 
 fn client(gateway: &Gateway, key: &str) -> Client<OpenAIConfig> {
     Client::with_config(
@@ -172,31 +171,18 @@ async fn python_openai_round_trip(store: StoreKind) {
     let backend = Backend::start().await.unwrap();
     let gateway = gateway_on(store, &backend).await;
     let (_, key) = gateway.create_key("pyco", "free").await.unwrap();
-    let python = test_python();
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/python/openai_client.py");
-    let gateway_url = gateway.url.clone();
-    let backend_url = backend.url.clone();
-    let output = tokio::task::spawn_blocking(move || {
-        Command::new(python)
-            .arg(script)
-            .env("SLUICE_URL", gateway_url)
-            .env("SLUICE_KEY", key)
-            .env("SIM_BACKEND_URL", backend_url)
-            .env("SIM_MODEL", SIM_MODEL)
-            .env("SIM_EMBED_MODEL", SIM_EMBED_MODEL)
-            .output()
-    })
-    .await
-    .unwrap()
-    .expect("python runs");
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(
-        output.status.success(),
-        "python openai client failed:\n{stdout}\n{stderr}\ngateway log:\n{}",
-        gateway.log()
-    );
-    assert!(stdout.contains("ALL OK"), "{stdout}");
+    python_check(
+        "openai_client.py",
+        &[
+            ("SLUICE_URL", &gateway.url),
+            ("SLUICE_KEY", &key),
+            ("SIM_BACKEND_URL", &backend.url),
+            ("SIM_MODEL", SIM_MODEL),
+            ("SIM_EMBED_MODEL", SIM_EMBED_MODEL),
+        ],
+        || gateway.log(),
+    )
+    .await;
 }
 
 #[tokio::test]

@@ -4,7 +4,7 @@
 use reqwest::header::HeaderMap;
 use serde_json::{json, Value};
 use sluice_e2e::{
-    minilm_dir, required_weights, test_python, Backend, Gateway, GatewayOptions, StoreKind,
+    minilm_dir, python_check, required_weights, Backend, Gateway, GatewayOptions, StoreKind,
     ADMIN_TOKEN, SIM_MODEL,
 };
 use std::time::Duration;
@@ -431,26 +431,17 @@ async fn a_streamed_request_is_answered_from_cache_as_a_stream_python_reads() {
     let backend = Backend::start().await.unwrap();
     let gw = gateway(&backend, embedded(), cache_config(None, "")).await;
     let (_, key) = gw.create_key("acme", "pro").await.unwrap();
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/python/cached_stream.py");
-    let (url, python) = (gw.url.clone(), test_python());
-    let output = tokio::task::spawn_blocking(move || {
-        std::process::Command::new(python)
-            .arg(script)
-            .env("SLUICE_URL", url)
-            .env("SLUICE_KEY", key)
-            .env("SIM_MODEL", SIM_MODEL)
-            .output()
-    })
-    .await
-    .unwrap()
-    .expect("python runs");
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(
-        output.status.success() && stdout.contains("ALL OK"),
-        "python:\n{stdout}\n{stderr}\ngateway log:\n{}",
-        gw.log()
-    );
+    let url = gw.url.clone();
+    python_check(
+        "cached_stream.py",
+        &[
+            ("SLUICE_URL", &url),
+            ("SLUICE_KEY", &key),
+            ("SIM_MODEL", SIM_MODEL),
+        ],
+        || gw.log(),
+    )
+    .await;
 }
 
 #[tokio::test]

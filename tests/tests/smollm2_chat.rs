@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 
 use serde_json::{json, Value};
 use sluice_e2e::{
-    openai_error, required_weights, smollm2_gguf, test_python, Backend, Gateway, GatewayOptions,
+    openai_error, python_check, required_weights, smollm2_gguf, Backend, Gateway, GatewayOptions,
     StoreKind,
 };
 
@@ -405,25 +405,15 @@ async fn the_python_openai_client_streams_from_the_backend_and_through_the_gatew
     .await
     .expect("gateway starts");
     let (_, key) = gateway.create_key("native", "pro").await.unwrap();
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/python/native_stream.py");
-    let (backend_url, gateway_url) = (backend.url.clone(), gateway.url.clone());
-    let output = tokio::task::spawn_blocking(move || {
-        std::process::Command::new(test_python())
-            .arg(script)
-            .env("BACKEND_URL", backend_url)
-            .env("SLUICE_URL", gateway_url)
-            .env("SLUICE_KEY", key)
-            .env("MODEL", MODEL)
-            .output()
-    })
-    .await
-    .unwrap()
-    .expect("python runs");
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(
-        output.status.success() && stdout.contains("ALL OK"),
-        "native_stream.py failed:\n{stdout}\n{stderr}\ngateway log:\n{}",
-        gateway.log()
-    );
+    python_check(
+        "native_stream.py",
+        &[
+            ("BACKEND_URL", &backend.url),
+            ("SLUICE_URL", &gateway.url),
+            ("SLUICE_KEY", &key),
+            ("MODEL", MODEL),
+        ],
+        || gateway.log(),
+    )
+    .await;
 }

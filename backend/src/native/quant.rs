@@ -299,7 +299,9 @@ mod avx2 {
 
     /// One Q4_1 weight row dotted with `x` without storing the decoded row: the same
     /// decoding and the same sums as [`dequantize_q4_1`] then `dot::<true>`, bit for bit
-    /// (lane `l` of the four accumulators is `dot`'s `acc[l]`).
+    /// (lane `l` of the four accumulators is `dot`'s `acc[l]`). The decoding is written out
+    /// here again on purpose: a shared helper returning the four vectors measured a third
+    /// slower in both functions (`--example gemm_speed`).
     #[target_feature(enable = "avx2,fma")]
     pub unsafe fn dot_q4_1(bytes: &[u8], x: &[f32]) -> f32 {
         assert_eq!(bytes.len() / 20 * 32, x.len());
