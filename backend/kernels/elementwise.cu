@@ -47,6 +47,16 @@ extern "C" __global__ void add_assign(float* x, const float* y, unsigned n) {
     }
 }
 
+// x[r·d + j] += bias[j] for every row r of `[rows, d]`: a linear layer's bias, added after
+// its product (cuBLAS computes x·wᵀ alone).
+// Launch: any 1-D grid and block (grid-stride loop).
+extern "C" __global__ void add_bias_rows(float* x, const float* bias, unsigned rows, unsigned d) {
+    const size_t n = (size_t)rows * d;
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
+        x[i] += bias[i % d];
+    }
+}
+
 // gate[i] = silu(gate[i]) · up[i], silu(g) = g / (1 + e^−g): the SwiGLU gating, in f32.
 // Launch: any 1-D grid and block (grid-stride loop).
 extern "C" __global__ void silu_mul(float* gate, const float* up, unsigned n) {

@@ -11,8 +11,8 @@ use clap::Parser;
 
 use sluice_backend::engine::{Device, EngineKind};
 use sluice_backend::models::{served_names, ModelSpec};
-use sluice_backend::native::generator::{EngineOptions, DEFAULT_KV_CACHE_BYTES};
-use sluice_backend::native::{self, EmbeddingModel, LoadError, ModelKind, TextModel};
+use sluice_backend::native::generator::EngineOptions;
+use sluice_backend::native::{self, EmbeddingModel, LoadError, ModelKind, Target, TextModel};
 use sluice_backend::state::{ModelEngine, ServedModel};
 use sluice_backend::{serve, AppState, SimConfig};
 
@@ -34,16 +34,17 @@ struct Args {
     #[arg(long, value_enum, default_value_t = EngineKind::Native)]
     engine: EngineKind,
 
-    /// Where the native engine runs: auto, cpu or cuda:N. This build runs models on the CPU
-    /// only: auto picks it (and logs whether a GPU was found), cuda:N is refused.
-    #[arg(long, default_value = "auto")]
+    /// Where the native engine runs: auto (the first GPU if one can be used, else the CPU),
+    /// cpu, or cuda:N (an NVIDIA GPU; exit status 2 if it cannot be used).
+    #[arg(long, env = "SLUICE_DEVICE", default_value = "auto")]
     device: Device,
 
-    /// Native engine: memory for each decoder's key/value cache, in MiB. At least one
+    /// Native engine: memory for each decoder's key/value cache, in MiB [default: 1024 on
+    /// the CPU; on a GPU, 80% of its memory free once the weights are loaded]. At least one
     /// full-context sequence always fits; past that, more concurrent sequences.
-    #[arg(long, env = "SLUICE_KV_CACHE_MB", default_value_t = (DEFAULT_KV_CACHE_BYTES >> 20) as u64,
+    #[arg(long, env = "SLUICE_KV_CACHE_MB",
           value_parser = clap::value_parser!(u64).range(1..=1 << 30))]
-    kv_cache_mb: u64,
+    kv_cache_mb: Option<u64>,
 
     /// Simulated engine: milliseconds before the first token.
     #[arg(long, env = "SLUICE_SIM_TTFT_MS", default_value_t = 0)]
@@ -138,25 +139,25 @@ fn sim_config(args: &Args) -> SimConfig {
 /// leave with: 2 for what this build cannot serve, 1 for files that are broken.
 fn load_native(args: &Args) -> Result<Arc<AppState>, (ExitCode, String)> {
     let usage = |message: String| (ExitCode::from(EXIT_USAGE), message);
-    match args.device {
+    let target = match args.device {
         Device::Cuda(ordinal) => {
-            return Err(usage(match native::cuda::probe(ordinal as usize) {
-                Err(why) => format!("--device {}: no usable GPU: {why}", args.device),
-                Ok(gpu) => format!(
-                    "--device {}: {} (compute {}.{}) is here, but this build runs models on the CPU only; use --device cpu (or auto)",
-                    args.device, gpu.name, gpu.compute_capability.0, gpu.compute_capability.1
-                ),
-            }))
-        }
-        Device::Auto => match native::cuda::probe(0) {
-            Err(why) => tracing::info!(%why, "--device auto: no usable GPU; running on the CPU"),
-            Ok(gpu) => tracing::info!(
+            let gpu = native::cuda::probe(ordinal as usize)
+                .map_err(|why| usage(format!("--device {}: no usable GPU: {why}", args.device)))?;
+            tracing::info!(
                 gpu = %gpu.name,
-                "--device auto: a GPU is here, but this build runs models on the CPU"
-            ),
-        },
-        Device::Cpu => {}
-    }
+                compute = ?gpu.compute_capability,
+                "--device {}",
+                args.device
+            );
+            Target::Cuda(ordinal as usize)
+        }
+        Device::Auto => {
+            let (target, why) = Target::auto();
+            tracing::info!("--device auto: {why}");
+            target
+        }
+        Device::Cpu => Target::Cpu,
+    };
     if args.models.is_empty() {
         return Err(usage(
             "the native engine needs at least one --model [NAME=]PATH (or run with --engine sim)"
@@ -176,7 +177,7 @@ fn load_native(args: &Args) -> Result<Arc<AppState>, (ExitCode, String)> {
         match native::inspect(&spec.path).map_err(fail)? {
             ModelKind::Bert => {
                 let started = Instant::now();
-                let model = EmbeddingModel::load(&spec.name, &spec.path).map_err(fail)?;
+                let model = EmbeddingModel::load(&spec.name, &spec.path, target).map_err(fail)?;
                 tracing::info!(
                     model = %spec.name,
                     path = %spec.path.display(),
@@ -194,7 +195,10 @@ fn load_native(args: &Args) -> Result<Arc<AppState>, (ExitCode, String)> {
             ModelKind::Llama => {
                 let started = Instant::now();
                 let options = EngineOptions {
-                    kv_cache_bytes: usize::try_from(args.kv_cache_mb << 20).unwrap_or(usize::MAX),
+                    kv_cache_bytes: args
+                        .kv_cache_mb
+                        .map(|mb| usize::try_from(mb << 20).unwrap_or(usize::MAX)),
+                    target,
                 };
                 let model = TextModel::load(&spec.name, &spec.path, options).map_err(fail)?;
                 tracing::info!(

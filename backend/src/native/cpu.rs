@@ -73,6 +73,13 @@ impl Device for Cpu {
         Ok(Tensor::from_parts(data.to_vec(), shape.to_vec()))
     }
 
+    fn zeros(&self, shape: &[usize]) -> Result<CpuTensor, DeviceError> {
+        Ok(Tensor::from_parts(
+            vec![0.0; shape.iter().product()],
+            shape.to_vec(),
+        ))
+    }
+
     fn download(&self, x: &CpuTensor) -> Result<Vec<f32>, DeviceError> {
         Ok(x.data().clone())
     }

@@ -7,13 +7,12 @@
 //! CUDA C sources in `backend/kernels/`, built into the binary and compiled for the GPU in
 //! hand at start-up ([`compile_kernels`]).
 //!
-//! This build probes and compiles, but runs models on the CPU: the CUDA implementation of
-//! [`super::device::Device`] over these kernels (and cuBLAS) is not in it yet, so
-//! `--device cuda:N` is refused and `--device auto` says why it chose the CPU.
+//! The device that runs models on the GPU with them is [`super::cuda_device::CudaDevice`].
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 
-use cudarc::driver::CudaContext;
+use cudarc::driver::{CudaContext, CudaFunction};
 use cudarc::nvrtc::{CompileOptions, Ptx};
 
 /// The kernel sources, by file name.
@@ -27,8 +26,9 @@ pub const KERNELS: [(&str, &str); 3] = [
 ];
 
 /// Every kernel the CUDA device will load, by the name it loads it by.
-pub const ENTRY_POINTS: [&str; 29] = [
+pub const ENTRY_POINTS: [&str; 30] = [
     "add_assign",
+    "add_bias_rows",
     "silu_mul",
     "gelu_erf",
     "rms_norm",
@@ -71,6 +71,18 @@ pub enum CudaUnavailable {
     /// The driver loaded but has no such GPU, or failed to start.
     #[error("cuda:{ordinal}: {message}")]
     NoDevice { ordinal: usize, message: String },
+    /// The GPU is there, but setting it up failed: the kernels did not compile or load, or
+    /// the driver refused a stream or cuBLAS a handle.
+    #[error("cuda:{ordinal}: {message}")]
+    Failed { ordinal: usize, message: String },
+}
+
+impl CudaUnavailable {
+    /// Whether this machine simply has no usable GPU (a choice for the CPU, or a usage error
+    /// for `--device cuda:N`), as opposed to a GPU that broke while being set up.
+    pub fn is_absence(&self) -> bool {
+        !matches!(self, Self::Failed { .. })
+    }
 }
 
 /// A GPU that can be used: its name and compute capability.
@@ -148,27 +160,53 @@ pub fn compile_kernels(arch: &'static str) -> Result<Vec<Ptx>, String> {
         .collect()
 }
 
-/// On a machine with a GPU: the kernels compiled for it, loaded into a context on it, and
-/// every entry point looked up, as the CUDA device will at start-up. Proves the driver
-/// takes NVRTC's output (a driver older than the NVRTC found cannot read its PTX).
-pub fn load_kernels(ordinal: usize) -> Result<GpuInfo, String> {
-    let gpu = probe(ordinal).map_err(|err| err.to_string())?;
-    // NVRTC wants a 'static architecture name; this runs once per process.
-    let arch: &'static str = Box::leak(gpu.arch().into_boxed_str());
-    let context: Arc<CudaContext> = CudaContext::new(ordinal).map_err(|err| err.to_string())?;
-    let mut found = Vec::new();
-    for ((name, _), ptx) in KERNELS.iter().zip(compile_kernels(arch)?) {
+/// Every entry point, loaded into `context` from the kernels compiled for `arch`. NVRTC
+/// runs once per architecture per process; each device loads the result into its context.
+/// Fails when the driver refuses NVRTC's output (a driver older than the NVRTC found cannot
+/// read its PTX) or an entry point is missing.
+pub fn kernels(
+    context: &Arc<CudaContext>,
+    arch: &str,
+) -> Result<HashMap<&'static str, CudaFunction>, String> {
+    static COMPILED: Mutex<Vec<(String, Vec<Ptx>)>> = Mutex::new(Vec::new());
+    let ptx = {
+        let mut compiled = COMPILED.lock().unwrap_or_else(|p| p.into_inner());
+        match compiled.iter().find(|(a, _)| a == arch) {
+            Some((_, ptx)) => ptx.clone(),
+            None => {
+                // NVRTC wants a 'static architecture name; this runs once per architecture.
+                let name: &'static str = Box::leak(arch.to_owned().into_boxed_str());
+                let ptx = compile_kernels(name)?;
+                compiled.push((arch.to_owned(), ptx.clone()));
+                ptx
+            }
+        }
+    };
+    let mut found = HashMap::new();
+    for ((name, _), ptx) in KERNELS.iter().zip(ptx) {
         let module = context
             .load_module(ptx)
             .map_err(|err| format!("{name}: the driver refused the PTX: {err}"))?;
         for entry in ENTRY_POINTS {
-            if module.load_function(entry).is_ok() {
-                found.push(entry);
+            if let Ok(function) = module.load_function(entry) {
+                found.insert(entry, function);
             }
         }
     }
-    match ENTRY_POINTS.iter().find(|entry| !found.contains(entry)) {
+    match ENTRY_POINTS
+        .iter()
+        .find(|entry| !found.contains_key(*entry))
+    {
         Some(missing) => Err(format!("no kernel `{missing}` in any module")),
-        None => Ok(gpu),
+        None => Ok(found),
     }
+}
+
+/// On a machine with a GPU: the kernels compiled for it, loaded into a context on it, and
+/// every entry point looked up, as the CUDA device does at start-up.
+pub fn load_kernels(ordinal: usize) -> Result<GpuInfo, String> {
+    let gpu = probe(ordinal).map_err(|err| err.to_string())?;
+    let context = CudaContext::new(ordinal).map_err(|err| err.to_string())?;
+    kernels(&context, &gpu.arch())?;
+    Ok(gpu)
 }

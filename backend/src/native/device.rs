@@ -1,7 +1,7 @@
 //! The tensor operations a model needs from the hardware it runs on, and nothing more.
 //!
-//! A model is written once against [`Device`]; the CPU ([`super::cpu::Cpu`]) implements it
-//! today, and a CUDA device will implement the same trait. The trait therefore speaks only
+//! A model is written once against [`Device`]; the CPU ([`super::cpu::Cpu`]) and NVIDIA
+//! GPUs ([`super::cuda_device::CudaDevice`]) implement it. The trait therefore speaks only
 //! of whole-tensor operations a GPU can run as one kernel or one library call each (no
 //! element access, no per-row callbacks), and every operation returns a `Result`, because a
 //! GPU can fail where the CPU cannot (out of memory, a failed launch).
@@ -130,6 +130,16 @@ pub trait Device: Send + Sync + 'static {
 
     /// Copies host floats to the device as a tensor of `shape`.
     fn upload(&self, data: &[f32], shape: &[usize]) -> Result<Tensor<Self::Storage>, DeviceError>;
+
+    /// A tensor of `shape` holding zeros, made on the device (a key/value cache can be most
+    /// of a GPU's memory: it is not worth sending over from the host).
+    fn zeros(&self, shape: &[usize]) -> Result<Tensor<Self::Storage>, DeviceError>;
+
+    /// Memory the device has free for a key/value cache, in bytes; `None` where it has no
+    /// memory of its own to budget (the CPU).
+    fn free_memory(&self) -> Option<usize> {
+        None
+    }
 
     /// Copies a tensor back to the host.
     fn download(&self, x: &Tensor<Self::Storage>) -> Result<Vec<f32>, DeviceError>;

@@ -23,9 +23,10 @@ use tokio::sync::oneshot;
 
 use super::bert::{Bert, BertConfig};
 use super::cpu::Cpu;
-use super::device::{Device as _, DeviceError};
+use super::cuda_device::CudaDevice;
+use super::device::{Device, DeviceError};
 use super::weights::Weights;
-use super::LoadError;
+use super::{LoadError, Target};
 use crate::openai::Input;
 
 /// Tokens per forward pass. A request with more is run in several passes, so that a
@@ -92,18 +93,25 @@ impl std::fmt::Debug for EmbeddingModel {
 }
 
 /// What the engine thread owns.
-struct Engine {
+struct Engine<D: Device> {
     tokenizer: Tokenizer,
-    bert: Bert<Cpu>,
+    bert: Bert<D>,
     /// `[CLS]` and `[SEP]`, which wrap inputs given as token ids as the tokenizer wraps text.
     cls: u32,
     sep: u32,
 }
 
 impl EmbeddingModel {
-    /// Loads a BERT folder (`config.json`, `model.safetensors`, `tokenizer.json`) onto the
-    /// CPU and starts its engine thread, named after `name`.
-    pub fn load(name: &str, folder: &Path) -> Result<Self, LoadError> {
+    /// Loads a BERT folder (`config.json`, `model.safetensors`, `tokenizer.json`) onto
+    /// `target` and starts its engine thread, named after `name`.
+    pub fn load(name: &str, folder: &Path, target: Target) -> Result<Self, LoadError> {
+        match target {
+            Target::Cpu => Self::start(name, folder, Cpu),
+            Target::Cuda(ordinal) => Self::start(name, folder, CudaDevice::new(ordinal)?),
+        }
+    }
+
+    fn start<D: Device>(name: &str, folder: &Path, device: D) -> Result<Self, LoadError> {
         let config_path = folder.join("config.json");
         let text = std::fs::read_to_string(&config_path).map_err(|err| LoadError::Read {
             path: config_path.clone(),
@@ -114,7 +122,7 @@ impl EmbeddingModel {
             message: err.to_string(),
         })?;
         let weights = Weights::open(&folder.join("model.safetensors"), "bert.")?;
-        let bert = Bert::load(Cpu, config, &weights)?;
+        let bert = Bert::load(device, config, &weights)?;
         drop(weights);
         let tokenizer = load_tokenizer(&folder.join("tokenizer.json"))?;
         let special = |token: &str| {
@@ -170,7 +178,7 @@ impl EmbeddingModel {
     }
 }
 
-impl Engine {
+impl<D: Device> Engine<D> {
     fn run(self, queue: mpsc::Receiver<Job>) {
         // Ends when the model is dropped, which drops the sender.
         while let Ok(first) = queue.recv() {

@@ -18,6 +18,7 @@ use std::time::Instant;
 use tokio::sync::mpsc as tokio_mpsc;
 
 use super::cpu::Cpu;
+use super::cuda_device::CudaDevice;
 use super::device::{Device, DeviceError};
 use super::gguf::Gguf;
 use super::llama::Llama;
@@ -26,13 +27,17 @@ use super::scheduler::{Event, Finish, Request, Scheduler};
 use super::stats::{EngineStats, StepReport};
 use super::stop::{StopCheck, StopStrings};
 use super::tokenizer::{LlamaTokenizer, TextStream};
-use super::LoadError;
+use super::{LoadError, Target};
 
 /// Positions per key/value cache block.
 const BLOCK_SIZE: usize = 16;
-/// The key/value cache's memory when `--kv-cache-mb` does not say: room for 16 sequences of
-/// 2048 positions of SmolLM2-135M (30 layers, 3 × 64 wide, f32).
+/// The key/value cache's memory on the CPU when `--kv-cache-mb` does not say: room for 16
+/// sequences of 2048 positions of SmolLM2-135M (30 layers, 3 × 64 wide, f32).
 pub const DEFAULT_KV_CACHE_BYTES: usize = 1 << 30;
+/// On a GPU, the part of its free memory (once the weights are in) the cache takes when
+/// `--kv-cache-mb` does not say, in tenths. The rest is for activations, cuBLAS's workspace
+/// and any other model on the same GPU.
+const GPU_KV_CACHE_TENTHS: usize = 8;
 /// Tokens per forward pass: decodes first, then prompt chunks. Larger chunks amortise the
 /// weight reads; smaller ones keep running streams' inter-token latency low.
 const TOKEN_BUDGET: usize = 256;
@@ -54,20 +59,15 @@ pub enum Piece {
     Failed(String),
 }
 
-/// How a decoder's engine is sized.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Where a decoder's engine runs and how it is sized.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct EngineOptions {
-    /// Memory the key/value cache may take. At least one full-context sequence always
-    /// fits, whatever this says, so that no accepted request can be refused by the cache.
-    pub kv_cache_bytes: usize,
-}
-
-impl Default for EngineOptions {
-    fn default() -> Self {
-        EngineOptions {
-            kv_cache_bytes: DEFAULT_KV_CACHE_BYTES,
-        }
-    }
+    /// Memory the key/value cache may take: by default [`DEFAULT_KV_CACHE_BYTES`] on the CPU,
+    /// and on a GPU [`GPU_KV_CACHE_TENTHS`] of its free memory. At least one full-context
+    /// sequence always fits, whatever this says, so that no accepted request can be refused
+    /// by the cache.
+    pub kv_cache_bytes: Option<usize>,
+    pub target: Target,
 }
 
 /// One generation request, tokenized and checked against the context by the caller.
@@ -105,27 +105,45 @@ impl std::fmt::Debug for TextModel {
 }
 
 impl TextModel {
-    /// Loads a decoder (a GGUF file, or a Hugging Face folder) onto the CPU and starts its
-    /// engine thread, named after `name`. Returns once the engine has run a first step, so
-    /// that a model that is served is also warm.
+    /// Loads a decoder (a GGUF file, or a Hugging Face folder) onto the device `options`
+    /// names and starts its engine thread, named after `name`. Returns once the engine has
+    /// run a first step, so that a model that is served is also warm.
     pub fn load(name: &str, path: &Path, options: EngineOptions) -> Result<Self, LoadError> {
+        match options.target {
+            Target::Cpu => Self::start(name, path, Cpu, options),
+            Target::Cuda(ordinal) => Self::start(name, path, CudaDevice::new(ordinal)?, options),
+        }
+    }
+
+    fn start<D: Device>(
+        name: &str,
+        path: &Path,
+        device: D,
+        options: EngineOptions,
+    ) -> Result<Self, LoadError> {
         let invalid = |message: String| LoadError::Invalid {
             path: path.to_owned(),
             message,
         };
         let (tokenizer, model) = if path.is_dir() {
             let tokenizer = LlamaTokenizer::from_folder(path).map_err(invalid)?;
-            (tokenizer, Llama::load_safetensors(Cpu, path)?)
+            (tokenizer, Llama::load_safetensors(device, path)?)
         } else {
             let gguf = Gguf::open(path)?;
             let tokenizer = LlamaTokenizer::from_gguf(&gguf).map_err(invalid)?;
-            (tokenizer, Llama::load(Cpu, &gguf, path)?)
+            (tokenizer, Llama::load(device, &gguf, path)?)
         };
         let tokenizer = Arc::new(tokenizer);
         let context_length = model.config().context_length.clamp(1, MAX_CONTEXT);
         let per_sequence = context_length.div_ceil(BLOCK_SIZE);
-        let blocks =
-            (options.kv_cache_bytes / model.cache_block_bytes(BLOCK_SIZE)).max(per_sequence);
+        let cache_bytes =
+            options
+                .kv_cache_bytes
+                .unwrap_or_else(|| match model.device().free_memory() {
+                    Some(free) => free / 10 * GPU_KV_CACHE_TENTHS,
+                    None => DEFAULT_KV_CACHE_BYTES,
+                });
+        let blocks = (cache_bytes / model.cache_block_bytes(BLOCK_SIZE)).max(per_sequence);
         let device = model.device().name();
         let eos = tokenizer.eos;
         let engine_tokenizer = tokenizer.clone();

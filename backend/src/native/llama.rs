@@ -312,12 +312,12 @@ impl<D: Device> Llama<D> {
     ) -> Result<KvCache<D::Storage>, DeviceError> {
         assert!(block_size > 0 && blocks <= u32::MAX as usize);
         let width = self.config.kv_heads * self.config.head_dim();
-        let zeros = vec![0.0f32; blocks * block_size * width];
+        let shape = [blocks * block_size, width];
         let mut k = Vec::with_capacity(self.config.layers);
         let mut v = Vec::with_capacity(self.config.layers);
         for _ in 0..self.config.layers {
-            k.push(self.device.upload(&zeros, &[blocks * block_size, width])?);
-            v.push(self.device.upload(&zeros, &[blocks * block_size, width])?);
+            k.push(self.device.zeros(&shape)?);
+            v.push(self.device.zeros(&shape)?);
         }
         Ok(KvCache {
             k,

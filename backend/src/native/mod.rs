@@ -12,13 +12,15 @@
 //! cache ([`llama`], checked against an independent numpy reference), the tokenizer and chat
 //! template ([`tokenizer`]), sampling ([`sampling`]), stop strings ([`stop`]) and continuous
 //! batching ([`scheduler`]), served through one engine thread per model ([`generator`]).
-//! A GPU is probed and the CUDA kernels compiled by [`cuda`]; models still run on the CPU,
-//! and `--device cuda:N` is refused with exit status 2 rather than served by something else.
+//! Both kinds of model run on the CPU ([`cpu`]) or on an NVIDIA GPU ([`cuda_device`], with
+//! the kernels compiled and the GPU probed by [`cuda`]), as [`Target`] says.
 
 pub mod bert;
 pub mod cpu;
 pub mod cuda;
+pub mod cuda_device;
 pub mod device;
+pub mod device_check;
 pub mod embedder;
 pub mod generator;
 pub mod gguf;
@@ -36,6 +38,28 @@ use std::path::{Path, PathBuf};
 
 pub use embedder::{EmbedError, Embedded, EmbeddingModel};
 pub use generator::TextModel;
+
+/// Where a model runs: `--device` with `auto` resolved.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Target {
+    #[default]
+    Cpu,
+    /// The GPU of this ordinal.
+    Cuda(usize),
+}
+
+impl Target {
+    /// `--device auto`: the first GPU if one can be used, else the CPU, with the reason.
+    pub fn auto() -> (Target, String) {
+        match cuda::probe(0) {
+            Ok(gpu) => (Target::Cuda(0), format!("running on {} (cuda:0)", gpu.name)),
+            Err(why) => (
+                Target::Cpu,
+                format!("no usable GPU ({why}); running on the CPU"),
+            ),
+        }
+    }
+}
 
 /// Why a model could not be loaded.
 #[derive(Debug, thiserror::Error)]
@@ -60,6 +84,8 @@ pub enum LoadError {
     #[error(transparent)]
     Device(#[from] device::DeviceError),
     #[error(transparent)]
+    Gpu(#[from] cuda::CudaUnavailable),
+    #[error(transparent)]
     Gguf(#[from] gguf::GgufError),
 }
 
@@ -69,6 +95,7 @@ impl LoadError {
     pub fn is_usage(&self) -> bool {
         matches!(self, Self::Unsupported(_))
             || matches!(self, Self::Read { path, .. } if !path.exists())
+            || matches!(self, Self::Gpu(why) if why.is_absence())
     }
 }
 
