@@ -1,32 +1,132 @@
 #!/usr/bin/env bash
-# On a machine with an NVIDIA GPU: builds the backend in release and checks what the CUDA
-# side of this build can do there, writing a report to $OUT (default gpu-check-report.txt).
+# On a machine with an NVIDIA GPU: checks the CUDA device against the CPU, times it, and
+# serves a chat and an embedding from it over HTTP, writing a Markdown report to $REPORT
+# (default gpu-check-report.md). Exits 1 if any check failed.
 #
-#   backend/gpu-check.sh
+#   backend/gpu-check.sh                                  # builds here (needs cargo)
+#   SLUICE_GPU_PARTS=/tmp/sluice-gpu backend/gpu-check.sh # a bundle from gpu-bundle.sh
 #
-# This build has the kernels (backend/kernels/, compiled by NVRTC) but runs models on the
-# CPU, so the check is: the GPU is found, every kernel compiles for its architecture, the
-# driver loads them and every entry point is there; the kernel-against-CPU, SmolLM2 and
-# MiniLM comparisons and the GPU benchmarks come with the CUDA device. NVRTC comes from the
-# nvidia-cuda-nvrtc-cu12 wheel when the machine has no CUDA toolkit. Bounded: each step has
-# a timeout, and the whole stays well within 8 minutes.
-set -euo pipefail
+# The checks (examples/gpu_check.rs): every kernel against the CPU on random inputs within
+# stated tolerances, and batch invariance on the GPU; SmolLM2's greedy replies to a set of
+# chats equal to the CPU's, alone and batched; MiniLM's embeddings within cosine 0.9999 of
+# the CPU's; memory bandwidth, and prefill and decode at 1, 16 and 64 sequences. Then
+# `sluice-backend --device cuda:0` serves SmolLM2 and MiniLM, and one chat completion and
+# one embedding are asked of it with curl.
+#
+# CUDA's libraries are found wherever the machine has them (the driver's folder, a CUDA
+# toolkit, the nvidia-* Python packages); cudarc opens them by their unversioned names, so
+# a machine that has only libnvrtc.so.13 gets a link named libnvrtc.so. Bounded: every step
+# has a timeout, and the whole stays within 8 minutes.
+set -uo pipefail
 cd "$(dirname "$0")/.."
-OUT="${OUT:-gpu-check-report.txt}"
+REPORT="${REPORT:-gpu-check-report.md}"
+PORT="${PORT:-19600}"
+work=$(mktemp -d)
+server=""
+trap '[ -n "$server" ] && kill "$server" 2>/dev/null; rm -rf "$work"' EXIT
 
-if ! python3 -c 'import nvidia.cuda_nvrtc' 2>/dev/null; then
-  # Best effort: a machine with no way out must have the CUDA libraries installed already.
-  python3 -m pip install --quiet --disable-pip-version-check nvidia-cuda-nvrtc-cu12 nvidia-cublas-cu12 >&2 || true
+if [ -n "${SLUICE_GPU_PARTS:-}" ]; then
+  cat "$SLUICE_GPU_PARTS"/part-* | python3 -c '
+import sys, tarfile
+tarfile.open(fileobj=sys.stdin.buffer, mode="r|xz").extractall(sys.argv[1], filter="data")
+' "$work" || { echo "gpu-check.sh: cannot unpack $SLUICE_GPU_PARTS/part-*" >&2; exit 1; }
+  bin="$work/bundle/bin"
+  gpu_check="$bin/gpu_check"
+  smollm2="$work/bundle/SmolLM2-135M-Instruct.gguf"
+  minilm="$work/bundle/all-MiniLM-L6-v2"
+else
+  target="${CARGO_TARGET_DIR:-target}"
+  timeout 300 cargo build --release -p sluice-backend --bin sluice-backend --example gpu_check >&2 || exit 1
+  bin="$target/release"
+  gpu_check="$target/release/examples/gpu_check"
+  smollm2=$(scripts/fetch-weights.sh SmolLM2-135M-Instruct)
+  minilm=$(scripts/fetch-weights.sh all-MiniLM-L6-v2)
 fi
-for package in cuda_nvrtc cublas; do
-  lib=$(python3 -c "import nvidia.$package as n, os; print(os.path.join(list(n.__path__)[0], 'lib'))" 2>/dev/null) &&
-    export LD_LIBRARY_PATH="$lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+
+# The first file matching NAME (a glob) under the usual places for CUDA's libraries.
+find_library() {
+  local dirs=(/usr/local/nvidia/lib64 /usr/local/nvidia/lib /usr/local/cuda/lib64
+    /usr/local/cuda/targets/x86_64-linux/lib /usr/lib/x86_64-linux-gnu /usr/lib64)
+  local site
+  for site in $(python3 -c 'import site, sys; print(" ".join(site.getsitepackages() + [site.getusersitepackages()] + sys.path[1:]))' 2>/dev/null); do
+    [ -d "$site/nvidia" ] && dirs+=("$site/nvidia")
+  done
+  find "${dirs[@]}" -maxdepth 4 -name "$1" 2>/dev/null | sort -V | tail -1
+}
+mkdir -p "$work/lib"
+for lib in cuda nvrtc cublas; do
+  found=$(find_library "lib$lib.so") || true
+  [ -n "$found" ] || found=$(find_library "lib$lib.so.*[0-9]")
+  if [ -n "$found" ]; then
+    ln -sf "$found" "$work/lib/lib$lib.so"
+    # NVRTC loads its builtins and cuBLAS its Lt library from their own folders.
+    LD_LIBRARY_PATH="$(dirname "$found")${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+  fi
 done
+export LD_LIBRARY_PATH="$work/lib:${LD_LIBRARY_PATH:-}"
 
 {
   echo "# gpu-check $(date -u '+%Y-%m-%d %H:%M UTC') on $(hostname)"
+  echo
+  echo '```'
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>&1 || true
-  timeout 300 cargo build --release -p sluice-backend --example cuda_check --tests 2>&1 | tail -1
-  timeout 60 "${CARGO_TARGET_DIR:-target}/release/examples/cuda_check" 0 2>&1
-  CI=true timeout 120 cargo test --release -p sluice-backend --test cuda_kernels 2>&1 | grep -E '^test |test result'
-} | tee "$OUT"
+  ls -l "$work/lib" | sed -n '2,$p'
+  echo '```'
+  echo
+} >"$REPORT"
+
+timeout 360 "$gpu_check" "$smollm2" "$minilm" 0 2>&1 | tee -a "$REPORT"
+status=${PIPESTATUS[0]}
+
+{
+  echo
+  echo "## Serving from the GPU over HTTP"
+  echo
+} | tee -a "$REPORT"
+"$bin/sluice-backend" --engine native --device "${SLUICE_GPU_CHECK_DEVICE:-cuda:0}" \
+  --listen "127.0.0.1:$PORT" --model "SmolLM2-135M-Instruct=$smollm2" \
+  --model "all-MiniLM-L6-v2=$minilm" >"$work/backend.log" 2>&1 &
+server=$!
+http() { curl -sS --max-time 60 "$@"; }
+check() { # check NAME COMMAND...: one report line, PASS when COMMAND succeeds
+  local name="$1"
+  shift
+  local verdict=PASS
+  "$@" >>"$work/http.log" 2>&1 || { verdict=FAIL; status=1; }
+  echo "- $verdict $name" | tee -a "$REPORT"
+}
+ready() {
+  for _ in $(seq 120); do
+    http -o /dev/null -f "http://127.0.0.1:$PORT/health" 2>/dev/null && return 0
+    kill -0 "$server" 2>/dev/null || return 1
+    sleep 1
+  done
+  return 1
+}
+chat() {
+  http -f "http://127.0.0.1:$PORT/v1/chat/completions" -H 'content-type: application/json' \
+    -d '{"model":"SmolLM2-135M-Instruct","temperature":0,"max_tokens":16,"messages":[{"role":"user","content":"What is the capital of France?"}]}' |
+    tee "$work/chat.json" | grep -q Paris
+}
+embed() {
+  http -f "http://127.0.0.1:$PORT/v1/embeddings" -H 'content-type: application/json' \
+    -d '{"model":"all-MiniLM-L6-v2","input":"The cat sat on the mat."}' |
+    python3 -c 'import json, sys; v = json.load(sys.stdin)["data"][0]["embedding"]; sys.exit(len(v) != 384)'
+}
+models() {
+  http -f "http://127.0.0.1:$PORT/v1/models" | grep -q "\"device\":\"${SLUICE_GPU_CHECK_DEVICE:-cuda:0}\""
+}
+check "sluice-backend --device ${SLUICE_GPU_CHECK_DEVICE:-cuda:0} starts and answers /health" ready
+check "a greedy chat completion answers Paris" chat
+check "an embedding of 384 dimensions" embed
+check "/v1/models says where each model runs" models
+{
+  echo
+  echo "Reply: $(cat "$work/chat.json" 2>/dev/null | head -c 600)"
+  echo
+  echo "Server log (last lines):"
+  echo '```'
+  tail -n 15 "$work/backend.log"
+  echo '```'
+} | tee -a "$REPORT"
+exit "$status"

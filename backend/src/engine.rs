@@ -1,8 +1,7 @@
 //! Which engine answers requests, and on which device it would run.
 //!
-//! The native engine in this build serves BERT embedding models and Llama decoders on the
-//! CPU; `cuda:N` is parsed already so the command line stays stable when the CUDA device
-//! arrives, and is refused at start-up (saying whether a GPU was found) until then.
+//! The native engine serves BERT embedding models and Llama decoders on the CPU or on an
+//! NVIDIA GPU (`cuda:N`); `auto` takes the first GPU when one can be used.
 
 use std::fmt;
 use std::str::FromStr;

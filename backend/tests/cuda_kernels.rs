@@ -6,7 +6,12 @@
 //! into .venv and puts its folder on LD_LIBRARY_PATH. Without it the compile test says so
 //! and passes, except under `CI=true`, where a missing NVRTC is a broken setup and fails it.
 
+mod common;
+
 use sluice_backend::native::cuda::{self, CudaUnavailable, ENTRY_POINTS, KERNELS};
+use sluice_backend::native::cuda_device::CudaDevice;
+use sluice_backend::native::generator::EngineOptions;
+use sluice_backend::native::{Target, TextModel};
 
 fn nvrtc_present() -> bool {
     // SAFETY: only tries to open the library by name.
@@ -70,4 +75,23 @@ fn a_machine_without_a_driver_is_told_so_without_a_panic() {
         "{err:?}"
     );
     assert!(err.to_string().contains("NVIDIA driver"), "{err}");
+
+    // The device itself, and a model loaded onto it, say the same, as a usage error: the
+    // server exits 2 (and `--device auto` picks the CPU) instead of crashing.
+    let err = CudaDevice::new(0)
+        .err()
+        .expect("no device without a driver");
+    assert!(err.is_absence(), "{err:?}");
+    let (target, why) = Target::auto();
+    assert_eq!(target, Target::Cpu);
+    assert!(why.contains("NVIDIA driver"), "{why}");
+    if let Some(path) = common::smollm2_weights() {
+        let options = EngineOptions {
+            target: Target::Cuda(0),
+            ..EngineOptions::default()
+        };
+        let err = TextModel::load("smollm2", &path, options).unwrap_err();
+        assert!(err.is_usage(), "{err}");
+        assert!(err.to_string().contains("NVIDIA driver"), "{err}");
+    }
 }

@@ -29,6 +29,7 @@ pub mod llama;
 pub mod quant;
 pub mod sampling;
 pub mod scheduler;
+pub mod speed;
 pub mod stats;
 pub mod stop;
 pub mod tokenizer;
