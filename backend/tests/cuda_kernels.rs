@@ -47,6 +47,41 @@ fn every_kernel_compiles_under_nvrtc_for_a100_and_h100_class_gpus() {
 }
 
 #[test]
+fn compiled_kernels_are_kept_on_disk_and_read_back_instead_of_compiling_again() {
+    if !nvrtc_present() {
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("sluice-kernel-cache-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let fresh = cuda::cached_kernels("compute_80", Some(&dir)).unwrap();
+    let mut files: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|entry| entry.unwrap().path())
+        .collect();
+    files.sort();
+    assert_eq!(files.len(), KERNELS.len(), "{files:?}");
+    for (fresh, file) in cuda::compile_kernels("compute_80")
+        .unwrap()
+        .iter()
+        .zip(&fresh)
+    {
+        assert_eq!(fresh.to_src(), file.to_src());
+    }
+    // What is read back is the file, not a new compile: mark one and see the mark.
+    let marked = format!(
+        "{}\n// marked by the test\n",
+        std::fs::read_to_string(&files[0]).unwrap()
+    );
+    std::fs::write(&files[0], &marked).unwrap();
+    let again = cuda::cached_kernels("compute_80", Some(&dir)).unwrap();
+    assert!(again.iter().any(|ptx| ptx.to_src() == marked));
+    // Another architecture is compiled, not taken from compute_80's files.
+    cuda::cached_kernels("compute_90", Some(&dir)).unwrap();
+    assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 2 * KERNELS.len());
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
 fn a_kernel_with_a_syntax_error_is_reported_with_the_compilers_log() {
     if !nvrtc_present() {
         return;

@@ -10,6 +10,7 @@
 //! The device that runs models on the GPU with them is [`super::cuda_device::CudaDevice`].
 
 use std::collections::HashMap;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use cudarc::driver::{CudaContext, CudaFunction};
@@ -160,8 +161,77 @@ pub fn compile_kernels(arch: &'static str) -> Result<Vec<Ptx>, String> {
         .collect()
 }
 
+/// NVRTC's version, `(major, minor)`: compiled kernels are kept per version.
+fn nvrtc_version() -> Option<(i32, i32)> {
+    let (mut major, mut minor) = (0, 0);
+    // SAFETY: callers have checked that the library loads; the call only writes two ints.
+    let status = unsafe { cudarc::nvrtc::sys::nvrtcVersion(&mut major, &mut minor) };
+    (status == cudarc::nvrtc::sys::nvrtcResult::NVRTC_SUCCESS).then_some((major, minor))
+}
+
+/// Where compiled kernels are kept between runs: `SLUICE_KERNEL_CACHE`, else
+/// `$XDG_CACHE_HOME/sluice/kernels`, else `~/.cache/sluice/kernels`.
+pub fn cache_dir() -> Option<PathBuf> {
+    if let Some(dir) = std::env::var_os("SLUICE_KERNEL_CACHE") {
+        return Some(PathBuf::from(dir));
+    }
+    let base = std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|home| PathBuf::from(home).join(".cache")))?;
+    Some(base.join("sluice").join("kernels"))
+}
+
+/// The kernels for `arch` as [`compile_kernels`] makes them, read from `dir` when this
+/// NVRTC compiled these very sources for `arch` before, else compiled and written there.
+/// The file is named after a SHA-256 of all three, so an edited kernel or another NVRTC is
+/// never served from an old file. The cache is only a shortcut (NVRTC takes a second or
+/// two at every start): a folder that cannot be read or written is compiled past, and said
+/// so in the log.
+pub fn cached_kernels(arch: &'static str, dir: Option<&Path>) -> Result<Vec<Ptx>, String> {
+    use sha2::{Digest, Sha256};
+    let Some(dir) = dir else {
+        return compile_kernels(arch);
+    };
+    let mut key = Sha256::new();
+    key.update(format!("{arch} {:?}", nvrtc_version()));
+    for (name, source) in KERNELS {
+        key.update(name);
+        key.update(source);
+    }
+    let key: String = key.finalize()[..12]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    let files: Vec<PathBuf> = KERNELS
+        .iter()
+        .map(|(name, _)| dir.join(format!("{arch}-{key}-{name}.ptx")))
+        .collect();
+    let cached: Option<Vec<Ptx>> = files
+        .iter()
+        .map(|file| std::fs::read_to_string(file).ok().map(Ptx::from_src))
+        .collect();
+    if let Some(ptx) = cached {
+        return Ok(ptx);
+    }
+    let ptx = compile_kernels(arch)?;
+    let stored = std::fs::create_dir_all(dir).and_then(|()| {
+        for (file, ptx) in files.iter().zip(&ptx) {
+            // Written aside and renamed, so a concurrent start never reads half a file.
+            let partial = file.with_extension(format!("{}.partial", std::process::id()));
+            std::fs::write(&partial, ptx.to_src())?;
+            std::fs::rename(&partial, file)?;
+        }
+        Ok(())
+    });
+    if let Err(err) = stored {
+        tracing::warn!(dir = %dir.display(), %err, "cannot keep the compiled CUDA kernels");
+    }
+    Ok(ptx)
+}
+
 /// Every entry point, loaded into `context` from the kernels compiled for `arch`. NVRTC
-/// runs once per architecture per process; each device loads the result into its context.
+/// runs at most once per architecture per process, and not at all when [`cache_dir`] holds
+/// its output already; each device loads the result into its context.
 /// Fails when the driver refuses NVRTC's output (a driver older than the NVRTC found cannot
 /// read its PTX) or an entry point is missing.
 pub fn kernels(
@@ -176,7 +246,7 @@ pub fn kernels(
             None => {
                 // NVRTC wants a 'static architecture name; this runs once per architecture.
                 let name: &'static str = Box::leak(arch.to_owned().into_boxed_str());
-                let ptx = compile_kernels(name)?;
+                let ptx = cached_kernels(name, cache_dir().as_deref())?;
                 compiled.push((arch.to_owned(), ptx.clone()));
                 ptx
             }
