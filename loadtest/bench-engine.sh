@@ -81,8 +81,8 @@ out = [
     "",
     "SmolLM2-135M-Instruct (Q4_1 GGUF) in process "
     "(`cargo run --release -p sluice-backend --example llama_speed -- MODEL.gguf N`): N prompts "
-    "of 128 tokens prefilled one after another, then 32 tokens decoded for all N together, "
-    "one batched step per token.",
+    "of 128 tokens prefilled together in one forward pass, then 32 tokens decoded for all N "
+    "together, one batched step per token.",
     "",
     "```",
     *llama,

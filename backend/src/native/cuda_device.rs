@@ -228,6 +228,11 @@ impl CudaDevice {
         c: &mut C,
         ldc: usize,
     ) -> Result<(), DeviceError> {
+        // cuBLAS calls the context current on this thread, which cudarc's own calls
+        // (allocations, launches) make current but cuBLAS's do not.
+        self.context
+            .bind_to_thread()
+            .map_err(|err| self.error(err.to_string()))?;
         let int = |v: usize| i32::try_from(v).expect("a GEMM dimension past i32");
         let config = GemmConfig {
             transa: cublasOperation_t::CUBLAS_OP_T,
