@@ -4,9 +4,9 @@
 //! Tokenizing and the forward pass are seconds of CPU work for a large request, so they
 //! never run on the async runtime: each model owns one engine thread, requests queue for it
 //! in arrival order, and the handler awaits the answer. The thread runs every request
-//! waiting at once in the same forward passes, and spreads each pass over every core (see
-//! [`super::cpu`]); running requests side by side would only make them fight for those
-//! cores. `/health` and `/metrics` keep answering
+//! waiting at once in the same forward passes, on the device the model was loaded onto (on
+//! the CPU a pass spreads over every core, see [`super::cpu`]); running requests side by
+//! side would only make them fight for the same hardware. `/health` and `/metrics` keep answering
 //! meanwhile, since they need nothing from the engine.
 //!
 //! Inputs longer than the model's position table (512 tokens for MiniLM) are refused with a

@@ -51,9 +51,14 @@ pub enum Target {
 
 impl Target {
     /// `--device auto`: the first GPU if one can be used, else the CPU, with the reason.
+    /// "Can be used" means set up in full (kernels compiled and loaded, a cuBLAS handle
+    /// made), so a GPU that is there but breaks gives the CPU, not a failed start.
     pub fn auto() -> (Target, String) {
-        match cuda::probe(0) {
-            Ok(gpu) => (Target::Cuda(0), format!("running on {} (cuda:0)", gpu.name)),
+        match cuda_device::CudaDevice::new(0) {
+            Ok(device) => (
+                Target::Cuda(0),
+                format!("running on {} (cuda:0)", device.gpu().name),
+            ),
             Err(why) => (
                 Target::Cpu,
                 format!("no usable GPU ({why}); running on the CPU"),
