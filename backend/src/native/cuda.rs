@@ -122,17 +122,24 @@ pub fn libraries() -> Result<(), CudaUnavailable> {
 
 /// The GPU `ordinal`, if the libraries load and the driver has it.
 pub fn probe(ordinal: usize) -> Result<GpuInfo, CudaUnavailable> {
+    open(ordinal).map(|(_, gpu)| gpu)
+}
+
+/// [`probe`], keeping the context it opened: a device set up right after uses it rather
+/// than letting the driver tear the GPU's context down and build it again.
+pub fn open(ordinal: usize) -> Result<(Arc<CudaContext>, GpuInfo), CudaUnavailable> {
     libraries()?;
     let no_device = |err: cudarc::driver::DriverError| CudaUnavailable::NoDevice {
         ordinal,
         message: err.to_string(),
     };
     let context = CudaContext::new(ordinal).map_err(no_device)?;
-    Ok(GpuInfo {
+    let gpu = GpuInfo {
         ordinal,
         name: context.name().map_err(no_device)?,
         compute_capability: context.compute_capability().map_err(no_device)?,
-    })
+    };
+    Ok((context, gpu))
 }
 
 /// Every kernel source compiled by NVRTC for `arch` (`compute_90`...), in [`KERNELS`]

@@ -67,13 +67,41 @@ pub struct CudaDevice {
     stream: Arc<CudaStream>,
     blas: CudaBlas,
     kernels: HashMap<&'static str, CudaFunction>,
-    /// Index arrays uploaded last, by purpose: the model passes the same positions, cache
-    /// slots and block tables to every layer of a step, and they are uploaded once.
-    indices: Mutex<HashMap<&'static str, Uploaded>>,
+    /// The index arrays uploaded last, a few per purpose: the model passes the same
+    /// positions, cache slots and block tables to every layer of a step, and they are
+    /// uploaded once.
+    indices: Mutex<HashMap<&'static str, Vec<Uploaded>>>,
 }
 
 /// Host values and their copy on the device.
 type Uploaded = (Vec<u32>, Arc<CudaSlice<u32>>);
+
+/// Makes the driver's memory pool for this GPU keep what is freed instead of handing it
+/// back at every synchronisation: a forward pass frees and allocates the same temporaries
+/// every step, and each would otherwise be a fresh allocation from the driver. Best effort:
+/// a driver without pools allocates as before.
+fn keep_freed_memory(context: &CudaContext) {
+    use cudarc::driver::sys;
+    let mut pool = std::ptr::null_mut();
+    let mut threshold = u64::MAX;
+    // SAFETY: the pool is the device's own, and the attribute takes a u64 by pointer.
+    let status = unsafe {
+        match sys::cuDeviceGetDefaultMemPool(&mut pool, context.cu_device()) {
+            sys::CUresult::CUDA_SUCCESS => sys::cuMemPoolSetAttribute(
+                pool,
+                sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+                (&mut threshold as *mut u64).cast(),
+            ),
+            status => status,
+        }
+    };
+    if status != sys::CUresult::CUDA_SUCCESS {
+        tracing::debug!(
+            ?status,
+            "the GPU's memory pool keeps its default release threshold"
+        );
+    }
+}
 
 /// `n` as the 32-bit size the kernels take; tensors that large are a bug upstream.
 fn u32_of(n: usize) -> u32 {
@@ -124,9 +152,9 @@ impl CudaDevice {
     /// GPU `ordinal`, with the kernels compiled for its architecture (once per process) and
     /// loaded into its context.
     pub fn new(ordinal: usize) -> Result<Self, CudaUnavailable> {
-        let gpu = cuda::probe(ordinal)?;
+        let (context, gpu) = cuda::open(ordinal)?;
         let failed = |message: String| CudaUnavailable::Failed { ordinal, message };
-        let context = CudaContext::new(ordinal).map_err(|err| failed(err.to_string()))?;
+        keep_freed_memory(&context);
         // One stream per device and no tensor shared between devices: the per-tensor
         // events cudarc records to order work across streams would only cost time.
         // SAFETY: every tensor of this device is used on its one stream alone.
@@ -169,51 +197,48 @@ impl CudaDevice {
         }
     }
 
-    /// Room for `n` floats that the next kernel writes in full.
+    /// Room for `n` floats that the next kernel writes in full. An empty tensor gets one
+    /// float nothing reads: a zero-byte allocation is an error to some drivers.
     fn alloc(&self, n: usize) -> Result<CudaSlice<f32>, DeviceError> {
-        if n == 0 {
-            return self
-                .stream
-                .null()
-                .map_err(|err| self.error(err.to_string()));
-        }
         // SAFETY: every caller hands the buffer to a kernel or copy that writes all of it
         // before anything reads it.
-        unsafe { self.stream.alloc::<f32>(n) }
+        unsafe { self.stream.alloc::<f32>(n.max(1)) }
             .map_err(|err| self.error(format!("allocating {n} floats: {err}")))
     }
 
     fn zeroed(&self, n: usize) -> Result<CudaSlice<f32>, DeviceError> {
-        if n == 0 {
-            return self.alloc(0);
-        }
         self.stream
-            .alloc_zeros::<f32>(n)
+            .alloc_zeros::<f32>(n.max(1))
             .map_err(|err| self.error(format!("allocating {n} floats: {err}")))
     }
 
     /// `values` on the device, for a kernel's index argument. Re-uploaded only when they
-    /// differ from what was last uploaded for `purpose`.
+    /// differ from the last few uploaded for `purpose` (a step's layers all pass the same
+    /// ones; BERT gathers from three tables in turn).
     fn indices(
         &self,
         purpose: &'static str,
         values: &[u32],
     ) -> Result<Arc<CudaSlice<u32>>, DeviceError> {
+        const KEPT: usize = 4;
         let mut uploaded = self.indices.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some((host, device)) = uploaded.get(purpose) {
-            if host.as_slice() == values {
-                return Ok(device.clone());
-            }
+        let recent = uploaded.entry(purpose).or_default();
+        if let Some((_, device)) = recent.iter().find(|(host, _)| host.as_slice() == values) {
+            return Ok(device.clone());
         }
+        // A kernel given no indices reads none; one placeholder keeps the upload non-empty.
         let device = Arc::new(
-            if values.is_empty() {
-                self.stream.null()
-            } else {
-                self.stream.clone_htod(values)
-            }
-            .map_err(|err| self.error(err.to_string()))?,
+            self.stream
+                .clone_htod(if values.is_empty() {
+                    &[0u32][..]
+                } else {
+                    values
+                })
+                .map_err(|err| self.error(err.to_string()))?,
         );
-        uploaded.insert(purpose, (values.to_vec(), device.clone()));
+        // Dropping the oldest frees it in stream order, after the kernels that read it.
+        recent.truncate(KEPT - 1);
+        recent.insert(0, (values.to_vec(), device.clone()));
         Ok(device)
     }
 
@@ -392,7 +417,7 @@ impl Device for CudaDevice {
     fn upload(&self, data: &[f32], shape: &[usize]) -> Result<CudaTensor, DeviceError> {
         assert_eq!(data.len(), shape.iter().product::<usize>(), "{shape:?}");
         let slice = if data.is_empty() {
-            self.alloc(0)?
+            self.zeroed(0)?
         } else {
             self.stream
                 .clone_htod(data)
@@ -410,8 +435,9 @@ impl Device for CudaDevice {
         if x.is_empty() {
             return Ok(Vec::new());
         }
+        // Through the tensor's length: an empty one's buffer holds a placeholder.
         self.stream
-            .clone_dtoh(x.data())
+            .clone_dtoh(&x.data().slice(0..x.len()))
             .map_err(|err| self.error(err.to_string()))
     }
 
