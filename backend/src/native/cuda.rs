@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use cudarc::driver::{CudaContext, CudaFunction};
-use cudarc::nvrtc::{CompileOptions, Ptx};
+use cudarc::nvrtc::Ptx;
 
 /// The kernel sources, by file name.
 pub const KERNELS: [(&str, &str); 3] = [
@@ -95,10 +95,10 @@ pub struct GpuInfo {
 }
 
 impl GpuInfo {
-    /// NVRTC's `--gpu-architecture` for this GPU: `compute_90` for an H100 or H200.
+    /// NVRTC's `--gpu-architecture` for this GPU's machine code: `sm_90` for an H100 or H200.
     pub fn arch(&self) -> String {
         let (major, minor) = self.compute_capability;
-        format!("compute_{major}{minor}")
+        format!("sm_{major}{minor}")
     }
 }
 
@@ -142,28 +142,74 @@ pub fn open(ordinal: usize) -> Result<(Arc<CudaContext>, GpuInfo), CudaUnavailab
     Ok((context, gpu))
 }
 
-/// Every kernel source compiled by NVRTC for `arch` (`compute_90`...), in [`KERNELS`]
-/// order. Only NVRTC is needed, not a GPU. The options keep IEEE rounding and subnormals,
-/// which the kernels' agreement with the CPU device relies on.
-pub fn compile_kernels(arch: &'static str) -> Result<Vec<Ptx>, String> {
+/// Every kernel source compiled by NVRTC for `arch`, in [`KERNELS`] order: machine code (a
+/// CUBIN) for a real architecture such as `sm_90`, PTX for a virtual one such as
+/// `compute_90`. Only NVRTC is needed, not a GPU. The default options keep IEEE rounding and
+/// subnormals, which the kernels' agreement with the CPU device relies on.
+///
+/// The device loads machine code, never PTX: the driver would have to compile PTX itself,
+/// and it refuses PTX from an NVRTC newer than itself (NVRTC 13.5's for a CUDA 13.0 driver,
+/// say), while machine code from a newer NVRTC of the same major version loads.
+pub fn compile_kernels(arch: &str) -> Result<Vec<Vec<u8>>, String> {
+    use cudarc::nvrtc::{result, sys};
     // SAFETY: only tries to open the library by name.
-    if !unsafe { cudarc::nvrtc::sys::is_culib_present() } {
+    if !unsafe { sys::is_culib_present() } {
         return Err(CudaUnavailable::MissingLibrary {
             library: "libnvrtc",
             what: "the CUDA runtime compiler",
         }
         .to_string());
     }
+    let machine_code = arch.starts_with("sm_");
+    let options = [format!("--gpu-architecture={arch}")];
     KERNELS
         .iter()
         .map(|(name, source)| {
-            let options = CompileOptions {
-                arch: Some(arch),
-                name: Some((*name).to_owned()),
-                ..CompileOptions::default()
+            let fail = |what: String| format!("{name}: {what}");
+            let source = std::ffi::CString::new(*source).map_err(|err| fail(err.to_string()))?;
+            let file = std::ffi::CString::new(*name).map_err(|err| fail(err.to_string()))?;
+            let program = result::create_program(&source, Some(&file))
+                .map_err(|err| fail(err.to_string()))?;
+            // SAFETY: `program` was just created and is destroyed once, below; the buffers
+            // handed to NVRTC are as long as it says its output is.
+            let output = unsafe {
+                match result::compile_program(program, &options) {
+                    Err(err) => {
+                        let log = result::get_program_log(program).unwrap_or_default();
+                        let log: Vec<u8> = log.iter().map(|&c| c as u8).collect();
+                        Err(fail(format!(
+                            "{err}: {}",
+                            String::from_utf8_lossy(&log).trim_end_matches('\0')
+                        )))
+                    }
+                    Ok(()) if machine_code => {
+                        let mut size = 0usize;
+                        let mut cubin = Vec::new();
+                        let status = match sys::nvrtcGetCUBINSize(program, &mut size) {
+                            sys::nvrtcResult::NVRTC_SUCCESS => {
+                                cubin.resize(size, 0u8);
+                                sys::nvrtcGetCUBIN(program, cubin.as_mut_ptr().cast())
+                            }
+                            status => status,
+                        };
+                        match status {
+                            sys::nvrtcResult::NVRTC_SUCCESS => Ok(cubin),
+                            status => Err(fail(format!("no machine code: {status:?}"))),
+                        }
+                    }
+                    Ok(()) => result::get_ptx(program)
+                        .map(|ptx| {
+                            ptx.iter()
+                                .map(|&c| c as u8)
+                                .take_while(|&c| c != 0)
+                                .collect()
+                        })
+                        .map_err(|err| fail(err.to_string())),
+                }
             };
-            cudarc::nvrtc::compile_ptx_with_opts(source, options)
-                .map_err(|err| format!("{name}: {err}"))
+            // SAFETY: created above, not destroyed before.
+            let _ = unsafe { result::destroy_program(program) };
+            output
         })
         .collect()
 }
@@ -194,7 +240,7 @@ pub fn cache_dir() -> Option<PathBuf> {
 /// never served from an old file. The cache is only a shortcut (NVRTC takes a second or
 /// two at every start): a folder that cannot be read or written is compiled past, and said
 /// so in the log.
-pub fn cached_kernels(arch: &'static str, dir: Option<&Path>) -> Result<Vec<Ptx>, String> {
+pub fn cached_kernels(arch: &str, dir: Option<&Path>) -> Result<Vec<Vec<u8>>, String> {
     use sha2::{Digest, Sha256};
     let Some(dir) = dir else {
         return compile_kernels(arch);
@@ -211,21 +257,18 @@ pub fn cached_kernels(arch: &'static str, dir: Option<&Path>) -> Result<Vec<Ptx>
         .collect();
     let files: Vec<PathBuf> = KERNELS
         .iter()
-        .map(|(name, _)| dir.join(format!("{arch}-{key}-{name}.ptx")))
+        .map(|(name, _)| dir.join(format!("{arch}-{key}-{name}.bin")))
         .collect();
-    let cached: Option<Vec<Ptx>> = files
-        .iter()
-        .map(|file| std::fs::read_to_string(file).ok().map(Ptx::from_src))
-        .collect();
-    if let Some(ptx) = cached {
-        return Ok(ptx);
+    let cached: Option<Vec<Vec<u8>>> = files.iter().map(|file| std::fs::read(file).ok()).collect();
+    if let Some(code) = cached {
+        return Ok(code);
     }
-    let ptx = compile_kernels(arch)?;
+    let code = compile_kernels(arch)?;
     let stored = std::fs::create_dir_all(dir).and_then(|()| {
-        for (file, ptx) in files.iter().zip(&ptx) {
+        for (file, code) in files.iter().zip(&code) {
             // Written aside and renamed, so a concurrent start never reads half a file.
             let partial = file.with_extension(format!("{}.partial", std::process::id()));
-            std::fs::write(&partial, ptx.to_src())?;
+            std::fs::write(&partial, code)?;
             std::fs::rename(&partial, file)?;
         }
         Ok(())
@@ -233,7 +276,7 @@ pub fn cached_kernels(arch: &'static str, dir: Option<&Path>) -> Result<Vec<Ptx>
     if let Err(err) = stored {
         tracing::warn!(dir = %dir.display(), %err, "cannot keep the compiled CUDA kernels");
     }
-    Ok(ptx)
+    Ok(code)
 }
 
 /// Every entry point, loaded into `context` from the kernels compiled for `arch`. NVRTC
@@ -245,25 +288,23 @@ pub fn kernels(
     context: &Arc<CudaContext>,
     arch: &str,
 ) -> Result<HashMap<&'static str, CudaFunction>, String> {
-    static COMPILED: Mutex<Vec<(String, Vec<Ptx>)>> = Mutex::new(Vec::new());
-    let ptx = {
+    static COMPILED: Mutex<Vec<(String, Vec<Vec<u8>>)>> = Mutex::new(Vec::new());
+    let code = {
         let mut compiled = COMPILED.lock().unwrap_or_else(|p| p.into_inner());
         match compiled.iter().find(|(a, _)| a == arch) {
-            Some((_, ptx)) => ptx.clone(),
+            Some((_, code)) => code.clone(),
             None => {
-                // NVRTC wants a 'static architecture name; this runs once per architecture.
-                let name: &'static str = Box::leak(arch.to_owned().into_boxed_str());
-                let ptx = cached_kernels(name, cache_dir().as_deref())?;
-                compiled.push((arch.to_owned(), ptx.clone()));
-                ptx
+                let code = cached_kernels(arch, cache_dir().as_deref())?;
+                compiled.push((arch.to_owned(), code.clone()));
+                code
             }
         }
     };
     let mut found = HashMap::new();
-    for ((name, _), ptx) in KERNELS.iter().zip(ptx) {
+    for ((name, _), code) in KERNELS.iter().zip(code) {
         let module = context
-            .load_module(ptx)
-            .map_err(|err| format!("{name}: the driver refused the PTX: {err}"))?;
+            .load_module(Ptx::from_binary(code))
+            .map_err(|err| format!("{name}: the driver refused the machine code: {err}"))?;
         for entry in ENTRY_POINTS {
             if let Ok(function) = module.load_function(entry) {
                 found.insert(entry, function);
