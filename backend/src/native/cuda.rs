@@ -282,8 +282,8 @@ pub fn cached_kernels(arch: &str, dir: Option<&Path>) -> Result<Vec<Vec<u8>>, St
 /// Every entry point, loaded into `context` from the kernels compiled for `arch`. NVRTC
 /// runs at most once per architecture per process, and not at all when [`cache_dir`] holds
 /// its output already; each device loads the result into its context.
-/// Fails when the driver refuses NVRTC's output (a driver older than the NVRTC found cannot
-/// read its PTX) or an entry point is missing.
+/// Fails when the driver refuses the machine code (an NVRTC of a newer major version than
+/// the driver) or an entry point is missing.
 pub fn kernels(
     context: &Arc<CudaContext>,
     arch: &str,
