@@ -11,7 +11,7 @@
 # chats equal to the CPU's, alone and batched; MiniLM's embeddings within cosine 0.9999 of
 # the CPU's; memory bandwidth, and prefill and decode at 1, 16 and 64 sequences. Then
 # `sluice-backend --device cuda:0` serves SmolLM2 and MiniLM, and one chat completion and
-# one embedding are asked of it with curl.
+# one embedding are asked of it over HTTP.
 #
 # CUDA's libraries are found wherever the machine has them (the driver's folder, a CUDA
 # toolkit, the nvidia-* Python packages); cudarc opens them by their unversioned names, so
@@ -66,7 +66,7 @@ done
 export LD_LIBRARY_PATH="$work/lib:${LD_LIBRARY_PATH:-}"
 
 {
-  echo "# gpu-check $(date -u '+%Y-%m-%d %H:%M UTC') on $(hostname)"
+  echo "# gpu-check $(date -u '+%Y-%m-%d %H:%M UTC') on $(uname -n)"
   echo
   echo '```'
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>&1 || true
@@ -87,39 +87,64 @@ status=${PIPESTATUS[0]}
   --listen "127.0.0.1:$PORT" --model "SmolLM2-135M-Instruct=$smollm2" \
   --model "all-MiniLM-L6-v2=$minilm" >"$work/backend.log" 2>&1 &
 server=$!
-http() { curl -sS --max-time 60 "$@"; }
-check() { # check NAME COMMAND...: one report line, PASS when COMMAND succeeds
-  local name="$1"
-  shift
-  local verdict=PASS
-  "$@" >>"$work/http.log" 2>&1 || { verdict=FAIL; status=1; }
-  echo "- $verdict $name" | tee -a "$REPORT"
-}
-ready() {
-  for _ in $(seq 120); do
-    http -o /dev/null -f "http://127.0.0.1:$PORT/health" 2>/dev/null && return 0
-    kill -0 "$server" 2>/dev/null || return 1
-    sleep 1
-  done
-  return 1
-}
-chat() {
-  http -f "http://127.0.0.1:$PORT/v1/chat/completions" -H 'content-type: application/json' \
-    -d '{"model":"SmolLM2-135M-Instruct","temperature":0,"max_tokens":16,"messages":[{"role":"user","content":"What is the capital of France?"}]}' |
-    tee "$work/chat.json" | grep -q Paris
-}
-embed() {
-  http -f "http://127.0.0.1:$PORT/v1/embeddings" -H 'content-type: application/json' \
-    -d '{"model":"all-MiniLM-L6-v2","input":"The cat sat on the mat."}' |
-    python3 -c 'import json, sys; v = json.load(sys.stdin)["data"][0]["embedding"]; sys.exit(len(v) != 384)'
-}
-models() {
-  http -f "http://127.0.0.1:$PORT/v1/models" | grep -q "\"device\":\"${SLUICE_GPU_CHECK_DEVICE:-cuda:0}\""
-}
-check "sluice-backend --device ${SLUICE_GPU_CHECK_DEVICE:-cuda:0} starts and answers /health" ready
-check "a greedy chat completion answers Paris" chat
-check "an embedding of 384 dimensions" embed
-check "/v1/models says where each model runs" models
+# Python's standard library, not curl: the GPU machine may have no curl.
+python3 - "$PORT" "$server" "${SLUICE_GPU_CHECK_DEVICE:-cuda:0}" "$work/chat.json" <<'PY' | tee -a "$REPORT"
+import json, os, sys, time, urllib.request
+
+port, server, device, chat_file = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
+base = f"http://127.0.0.1:{port}"
+failures = 0
+
+def call(path, body=None):
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(base + path, data, {"content-type": "application/json"})
+    with urllib.request.urlopen(request, timeout=60) as response:
+        return json.load(response) if path != "/health" else response.status
+
+def check(name, test):
+    global failures
+    try:
+        passed = bool(test())
+    except Exception as err:  # a refused connection or an HTTP error is a failure
+        print(f"  ({name}: {err})")
+        passed = False
+    failures += not passed
+    print(f"- {'PASS' if passed else 'FAIL'} {name}", flush=True)
+
+def ready():
+    for _ in range(120):
+        try:
+            return call("/health") == 200
+        except OSError:
+            try:
+                os.kill(server, 0)
+            except OSError:
+                return False
+            time.sleep(1)
+    return False
+
+def chat():
+    reply = call("/v1/chat/completions", {
+        "model": "SmolLM2-135M-Instruct", "temperature": 0, "max_tokens": 16,
+        "messages": [{"role": "user", "content": "What is the capital of France?"}]})
+    open(chat_file, "w").write(json.dumps(reply))
+    return "Paris" in reply["choices"][0]["message"]["content"]
+
+def embed():
+    reply = call("/v1/embeddings", {"model": "all-MiniLM-L6-v2", "input": "The cat sat on the mat."})
+    return len(reply["data"][0]["embedding"]) == 384
+
+def models():
+    listed = call("/v1/models")["data"]
+    return len(listed) == 2 and all(m.get("device") == device for m in listed)
+
+check(f"sluice-backend --device {device} starts and answers /health", ready)
+check("a greedy chat completion answers Paris", chat)
+check("an embedding of 384 dimensions", embed)
+check("/v1/models says every model runs on " + device, models)
+sys.exit(1 if failures else 0)
+PY
+[ "${PIPESTATUS[0]}" = 0 ] || status=1
 {
   echo
   echo "Reply: $(cat "$work/chat.json" 2>/dev/null | head -c 600)"
