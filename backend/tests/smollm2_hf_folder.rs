@@ -17,6 +17,7 @@ use sluice_backend::native::cpu::Cpu;
 use sluice_backend::native::device::Device;
 use sluice_backend::native::gguf::Gguf;
 use sluice_backend::native::llama::{Llama, Logits, SeqCache, Step};
+use sluice_backend::native::sampling::argmax;
 use sluice_backend::native::tokenizer::{ChatMessage, LlamaTokenizer};
 
 /// Converts `gguf` into a fresh Hugging Face folder of `dtype` weights.
@@ -63,14 +64,7 @@ fn greedy(model: &Llama<Cpu>, prompt: &[u32], count: usize, eos: Option<u32>) ->
     let mut out = Vec::new();
     for _ in 0..count {
         let logits = last_logits(model, &tokens);
-        let next = logits
-            .iter()
-            .enumerate()
-            .fold(
-                (0, f32::NEG_INFINITY),
-                |b, (i, &v)| if v > b.1 { (i, v) } else { b },
-            )
-            .0 as u32;
+        let next = argmax(&logits);
         if Some(next) == eos {
             break;
         }

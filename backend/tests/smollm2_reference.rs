@@ -17,6 +17,7 @@ use sluice_backend::native::cpu::Cpu;
 use sluice_backend::native::device::Device;
 use sluice_backend::native::gguf::Gguf;
 use sluice_backend::native::llama::{KvCache, Llama, Logits, SeqCache, Step};
+use sluice_backend::native::sampling::argmax;
 use sluice_backend::native::tokenizer::{ChatMessage, LlamaTokenizer};
 
 /// Greedy tokens compared per chat: enough to cover a short answer.
@@ -95,19 +96,6 @@ fn reference(gguf: &Path, chats: &Value) -> Vec<Reference> {
         .collect();
     std::fs::remove_dir_all(&out).ok();
     refs
-}
-
-fn argmax(row: &[f32]) -> usize {
-    row.iter()
-        .enumerate()
-        .fold((0, f32::NEG_INFINITY), |best, (i, &v)| {
-            if v > best.1 {
-                (i, v)
-            } else {
-                best
-            }
-        })
-        .0
 }
 
 /// One sequence's step, on its own, downloaded.
@@ -216,7 +204,7 @@ fn chat_logits_and_greedy_tokens_match_an_independent_numpy_reference() {
         // Greedy decoding one token at a time through the cache, which the reference does
         // not have: it recomputes the whole sequence at every step.
         let eos = tokenizer.eos.expect("an end-of-turn token");
-        let mut next = argmax(&logits[logits.len() - vocab..]) as u32;
+        let mut next = argmax(&logits[logits.len() - vocab..]);
         let mut greedy = Vec::new();
         while greedy.len() < GREEDY_TOKENS {
             greedy.push(next);
@@ -225,7 +213,7 @@ fn chat_logits_and_greedy_tokens_match_an_independent_numpy_reference() {
             }
             assert!(cache.reserve(&mut seq, 1));
             let step = run(&model, &mut cache, &mut seq, &[next], 1, Logits::Last);
-            next = argmax(&step) as u32;
+            next = argmax(&step);
         }
         assert_eq!(
             greedy,
@@ -281,7 +269,7 @@ fn chat_logits_and_greedy_tokens_match_an_independent_numpy_reference() {
             .unwrap();
         drop(steps);
         for ((i, _), row) in inputs.iter().zip(logits.chunks_exact(vocab)) {
-            let token = argmax(row) as u32;
+            let token = argmax(row);
             generated[*i].push(token);
             if token == eos || generated[*i].len() == GREEDY_TOKENS {
                 done[*i] = true;

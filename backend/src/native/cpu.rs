@@ -6,7 +6,9 @@
 
 use rayon::prelude::*;
 
-use super::device::{Attention, Device, DeviceError, PagedAttention, Tensor};
+use super::device::{
+    check_scatter, rope_head_dim, Attention, Device, DeviceError, PagedAttention, Tensor,
+};
 use super::quant::{self, QMatrix};
 
 /// Roughly the multiply-adds below which an operation runs on the calling thread.
@@ -235,18 +237,7 @@ impl Device for Cpu {
         layout: Attention<'_>,
     ) -> Result<CpuTensor, DeviceError> {
         let (tokens, width) = (q.rows(), q.cols());
-        assert!(
-            k.shape() == q.shape() && v.shape() == q.shape(),
-            "attention: q {q:?} k {k:?} v {v:?}"
-        );
-        assert_eq!(layout.seq_lens.iter().sum::<usize>(), tokens, "attention");
-        assert_eq!(
-            width % layout.heads,
-            0,
-            "attention: {width} over {} heads",
-            layout.heads
-        );
-        let head_dim = width / layout.heads;
+        let head_dim = layout.head_dim(q, k, v);
         let mut out = vec![0.0f32; tokens * width];
 
         // One task per (sequence, head): they read disjoint columns of disjoint rows, and
@@ -398,12 +389,7 @@ impl Device for Cpu {
         base: f32,
     ) -> Result<(), DeviceError> {
         let width = x.cols();
-        assert_eq!(positions.len(), x.rows(), "rope: one position per row");
-        assert!(
-            width.is_multiple_of(heads) && (width / heads).is_multiple_of(2),
-            "rope: {width} over {heads} heads"
-        );
-        let head_dim = width / heads;
+        let head_dim = rope_head_dim(x, heads, positions);
         // The angles in f64: position · base^(−2i/d) in f32 is off by ~1e-3 radians at
         // positions in the thousands.
         let inv_freq: Vec<f64> = (0..head_dim / 2)
@@ -443,14 +429,11 @@ impl Device for Cpu {
         x: &CpuTensor,
         rows: &[u32],
     ) -> Result<(), DeviceError> {
+        check_scatter(dest, x, rows);
         let d = dest.cols();
-        let capacity = dest.rows();
-        assert_eq!(x.cols(), d, "scatter_rows: {x:?} into {dest:?}");
-        assert_eq!(x.rows(), rows.len(), "scatter_rows: one row index per row");
         let data = dest.data_mut();
         for (src, &r) in x.data().chunks_exact(d).zip(rows) {
             let r = r as usize;
-            assert!(r < capacity, "scatter_rows: row {r} of {capacity}");
             data[r * d..(r + 1) * d].copy_from_slice(src);
         }
         Ok(())
@@ -471,35 +454,12 @@ impl Device for Cpu {
             scale,
         } = layout;
         let (rows, width) = (q.rows(), q.cols());
-        assert!(
-            heads.is_multiple_of(kv_heads) && width.is_multiple_of(heads),
-            "paged_attention: {heads} heads over {kv_heads}"
-        );
-        let head_dim = width / heads;
+        let head_dim = layout.head_dim(q, k, v);
         let kv_width = kv_heads * head_dim;
         let group = heads / kv_heads;
-        assert!(
-            k.cols() == kv_width && v.shape() == k.shape(),
-            "paged_attention: k {k:?} v {v:?}"
-        );
-        assert_eq!(
-            seqs.iter().map(|s| s.new).sum::<usize>(),
-            rows,
-            "paged_attention: sequences' rows"
-        );
         let mut tasks = Vec::with_capacity(seqs.len() * heads);
         let mut start = 0;
         for seq in seqs {
-            let total = seq.past + seq.new;
-            assert!(
-                seq.blocks.len() * block_size >= total
-                    && seq
-                        .blocks
-                        .iter()
-                        .all(|&b| (b as usize + 1) * block_size <= k.rows()),
-                "paged_attention: {total} positions in blocks {:?} of {block_size}",
-                seq.blocks
-            );
             tasks.extend((0..heads).map(|h| (start, *seq, h)));
             start += seq.new;
         }

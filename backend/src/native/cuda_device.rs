@@ -29,7 +29,9 @@ use cudarc::driver::{
 };
 
 use super::cuda::{self, CudaUnavailable, GpuInfo};
-use super::device::{Attention, Device, DeviceError, PagedAttention, Tensor};
+use super::device::{
+    check_scatter, rope_head_dim, Attention, Device, DeviceError, PagedAttention, Tensor,
+};
 use super::quant::{GgmlType, QMatrix};
 
 /// Activation rows per prompt-row GEMM: prompt rows are padded with zeros to a multiple of
@@ -131,12 +133,12 @@ fn shape(grid: (usize, usize), block: u32) -> LaunchConfig {
 /// references: slices, views, or scalars bound to locals). A launch with no work is skipped:
 /// an empty grid is an error to the driver.
 macro_rules! launch {
-    ($dev:expr, $name:literal, $config:expr; $($arg:expr),* $(,)?) => {{
+    ($dev:expr, $name:expr, $config:expr; $($arg:expr),* $(,)?) => {{
         let config: LaunchConfig = $config;
         if config.grid_dim.0 == 0 || config.grid_dim.1 == 0 {
             Ok(())
         } else {
-            let mut builder = $dev.stream.launch_builder($dev.kernel($name));
+            let mut builder = $dev.stream.launch_builder($dev.kernel(&$name));
             $( builder.arg($arg); )*
             // SAFETY: the arguments match the kernel's signature in backend/kernels/ in
             // number, order and type, and every size passed is the size of the buffer it
@@ -297,27 +299,8 @@ impl CudaDevice {
         let mut out = self.alloc(m * n)?;
         let (m32, n32, k32) = (u32_of(m), u32_of(n), u32_of(k));
         let config = shape((n.div_ceil(MATVEC_WARPS as usize), 1), 32 * MATVEC_WARPS);
-        let args = (&mut out, &w.bytes, x.data(), &m32, &n32, &k32);
-        match w.dtype {
-            GgmlType::F32 => {
-                launch!(self, "matvec_f32", config; args.0, args.1, args.2, args.3, args.4, args.5)
-            }
-            GgmlType::F16 => {
-                launch!(self, "matvec_f16", config; args.0, args.1, args.2, args.3, args.4, args.5)
-            }
-            GgmlType::BF16 => {
-                launch!(self, "matvec_bf16", config; args.0, args.1, args.2, args.3, args.4, args.5)
-            }
-            GgmlType::Q4_0 => {
-                launch!(self, "matvec_q4_0", config; args.0, args.1, args.2, args.3, args.4, args.5)
-            }
-            GgmlType::Q4_1 => {
-                launch!(self, "matvec_q4_1", config; args.0, args.1, args.2, args.3, args.4, args.5)
-            }
-            GgmlType::Q8_0 => {
-                launch!(self, "matvec_q8_0", config; args.0, args.1, args.2, args.3, args.4, args.5)
-            }
-        }?;
+        let name = format!("matvec_{}", w.dtype.short_name());
+        launch!(self, name, config; &mut out, &w.bytes, x.data(), &m32, &n32, &k32)?;
         Ok(Tensor::from_parts(out, vec![m, n]))
     }
 
@@ -331,25 +314,12 @@ impl CudaDevice {
     ) -> Result<(), DeviceError> {
         let (first32, rows32, cols32) = (u32_of(first), u32_of(rows), u32_of(w.cols));
         let config = shape((rows, 1), 256);
-        let args = (tile, &w.bytes, &first32, &rows32, &cols32);
-        match w.dtype {
-            GgmlType::F32 => unreachable!("f32 weights are multiplied in place"),
-            GgmlType::F16 => {
-                launch!(self, "dequantize_f16_to_f32", config; args.0, args.1, args.2, args.3, args.4)
-            }
-            GgmlType::BF16 => {
-                launch!(self, "dequantize_bf16_to_f32", config; args.0, args.1, args.2, args.3, args.4)
-            }
-            GgmlType::Q4_0 => {
-                launch!(self, "dequantize_q4_0_to_f32", config; args.0, args.1, args.2, args.3, args.4)
-            }
-            GgmlType::Q4_1 => {
-                launch!(self, "dequantize_q4_1_to_f32", config; args.0, args.1, args.2, args.3, args.4)
-            }
-            GgmlType::Q8_0 => {
-                launch!(self, "dequantize_q8_0_to_f32", config; args.0, args.1, args.2, args.3, args.4)
-            }
-        }
+        assert!(
+            w.dtype != GgmlType::F32,
+            "f32 weights are multiplied in place"
+        );
+        let name = format!("dequantize_{}_to_f32", w.dtype.short_name());
+        launch!(self, name, config; tile, &w.bytes, &first32, &rows32, &cols32)
     }
 
     /// Prompt rows: SGEMMs of fixed shape over weight tiles decoded to f32.
@@ -509,18 +479,7 @@ impl Device for CudaDevice {
         layout: Attention<'_>,
     ) -> Result<CudaTensor, DeviceError> {
         let (tokens, width) = (q.rows(), q.cols());
-        assert!(
-            k.shape() == q.shape() && v.shape() == q.shape(),
-            "attention: q {q:?} k {k:?} v {v:?}"
-        );
-        assert_eq!(layout.seq_lens.iter().sum::<usize>(), tokens, "attention");
-        assert_eq!(
-            width % layout.heads,
-            0,
-            "attention: {width} over {} heads",
-            layout.heads
-        );
-        let head_dim = width / layout.heads;
+        let head_dim = layout.head_dim(q, k, v);
         assert!(head_dim <= MAX_HEAD_DIM, "attention: head_dim {head_dim}");
         // Per row: where its sequence starts, then how long it is.
         let mut rows = Vec::with_capacity(2 * tokens);
@@ -608,27 +567,8 @@ impl Device for CudaDevice {
         let ids_on_device = self.indices("token ids", ids)?;
         let (n, cols) = (u32_of(ids.len()), u32_of(d));
         let config = shape((ids.len(), 1), 256);
-        let args = (&mut out, &table.bytes, &*ids_on_device, &n, &cols);
-        match table.dtype {
-            GgmlType::F32 => {
-                launch!(self, "gather_rows_f32", config; args.0, args.1, args.2, args.3, args.4)
-            }
-            GgmlType::F16 => {
-                launch!(self, "gather_rows_f16", config; args.0, args.1, args.2, args.3, args.4)
-            }
-            GgmlType::BF16 => {
-                launch!(self, "gather_rows_bf16", config; args.0, args.1, args.2, args.3, args.4)
-            }
-            GgmlType::Q4_0 => {
-                launch!(self, "gather_rows_q4_0", config; args.0, args.1, args.2, args.3, args.4)
-            }
-            GgmlType::Q4_1 => {
-                launch!(self, "gather_rows_q4_1", config; args.0, args.1, args.2, args.3, args.4)
-            }
-            GgmlType::Q8_0 => {
-                launch!(self, "gather_rows_q8_0", config; args.0, args.1, args.2, args.3, args.4)
-            }
-        }?;
+        let name = format!("gather_rows_{}", table.dtype.short_name());
+        launch!(self, name, config; &mut out, &table.bytes, &*ids_on_device, &n, &cols)?;
         Ok(Tensor::from_parts(out, vec![ids.len(), d]))
     }
 
@@ -654,13 +594,7 @@ impl Device for CudaDevice {
         positions: &[u32],
         base: f32,
     ) -> Result<(), DeviceError> {
-        let width = x.cols();
-        assert_eq!(positions.len(), x.rows(), "rope: one position per row");
-        assert!(
-            width.is_multiple_of(heads) && (width / heads).is_multiple_of(2),
-            "rope: {width} over {heads} heads"
-        );
-        let head_dim = width / heads;
+        let head_dim = rope_head_dim(x, heads, positions);
         let positions = self.indices("positions", positions)?;
         let (rows, heads32, hd) = (u32_of(x.rows()), u32_of(heads), u32_of(head_dim));
         // One thread per pair of a head, in whole warps.
@@ -681,12 +615,8 @@ impl Device for CudaDevice {
         x: &CudaTensor,
         rows: &[u32],
     ) -> Result<(), DeviceError> {
-        let (d, capacity) = (dest.cols(), dest.rows());
-        assert_eq!(x.cols(), d, "scatter_rows: {x:?} into {dest:?}");
-        assert_eq!(x.rows(), rows.len(), "scatter_rows: one row index per row");
-        if let Some(r) = rows.iter().find(|&&r| r as usize >= capacity) {
-            panic!("scatter_rows: row {r} of {capacity}");
-        }
+        check_scatter(dest, x, rows);
+        let d = dest.cols();
         let targets = self.indices("cache slots", rows)?;
         let (n, d32) = (u32_of(rows.len()), u32_of(d));
         launch!(self, "scatter_rows", shape((rows.len(), 1), 256);
@@ -708,23 +638,10 @@ impl Device for CudaDevice {
             scale,
         } = layout;
         let (rows, width) = (q.rows(), q.cols());
-        assert!(
-            heads.is_multiple_of(kv_heads) && width.is_multiple_of(heads),
-            "paged_attention: {heads} heads over {kv_heads}"
-        );
-        let head_dim = width / heads;
+        let head_dim = layout.head_dim(q, k, v);
         assert!(
             head_dim <= MAX_HEAD_DIM,
             "paged_attention: head_dim {head_dim}"
-        );
-        assert!(
-            k.cols() == kv_heads * head_dim && v.shape() == k.shape(),
-            "paged_attention: k {k:?} v {v:?}"
-        );
-        assert_eq!(
-            seqs.iter().map(|s| s.new).sum::<usize>(),
-            rows,
-            "paged_attention: sequences' rows"
         );
         // One upload for the step, shared by every layer: each row's sequence, each row's
         // position, the block tables one after another, and where each table starts.
@@ -734,17 +651,7 @@ impl Device for CudaDevice {
             meta.extend(std::iter::repeat_n(s as u32, seq.new));
         }
         for seq in seqs {
-            let total = seq.past + seq.new;
-            assert!(
-                seq.blocks.len() * block_size >= total
-                    && seq
-                        .blocks
-                        .iter()
-                        .all(|&b| (b as usize + 1) * block_size <= k.rows()),
-                "paged_attention: {total} positions in blocks {:?} of {block_size}",
-                seq.blocks
-            );
-            meta.extend((seq.past..total).map(u32_of));
+            meta.extend((seq.past..seq.past + seq.new).map(u32_of));
         }
         for seq in seqs {
             meta.extend_from_slice(seq.blocks);

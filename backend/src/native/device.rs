@@ -116,6 +116,82 @@ pub struct PagedAttention<'a> {
     pub scale: f32,
 }
 
+impl Attention<'_> {
+    /// The width of one head, once `q`, `k` and `v` are checked against this layout (a
+    /// mismatch is a bug in the model code and panics).
+    pub fn head_dim<S>(&self, q: &Tensor<S>, k: &Tensor<S>, v: &Tensor<S>) -> usize {
+        let width = q.cols();
+        assert!(
+            k.shape() == q.shape() && v.shape() == q.shape(),
+            "attention: q {q:?} k {k:?} v {v:?}"
+        );
+        assert_eq!(self.seq_lens.iter().sum::<usize>(), q.rows(), "attention");
+        assert!(
+            width.is_multiple_of(self.heads),
+            "attention: {width} over {} heads",
+            self.heads
+        );
+        width / self.heads
+    }
+}
+
+impl PagedAttention<'_> {
+    /// The width of one head, once `q` and the caches `k` and `v` are checked against this
+    /// layout, every sequence's blocks included (a mismatch panics, as above).
+    pub fn head_dim<S>(&self, q: &Tensor<S>, k: &Tensor<S>, v: &Tensor<S>) -> usize {
+        let (heads, kv_heads, block_size) = (self.heads, self.kv_heads, self.block_size);
+        let width = q.cols();
+        assert!(
+            heads.is_multiple_of(kv_heads) && width.is_multiple_of(heads),
+            "paged_attention: {heads} heads over {kv_heads}"
+        );
+        let head_dim = width / heads;
+        assert!(
+            k.cols() == kv_heads * head_dim && v.shape() == k.shape(),
+            "paged_attention: k {k:?} v {v:?}"
+        );
+        assert_eq!(
+            self.seqs.iter().map(|s| s.new).sum::<usize>(),
+            q.rows(),
+            "paged_attention: sequences' rows"
+        );
+        for seq in self.seqs {
+            let total = seq.past + seq.new;
+            assert!(
+                seq.blocks.len() * block_size >= total
+                    && seq
+                        .blocks
+                        .iter()
+                        .all(|&b| (b as usize + 1) * block_size <= k.rows()),
+                "paged_attention: {total} positions in blocks {:?} of {block_size}",
+                seq.blocks
+            );
+        }
+        head_dim
+    }
+}
+
+/// The width of one head of `x` for [`Device::rope`], once checked (panics on a mismatch).
+pub fn rope_head_dim<S>(x: &Tensor<S>, heads: usize, positions: &[u32]) -> usize {
+    let width = x.cols();
+    assert_eq!(positions.len(), x.rows(), "rope: one position per row");
+    assert!(
+        width.is_multiple_of(heads) && (width / heads).is_multiple_of(2),
+        "rope: {width} over {heads} heads"
+    );
+    width / heads
+}
+
+/// Checks the arguments of [`Device::scatter_rows`] (panics on a mismatch).
+pub fn check_scatter<S>(dest: &Tensor<S>, x: &Tensor<S>, rows: &[u32]) {
+    let capacity = dest.rows();
+    assert_eq!(x.cols(), dest.cols(), "scatter_rows: {x:?} into {dest:?}");
+    assert_eq!(x.rows(), rows.len(), "scatter_rows: one row index per row");
+    if let Some(r) = rows.iter().find(|&&r| r as usize >= capacity) {
+        panic!("scatter_rows: row {r} of {capacity}");
+    }
+}
+
 /// Where tensors live and how they are computed on.
 pub trait Device: Send + Sync + 'static {
     /// The device's buffer of f32s (a `Vec<f32>` on the CPU, device memory on a GPU).

@@ -256,7 +256,7 @@ impl<R: Device, D: Device> Pair<'_, R, D> {
         let (r, d) = (self.reference, self.device);
         let matrix = self.matrix(dtype, rows, cols);
         let w = (r.upload_matrix(matrix.clone())?, d.upload_matrix(matrix)?);
-        let name = format!("{dtype:?}").to_lowercase();
+        let name = dtype.short_name();
         let shape = format!("{rows}×{cols}");
         let kinds: [(&str, &[bool], f64); 3] = [
             // The decode product sums as the CPU's dot product does.
@@ -341,7 +341,7 @@ impl<R: Device, D: Device> Pair<'_, R, D> {
         let data = self.values(batch * LLAMA_WIDTH);
         let row = 137;
         let alone = &data[row * LLAMA_WIDTH..(row + 1) * LLAMA_WIDTH];
-        let name = format!("{dtype:?}").to_lowercase();
+        let name = dtype.short_name();
         for (kind, prompt) in [("prompt", true), ("generated", false)] {
             let all = d.matmul(
                 &d.upload(&data, &[batch, LLAMA_WIDTH])?,
@@ -416,7 +416,7 @@ mod tests {
             assert!(ops.contains(&op), "{op} not checked: {ops:?}");
         }
         for dtype in ENCODINGS {
-            let name = format!("{dtype:?}").to_lowercase();
+            let name = dtype.short_name();
             assert!(
                 ops.iter()
                     .filter(|op| op.starts_with(&format!("matmul {name} ")))

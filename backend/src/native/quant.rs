@@ -71,6 +71,18 @@ impl GgmlType {
         }
     }
 
+    /// The encoding's name in lower case (`q4_1`), as the CUDA kernels for it end.
+    pub fn short_name(self) -> &'static str {
+        match self {
+            GgmlType::F32 => "f32",
+            GgmlType::F16 => "f16",
+            GgmlType::BF16 => "bf16",
+            GgmlType::Q4_0 => "q4_0",
+            GgmlType::Q4_1 => "q4_1",
+            GgmlType::Q8_0 => "q8_0",
+        }
+    }
+
     /// Bytes of `elements` values; `elements` is a whole number of blocks.
     pub fn row_bytes(self, elements: usize) -> usize {
         elements / self.block_len() * self.block_bytes()

@@ -93,13 +93,7 @@ impl Sampler {
             &penalised[..]
         };
         let token = if p.temperature <= 0.0 {
-            let mut best = (0usize, f32::NEG_INFINITY);
-            for (id, &v) in logits.iter().enumerate() {
-                if v > best.1 {
-                    best = (id, v);
-                }
-            }
-            best.0 as u32
+            argmax(logits)
         } else {
             let inv_t = 1.0 / f64::from(p.temperature);
             let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
@@ -169,6 +163,17 @@ impl Sampler {
         *self.counts.entry(token).or_insert(0) += 1;
         token
     }
+}
+
+/// The greedy token: the first of the highest logits (NaNs never win).
+pub fn argmax(logits: &[f32]) -> u32 {
+    let mut best = (0usize, f32::NEG_INFINITY);
+    for (id, &v) in logits.iter().enumerate() {
+        if v > best.1 {
+            best = (id, v);
+        }
+    }
+    best.0 as u32
 }
 
 #[cfg(test)]

@@ -12,6 +12,7 @@ use std::time::Instant;
 
 use super::device::{Device, DeviceError};
 use super::llama::{Llama, Logits, SeqCache, Step};
+use super::sampling::argmax;
 
 /// Positions per cache block, as the engine uses.
 const BLOCK_SIZE: usize = 16;
@@ -135,19 +136,5 @@ pub fn measure<D: Device>(
 
 /// The greedy token of each row of `[rows, vocab]` logits.
 pub fn argmax_rows(logits: &[f32], vocab: usize) -> Vec<u32> {
-    logits
-        .chunks_exact(vocab)
-        .map(|row| {
-            row.iter()
-                .enumerate()
-                .fold((0, f32::NEG_INFINITY), |best, (i, &v)| {
-                    if v > best.1 {
-                        (i, v)
-                    } else {
-                        best
-                    }
-                })
-                .0 as u32
-        })
-        .collect()
+    logits.chunks_exact(vocab).map(argmax).collect()
 }
