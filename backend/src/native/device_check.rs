@@ -45,16 +45,6 @@ const LLAMA_KV_HEADS: usize = 3;
 const BERT_WIDTH: usize = 384;
 const BERT_HEADS: usize = 12;
 
-/// Every weight encoding the engine reads.
-pub const ENCODINGS: [GgmlType; 6] = [
-    GgmlType::F32,
-    GgmlType::F16,
-    GgmlType::BF16,
-    GgmlType::Q4_0,
-    GgmlType::Q4_1,
-    GgmlType::Q8_0,
-];
-
 /// Runs every operation on `reference` and on `device` with inputs drawn from `seed`.
 pub fn compare<R: Device, D: Device>(
     reference: &R,
@@ -69,7 +59,7 @@ pub fn compare<R: Device, D: Device>(
     };
     pair.elementwise()?;
     pair.linear_and_attention()?;
-    for dtype in ENCODINGS {
+    for dtype in GgmlType::ALL {
         pair.matrices(dtype, 300, LLAMA_WIDTH)?;
     }
     // Rows whose width is no whole number of 32: the products' tail path.
@@ -415,7 +405,7 @@ mod tests {
         ] {
             assert!(ops.contains(&op), "{op} not checked: {ops:?}");
         }
-        for dtype in ENCODINGS {
+        for dtype in GgmlType::ALL {
             let name = dtype.short_name();
             assert!(
                 ops.iter()

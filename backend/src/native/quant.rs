@@ -33,6 +33,16 @@ const GGML_TYPE_NAMES: [&str; 31] = [
 ];
 
 impl GgmlType {
+    /// Every encoding this engine reads.
+    pub const ALL: [GgmlType; 6] = [
+        GgmlType::F32,
+        GgmlType::F16,
+        GgmlType::BF16,
+        GgmlType::Q4_0,
+        GgmlType::Q4_1,
+        GgmlType::Q8_0,
+    ];
+
     /// The type with GGML id `id`, or that id's name (`"unknown"` past the table) when this
     /// engine does not read it.
     pub fn from_id(id: u32) -> Result<GgmlType, &'static str> {
@@ -583,14 +593,7 @@ mod tests {
 
     #[test]
     fn matmul_matches_dequantise_then_multiply() {
-        for dtype in [
-            GgmlType::F32,
-            GgmlType::F16,
-            GgmlType::BF16,
-            GgmlType::Q4_0,
-            GgmlType::Q4_1,
-            GgmlType::Q8_0,
-        ] {
+        for dtype in GgmlType::ALL {
             // One row (decode), a few (prefill), and a row count that leaves a ragged band.
             for (m, n, k) in [
                 (1, 37, 64),
