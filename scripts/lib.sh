@@ -24,11 +24,15 @@ random_token() {
   printf '%s%s' "$1" "$(od -An -N12 -tx1 /dev/urandom | tr -d ' \n')"
 }
 
-# ensure_build_tools: what a cold build needs besides Rust (pingora builds zlib-ng with cmake).
+# ensure_build_tools: what a cold build needs besides Rust (pingora builds zlib-ng with cmake),
+# and g++, which builds the emulated GPU of backend/tests/cuda_emulated.rs.
 ensure_build_tools() {
-  if ! command -v cmake >/dev/null 2>&1; then
-    echo "$(basename "$0"): installing cmake" >&2
-    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq cmake >/dev/null
+  local missing=()
+  command -v cmake >/dev/null 2>&1 || missing+=(cmake)
+  command -v g++ >/dev/null 2>&1 || missing+=(g++)
+  if [ "${#missing[@]}" -gt 0 ]; then
+    echo "$(basename "$0"): installing ${missing[*]}" >&2
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
   fi
 }
 

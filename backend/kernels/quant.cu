@@ -11,9 +11,29 @@
 
 // f16 bits to f32: exact (every f16 is an f32), subnormals included.
 __device__ __forceinline__ float f16_to_f32(unsigned short h) {
+#ifdef SLUICE_EMULATED_GPU
+    // The emulated GPU of the tests (backend/tests/emulated_gpu/) compiles this file as host
+    // C++, which has no PTX: the same conversion on the bits. NVRTC never defines the macro.
+    const unsigned sign = (unsigned)(h & 0x8000) << 16;
+    const unsigned exponent = (h >> 10) & 0x1f;
+    unsigned mantissa = h & 0x3ff;
+    // ±∞, or a NaN, made quiet, its payload kept.
+    if (exponent == 0x1f) return __uint_as_float(sign | 0x7f800000 | (mantissa ? 0x400000 | mantissa << 13 : 0));
+    // Normal: the exponent rebiased from 15 to 127.
+    if (exponent != 0) return __uint_as_float(sign | (exponent + 112) << 23 | mantissa << 13);
+    if (mantissa == 0) return __uint_as_float(sign);
+    // Subnormal, mantissa · 2^−24: shifted until its leading 1 is the implicit bit.
+    unsigned biased = 113;
+    while (!(mantissa & 0x400)) {
+        mantissa <<= 1;
+        --biased;
+    }
+    return __uint_as_float(sign | biased << 23 | (mantissa & 0x3ff) << 13);
+#else
     float f;
     asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
     return f;
+#endif
 }
 
 // bf16 is the top half of an f32.

@@ -64,6 +64,9 @@ pub fn compare<R: Device, D: Device>(
     }
     // Rows whose width is no whole number of 32: the products' tail path.
     pair.matrices(GgmlType::F16, 70, 100)?;
+    // A matrix larger than one decoded weight tile (the CUDA device decodes 2²³ values, 2048
+    // rows of 4096, at a time), as a model's embedding table and output layer are.
+    pair.matrices(GgmlType::Q8_0, 2048 + 64, 4096)?;
     pair.paged_attention()?;
     pair.batch_invariance(GgmlType::Q4_1)?;
     pair.batch_invariance(GgmlType::F32)?;
