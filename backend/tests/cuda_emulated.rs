@@ -11,8 +11,13 @@
 //! with NVRTC for the emulated GPU's architecture and "loads" the machine code, and the
 //! harness compares every operation with the CPU's.
 //!
+//! Then the server itself: `sluice-backend --device cuda:0` on the emulated GPU serves
+//! MiniLM's embeddings, equal to the CPU's to rounding.
+//!
 //! Needs g++ and NVRTC (scripts/test.sh puts the latter on LD_LIBRARY_PATH); without either
 //! the test says so and passes, except under `CI=true`, where it fails.
+
+mod common;
 
 use std::fs::File;
 use std::path::Path;
@@ -23,6 +28,8 @@ use sluice_backend::native::cpu::Cpu;
 use sluice_backend::native::cuda_device::CudaDevice;
 use sluice_backend::native::device::Device;
 use sluice_backend::native::device_check;
+use sluice_backend::native::{EmbeddingModel, Target};
+use sluice_backend::openai::Input;
 
 /// This test's name: the child runs exactly it.
 const TEST: &str = "cuda_device_matches_the_cpu_on_an_emulated_gpu";
@@ -139,7 +146,7 @@ fn cuda_device_matches_the_cpu_on_an_emulated_gpu() {
     let mut child = Command::new(std::env::current_exe().unwrap())
         .args(["--exact", TEST, "--nocapture", "--test-threads=1"])
         .env(CHILD, "1")
-        .env("LD_LIBRARY_PATH", library_path)
+        .env("LD_LIBRARY_PATH", &library_path)
         .env("SLUICE_KERNEL_CACHE", dir.path().join("kernels"))
         .stdout(File::create(&out_path).unwrap())
         .stderr(File::create(&err_path).unwrap())
@@ -169,6 +176,106 @@ fn cuda_device_matches_the_cpu_on_an_emulated_gpu() {
     assert!(status.success(), "the child failed: {status}");
     // A filter that matched nothing would pass too: make sure the test itself ran.
     assert!(stdout.contains("1 passed"), "the child ran no test");
+
+    if let Some(folder) = common::minilm_folder() {
+        serves_embeddings_from_the_emulated_gpu(dir.path(), &library_path, &folder);
+    }
+}
+
+/// Kills the server when the test ends, passing or not.
+struct Server(Child);
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// `sluice-backend --device cuda:0`, with the fake driver first on its library path, serves
+/// MiniLM: `/v1/models` says `cuda:0`, and its embeddings are the CPU's to rounding.
+fn serves_embeddings_from_the_emulated_gpu(dir: &Path, library_path: &str, minilm: &Path) {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|listener| listener.local_addr())
+        .unwrap()
+        .port();
+    let log = dir.join("backend.log");
+    let mut server = Server(
+        Command::new(env!("CARGO_BIN_EXE_sluice-backend"))
+            .args(["--engine", "native", "--device", "cuda:0"])
+            .args(["--listen", &format!("127.0.0.1:{port}")])
+            .arg("--model")
+            .arg(format!("all-MiniLM-L6-v2={}", minilm.display()))
+            .env("LD_LIBRARY_PATH", library_path)
+            .env("SLUICE_KERNEL_CACHE", dir.join("kernels"))
+            .stdout(File::create(&log).unwrap())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let texts = [
+        "The cat sat on the mat.",
+        "How do I reset my password?",
+        "Paris is the capital of France.",
+    ];
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let (device, served) = runtime.block_on(async {
+        let client = reqwest::Client::new();
+        let base = format!("http://127.0.0.1:{port}");
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            let health = client.get(format!("{base}/health")).send().await;
+            if health.is_ok_and(|r| r.status().is_success()) {
+                break;
+            }
+            if let Some(status) = server.0.try_wait().unwrap() {
+                panic!(
+                    "the server exited ({status}):\n{}",
+                    std::fs::read_to_string(&log).unwrap()
+                );
+            }
+            assert!(Instant::now() < deadline, "the server did not come up");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        let models: serde_json::Value = client
+            .get(format!("{base}/v1/models"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let reply: serde_json::Value = client
+            .post(format!("{base}/v1/embeddings"))
+            .json(&serde_json::json!({"model": "all-MiniLM-L6-v2", "input": texts}))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let served: Vec<Vec<f32>> = reply["data"]
+            .as_array()
+            .unwrap_or_else(|| panic!("{reply}"))
+            .iter()
+            .map(|d| serde_json::from_value(d["embedding"].clone()).unwrap())
+            .collect();
+        (models["data"][0]["device"].clone(), served)
+    });
+    assert_eq!(device, "cuda:0");
+    let cpu = EmbeddingModel::load("all-MiniLM-L6-v2", minilm, Target::Cpu).unwrap();
+    let inputs = texts.iter().map(|t| Input::Text((*t).to_owned())).collect();
+    let expected = runtime.block_on(cpu.embed(inputs)).unwrap().vectors;
+    assert_eq!(served.len(), expected.len());
+    for ((text, got), want) in texts.iter().zip(&served).zip(&expected) {
+        let cosine: f64 = got
+            .iter()
+            .zip(want)
+            .map(|(&a, &b)| f64::from(a) * f64::from(b))
+            .sum();
+        println!("{text:?}: cosine {cosine:.9} against the CPU");
+        assert!(cosine >= 0.99999, "{text:?}: cosine {cosine}");
+    }
 }
 
 /// In the child: the CUDA device on the emulated GPU against the CPU.
