@@ -21,7 +21,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Instant;
 
-use sluice_backend::native::bert::{Bert, BertConfig};
+use sluice_backend::native::bert::{cosine, Bert, BertConfig};
 use sluice_backend::native::cpu::Cpu;
 use sluice_backend::native::cuda_device::CudaDevice;
 use sluice_backend::native::device::Device;
@@ -267,11 +267,7 @@ fn embeddings(folder: &Path, ordinal: usize, report: &mut Report) -> anyhow::Res
     let expected = on_cpu.embed(&ids)?;
     let got = on_gpu.embed(&ids)?;
     for ((sentence, e), g) in SENTENCES.iter().zip(&expected).zip(&got) {
-        let cosine: f64 = e
-            .iter()
-            .zip(g)
-            .map(|(&a, &b)| f64::from(a) * f64::from(b))
-            .sum();
+        let cosine = cosine(e, g);
         report.check(
             cosine >= MIN_COSINE,
             format!("{sentence:?}: cosine {cosine:.7} (at least {MIN_COSINE})"),

@@ -24,6 +24,7 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use sluice_backend::native::bert::cosine;
 use sluice_backend::native::cpu::Cpu;
 use sluice_backend::native::cuda_device::CudaDevice;
 use sluice_backend::native::device::Device;
@@ -268,11 +269,7 @@ fn serves_embeddings_from_the_emulated_gpu(dir: &Path, library_path: &str, minil
     let expected = runtime.block_on(cpu.embed(inputs)).unwrap().vectors;
     assert_eq!(served.len(), expected.len());
     for ((text, got), want) in texts.iter().zip(&served).zip(&expected) {
-        let cosine: f64 = got
-            .iter()
-            .zip(want)
-            .map(|(&a, &b)| f64::from(a) * f64::from(b))
-            .sum();
+        let cosine = cosine(got, want);
         println!("{text:?}: cosine {cosine:.9} against the CPU");
         assert!(cosine >= 0.99999, "{text:?}: cosine {cosine}");
     }

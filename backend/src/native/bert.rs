@@ -223,6 +223,15 @@ impl<D: Device> Bert<D> {
     }
 }
 
+/// The cosine of two unit-length embeddings (their dot product), summed in f64: for telling
+/// how close two devices' embeddings of the same text are.
+pub fn cosine(a: &[f32], b: &[f32]) -> f64 {
+    a.iter()
+        .zip(b)
+        .map(|(&x, &y)| f64::from(x) * f64::from(y))
+        .sum()
+}
+
 /// Scales to unit length, as sentence-transformers' `Normalize` does (its epsilon keeps a
 /// zero vector zero rather than NaN).
 pub fn l2_normalise(v: &mut [f32]) {
