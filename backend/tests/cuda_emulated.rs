@@ -49,28 +49,6 @@ const FLAGS: [&str; 6] = [
 /// Far above the few seconds the child takes, to end a hang rather than wait for it.
 const CHILD_TIMEOUT: Duration = Duration::from_secs(300);
 
-/// Whether `what` is here; if not, says so, and fails under `CI=true`.
-fn present(found: bool, what: &str) -> bool {
-    if found {
-        return true;
-    }
-    if std::env::var("CI").as_deref() == Ok("true") {
-        panic!("{what}");
-    }
-    eprintln!("skipping: {what}");
-    false
-}
-
-fn nvrtc_present() -> bool {
-    // SAFETY: only tries to open the library by name.
-    let found = unsafe { cudarc::nvrtc::sys::is_culib_present() };
-    present(
-        found,
-        "libnvrtc.so.12 did not load: scripts/test.sh installs the nvidia-cuda-nvrtc-cu12 \
-         package into .venv and puts its lib folder on LD_LIBRARY_PATH",
-    )
-}
-
 fn gxx_present() -> bool {
     let found = Command::new("g++")
         .arg("--version")
@@ -78,7 +56,7 @@ fn gxx_present() -> bool {
         .stderr(Stdio::null())
         .status()
         .is_ok_and(|status| status.success());
-    present(
+    common::present(
         found,
         "no g++ to build the emulated GPU with (the build-essential package)",
     )
@@ -125,7 +103,7 @@ fn cuda_device_matches_the_cpu_on_an_emulated_gpu() {
     if std::env::var_os(CHILD).is_some() {
         return on_the_emulated_gpu();
     }
-    if !nvrtc_present() || !gxx_present() {
+    if !common::nvrtc_present() || !gxx_present() {
         return;
     }
     let started = Instant::now();

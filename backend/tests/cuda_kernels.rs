@@ -13,21 +13,6 @@ use sluice_backend::native::cuda_device::CudaDevice;
 use sluice_backend::native::generator::EngineOptions;
 use sluice_backend::native::{Target, TextModel};
 
-fn nvrtc_present() -> bool {
-    // SAFETY: only tries to open the library by name.
-    if unsafe { cudarc::nvrtc::sys::is_culib_present() } {
-        return true;
-    }
-    let message = "libnvrtc.so.12 did not load: scripts/test.sh installs the \
-                   nvidia-cuda-nvrtc-cu12 package into .venv and puts its lib folder on \
-                   LD_LIBRARY_PATH";
-    if std::env::var("CI").as_deref() == Ok("true") {
-        panic!("{message}");
-    }
-    eprintln!("skipping: {message}");
-    false
-}
-
 /// Whether `needle` occurs in `haystack`.
 fn contains(haystack: &[u8], needle: &[u8]) -> bool {
     haystack.windows(needle.len()).any(|w| w == needle)
@@ -35,7 +20,7 @@ fn contains(haystack: &[u8], needle: &[u8]) -> bool {
 
 #[test]
 fn every_kernel_compiles_under_nvrtc_for_a100_and_h100_class_gpus() {
-    if !nvrtc_present() {
+    if !common::nvrtc_present() {
         return;
     }
     // Machine code, which the device loads: an ELF image naming every entry point.
@@ -65,7 +50,7 @@ fn every_kernel_compiles_under_nvrtc_for_a100_and_h100_class_gpus() {
 
 #[test]
 fn compiled_kernels_are_kept_on_disk_and_read_back_instead_of_compiling_again() {
-    if !nvrtc_present() {
+    if !common::nvrtc_present() {
         return;
     }
     let dir = std::env::temp_dir().join(format!("sluice-kernel-cache-{}", std::process::id()));
@@ -102,7 +87,7 @@ fn compiled_kernels_are_kept_on_disk_and_read_back_instead_of_compiling_again() 
 
 #[test]
 fn a_kernel_with_a_syntax_error_is_reported_with_the_compilers_log() {
-    if !nvrtc_present() {
+    if !common::nvrtc_present() {
         return;
     }
     let broken = "extern \"C\" __global__ void broken(float* x) { x[0] = ; }";

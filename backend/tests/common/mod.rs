@@ -3,23 +3,31 @@
 
 use std::path::{Path, PathBuf};
 
-/// The SmolLM2-135M-Instruct GGUF file from `SLUICE_SMOLLM2_GGUF`. Without it a test says
-/// so and passes, except under `CI=true` (scripts/test.sh fetches the weights there), where
-/// a missing model is a broken setup and fails it.
+/// Whether what a test needs is here. If not, the test says so and passes, except under
+/// `CI=true` (scripts/test.sh installs and fetches everything there), where a missing piece
+/// is a broken setup and fails it.
+pub fn present(found: bool, what: &str) -> bool {
+    if found {
+        return true;
+    }
+    if std::env::var("CI").as_deref() == Ok("true") {
+        panic!("{what}");
+    }
+    eprintln!("skipping: {what}");
+    false
+}
+
+/// The SmolLM2-135M-Instruct GGUF file from `SLUICE_SMOLLM2_GGUF`, under [`present`]'s rule.
 #[allow(dead_code)] // Not every test binary that includes this module runs SmolLM2.
 pub fn smollm2_weights() -> Option<PathBuf> {
-    let path = std::env::var_os("SLUICE_SMOLLM2_GGUF").map(PathBuf::from);
-    if let Some(path) = path.filter(|p| p.is_file()) {
-        return Some(path);
-    }
-    let message = "SLUICE_SMOLLM2_GGUF does not name the SmolLM2-135M-Instruct GGUF file: run \
-                   `export SLUICE_SMOLLM2_GGUF=$(scripts/fetch-weights.sh SmolLM2-135M-Instruct)` \
-                   (scripts/test.sh does this)";
-    if std::env::var("CI").as_deref() == Ok("true") {
-        panic!("{message}");
-    }
-    eprintln!("skipping: {message}");
-    None
+    let path = std::env::var_os("SLUICE_SMOLLM2_GGUF")
+        .map(PathBuf::from)
+        .filter(|p| p.is_file());
+    let what = "SLUICE_SMOLLM2_GGUF does not name the SmolLM2-135M-Instruct GGUF file: run \
+                `export SLUICE_SMOLLM2_GGUF=$(scripts/fetch-weights.sh SmolLM2-135M-Instruct)` \
+                (scripts/test.sh does this)";
+    present(path.is_some(), what);
+    path
 }
 
 /// SLUICE_TEST_PYTHON, else the repository's .venv, else python3.
@@ -35,20 +43,28 @@ pub fn python() -> String {
     })
 }
 
-/// The all-MiniLM-L6-v2 folder from `SLUICE_MINILM_DIR`, under the same rule as
-/// [`smollm2_weights`].
+/// The all-MiniLM-L6-v2 folder from `SLUICE_MINILM_DIR`, under [`present`]'s rule.
 #[allow(dead_code)] // Not every test binary that includes this module embeds.
 pub fn minilm_folder() -> Option<PathBuf> {
-    let dir = std::env::var_os("SLUICE_MINILM_DIR").map(PathBuf::from);
-    if let Some(dir) = dir.filter(|d| d.join("config.json").is_file()) {
-        return Some(dir);
-    }
-    let message = "SLUICE_MINILM_DIR does not name the all-MiniLM-L6-v2 folder: run \
-                   `export SLUICE_MINILM_DIR=$(scripts/fetch-weights.sh all-MiniLM-L6-v2)` \
-                   (scripts/test.sh does this)";
-    if std::env::var("CI").as_deref() == Ok("true") {
-        panic!("{message}");
-    }
-    eprintln!("skipping: {message}");
-    None
+    let dir = std::env::var_os("SLUICE_MINILM_DIR")
+        .map(PathBuf::from)
+        .filter(|d| d.join("config.json").is_file());
+    let what = "SLUICE_MINILM_DIR does not name the all-MiniLM-L6-v2 folder: run \
+                `export SLUICE_MINILM_DIR=$(scripts/fetch-weights.sh all-MiniLM-L6-v2)` \
+                (scripts/test.sh does this)";
+    present(dir.is_some(), what);
+    dir
+}
+
+/// Whether NVRTC loads (the `nvidia-cuda-nvrtc-cu12` package, which scripts/test.sh installs
+/// into .venv and puts on LD_LIBRARY_PATH), under [`present`]'s rule.
+#[allow(dead_code)] // Only the CUDA tests compile kernels.
+pub fn nvrtc_present() -> bool {
+    // SAFETY: only tries to open the library by name.
+    let found = unsafe { cudarc::nvrtc::sys::is_culib_present() };
+    present(
+        found,
+        "libnvrtc.so.12 did not load: scripts/test.sh installs the nvidia-cuda-nvrtc-cu12 \
+         package into .venv and puts its lib folder on LD_LIBRARY_PATH",
+    )
 }
