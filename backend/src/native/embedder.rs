@@ -6,8 +6,8 @@
 //! in arrival order, and the handler awaits the answer. The thread runs every request
 //! waiting at once in the same forward passes, on the device the model was loaded onto (on
 //! the CPU a pass spreads over every core, see [`super::cpu`]); running requests side by
-//! side would only make them fight for the same hardware. `/health` and `/metrics` keep answering
-//! meanwhile, since they need nothing from the engine.
+//! side would only make them fight for the same hardware. `/health` and `/metrics` keep
+//! answering meanwhile, since they need nothing from the engine.
 //!
 //! Inputs longer than the model's position table (512 tokens for MiniLM) are refused with a
 //! 400 rather than truncated: a semantic cache comparing the embeddings of two long prompts
