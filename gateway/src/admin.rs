@@ -387,6 +387,8 @@ struct PutTier {
     limits: sluice_policies::Limits,
     #[serde(default)]
     on_store_unavailable: Option<sluice_policies::FailMode>,
+    #[serde(default)]
+    request_caps: Option<sluice_policies::RequestCaps>,
 }
 
 /// `PUT /admin/v1/tiers/{name}`: creates or replaces a tier; every replica applies it within
@@ -410,6 +412,10 @@ async fn put_tier(
         on_store_unavailable: req
             .on_store_unavailable
             .or_else(|| existing.map(|t| t.on_store_unavailable))
+            .unwrap_or_default(),
+        request_caps: req
+            .request_caps
+            .or_else(|| existing.map(|t| t.request_caps))
             .unwrap_or_default(),
     };
     // Validate as the whole set would be, prices included, before storing anything.
@@ -645,34 +651,23 @@ async fn key_quota(
         .quota_counters(&id, now, &month)
         .await
         .map_err(store_error)?;
-    let in_window = |field: fn(&quota::Bucket) -> u64| -> u64 {
-        c.minute
-            .iter()
-            .filter(|b| b.second > now - quota::WINDOW_SECS)
-            .map(field)
-            .sum()
-    };
-    // The decision function knows when each minute window frees room.
-    let probe = quota::decide(
-        &limits,
-        &c,
-        &quota::Reservation::default(),
-        now,
-        to_month_end,
-    );
-    let rate = |limit: Option<u64>, used: u64, resets: Option<u64>| json!({"limit": limit, "used": used, "remaining": limit.map(|l| l.saturating_sub(used)), "resets_in_secs": resets});
-    let to_day_end = quota::secs_to_next_day(now);
+    let state = quota::QuotaState::of(&limits, &c, now);
+    let rate = |l: &quota::LimitState| json!({"limit": l.limit, "used": l.used, "remaining": l.limit.map(|limit| limit.saturating_sub(l.used)), "resets_in_secs": l.resets_in_secs});
     let nano = rust_decimal::Decimal::from(quota::NANO);
-    let spent = rust_decimal::Decimal::from(c.month_spend_nano) / nano;
+    let spent = rust_decimal::Decimal::from(state.month_spend_nano) / nano;
     let budget = limits.monthly_budget.map(|b| b.amount());
     Ok(Json(json!({
         "key_id": id,
         "tier": record.tier,
-        "requests_per_minute": rate(limits.requests_per_minute, in_window(|b| b.requests), probe.headers.reset_requests_secs),
-        "tokens_per_minute": rate(limits.tokens_per_minute, in_window(|b| b.tokens), probe.headers.reset_tokens_secs),
-        "requests_per_day": rate(limits.requests_per_day, c.day_requests, Some(to_day_end)),
-        "tokens_per_day": rate(limits.tokens_per_day, c.day_tokens, Some(to_day_end)),
-        "max_concurrent": {"limit": limits.max_concurrent, "in_flight": c.in_flight},
+        "requests_per_minute": rate(&state.requests_per_minute),
+        "tokens_per_minute": rate(&state.tokens_per_minute),
+        "requests_per_day": rate(&state.requests_per_day),
+        "tokens_per_day": rate(&state.tokens_per_day),
+        "max_concurrent": {
+            "limit": state.max_concurrent.limit,
+            "in_flight": state.max_concurrent.used,
+            "next_slot_expires_in_secs": state.max_concurrent.resets_in_secs,
+        },
         "monthly_budget": {
             "limit": budget.map(|b| b.normalize().to_string()),
             "used": spent.normalize().to_string(),
@@ -690,10 +685,11 @@ async fn reset_key_quota(
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
     find_key(&gateway, &id).await?;
-    let (month, _) = crate::admission::month_of(now_ms() / 1000);
+    let now = now_ms() / 1000;
+    let (month, _) = crate::admission::month_of(now);
     gateway
         .store
-        .reset_quota(&id, &month)
+        .reset_quota(&id, now, &month)
         .await
         .map_err(store_error)?;
     gateway.local_limiter.forget(&id);

@@ -32,6 +32,8 @@ pub struct Gateway {
     pub upstreams: Arc<Upstreams>,
     pub usage: UsageSink,
     pub local_limiter: crate::admission::LocalLimiter,
+    /// Reservations this replica holds open, and charges it owes from store outages.
+    pub held: Arc<crate::admission::held::Held>,
     pub leases: crate::leases::Leases,
     pub cache: Arc<crate::cache::ResponseCache>,
 }
@@ -92,6 +94,7 @@ impl Gateway {
             upstreams,
             usage,
             local_limiter: Default::default(),
+            held: Default::default(),
             leases: crate::leases::Leases::new(
                 config_leases.0,
                 std::time::Duration::from_millis(config_leases.1),
@@ -176,7 +179,7 @@ impl Gateway {
         let mut tick = tokio::time::interval(std::time::Duration::from_millis(100));
         loop {
             tick.tick().await;
-            crate::leases::give_back(self.store.clone(), self.leases.sweep());
+            crate::leases::give_back(self.store.clone(), self.held.clone(), self.leases.sweep());
         }
     }
 
@@ -231,6 +234,12 @@ pub fn run(config: Config) -> anyhow::Result<()> {
     support.spawn(admin::serve(admin_listener, gateway.clone()));
     support.spawn(gateway.clone().follow_changes());
     support.spawn(gateway.clone().sweep_leases());
+    support.spawn(
+        gateway
+            .held
+            .clone()
+            .run(gateway.store.clone(), config.slot_ttl_secs),
+    );
     support.spawn(gateway.cache.clone().follow());
     support.spawn(gateway.upstreams.clone().follow());
     support.spawn(

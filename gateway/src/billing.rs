@@ -280,7 +280,7 @@ pub const CSV_HEADER: [&str; 11] = [
     "cost",
 ];
 
-pub const EVENT_CSV_HEADER: [&str; 21] = [
+pub const EVENT_CSV_HEADER: [&str; 22] = [
     "id",
     "time",
     "request_id",
@@ -299,6 +299,7 @@ pub const EVENT_CSV_HEADER: [&str; 21] = [
     "ttft_ms",
     "client_disconnected",
     "usage_reported",
+    "usage_source",
     "cost",
     "currency",
     "time_ms",
@@ -373,6 +374,7 @@ pub fn render(events: &[PricedEvent], query: &ExportQuery) -> Vec<u8> {
                             e.ttft_ms.map(|t| t.to_string()).unwrap_or_default(),
                             e.client_disconnected.to_string(),
                             e.usage_reported.to_string(),
+                            e.usage_source.as_str().to_owned(),
                             p.cost.normalize().to_string(),
                             p.currency.clone(),
                             e.time_ms.to_string(),
@@ -410,6 +412,7 @@ mod tests {
             ttft_ms: None,
             client_disconnected: false,
             usage_reported: true,
+            usage_source: Default::default(),
         }
     }
 

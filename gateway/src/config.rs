@@ -59,6 +59,9 @@ pub struct Config {
     pub lease_max_requests: u64,
     /// How long a lease may admit from memory.
     pub lease_ms: u64,
+    /// How long a concurrency slot is held unless its request renews it (every quarter of
+    /// this while it runs) or ends; what a replica that died mid-request holds at most.
+    pub slot_ttl_secs: u64,
     /// Read usage from responses and record a usage event per request.
     pub metering: bool,
     /// How long the gateway keeps reading a backend's answer after its client hung up, so
@@ -161,6 +164,7 @@ struct CacheSection {
 #[serde(deny_unknown_fields)]
 struct QuotasSection {
     default_max_tokens: Option<u64>,
+    slot_ttl_secs: Option<u64>,
     lease_max_requests: Option<u64>,
     lease_ms: Option<u64>,
 }
@@ -224,6 +228,8 @@ struct TierSection {
     limits: Limits,
     #[serde(default)]
     on_store_unavailable: sluice_policies::FailMode,
+    #[serde(default)]
+    request_caps: sluice_policies::RequestCaps,
 }
 
 fn default_currency() -> String {
@@ -371,6 +377,7 @@ impl Config {
                 currency: t.currency,
                 limits: t.limits,
                 on_store_unavailable: t.on_store_unavailable,
+                request_caps: t.request_caps,
             }))
             .map_err(|e| invalid("tiers", e.to_string()))?
         };
@@ -477,6 +484,10 @@ impl Config {
             default_max_tokens: file.quotas.default_max_tokens.unwrap_or(4096),
             lease_max_requests: file.quotas.lease_max_requests.unwrap_or(16),
             lease_ms: file.quotas.lease_ms.unwrap_or(1000),
+            slot_ttl_secs: match file.quotas.slot_ttl_secs.unwrap_or(60) {
+                0 => return Err(invalid("quotas.slot_ttl_secs", "must be at least 1")),
+                ttl => ttl,
+            },
             metering,
             drain_limit,
             cache,

@@ -16,7 +16,9 @@
 //! `lease_max_requests = 0` turns leases off (every request is decided by the
 //! store, exactly).
 
-use crate::store::{SettleArgs, Store};
+use crate::admission::held::Held;
+use crate::store::Store;
+use sluice_policies::ledger::Settle;
 use sluice_policies::quota::{RateHeaders, Reservation};
 use sluice_policies::Limits;
 use std::collections::HashMap;
@@ -283,14 +285,16 @@ fn take_idle(key_id: &str, k: &mut KeyLeases) -> Vec<IdleLease> {
 }
 
 /// Gives idle leases back to the store: their unused requests, tokens, cost and slots.
-pub fn give_back(store: Arc<dyn Store>, idle: Vec<IdleLease>) {
+pub fn give_back(store: Arc<dyn Store>, held: Arc<Held>, idle: Vec<IdleLease>) {
     if idle.is_empty() {
         return;
     }
+    for lease in &idle {
+        held.release(&lease.id);
+    }
     tokio::spawn(async move {
         for lease in idle {
-            let args = SettleArgs {
-                key_id: &lease.key_id,
+            let args = Settle {
                 reservation_id: &lease.id,
                 admitted_sec: lease.admitted_sec,
                 month: &lease.month,
@@ -298,7 +302,7 @@ pub fn give_back(store: Arc<dyn Store>, idle: Vec<IdleLease>) {
                 actual: lease.used,
             };
             for attempt in 0..5u32 {
-                match store.settle(&args).await {
+                match store.settle(&lease.key_id, &args).await {
                     Ok(()) => break,
                     Err(e) => {
                         tracing::warn!(error = %e, attempt, "lease give-back failed");

@@ -7,6 +7,7 @@ pub mod auth;
 pub mod balancer;
 pub mod billing;
 pub mod cache;
+pub mod clock;
 pub mod config;
 pub mod error;
 pub mod keys;

@@ -19,7 +19,7 @@ use crate::cache::answer::{CachedAnswer, Shape};
 use crate::cache::{CacheStatus, Hit, Plan};
 use crate::error::ApiError;
 use crate::metering::events::UsageEvent;
-use crate::metering::{request_usage_chunk, Meter, Usage};
+use crate::metering::{request_usage_chunk, Meter, Usage, UsageSource};
 use crate::request::{RequestView, Route};
 use crate::traces;
 use crate::upstream::{Backend, ModelRoute};
@@ -71,7 +71,11 @@ pub struct RequestCtx {
     /// The backend's response status, once its header arrived.
     pub upstream_status: Option<u16>,
     pub meter: Option<Meter>,
+    /// The backend's answer ended (its last byte passed `response_body_filter`).
+    pub body_done: bool,
     pub usage: Option<Usage>,
+    /// Where `usage` came from (see `read_usage`).
+    pub usage_source: UsageSource,
     pub first_byte_at: Option<Instant>,
     /// The client hung up while the backend was still answering.
     pub client_left: bool,
@@ -117,7 +121,9 @@ impl ProxyHttp for Proxy {
             backend_started: None,
             upstream_status: None,
             meter: None,
+            body_done: false,
             usage: None,
+            usage_source: UsageSource::Reported,
             first_byte_at: None,
             client_left: false,
             admitted: None,
@@ -266,6 +272,10 @@ impl ProxyHttp for Proxy {
     ) -> Result<()> {
         // The client's credential is for the gateway; backends never see it.
         upstream_request.remove_header("authorization");
+        if self.gateway.config.metering {
+            // A compressed answer could not be read for usage.
+            upstream_request.remove_header("accept-encoding");
+        }
         upstream_request.insert_header("x-request-id", &ctx.request_id)?;
         if let Some(span) = &ctx.upstream_span {
             // The backend continues this trace under the upstream attempt's span.
@@ -338,7 +348,11 @@ impl ProxyHttp for Proxy {
                 .headers
                 .get(http::header::CONTENT_TYPE)
                 .map(|v| v.as_bytes());
-            let meter = Meter::for_response(content_type, ctx.usage_chunk_added);
+            let meter = if encoded {
+                Meter::Unreadable
+            } else {
+                Meter::for_response(content_type, ctx.usage_chunk_added)
+            };
             if ctx.usage_chunk_added && matches!(meter, Meter::Sse(_)) {
                 // The body may shrink by the removed chunk.
                 upstream_response.remove_header("content-length");
@@ -370,6 +384,7 @@ impl ProxyHttp for Proxy {
                 *body = Some(meter.feed(chunk));
             }
             if end_of_stream {
+                ctx.body_done = true;
                 let (rest, usage) = meter.finish();
                 ctx.usage = usage;
                 if !rest.is_empty() {
@@ -426,6 +441,7 @@ impl ProxyHttp for Proxy {
         }
         let metering = traces::child(ctx.span.as_ref(), "metering");
         let metering_entered = metering.enter();
+        read_usage(ctx);
         if let Some(event) = self.usage_event(ctx) {
             self.gateway.usage.record(event);
         }
@@ -541,7 +557,8 @@ impl Proxy {
                 .first_byte_at
                 .map(|t| (t - ctx.started).as_millis() as u64),
             client_disconnected: ctx.client_left,
-            usage_reported: ctx.usage.is_some(),
+            usage_reported: ctx.usage_source == UsageSource::Reported,
+            usage_source: ctx.usage_source,
         })
     }
 
@@ -671,9 +688,8 @@ impl Proxy {
         ctx.stream = view.is_stream();
         let identity = ctx.identity.clone().expect("authenticated above");
         traces::record_request(ctx.span.as_ref(), route_kind, &view);
-        let admitting =
-            admission::admit(&self.gateway, &identity, route_kind, &view, &ctx.request_id)
-                .instrument(traces::child(ctx.span.as_ref(), "admission"));
+        let admitting = admission::admit(&self.gateway, &identity, route_kind, &view)
+            .instrument(traces::child(ctx.span.as_ref(), "admission"));
         match admitting.await {
             Ok(admitted) => {
                 let path = match (&admitted.lease, admitted.local_only) {
@@ -731,6 +747,29 @@ impl Proxy {
         }
         Ok(None)
     }
+}
+
+/// Settles what a backend's 2xx answer used when its usage could not be read (a body past
+/// the copy bound, a stream cut off before its usage chunk, a compressed body, a backend
+/// that reports none): an estimate from what passed, or the reservation. Never zero.
+fn read_usage(ctx: &mut RequestCtx) {
+    if ctx.usage.is_some() || !ctx.upstream_status.is_some_and(|s| (200..300).contains(&s)) {
+        return;
+    }
+    let (Some(meter), Some(admitted)) = (ctx.meter.as_mut(), ctx.admitted.as_ref()) else {
+        return;
+    };
+    if !ctx.body_done {
+        // Cut off: what is held of the last event is read too.
+        ctx.body_done = true;
+        if let (_, Some(usage)) = meter.finish() {
+            ctx.usage = Some(usage);
+            return;
+        }
+    }
+    let (usage, source) = meter.estimate(admitted.ceiling);
+    ctx.usage = Some(usage);
+    ctx.usage_source = source;
 }
 
 /// An answer the gateway gives without a backend.

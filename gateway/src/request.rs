@@ -74,6 +74,9 @@ pub struct RequestView<'a> {
     pub max_completion_tokens: Option<u32>,
     #[serde(default)]
     pub n: Option<u32>,
+    /// Completions only: choices generated per prompt, of which `n` are returned.
+    #[serde(default)]
+    pub best_of: Option<u32>,
     #[serde(default)]
     pub temperature: Option<f64>,
     #[serde(borrow, default)]

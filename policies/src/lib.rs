@@ -3,6 +3,7 @@
 //! and shared by every store and replica without drift.
 
 pub mod cache;
+pub mod ledger;
 pub mod limits;
 pub mod money;
 pub mod pricing;
@@ -14,4 +15,4 @@ pub use money::Money;
 pub use pricing::{
     Band, ModelPrice, PriceBook, PriceEntry, PriceSchedule, PricingError, TokenCounts,
 };
-pub use tiers::{FailMode, Tier, TierError, Tiers};
+pub use tiers::{FailMode, RequestCaps, Tier, TierError, Tiers};

@@ -661,6 +661,7 @@ mod tests {
             currency: currency.to_owned(),
             limits: Limits::default(),
             on_store_unavailable: Default::default(),
+            request_caps: Default::default(),
         };
         Tiers::new([tier("free", "USD"), tier("eu", "EUR")]).unwrap()
     }

@@ -82,6 +82,9 @@ pub struct Counters {
     pub day_requests: u64,
     pub day_tokens: u64,
     pub in_flight: u64,
+    /// When the soonest-expiring concurrency slot in flight runs out (unix seconds): the
+    /// latest a slot frees if its request has died without settling.
+    pub next_slot_expiry: Option<i64>,
     pub month_spend_nano: i64,
 }
 
@@ -195,13 +198,13 @@ pub fn decide(
             LimitKind::Concurrent,
             limits.max_concurrent,
             counters.in_flight,
-            1,
+            r.requests,
         ),
         (
             LimitKind::RequestsPerMinute,
             limits.requests_per_minute,
             rpm_used,
-            1,
+            r.requests,
         ),
         (
             LimitKind::TokensPerMinute,
@@ -213,7 +216,7 @@ pub fn decide(
             LimitKind::RequestsPerDay,
             limits.requests_per_day,
             counters.day_requests,
-            1,
+            r.requests,
         ),
         (
             LimitKind::TokensPerDay,
@@ -236,7 +239,12 @@ pub fn decide(
                     LimitKind::RequestsPerDay | LimitKind::TokensPerDay => {
                         secs_to_next_day(now_sec)
                     }
-                    _ => 1,
+                    // A slot frees when its request ends, which no one can know in advance;
+                    // what is known is when the soonest one runs out unless it is renewed.
+                    LimitKind::Concurrent => counters
+                        .next_slot_expiry
+                        .map_or(1, |expiry| (expiry - now_sec).max(1) as u64),
+                    LimitKind::MonthlyBudget => secs_to_month_end.max(1),
                 };
                 refused = Some((kind, retry));
                 break;
@@ -271,6 +279,66 @@ pub fn decide(
             .map(|_| window_clears(counters, now_sec, admitted && r.tokens > 0, |b| b.tokens)),
     };
     Decision { refused, headers }
+}
+
+/// One limit's live state, as operators see it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LimitState {
+    pub limit: Option<u64>,
+    /// What admitted requests count against it now (reservations of those in flight
+    /// included).
+    pub used: u64,
+    /// When the window frees room (rates), renews (days), or the soonest slot runs out
+    /// (concurrency); `None` when nothing is held.
+    pub resets_in_secs: Option<u64>,
+}
+
+/// A key's quota as `GET /admin/v1/keys/{id}/quota` reports it: the same for every store,
+/// since it is computed from the counters alone.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QuotaState {
+    pub requests_per_minute: LimitState,
+    pub tokens_per_minute: LimitState,
+    pub requests_per_day: LimitState,
+    pub tokens_per_day: LimitState,
+    pub max_concurrent: LimitState,
+    pub month_spend_nano: i64,
+}
+
+impl QuotaState {
+    pub fn of(limits: &Limits, counters: &Counters, now_sec: i64) -> QuotaState {
+        let to_day_end = Some(secs_to_next_day(now_sec));
+        QuotaState {
+            requests_per_minute: LimitState {
+                limit: limits.requests_per_minute,
+                used: window_sum(counters, now_sec, |b| b.requests),
+                resets_in_secs: Some(window_clears(counters, now_sec, false, |b| b.requests)),
+            },
+            tokens_per_minute: LimitState {
+                limit: limits.tokens_per_minute,
+                used: window_sum(counters, now_sec, |b| b.tokens),
+                resets_in_secs: Some(window_clears(counters, now_sec, false, |b| b.tokens)),
+            },
+            requests_per_day: LimitState {
+                limit: limits.requests_per_day,
+                used: counters.day_requests,
+                resets_in_secs: to_day_end,
+            },
+            tokens_per_day: LimitState {
+                limit: limits.tokens_per_day,
+                used: counters.day_tokens,
+                resets_in_secs: to_day_end,
+            },
+            max_concurrent: LimitState {
+                limit: limits.max_concurrent,
+                used: counters.in_flight,
+                resets_in_secs: counters
+                    .next_slot_expiry
+                    .map(|expiry| (expiry - now_sec).max(0) as u64),
+            },
+            month_spend_nano: counters.month_spend_nano,
+        }
+    }
 }
 
 /// Whether a request can never fit: its own reservation exceeds a token limit outright.

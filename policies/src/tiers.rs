@@ -16,6 +16,35 @@ pub struct Tier {
     /// What a replica does when the shared quota store cannot be reached.
     #[serde(default)]
     pub on_store_unavailable: FailMode,
+    /// The largest single request the tier accepts.
+    #[serde(default)]
+    pub request_caps: RequestCaps,
+}
+
+/// Bounds on one request, so that what it reserves (prompts × choices × completion cap) is
+/// always a number the stores count exactly. A request past one is refused with 400 naming
+/// the field, before anything is reserved.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RequestCaps {
+    /// `max_tokens` / `max_completion_tokens`.
+    pub max_tokens: u64,
+    /// `n` (and `best_of`): choices generated per prompt.
+    pub max_n: u64,
+    /// Prompts in one completions request, or inputs in one embeddings request.
+    pub max_prompts: u64,
+}
+
+impl Default for RequestCaps {
+    /// OpenAI's own bounds for `n` (128) and inputs per request (2048); a completion cap of
+    /// 2²⁰ tokens, beyond any model's context. Their product stays far below 2⁵³.
+    fn default() -> Self {
+        RequestCaps {
+            max_tokens: 1 << 20,
+            max_n: 128,
+            max_prompts: 2048,
+        }
+    }
 }
 
 /// Fail-open serves the tier's keys under each replica's local limits only (so a fleet of N
@@ -75,6 +104,7 @@ impl Tiers {
                 monthly_budget: Some(budget.parse::<Money>().expect("builtin budget")),
             },
             on_store_unavailable: FailMode::Open,
+            request_caps: RequestCaps::default(),
         };
         Tiers::new([
             tier(

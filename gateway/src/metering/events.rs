@@ -42,8 +42,12 @@ pub struct UsageEvent {
     /// The client hung up before the response ended; the usage is what the backend reported
     /// after the gateway read its response to the end.
     pub client_disconnected: bool,
-    /// False when the backend reported no usage (the event then carries zeros).
+    /// False when the backend's usage could not be read (see `usage_source`).
     pub usage_reported: bool,
+    /// `reported` (the backend's own figures), `estimated` (from what was sent and
+    /// received) or `reserved` (nothing could be read: billed at the reservation).
+    #[serde(default)]
+    pub usage_source: super::UsageSource,
 }
 
 /// Where the proxy puts events; cheap to clone, never blocks.

@@ -15,6 +15,96 @@ use serde::{Deserialize, Deserializer, Serialize};
 /// A JSON response larger than this is passed on but not read for usage (and counted).
 const MAX_JSON_BYTES: usize = 16 << 20;
 
+/// Where a request's billed usage came from: the backend's own report; an estimate from
+/// what was sent and received (the backend reported none, or the stream was cut before its
+/// usage chunk); or, when nothing could be read, the reservation itself.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum UsageSource {
+    #[default]
+    Reported,
+    Estimated,
+    Reserved,
+}
+
+impl UsageSource {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            UsageSource::Reported => "reported",
+            UsageSource::Estimated => "estimated",
+            UsageSource::Reserved => "reserved",
+        }
+    }
+}
+
+/// The most a request could use, as it was reserved: its prompt estimate and its completion
+/// cap (all choices, all prompts). Estimates never exceed it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Ceiling {
+    pub prompt_tokens: u64,
+    pub completion_tokens: u64,
+}
+
+impl Ceiling {
+    fn usage(self, completion_tokens: u64) -> Usage {
+        Usage {
+            prompt_tokens: self.prompt_tokens,
+            completion_tokens: completion_tokens.min(self.completion_tokens),
+            cached_tokens: 0,
+            served_from_cache: false,
+        }
+    }
+}
+
+/// Bytes of generated text in a response chunk or body: the string values of `content`,
+/// `text`, `arguments` (tool calls) and `reasoning_content`, as written (escapes count
+/// whole). A byte-level BPE token covers at least one byte, so this is at least the tokens
+/// generated: an estimate that does not under-bill.
+pub fn text_bytes(json: &[u8]) -> u64 {
+    const KEYS: [&[u8]; 4] = [
+        b"\"content\"",
+        b"\"text\"",
+        b"\"arguments\"",
+        b"\"reasoning_content\"",
+    ];
+    let mut total = 0;
+    for key in KEYS {
+        for at in memchr::memmem::find_iter(json, key) {
+            total += string_value_len(&json[at + key.len()..]);
+        }
+    }
+    total as u64
+}
+
+/// The length of the JSON string value after a key (`: "..."`), or 0 when it is not a string.
+fn string_value_len(rest: &[u8]) -> usize {
+    let mut i = 0;
+    let skip_space = |i: &mut usize| {
+        while rest.get(*i).is_some_and(u8::is_ascii_whitespace) {
+            *i += 1;
+        }
+    };
+    skip_space(&mut i);
+    if rest.get(i) != Some(&b':') {
+        return 0;
+    }
+    i += 1;
+    skip_space(&mut i);
+    if rest.get(i) != Some(&b'"') {
+        return 0;
+    }
+    let start = i + 1;
+    let mut j = start;
+    while let Some(&b) = rest.get(j) {
+        match b {
+            b'\\' => j += 2,
+            b'"' => return j - start,
+            _ => j += 1,
+        }
+    }
+    rest.len().saturating_sub(start)
+}
+
 /// Token usage as OpenAI reports it.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
 pub struct Usage {
@@ -91,7 +181,14 @@ impl<'de> Deserialize<'de> for Usage {
 /// The usage reader for one response, chosen by its content type.
 pub enum Meter {
     Sse(SseUsageScanner),
-    Json { body: BytesMut, overflowed: bool },
+    Json {
+        body: BytesMut,
+        overflowed: bool,
+        /// Set by `finish`: generated text bytes of a body that parsed but had no usage.
+        text_bytes: Option<u64>,
+    },
+    /// A body the gateway cannot read (compressed): billed at its reservation.
+    Unreadable,
 }
 
 impl Meter {
@@ -103,6 +200,7 @@ impl Meter {
             Meter::Json {
                 body: BytesMut::new(),
                 overflowed: false,
+                text_bytes: None,
             }
         }
     }
@@ -111,7 +209,10 @@ impl Meter {
     pub fn feed(&mut self, chunk: Bytes) -> Bytes {
         match self {
             Meter::Sse(scanner) => scanner.feed(chunk),
-            Meter::Json { body, overflowed } => {
+            Meter::Unreadable => chunk,
+            Meter::Json {
+                body, overflowed, ..
+            } => {
                 if !*overflowed {
                     if body.len() + chunk.len() > MAX_JSON_BYTES {
                         *overflowed = true;
@@ -129,20 +230,46 @@ impl Meter {
     pub fn finish(&mut self) -> (Bytes, Option<Usage>) {
         match self {
             Meter::Sse(scanner) => (scanner.finish(), scanner.usage()),
-            Meter::Json { body, overflowed } => {
+            Meter::Unreadable => (Bytes::new(), None),
+            Meter::Json {
+                body,
+                overflowed,
+                text_bytes,
+            } => {
                 #[derive(Deserialize)]
                 struct WithUsage {
                     usage: Option<Usage>,
                 }
-                let usage = if *overflowed {
-                    None
-                } else {
-                    serde_json::from_slice::<WithUsage>(body)
-                        .ok()
-                        .and_then(|w| w.usage)
+                if *overflowed {
+                    return (Bytes::new(), None);
+                }
+                let usage = match serde_json::from_slice::<WithUsage>(body) {
+                    Ok(WithUsage { usage: Some(usage) }) => Some(usage),
+                    Ok(WithUsage { usage: None }) => {
+                        *text_bytes = Some(self::text_bytes(body));
+                        None
+                    }
+                    Err(_) => None,
                 };
+                *body = BytesMut::new();
                 (Bytes::new(), usage)
             }
+        }
+    }
+
+    /// The usage to bill, after `finish`, when the backend's own could not be read: an
+    /// estimate from the text that passed, or the reservation when nothing could be read.
+    pub fn estimate(&self, ceiling: Ceiling) -> (Usage, UsageSource) {
+        match self {
+            Meter::Sse(scanner) => (ceiling.usage(scanner.text_bytes()), UsageSource::Estimated),
+            Meter::Json {
+                text_bytes: Some(bytes),
+                ..
+            } => (ceiling.usage(*bytes), UsageSource::Estimated),
+            Meter::Json { .. } | Meter::Unreadable => (
+                ceiling.usage(ceiling.completion_tokens),
+                UsageSource::Reserved,
+            ),
         }
     }
 }
@@ -155,6 +282,11 @@ pub fn request_usage_chunk(body: &Bytes, stream_options: Option<&str>) -> Option
     struct Options {
         include_usage: Option<bool>,
     }
+    // `"stream_options": null` reads as absent, but the key is there: re-serialise.
+    let stream_options = match stream_options {
+        None if memchr::memmem::find(body, b"\"stream_options\"").is_some() => Some("null"),
+        other => other,
+    };
     match stream_options {
         None => {
             let open = body.iter().position(|&b| b == b'{')?;
@@ -248,5 +380,56 @@ mod tests {
 
         let body = Bytes::from_static(br#"{"model":"m","stream_options":{"include_usage":true}}"#);
         assert!(request_usage_chunk(&body, Some(r#"{"include_usage":true}"#)).is_none());
+    }
+
+    #[test]
+    fn a_null_stream_options_is_replaced_not_doubled() {
+        let body = Bytes::from_static(br#"{"model":"m","stream":true,"stream_options":null}"#);
+        let out = request_usage_chunk(&body, None).unwrap();
+        let text = std::str::from_utf8(&out).unwrap();
+        assert_eq!(text.matches("stream_options").count(), 1, "{text}");
+        let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(v["stream_options"]["include_usage"], true);
+    }
+
+    #[test]
+    fn generated_text_is_counted_in_bytes() {
+        let chunk = br#"{"choices":[{"delta":{"content":"Hi \"you\""}},{"text" : "abc"}],"x":{"content":null}}"#;
+        assert_eq!(text_bytes(chunk), r#"Hi \"you\""#.len() as u64 + 3);
+    }
+
+    #[test]
+    fn unreadable_usage_is_estimated_or_reserved_never_zero() {
+        let ceiling = Ceiling {
+            prompt_tokens: 70,
+            completion_tokens: 50,
+        };
+        let mut meter = Meter::for_response(Some(b"application/json"), false);
+        meter.feed(Bytes::from_static(
+            br#"{"choices":[{"message":{"content":"twelve bytes"}}]}"#,
+        ));
+        assert_eq!(meter.finish().1, None);
+        let (usage, source) = meter.estimate(ceiling);
+        assert_eq!((usage.prompt_tokens, usage.completion_tokens), (70, 12));
+        assert_eq!(source, UsageSource::Estimated);
+
+        let mut meter = Meter::for_response(Some(b"application/json"), false);
+        meter.feed(Bytes::from_static(b"\x1f\x8b garbage"));
+        meter.finish();
+        let (usage, source) = meter.estimate(ceiling);
+        assert_eq!(
+            (usage.completion_tokens, source),
+            (50, UsageSource::Reserved)
+        );
+
+        let mut meter = Meter::for_response(Some(b"text/event-stream"), true);
+        meter.feed(Bytes::from_static(
+            b"data: {\"choices\":[{\"delta\":{\"content\":\"abcd\"}}]}\n\n",
+        ));
+        let (usage, source) = meter.estimate(ceiling);
+        assert_eq!(
+            (usage.completion_tokens, source),
+            (4, UsageSource::Estimated)
+        );
     }
 }

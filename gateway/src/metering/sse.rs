@@ -19,6 +19,9 @@ pub struct SseUsageScanner {
     strip_usage_chunk: bool,
     usage: Option<Usage>,
     malformed: u64,
+    /// Bytes of generated text seen (see [`super::text_bytes`]), for an estimate when the
+    /// stream ends without usage.
+    text_bytes: u64,
 }
 
 #[derive(Deserialize)]
@@ -37,6 +40,7 @@ impl SseUsageScanner {
             strip_usage_chunk,
             usage: None,
             malformed: 0,
+            text_bytes: 0,
         }
     }
 
@@ -85,6 +89,11 @@ impl SseUsageScanner {
         self.usage
     }
 
+    /// Bytes of generated text the stream carried so far.
+    pub fn text_bytes(&self) -> u64 {
+        self.text_bytes
+    }
+
     /// Events that could not be read (not JSON, or too large).
     pub fn malformed(&self) -> u64 {
         self.malformed
@@ -95,8 +104,12 @@ impl SseUsageScanner {
         let Some(data) = event_data(event) else {
             return true;
         };
+        if data == b"[DONE]" {
+            return true;
+        }
+        self.text_bytes += super::text_bytes(data);
         // Only a chunk that names "usage" can carry it; the rest are not parsed at all.
-        if data == b"[DONE]" || memfind(data, b"\"usage\"").is_none() {
+        if memfind(data, b"\"usage\"").is_none() {
             return true;
         }
         match serde_json::from_slice::<Chunk>(data) {
@@ -136,7 +149,7 @@ fn event_data(event: &[u8]) -> Option<&[u8]> {
 }
 
 fn memfind(haystack: &[u8], needle: &[u8]) -> Option<usize> {
-    haystack.windows(needle.len()).position(|w| w == needle)
+    memchr::memmem::find(haystack, needle)
 }
 
 #[cfg(test)]

@@ -2,12 +2,13 @@
 //! fsync on commit), so a key answered as created survives a crash or restart.
 
 use super::cache_memory::MemoryCache;
-use super::quota_memory::{AdmitArgs, MemoryQuotas, SettleArgs};
+use super::quota_memory::MemoryQuotas;
 use super::{BackendRecord, Store, StoreError};
 use crate::keys::{KeyHash, KeyRecord};
 use crate::metering::events::UsageEvent;
 use async_trait::async_trait;
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use sluice_policies::ledger::{Admit, Charge, Refresh, Settle};
 use sluice_policies::quota::{Counters, Decision};
 use sluice_policies::Tier;
 use std::path::Path;
@@ -252,8 +253,8 @@ impl Store for EmbeddedStore {
         .await
     }
 
-    async fn admit(&self, args: &AdmitArgs<'_>) -> Result<Decision, StoreError> {
-        Ok(self.quotas.admit(args))
+    async fn admit(&self, key_id: &str, args: &Admit<'_>) -> Result<Decision, StoreError> {
+        Ok(self.quotas.admit(key_id, args))
     }
 
     async fn put_tier(&self, tier: &Tier) -> Result<(), StoreError> {
@@ -358,8 +359,17 @@ impl Store for EmbeddedStore {
         .await
     }
 
-    async fn settle(&self, args: &SettleArgs<'_>) -> Result<(), StoreError> {
-        self.quotas.settle(args);
+    async fn refresh(&self, key_id: &str, args: &Refresh<'_>) -> Result<(), StoreError> {
+        self.quotas.refresh(key_id, args);
+        Ok(())
+    }
+
+    async fn charge(&self, key_id: &str, args: &Charge<'_>) -> Result<bool, StoreError> {
+        Ok(self.quotas.charge(key_id, args))
+    }
+
+    async fn settle(&self, key_id: &str, args: &Settle<'_>) -> Result<(), StoreError> {
+        self.quotas.settle(key_id, args);
         Ok(())
     }
 
@@ -372,7 +382,12 @@ impl Store for EmbeddedStore {
         Ok(self.quotas.counters(key_id, now_sec, month))
     }
 
-    async fn reset_quota(&self, key_id: &str, _month: &str) -> Result<(), StoreError> {
+    async fn reset_quota(
+        &self,
+        key_id: &str,
+        _now_sec: i64,
+        _month: &str,
+    ) -> Result<(), StoreError> {
         self.quotas.reset(key_id);
         Ok(())
     }

@@ -9,13 +9,13 @@ mod quota_memory;
 mod redis;
 
 pub use embedded::EmbeddedStore;
-pub use quota_memory::{AdmitArgs, SettleArgs};
 pub use redis::RedisStore;
 
 use crate::keys::{KeyHash, KeyRecord};
 use crate::metering::events::UsageEvent;
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
+use sluice_policies::ledger::{Admit, Charge, Refresh, Settle};
 use sluice_policies::quota::{Counters, Decision};
 use sluice_policies::Tier;
 
@@ -94,11 +94,19 @@ pub trait Store: Send + Sync + 'static {
     async fn usage_events(&self, from_ms: i64, to_ms: i64) -> Result<Vec<UsageEvent>, StoreError>;
 
     /// Decides, in one atomic step, whether a request reserving `args.reservation` may start,
-    /// and reserves it if so.
-    async fn admit(&self, args: &AdmitArgs<'_>) -> Result<Decision, StoreError>;
+    /// and reserves it if so. The quota operations follow `sluice_policies::ledger`, the
+    /// contract both stores implement.
+    async fn admit(&self, key_id: &str, args: &Admit<'_>) -> Result<Decision, StoreError>;
 
-    /// Replaces a reservation with what the request really used, and frees its slot.
-    async fn settle(&self, args: &SettleArgs<'_>) -> Result<(), StoreError>;
+    /// Replaces a reservation with what the request really used, and frees its slots.
+    async fn settle(&self, key_id: &str, args: &Settle<'_>) -> Result<(), StoreError>;
+
+    /// Renews the concurrency slots of a reservation still running.
+    async fn refresh(&self, key_id: &str, args: &Refresh<'_>) -> Result<(), StoreError>;
+
+    /// Counts usage admitted without the store (while it was unreachable), once per charge
+    /// id; returns whether this delivery was the one that counted.
+    async fn charge(&self, key_id: &str, args: &Charge<'_>) -> Result<bool, StoreError>;
 
     /// A key's live quota counters.
     async fn quota_counters(
@@ -108,8 +116,8 @@ pub trait Store: Send + Sync + 'static {
         month: &str,
     ) -> Result<Counters, StoreError>;
 
-    /// Forgets a key's quota counters (windows, caps and spend).
-    async fn reset_quota(&self, key_id: &str, month: &str) -> Result<(), StoreError>;
+    /// Forgets a key's quota counters (windows, slots and spend) at `now_sec`.
+    async fn reset_quota(&self, key_id: &str, now_sec: i64, month: &str) -> Result<(), StoreError>;
 
     /// Keeps a cache entry's body for `ttl_ms`, then appends `event` to the cache log that
     /// every replica follows. The log forgets events older than `log_horizon_ms`.

@@ -22,13 +22,13 @@
 //! Cluster slot and every write can be one MULTI/EXEC: a replica never sees a record without
 //! its index or the other way round.
 
-use super::quota_memory::{AdmitArgs, SettleArgs};
 use super::{BackendRecord, Store, StoreError};
 use crate::keys::{KeyHash, KeyRecord};
 use crate::metering::events::UsageEvent;
 use async_trait::async_trait;
 use redis::aio::ConnectionManager;
 use redis::AsyncCommands;
+use sluice_policies::ledger::{self, Admit, Charge, Refresh, Settle};
 use sluice_policies::quota::{self, Counters, Decision};
 use sluice_policies::Tier;
 
@@ -225,16 +225,17 @@ return added
 static APPEND_USAGE: std::sync::LazyLock<redis::Script> =
     std::sync::LazyLock::new(|| redis::Script::new(APPEND_USAGE_V1));
 
-/// One admission, atomically: the same checks as `sluice_policies::quota::decide`, and the
-/// reservation when they pass. All keys are one API key's, under one hash tag.
+/// One admission, atomically: `sluice_policies::ledger::KeyLedger::admit`, line for line.
+/// All keys are one API key's, under one hash tag.
 /// KEYS: minute requests, minute tokens, day, month spend, in-flight.
 /// ARGV: now, rpm, rpd, tpm, tpd, concurrent, budget (-1 = unlimited), tokens, cost,
-/// reservation id, in-flight expiry, requests (1, or a lease's size; its concurrency slots
-/// are members `id:1` .. `id:n`).
+/// reservation id, slot expiry, requests (1, or a lease's size; its concurrency slots are
+/// members `id:1` .. `id:n`).
 /// Returns {admitted, minute requests (second, count, ...), minute tokens, day requests,
-/// day tokens, in flight, month spend}, counted before this request.
-const ADMIT_V2: &str = r"
--- sluice_admit_v2
+/// day tokens, in flight, month spend, soonest slot expiry or -1}, counted before this
+/// request.
+const ADMIT_V3: &str = r"
+-- sluice_admit_v3
 local now = tonumber(ARGV[1])
 local function window(key)
   local all = redis.call('HGETALL', key)
@@ -257,6 +258,9 @@ local day_t = tonumber(redis.call('HGET', KEYS[3], 't') or '0')
 local spend = tonumber(redis.call('GET', KEYS[4]) or '0')
 redis.call('ZREMRANGEBYSCORE', KEYS[5], '-inf', now)
 local in_flight = redis.call('ZCARD', KEYS[5])
+local soonest = redis.call('ZRANGE', KEYS[5], 0, 0, 'WITHSCORES')
+local next_expiry = -1
+if #soonest == 2 then next_expiry = tonumber(soonest[2]) end
 local tokens, cost, n = tonumber(ARGV[8]), tonumber(ARGV[9]), tonumber(ARGV[12])
 local function over(limit, used, need)
   local l = tonumber(limit)
@@ -282,15 +286,15 @@ if admitted == 1 then
   end
   redis.call('EXPIRE', KEYS[5], 86400)
 end
-return {admitted, mr, mt, day_r, day_t, in_flight, spend}
+return {admitted, mr, mt, day_r, day_t, in_flight, spend, next_expiry}
 ";
 
-/// Settles a reservation (or a lease): frees its slots and moves its counters from reserved
-/// to actual.
+/// Settles a reservation (or a lease): `KeyLedger::settle`. Frees its slots and moves its
+/// counters from reserved to actual.
 /// KEYS: minute tokens, day, month spend, in-flight, minute requests.
 /// ARGV: admitted second, token delta, cost delta, reservation id, slots, request delta.
-const SETTLE_V2: &str = r"
--- sluice_settle_v2
+const SETTLE_V3: &str = r"
+-- sluice_settle_v3
 for i = 1, tonumber(ARGV[5]) do
   redis.call('ZREM', KEYS[4], ARGV[4] .. ':' .. i)
 end
@@ -316,10 +320,54 @@ end
 return 1
 ";
 
+/// Renews a running reservation's slots: `KeyLedger::refresh`.
+/// KEYS: in-flight. ARGV: now, new expiry, reservation id, slots.
+const REFRESH_V1: &str = r"
+-- sluice_refresh_v1
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[1])
+for i = 1, tonumber(ARGV[4]) do
+  redis.call('ZADD', KEYS[1], 'XX', ARGV[2], ARGV[3] .. ':' .. i)
+end
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  redis.call('EXPIRE', KEYS[1], 86400)
+end
+return 1
+";
+
+/// Counts usage admitted without the store, once per id: `KeyLedger::charge`.
+/// KEYS: charge ids, minute requests, minute tokens, day (of the charge), month spend.
+/// ARGV: id, admitted second, now, requests, tokens, cost, how long ids are remembered.
+/// Returns 1 when this charge counted, 0 for a repeat.
+const CHARGE_V1: &str = r"
+-- sluice_charge_v1
+local now, at, memory = tonumber(ARGV[3]), tonumber(ARGV[2]), tonumber(ARGV[7])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - memory)
+if redis.call('ZADD', KEYS[1], 'NX', at, ARGV[1]) == 0 then
+  return 0
+end
+redis.call('EXPIRE', KEYS[1], memory)
+if at > now - 60 then
+  redis.call('HINCRBY', KEYS[2], at, ARGV[4])
+  redis.call('EXPIRE', KEYS[2], 120)
+  redis.call('HINCRBY', KEYS[3], at, ARGV[5])
+  redis.call('EXPIRE', KEYS[3], 120)
+end
+redis.call('HINCRBY', KEYS[4], 'r', ARGV[4])
+redis.call('HINCRBY', KEYS[4], 't', ARGV[5])
+redis.call('EXPIRE', KEYS[4], 172800)
+redis.call('INCRBY', KEYS[5], ARGV[6])
+redis.call('EXPIRE', KEYS[5], 3456000)
+return 1
+";
+
 static ADMIT: std::sync::LazyLock<redis::Script> =
-    std::sync::LazyLock::new(|| redis::Script::new(ADMIT_V2));
+    std::sync::LazyLock::new(|| redis::Script::new(ADMIT_V3));
 static SETTLE: std::sync::LazyLock<redis::Script> =
-    std::sync::LazyLock::new(|| redis::Script::new(SETTLE_V2));
+    std::sync::LazyLock::new(|| redis::Script::new(SETTLE_V3));
+static REFRESH: std::sync::LazyLock<redis::Script> =
+    std::sync::LazyLock::new(|| redis::Script::new(REFRESH_V1));
+static CHARGE: std::sync::LazyLock<redis::Script> =
+    std::sync::LazyLock::new(|| redis::Script::new(CHARGE_V1));
 
 /// The Redis keys of one API key's quota state, all under one hash tag so that a script
 /// touching them runs on one Redis Cluster slot.
@@ -347,6 +395,9 @@ impl QuotaKeys {
     }
     fn in_flight(&self) -> String {
         format!("{}:q:f", self.tag)
+    }
+    fn charges(&self) -> String {
+        format!("{}:q:c", self.tag)
     }
 }
 
@@ -553,8 +604,8 @@ impl Store for RedisStore {
             .collect::<Result<_, _>>()?)
     }
 
-    async fn admit(&self, a: &AdmitArgs<'_>) -> Result<Decision, StoreError> {
-        let keys = QuotaKeys::new(&self.prefix, a.key_id);
+    async fn admit(&self, key_id: &str, a: &Admit<'_>) -> Result<Decision, StoreError> {
+        let keys = QuotaKeys::new(&self.prefix, key_id);
         let l = a.limits;
         let mut invocation = ADMIT.prepare_invoke();
         invocation
@@ -573,32 +624,38 @@ impl Store for RedisStore {
             .arg(a.reservation.tokens)
             .arg(a.reservation.cost_nano)
             .arg(a.reservation_id)
-            .arg(a.now_sec + a.in_flight_ttl_secs)
+            .arg(a.now_sec + a.slot_ttl_secs)
             .arg(a.reservation.requests);
         let mut conn = self.conn.clone();
-        type Reply = (i64, Vec<String>, Vec<String>, u64, u64, u64, i64);
-        let (admitted, mr, mt, day_requests, day_tokens, in_flight, spend): Reply =
+        type Reply = (i64, Vec<String>, Vec<String>, u64, u64, u64, i64, i64);
+        let (admitted, mr, mt, day_requests, day_tokens, in_flight, spend, next_expiry): Reply =
             invocation.invoke_async(&mut conn).await?;
         let counters = Counters {
             minute: buckets(&mr, &mt),
             day_requests,
             day_tokens,
             in_flight,
+            next_slot_expiry: (next_expiry >= 0).then_some(next_expiry),
             month_spend_nano: spend,
         };
         let mut decision =
             quota::decide(l, &counters, a.reservation, a.now_sec, a.secs_to_month_end);
-        // The script's verdict is the one that counted; the pure function explains it.
-        if admitted == 1 {
-            decision.refused = None;
-        } else if decision.refused.is_none() {
-            decision.refused = Some((quota::LimitKind::Concurrent, 1));
+        // The script's verdict is the one that counted; the pure function explains it. They
+        // agree (tests/quota_model.rs); if they ever did not, the script wins.
+        if (admitted == 1) != decision.refused.is_none() {
+            tracing::error!(
+                key_id,
+                admitted,
+                ?decision,
+                "admission script and model disagree"
+            );
+            decision.refused = (admitted == 0).then_some((quota::LimitKind::Concurrent, 1));
         }
         Ok(decision)
     }
 
-    async fn settle(&self, s: &SettleArgs<'_>) -> Result<(), StoreError> {
-        let keys = QuotaKeys::new(&self.prefix, s.key_id);
+    async fn settle(&self, key_id: &str, s: &Settle<'_>) -> Result<(), StoreError> {
+        let keys = QuotaKeys::new(&self.prefix, key_id);
         let token_delta = s.actual.tokens as i64 - s.reserved.tokens as i64;
         let cost_delta = s.actual.cost_nano - s.reserved.cost_nano;
         let mut invocation = SETTLE.prepare_invoke();
@@ -619,6 +676,41 @@ impl Store for RedisStore {
         Ok(())
     }
 
+    async fn refresh(&self, key_id: &str, f: &Refresh<'_>) -> Result<(), StoreError> {
+        let keys = QuotaKeys::new(&self.prefix, key_id);
+        let mut invocation = REFRESH.prepare_invoke();
+        invocation
+            .key(keys.in_flight())
+            .arg(f.now_sec)
+            .arg(f.now_sec + f.slot_ttl_secs)
+            .arg(f.reservation_id)
+            .arg(f.slots);
+        let mut conn = self.conn.clone();
+        let _: i64 = invocation.invoke_async(&mut conn).await?;
+        Ok(())
+    }
+
+    async fn charge(&self, key_id: &str, c: &Charge<'_>) -> Result<bool, StoreError> {
+        let keys = QuotaKeys::new(&self.prefix, key_id);
+        let mut invocation = CHARGE.prepare_invoke();
+        invocation
+            .key(keys.charges())
+            .key(keys.minute_requests())
+            .key(keys.minute_tokens())
+            .key(keys.day(c.at_sec))
+            .key(keys.month(c.month))
+            .arg(c.id)
+            .arg(c.at_sec)
+            .arg(c.now_sec)
+            .arg(c.amount.requests)
+            .arg(c.amount.tokens)
+            .arg(c.amount.cost_nano)
+            .arg(ledger::CHARGE_MEMORY_SECS);
+        let mut conn = self.conn.clone();
+        let counted: i64 = invocation.invoke_async(&mut conn).await?;
+        Ok(counted == 1)
+    }
+
     async fn quota_counters(
         &self,
         key_id: &str,
@@ -627,12 +719,13 @@ impl Store for RedisStore {
     ) -> Result<Counters, StoreError> {
         let keys = QuotaKeys::new(&self.prefix, key_id);
         let mut conn = self.conn.clone();
-        let (mr, mt, day, spend, in_flight): (
+        let (mr, mt, day, spend, in_flight, soonest): (
             Vec<String>,
             Vec<String>,
             std::collections::HashMap<String, u64>,
             Option<i64>,
             u64,
+            Vec<(String, i64)>,
         ) = redis::pipe()
             .cmd("HGETALL")
             .arg(keys.minute_requests())
@@ -642,6 +735,7 @@ impl Store for RedisStore {
             .arg(keys.day(now_sec))
             .get(keys.month(month))
             .zcount(keys.in_flight(), now_sec + 1, "+inf")
+            .zrangebyscore_limit_withscores(keys.in_flight(), now_sec + 1, "+inf", 0, 1)
             .query_async(&mut conn)
             .await?;
         let mut minute = buckets(&mr, &mt);
@@ -651,15 +745,13 @@ impl Store for RedisStore {
             day_requests: day.get("r").copied().unwrap_or(0),
             day_tokens: day.get("t").copied().unwrap_or(0),
             in_flight,
+            next_slot_expiry: soonest.first().map(|(_, expiry)| *expiry),
             month_spend_nano: spend.unwrap_or(0),
         })
     }
 
-    async fn reset_quota(&self, key_id: &str, month: &str) -> Result<(), StoreError> {
+    async fn reset_quota(&self, key_id: &str, now_sec: i64, month: &str) -> Result<(), StoreError> {
         let keys = QuotaKeys::new(&self.prefix, key_id);
-        let now_sec = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs() as i64);
         let mut conn = self.conn.clone();
         let _: () = redis::cmd("DEL")
             .arg(keys.minute_requests())

@@ -1,84 +1,49 @@
 //! May they? Reserve before forwarding, settle after: the whole life of a request's quota
 //! reservation lives here.
 //!
-//! A request reserves one request, its estimated tokens (prompt estimate + completion cap)
-//! and an upper bound of their cost, in one atomic store step; the store refuses it when any
-//! limit would be passed. When the response is done, the reservation is replaced by what the
-//! backend reported. The prompt estimate is the byte length of the prompt's JSON (messages,
-//! prompt or input) plus [`TEMPLATE_ALLOWANCE`] for what a chat template adds: every token of
-//! a byte-level BPE tokenizer covers at least one byte, so it never under-reserves; it is
-//! generous, and settlement returns the difference.
+//! A request reserves one request, what it can cost at most ([`reserve`]: every prompt,
+//! every choice, the dearest price) and one concurrency slot, in one atomic store step
+//! (`sluice_policies::ledger`, the contract both stores implement); the store refuses it
+//! when any limit would be passed. Reservation ids are minted here, never taken from the
+//! client, so no client can fold its requests into one slot. While the request runs its
+//! slot is renewed ([`held`]); when the response is done, the reservation is replaced by the
+//! usage metering read (or estimated).
 //!
-//! Each replica also keeps a local limiter per key (governor, GCRA at the key's requests per
-//! minute with a burst of the same size). It runs ahead of the store: a request it refuses is
-//! one the fleet-wide window would refuse too, so a flood is turned away without a store call.
-//! When the store cannot be reached it is the only limit left, if the key's tier fails open;
-//! a tier that fails closed gets 503 instead.
+//! Each replica also keeps a local sliding minute per key ([`local`]). It runs ahead of the
+//! store, turning a flood away without a store call. When the store cannot be reached it is
+//! the only limit left, if the key's tier fails open; what such requests use is charged to
+//! the key once the store answers again. A tier that fails closed gets 503 instead.
+
+pub mod held;
+pub mod local;
+pub mod reserve;
 
 use crate::app::Gateway;
 use crate::auth::Identity;
+use crate::clock;
 use crate::error::ApiError;
 use crate::leases::{give_back, Miss};
-use crate::metering::Usage;
+use crate::metering::{Ceiling, Usage};
 use crate::request::{RequestView, Route};
-use crate::store::{AdmitArgs, SettleArgs};
-use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
+use held::OwedCharge;
 use rust_decimal::Decimal;
-use sluice_policies::pricing::{ModelPrice, PriceBook, PriceSchedule, TokenCounts};
+use sluice_policies::ledger::{Admit, Settle};
+use sluice_policies::pricing::{PriceBook, TokenCounts};
 use sluice_policies::quota::{self, LimitKind, RateHeaders, Reservation};
-use sluice_policies::FailMode;
-use std::collections::HashMap;
-use std::num::NonZeroU32;
-use std::sync::Arc;
+use sluice_policies::{FailMode, RequestCaps};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, LazyLock};
 
-/// How long an unsettled reservation (a replica that died mid-request) holds its
-/// concurrency slot.
-const IN_FLIGHT_TTL_SECS: i64 = 600;
+pub use local::LocalLimiter;
+pub use reserve::TEMPLATE_ALLOWANCE;
 
-/// Prompt tokens a chat template may add around the messages (roles, separators, a default
-/// system turn).
-pub const TEMPLATE_ALLOWANCE: u64 = 64;
-
-/// Per-key local limiters of this replica.
-#[derive(Default)]
-pub struct LocalLimiter {
-    keys: std::sync::Mutex<HashMap<String, (u64, Arc<DefaultDirectRateLimiter>)>>,
-}
-
-impl LocalLimiter {
-    /// Whether this replica alone has room for one more request of the key; `true` when the
-    /// key has no request rate.
-    pub fn check(&self, key_id: &str, requests_per_minute: Option<u64>) -> bool {
-        let Some(rpm) = requests_per_minute
-            .and_then(|r| u32::try_from(r).ok())
-            .and_then(NonZeroU32::new)
-        else {
-            return true;
-        };
-        let limiter = {
-            let mut keys = self.keys.lock().expect("limiter lock");
-            let entry = keys.entry(key_id.to_owned()).or_insert_with(|| {
-                (
-                    u64::from(rpm.get()),
-                    Arc::new(RateLimiter::direct(Quota::per_minute(rpm))),
-                )
-            });
-            if entry.0 != u64::from(rpm.get()) {
-                *entry = (
-                    u64::from(rpm.get()),
-                    Arc::new(RateLimiter::direct(Quota::per_minute(rpm))),
-                );
-            }
-            entry.1.clone()
-        };
-        limiter.check().is_ok()
-    }
-
-    /// Starts a key afresh on this replica (after an operator's quota reset). Other replicas'
-    /// limiters refill at the key's rate.
-    pub fn forget(&self, key_id: &str) {
-        self.keys.lock().expect("limiter lock").remove(key_id);
-    }
+/// A reservation id no other request of any replica has: this process's random tag and a
+/// counter.
+pub fn mint_reservation_id() -> String {
+    static REPLICA: LazyLock<String> =
+        LazyLock::new(|| uuid::Uuid::new_v4().simple().to_string()[..12].to_owned());
+    static NEXT: AtomicU64 = AtomicU64::new(1);
+    format!("{}-{:x}", *REPLICA, NEXT.fetch_add(1, Ordering::Relaxed))
 }
 
 /// A reservation that was granted, kept in the request context until it is settled.
@@ -89,10 +54,13 @@ pub struct Admitted {
     pub admitted_sec: i64,
     pub month: String,
     pub headers: RateHeaders,
-    /// Admitted by this replica alone while the store was unreachable: nothing to settle.
+    /// Admitted by this replica alone while the store was unreachable: what it uses is
+    /// charged to the store later.
     pub local_only: bool,
     /// Admitted from this replica's lease (see `leases`): settled into the lease.
     pub lease: Option<String>,
+    /// The tokens it was reserved for: what an unreadable answer is billed at, at most.
+    pub ceiling: Ceiling,
 }
 
 /// A refusal, with the headers the 429 carries.
@@ -100,7 +68,8 @@ pub struct Refused {
     pub error: ApiError,
     pub retry_after_secs: Option<u64>,
     pub headers: RateHeaders,
-    /// The limit that refused it; `None` when something else did (the store was down).
+    /// The limit that refused it; `None` when something else did (the store was down, the
+    /// request was malformed).
     pub limit: Option<LimitKind>,
 }
 
@@ -113,12 +82,6 @@ impl From<ApiError> for Refused {
             limit: None,
         }
     }
-}
-
-fn now_sec() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs() as i64)
 }
 
 /// `YYYY-MM` of a unix second, and the seconds left in that month (UTC).
@@ -139,68 +102,19 @@ pub fn month_of(sec: i64) -> (String, u64) {
     )
 }
 
-/// The most any one token of each kind can cost under `price`: its dearest band.
-fn dearest(schedule: &PriceSchedule) -> Decimal {
-    schedule
-        .bands()
-        .iter()
-        .map(|b| b.per_million.amount())
-        .max()
-        .unwrap_or(Decimal::ZERO)
-}
-
-fn cost_bound(price: &ModelPrice, counts: &TokenCounts) -> Decimal {
-    let million = Decimal::from(1_000_000);
-    (Decimal::from(counts.input) * dearest(price.input())
-        + Decimal::from(counts.output) * dearest(price.output())
-        + Decimal::from(counts.cached) * dearest(price.cached()))
-        / million
-}
-
-/// What a request reserves: its prompt estimate, its completion cap and their dearest cost.
-pub fn reservation(gateway: &Gateway, route: Route, view: &RequestView, tier: &str) -> Reservation {
-    let prompt = [view.messages, view.prompt, view.input]
-        .into_iter()
-        .flatten()
-        .map(|raw| raw.get().len() as u64)
-        .sum::<u64>()
-        + TEMPLATE_ALLOWANCE;
-    let completion = match route {
-        Route::Embeddings => 0,
-        _ => {
-            let cap = view
-                .max_completion_tokens
-                .or(view.max_tokens)
-                .map_or(gateway.config.default_max_tokens, u64::from);
-            cap * u64::from(view.n.unwrap_or(1).max(1))
-        }
-    };
-    let counts = TokenCounts {
-        input: prompt,
-        output: completion,
-        cached: 0,
-    };
-    let cost = gateway
-        .config
-        .prices
-        .lookup(view.model(), tier)
-        .map_or(Decimal::ZERO, |p| cost_bound(p, &counts));
-    Reservation {
-        requests: 1,
-        tokens: prompt + completion,
-        cost_nano: quota::to_nano_ceil(cost),
-    }
-}
-
 /// Reserves for one request, or says why not.
 pub async fn admit(
     gateway: &Gateway,
     identity: &Identity,
     route: Route,
     view: &RequestView<'_>,
-    reservation_id: &str,
 ) -> Result<Admitted, Refused> {
-    let reservation = reservation(gateway, route, view, &identity.tier);
+    let tiers = gateway.tiers();
+    let tier = tiers.get(&identity.tier).ok();
+    let caps = tier.map_or_else(RequestCaps::default, |t| t.request_caps);
+    let price = gateway.config.prices.lookup(view.model(), &identity.tier);
+    let (reservation, ceiling) =
+        reserve::reservation(route, view, &caps, gateway.config.default_max_tokens, price)?;
     if let Some(kind) = quota::never_fits(&identity.limits, &reservation) {
         return Err(ApiError::bad_request(format!(
             "This request needs up to {} tokens (prompt estimate + max_tokens), more than the key's {} of {}; lower max_tokens or shorten the prompt.",
@@ -215,18 +129,18 @@ pub async fn admit(
         .with_param("max_tokens")
         .into());
     }
-    let now = now_sec();
+    let now = clock::now_sec();
     let (month, secs_to_month_end) = month_of(now);
     let rpm = identity.limits.requests_per_minute;
-    if !gateway.local_limiter.check(&identity.key_id, rpm) {
+    if let Err(retry) = gateway.local_limiter.check(&identity.key_id, rpm, now) {
         return Err(Refused {
-            error: refusal_error(LimitKind::RequestsPerMinute, 1),
+            error: refusal_error(LimitKind::RequestsPerMinute, retry),
             limit: Some(LimitKind::RequestsPerMinute),
-            retry_after_secs: Some(1),
+            retry_after_secs: Some(retry),
             headers: RateHeaders {
                 limit_requests: rpm,
                 remaining_requests: Some(0),
-                reset_requests_secs: Some(1),
+                reset_requests_secs: Some(retry),
                 ..RateHeaders::default()
             },
         });
@@ -236,67 +150,79 @@ pub async fn admit(
             gateway,
             identity,
             &reservation,
-            reservation_id,
             now,
             &month,
             secs_to_month_end,
         )
         .await
         {
-            return Ok(admitted);
+            return Ok(Admitted {
+                ceiling,
+                ..admitted
+            });
         }
     }
-    let args = AdmitArgs {
-        key_id: &identity.key_id,
+    let reservation_id = mint_reservation_id();
+    let args = Admit {
         limits: &identity.limits,
         reservation: &reservation,
-        reservation_id,
+        reservation_id: &reservation_id,
         now_sec: now,
         month: &month,
         secs_to_month_end,
-        in_flight_ttl_secs: IN_FLIGHT_TTL_SECS,
+        slot_ttl_secs: gateway.config.slot_ttl_secs as i64,
     };
-    let decision = match gateway.store.admit(&args).await {
+    let decision = match gateway.store.admit(&identity.key_id, &args).await {
         Ok(decision) => decision,
         Err(e) => {
-            let fail_mode = gateway
-                .tiers()
-                .get(&identity.tier)
-                .map_or(FailMode::Closed, |t| t.on_store_unavailable);
+            let fail_mode = tier.map_or(FailMode::Closed, |t| t.on_store_unavailable);
             tracing::warn!(error = %e, key_id = %identity.key_id, ?fail_mode, "quota store unreachable");
             return match fail_mode {
                 // The local limiter above has already admitted it.
                 FailMode::Open => Ok(Admitted {
                     reservation,
-                    reservation_id: reservation_id.to_owned(),
+                    reservation_id,
                     admitted_sec: now,
                     month,
                     headers: RateHeaders::default(),
                     local_only: true,
                     lease: None,
+                    ceiling,
                 }),
-                FailMode::Closed => Err(Refused::from(ApiError::unavailable(
-                    "Sluice cannot check quotas right now; try again shortly.",
-                ))),
+                FailMode::Closed => {
+                    gateway.local_limiter.uncount(&identity.key_id, now);
+                    Err(Refused::from(ApiError::unavailable(
+                        "Sluice cannot check quotas right now; try again shortly.",
+                    )))
+                }
             };
         }
     };
     match decision.refused {
-        None => Ok(Admitted {
-            reservation,
-            reservation_id: reservation_id.to_owned(),
-            admitted_sec: now,
-            month,
-            headers: decision.headers,
-            local_only: false,
-            lease: None,
-        }),
-        Some((kind, retry_after)) => Err(Refused {
-            error: refusal_error(kind, retry_after),
-            limit: Some(kind),
-            retry_after_secs: Some(retry_after),
-            headers: decision.headers,
-        }),
+        None => {
+            gateway
+                .held
+                .hold(&identity.key_id, &reservation_id, reservation.requests);
+            Ok(Admitted {
+                reservation,
+                reservation_id,
+                admitted_sec: now,
+                month,
+                headers: decision.headers,
+                local_only: false,
+                lease: None,
+                ceiling,
+            })
+        }
+        Some((kind, retry_after)) => {
+            gateway.local_limiter.uncount(&identity.key_id, now);
+            Err(Refused {
+                error: refusal_error(kind, retry_after),
+                limit: Some(kind),
+                retry_after_secs: Some(retry_after),
+                headers: decision.headers,
+            })
+        }
     }
 }
 
@@ -306,7 +232,6 @@ async fn admit_leased(
     gateway: &Gateway,
     identity: &Identity,
     reservation: &Reservation,
-    reservation_id: &str,
     now: i64,
     month: &str,
     secs_to_month_end: u64,
@@ -327,6 +252,7 @@ async fn admit_leased(
                     headers: leased.headers,
                     local_only: false,
                     lease: Some(leased.lease_id),
+                    ceiling: Ceiling::default(),
                 })
             }
             Err(Miss::Take(size)) => {
@@ -334,7 +260,6 @@ async fn admit_leased(
                     gateway,
                     identity,
                     reservation,
-                    reservation_id,
                     size,
                     now,
                     month,
@@ -353,35 +278,33 @@ async fn admit_leased(
 
 /// Asks the store for a lease of `size` requests, the first of which is this one. `None`
 /// when it is refused (or the store fails): the request is then decided alone.
-#[allow(clippy::too_many_arguments)]
 async fn take_lease(
     gateway: &Gateway,
     identity: &Identity,
     first: &Reservation,
-    reservation_id: &str,
     size: u64,
     now: i64,
     month: &str,
     secs_to_month_end: u64,
 ) -> Option<Admitted> {
-    let lease_id = format!("{reservation_id}-lease");
+    let lease_id = mint_reservation_id();
     let bulk = Reservation {
         requests: size,
         tokens: first.tokens.saturating_mul(size),
         cost_nano: first.cost_nano.saturating_mul(size as i64),
     };
-    let args = AdmitArgs {
-        key_id: &identity.key_id,
+    let args = Admit {
         limits: &identity.limits,
         reservation: &bulk,
         reservation_id: &lease_id,
         now_sec: now,
         month,
         secs_to_month_end,
-        in_flight_ttl_secs: IN_FLIGHT_TTL_SECS,
+        slot_ttl_secs: gateway.config.slot_ttl_secs as i64,
     };
-    match gateway.store.admit(&args).await {
+    match gateway.store.admit(&identity.key_id, &args).await {
         Ok(decision) if decision.refused.is_none() => {
+            gateway.held.hold(&identity.key_id, &lease_id, size);
             let lease_headers = decision.headers.clone();
             let mut headers = decision.headers;
             headers.remaining_requests = headers.remaining_requests.map(|v| v + size - 1);
@@ -394,7 +317,7 @@ async fn take_lease(
                 *first,
                 lease_headers,
             );
-            give_back(gateway.store.clone(), idle);
+            give_back(gateway.store.clone(), gateway.held.clone(), idle);
             Some(Admitted {
                 reservation: *first,
                 reservation_id: lease_id.clone(),
@@ -403,6 +326,7 @@ async fn take_lease(
                 headers,
                 local_only: false,
                 lease: Some(lease_id),
+                ceiling: Ceiling::default(),
             })
         }
         _ => {
@@ -451,32 +375,33 @@ pub fn settle(
     admitted: Admitted,
     usage: Option<Usage>,
 ) {
+    let usage = usage.unwrap_or_default();
+    let actual = Reservation {
+        requests: 1,
+        tokens: usage.prompt_tokens + usage.completion_tokens,
+        cost_nano: settled_cost_nano(&gateway.config.prices, &model, &identity.tier, &usage),
+    };
     if admitted.local_only {
+        gateway.held.owe(OwedCharge {
+            key_id: identity.key_id.clone(),
+            id: admitted.reservation_id,
+            at_sec: admitted.admitted_sec,
+            month: admitted.month,
+            amount: actual,
+        });
         return;
     }
     if let Some(lease_id) = &admitted.lease {
-        let usage = usage.unwrap_or_default();
-        let actual = Reservation {
-            requests: 1,
-            tokens: usage.prompt_tokens + usage.completion_tokens,
-            cost_nano: settled_cost_nano(&gateway.config.prices, &model, &identity.tier, &usage),
-        };
         let idle =
             gateway
                 .leases
                 .settle(&identity.key_id, lease_id, &admitted.reservation, &actual);
-        give_back(gateway.store.clone(), idle);
+        give_back(gateway.store.clone(), gateway.held.clone(), idle);
         return;
     }
+    gateway.held.release(&admitted.reservation_id);
     tokio::spawn(async move {
-        let usage = usage.unwrap_or_default();
-        let actual = Reservation {
-            requests: 1,
-            tokens: usage.prompt_tokens + usage.completion_tokens,
-            cost_nano: settled_cost_nano(&gateway.config.prices, &model, &identity.tier, &usage),
-        };
-        let args = SettleArgs {
-            key_id: &identity.key_id,
+        let args = Settle {
             reservation_id: &admitted.reservation_id,
             admitted_sec: admitted.admitted_sec,
             month: &admitted.month,
@@ -484,9 +409,9 @@ pub fn settle(
             actual,
         };
         // A settlement lost to an outage leaves the reservation counted (never less than
-        // used) and its slot held until IN_FLIGHT_TTL_SECS; retry a few times first.
+        // used) and its slot held until it expires; retry a few times first.
         for attempt in 0..5u32 {
-            match gateway.store.settle(&args).await {
+            match gateway.store.settle(&identity.key_id, &args).await {
                 Ok(()) => return,
                 Err(e) => {
                     tracing::warn!(error = %e, attempt, "quota settlement failed");

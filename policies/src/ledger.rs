@@ -1,0 +1,392 @@
+//! What does a store do with one key's quota counters? The admission contract, written once
+//! as a pure state machine: the embedded store runs it as it is, the Redis scripts mirror it
+//! operation by operation, and a model-based test (`gateway/tests/quota_model.rs`) drives
+//! random sequences through all three and asserts identical decisions and state.
+//!
+//! Operations, each atomic in a store:
+//! - [`KeyLedger::admit`]: decide ([`quota::decide`]) and, if admitted, count the
+//!   reservation: `requests` requests and `tokens` tokens in the current second's bucket and
+//!   the day, `cost_nano` in the month, and `requests` concurrency slots named
+//!   `{reservation_id}:1` .. `{reservation_id}:{requests}`, each expiring `slot_ttl_secs`
+//!   later. A lease of k requests is one admission with `requests = k`.
+//! - [`KeyLedger::settle`]: free the reservation's slots and replace what it counted with
+//!   what it used (a lease gives back what it did not use).
+//! - [`KeyLedger::refresh`]: push the slots of a reservation still running out to a new
+//!   expiry, so a long stream keeps its slot.
+//! - [`KeyLedger::charge`]: count usage that was never admitted through the store (admitted
+//!   while the store was unreachable), once per charge id however often it is sent.
+//! - [`KeyLedger::counters`]: read, without changing anything.
+//!
+//! Expired slots and minute buckets are dropped by the operations that add to them; reads
+//! filter them out. Days and months are calendar windows in UTC, named by their day number
+//! and `YYYY-MM` label; a store keeps only the current one of each observable.
+
+use crate::limits::Limits;
+use crate::quota::{self, Bucket, Counters, Decision, Reservation, WINDOW_SECS};
+use std::collections::HashMap;
+
+/// How long a charge id is remembered: longer than any month, so a charge replayed late in
+/// the month it belongs to is still counted once.
+pub const CHARGE_MEMORY_SECS: i64 = 40 * 86_400;
+
+/// An admission request.
+#[derive(Debug, Clone, Copy)]
+pub struct Admit<'a> {
+    pub limits: &'a Limits,
+    pub reservation: &'a Reservation,
+    pub reservation_id: &'a str,
+    pub now_sec: i64,
+    /// `YYYY-MM` of `now_sec`, and the seconds left in that month.
+    pub month: &'a str,
+    pub secs_to_month_end: u64,
+    /// How long a slot is held unless refreshed or settled.
+    pub slot_ttl_secs: i64,
+}
+
+/// A settlement: what a request (or lease) admitted at `admitted_sec` reserved, and what it
+/// used.
+#[derive(Debug, Clone, Copy)]
+pub struct Settle<'a> {
+    pub reservation_id: &'a str,
+    pub admitted_sec: i64,
+    pub month: &'a str,
+    pub reserved: Reservation,
+    pub actual: Reservation,
+}
+
+/// Renewing the slots of a reservation that is still running.
+#[derive(Debug, Clone, Copy)]
+pub struct Refresh<'a> {
+    pub reservation_id: &'a str,
+    /// Its slot count (`reservation.requests`).
+    pub slots: u64,
+    pub now_sec: i64,
+    pub slot_ttl_secs: i64,
+}
+
+/// Usage counted after the fact: a request admitted while the store was unreachable.
+#[derive(Debug, Clone, Copy)]
+pub struct Charge<'a> {
+    /// Unique per charge: a second delivery of the same id changes nothing.
+    pub id: &'a str,
+    /// When the request was admitted, and the month it belongs to.
+    pub at_sec: i64,
+    pub month: &'a str,
+    pub amount: Reservation,
+    pub now_sec: i64,
+}
+
+/// One key's quota counters.
+#[derive(Debug, Clone, Default)]
+pub struct KeyLedger {
+    minute: Vec<Bucket>,
+    /// (UTC day number, requests, tokens)
+    day: (i64, u64, u64),
+    /// (month label, spend in nano-units)
+    month: (String, i64),
+    /// slot name -> expiry (unix seconds)
+    slots: HashMap<String, i64>,
+    /// charge id -> when it was charged for (unix seconds)
+    charged: HashMap<String, i64>,
+}
+
+/// The name of a reservation's `i`-th concurrency slot (1-based).
+pub fn slot_name(reservation_id: &str, i: u64) -> String {
+    format!("{reservation_id}:{i}")
+}
+
+fn day_of(sec: i64) -> i64 {
+    sec.div_euclid(86_400)
+}
+
+fn adjust(value: u64, actual: u64, reserved: u64) -> u64 {
+    (value as i128 + actual as i128 - reserved as i128).max(0) as u64
+}
+
+impl KeyLedger {
+    /// The counters at `now_sec`, for the month labelled `month`.
+    pub fn counters(&self, now_sec: i64, month: &str) -> Counters {
+        let live_slots = self.slots.values().filter(|&&expiry| expiry > now_sec);
+        let today = self.day.0 == day_of(now_sec);
+        Counters {
+            minute: self
+                .minute
+                .iter()
+                .filter(|b| b.second > now_sec - WINDOW_SECS)
+                .copied()
+                .collect(),
+            day_requests: if today { self.day.1 } else { 0 },
+            day_tokens: if today { self.day.2 } else { 0 },
+            in_flight: live_slots.clone().count() as u64,
+            next_slot_expiry: live_slots.copied().min(),
+            month_spend_nano: if self.month.0 == month {
+                self.month.1
+            } else {
+                0
+            },
+        }
+    }
+
+    pub fn admit(&mut self, a: &Admit) -> Decision {
+        self.minute.retain(|b| b.second > a.now_sec - WINDOW_SECS);
+        self.slots.retain(|_, expiry| *expiry > a.now_sec);
+        self.roll_day(day_of(a.now_sec));
+        self.roll_month(a.month);
+        let counters = self.counters(a.now_sec, a.month);
+        let decision = quota::decide(
+            a.limits,
+            &counters,
+            a.reservation,
+            a.now_sec,
+            a.secs_to_month_end,
+        );
+        if decision.refused.is_none() {
+            let r = a.reservation;
+            let bucket = self.bucket(a.now_sec);
+            bucket.requests += r.requests;
+            bucket.tokens += r.tokens;
+            self.day.1 += r.requests;
+            self.day.2 += r.tokens;
+            self.month.1 = self.month.1.saturating_add(r.cost_nano);
+            for i in 1..=r.requests {
+                self.slots
+                    .insert(slot_name(a.reservation_id, i), a.now_sec + a.slot_ttl_secs);
+            }
+        }
+        decision
+    }
+
+    pub fn settle(&mut self, s: &Settle) {
+        for i in 1..=s.reserved.requests {
+            self.slots.remove(&slot_name(s.reservation_id, i));
+        }
+        let (a, r) = (s.actual, s.reserved);
+        if let Some(b) = self.minute.iter_mut().find(|b| b.second == s.admitted_sec) {
+            b.requests = adjust(b.requests, a.requests, r.requests);
+            b.tokens = adjust(b.tokens, a.tokens, r.tokens);
+        }
+        if self.day.0 == day_of(s.admitted_sec) {
+            self.day.1 = adjust(self.day.1, a.requests, r.requests);
+            self.day.2 = adjust(self.day.2, a.tokens, r.tokens);
+        }
+        if self.month.0 == s.month {
+            self.month.1 = (self.month.1 + a.cost_nano - r.cost_nano).max(0);
+        }
+    }
+
+    pub fn refresh(&mut self, f: &Refresh) {
+        self.slots.retain(|_, expiry| *expiry > f.now_sec);
+        for i in 1..=f.slots {
+            if let Some(expiry) = self.slots.get_mut(&slot_name(f.reservation_id, i)) {
+                *expiry = f.now_sec + f.slot_ttl_secs;
+            }
+        }
+    }
+
+    /// Returns whether the charge was new (and so counted).
+    pub fn charge(&mut self, c: &Charge) -> bool {
+        self.charged
+            .retain(|_, at| *at > c.now_sec - CHARGE_MEMORY_SECS);
+        if self.charged.contains_key(c.id) {
+            return false;
+        }
+        self.charged.insert(c.id.to_owned(), c.at_sec);
+        let amount = c.amount;
+        if c.at_sec > c.now_sec - WINDOW_SECS {
+            let bucket = self.bucket(c.at_sec);
+            bucket.requests += amount.requests;
+            bucket.tokens += amount.tokens;
+        }
+        let day = day_of(c.at_sec);
+        if day >= self.day.0 {
+            self.roll_day(day);
+            self.day.1 += amount.requests;
+            self.day.2 += amount.tokens;
+        }
+        if c.month >= self.month.0.as_str() {
+            self.roll_month(c.month);
+            self.month.1 = self.month.1.saturating_add(amount.cost_nano);
+        }
+        true
+    }
+
+    /// Forgets the key's windows, slots and spend (an operator's reset). Charges already
+    /// counted stay remembered, so a late duplicate is still not counted.
+    pub fn reset(&mut self) {
+        *self = KeyLedger {
+            charged: std::mem::take(&mut self.charged),
+            ..KeyLedger::default()
+        };
+    }
+
+    /// Adds spend already recorded elsewhere (usage events at start-up).
+    pub fn add_month_spend(&mut self, month: &str, nano: i64) {
+        self.roll_month(month);
+        self.month.1 = self.month.1.saturating_add(nano);
+    }
+
+    fn roll_day(&mut self, day: i64) {
+        if self.day.0 != day {
+            self.day = (day, 0, 0);
+        }
+    }
+
+    fn roll_month(&mut self, month: &str) {
+        if self.month.0 != month {
+            self.month = (month.to_owned(), 0);
+        }
+    }
+
+    fn bucket(&mut self, second: i64) -> &mut Bucket {
+        match self.minute.iter().position(|b| b.second == second) {
+            Some(i) => &mut self.minute[i],
+            None => {
+                self.minute.push(Bucket {
+                    second,
+                    requests: 0,
+                    tokens: 0,
+                });
+                self.minute.last_mut().expect("just pushed")
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::quota::LimitKind;
+
+    fn admit<'a>(limits: &'a Limits, r: &'a Reservation, id: &'a str, now: i64) -> Admit<'a> {
+        Admit {
+            limits,
+            reservation: r,
+            reservation_id: id,
+            now_sec: now,
+            month: "2026-12",
+            secs_to_month_end: 1000,
+            slot_ttl_secs: 60,
+        }
+    }
+
+    fn one() -> Reservation {
+        Reservation {
+            requests: 1,
+            tokens: 10,
+            cost_nano: 5,
+        }
+    }
+
+    #[test]
+    fn a_settled_request_frees_its_slot() {
+        let limits = Limits {
+            max_concurrent: Some(1),
+            ..Limits::default()
+        };
+        let mut ledger = KeyLedger::default();
+        for n in 0..10 {
+            let id = format!("r{n}");
+            let r = one();
+            let d = ledger.admit(&admit(&limits, &r, &id, 100 + n));
+            assert_eq!(d.refused, None, "request {n}");
+            ledger.settle(&Settle {
+                reservation_id: &id,
+                admitted_sec: 100 + n,
+                month: "2026-12",
+                reserved: r,
+                actual: r,
+            });
+        }
+        assert_eq!(ledger.counters(200, "2026-12").in_flight, 0);
+    }
+
+    #[test]
+    fn a_lease_counts_as_its_size() {
+        let limits = Limits {
+            requests_per_day: Some(20),
+            max_concurrent: Some(20),
+            ..Limits::default()
+        };
+        let mut ledger = KeyLedger::default();
+        let lease = Reservation {
+            requests: 16,
+            tokens: 160,
+            cost_nano: 80,
+        };
+        assert_eq!(
+            ledger.admit(&admit(&limits, &lease, "L", 100)).refused,
+            None
+        );
+        let c = ledger.counters(100, "2026-12");
+        assert_eq!((c.day_requests, c.in_flight), (16, 16));
+        let five = Reservation {
+            requests: 5,
+            ..lease
+        };
+        assert_eq!(
+            ledger
+                .admit(&admit(&limits, &five, "M", 100))
+                .refused
+                .map(|r| r.0),
+            Some(LimitKind::Concurrent)
+        );
+        // The lease served 3 requests: it gives back 13 requests and their slots.
+        ledger.settle(&Settle {
+            reservation_id: "L",
+            admitted_sec: 100,
+            month: "2026-12",
+            reserved: lease,
+            actual: Reservation {
+                requests: 3,
+                tokens: 12,
+                cost_nano: 9,
+            },
+        });
+        let c = ledger.counters(101, "2026-12");
+        assert_eq!((c.day_requests, c.day_tokens, c.in_flight), (3, 12, 0));
+        assert_eq!(c.month_spend_nano, 9);
+    }
+
+    #[test]
+    fn a_concurrency_refusal_says_when_the_soonest_slot_runs_out() {
+        let limits = Limits {
+            max_concurrent: Some(1),
+            ..Limits::default()
+        };
+        let mut ledger = KeyLedger::default();
+        let r = one();
+        ledger.admit(&admit(&limits, &r, "a", 100));
+        let d = ledger.admit(&admit(&limits, &r, "b", 130));
+        assert_eq!(d.refused, Some((LimitKind::Concurrent, 30)));
+        // Refreshed, it runs out later; expired, it no longer counts.
+        ledger.refresh(&Refresh {
+            reservation_id: "a",
+            slots: 1,
+            now_sec: 140,
+            slot_ttl_secs: 60,
+        });
+        let d = ledger.admit(&admit(&limits, &r, "b", 150));
+        assert_eq!(d.refused, Some((LimitKind::Concurrent, 50)));
+        assert_eq!(ledger.admit(&admit(&limits, &r, "b", 200)).refused, None);
+    }
+
+    #[test]
+    fn a_charge_counts_once() {
+        let mut ledger = KeyLedger::default();
+        let c = Charge {
+            id: "e1",
+            at_sec: 100,
+            month: "2026-12",
+            amount: one(),
+            now_sec: 110,
+        };
+        assert!(ledger.charge(&c));
+        assert!(!ledger.charge(&Charge { now_sec: 120, ..c }));
+        let counters = ledger.counters(120, "2026-12");
+        assert_eq!(counters.day_tokens, 10);
+        assert_eq!(counters.month_spend_nano, 5);
+        assert_eq!(counters.minute.iter().map(|b| b.requests).sum::<u64>(), 1);
+        ledger.reset();
+        assert!(!ledger.charge(&c), "a reset does not forget charges");
+    }
+}
