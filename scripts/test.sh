@@ -38,6 +38,10 @@ export SLUICE_SMOLLM2_GGUF="${SLUICE_SMOLLM2_GGUF:-$(scripts/fetch-weights.sh Sm
 # The end-to-end tests run the binaries, so build them (with the tests, so that both share
 # one feature resolution and nothing is compiled twice) first.
 cargo build --workspace --all-targets
+# The quick start's own test runs scripts/quickstart.sh as the README says; it builds these
+# release binaries itself, which is done here first so that the build does not compete with
+# the tests for the CPU.
+cargo build --release --bin sluice --bin sluice-backend
 if cargo nextest --version >/dev/null 2>&1; then
   cargo test --workspace --doc
   cargo nextest run --workspace --no-fail-fast

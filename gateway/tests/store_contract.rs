@@ -283,3 +283,197 @@ async fn the_secret_is_never_stored() {
     let needle = &secret.as_bytes()["sk-sluice-".len()..];
     assert!(!bytes.windows(needle.len()).any(|w| w == needle));
 }
+
+// ---- admission: the operations of `sluice_policies::ledger`, on both stores ----
+
+use sluice_policies::ledger::{Admit, Charge, Refresh, Settle};
+use sluice_policies::quota::{LimitKind, Reservation};
+use sluice_policies::Limits;
+
+const MONTH: &str = "2026-12";
+/// 2026-12-03 12:00:00 UTC.
+const NOON: i64 = 1_796_299_200;
+
+fn a_key() -> String {
+    format!("contract-{}", uuid::Uuid::new_v4().simple())
+}
+
+fn admit_args<'a>(limits: &'a Limits, r: &'a Reservation, id: &'a str, now: i64) -> Admit<'a> {
+    Admit {
+        limits,
+        reservation: r,
+        reservation_id: id,
+        now_sec: now,
+        month: MONTH,
+        secs_to_month_end: 1_000_000,
+        slot_ttl_secs: 60,
+    }
+}
+
+fn one(tokens: u64) -> Reservation {
+    Reservation {
+        requests: 1,
+        tokens,
+        cost_nano: 7,
+    }
+}
+
+contract!(
+    a_settled_request_frees_the_slot_it_took,
+    settled_request_frees_its_slot
+);
+
+async fn settled_request_frees_its_slot(store: &dyn Store) {
+    let key = a_key();
+    let limits = Limits {
+        max_concurrent: Some(1),
+        ..Limits::default()
+    };
+    for i in 0..5 {
+        let id = format!("r{i}");
+        let d = store
+            .admit(&key, &admit_args(&limits, &one(10), &id, NOON + i))
+            .await
+            .unwrap();
+        assert_eq!(
+            d.refused, None,
+            "request {i}: the previous one freed its slot"
+        );
+        let d = store
+            .admit(&key, &admit_args(&limits, &one(10), "other", NOON + i))
+            .await
+            .unwrap();
+        assert_eq!(
+            d.refused,
+            Some((LimitKind::Concurrent, 60)),
+            "one slot, held 60 s"
+        );
+        store
+            .settle(
+                &key,
+                &Settle {
+                    reservation_id: &id,
+                    admitted_sec: NOON + i,
+                    month: MONTH,
+                    reserved: one(10),
+                    actual: one(4),
+                },
+            )
+            .await
+            .unwrap();
+    }
+    let c = store.quota_counters(&key, NOON + 5, MONTH).await.unwrap();
+    assert_eq!((c.in_flight, c.day_requests, c.day_tokens), (0, 5, 20));
+}
+
+contract!(a_lease_counts_as_its_size, lease_counts_as_its_size);
+
+async fn lease_counts_as_its_size(store: &dyn Store) {
+    let key = a_key();
+    let limits = Limits {
+        requests_per_day: Some(10),
+        ..Limits::default()
+    };
+    let lease = Reservation {
+        requests: 8,
+        tokens: 80,
+        cost_nano: 56,
+    };
+    let d = store
+        .admit(&key, &admit_args(&limits, &lease, "L", NOON))
+        .await
+        .unwrap();
+    assert_eq!(d.refused, None);
+    let c = store.quota_counters(&key, NOON, MONTH).await.unwrap();
+    assert_eq!((c.day_requests, c.in_flight), (8, 8));
+    let d = store
+        .admit(&key, &admit_args(&limits, &one(1), "x", NOON))
+        .await
+        .unwrap();
+    assert_eq!(d.refused, None, "9 of 10");
+    let three = Reservation {
+        requests: 3,
+        ..lease
+    };
+    let d = store
+        .admit(&key, &admit_args(&limits, &three, "y", NOON))
+        .await
+        .unwrap();
+    assert_eq!(d.refused.map(|r| r.0), Some(LimitKind::RequestsPerDay));
+    // The lease served 2 requests: it gives back 6, and all of its slots.
+    store
+        .settle(
+            &key,
+            &Settle {
+                reservation_id: "L",
+                admitted_sec: NOON,
+                month: MONTH,
+                reserved: lease,
+                actual: Reservation {
+                    requests: 2,
+                    tokens: 9,
+                    cost_nano: 5,
+                },
+            },
+        )
+        .await
+        .unwrap();
+    let c = store.quota_counters(&key, NOON + 1, MONTH).await.unwrap();
+    assert_eq!((c.day_requests, c.day_tokens, c.in_flight), (3, 10, 1));
+    assert_eq!(c.month_spend_nano, 5 + 7);
+}
+
+contract!(
+    a_renewed_slot_outlives_its_first_expiry,
+    renewed_slot_outlives_its_first_expiry
+);
+
+async fn renewed_slot_outlives_its_first_expiry(store: &dyn Store) {
+    let key = a_key();
+    let limits = Limits::default();
+    store
+        .admit(&key, &admit_args(&limits, &one(1), "long", NOON))
+        .await
+        .unwrap();
+    store
+        .refresh(
+            &key,
+            &Refresh {
+                reservation_id: "long",
+                slots: 1,
+                now_sec: NOON + 50,
+                slot_ttl_secs: 60,
+            },
+        )
+        .await
+        .unwrap();
+    let c = store.quota_counters(&key, NOON + 100, MONTH).await.unwrap();
+    assert_eq!((c.in_flight, c.next_slot_expiry), (1, Some(NOON + 110)));
+    let c = store.quota_counters(&key, NOON + 110, MONTH).await.unwrap();
+    assert_eq!(c.in_flight, 0, "not renewed again: it runs out");
+}
+
+contract!(a_charge_counts_once_by_its_id, charge_counts_once);
+
+async fn charge_counts_once(store: &dyn Store) {
+    let key = a_key();
+    let charge = Charge {
+        id: "outage-1",
+        at_sec: NOON - 5,
+        month: MONTH,
+        amount: Reservation {
+            requests: 1,
+            tokens: 30,
+            cost_nano: 900,
+        },
+        now_sec: NOON,
+    };
+    assert!(store.charge(&key, &charge).await.unwrap());
+    assert!(!store.charge(&key, &charge).await.unwrap(), "a repeat");
+    let c = store.quota_counters(&key, NOON, MONTH).await.unwrap();
+    assert_eq!(
+        (c.day_requests, c.day_tokens, c.month_spend_nano),
+        (1, 30, 900)
+    );
+    assert_eq!(c.minute.iter().map(|b| b.tokens).sum::<u64>(), 30);
+}

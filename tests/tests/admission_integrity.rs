@@ -5,9 +5,7 @@
 
 use futures::StreamExt;
 use serde_json::{json, Value};
-use sluice_e2e::{
-    Backend, Gateway, GatewayOptions, OwnRedis, StoreKind, ADMIN_TOKEN, SIM_MODEL,
-};
+use sluice_e2e::{Backend, Gateway, GatewayOptions, OwnRedis, StoreKind, ADMIN_TOKEN, SIM_MODEL};
 use std::time::Duration;
 
 const PRICES: &str = r#"
@@ -73,7 +71,11 @@ async fn wait_events(gw: &Gateway, count: usize) -> Vec<Value> {
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    panic!("the export never held {count} events: {:?}\n{}", events(gw).await, gw.log());
+    panic!(
+        "the export never held {count} events: {:?}\n{}",
+        events(gw).await,
+        gw.log()
+    );
 }
 
 fn held_stream(gate: &str) -> String {
@@ -122,11 +124,15 @@ async fn a_reused_request_id_cannot_fold_concurrency_slots_on_either_store() {
             .collect()
             .await;
         let admitted = responses.iter().filter(|r| r.status() == 200).count();
-        assert_eq!(admitted, 2, "{store:?}: only max_concurrent requests run at once");
+        assert_eq!(
+            admitted, 2,
+            "{store:?}: only max_concurrent requests run at once"
+        );
         for r in responses.iter().filter(|r| r.status() != 200) {
             assert_eq!(r.status(), 429);
             assert_eq!(
-                r.headers()["x-request-id"], "the-same-id-every-time",
+                r.headers()["x-request-id"],
+                "the-same-id-every-time",
                 "the client's id is still echoed for its logs"
             );
         }
@@ -202,12 +208,36 @@ async fn requests_past_the_tiers_caps_are_refused_and_reserve_nothing() {
         let gw = gateway(&backend, store.clone(), caps).await;
         let (id, key) = gw.create_key("acme", "free").await.unwrap();
         let cases = [
-            ("/v1/chat/completions", json!({"model": SIM_MODEL, "n": 3, "messages": [{"role": "user", "content": "hi"}]}), "n"),
-            ("/v1/chat/completions", json!({"model": SIM_MODEL, "max_tokens": 101, "messages": [{"role": "user", "content": "hi"}]}), "max_tokens"),
-            ("/v1/chat/completions", json!({"model": SIM_MODEL, "max_completion_tokens": 4_000_000_000u64, "messages": [{"role": "user", "content": "hi"}]}), "max_completion_tokens"),
-            ("/v1/completions", json!({"model": SIM_MODEL, "prompt": ["a", "b", "c"], "max_tokens": 5}), "prompt"),
-            ("/v1/completions", json!({"model": SIM_MODEL, "prompt": "a", "best_of": 3, "max_tokens": 5}), "best_of"),
-            ("/v1/embeddings", json!({"model": "sim-embed", "input": ["a", "b", "c"]}), "input"),
+            (
+                "/v1/chat/completions",
+                json!({"model": SIM_MODEL, "n": 3, "messages": [{"role": "user", "content": "hi"}]}),
+                "n",
+            ),
+            (
+                "/v1/chat/completions",
+                json!({"model": SIM_MODEL, "max_tokens": 101, "messages": [{"role": "user", "content": "hi"}]}),
+                "max_tokens",
+            ),
+            (
+                "/v1/chat/completions",
+                json!({"model": SIM_MODEL, "max_completion_tokens": 4_000_000_000u64, "messages": [{"role": "user", "content": "hi"}]}),
+                "max_completion_tokens",
+            ),
+            (
+                "/v1/completions",
+                json!({"model": SIM_MODEL, "prompt": ["a", "b", "c"], "max_tokens": 5}),
+                "prompt",
+            ),
+            (
+                "/v1/completions",
+                json!({"model": SIM_MODEL, "prompt": "a", "best_of": 3, "max_tokens": 5}),
+                "best_of",
+            ),
+            (
+                "/v1/embeddings",
+                json!({"model": "sim-embed", "input": ["a", "b", "c"]}),
+                "input",
+            ),
         ];
         for (path, body, field) in cases {
             let r = gw
@@ -232,22 +262,31 @@ async fn requests_past_the_tiers_caps_are_refused_and_reserve_nothing() {
 async fn a_null_stream_options_stream_is_metered_from_the_backends_usage() {
     let backend = Backend::start().await.unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let gw = gateway(&backend, StoreKind::Embedded(dir.path().to_owned()), "").await;
-    let (_, key) = gw.create_key("acme", "pro").await.unwrap();
-    let body = json!({"model": SIM_MODEL, "stream": true, "stream_options": null, "max_tokens": 5,
-                      "messages": [{"role": "user", "content": "count to five"}]});
-    let r = gw
-        .post_raw("/v1/chat/completions", Some(&key), body.to_string())
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200);
-    let text = r.text().await.unwrap();
-    assert!(text.contains("data: [DONE]"), "{text}");
-    assert!(!text.contains("\"usage\":{"), "the client did not ask for usage: {text}");
-    let events = wait_events(&gw, 1).await;
-    assert_eq!(events[0]["usage_source"], "reported", "{:?}", events[0]);
-    assert_eq!(events[0]["completion_tokens"], 5);
-    assert!(events[0]["prompt_tokens"].as_u64().unwrap() > 0);
+    for store in stores(dir.path()) {
+        let gw = gateway(&backend, store.clone(), "").await;
+        let (_, key) = gw.create_key("acme", "pro").await.unwrap();
+        let body = json!({"model": SIM_MODEL, "stream": true, "stream_options": null, "max_tokens": 5,
+                          "messages": [{"role": "user", "content": "count to five"}]});
+        let r = gw
+            .post_raw("/v1/chat/completions", Some(&key), body.to_string())
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "{store:?}");
+        let text = r.text().await.unwrap();
+        assert!(text.contains("data: [DONE]"), "{text}");
+        assert!(
+            !text.contains("\"usage\":{"),
+            "the client did not ask for usage: {text}"
+        );
+        let events = wait_events(&gw, 1).await;
+        assert_eq!(
+            events[0]["usage_source"], "reported",
+            "{store:?}: {:?}",
+            events[0]
+        );
+        assert_eq!(events[0]["completion_tokens"], 5);
+        assert!(events[0]["prompt_tokens"].as_u64().unwrap() > 0);
+    }
 }
 
 /// A stream that outlives its slot's lifetime keeps its slot: renewed while it runs, on both
@@ -273,7 +312,11 @@ async fn a_stream_held_past_the_slot_lifetime_keeps_its_slot() {
         let q = quota(&gw, &id).await;
         assert_eq!(q["max_concurrent"]["in_flight"], 1, "{store:?}: {q}");
         let other = gw
-            .post_raw("/v1/chat/completions", Some(&key), held_stream("never-held"))
+            .post_raw(
+                "/v1/chat/completions",
+                Some(&key),
+                held_stream("never-held"),
+            )
             .await
             .unwrap();
         assert_eq!(other.status(), 429, "{store:?}");
@@ -282,9 +325,18 @@ async fn a_stream_held_past_the_slot_lifetime_keeps_its_slot() {
             .unwrap()
             .parse()
             .unwrap();
-        assert!((1..=2).contains(&retry), "{store:?}: Retry-After {retry} is within the slot's lifetime");
+        assert!(
+            (1..=2).contains(&retry),
+            "{store:?}: Retry-After {retry} is within the slot's lifetime"
+        );
         let v: Value = other.json().await.unwrap();
-        assert!(v["error"]["message"].as_str().unwrap().contains("max_concurrent"), "{v}");
+        assert!(
+            v["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("max_concurrent"),
+            "{v}"
+        );
         // ...and frees it when it ends.
         backend.open_gate(&gate).await.unwrap();
         let _ = long.bytes().await.unwrap();
@@ -301,7 +353,13 @@ mod rogue {
     use axum::{Json, Router};
     use serde_json::{json, Value};
 
-    pub const MODELS: [&str; 5] = ["big-json", "cut-stream", "gzip", "no-usage", "no-usage-stream"];
+    pub const MODELS: [&str; 5] = [
+        "big-json",
+        "cut-stream",
+        "gzip",
+        "no-usage",
+        "no-usage-stream",
+    ];
 
     async fn chat(Json(body): Json<Value>) -> Response {
         let model = body["model"].as_str().unwrap_or_default().to_owned();
@@ -340,10 +398,14 @@ mod rogue {
             "gzip" => Response::builder()
                 .header(header::CONTENT_TYPE, "application/json")
                 .header(header::CONTENT_ENCODING, "gzip")
-                .body(Body::from(vec![0x1f, 0x8b, 8, 0, 0, 0, 0, 0, 0, 3, 1, 2, 3]))
+                .body(Body::from(vec![
+                    0x1f, 0x8b, 8, 0, 0, 0, 0, 0, 0, 3, 1, 2, 3,
+                ]))
                 .unwrap(),
-            "no-usage" => json_response(json!({"id": "r", "object": "chat.completion", "model": model,
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": "twelve bytes"}}]})),
+            "no-usage" => json_response(
+                json!({"id": "r", "object": "chat.completion", "model": model,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": "twelve bytes"}}]}),
+            ),
             "no-usage-stream" => sse(vec![delta("four"), "data: [DONE]\n\n".to_owned()], false),
             _ => Response::builder()
                 .status(StatusCode::NOT_FOUND)
@@ -436,11 +498,17 @@ async fn answers_with_unreadable_usage_are_billed_and_flagged() {
         assert_eq!(source("gzip"), ("reserved".into(), 40), "{store:?}");
         assert_eq!(source("no-usage"), ("estimated".into(), 12), "{store:?}");
         assert_eq!(source("cut-stream"), ("estimated".into(), 11), "{store:?}");
-        assert_eq!(source("no-usage-stream"), ("estimated".into(), 4), "{store:?}");
+        assert_eq!(
+            source("no-usage-stream"),
+            ("estimated".into(), 4),
+            "{store:?}"
+        );
         // The quota counts what was billed.
         let billed: u64 = events
             .iter()
-            .map(|e| e["prompt_tokens"].as_u64().unwrap() + e["completion_tokens"].as_u64().unwrap())
+            .map(|e| {
+                e["prompt_tokens"].as_u64().unwrap() + e["completion_tokens"].as_u64().unwrap()
+            })
             .sum();
         let mut q = Value::Null;
         for _ in 0..100 {
@@ -502,7 +570,13 @@ async fn fail_open_admissions_are_charged_once_redis_returns() {
         .sum();
     let cost: rust_decimal::Decimal = events
         .iter()
-        .map(|e| e["cost"].as_str().unwrap().parse::<rust_decimal::Decimal>().unwrap())
+        .map(|e| {
+            e["cost"]
+                .as_str()
+                .unwrap()
+                .parse::<rust_decimal::Decimal>()
+                .unwrap()
+        })
         .sum();
     let mut q = Value::Null;
     for _ in 0..100 {
@@ -515,13 +589,26 @@ async fn fail_open_admissions_are_charged_once_redis_returns() {
     // A few more seconds of retries change nothing: each is counted once.
     tokio::time::sleep(Duration::from_secs(3)).await;
     let q2 = quota(&gw, &id).await;
-    for limit in ["requests_per_minute", "tokens_per_minute", "requests_per_day", "tokens_per_day", "monthly_budget"] {
-        assert_eq!(q[limit]["used"], q2[limit]["used"], "{limit} is not counted again");
+    for limit in [
+        "requests_per_minute",
+        "tokens_per_minute",
+        "requests_per_day",
+        "tokens_per_day",
+        "monthly_budget",
+    ] {
+        assert_eq!(
+            q[limit]["used"], q2[limit]["used"],
+            "{limit} is not counted again"
+        );
     }
     assert_eq!(q["requests_per_minute"]["used"], 6, "{q}");
     assert_eq!(q["tokens_per_minute"]["used"], tokens, "{q}");
     assert_eq!(q["tokens_per_day"]["used"], tokens, "{q}");
-    let spent: rust_decimal::Decimal = q["monthly_budget"]["used"].as_str().unwrap().parse().unwrap();
+    let spent: rust_decimal::Decimal = q["monthly_budget"]["used"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
     assert_eq!(spent, cost, "the budget counts what was billed: {q}");
 }
 
@@ -560,7 +647,7 @@ async fn the_quickstart_demo_key_is_served_up_to_the_free_request_rate() {
     impl Drop for Stop {
         fn drop(&mut self) {
             let _ = std::process::Command::new("kill")
-                .args(["-TERM", &format!("-{}", self.0)])
+                .args(["-TERM", "--", &format!("-{}", self.0)])
                 .status();
         }
     }
@@ -570,10 +657,17 @@ async fn the_quickstart_demo_key_is_served_up_to_the_free_request_rate() {
     // read to the end (a closed pipe would stop it), handing over the admin token and key.
     let (found, mut printed) = tokio::sync::mpsc::unbounded_channel();
     std::thread::spawn(move || {
-        for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
             let token = |marker: &str| {
-                line.find(marker)
-                    .map(|at| line[at + marker.len()..].trim_end_matches(')').trim().to_owned())
+                line.find(marker).map(|at| {
+                    line[at + marker.len()..]
+                        .trim_end_matches(')')
+                        .trim()
+                        .to_owned()
+                })
             };
             if let Some(admin) = token("(admin token: ") {
                 let _ = found.send(("admin", admin));
@@ -616,15 +710,31 @@ async fn the_quickstart_demo_key_is_served_up_to_the_free_request_rate() {
     let body = json!({"model": "sluice-sim", "messages": [{"role": "user", "content": "What is the capital of France?"}],
                       "temperature": 0, "stream": true});
     for i in 0..free_rpm {
-        let r = http.post(&url).bearer_auth(&key).json(&body).send().await.unwrap();
+        let r = http
+            .post(&url)
+            .bearer_auth(&key)
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
         let status = r.status();
         let text = r.text().await.unwrap();
         assert_eq!(status, 200, "request {i} of {free_rpm}: {text}");
         assert!(text.contains("[DONE]"));
     }
-    let r = http.post(&url).bearer_auth(&key).json(&body).send().await.unwrap();
+    let r = http
+        .post(&url)
+        .bearer_auth(&key)
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 429);
-    let retry: u64 = r.headers()["retry-after"].to_str().unwrap().parse().unwrap();
+    let retry: u64 = r.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
     assert!(
         retry > 30 && retry <= 60,
         "Retry-After {retry}: the first of {free_rpm} requests sent seconds ago leaves the minute then"
