@@ -642,17 +642,19 @@ async fn the_quickstart_demo_key_is_served_up_to_the_free_request_rate() {
         .process_group(0)
         .spawn()
         .expect("scripts/quickstart.sh runs");
-    let group = child.id();
-    struct Stop(u32);
+    // The script, its backend and its gateway share one process group: stopped together,
+    // and waited for, however the test ends.
+    struct Stop(std::process::Child);
     impl Drop for Stop {
         fn drop(&mut self) {
             let _ = std::process::Command::new("kill")
-                .args(["-TERM", "--", &format!("-{}", self.0)])
+                .args(["-TERM", "--", &format!("-{}", self.0.id())])
                 .status();
+            let _ = self.0.wait();
         }
     }
-    let _stop = Stop(group);
     let stdout = child.stdout.take().unwrap();
+    let _stop = Stop(child);
     // The script builds the release binaries first: minutes on a cold machine. Its output is
     // read to the end (a closed pipe would stop it), handing over the admin token and key.
     let (found, mut printed) = tokio::sync::mpsc::unbounded_channel();
