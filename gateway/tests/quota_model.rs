@@ -17,12 +17,11 @@ use sluice_policies::ledger::{Admit, Charge, KeyLedger, Refresh, Settle};
 use sluice_policies::quota::{Decision, QuotaState, Reservation};
 use sluice_policies::{Limits, Money};
 
+mod common;
+use common::redis_url;
+
 const KEYS: usize = 3;
 const SLOT_TTL: i64 = 30;
-
-fn redis_url() -> String {
-    std::env::var("SLUICE_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
-}
 
 fn env_u64(name: &str) -> Option<u64> {
     std::env::var(name).ok().and_then(|v| v.parse().ok())
@@ -313,23 +312,6 @@ async fn both_stores_follow_the_quota_model() {
             std::panic::resume_unwind(panic);
         }
     }
-    drop_keys(&format!("{{{prefix}:*")).await;
-}
-
-/// Deletes the run's Redis keys (charge ids are otherwise kept for weeks).
-async fn drop_keys(pattern: &str) {
-    let client = redis::Client::open(redis_url()).unwrap();
-    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
-    let keys: Vec<String> = redis::cmd("KEYS")
-        .arg(pattern)
-        .query_async(&mut conn)
-        .await
-        .unwrap();
-    if !keys.is_empty() {
-        let _: () = redis::cmd("DEL")
-            .arg(keys)
-            .query_async(&mut conn)
-            .await
-            .unwrap();
-    }
+    // Charge ids are otherwise kept for weeks.
+    common::drop_keys(&[format!("{{{prefix}:*")]).await;
 }

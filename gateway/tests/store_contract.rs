@@ -6,9 +6,8 @@ use sluice_gateway::keys::{new_key_id, KeyHash, KeyRecord, NewSecret};
 use sluice_gateway::store::{EmbeddedStore, RedisStore, Store};
 use sluice_policies::LimitOverrides;
 
-fn redis_url() -> String {
-    std::env::var("SLUICE_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
-}
+mod common;
+use common::redis_url;
 
 async fn redis_store() -> (RedisStore, String) {
     let prefix = format!("sluice-test-{}", uuid::Uuid::new_v4().simple());
@@ -18,27 +17,14 @@ async fn redis_store() -> (RedisStore, String) {
     (store, prefix)
 }
 
+/// Deletes a run's keys: the admin keys, the per-API-key quota keys and cache bodies.
 async fn drop_prefix(prefix: &str) {
-    let client = redis::Client::open(redis_url()).unwrap();
-    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
-    let mut keys: Vec<String> = redis::cmd("KEYS")
-        .arg(format!("{{{prefix}}}:*"))
-        .query_async(&mut conn)
-        .await
-        .unwrap();
-    let cache_entries: Vec<String> = redis::cmd("KEYS")
-        .arg(format!("{prefix}:cache:*"))
-        .query_async(&mut conn)
-        .await
-        .unwrap();
-    keys.extend(cache_entries);
-    if !keys.is_empty() {
-        let _: () = redis::cmd("DEL")
-            .arg(keys)
-            .query_async(&mut conn)
-            .await
-            .unwrap();
-    }
+    common::drop_keys(&[
+        format!("{{{prefix}}}:*"),
+        format!("{{{prefix}:*"),
+        format!("{prefix}:cache:*"),
+    ])
+    .await;
 }
 
 fn record(name: &str, created_at: i64) -> (KeyRecord, String) {

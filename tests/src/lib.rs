@@ -505,6 +505,37 @@ hs256_secret = "{JWT_SECRET}"
         Ok((status, response.json().await?))
     }
 
+    /// The billing export as JSON Lines rows (`group_by`: `event`, or dimensions such as
+    /// `key,model`), read as the admin.
+    pub async fn billing_export(&self, group_by: &str) -> Result<Vec<Value>> {
+        let response = self
+            .http
+            .get(format!("{}/admin/v1/billing/export", self.admin_url))
+            .query(&[("group_by", group_by), ("format", "jsonl")])
+            .bearer_auth(ADMIN_TOKEN)
+            .send()
+            .await?;
+        let status = response.status();
+        let text = response.text().await?;
+        if status != 200 {
+            bail!("billing export answered {status}: {text}");
+        }
+        text.lines()
+            .map(|line| serde_json::from_str(line).context("an export row is JSON"))
+            .collect()
+    }
+
+    /// A key's live quota state (`GET /admin/v1/keys/{id}/quota`).
+    pub async fn quota(&self, id: &str) -> Result<Value> {
+        let (status, quota) = self
+            .admin(reqwest::Method::GET, &format!("/admin/v1/keys/{id}/quota"))
+            .await?;
+        if status != 200 {
+            bail!("quota of {id} answered {status}: {quota}");
+        }
+        Ok(quota)
+    }
+
     /// POSTs a raw body to a proxy path with an optional bearer credential.
     pub async fn post_raw(
         &self,

@@ -5,7 +5,7 @@
 
 use futures::StreamExt;
 use serde_json::{json, Value};
-use sluice_e2e::{Backend, Gateway, GatewayOptions, OwnRedis, StoreKind, ADMIN_TOKEN, SIM_MODEL};
+use sluice_e2e::{Backend, Gateway, GatewayOptions, OwnRedis, StoreKind, SIM_MODEL};
 use std::time::Duration;
 
 const PRICES: &str = r#"
@@ -35,31 +35,11 @@ async fn gateway(backend: &Backend, store: StoreKind, extra: &str) -> Gateway {
 }
 
 async fn quota(gw: &Gateway, id: &str) -> Value {
-    let (status, q) = gw
-        .admin(reqwest::Method::GET, &format!("/admin/v1/keys/{id}/quota"))
-        .await
-        .unwrap();
-    assert_eq!(status, 200, "{q}");
-    q
+    gw.quota(id).await.unwrap()
 }
 
-/// Every usage event, as the billing export gives them.
 async fn events(gw: &Gateway) -> Vec<Value> {
-    let r = gw
-        .http
-        .get(format!("{}/admin/v1/billing/export", gw.admin_url))
-        .query(&[("group_by", "event"), ("format", "jsonl")])
-        .bearer_auth(ADMIN_TOKEN)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200);
-    r.text()
-        .await
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
+    gw.billing_export("event").await.unwrap()
 }
 
 /// Waits until the export holds `count` events.

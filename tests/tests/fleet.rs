@@ -5,9 +5,7 @@
 
 use futures::StreamExt;
 use serde_json::{json, Value};
-use sluice_e2e::{
-    Backend, Gateway, GatewayOptions, RedisCluster, StoreKind, ADMIN_TOKEN, SIM_MODEL,
-};
+use sluice_e2e::{Backend, Gateway, GatewayOptions, RedisCluster, StoreKind, SIM_MODEL};
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
@@ -40,20 +38,7 @@ async fn send(urls: &[String], first: usize, key: &str, id: &str) -> (u16, Strin
 }
 
 async fn events(gw: &Gateway) -> Vec<Value> {
-    let text = gw
-        .http
-        .get(format!("{}/admin/v1/billing/export", gw.admin_url))
-        .query(&[("group_by", "event"), ("format", "jsonl")])
-        .bearer_auth(ADMIN_TOKEN)
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    text.lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
+    gw.billing_export("event").await.unwrap()
 }
 
 #[tokio::test]

@@ -135,21 +135,7 @@ async fn traffic(gw: &Gateway, keys: &[String], count: usize, offset: usize) {
 }
 
 async fn export(gw: &Gateway, group_by: &str) -> Vec<Value> {
-    let r = gw
-        .http
-        .get(format!("{}/admin/v1/billing/export", gw.admin_url))
-        .query(&[("group_by", group_by), ("format", "jsonl")])
-        .bearer_auth(ADMIN_TOKEN)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200);
-    r.text()
-        .await
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
+    gw.billing_export(group_by).await.unwrap()
 }
 
 fn sum(rows: &[Value], field: &str) -> u64 {

@@ -395,20 +395,11 @@ cached = "0.1"
 
     let mut events = Vec::new();
     for _ in 0..100 {
-        let r = gw
-            .http
-            .get(format!("{}/admin/v1/billing/export", gw.admin_url))
-            .query(&[("group_by", "event"), ("format", "jsonl")])
-            .bearer_auth(ADMIN_TOKEN)
-            .send()
-            .await
-            .unwrap();
-        events = r
-            .text()
+        events = gw
+            .billing_export("event")
             .await
             .unwrap()
-            .lines()
-            .map(|l| serde_json::from_str::<Value>(l).unwrap())
+            .into_iter()
             .filter(|e| e["key_id"] == key_id.as_str())
             .collect();
         if events.iter().any(|e| e["cache_status"] == "hit") {
