@@ -645,7 +645,7 @@ async fn key_quota(
         .map_err(|e| ApiError::internal(e.to_string()))?;
     let limits = tier.limits.with_overrides(&record.limits);
     let now = now_ms() / 1000;
-    let (month, to_month_end) = crate::admission::month_of(now);
+    let (month, to_month_end) = crate::clock::month_of(now);
     let c = gateway
         .store
         .quota_counters(&id, now, &month)
@@ -686,13 +686,13 @@ async fn reset_key_quota(
 ) -> Result<Json<Value>, ApiError> {
     find_key(&gateway, &id).await?;
     let now = now_ms() / 1000;
-    let (month, _) = crate::admission::month_of(now);
+    let (month, _) = crate::clock::month_of(now);
     gateway
         .store
         .reset_quota(&id, now, &month)
         .await
         .map_err(store_error)?;
-    gateway.local_limiter.forget(&id);
+    gateway.admission.forget_key(&id);
     tracing::info!(key_id = %id, "quota reset");
     Ok(Json(json!({"key_id": id, "reset": true})))
 }

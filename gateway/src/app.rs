@@ -1,18 +1,17 @@
-//! The gateway, assembled: configuration, store, authentication and upstreams, shared by the
-//! proxy and the admin API, and the start-up that brings them up in order.
+//! What does a replica share between requests? The gateway's state, assembled in order:
+//! configuration, store, tiers, authentication, admission, upstreams, cache and the usage
+//! sink, shared by the proxy and the admin API (`server` starts them).
 
-use crate::admin;
+use crate::admission::{self, Admission};
 use crate::auth::{Authenticator, JwtVerifier, KeyCache};
+use crate::clock::{self, Clock};
 use crate::config::Config;
-use crate::metering::events::{usage_channel, UsageSink, UsageWriter};
-use crate::proxy::Proxy;
+use crate::metering::journal::{usage_channel, UsageSink, UsageWriter};
 use crate::store::{EmbeddedStore, RedisStore, Store};
 use crate::upstream::Upstreams;
 use anyhow::Context;
 use arc_swap::ArcSwap;
 use bytes::Bytes;
-use pingora_core::server::configuration::ServerConf;
-use pingora_core::server::Server;
 use serde_json::json;
 use sluice_policies::Tiers;
 use std::sync::Arc;
@@ -31,10 +30,7 @@ pub struct Gateway {
     pub jwt: Option<Arc<JwtVerifier>>,
     pub upstreams: Arc<Upstreams>,
     pub usage: UsageSink,
-    pub local_limiter: crate::admission::LocalLimiter,
-    /// Reservations this replica holds open, and charges it owes from store outages.
-    pub held: Arc<crate::admission::held::Held>,
-    pub leases: crate::leases::Leases,
+    pub admission: Arc<Admission>,
     pub cache: Arc<crate::cache::ResponseCache>,
 }
 
@@ -50,15 +46,12 @@ impl Gateway {
             ),
             None => {
                 let store = EmbeddedStore::open(&config.data_dir)?;
-                let now = std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .map_or(0, |d| d.as_secs() as i64);
-                let (month, _) = crate::admission::month_of(now);
+                let month = clock::Month::of_ms(clock::now_ms());
                 let prices = &config.prices;
                 store
-                    .restore_month_spend(crate::billing::month_start(now * 1000), &month, |e| {
+                    .restore_month_spend(month.start_ms, &month.label, |e| {
                         let usage = crate::metering::Usage::of_event(e);
-                        crate::admission::settled_cost_nano(prices, &e.model, &e.tier, &usage)
+                        crate::billing::settled_cost_nano(prices, &e.model, &e.tier, &usage)
                     })
                     .await?;
                 Arc::new(store)
@@ -79,7 +72,18 @@ impl Gateway {
         upstreams.discover().await;
         let (usage, writer) =
             usage_channel(store.clone(), config.data_dir.join("usage-journal.jsonl"));
-        let config_leases = (config.lease_max_requests, config.lease_ms);
+        let admission = Arc::new(Admission::new(
+            store.clone(),
+            tiers.clone(),
+            config.prices.clone(),
+            admission::Settings {
+                default_max_tokens: config.default_max_tokens,
+                slot_ttl_secs: config.slot_ttl_secs,
+                lease_max_requests: config.lease_max_requests,
+                lease_ttl: std::time::Duration::from_millis(config.lease_ms),
+            },
+            Clock::system(),
+        ));
         let cache = Arc::new(crate::cache::ResponseCache::new(
             config.cache.clone(),
             store.clone(),
@@ -93,12 +97,7 @@ impl Gateway {
             jwt,
             upstreams,
             usage,
-            local_limiter: Default::default(),
-            held: Default::default(),
-            leases: crate::leases::Leases::new(
-                config_leases.0,
-                std::time::Duration::from_millis(config_leases.1),
-            ),
+            admission,
             cache,
         });
         Ok((gateway, writer))
@@ -171,18 +170,6 @@ impl Gateway {
         }
     }
 
-    /// Gives back expired leases whose requests are done, until the process ends.
-    pub async fn sweep_leases(self: Arc<Self>) {
-        if !self.leases.enabled() {
-            return;
-        }
-        let mut tick = tokio::time::interval(std::time::Duration::from_millis(100));
-        loop {
-            tick.tick().await;
-            crate::leases::give_back(self.store.clone(), self.held.clone(), self.leases.sweep());
-        }
-    }
-
     /// The body of `GET /v1/models`: every model some backend serves, and the aliases.
     pub fn model_list(&self) -> Bytes {
         let mut data: Vec<_> = self
@@ -213,90 +200,3 @@ async fn merged_tiers(configured: &Tiers, store: &dyn Store) -> anyhow::Result<T
     }
     Ok(Tiers::new(all.into_values())?)
 }
-
-/// Runs the gateway until a signal stops it. On SIGTERM (or Ctrl-C) the listener closes,
-/// requests in flight (streams included) get `grace_period_secs` to finish, and the usage
-/// events they produced are written to the store (or the journal) before this returns.
-pub fn run(config: Config) -> anyhow::Result<()> {
-    // Store connections, the admin API and background followers live on their own small
-    // runtime, so they keep running while pingora's proxy threads serve traffic.
-    let support = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .thread_name("sluice-support")
-        .enable_all()
-        .build()?;
-    let (gateway, usage_writer) = support.block_on(Gateway::build(config.clone()))?;
-    support.spawn(usage_writer.run());
-
-    let admin_listener = support
-        .block_on(tokio::net::TcpListener::bind(config.admin_listen))
-        .with_context(|| format!("cannot listen on {} (admin)", config.admin_listen))?;
-    support.spawn(admin::serve(admin_listener, gateway.clone()));
-    support.spawn(gateway.clone().follow_changes());
-    support.spawn(gateway.clone().sweep_leases());
-    support.spawn(
-        gateway
-            .held
-            .clone()
-            .run(gateway.store.clone(), config.slot_ttl_secs),
-    );
-    support.spawn(gateway.cache.clone().follow());
-    support.spawn(gateway.upstreams.clone().follow());
-    support.spawn(
-        gateway
-            .upstreams
-            .clone()
-            .check_health(config.balancer.clone()),
-    );
-    support.spawn(
-        gateway
-            .upstreams
-            .clone()
-            .scrape_load(config.balancer.clone()),
-    );
-
-    if config.admin_token.is_none() && config.jwt.is_none() {
-        tracing::warn!(
-            "no admin credentials configured (SLUICE_ADMIN_TOKEN or auth.jwt): \
-             the admin API refuses every call"
-        );
-    }
-    let models = gateway.upstreams.models();
-    tracing::info!(
-        listen = %config.listen,
-        admin = %config.admin_listen,
-        store = gateway.store.kind(),
-        backends = config.backends.len(),
-        models = ?models.keys().collect::<Vec<_>>(),
-        "sluice gateway starting"
-    );
-
-    let server_conf = ServerConf {
-        threads: config.threads,
-        grace_period_seconds: Some(config.grace_period_secs),
-        graceful_shutdown_timeout_seconds: Some(config.grace_period_secs),
-        ..ServerConf::default()
-    };
-    let mut server = Server::new_with_opt_and_conf(None, server_conf);
-    server.bootstrap();
-    let mut proxy = pingora_proxy::http_proxy_service_with_name(
-        &server.configuration,
-        Proxy::new(gateway.clone()),
-        "sluice-proxy",
-    );
-    proxy.add_tcp(&config.listen.to_string());
-    server.add_service(proxy);
-    server.run(pingora_core::server::RunArgs::default());
-    let flushed = support
-        .block_on(async { tokio::time::timeout(USAGE_FLUSH_LIMIT, gateway.usage.flush()).await });
-    match flushed {
-        Ok(()) => tracing::info!("usage events flushed; gateway stopped"),
-        Err(_) => tracing::error!(
-            "usage events not flushed within {USAGE_FLUSH_LIMIT:?}; those not written are lost unless journaled"
-        ),
-    }
-    Ok(())
-}
-
-/// How long a stopping gateway waits for its usage events to reach the store or journal.
-const USAGE_FLUSH_LIMIT: std::time::Duration = std::time::Duration::from_secs(15);

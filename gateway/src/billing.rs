@@ -6,10 +6,13 @@
 //! telescopes, the sum of the per-event costs of a period equals the price of its totals,
 //! exactly (decimal arithmetic, never floats, no rounding: amounts are printed in full).
 
-use crate::metering::events::UsageEvent;
+use crate::clock::{day_label as day_of, utc, Month};
+use crate::metering::Usage;
+use crate::usage::UsageEvent;
 use rust_decimal::Decimal;
 use serde::Serialize;
 use sluice_policies::pricing::{PriceBook, TokenCounts};
+use sluice_policies::quota;
 use sluice_policies::Tiers;
 use std::collections::{BTreeMap, HashMap};
 use time::{Date, OffsetDateTime};
@@ -74,31 +77,29 @@ pub fn parse_time(field: &'static str, value: &str) -> Result<i64, ExportError> 
     Ok((at.unix_timestamp_nanos() / 1_000_000) as i64)
 }
 
-fn utc(ms: i64) -> OffsetDateTime {
-    OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
-        .unwrap_or(OffsetDateTime::UNIX_EPOCH)
-}
-
 /// Unix ms of the first instant of the month that contains `ms`.
 pub fn month_start(ms: i64) -> i64 {
-    let date = utc(ms).date();
-    let first = date.replace_day(1).expect("day 1 exists");
-    (first.midnight().assume_utc().unix_timestamp_nanos() / 1_000_000) as i64
-}
-
-fn day_of(ms: i64) -> String {
-    let d = utc(ms).date();
-    format!("{:04}-{:02}-{:02}", d.year(), u8::from(d.month()), d.day())
+    Month::of_ms(ms).start_ms
 }
 
 fn month_label(ms: i64) -> String {
-    let (year, month) = month_of(ms);
-    format!("{year:04}-{month:02}")
+    Month::of_ms(ms).label
 }
 
 fn month_of(ms: i64) -> (i32, u8) {
-    let d = utc(ms).date();
-    (d.year(), u8::from(d.month()))
+    let m = Month::of_ms(ms);
+    (m.year, m.month)
+}
+
+/// What a request's usage counts against its budget, in nano-units rounded up: the price of
+/// its tokens at the model's first bands (the budget does not follow graduated bands, which
+/// exports do; for prices that fall with volume this over-counts, never under).
+pub fn settled_cost_nano(prices: &PriceBook, model: &str, tier: &str, usage: &Usage) -> i64 {
+    let counts = usage.billable();
+    let cost = prices
+        .lookup(model, tier)
+        .map_or(Decimal::ZERO, |p| p.cost(&TokenCounts::default(), &counts));
+    quota::to_nano_ceil(cost)
 }
 
 impl ExportQuery {

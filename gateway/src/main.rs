@@ -71,7 +71,7 @@ fn main() {
     let _telemetry = sluice_telemetry::init("sluice-gateway", "SLUICE_LOG");
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Serve { config } => load(config).and_then(sluice_gateway::app::run),
+        Command::Serve { config } => load(config).and_then(sluice_gateway::server::run),
         Command::Billing { command } => billing(command),
         Command::Check { config } => load(config).map(|c| {
             println!(

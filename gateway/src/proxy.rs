@@ -12,17 +12,17 @@
 //! 5. `fail_to_proxy` / `logging`: errors in OpenAI's shape; the usage event and one
 //!    access-log line.
 
-use crate::admission::{self, Admitted};
+use crate::admission::Admitted;
 use crate::app::Gateway;
 use crate::auth::Identity;
 use crate::cache::answer::{CachedAnswer, Shape};
 use crate::cache::{CacheStatus, Hit, Plan};
 use crate::error::ApiError;
-use crate::metering::events::UsageEvent;
 use crate::metering::{request_usage_chunk, Meter, Usage, UsageSource};
 use crate::request::{RequestView, Route};
 use crate::traces;
 use crate::upstream::{Backend, ModelRoute};
+use crate::usage::UsageEvent;
 use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
 use pingora_core::upstreams::peer::HttpPeer;
@@ -446,8 +446,7 @@ impl ProxyHttp for Proxy {
             self.gateway.usage.record(event);
         }
         if let (Some(admitted), Some(identity)) = (ctx.admitted.take(), ctx.identity.clone()) {
-            admission::settle(
-                self.gateway.clone(),
+            self.gateway.admission.settle(
                 identity,
                 ctx.model.clone().unwrap_or_default(),
                 admitted,
@@ -570,7 +569,7 @@ impl Proxy {
         let prices = &self.gateway.config.prices;
         match (ctx.usage, prices.lookup(model, tier)) {
             (Some(usage), Some(price)) => (
-                admission::settled_cost_nano(prices, model, tier, &usage),
+                crate::billing::settled_cost_nano(prices, model, tier, &usage),
                 price.currency(),
             ),
             _ => (0, ""),
@@ -688,7 +687,10 @@ impl Proxy {
         ctx.stream = view.is_stream();
         let identity = ctx.identity.clone().expect("authenticated above");
         traces::record_request(ctx.span.as_ref(), route_kind, &view);
-        let admitting = admission::admit(&self.gateway, &identity, route_kind, &view)
+        let admitting = self
+            .gateway
+            .admission
+            .admit(&identity, route_kind, &view)
             .instrument(traces::child(ctx.span.as_ref(), "admission"));
         match admitting.await {
             Ok(admitted) => {

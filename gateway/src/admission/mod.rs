@@ -15,24 +15,26 @@
 //! the key once the store answers again. A tier that fails closed gets 503 instead.
 
 pub mod held;
+pub mod leases;
 pub mod local;
 pub mod reserve;
 
-use crate::app::Gateway;
 use crate::auth::Identity;
-use crate::clock;
+use crate::clock::Clock;
 use crate::error::ApiError;
-use crate::leases::{give_back, Miss};
 use crate::metering::{Ceiling, Usage};
 use crate::request::{RequestView, Route};
-use held::OwedCharge;
-use rust_decimal::Decimal;
+use crate::store::Store;
+use arc_swap::ArcSwap;
+use held::{Held, OwedCharge};
+use leases::{give_back, Leases, Miss};
 use sluice_policies::ledger::{Admit, Settle};
-use sluice_policies::pricing::{PriceBook, TokenCounts};
+use sluice_policies::pricing::PriceBook;
 use sluice_policies::quota::{self, LimitKind, RateHeaders, Reservation};
-use sluice_policies::{FailMode, RequestCaps};
+use sluice_policies::{FailMode, RequestCaps, Tiers};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, LazyLock};
+use std::time::Duration;
 
 pub use local::LocalLimiter;
 pub use reserve::TEMPLATE_ALLOWANCE;
@@ -84,39 +86,105 @@ impl From<ApiError> for Refused {
     }
 }
 
-/// `YYYY-MM` of a unix second, and the seconds left in that month (UTC).
-pub fn month_of(sec: i64) -> (String, u64) {
-    let at =
-        time::OffsetDateTime::from_unix_timestamp(sec).unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
-    let (year, month) = (at.year(), at.month());
-    let next = if month == time::Month::December {
-        time::Date::from_calendar_date(year + 1, time::Month::January, 1)
-    } else {
-        time::Date::from_calendar_date(year, month.next(), 1)
-    }
-    .expect("valid first of month");
-    let left = next.midnight().assume_utc().unix_timestamp() - sec;
-    (
-        format!("{year:04}-{:02}", u8::from(month)),
-        left.max(1) as u64,
-    )
+pub use crate::clock::month_of;
+
+/// How admission is set up: the request defaults and the quota knobs of `[quotas]`.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// The completion cap reserved for a request that names no max_tokens.
+    pub default_max_tokens: u64,
+    /// How long a concurrency slot is held unless renewed or freed.
+    pub slot_ttl_secs: u64,
+    /// The most requests one lease may cover (0 or 1: no leases), and how long it admits.
+    pub lease_max_requests: u64,
+    pub lease_ttl: Duration,
 }
 
-/// Reserves for one request, or says why not.
-pub async fn admit(
-    gateway: &Gateway,
-    identity: &Identity,
-    route: Route,
-    view: &RequestView<'_>,
-) -> Result<Admitted, Refused> {
-    let tiers = gateway.tiers();
-    let tier = tiers.get(&identity.tier).ok();
-    let caps = tier.map_or_else(RequestCaps::default, |t| t.request_caps);
-    let price = gateway.config.prices.lookup(view.model(), &identity.tier);
-    let (reservation, ceiling) =
-        reserve::reservation(route, view, &caps, gateway.config.default_max_tokens, price)?;
-    if let Some(kind) = quota::never_fits(&identity.limits, &reservation) {
-        return Err(ApiError::bad_request(format!(
+/// Admission for one replica: what it decides with (store, tiers, prices, clock) and what
+/// it keeps (the local limiter, leases, reservations held open and charges owed).
+pub struct Admission {
+    store: Arc<dyn Store>,
+    tiers: Arc<ArcSwap<Tiers>>,
+    prices: PriceBook,
+    settings: Settings,
+    clock: Clock,
+    local: LocalLimiter,
+    leases: Leases,
+    held: Arc<Held>,
+}
+
+impl Admission {
+    pub fn new(
+        store: Arc<dyn Store>,
+        tiers: Arc<ArcSwap<Tiers>>,
+        prices: PriceBook,
+        settings: Settings,
+        clock: Clock,
+    ) -> Admission {
+        Admission {
+            store,
+            tiers,
+            prices,
+            leases: Leases::new(settings.lease_max_requests, settings.lease_ttl),
+            settings,
+            clock,
+            local: LocalLimiter::default(),
+            held: Arc::default(),
+        }
+    }
+
+    /// What a request's usage costs against its key's budget, in nano-units.
+    pub fn cost_nano(&self, model: &str, tier: &str, usage: &Usage) -> i64 {
+        crate::billing::settled_cost_nano(&self.prices, model, tier, usage)
+    }
+
+    /// Starts a key afresh on this replica (after an operator's quota reset).
+    pub fn forget_key(&self, key_id: &str) {
+        self.local.forget(key_id);
+    }
+
+    /// Charges owed from outages, waiting for the store.
+    pub fn owed_charges(&self) -> usize {
+        self.held.owed()
+    }
+
+    /// Gives back idle leases, renews held slots and charges what is owed, until the
+    /// process ends.
+    pub async fn run(self: Arc<Self>) {
+        let held = self
+            .held
+            .clone()
+            .run(self.store.clone(), self.settings.slot_ttl_secs);
+        let leases = async {
+            if !self.leases.enabled() {
+                return;
+            }
+            let mut tick = tokio::time::interval(Duration::from_millis(100));
+            loop {
+                tick.tick().await;
+                give_back(self.store.clone(), self.held.clone(), self.leases.sweep());
+            }
+        };
+        tokio::join!(held, leases);
+    }
+}
+
+impl Admission {
+    /// Reserves for one request, or says why not.
+    pub async fn admit(
+        &self,
+        identity: &Identity,
+        route: Route,
+        view: &RequestView<'_>,
+    ) -> Result<Admitted, Refused> {
+        let tiers = self.tiers.load();
+        let tier = tiers.get(&identity.tier).ok();
+        let caps = tier.map_or_else(RequestCaps::default, |t| t.request_caps);
+        let price = self.prices.lookup(view.model(), &identity.tier);
+        let (reservation, ceiling) =
+            reserve::reservation(route, view, &caps, self.settings.default_max_tokens, price)?;
+        if let Some(kind) = quota::never_fits(&identity.limits, &reservation) {
+            return Err(ApiError::bad_request(format!(
             "This request needs up to {} tokens (prompt estimate + max_tokens), more than the key's {} of {}; lower max_tokens or shorten the prompt.",
             reservation.tokens,
             kind.name(),
@@ -128,211 +196,254 @@ pub async fn admit(
         ))
         .with_param("max_tokens")
         .into());
-    }
-    let now = clock::now_sec();
-    let (month, secs_to_month_end) = month_of(now);
-    let rpm = identity.limits.requests_per_minute;
-    if let Err(retry) = gateway.local_limiter.check(&identity.key_id, rpm, now) {
-        return Err(Refused {
-            error: refusal_error(LimitKind::RequestsPerMinute, retry),
-            limit: Some(LimitKind::RequestsPerMinute),
-            retry_after_secs: Some(retry),
-            headers: RateHeaders {
-                limit_requests: rpm,
-                remaining_requests: Some(0),
-                reset_requests_secs: Some(retry),
-                ..RateHeaders::default()
-            },
-        });
-    }
-    if gateway.leases.enabled() {
-        if let Some(admitted) = admit_leased(
-            gateway,
-            identity,
-            &reservation,
-            now,
-            &month,
-            secs_to_month_end,
-        )
-        .await
-        {
-            return Ok(Admitted {
-                ceiling,
-                ..admitted
+        }
+        let now = self.clock.now_sec();
+        let (month, secs_to_month_end) = month_of(now);
+        let rpm = identity.limits.requests_per_minute;
+        if let Err(retry) = self.local.check(&identity.key_id, rpm, now) {
+            return Err(Refused {
+                error: refusal_error(LimitKind::RequestsPerMinute, retry),
+                limit: Some(LimitKind::RequestsPerMinute),
+                retry_after_secs: Some(retry),
+                headers: RateHeaders {
+                    limit_requests: rpm,
+                    remaining_requests: Some(0),
+                    reset_requests_secs: Some(retry),
+                    ..RateHeaders::default()
+                },
             });
         }
-    }
-    let reservation_id = mint_reservation_id();
-    let args = Admit {
-        limits: &identity.limits,
-        reservation: &reservation,
-        reservation_id: &reservation_id,
-        now_sec: now,
-        month: &month,
-        secs_to_month_end,
-        slot_ttl_secs: gateway.config.slot_ttl_secs as i64,
-    };
-    let decision = match gateway.store.admit(&identity.key_id, &args).await {
-        Ok(decision) => decision,
-        Err(e) => {
-            let fail_mode = tier.map_or(FailMode::Closed, |t| t.on_store_unavailable);
-            tracing::warn!(error = %e, key_id = %identity.key_id, ?fail_mode, "quota store unreachable");
-            return match fail_mode {
-                // The local limiter above has already admitted it.
-                FailMode::Open => Ok(Admitted {
+        if self.leases.enabled() {
+            if let Some(admitted) = self
+                .admit_leased(identity, &reservation, now, &month, secs_to_month_end)
+                .await
+            {
+                return Ok(Admitted {
+                    ceiling,
+                    ..admitted
+                });
+            }
+        }
+        let reservation_id = mint_reservation_id();
+        let args = Admit {
+            limits: &identity.limits,
+            reservation: &reservation,
+            reservation_id: &reservation_id,
+            now_sec: now,
+            month: &month,
+            secs_to_month_end,
+            slot_ttl_secs: self.settings.slot_ttl_secs as i64,
+        };
+        let decision = match self.store.admit(&identity.key_id, &args).await {
+            Ok(decision) => decision,
+            Err(e) => {
+                let fail_mode = tier.map_or(FailMode::Closed, |t| t.on_store_unavailable);
+                tracing::warn!(error = %e, key_id = %identity.key_id, ?fail_mode, "quota store unreachable");
+                return match fail_mode {
+                    // The local limiter above has already admitted it.
+                    FailMode::Open => Ok(Admitted {
+                        reservation,
+                        reservation_id,
+                        admitted_sec: now,
+                        month,
+                        headers: RateHeaders::default(),
+                        local_only: true,
+                        lease: None,
+                        ceiling,
+                    }),
+                    FailMode::Closed => {
+                        self.local.uncount(&identity.key_id, now);
+                        Err(Refused::from(ApiError::unavailable(
+                            "Sluice cannot check quotas right now; try again shortly.",
+                        )))
+                    }
+                };
+            }
+        };
+        match decision.refused {
+            None => {
+                self.held
+                    .hold(&identity.key_id, &reservation_id, reservation.requests);
+                Ok(Admitted {
                     reservation,
                     reservation_id,
                     admitted_sec: now,
                     month,
-                    headers: RateHeaders::default(),
-                    local_only: true,
+                    headers: decision.headers,
+                    local_only: false,
                     lease: None,
                     ceiling,
-                }),
-                FailMode::Closed => {
-                    gateway.local_limiter.uncount(&identity.key_id, now);
-                    Err(Refused::from(ApiError::unavailable(
-                        "Sluice cannot check quotas right now; try again shortly.",
-                    )))
-                }
-            };
-        }
-    };
-    match decision.refused {
-        None => {
-            gateway
-                .held
-                .hold(&identity.key_id, &reservation_id, reservation.requests);
-            Ok(Admitted {
-                reservation,
-                reservation_id,
-                admitted_sec: now,
-                month,
-                headers: decision.headers,
-                local_only: false,
-                lease: None,
-                ceiling,
-            })
-        }
-        Some((kind, retry_after)) => {
-            gateway.local_limiter.uncount(&identity.key_id, now);
-            Err(Refused {
-                error: refusal_error(kind, retry_after),
-                limit: Some(kind),
-                retry_after_secs: Some(retry_after),
-                headers: decision.headers,
-            })
+                })
+            }
+            Some((kind, retry_after)) => {
+                self.local.uncount(&identity.key_id, now);
+                Err(Refused {
+                    error: refusal_error(kind, retry_after),
+                    limit: Some(kind),
+                    retry_after_secs: Some(retry_after),
+                    headers: decision.headers,
+                })
+            }
         }
     }
-}
 
-/// Admits from this replica's lease of the key, taking (or waiting for) one when the key is
-/// busy; `None` when the request is to be decided alone.
-async fn admit_leased(
-    gateway: &Gateway,
-    identity: &Identity,
-    reservation: &Reservation,
-    now: i64,
-    month: &str,
-    secs_to_month_end: u64,
-) -> Option<Admitted> {
-    /// How long a request waits for a lease another request is taking.
-    const LEASE_WAIT: std::time::Duration = std::time::Duration::from_millis(50);
-    for attempt in 0..2 {
-        match gateway
-            .leases
-            .try_admit(&identity.key_id, &identity.limits, reservation, now)
-        {
-            Ok(leased) => {
-                return Some(Admitted {
-                    reservation: *reservation,
-                    reservation_id: leased.lease_id.clone(),
-                    admitted_sec: leased.admitted_sec,
+    /// Admits from this replica's lease of the key, taking (or waiting for) one when the key is
+    /// busy; `None` when the request is to be decided alone.
+    async fn admit_leased(
+        &self,
+        identity: &Identity,
+        reservation: &Reservation,
+        now: i64,
+        month: &str,
+        secs_to_month_end: u64,
+    ) -> Option<Admitted> {
+        /// How long a request waits for a lease another request is taking.
+        const LEASE_WAIT: std::time::Duration = std::time::Duration::from_millis(50);
+        for attempt in 0..2 {
+            match self
+                .leases
+                .try_admit(&identity.key_id, &identity.limits, reservation, now)
+            {
+                Ok(leased) => {
+                    return Some(Admitted {
+                        reservation: *reservation,
+                        reservation_id: leased.lease_id.clone(),
+                        admitted_sec: leased.admitted_sec,
+                        month: month.to_owned(),
+                        headers: leased.headers,
+                        local_only: false,
+                        lease: Some(leased.lease_id),
+                        ceiling: Ceiling::default(),
+                    })
+                }
+                Err(Miss::Take(size)) => {
+                    return self
+                        .take_lease(identity, reservation, size, now, month, secs_to_month_end)
+                        .await
+                }
+                Err(Miss::Wait(taking)) if attempt == 0 => {
+                    let _ = tokio::time::timeout(LEASE_WAIT, taking.notified()).await;
+                }
+                Err(_) => return None,
+            }
+        }
+        None
+    }
+
+    /// Asks the store for a lease of `size` requests, the first of which is this one. `None`
+    /// when it is refused (or the store fails): the request is then decided alone.
+    async fn take_lease(
+        &self,
+        identity: &Identity,
+        first: &Reservation,
+        size: u64,
+        now: i64,
+        month: &str,
+        secs_to_month_end: u64,
+    ) -> Option<Admitted> {
+        let lease_id = mint_reservation_id();
+        let bulk = Reservation {
+            requests: size,
+            tokens: first.tokens.saturating_mul(size),
+            cost_nano: first.cost_nano.saturating_mul(size as i64),
+        };
+        let args = Admit {
+            limits: &identity.limits,
+            reservation: &bulk,
+            reservation_id: &lease_id,
+            now_sec: now,
+            month,
+            secs_to_month_end,
+            slot_ttl_secs: self.settings.slot_ttl_secs as i64,
+        };
+        match self.store.admit(&identity.key_id, &args).await {
+            Ok(decision) if decision.refused.is_none() => {
+                self.held.hold(&identity.key_id, &lease_id, size);
+                let lease_headers = decision.headers.clone();
+                let mut headers = decision.headers;
+                headers.remaining_requests = headers.remaining_requests.map(|v| v + size - 1);
+                let idle = self.leases.install(
+                    &identity.key_id,
+                    lease_id.clone(),
+                    now,
+                    month.to_owned(),
+                    bulk,
+                    *first,
+                    lease_headers,
+                );
+                give_back(self.store.clone(), self.held.clone(), idle);
+                Some(Admitted {
+                    reservation: *first,
+                    reservation_id: lease_id.clone(),
+                    admitted_sec: now,
                     month: month.to_owned(),
-                    headers: leased.headers,
+                    headers,
                     local_only: false,
-                    lease: Some(leased.lease_id),
+                    lease: Some(lease_id),
                     ceiling: Ceiling::default(),
                 })
             }
-            Err(Miss::Take(size)) => {
-                return take_lease(
-                    gateway,
-                    identity,
-                    reservation,
-                    size,
-                    now,
-                    month,
-                    secs_to_month_end,
-                )
-                .await
+            _ => {
+                self.leases.not_taken(&identity.key_id);
+                None
             }
-            Err(Miss::Wait(taking)) if attempt == 0 => {
-                let _ = tokio::time::timeout(LEASE_WAIT, taking.notified()).await;
-            }
-            Err(_) => return None,
         }
     }
-    None
-}
 
-/// Asks the store for a lease of `size` requests, the first of which is this one. `None`
-/// when it is refused (or the store fails): the request is then decided alone.
-async fn take_lease(
-    gateway: &Gateway,
-    identity: &Identity,
-    first: &Reservation,
-    size: u64,
-    now: i64,
-    month: &str,
-    secs_to_month_end: u64,
-) -> Option<Admitted> {
-    let lease_id = mint_reservation_id();
-    let bulk = Reservation {
-        requests: size,
-        tokens: first.tokens.saturating_mul(size),
-        cost_nano: first.cost_nano.saturating_mul(size as i64),
-    };
-    let args = Admit {
-        limits: &identity.limits,
-        reservation: &bulk,
-        reservation_id: &lease_id,
-        now_sec: now,
-        month,
-        secs_to_month_end,
-        slot_ttl_secs: gateway.config.slot_ttl_secs as i64,
-    };
-    match gateway.store.admit(&identity.key_id, &args).await {
-        Ok(decision) if decision.refused.is_none() => {
-            gateway.held.hold(&identity.key_id, &lease_id, size);
-            let lease_headers = decision.headers.clone();
-            let mut headers = decision.headers;
-            headers.remaining_requests = headers.remaining_requests.map(|v| v + size - 1);
-            let idle = gateway.leases.install(
-                &identity.key_id,
-                lease_id.clone(),
-                now,
-                month.to_owned(),
-                bulk,
-                *first,
-                lease_headers,
-            );
-            give_back(gateway.store.clone(), gateway.held.clone(), idle);
-            Some(Admitted {
-                reservation: *first,
-                reservation_id: lease_id.clone(),
-                admitted_sec: now,
-                month: month.to_owned(),
-                headers,
-                local_only: false,
-                lease: Some(lease_id),
-                ceiling: Ceiling::default(),
-            })
+    /// Replaces a reservation with what the request used. Runs on its own task so that it is
+    /// done even after the client has gone, and never delays the next request on a connection.
+    pub fn settle(
+        self: &Arc<Self>,
+        identity: Arc<Identity>,
+        model: String,
+        admitted: Admitted,
+        usage: Option<Usage>,
+    ) {
+        let usage = usage.unwrap_or_default();
+        let actual = Reservation {
+            requests: 1,
+            tokens: usage.prompt_tokens + usage.completion_tokens,
+            cost_nano: self.cost_nano(&model, &identity.tier, &usage),
+        };
+        if admitted.local_only {
+            self.held.owe(OwedCharge {
+                key_id: identity.key_id.clone(),
+                id: admitted.reservation_id,
+                at_sec: admitted.admitted_sec,
+                month: admitted.month,
+                amount: actual,
+            });
+            return;
         }
-        _ => {
-            gateway.leases.not_taken(&identity.key_id);
-            None
+        if let Some(lease_id) = &admitted.lease {
+            let idle =
+                self.leases
+                    .settle(&identity.key_id, lease_id, &admitted.reservation, &actual);
+            give_back(self.store.clone(), self.held.clone(), idle);
+            return;
         }
+        self.held.release(&admitted.reservation_id);
+        let admission = self.clone();
+        tokio::spawn(async move {
+            let args = Settle {
+                reservation_id: &admitted.reservation_id,
+                admitted_sec: admitted.admitted_sec,
+                month: &admitted.month,
+                reserved: admitted.reservation,
+                actual,
+            };
+            // A settlement lost to an outage leaves the reservation counted (never less than
+            // used) and its slot held until it expires; retry a few times first.
+            for attempt in 0..5u32 {
+                match admission.store.settle(&identity.key_id, &args).await {
+                    Ok(()) => return,
+                    Err(e) => {
+                        tracing::warn!(error = %e, attempt, "quota settlement failed");
+                        tokio::time::sleep(std::time::Duration::from_millis(200 << attempt)).await;
+                    }
+                }
+            }
+        });
     }
 }
 
@@ -353,71 +464,4 @@ fn refusal_error(kind: LimitKind, retry_after: u64) -> ApiError {
         ),
     };
     ApiError::rate_limited(kind.code(), message)
-}
-
-/// What a request's usage counts against its budget, in nano-units rounded up: the price of
-/// its tokens at the model's first bands (the budget does not follow graduated bands, which
-/// billing exports do; for prices that fall with volume this over-counts, never under).
-pub fn settled_cost_nano(prices: &PriceBook, model: &str, tier: &str, usage: &Usage) -> i64 {
-    let counts = usage.billable();
-    let cost = prices
-        .lookup(model, tier)
-        .map_or(Decimal::ZERO, |p| p.cost(&TokenCounts::default(), &counts));
-    quota::to_nano_ceil(cost)
-}
-
-/// Replaces a reservation with what the request used. Runs on its own task so that it is
-/// done even after the client has gone, and never delays the next request on a connection.
-pub fn settle(
-    gateway: Arc<Gateway>,
-    identity: Arc<Identity>,
-    model: String,
-    admitted: Admitted,
-    usage: Option<Usage>,
-) {
-    let usage = usage.unwrap_or_default();
-    let actual = Reservation {
-        requests: 1,
-        tokens: usage.prompt_tokens + usage.completion_tokens,
-        cost_nano: settled_cost_nano(&gateway.config.prices, &model, &identity.tier, &usage),
-    };
-    if admitted.local_only {
-        gateway.held.owe(OwedCharge {
-            key_id: identity.key_id.clone(),
-            id: admitted.reservation_id,
-            at_sec: admitted.admitted_sec,
-            month: admitted.month,
-            amount: actual,
-        });
-        return;
-    }
-    if let Some(lease_id) = &admitted.lease {
-        let idle =
-            gateway
-                .leases
-                .settle(&identity.key_id, lease_id, &admitted.reservation, &actual);
-        give_back(gateway.store.clone(), gateway.held.clone(), idle);
-        return;
-    }
-    gateway.held.release(&admitted.reservation_id);
-    tokio::spawn(async move {
-        let args = Settle {
-            reservation_id: &admitted.reservation_id,
-            admitted_sec: admitted.admitted_sec,
-            month: &admitted.month,
-            reserved: admitted.reservation,
-            actual,
-        };
-        // A settlement lost to an outage leaves the reservation counted (never less than
-        // used) and its slot held until it expires; retry a few times first.
-        for attempt in 0..5u32 {
-            match gateway.store.settle(&identity.key_id, &args).await {
-                Ok(()) => return,
-                Err(e) => {
-                    tracing::warn!(error = %e, attempt, "quota settlement failed");
-                    tokio::time::sleep(std::time::Duration::from_millis(200 << attempt)).await;
-                }
-            }
-        }
-    });
 }

@@ -4,9 +4,10 @@
 //! Nothing here buffers the client's stream: a JSON body is copied aside (bounded) and read
 //! at its end; an SSE stream goes through [`sse::SseUsageScanner`].
 
-pub mod events;
+pub mod journal;
 mod sse;
 
+pub use crate::usage::UsageSource;
 pub use sse::SseUsageScanner;
 
 use bytes::{Bytes, BytesMut};
@@ -14,28 +15,6 @@ use serde::{Deserialize, Deserializer, Serialize};
 
 /// A JSON response larger than this is passed on but not read for usage (and counted).
 const MAX_JSON_BYTES: usize = 16 << 20;
-
-/// Where a request's billed usage came from: the backend's own report; an estimate from
-/// what was sent and received (the backend reported none, or the stream was cut before its
-/// usage chunk); or, when nothing could be read, the reservation itself.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum UsageSource {
-    #[default]
-    Reported,
-    Estimated,
-    Reserved,
-}
-
-impl UsageSource {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            UsageSource::Reported => "reported",
-            UsageSource::Estimated => "estimated",
-            UsageSource::Reserved => "reserved",
-        }
-    }
-}
 
 /// The most a request could use, as it was reserved: its prompt estimate and its completion
 /// cap (all choices, all prompts). Estimates never exceed it.
@@ -137,7 +116,7 @@ impl Usage {
     }
 
     /// The usage a stored event records.
-    pub fn of_event(event: &events::UsageEvent) -> Usage {
+    pub fn of_event(event: &crate::usage::UsageEvent) -> Usage {
         Usage {
             prompt_tokens: event.prompt_tokens,
             completion_tokens: event.completion_tokens,

@@ -5,7 +5,7 @@ use super::cache_memory::MemoryCache;
 use super::quota_memory::MemoryQuotas;
 use super::{BackendRecord, Store, StoreError};
 use crate::keys::{KeyHash, KeyRecord};
-use crate::metering::events::UsageEvent;
+use crate::usage::UsageEvent;
 use async_trait::async_trait;
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use sluice_policies::ledger::{Admit, Charge, Refresh, Settle};

@@ -12,7 +12,7 @@ pub use embedded::EmbeddedStore;
 pub use redis::RedisStore;
 
 use crate::keys::{KeyHash, KeyRecord};
-use crate::metering::events::UsageEvent;
+use crate::usage::UsageEvent;
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 use sluice_policies::ledger::{Admit, Charge, Refresh, Settle};

@@ -24,7 +24,7 @@
 
 use super::{BackendRecord, Store, StoreError};
 use crate::keys::{KeyHash, KeyRecord};
-use crate::metering::events::UsageEvent;
+use crate::usage::UsageEvent;
 use async_trait::async_trait;
 use redis::aio::ConnectionManager;
 use redis::AsyncCommands;

@@ -1,4 +1,4 @@
-//! Usage events: one per metered request, with a unique id, on their way to the store.
+//! How does a usage event reach the store? One per metered request, with a unique id.
 //!
 //! The proxy hands each event to a [`UsageSink`] (a channel; never blocks, never drops). One
 //! writer drains it in small batches into the store. When the store cannot be reached the
@@ -8,47 +8,12 @@
 //! (or journaled) within milliseconds of its request's end.
 
 use crate::store::Store;
-use serde::{Deserialize, Serialize};
+use crate::usage::UsageEvent;
 use std::io::{BufRead, Write};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::mpsc;
-
-/// One metered request.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct UsageEvent {
-    /// UUIDv7: unique, and ordered by time.
-    pub id: String,
-    /// Unix milliseconds when the request finished.
-    pub time_ms: i64,
-    pub request_id: String,
-    pub key_id: String,
-    pub tenant: String,
-    pub tier: String,
-    pub model: String,
-    pub backend: String,
-    pub route: String,
-    pub prompt_tokens: u64,
-    pub completion_tokens: u64,
-    /// Prompt tokens the backend served from its prompt cache; for an answer from Sluice's
-    /// response cache (`cache_status` hit or semantic), every token of it.
-    pub cached_tokens: u64,
-    /// `miss`, `hit` or `semantic`.
-    pub cache_status: String,
-    pub status: u16,
-    pub latency_ms: u64,
-    pub ttft_ms: Option<u64>,
-    /// The client hung up before the response ended; the usage is what the backend reported
-    /// after the gateway read its response to the end.
-    pub client_disconnected: bool,
-    /// False when the backend's usage could not be read (see `usage_source`).
-    pub usage_reported: bool,
-    /// `reported` (the backend's own figures), `estimated` (from what was sent and
-    /// received) or `reserved` (nothing could be read: billed at the reservation).
-    #[serde(default)]
-    pub usage_source: super::UsageSource,
-}
 
 /// Where the proxy puts events; cheap to clone, never blocks.
 #[derive(Clone)]

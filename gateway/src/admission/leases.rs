@@ -16,7 +16,7 @@
 //! `lease_max_requests = 0` turns leases off (every request is decided by the
 //! store, exactly).
 
-use crate::admission::held::Held;
+use super::held::Held;
 use crate::store::Store;
 use sluice_policies::ledger::Settle;
 use sluice_policies::quota::{RateHeaders, Reservation};

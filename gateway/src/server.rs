@@ -1,0 +1,91 @@
+//! How does a replica start and stop? Brings the gateway's state up, starts the admin API,
+//! the background followers and the proxy, and on SIGTERM drains requests and flushes usage.
+
+use crate::admin;
+use crate::app::Gateway;
+use crate::config::Config;
+use crate::proxy::Proxy;
+use anyhow::Context;
+use pingora_core::server::configuration::ServerConf;
+use pingora_core::server::Server;
+
+/// Runs the gateway until a signal stops it. On SIGTERM (or Ctrl-C) the listener closes,
+/// requests in flight (streams included) get `grace_period_secs` to finish, and the usage
+/// events they produced are written to the store (or the journal) before this returns.
+pub fn run(config: Config) -> anyhow::Result<()> {
+    // Store connections, the admin API and background followers live on their own small
+    // runtime, so they keep running while pingora's proxy threads serve traffic.
+    let support = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("sluice-support")
+        .enable_all()
+        .build()?;
+    let (gateway, usage_writer) = support.block_on(Gateway::build(config.clone()))?;
+    support.spawn(usage_writer.run());
+
+    let admin_listener = support
+        .block_on(tokio::net::TcpListener::bind(config.admin_listen))
+        .with_context(|| format!("cannot listen on {} (admin)", config.admin_listen))?;
+    support.spawn(admin::serve(admin_listener, gateway.clone()));
+    support.spawn(gateway.clone().follow_changes());
+    support.spawn(gateway.admission.clone().run());
+    support.spawn(gateway.cache.clone().follow());
+    support.spawn(gateway.upstreams.clone().follow());
+    support.spawn(
+        gateway
+            .upstreams
+            .clone()
+            .check_health(config.balancer.clone()),
+    );
+    support.spawn(
+        gateway
+            .upstreams
+            .clone()
+            .scrape_load(config.balancer.clone()),
+    );
+
+    if config.admin_token.is_none() && config.jwt.is_none() {
+        tracing::warn!(
+            "no admin credentials configured (SLUICE_ADMIN_TOKEN or auth.jwt): \
+             the admin API refuses every call"
+        );
+    }
+    let models = gateway.upstreams.models();
+    tracing::info!(
+        listen = %config.listen,
+        admin = %config.admin_listen,
+        store = gateway.store.kind(),
+        backends = config.backends.len(),
+        models = ?models.keys().collect::<Vec<_>>(),
+        "sluice gateway starting"
+    );
+
+    let server_conf = ServerConf {
+        threads: config.threads,
+        grace_period_seconds: Some(config.grace_period_secs),
+        graceful_shutdown_timeout_seconds: Some(config.grace_period_secs),
+        ..ServerConf::default()
+    };
+    let mut server = Server::new_with_opt_and_conf(None, server_conf);
+    server.bootstrap();
+    let mut proxy = pingora_proxy::http_proxy_service_with_name(
+        &server.configuration,
+        Proxy::new(gateway.clone()),
+        "sluice-proxy",
+    );
+    proxy.add_tcp(&config.listen.to_string());
+    server.add_service(proxy);
+    server.run(pingora_core::server::RunArgs::default());
+    let flushed = support
+        .block_on(async { tokio::time::timeout(USAGE_FLUSH_LIMIT, gateway.usage.flush()).await });
+    match flushed {
+        Ok(()) => tracing::info!("usage events flushed; gateway stopped"),
+        Err(_) => tracing::error!(
+            "usage events not flushed within {USAGE_FLUSH_LIMIT:?}; those not written are lost unless journaled"
+        ),
+    }
+    Ok(())
+}
+
+/// How long a stopping gateway waits for its usage events to reach the store or journal.
+const USAGE_FLUSH_LIMIT: std::time::Duration = std::time::Duration::from_secs(15);
