@@ -209,3 +209,22 @@ mod tests {
         assert!(v["error"]["param"].is_null());
     }
 }
+
+/// What the client is told when forwarding to `backend` failed; `None` when the client is
+/// the one that went away.
+pub fn upstream_error(e: &pingora_core::Error, backend: &str) -> Option<ApiError> {
+    use pingora_core::ErrorType::*;
+    Some(match e.etype() {
+        HTTPStatus(code) => ApiError::internal(format!("Request failed with status {code}.")),
+        ConnectTimedout | ConnectRefused | ConnectNoRoute | ConnectError | ConnectProxyFailure
+        | BindError | SocketError => ApiError::bad_gateway(format!(
+            "Backend {backend} is unreachable ({}).",
+            e.etype().as_str()
+        )),
+        ReadTimedout | WriteTimedout => {
+            ApiError::gateway_timeout(format!("Backend {backend} did not answer in time."))
+        }
+        _ if e.esource() == &pingora_core::ErrorSource::Downstream => return None,
+        _ => ApiError::bad_gateway(format!("Backend {backend} failed: {}.", e.etype().as_str())),
+    })
+}

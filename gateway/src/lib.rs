@@ -13,6 +13,7 @@ pub mod error;
 pub mod keys;
 pub mod metering;
 pub mod metrics;
+pub mod outcome;
 pub mod proxy;
 pub mod request;
 pub mod server;

@@ -9,12 +9,10 @@
 //! Labels are bounded: route, model (only models the gateway serves), tier, status code,
 //! cache status, limit kind, Redis command, backend name. Never a key, tenant or prompt.
 
-use crate::app::Gateway;
 use prometheus::{
     Encoder, HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry, TextEncoder,
 };
 use std::fmt::Write as _;
-use std::sync::atomic::Ordering;
 use std::sync::LazyLock;
 use std::time::Duration;
 
@@ -205,29 +203,53 @@ impl Metrics {
         }
     }
 
-    /// The text exposition: the counters above, then what is read from the gateway now.
-    pub fn render(&self, gateway: &Gateway) -> String {
+    /// The text exposition: the counters above, then `state` as read at scrape time.
+    pub fn render(&self, state: &ScrapeState) -> String {
         let mut out = Vec::new();
         TextEncoder::new()
             .encode(&self.registry.gather(), &mut out)
             .expect("text encoding of gathered metrics");
         let mut out = String::from_utf8(out).expect("the text exposition is UTF-8");
-        render_state(&mut out, gateway);
+        render_state(&mut out, state);
         out
     }
 }
 
+/// What other modules keep, read at scrape time by whoever serves `/metrics`.
+pub struct ScrapeState {
+    pub backends: Vec<BackendGauges>,
+    pub cache: CacheCounters,
+    pub journal_bytes: u64,
+}
+
+/// The response cache's counters on this replica.
+pub struct CacheCounters {
+    pub entries: u64,
+    pub hits: u64,
+    pub semantic_hits: u64,
+    pub misses: u64,
+    pub guard_rejections: u64,
+}
+
+/// One backend as the balancer sees it now.
+pub struct BackendGauges {
+    pub name: String,
+    pub up: bool,
+    pub in_flight: u64,
+    pub latency_ewma: Duration,
+}
+
 /// Gauges and counters kept by other modules, written as they are at scrape time.
-fn render_state(out: &mut String, gateway: &Gateway) {
+fn render_state(out: &mut String, state: &ScrapeState) {
     let mut family = |name: &str, kind: &str, help: &str, samples: Vec<(String, f64)>| {
         let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
         for (labels, value) in samples {
             let _ = writeln!(out, "{name}{labels} {value}");
         }
     };
-    let backends = gateway.upstreams.backends();
-    let per_backend = |f: &dyn Fn(&crate::upstream::Backend) -> f64| -> Vec<(String, f64)> {
-        backends
+    let per_backend = |f: &dyn Fn(&BackendGauges) -> f64| -> Vec<(String, f64)> {
+        state
+            .backends
             .iter()
             .map(|b| (format!("{{backend=\"{}\"}}", escape(&b.name)), f(b)))
             .collect()
@@ -236,56 +258,52 @@ fn render_state(out: &mut String, gateway: &Gateway) {
         "sluice_backend_up",
         "gauge",
         "1 when the backend takes requests (healthy, not ejected, not draining).",
-        per_backend(&|b| f64::from(u8::from(b.state.available()))),
+        per_backend(&|b| f64::from(u8::from(b.up))),
     );
     family(
         "sluice_backend_in_flight",
         "gauge",
         "Requests this gateway has at the backend now.",
-        per_backend(&|b| b.state.in_flight.load(Ordering::Relaxed) as f64),
+        per_backend(&|b| b.in_flight as f64),
     );
     family(
         "sluice_backend_latency_ewma_seconds",
         "gauge",
         "The backend's latency EWMA as the balancer sees it.",
-        per_backend(&|b| b.state.ewma().as_secs_f64()),
+        per_backend(&|b| b.latency_ewma.as_secs_f64()),
     );
 
-    let cache = gateway.cache.stats();
-    let number = |v: &serde_json::Value| v.as_f64().unwrap_or(0.0);
+    let cache = &state.cache;
     family(
         "sluice_cache_entries",
         "gauge",
         "Response cache entries (the same on every replica).",
-        vec![(String::new(), number(&cache["entries"]))],
+        vec![(String::new(), cache.entries as f64)],
     );
     family(
         "sluice_cache_lookups_total",
         "counter",
         "Response cache lookups on this replica, by result.",
-        ["hits", "semantic_hits", "misses"]
-            .iter()
-            .map(|k| {
-                let result = match *k {
-                    "hits" => "hit",
-                    "semantic_hits" => "semantic",
-                    _ => "miss",
-                };
-                (format!("{{result=\"{result}\"}}"), number(&cache[*k]))
-            })
-            .collect(),
+        [
+            ("hit", cache.hits),
+            ("semantic", cache.semantic_hits),
+            ("miss", cache.misses),
+        ]
+        .iter()
+        .map(|(result, n)| (format!("{{result=\"{result}\"}}"), *n as f64))
+        .collect(),
     );
     family(
         "sluice_cache_guard_rejections_total",
         "counter",
         "Semantic candidates turned down by the guard (negation, numbers, entities, quotes).",
-        vec![(String::new(), number(&cache["guard_rejections"]))],
+        vec![(String::new(), cache.guard_rejections as f64)],
     );
     family(
         "sluice_usage_journal_bytes",
         "gauge",
         "Usage events waiting in the on-disk journal for the store to come back, in bytes.",
-        vec![(String::new(), gateway.usage.journal_bytes() as f64)],
+        vec![(String::new(), state.journal_bytes as f64)],
     );
 }
 

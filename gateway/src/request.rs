@@ -1,7 +1,9 @@
-//! What are they asking for? Which OpenAI route a request is for, and a borrowed view of just
-//! the body fields that policy needs. The body itself is forwarded as it came.
+//! What are they asking for? Which OpenAI route a request is for, its body (read whole,
+//! bounded), and a borrowed view of just the body fields that policy needs. The body itself
+//! is forwarded as it came, but for an alias resolved to the model it stands for.
 
 use crate::error::ApiError;
+use bytes::{Bytes, BytesMut};
 use serde::Deserialize;
 use serde_json::value::RawValue;
 use std::borrow::Cow;
@@ -150,6 +152,81 @@ impl<'a> RequestView<'a> {
 
     pub fn is_stream(&self) -> bool {
         self.stream.unwrap_or(false)
+    }
+}
+
+/// The client's `x-request-id` when it is a sane token, else a fresh UUIDv7.
+pub fn request_id(headers: &http::HeaderMap) -> String {
+    headers
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .filter(|id| {
+            !id.is_empty()
+                && id.len() <= 128
+                && id
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(&b))
+        })
+        .map_or_else(|| uuid::Uuid::now_v7().to_string(), str::to_owned)
+}
+
+/// The body with its `model` replaced (an alias resolved).
+pub fn with_model(body: &Bytes, model: &str) -> Result<Bytes, ApiError> {
+    let mut value: serde_json::Value = serde_json::from_slice(body)
+        .map_err(|e| ApiError::bad_request(format!("Invalid request body: {e}.")))?;
+    if let Some(object) = value.as_object_mut() {
+        object.insert(
+            "model".to_owned(),
+            serde_json::Value::String(model.to_owned()),
+        );
+    }
+    Ok(Bytes::from(
+        serde_json::to_vec(&value).expect("JSON re-serializes"),
+    ))
+}
+
+/// Reads the whole request body, refusing it past `limit` bytes.
+pub async fn read_body(
+    session: &mut pingora_proxy::Session,
+    limit: usize,
+) -> Result<Bytes, ApiError> {
+    let declared = session
+        .req_header()
+        .headers
+        .get(http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok());
+    if declared.is_some_and(|len| len > limit) {
+        return Err(ApiError::body_too_large(limit));
+    }
+    let expects_continue = session
+        .req_header()
+        .headers
+        .get(http::header::EXPECT)
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
+    if expects_continue {
+        // The client waits for this before sending a large body (curl does).
+        session
+            .write_continue_response()
+            .await
+            .map_err(|e| ApiError::bad_request(format!("Could not read the request body: {e}")))?;
+    }
+    let mut body = BytesMut::with_capacity(declared.unwrap_or(0));
+    loop {
+        match session.read_request_body().await {
+            Ok(Some(chunk)) => {
+                if body.len() + chunk.len() > limit {
+                    return Err(ApiError::body_too_large(limit));
+                }
+                body.extend_from_slice(&chunk);
+            }
+            Ok(None) => return Ok(body.freeze()),
+            Err(e) => {
+                return Err(ApiError::bad_request(format!(
+                    "Could not read the request body: {e}"
+                )))
+            }
+        }
     }
 }
 

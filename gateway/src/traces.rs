@@ -7,7 +7,7 @@
 //! With export off, every function here returns `None` or a disabled span without building
 //! anything.
 
-use crate::proxy::RequestCtx;
+use crate::outcome::RequestOutcome;
 use crate::request::{RequestView, Route};
 use crate::upstream::Backend;
 use pingora_http::RequestHeader;
@@ -97,25 +97,24 @@ pub fn record_request(span: Option<&Span>, route: Route, view: &RequestView<'_>)
 
 /// Records how the request ended and closes its spans. (Numbers are recorded as i64:
 /// OpenTelemetry has no unsigned integers, and a u64 would be exported as a string.)
-pub fn finish(ctx: &mut RequestCtx, status: u16) {
-    ctx.upstream_span = None;
-    let Some(span) = ctx.span.take() else {
+pub fn finish(span: Option<tracing::Span>, outcome: &RequestOutcome) {
+    let Some(span) = span else {
         return;
     };
-    span.record("http.response.status_code", i64::from(status));
-    if let Some(identity) = &ctx.identity {
+    span.record("http.response.status_code", i64::from(outcome.status));
+    if let Some(identity) = outcome.identity {
         span.record("sluice.tenant", identity.tenant.as_str());
         span.record("sluice.tier", identity.tier.as_str());
     }
-    if let Some(usage) = ctx.usage {
+    if let Some(usage) = outcome.usage {
         span.record("gen_ai.usage.input_tokens", usage.prompt_tokens as i64);
         span.record("gen_ai.usage.output_tokens", usage.completion_tokens as i64);
     }
-    if let Some(cache) = ctx.cache_status {
+    if let Some(cache) = outcome.cache {
         span.record("sluice.cache", cache.as_str());
     }
-    if let Some(backend) = &ctx.backend {
-        span.record("sluice.backend", backend.name.as_str());
+    if !outcome.backend.is_empty() {
+        span.record("sluice.backend", outcome.backend);
     }
-    span.record("sluice.retries", i64::from(ctx.retries));
+    span.record("sluice.retries", i64::from(outcome.retries));
 }

@@ -163,5 +163,5 @@ async fn the_pool_produces_exact_and_semantic_hits_within_a_tenant() {
         kinds,
         ["miss", "hit", "semantic", "miss", "miss", "miss", "semantic"]
     );
-    assert_eq!(cache.stats()["guard_rejections"], 1);
+    assert_eq!(cache.stats().guard_rejections, 1);
 }

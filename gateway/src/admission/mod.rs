@@ -447,6 +447,44 @@ impl Admission {
     }
 }
 
+/// OpenAI's `x-ratelimit-*` headers for the limits a key has, and `Retry-After` when given:
+/// the (name, value) pairs an answer carries.
+pub fn rate_limit_headers(
+    h: &RateHeaders,
+    retry_after: Option<u64>,
+) -> impl Iterator<Item = (&'static str, String)> {
+    use quota::reset_duration;
+    [
+        (
+            "x-ratelimit-limit-requests",
+            h.limit_requests.map(|v| v.to_string()),
+        ),
+        (
+            "x-ratelimit-remaining-requests",
+            h.remaining_requests.map(|v| v.to_string()),
+        ),
+        (
+            "x-ratelimit-reset-requests",
+            h.reset_requests_secs.map(reset_duration),
+        ),
+        (
+            "x-ratelimit-limit-tokens",
+            h.limit_tokens.map(|v| v.to_string()),
+        ),
+        (
+            "x-ratelimit-remaining-tokens",
+            h.remaining_tokens.map(|v| v.to_string()),
+        ),
+        (
+            "x-ratelimit-reset-tokens",
+            h.reset_tokens_secs.map(reset_duration),
+        ),
+        ("retry-after", retry_after.map(|v| v.to_string())),
+    ]
+    .into_iter()
+    .filter_map(|(name, value)| Some((name, value?)))
+}
+
 fn refusal_error(kind: LimitKind, retry_after: u64) -> ApiError {
     let message = match kind {
         LimitKind::MonthlyBudget => {

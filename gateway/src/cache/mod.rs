@@ -471,8 +471,43 @@ impl ResponseCache {
 
     /// `GET /admin/v1/cache/stats`: entries (shared by every replica) and this replica's
     /// lookups since it started.
-    pub fn stats(&self) -> serde_json::Value {
-        use serde_json::json;
+    /// Copies a cacheable answer aside as it passes (`copy`, set when the answer may be kept)
+    /// and keeps it once it is complete; drops the copy when it grows past the entry bound.
+    pub fn capture(
+        self: &Arc<Self>,
+        copy: &mut Option<bytes::BytesMut>,
+        plan: &mut Option<Plan>,
+        stream: bool,
+        chunk: Option<&bytes::Bytes>,
+        end_of_stream: bool,
+    ) {
+        let Some(bytes) = copy.as_mut() else {
+            return;
+        };
+        if let Some(chunk) = chunk {
+            if bytes.len() + chunk.len() > self.max_entry_bytes() {
+                *copy = None;
+                return;
+            }
+            bytes.extend_from_slice(chunk);
+        }
+        if !end_of_stream {
+            return;
+        }
+        let (Some(bytes), Some(plan)) = (copy.take(), plan.take()) else {
+            return;
+        };
+        let answer = if stream {
+            CachedAnswer::from_stream(plan.route, &bytes)
+        } else {
+            CachedAnswer::from_json(plan.route, &bytes)
+        };
+        if let Some(answer) = answer {
+            self.keep(plan, answer);
+        }
+    }
+
+    pub fn stats(&self) -> CacheStats {
         let rate = |part: u64, all: u64| {
             if all == 0 {
                 0.0
@@ -481,12 +516,12 @@ impl ResponseCache {
             }
         };
         let t = &self.stats.total;
-        let (hit, semantic, miss) = (
+        let (hits, semantic_hits, misses) = (
             t.hit.load(Ordering::Relaxed),
             t.semantic.load(Ordering::Relaxed),
             t.miss.load(Ordering::Relaxed),
         );
-        let lookups = hit + semantic + miss;
+        let lookups = hits + semantic_hits + misses;
         let entries = self.index.entries_by_tenant();
         let by_tenant = self
             .stats
@@ -497,43 +532,71 @@ impl ResponseCache {
         let mut tenants: Vec<&String> = entries.keys().chain(by_tenant.keys()).collect();
         tenants.sort();
         tenants.dedup();
-        let per_tenant: serde_json::Map<String, serde_json::Value> = tenants
+        let by_tenant = tenants
             .into_iter()
             .map(|tenant| {
                 let [h, s, m] = by_tenant.get(tenant).copied().unwrap_or_default();
-                (
-                    tenant.clone(),
-                    json!({
-                        "entries": entries.get(tenant).copied().unwrap_or(0),
-                        "hits": h, "semantic_hits": s, "misses": m,
-                        "hit_rate": rate(h + s, h + s + m),
-                    }),
-                )
+                let stats = TenantCacheStats {
+                    entries: entries.get(tenant).copied().unwrap_or(0),
+                    hits: h,
+                    semantic_hits: s,
+                    misses: m,
+                    hit_rate: rate(h + s, h + s + m),
+                };
+                (tenant.clone(), stats)
             })
             .collect();
-        json!({
-            "entries": self.index.len(),
-            "namespaces": self.index.namespaces(),
-            "semantic": self.embedder.is_some(),
-            "lookups": lookups,
-            "hits": hit,
-            "semantic_hits": semantic,
-            "misses": miss,
-            "hit_rate": rate(hit, lookups),
-            "semantic_hit_rate": rate(semantic, lookups),
-            "guard_rejections": self.stats.guard_rejections.load(Ordering::Relaxed),
-            "stored": self.stats.stored.load(Ordering::Relaxed),
-            "embedding_failures": self.stats.embedding_failures.load(Ordering::Relaxed),
-            "store_failures": self.stats.store_failures.load(Ordering::Relaxed),
-            "by_tenant": per_tenant,
-        })
+        CacheStats {
+            entries: self.index.len(),
+            namespaces: self.index.namespaces(),
+            semantic: self.embedder.is_some(),
+            lookups,
+            hits,
+            semantic_hits,
+            misses,
+            hit_rate: rate(hits, lookups),
+            semantic_hit_rate: rate(semantic_hits, lookups),
+            guard_rejections: self.stats.guard_rejections.load(Ordering::Relaxed),
+            stored: self.stats.stored.load(Ordering::Relaxed),
+            embedding_failures: self.stats.embedding_failures.load(Ordering::Relaxed),
+            store_failures: self.stats.store_failures.load(Ordering::Relaxed),
+            by_tenant,
+        }
     }
 }
 
+/// The cache's counters on this replica, as `GET /admin/v1/cache/stats` and the metrics
+/// show them.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct CacheStats {
+    pub entries: usize,
+    pub namespaces: usize,
+    /// Whether semantic matching is on (an embeddings endpoint is configured).
+    pub semantic: bool,
+    pub lookups: u64,
+    pub hits: u64,
+    pub semantic_hits: u64,
+    pub misses: u64,
+    pub hit_rate: f64,
+    pub semantic_hit_rate: f64,
+    pub guard_rejections: u64,
+    pub stored: u64,
+    pub embedding_failures: u64,
+    pub store_failures: u64,
+    pub by_tenant: std::collections::BTreeMap<String, TenantCacheStats>,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct TenantCacheStats {
+    pub entries: u64,
+    pub hits: u64,
+    pub semantic_hits: u64,
+    pub misses: u64,
+    pub hit_rate: f64,
+}
+
 fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as i64)
+    crate::clock::now_ms()
 }
 
 fn digest(hex_text: &str) -> Option<Digest> {

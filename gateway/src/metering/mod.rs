@@ -184,6 +184,38 @@ impl Meter {
         }
     }
 
+    /// The reader for a backend's 2xx answer with these headers, and whether the answer's
+    /// length changes on the way (the usage chunk the gateway asked for is removed).
+    pub fn for_answer(headers: &http::HeaderMap, strip_usage_chunk: bool) -> (Meter, bool) {
+        if headers.contains_key(http::header::CONTENT_ENCODING) {
+            return (Meter::Unreadable, false);
+        }
+        let content_type = headers
+            .get(http::header::CONTENT_TYPE)
+            .map(|v| v.as_bytes());
+        let meter = Meter::for_response(content_type, strip_usage_chunk);
+        let resized = strip_usage_chunk && matches!(meter, Meter::Sse(_));
+        (meter, resized)
+    }
+
+    /// Reads a body chunk in place as it passes; at the end of the body, appends what was
+    /// held back and returns the usage read (`Some(None)`: the body ended without one).
+    pub fn pass(&mut self, body: &mut Option<Bytes>, end_of_stream: bool) -> Option<Option<Usage>> {
+        if let Some(chunk) = body.take() {
+            *body = Some(self.feed(chunk));
+        }
+        if !end_of_stream {
+            return None;
+        }
+        let (rest, usage) = self.finish();
+        if !rest.is_empty() {
+            let mut joined = BytesMut::from(body.take().unwrap_or_default());
+            joined.extend_from_slice(&rest);
+            *body = Some(joined.freeze());
+        }
+        Some(usage)
+    }
+
     /// Reads a body chunk; returns what the client gets in its place.
     pub fn feed(&mut self, chunk: Bytes) -> Bytes {
         match self {
@@ -251,6 +283,20 @@ impl Meter {
             ),
         }
     }
+}
+
+/// The usage of a backend's 2xx answer whose own usage could not be read (a body past the
+/// copy bound, a stream cut off before its usage chunk, a compressed body, a backend that
+/// reports none): what the end of the body still holds, else an estimate from what passed,
+/// else the reservation (`ceiling`). Never zero. `body_done`: the answer reached its end.
+pub fn unread_usage(meter: &mut Meter, body_done: bool, ceiling: Ceiling) -> (Usage, UsageSource) {
+    if !body_done {
+        // Cut off: what is held of the last event is read too.
+        if let (_, Some(usage)) = meter.finish() {
+            return (usage, UsageSource::Reported);
+        }
+    }
+    meter.estimate(ceiling)
 }
 
 /// The body to send upstream so a stream ends with a usage chunk: unchanged when the client

@@ -1,0 +1,274 @@
+//! API keys: create (the secret is shown once), list, read, update, revoke, rotate, and each
+//! key's live quota.
+
+use super::{key_written, non_empty, now_unix, parse_body, store_error, AppState};
+use crate::app::Gateway;
+use crate::error::ApiError;
+use crate::keys::{new_key_id, KeyRecord, NewSecret};
+use axum::body::Bytes;
+use axum::extract::{Path, State};
+use axum::response::IntoResponse;
+use axum::Json;
+use serde::Deserialize;
+use serde_json::{json, Value};
+use sluice_policies::LimitOverrides;
+
+/// A key as the admin API shows it: never its secret or hash.
+pub(super) fn key_view(gateway: &Gateway, record: &KeyRecord) -> Value {
+    let effective = gateway
+        .tiers()
+        .get(&record.tier)
+        .map(|t| t.limits.with_overrides(&record.limits))
+        .ok();
+    json!({
+        "id": record.id,
+        "object": "api_key",
+        "name": record.name,
+        "tenant": record.tenant,
+        "tier": record.tier,
+        "limits": record.limits,
+        "effective_limits": effective,
+        "display_prefix": record.display_prefix,
+        "created_at": record.created_at,
+        "revoked_at": record.revoked_at,
+        "cache": record.cache,
+        "status": if record.is_revoked() { "revoked" } else { "active" },
+    })
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreateKey {
+    name: String,
+    tenant: String,
+    tier: Option<String>,
+    #[serde(default)]
+    limits: LimitOverrides,
+    /// `false` keeps this key's answers out of the response cache.
+    cache: Option<bool>,
+}
+
+pub(super) async fn create_key(
+    State(gateway): State<AppState>,
+    body: Bytes,
+) -> Result<impl IntoResponse, ApiError> {
+    let req: CreateKey = parse_body(&body)?;
+    non_empty("name", &req.name)?;
+    non_empty("tenant", &req.tenant)?;
+    let tier = req
+        .tier
+        .unwrap_or_else(|| sluice_policies::tiers::DEFAULT_TIER.to_owned());
+    gateway
+        .tiers()
+        .get(&tier)
+        .map_err(|e| ApiError::bad_request(e.to_string()).with_param("tier"))?;
+    let secret = NewSecret::generate();
+    let record = KeyRecord {
+        id: new_key_id(),
+        name: req.name,
+        tenant: req.tenant,
+        tier,
+        limits: req.limits,
+        hash: secret.hash,
+        display_prefix: secret.display_prefix,
+        created_at: now_unix(),
+        revoked_at: None,
+        cache: req.cache.unwrap_or(true),
+    };
+    gateway
+        .store
+        .put_key(&record, None)
+        .await
+        .map_err(store_error)?;
+    key_written(&gateway).await;
+    tracing::info!(key_id = %record.id, tenant = %record.tenant, tier = %record.tier, "key created");
+    let mut view = key_view(&gateway, &record);
+    view["key"] = Value::String(secret.secret);
+    Ok((http::StatusCode::CREATED, Json(view)))
+}
+
+pub(super) async fn list_keys(State(gateway): State<AppState>) -> Result<Json<Value>, ApiError> {
+    let keys = gateway.store.list_keys().await.map_err(store_error)?;
+    let data: Vec<Value> = keys.iter().map(|k| key_view(&gateway, k)).collect();
+    Ok(Json(json!({"object": "list", "data": data})))
+}
+
+pub(super) async fn find_key(gateway: &Gateway, id: &str) -> Result<KeyRecord, ApiError> {
+    gateway
+        .store
+        .key(id)
+        .await
+        .map_err(store_error)?
+        .ok_or_else(|| ApiError::not_found(format!("No API key with id '{id}'.")))
+}
+
+pub(super) async fn get_key(
+    State(gateway): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let record = find_key(&gateway, &id).await?;
+    Ok(Json(key_view(&gateway, &record)))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct UpdateKey {
+    name: Option<String>,
+    tenant: Option<String>,
+    tier: Option<String>,
+    /// Replaces the key's overrides as a whole; `{}` clears them.
+    limits: Option<LimitOverrides>,
+    cache: Option<bool>,
+}
+
+pub(super) async fn update_key(
+    State(gateway): State<AppState>,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> Result<Json<Value>, ApiError> {
+    let req: UpdateKey = parse_body(&body)?;
+    let mut record = find_key(&gateway, &id).await?;
+    if record.is_revoked() {
+        return Err(ApiError::bad_request(format!(
+            "API key '{id}' is revoked and cannot be changed."
+        )));
+    }
+    if let Some(name) = req.name {
+        non_empty("name", &name)?;
+        record.name = name;
+    }
+    if let Some(tenant) = req.tenant {
+        non_empty("tenant", &tenant)?;
+        record.tenant = tenant;
+    }
+    if let Some(tier) = req.tier {
+        gateway
+            .tiers()
+            .get(&tier)
+            .map_err(|e| ApiError::bad_request(e.to_string()).with_param("tier"))?;
+        record.tier = tier;
+    }
+    if let Some(limits) = req.limits {
+        record.limits = limits;
+    }
+    if let Some(cache) = req.cache {
+        record.cache = cache;
+    }
+    gateway
+        .store
+        .put_key(&record, None)
+        .await
+        .map_err(store_error)?;
+    key_written(&gateway).await;
+    Ok(Json(key_view(&gateway, &record)))
+}
+
+pub(super) async fn revoke_key(
+    State(gateway): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let mut record = find_key(&gateway, &id).await?;
+    if !record.is_revoked() {
+        record.revoked_at = Some(now_unix());
+        gateway
+            .store
+            .put_key(&record, None)
+            .await
+            .map_err(store_error)?;
+        key_written(&gateway).await;
+        tracing::info!(key_id = %record.id, "key revoked");
+    }
+    Ok(Json(key_view(&gateway, &record)))
+}
+
+pub(super) async fn rotate_key(
+    State(gateway): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let mut record = find_key(&gateway, &id).await?;
+    if record.is_revoked() {
+        return Err(ApiError::bad_request(format!(
+            "API key '{id}' is revoked and cannot be rotated."
+        )));
+    }
+    let secret = NewSecret::generate();
+    let old_hash = std::mem::replace(&mut record.hash, secret.hash);
+    record.display_prefix = secret.display_prefix;
+    gateway
+        .store
+        .put_key(&record, Some(&old_hash))
+        .await
+        .map_err(store_error)?;
+    key_written(&gateway).await;
+    tracing::info!(key_id = %record.id, "key rotated");
+    let mut view = key_view(&gateway, &record);
+    view["key"] = Value::String(secret.secret);
+    Ok(Json(view))
+}
+
+/// `GET /admin/v1/keys/{id}/quota`: each limit's live state. `used` includes what requests
+/// in flight have reserved; `resets_in_secs` is when the window frees room (rates) or renews
+/// (days, months).
+pub(super) async fn key_quota(
+    State(gateway): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    use sluice_policies::quota;
+    let record = find_key(&gateway, &id).await?;
+    let tiers = gateway.tiers();
+    let tier = tiers
+        .get(&record.tier)
+        .map_err(|e| ApiError::internal(e.to_string()))?;
+    let limits = tier.limits.with_overrides(&record.limits);
+    let now = crate::clock::now_ms() / 1000;
+    let (month, to_month_end) = crate::clock::month_of(now);
+    let c = gateway
+        .store
+        .quota_counters(&id, now, &month)
+        .await
+        .map_err(store_error)?;
+    let state = quota::QuotaState::of(&limits, &c, now);
+    let rate = |l: &quota::LimitState| json!({"limit": l.limit, "used": l.used, "remaining": l.limit.map(|limit| limit.saturating_sub(l.used)), "resets_in_secs": l.resets_in_secs});
+    let nano = rust_decimal::Decimal::from(quota::NANO);
+    let spent = rust_decimal::Decimal::from(state.month_spend_nano) / nano;
+    let budget = limits.monthly_budget.map(|b| b.amount());
+    Ok(Json(json!({
+        "key_id": id,
+        "tier": record.tier,
+        "requests_per_minute": rate(&state.requests_per_minute),
+        "tokens_per_minute": rate(&state.tokens_per_minute),
+        "requests_per_day": rate(&state.requests_per_day),
+        "tokens_per_day": rate(&state.tokens_per_day),
+        "max_concurrent": {
+            "limit": state.max_concurrent.limit,
+            "in_flight": state.max_concurrent.used,
+            "next_slot_expires_in_secs": state.max_concurrent.resets_in_secs,
+        },
+        "monthly_budget": {
+            "limit": budget.map(|b| b.normalize().to_string()),
+            "used": spent.normalize().to_string(),
+            "remaining": budget.map(|b| (b - spent).max(rust_decimal::Decimal::ZERO).normalize().to_string()),
+            "currency": tier.currency,
+            "month": month,
+            "resets_in_secs": to_month_end,
+        },
+    })))
+}
+
+/// `POST /admin/v1/keys/{id}/quota/reset`: forgets the key's windows, caps and month spend.
+pub(super) async fn reset_key_quota(
+    State(gateway): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    find_key(&gateway, &id).await?;
+    let now = crate::clock::now_ms() / 1000;
+    let (month, _) = crate::clock::month_of(now);
+    gateway
+        .store
+        .reset_quota(&id, now, &month)
+        .await
+        .map_err(store_error)?;
+    gateway.admission.forget_key(&id);
+    tracing::info!(key_id = %id, "quota reset");
+    Ok(Json(json!({"key_id": id, "reset": true})))
+}

@@ -1,0 +1,47 @@
+//! Prometheus metrics, read at scrape time from what the gateway keeps.
+
+use super::AppState;
+use crate::app::Gateway;
+use axum::extract::State;
+use axum::response::IntoResponse;
+
+/// `GET /metrics`: Prometheus text exposition (behind the admin listener's auth, like
+/// everything on it: give the scraper a viewer token).
+pub(super) async fn metrics(State(gateway): State<AppState>) -> impl IntoResponse {
+    (
+        [(
+            http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        crate::metrics::get().render(&scrape_state(&gateway)),
+    )
+}
+
+/// What the gateway keeps, as the metrics render it.
+fn scrape_state(gateway: &Gateway) -> crate::metrics::ScrapeState {
+    use std::sync::atomic::Ordering;
+    crate::metrics::ScrapeState {
+        backends: gateway
+            .upstreams
+            .backends()
+            .iter()
+            .map(|b| crate::metrics::BackendGauges {
+                name: b.name.clone(),
+                up: b.state.available(),
+                in_flight: b.state.in_flight.load(Ordering::Relaxed),
+                latency_ewma: b.state.ewma(),
+            })
+            .collect(),
+        cache: {
+            let stats = gateway.cache.stats();
+            crate::metrics::CacheCounters {
+                entries: stats.entries as u64,
+                hits: stats.hits,
+                semantic_hits: stats.semantic_hits,
+                misses: stats.misses,
+                guard_rejections: stats.guard_rejections,
+            }
+        },
+        journal_bytes: gateway.usage.journal_bytes(),
+    }
+}

@@ -1,0 +1,188 @@
+//! Who may change what, and where? The admin API, on its own listener: API keys and their
+//! quota (`keys`), tiers (`tiers`), the backend pool (`backends`), usage and billing exports
+//! (`billing`), the response cache (`cache`), the console (`console`) and `/metrics`
+//! (`metrics`). This file holds the router and authorisation. Every call needs the admin bearer token or a JWT whose role claim is
+//! `admin` (anything) or `viewer` (reads only). The secret of a key appears in exactly two
+//! answers, create and rotate, and nowhere else.
+
+mod backends;
+mod billing;
+mod cache;
+mod console;
+mod keys;
+mod metrics;
+mod tiers;
+
+use crate::app::Gateway;
+use crate::error::ApiError;
+use axum::extract::{Request, State};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::serve::ListenerExt;
+use axum::{Json, Router};
+use serde::de::DeserializeOwned;
+use serde_json::json;
+use sha2::{Digest, Sha256};
+use std::sync::Arc;
+
+type AppState = Arc<Gateway>;
+
+pub async fn serve(listener: tokio::net::TcpListener, gateway: Arc<Gateway>) {
+    let listener = listener.tap_io(|tcp| {
+        let _ = tcp.set_nodelay(true);
+    });
+    if let Err(e) = axum::serve(listener, router(gateway)).await {
+        tracing::error!(error = %e, "admin listener failed");
+    }
+}
+
+pub fn router(gateway: Arc<Gateway>) -> Router {
+    let api = Router::new()
+        .route(
+            "/admin/v1/keys",
+            post(keys::create_key).get(keys::list_keys),
+        )
+        .route(
+            "/admin/v1/keys/{id}",
+            get(keys::get_key)
+                .patch(keys::update_key)
+                .delete(keys::revoke_key),
+        )
+        .route("/admin/v1/keys/{id}/rotate", post(keys::rotate_key))
+        .route("/admin/v1/keys/{id}/quota", get(keys::key_quota))
+        .route(
+            "/admin/v1/keys/{id}/quota/reset",
+            post(keys::reset_key_quota),
+        )
+        .route("/admin/v1/tiers", get(tiers::list_tiers))
+        .route(
+            "/admin/v1/tiers/{name}",
+            get(tiers::get_tier).put(tiers::put_tier),
+        )
+        .route(
+            "/admin/v1/backends",
+            get(backends::list_backends).post(backends::add_backend),
+        )
+        .route(
+            "/admin/v1/backends/{name}",
+            axum::routing::delete(backends::remove_backend),
+        )
+        .route(
+            "/admin/v1/backends/{name}/drain",
+            post(backends::drain_backend).delete(backends::undrain_backend),
+        )
+        .route("/admin/v1/billing/export", get(billing::billing_export))
+        .route("/admin/v1/usage", get(billing::usage))
+        .route("/admin/v1/cache", axum::routing::delete(cache::purge_cache))
+        .route("/admin/v1/cache/stats", get(cache::cache_stats))
+        .route("/metrics", get(metrics::metrics))
+        .layer(middleware::from_fn_with_state(gateway.clone(), authorize));
+    Router::new()
+        .route("/health", get(|| async { Json(json!({"status": "ok"})) }))
+        .route("/console", get(console::console))
+        .merge(api)
+        .fallback(|request: Request| async move {
+            ApiError::not_found(format!(
+                "Unknown admin URL: {} {}.",
+                request.method(),
+                request.uri().path()
+            ))
+        })
+        .with_state(gateway)
+        .layer(middleware::from_fn(request_id))
+}
+
+/// Every admin answer carries `x-request-id`: the caller's, or a fresh one.
+async fn request_id(request: Request, next: Next) -> Response {
+    let id = crate::request::request_id(request.headers());
+    let mut response = next.run(request).await;
+    if let Ok(value) = http::HeaderValue::from_str(&id) {
+        response.headers_mut().insert("x-request-id", value);
+    }
+    response
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Role {
+    Admin,
+    Viewer,
+}
+
+/// Lets a call through when its credential's role allows the method.
+async fn authorize(State(gateway): State<AppState>, request: Request, next: Next) -> Response {
+    let authorization = request
+        .headers()
+        .get(http::header::AUTHORIZATION)
+        .map(|v| v.as_bytes());
+    let role = match role_of(&gateway, authorization) {
+        Ok(role) => role,
+        Err(e) => return e.into_response(),
+    };
+    let is_read = matches!(*request.method(), http::Method::GET | http::Method::HEAD);
+    if role == Role::Viewer && !is_read {
+        return ApiError::forbidden("The viewer role may only read; this call needs admin.")
+            .into_response();
+    }
+    next.run(request).await
+}
+
+fn role_of(gateway: &Gateway, authorization: Option<&[u8]>) -> Result<Role, ApiError> {
+    let Some(token) = crate::auth::bearer(authorization) else {
+        return Err(ApiError::invalid_api_key(
+            "Admin API calls need 'Authorization: Bearer <admin token or JWT>'.",
+        ));
+    };
+    if let Some(admin_token) = &gateway.config.admin_token {
+        // Compare digests so the comparison time says nothing about the token.
+        if Sha256::digest(token.as_bytes()) == Sha256::digest(admin_token.as_bytes()) {
+            return Ok(Role::Admin);
+        }
+    }
+    if let Some(jwt) = gateway.jwt.as_ref().filter(|_| token.starts_with("eyJ")) {
+        let claims = jwt
+            .verify(token)
+            .map_err(|e| ApiError::invalid_api_key(format!("Invalid token: {e}.")))?;
+        return match claims.role.as_deref() {
+            Some("admin") => Ok(Role::Admin),
+            Some("viewer") => Ok(Role::Viewer),
+            _ => Err(ApiError::forbidden(
+                "This token carries no admin or viewer role.",
+            )),
+        };
+    }
+    Err(ApiError::invalid_api_key("Invalid admin credential."))
+}
+
+/// After a key write here: drop this replica's cached lookups at once and take the store's
+/// new key epoch, so the poller does not drop the cache a second time.
+async fn key_written(gateway: &Gateway) {
+    gateway.key_cache.invalidate();
+    if let Ok(epoch) = gateway.store.keys_epoch().await {
+        gateway.key_cache.observe_epoch(epoch);
+    }
+}
+
+fn parse_body<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+    serde_json::from_slice(body)
+        .map_err(|e| ApiError::bad_request(format!("Invalid request body: {e}.")))
+}
+
+fn store_error(e: crate::store::StoreError) -> ApiError {
+    tracing::error!(error = %e, "admin store call failed");
+    ApiError::unavailable("The store is unavailable; try again shortly.")
+}
+
+fn now_unix() -> i64 {
+    crate::clock::now_sec()
+}
+
+fn non_empty(field: &'static str, value: &str) -> Result<(), ApiError> {
+    if value.trim().is_empty() || value.len() > 256 {
+        return Err(ApiError::bad_request(format!(
+            "'{field}' must be a non-empty string of at most 256 bytes."
+        ))
+        .with_param(field));
+    }
+    Ok(())
+}

@@ -1,0 +1,85 @@
+//! Tiers: the limits, caps and fail mode a key gets by name; changed here, applied by every
+//! replica within a second.
+
+use super::{key_written, non_empty, parse_body, store_error, AppState};
+use crate::error::ApiError;
+use axum::body::Bytes;
+use axum::extract::{Path, State};
+use axum::Json;
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+pub(super) async fn list_tiers(State(gateway): State<AppState>) -> Json<Value> {
+    let tiers = gateway.tiers();
+    let data: Vec<_> = tiers.iter().collect();
+    Json(json!({"object": "list", "data": data}))
+}
+
+pub(super) async fn get_tier(
+    State(gateway): State<AppState>,
+    Path(name): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let tiers = gateway.tiers();
+    let tier = tiers
+        .get(&name)
+        .map_err(|e| ApiError::not_found(e.to_string()))?;
+    Ok(Json(json!(tier)))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PutTier {
+    currency: Option<String>,
+    limits: sluice_policies::Limits,
+    #[serde(default)]
+    on_store_unavailable: Option<sluice_policies::FailMode>,
+    #[serde(default)]
+    request_caps: Option<sluice_policies::RequestCaps>,
+}
+
+/// `PUT /admin/v1/tiers/{name}`: creates or replaces a tier; every replica applies it within
+/// a second (it moves the store's key epoch, which each replica polls).
+pub(super) async fn put_tier(
+    State(gateway): State<AppState>,
+    Path(name): Path<String>,
+    body: Bytes,
+) -> Result<Json<Value>, ApiError> {
+    let req: PutTier = parse_body(&body)?;
+    non_empty("name", &name)?;
+    let current = gateway.tiers();
+    let existing = current.get(&name).ok();
+    let tier = sluice_policies::Tier {
+        name: name.clone(),
+        currency: req
+            .currency
+            .or_else(|| existing.map(|t| t.currency.clone()))
+            .unwrap_or_else(|| "USD".to_owned()),
+        limits: req.limits,
+        on_store_unavailable: req
+            .on_store_unavailable
+            .or_else(|| existing.map(|t| t.on_store_unavailable))
+            .unwrap_or_default(),
+        request_caps: req
+            .request_caps
+            .or_else(|| existing.map(|t| t.request_caps))
+            .unwrap_or_default(),
+    };
+    // Validate as the whole set would be, prices included, before storing anything.
+    let mut all: Vec<_> = current.iter().filter(|t| t.name != name).cloned().collect();
+    all.push(tier.clone());
+    let candidate =
+        sluice_policies::Tiers::new(all).map_err(|e| ApiError::bad_request(e.to_string()))?;
+    gateway
+        .config
+        .prices
+        .validate(&candidate)
+        .map_err(|e| ApiError::bad_request(e.to_string()))?;
+    gateway.store.put_tier(&tier).await.map_err(store_error)?;
+    gateway.reload_shared().await.map_err(|e| {
+        tracing::error!(error = %e, "tier reload failed");
+        ApiError::unavailable("The store is unavailable; try again shortly.")
+    })?;
+    key_written(&gateway).await;
+    tracing::info!(tier = %name, "tier written");
+    Ok(Json(json!(tier)))
+}

@@ -1,0 +1,397 @@
+//! Where does a request go, phase by phase? pingora's request phases, each handing its
+//! question to the module that answers it. The phases orchestrate; they hold no policy.
+//!
+//! | phase | question | answered by |
+//! | --- | --- | --- |
+//! | `request_filter` | which route, who is calling, what do they ask, may they, is it cached | `request`, `auth`, `admission`, `cache` |
+//! | `upstream_peer` | which backend | `upstream`, `balancer` |
+//! | `upstream_request_filter`, `request_body_filter` | what the backend sees | `metering` (usage chunk), `request` (the body read once, replayed) |
+//! | `response_filter`, `response_body_filter` | what the client sees, what it used | `admission` (rate headers), `metering`, `cache` (answers kept) |
+//! | `fail_to_proxy` | what went wrong | `error` |
+//! | `logging` | what happened | `outcome` (usage event, metrics, trace, access log), `admission` (settlement) |
+
+mod ctx;
+mod intake;
+mod respond;
+
+pub use ctx::RequestCtx;
+
+use crate::app::Gateway;
+use crate::error::ApiError;
+use crate::metering::Meter;
+use crate::request::{self, Route};
+use crate::traces;
+use async_trait::async_trait;
+use bytes::{Bytes, BytesMut};
+use pingora_core::upstreams::peer::HttpPeer;
+use pingora_core::{Error, ErrorType, Result};
+use pingora_http::{RequestHeader, ResponseHeader};
+use pingora_proxy::{FailToProxy, ProxyHttp, Session};
+use respond::LocalAnswer;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+pub struct Proxy {
+    gateway: Arc<Gateway>,
+}
+
+impl Proxy {
+    pub fn new(gateway: Arc<Gateway>) -> Self {
+        Proxy { gateway }
+    }
+}
+
+#[async_trait]
+impl ProxyHttp for Proxy {
+    type CTX = RequestCtx;
+
+    fn new_ctx(&self) -> RequestCtx {
+        RequestCtx::new()
+    }
+
+    async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
+        ctx.request_id = request::request_id(&session.req_header().headers);
+        ctx.span = traces::request_span(session.req_header(), &ctx.request_id);
+        match self.take_in(session, ctx).await {
+            Ok(None) => Ok(false),
+            Ok(Some(LocalAnswer::Json(body))) => {
+                respond::json(session, ctx, 200, body).await?;
+                Ok(true)
+            }
+            Ok(Some(LocalAnswer::Cached(hit))) => {
+                respond::cached(session, ctx, hit).await?;
+                Ok(true)
+            }
+            Err(error) => {
+                // An unread body would be taken for the next request on this connection.
+                if !session.is_body_done() {
+                    session.set_keepalive(None);
+                }
+                let (status, body) = (error.status, error.body());
+                ctx.error = Some(error);
+                respond::json(session, ctx, status, body).await?;
+                Ok(true)
+            }
+        }
+    }
+
+    async fn upstream_peer(
+        &self,
+        _session: &mut Session,
+        ctx: &mut RequestCtx,
+    ) -> Result<Box<HttpPeer>> {
+        // A retry: the previous backend is done with this request and is not tried again.
+        if let Some(previous) = ctx.backend.take() {
+            previous.state.in_flight.fetch_sub(1, Ordering::Relaxed);
+            ctx.tried.push(previous);
+        }
+        let config = &self.gateway.config.balancer;
+        let model = ctx.model.as_deref().unwrap_or_default();
+        let Some(backend) = ctx.model_route.as_ref().and_then(|r| {
+            r.pick(
+                config.strategy,
+                &ctx.tried,
+                ctx.prompt_prefix,
+                config.affinity_load_factor,
+            )
+        }) else {
+            let total = ctx.model_route.as_ref().map_or(0, |r| r.backends.len());
+            ctx.error = Some(ApiError::unavailable(format!(
+                "No backend is serving model `{model}` right now: {} of {total} tried, the rest down, ejected or draining.",
+                ctx.tried.len()
+            )));
+            return Err(Error::explain(
+                ErrorType::HTTPStatus(503),
+                "no backend for model",
+            ));
+        };
+        backend.state.in_flight.fetch_add(1, Ordering::Relaxed);
+        ctx.upstream_span = traces::upstream_span(ctx.span.as_ref(), &backend, ctx.retries);
+        let mut peer = HttpPeer::new(backend.addr, false, String::new());
+        peer.options.connection_timeout = Some(Duration::from_millis(config.connect_timeout_ms));
+        peer.options.read_timeout = Some(Duration::from_secs(config.read_timeout_secs));
+        ctx.backend = Some(backend);
+        ctx.backend_started = Some(Instant::now());
+        Ok(Box::new(peer))
+    }
+
+    fn fail_to_connect(
+        &self,
+        _session: &mut Session,
+        _peer: &HttpPeer,
+        ctx: &mut RequestCtx,
+        mut e: Box<Error>,
+    ) -> Box<Error> {
+        // Nothing reached the backend, let alone the client: another backend may serve it.
+        self.backend_failed(ctx);
+        e.set_retry(self.may_retry(ctx));
+        e
+    }
+
+    fn error_while_proxy(
+        &self,
+        peer: &HttpPeer,
+        session: &mut Session,
+        e: Box<Error>,
+        ctx: &mut RequestCtx,
+        _client_reused: bool,
+    ) -> Box<Error> {
+        let mut e = e.more_context(format!("backend {peer}"));
+        // Retried only while the client has seen nothing of this answer; a started stream is
+        // never replayed.
+        let untouched = session.response_written().is_none() && !ctx.client_left;
+        if e.esource() == &pingora_core::ErrorSource::Upstream
+            || ctx.upstream_status.is_some_and(|s| s >= 500)
+        {
+            self.backend_failed(ctx);
+        }
+        e.set_retry(
+            untouched
+                && e.esource() != &pingora_core::ErrorSource::Downstream
+                && self.may_retry(ctx),
+        );
+        e
+    }
+
+    async fn upstream_response_filter(
+        &self,
+        _session: &mut Session,
+        upstream_response: &mut ResponseHeader,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        // A backend that answers 502/503 (overloaded, shutting down) leaves the request to
+        // another, when one is left to try.
+        let status = upstream_response.status.as_u16();
+        if matches!(status, 502 | 503) && self.retries_left(ctx) {
+            ctx.upstream_status = Some(status);
+            return Err(Error::explain(
+                ErrorType::HTTPStatus(status),
+                "backend unavailable; retrying elsewhere",
+            ));
+        }
+        Ok(())
+    }
+
+    async fn upstream_request_filter(
+        &self,
+        _session: &mut Session,
+        upstream_request: &mut RequestHeader,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        // The client's credential is for the gateway; backends never see it.
+        upstream_request.remove_header("authorization");
+        if self.gateway.config.metering {
+            // A compressed answer could not be read for usage.
+            upstream_request.remove_header("accept-encoding");
+        }
+        upstream_request.insert_header("x-request-id", &ctx.request_id)?;
+        if let Some(span) = &ctx.upstream_span {
+            // The backend continues this trace under the upstream attempt's span.
+            let mut context = Vec::new();
+            sluice_telemetry::inject(span, &mut |name, value| {
+                context.push((name.to_owned(), value))
+            });
+            for (name, value) in context {
+                upstream_request.insert_header(name, value)?;
+            }
+        }
+        if let Some(backend) = &ctx.backend {
+            upstream_request.insert_header("host", backend.addr.to_string())?;
+        }
+        if ctx.body_rewritten || ctx.usage_chunk_added {
+            upstream_request.remove_header("transfer-encoding");
+            upstream_request.insert_header("content-length", ctx.body.len().to_string())?;
+        }
+        Ok(())
+    }
+
+    async fn request_body_filter(
+        &self,
+        _session: &mut Session,
+        body: &mut Option<Bytes>,
+        end_of_stream: bool,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        // The body was consumed in request_filter; the patched forwarding loop (see
+        // vendor/README.md) calls here once at its end, on every attempt, to replay it.
+        if end_of_stream && body.is_none() && !ctx.body.is_empty() {
+            *body = Some(ctx.body.clone());
+        }
+        Ok(())
+    }
+
+    async fn response_filter(
+        &self,
+        _session: &mut Session,
+        upstream_response: &mut ResponseHeader,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        upstream_response.insert_header("x-request-id", &ctx.request_id)?;
+        if let Some(backend) = &ctx.backend {
+            upstream_response.insert_header("x-sluice-backend", &backend.name)?;
+        }
+        respond::insert_rate_limit_headers(upstream_response, ctx)?;
+        if let Some(status) = ctx.cache_status {
+            upstream_response.insert_header("x-sluice-cache", status.as_str())?;
+        }
+        let status = upstream_response.status.as_u16();
+        let encoded = upstream_response
+            .headers
+            .contains_key(http::header::CONTENT_ENCODING);
+        if status == 200 && !encoded && ctx.cache_plan.is_some() {
+            ctx.cache_capture = Some(BytesMut::new());
+        }
+        ctx.upstream_status = Some(status);
+        if let (Some(backend), Some(started)) = (&ctx.backend, ctx.backend_started) {
+            if status < 500 {
+                backend.state.succeeded(started.elapsed());
+            } else {
+                backend.state.failed(&self.gateway.config.balancer);
+            }
+        }
+        if self.gateway.config.metering && (200..300).contains(&status) {
+            let (meter, resized) =
+                Meter::for_answer(&upstream_response.headers, ctx.usage_chunk_added);
+            if resized {
+                upstream_response.remove_header("content-length");
+            }
+            ctx.meter = Some(meter);
+        }
+        Ok(())
+    }
+
+    fn response_body_filter(
+        &self,
+        _session: &mut Session,
+        body: &mut Option<Bytes>,
+        end_of_stream: bool,
+        ctx: &mut RequestCtx,
+    ) -> Result<Option<Duration>> {
+        if ctx.first_byte_at.is_none() && body.as_ref().is_some_and(|b| !b.is_empty()) {
+            ctx.first_byte_at = Some(Instant::now());
+            if let Some(span) = &ctx.upstream_span {
+                span.record(
+                    "sluice.time_to_first_byte_ms",
+                    ctx.started.elapsed().as_millis() as i64,
+                );
+            }
+        }
+        self.gateway.cache.capture(
+            &mut ctx.cache_capture,
+            &mut ctx.cache_plan,
+            ctx.stream,
+            body.as_ref(),
+            end_of_stream,
+        );
+        if let Some(meter) = ctx.meter.as_mut() {
+            if let Some(usage) = meter.pass(body, end_of_stream) {
+                ctx.body_done = true;
+                ctx.usage = usage;
+            }
+        }
+        Ok(None)
+    }
+
+    fn keep_reading_after_client_left(
+        &self,
+        _session: &mut Session,
+        _e: &Error,
+        ctx: &mut RequestCtx,
+    ) -> Option<Duration> {
+        // What the backend generates is billed, so its answer is read to the end (bounded).
+        let metered = self.gateway.config.metering && ctx.route.is_some_and(Route::is_forwarded);
+        ctx.client_left = metered;
+        metered.then_some(self.gateway.config.drain_limit)
+    }
+
+    async fn fail_to_proxy(
+        &self,
+        session: &mut Session,
+        e: &Error,
+        ctx: &mut RequestCtx,
+    ) -> FailToProxy {
+        let backend = ctx
+            .backend
+            .as_ref()
+            .map_or("the backend", |b| b.name.as_str());
+        let error = ctx
+            .error
+            .clone()
+            .or_else(|| crate::error::upstream_error(e, backend));
+        let code = match error {
+            Some(error) => {
+                let status = error.status;
+                if let Err(write_error) = respond::json(session, ctx, status, error.body()).await {
+                    tracing::debug!(error = %write_error, "could not send error response");
+                }
+                ctx.error = Some(error);
+                status
+            }
+            None => 0,
+        };
+        FailToProxy {
+            error_code: code,
+            can_reuse_downstream: false,
+        }
+    }
+
+    async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut RequestCtx) {
+        let status = session.response_written().map_or(0, |r| r.status.as_u16());
+        if let Some(backend) = &ctx.backend {
+            backend.state.in_flight.fetch_sub(1, Ordering::Relaxed);
+        }
+        let metering = traces::child(ctx.span.as_ref(), "metering");
+        let metering_entered = metering.enter();
+        ctx.settle_unread_usage();
+        let cost = self.cost(ctx);
+        let outcome = ctx.outcome(
+            session.req_header().method.as_str(),
+            status,
+            cost,
+            e.map(|e| e.to_string()),
+        );
+        if self.gateway.config.metering {
+            if let Some(event) = outcome.usage_event(crate::clock::now_ms()) {
+                self.gateway.usage.record(event);
+            }
+        }
+        drop(metering_entered);
+        outcome.record_metrics();
+        outcome.log();
+        traces::finish(ctx.span.clone(), &outcome);
+        drop(outcome);
+        ctx.span = None;
+        ctx.upstream_span = None;
+        if let (Some(admitted), Some(identity)) = (ctx.admitted.take(), ctx.identity.clone()) {
+            let model = ctx.model.clone().unwrap_or_default();
+            self.gateway
+                .admission
+                .settle(identity, model, admitted, ctx.usage);
+        }
+    }
+}
+
+impl Proxy {
+    fn retries_left(&self, ctx: &RequestCtx) -> bool {
+        ctx.retries < self.gateway.config.balancer.retries
+    }
+
+    /// Whether this request may go to another backend; counts the retry when it may.
+    fn may_retry(&self, ctx: &mut RequestCtx) -> bool {
+        let may = self.retries_left(ctx);
+        if may {
+            ctx.retries += 1;
+        }
+        may
+    }
+
+    /// Passive health: the current backend failed this request.
+    fn backend_failed(&self, ctx: &RequestCtx) {
+        if let Some(backend) = &ctx.backend {
+            if backend.state.failed(&self.gateway.config.balancer) {
+                tracing::warn!(backend = %backend.name, "backend ejected after consecutive failures");
+            }
+        }
+    }
+}
