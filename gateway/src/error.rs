@@ -195,21 +195,6 @@ impl axum::response::IntoResponse for ApiError {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn body_has_openai_shape() {
-        let body = ApiError::invalid_api_key("Incorrect API key provided.").body();
-        let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
-        assert_eq!(v["error"]["message"], "Incorrect API key provided.");
-        assert_eq!(v["error"]["type"], "invalid_request_error");
-        assert_eq!(v["error"]["code"], "invalid_api_key");
-        assert!(v["error"]["param"].is_null());
-    }
-}
-
 /// What the client is told when forwarding to `backend` failed; `None` when the client is
 /// the one that went away.
 pub fn upstream_error(e: &pingora_core::Error, backend: &str) -> Option<ApiError> {
@@ -227,4 +212,19 @@ pub fn upstream_error(e: &pingora_core::Error, backend: &str) -> Option<ApiError
         _ if e.esource() == &pingora_core::ErrorSource::Downstream => return None,
         _ => ApiError::bad_gateway(format!("Backend {backend} failed: {}.", e.etype().as_str())),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn body_has_openai_shape() {
+        let body = ApiError::invalid_api_key("Incorrect API key provided.").body();
+        let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(v["error"]["message"], "Incorrect API key provided.");
+        assert_eq!(v["error"]["type"], "invalid_request_error");
+        assert_eq!(v["error"]["code"], "invalid_api_key");
+        assert!(v["error"]["param"].is_null());
+    }
 }
