@@ -125,10 +125,16 @@ fn gateway_modules_import_each_other_without_circles_and_in_layers() {
     let graph = graph_of(&src);
     assert!(graph.len() > 10, "the source was read: {graph:?}");
     if let Some(circle) = find_circle(&graph) {
-        panic!("the gateway's modules import in a circle: {}", circle.join(" -> "));
+        panic!(
+            "the gateway's modules import in a circle: {}",
+            circle.join(" -> ")
+        );
     }
     let breaches = layer_breaches(&graph);
-    assert!(breaches.is_empty(), "imports that reach up a layer: {breaches:?}");
+    assert!(
+        breaches.is_empty(),
+        "imports that reach up a layer: {breaches:?}"
+    );
 }
 
 #[test]

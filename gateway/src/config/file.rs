@@ -1,0 +1,137 @@
+//! What the configuration file says, as written: its sections and fields, before defaults,
+//! environment overrides and checks (`config::resolve`).
+
+use serde::Deserialize;
+use sluice_policies::pricing::PriceEntry;
+use sluice_policies::Limits;
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct FileConfig {
+    #[serde(default)]
+    pub(super) server: ServerSection,
+    #[serde(default)]
+    pub(super) auth: AuthSection,
+    #[serde(default)]
+    pub(super) tiers: BTreeMap<String, TierSection>,
+    #[serde(default)]
+    pub(super) backends: Vec<BackendSection>,
+    #[serde(default)]
+    pub(super) metering: MeteringSection,
+    #[serde(default)]
+    pub(super) prices: Vec<PriceEntry>,
+    #[serde(default)]
+    pub(super) quotas: QuotasSection,
+    #[serde(default)]
+    pub(super) balancer: crate::balancer::BalancerConfig,
+    #[serde(default)]
+    pub(super) aliases: BTreeMap<String, BTreeMap<String, String>>,
+    #[serde(default)]
+    pub(super) cache: CacheSection,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct CacheSection {
+    pub(super) enabled: Option<bool>,
+    pub(super) ttl_secs: Option<u64>,
+    pub(super) similarity_threshold: Option<f32>,
+    pub(super) cache_unset_temperature: Option<bool>,
+    pub(super) embedding_url: Option<String>,
+    pub(super) embedding_model: Option<String>,
+    pub(super) embedding_api_key: Option<String>,
+    pub(super) embedding_timeout_ms: Option<u64>,
+    pub(super) max_entry_bytes: Option<usize>,
+    pub(super) max_entries: Option<usize>,
+    #[serde(default)]
+    pub(super) tiers: BTreeMap<String, sluice_policies::cache::RuleOverrides>,
+    #[serde(default)]
+    pub(super) models: BTreeMap<String, sluice_policies::cache::RuleOverrides>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct QuotasSection {
+    pub(super) default_max_tokens: Option<u64>,
+    pub(super) slot_ttl_secs: Option<u64>,
+    pub(super) lease_max_requests: Option<u64>,
+    pub(super) lease_ms: Option<u64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct MeteringSection {
+    pub(super) enabled: Option<bool>,
+    pub(super) drain_secs: Option<u64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct ServerSection {
+    pub(super) listen: Option<String>,
+    pub(super) admin_listen: Option<String>,
+    pub(super) max_body_bytes: Option<usize>,
+    pub(super) data_dir: Option<PathBuf>,
+    pub(super) redis_url: Option<String>,
+    pub(super) redis_prefix: Option<String>,
+    pub(super) admin_token: Option<String>,
+    pub(super) threads: Option<usize>,
+    pub(super) grace_period_secs: Option<u64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct AuthSection {
+    pub(super) jwt: Option<JwtSection>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct JwtSection {
+    pub(super) issuer: Option<String>,
+    pub(super) audience: Option<String>,
+    pub(super) hs256_secret: Option<String>,
+    #[serde(default)]
+    pub(super) public_keys: Vec<PublicKeySection>,
+    pub(super) tenant_claim: Option<String>,
+    pub(super) tier_claim: Option<String>,
+    pub(super) role_claim: Option<String>,
+    pub(super) leeway_secs: Option<u64>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct PublicKeySection {
+    pub(super) alg: String,
+    pub(super) pem: Option<String>,
+    pub(super) pem_file: Option<PathBuf>,
+    pub(super) kid: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct TierSection {
+    #[serde(default = "default_currency")]
+    pub(super) currency: String,
+    #[serde(default)]
+    pub(super) limits: Limits,
+    #[serde(default)]
+    pub(super) on_store_unavailable: sluice_policies::FailMode,
+    #[serde(default)]
+    pub(super) request_caps: sluice_policies::RequestCaps,
+}
+
+pub(super) fn default_currency() -> String {
+    "USD".to_owned()
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct BackendSection {
+    pub(super) name: Option<String>,
+    pub(super) url: String,
+    #[serde(default)]
+    pub(super) models: Vec<String>,
+}

@@ -1,0 +1,283 @@
+//! What this gateway was told to be: one TOML file, with environment variables for what a
+//! deployment overrides. Every error names the field it is about, and stops start-up.
+
+mod file;
+mod resolve;
+
+pub use resolve::backend;
+
+use file::FileConfig;
+use sluice_policies::pricing::PriceBook;
+use sluice_policies::Tiers;
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
+pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:8081";
+/// Large enough for long-context prompts; small enough that one client cannot tie up memory.
+pub const DEFAULT_MAX_BODY_BYTES: usize = 8 * 1024 * 1024;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("{field}: {message}")]
+    Invalid { field: String, message: String },
+}
+
+fn invalid(field: impl Into<String>, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        field: field.into(),
+        message: message.into(),
+    }
+}
+
+/// The configuration in force, resolved and validated.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub listen: SocketAddr,
+    pub admin_listen: SocketAddr,
+    pub max_body_bytes: usize,
+    pub data_dir: PathBuf,
+    pub redis_url: Option<String>,
+    pub redis_prefix: String,
+    pub admin_token: Option<String>,
+    pub threads: usize,
+    pub grace_period_secs: u64,
+    pub jwt: Option<JwtConfig>,
+    pub tiers: Tiers,
+    pub backends: Vec<BackendConfig>,
+    /// Prices per model and tier; a model without a price costs nothing.
+    pub prices: PriceBook,
+    pub balancer: crate::balancer::BalancerConfig,
+    /// Model aliases: alias -> (tier or "*") -> model.
+    pub aliases: BTreeMap<String, BTreeMap<String, String>>,
+    /// The completion cap reserved for a request that names no max_tokens.
+    pub default_max_tokens: u64,
+    /// The most requests one quota lease may cover; 0 or 1 turns leases off.
+    pub lease_max_requests: u64,
+    /// How long a lease may admit from memory.
+    pub lease_ms: u64,
+    /// How long a concurrency slot is held unless its request renews it (every quarter of
+    /// this while it runs) or ends; what a replica that died mid-request holds at most.
+    pub slot_ttl_secs: u64,
+    /// Read usage from responses and record a usage event per request.
+    pub metering: bool,
+    /// How long the gateway keeps reading a backend's answer after its client hung up, so
+    /// that what was generated is known and billed.
+    pub drain_limit: std::time::Duration,
+    pub cache: CacheConfig,
+}
+
+/// `[cache]`: the response cache's rules, and where prompts are embedded for semantic hits.
+#[derive(Debug, Clone)]
+pub struct CacheConfig {
+    pub policy: sluice_policies::cache::CachePolicy,
+    /// An OpenAI-compatible `/v1/embeddings` URL; without one only exact hits are served.
+    pub embedding_url: Option<String>,
+    pub embedding_model: String,
+    pub embedding_api_key: Option<String>,
+    pub embedding_timeout: std::time::Duration,
+    /// Larger answers are not kept.
+    pub max_entry_bytes: usize,
+    /// Entries each replica indexes at most; past it new answers are not kept.
+    pub max_entries: usize,
+}
+
+#[derive(Debug, Clone)]
+pub struct JwtConfig {
+    pub issuer: Option<String>,
+    pub audience: Option<String>,
+    pub hs256_secret: Option<String>,
+    pub public_keys: Vec<PublicKeyConfig>,
+    pub tenant_claim: String,
+    pub tier_claim: String,
+    pub role_claim: String,
+    pub leeway_secs: u64,
+}
+
+#[derive(Debug, Clone)]
+pub struct PublicKeyConfig {
+    pub algorithm: jsonwebtoken::Algorithm,
+    pub pem: String,
+    pub kid: Option<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct BackendConfig {
+    pub name: String,
+    /// `http://host:port` as configured.
+    pub url: String,
+    pub addr: SocketAddr,
+    /// Models this backend serves; empty means "ask its `/v1/models`".
+    pub models: Vec<String>,
+}
+
+/// Where environment overrides come from; a function so tests need not touch the process env.
+pub type Env<'a> = &'a dyn Fn(&str) -> Option<String>;
+
+pub fn process_env(name: &str) -> Option<String> {
+    std::env::var(name).ok().filter(|v| !v.is_empty())
+}
+
+impl Config {
+    /// The model an alias names for `tier`, if `model` is an alias.
+    pub fn resolve_alias(&self, model: &str, tier: &str) -> Option<&str> {
+        let by_tier = self.aliases.get(model)?;
+        by_tier
+            .get(tier)
+            .or_else(|| by_tier.get("*"))
+            .map(String::as_str)
+    }
+
+    /// Loads `path` (or the built-in defaults when `None`) and applies the environment.
+    pub fn load(path: Option<&Path>, env: Env) -> Result<Config, ConfigError> {
+        let file = match path {
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                    path: path.to_owned(),
+                    source,
+                })?;
+                toml::from_str::<FileConfig>(&text).map_err(|e| ConfigError::Parse {
+                    path: path.to_owned(),
+                    message: e.to_string(),
+                })?
+            }
+            None => FileConfig::default(),
+        };
+        let base_dir = path.and_then(Path::parent).unwrap_or(Path::new("."));
+        Config::resolve(file, base_dir, env)
+    }
+
+    /// Parses config text; for tests and `sluice check`.
+    pub fn from_toml(text: &str, env: Env) -> Result<Config, ConfigError> {
+        let file = toml::from_str::<FileConfig>(text).map_err(|e| ConfigError::Parse {
+            path: PathBuf::from("<inline>"),
+            message: e.to_string(),
+        })?;
+        Config::resolve(file, Path::new("."), env)
+    }
+
+    fn resolve(file: FileConfig, base_dir: &Path, env: Env) -> Result<Config, ConfigError> {
+        let server = resolve::server(file.server, env)?;
+        let jwt = file
+            .auth
+            .jwt
+            .map(|j| resolve::resolve_jwt(j, base_dir))
+            .transpose()?;
+        let tiers = resolve::tiers(file.tiers)?;
+        let backends = resolve::backends(file.backends, env)?;
+        let (metering, drain_limit) = resolve::metering(&file.metering, env)?;
+        resolve::balancer(&file.balancer)?;
+        resolve::aliases(&file.aliases, &tiers)?;
+        let prices = resolve::prices(file.prices, &tiers)?;
+        let quotas = resolve::quotas(&file.quotas)?;
+        let cache = resolve::resolve_cache(file.cache, &tiers, env)?;
+        Ok(Config {
+            listen: server.listen,
+            admin_listen: server.admin_listen,
+            max_body_bytes: server.max_body_bytes,
+            data_dir: server.data_dir,
+            redis_url: server.redis_url,
+            redis_prefix: server.redis_prefix,
+            admin_token: server.admin_token,
+            threads: server.threads,
+            grace_period_secs: server.grace_period_secs,
+            jwt,
+            tiers,
+            backends,
+            prices,
+            balancer: file.balancer,
+            aliases: file.aliases,
+            default_max_tokens: quotas.default_max_tokens,
+            lease_max_requests: quotas.lease_max_requests,
+            lease_ms: quotas.lease_ms,
+            slot_ttl_secs: quotas.slot_ttl_secs,
+            metering,
+            drain_limit,
+            cache,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn no_env(_: &str) -> Option<String> {
+        None
+    }
+
+    #[test]
+    fn defaults_need_nothing() {
+        let c = Config::from_toml("", &no_env).unwrap();
+        assert_eq!(c.listen.to_string(), DEFAULT_LISTEN);
+        assert_eq!(c.admin_listen.to_string(), DEFAULT_ADMIN_LISTEN);
+        assert!(c.redis_url.is_none());
+        assert!(c.tiers.get("free").is_ok());
+    }
+
+    #[test]
+    fn environment_overrides_the_file() {
+        let env = |k: &str| match k {
+            "SLUICE_LISTEN" => Some("127.0.0.1:9999".to_owned()),
+            "SLUICE_BACKENDS" => Some("http://127.0.0.1:7001, http://127.0.0.1:7002".to_owned()),
+            _ => None,
+        };
+        let c = Config::from_toml("[server]\nlisten = \"127.0.0.1:1\"\n", &env).unwrap();
+        assert_eq!(c.listen.port(), 9999);
+        assert_eq!(c.backends.len(), 2);
+        assert_eq!(c.backends[1].url, "http://127.0.0.1:7002");
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        let err = Config::from_toml("[server]\nlisten = \"nowhere\"\n", &no_env)
+            .unwrap_err()
+            .to_string();
+        assert!(err.starts_with("server.listen"), "{err}");
+
+        let err = Config::from_toml("[server]\nlisen = \"x\"\n", &no_env)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("lisen"), "{err}");
+
+        let err = Config::from_toml("[[backends]]\nurl = \"https://127.0.0.1:1\"\n", &no_env)
+            .unwrap_err()
+            .to_string();
+        assert!(err.starts_with("backends[0].url"), "{err}");
+
+        let err = Config::from_toml(
+            "[tiers.pro.limits]\nrequests_per_minute = \"many\"\n",
+            &no_env,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("requests_per_minute"), "{err}");
+    }
+
+    #[test]
+    fn the_example_policy_file_is_valid() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../policies/sluice.example.toml");
+        let c = Config::load(Some(&path), &no_env).unwrap();
+        assert_eq!(c.backends.len(), 1);
+        assert_eq!(
+            c.tiers.get("pro").unwrap().limits.monthly_budget,
+            Some("500".parse().unwrap())
+        );
+    }
+
+    #[test]
+    fn declared_tiers_must_include_the_default() {
+        let err = Config::from_toml("[tiers.pro.limits]\nrequests_per_minute = 5\n", &no_env)
+            .unwrap_err()
+            .to_string();
+        assert!(err.starts_with("tiers:"), "{err}");
+    }
+}

@@ -1,0 +1,469 @@
+//! How does the file become the configuration in force? Each section resolved on its own:
+//! defaults applied, environment overrides taken, values checked. Every error names the
+//! field it is about.
+
+use super::file::*;
+use super::{
+    invalid, BackendConfig, CacheConfig, ConfigError, Env, JwtConfig, PublicKeyConfig,
+    DEFAULT_ADMIN_LISTEN, DEFAULT_LISTEN, DEFAULT_MAX_BODY_BYTES,
+};
+use sluice_policies::pricing::PriceBook;
+use sluice_policies::{Tier, Tiers};
+use std::collections::BTreeMap;
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::path::{Path, PathBuf};
+
+/// `[server]`: listeners, limits, the store and the admin credential.
+pub(super) struct Server {
+    pub listen: SocketAddr,
+    pub admin_listen: SocketAddr,
+    pub max_body_bytes: usize,
+    pub redis_url: Option<String>,
+    pub redis_prefix: String,
+    pub admin_token: Option<String>,
+    pub threads: usize,
+    pub data_dir: PathBuf,
+    pub grace_period_secs: u64,
+}
+
+pub(super) fn server(s: ServerSection, env: Env) -> Result<Server, ConfigError> {
+    let listen = socket_addr(
+        "server.listen (SLUICE_LISTEN)",
+        &env("SLUICE_LISTEN")
+            .or(s.listen)
+            .unwrap_or_else(|| DEFAULT_LISTEN.to_owned()),
+    )?;
+    let admin_listen = socket_addr(
+        "server.admin_listen (SLUICE_ADMIN_LISTEN)",
+        &env("SLUICE_ADMIN_LISTEN")
+            .or(s.admin_listen)
+            .unwrap_or_else(|| DEFAULT_ADMIN_LISTEN.to_owned()),
+    )?;
+    if listen == admin_listen {
+        return Err(invalid(
+            "server.admin_listen",
+            format!("must differ from server.listen ({listen})"),
+        ));
+    }
+    let max_body_bytes = match env("SLUICE_MAX_BODY_BYTES") {
+        Some(v) => v.parse().map_err(|_| {
+            invalid(
+                "SLUICE_MAX_BODY_BYTES",
+                format!("'{v}' is not a byte count"),
+            )
+        })?,
+        None => s.max_body_bytes.unwrap_or(DEFAULT_MAX_BODY_BYTES),
+    };
+    if max_body_bytes == 0 {
+        return Err(invalid("server.max_body_bytes", "must be greater than 0"));
+    }
+    let redis_url = env("SLUICE_REDIS_URL").or(s.redis_url);
+    if let Some(urls) = &redis_url {
+        // One URL, or a comma-separated list of Redis Cluster nodes.
+        for url in urls.split(',').map(str::trim) {
+            if !(url.starts_with("redis://") || url.starts_with("rediss://")) {
+                return Err(invalid(
+                    "server.redis_url (SLUICE_REDIS_URL)",
+                    format!("'{url}' is not a redis:// URL"),
+                ));
+            }
+        }
+    }
+    let redis_prefix = env("SLUICE_REDIS_PREFIX")
+        .or(s.redis_prefix)
+        .unwrap_or_else(|| "sluice".to_owned());
+    if redis_prefix.is_empty() || redis_prefix.contains(['{', '}', ' ']) {
+        return Err(invalid(
+            "server.redis_prefix (SLUICE_REDIS_PREFIX)",
+            "must be non-empty, without braces or spaces",
+        ));
+    }
+    let admin_token = env("SLUICE_ADMIN_TOKEN").or(s.admin_token);
+    if let Some(token) = &admin_token {
+        if token.len() < 16 {
+            return Err(invalid(
+                "server.admin_token (SLUICE_ADMIN_TOKEN)",
+                "must be at least 16 characters",
+            ));
+        }
+    }
+    let threads = s.threads.unwrap_or_else(|| {
+        std::thread::available_parallelism().map_or(2, std::num::NonZeroUsize::get)
+    });
+    if threads == 0 {
+        return Err(invalid("server.threads", "must be at least 1"));
+    }
+    let data_dir = env("SLUICE_DATA_DIR")
+        .map(PathBuf::from)
+        .or(s.data_dir)
+        .unwrap_or_else(|| PathBuf::from("sluice-data"));
+
+    Ok(Server {
+        listen,
+        admin_listen,
+        max_body_bytes,
+        redis_url,
+        redis_prefix,
+        admin_token,
+        threads,
+        data_dir,
+        grace_period_secs: s.grace_period_secs.unwrap_or(10),
+    })
+}
+
+/// `[tiers.*]`: the built-in tiers unless the file declares its own.
+pub(super) fn tiers(declared: BTreeMap<String, TierSection>) -> Result<Tiers, ConfigError> {
+    Ok(if declared.is_empty() {
+        Tiers::builtin()
+    } else {
+        Tiers::new(declared.into_iter().map(|(name, t)| Tier {
+            name,
+            currency: t.currency,
+            limits: t.limits,
+            on_store_unavailable: t.on_store_unavailable,
+            request_caps: t.request_caps,
+        }))
+        .map_err(|e| invalid("tiers", e.to_string()))?
+    })
+}
+
+/// `[[backends]]`, or `SLUICE_BACKENDS` in their place; names must be unique.
+pub(super) fn backends(
+    declared: Vec<BackendSection>,
+    env: Env,
+) -> Result<Vec<BackendConfig>, ConfigError> {
+    let backends = match env("SLUICE_BACKENDS") {
+        Some(list) => list
+            .split(',')
+            .map(str::trim)
+            .filter(|u| !u.is_empty())
+            .enumerate()
+            .map(|(i, url)| {
+                resolve_backend(
+                    &format!("SLUICE_BACKENDS[{i}]"),
+                    BackendSection {
+                        name: None,
+                        url: url.to_owned(),
+                        models: Vec::new(),
+                    },
+                )
+            })
+            .collect::<Result<Vec<_>, _>>()?,
+        None => declared
+            .into_iter()
+            .enumerate()
+            .map(|(i, b)| resolve_backend(&format!("backends[{i}]"), b))
+            .collect::<Result<Vec<_>, _>>()?,
+    };
+    let mut names = std::collections::HashSet::new();
+    for b in &backends {
+        if !names.insert(b.name.as_str()) {
+            return Err(invalid(
+                "backends",
+                format!("two backends are named '{}'", b.name),
+            ));
+        }
+    }
+
+    Ok(backends)
+}
+
+/// `[metering]`: on or off (`SLUICE_METERING`), and how long a hung-up stream is drained.
+pub(super) fn metering(
+    m: &MeteringSection,
+    env: Env,
+) -> Result<(bool, std::time::Duration), ConfigError> {
+    let metering = match env("SLUICE_METERING") {
+        Some(v) => match v.as_str() {
+            "on" | "true" | "1" => true,
+            "off" | "false" | "0" => false,
+            _ => {
+                return Err(invalid(
+                    "SLUICE_METERING",
+                    format!("'{v}' is not on or off"),
+                ))
+            }
+        },
+        None => m.enabled.unwrap_or(true),
+    };
+    let drain_limit = std::time::Duration::from_secs(m.drain_secs.unwrap_or(120));
+    Ok((metering, drain_limit))
+}
+
+/// `[balancer]`: every interval, threshold and timeout is positive.
+pub(super) fn balancer(b: &crate::balancer::BalancerConfig) -> Result<(), ConfigError> {
+    for (field, value) in [
+        ("balancer.health_interval_ms", b.health_interval_ms),
+        ("balancer.health_timeout_ms", b.health_timeout_ms),
+        (
+            "balancer.unhealthy_threshold",
+            u64::from(b.unhealthy_threshold),
+        ),
+        ("balancer.healthy_threshold", u64::from(b.healthy_threshold)),
+        ("balancer.eject_after", u64::from(b.eject_after)),
+        ("balancer.connect_timeout_ms", b.connect_timeout_ms),
+        ("balancer.read_timeout_secs", b.read_timeout_secs),
+    ] {
+        if value == 0 {
+            return Err(invalid(field, "must be greater than 0"));
+        }
+    }
+    Ok(())
+}
+
+/// `[aliases]`: each names real tiers (or `*`).
+pub(super) fn aliases(
+    aliases: &BTreeMap<String, BTreeMap<String, String>>,
+    tiers: &Tiers,
+) -> Result<(), ConfigError> {
+    for (alias, by_tier) in aliases {
+        for tier in by_tier.keys() {
+            if tier != "*" && tiers.get(tier).is_err() {
+                return Err(invalid(
+                    format!("aliases.{alias}.{tier}"),
+                    format!("'{tier}' is not a tier (use a tier name or \"*\")"),
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// `[[prices]]`: a valid book, in each tier's currency.
+pub(super) fn prices(
+    entries: Vec<sluice_policies::pricing::PriceEntry>,
+    tiers: &Tiers,
+) -> Result<PriceBook, ConfigError> {
+    let prices = PriceBook::new(entries).map_err(|e| invalid("prices", e.to_string()))?;
+    prices
+        .validate(tiers)
+        .map_err(|e| invalid("prices", e.to_string()))?;
+
+    Ok(prices)
+}
+
+/// `[quotas]`.
+pub(super) struct Quotas {
+    pub default_max_tokens: u64,
+    pub lease_max_requests: u64,
+    pub lease_ms: u64,
+    pub slot_ttl_secs: u64,
+}
+
+pub(super) fn quotas(q: &QuotasSection) -> Result<Quotas, ConfigError> {
+    Ok(Quotas {
+        default_max_tokens: q.default_max_tokens.unwrap_or(4096),
+        lease_max_requests: q.lease_max_requests.unwrap_or(16),
+        lease_ms: q.lease_ms.unwrap_or(1000),
+        slot_ttl_secs: match q.slot_ttl_secs.unwrap_or(60) {
+            0 => return Err(invalid("quotas.slot_ttl_secs", "must be at least 1")),
+            ttl => ttl,
+        },
+    })
+}
+
+pub(super) fn resolve_cache(
+    c: CacheSection,
+    tiers: &Tiers,
+    env: Env,
+) -> Result<CacheConfig, ConfigError> {
+    use sluice_policies::cache::{CachePolicy, CacheRules};
+    let mut defaults = CacheRules::default();
+    defaults.enabled = match env("SLUICE_CACHE").as_deref() {
+        Some("on" | "true" | "1") => true,
+        Some("off" | "false" | "0") => false,
+        Some(v) => return Err(invalid("SLUICE_CACHE", format!("'{v}' is not on or off"))),
+        None => c.enabled.unwrap_or(defaults.enabled),
+    };
+    defaults.ttl_secs = c.ttl_secs.unwrap_or(defaults.ttl_secs);
+    defaults.similarity_threshold = c
+        .similarity_threshold
+        .unwrap_or(defaults.similarity_threshold);
+    defaults.cache_unset_temperature = c
+        .cache_unset_temperature
+        .unwrap_or(defaults.cache_unset_temperature);
+    let policy = CachePolicy {
+        defaults,
+        tiers: c.tiers,
+        models: c.models,
+    };
+    policy
+        .check()
+        .map_err(|e| invalid("cache", e.to_string()))?;
+    for tier in policy.tiers.keys() {
+        if tiers.get(tier).is_err() {
+            return Err(invalid(
+                format!("cache.tiers.{tier}"),
+                format!("'{tier}' is not a tier"),
+            ));
+        }
+    }
+    let embedding_url = env("SLUICE_CACHE_EMBEDDING_URL").or(c.embedding_url);
+    if let Some(url) = &embedding_url {
+        if !(url.starts_with("http://") || url.starts_with("https://")) {
+            return Err(invalid(
+                "cache.embedding_url (SLUICE_CACHE_EMBEDDING_URL)",
+                format!("'{url}' is not an http:// URL"),
+            ));
+        }
+    }
+    let embedding_timeout_ms = c.embedding_timeout_ms.unwrap_or(1000);
+    let max_entry_bytes = c.max_entry_bytes.unwrap_or(1 << 20);
+    let max_entries = c.max_entries.unwrap_or(1_000_000);
+    for (field, value) in [
+        ("cache.embedding_timeout_ms", embedding_timeout_ms as usize),
+        ("cache.max_entry_bytes", max_entry_bytes),
+        ("cache.max_entries", max_entries),
+    ] {
+        if value == 0 {
+            return Err(invalid(field, "must be greater than 0"));
+        }
+    }
+    Ok(CacheConfig {
+        policy,
+        embedding_url,
+        embedding_model: c
+            .embedding_model
+            .unwrap_or_else(|| "all-MiniLM-L6-v2".to_owned()),
+        embedding_api_key: env("SLUICE_CACHE_EMBEDDING_API_KEY").or(c.embedding_api_key),
+        embedding_timeout: std::time::Duration::from_millis(embedding_timeout_ms),
+        max_entry_bytes,
+        max_entries,
+    })
+}
+
+fn socket_addr(field: &str, value: &str) -> Result<SocketAddr, ConfigError> {
+    value
+        .to_socket_addrs()
+        .ok()
+        .and_then(|mut addrs| addrs.next())
+        .ok_or_else(|| invalid(field, format!("'{value}' is not a host:port address")))
+}
+
+pub(super) fn resolve_jwt(j: JwtSection, base_dir: &Path) -> Result<JwtConfig, ConfigError> {
+    use jsonwebtoken::Algorithm;
+    let mut public_keys = Vec::new();
+    for (i, k) in j.public_keys.into_iter().enumerate() {
+        let field = format!("auth.jwt.public_keys[{i}]");
+        let algorithm = match k.alg.as_str() {
+            "RS256" => Algorithm::RS256,
+            "ES256" => Algorithm::ES256,
+            other => {
+                return Err(invalid(
+                    format!("{field}.alg"),
+                    format!("'{other}' is not supported; use RS256 or ES256"),
+                ))
+            }
+        };
+        let pem = match (k.pem, k.pem_file) {
+            (Some(pem), None) => pem,
+            (None, Some(file)) => {
+                let file = base_dir.join(file);
+                std::fs::read_to_string(&file).map_err(|e| {
+                    invalid(
+                        format!("{field}.pem_file"),
+                        format!("cannot read {}: {e}", file.display()),
+                    )
+                })?
+            }
+            _ => return Err(invalid(field, "give exactly one of pem or pem_file")),
+        };
+        let parsed = match algorithm {
+            Algorithm::ES256 => jsonwebtoken::DecodingKey::from_ec_pem(pem.as_bytes()),
+            _ => jsonwebtoken::DecodingKey::from_rsa_pem(pem.as_bytes()),
+        };
+        if let Err(e) = parsed {
+            return Err(invalid(
+                field,
+                format!("not a {} public key in PEM form: {e}", k.alg),
+            ));
+        }
+        public_keys.push(PublicKeyConfig {
+            algorithm,
+            pem,
+            kid: k.kid,
+        });
+    }
+    let hs256_secret = super::process_env("SLUICE_JWT_HS256_SECRET").or(j.hs256_secret);
+    if let Some(secret) = &hs256_secret {
+        if secret.len() < 32 {
+            return Err(invalid(
+                "auth.jwt.hs256_secret",
+                "must be at least 32 bytes long",
+            ));
+        }
+    }
+    if hs256_secret.is_none() && public_keys.is_empty() {
+        return Err(invalid(
+            "auth.jwt",
+            "needs hs256_secret or at least one of public_keys",
+        ));
+    }
+    Ok(JwtConfig {
+        issuer: j.issuer,
+        audience: j.audience,
+        hs256_secret,
+        public_keys,
+        tenant_claim: j.tenant_claim.unwrap_or_else(|| "tenant".to_owned()),
+        tier_claim: j.tier_claim.unwrap_or_else(|| "tier".to_owned()),
+        role_claim: j.role_claim.unwrap_or_else(|| "role".to_owned()),
+        leeway_secs: j.leeway_secs.unwrap_or(30),
+    })
+}
+
+/// A backend added at run time (the admin API), checked as a `[[backends]]` entry would be.
+pub fn backend(name: &str, url: &str, models: Vec<String>) -> Result<BackendConfig, ConfigError> {
+    resolve_backend(
+        "backend",
+        BackendSection {
+            name: Some(name.to_owned()),
+            url: url.to_owned(),
+            models,
+        },
+    )
+}
+
+pub(super) fn resolve_backend(
+    field: &str,
+    b: BackendSection,
+) -> Result<BackendConfig, ConfigError> {
+    let uri: http::Uri = b
+        .url
+        .parse()
+        .map_err(|e| invalid(format!("{field}.url"), format!("'{}': {e}", b.url)))?;
+    if uri.scheme_str() != Some("http") {
+        return Err(invalid(
+            format!("{field}.url"),
+            format!(
+                "'{}' must be an http:// URL (backends are co-located and spoken to in plain HTTP)",
+                b.url
+            ),
+        ));
+    }
+    let authority = uri
+        .authority()
+        .ok_or_else(|| invalid(format!("{field}.url"), format!("'{}' has no host", b.url)))?;
+    let host_port = format!(
+        "{}:{}",
+        authority.host(),
+        authority.port_u16().unwrap_or(80)
+    );
+    let addr = socket_addr(&format!("{field}.url"), &host_port)?;
+    if uri.path() != "/" && !uri.path().is_empty() {
+        return Err(invalid(
+            format!("{field}.url"),
+            format!("'{}' must not have a path; Sluice adds /v1/...", b.url),
+        ));
+    }
+    for (i, m) in b.models.iter().enumerate() {
+        if m.is_empty() {
+            return Err(invalid(format!("{field}.models[{i}]"), "is empty"));
+        }
+    }
+    Ok(BackendConfig {
+        name: b.name.unwrap_or_else(|| host_port.clone()),
+        url: format!("http://{host_port}"),
+        addr,
+        models: b.models,
+    })
+}
