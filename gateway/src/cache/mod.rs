@@ -10,6 +10,9 @@
 //! into both keys, and is checked again against the stored entry before anything is served.
 
 pub mod answer;
+mod stats;
+
+pub use stats::{CacheStats, TenantCacheStats};
 pub mod embed;
 pub mod index;
 pub mod key;
@@ -563,36 +566,6 @@ impl ResponseCache {
             by_tenant,
         }
     }
-}
-
-/// The cache's counters on this replica, as `GET /admin/v1/cache/stats` and the metrics
-/// show them.
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct CacheStats {
-    pub entries: usize,
-    pub namespaces: usize,
-    /// Whether semantic matching is on (an embeddings endpoint is configured).
-    pub semantic: bool,
-    pub lookups: u64,
-    pub hits: u64,
-    pub semantic_hits: u64,
-    pub misses: u64,
-    pub hit_rate: f64,
-    pub semantic_hit_rate: f64,
-    pub guard_rejections: u64,
-    pub stored: u64,
-    pub embedding_failures: u64,
-    pub store_failures: u64,
-    pub by_tenant: std::collections::BTreeMap<String, TenantCacheStats>,
-}
-
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct TenantCacheStats {
-    pub entries: u64,
-    pub hits: u64,
-    pub semantic_hits: u64,
-    pub misses: u64,
-    pub hit_rate: f64,
 }
 
 fn now_ms() -> i64 {

@@ -1,0 +1,419 @@
+//! The Redis store, shared by every replica. Keys live under one configurable prefix:
+//!
+//! - `{prefix}:key:{id}`        JSON `KeyRecord`
+//! - `{prefix}:keyhash:{hash}`  key id, only for live keys
+//! - `{prefix}:keys`            sorted set of key ids by creation time
+//! - `{prefix}:keys:epoch`      counter bumped on every key or tier change
+//! - `{prefix}:tiers`           hash: tier name -> JSON `Tier` (changed through the admin API)
+//! - `{prefix}:backends:draining` set of backend names taking no new requests
+//! - `{prefix}:backends:pool`   hash: backend name -> JSON `BackendRecord`, or `null` for
+//!   one taken out (pool changes made through the admin API)
+//! - `{prefix}:usage:ids`       hash: usage event id -> time (what makes an event count once)
+//! - `{prefix}:usage:events`    sorted set of usage event JSON, scored by time in ms
+//!
+//! - `{prefix}:cache:log`      stream of cache events (entries added, purges) replicas follow
+//! - `{prefix}:cache:entry:{{id}}` a cache entry's body, with its TTL; hash-tagged by its own
+//!   id, so a cluster spreads the cache over every node
+//!
+//! Usage events are kept in a sorted set rather than a stream so that a replayed (older)
+//! event lands at its own time and a range read is a time range.
+//!
+//! The prefix is written as a hash tag (`{sluice}`), so these few admin keys share one Redis
+//! Cluster slot and every write can be one MULTI/EXEC: a replica never sees a record without
+//! its index or the other way round.
+
+mod conn;
+mod quota;
+mod scripts;
+
+use super::{BackendRecord, Store, StoreError};
+use crate::keys::{KeyHash, KeyRecord};
+use crate::usage::UsageEvent;
+use async_trait::async_trait;
+use conn::Conn;
+use redis::aio::ConnectionManager;
+use redis::AsyncCommands;
+use scripts::APPEND_USAGE;
+use sluice_policies::ledger::{Admit, Charge, Refresh, Settle};
+use sluice_policies::quota::{Counters, Decision};
+use sluice_policies::Tier;
+
+pub struct RedisStore {
+    conn: Conn,
+    prefix: String,
+}
+
+impl RedisStore {
+    /// Connects to `url` (`redis://host:port/db`), or to a Redis Cluster when `url` lists
+    /// several nodes separated by commas. `prefix` namespaces every key, so several
+    /// deployments (or test runs) can share one Redis.
+    pub async fn connect(url: &str, prefix: &str) -> Result<Self, StoreError> {
+        // Fail fast while Redis is down: the gateway has a fallback for every call (cached
+        // keys, fail-open limits, the usage journal), so waiting out long reconnect back-offs
+        // would only stall requests.
+        let connect_timeout = std::time::Duration::from_millis(500);
+        let response_timeout = std::time::Duration::from_secs(2);
+        let nodes: Vec<&str> = url
+            .split(',')
+            .map(str::trim)
+            .filter(|n| !n.is_empty())
+            .collect();
+        let conn = if nodes.len() > 1 {
+            let client = redis::cluster::ClusterClientBuilder::new(nodes)
+                .connection_timeout(connect_timeout)
+                .response_timeout(response_timeout)
+                .retries(1)
+                .build()?;
+            Conn::Cluster(client.get_async_connection().await?)
+        } else {
+            let client = redis::Client::open(url)?;
+            let config = redis::aio::ConnectionManagerConfig::new()
+                .set_number_of_retries(1)
+                .set_min_delay(std::time::Duration::from_millis(50))
+                .set_max_delay(std::time::Duration::from_millis(500))
+                .set_connection_timeout(Some(connect_timeout))
+                .set_response_timeout(Some(response_timeout));
+            Conn::Single(ConnectionManager::new_with_config(client, config).await?)
+        };
+        Ok(RedisStore {
+            conn,
+            prefix: prefix.to_owned(),
+        })
+    }
+
+    fn key_key(&self, id: &str) -> String {
+        format!("{{{}}}:key:{id}", self.prefix)
+    }
+
+    fn hash_key(&self, hash: &KeyHash) -> String {
+        format!("{{{}}}:keyhash:{}", self.prefix, hash.as_str())
+    }
+
+    fn index_key(&self) -> String {
+        format!("{{{}}}:keys", self.prefix)
+    }
+
+    fn epoch_key(&self) -> String {
+        format!("{{{}}}:keys:epoch", self.prefix)
+    }
+
+    fn tiers_key(&self) -> String {
+        format!("{{{}}}:tiers", self.prefix)
+    }
+
+    fn draining_key(&self) -> String {
+        format!("{{{}}}:backends:draining", self.prefix)
+    }
+
+    fn pool_key(&self) -> String {
+        format!("{{{}}}:backends:pool", self.prefix)
+    }
+
+    fn cache_log_key(&self) -> String {
+        format!("{{{}}}:cache:log", self.prefix)
+    }
+
+    fn cache_entry_key(&self, id: &str) -> String {
+        format!("{}:cache:entry:{{{id}}}", self.prefix)
+    }
+
+    fn usage_ids_key(&self) -> String {
+        format!("{{{}}}:usage:ids", self.prefix)
+    }
+
+    fn usage_events_key(&self) -> String {
+        format!("{{{}}}:usage:events", self.prefix)
+    }
+}
+
+#[async_trait]
+impl Store for RedisStore {
+    async fn put_key(
+        &self,
+        record: &KeyRecord,
+        replaced_hash: Option<&KeyHash>,
+    ) -> Result<(), StoreError> {
+        let json = serde_json::to_string(record)?;
+        let mut pipe = redis::pipe();
+        pipe.atomic()
+            .set(self.key_key(&record.id), json)
+            .ignore()
+            .zadd(self.index_key(), &record.id, record.created_at)
+            .ignore();
+        if let Some(old) = replaced_hash {
+            pipe.del(self.hash_key(old)).ignore();
+        }
+        if record.is_revoked() {
+            pipe.del(self.hash_key(&record.hash)).ignore();
+        } else {
+            pipe.set(self.hash_key(&record.hash), &record.id).ignore();
+        }
+        pipe.incr(self.epoch_key(), 1).ignore();
+        let mut conn = self.conn.clone();
+        pipe.query_async::<()>(&mut conn).await?;
+        Ok(())
+    }
+
+    async fn key(&self, id: &str) -> Result<Option<KeyRecord>, StoreError> {
+        let mut conn = self.conn.clone();
+        let json: Option<String> = conn.get(self.key_key(id)).await?;
+        Ok(json.map(|j| serde_json::from_str(&j)).transpose()?)
+    }
+
+    async fn key_by_hash(&self, hash: &KeyHash) -> Result<Option<KeyRecord>, StoreError> {
+        let mut conn = self.conn.clone();
+        let id: Option<String> = conn.get(self.hash_key(hash)).await?;
+        let Some(id) = id else { return Ok(None) };
+        let record = self.key(&id).await?;
+        Ok(record.filter(|r| !r.is_revoked()))
+    }
+
+    async fn list_keys(&self) -> Result<Vec<KeyRecord>, StoreError> {
+        let mut conn = self.conn.clone();
+        let ids: Vec<String> = conn.zrange(self.index_key(), 0, -1).await?;
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let keys: Vec<String> = ids.iter().map(|id| self.key_key(id)).collect();
+        let jsons: Vec<Option<String>> =
+            redis::cmd("MGET").arg(&keys).query_async(&mut conn).await?;
+        let mut records = jsons
+            .into_iter()
+            .flatten()
+            .map(|j| serde_json::from_str::<KeyRecord>(&j))
+            .collect::<Result<Vec<_>, _>>()?;
+        records.sort_by(|a, b| (a.created_at, &a.id).cmp(&(b.created_at, &b.id)));
+        Ok(records)
+    }
+
+    async fn keys_epoch(&self) -> Result<u64, StoreError> {
+        let mut conn = self.conn.clone();
+        let epoch: Option<u64> = conn.get(self.epoch_key()).await?;
+        Ok(epoch.unwrap_or(0))
+    }
+
+    async fn append_usage(&self, events: &[UsageEvent]) -> Result<usize, StoreError> {
+        if events.is_empty() {
+            return Ok(0);
+        }
+        let mut invocation = APPEND_USAGE.prepare_invoke();
+        invocation
+            .key(self.usage_ids_key())
+            .key(self.usage_events_key());
+        for event in events {
+            invocation
+                .arg(&event.id)
+                .arg(event.time_ms)
+                .arg(serde_json::to_string(event)?);
+        }
+        let mut conn = self.conn.clone();
+        let added: usize = invocation.invoke_async(&mut conn).await?;
+        Ok(added)
+    }
+
+    async fn usage_events(&self, from_ms: i64, to_ms: i64) -> Result<Vec<UsageEvent>, StoreError> {
+        let mut conn = self.conn.clone();
+        // `(` makes the upper bound exclusive.
+        let jsons: Vec<String> = conn
+            .zrangebyscore(self.usage_events_key(), from_ms, format!("({to_ms}"))
+            .await?;
+        let mut events = jsons
+            .iter()
+            .map(|j| serde_json::from_str::<UsageEvent>(j))
+            .collect::<Result<Vec<_>, _>>()?;
+        events.sort_by(|a, b| (a.time_ms, &a.id).cmp(&(b.time_ms, &b.id)));
+        Ok(events)
+    }
+
+    async fn put_tier(&self, tier: &Tier) -> Result<(), StoreError> {
+        let mut conn = self.conn.clone();
+        redis::pipe()
+            .atomic()
+            .hset(self.tiers_key(), &tier.name, serde_json::to_string(tier)?)
+            .ignore()
+            .incr(self.epoch_key(), 1)
+            .ignore()
+            .query_async::<()>(&mut conn)
+            .await?;
+        Ok(())
+    }
+
+    async fn set_draining(&self, backend: &str, draining: bool) -> Result<(), StoreError> {
+        let mut conn = self.conn.clone();
+        let mut pipe = redis::pipe();
+        pipe.atomic();
+        if draining {
+            pipe.sadd(self.draining_key(), backend).ignore();
+        } else {
+            pipe.srem(self.draining_key(), backend).ignore();
+        }
+        pipe.incr(self.epoch_key(), 1)
+            .ignore()
+            .query_async::<()>(&mut conn)
+            .await?;
+        Ok(())
+    }
+
+    async fn set_backend(
+        &self,
+        name: &str,
+        backend: Option<&BackendRecord>,
+    ) -> Result<(), StoreError> {
+        let mut conn = self.conn.clone();
+        redis::pipe()
+            .atomic()
+            .hset(self.pool_key(), name, serde_json::to_string(&backend)?)
+            .ignore()
+            .incr(self.epoch_key(), 1)
+            .ignore()
+            .query_async::<()>(&mut conn)
+            .await?;
+        Ok(())
+    }
+
+    async fn backend_changes(&self) -> Result<Vec<(String, Option<BackendRecord>)>, StoreError> {
+        let mut conn = self.conn.clone();
+        let all: Vec<(String, String)> = conn.hgetall(self.pool_key()).await?;
+        Ok(all
+            .into_iter()
+            .map(|(name, json)| Ok((name, serde_json::from_str(&json)?)))
+            .collect::<Result<_, StoreError>>()?)
+    }
+
+    async fn draining_backends(&self) -> Result<Vec<String>, StoreError> {
+        let mut conn = self.conn.clone();
+        Ok(conn.smembers(self.draining_key()).await?)
+    }
+
+    async fn stored_tiers(&self) -> Result<Vec<Tier>, StoreError> {
+        let mut conn = self.conn.clone();
+        let jsons: Vec<String> = conn.hvals(self.tiers_key()).await?;
+        Ok(jsons
+            .iter()
+            .map(|j| serde_json::from_str(j))
+            .collect::<Result<_, _>>()?)
+    }
+
+    async fn admit(&self, key_id: &str, a: &Admit<'_>) -> Result<Decision, StoreError> {
+        self.quota_admit(key_id, a).await
+    }
+
+    async fn settle(&self, key_id: &str, s: &Settle<'_>) -> Result<(), StoreError> {
+        self.quota_settle(key_id, s).await
+    }
+
+    async fn refresh(&self, key_id: &str, f: &Refresh<'_>) -> Result<(), StoreError> {
+        self.quota_refresh(key_id, f).await
+    }
+
+    async fn charge(&self, key_id: &str, c: &Charge<'_>) -> Result<bool, StoreError> {
+        self.quota_charge(key_id, c).await
+    }
+
+    async fn quota_counters(
+        &self,
+        key_id: &str,
+        now_sec: i64,
+        month: &str,
+    ) -> Result<Counters, StoreError> {
+        self.quota_read(key_id, now_sec, month).await
+    }
+
+    async fn reset_quota(&self, key_id: &str, now_sec: i64, month: &str) -> Result<(), StoreError> {
+        self.quota_reset(key_id, now_sec, month).await
+    }
+
+    async fn cache_put(
+        &self,
+        id: &str,
+        body: &[u8],
+        ttl_ms: u64,
+        event: &[u8],
+        log_horizon_ms: u64,
+    ) -> Result<(), StoreError> {
+        let mut conn = self.conn.clone();
+        // The body first: a replica that reads the event can fetch it.
+        let () = redis::cmd("SET")
+            .arg(self.cache_entry_key(id))
+            .arg(body)
+            .arg("PX")
+            .arg(ttl_ms.max(1))
+            .query_async(&mut conn)
+            .await?;
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        let oldest = now_ms.saturating_sub(log_horizon_ms);
+        let _: String = redis::cmd("XADD")
+            .arg(self.cache_log_key())
+            .arg("MINID")
+            .arg("~")
+            .arg(oldest)
+            .arg("*")
+            .arg("e")
+            .arg(event)
+            .query_async(&mut conn)
+            .await?;
+        Ok(())
+    }
+
+    async fn cache_get(&self, id: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        let mut conn = self.conn.clone();
+        Ok(conn.get(self.cache_entry_key(id)).await?)
+    }
+
+    async fn cache_purge(&self, ids: &[String], event: &[u8]) -> Result<(), StoreError> {
+        let mut conn = self.conn.clone();
+        // Each body has its own hash tag: deleted one by one (pipelined), never in one DEL
+        // that a cluster would refuse as cross-slot.
+        for batch in ids.chunks(512) {
+            let mut pipe = redis::pipe();
+            for id in batch {
+                pipe.del(self.cache_entry_key(id)).ignore();
+            }
+            let () = pipe.query_async(&mut conn).await?;
+        }
+        let _: String = redis::cmd("XADD")
+            .arg(self.cache_log_key())
+            .arg("*")
+            .arg("e")
+            .arg(event)
+            .query_async(&mut conn)
+            .await?;
+        Ok(())
+    }
+
+    async fn cache_log(
+        &self,
+        cursor: &str,
+        limit: usize,
+    ) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        if limit == 0 {
+            // XREAD takes COUNT 0 as no limit.
+            return Ok(Vec::new());
+        }
+        let mut conn = self.conn.clone();
+        // XREAD without BLOCK: a blocking read would hold the shared connection.
+        let reply: Option<redis::streams::StreamReadReply> = redis::cmd("XREAD")
+            .arg("COUNT")
+            .arg(limit)
+            .arg("STREAMS")
+            .arg(self.cache_log_key())
+            .arg(cursor)
+            .query_async(&mut conn)
+            .await?;
+        let mut events = Vec::new();
+        for key in reply.map(|r| r.keys).unwrap_or_default() {
+            for entry in key.ids {
+                if let Some(redis::Value::BulkString(event)) = entry.map.get("e") {
+                    events.push((entry.id.clone(), event.clone()));
+                }
+            }
+        }
+        Ok(events)
+    }
+
+    fn kind(&self) -> &'static str {
+        "redis"
+    }
+}

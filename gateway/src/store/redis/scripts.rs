@@ -1,0 +1,164 @@
+//! What runs inside Redis? The store's Lua scripts, each the Redis form of one
+//! `sluice_policies::ledger` operation (or of appending usage events), versioned by name so a
+//! rolling upgrade never runs two meanings of one script.
+
+/// Adds each (id, time, json) triple unless its id was seen. Versioned by name, so a rolling
+/// upgrade never runs two meanings of the script under one name.
+const APPEND_USAGE_V1: &str = r"
+-- sluice_append_usage_v1
+local added = 0
+for i = 1, #ARGV, 3 do
+  if redis.call('HSETNX', KEYS[1], ARGV[i], ARGV[i + 1]) == 1 then
+    redis.call('ZADD', KEYS[2], ARGV[i + 1], ARGV[i + 2])
+    added = added + 1
+  end
+end
+return added
+";
+
+pub(super) static APPEND_USAGE: std::sync::LazyLock<redis::Script> =
+    std::sync::LazyLock::new(|| redis::Script::new(APPEND_USAGE_V1));
+
+/// One admission, atomically: `sluice_policies::ledger::KeyLedger::admit`, line for line.
+/// All keys are one API key's, under one hash tag.
+/// KEYS: minute requests, minute tokens, day, month spend, in-flight.
+/// ARGV: now, rpm, rpd, tpm, tpd, concurrent, budget (-1 = unlimited), tokens, cost,
+/// reservation id, slot expiry, requests (1, or a lease's size; its concurrency slots are
+/// members `id:1` .. `id:n`).
+/// Returns {admitted, minute requests (second, count, ...), minute tokens, day requests,
+/// day tokens, in flight, month spend, soonest slot expiry or -1}, counted before this
+/// request.
+const ADMIT_V3: &str = r"
+-- sluice_admit_v3
+local now = tonumber(ARGV[1])
+local function window(key)
+  local all = redis.call('HGETALL', key)
+  local sum, live = 0, {}
+  for i = 1, #all, 2 do
+    if tonumber(all[i]) > now - 60 then
+      sum = sum + tonumber(all[i + 1])
+      live[#live + 1] = all[i]
+      live[#live + 1] = all[i + 1]
+    else
+      redis.call('HDEL', key, all[i])
+    end
+  end
+  return sum, live
+end
+local rpm_used, mr = window(KEYS[1])
+local tpm_used, mt = window(KEYS[2])
+local day_r = tonumber(redis.call('HGET', KEYS[3], 'r') or '0')
+local day_t = tonumber(redis.call('HGET', KEYS[3], 't') or '0')
+local spend = tonumber(redis.call('GET', KEYS[4]) or '0')
+redis.call('ZREMRANGEBYSCORE', KEYS[5], '-inf', now)
+local in_flight = redis.call('ZCARD', KEYS[5])
+local soonest = redis.call('ZRANGE', KEYS[5], 0, 0, 'WITHSCORES')
+local next_expiry = -1
+if #soonest == 2 then next_expiry = tonumber(soonest[2]) end
+local tokens, cost, n = tonumber(ARGV[8]), tonumber(ARGV[9]), tonumber(ARGV[12])
+local function over(limit, used, need)
+  local l = tonumber(limit)
+  return l >= 0 and used + need > l
+end
+local admitted = 1
+if over(ARGV[6], in_flight, n) or over(ARGV[2], rpm_used, n) or over(ARGV[4], tpm_used, tokens)
+  or over(ARGV[3], day_r, n) or over(ARGV[5], day_t, tokens) or over(ARGV[7], spend, cost) then
+  admitted = 0
+end
+if admitted == 1 then
+  redis.call('HINCRBY', KEYS[1], now, n)
+  redis.call('EXPIRE', KEYS[1], 120)
+  redis.call('HINCRBY', KEYS[2], now, tokens)
+  redis.call('EXPIRE', KEYS[2], 120)
+  redis.call('HINCRBY', KEYS[3], 'r', n)
+  redis.call('HINCRBY', KEYS[3], 't', tokens)
+  redis.call('EXPIRE', KEYS[3], 172800)
+  redis.call('INCRBY', KEYS[4], cost)
+  redis.call('EXPIRE', KEYS[4], 3456000)
+  for i = 1, n do
+    redis.call('ZADD', KEYS[5], ARGV[11], ARGV[10] .. ':' .. i)
+  end
+  redis.call('EXPIRE', KEYS[5], 86400)
+end
+return {admitted, mr, mt, day_r, day_t, in_flight, spend, next_expiry}
+";
+
+/// Settles a reservation (or a lease): `KeyLedger::settle`. Frees its slots and moves its
+/// counters from reserved to actual.
+/// KEYS: minute tokens, day, month spend, in-flight, minute requests.
+/// ARGV: admitted second, token delta, cost delta, reservation id, slots, request delta.
+const SETTLE_V3: &str = r"
+-- sluice_settle_v3
+for i = 1, tonumber(ARGV[5]) do
+  redis.call('ZREM', KEYS[4], ARGV[4] .. ':' .. i)
+end
+local function adjust(key, field, delta)
+  if delta ~= 0 and redis.call('HEXISTS', key, field) == 1 then
+    if redis.call('HINCRBY', key, field, delta) < 0 then
+      redis.call('HSET', key, field, 0)
+    end
+  end
+end
+local d = tonumber(ARGV[2])
+adjust(KEYS[1], ARGV[1], d)
+adjust(KEYS[2], 't', d)
+local r = tonumber(ARGV[6])
+adjust(KEYS[5], ARGV[1], r)
+adjust(KEYS[2], 'r', r)
+local c = tonumber(ARGV[3])
+if c ~= 0 and redis.call('EXISTS', KEYS[3]) == 1 then
+  if redis.call('INCRBY', KEYS[3], c) < 0 then
+    redis.call('SET', KEYS[3], 0, 'KEEPTTL')
+  end
+end
+return 1
+";
+
+/// Renews a running reservation's slots: `KeyLedger::refresh`.
+/// KEYS: in-flight. ARGV: now, new expiry, reservation id, slots.
+const REFRESH_V1: &str = r"
+-- sluice_refresh_v1
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[1])
+for i = 1, tonumber(ARGV[4]) do
+  redis.call('ZADD', KEYS[1], 'XX', ARGV[2], ARGV[3] .. ':' .. i)
+end
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  redis.call('EXPIRE', KEYS[1], 86400)
+end
+return 1
+";
+
+/// Counts usage admitted without the store, once per id: `KeyLedger::charge`.
+/// KEYS: charge ids, minute requests, minute tokens, day (of the charge), month spend.
+/// ARGV: id, admitted second, now, requests, tokens, cost, how long ids are remembered.
+/// Returns 1 when this charge counted, 0 for a repeat.
+const CHARGE_V1: &str = r"
+-- sluice_charge_v1
+local now, at, memory = tonumber(ARGV[3]), tonumber(ARGV[2]), tonumber(ARGV[7])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - memory)
+if redis.call('ZADD', KEYS[1], 'NX', at, ARGV[1]) == 0 then
+  return 0
+end
+redis.call('EXPIRE', KEYS[1], memory)
+if at > now - 60 then
+  redis.call('HINCRBY', KEYS[2], at, ARGV[4])
+  redis.call('EXPIRE', KEYS[2], 120)
+  redis.call('HINCRBY', KEYS[3], at, ARGV[5])
+  redis.call('EXPIRE', KEYS[3], 120)
+end
+redis.call('HINCRBY', KEYS[4], 'r', ARGV[4])
+redis.call('HINCRBY', KEYS[4], 't', ARGV[5])
+redis.call('EXPIRE', KEYS[4], 172800)
+redis.call('INCRBY', KEYS[5], ARGV[6])
+redis.call('EXPIRE', KEYS[5], 3456000)
+return 1
+";
+
+pub(super) static ADMIT: std::sync::LazyLock<redis::Script> =
+    std::sync::LazyLock::new(|| redis::Script::new(ADMIT_V3));
+pub(super) static SETTLE: std::sync::LazyLock<redis::Script> =
+    std::sync::LazyLock::new(|| redis::Script::new(SETTLE_V3));
+pub(super) static REFRESH: std::sync::LazyLock<redis::Script> =
+    std::sync::LazyLock::new(|| redis::Script::new(REFRESH_V1));
+pub(super) static CHARGE: std::sync::LazyLock<redis::Script> =
+    std::sync::LazyLock::new(|| redis::Script::new(CHARGE_V1));
