@@ -6,6 +6,7 @@
 //! Owed charges live in memory: a replica restarted during an outage forgets them (its usage
 //! events, journaled on disk, still reach billing; only the quota counters miss them).
 
+use crate::clock::Clock;
 use crate::store::Store;
 use sluice_policies::ledger::{Charge, Refresh};
 use sluice_policies::quota::Reservation;
@@ -118,14 +119,14 @@ impl Held {
 
     /// Renews slots every quarter of their lifetime and charges what is owed every second,
     /// until the process ends.
-    pub async fn run(self: Arc<Self>, store: Arc<dyn Store>, slot_ttl_secs: u64) {
+    pub async fn run(self: Arc<Self>, store: Arc<dyn Store>, clock: Clock, slot_ttl_secs: u64) {
         let renew_every = Duration::from_secs(slot_ttl_secs).div_f64(4.0);
         let mut tick = tokio::time::interval(Duration::from_secs(1).min(renew_every));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut renewed = tokio::time::Instant::now();
         loop {
             tick.tick().await;
-            let now = crate::clock::now_sec();
+            let now = clock.now_sec();
             if renewed.elapsed() >= renew_every {
                 renewed = tokio::time::Instant::now();
                 self.refresh_all(store.as_ref(), now, slot_ttl_secs as i64)

@@ -151,10 +151,11 @@ impl Admission {
     /// Gives back idle leases, renews held slots and charges what is owed, until the
     /// process ends.
     pub async fn run(self: Arc<Self>) {
-        let held = self
-            .held
-            .clone()
-            .run(self.store.clone(), self.settings.slot_ttl_secs);
+        let held = self.held.clone().run(
+            self.store.clone(),
+            self.clock.clone(),
+            self.settings.slot_ttl_secs,
+        );
         let leases = async {
             if !self.leases.enabled() {
                 return;

@@ -59,7 +59,7 @@ impl Proxy {
         let view = RequestView::parse(route, &body)?;
         self.route_to_model(ctx, &view)?;
         traces::record_request(ctx.span.as_ref(), route, &view);
-        self.admit(ctx, route, &identity, &view).await?;
+        self.reserve_quota(ctx, route, &identity, &view).await?;
         if let Some(hit) = self
             .look_up_cache(session, ctx, route, &identity, &view)
             .await
@@ -118,7 +118,7 @@ impl Proxy {
     }
 
     /// May they: the request's reservation, or the refusal with its headers.
-    async fn admit(
+    async fn reserve_quota(
         &self,
         ctx: &mut RequestCtx,
         route: Route,

@@ -340,9 +340,7 @@ impl Store for RedisStore {
             .arg(ttl_ms.max(1))
             .query_async(&mut conn)
             .await?;
-        let now_ms = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis() as u64);
+        let now_ms = crate::clock::now_ms().max(0) as u64;
         let oldest = now_ms.saturating_sub(log_horizon_ms);
         let _: String = redis::cmd("XADD")
             .arg(self.cache_log_key())
