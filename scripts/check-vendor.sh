@@ -1,0 +1,162 @@
+#!/usr/bin/env bash
+# Checks that vendor/pingora-proxy is exactly upstream pingora-proxy 0.9.1 from crates.io plus
+# the patches in vendor/patches (applied in name order), minus the files listed in OMITTED, and
+# that vendor/README.md quotes each patch file exactly. See vendor/README.md.
+#
+#   scripts/check-vendor.sh                 compare; exit 0 when equal, 1 with the differences
+#   scripts/check-vendor.sh --extract DIR   write pristine upstream (OMITTED removed, no
+#                                           patches) into the new folder DIR, for regenerating
+#                                           the patches; DIR must not exist
+#
+# Upstream comes from the crate registry through cargo: the .crate file in cargo's cache,
+# downloaded first (`cargo fetch` in a throwaway project) when it is not there, and checked
+# against the SHA-256 that crates.io publishes for it. Nothing is written inside the
+# repository; the scratch folder is removed on exit.
+set -euo pipefail
+caller_dir=$PWD
+cd "$(dirname "$0")/.."
+repo=$PWD
+me=$(basename "$0")
+
+CRATE=pingora-proxy
+VERSION=0.9.1
+# crates.io's checksum of pingora-proxy-0.9.1.crate (the `cksum` of its index entry, also
+# what Cargo.lock records).
+SHA256=8e3d5670490740405ecc8c6f75c3fcbce4d24f7adaffb355ca44550e7918e358
+VENDORED=vendor/pingora-proxy
+PATCHES=vendor/patches
+README=vendor/README.md
+# Published with the crate but not vendored: packaging metadata, upstream's own lock file and
+# manifest (which only builds inside upstream's workspace), and examples and benchmarks, which
+# cargo never builds for a dependency. The normalised Cargo.toml still names the examples and
+# the benchmark; that is harmless, and keeping it byte for byte upstream's is the point.
+OMITTED=(.cargo_vcs_info.json Cargo.lock Cargo.toml.orig benches examples)
+
+extract_to=
+case "${1:-}" in
+  "") ;;
+  --extract)
+    [ -n "${2:-}" ] || { echo "$me: --extract needs a folder" >&2; exit 2; }
+    case "$2" in /*) extract_to=$2 ;; *) extract_to=$caller_dir/$2 ;; esac
+    [ ! -e "$extract_to" ] || { echo "$me: $extract_to already exists" >&2; exit 2; }
+    case "$extract_to/" in
+      "$repo"/*) echo "$me: $extract_to is inside the repository; extract outside it" >&2; exit 2 ;;
+    esac
+    ;;
+  *) echo "usage: $me [--extract DIR]" >&2; exit 2 ;;
+esac
+
+work=$(mktemp -d "${TMPDIR:-/tmp}/check-vendor.XXXXXX")
+trap 'rm -rf "$work"' EXIT
+case "$work/" in "$repo"/*) echo "$me: scratch folder $work is inside the repository" >&2; exit 2 ;; esac
+
+cargo_home=${CARGO_HOME:-$HOME/.cargo}
+
+# find_crate: prints the cached .crate with the expected checksum, if there is one.
+find_crate() {
+  local f
+  for f in "$cargo_home"/registry/cache/*/"$CRATE-$VERSION.crate"; do
+    [ -f "$f" ] || continue
+    if [ "$(sha256sum "$f" | cut -d' ' -f1)" = "$SHA256" ]; then
+      printf '%s\n' "$f"
+      return 0
+    fi
+  done
+  return 1
+}
+
+if ! crate=$(find_crate); then
+  echo "$me: fetching $CRATE $VERSION from crates.io" >&2
+  mkdir -p "$work/fetch/src"
+  cat >"$work/fetch/Cargo.toml" <<EOF
+[package]
+name = "check-vendor-fetch"
+version = "0.0.0"
+edition = "2021"
+publish = false
+
+[dependencies]
+$CRATE = "=$VERSION"
+
+[workspace]
+EOF
+  : >"$work/fetch/src/lib.rs"
+  target=()
+  host=$(rustc -vV 2>/dev/null | sed -n 's/^host: //p') || true
+  [ -n "$host" ] && target=(--target "$host")
+  (cd "$work/fetch" && cargo fetch --quiet "${target[@]}")
+  crate=$(find_crate) || {
+    echo "$me: no $CRATE-$VERSION.crate with SHA-256 $SHA256 under $cargo_home/registry/cache" >&2
+    exit 1
+  }
+fi
+
+mkdir "$work/upstream"
+tar -xzf "$crate" -C "$work/upstream"
+pristine=$work/upstream/$CRATE-$VERSION
+for p in "${OMITTED[@]}"; do
+  [ -e "$pristine/$p" ] || { echo "$me: $p is not in the published crate; update OMITTED" >&2; exit 1; }
+  rm -rf "${pristine:?}/$p"
+done
+
+if [ -n "$extract_to" ]; then
+  cp -R "$pristine" "$extract_to"
+  echo "$me: pristine $CRATE $VERSION (without ${OMITTED[*]}) in $extract_to"
+  exit 0
+fi
+
+# Apply the patches strictly (no fuzz), as outside any git repository, so that paths are
+# relative to the crate root.
+shopt -s nullglob
+patches=("$repo/$PATCHES"/*.patch)
+[ "${#patches[@]}" -gt 0 ] || { echo "$me: no patches in $PATCHES" >&2; exit 1; }
+for p in "${patches[@]}"; do
+  if command -v git >/dev/null 2>&1; then
+    apply=(env GIT_CEILING_DIRECTORIES="$work/upstream" git apply --whitespace=nowarn)
+  else
+    apply=(patch -p1 --quiet --fuzz=0 --no-backup-if-mismatch --reject-file=-)
+  fi
+  if ! (cd "$pristine" && "${apply[@]}" <"$p"); then
+    echo "$me: FAIL: ${p#"$repo"/} does not apply to upstream $CRATE $VERSION (after the ones before it)" >&2
+    exit 1
+  fi
+done
+
+# vendor/README.md quotes each patch, in order, in a ```diff block; the quotes must be exact.
+readme_ok=1
+awk -v dir="$work" '
+  /^```diff$/ { n++; f = dir "/readme-" n ".patch"; printf "" > f; inside = 1; next }
+  inside && /^```$/ { inside = 0; close(f); next }
+  inside { print > f }
+' "$repo/$README"
+for i in "${!patches[@]}"; do
+  q=$work/readme-$((i + 1)).patch
+  if [ ! -f "$q" ] || ! cmp -s "$q" "${patches[$i]}"; then
+    echo "$me: FAIL: diff block $((i + 1)) of $README is not ${patches[$i]#"$repo"/}" >&2
+    readme_ok=0
+  fi
+done
+if [ -f "$work/readme-$((${#patches[@]} + 1)).patch" ]; then
+  echo "$me: FAIL: $README has more diff blocks than $PATCHES has patches" >&2
+  readme_ok=0
+fi
+
+if diff -r -q "$pristine" "$repo/$VENDORED" >"$work/differences"; then
+  if [ "$readme_ok" = 0 ]; then
+    echo "$me: $VENDORED itself is upstream + patches; copy the patch files into $README" >&2
+    exit 1
+  fi
+  echo "$me: OK: $VENDORED is $CRATE $VERSION from crates.io + ${#patches[@]} patches in $PATCHES"
+  exit 0
+fi
+
+{
+  echo "$me: FAIL: $VENDORED is not upstream $CRATE $VERSION + $PATCHES/*.patch."
+  echo "Differing files (expected = upstream + patches, actual = $VENDORED):"
+  sed -e "s#$pristine#<expected>#g" -e "s#$repo/##g" "$work/differences" | sed 's/^/  /'
+  echo "Diff (expected -> actual):"
+  (cd "$work/upstream" && diff -r -u "$CRATE-$VERSION" "$repo/$VENDORED") |
+    sed -e "s#$repo/##g" | head -n 200 || true
+  echo "Either undo the change in $VENDORED, or make it a patch: see vendor/README.md."
+} >&2
+exit 1
