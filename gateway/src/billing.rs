@@ -11,7 +11,7 @@ use crate::metering::Usage;
 use crate::usage::UsageEvent;
 use rust_decimal::Decimal;
 use serde::Serialize;
-use sluice_policies::pricing::{PriceBook, TokenCounts};
+use sluice_policies::pricing::{ModelPrice, PriceBook, PriceSchedule, TokenCounts};
 use sluice_policies::quota;
 use sluice_policies::Tiers;
 use std::collections::{BTreeMap, HashMap};
@@ -100,6 +100,26 @@ pub fn settled_cost_nano(prices: &PriceBook, model: &str, tier: &str, usage: &Us
         .lookup(model, tier)
         .map_or(Decimal::ZERO, |p| p.cost(&TokenCounts::default(), &counts));
     quota::to_nano_ceil(cost)
+}
+
+/// The most any one token of each kind can cost under a schedule: its dearest band.
+fn dearest(schedule: &PriceSchedule) -> Decimal {
+    schedule
+        .bands()
+        .iter()
+        .map(|b| b.per_million.amount())
+        .max()
+        .unwrap_or(Decimal::ZERO)
+}
+
+/// The most `counts` can cost under `price`: every token at its kind's dearest band (what a
+/// reservation holds against a budget).
+pub fn cost_ceiling(price: &ModelPrice, counts: &TokenCounts) -> Decimal {
+    let million = Decimal::from(1_000_000);
+    (Decimal::from(counts.input) * dearest(price.input())
+        + Decimal::from(counts.output) * dearest(price.output())
+        + Decimal::from(counts.cached) * dearest(price.cached()))
+        / million
 }
 
 impl ExportQuery {

@@ -11,9 +11,8 @@
 use crate::error::ApiError;
 use crate::metering::Ceiling;
 use crate::request::{RequestView, Route};
-use rust_decimal::Decimal;
 use serde_json::value::RawValue;
-use sluice_policies::pricing::{ModelPrice, PriceSchedule, TokenCounts};
+use sluice_policies::pricing::{ModelPrice, TokenCounts};
 use sluice_policies::quota::{self, Reservation};
 use sluice_policies::RequestCaps;
 
@@ -118,7 +117,9 @@ pub fn reservation(
         output: completion,
         cached: 0,
     };
-    let cost_nano = price.map_or(0, |p| quota::to_nano_ceil(cost_bound(p, &counts)));
+    let cost_nano = price.map_or(0, |p| {
+        quota::to_nano_ceil(crate::billing::cost_ceiling(p, &counts))
+    });
     if tokens > MAX_TOKENS_RESERVED || cost_nano > MAX_COST_RESERVED {
         return Err(ApiError::bad_request(format!(
             "This request could use {tokens} tokens; that is more than Sluice can reserve for one request. Lower max_tokens, n or the number of prompts."
@@ -135,24 +136,6 @@ pub fn reservation(
         completion_tokens: completion,
     };
     Ok((reservation, ceiling))
-}
-
-/// The most any one token of each kind can cost under a schedule: its dearest band.
-fn dearest(schedule: &PriceSchedule) -> Decimal {
-    schedule
-        .bands()
-        .iter()
-        .map(|b| b.per_million.amount())
-        .max()
-        .unwrap_or(Decimal::ZERO)
-}
-
-fn cost_bound(price: &ModelPrice, counts: &TokenCounts) -> Decimal {
-    let million = Decimal::from(1_000_000);
-    (Decimal::from(counts.input) * dearest(price.input())
-        + Decimal::from(counts.output) * dearest(price.output())
-        + Decimal::from(counts.cached) * dearest(price.cached()))
-        / million
 }
 
 #[cfg(test)]
