@@ -8,14 +8,14 @@
 
 use std::process::ExitCode;
 
-use sluice_backend::native::cuda::{self, ENTRY_POINTS, KERNELS};
+use sluice_backend::device::cuda::kernels::{self, ENTRY_POINTS, KERNELS};
 
 fn main() -> ExitCode {
     let ordinal = std::env::args()
         .nth(1)
         .and_then(|arg| arg.parse().ok())
         .unwrap_or(0);
-    match cuda::load_kernels(ordinal) {
+    match kernels::load_kernels(ordinal) {
         Ok(gpu) => {
             println!(
                 "cuda:{ordinal}: {} (compute {}.{}): {} kernel sources compiled for {} and loaded, {} entry points found",

@@ -12,9 +12,9 @@
 
 use std::time::Instant;
 
-use sluice_backend::native::cpu::Cpu;
-use sluice_backend::native::device::Device;
-use sluice_backend::native::quant::{GgmlType, QMatrix};
+use sluice_backend::device::cpu::Cpu;
+use sluice_backend::device::Device;
+use sluice_backend::model::quant::{GgmlType, QMatrix};
 
 /// Deterministic values in [-1, 1).
 fn values(n: usize, seed: u64) -> Vec<f32> {

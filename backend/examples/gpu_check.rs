@@ -5,7 +5,7 @@
 //!
 //! 1. Every operation of the `Device` trait on random inputs, the GPU against the CPU, each
 //!    within its stated tolerance; and a row's product alone against the same row in a
-//!    batch, on the GPU, to the bit (`native::device_check`).
+//!    batch, on the GPU, to the bit (`test_tools::device_check`).
 //! 2. SmolLM2's greedy replies to a set of chats: the GPU's must be the CPU's, and the GPU's
 //!    the same whether each chat runs alone or all run together through a cache small
 //!    enough to force chunked prompts and preemption.
@@ -21,18 +21,18 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Instant;
 
-use sluice_backend::native::bert::{cosine, Bert, BertConfig};
-use sluice_backend::native::cpu::Cpu;
-use sluice_backend::native::cuda_device::CudaDevice;
-use sluice_backend::native::device::Device;
-use sluice_backend::native::device_check;
-use sluice_backend::native::gguf::Gguf;
-use sluice_backend::native::llama::Llama;
-use sluice_backend::native::sampling::SamplingParams;
-use sluice_backend::native::scheduler::{Event, Request, Scheduler};
-use sluice_backend::native::speed;
-use sluice_backend::native::tokenizer::{ChatMessage, LlamaTokenizer};
-use sluice_backend::native::weights::Weights;
+use sluice_backend::device::cpu::Cpu;
+use sluice_backend::device::cuda::CudaDevice;
+use sluice_backend::device::Device;
+use sluice_backend::engine::sampling::SamplingParams;
+use sluice_backend::engine::scheduler::{Event, Request, Scheduler};
+use sluice_backend::model::bert::{cosine, Bert, BertConfig};
+use sluice_backend::model::gguf::Gguf;
+use sluice_backend::model::llama::Llama;
+use sluice_backend::model::tokenizer::{ChatMessage, LlamaTokenizer};
+use sluice_backend::model::weights::Weights;
+use sluice_backend::test_tools::device_check;
+use sluice_backend::test_tools::speed;
 
 const QUESTIONS: [&str; 8] = [
     "What is the capital of France?",

@@ -4,14 +4,14 @@
 //!
 //! Prefills SEQUENCES (default 1) different 128-token prompts together, then decodes 32
 //! tokens for all of them, one batched step per token, and prints tokens per second for each
-//! phase (see `native::speed`). DEVICE is `cpu` (the default) or `cuda:N`.
+//! phase (see `test_tools::speed`). DEVICE is `cpu` (the default) or `cuda:N`.
 
-use sluice_backend::native::cpu::Cpu;
-use sluice_backend::native::cuda_device::CudaDevice;
-use sluice_backend::native::device::Device;
-use sluice_backend::native::gguf::Gguf;
-use sluice_backend::native::llama::Llama;
-use sluice_backend::native::speed;
+use sluice_backend::device::cpu::Cpu;
+use sluice_backend::device::cuda::CudaDevice;
+use sluice_backend::device::Device;
+use sluice_backend::model::gguf::Gguf;
+use sluice_backend::model::llama::Llama;
+use sluice_backend::test_tools::speed;
 
 fn run<D: Device>(device: D, path: &std::path::Path, sequences: usize) -> anyhow::Result<()> {
     let gguf = Gguf::open(path)?;

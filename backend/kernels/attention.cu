@@ -1,6 +1,6 @@
 // Attention of f32 query rows over f32 key and value rows (row-major, head h of a row in
 // columns h·head_dim ..): softmax(scale · q·kᵀ) · v per query row and head, as
-// backend/src/native/cpu.rs computes it, but with a streaming ("online") softmax, so a row
+// backend/src/device/cpu.rs computes it, but with a streaming ("online") softmax, so a row
 // may see any number of keys in fixed shared memory. Sums run in another order than the
 // CPU's, so results agree to rounding (~1e-6), not to the bit.
 //

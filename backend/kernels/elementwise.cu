@@ -1,7 +1,7 @@
 // Element-wise and row-wise operations of the `Device` trait on f32 tensors: dense,
-// row-major, packed `[tokens, features]` exactly as backend/src/native/device.rs describes.
+// row-major, packed `[tokens, features]` exactly as backend/src/device/mod.rs describes.
 //
-// Each kernel reproduces the CPU device (backend/src/native/cpu.rs): where the CPU works in
+// Each kernel reproduces the CPU device (backend/src/device/cpu.rs): where the CPU works in
 // f64 (norms, GELU, rotary angles, pooling) so does the kernel, and where the CPU multiplies
 // then adds in f32, the kernel uses the `_rn` intrinsics, which the compiler never fuses
 // into one multiply-add, so such results round as the CPU's do.

@@ -1,4 +1,4 @@
-// Weight matrices in their stored encodings (backend/src/native/quant.rs): `rows × cols`,
+// Weight matrices in their stored encodings (backend/src/model/quant.rs): `rows × cols`,
 // row-major, each row `cols` values (F32, F16, BF16: plain little-endian arrays) or
 // `cols / 32` blocks (Q4_0, Q4_1, Q8_0), passed as the raw bytes, which must be 4-byte
 // aligned (as cudaMalloc's are). NVIDIA GPUs are little-endian, so the bytes load as they lie.

@@ -1,5 +1,5 @@
-//! The `sluice-backend` command: read the command line, pick the engine, serve until told
-//! to stop.
+//! What does the `sluice-backend` command do? Read the command line, pick the engine, serve
+//! until told to stop.
 
 use std::net::SocketAddr;
 use std::process::ExitCode;
@@ -9,11 +9,12 @@ use std::time::{Duration, Instant};
 use anyhow::Context as _;
 use clap::Parser;
 
-use sluice_backend::engine::{Device, EngineKind};
-use sluice_backend::models::{served_names, ModelSpec};
-use sluice_backend::native::generator::EngineOptions;
-use sluice_backend::native::{self, EmbeddingModel, LoadError, ModelKind, Target, TextModel};
-use sluice_backend::state::{ModelEngine, ServedModel};
+use sluice_backend::cli::model_spec::{served_names, ModelSpec};
+use sluice_backend::cli::{DeviceChoice, EngineKind};
+use sluice_backend::device::{cuda, Target};
+use sluice_backend::engine::{EmbeddingModel, EngineOptions, TextModel};
+use sluice_backend::http::{ModelEngine, ServedModel};
+use sluice_backend::model::{self, LoadError, ModelKind};
 use sluice_backend::{serve, AppState, SimConfig};
 
 /// Sluice's co-located OpenAI-compatible inference service.
@@ -37,7 +38,7 @@ struct Args {
     /// Where the native engine runs: auto (the first GPU if one can be used, else the CPU),
     /// cpu, or cuda:N (an NVIDIA GPU; exit status 2 if it cannot be used).
     #[arg(long, env = "SLUICE_DEVICE", default_value = "auto")]
-    device: Device,
+    device: DeviceChoice,
 
     /// Native engine: memory for each decoder's key/value cache, in MiB [default: 1024 on
     /// the CPU; on a GPU, 80% of its memory free once the weights are loaded]. At least one
@@ -91,7 +92,7 @@ fn main() -> ExitCode {
     // to exits at once instead of listening and failing every request.
     let state = match args.engine {
         EngineKind::Sim => {
-            if args.device != Device::Auto {
+            if args.device != DeviceChoice::Auto {
                 tracing::info!(device = %args.device, "the simulated engine runs on no device; --device is ignored");
             }
             AppState::new(names, sim_config(&args))
@@ -140,8 +141,8 @@ fn sim_config(args: &Args) -> SimConfig {
 fn load_native(args: &Args) -> Result<Arc<AppState>, (ExitCode, String)> {
     let usage = |message: String| (ExitCode::from(EXIT_USAGE), message);
     let target = match args.device {
-        Device::Cuda(ordinal) => {
-            let gpu = native::cuda::probe(ordinal as usize)
+        DeviceChoice::Cuda(ordinal) => {
+            let gpu = cuda::probe(ordinal as usize)
                 .map_err(|why| usage(format!("--device {}: no usable GPU: {why}", args.device)))?;
             tracing::info!(
                 gpu = %gpu.name,
@@ -151,12 +152,12 @@ fn load_native(args: &Args) -> Result<Arc<AppState>, (ExitCode, String)> {
             );
             Target::Cuda(ordinal as usize)
         }
-        Device::Auto => {
+        DeviceChoice::Auto => {
             let (target, why) = Target::auto();
             tracing::info!("--device auto: {why}");
             target
         }
-        Device::Cpu => Target::Cpu,
+        DeviceChoice::Cpu => Target::Cpu,
     };
     if args.models.is_empty() {
         return Err(usage(
@@ -174,7 +175,7 @@ fn load_native(args: &Args) -> Result<Arc<AppState>, (ExitCode, String)> {
             };
             (code, format!("model `{}`: {err}", spec.name))
         };
-        match native::inspect(&spec.path).map_err(fail)? {
+        match model::inspect(&spec.path).map_err(fail)? {
             ModelKind::Bert => {
                 let started = Instant::now();
                 let model = EmbeddingModel::load(&spec.name, &spec.path, target).map_err(fail)?;

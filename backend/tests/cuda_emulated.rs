@@ -1,5 +1,5 @@
 //! The CUDA device end to end on a machine without a GPU, on an emulated one: every
-//! operation of the `Device` trait on `CudaDevice` against the CPU (`native::device_check`),
+//! operation of the `Device` trait on `CudaDevice` against the CPU (`test_tools::device_check`),
 //! through cudarc, the real kernels and the real NVRTC, with only the driver and cuBLAS faked.
 //!
 //! `tests/emulated_gpu/` holds a fake `libcuda.so`, which runs the kernel sources of
@@ -24,13 +24,14 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use sluice_backend::native::bert::cosine;
-use sluice_backend::native::cpu::Cpu;
-use sluice_backend::native::cuda_device::CudaDevice;
-use sluice_backend::native::device::Device;
-use sluice_backend::native::device_check;
-use sluice_backend::native::{EmbeddingModel, Target};
-use sluice_backend::openai::Input;
+use sluice_backend::device::cpu::Cpu;
+use sluice_backend::device::cuda::CudaDevice;
+use sluice_backend::device::Device;
+use sluice_backend::device::Target;
+use sluice_backend::engine::EmbeddingModel;
+use sluice_backend::engine::ModelInput;
+use sluice_backend::model::bert::cosine;
+use sluice_backend::test_tools::device_check;
 
 /// This test's name: the child runs exactly it.
 const TEST: &str = "cuda_device_matches_the_cpu_on_an_emulated_gpu";
@@ -243,7 +244,10 @@ fn serves_embeddings_from_the_emulated_gpu(dir: &Path, library_path: &str, minil
     });
     assert_eq!(device, "cuda:0");
     let cpu = EmbeddingModel::load("all-MiniLM-L6-v2", minilm, Target::Cpu).unwrap();
-    let inputs = texts.iter().map(|t| Input::Text((*t).to_owned())).collect();
+    let inputs = texts
+        .iter()
+        .map(|t| ModelInput::Text((*t).to_owned()))
+        .collect();
     let expected = runtime.block_on(cpu.embed(inputs)).unwrap().vectors;
     assert_eq!(served.len(), expected.len());
     for ((text, got), want) in texts.iter().zip(&served).zip(&expected) {

@@ -8,10 +8,11 @@
 
 mod common;
 
-use sluice_backend::native::cuda::{self, CudaUnavailable, ENTRY_POINTS, KERNELS};
-use sluice_backend::native::cuda_device::CudaDevice;
-use sluice_backend::native::generator::EngineOptions;
-use sluice_backend::native::{Target, TextModel};
+use sluice_backend::device::cuda::kernels::{self, ENTRY_POINTS, KERNELS};
+use sluice_backend::device::cuda::{self, CudaDevice, CudaUnavailable};
+use sluice_backend::device::Target;
+use sluice_backend::engine::EngineOptions;
+use sluice_backend::engine::TextModel;
 
 /// Whether `needle` occurs in `haystack`.
 fn contains(haystack: &[u8], needle: &[u8]) -> bool {
@@ -25,7 +26,7 @@ fn every_kernel_compiles_under_nvrtc_for_a100_and_h100_class_gpus() {
     }
     // Machine code, which the device loads: an ELF image naming every entry point.
     for arch in ["sm_80", "sm_90"] {
-        let code = cuda::compile_kernels(arch).unwrap_or_else(|err| panic!("{arch}: {err}"));
+        let code = kernels::compile_kernels(arch).unwrap_or_else(|err| panic!("{arch}: {err}"));
         assert_eq!(code.len(), KERNELS.len());
         for image in &code {
             assert!(image.starts_with(b"\x7fELF"), "{arch}: not an ELF image");
@@ -38,7 +39,7 @@ fn every_kernel_compiles_under_nvrtc_for_a100_and_h100_class_gpus() {
         }
     }
     // PTX, where each kernel is plainly named.
-    let ptx = cuda::compile_kernels("compute_90").unwrap();
+    let ptx = kernels::compile_kernels("compute_90").unwrap();
     let all: String = ptx.iter().map(|p| String::from_utf8_lossy(p)).collect();
     for name in ENTRY_POINTS {
         assert!(
@@ -55,7 +56,7 @@ fn compiled_kernels_are_kept_on_disk_and_read_back_instead_of_compiling_again() 
     }
     let dir = std::env::temp_dir().join(format!("sluice-kernel-cache-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
-    let fresh = cuda::cached_kernels("sm_80", Some(&dir)).unwrap();
+    let fresh = kernels::cached_kernels("sm_80", Some(&dir)).unwrap();
     let mut files: Vec<_> = std::fs::read_dir(&dir)
         .unwrap()
         .map(|entry| entry.unwrap().path())
@@ -77,10 +78,10 @@ fn compiled_kernels_are_kept_on_disk_and_read_back_instead_of_compiling_again() 
     let mut marked = std::fs::read(&files[0]).unwrap();
     marked.extend_from_slice(b"marked by the test");
     std::fs::write(&files[0], &marked).unwrap();
-    let again = cuda::cached_kernels("sm_80", Some(&dir)).unwrap();
+    let again = kernels::cached_kernels("sm_80", Some(&dir)).unwrap();
     assert!(again.contains(&marked));
     // Another architecture is compiled, not taken from sm_80's files.
-    cuda::cached_kernels("sm_90", Some(&dir)).unwrap();
+    kernels::cached_kernels("sm_90", Some(&dir)).unwrap();
     assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 2 * KERNELS.len());
     std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -11,12 +11,13 @@ mod common;
 
 use std::collections::HashMap;
 
-use sluice_backend::native::cpu::Cpu;
-use sluice_backend::native::gguf::Gguf;
-use sluice_backend::native::llama::Llama;
-use sluice_backend::native::sampling::SamplingParams;
-use sluice_backend::native::scheduler::{Event, Finish, Request, Scheduler};
-use sluice_backend::native::tokenizer::{ChatMessage, LlamaTokenizer};
+use sluice_backend::device::cpu::Cpu;
+use sluice_backend::engine::sampling::SamplingParams;
+use sluice_backend::engine::scheduler::{Event, Request, Scheduler};
+use sluice_backend::engine::Finish;
+use sluice_backend::model::gguf::Gguf;
+use sluice_backend::model::llama::Llama;
+use sluice_backend::model::tokenizer::{ChatMessage, LlamaTokenizer};
 
 const MAX_TOKENS: usize = 8;
 const BLOCK_SIZE: usize = 16;

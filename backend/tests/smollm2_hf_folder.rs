@@ -13,12 +13,13 @@ mod common;
 use std::path::Path;
 use std::process::Command;
 
-use sluice_backend::native::cpu::Cpu;
-use sluice_backend::native::device::Device;
-use sluice_backend::native::gguf::Gguf;
-use sluice_backend::native::llama::{Llama, Logits, SeqCache, Step};
-use sluice_backend::native::sampling::argmax;
-use sluice_backend::native::tokenizer::{ChatMessage, LlamaTokenizer};
+use sluice_backend::device::cpu::Cpu;
+use sluice_backend::device::Device;
+use sluice_backend::engine::sampling::argmax;
+use sluice_backend::kv_cache::SeqCache;
+use sluice_backend::model::gguf::Gguf;
+use sluice_backend::model::llama::{Llama, Logits, Step};
+use sluice_backend::model::tokenizer::{ChatMessage, LlamaTokenizer};
 
 /// Converts `gguf` into a fresh Hugging Face folder of `dtype` weights.
 fn convert(gguf: &Path, dtype: &str) -> tempfile::TempDir {

@@ -13,12 +13,13 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 
 use serde_json::{json, Value};
-use sluice_backend::native::cpu::Cpu;
-use sluice_backend::native::device::Device;
-use sluice_backend::native::gguf::Gguf;
-use sluice_backend::native::llama::{KvCache, Llama, Logits, SeqCache, Step};
-use sluice_backend::native::sampling::argmax;
-use sluice_backend::native::tokenizer::{ChatMessage, LlamaTokenizer};
+use sluice_backend::device::cpu::Cpu;
+use sluice_backend::device::Device;
+use sluice_backend::engine::sampling::argmax;
+use sluice_backend::kv_cache::{KvCache, SeqCache};
+use sluice_backend::model::gguf::Gguf;
+use sluice_backend::model::llama::{Llama, Logits, Step};
+use sluice_backend::model::tokenizer::{ChatMessage, LlamaTokenizer};
 
 /// Greedy tokens compared per chat: enough to cover a short answer.
 const GREEDY_TOKENS: usize = 10;

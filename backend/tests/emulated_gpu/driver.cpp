@@ -1,6 +1,6 @@
 // Emulated GPU for tests on machines without one (see backend/tests/cuda_emulated.rs): a fake
 // libcuda.so, the part of the CUDA driver API that cudarc calls for the CUDA device
-// (backend/src/native/cuda_device.rs), on the host. One device, compute capability 9.0.
+// (backend/src/device/cuda/mod.rs), on the host. One device, compute capability 9.0.
 // Everything runs synchronously on the calling thread: a stream is only a handle, and a
 // kernel launch runs the real kernel sources (kernels.cpp) to completion before it returns.
 //

@@ -69,7 +69,7 @@ struct Entry<F> {
 
 #define KERNEL(file, name) Entry<&file::name>::make(#name)
 
-// Every entry point, as `ENTRY_POINTS` in backend/src/native/cuda.rs lists them.
+// Every entry point, as `ENTRY_POINTS` in backend/src/device/cuda/kernels.rs lists them.
 const Kernel kernels[] = {
     KERNEL(elementwise, add_assign),
     KERNEL(elementwise, add_bias_rows),

@@ -1,0 +1,900 @@
+//! How does a model run on the CPU? [`Device`] with matrix products through
+//! `matrixmultiply`'s SIMD kernels, split across rayon's threads, and the element-wise
+//! operations as plain loops over rows.
+//!
+//! Work is split only when there is enough of it: below [`PARALLEL_FLOPS`] a rayon hand-off
+//! costs more than it saves, which matters for one short sentence.
+
+use rayon::prelude::*;
+
+use super::{check_scatter, rope_head_dim, Attention, Device, DeviceError, PagedAttention, Tensor};
+use crate::model::quant::{self, QMatrix};
+
+/// Roughly the multiply-adds below which an operation runs on the calling thread.
+const PARALLEL_FLOPS: usize = 1 << 16;
+
+/// The CPU, using every core rayon's global pool has.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Cpu;
+
+pub type CpuTensor = Tensor<Vec<f32>>;
+
+impl Cpu {
+    fn threads() -> usize {
+        rayon::current_num_threads().max(1)
+    }
+}
+
+/// A raw output pointer shared by threads that write disjoint parts of one buffer.
+#[derive(Clone, Copy)]
+struct SharedOut(*mut f32);
+// SAFETY: every user below writes through it only to elements no other thread touches, and
+// the buffer outlives the parallel section that uses it.
+unsafe impl Send for SharedOut {}
+unsafe impl Sync for SharedOut {}
+
+impl SharedOut {
+    // A method, not field access, so closures capture the whole Send wrapper (edition 2021
+    // closures would otherwise capture the bare pointer field).
+    fn ptr(self) -> *mut f32 {
+        self.0
+    }
+}
+
+/// `c[m×n] = alpha · a[m×k] · b[k×n] + beta · c`, each operand with its own row and column
+/// strides (in elements). Safe wrapper-by-convention: callers pass strides that stay inside
+/// the buffers they point into.
+#[allow(clippy::too_many_arguments)]
+unsafe fn sgemm(
+    m: usize,
+    k: usize,
+    n: usize,
+    alpha: f32,
+    a: *const f32,
+    (rsa, csa): (isize, isize),
+    b: *const f32,
+    (rsb, csb): (isize, isize),
+    beta: f32,
+    c: *mut f32,
+    (rsc, csc): (isize, isize),
+) {
+    matrixmultiply::sgemm(m, k, n, alpha, a, rsa, csa, b, rsb, csb, beta, c, rsc, csc);
+}
+
+impl Device for Cpu {
+    type Storage = Vec<f32>;
+    type Matrix = QMatrix;
+
+    fn name(&self) -> String {
+        "cpu".to_owned()
+    }
+
+    fn upload(&self, data: &[f32], shape: &[usize]) -> Result<CpuTensor, DeviceError> {
+        assert_eq!(data.len(), shape.iter().product::<usize>(), "{shape:?}");
+        Ok(Tensor::from_parts(data.to_vec(), shape.to_vec()))
+    }
+
+    fn zeros(&self, shape: &[usize]) -> Result<CpuTensor, DeviceError> {
+        Ok(Tensor::from_parts(
+            vec![0.0; shape.iter().product()],
+            shape.to_vec(),
+        ))
+    }
+
+    fn download(&self, x: &CpuTensor) -> Result<Vec<f32>, DeviceError> {
+        Ok(x.data().clone())
+    }
+
+    fn gather_rows(&self, table: &CpuTensor, ids: &[u32]) -> Result<CpuTensor, DeviceError> {
+        let d = table.cols();
+        let rows = table.rows();
+        let mut out = Vec::with_capacity(ids.len() * d);
+        for &id in ids {
+            let id = id as usize;
+            assert!(id < rows, "row {id} of a {rows}-row table");
+            out.extend_from_slice(&table.data()[id * d..(id + 1) * d]);
+        }
+        Ok(Tensor::from_parts(out, vec![ids.len(), d]))
+    }
+
+    fn linear(
+        &self,
+        x: &CpuTensor,
+        weight: &CpuTensor,
+        bias: Option<&CpuTensor>,
+    ) -> Result<CpuTensor, DeviceError> {
+        let (m, k) = (x.rows(), x.cols());
+        let n = weight.rows();
+        assert_eq!(weight.cols(), k, "linear: x {x:?}, weight {weight:?}");
+        let mut out = match bias {
+            Some(bias) => {
+                assert_eq!(bias.len(), n, "linear: bias {bias:?} for {n} outputs");
+                let mut out = Vec::with_capacity(m * n);
+                for _ in 0..m {
+                    out.extend_from_slice(bias.data());
+                }
+                out
+            }
+            None => vec![0.0; m * n],
+        };
+        let beta = if bias.is_some() { 1.0 } else { 0.0 };
+        // Each thread takes a band of output columns, that is a band of weight rows: the
+        // weights (the large operand) are read once in all, not once per thread.
+        let threads = if m * n * k < PARALLEL_FLOPS {
+            1
+        } else {
+            Self::threads()
+        };
+        let band = n.div_ceil(threads).next_multiple_of(16).max(16);
+        let c = SharedOut(out.as_mut_ptr());
+        let (a, w) = (x.data().as_ptr() as usize, weight.data().as_ptr() as usize);
+        let run = |start: usize| {
+            let cols = band.min(n - start);
+            // SAFETY: a is m×k and w is n×k, both contiguous; this band writes columns
+            // start..start+cols of the m×n output, which no other band writes.
+            unsafe {
+                sgemm(
+                    m,
+                    k,
+                    cols,
+                    1.0,
+                    a as *const f32,
+                    (k as isize, 1),
+                    (w as *const f32).add(start * k),
+                    (1, k as isize),
+                    beta,
+                    c.ptr().add(start),
+                    (n as isize, 1),
+                );
+            }
+        };
+        if threads == 1 {
+            run(0);
+        } else {
+            (0..n)
+                .step_by(band)
+                .collect::<Vec<_>>()
+                .into_par_iter()
+                .for_each(run);
+        }
+        Ok(Tensor::from_parts(out, vec![m, n]))
+    }
+
+    fn add_assign(&self, x: &mut CpuTensor, y: &CpuTensor) -> Result<(), DeviceError> {
+        assert_eq!(x.shape(), y.shape(), "add_assign");
+        x.data_mut()
+            .iter_mut()
+            .zip(y.data())
+            .for_each(|(x, y)| *x += y);
+        Ok(())
+    }
+
+    fn layer_norm(
+        &self,
+        x: &CpuTensor,
+        weight: &CpuTensor,
+        bias: &CpuTensor,
+        eps: f32,
+    ) -> Result<CpuTensor, DeviceError> {
+        let d = x.cols();
+        assert!(weight.len() == d && bias.len() == d, "layer_norm over {d}");
+        let mut out = x.data().clone();
+        let (w, b) = (weight.data(), bias.data());
+        let norm = |row: &mut [f32]| {
+            // Two passes, in f64: the variance of activations with a large mean loses
+            // digits in f32's one-pass formula.
+            let mean = row.iter().map(|&v| f64::from(v)).sum::<f64>() / d as f64;
+            let var = row
+                .iter()
+                .map(|&v| (f64::from(v) - mean).powi(2))
+                .sum::<f64>()
+                / d as f64;
+            let inv = 1.0 / (var + f64::from(eps)).sqrt();
+            for ((v, w), b) in row.iter_mut().zip(w).zip(b) {
+                *v = ((f64::from(*v) - mean) * inv) as f32 * w + b;
+            }
+        };
+        if out.len() < PARALLEL_FLOPS {
+            out.chunks_mut(d).for_each(norm);
+        } else {
+            out.par_chunks_mut(d).for_each(norm);
+        }
+        Ok(Tensor::from_parts(out, x.shape().to_vec()))
+    }
+
+    fn gelu(&self, x: &mut CpuTensor) -> Result<(), DeviceError> {
+        let gelu = |v: &mut f32| {
+            let x = f64::from(*v);
+            *v = (0.5 * x * (1.0 + libm::erf(x * std::f64::consts::FRAC_1_SQRT_2))) as f32;
+        };
+        let data = x.data_mut();
+        if data.len() < PARALLEL_FLOPS {
+            data.iter_mut().for_each(gelu);
+        } else {
+            data.par_chunks_mut(4096)
+                .for_each(|chunk| chunk.iter_mut().for_each(gelu));
+        }
+        Ok(())
+    }
+
+    fn softmax(&self, x: &mut CpuTensor) -> Result<(), DeviceError> {
+        let d = x.cols();
+        let data = x.data_mut();
+        if data.len() < PARALLEL_FLOPS {
+            data.chunks_mut(d).for_each(softmax_row);
+        } else {
+            data.par_chunks_mut(d).for_each(softmax_row);
+        }
+        Ok(())
+    }
+
+    fn attention(
+        &self,
+        q: &CpuTensor,
+        k: &CpuTensor,
+        v: &CpuTensor,
+        layout: Attention<'_>,
+    ) -> Result<CpuTensor, DeviceError> {
+        let (tokens, width) = (q.rows(), q.cols());
+        let head_dim = layout.head_dim(q, k, v);
+        let mut out = vec![0.0f32; tokens * width];
+
+        // One task per (sequence, head): they read disjoint columns of disjoint rows, and
+        // the strides let the products read each head in place, with no copies.
+        let mut tasks = Vec::with_capacity(layout.seq_lens.len() * layout.heads);
+        let mut start = 0;
+        for &len in layout.seq_lens {
+            for head in 0..layout.heads {
+                tasks.push((start, len, head));
+            }
+            start += len;
+        }
+        let c = SharedOut(out.as_mut_ptr());
+        let (qp, kp, vp) = (
+            q.data().as_ptr() as usize,
+            k.data().as_ptr() as usize,
+            v.data().as_ptr() as usize,
+        );
+        let run = |&(start, len, head): &(usize, usize, usize)| {
+            if len == 0 {
+                return;
+            }
+            let offset = start * width + head * head_dim;
+            let row = width as isize;
+            let mut scores = vec![0.0f32; len * len];
+            // SAFETY: rows start..start+len and columns head·head_dim.. of q, k and v are in
+            // bounds (asserted above); the output block written is this task's alone.
+            unsafe {
+                // scores[len×len] = scale · Q[len×hd] · Kᵀ[hd×len]
+                sgemm(
+                    len,
+                    head_dim,
+                    len,
+                    layout.scale,
+                    (qp as *const f32).add(offset),
+                    (row, 1),
+                    (kp as *const f32).add(offset),
+                    (1, row),
+                    0.0,
+                    scores.as_mut_ptr(),
+                    (len as isize, 1),
+                );
+            }
+            scores.chunks_mut(len).for_each(softmax_row);
+            unsafe {
+                // out[len×hd] = P[len×len] · V[len×hd]
+                sgemm(
+                    len,
+                    len,
+                    head_dim,
+                    1.0,
+                    scores.as_ptr(),
+                    (len as isize, 1),
+                    (vp as *const f32).add(offset),
+                    (row, 1),
+                    0.0,
+                    c.ptr().add(offset),
+                    (row, 1),
+                );
+            }
+        };
+        let work: usize = layout.seq_lens.iter().map(|l| l * l).sum::<usize>() * width;
+        if work < PARALLEL_FLOPS {
+            tasks.iter().for_each(run);
+        } else {
+            tasks.par_iter().for_each(run);
+        }
+        Ok(Tensor::from_parts(out, vec![tokens, width]))
+    }
+
+    fn upload_matrix(&self, matrix: QMatrix) -> Result<QMatrix, DeviceError> {
+        Ok(matrix)
+    }
+
+    fn matmul(
+        &self,
+        x: &CpuTensor,
+        weight: &QMatrix,
+        prompt_rows: &[bool],
+    ) -> Result<CpuTensor, DeviceError> {
+        let (m, k, n) = (x.rows(), x.cols(), weight.rows);
+        assert_eq!(
+            k, weight.cols,
+            "matmul: x {x:?}, weight {n}×{}",
+            weight.cols
+        );
+        assert_eq!(prompt_rows.len(), m, "matmul: {m} rows, {prompt_rows:?}");
+        let mut out = vec![0.0f32; m * n];
+        let prompts = prompt_rows.iter().filter(|&&p| p).count();
+        if prompts == m {
+            quant::gemm(x.data(), m, weight, &mut out);
+        } else if prompts == 0 {
+            quant::matmul(x.data(), m, weight, &mut out);
+        } else {
+            // Each kind on its own path, then each row back in its place.
+            for kind in [true, false] {
+                let rows: Vec<usize> = (0..m).filter(|&r| prompt_rows[r] == kind).collect();
+                let picked: Vec<f32> = rows
+                    .iter()
+                    .flat_map(|&r| &x.data()[r * k..(r + 1) * k])
+                    .copied()
+                    .collect();
+                let mut part = vec![0.0f32; rows.len() * n];
+                let multiply = if kind { quant::gemm } else { quant::matmul };
+                multiply(&picked, rows.len(), weight, &mut part);
+                for (&r, values) in rows.iter().zip(part.chunks_exact(n)) {
+                    out[r * n..(r + 1) * n].copy_from_slice(values);
+                }
+            }
+        }
+        Ok(Tensor::from_parts(out, vec![m, n]))
+    }
+
+    fn gather_matrix_rows(&self, table: &QMatrix, ids: &[u32]) -> Result<CpuTensor, DeviceError> {
+        let d = table.cols;
+        let mut out = vec![0.0f32; ids.len() * d];
+        for (row, &id) in out.chunks_exact_mut(d).zip(ids) {
+            let id = id as usize;
+            assert!(id < table.rows, "row {id} of a {}-row table", table.rows);
+            table.dequantize_row(id, row);
+        }
+        Ok(Tensor::from_parts(out, vec![ids.len(), d]))
+    }
+
+    fn rms_norm(
+        &self,
+        x: &CpuTensor,
+        weight: &CpuTensor,
+        eps: f32,
+    ) -> Result<CpuTensor, DeviceError> {
+        let d = x.cols();
+        assert_eq!(weight.len(), d, "rms_norm over {d}");
+        let mut out = x.data().clone();
+        let w = weight.data();
+        for row in out.chunks_exact_mut(d) {
+            // The mean square in f64: 576 squares summed in f32 lose the last digits.
+            let ms = row.iter().map(|&v| f64::from(v).powi(2)).sum::<f64>() / d as f64;
+            let inv = (1.0 / (ms + f64::from(eps)).sqrt()) as f32;
+            row.iter_mut().zip(w).for_each(|(v, w)| *v = *v * inv * w);
+        }
+        Ok(Tensor::from_parts(out, x.shape().to_vec()))
+    }
+
+    fn rope(
+        &self,
+        x: &mut CpuTensor,
+        heads: usize,
+        positions: &[u32],
+        base: f32,
+    ) -> Result<(), DeviceError> {
+        let width = x.cols();
+        let head_dim = rope_head_dim(x, heads, positions);
+        // The angles in f64: position · base^(−2i/d) in f32 is off by ~1e-3 radians at
+        // positions in the thousands.
+        let inv_freq: Vec<f64> = (0..head_dim / 2)
+            .map(|i| f64::from(base).powf(-2.0 * i as f64 / head_dim as f64))
+            .collect();
+        for (row, &pos) in x.data_mut().chunks_exact_mut(width).zip(positions) {
+            let turns: Vec<(f32, f32)> = inv_freq
+                .iter()
+                .map(|f| {
+                    let (sin, cos) = (f64::from(pos) * f).sin_cos();
+                    (sin as f32, cos as f32)
+                })
+                .collect();
+            for head in row.chunks_exact_mut(head_dim) {
+                for (pair, &(sin, cos)) in head.chunks_exact_mut(2).zip(&turns) {
+                    let (a, b) = (pair[0], pair[1]);
+                    pair[0] = a * cos - b * sin;
+                    pair[1] = a * sin + b * cos;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn silu_mul(&self, gate: &mut CpuTensor, up: &CpuTensor) -> Result<(), DeviceError> {
+        assert_eq!(gate.shape(), up.shape(), "silu_mul");
+        gate.data_mut()
+            .iter_mut()
+            .zip(up.data())
+            .for_each(|(g, u)| *g = *g / (1.0 + (-*g).exp()) * u);
+        Ok(())
+    }
+
+    fn scatter_rows(
+        &self,
+        dest: &mut CpuTensor,
+        x: &CpuTensor,
+        rows: &[u32],
+    ) -> Result<(), DeviceError> {
+        check_scatter(dest, x, rows);
+        let d = dest.cols();
+        let data = dest.data_mut();
+        for (src, &r) in x.data().chunks_exact(d).zip(rows) {
+            let r = r as usize;
+            data[r * d..(r + 1) * d].copy_from_slice(src);
+        }
+        Ok(())
+    }
+
+    fn paged_attention(
+        &self,
+        q: &CpuTensor,
+        k: &CpuTensor,
+        v: &CpuTensor,
+        layout: PagedAttention<'_>,
+    ) -> Result<CpuTensor, DeviceError> {
+        let PagedAttention {
+            seqs,
+            block_size,
+            heads,
+            kv_heads,
+            scale,
+        } = layout;
+        let (rows, width) = (q.rows(), q.cols());
+        let head_dim = layout.head_dim(q, k, v);
+        let kv_width = kv_heads * head_dim;
+        let group = heads / kv_heads;
+        let mut tasks = Vec::with_capacity(seqs.len() * heads);
+        let mut start = 0;
+        for seq in seqs {
+            tasks.extend((0..heads).map(|h| (start, *seq, h)));
+            start += seq.new;
+        }
+        let (qd, kd, vd) = (q.data(), k.data(), v.data());
+        // One task per (sequence, head), each writing its own rows and columns: gathered per
+        // task and scattered after, so no two threads write one buffer.
+        let parts: Vec<Vec<f32>> = tasks
+            .par_iter()
+            .map(|&(start, seq, h)| {
+                let kv = (h / group) * head_dim;
+                let slot = |p: usize| {
+                    (seq.blocks[p / block_size] as usize * block_size + p % block_size) * kv_width
+                        + kv
+                };
+                let mut out = vec![0.0f32; seq.new * head_dim];
+                let mut scores = Vec::with_capacity(seq.past + seq.new);
+                for i in 0..seq.new {
+                    let qi = &qd[(start + i) * width + h * head_dim..][..head_dim];
+                    scores.clear();
+                    scores.extend((0..=seq.past + i).map(|p| {
+                        let kp = &kd[slot(p)..][..head_dim];
+                        qi.iter().zip(kp).map(|(a, b)| a * b).sum::<f32>() * scale
+                    }));
+                    softmax_row(&mut scores);
+                    let oi = &mut out[i * head_dim..][..head_dim];
+                    for (p, &w) in scores.iter().enumerate() {
+                        let vp = &vd[slot(p)..][..head_dim];
+                        oi.iter_mut().zip(vp).for_each(|(o, v)| *o += w * v);
+                    }
+                }
+                out
+            })
+            .collect();
+        let mut out = vec![0.0f32; rows * width];
+        for (&(start, _, h), part) in tasks.iter().zip(&parts) {
+            for (i, row) in part.chunks_exact(head_dim).enumerate() {
+                out[(start + i) * width + h * head_dim..][..head_dim].copy_from_slice(row);
+            }
+        }
+        Ok(Tensor::from_parts(out, vec![rows, width]))
+    }
+
+    fn mean_pool(&self, x: &CpuTensor, seq_lens: &[usize]) -> Result<CpuTensor, DeviceError> {
+        let d = x.cols();
+        assert_eq!(seq_lens.iter().sum::<usize>(), x.rows(), "mean_pool");
+        let mut out = vec![0.0f32; seq_lens.len() * d];
+        let mut rows = x.data().chunks(d);
+        for (pooled, &len) in out.chunks_mut(d).zip(seq_lens) {
+            // Summed in f64 so a long sequence's mean does not drift.
+            let mut sum = vec![0.0f64; d];
+            for row in rows.by_ref().take(len) {
+                sum.iter_mut()
+                    .zip(row)
+                    .for_each(|(s, &v)| *s += f64::from(v));
+            }
+            let n = len.max(1) as f64;
+            pooled
+                .iter_mut()
+                .zip(&sum)
+                .for_each(|(p, s)| *p = (s / n) as f32);
+        }
+        Ok(Tensor::from_parts(out, vec![seq_lens.len(), d]))
+    }
+}
+
+fn softmax_row(row: &mut [f32]) {
+    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let mut sum = 0.0f32;
+    for v in row.iter_mut() {
+        *v = (*v - max).exp();
+        sum += *v;
+    }
+    let inv = 1.0 / sum;
+    row.iter_mut().for_each(|v| *v *= inv);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::device::PagedSequence;
+
+    /// Deterministic values in [-1, 1), so failures reproduce.
+    fn values(n: usize, seed: u64) -> Vec<f32> {
+        let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        (0..n)
+            .map(|_| {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                (state >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+            })
+            .collect()
+    }
+
+    fn tensor(data: Vec<f32>, shape: &[usize]) -> CpuTensor {
+        Cpu.upload(&data, shape).unwrap()
+    }
+
+    fn assert_close(got: &[f32], want: &[f64], tol: f64) {
+        assert_eq!(got.len(), want.len());
+        for (i, (g, w)) in got.iter().zip(want).enumerate() {
+            assert!(
+                (f64::from(*g) - w).abs() <= tol,
+                "element {i}: got {g}, want {w}"
+            );
+        }
+    }
+
+    fn naive_linear(x: &[f32], w: &[f32], b: Option<&[f32]>, m: usize, k: usize) -> Vec<f64> {
+        let n = w.len() / k;
+        let mut out = vec![0.0; m * n];
+        for i in 0..m {
+            for j in 0..n {
+                let mut acc = b.map_or(0.0, |b| f64::from(b[j]));
+                for p in 0..k {
+                    acc += f64::from(x[i * k + p]) * f64::from(w[j * k + p]);
+                }
+                out[i * n + j] = acc;
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn linear_matches_a_naive_loop_small_and_threaded() {
+        // The second shape is large enough to be split into column bands, with a ragged last
+        // band (n is not a multiple of the band width).
+        for (m, k, n) in [(3, 5, 7), (37, 96, 203), (1, 384, 1536)] {
+            let x = values(m * k, 1);
+            let w = values(n * k, 2);
+            let b = values(n, 3);
+            let got = Cpu
+                .linear(
+                    &tensor(x.clone(), &[m, k]),
+                    &tensor(w.clone(), &[n, k]),
+                    Some(&tensor(b.clone(), &[n])),
+                )
+                .unwrap();
+            assert_eq!(got.shape(), [m, n]);
+            assert_close(got.data(), &naive_linear(&x, &w, Some(&b), m, k), 1e-4);
+            let got = Cpu
+                .linear(
+                    &tensor(x.clone(), &[m, k]),
+                    &tensor(w.clone(), &[n, k]),
+                    None,
+                )
+                .unwrap();
+            assert_close(got.data(), &naive_linear(&x, &w, None, m, k), 1e-4);
+        }
+    }
+
+    #[test]
+    fn layer_norm_gives_zero_mean_unit_variance_then_scales_and_shifts() {
+        let x = [1.0f32, 2.0, 3.0, 4.0, 10.0, 10.0, 10.0, 10.0];
+        let w = [1.0f32, 2.0, 1.0, 0.5];
+        let b = [0.0f32, 1.0, 0.0, -1.0];
+        let got = Cpu
+            .layer_norm(
+                &tensor(x.to_vec(), &[2, 4]),
+                &tensor(w.to_vec(), &[4]),
+                &tensor(b.to_vec(), &[4]),
+                1e-12,
+            )
+            .unwrap();
+        // Row 1: mean 2.5, variance 1.25.
+        let s = 1.25f64.sqrt();
+        let want = [
+            -1.5 / s,
+            2.0 * (-0.5 / s) + 1.0,
+            0.5 / s,
+            0.5 * (1.5 / s) - 1.0,
+            // A constant row normalises to zero, leaving only the shift.
+            0.0,
+            1.0,
+            0.0,
+            -1.0,
+        ];
+        assert_close(got.data(), &want, 1e-5);
+    }
+
+    #[test]
+    fn gelu_is_the_exact_erf_form() {
+        // x·Φ(x), from tables of the normal distribution.
+        let x = [-3.0f32, -1.0, -0.5, 0.0, 0.5, 1.0, 2.0, 5.0];
+        let want = [
+            -0.004_049_694_8,
+            -0.158_655_253_9,
+            -0.154_268_759_8,
+            0.0,
+            0.345_731_240_2,
+            0.841_344_746_1,
+            1.954_499_736_1,
+            4.999_998_566_7,
+        ];
+        let mut t = tensor(x.to_vec(), &[x.len()]);
+        Cpu.gelu(&mut t).unwrap();
+        assert_close(t.data(), &want, 1e-6);
+    }
+
+    #[test]
+    fn softmax_rows_sum_to_one_and_survive_large_scores() {
+        let mut t = tensor(vec![1.0, 2.0, 3.0, 1000.0, 1000.0, -1000.0], &[2, 3]);
+        Cpu.softmax(&mut t).unwrap();
+        let e = [1f64.exp(), 2f64.exp(), 3f64.exp()];
+        let sum: f64 = e.iter().sum();
+        let want = [e[0] / sum, e[1] / sum, e[2] / sum, 0.5, 0.5, 0.0];
+        assert_close(t.data(), &want, 1e-6);
+    }
+
+    /// Attention per sequence and head, by the definition, in f64.
+    fn naive_attention(
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        lens: &[usize],
+        heads: usize,
+        width: usize,
+    ) -> Vec<f64> {
+        let hd = width / heads;
+        let scale = 1.0 / (hd as f64).sqrt();
+        let mut out = vec![0.0; q.len()];
+        let mut start = 0;
+        for &len in lens {
+            for h in 0..heads {
+                for i in 0..len {
+                    let qi = (start + i) * width + h * hd;
+                    let scores: Vec<f64> = (0..len)
+                        .map(|j| {
+                            let kj = (start + j) * width + h * hd;
+                            (0..hd)
+                                .map(|d| f64::from(q[qi + d]) * f64::from(k[kj + d]))
+                                .sum::<f64>()
+                                * scale
+                        })
+                        .collect();
+                    let max = scores.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+                    let exp: Vec<f64> = scores.iter().map(|s| (s - max).exp()).collect();
+                    let sum: f64 = exp.iter().sum();
+                    for d in 0..hd {
+                        out[qi + d] = (0..len)
+                            .map(|j| exp[j] / sum * f64::from(v[(start + j) * width + h * hd + d]))
+                            .sum();
+                    }
+                }
+            }
+            start += len;
+        }
+        out
+    }
+
+    #[test]
+    fn attention_keeps_sequences_and_heads_apart() {
+        for (lens, heads, width) in [(vec![3usize, 1, 4], 2usize, 8usize), (vec![40, 25], 4, 64)] {
+            let tokens: usize = lens.iter().sum();
+            let (q, k, v) = (
+                values(tokens * width, 4),
+                values(tokens * width, 5),
+                values(tokens * width, 6),
+            );
+            let got = Cpu
+                .attention(
+                    &tensor(q.clone(), &[tokens, width]),
+                    &tensor(k.clone(), &[tokens, width]),
+                    &tensor(v.clone(), &[tokens, width]),
+                    Attention {
+                        seq_lens: &lens,
+                        heads,
+                        scale: 1.0 / ((width / heads) as f32).sqrt(),
+                    },
+                )
+                .unwrap();
+            assert_close(
+                got.data(),
+                &naive_attention(&q, &k, &v, &lens, heads, width),
+                1e-5,
+            );
+        }
+    }
+
+    #[test]
+    fn gather_add_and_mean_pool() {
+        let table = tensor(vec![0.0, 1.0, 10.0, 11.0, 20.0, 21.0], &[3, 2]);
+        let mut rows = Cpu.gather_rows(&table, &[2, 0, 1]).unwrap();
+        assert_eq!(rows.data(), &[20.0, 21.0, 0.0, 1.0, 10.0, 11.0]);
+        let ones = tensor(vec![1.0; 6], &[3, 2]);
+        Cpu.add_assign(&mut rows, &ones).unwrap();
+        assert_eq!(rows.data(), &[21.0, 22.0, 1.0, 2.0, 11.0, 12.0]);
+        let pooled = Cpu.mean_pool(&rows, &[2, 1]).unwrap();
+        assert_eq!(pooled.shape(), [2, 2]);
+        assert_eq!(pooled.data(), &[11.0, 12.0, 11.0, 12.0]);
+    }
+
+    #[test]
+    fn rope_turns_adjacent_pairs_of_each_head_by_position() {
+        // Two heads of 4: pair 0 turns by pos·1, pair 1 by pos·base^(-1/2) = pos/10.
+        let mut t = tensor(vec![1.0, 0.0, 1.0, 0.0, 0.0, 1.0, 0.0, 1.0], &[1, 8]);
+        Cpu.rope(&mut t, 2, &[3], 100.0).unwrap();
+        let (a, b) = (3.0f64, 0.3f64);
+        let want = [
+            a.cos(),
+            a.sin(),
+            b.cos(),
+            b.sin(),
+            -a.sin(),
+            a.cos(),
+            -b.sin(),
+            b.cos(),
+        ];
+        assert_close(t.data(), &want, 1e-6);
+    }
+
+    #[test]
+    fn rms_norm_and_silu_gating() {
+        let x = tensor(vec![3.0, 4.0], &[1, 2]);
+        let w = tensor(vec![1.0, 2.0], &[2]);
+        // mean square 12.5
+        let s = 12.5f64.sqrt();
+        assert_close(
+            Cpu.rms_norm(&x, &w, 0.0).unwrap().data(),
+            &[3.0 / s, 8.0 / s],
+            1e-6,
+        );
+        let mut gate = tensor(vec![-1.0, 0.0, 2.0], &[3]);
+        Cpu.silu_mul(&mut gate, &tensor(vec![2.0, 5.0, 0.5], &[3]))
+            .unwrap();
+        let silu = |v: f64| v / (1.0 + (-v).exp());
+        assert_close(gate.data(), &[silu(-1.0) * 2.0, 0.0, silu(2.0) * 0.5], 1e-6);
+    }
+
+    #[test]
+    fn paged_attention_sees_only_its_own_past_through_scattered_blocks_and_shared_kv_heads() {
+        // 6 query heads over 2 key/value heads of 8; blocks of 2 rows. Sequence A has 3
+        // tokens cached and 4 new in blocks 5, 0, 3, 6; sequence B 2 new in block 2.
+        let (heads, kv_heads, hd, bs) = (6usize, 2usize, 8usize, 2usize);
+        let kvw = kv_heads * hd;
+        let seqs = [(3usize, 4usize, vec![5u32, 0, 3, 6]), (0, 2, vec![2])];
+        let rows: usize = seqs.iter().map(|s| s.1).sum();
+        let q = values(rows * heads * hd, 11);
+        // Slots never written stay NaN: reading one would poison the result.
+        let mut kc = tensor(vec![f32::NAN; 8 * bs * kvw], &[8 * bs, kvw]);
+        let mut vc = kc.clone();
+        let mut kv_of = Vec::new();
+        for (n, (past, new, blocks)) in seqs.iter().enumerate() {
+            let total = past + new;
+            let (k, v) = (
+                values(total * kvw, 12 + n as u64),
+                values(total * kvw, 14 + n as u64),
+            );
+            let slots: Vec<u32> = (0..total)
+                .map(|p| blocks[p / bs] * bs as u32 + (p % bs) as u32)
+                .collect();
+            Cpu.scatter_rows(&mut kc, &tensor(k.clone(), &[total, kvw]), &slots)
+                .unwrap();
+            Cpu.scatter_rows(&mut vc, &tensor(v.clone(), &[total, kvw]), &slots)
+                .unwrap();
+            kv_of.push((k, v));
+        }
+        let layout: Vec<PagedSequence<'_>> = seqs
+            .iter()
+            .map(|(past, new, blocks)| PagedSequence {
+                past: *past,
+                new: *new,
+                blocks,
+            })
+            .collect();
+        let scale = 1.0 / (hd as f32).sqrt();
+        let got = Cpu
+            .paged_attention(
+                &tensor(q.clone(), &[rows, heads * hd]),
+                &kc,
+                &vc,
+                PagedAttention {
+                    seqs: &layout,
+                    block_size: bs,
+                    heads,
+                    kv_heads,
+                    scale,
+                },
+            )
+            .unwrap();
+        let mut want = vec![0.0f64; rows * heads * hd];
+        let mut start = 0;
+        for ((past, new, _), (k, v)) in seqs.iter().zip(&kv_of) {
+            for h in 0..heads {
+                let g = h / (heads / kv_heads);
+                for i in 0..*new {
+                    let qi = &q[((start + i) * heads + h) * hd..][..hd];
+                    let scores: Vec<f64> = (0..=past + i)
+                        .map(|j| {
+                            let kj = &k[(j * kv_heads + g) * hd..][..hd];
+                            qi.iter()
+                                .zip(kj)
+                                .map(|(a, b)| f64::from(a * b))
+                                .sum::<f64>()
+                                * f64::from(scale)
+                        })
+                        .collect();
+                    let max = scores.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+                    let exp: Vec<f64> = scores.iter().map(|s| (s - max).exp()).collect();
+                    let sum: f64 = exp.iter().sum();
+                    for d in 0..hd {
+                        want[((start + i) * heads + h) * hd + d] = exp
+                            .iter()
+                            .enumerate()
+                            .map(|(j, e)| e / sum * f64::from(v[(j * kv_heads + g) * hd + d]))
+                            .sum();
+                    }
+                }
+            }
+            start += new;
+        }
+        assert_close(got.data(), &want, 1e-5);
+    }
+
+    #[test]
+    fn quantised_matmul_and_row_gather_decode_the_stored_rows() {
+        // Q8_0, two rows of one block: row r is (r+1)·0.5·(i − 16).
+        let mut bytes = Vec::new();
+        for r in 0..2 {
+            bytes.extend(half::f16::from_f32((r + 1) as f32 * 0.5).to_le_bytes());
+            bytes.extend((-16i8..16).map(|q| q as u8));
+        }
+        let w = Cpu
+            .upload_matrix(QMatrix::new(quant::GgmlType::Q8_0, 2, 32, bytes))
+            .unwrap();
+        let rows = Cpu.gather_matrix_rows(&w, &[1, 0]).unwrap();
+        assert_eq!(rows.shape(), [2, 32]);
+        assert_eq!(rows.data()[0], -16.0);
+        assert_eq!(rows.data()[32], -8.0);
+        let ones = tensor(vec![1.0; 32], &[1, 32]);
+        // Σ(i − 16) over 0..32 = −16.
+        for kinds in [[true], [false]] {
+            assert_eq!(
+                Cpu.matmul(&ones, &w, &kinds).unwrap().data(),
+                &[-8.0, -16.0]
+            );
+        }
+    }
+}

@@ -1,0 +1,303 @@
+//! Which sequences run in this forward pass? Continuous batching for a decoder.
+//!
+//! Each [`Scheduler::step`] gives every running sequence that is generating one token, then
+//! spends what is left of the step's token budget on prompts (in chunks, so a long prompt
+//! never stalls the others' decoding for more than one step), admitting waiting sequences
+//! in arrival order while the key/value cache has blocks for them. When a running sequence
+//! needs a block and none is free, the most recently admitted sequence is preempted: its
+//! blocks are released and it waits again at the front, to recompute its prompt and what it
+//! has generated so far. Its sampler keeps its state, so preemption never changes its output.
+//!
+//! The scheduler is synchronous and single-threaded by design: the engine thread owns it and
+//! calls `step` in a loop. It never blocks and never talks to clients.
+
+use std::collections::VecDeque;
+
+use super::sampling::{Sampler, SamplingParams};
+use super::stats::StepReport;
+use super::Finish;
+use crate::device::{Device, DeviceError};
+use crate::kv_cache::{KvCache, SeqCache};
+use crate::model::llama::{Llama, Logits, Step};
+
+/// One generation request, already tokenized and checked against the context length.
+#[derive(Debug, Clone)]
+pub struct Request {
+    pub id: u64,
+    pub prompt: Vec<u32>,
+    pub params: SamplingParams,
+    pub max_tokens: usize,
+}
+
+/// What a step produced for one sequence.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    Token { id: u64, token: u32 },
+    Finished { id: u64, finish: Finish },
+}
+
+struct Sequence {
+    request: Request,
+    cache: SeqCache,
+    sampler: Sampler,
+    generated: Vec<u32>,
+    /// Tokens to feed before the next sample: the prompt (after a preemption, the prompt
+    /// and everything generated), or the last generated token.
+    pending: VecDeque<u32>,
+}
+
+/// The running and waiting sequences of one model, and its key/value cache.
+pub struct Scheduler<'m, D: Device> {
+    model: &'m Llama<D>,
+    cache: KvCache<D::Storage>,
+    /// Tokens per forward pass, decodes and prompt chunks together.
+    token_budget: usize,
+    eos: Option<u32>,
+    waiting: VecDeque<Sequence>,
+    /// In admission order: the last is the first to be preempted.
+    running: Vec<Sequence>,
+    preemptions: u64,
+    /// What the last step fed, for [`Scheduler::report`].
+    last_prefill: u64,
+    last_decode: u64,
+    last_preemptions: u64,
+}
+
+impl<'m, D: Device> Scheduler<'m, D> {
+    /// A scheduler over `model` with a cache of `blocks` blocks of `block_size` positions,
+    /// running at most `token_budget` tokens per step and stopping sequences at `eos`.
+    pub fn new(
+        model: &'m Llama<D>,
+        blocks: usize,
+        block_size: usize,
+        token_budget: usize,
+        eos: Option<u32>,
+    ) -> Result<Self, DeviceError> {
+        assert!(token_budget > 0);
+        Ok(Scheduler {
+            cache: model.new_cache(blocks, block_size)?,
+            model,
+            token_budget,
+            eos,
+            waiting: VecDeque::new(),
+            running: Vec::new(),
+            preemptions: 0,
+            last_prefill: 0,
+            last_decode: 0,
+            last_preemptions: 0,
+        })
+    }
+
+    /// Queues a request. Its prompt must fit in the whole cache, or it would never run.
+    pub fn add(&mut self, request: Request) {
+        let room = self.cache.total_blocks() * self.cache.block_size();
+        assert!(
+            request.prompt.len() + request.max_tokens <= room,
+            "a sequence of up to {} tokens in a cache of {room}",
+            request.prompt.len() + request.max_tokens
+        );
+        self.waiting.push_back(Sequence {
+            sampler: Sampler::new(request.params.clone()),
+            pending: request.prompt.iter().copied().collect(),
+            request,
+            cache: SeqCache::default(),
+            generated: Vec::new(),
+        });
+    }
+
+    pub fn is_idle(&self) -> bool {
+        self.waiting.is_empty() && self.running.is_empty()
+    }
+
+    pub fn waiting(&self) -> usize {
+        self.waiting.len()
+    }
+
+    pub fn running(&self) -> usize {
+        self.running.len()
+    }
+
+    /// Sequences sent back to wait because the cache ran out, since the start.
+    pub fn preemptions(&self) -> u64 {
+        self.preemptions
+    }
+
+    pub fn cache(&self) -> &KvCache<D::Storage> {
+        &self.cache
+    }
+
+    /// The queue and cache now, and what the last [`Scheduler::step`] fed.
+    pub fn report(&self) -> StepReport {
+        StepReport {
+            waiting: self.waiting.len(),
+            running: self.running.len(),
+            kv_blocks_used: self.cache.total_blocks() - self.cache.free_blocks(),
+            kv_blocks_total: self.cache.total_blocks(),
+            prefill_tokens: self.last_prefill,
+            decode_tokens: self.last_decode,
+            preemptions: self.last_preemptions,
+        }
+    }
+
+    /// Drops a request wherever it is (its client went away), freeing its blocks at once.
+    /// False when it is not here (finished already, or never added).
+    pub fn cancel(&mut self, id: u64) -> bool {
+        if let Some(at) = self.waiting.iter().position(|s| s.request.id == id) {
+            let mut seq = self.waiting.remove(at).expect("found");
+            self.cache.release(&mut seq.cache);
+            return true;
+        }
+        if let Some(at) = self.running.iter().position(|s| s.request.id == id) {
+            let mut seq = self.running.remove(at);
+            self.cache.release(&mut seq.cache);
+            return true;
+        }
+        false
+    }
+
+    /// Sends the most recently admitted running sequence back to the front of the queue.
+    fn preempt_newest(&mut self) {
+        let mut seq = self.running.pop().expect("a running sequence to preempt");
+        self.cache.release(&mut seq.cache);
+        seq.pending = seq
+            .request
+            .prompt
+            .iter()
+            .chain(&seq.generated)
+            .copied()
+            .collect();
+        self.preemptions += 1;
+        self.waiting.push_front(seq);
+    }
+
+    /// Runs one forward pass over the sequences that fit, and samples those that are due.
+    pub fn step(&mut self) -> Result<Vec<Event>, DeviceError> {
+        let preemptions_before = self.preemptions;
+        (self.last_prefill, self.last_decode) = (0, 0);
+        // How many tokens each running sequence feeds this step, by index in `running`.
+        let mut feed = vec![0usize; self.running.len()];
+        let mut budget = self.token_budget;
+        // Decodes first (one token each), then prompt chunks from what budget is left. A
+        // sequence whose blocks cannot be reserved preempts the newest, which may be itself
+        // (then the pass ends, as it was the last).
+        for decodes in [true, false] {
+            let mut i = 0;
+            while i < self.running.len() {
+                let pending = self.running[i].pending.len();
+                let take = match (decodes, pending) {
+                    (true, 1) => 1,
+                    (false, 2..) => pending.min(budget),
+                    _ => 0,
+                };
+                if take == 0 {
+                    i += 1;
+                } else if self.cache.reserve(&mut self.running[i].cache, take) {
+                    feed[i] = take;
+                    budget = budget.saturating_sub(take);
+                    i += 1;
+                } else {
+                    self.preempt_newest();
+                    feed.truncate(self.running.len());
+                }
+            }
+        }
+        // Admit waiting sequences in order while budget and blocks allow.
+        while budget > 0 {
+            let Some(seq) = self.waiting.front_mut() else {
+                break;
+            };
+            let take = seq.pending.len().min(budget);
+            if !self.cache.reserve(&mut seq.cache, take) {
+                break;
+            }
+            budget -= take;
+            let seq = self.waiting.pop_front().expect("front");
+            self.running.push(seq);
+            feed.push(take);
+        }
+
+        self.last_preemptions = self.preemptions - preemptions_before;
+        let inputs: Vec<Vec<u32>> = self
+            .running
+            .iter_mut()
+            .zip(&feed)
+            .map(|(seq, &n)| seq.pending.drain(..n).collect())
+            .collect();
+        for (seq, tokens) in self.running.iter().zip(&inputs) {
+            // A decode feeds back the one token sampled last; anything else is a prompt,
+            // or a preempted sequence's recomputation.
+            let known = seq.request.prompt.len() + seq.generated.len();
+            if tokens.len() == 1 && !seq.generated.is_empty() && seq.cache.len() + 1 == known {
+                self.last_decode += 1;
+            } else {
+                self.last_prefill += tokens.len() as u64;
+            }
+        }
+        let mut steps: Vec<Step<'_>> = self
+            .running
+            .iter_mut()
+            .zip(&inputs)
+            .filter(|(_, tokens)| !tokens.is_empty())
+            .map(|(seq, tokens)| {
+                // Positions from the prompt's length on hold generated tokens, also when a
+                // preempted sequence recomputes them.
+                let end = seq.cache.len() + tokens.len();
+                let generated = end - end.min(seq.request.prompt.len().max(seq.cache.len()));
+                Step {
+                    seq: &mut seq.cache,
+                    tokens,
+                    generated,
+                }
+            })
+            .collect();
+        if steps.is_empty() {
+            return Ok(Vec::new());
+        }
+        let logits = self
+            .model
+            .forward(&mut self.cache, &mut steps, Logits::Last)?;
+        drop(steps);
+        let logits = self.model.device().download(&logits)?;
+        let vocab = self.model.config().vocab_size;
+
+        let mut events = Vec::new();
+        let mut rows = logits.chunks_exact(vocab);
+        let mut finished = Vec::new();
+        for (index, (seq, tokens)) in self.running.iter_mut().zip(&inputs).enumerate() {
+            if tokens.is_empty() {
+                continue;
+            }
+            let row = rows.next().expect("one row per sequence that ran");
+            if !seq.pending.is_empty() {
+                // Mid-prompt: the logits of a chunk's last token predict nothing we need.
+                continue;
+            }
+            let token = seq.sampler.sample(row);
+            let id = seq.request.id;
+            if Some(token) == self.eos {
+                events.push(Event::Finished {
+                    id,
+                    finish: Finish::Stop,
+                });
+                finished.push(index);
+                continue;
+            }
+            seq.generated.push(token);
+            events.push(Event::Token { id, token });
+            if seq.generated.len() >= seq.request.max_tokens {
+                events.push(Event::Finished {
+                    id,
+                    finish: Finish::Length,
+                });
+                finished.push(index);
+            } else {
+                seq.pending.push_back(token);
+            }
+        }
+        for index in finished.into_iter().rev() {
+            let mut seq = self.running.remove(index);
+            self.cache.release(&mut seq.cache);
+        }
+        Ok(events)
+    }
+}

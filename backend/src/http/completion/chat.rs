@@ -1,0 +1,239 @@
+//! `POST /v1/chat/completions`: what is particular to a chat turn. Its prompt is a
+//! conversation, read by the simulated engine as role-tagged text and by a native decoder
+//! through the model's chat template; its reply is one assistant message per choice,
+//! streamed as `chat.completion.chunk` deltas that open with the role.
+
+use axum::body::Bytes;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+
+use super::sampling::SamplingFields;
+use super::{Asked, CompletionRoute, ReplyHeader};
+use crate::engine::sim::{self, count_tokens, MESSAGE_OVERHEAD_TOKENS};
+use crate::engine::{Finish, TextModel};
+use crate::http::error::ApiError;
+use crate::http::metrics::Route;
+use crate::http::openai::{
+    AssistantMessage, ChatChoice, ChatChunk, ChatChunkChoice, ChatCompletion,
+    ChatCompletionRequest, ChatMessage, Delta, FinishReason, Usage,
+};
+use crate::http::request::{choice_count, required, token_cap};
+use crate::http::sse::{self, Choice, ChunkWriter, Sequence};
+use crate::model::tokenizer;
+
+/// The chat completion route.
+pub struct Chat;
+
+impl CompletionRoute for Chat {
+    type Request = ChatCompletionRequest;
+    type Prompt = Vec<ChatMessage>;
+    type Chunks = ChatChunks;
+
+    const ROUTE: Route = Route::ChatCompletions;
+    const PATH: &'static str = "/v1/chat/completions";
+    const ID_PREFIX: &'static str = "chatcmpl";
+    const PROMPT_PARAM: &'static str = "messages";
+
+    fn read(request: ChatCompletionRequest) -> Result<Asked<Vec<ChatMessage>>, ApiError> {
+        let model = required(request.model, "model")?;
+        let messages = required(request.messages, "messages")?;
+        if messages.is_empty() {
+            return Err(ApiError::invalid_value(
+                "messages",
+                "the conversation must contain at least one message",
+            ));
+        }
+        Ok(Asked {
+            model,
+            prompt: messages,
+            n: choice_count(request.n)?,
+            cap: token_cap(request.max_tokens, request.max_completion_tokens)?,
+            seed: request.seed,
+            sampling: SamplingFields {
+                temperature: request.temperature,
+                top_p: request.top_p,
+                top_k: request.top_k,
+                presence_penalty: request.presence_penalty,
+                frequency_penalty: request.frequency_penalty,
+                seed: request.seed,
+                stop: request.stop,
+            },
+            stream: request.stream,
+            stream_options: request.stream_options,
+            user: request.user,
+        })
+    }
+
+    fn simulate(
+        messages: &Vec<ChatMessage>,
+        seed: Option<i64>,
+        n: u32,
+        len: usize,
+        finish: Finish,
+    ) -> (Vec<Sequence>, u64) {
+        let prompt = ChatPrompt::new(messages);
+        let sequences = (0..n)
+            .map(|index| Sequence {
+                index,
+                tokens: sim::reply_tokens(&prompt.text, seed, index, len),
+                finish_reason: finish.into(),
+            })
+            .collect();
+        (sequences, prompt.tokens)
+    }
+
+    /// The model's chat template applied to the conversation: one prompt.
+    fn tokenize(engine: &TextModel, messages: Vec<ChatMessage>) -> Result<Vec<Vec<u32>>, ApiError> {
+        let texts: Vec<String> = messages.iter().map(|m| m.texts().collect()).collect();
+        let chat: Vec<tokenizer::ChatMessage<'_>> = messages
+            .iter()
+            .zip(&texts)
+            .map(|(message, text)| tokenizer::ChatMessage {
+                role: &message.role,
+                content: text,
+            })
+            .collect();
+        let tokenizer = engine.tokenizer();
+        let prompt_text = tokenizer
+            .apply_chat_template(&chat)
+            .map_err(|err| ApiError::invalid_value("messages", err))?;
+        let prompt = tokenizer
+            .encode(&prompt_text)
+            .map_err(ApiError::Generation)?;
+        Ok(vec![prompt])
+    }
+
+    fn chunks(header: ReplyHeader, include_usage: bool) -> ChatChunks {
+        ChatChunks {
+            header,
+            include_usage,
+        }
+    }
+
+    fn body(header: &ReplyHeader, choices: Vec<Choice>, usage: Usage) -> Response {
+        let completion = ChatCompletion {
+            id: &header.id.id,
+            object: "chat.completion",
+            created: header.id.created,
+            model: &header.model,
+            system_fingerprint: header.fingerprint,
+            choices: choices
+                .into_iter()
+                .map(|choice| ChatChoice {
+                    index: choice.index,
+                    message: AssistantMessage {
+                        role: "assistant",
+                        content: choice.text,
+                    },
+                    logprobs: None,
+                    finish_reason: choice.finish_reason,
+                })
+                .collect(),
+            usage,
+        };
+        Json(completion).into_response()
+    }
+}
+
+/// A conversation as the simulated engine reads it.
+struct ChatPrompt {
+    /// What the reply is derived from: every role and text, so that a different system
+    /// prompt or a different speaker gives a different reply.
+    text: String,
+    /// The billed prompt size, by the rule documented on [`count_tokens`].
+    tokens: u64,
+}
+
+impl ChatPrompt {
+    fn new(messages: &[ChatMessage]) -> Self {
+        let mut text = String::new();
+        let mut tokens = 0;
+        for message in messages {
+            tokens += MESSAGE_OVERHEAD_TOKENS;
+            text.push_str(&message.role);
+            text.push(':');
+            for part in message.texts() {
+                tokens += count_tokens(part);
+                text.push(' ');
+                text.push_str(part);
+            }
+            text.push('\n');
+        }
+        Self { text, tokens }
+    }
+}
+
+/// A chat reply's stream events.
+pub struct ChatChunks {
+    header: ReplyHeader,
+    include_usage: bool,
+}
+
+impl ChatChunks {
+    fn chunk(&self, choice: Option<ChatChunkChoice<'_>>, usage: Option<Usage>) -> Bytes {
+        sse::event(&ChatChunk {
+            id: &self.header.id.id,
+            object: "chat.completion.chunk",
+            created: self.header.id.created,
+            model: &self.header.model,
+            system_fingerprint: self.header.fingerprint,
+            choices: choice.into_iter().collect(),
+            usage: self.include_usage.then_some(usage),
+        })
+    }
+}
+
+impl ChunkWriter for ChatChunks {
+    fn opening(&self, index: u32) -> Option<Bytes> {
+        let delta = Delta {
+            role: Some("assistant"),
+            content: Some(""),
+        };
+        Some(self.chunk(Some(choice(index, delta, None)), None))
+    }
+
+    fn token(&self, index: u32, text: &str) -> Bytes {
+        let delta = Delta {
+            role: None,
+            content: Some(text),
+        };
+        self.chunk(Some(choice(index, delta, None)), None)
+    }
+
+    fn finish(&self, index: u32, reason: FinishReason) -> Bytes {
+        self.chunk(Some(choice(index, Delta::default(), Some(reason))), None)
+    }
+
+    fn usage(&self, usage: Usage) -> Bytes {
+        self.chunk(None, Some(usage))
+    }
+}
+
+fn choice(
+    index: u32,
+    delta: Delta<'_>,
+    finish_reason: Option<FinishReason>,
+) -> ChatChunkChoice<'_> {
+    ChatChunkChoice {
+        index,
+        delta,
+        logprobs: None,
+        finish_reason,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prompt_tokens_are_words_punctuation_and_three_per_message() {
+        let messages: Vec<ChatMessage> = serde_json::from_str(
+            r#"[{"role":"system","content":"Be brief."},
+                {"role":"user","content":[{"type":"text","text":"Hello, world!"}]}]"#,
+        )
+        .unwrap();
+        // "Be brief." = 3, "Hello, world!" = 4, plus 3 per message.
+        assert_eq!(ChatPrompt::new(&messages).tokens, 3 + 4 + 2 * 3);
+    }
+}
