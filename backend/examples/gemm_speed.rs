@@ -14,7 +14,7 @@ use std::time::Instant;
 
 use sluice_backend::device::cpu::Cpu;
 use sluice_backend::device::Device;
-use sluice_backend::model::quant::{GgmlType, QMatrix};
+use sluice_backend::quant::{GgmlType, QMatrix};
 
 /// Deterministic values in [-1, 1).
 fn values(n: usize, seed: u64) -> Vec<f32> {

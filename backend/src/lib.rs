@@ -20,7 +20,8 @@
 //! | [`cli`] | what the command line asked for: engine, device, models and their names |
 //! | [`http`] | routes, the OpenAI wire format, errors, SSE, the shared completion skeleton |
 //! | [`engine`] | a thread per model: batching, generating, embedding, sampling, stops; `sim` |
-//! | [`model`] | the model families (Llama, BERT), their loaders, tokenizer and weight encodings |
+//! | [`model`] | the model families (Llama, BERT), their loaders and tokenizer |
+//! | [`quant`] | GGML's weight encodings, and products that read them as stored (models and devices share them) |
 //! | [`kv_cache`] | the paged key/value cache's blocks |
 //! | [`device`] | the `Device` trait and its CPU and CUDA implementations |
 //!
@@ -32,6 +33,7 @@ pub mod engine;
 pub mod http;
 pub mod kv_cache;
 pub mod model;
+pub mod quant;
 #[cfg(feature = "test-tools")]
 pub mod test_tools;
 

@@ -1,4 +1,5 @@
-//! The gateway's modules import each other without circles, and in layers: the request path
+//! The gateway's modules import each other without circles (as do every other crate's), and
+//! in layers: the request path
 //! (`proxy`) and the admin API (`admin`) sit on the shared state (`app`), and only start-up
 //! (`server`) sits on them. A new `crate::` path that closes a circle, or that reaches up a
 //! layer, fails here with the path it took.
@@ -135,6 +136,20 @@ fn gateway_modules_import_each_other_without_circles_and_in_layers() {
         breaches.is_empty(),
         "imports that reach up a layer: {breaches:?}"
     );
+}
+
+#[test]
+fn no_crate_of_the_workspace_imports_in_a_circle() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    for krate in ["backend", "policies", "telemetry", "loadtest"] {
+        let graph = graph_of(&root.join(krate).join("src"));
+        if let Some(circle) = find_circle(&graph) {
+            panic!(
+                "{krate}'s modules import in a circle: {}",
+                circle.join(" -> ")
+            );
+        }
+    }
 }
 
 #[test]

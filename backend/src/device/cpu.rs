@@ -8,7 +8,7 @@
 use rayon::prelude::*;
 
 use super::{check_scatter, rope_head_dim, Attention, Device, DeviceError, PagedAttention, Tensor};
-use crate::model::quant::{self, QMatrix};
+use crate::quant::{self, QMatrix};
 
 /// Roughly the multiply-adds below which an operation runs on the calling thread.
 const PARALLEL_FLOPS: usize = 1 << 16;

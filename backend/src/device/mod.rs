@@ -20,7 +20,7 @@ pub mod cuda;
 
 use std::fmt;
 
-use crate::model::quant::QMatrix;
+use crate::quant::QMatrix;
 
 /// Where a model runs: `--device` with `auto` resolved.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]

@@ -10,7 +10,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use super::quant::GgmlType;
+use crate::quant::GgmlType;
 
 /// Why a GGUF file could not be read.
 #[derive(Debug, thiserror::Error)]

@@ -12,10 +12,10 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 
 use super::llama::{Layer, Llama, LlamaConfig};
-use super::quant::QMatrix;
 use super::weights::Weights;
 use super::LoadError;
 use crate::device::Device;
+use crate::quant::QMatrix;
 
 /// The fields of a Llama `config.json` this engine reads. Hugging Face's defaults fill what
 /// a file leaves out.
@@ -245,7 +245,7 @@ impl<D: Device> Llama<D> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::quant::GgmlType;
+    use crate::quant::GgmlType;
 
     #[test]
     fn rope_rows_go_from_halves_to_adjacent_pairs_per_head() {

@@ -14,10 +14,10 @@
 //! every row's arithmetic is the same whatever else is in the batch.
 
 use super::gguf::{Gguf, Value};
-use super::quant::{dequantize, QMatrix};
 use super::LoadError;
 use crate::device::{Device, DeviceError, PagedAttention, PagedSequence, Tensor};
 use crate::kv_cache::{KvCache, SeqCache};
+use crate::quant::{dequantize, QMatrix};
 
 /// The shape of the network, from the GGUF's `llama.*` metadata.
 #[derive(Debug, Clone, PartialEq)]

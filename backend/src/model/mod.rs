@@ -5,7 +5,7 @@
 //! Face folder by its `config.json`. BERT sentence encoders (all-MiniLM-L6-v2) come from
 //! `model.safetensors` ([`weights`]) with `tokenizer.json`, and run as [`bert`]. Llama-family
 //! decoders (SmolLM2) come from GGUF files ([`gguf`]) or Hugging Face folders ([`hf_llama`])
-//! with weights kept in their stored encodings ([`quant`]), and run as [`llama`]: a forward
+//! with weights kept in their stored encodings ([`crate::quant`]), and run as [`llama`]: a forward
 //! pass over a batch of sequences over a paged key/value cache ([`crate::kv_cache`]),
 //! checked against an independent numpy reference; [`tokenizer`] turns their text into
 //! tokens and back, chat template included.
@@ -18,7 +18,6 @@ pub mod bert;
 pub mod gguf;
 pub mod hf_llama;
 pub mod llama;
-pub mod quant;
 pub mod tokenizer;
 pub mod weights;
 

@@ -11,8 +11,8 @@ use std::path::{Path, PathBuf};
 use safetensors::tensor::TensorView;
 use safetensors::{Dtype, SafeTensors};
 
-use super::quant::{GgmlType, QMatrix};
 use super::LoadError;
+use crate::quant::{GgmlType, QMatrix};
 
 /// A safetensors file held in memory, answering "give me this tensor as f32".
 pub struct Weights {

@@ -11,7 +11,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 use crate::device::{Attention, Device, DeviceError, PagedAttention, PagedSequence, Tensor};
-use crate::model::quant::{GgmlType, QMatrix};
+use crate::quant::{GgmlType, QMatrix};
 
 /// One operation's agreement.
 #[derive(Debug, Clone)]

@@ -38,7 +38,7 @@ use cudarc::driver::{
 use crate::device::{
     check_scatter, rope_head_dim, Attention, Device, DeviceError, PagedAttention, Tensor,
 };
-use crate::model::quant::{GgmlType, QMatrix};
+use crate::quant::{GgmlType, QMatrix};
 
 /// Activation rows per prompt-row GEMM: prompt rows are padded with zeros to a multiple of
 /// it, so every GEMM of a matrix has one shape (see the module's comment). 128 keeps the
