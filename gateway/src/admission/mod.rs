@@ -504,3 +504,67 @@ fn refusal_error(kind: LimitKind, retry_after: u64) -> ApiError {
     };
     ApiError::rate_limited(kind.code(), message)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::EmbeddedStore;
+    use sluice_policies::Limits;
+
+    fn admission(dir: &std::path::Path, clock: Clock) -> Admission {
+        Admission::new(
+            Arc::new(EmbeddedStore::open(dir).unwrap()),
+            Arc::new(ArcSwap::from_pointee(Tiers::builtin())),
+            PriceBook::default(),
+            Settings {
+                default_max_tokens: 16,
+                slot_ttl_secs: 60,
+                lease_max_requests: 0,
+                lease_ttl: Duration::from_secs(1),
+            },
+            clock,
+        )
+    }
+
+    fn identity(limits: Limits) -> Identity {
+        Identity {
+            key_id: "k".into(),
+            tenant: "t".into(),
+            tier: "free".into(),
+            limits,
+            cache: true,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_full_minute_refuses_until_the_clock_moves_past_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let clock = Clock::manual(1_796_299_200_000);
+        let admission = admission(dir.path(), clock.clone());
+        let who = identity(Limits {
+            requests_per_minute: Some(2),
+            ..Limits::default()
+        });
+        let body = br#"{"model":"m","messages":[{"role":"user","content":"hi"}]}"#;
+        let view = RequestView::parse(Route::ChatCompletions, body).unwrap();
+        for _ in 0..2 {
+            let admitted = admission.admit(&who, Route::ChatCompletions, &view).await;
+            assert!(admitted.is_ok());
+        }
+        clock.set_ms(1_796_299_230_000);
+        let Err(refused) = admission.admit(&who, Route::ChatCompletions, &view).await else {
+            panic!("the third request of the minute is refused");
+        };
+        assert_eq!(refused.limit, Some(LimitKind::RequestsPerMinute));
+        assert_eq!(
+            refused.retry_after_secs,
+            Some(30),
+            "the minute frees room 30 s later"
+        );
+        clock.set_ms(1_796_299_260_000);
+        assert!(admission
+            .admit(&who, Route::ChatCompletions, &view)
+            .await
+            .is_ok());
+    }
+}
