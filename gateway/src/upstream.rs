@@ -32,6 +32,8 @@ pub struct Backend {
     pub name: String,
     pub url: String,
     pub addr: SocketAddr,
+    /// `addr` as the `Host` header requests to it carry, written once.
+    pub host: String,
     /// Models named in the configuration; empty means discovered.
     declared_models: Vec<String>,
     pub state: BackendState,
@@ -97,6 +99,7 @@ impl Backend {
             name: c.name.clone(),
             url: c.url.clone(),
             addr: c.addr,
+            host: c.addr.to_string(),
             declared_models: c.models.clone(),
             state: BackendState::default(),
             id: crate::balancer::prefix_hash(c.url.as_bytes(), usize::MAX),

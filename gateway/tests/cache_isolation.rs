@@ -10,7 +10,7 @@ use sluice_gateway::auth::Identity;
 use sluice_gateway::cache::answer::CachedAnswer;
 use sluice_gateway::cache::ResponseCache;
 use sluice_gateway::config::CacheConfig;
-use sluice_gateway::request::Route;
+use sluice_gateway::request::{RequestView, Route};
 use sluice_gateway::store::EmbeddedStore;
 use sluice_policies::cache::{CachePolicy, CacheRules};
 use sluice_policies::Limits;
@@ -115,8 +115,10 @@ proptest! {
             for (who, q) in ops {
                 let tenant = ["tenant-a", "tenant-b"][who];
                 let question = QUESTIONS[q];
+                let body = body(question);
+                let view = RequestView::parse(Route::ChatCompletions, &body).unwrap();
                 let mut plan = cache
-                    .plan(Route::ChatCompletions, &asker(tenant), &body(question), None, false)
+                    .plan(Route::ChatCompletions, &asker(tenant), &view, &body, None, false)
                     .expect("eligible");
                 match cache.lookup(&mut plan).await {
                     Some(hit) => {
@@ -139,11 +141,14 @@ async fn the_pool_produces_exact_and_semantic_hits_within_a_tenant() {
     let cache = cache(embedding_endpoint().await, dir.path());
     let mut kinds = Vec::new();
     for q in [0, 0, 1, 4, 5, 2, 3] {
+        let body = body(QUESTIONS[q]);
+        let view = RequestView::parse(Route::ChatCompletions, &body).unwrap();
         let mut plan = cache
             .plan(
                 Route::ChatCompletions,
                 &asker("t"),
-                &body(QUESTIONS[q]),
+                &view,
+                &body,
                 None,
                 false,
             )

@@ -32,10 +32,15 @@ pub fn enabled() -> bool {
     ENABLED.load(Ordering::Relaxed)
 }
 
-/// Keeps the exporter alive; dropping it flushes the spans not yet sent.
+/// Keeps the exporter and the log writer alive; dropping it flushes the spans and log lines
+/// not yet written.
 pub struct Telemetry {
     provider: Option<SdkTracerProvider>,
+    _logs: tracing_appender::non_blocking::WorkerGuard,
 }
+
+/// Log lines that may wait for the writer thread before a logging thread waits for it.
+const LOG_BUFFER_LINES: usize = 1 << 16;
 
 impl Drop for Telemetry {
     fn drop(&mut self) {
@@ -52,15 +57,21 @@ impl Drop for Telemetry {
 pub fn init(service: &'static str, filter_env: &str) -> Telemetry {
     use std::io::IsTerminal;
     let filter = EnvFilter::try_from_env(filter_env).unwrap_or_else(|_| EnvFilter::new("info"));
+    // Formatting stays on the logging thread; the write (a syscall, under stderr's lock) goes
+    // to a thread of its own. Not lossy: past the buffer, a logging thread waits rather than
+    // a line being dropped.
+    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
+        .lossy(false)
+        .buffered_lines_limit(LOG_BUFFER_LINES)
+        .thread_name("sluice-log-writer")
+        .finish(std::io::stderr());
     let logs = if std::io::stderr().is_terminal() {
-        tracing_subscriber::fmt::layer()
-            .with_writer(std::io::stderr)
-            .boxed()
+        tracing_subscriber::fmt::layer().with_writer(writer).boxed()
     } else {
         tracing_subscriber::fmt::layer()
             .json()
             .flatten_event(true)
-            .with_writer(std::io::stderr)
+            .with_writer(writer)
             .boxed()
     };
     let provider = match tracer_provider(service) {
@@ -82,7 +93,10 @@ pub fn init(service: &'static str, filter_env: &str) -> Telemetry {
         .with(traces)
         .init();
     ENABLED.store(provider.is_some(), Ordering::Relaxed);
-    Telemetry { provider }
+    Telemetry {
+        provider,
+        _logs: guard,
+    }
 }
 
 fn tracer_provider(service: &'static str) -> Result<Option<SdkTracerProvider>, String> {

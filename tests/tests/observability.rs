@@ -215,11 +215,20 @@ async fn metrics_count_requests_tokens_refusals_cache_redis_and_backends() {
         );
     }
 
-    // One access-log line per request, with what billing and debugging need.
-    let log = gw.log();
+    // One access-log line per request, with what billing and debugging need. Lines are
+    // written by the log writer's own thread: wait for it.
+    let is_hit_line = |l: &&str| l.contains("sluice::access") && l.contains("\"cache\":\"hit\"");
+    let mut log = gw.log();
+    for _ in 0..100 {
+        if log.lines().any(|l| is_hit_line(&l)) {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        log = gw.log();
+    }
     let hit_line = log
         .lines()
-        .find(|l| l.contains("sluice::access") && l.contains("\"cache\":\"hit\""))
+        .find(is_hit_line)
         .unwrap_or_else(|| panic!("no access line for the hit:\n{log}"));
     for field in [
         "\"request_id\"",

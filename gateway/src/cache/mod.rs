@@ -159,6 +159,7 @@ impl ResponseCache {
         &self,
         route: Route,
         identity: &crate::auth::Identity,
+        view: &crate::request::RequestView,
         body: &[u8],
         cache_control: Option<&str>,
         include_usage: bool,
@@ -167,9 +168,18 @@ impl ResponseCache {
             return None;
         }
         let (tenant, tier) = (identity.tenant.as_str(), identity.tier.as_str());
+        let rules = self.config.policy.rules(tier, view.model());
+        // What the view already read decides most requests (sampled ones, several choices)
+        // before the body is parsed again for the keys.
+        let seen = sluice_policies::cache::RequestFacts {
+            temperature: view.temperature,
+            n: view.n,
+            uses_tools: false,
+            wants_logprobs: false,
+        };
+        eligible(&rules, &seen).ok()?;
         let request = CacheRequest::parse(body)?;
         let model = request.model().to_owned();
-        let rules = self.config.policy.rules(tier, &model);
         eligible(&rules, &request.facts()).ok()?;
         let control = CacheControl::parse(cache_control);
         if control.skip_lookup && control.skip_store {

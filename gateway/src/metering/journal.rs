@@ -5,7 +5,8 @@
 //! batch goes to an on-disk journal (fsynced), which the writer replays once the store
 //! answers again. The store counts an event once by its id, so a replayed event (or one
 //! written twice because an answer was lost) is never counted twice. Each event is written
-//! (or journaled) within milliseconds of its request's end.
+//! (or journaled) within `BATCH_WINDOW` (50 ms) of its request's end, in one store call per
+//! window.
 
 use crate::store::Store;
 use crate::usage::UsageEvent;
@@ -57,6 +58,10 @@ enum Message {
 
 /// Events written per store call at most.
 const BATCH: usize = 512;
+/// How long the writer gathers events after the first of a batch arrives: a busy replica
+/// writes one batch per window instead of waking (and calling the store) per request. It is
+/// also the most an event waits in memory before it is written or journaled.
+const BATCH_WINDOW: Duration = Duration::from_millis(50);
 /// How often the journal is retried while the store is unreachable.
 const REPLAY_EVERY: Duration = Duration::from_secs(1);
 
@@ -93,6 +98,7 @@ impl UsageWriter {
                     if n == 0 {
                         break;
                     }
+                    self.gather(&mut received).await;
                     let mut batch = Vec::with_capacity(n);
                     for message in received.drain(..) {
                         match message {
@@ -114,6 +120,23 @@ impl UsageWriter {
             }
         }
         self.replay_journal().await;
+    }
+
+    /// Waits out the batch window (unless a flush is asked for or the batch is full), then
+    /// takes what arrived meanwhile. Sleeping rather than waiting on the channel means the
+    /// requests that send meanwhile wake nothing.
+    async fn gather(&mut self, received: &mut Vec<Message>) {
+        let flush_asked = |m: &Message| matches!(m, Message::Flush(_));
+        if received.len() >= BATCH || received.iter().any(flush_asked) {
+            return;
+        }
+        tokio::time::sleep(BATCH_WINDOW).await;
+        while received.len() < BATCH {
+            match self.rx.try_recv() {
+                Ok(message) => received.push(message),
+                Err(_) => break,
+            }
+        }
     }
 
     async fn write(&mut self, batch: Vec<UsageEvent>) {

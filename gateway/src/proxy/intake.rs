@@ -169,7 +169,14 @@ impl Proxy {
                 .is_ok_and(|o| o["include_usage"] == serde_json::Value::Bool(true))
         });
         let cache = &self.gateway.cache;
-        let mut plan = cache.plan(route, identity, &ctx.body, cache_control, include_usage)?;
+        let mut plan = cache.plan(
+            route,
+            identity,
+            view,
+            &ctx.body,
+            cache_control,
+            include_usage,
+        )?;
         let lookup = traces::child(ctx.span.as_ref(), "cache lookup");
         if let Some(hit) = cache.lookup(&mut plan).instrument(lookup).await {
             return Some(hit);

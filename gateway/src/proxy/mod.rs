@@ -197,7 +197,7 @@ impl ProxyHttp for Proxy {
             }
         }
         if let Some(backend) = &ctx.backend {
-            upstream_request.insert_header("host", backend.addr.to_string())?;
+            upstream_request.insert_header("host", &backend.host)?;
         }
         if ctx.body_rewritten || ctx.usage_chunk_added {
             upstream_request.remove_header("transfer-encoding");
