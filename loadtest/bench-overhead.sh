@@ -1,8 +1,12 @@
 #!/usr/bin/env bash
 # The gateway overhead benchmark: the same load, in one run, sent directly to a simulated
-# backend (zero delays), through nginx as a plain reverse proxy, and through Sluice (API-key
-# auth, Redis store). Targets alternate round by round (direct, nginx, sluice, direct, ...)
-# so that a noisy machine shifts all three alike. Writes the table to docs/benchmarks.md.
+# backend (zero delays), through nginx as a plain reverse proxy, through a bare pingora proxy
+# (loadtest/src/bin/bare_pingora.rs: forwarding only, on the gateway's own pingora), and
+# through Sluice's full policy path (API-key auth, quotas with leases, metering, cache on,
+# balancer) on Redis and on the embedded store. Targets alternate round by round so that a
+# noisy machine shifts them alike. Besides throughput and latency it reads each proxy's CPU
+# time (and Redis's, for Sluice on Redis) from /proc around every run, as CPU per request.
+# Writes the table to docs/benchmarks.md.
 #
 #   loadtest/bench-overhead.sh                    # defaults below
 #   RATE=300 DURATION=5s ROUNDS=3 loadtest/bench-overhead.sh
@@ -35,6 +39,17 @@ bench_setup
 
 
 backend_port=$PORT_BASE; nginx_port=$((PORT_BASE + 1)); sluice_port=$((PORT_BASE + 2)); admin_port=$((PORT_BASE + 3))
+pingora_port=$((PORT_BASE + 4)); embedded_port=$((PORT_BASE + 5)); embedded_admin_port=$((PORT_BASE + 6))
+
+# cpu_ticks PID...: user + system CPU time of these processes so far, in clock ticks.
+cpu_ticks() {
+  local total=0 pid
+  for pid in "$@"; do
+    [ -r "/proc/$pid/stat" ] || continue
+    total=$((total + $(awk '{print $14 + $15}' "/proc/$pid/stat")))
+  done
+  echo "$total"
+}
 
 "$bin/sluice-backend" --engine sim --listen "127.0.0.1:$backend_port" --model sluice-sim \
   >"$work/backend.log" 2>&1 &
@@ -63,6 +78,12 @@ NGINX
 nginx -c "$work/nginx.conf" -p "$work"
 wait_for "http://127.0.0.1:$nginx_port/health"
 
+"$bin/bare-pingora" --listen "127.0.0.1:$pingora_port" --upstream "127.0.0.1:$backend_port" \
+  --threads "$THREADS" >"$work/pingora.log" 2>&1 &
+pids+=($!)
+pingora_pid=$!
+wait_for "http://127.0.0.1:$pingora_port/health"
+
 admin_token=$(random_token bench-)
 cat >"$work/sluice.toml" <<TOML
 [server]
@@ -80,13 +101,48 @@ TOML
 SLUICE_ADMIN_TOKEN="$admin_token" SLUICE_LOG=info "$bin/sluice" serve --config "$work/sluice.toml" \
   >"$work/sluice.log" 2>&1 &
 pids+=($!)
+sluice_pid=$!
 wait_for "http://127.0.0.1:$sluice_port/health"
-key=$(curl -fsS "http://127.0.0.1:$admin_port/admin/v1/keys" -H "Authorization: Bearer $admin_token" \
-  -d '{"name":"bench","tenant":"bench","tier":"enterprise","limits":{"requests_per_minute":100000000,"tokens_per_minute":100000000000,"max_concurrent":100000}}' \
-  | sed -n 's/.*"key":"\([^"]*\)".*/\1/p')
+# The same gateway on the embedded store.
+cat >"$work/embedded.toml" <<TOML
+[server]
+listen = "127.0.0.1:$embedded_port"
+admin_listen = "127.0.0.1:$embedded_admin_port"
+threads = $THREADS
+data_dir = "$work/embedded-data"
+grace_period_secs = 0
 
-targets=(direct nginx sluice)
-declare -A url=([direct]="http://127.0.0.1:$backend_port" [nginx]="http://127.0.0.1:$nginx_port" [sluice]="http://127.0.0.1:$sluice_port")
+[[backends]]
+name = "sim"
+url = "http://127.0.0.1:$backend_port"
+TOML
+SLUICE_ADMIN_TOKEN="$admin_token" SLUICE_LOG=info "$bin/sluice" serve --config "$work/embedded.toml" \
+  >"$work/embedded.log" 2>&1 &
+pids+=($!)
+embedded_pid=$!
+wait_for "http://127.0.0.1:$embedded_port/health"
+new_key() {
+  curl -fsS "http://127.0.0.1:$1/admin/v1/keys" -H "Authorization: Bearer $admin_token" \
+    -d '{"name":"bench","tenant":"bench","tier":"enterprise","limits":{"requests_per_minute":100000000,"tokens_per_minute":100000000000,"max_concurrent":100000}}' \
+    | sed -n 's/.*"key":"\([^"]*\)".*/\1/p'
+}
+key=$(new_key "$admin_port")
+embedded_key=$(new_key "$embedded_admin_port")
+redis_pid=$(pgrep -x redis-server | head -1 || true)
+
+targets=(direct nginx pingora sluice sluice-embedded)
+declare -A url=([direct]="http://127.0.0.1:$backend_port" [nginx]="http://127.0.0.1:$nginx_port" \
+  [pingora]="http://127.0.0.1:$pingora_port" [sluice]="http://127.0.0.1:$sluice_port" \
+  [sluice-embedded]="http://127.0.0.1:$embedded_port")
+# The processes whose CPU each target costs (the direct target costs the proxy nothing).
+proxy_pids() {
+  case "$1" in
+    nginx) local master; master=$(cat "$work/nginx.pid"); echo "$master $(pgrep -P "$master" | tr '\n' ' ')" ;;
+    pingora) echo "$pingora_pid" ;;
+    sluice) echo "$sluice_pid" ;;
+    sluice-embedded) echo "$embedded_pid" ;;
+  esac
+}
 results="$work/results.jsonl"
 for scenario in "fixed json" "fixed stream" "max json" "max stream"; do
   set -- $scenario
@@ -95,10 +151,16 @@ for scenario in "fixed json" "fixed stream" "max json" "max stream"; do
   [ "$2" = stream ] && load+=(--stream)
   for round in $(seq "$ROUNDS"); do
     for target in "${targets[@]}"; do
-      keyarg=(); [ "$target" = sluice ] && keyarg=(--key "$key")
+      keyarg=()
+      [ "$target" = sluice ] && keyarg=(--key "$key")
+      [ "$target" = sluice-embedded ] && keyarg=(--key "$embedded_key")
       echo "bench: $scenario, round $round, $target" >&2
+      procs=$(proxy_pids "$target")
+      proxy_before=$(cpu_ticks $procs); redis_before=$(cpu_ticks $redis_pid)
       report=$("$bin/sluice-load" run "${url[$target]}" "${keyarg[@]}" "${load[@]}")
-      printf '{"scenario":"%s %s","round":%s,"target":"%s","report":%s}\n' "$1" "$2" "$round" "$target" "$report" >>"$results"
+      proxy_ticks=$(( $(cpu_ticks $procs) - proxy_before )); redis_ticks=$(( $(cpu_ticks $redis_pid) - redis_before ))
+      printf '{"scenario":"%s %s","round":%s,"target":"%s","proxy_ticks":%s,"redis_ticks":%s,"clk_tck":%s,"report":%s}\n' \
+        "$1" "$2" "$round" "$target" "$proxy_ticks" "$redis_ticks" "$(getconf CLK_TCK)" "$report" >>"$results"
     done
   done
 done

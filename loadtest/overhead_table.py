@@ -1,10 +1,13 @@
 """Turns bench-overhead.sh's results (JSON Lines of sluice-load reports) into the overhead
 table in docs/benchmarks.md, replacing the section between its markers.
 
-Per scenario and target: the median over rounds of throughput, p50 and p99 latency. Then,
-per scenario: Sluice's throughput as a fraction of nginx's, and the latency each proxy adds
-over the direct connection (median of the per-round differences, so each difference comes
-from runs made back to back)."""
+Per scenario and target: the median over rounds of throughput, p50 and p99 latency, and CPU
+per request (the proxy's process CPU time over the run, and Redis's for Sluice on Redis,
+divided by the requests sent, warm-up included, as the CPU was read around the whole run).
+Then, per scenario: each Sluice's throughput as a fraction of nginx's, its CPU per request
+as a multiple of bare pingora's, and the latency each proxy adds over the direct connection
+(median of the per-round differences, so each difference comes from runs made back to
+back)."""
 
 import datetime
 import json
@@ -44,36 +47,64 @@ def errors(reports):
     return str(total)
 
 
+TARGETS = [t for t in ("direct", "nginx", "pingora", "sluice", "sluice-embedded") if any(r["target"] == t for r in runs)]
+
+
+def cpu_us(run, field):
+    ticks = run.get(field)
+    sent = run["report"]["sent"]
+    if ticks is None or not sent:
+        return None
+    return ticks / run["clk_tck"] / sent * 1e6
+
+
+def runs_of(scenario, target):
+    return {r["round"]: r for r in runs if r["scenario"] == scenario and r["target"] == target}
+
+
 lines = []
-lines.append("| scenario | target | throughput (req/s) | p50 (ms) | p99 (ms) | errors | added p50 vs direct (ms) | added p99 vs direct (ms) |")
-lines.append("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+lines.append("| scenario | target | throughput (req/s) | p50 (ms) | p99 (ms) | errors | added p50 vs direct (ms) | added p99 vs direct (ms) | CPU per request (µs) | Redis CPU per request (µs) |")
+lines.append("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
 summary = []
 for scenario in scenarios:
     direct = pick(scenario, "direct")
     per_target = {}
-    for target in ("direct", "nginx", "sluice"):
+    for target in TARGETS:
         reports = pick(scenario, target)
+        full = runs_of(scenario, target)
         rounds = sorted(reports)
         added50 = med([lat(reports[k], "p50") - lat(direct[k], "p50") for k in rounds if k in direct and lat(reports[k], "p50") is not None and lat(direct[k], "p50") is not None])
         added99 = med([lat(reports[k], "p99") - lat(direct[k], "p99") for k in rounds if k in direct and lat(reports[k], "p99") is not None and lat(direct[k], "p99") is not None])
         tput = med([reports[k]["throughput_rps"] for k in rounds])
-        per_target[target] = (tput, added50, added99, reports)
+        cpu = med([cpu_us(full[k], "proxy_ticks") for k in rounds]) if target != "direct" else None
+        redis = med([cpu_us(full[k], "redis_ticks") for k in rounds]) if target == "sluice" else None
+        per_target[target] = (tput, added50, added99, reports, cpu)
         lines.append(
             f"| {scenario} | {target} | {fmt(tput, 1)} | {fmt(med([lat(reports[k], 'p50') for k in rounds]))} | "
             f"{fmt(med([lat(reports[k], 'p99') for k in rounds]))} | {errors(reports)} | "
-            f"{'' if target == 'direct' else fmt(added50)} | {'' if target == 'direct' else fmt(added99)} |"
+            f"{'' if target == 'direct' else fmt(added50)} | {'' if target == 'direct' else fmt(added99)} | "
+            f"{'' if cpu is None else fmt(cpu, 0)} | {'' if redis is None else fmt(redis, 0)} |"
         )
-    nginx, sluice = per_target["nginx"], per_target["sluice"]
-    ratios = [sluice[3][k]["throughput_rps"] / nginx[3][k]["throughput_rps"] for k in sluice[3] if k in nginx[3] and nginx[3][k]["throughput_rps"] > 0]
-    p99_ratio = None
-    if nginx[2] and sluice[2] is not None and nginx[2] > 0:
-        p99_ratio = sluice[2] / nginx[2]
-    summary.append(
-        f"- {scenario}: Sluice throughput / nginx = {fmt(med(ratios))} (median of per-round ratios); "
-        f"added p50 Sluice {fmt(sluice[1])} ms vs nginx {fmt(nginx[1])} ms; "
-        f"added p99 Sluice {fmt(sluice[2])} ms vs nginx {fmt(nginx[2])} ms"
-        + (f" ({fmt(p99_ratio, 2)}× nginx's)" if p99_ratio is not None else "")
-    )
+    nginx = per_target.get("nginx")
+    pingora = per_target.get("pingora")
+    for name in ("sluice", "sluice-embedded"):
+        sluice = per_target.get(name)
+        if not sluice or not nginx:
+            continue
+        ratios = [sluice[3][k]["throughput_rps"] / nginx[3][k]["throughput_rps"] for k in sluice[3] if k in nginx[3] and nginx[3][k]["throughput_rps"] > 0]
+        p99_ratio = None
+        if nginx[2] and sluice[2] is not None and nginx[2] > 0:
+            p99_ratio = sluice[2] / nginx[2]
+        cpu_ratio = None
+        if pingora and pingora[4] and sluice[4] is not None:
+            cpu_ratio = sluice[4] / pingora[4]
+        summary.append(
+            f"- {scenario}, {name}: throughput / nginx = {fmt(med(ratios))} (median of per-round ratios); "
+            f"added p50 {fmt(sluice[1])} ms vs nginx {fmt(nginx[1])} ms; "
+            f"added p99 {fmt(sluice[2])} ms vs nginx {fmt(nginx[2])} ms"
+            + (f" ({fmt(p99_ratio, 2)}× nginx's)" if p99_ratio is not None else "")
+            + (f"; CPU per request {fmt(cpu_ratio, 2)}× bare pingora's" if cpu_ratio is not None else "")
+        )
 
 cpu = "unknown CPU"
 try:
@@ -86,7 +117,7 @@ except OSError:
 section = "\n".join(
     [
         "<!-- overhead:begin (written by loadtest/bench-overhead.sh) -->",
-        "## Gateway overhead: direct vs nginx vs Sluice",
+        "## Gateway overhead: direct vs nginx vs bare pingora vs Sluice",
         "",
         f"Run {datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')} on "
         f"{os.cpu_count()} CPUs ({cpu}), {platform.system()} {platform.release()}.",
@@ -95,7 +126,10 @@ section = "\n".join(
         "",
         f"Fixed-rate scenarios send {rate} req/s open loop; max scenarios run {concurrency} "
         "closed-loop clients. Figures are medians over the rounds; each round runs direct, "
-        "nginx and Sluice back to back with the same load. The load generator shares the "
+        "nginx, bare pingora (forwarding only, the gateway's pingora), Sluice on Redis and "
+        "Sluice on the embedded store back to back with the same load (Sluice: API-key auth, "
+        "quotas with leases, metering, cache on but these requests are not cacheable, "
+        "balancer, access log on). The load generator shares the "
         "machine's cores with the target, so max-throughput figures compare targets on equal "
         "terms, not absolute capacity.",
         "",

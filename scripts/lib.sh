@@ -49,7 +49,7 @@ ensure_browser() {
 # folder) and $pids (processes to stop); at exit, stops them, runs bench_extra_cleanup if the
 # script defines it, and removes $work.
 bench_setup() {
-  [ -n "${BENCH_NO_BUILD:-}" ] || cargo build --release --bin sluice --bin sluice-backend --bin sluice-load
+  [ -n "${BENCH_NO_BUILD:-}" ] || cargo build --release --bin sluice --bin sluice-backend --bin sluice-load --bin bare-pingora
   bin="${CARGO_TARGET_DIR:-target}/release"
   work=$(mktemp -d)
   pids=()
