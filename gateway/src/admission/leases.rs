@@ -205,6 +205,15 @@ impl Leases {
         take_idle(key_id, k)
     }
 
+    /// Whether `taking` is still the lease being taken for the key (not installed or given
+    /// up yet).
+    pub fn is_taking(&self, key_id: &str, taking: &Arc<tokio::sync::Notify>) -> bool {
+        let keys = self.keys.lock().expect("lease lock");
+        keys.get(key_id)
+            .and_then(|k| k.taking.as_ref())
+            .is_some_and(|t| Arc::ptr_eq(t, taking))
+    }
+
     /// The store refused a lease (or failed): let the next request try again.
     pub fn not_taken(&self, key_id: &str) {
         if let Some(k) = self.keys.lock().expect("lease lock").get_mut(key_id) {

@@ -298,9 +298,10 @@ impl Admission {
         month: &str,
         secs_to_month_end: u64,
     ) -> Option<Admitted> {
-        /// How long a request waits for a lease another request is taking.
+        /// How long a request waits, in all, for leases other requests are taking.
         const LEASE_WAIT: std::time::Duration = std::time::Duration::from_millis(50);
-        for attempt in 0..2 {
+        let deadline = tokio::time::Instant::now() + LEASE_WAIT;
+        loop {
             match self
                 .leases
                 .try_admit(&identity.key_id, &identity.limits, reservation, now)
@@ -322,13 +323,21 @@ impl Admission {
                         .take_lease(identity, reservation, size, now, month, secs_to_month_end)
                         .await
                 }
-                Err(Miss::Wait(taking)) if attempt == 0 => {
-                    let _ = tokio::time::timeout(LEASE_WAIT, taking.notified()).await;
+                // More requests wait than the lease being taken will hold: wait for the
+                // next one too, within the same bound, rather than each going to the store.
+                Err(Miss::Wait(taking)) if tokio::time::Instant::now() < deadline => {
+                    // Registered before looking again, so a lease installed in between is
+                    // not missed (which would cost the whole wait).
+                    let installed = taking.notified();
+                    tokio::pin!(installed);
+                    installed.as_mut().enable();
+                    if self.leases.is_taking(&identity.key_id, &taking) {
+                        let _ = tokio::time::timeout_at(deadline, installed).await;
+                    }
                 }
                 Err(_) => return None,
             }
         }
-        None
     }
 
     /// Asks the store for a lease of `size` requests, the first of which is this one. `None`
