@@ -4,9 +4,9 @@
 //! they end or are preempted, so that memory follows the tokens actually held, not the
 //! longest context a sequence might reach.
 //!
-//! This module keeps the books (which blocks are free, which belong to whom); the forward
-//! pass ([`crate::model::llama`]) writes and reads the rows, and the scheduler
-//! ([`crate::engine::scheduler`]) decides who gets blocks. It never computes anything.
+//! This module keeps the books (which blocks are free, which belong to whom); the decoder's
+//! forward pass writes and reads the rows, and the engine's scheduler decides who gets
+//! blocks. It imports neither: they build on it. It never computes anything.
 
 use crate::device::{Device, DeviceError, Tensor};
 

@@ -1,5 +1,5 @@
 //! How does a Llama-family decoder (SmolLM2, TinyLlama and their kin) turn tokens into
-//! logits? Loaded from a GGUF file (or, through [`super::hf_llama`], a Hugging Face folder):
+//! logits? Loaded from a GGUF file (or a Hugging Face folder, which `hf_llama` reads into it):
 //! token ids in, next-token logits out, for a batch of sequences over a paged key/value
 //! cache ([`crate::kv_cache`]).
 //!
