@@ -77,20 +77,6 @@ pub fn parse_time(field: &'static str, value: &str) -> Result<i64, ExportError> 
     Ok((at.unix_timestamp_nanos() / 1_000_000) as i64)
 }
 
-/// Unix ms of the first instant of the month that contains `ms`.
-pub fn month_start(ms: i64) -> i64 {
-    Month::of_ms(ms).start_ms
-}
-
-fn month_label(ms: i64) -> String {
-    Month::of_ms(ms).label
-}
-
-fn month_of(ms: i64) -> (i32, u8) {
-    let m = Month::of_ms(ms);
-    (m.year, m.month)
-}
-
 /// What a request's usage counts against its budget, in nano-units rounded up: the price of
 /// its tokens at the model's first bands (the budget does not follow graduated bands, which
 /// exports do; for prices that fall with volume this over-counts, never under).
@@ -138,7 +124,7 @@ impl ExportQuery {
         let from_ms = from
             .map(|f| parse_time("from", f))
             .transpose()?
-            .unwrap_or_else(|| month_start(to_ms - 1));
+            .unwrap_or_else(|| Month::of_ms(to_ms - 1).start_ms);
         if from_ms >= to_ms {
             return Err(ExportError::EmptyRange {
                 from: from.unwrap_or("").to_owned(),
@@ -187,14 +173,14 @@ pub struct PricedEvent {
 /// Prices `events` (in time order, and starting at the beginning of the first event's month,
 /// so that graduated prices see the whole month).
 pub fn price(events: Vec<UsageEvent>, prices: &PriceBook, tiers: &Tiers) -> Vec<PricedEvent> {
-    let mut month_to_date: HashMap<(String, String, (i32, u8)), TokenCounts> = HashMap::new();
+    let mut month_to_date: HashMap<(String, String, String), TokenCounts> = HashMap::new();
     events
         .into_iter()
         .map(|event| {
             let counts = crate::metering::Usage::of_event(&event).billable();
             let (cost, currency) = match prices.lookup(&event.model, &event.tier) {
                 Some(price) => {
-                    let month = month_of(event.time_ms);
+                    let month = Month::of_ms(event.time_ms).label;
                     let before = month_to_date
                         .entry((event.key_id.clone(), event.model.clone(), month))
                         .or_default();
@@ -262,7 +248,8 @@ pub fn aggregate(events: &[PricedEvent], dims: &[Dim], from_ms: i64, to_ms: i64)
         let e = &p.event;
         let pick = |dim: Dim, value: &str| dims.contains(&dim).then(|| value.to_owned());
         let group = (
-            dims.contains(&Dim::Month).then(|| month_label(e.time_ms)),
+            dims.contains(&Dim::Month)
+                .then(|| Month::of_ms(e.time_ms).label),
             dims.contains(&Dim::Day).then(|| day_of(e.time_ms)),
             pick(Dim::Key, &e.key_id),
             pick(Dim::Tenant, &e.tenant),

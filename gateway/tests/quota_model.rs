@@ -11,7 +11,7 @@
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use sluice_gateway::admission::month_of;
+use sluice_gateway::clock::month_of;
 use sluice_gateway::store::{EmbeddedStore, RedisStore, Store};
 use sluice_policies::ledger::{Admit, Charge, KeyLedger, Refresh, Settle};
 use sluice_policies::quota::{Decision, QuotaState, Reservation};

@@ -19,7 +19,7 @@ pub(super) async fn priced_events(
 ) -> Result<Vec<billing::PricedEvent>, ApiError> {
     let events = gateway
         .store
-        .usage_events(billing::month_start(from_ms), to_ms)
+        .usage_events(crate::clock::Month::of_ms(from_ms).start_ms, to_ms)
         .await
         .map_err(store_error)?;
     Ok(billing::price(

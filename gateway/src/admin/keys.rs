@@ -1,7 +1,7 @@
 //! API keys: create (the secret is shown once), list, read, update, revoke, rotate, and each
 //! key's live quota.
 
-use super::{key_written, non_empty, now_unix, parse_body, store_error, AppState};
+use super::{key_written, non_empty, parse_body, store_error, AppState};
 use crate::app::Gateway;
 use crate::error::ApiError;
 use crate::keys::{new_key_id, KeyRecord, NewSecret};
@@ -71,7 +71,7 @@ pub(super) async fn create_key(
         limits: req.limits,
         hash: secret.hash,
         display_prefix: secret.display_prefix,
-        created_at: now_unix(),
+        created_at: crate::clock::now_sec(),
         revoked_at: None,
         cache: req.cache.unwrap_or(true),
     };
@@ -169,7 +169,7 @@ pub(super) async fn revoke_key(
 ) -> Result<Json<Value>, ApiError> {
     let mut record = find_key(&gateway, &id).await?;
     if !record.is_revoked() {
-        record.revoked_at = Some(now_unix());
+        record.revoked_at = Some(crate::clock::now_sec());
         gateway
             .store
             .put_key(&record, None)

@@ -173,10 +173,6 @@ fn store_error(e: crate::store::StoreError) -> ApiError {
     ApiError::unavailable("The store is unavailable; try again shortly.")
 }
 
-fn now_unix() -> i64 {
-    crate::clock::now_sec()
-}
-
 fn non_empty(field: &'static str, value: &str) -> Result<(), ApiError> {
     if value.trim().is_empty() || value.len() > 256 {
         return Err(ApiError::bad_request(format!(

@@ -86,7 +86,7 @@ impl From<ApiError> for Refused {
     }
 }
 
-pub use crate::clock::month_of;
+use crate::clock::month_of;
 
 /// How admission is set up: the request defaults and the quota knobs of `[quotas]`.
 #[derive(Debug, Clone)]

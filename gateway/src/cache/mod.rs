@@ -208,7 +208,7 @@ impl ResponseCache {
         if plan.control.skip_lookup {
             return None;
         }
-        let now = now_ms();
+        let now = crate::clock::now_ms();
         if let Some((id, tenant)) = self.index.exact(&plan.keys.exact, now) {
             if tenant == plan.tenant {
                 if let Some(entry) = self.fetch(&id, &plan.tenant).await {
@@ -328,7 +328,7 @@ impl ResponseCache {
         }
         let id = uuid::Uuid::now_v7().to_string();
         let ttl_ms = plan.rules.ttl_secs.saturating_mul(1000);
-        let expires_ms = now_ms().saturating_add(ttl_ms as i64);
+        let expires_ms = crate::clock::now_ms().saturating_add(ttl_ms as i64);
         let embedding = plan.embedding.unwrap_or_default();
         let body = serde_json::to_vec(&StoredEntry {
             tenant: plan.tenant.clone(),
@@ -418,7 +418,7 @@ impl ResponseCache {
                 let cache = self.clone();
                 // Regrouping a large namespace takes a while: off the async workers.
                 let _ = tokio::task::spawn_blocking(move || {
-                    cache.index.sweep(now_ms());
+                    cache.index.sweep(crate::clock::now_ms());
                     cache.index.compact();
                 })
                 .await;
@@ -440,7 +440,9 @@ impl ResponseCache {
                 let (Some(namespace), Some(exact)) = (digest(&namespace), digest(&exact)) else {
                     return;
                 };
-                if expires_ms <= now_ms() || self.index.len() >= self.config.max_entries {
+                if expires_ms <= crate::clock::now_ms()
+                    || self.index.len() >= self.config.max_entries
+                {
                     return;
                 }
                 self.index.insert(IndexEntry {
@@ -576,10 +578,6 @@ impl ResponseCache {
             by_tenant,
         }
     }
-}
-
-fn now_ms() -> i64 {
-    crate::clock::now_ms()
 }
 
 fn digest(hex_text: &str) -> Option<Digest> {
