@@ -4,6 +4,9 @@ use clap::{Parser, Subcommand};
 use sluice_gateway::config::{process_env, Config};
 use std::path::PathBuf;
 
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(
     name = "sluice",

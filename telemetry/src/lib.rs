@@ -11,12 +11,16 @@
 //! W3C `traceparent` carries a trace from the gateway to a backend ([`inject`],
 //! [`continue_from`]).
 
+mod log_buffer;
+
+use log_buffer::LogBuffer;
 use opentelemetry::propagation::{Extractor, Injector};
 use opentelemetry::trace::TracerProvider as _;
 use opentelemetry_otlp::{Protocol, WithExportConfig};
 use opentelemetry_sdk::propagation::TraceContextPropagator;
 use opentelemetry_sdk::trace::SdkTracerProvider;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::OnceLock;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
@@ -26,6 +30,8 @@ use tracing_subscriber::{EnvFilter, Layer};
 pub const TARGET: &str = "sluice::trace";
 
 static ENABLED: AtomicBool = AtomicBool::new(false);
+/// The log's buffer and whether its lines are JSON, once [`init`] has run.
+static LOG: OnceLock<(LogBuffer, bool)> = OnceLock::new();
 
 /// Whether spans are exported. Callers skip creating spans when not.
 pub fn enabled() -> bool {
@@ -36,11 +42,8 @@ pub fn enabled() -> bool {
 /// not yet written.
 pub struct Telemetry {
     provider: Option<SdkTracerProvider>,
-    _logs: tracing_appender::non_blocking::WorkerGuard,
+    _logs: log_buffer::Flusher,
 }
-
-/// Log lines that may wait for the writer thread before a logging thread waits for it.
-const LOG_BUFFER_LINES: usize = 1 << 16;
 
 impl Drop for Telemetry {
     fn drop(&mut self) {
@@ -52,20 +55,37 @@ impl Drop for Telemetry {
     }
 }
 
+/// Whether log lines are JSON (stderr is not a terminal), for callers that format their own
+/// lines (see [`log_line`]); false before [`init`].
+pub fn json_logs() -> bool {
+    LOG.get().is_some_and(|(_, json)| *json)
+}
+
+/// Appends one whole line (newline included), formatted by the caller, to the log: for a
+/// line written on every request, where formatting it directly is far cheaper than
+/// tracing's per-field formatting. The caller checks that its target is enabled. Before
+/// [`init`], the line goes straight to stderr.
+pub fn log_line(line: &[u8]) {
+    match LOG.get() {
+        Some((buffer, _)) => buffer.write_line(line),
+        None => {
+            use std::io::Write;
+            let _ = std::io::stderr().write_all(line);
+        }
+    }
+}
+
 /// Installs logging (filtered by the variable `filter_env`, default `info`) and, when an OTLP
 /// endpoint is configured, trace export as `service`.
 pub fn init(service: &'static str, filter_env: &str) -> Telemetry {
     use std::io::IsTerminal;
     let filter = EnvFilter::try_from_env(filter_env).unwrap_or_else(|_| EnvFilter::new("info"));
-    // Formatting stays on the logging thread; the write (a syscall, under stderr's lock) goes
-    // to a thread of its own. Not lossy: past the buffer, a logging thread waits rather than
-    // a line being dropped.
-    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
-        .lossy(false)
-        .buffered_lines_limit(LOG_BUFFER_LINES)
-        .thread_name("sluice-log-writer")
-        .finish(std::io::stderr());
-    let logs = if std::io::stderr().is_terminal() {
+    // Formatting stays on the logging thread; lines are written in batches by a thread of
+    // their own (see log_buffer).
+    let (writer, guard) = log_buffer::buffer(std::io::stderr(), "sluice-log-writer");
+    let json = !std::io::stderr().is_terminal();
+    let _ = LOG.set((writer.clone(), json));
+    let logs = if !json {
         tracing_subscriber::fmt::layer().with_writer(writer).boxed()
     } else {
         tracing_subscriber::fmt::layer()

@@ -27,6 +27,7 @@ use crate::request::{RequestView, Route};
 use crate::store::Store;
 use arc_swap::ArcSwap;
 use held::{Held, OwedCharge};
+use http::{HeaderName, HeaderValue};
 use leases::{give_back, Leases, Miss};
 use sluice_policies::ledger::{Admit, Settle};
 use sluice_policies::pricing::PriceBook;
@@ -458,38 +459,39 @@ impl Admission {
 }
 
 /// OpenAI's `x-ratelimit-*` headers for the limits a key has, and `Retry-After` when given:
-/// the (name, value) pairs an answer carries.
+/// the (name, value) pairs an answer carries. Names are constants and numbers become values
+/// directly: every answer carries these, so nothing here is parsed or formatted twice.
 pub fn rate_limit_headers(
     h: &RateHeaders,
     retry_after: Option<u64>,
-) -> impl Iterator<Item = (&'static str, String)> {
+) -> impl Iterator<Item = (HeaderName, HeaderValue)> {
     use quota::reset_duration;
+    const fn name(name: &'static str) -> HeaderName {
+        HeaderName::from_static(name)
+    }
+    let number = |v: Option<u64>| v.map(HeaderValue::from);
+    // reset_duration writes digits and unit letters only: always a valid value.
+    let duration = |v: Option<u64>| v.and_then(|v| HeaderValue::try_from(reset_duration(v)).ok());
     [
+        (name("x-ratelimit-limit-requests"), number(h.limit_requests)),
         (
-            "x-ratelimit-limit-requests",
-            h.limit_requests.map(|v| v.to_string()),
+            name("x-ratelimit-remaining-requests"),
+            number(h.remaining_requests),
         ),
         (
-            "x-ratelimit-remaining-requests",
-            h.remaining_requests.map(|v| v.to_string()),
+            name("x-ratelimit-reset-requests"),
+            duration(h.reset_requests_secs),
+        ),
+        (name("x-ratelimit-limit-tokens"), number(h.limit_tokens)),
+        (
+            name("x-ratelimit-remaining-tokens"),
+            number(h.remaining_tokens),
         ),
         (
-            "x-ratelimit-reset-requests",
-            h.reset_requests_secs.map(reset_duration),
+            name("x-ratelimit-reset-tokens"),
+            duration(h.reset_tokens_secs),
         ),
-        (
-            "x-ratelimit-limit-tokens",
-            h.limit_tokens.map(|v| v.to_string()),
-        ),
-        (
-            "x-ratelimit-remaining-tokens",
-            h.remaining_tokens.map(|v| v.to_string()),
-        ),
-        (
-            "x-ratelimit-reset-tokens",
-            h.reset_tokens_secs.map(reset_duration),
-        ),
-        ("retry-after", retry_after.map(|v| v.to_string())),
+        (http::header::RETRY_AFTER, number(retry_after)),
     ]
     .into_iter()
     .filter_map(|(name, value)| Some((name, value?)))

@@ -13,6 +13,10 @@ use pingora_core::Result;
 use pingora_proxy::{ProxyHttp, Session};
 use std::net::SocketAddr;
 
+// The gateway's allocator, so that the two differ only in what the gateway does.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 struct Args {
     #[arg(long)]
