@@ -34,9 +34,10 @@ pids+=($!)
 wait_for "http://127.0.0.1:$backend_port/health"
 
 token=$(random_token bench-)
-declare -A key port
+declare -A key port admin_port
 for leases in off on; do
-  [ $leases = off ] && { offset=1; lease_max=0; } || { offset=3; lease_max=16; }
+  # Leases on: the default lease size.
+  [ $leases = off ] && { offset=1; lease_setting="lease_max_requests = 0"; } || { offset=3; lease_setting=""; }
   port[$leases]=$((PORT_BASE + offset)); admin=$((PORT_BASE + offset + 1))
   cat >"$work/sluice-$leases.toml" <<TOML
 [server]
@@ -49,7 +50,7 @@ threads = 2
 grace_period_secs = 0
 
 [quotas]
-lease_max_requests = $lease_max
+$lease_setting
 
 [[backends]]
 name = "sim"
@@ -60,24 +61,35 @@ TOML
   pids+=($!)
   wait_for "http://127.0.0.1:${port[$leases]}/health"
   key[$leases]=$(bench_key "$admin" "$token")
+  admin_port[$leases]=$admin
 done
+
+# round_trips ADMIN_PORT: the gateway's Redis round trips so far (its own count: one per
+# command or pipeline sent), less the two that do not follow traffic: the key-epoch poll
+# (GET, five a second) and the cache-log follower's blocking read (XREAD).
+round_trips() {
+  curl -fsS "http://127.0.0.1:$1/metrics" -H "Authorization: Bearer $token" |
+    awk '/^sluice_redis_call_duration_seconds_count/ && !/command="(GET|XREAD)"/ {n += $2} END {print n + 0}'
+}
 
 trips="$work/trips.txt"
 for leases in off on; do
-  # MONITOR sees every command a client sends (commands a script runs are marked "lua"):
-  # exactly the round trips.
+  # MONITOR sees every command a client sends (commands a script runs are marked "lua"; a
+  # pipeline's commands are listed one by one).
   redis-cli -p "$redis_port" monitor >"$work/monitor-$leases.txt" &
   monitor=$!
   sleep 0.5
+  trips_before=$(round_trips "${admin_port[$leases]}")
   report=$("$bin/sluice-load" run "http://127.0.0.1:${port[$leases]}" --key "${key[$leases]}" \
     --concurrency "$CONCURRENCY" --requests "$REQUESTS" --max-tokens 8 --json)
   sleep 2  # the last settlements, lease give-backs and usage events land
   kill "$monitor"; wait "$monitor" 2>/dev/null || true
+  sent_trips=$(( $(round_trips "${admin_port[$leases]}") - trips_before ))
   ok=$(printf '%s' "$report" | python3 -c 'import json,sys; print(json.load(sys.stdin)["ok"])')
-  # Top-level commands from this gateway, less the key-epoch poll (not per request).
+  # Commands from this gateway (each of a pipeline counted), less the key-epoch poll.
   sent=$(grep -v ' lua\]' "$work/monitor-$leases.txt" | grep "bench-$leases" | grep -vc ':keys:epoch"' || true)
   scripts=$(grep -v ' lua\]' "$work/monitor-$leases.txt" | grep "bench-$leases" | grep -cE '"(EVALSHA|EVAL|evalsha|eval)"' || true)
-  echo "$leases $ok $sent $scripts" >>"$trips"
+  echo "$leases $ok $sent_trips $sent $scripts" >>"$trips"
 done
 
 "$bin/sluice-load" compare \
@@ -92,10 +104,10 @@ import datetime, json, os, statistics, sys
 trips_path, compare_path, command_line = sys.argv[1:4]
 rows = []
 for line in open(trips_path):
-    leases, ok, sent, scripts = line.split()
-    ok, sent, scripts = int(ok), int(sent), int(scripts)
+    leases, ok, trips, sent, scripts = line.split()
+    ok, trips, sent, scripts = int(ok), int(trips), int(sent), int(scripts)
     per = lambda n: f"{n / ok:.3f}" if ok else "-"
-    rows.append(f"| {leases} | {ok} | {per(sent)} | {per(scripts)} |")
+    rows.append(f"| {leases} | {ok} | {per(trips)} | {per(sent)} | {per(scripts)} |")
 data = json.load(open(compare_path))
 d50 = [r["b"]["latency_ms"]["p50"] - r["a"]["latency_ms"]["p50"] for r in data["rounds"]]
 d99 = [r["b"]["latency_ms"]["p99"] - r["a"]["latency_ms"]["p99"] for r in data["rounds"]]
@@ -106,14 +118,17 @@ section = "\n".join([
     "",
     f"Command: `{command_line}`",
     "",
-    "Round trips: one key, closed loop, through one gateway on a Redis of the benchmark's own, "
-    "counted with MONITOR (every command a client sent; those a script runs inside Redis are "
-    "not round trips). Script calls are admissions, settlements (per request, or per lease) "
-    "and usage-event batches (metering is on). The key-epoch poll (five GETs a second per "
-    "replica, whatever the traffic) is left out.",
+    "Round trips: one key, closed loop, through one gateway (leases at their default size) on "
+    "a Redis of the benchmark's own. Round trips are the gateway's own count "
+    "(`sluice_redis_call_duration_seconds_count`: one per command or pipeline sent); commands "
+    "are what Redis's MONITOR saw (each command of a pipeline counted, those a script runs "
+    "inside Redis not). Script calls are admissions, settlements (per request; with leases, "
+    "idle leases are given back together, one pipeline per 100 ms) and usage-event batches "
+    "(metering is on). The key-epoch poll (five GETs a second per replica) and the cache-log "
+    "follower's blocking XREAD, which do not follow traffic, are left out.",
     "",
-    "| leases | admitted requests | Redis round trips per request | of which script calls |",
-    "| --- | ---: | ---: | ---: |",
+    "| leases | admitted requests | Redis round trips per request | Redis commands per request | of which script calls |",
+    "| --- | ---: | ---: | ---: | ---: |",
     *rows,
     "",
     "Added latency of the full admission path (API-key auth, Redis-backed quotas with leases on, "

@@ -410,6 +410,69 @@ async fn lease_counts_as_its_size(store: &dyn Store) {
 }
 
 contract!(
+    settling_many_at_once_is_settling_each,
+    settle_all_is_settle_each
+);
+
+async fn settle_all_is_settle_each(store: &dyn Store) {
+    let limits = Limits::default();
+    let lease = |requests: u64| Reservation {
+        requests,
+        tokens: 10 * requests,
+        cost_nano: 7 * requests as i64,
+    };
+    let (a, b) = (a_key(), a_key());
+    // Two leases of one key and one of another, given back together.
+    for (key, id, size) in [(&a, "A1", 4), (&a, "A2", 6), (&b, "B1", 5)] {
+        let d = store
+            .admit(key, &admit_args(&limits, &lease(size), id, NOON))
+            .await
+            .unwrap();
+        assert_eq!(d.refused, None);
+    }
+    let used = |requests: u64| Reservation {
+        requests,
+        tokens: 3 * requests,
+        cost_nano: 2 * requests as i64,
+    };
+    let settle = |id: &'static str, size: u64, served: u64| Settle {
+        reservation_id: id,
+        admitted_sec: NOON,
+        month: MONTH,
+        reserved: lease(size),
+        actual: used(served),
+    };
+    store
+        .settle_all(&[
+            (a.as_str(), settle("A1", 4, 1)),
+            (b.as_str(), settle("B1", 5, 5)),
+            (a.as_str(), settle("A2", 6, 2)),
+        ])
+        .await
+        .unwrap();
+    let c = store.quota_counters(&a, NOON + 1, MONTH).await.unwrap();
+    assert_eq!(
+        (
+            c.day_requests,
+            c.day_tokens,
+            c.in_flight,
+            c.month_spend_nano
+        ),
+        (3, 9, 0, 6)
+    );
+    let c = store.quota_counters(&b, NOON + 1, MONTH).await.unwrap();
+    assert_eq!(
+        (
+            c.day_requests,
+            c.day_tokens,
+            c.in_flight,
+            c.month_spend_nano
+        ),
+        (5, 15, 0, 10)
+    );
+}
+
+contract!(
     a_renewed_slot_outlives_its_first_expiry,
     renewed_slot_outlives_its_first_expiry
 );

@@ -72,6 +72,9 @@ pub struct Leases {
     max_requests: u64,
     ttl: Duration,
     keys: Mutex<HashMap<String, KeyLeases>>,
+    /// Leases whose requests have all finished, waiting for the next give-back (see
+    /// [`give_back`]).
+    idle: Mutex<Vec<IdleLease>>,
 }
 
 /// What to do when the current lease cannot serve a request.
@@ -91,6 +94,7 @@ impl Leases {
             max_requests,
             ttl,
             keys: Mutex::new(HashMap::new()),
+            idle: Mutex::new(Vec::new()),
         }
     }
 
@@ -169,7 +173,7 @@ impl Leases {
     }
 
     /// Installs a lease the store granted, with the first request (`first`) already taken
-    /// from it; the lease it replaces retires. Returns a retired lease that is already idle.
+    /// from it; the lease it replaces retires.
     #[allow(clippy::too_many_arguments)]
     pub fn install(
         &self,
@@ -180,7 +184,7 @@ impl Leases {
         granted: Reservation,
         first: Reservation,
         headers: RateHeaders,
-    ) -> Vec<IdleLease> {
+    ) {
         let mut keys = self.keys.lock().expect("lease lock");
         let k = keys.entry(key_id.to_owned()).or_default();
         if let Some(taking) = k.taking.take() {
@@ -202,7 +206,7 @@ impl Leases {
         if let Some(old) = k.current.replace(lease) {
             k.retiring.push(old);
         }
-        take_idle(key_id, k)
+        self.retire_idle(key_id, k);
     }
 
     /// Whether `taking` is still the lease being taken for the key (not installed or given
@@ -223,18 +227,18 @@ impl Leases {
         }
     }
 
-    /// A leased request finished: its reservation is replaced by what it used. Returns the
-    /// lease to give back when it was retiring and this was its last request.
+    /// A leased request finished: its reservation is replaced by what it used. A retiring
+    /// lease whose last request this was waits for the next give-back.
     pub fn settle(
         &self,
         key_id: &str,
         lease_id: &str,
         reserved: &Reservation,
         actual: &Reservation,
-    ) -> Vec<IdleLease> {
+    ) {
         let mut keys = self.keys.lock().expect("lease lock");
         let Some(k) = keys.get_mut(key_id) else {
-            return Vec::new();
+            return;
         };
         let lease = k
             .current
@@ -247,23 +251,45 @@ impl Leases {
             lease.used.cost_nano =
                 (lease.used.cost_nano + actual.cost_nano - reserved.cost_nano).max(0);
         }
-        take_idle(key_id, k)
+        self.retire_idle(key_id, k);
     }
 
-    /// Retires expired leases and hands back those whose requests have all finished.
+    /// Retires expired leases; returns every lease whose requests have all finished, to give
+    /// back.
     pub fn sweep(&self) -> Vec<IdleLease> {
         let now = Instant::now();
         let mut keys = self.keys.lock().expect("lease lock");
-        let mut idle = Vec::new();
         for (key_id, k) in keys.iter_mut() {
             if k.current.as_ref().is_some_and(|l| l.expires <= now) {
                 let old = k.current.take().expect("checked");
                 k.retiring.push(old);
             }
-            idle.extend(take_idle(key_id, k));
+            self.retire_idle(key_id, k);
         }
         keys.retain(|_, k| k.current.is_some() || !k.retiring.is_empty() || k.taking.is_some());
-        idle
+        drop(keys);
+        std::mem::take(&mut *self.idle.lock().expect("lease lock"))
+    }
+
+    /// Moves the key's retiring leases with no request running to the give-back queue.
+    fn retire_idle(&self, key_id: &str, k: &mut KeyLeases) {
+        if k.retiring.iter().all(|l| l.in_flight > 0) {
+            return;
+        }
+        let (idle, busy): (Vec<Lease>, Vec<Lease>) =
+            k.retiring.drain(..).partition(|l| l.in_flight == 0);
+        k.retiring = busy;
+        self.idle
+            .lock()
+            .expect("lease lock")
+            .extend(idle.into_iter().map(|l| IdleLease {
+                key_id: key_id.to_owned(),
+                id: l.id,
+                admitted_sec: l.admitted_sec,
+                month: l.month,
+                granted: l.granted,
+                used: l.used,
+            }));
     }
 }
 
@@ -277,50 +303,41 @@ pub struct IdleLease {
     pub used: Reservation,
 }
 
-fn take_idle(key_id: &str, k: &mut KeyLeases) -> Vec<IdleLease> {
-    let (idle, busy): (Vec<Lease>, Vec<Lease>) =
-        k.retiring.drain(..).partition(|l| l.in_flight == 0);
-    k.retiring = busy;
-    idle.into_iter()
-        .map(|l| IdleLease {
-            key_id: key_id.to_owned(),
-            id: l.id,
-            admitted_sec: l.admitted_sec,
-            month: l.month,
-            granted: l.granted,
-            used: l.used,
-        })
-        .collect()
-}
-
-/// Gives idle leases back to the store: their unused requests, tokens, cost and slots.
-pub fn give_back(store: Arc<dyn Store>, held: Arc<Held>, idle: Vec<IdleLease>) {
+/// Gives idle leases back to the store (their unused requests, tokens, cost and slots), all
+/// in one store call: a busy key retires a lease every few milliseconds, and giving each
+/// back on its own doubled the store round trips leases cost. A lease is given back within
+/// a sweep interval of its last request (the admission task sweeps every 100 ms).
+pub async fn give_back(store: &dyn Store, held: &Held, idle: Vec<IdleLease>) {
     if idle.is_empty() {
         return;
+    }
+    let settlements: Vec<(&str, Settle)> = idle
+        .iter()
+        .map(|lease| {
+            (
+                lease.key_id.as_str(),
+                Settle {
+                    reservation_id: &lease.id,
+                    admitted_sec: lease.admitted_sec,
+                    month: &lease.month,
+                    reserved: lease.granted,
+                    actual: lease.used,
+                },
+            )
+        })
+        .collect();
+    for attempt in 0..5u32 {
+        match store.settle_all(&settlements).await {
+            Ok(()) => break,
+            Err(e) => {
+                tracing::warn!(error = %e, attempt, leases = idle.len(), "lease give-back failed");
+                tokio::time::sleep(Duration::from_millis(200 << attempt)).await;
+            }
+        }
     }
     for lease in &idle {
         held.release(&lease.id);
     }
-    tokio::spawn(async move {
-        for lease in idle {
-            let args = Settle {
-                reservation_id: &lease.id,
-                admitted_sec: lease.admitted_sec,
-                month: &lease.month,
-                reserved: lease.granted,
-                actual: lease.used,
-            };
-            for attempt in 0..5u32 {
-                match store.settle(&lease.key_id, &args).await {
-                    Ok(()) => break,
-                    Err(e) => {
-                        tracing::warn!(error = %e, attempt, "lease give-back failed");
-                        tokio::time::sleep(Duration::from_millis(200 << attempt)).await;
-                    }
-                }
-            }
-        }
-    });
 }
 
 #[cfg(test)]
@@ -394,7 +411,7 @@ mod tests {
         );
         // Expired at once, but its first request still runs.
         assert!(leases.sweep().is_empty());
-        let idle = leases.settle(
+        leases.settle(
             "k",
             "L",
             &r(10),
@@ -404,6 +421,7 @@ mod tests {
                 cost_nano: 2,
             },
         );
+        let idle = leases.sweep();
         assert_eq!(idle.len(), 1);
         assert_eq!(
             idle[0].used,

@@ -164,7 +164,7 @@ impl Admission {
             let mut tick = tokio::time::interval(Duration::from_millis(100));
             loop {
                 tick.tick().await;
-                give_back(self.store.clone(), self.held.clone(), self.leases.sweep());
+                give_back(self.store.as_ref(), &self.held, self.leases.sweep()).await;
             }
         };
         tokio::join!(held, leases);
@@ -373,7 +373,7 @@ impl Admission {
                 let lease_headers = decision.headers.clone();
                 let mut headers = decision.headers;
                 headers.remaining_requests = headers.remaining_requests.map(|v| v + size - 1);
-                let idle = self.leases.install(
+                self.leases.install(
                     &identity.key_id,
                     lease_id.clone(),
                     now,
@@ -382,7 +382,6 @@ impl Admission {
                     *first,
                     lease_headers,
                 );
-                give_back(self.store.clone(), self.held.clone(), idle);
                 Some(Admitted {
                     reservation: *first,
                     reservation_id: lease_id.clone(),
@@ -427,10 +426,8 @@ impl Admission {
             return;
         }
         if let Some(lease_id) = &admitted.lease {
-            let idle =
-                self.leases
-                    .settle(&identity.key_id, lease_id, &admitted.reservation, &actual);
-            give_back(self.store.clone(), self.held.clone(), idle);
+            self.leases
+                .settle(&identity.key_id, lease_id, &admitted.reservation, &actual);
             return;
         }
         self.held.release(&admitted.reservation_id);

@@ -101,6 +101,15 @@ pub trait Store: Send + Sync + 'static {
     /// Replaces a reservation with what the request really used, and frees its slots.
     async fn settle(&self, key_id: &str, args: &Settle<'_>) -> Result<(), StoreError>;
 
+    /// Settles many reservations (of any keys), in as few round trips as the store allows;
+    /// each is applied as `settle` would, not all of them atomically together.
+    async fn settle_all(&self, settlements: &[(&str, Settle<'_>)]) -> Result<(), StoreError> {
+        for (key_id, args) in settlements {
+            self.settle(key_id, args).await?;
+        }
+        Ok(())
+    }
+
     /// Renews the concurrency slots of a reservation still running.
     async fn refresh(&self, key_id: &str, args: &Refresh<'_>) -> Result<(), StoreError>;
 

@@ -302,6 +302,10 @@ impl Store for RedisStore {
         self.quota_settle(key_id, s).await
     }
 
+    async fn settle_all(&self, settlements: &[(&str, Settle<'_>)]) -> Result<(), StoreError> {
+        self.quota_settle_all(settlements).await
+    }
+
     async fn refresh(&self, key_id: &str, f: &Refresh<'_>) -> Result<(), StoreError> {
         self.quota_refresh(key_id, f).await
     }

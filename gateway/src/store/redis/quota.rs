@@ -1,6 +1,7 @@
 //! How does the Redis store keep quotas? Each `sluice_policies::ledger` operation as one
 //! script call on the API key's own keys, all under one hash tag (one Redis Cluster slot).
 
+use super::conn::Conn;
 use super::scripts::{ADMIT, CHARGE, REFRESH, SETTLE};
 use super::RedisStore;
 use crate::store::StoreError;
@@ -146,23 +147,32 @@ impl RedisStore {
         s: &Settle<'_>,
     ) -> Result<(), StoreError> {
         let keys = QuotaKeys::new(&self.prefix, key_id);
-        let token_delta = s.actual.tokens as i64 - s.reserved.tokens as i64;
-        let cost_delta = s.actual.cost_nano - s.reserved.cost_nano;
-        let mut invocation = SETTLE.prepare_invoke();
-        invocation
-            .key(keys.minute_tokens())
-            .key(keys.day(s.admitted_sec))
-            .key(keys.month(s.month))
-            .key(keys.in_flight())
-            .key(keys.minute_requests())
-            .arg(s.admitted_sec)
-            .arg(token_delta)
-            .arg(cost_delta)
-            .arg(s.reservation_id)
-            .arg(s.reserved.requests)
-            .arg(s.actual.requests as i64 - s.reserved.requests as i64);
         let mut conn = self.conn.clone();
-        let _: i64 = invocation.invoke_async(&mut conn).await?;
+        let _: i64 = settle_invocation(&keys, s).invoke_async(&mut conn).await?;
+        Ok(())
+    }
+
+    /// Many settlements in one round trip: the script loaded (a no-op when Redis has it) and
+    /// invoked once per settlement, pipelined. A cluster's keys live on many nodes, so there
+    /// each is its own call.
+    pub(super) async fn quota_settle_all(
+        &self,
+        settlements: &[(&str, Settle<'_>)],
+    ) -> Result<(), StoreError> {
+        if matches!(self.conn, Conn::Cluster(_)) || settlements.len() == 1 {
+            for (key_id, s) in settlements {
+                self.quota_settle(key_id, s).await?;
+            }
+            return Ok(());
+        }
+        let mut pipe = redis::pipe();
+        pipe.load_script(&SETTLE).ignore();
+        for (key_id, s) in settlements {
+            let keys = QuotaKeys::new(&self.prefix, key_id);
+            pipe.invoke_script(&settle_invocation(&keys, s)).ignore();
+        }
+        let mut conn = self.conn.clone();
+        let () = pipe.query_async(&mut conn).await?;
         Ok(())
     }
 
@@ -259,4 +269,24 @@ impl RedisStore {
             .await?;
         Ok(())
     }
+}
+
+/// `SETTLE`'s keys and arguments for one settlement.
+fn settle_invocation<'a>(keys: &QuotaKeys, s: &Settle<'_>) -> redis::ScriptInvocation<'a> {
+    let token_delta = s.actual.tokens as i64 - s.reserved.tokens as i64;
+    let cost_delta = s.actual.cost_nano - s.reserved.cost_nano;
+    let mut invocation = SETTLE.prepare_invoke();
+    invocation
+        .key(keys.minute_tokens())
+        .key(keys.day(s.admitted_sec))
+        .key(keys.month(s.month))
+        .key(keys.in_flight())
+        .key(keys.minute_requests())
+        .arg(s.admitted_sec)
+        .arg(token_delta)
+        .arg(cost_delta)
+        .arg(s.reservation_id)
+        .arg(s.reserved.requests)
+        .arg(s.actual.requests as i64 - s.reserved.requests as i64);
+    invocation
 }
