@@ -17,6 +17,7 @@ cd "$(dirname "$0")/.."
 . scripts/lib.sh
 
 RATE="${RATE:-500}"                 # fixed-rate scenarios: requests per second
+LOW_RATE="${LOW_RATE:-100}"         # the low fixed-rate scenario
 CONCURRENCY="${CONCURRENCY:-32}"    # max-throughput scenarios: closed-loop clients
 DURATION="${DURATION:-10s}"         # measured time per target per round
 WARMUP="${WARMUP:-2s}"
@@ -143,14 +144,24 @@ proxy_pids() {
     sluice-embedded) echo "$embedded_pid" ;;
   esac
 }
+# Exact cache hits: one deterministic request, asked again and again (the warm-up's first
+# ask is the miss that fills the cache). Only Sluice has a cache.
+printf '{"body":{"model":"sluice-sim","messages":[{"role":"user","content":"Write one sentence about rivers."}],"max_tokens":%s,"temperature":0}}\n' \
+  "$MAX_TOKENS" >"$work/hit.jsonl"
 results="$work/results.jsonl"
-for scenario in "fixed json" "fixed stream" "max json" "max stream"; do
+for scenario in "fixed json" "low json" "fixed stream" "max json" "max stream" "max hit"; do
   set -- $scenario
   load=(--duration "$DURATION" --warmup "$WARMUP" --max-tokens "$MAX_TOKENS" --json)
-  [ "$1" = fixed ] && load+=(--rate "$RATE") || load+=(--concurrency "$CONCURRENCY")
+  case "$1" in
+    fixed) load+=(--rate "$RATE") ;;
+    low) load+=(--rate "$LOW_RATE") ;;
+    max) load+=(--concurrency "$CONCURRENCY") ;;
+  esac
   [ "$2" = stream ] && load+=(--stream)
+  [ "$2" = hit ] && load+=(--mix "$work/hit.jsonl")
   for round in $(seq "$ROUNDS"); do
     for target in "${targets[@]}"; do
+      [ "$2" = hit ] && [[ "$target" != sluice* ]] && continue
       keyarg=()
       [ "$target" = sluice ] && keyarg=(--key "$key")
       [ "$target" = sluice-embedded ] && keyarg=(--key "$embedded_key")
@@ -165,6 +176,6 @@ for scenario in "fixed json" "fixed stream" "max json" "max stream"; do
   done
 done
 
-command_line="RATE=$RATE CONCURRENCY=$CONCURRENCY DURATION=$DURATION WARMUP=$WARMUP ROUNDS=$ROUNDS MAX_TOKENS=$MAX_TOKENS THREADS=$THREADS loadtest/bench-overhead.sh"
-python3 loadtest/overhead_table.py "$results" "$OUT" "$command_line" "$RATE" "$CONCURRENCY"
+command_line="RATE=$RATE LOW_RATE=$LOW_RATE CONCURRENCY=$CONCURRENCY DURATION=$DURATION WARMUP=$WARMUP ROUNDS=$ROUNDS MAX_TOKENS=$MAX_TOKENS THREADS=$THREADS loadtest/bench-overhead.sh"
+python3 loadtest/overhead_table.py "$results" "$OUT" "$command_line" "$RATE" "$CONCURRENCY" "$LOW_RATE"
 echo "bench: wrote $OUT" >&2

@@ -10,6 +10,7 @@
 //! into both keys, and is checked again against the stored entry before anything is served.
 
 pub mod answer;
+mod hot;
 mod stats;
 
 pub use stats::{CacheStats, TenantCacheStats};
@@ -81,7 +82,7 @@ pub struct Hit {
 }
 
 /// What the store keeps per entry.
-#[derive(Serialize, Deserialize)]
+#[derive(Clone, Serialize, Deserialize)]
 struct StoredEntry {
     tenant: String,
     question: Option<String>,
@@ -132,7 +133,12 @@ pub struct ResponseCache {
     index: Arc<CacheIndex>,
     embedder: Option<Embedder>,
     stats: Stats,
+    /// Bodies of recently served entries.
+    hot: hot::HotEntries<StoredEntry>,
 }
+
+/// How many bytes of entry bodies a replica keeps at hand (see [`hot`]).
+const HOT_BYTES: usize = 32 << 20;
 
 impl ResponseCache {
     pub fn new(config: CacheConfig, store: Arc<dyn Store>) -> ResponseCache {
@@ -150,6 +156,7 @@ impl ResponseCache {
             index: Arc::default(),
             embedder,
             stats: Stats::default(),
+            hot: hot::HotEntries::new(HOT_BYTES),
         }
     }
 
@@ -277,14 +284,20 @@ impl ResponseCache {
     }
 
     /// An entry's body, checked to belong to `tenant`; a body that is gone leaves the index.
+    /// The entry the index found, from this replica's recent ones or the store.
     async fn fetch(&self, id: &str, tenant: &str) -> Option<StoredEntry> {
+        if let Some(entry) = self.hot.get(id) {
+            return (entry.tenant == tenant).then_some(entry);
+        }
         match self.store.cache_get(id).await {
             Ok(Some(bytes)) => {
                 let entry: StoredEntry = serde_json::from_slice(&bytes).ok()?;
+                self.hot.insert(id, entry.clone(), bytes.len());
                 (entry.tenant == tenant).then_some(entry)
             }
             Ok(None) => {
                 self.index.remove(id);
+                self.hot.remove(id);
                 None
             }
             Err(e) => {
