@@ -123,7 +123,7 @@ section = "\n".join([
     "(`sluice_redis_call_duration_seconds_count`: one per command or pipeline sent); commands "
     "are what Redis's MONITOR saw (each command of a pipeline counted, those a script runs "
     "inside Redis not). Script calls are admissions, settlements (per request; with leases, "
-    "idle leases are given back together, one pipeline per 100 ms) and usage-event batches "
+    "idle leases are given back together, one pipeline per 10 ms gathered) and usage-event batches "
     "(metering is on). The key-epoch poll (five GETs a second per replica) and the cache-log "
     "follower's blocking XREAD, which do not follow traffic, are left out.",
     "",

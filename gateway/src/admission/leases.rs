@@ -75,6 +75,8 @@ pub struct Leases {
     /// Leases whose requests have all finished, waiting for the next give-back (see
     /// [`give_back`]).
     idle: Mutex<Vec<IdleLease>>,
+    /// Told when the first lease of a give-back goes idle.
+    idle_due: tokio::sync::Notify,
 }
 
 /// What to do when the current lease cannot serve a request.
@@ -95,6 +97,7 @@ impl Leases {
             ttl,
             keys: Mutex::new(HashMap::new()),
             idle: Mutex::new(Vec::new()),
+            idle_due: tokio::sync::Notify::new(),
         }
     }
 
@@ -254,6 +257,12 @@ impl Leases {
         self.retire_idle(key_id, k);
     }
 
+    /// Resolves once a lease has gone idle since the last [`Leases::sweep`] (at once if one
+    /// has).
+    pub async fn idle_due(&self) {
+        self.idle_due.notified().await
+    }
+
     /// Retires expired leases; returns every lease whose requests have all finished, to give
     /// back.
     pub fn sweep(&self) -> Vec<IdleLease> {
@@ -279,17 +288,18 @@ impl Leases {
         let (idle, busy): (Vec<Lease>, Vec<Lease>) =
             k.retiring.drain(..).partition(|l| l.in_flight == 0);
         k.retiring = busy;
-        self.idle
-            .lock()
-            .expect("lease lock")
-            .extend(idle.into_iter().map(|l| IdleLease {
-                key_id: key_id.to_owned(),
-                id: l.id,
-                admitted_sec: l.admitted_sec,
-                month: l.month,
-                granted: l.granted,
-                used: l.used,
-            }));
+        let mut queue = self.idle.lock().expect("lease lock");
+        if queue.is_empty() {
+            self.idle_due.notify_one();
+        }
+        queue.extend(idle.into_iter().map(|l| IdleLease {
+            key_id: key_id.to_owned(),
+            id: l.id,
+            admitted_sec: l.admitted_sec,
+            month: l.month,
+            granted: l.granted,
+            used: l.used,
+        }));
     }
 }
 
@@ -305,8 +315,12 @@ pub struct IdleLease {
 
 /// Gives idle leases back to the store (their unused requests, tokens, cost and slots), all
 /// in one store call: a busy key retires a lease every few milliseconds, and giving each
-/// back on its own doubled the store round trips leases cost. A lease is given back within
-/// a sweep interval of its last request (the admission task sweeps every 100 ms).
+/// back on its own doubled the store round trips leases cost. The admission task gives back
+/// [`GIVE_BACK_GATHER`] after a lease goes idle, so a lease's slots are held that much
+/// longer than its last request at most (plus the round trip).
+pub const GIVE_BACK_GATHER: Duration = Duration::from_millis(10);
+
+/// See [`GIVE_BACK_GATHER`].
 pub async fn give_back(store: &dyn Store, held: &Held, idle: Vec<IdleLease>) {
     if idle.is_empty() {
         return;

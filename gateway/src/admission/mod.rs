@@ -28,7 +28,7 @@ use crate::store::Store;
 use arc_swap::ArcSwap;
 use held::{Held, OwedCharge};
 use http::{HeaderName, HeaderValue};
-use leases::{give_back, Leases, Miss};
+use leases::{give_back, Leases, Miss, GIVE_BACK_GATHER};
 use sluice_policies::ledger::{Admit, Settle};
 use sluice_policies::pricing::PriceBook;
 use sluice_policies::quota::{self, LimitKind, RateHeaders, Reservation};
@@ -161,9 +161,13 @@ impl Admission {
             if !self.leases.enabled() {
                 return;
             }
+            // Expired leases are found by the tick; spent ones announce themselves.
             let mut tick = tokio::time::interval(Duration::from_millis(100));
             loop {
-                tick.tick().await;
+                tokio::select! {
+                    _ = tick.tick() => {}
+                    () = self.leases.idle_due() => tokio::time::sleep(GIVE_BACK_GATHER).await,
+                }
                 give_back(self.store.as_ref(), &self.held, self.leases.sweep()).await;
             }
         };
