@@ -253,7 +253,7 @@ pub(super) struct Quotas {
 pub(super) fn quotas(q: &QuotasSection) -> Result<Quotas, ConfigError> {
     Ok(Quotas {
         default_max_tokens: q.default_max_tokens.unwrap_or(4096),
-        lease_max_requests: q.lease_max_requests.unwrap_or(16),
+        lease_max_requests: q.lease_max_requests.unwrap_or(32),
         lease_ms: q.lease_ms.unwrap_or(1000),
         slot_ttl_secs: match q.slot_ttl_secs.unwrap_or(60) {
             0 => return Err(invalid("quotas.slot_ttl_secs", "must be at least 1")),
