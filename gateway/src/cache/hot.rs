@@ -11,7 +11,13 @@ use std::sync::Mutex;
 
 pub struct HotEntries<T> {
     max_bytes: usize,
-    entries: Mutex<(LruCache<String, (T, usize)>, usize)>,
+    kept: Mutex<Kept<T>>,
+}
+
+/// The entries, each with its size, and their total size.
+struct Kept<T> {
+    entries: LruCache<String, (T, usize)>,
+    bytes: usize,
 }
 
 impl<T: Clone> HotEntries<T> {
@@ -19,13 +25,16 @@ impl<T: Clone> HotEntries<T> {
     pub fn new(max_bytes: usize) -> Self {
         HotEntries {
             max_bytes,
-            entries: Mutex::new((LruCache::unbounded(), 0)),
+            kept: Mutex::new(Kept {
+                entries: LruCache::unbounded(),
+                bytes: 0,
+            }),
         }
     }
 
     pub fn get(&self, id: &str) -> Option<T> {
-        let mut guard = self.entries.lock().expect("hot entries lock");
-        guard.0.get(id).map(|(entry, _)| entry.clone())
+        let mut kept = self.kept.lock().expect("hot entries lock");
+        kept.entries.get(id).map(|(entry, _)| entry.clone())
     }
 
     /// Keeps `entry` (about `bytes` big), making room by dropping the least recently used.
@@ -33,25 +42,23 @@ impl<T: Clone> HotEntries<T> {
         if bytes > self.max_bytes / 4 {
             return;
         }
-        let mut guard = self.entries.lock().expect("hot entries lock");
-        let (entries, total) = &mut *guard;
-        if let Some((_, old)) = entries.put(id.to_owned(), (entry, bytes)) {
-            *total -= old;
+        let mut kept = self.kept.lock().expect("hot entries lock");
+        if let Some((_, old)) = kept.entries.put(id.to_owned(), (entry, bytes)) {
+            kept.bytes -= old;
         }
-        *total += bytes;
-        while *total > self.max_bytes {
-            match entries.pop_lru() {
-                Some((_, (_, dropped))) => *total -= dropped,
+        kept.bytes += bytes;
+        while kept.bytes > self.max_bytes {
+            match kept.entries.pop_lru() {
+                Some((_, (_, dropped))) => kept.bytes -= dropped,
                 None => break,
             }
         }
     }
 
     pub fn remove(&self, id: &str) {
-        let mut guard = self.entries.lock().expect("hot entries lock");
-        let (entries, total) = &mut *guard;
-        if let Some((_, bytes)) = entries.pop(id) {
-            *total -= bytes;
+        let mut kept = self.kept.lock().expect("hot entries lock");
+        if let Some((_, bytes)) = kept.entries.pop(id) {
+            kept.bytes -= bytes;
         }
     }
 }
