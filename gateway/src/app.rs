@@ -16,8 +16,10 @@ use serde_json::json;
 use sluice_policies::Tiers;
 use std::sync::Arc;
 
-/// Entries the local key cache may hold before it starts over.
-const KEY_CACHE_CAPACITY: usize = 100_000;
+/// Valid keys the local key cache holds (oldest evicted first; an evicted key costs one store
+/// lookup), and, apart from them, secrets the store did not know.
+const KEY_CACHE_KNOWN: usize = 200_000;
+const KEY_CACHE_UNKNOWN: usize = 20_000;
 
 pub struct Gateway {
     pub config: Config,
@@ -32,6 +34,8 @@ pub struct Gateway {
     pub usage: UsageSink,
     pub admission: Arc<Admission>,
     pub cache: Arc<crate::cache::ResponseCache>,
+    /// Requests in flight and body bytes held, against the configured marks.
+    pub overload: crate::overload::Overload,
 }
 
 impl Gateway {
@@ -63,7 +67,7 @@ impl Gateway {
             .map(|j| JwtVerifier::new(j).map(Arc::new))
             .transpose()
             .context("auth.jwt")?;
-        let key_cache = Arc::new(KeyCache::new(KEY_CACHE_CAPACITY));
+        let key_cache = Arc::new(KeyCache::new(KEY_CACHE_KNOWN, KEY_CACHE_UNKNOWN));
         let tiers = Arc::new(ArcSwap::from_pointee(
             merged_tiers(&config.tiers, store.as_ref()).await?,
         ));
@@ -88,6 +92,7 @@ impl Gateway {
             config.cache.clone(),
             store.clone(),
         ));
+        let overload = crate::overload::Overload::new(config.marks);
         let gateway = Arc::new(Gateway {
             config,
             tiers,
@@ -99,6 +104,7 @@ impl Gateway {
             usage,
             admission,
             cache,
+            overload,
         });
         Ok((gateway, writer))
     }

@@ -18,9 +18,14 @@
 //!   prefix cannot overload its backend; past the bound it spills to the next.
 //!
 //! A backend is available while its active checks pass, no passive ejection is running and it
-//! is not draining. Passive ejection: `eject_after` consecutive failures (connect errors, 5xx)
-//! eject it for a backoff that doubles while it keeps failing (up to `eject_max`); one success
-//! clears it.
+//! is not draining. Passive ejection (Envoy's outlier detection, gateway-failure mode):
+//! `eject_after` consecutive failures eject it for a backoff that doubles while it keeps
+//! failing (up to `eject_max`); one answer clears it. Only faults of the backend itself
+//! count: connect errors, connections reset or closed mid-answer, and 502/503/504. A read
+//! timeout does not (a long generation is the backend working, not failing), nor does any
+//! other status (the backend answered). Ejection never takes more than
+//! `max_ejection_percent` of a model's backends out at once (rounded down: a model with one
+//! backend keeps it), so a tenant whose requests fail everywhere cannot empty the pool.
 
 use serde::Deserialize;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, AtomicU64, Ordering};
@@ -42,6 +47,8 @@ pub struct BalancerConfig {
     pub eject_after: u32,
     pub eject_base_ms: u64,
     pub eject_max_ms: u64,
+    /// The largest share of a model's backends passive ejection may take out at once.
+    pub max_ejection_percent: u32,
     pub connect_timeout_ms: u64,
     /// The longest wait for the first byte, and between two reads of a stream.
     pub read_timeout_secs: u64,
@@ -65,6 +72,7 @@ impl Default for BalancerConfig {
             eject_after: 3,
             eject_base_ms: 1000,
             eject_max_ms: 30_000,
+            max_ejection_percent: 50,
             connect_timeout_ms: 3000,
             read_timeout_secs: 300,
             scrape_interval_ms: 500,
@@ -214,7 +222,7 @@ impl BackendState {
         4.0 * waiting + running.max(self.in_flight.load(Ordering::Relaxed) as f64) + 8.0 * kv
     }
 
-    /// A request reached the backend and got an answer (any status below 500).
+    /// A request reached the backend and got an answer (any status but 502, 503 and 504).
     pub fn succeeded(&self, latency: Duration) {
         self.failures.store(0, Ordering::Relaxed);
         self.ejections.store(0, Ordering::Relaxed);
@@ -229,10 +237,13 @@ impl BackendState {
         self.ewma_us.store(new.to_bits(), Ordering::Relaxed);
     }
 
-    /// A request failed there (connect error, reset, 5xx). Says whether it ejected the backend.
-    pub fn failed(&self, config: &BalancerConfig) -> bool {
+    /// A request failed there (connect error, reset, 502/503/504). Says whether it ejected
+    /// the backend; it may not when `may_eject` is false (the pool's ejection share is
+    /// spent), and then the failures stay counted, so it goes at its next failure once the
+    /// share allows.
+    pub fn failed(&self, config: &BalancerConfig, may_eject: bool) -> bool {
         let failures = self.failures.fetch_add(1, Ordering::Relaxed) + 1;
-        if failures < config.eject_after {
+        if failures < config.eject_after || !may_eject {
             return false;
         }
         self.failures.store(0, Ordering::Relaxed);
@@ -471,12 +482,12 @@ mod tests {
             ..BalancerConfig::default()
         };
         let s = BackendState::default();
-        assert!(!s.failed(&config));
-        assert!(s.failed(&config));
+        assert!(!s.failed(&config, true));
+        assert!(s.failed(&config, true));
         assert!(s.ejected() && !s.available());
         let first = s.ejected_until_ms.load(Ordering::Relaxed);
-        s.failed(&config);
-        assert!(s.failed(&config));
+        s.failed(&config, true);
+        assert!(s.failed(&config, true));
         assert!(
             s.ejected_until_ms.load(Ordering::Relaxed) - first >= 10_000,
             "backoff doubled"

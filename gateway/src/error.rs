@@ -12,6 +12,8 @@ pub struct ApiError {
     pub code: Option<&'static str>,
     pub param: Option<&'static str>,
     pub message: String,
+    /// `Retry-After` for a refusal that passes by itself (the replica was overloaded).
+    pub retry_after_secs: Option<u64>,
 }
 
 /// OpenAI's `type` values that Sluice uses.
@@ -48,7 +50,19 @@ impl ApiError {
             code,
             param: None,
             message,
+            retry_after_secs: None,
         }
+    }
+
+    pub fn with_retry_after(mut self, secs: u64) -> Self {
+        self.retry_after_secs = Some(secs);
+        self
+    }
+
+    /// The same error under a more specific code.
+    pub fn with_code(mut self, code: &'static str) -> Self {
+        self.code = Some(code);
+        self
     }
 
     pub fn with_param(mut self, param: &'static str) -> Self {
@@ -117,6 +131,15 @@ impl ApiError {
             ErrorKind::InvalidRequest,
             Some("request_too_large"),
             format!("The request body is larger than the limit of {limit} bytes."),
+        )
+    }
+
+    pub fn request_timeout(message: impl Into<String>) -> Self {
+        Self::new(
+            408,
+            ErrorKind::InvalidRequest,
+            Some("request_timeout"),
+            message.into(),
         )
     }
 

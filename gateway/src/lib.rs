@@ -14,6 +14,7 @@ pub mod keys;
 pub mod metering;
 pub mod metrics;
 pub mod outcome;
+pub mod overload;
 pub mod proxy;
 pub mod request;
 pub mod server;

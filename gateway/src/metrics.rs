@@ -27,6 +27,7 @@ pub struct Metrics {
     admissions: IntCounterVec,
     redis_calls: HistogramVec,
     redis_errors: IntCounterVec,
+    shed: IntCounterVec,
 }
 
 /// Request latencies: 1 ms to 2 minutes.
@@ -138,6 +139,12 @@ impl Metrics {
                 "Requests admitted, by how: from this replica's quota lease (no store call), by one atomic store step, or by the local limiter alone while the store was unreachable (fail-open).",
                 &["path"],
             ),
+            shed: counter(
+                &r,
+                "sluice_requests_shed_total",
+                "Requests shed with 503 because the replica was past a load mark, by mark (in_flight, body_bytes).",
+                &["mark"],
+            ),
             redis_calls: histogram(
                 &r,
                 "sluice_redis_call_duration_seconds",
@@ -187,6 +194,11 @@ impl Metrics {
         if let Some(limit) = r.refused_by {
             self.refused.with_label_values(&[r.tier, limit]).inc();
         }
+    }
+
+    /// `mark`: `in_flight` or `body_bytes`.
+    pub fn record_shed(&self, mark: &str) {
+        self.shed.with_label_values(&[mark]).inc();
     }
 
     /// `path`: `lease`, `store` or `local`.

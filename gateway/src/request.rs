@@ -185,11 +185,24 @@ pub fn with_model(body: &Bytes, model: &str) -> Result<Bytes, ApiError> {
     ))
 }
 
-/// Reads the whole request body, refusing it past `limit` bytes.
+/// How much of a request body the gateway reads, and for how long.
+#[derive(Debug, Clone, Copy)]
+pub struct BodyLimits {
+    pub max_bytes: usize,
+    /// The whole body must have arrived within this, however it trickles in.
+    pub timeout: std::time::Duration,
+}
+
+/// Reads the whole request body: 413 past `max_bytes`, 408 past the timeout, 503 when the
+/// replica already holds its budget of body bytes (counted into `share` as they arrive).
+/// Memory grows with what arrives, never with what the client announces.
 pub async fn read_body(
     session: &mut pingora_proxy::Session,
-    limit: usize,
+    limits: BodyLimits,
+    overload: &crate::overload::Overload,
+    share: &mut crate::overload::BodyBytes,
 ) -> Result<Bytes, ApiError> {
+    let limit = limits.max_bytes;
     let declared = session
         .req_header()
         .headers
@@ -204,29 +217,38 @@ pub async fn read_body(
         .headers
         .get(http::header::EXPECT)
         .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
-    if expects_continue {
-        // The client waits for this before sending a large body (curl does).
-        session
-            .write_continue_response()
-            .await
-            .map_err(|e| ApiError::bad_request(format!("Could not read the request body: {e}")))?;
-    }
-    let mut body = BytesMut::with_capacity(declared.unwrap_or(0));
-    loop {
-        match session.read_request_body().await {
-            Ok(Some(chunk)) => {
-                if body.len() + chunk.len() > limit {
-                    return Err(ApiError::body_too_large(limit));
+    let reading = async {
+        if expects_continue {
+            // The client waits for this before sending a large body (curl does).
+            session.write_continue_response().await.map_err(|e| {
+                ApiError::bad_request(format!("Could not read the request body: {e}"))
+            })?;
+        }
+        let mut body = BytesMut::new();
+        loop {
+            match session.read_request_body().await {
+                Ok(Some(chunk)) => {
+                    if body.len() + chunk.len() > limit {
+                        return Err(ApiError::body_too_large(limit));
+                    }
+                    overload.grow(share, chunk.len())?;
+                    body.extend_from_slice(&chunk);
                 }
-                body.extend_from_slice(&chunk);
-            }
-            Ok(None) => return Ok(body.freeze()),
-            Err(e) => {
-                return Err(ApiError::bad_request(format!(
-                    "Could not read the request body: {e}"
-                )))
+                Ok(None) => return Ok(body.freeze()),
+                Err(e) => {
+                    return Err(ApiError::bad_request(format!(
+                        "Could not read the request body: {e}"
+                    )))
+                }
             }
         }
+    };
+    match tokio::time::timeout(limits.timeout, reading).await {
+        Ok(read) => read,
+        Err(_) => Err(ApiError::request_timeout(format!(
+            "The request body did not arrive within {} seconds.",
+            limits.timeout.as_secs()
+        ))),
     }
 }
 

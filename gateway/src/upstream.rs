@@ -57,6 +57,20 @@ pub struct ModelRoute {
 }
 
 impl ModelRoute {
+    /// Passive health: `backend` failed a request of this model. Says whether that ejected
+    /// it; it does not while ejecting it would take more than `max_ejection_percent` of this
+    /// model's backends out at once.
+    pub fn backend_failed(&self, backend: &Backend, config: &BalancerConfig) -> bool {
+        // Ejections are rare; one lock makes "count, then eject" a single step, so two
+        // backends failing at once cannot both take the last share.
+        static EJECTING: parking_lot::Mutex<()> = parking_lot::Mutex::new(());
+        let _one_at_a_time = EJECTING.lock();
+        let allowed = self.backends.len() * config.max_ejection_percent.min(100) as usize / 100;
+        let ejected = self.backends.iter().filter(|b| b.state.ejected()).count();
+        let may_eject = backend.state.ejected() || ejected < allowed;
+        backend.state.failed(config, may_eject)
+    }
+
     /// An available backend not in `tried`, chosen by `strategy`; `prefix` is the prompt's
     /// affinity hash.
     pub fn pick(
@@ -89,7 +103,7 @@ pub struct Upstreams {
     models: ArcSwap<BTreeMap<String, Arc<ModelRoute>>>,
     /// What each backend (by name) last said it serves: a backend that is briefly
     /// unreachable keeps its models, so its clients see a 502 and not a vanished model.
-    last_discovered: std::sync::Mutex<std::collections::HashMap<String, ServedModels>>,
+    last_discovered: parking_lot::Mutex<std::collections::HashMap<String, ServedModels>>,
     http: reqwest::Client,
 }
 
@@ -180,7 +194,7 @@ impl Upstreams {
             return false;
         }
         {
-            let mut last = self.last_discovered.lock().expect("discovery lock");
+            let mut last = self.last_discovered.lock();
             last.retain(|name, _| next.iter().any(|b| &b.name == name));
         }
         self.backends.store(Arc::new(next));
@@ -215,7 +229,7 @@ impl Upstreams {
             }
         }
         {
-            let mut last = self.last_discovered.lock().expect("discovery lock");
+            let mut last = self.last_discovered.lock();
             for (name, models) in answers {
                 if backends.iter().any(|b| b.name == name) {
                     last.insert(name, models);
@@ -304,7 +318,7 @@ impl Upstreams {
     /// Rebuilds the model table from the pool and what its backends last said they serve.
     fn install(&self) {
         let backends = self.backends();
-        let discovered = self.last_discovered.lock().expect("discovery lock").clone();
+        let discovered = self.last_discovered.lock().clone();
         let mut routes: BTreeMap<String, (String, Vec<Arc<Backend>>)> = BTreeMap::new();
         for backend in backends.iter() {
             for model in &backend.declared_models {
@@ -386,6 +400,47 @@ mod tests {
         );
         assert_eq!(u.model("m2").unwrap().backends.len(), 1);
         assert!(u.model("m3").is_none());
+    }
+
+    #[test]
+    fn ejection_never_takes_more_than_its_share_of_a_models_backends() {
+        let config = BalancerConfig {
+            eject_after: 1,
+            ..BalancerConfig::default()
+        };
+        let configs: Vec<_> = (0..4)
+            .map(|i| backend(&format!("b{i}"), 10 + i, &["m"]))
+            .collect();
+        let u = Upstreams::new(&configs);
+        let m = u.model("m").unwrap();
+        // Every backend fails every request, in turn, many times over.
+        for _ in 0..5 {
+            for b in &m.backends {
+                m.backend_failed(b, &config);
+            }
+        }
+        let ejected = m.backends.iter().filter(|b| b.state.ejected()).count();
+        assert_eq!(ejected, 2, "50% of 4");
+        assert_eq!(m.backends.iter().filter(|b| b.state.available()).count(), 2);
+
+        // One backend: ejecting it would leave the model with none, so it stays.
+        let single = Upstreams::new(&[backend("only", 20, &["s"])]);
+        let s = single.model("s").unwrap();
+        for _ in 0..10 {
+            assert!(!s.backend_failed(&s.backends[0], &config));
+        }
+        assert!(s.backends[0].state.available());
+
+        // 100% lets all go; 0% none.
+        let all = BalancerConfig {
+            max_ejection_percent: 100,
+            ..config.clone()
+        };
+        let u = Upstreams::new(&configs[..2]);
+        let m = u.model("m").unwrap();
+        for b in &m.backends {
+            assert!(m.backend_failed(b, &all));
+        }
     }
 
     #[test]

@@ -10,6 +10,7 @@ mod billing;
 mod cache;
 mod console;
 mod keys;
+mod listener;
 mod metrics;
 mod tiers;
 
@@ -19,7 +20,6 @@ use axum::extract::{Request, State};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use axum::serve::ListenerExt;
 use axum::{Json, Router};
 use serde::de::DeserializeOwned;
 use serde_json::json;
@@ -29,12 +29,12 @@ use std::sync::Arc;
 type AppState = Arc<Gateway>;
 
 pub async fn serve(listener: tokio::net::TcpListener, gateway: Arc<Gateway>) {
-    let listener = listener.tap_io(|tcp| {
-        let _ = tcp.set_nodelay(true);
-    });
-    if let Err(e) = axum::serve(listener, router(gateway)).await {
-        tracing::error!(error = %e, "admin listener failed");
-    }
+    let config = &gateway.config;
+    let bounds = listener::Bounds {
+        max_connections: config.admin_max_connections,
+        header_timeout: config.admin_header_timeout,
+    };
+    listener::serve(listener, router(gateway.clone()), bounds).await;
 }
 
 pub fn router(gateway: Arc<Gateway>) -> Router {
@@ -77,6 +77,10 @@ pub fn router(gateway: Arc<Gateway>) -> Router {
         .route("/admin/v1/cache", axum::routing::delete(cache::purge_cache))
         .route("/admin/v1/cache/stats", get(cache::cache_stats))
         .route("/metrics", get(metrics::metrics))
+        .layer(middleware::from_fn_with_state(
+            gateway.clone(),
+            listener::read_body_within,
+        ))
         .layer(middleware::from_fn_with_state(gateway.clone(), authorize));
     Router::new()
         .route("/health", get(|| async { Json(json!({"status": "ok"})) }))

@@ -8,10 +8,11 @@
 
 use crate::clock::Clock;
 use crate::store::Store;
+use parking_lot::Mutex;
 use sluice_policies::ledger::{Charge, Refresh};
 use sluice_policies::quota::Reservation;
 use std::collections::{HashMap, VecDeque};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 /// Usage admitted without the store, waiting to be counted.
@@ -40,20 +41,16 @@ impl Held {
     pub fn hold(&self, key_id: &str, reservation_id: &str, slots: u64) {
         self.running
             .lock()
-            .expect("held lock")
             .insert(reservation_id.to_owned(), (Arc::from(key_id), slots));
     }
 
     /// It ended (settled, or its lease given back).
     pub fn release(&self, reservation_id: &str) {
-        self.running
-            .lock()
-            .expect("held lock")
-            .remove(reservation_id);
+        self.running.lock().remove(reservation_id);
     }
 
     pub fn owe(&self, charge: OwedCharge) {
-        let mut owed = self.owed.lock().expect("held lock");
+        let mut owed = self.owed.lock();
         if owed.len() >= MAX_OWED {
             let dropped = owed.pop_front();
             tracing::error!(charge = ?dropped, "too many quota charges owed; dropping the oldest");
@@ -63,7 +60,7 @@ impl Held {
 
     /// How many charges wait for the store.
     pub fn owed(&self) -> usize {
-        self.owed.lock().expect("held lock").len()
+        self.owed.lock().len()
     }
 
     /// Renews every running reservation's slots at `now_sec`.
@@ -71,7 +68,6 @@ impl Held {
         let running: Vec<(String, Arc<str>, u64)> = self
             .running
             .lock()
-            .expect("held lock")
             .iter()
             .map(|(id, (key, slots))| (id.clone(), key.clone(), *slots))
             .collect();
@@ -92,7 +88,7 @@ impl Held {
     /// Charges what is owed, in order, until the store fails; the rest waits.
     pub async fn charge_owed(&self, store: &dyn Store, now_sec: i64) {
         loop {
-            let Some(next) = self.owed.lock().expect("held lock").front().cloned() else {
+            let Some(next) = self.owed.lock().front().cloned() else {
                 return;
             };
             let charge = Charge {
@@ -104,7 +100,7 @@ impl Held {
             };
             match store.charge(&next.key_id, &charge).await {
                 Ok(_) => {
-                    let mut owed = self.owed.lock().expect("held lock");
+                    let mut owed = self.owed.lock();
                     if owed.front().is_some_and(|c| c.id == next.id) {
                         owed.pop_front();
                     }

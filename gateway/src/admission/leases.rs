@@ -18,11 +18,12 @@
 
 use super::held::Held;
 use crate::store::Store;
+use parking_lot::Mutex;
 use sluice_policies::ledger::Settle;
 use sluice_policies::quota::{RateHeaders, Reservation};
 use sluice_policies::Limits;
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// A lease being taken or held for one key on this replica.
@@ -114,7 +115,7 @@ impl Leases {
         r: &Reservation,
         now_sec: i64,
     ) -> Result<LeasedAdmission, Miss> {
-        let mut keys = self.keys.lock().expect("lease lock");
+        let mut keys = self.keys.lock();
         let k = keys.entry(key_id.to_owned()).or_default();
         if k.second.0 == now_sec {
             k.second.1 += 1;
@@ -188,7 +189,7 @@ impl Leases {
         first: Reservation,
         headers: RateHeaders,
     ) {
-        let mut keys = self.keys.lock().expect("lease lock");
+        let mut keys = self.keys.lock();
         let k = keys.entry(key_id.to_owned()).or_default();
         if let Some(taking) = k.taking.take() {
             taking.notify_waiters();
@@ -215,7 +216,7 @@ impl Leases {
     /// Whether `taking` is still the lease being taken for the key (not installed or given
     /// up yet).
     pub fn is_taking(&self, key_id: &str, taking: &Arc<tokio::sync::Notify>) -> bool {
-        let keys = self.keys.lock().expect("lease lock");
+        let keys = self.keys.lock();
         keys.get(key_id)
             .and_then(|k| k.taking.as_ref())
             .is_some_and(|t| Arc::ptr_eq(t, taking))
@@ -223,7 +224,7 @@ impl Leases {
 
     /// The store refused a lease (or failed): let the next request try again.
     pub fn not_taken(&self, key_id: &str) {
-        if let Some(k) = self.keys.lock().expect("lease lock").get_mut(key_id) {
+        if let Some(k) = self.keys.lock().get_mut(key_id) {
             if let Some(taking) = k.taking.take() {
                 taking.notify_waiters();
             }
@@ -239,7 +240,7 @@ impl Leases {
         reserved: &Reservation,
         actual: &Reservation,
     ) {
-        let mut keys = self.keys.lock().expect("lease lock");
+        let mut keys = self.keys.lock();
         let Some(k) = keys.get_mut(key_id) else {
             return;
         };
@@ -267,7 +268,7 @@ impl Leases {
     /// back.
     pub fn sweep(&self) -> Vec<IdleLease> {
         let now = Instant::now();
-        let mut keys = self.keys.lock().expect("lease lock");
+        let mut keys = self.keys.lock();
         for (key_id, k) in keys.iter_mut() {
             if k.current.as_ref().is_some_and(|l| l.expires <= now) {
                 let old = k.current.take().expect("checked");
@@ -277,7 +278,7 @@ impl Leases {
         }
         keys.retain(|_, k| k.current.is_some() || !k.retiring.is_empty() || k.taking.is_some());
         drop(keys);
-        std::mem::take(&mut *self.idle.lock().expect("lease lock"))
+        std::mem::take(&mut *self.idle.lock())
     }
 
     /// Moves the key's retiring leases with no request running to the give-back queue.
@@ -288,7 +289,7 @@ impl Leases {
         let (idle, busy): (Vec<Lease>, Vec<Lease>) =
             k.retiring.drain(..).partition(|l| l.in_flight == 0);
         k.retiring = busy;
-        let mut queue = self.idle.lock().expect("lease lock");
+        let mut queue = self.idle.lock();
         if queue.is_empty() {
             self.idle_due.notify_one();
         }

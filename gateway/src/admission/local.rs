@@ -8,10 +8,10 @@
 //! earliest possible on a fleet). When the store cannot be reached it is the only limit
 //! left, if the key's tier fails open.
 
+use parking_lot::Mutex;
 use sluice_policies::quota::{self, Bucket, Counters, Reservation, WINDOW_SECS};
 use sluice_policies::Limits;
 use std::collections::HashMap;
-use std::sync::Mutex;
 
 #[derive(Default)]
 pub struct LocalLimiter {
@@ -36,7 +36,7 @@ impl LocalLimiter {
         let Some(rpm) = requests_per_minute else {
             return Ok(());
         };
-        let mut keys = self.keys.lock().expect("limiter lock");
+        let mut keys = self.keys.lock();
         let minute = match keys.get_mut(key_id) {
             Some(minute) => minute,
             None => keys.entry(key_id.to_owned()).or_default(),
@@ -69,7 +69,7 @@ impl LocalLimiter {
     /// Takes back a request counted at `now_sec` that the store then refused, so that
     /// refusals never fill this replica's window.
     pub fn uncount(&self, key_id: &str, now_sec: i64) {
-        let mut keys = self.keys.lock().expect("limiter lock");
+        let mut keys = self.keys.lock();
         if let Some(b) = keys
             .get_mut(key_id)
             .and_then(|minute| minute.iter_mut().find(|b| b.second == now_sec))
@@ -80,7 +80,7 @@ impl LocalLimiter {
 
     /// Starts a key afresh on this replica (after an operator's quota reset).
     pub fn forget(&self, key_id: &str) {
-        self.keys.lock().expect("limiter lock").remove(key_id);
+        self.keys.lock().remove(key_id);
     }
 }
 

@@ -66,6 +66,14 @@ pub struct Admitted {
     pub ceiling: Ceiling,
 }
 
+/// A request counted against this replica's request rate before its body was read.
+#[must_use = "a count is admitted or uncounted"]
+#[derive(Debug)]
+pub struct Counted {
+    /// The second it was counted at; `None` when the key has no request rate.
+    second: Option<i64>,
+}
+
 /// A refusal, with the headers the 429 carries.
 pub struct Refused {
     pub error: ApiError,
@@ -183,6 +191,65 @@ impl Admission {
         route: Route,
         view: &RequestView<'_>,
     ) -> Result<Admitted, Refused> {
+        let counted = self.count(identity)?;
+        self.admit_counted(identity, route, view, counted).await
+    }
+
+    /// The part of admission that needs nothing of the request but who sent it: this
+    /// replica's request rate, counted before the body is read, so that a key over its rate
+    /// is turned away without the gateway reading (and holding) its upload. The count is
+    /// handed to [`Admission::admit_counted`], or back to [`Admission::uncount`] when the
+    /// request goes no further.
+    pub fn count(&self, identity: &Identity) -> Result<Counted, Refused> {
+        let now = self.clock.now_sec();
+        let rpm = identity.limits.requests_per_minute;
+        if let Err(retry) = self.local.check(&identity.key_id, rpm, now) {
+            return Err(Refused {
+                error: refusal_error(LimitKind::RequestsPerMinute, retry),
+                limit: Some(LimitKind::RequestsPerMinute),
+                retry_after_secs: Some(retry),
+                headers: RateHeaders {
+                    limit_requests: rpm,
+                    remaining_requests: Some(0),
+                    reset_requests_secs: Some(retry),
+                    ..RateHeaders::default()
+                },
+            });
+        }
+        Ok(Counted {
+            second: rpm.is_some().then_some(now),
+        })
+    }
+
+    /// Takes back a count whose request was not admitted (its body could not be read, or
+    /// it was refused), so that refusals never fill this replica's window.
+    pub fn uncount(&self, identity: &Identity, counted: Counted) {
+        if let Some(second) = counted.second {
+            self.local.uncount(&identity.key_id, second);
+        }
+    }
+
+    /// Reserves for a request already [counted](Admission::count), or says why not.
+    pub async fn admit_counted(
+        &self,
+        identity: &Identity,
+        route: Route,
+        view: &RequestView<'_>,
+        counted: Counted,
+    ) -> Result<Admitted, Refused> {
+        let decided = self.decide(identity, route, view).await;
+        if decided.is_err() {
+            self.uncount(identity, counted);
+        }
+        decided
+    }
+
+    async fn decide(
+        &self,
+        identity: &Identity,
+        route: Route,
+        view: &RequestView<'_>,
+    ) -> Result<Admitted, Refused> {
         let tiers = self.tiers.load();
         let tier = tiers.get(&identity.tier).ok();
         let caps = tier.map_or_else(RequestCaps::default, |t| t.request_caps);
@@ -205,20 +272,6 @@ impl Admission {
         }
         let now = self.clock.now_sec();
         let (month, secs_to_month_end) = month_of(now);
-        let rpm = identity.limits.requests_per_minute;
-        if let Err(retry) = self.local.check(&identity.key_id, rpm, now) {
-            return Err(Refused {
-                error: refusal_error(LimitKind::RequestsPerMinute, retry),
-                limit: Some(LimitKind::RequestsPerMinute),
-                retry_after_secs: Some(retry),
-                headers: RateHeaders {
-                    limit_requests: rpm,
-                    remaining_requests: Some(0),
-                    reset_requests_secs: Some(retry),
-                    ..RateHeaders::default()
-                },
-            });
-        }
         if self.leases.enabled() {
             if let Some(admitted) = self
                 .admit_leased(identity, &reservation, now, &month, secs_to_month_end)
@@ -246,7 +299,7 @@ impl Admission {
                 let fail_mode = tier.map_or(FailMode::Closed, |t| t.on_store_unavailable);
                 tracing::warn!(error = %e, key_id = %identity.key_id, ?fail_mode, "quota store unreachable");
                 return match fail_mode {
-                    // The local limiter above has already admitted it.
+                    // The local limiter (`count`) has already admitted it.
                     FailMode::Open => Ok(Admitted {
                         reservation,
                         reservation_id,
@@ -257,12 +310,9 @@ impl Admission {
                         lease: None,
                         ceiling,
                     }),
-                    FailMode::Closed => {
-                        self.local.uncount(&identity.key_id, now);
-                        Err(Refused::from(ApiError::unavailable(
-                            "Sluice cannot check quotas right now; try again shortly.",
-                        )))
-                    }
+                    FailMode::Closed => Err(Refused::from(ApiError::unavailable(
+                        "Sluice cannot check quotas right now; try again shortly.",
+                    ))),
                 };
             }
         };
@@ -281,15 +331,12 @@ impl Admission {
                     ceiling,
                 })
             }
-            Some((kind, retry_after)) => {
-                self.local.uncount(&identity.key_id, now);
-                Err(Refused {
-                    error: refusal_error(kind, retry_after),
-                    limit: Some(kind),
-                    retry_after_secs: Some(retry_after),
-                    headers: decision.headers,
-                })
-            }
+            Some((kind, retry_after)) => Err(Refused {
+                error: refusal_error(kind, retry_after),
+                limit: Some(kind),
+                retry_after_secs: Some(retry_after),
+                headers: decision.headers,
+            }),
         }
     }
 

@@ -7,7 +7,7 @@
 //! index, which every lookup consults first. Bounded by bytes, least recently used first out.
 
 use lru::LruCache;
-use std::sync::Mutex;
+use parking_lot::Mutex;
 
 pub struct HotEntries<T> {
     max_bytes: usize,
@@ -33,7 +33,7 @@ impl<T: Clone> HotEntries<T> {
     }
 
     pub fn get(&self, id: &str) -> Option<T> {
-        let mut kept = self.kept.lock().expect("hot entries lock");
+        let mut kept = self.kept.lock();
         kept.entries.get(id).map(|(entry, _)| entry.clone())
     }
 
@@ -42,7 +42,7 @@ impl<T: Clone> HotEntries<T> {
         if bytes > self.max_bytes / 4 {
             return;
         }
-        let mut kept = self.kept.lock().expect("hot entries lock");
+        let mut kept = self.kept.lock();
         if let Some((_, old)) = kept.entries.put(id.to_owned(), (entry, bytes)) {
             kept.bytes -= old;
         }
@@ -56,7 +56,7 @@ impl<T: Clone> HotEntries<T> {
     }
 
     pub fn remove(&self, id: &str) {
-        let mut kept = self.kept.lock().expect("hot entries lock");
+        let mut kept = self.kept.lock();
         if let Some((_, bytes)) = kept.entries.pop(id) {
             kept.bytes -= bytes;
         }

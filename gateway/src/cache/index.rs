@@ -13,9 +13,10 @@
 //! The response bodies are not here (they live in the store); only what finding them takes.
 
 use super::key::Digest;
+use parking_lot::RwLock;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 
 /// Namespaces with more entries than this are split into inverted lists. Below it one exact
 /// scan takes about 0.1 ms (see docs/benchmarks.md).
@@ -97,12 +98,12 @@ impl CacheIndex {
         counts
     }
 
-    fn read(&self) -> std::sync::RwLockReadGuard<'_, Inner> {
-        self.inner.read().unwrap_or_else(|p| p.into_inner())
+    fn read(&self) -> parking_lot::RwLockReadGuard<'_, Inner> {
+        self.inner.read()
     }
 
-    fn write(&self) -> std::sync::RwLockWriteGuard<'_, Inner> {
-        self.inner.write().unwrap_or_else(|p| p.into_inner())
+    fn write(&self) -> parking_lot::RwLockWriteGuard<'_, Inner> {
+        self.inner.write()
     }
 
     /// Adds an entry; one with the same id or exact key replaces the older.
@@ -291,8 +292,8 @@ impl Namespace {
         }
     }
 
-    fn write(&self) -> std::sync::RwLockWriteGuard<'_, Vectors> {
-        self.vectors.write().unwrap_or_else(|p| p.into_inner())
+    fn write(&self) -> parking_lot::RwLockWriteGuard<'_, Vectors> {
+        self.vectors.write()
     }
 
     fn add(&self, slot: usize, embedding: &[f32]) {
@@ -338,7 +339,7 @@ impl Namespace {
         if query.len() != self.dim || self.busy.load(Ordering::Acquire) {
             return Vec::new();
         }
-        let Ok(vectors) = self.vectors.try_read() else {
+        let Some(vectors) = self.vectors.try_read() else {
             return Vec::new();
         };
         let mut best: Vec<(usize, f32)> = Vec::with_capacity(k + 1);

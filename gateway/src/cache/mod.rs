@@ -26,11 +26,12 @@ use base64::Engine as _;
 use embed::Embedder;
 use index::{CacheIndex, IndexEntry};
 use key::{CacheKeys, CacheRequest, Digest};
+use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 use sluice_policies::cache::{eligible, same_meaning_markers, CacheControl, CacheRules};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 /// How often each replica reads the cache log: an entry written anywhere is found everywhere
@@ -482,11 +483,7 @@ impl ResponseCache {
             CacheStatus::Miss => (&self.stats.total.miss, 2),
         };
         total.fetch_add(1, Ordering::Relaxed);
-        let mut by_tenant = self
-            .stats
-            .by_tenant
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
+        let mut by_tenant = self.stats.by_tenant.lock();
         match by_tenant.get_mut(tenant) {
             Some(counts) => counts[slot] += 1,
             None => {
@@ -551,12 +548,7 @@ impl ResponseCache {
         );
         let lookups = hits + semantic_hits + misses;
         let entries = self.index.entries_by_tenant();
-        let by_tenant = self
-            .stats
-            .by_tenant
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone();
+        let by_tenant = self.stats.by_tenant.lock().clone();
         let mut tenants: Vec<&String> = entries.keys().chain(by_tenant.keys()).collect();
         tenants.sort();
         tenants.dedup();

@@ -79,6 +79,11 @@ pub(super) struct ServerSection {
     pub(super) admin_token: Option<String>,
     pub(super) threads: Option<usize>,
     pub(super) grace_period_secs: Option<u64>,
+    pub(super) max_in_flight: Option<usize>,
+    pub(super) max_body_bytes_in_flight: Option<usize>,
+    pub(super) body_read_timeout_secs: Option<u64>,
+    pub(super) admin_max_connections: Option<usize>,
+    pub(super) admin_header_timeout_secs: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]

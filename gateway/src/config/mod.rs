@@ -50,6 +50,14 @@ pub struct Config {
     pub admin_token: Option<String>,
     pub threads: usize,
     pub grace_period_secs: u64,
+    /// Past these, requests are shed with 503 (see `overload`).
+    pub marks: crate::overload::Marks,
+    /// How long a request body may take to arrive, in all.
+    pub body_read_timeout: std::time::Duration,
+    /// Connections the admin listener serves at once, and how long one may take to send its
+    /// request head.
+    pub admin_max_connections: usize,
+    pub admin_header_timeout: std::time::Duration,
     pub jwt: Option<JwtConfig>,
     pub tiers: Tiers,
     pub backends: Vec<BackendConfig>,
@@ -189,6 +197,10 @@ impl Config {
             admin_token: server.admin_token,
             threads: server.threads,
             grace_period_secs: server.grace_period_secs,
+            marks: server.marks,
+            body_read_timeout: server.body_read_timeout,
+            admin_max_connections: server.admin_max_connections,
+            admin_header_timeout: server.admin_header_timeout,
             jwt,
             tiers,
             backends,

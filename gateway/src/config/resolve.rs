@@ -13,6 +13,12 @@ use std::collections::BTreeMap;
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::{Path, PathBuf};
 
+/// Requests one replica carries at once before it sheds more with 503.
+const DEFAULT_MAX_IN_FLIGHT: usize = 4096;
+/// Request-body bytes one replica holds at once before it sheds more with 503: an eighth of
+/// the manifests' 2 GiB pod.
+const DEFAULT_BODY_BYTES_IN_FLIGHT: usize = 256 << 20;
+
 /// `[server]`: listeners, limits, the store and the admin credential.
 pub(super) struct Server {
     pub listen: SocketAddr,
@@ -24,6 +30,10 @@ pub(super) struct Server {
     pub threads: usize,
     pub data_dir: PathBuf,
     pub grace_period_secs: u64,
+    pub marks: crate::overload::Marks,
+    pub body_read_timeout: std::time::Duration,
+    pub admin_max_connections: usize,
+    pub admin_header_timeout: std::time::Duration,
 }
 
 pub(super) fn server(s: ServerSection, env: Env) -> Result<Server, ConfigError> {
@@ -98,6 +108,43 @@ pub(super) fn server(s: ServerSection, env: Env) -> Result<Server, ConfigError> 
         .or(s.data_dir)
         .unwrap_or_else(|| PathBuf::from("sluice-data"));
 
+    let marks = crate::overload::Marks {
+        max_in_flight: s.max_in_flight.unwrap_or(DEFAULT_MAX_IN_FLIGHT),
+        max_body_bytes_in_flight: s
+            .max_body_bytes_in_flight
+            .unwrap_or(DEFAULT_BODY_BYTES_IN_FLIGHT.max(max_body_bytes)),
+    };
+    if marks.max_in_flight == 0 {
+        return Err(invalid("server.max_in_flight", "must be at least 1"));
+    }
+    if marks.max_body_bytes_in_flight < max_body_bytes {
+        return Err(invalid(
+            "server.max_body_bytes_in_flight",
+            format!("must be at least server.max_body_bytes ({max_body_bytes}), or no request of the largest size could be read"),
+        ));
+    }
+    let seconds = |field: &str, value: Option<u64>, default: u64| match value.unwrap_or(default) {
+        0 => Err(invalid(field, "must be at least 1 second")),
+        n => Ok(std::time::Duration::from_secs(n)),
+    };
+    let body_read_timeout = seconds(
+        "server.body_read_timeout_secs",
+        s.body_read_timeout_secs,
+        30,
+    )?;
+    let admin_header_timeout = seconds(
+        "server.admin_header_timeout_secs",
+        s.admin_header_timeout_secs,
+        10,
+    )?;
+    let admin_max_connections = s.admin_max_connections.unwrap_or(256);
+    if admin_max_connections == 0 {
+        return Err(invalid(
+            "server.admin_max_connections",
+            "must be at least 1",
+        ));
+    }
+
     Ok(Server {
         listen,
         admin_listen,
@@ -108,6 +155,10 @@ pub(super) fn server(s: ServerSection, env: Env) -> Result<Server, ConfigError> 
         threads,
         data_dir,
         grace_period_secs: s.grace_period_secs.unwrap_or(10),
+        marks,
+        body_read_timeout,
+        admin_max_connections,
+        admin_header_timeout,
     })
 }
 

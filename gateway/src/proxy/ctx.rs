@@ -66,6 +66,10 @@ pub struct RequestCtx {
     pub span: Option<tracing::Span>,
     pub upstream_span: Option<tracing::Span>,
     pub started: Instant,
+    /// This request's place among the replica's requests in flight, and the request-body
+    /// bytes it holds (see `overload`); given back when the context drops.
+    pub in_flight: Option<crate::overload::InFlight>,
+    pub body_bytes: Option<crate::overload::BodyBytes>,
 }
 
 impl RequestCtx {
@@ -102,6 +106,8 @@ impl RequestCtx {
             span: None,
             upstream_span: None,
             started: Instant::now(),
+            in_flight: None,
+            body_bytes: None,
         }
     }
 

@@ -4,6 +4,7 @@
 
 use super::respond::LocalAnswer;
 use super::{Proxy, RequestCtx};
+use crate::admission::{Counted, Refused};
 use crate::auth::Identity;
 use crate::cache::CacheStatus;
 use crate::error::ApiError;
@@ -44,6 +45,8 @@ impl Proxy {
                 b"{\"status\":\"ok\"}",
             ))));
         }
+        // Shed before any work: not even a key lookup for a request the replica cannot carry.
+        ctx.in_flight = Some(self.gateway.overload.enter()?);
         let authorization = header.headers.get(http::header::AUTHORIZATION);
         let identity = self
             .gateway
@@ -55,11 +58,29 @@ impl Proxy {
         if route == Route::Models {
             return Ok(Some(LocalAnswer::Json(self.gateway.model_list())));
         }
-        let body = self.read_request(session, ctx, route, &identity).await?;
-        let view = RequestView::parse(route, &body)?;
-        self.route_to_model(ctx, &view)?;
+        // The request rate is checked before the body is read: a key past its rate costs no
+        // upload.
+        let admission = &self.gateway.admission;
+        let counted = admission.count(&identity).map_err(|r| refuse(ctx, r))?;
+        let body = match self.read_request(session, ctx, route, &identity).await {
+            Ok(body) => body,
+            Err(e) => {
+                admission.uncount(&identity, counted);
+                return Err(e);
+            }
+        };
+        let view = match RequestView::parse(route, &body)
+            .and_then(|view| self.route_to_model(ctx, &view).map(|()| view))
+        {
+            Ok(view) => view,
+            Err(e) => {
+                admission.uncount(&identity, counted);
+                return Err(e);
+            }
+        };
         traces::record_request(ctx.span.as_ref(), route, &view);
-        self.reserve_quota(ctx, route, &identity, &view).await?;
+        self.reserve_quota(ctx, route, &identity, &view, counted)
+            .await?;
         if let Some(hit) = self
             .look_up_cache(session, ctx, route, &identity, &view)
             .await
@@ -79,7 +100,13 @@ impl Proxy {
         route: Route,
         identity: &Identity,
     ) -> Result<Bytes, ApiError> {
-        ctx.body = request::read_body(session, self.gateway.config.max_body_bytes).await?;
+        let config = &self.gateway.config;
+        let share = ctx.body_bytes.insert(self.gateway.overload.body_bytes());
+        let limits = request::BodyLimits {
+            max_bytes: config.max_body_bytes,
+            timeout: config.body_read_timeout,
+        };
+        ctx.body = request::read_body(session, limits, &self.gateway.overload, share).await?;
         if !self.gateway.config.aliases.is_empty() {
             let view = RequestView::parse(route, &ctx.body)?;
             if let Some(target) = self
@@ -124,11 +151,12 @@ impl Proxy {
         route: Route,
         identity: &Identity,
         view: &RequestView<'_>,
+        counted: Counted,
     ) -> Result<(), ApiError> {
         let admitting = self
             .gateway
             .admission
-            .admit(identity, route, view)
+            .admit_counted(identity, route, view, counted)
             .instrument(traces::child(ctx.span.as_ref(), "admission"));
         match admitting.await {
             Ok(admitted) => {
@@ -141,11 +169,7 @@ impl Proxy {
                 ctx.admitted = Some(admitted);
                 Ok(())
             }
-            Err(refused) => {
-                ctx.refused_headers = Some((refused.headers, refused.retry_after_secs));
-                ctx.refused_by = Some(refused.limit.map_or("store_unavailable", |l| l.name()));
-                Err(refused.error)
-            }
+            Err(refused) => Err(refuse(ctx, refused)),
         }
     }
 
@@ -201,4 +225,11 @@ impl Proxy {
             ctx.usage_chunk_added = true;
         }
     }
+}
+
+/// A refusal's headers kept for the answer, and its error.
+fn refuse(ctx: &mut RequestCtx, refused: Refused) -> ApiError {
+    ctx.refused_headers = Some((refused.headers, refused.retry_after_secs));
+    ctx.refused_by = Some(refused.limit.map_or("store_unavailable", |l| l.name()));
+    refused.error
 }

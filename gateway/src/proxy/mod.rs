@@ -68,6 +68,9 @@ impl ProxyHttp for Proxy {
                 if !session.is_body_done() {
                     session.set_keepalive(None);
                 }
+                if let (Some(secs), None) = (error.retry_after_secs, &ctx.refused_headers) {
+                    ctx.refused_headers = Some((Default::default(), Some(secs)));
+                }
                 let (status, body) = (error.status, error.body());
                 ctx.error = Some(error);
                 respond::json(session, ctx, status, body).await?;
@@ -86,6 +89,7 @@ impl ProxyHttp for Proxy {
             previous.state.in_flight.fetch_sub(1, Ordering::Relaxed);
             ctx.tried.push(previous);
         }
+        ctx.upstream_status = None;
         let config = &self.gateway.config.balancer;
         let model = ctx.model.as_deref().unwrap_or_default();
         let Some(backend) = ctx.model_route.as_ref().and_then(|r| {
@@ -141,9 +145,7 @@ impl ProxyHttp for Proxy {
         // Retried only while the client has seen nothing of this answer; a started stream is
         // never replayed.
         let untouched = session.response_written().is_none() && !ctx.client_left;
-        if e.esource() == &pingora_core::ErrorSource::Upstream
-            || ctx.upstream_status.is_some_and(|s| s >= 500)
-        {
+        if is_backend_fault(&e, ctx.upstream_status) {
             self.backend_failed(ctx);
         }
         e.set_retry(
@@ -244,10 +246,10 @@ impl ProxyHttp for Proxy {
         }
         ctx.upstream_status = Some(status);
         if let (Some(backend), Some(started)) = (&ctx.backend, ctx.backend_started) {
-            if status < 500 {
-                backend.state.succeeded(started.elapsed());
+            if is_gateway_failure(status) {
+                self.backend_failed(ctx);
             } else {
-                backend.state.failed(&self.gateway.config.balancer);
+                backend.state.succeeded(started.elapsed());
             }
         }
         if self.gateway.config.metering && (200..300).contains(&status) {
@@ -388,10 +390,36 @@ impl Proxy {
 
     /// Passive health: the current backend failed this request.
     fn backend_failed(&self, ctx: &RequestCtx) {
-        if let Some(backend) = &ctx.backend {
-            if backend.state.failed(&self.gateway.config.balancer) {
-                tracing::warn!(backend = %backend.name, "backend ejected after consecutive failures");
-            }
+        let (Some(backend), Some(route)) = (&ctx.backend, &ctx.model_route) else {
+            return;
+        };
+        if route.backend_failed(backend, &self.gateway.config.balancer) {
+            tracing::warn!(backend = %backend.name, "backend ejected after consecutive failures");
         }
     }
+}
+
+/// 502, 503, 504: the backend (or what stands in front of it) says it cannot serve.
+fn is_gateway_failure(status: u16) -> bool {
+    matches!(status, 502..=504)
+}
+
+/// Whether an error proxying to a backend is the backend's fault, for passive ejection:
+/// the connection reset or closed under the answer, or a gateway-failure status. A timeout
+/// is not: the backend may be working on a long generation.
+fn is_backend_fault(e: &Error, upstream_status: Option<u16>) -> bool {
+    use ErrorType::*;
+    if upstream_status.is_some_and(is_gateway_failure) {
+        return true;
+    }
+    e.esource() == &pingora_core::ErrorSource::Upstream
+        && matches!(
+            e.etype(),
+            ConnectionClosed
+                | ReadError
+                | WriteError
+                | ConnectError
+                | ConnectRefused
+                | ConnectTimedout
+        )
 }

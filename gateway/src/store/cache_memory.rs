@@ -2,8 +2,8 @@
 //! A cache is a copy of answers that can be had again, so it is not written to disk; one
 //! process is the only replica, so its log is the whole truth.
 
+use parking_lot::Mutex;
 use std::collections::{HashMap, VecDeque};
-use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 #[derive(Default)]
@@ -20,8 +20,8 @@ struct Inner {
 }
 
 impl MemoryCache {
-    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
-        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    fn lock(&self) -> parking_lot::MutexGuard<'_, Inner> {
+        self.inner.lock()
     }
 
     pub fn put(&self, id: &str, body: &[u8], ttl: Duration, event: &[u8], horizon: Duration) {

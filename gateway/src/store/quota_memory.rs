@@ -4,10 +4,10 @@
 //! They live in memory: a restart starts the minute and day windows afresh and forgets
 //! reservations in flight. Month spend is rebuilt by the gateway from the usage events.
 
+use parking_lot::Mutex;
 use sluice_policies::ledger::{Admit, Charge, KeyLedger, Refresh, Settle};
 use sluice_policies::quota::{Counters, Decision};
 use std::collections::HashMap;
-use std::sync::Mutex;
 
 #[derive(Default)]
 pub struct MemoryQuotas {
@@ -16,7 +16,7 @@ pub struct MemoryQuotas {
 
 impl MemoryQuotas {
     fn with<T>(&self, key_id: &str, f: impl FnOnce(&mut KeyLedger) -> T) -> T {
-        let mut keys = self.keys.lock().expect("quota lock");
+        let mut keys = self.keys.lock();
         match keys.get_mut(key_id) {
             Some(ledger) => f(ledger),
             None => f(keys.entry(key_id.to_owned()).or_default()),
@@ -40,14 +40,14 @@ impl MemoryQuotas {
     }
 
     pub fn counters(&self, key_id: &str, now_sec: i64, month: &str) -> Counters {
-        let keys = self.keys.lock().expect("quota lock");
+        let keys = self.keys.lock();
         keys.get(key_id)
             .map(|l| l.counters(now_sec, month))
             .unwrap_or_default()
     }
 
     pub fn reset(&self, key_id: &str) {
-        if let Some(ledger) = self.keys.lock().expect("quota lock").get_mut(key_id) {
+        if let Some(ledger) = self.keys.lock().get_mut(key_id) {
             ledger.reset();
         }
     }
