@@ -16,11 +16,6 @@ use serde_json::json;
 use sluice_policies::Tiers;
 use std::sync::Arc;
 
-/// Valid keys the local key cache holds (oldest evicted first; an evicted key costs one store
-/// lookup), and, apart from them, secrets the store did not know.
-const KEY_CACHE_KNOWN: usize = 200_000;
-const KEY_CACHE_UNKNOWN: usize = 20_000;
-
 pub struct Gateway {
     pub config: Config,
     /// The tiers in force: the configuration's, overridden by those written through the
@@ -29,7 +24,9 @@ pub struct Gateway {
     pub store: Arc<dyn Store>,
     pub key_cache: Arc<KeyCache>,
     pub auth: Authenticator,
+    /// Proxy JWTs (`[auth.jwt]`) and, apart from them, admin JWTs (`[auth.admin_jwt]`).
     pub jwt: Option<Arc<JwtVerifier>>,
+    pub admin_jwt: Option<Arc<JwtVerifier>>,
     pub upstreams: Arc<Upstreams>,
     pub usage: UsageSink,
     pub admission: Arc<Admission>,
@@ -67,7 +64,16 @@ impl Gateway {
             .map(|j| JwtVerifier::new(j).map(Arc::new))
             .transpose()
             .context("auth.jwt")?;
-        let key_cache = Arc::new(KeyCache::new(KEY_CACHE_KNOWN, KEY_CACHE_UNKNOWN));
+        let admin_jwt = config
+            .admin_jwt
+            .as_ref()
+            .map(|j| JwtVerifier::new(j).map(Arc::new))
+            .transpose()
+            .context("auth.admin_jwt")?;
+        let key_cache = Arc::new(KeyCache::new(
+            config.key_cache_entries,
+            config.unknown_key_cache_entries,
+        ));
         let tiers = Arc::new(ArcSwap::from_pointee(
             merged_tiers(&config.tiers, store.as_ref()).await?,
         ));
@@ -100,6 +106,7 @@ impl Gateway {
             key_cache,
             auth,
             jwt,
+            admin_jwt,
             upstreams,
             usage,
             admission,

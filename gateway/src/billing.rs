@@ -313,6 +313,18 @@ pub const EVENT_CSV_HEADER: [&str; 22] = [
     "time_ms",
 ];
 
+/// A text cell as a spreadsheet will read it: one that starts like a formula (`=`, `+`, `-`,
+/// `@`, tab or carriage return; a tenant or request id is chosen by someone else) is
+/// prefixed with `'`, so that opening an export never runs it (OWASP's CSV injection advice).
+/// JSON Lines exports carry values unchanged.
+fn text_cell(value: &str) -> String {
+    if value.starts_with(['=', '+', '-', '@', '\t', '\r']) {
+        format!("'{value}")
+    } else {
+        value.to_owned()
+    }
+}
+
 /// The export body, one line per row (plus a header row for CSV).
 pub fn render(events: &[PricedEvent], query: &ExportQuery) -> Vec<u8> {
     let mut out = Vec::new();
@@ -321,14 +333,14 @@ pub fn render(events: &[PricedEvent], query: &ExportQuery) -> Vec<u8> {
             let mut w = csv::Writer::from_writer(&mut out);
             let _ = w.write_record(CSV_HEADER);
             for r in aggregate(events, dims, query.from_ms, query.to_ms) {
-                let cell = |v: &Option<String>| v.clone().unwrap_or_default();
+                let cell = |v: &Option<String>| text_cell(v.as_deref().unwrap_or_default());
                 let _ = w.write_record([
                     cell(&r.month),
                     cell(&r.day),
                     cell(&r.key_id),
                     cell(&r.tenant),
                     cell(&r.model),
-                    r.currency.clone(),
+                    text_cell(&r.currency),
                     r.requests.to_string(),
                     r.prompt_tokens.to_string(),
                     r.completion_tokens.to_string(),
@@ -364,19 +376,19 @@ pub fn render(events: &[PricedEvent], query: &ExportQuery) -> Vec<u8> {
                             .format(&time::format_description::well_known::Rfc3339)
                             .unwrap_or_default();
                         let _ = w.write_record([
-                            e.id.clone(),
+                            text_cell(&e.id),
                             time,
-                            e.request_id.clone(),
-                            e.key_id.clone(),
-                            e.tenant.clone(),
-                            e.tier.clone(),
-                            e.model.clone(),
-                            e.backend.clone(),
-                            e.route.clone(),
+                            text_cell(&e.request_id),
+                            text_cell(&e.key_id),
+                            text_cell(&e.tenant),
+                            text_cell(&e.tier),
+                            text_cell(&e.model),
+                            text_cell(&e.backend),
+                            text_cell(&e.route),
                             e.prompt_tokens.to_string(),
                             e.completion_tokens.to_string(),
                             e.cached_tokens.to_string(),
-                            e.cache_status.clone(),
+                            text_cell(&e.cache_status),
                             e.status.to_string(),
                             e.latency_ms.to_string(),
                             e.ttft_ms.map(|t| t.to_string()).unwrap_or_default(),
@@ -384,7 +396,7 @@ pub fn render(events: &[PricedEvent], query: &ExportQuery) -> Vec<u8> {
                             e.usage_reported.to_string(),
                             e.usage_source.as_str().to_owned(),
                             p.cost.normalize().to_string(),
-                            p.currency.clone(),
+                            text_cell(&p.currency),
                             e.time_ms.to_string(),
                         ]);
                     }
@@ -398,6 +410,23 @@ pub fn render(events: &[PricedEvent], query: &ExportQuery) -> Vec<u8> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn csv_text_cells_never_start_a_formula() {
+        for evil in [
+            "=HYPERLINK(\"http://x\")",
+            "+1+1",
+            "-2+3",
+            "@SUM(A1)",
+            "\tx",
+            "\rx",
+        ] {
+            let cell = super::text_cell(evil);
+            assert_eq!(cell, format!("'{evil}"));
+        }
+        assert_eq!(super::text_cell("acme"), "acme");
+        assert_eq!(super::text_cell(""), "");
+    }
+
     use super::*;
 
     fn event(key: &str, model: &str, time_ms: i64, prompt: u64, completion: u64) -> UsageEvent {

@@ -28,6 +28,7 @@ pub struct Metrics {
     redis_calls: HistogramVec,
     redis_errors: IntCounterVec,
     shed: IntCounterVec,
+    usage_spilled: prometheus::IntCounter,
 }
 
 /// Request latencies: 1 ms to 2 minutes.
@@ -145,6 +146,15 @@ impl Metrics {
                 "Requests shed with 503 because the replica was past a load mark, by mark (in_flight, body_bytes).",
                 &["mark"],
             ),
+            usage_spilled: {
+                let c = prometheus::IntCounter::new(
+                    "sluice_usage_events_spilled_total",
+                    "Usage events written straight to the journal because the queue to the store was full (the store too slow or unreachable).",
+                )
+                .expect("valid metric");
+                r.register(Box::new(c.clone())).expect("unique metric");
+                c
+            },
             redis_calls: histogram(
                 &r,
                 "sluice_redis_call_duration_seconds",
@@ -194,6 +204,10 @@ impl Metrics {
         if let Some(limit) = r.refused_by {
             self.refused.with_label_values(&[r.tier, limit]).inc();
         }
+    }
+
+    pub fn record_usage_spill(&self) {
+        self.usage_spilled.inc();
     }
 
     /// `mark`: `in_flight` or `body_bytes`.

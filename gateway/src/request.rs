@@ -224,17 +224,28 @@ pub async fn read_body(
                 ApiError::bad_request(format!("Could not read the request body: {e}"))
             })?;
         }
-        let mut body = BytesMut::new();
+        // Chunks are kept as they arrive and joined once at the end, so what a body holds
+        // is what was sent (a growing buffer would hold up to twice that).
+        let mut chunks: Vec<Bytes> = Vec::new();
+        let mut received = 0;
         loop {
             match session.read_request_body().await {
                 Ok(Some(chunk)) => {
-                    if body.len() + chunk.len() > limit {
+                    if received + chunk.len() > limit {
                         return Err(ApiError::body_too_large(limit));
                     }
                     overload.grow(share, chunk.len())?;
-                    body.extend_from_slice(&chunk);
+                    received += chunk.len();
+                    chunks.push(chunk);
                 }
-                Ok(None) => return Ok(body.freeze()),
+                Ok(None) if chunks.len() == 1 => return Ok(chunks.pop().unwrap_or_default()),
+                Ok(None) => {
+                    let mut body = BytesMut::with_capacity(received);
+                    for chunk in chunks {
+                        body.extend_from_slice(&chunk);
+                    }
+                    return Ok(body.freeze());
+                }
                 Err(e) => {
                     return Err(ApiError::bad_request(format!(
                         "Could not read the request body: {e}"

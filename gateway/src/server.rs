@@ -44,9 +44,9 @@ pub fn run(config: Config) -> anyhow::Result<()> {
             .scrape_load(config.balancer.clone()),
     );
 
-    if config.admin_token.is_none() && config.jwt.is_none() {
+    if config.admin_token.is_none() && config.admin_jwt.is_none() {
         tracing::warn!(
-            "no admin credentials configured (SLUICE_ADMIN_TOKEN or auth.jwt): \
+            "no admin credentials configured (SLUICE_ADMIN_TOKEN or auth.admin_jwt): \
              the admin API refuses every call"
         );
     }

@@ -14,6 +14,9 @@ pub const ADMIN_TOKEN: &str = "e2e-admin-token-0123456789";
 pub const JWT_SECRET: &str = "e2e-jwt-secret-0123456789-0123456789";
 pub const JWT_ISSUER: &str = "https://issuer.sluice.test";
 pub const JWT_AUDIENCE: &str = "sluice-e2e";
+/// The admin API's own JWT secret and audience (`[auth.admin_jwt]`), apart from the proxy's.
+pub const ADMIN_JWT_SECRET: &str = "e2e-admin-jwt-secret-9876543210-9876543210";
+pub const ADMIN_JWT_AUDIENCE: &str = "sluice-e2e-admin";
 pub const SIM_MODEL: &str = "sim-chat";
 pub const SIM_EMBED_MODEL: &str = "sim-embed";
 
@@ -322,6 +325,8 @@ pub struct GatewayOptions {
     pub max_body_bytes: usize,
     /// Extra TOML appended to the generated config (e.g. `[[prices]]` tables).
     pub extra_config: String,
+    /// Extra `[server]` settings (e.g. `max_in_flight = 2`).
+    pub server_config: String,
     /// Extra environment for the process (e.g. `OTEL_*`).
     pub env: Vec<(String, String)>,
 }
@@ -333,6 +338,7 @@ impl GatewayOptions {
             store,
             max_body_bytes: 1024 * 1024,
             extra_config: String::new(),
+            server_config: String::new(),
             env: Vec::new(),
         }
     }
@@ -376,15 +382,22 @@ max_body_bytes = {max_body}
 threads = 2
 grace_period_secs = 1
 {store}
+{server_extra}
 
 [auth.jwt]
 issuer = "{JWT_ISSUER}"
 audience = "{JWT_AUDIENCE}"
 hs256_secret = "{JWT_SECRET}"
 
+[auth.admin_jwt]
+issuer = "{JWT_ISSUER}"
+audience = "{ADMIN_JWT_AUDIENCE}"
+hs256_secret = "{ADMIN_JWT_SECRET}"
+
 {backends}
 {extra}"#,
             max_body = options.max_body_bytes,
+            server_extra = options.server_config,
             extra = options.extra_config,
         );
         let config_path = dir.path().join("sluice.toml");
@@ -436,6 +449,17 @@ hs256_secret = "{JWT_SECRET}"
 
     pub fn log(&self) -> String {
         self.process.log_tail()
+    }
+
+    /// The gateway process's resident memory now, in bytes.
+    pub fn rss_bytes(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.process.child.id()))
+            .unwrap_or_default();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            .map_or(0, |kb| kb * 1024)
     }
 
     /// The gateway's whole log so far, less lines containing `skip`.
@@ -571,6 +595,16 @@ pub fn jwt(claims: Value, secret: &str) -> String {
         &jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()),
     )
     .expect("sign jwt")
+}
+
+/// An admin JWT signed with the admin API's own secret; `claims` (a `role`, say) are merged
+/// over good defaults.
+pub fn admin_jwt(claims: Value) -> String {
+    let mut all = json!({"aud": ADMIN_JWT_AUDIENCE, "tenant": null});
+    for (k, v) in claims.as_object().expect("claims object") {
+        all[k] = v.clone();
+    }
+    jwt(all, ADMIN_JWT_SECRET)
 }
 
 /// Reads an OpenAI error body and checks its shape: returns (type, code, message).

@@ -3,8 +3,8 @@
 
 use serde_json::json;
 use sluice_e2e::{
-    jwt, openai_error, Backend, Gateway, GatewayOptions, StoreKind, ADMIN_TOKEN, JWT_SECRET,
-    SIM_MODEL,
+    admin_jwt, jwt, openai_error, Backend, Gateway, GatewayOptions, StoreKind, ADMIN_TOKEN,
+    JWT_SECRET, SIM_MODEL,
 };
 
 const CHAT: &str = "/v1/chat/completions";
@@ -251,7 +251,7 @@ async fn admin_api_needs_credentials_and_viewers_only_read() {
         .unwrap();
     expect_error(r, 401, "invalid_api_key").await;
 
-    let viewer = jwt(json!({"role": "viewer"}), JWT_SECRET);
+    let viewer = admin_jwt(json!({"role": "viewer"}));
     let r = gw
         .http
         .get(&keys)
@@ -270,7 +270,7 @@ async fn admin_api_needs_credentials_and_viewers_only_read() {
         .unwrap();
     expect_error(r, 403, "insufficient_permissions").await;
 
-    let admin = jwt(json!({"role": "admin"}), JWT_SECRET);
+    let admin = admin_jwt(json!({"role": "admin"}));
     let r = gw
         .http
         .post(&keys)
@@ -281,7 +281,7 @@ async fn admin_api_needs_credentials_and_viewers_only_read() {
         .unwrap();
     assert_eq!(r.status(), 201);
 
-    let no_role = jwt(json!({}), JWT_SECRET);
+    let no_role = admin_jwt(json!({}));
     let r = gw
         .http
         .get(&keys)

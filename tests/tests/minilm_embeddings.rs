@@ -170,6 +170,19 @@ async fn minilm_embeddings_match_an_independent_float64_reference() {
     assert!(worst < 1e-5, "batched and alone differ by {worst:e}");
 }
 
+/// A backend serving only real models has no simulated-engine test hooks.
+#[tokio::test]
+async fn a_backend_of_real_models_has_no_sim_routes() {
+    let Some(dir) = weights() else { return };
+    let backend = minilm_backend(&dir).await;
+    let r = reqwest::Client::new()
+        .post(format!("{}/sim/gates/anything/open", backend.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404);
+}
+
 #[tokio::test]
 async fn paraphrases_embed_closer_than_unrelated_sentences() {
     let Some(dir) = weights() else { return };

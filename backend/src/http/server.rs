@@ -33,7 +33,12 @@ const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
 /// Every route this backend answers.
 pub fn router(state: Arc<AppState>) -> Router {
-    Router::new()
+    let mut routes = Router::new();
+    if state.serves_sim() {
+        // A test hook of the simulated engine; a backend serving real models has none.
+        routes = routes.route("/sim/gates/{name}/open", post(open_gate));
+    }
+    routes
         .route("/v1/chat/completions", post(complete::<Chat>))
         .route("/v1/completions", post(complete::<Text>))
         .route("/v1/embeddings", post(embeddings::embeddings))
@@ -42,7 +47,6 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/models/{*model}", get(get_model))
         .route("/health", get(health))
         .route("/metrics", get(metrics))
-        .route("/sim/gates/{name}/open", post(open_gate))
         .fallback(unknown_route)
         .method_not_allowed_fallback(method_not_allowed)
         // Layers run outermost-last-listed: a request meets `trace_request` first, then

@@ -111,6 +111,14 @@ impl AppState {
         self.models.iter().map(|m| m.name.as_str()).collect()
     }
 
+    /// Whether any model is served by the simulated engine (whose test hooks, `/sim/*`,
+    /// exist only then).
+    pub fn serves_sim(&self) -> bool {
+        self.models
+            .iter()
+            .any(|m| matches!(m.engine, ModelEngine::Sim))
+    }
+
     /// The engine label `/metrics` reports: `sim`, or `native` once any real model is served.
     pub fn engine_label(&self) -> &'static str {
         if self

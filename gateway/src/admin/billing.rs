@@ -1,11 +1,12 @@
 //! Usage and billing: priced usage totals and billing exports (CSV or JSON Lines).
 
-use super::{store_error, AppState};
+use super::{store_error, AppState, Caller};
 use crate::app::Gateway;
 use crate::billing;
 use crate::error::ApiError;
 use axum::extract::{Query, State};
 use axum::response::{IntoResponse, Response};
+use axum::Extension;
 use axum::Json;
 use serde_json::{json, Value};
 use std::collections::HashMap;
@@ -14,14 +15,16 @@ use std::collections::HashMap;
 /// graduated prices see each key's whole month.
 pub(super) async fn priced_events(
     gateway: &Gateway,
+    caller: &Caller,
     from_ms: i64,
     to_ms: i64,
 ) -> Result<Vec<billing::PricedEvent>, ApiError> {
-    let events = gateway
+    let mut events = gateway
         .store
         .usage_events(crate::clock::Month::of_ms(from_ms).start_ms, to_ms)
         .await
         .map_err(store_error)?;
+    events.retain(|e| caller.sees(&e.tenant));
     Ok(billing::price(
         events,
         &gateway.config.prices,
@@ -32,6 +35,7 @@ pub(super) async fn priced_events(
 /// `GET /admin/v1/billing/export?from=&to=&group_by=key,tenant,model,day|event&format=csv|jsonl`
 pub(super) async fn billing_export(
     State(gateway): State<AppState>,
+    Extension(caller): Extension<Caller>,
     Query(params): Query<HashMap<String, String>>,
 ) -> Result<Response, ApiError> {
     let param = |name: &str| params.get(name).map(String::as_str);
@@ -43,7 +47,7 @@ pub(super) async fn billing_export(
         crate::clock::now_ms(),
     )
     .map_err(|e| ApiError::bad_request(e.to_string()))?;
-    let events = priced_events(&gateway, query.from_ms, query.to_ms).await?;
+    let events = priced_events(&gateway, &caller, query.from_ms, query.to_ms).await?;
     let body = billing::render(&events, &query);
     let content_type = match query.format {
         billing::Format::Csv => "text/csv; charset=utf-8",
@@ -55,6 +59,7 @@ pub(super) async fn billing_export(
 /// `GET /admin/v1/usage?key=&from=&to=`: totals and per-model rows, for one key or all.
 pub(super) async fn usage(
     State(gateway): State<AppState>,
+    Extension(caller): Extension<Caller>,
     Query(params): Query<HashMap<String, String>>,
 ) -> Result<Json<Value>, ApiError> {
     let param = |name: &str| params.get(name).map(String::as_str);
@@ -66,7 +71,7 @@ pub(super) async fn usage(
         crate::clock::now_ms(),
     )
     .map_err(|e| ApiError::bad_request(e.to_string()))?;
-    let mut events = priced_events(&gateway, query.from_ms, query.to_ms).await?;
+    let mut events = priced_events(&gateway, &caller, query.from_ms, query.to_ms).await?;
     if let Some(key) = param("key") {
         events.retain(|p| p.event.key_id == key);
     }

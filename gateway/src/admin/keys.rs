@@ -1,14 +1,14 @@
 //! API keys: create (the secret is shown once), list, read, update, revoke, rotate, and each
 //! key's live quota.
 
-use super::{key_written, non_empty, parse_body, store_error, AppState};
+use super::{key_written, non_empty, parse_body, store_error, AppState, Caller};
 use crate::app::Gateway;
 use crate::error::ApiError;
 use crate::keys::{new_key_id, KeyRecord, NewSecret};
 use axum::body::Bytes;
 use axum::extract::{Path, State};
 use axum::response::IntoResponse;
-use axum::Json;
+use axum::{Extension, Json};
 use serde::Deserialize;
 use serde_json::{json, Value};
 use sluice_policies::LimitOverrides;
@@ -54,7 +54,7 @@ pub(super) async fn create_key(
 ) -> Result<impl IntoResponse, ApiError> {
     let req: CreateKey = parse_body(&body)?;
     non_empty("name", &req.name)?;
-    non_empty("tenant", &req.tenant)?;
+    tenant_name(&req.tenant)?;
     let tier = req
         .tier
         .unwrap_or_else(|| sluice_policies::tiers::DEFAULT_TIER.to_owned());
@@ -87,9 +87,16 @@ pub(super) async fn create_key(
     Ok((http::StatusCode::CREATED, Json(view)))
 }
 
-pub(super) async fn list_keys(State(gateway): State<AppState>) -> Result<Json<Value>, ApiError> {
+pub(super) async fn list_keys(
+    State(gateway): State<AppState>,
+    Extension(caller): Extension<Caller>,
+) -> Result<Json<Value>, ApiError> {
     let keys = gateway.store.list_keys().await.map_err(store_error)?;
-    let data: Vec<Value> = keys.iter().map(|k| key_view(&gateway, k)).collect();
+    let data: Vec<Value> = keys
+        .iter()
+        .filter(|k| caller.sees(&k.tenant))
+        .map(|k| key_view(&gateway, k))
+        .collect();
     Ok(Json(json!({"object": "list", "data": data})))
 }
 
@@ -102,11 +109,25 @@ pub(super) async fn find_key(gateway: &Gateway, id: &str) -> Result<KeyRecord, A
         .ok_or_else(|| ApiError::not_found(format!("No API key with id '{id}'.")))
 }
 
+/// A key the caller may see; another tenant's key is as good as absent.
+async fn find_visible_key(
+    gateway: &Gateway,
+    caller: &Caller,
+    id: &str,
+) -> Result<KeyRecord, ApiError> {
+    let record = find_key(gateway, id).await?;
+    if !caller.sees(&record.tenant) {
+        return Err(ApiError::not_found(format!("No API key with id '{id}'.")));
+    }
+    Ok(record)
+}
+
 pub(super) async fn get_key(
     State(gateway): State<AppState>,
+    Extension(caller): Extension<Caller>,
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
-    let record = find_key(&gateway, &id).await?;
+    let record = find_visible_key(&gateway, &caller, &id).await?;
     Ok(Json(key_view(&gateway, &record)))
 }
 
@@ -138,7 +159,7 @@ pub(super) async fn update_key(
         record.name = name;
     }
     if let Some(tenant) = req.tenant {
-        non_empty("tenant", &tenant)?;
+        tenant_name(&tenant)?;
         record.tenant = tenant;
     }
     if let Some(tier) = req.tier {
@@ -211,10 +232,11 @@ pub(super) async fn rotate_key(
 /// (days, months).
 pub(super) async fn key_quota(
     State(gateway): State<AppState>,
+    Extension(caller): Extension<Caller>,
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
     use sluice_policies::quota;
-    let record = find_key(&gateway, &id).await?;
+    let record = find_visible_key(&gateway, &caller, &id).await?;
     let tiers = gateway.tiers();
     let tier = tiers
         .get(&record.tier)
@@ -271,4 +293,18 @@ pub(super) async fn reset_key_quota(
     gateway.admission.forget_key(&id);
     tracing::info!(key_id = %id, "quota reset");
     Ok(Json(json!({"key_id": id, "reset": true})))
+}
+
+/// An API key's tenant: named by the operator, and never in the `jwt:` namespace, which
+/// belongs to tenants that JWTs name (so a token cannot spend or see a key tenant's quota).
+fn tenant_name(tenant: &str) -> Result<(), ApiError> {
+    non_empty("tenant", tenant)?;
+    if tenant.starts_with(crate::auth::JWT_TENANT_PREFIX) {
+        return Err(ApiError::bad_request(format!(
+            "'tenant' must not start with '{}': that namespace belongs to JWT tenants.",
+            crate::auth::JWT_TENANT_PREFIX
+        ))
+        .with_param("tenant"));
+    }
+    Ok(())
 }

@@ -1,9 +1,11 @@
 //! Who may change what, and where? The admin API, on its own listener: API keys and their
 //! quota (`keys`), tiers (`tiers`), the backend pool (`backends`), usage and billing exports
 //! (`billing`), the response cache (`cache`), the console (`console`) and `/metrics`
-//! (`metrics`). This file holds the router and authorisation. Every call needs the admin bearer token or a JWT whose role claim is
-//! `admin` (anything) or `viewer` (reads only). The secret of a key appears in exactly two
-//! answers, create and rotate, and nowhere else.
+//! (`metrics`). This file holds the router and authorisation. Every call needs the admin
+//! bearer token or an admin JWT (`[auth.admin_jwt]`: its own keys, issuer and audience, never
+//! the proxy's) whose role claim is `admin` (anything) or `viewer` (reads only; with a tenant
+//! claim, that tenant's keys, usage and billing only). The secret of a key appears in exactly
+//! two answers, create and rotate, and nowhere else.
 
 mod backends;
 mod billing;
@@ -108,48 +110,99 @@ async fn request_id(request: Request, next: Next) -> Response {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Role {
+pub enum Role {
     Admin,
     Viewer,
 }
 
-/// Lets a call through when its credential's role allows the method.
-async fn authorize(State(gateway): State<AppState>, request: Request, next: Next) -> Response {
+/// Who is calling the admin API, as the handlers see it (a request extension).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Caller {
+    pub role: Role,
+    /// A viewer token that names a tenant sees that tenant's keys, usage and billing only.
+    pub tenant: Option<String>,
+}
+
+impl Caller {
+    /// Whether the caller may see this tenant's data.
+    pub fn sees(&self, tenant: &str) -> bool {
+        self.tenant.as_deref().is_none_or(|own| own == tenant)
+    }
+}
+
+/// What a viewer scoped to one tenant may read: its keys, their quota, its usage and
+/// billing, and the tiers. Fleet-wide views (backends, metrics, the cache) are not its to see.
+fn scoped_viewer_may_read(path: &str) -> bool {
+    path == "/admin/v1/keys"
+        || path.starts_with("/admin/v1/keys/")
+        || path == "/admin/v1/usage"
+        || path == "/admin/v1/billing/export"
+        || path == "/admin/v1/tiers"
+        || path.starts_with("/admin/v1/tiers/")
+}
+
+/// Lets a call through when its credential's role allows the method (and, for a viewer
+/// scoped to a tenant, the path), with the [`Caller`] for the handler.
+async fn authorize(State(gateway): State<AppState>, mut request: Request, next: Next) -> Response {
     let authorization = request
         .headers()
         .get(http::header::AUTHORIZATION)
         .map(|v| v.as_bytes());
-    let role = match role_of(&gateway, authorization) {
-        Ok(role) => role,
+    let caller = match caller_of(&gateway, authorization) {
+        Ok(caller) => caller,
         Err(e) => return e.into_response(),
     };
     let is_read = matches!(*request.method(), http::Method::GET | http::Method::HEAD);
-    if role == Role::Viewer && !is_read {
+    if caller.role == Role::Viewer && !is_read {
         return ApiError::forbidden("The viewer role may only read; this call needs admin.")
             .into_response();
     }
+    if let Some(tenant) = &caller.tenant {
+        if !scoped_viewer_may_read(request.uri().path()) {
+            return ApiError::forbidden(format!(
+                "This viewer token is scoped to tenant '{tenant}'; this view is fleet-wide."
+            ))
+            .into_response();
+        }
+    }
+    request.extensions_mut().insert(caller);
     next.run(request).await
 }
 
-fn role_of(gateway: &Gateway, authorization: Option<&[u8]>) -> Result<Role, ApiError> {
+fn caller_of(gateway: &Gateway, authorization: Option<&[u8]>) -> Result<Caller, ApiError> {
     let Some(token) = crate::auth::bearer(authorization) else {
         return Err(ApiError::invalid_api_key(
-            "Admin API calls need 'Authorization: Bearer <admin token or JWT>'.",
+            "Admin API calls need 'Authorization: Bearer <admin token or admin JWT>'.",
         ));
     };
     if let Some(admin_token) = &gateway.config.admin_token {
         // Compare digests so the comparison time says nothing about the token.
         if Sha256::digest(token.as_bytes()) == Sha256::digest(admin_token.as_bytes()) {
-            return Ok(Role::Admin);
+            return Ok(Caller {
+                role: Role::Admin,
+                tenant: None,
+            });
         }
     }
-    if let Some(jwt) = gateway.jwt.as_ref().filter(|_| token.starts_with("eyJ")) {
+    // Only the admin verifier (its own issuer, audience and keys) opens the admin API; a
+    // token that the proxy accepts is no admin credential.
+    if let Some(jwt) = gateway
+        .admin_jwt
+        .as_ref()
+        .filter(|_| token.starts_with("eyJ"))
+    {
         let claims = jwt
             .verify(token)
             .map_err(|e| ApiError::invalid_api_key(format!("Invalid token: {e}.")))?;
         return match claims.role.as_deref() {
-            Some("admin") => Ok(Role::Admin),
-            Some("viewer") => Ok(Role::Viewer),
+            Some("admin") => Ok(Caller {
+                role: Role::Admin,
+                tenant: None,
+            }),
+            Some("viewer") => Ok(Caller {
+                role: Role::Viewer,
+                tenant: claims.tenant,
+            }),
             _ => Err(ApiError::forbidden(
                 "This token carries no admin or viewer role.",
             )),

@@ -191,7 +191,7 @@ impl Admission {
         route: Route,
         view: &RequestView<'_>,
     ) -> Result<Admitted, Refused> {
-        let counted = self.count(identity)?;
+        let counted = self.count(identity).map_err(|refused| *refused)?;
         self.admit_counted(identity, route, view, counted).await
     }
 
@@ -200,11 +200,11 @@ impl Admission {
     /// is turned away without the gateway reading (and holding) its upload. The count is
     /// handed to [`Admission::admit_counted`], or back to [`Admission::uncount`] when the
     /// request goes no further.
-    pub fn count(&self, identity: &Identity) -> Result<Counted, Refused> {
+    pub fn count(&self, identity: &Identity) -> Result<Counted, Box<Refused>> {
         let now = self.clock.now_sec();
         let rpm = identity.limits.requests_per_minute;
         if let Err(retry) = self.local.check(&identity.key_id, rpm, now) {
-            return Err(Refused {
+            return Err(Box::new(Refused {
                 error: refusal_error(LimitKind::RequestsPerMinute, retry),
                 limit: Some(LimitKind::RequestsPerMinute),
                 retry_after_secs: Some(retry),
@@ -214,7 +214,7 @@ impl Admission {
                     reset_requests_secs: Some(retry),
                     ..RateHeaders::default()
                 },
-            });
+            }));
         }
         Ok(Counted {
             second: rpm.is_some().then_some(now),

@@ -16,11 +16,16 @@ use crate::store::Store;
 use sluice_policies::{Limits, Tiers};
 use std::sync::Arc;
 
+/// What a JWT's tenant (and subject) is prefixed with, so that tenants named by tokens and
+/// tenants of API keys never share quotas, cache entries or billing rows.
+pub const JWT_TENANT_PREFIX: &str = "jwt:";
+
 /// The caller of a request, as far as policy cares.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Identity {
     /// The API key's id, or `jwt:<subject>` for a token.
     pub key_id: String,
+    /// The key's tenant, or `jwt:<tenant claim, else subject>` for a token.
     pub tenant: String,
     pub tier: String,
     pub limits: Limits,
@@ -132,9 +137,10 @@ impl Authenticator {
         let tier = tiers
             .get(tier_name)
             .map_err(|e| ApiError::invalid_api_key(format!("Invalid token: {e}.")))?;
+        let tenant = claims.tenant.as_deref().unwrap_or(&claims.subject);
         Ok(Identity {
-            key_id: format!("jwt:{}", claims.subject),
-            tenant: claims.tenant.unwrap_or_else(|| claims.subject.clone()),
+            key_id: format!("{JWT_TENANT_PREFIX}{}", claims.subject),
+            tenant: format!("{JWT_TENANT_PREFIX}{tenant}"),
             tier: tier.name.clone(),
             limits: tier.limits.clone(),
             cache: true,

@@ -90,6 +90,9 @@ pub(super) struct ServerSection {
 #[serde(deny_unknown_fields)]
 pub(super) struct AuthSection {
     pub(super) jwt: Option<JwtSection>,
+    pub(super) admin_jwt: Option<JwtSection>,
+    pub(super) key_cache_entries: Option<usize>,
+    pub(super) unknown_key_cache_entries: Option<usize>,
 }
 
 #[derive(Debug, Deserialize)]

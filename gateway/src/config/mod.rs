@@ -58,7 +58,13 @@ pub struct Config {
     /// request head.
     pub admin_max_connections: usize,
     pub admin_header_timeout: std::time::Duration,
+    /// Verifies JWTs on API calls (`[auth.jwt]`).
     pub jwt: Option<JwtConfig>,
+    /// Verifies JWTs on the admin API (`[auth.admin_jwt]`): a separate issuer's keys.
+    pub admin_jwt: Option<JwtConfig>,
+    /// Valid keys, and apart from them unknown secrets, each replica's key cache holds.
+    pub key_cache_entries: usize,
+    pub unknown_key_cache_entries: usize,
     pub tiers: Tiers,
     pub backends: Vec<BackendConfig>,
     /// Prices per model and tier; a model without a price costs nothing.
@@ -174,11 +180,37 @@ impl Config {
 
     fn resolve(file: FileConfig, base_dir: &Path, env: Env) -> Result<Config, ConfigError> {
         let server = resolve::server(file.server, env)?;
+        let key_cache_entries = file.auth.key_cache_entries.unwrap_or(200_000).max(1);
+        let unknown_key_cache_entries =
+            file.auth.unknown_key_cache_entries.unwrap_or(20_000).max(1);
+        use resolve::JwtUse;
         let jwt = file
             .auth
             .jwt
-            .map(|j| resolve::resolve_jwt(j, base_dir))
+            .map(|j| resolve::resolve_jwt(j, base_dir, JwtUse::Proxy, env))
             .transpose()?;
+        let admin_jwt = file
+            .auth
+            .admin_jwt
+            .map(|j| resolve::resolve_jwt(j, base_dir, JwtUse::Admin, env))
+            .transpose()?;
+        if let (Some(proxy), Some(admin)) = (&jwt, &admin_jwt) {
+            // Whoever can mint tenant tokens must not be able to mint admin ones.
+            let shared_secret =
+                proxy.hs256_secret.is_some() && proxy.hs256_secret == admin.hs256_secret;
+            let shared_key = admin.public_keys.iter().any(|a| {
+                proxy
+                    .public_keys
+                    .iter()
+                    .any(|p| p.pem.trim() == a.pem.trim())
+            });
+            if shared_secret || shared_key {
+                return Err(invalid(
+                    "auth.admin_jwt",
+                    "must not share a secret or public key with auth.jwt: tenant tokens must not open the admin API",
+                ));
+            }
+        }
         let tiers = resolve::tiers(file.tiers)?;
         let backends = resolve::backends(file.backends, env)?;
         let (metering, drain_limit) = resolve::metering(&file.metering, env)?;
@@ -202,6 +234,9 @@ impl Config {
             admin_max_connections: server.admin_max_connections,
             admin_header_timeout: server.admin_header_timeout,
             jwt,
+            admin_jwt,
+            key_cache_entries,
+            unknown_key_cache_entries,
             tiers,
             backends,
             prices,

@@ -391,11 +391,54 @@ fn socket_addr(field: &str, value: &str) -> Result<SocketAddr, ConfigError> {
         .ok_or_else(|| invalid(field, format!("'{value}' is not a host:port address")))
 }
 
-pub(super) fn resolve_jwt(j: JwtSection, base_dir: &Path) -> Result<JwtConfig, ConfigError> {
+/// Which JWTs a `[auth.*]` section verifies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum JwtUse {
+    /// `[auth.jwt]`: API calls; claims name tenant and tier.
+    Proxy,
+    /// `[auth.admin_jwt]`: the admin API; the role claim says admin or viewer.
+    Admin,
+}
+
+impl JwtUse {
+    fn section(self) -> &'static str {
+        match self {
+            JwtUse::Proxy => "auth.jwt",
+            JwtUse::Admin => "auth.admin_jwt",
+        }
+    }
+
+    fn secret_env(self) -> &'static str {
+        match self {
+            JwtUse::Proxy => "SLUICE_JWT_HS256_SECRET",
+            JwtUse::Admin => "SLUICE_ADMIN_JWT_HS256_SECRET",
+        }
+    }
+}
+
+pub(super) fn resolve_jwt(
+    j: JwtSection,
+    base_dir: &Path,
+    used_for: JwtUse,
+    env: Env,
+) -> Result<JwtConfig, ConfigError> {
     use jsonwebtoken::Algorithm;
+    let section = used_for.section();
+    if used_for == JwtUse::Admin {
+        // An admin token must be minted for this gateway's admin API by a known issuer; a
+        // token for some other audience must never open it.
+        for (name, value) in [("issuer", &j.issuer), ("audience", &j.audience)] {
+            if value.as_deref().is_none_or(str::is_empty) {
+                return Err(invalid(
+                    format!("{section}.{name}"),
+                    "is required for admin tokens",
+                ));
+            }
+        }
+    }
     let mut public_keys = Vec::new();
     for (i, k) in j.public_keys.into_iter().enumerate() {
-        let field = format!("auth.jwt.public_keys[{i}]");
+        let field = format!("{section}.public_keys[{i}]");
         let algorithm = match k.alg.as_str() {
             "RS256" => Algorithm::RS256,
             "ES256" => Algorithm::ES256,
@@ -435,18 +478,18 @@ pub(super) fn resolve_jwt(j: JwtSection, base_dir: &Path) -> Result<JwtConfig, C
             kid: k.kid,
         });
     }
-    let hs256_secret = super::process_env("SLUICE_JWT_HS256_SECRET").or(j.hs256_secret);
+    let hs256_secret = env(used_for.secret_env()).or(j.hs256_secret);
     if let Some(secret) = &hs256_secret {
         if secret.len() < 32 {
             return Err(invalid(
-                "auth.jwt.hs256_secret",
+                format!("{section}.hs256_secret"),
                 "must be at least 32 bytes long",
             ));
         }
     }
     if hs256_secret.is_none() && public_keys.is_empty() {
         return Err(invalid(
-            "auth.jwt",
+            section,
             "needs hs256_secret or at least one of public_keys",
         ));
     }

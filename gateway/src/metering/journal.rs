@@ -1,33 +1,54 @@
 //! How does a usage event reach the store? One per metered request, with a unique id.
 //!
-//! The proxy hands each event to a [`UsageSink`] (a channel; never blocks, never drops). One
-//! writer drains it in small batches into the store. When the store cannot be reached the
-//! batch goes to an on-disk journal (fsynced), which the writer replays once the store
-//! answers again. The store counts an event once by its id, so a replayed event (or one
-//! written twice because an answer was lost) is never counted twice. Each event is written
-//! (or journaled) within `BATCH_WINDOW` (50 ms) of its request's end, in one store call per
-//! window.
+//! The proxy hands each event to a [`UsageSink`] (a bounded queue; never drops). One writer
+//! drains it in small batches into the store. When the store cannot be reached the batch goes
+//! to an on-disk journal (fsynced), which the writer replays once the store answers again;
+//! when the store is so slow that the queue fills (Redis black-holed: each batch waits out
+//! its timeout), the sink writes events straight to the journal instead of queueing them in
+//! memory, so a replica's memory stays bounded however long the outage. The store counts an
+//! event once by its id, so a replayed event (or one written twice because an answer was
+//! lost) is never counted twice. Each event is written (or journaled) within `BATCH_WINDOW`
+//! (50 ms) of its request's end, in one store call per window.
+//!
+//! Replay resumes where it stopped: each tick sends at most one batch from the journal's
+//! read position until the store takes it, so an outage costs a bounded amount of work per
+//! tick, not a re-read of the whole journal. A line torn by a crash or a full disk is
+//! skipped, and never swallows the event written after it.
 
 use crate::store::Store;
 use crate::usage::UsageEvent;
-use std::io::{BufRead, Write};
+use parking_lot::Mutex;
+use std::io::{BufRead, Read, Seek, SeekFrom, Write};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::mpsc;
 
-/// Where the proxy puts events; cheap to clone, never blocks.
+/// Events the queue holds before the sink spills to the journal.
+pub const QUEUE_EVENTS: usize = 16_384;
+
+/// Where the proxy puts events; cheap to clone, never blocks on the store.
 #[derive(Clone)]
 pub struct UsageSink {
-    tx: mpsc::UnboundedSender<Message>,
-    journal_path: Arc<PathBuf>,
+    tx: mpsc::Sender<Message>,
+    journal: Arc<Mutex<Journal>>,
 }
 
 impl UsageSink {
     pub fn record(&self, event: UsageEvent) {
-        if let Err(lost) = self.tx.send(Message::Event(event)) {
-            // Only after the writer has shut down: keep the event in the log rather than lose it.
-            tracing::error!(event = ?lost.0, "usage event after shutdown");
+        match self.tx.try_send(Message::Event(event)) {
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Full(Message::Event(event))) => {
+                crate::metrics::get().record_usage_spill();
+                if let Err(e) = self.journal.lock().append(std::slice::from_ref(&event)) {
+                    tracing::error!(error = %e, event = ?event, "cannot journal a usage event");
+                }
+            }
+            Err(lost) => {
+                // Only after the writer has shut down: keep the event in the log rather than
+                // lose it.
+                tracing::error!(event = ?lost, "usage event after shutdown");
+            }
         }
     }
 
@@ -35,14 +56,14 @@ impl UsageSink {
     /// store unreachable, in the journal): what a shutdown waits for.
     pub async fn flush(&self) {
         let (done, flushed) = tokio::sync::oneshot::channel();
-        if self.tx.send(Message::Flush(done)).is_ok() {
+        if self.tx.send(Message::Flush(done)).await.is_ok() {
             let _ = flushed.await;
         }
     }
 
     /// How many bytes of events wait in the journal for the store to come back (0: none).
     pub fn journal_bytes(&self) -> u64 {
-        std::fs::metadata(self.journal_path.as_path()).map_or(0, |m| m.len())
+        self.journal.lock().pending_bytes()
     }
 }
 
@@ -66,23 +87,23 @@ const BATCH_WINDOW: Duration = Duration::from_millis(50);
 const REPLAY_EVERY: Duration = Duration::from_secs(1);
 
 pub struct UsageWriter {
-    rx: mpsc::UnboundedReceiver<Message>,
+    rx: mpsc::Receiver<Message>,
     store: Arc<dyn Store>,
-    journal: Journal,
+    journal: Arc<Mutex<Journal>>,
 }
 
 pub fn usage_channel(store: Arc<dyn Store>, journal_path: PathBuf) -> (UsageSink, UsageWriter) {
-    let (tx, rx) = mpsc::unbounded_channel();
+    let (tx, rx) = mpsc::channel(QUEUE_EVENTS);
+    let journal = Arc::new(Mutex::new(Journal {
+        path: journal_path,
+        read_from: 0,
+    }));
     (
         UsageSink {
             tx,
-            journal_path: Arc::new(journal_path.clone()),
+            journal: journal.clone(),
         },
-        UsageWriter {
-            rx,
-            store,
-            journal: Journal { path: journal_path },
-        },
+        UsageWriter { rx, store, journal },
     )
 }
 
@@ -141,10 +162,10 @@ impl UsageWriter {
 
     async fn write(&mut self, batch: Vec<UsageEvent>) {
         // While a journal is pending, new events queue behind it so the store sees them in order.
-        if !self.journal.is_empty() {
+        if !self.journal.lock().is_empty() {
             self.replay_journal().await;
         }
-        if self.journal.is_empty() {
+        if self.journal.lock().is_empty() {
             match self.store.append_usage(&batch).await {
                 Ok(_) => return,
                 Err(e) => {
@@ -152,77 +173,236 @@ impl UsageWriter {
                 }
             }
         }
-        if let Err(e) = self.journal.append(&batch) {
+        if let Err(e) = self.journal.lock().append(&batch) {
             // Nowhere left to put them: the log is the last record.
             tracing::error!(error = %e, events = ?batch, "cannot journal usage events");
         }
     }
 
+    /// Sends the journal to the store from where the last replay stopped, a batch at a time,
+    /// until it is all taken (then the journal is emptied) or the store fails (then the next
+    /// tick goes on from there).
     async fn replay_journal(&mut self) {
-        if self.journal.is_empty() {
+        if self.journal.lock().is_empty() {
             return;
         }
-        let events = match self.journal.read() {
-            Ok(events) => events,
-            Err(e) => {
-                tracing::error!(error = %e, "cannot read the usage journal");
-                return;
+        let mut replayed = 0;
+        loop {
+            let next = self.journal.lock().next_batch(BATCH);
+            let (events, end) = match next {
+                Ok(Some(batch)) => batch,
+                Ok(None) => break,
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot read the usage journal");
+                    return;
+                }
+            };
+            if !events.is_empty() {
+                if let Err(e) = self.store.append_usage(&events).await {
+                    tracing::debug!(error = %e, "usage journal replay deferred");
+                    return;
+                }
             }
-        };
-        for chunk in events.chunks(BATCH) {
-            if let Err(e) = self.store.append_usage(chunk).await {
-                tracing::debug!(error = %e, "usage journal replay deferred");
-                return;
-            }
+            replayed += events.len();
+            self.journal.lock().read_from = end;
         }
-        match self.journal.clear() {
-            Ok(()) => tracing::info!(events = events.len(), "usage journal replayed"),
+        let mut journal = self.journal.lock();
+        if journal.read_from == 0 {
+            return;
+        }
+        match journal.clear() {
+            Ok(()) => tracing::info!(events = replayed, "usage journal replayed"),
             Err(e) => tracing::error!(error = %e, "cannot clear the replayed usage journal"),
         }
     }
 }
 
-/// Events the store has not taken yet, one JSON object per line.
+/// Events the store has not taken yet, one JSON object per line, and how far replay got.
 struct Journal {
     path: PathBuf,
+    /// Bytes already in the store (lost on restart, which replays them again: harmless,
+    /// the store counts each event id once).
+    read_from: u64,
 }
 
 impl Journal {
-    fn is_empty(&self) -> bool {
-        std::fs::metadata(&self.path).map_or(true, |m| m.len() == 0)
+    fn len(&self) -> u64 {
+        std::fs::metadata(&self.path).map_or(0, |m| m.len())
     }
 
+    fn pending_bytes(&self) -> u64 {
+        self.len().saturating_sub(self.read_from)
+    }
+
+    fn is_empty(&self) -> bool {
+        self.pending_bytes() == 0
+    }
+
+    /// Appends events, whole lines only: a torn end left by an earlier failed write is ended
+    /// first (so it cannot swallow these), and a write that fails is cut off again.
     fn append(&self, events: &[UsageEvent]) -> std::io::Result<()> {
         if let Some(dir) = self.path.parent() {
             std::fs::create_dir_all(dir)?;
         }
         let mut file = std::fs::OpenOptions::new()
             .create(true)
+            .read(true)
             .append(true)
             .open(&self.path)?;
+        let before = file.metadata()?.len();
         let mut text = Vec::new();
+        if before > 0 {
+            let mut last = [0u8];
+            file.seek(SeekFrom::Start(before - 1))?;
+            file.read_exact(&mut last)?;
+            if last[0] != b'\n' {
+                text.push(b'\n');
+            }
+        }
         for event in events {
             serde_json::to_writer(&mut text, event)?;
             text.push(b'\n');
         }
-        file.write_all(&text)?;
-        file.sync_data()
+        let written = file.write_all(&text).and_then(|()| file.sync_data());
+        if written.is_err() {
+            // Whatever part of the lines reached the disk is not an event: take it back.
+            let _ = file.set_len(before);
+        }
+        written
     }
 
-    /// Every complete line; a torn last line (a crash mid-write) is skipped.
-    fn read(&self) -> std::io::Result<Vec<UsageEvent>> {
-        let file = std::fs::File::open(&self.path)?;
+    /// Up to `max` events from the read position, and the position after them; `None` when
+    /// nothing complete is left. Lines that are not events (torn by a crash) are skipped; an
+    /// unterminated last line is left for later (it may still be being written... or torn,
+    /// and then the next append ends it).
+    fn next_batch(&self, max: usize) -> std::io::Result<Option<(Vec<UsageEvent>, u64)>> {
+        let mut file = match std::fs::File::open(&self.path) {
+            Ok(file) => file,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        file.seek(SeekFrom::Start(self.read_from))?;
+        let mut reader = std::io::BufReader::new(file);
         let mut events = Vec::new();
-        for line in std::io::BufReader::new(file).lines() {
-            match serde_json::from_str(&line?) {
+        let mut position = self.read_from;
+        let mut line = Vec::new();
+        while events.len() < max {
+            line.clear();
+            let n = reader.read_until(b'\n', &mut line)?;
+            if n == 0 || line.last() != Some(&b'\n') {
+                break;
+            }
+            position += n as u64;
+            match serde_json::from_slice(&line) {
                 Ok(event) => events.push(event),
                 Err(e) => tracing::warn!(error = %e, "skipping a torn usage journal line"),
             }
         }
-        Ok(events)
+        Ok((position > self.read_from).then_some((events, position)))
     }
 
-    fn clear(&self) -> std::io::Result<()> {
-        std::fs::File::create(&self.path)?.sync_all()
+    /// Empties the journal once all of it is in the store.
+    fn clear(&mut self) -> std::io::Result<()> {
+        if self.read_from < self.len() {
+            // Appended while the last batch was on its way: kept for the next replay.
+            return Ok(());
+        }
+        std::fs::File::create(&self.path)?.sync_all()?;
+        self.read_from = 0;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event(i: u64) -> UsageEvent {
+        UsageEvent {
+            id: format!("ev-{i}"),
+            time_ms: 1,
+            request_id: format!("r-{i}"),
+            key_id: "k".into(),
+            tenant: "t".into(),
+            tier: "free".into(),
+            model: "m".into(),
+            backend: "b".into(),
+            route: "chat".into(),
+            prompt_tokens: i,
+            completion_tokens: 1,
+            cached_tokens: 0,
+            cache_status: "miss".into(),
+            status: 200,
+            latency_ms: 1,
+            ttft_ms: None,
+            client_disconnected: false,
+            usage_reported: true,
+            usage_source: Default::default(),
+        }
+    }
+
+    fn journal(dir: &tempfile::TempDir) -> Journal {
+        Journal {
+            path: dir.path().join("usage.journal"),
+            read_from: 0,
+        }
+    }
+
+    #[test]
+    fn a_torn_line_never_swallows_the_next_event() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut j = journal(&dir);
+        j.append(&[event(1)]).unwrap();
+        // A write cut short (a full disk, a crash): half a line, no newline.
+        let mut file = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&j.path)
+            .unwrap();
+        file.write_all(b"{\"id\":\"ev-torn\",\"time").unwrap();
+        j.append(&[event(2)]).unwrap();
+        let (events, end) = j.next_batch(100).unwrap().unwrap();
+        let ids: Vec<_> = events.iter().map(|e| e.id.as_str()).collect();
+        assert_eq!(ids, ["ev-1", "ev-2"]);
+        j.read_from = end;
+        assert!(j.is_empty());
+        j.clear().unwrap();
+        assert_eq!(j.len(), 0);
+    }
+
+    #[test]
+    fn replay_resumes_where_it_stopped() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut j = journal(&dir);
+        j.append(&(0..10).map(event).collect::<Vec<_>>()).unwrap();
+        let (first, end) = j.next_batch(4).unwrap().unwrap();
+        assert_eq!(first.len(), 4);
+        j.read_from = end;
+        // More arrives meanwhile; nothing is read twice, nothing skipped.
+        j.append(&[event(10)]).unwrap();
+        let mut rest = Vec::new();
+        while let Some((events, end)) = j.next_batch(4).unwrap() {
+            rest.extend(events);
+            j.read_from = end;
+        }
+        let ids: Vec<u64> = first.iter().chain(&rest).map(|e| e.prompt_tokens).collect();
+        assert_eq!(ids, (0..11).collect::<Vec<_>>());
+        // Clearing waits until everything is read.
+        j.clear().unwrap();
+        assert_eq!((j.len(), j.read_from), (0, 0));
+    }
+
+    #[test]
+    fn an_unterminated_last_line_waits() {
+        let dir = tempfile::tempdir().unwrap();
+        let j = journal(&dir);
+        j.append(&[event(1)]).unwrap();
+        let mut file = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&j.path)
+            .unwrap();
+        file.write_all(b"{\"id\":").unwrap();
+        let (events, end) = j.next_batch(10).unwrap().unwrap();
+        assert_eq!(events.len(), 1);
+        assert!(end < j.len(), "the partial line is not consumed");
     }
 }

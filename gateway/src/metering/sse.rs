@@ -16,6 +16,9 @@ const MAX_EVENT_BYTES: usize = 1 << 20;
 pub struct SseUsageScanner {
     /// The bytes of the event in progress (all of the stream's bytes pass through here once).
     partial: BytesMut,
+    /// Where the event in progress ends, as far as its bytes have been read (each byte is
+    /// read once, however the stream is split).
+    boundary: EventBoundary,
     strip_usage_chunk: bool,
     usage: Option<Usage>,
     malformed: u64,
@@ -37,6 +40,7 @@ impl SseUsageScanner {
     pub fn new(strip_usage_chunk: bool) -> Self {
         SseUsageScanner {
             partial: BytesMut::new(),
+            boundary: EventBoundary::default(),
             strip_usage_chunk,
             usage: None,
             malformed: 0,
@@ -48,7 +52,7 @@ impl SseUsageScanner {
     pub fn feed(&mut self, chunk: Bytes) -> Bytes {
         self.partial.extend_from_slice(&chunk);
         let mut out = self.strip_usage_chunk.then(BytesMut::new);
-        while let Some(end) = event_end(&self.partial) {
+        while let Some(end) = self.boundary.find(&self.partial) {
             let event = self.partial.split_to(end);
             let keep = self.read_event(&event);
             if let Some(out) = out.as_mut() {
@@ -59,6 +63,7 @@ impl SseUsageScanner {
         }
         if self.partial.len() > MAX_EVENT_BYTES {
             self.malformed += 1;
+            self.boundary.restart();
             let oversized = self.partial.split();
             if let Some(out) = out.as_mut() {
                 out.extend_from_slice(&oversized);
@@ -129,21 +134,83 @@ impl SseUsageScanner {
     }
 }
 
-/// The end (blank line included) of the first complete event in `buf`.
-fn event_end(buf: &[u8]) -> Option<usize> {
-    let lf = memfind(buf, b"\n\n").map(|i| i + 2);
-    let crlf = memfind(buf, b"\r\n\r\n").map(|i| i + 4);
-    match (lf, crlf) {
-        (Some(a), Some(b)) => Some(a.min(b)),
-        (a, b) => a.or(b),
+/// Finds where events end: at a blank line, lines ending in LF, CRLF or a lone CR (the SSE
+/// specification allows all three). It reads each byte once, keeping its place between calls,
+/// so an event split into many small chunks costs no rescans.
+#[derive(Debug, Clone, Copy)]
+struct EventBoundary {
+    /// Bytes of the event in progress already read.
+    read: usize,
+    /// The last byte read ended a line (or nothing has been read): a line ending now is a
+    /// blank line.
+    at_line_start: bool,
+    /// The last byte read was a CR: an LF now belongs to the same line ending.
+    after_cr: bool,
+}
+
+impl Default for EventBoundary {
+    fn default() -> Self {
+        EventBoundary {
+            read: 0,
+            at_line_start: true,
+            after_cr: false,
+        }
+    }
+}
+
+impl EventBoundary {
+    /// The end (blank line included) of the event `buf` begins with, if it is complete; the
+    /// caller then splits that much off `buf`.
+    fn find(&mut self, buf: &[u8]) -> Option<usize> {
+        while self.read < buf.len() {
+            let i = self.read;
+            if self.after_cr && buf[i] == b'\n' {
+                self.after_cr = false;
+                self.read += 1;
+                continue;
+            }
+            self.after_cr = false;
+            let Some(offset) = memchr::memchr2(b'\n', b'\r', &buf[i..]) else {
+                self.at_line_start = false;
+                self.read = buf.len();
+                return None;
+            };
+            let at = i + offset;
+            if offset > 0 {
+                self.at_line_start = false;
+            }
+            self.read = at + 1;
+            self.after_cr = buf[at] == b'\r';
+            if self.at_line_start {
+                // A CRLF's LF, when already here, belongs to this event; when it comes in a
+                // later chunk, `after_cr` skips it there.
+                let mut end = at + 1;
+                if self.after_cr && buf.get(end) == Some(&b'\n') {
+                    end += 1;
+                    self.after_cr = false;
+                }
+                let after_cr = self.after_cr;
+                *self = EventBoundary {
+                    after_cr,
+                    ..EventBoundary::default()
+                };
+                return Some(end);
+            }
+            self.at_line_start = true;
+        }
+        None
+    }
+
+    /// Starts afresh (the bytes read so far were passed on without an end).
+    fn restart(&mut self) {
+        *self = EventBoundary::default();
     }
 }
 
 /// The payload of an event's `data:` line (OpenAI streams send one per event).
 fn event_data(event: &[u8]) -> Option<&[u8]> {
     event
-        .split(|&b| b == b'\n')
-        .map(|line| line.strip_suffix(b"\r").unwrap_or(line))
+        .split(|&b| b == b'\n' || b == b'\r')
         .find_map(|line| line.strip_prefix(b"data:"))
         .map(|d| d.strip_prefix(b" ").unwrap_or(d))
 }
@@ -209,6 +276,58 @@ mod tests {
             );
             assert!(out.ends_with("data: [DONE]\n\n"));
         }
+    }
+
+    #[test]
+    fn cr_only_and_mixed_line_endings_end_events_at_every_split() {
+        let variants = [
+            STREAM.replace("\r\n", "\n").replace('\n', "\r"),
+            STREAM.replace("\r\n", "\n").replace('\n', "\r\n"),
+            STREAM.replace("\r\n", "\n").replace("\n\n", "\r\n\r"),
+        ];
+        for stream in &variants {
+            for at in 0..=stream.len() {
+                let mut scanner = SseUsageScanner::new(true);
+                let mut out = Vec::new();
+                for part in [&stream[..at], &stream[at..]] {
+                    out.extend_from_slice(&scanner.feed(Bytes::copy_from_slice(part.as_bytes())));
+                }
+                out.extend_from_slice(&scanner.finish());
+                assert_eq!(
+                    scanner.usage(),
+                    Some(expected()),
+                    "{stream:?} split at {at}"
+                );
+                let out = String::from_utf8(out).unwrap();
+                assert!(
+                    !out.contains("prompt_tokens"),
+                    "usage chunk stripped at {at}"
+                );
+                assert!(out.contains("[DONE]"));
+                assert_eq!(scanner.malformed(), 0);
+            }
+            // Byte by byte, each byte is read once.
+            let mut scanner = SseUsageScanner::new(false);
+            let mut out = Vec::new();
+            for b in stream.as_bytes() {
+                out.extend_from_slice(&scanner.feed(Bytes::copy_from_slice(&[*b])));
+            }
+            assert_eq!(scanner.usage(), Some(expected()));
+            assert_eq!(out, stream.as_bytes(), "passed through unchanged");
+        }
+    }
+
+    #[test]
+    fn an_event_in_many_small_chunks_is_read_once() {
+        let mut boundary = EventBoundary::default();
+        let mut buf = Vec::new();
+        for _ in 0..10_000 {
+            buf.extend_from_slice(b"data: xxxxxxxx");
+            assert_eq!(boundary.find(&buf), None);
+            assert_eq!(boundary.read, buf.len(), "only the new bytes were read");
+        }
+        buf.extend_from_slice(b"\n\n");
+        assert_eq!(boundary.find(&buf), Some(buf.len()));
     }
 
     #[test]

@@ -61,7 +61,7 @@ impl Proxy {
         // The request rate is checked before the body is read: a key past its rate costs no
         // upload.
         let admission = &self.gateway.admission;
-        let counted = admission.count(&identity).map_err(|r| refuse(ctx, r))?;
+        let counted = admission.count(&identity).map_err(|r| refuse(ctx, *r))?;
         let body = match self.read_request(session, ctx, route, &identity).await {
             Ok(body) => body,
             Err(e) => {

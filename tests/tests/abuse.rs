@@ -1,0 +1,317 @@
+//! Clients that do not play along: floods of made-up keys, uploads a key may not send,
+//! bodies that never finish, more requests than a replica can carry, silent admin
+//! connections. Each is bounded before it costs the gateway work or memory, on a real
+//! gateway.
+
+use futures::StreamExt;
+use serde_json::json;
+use sluice_e2e::{Backend, Gateway, GatewayOptions, OwnRedis, StoreKind, SIM_MODEL};
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+fn chat() -> String {
+    json!({"model": SIM_MODEL, "max_tokens": 2, "messages": [{"role": "user", "content": "hi"}]})
+        .to_string()
+}
+
+async fn status_of(gw: &Gateway, key: &str) -> u16 {
+    gw.post_raw("/v1/chat/completions", Some(key), chat())
+        .await
+        .unwrap()
+        .status()
+        .as_u16()
+}
+
+/// Opens a connection and sends a request head announcing `length` bytes of body, then
+/// `sent` bytes of it.
+async fn announce(url: &str, key: &str, length: usize, sent: usize) -> TcpStream {
+    let address = url.trim_start_matches("http://");
+    let mut tcp = TcpStream::connect(address).await.unwrap();
+    let head = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nhost: {address}\r\nauthorization: Bearer {key}\r\n\
+         content-type: application/json\r\ncontent-length: {length}\r\n\r\n"
+    );
+    tcp.write_all(head.as_bytes()).await.unwrap();
+    if sent > 0 {
+        tcp.write_all(&vec![b' '; sent]).await.unwrap();
+    }
+    tcp
+}
+
+/// The status code and text (head, and as much body as arrives soon after) of the answer on
+/// `tcp`, if one comes within `limit`.
+async fn answer_within(tcp: &mut TcpStream, limit: Duration) -> Option<(u16, String)> {
+    let mut buffer = vec![0u8; 8192];
+    let mut read = 0;
+    let mut deadline = tokio::time::Instant::now() + limit;
+    let mut head_seen = false;
+    while read < buffer.len() {
+        match tokio::time::timeout_at(deadline, tcp.read(&mut buffer[read..])).await {
+            Ok(Ok(0)) | Ok(Err(_)) => break,
+            Ok(Ok(n)) => read += n,
+            Err(_) if head_seen => break,
+            Err(_) => return None,
+        }
+        if !head_seen && buffer[..read].windows(4).any(|w| w == b"\r\n\r\n") {
+            head_seen = true;
+            // The body follows at once, or not at all.
+            deadline = tokio::time::Instant::now() + Duration::from_millis(200);
+        }
+    }
+    let text = String::from_utf8_lossy(&buffer[..read]).into_owned();
+    let code = text.split(' ').nth(1)?.parse().ok()?;
+    Some((code, text))
+}
+
+/// 10,000 made-up keys while Redis is down (after thousands more while it was up, more
+/// than the unknown-key cache holds) cost valid keys nothing: they are still served from
+/// the local key cache, and no made-up key is let in.
+#[tokio::test]
+async fn made_up_keys_during_a_redis_outage_leave_valid_keys_working() {
+    let backend = Backend::start().await.unwrap();
+    let mut redis = OwnRedis::start();
+    let gw = Gateway::start(GatewayOptions {
+        extra_config: "[auth]\nkey_cache_entries = 100\nunknown_key_cache_entries = 500\n".into(),
+        ..GatewayOptions::new(
+            &backend,
+            StoreKind::RedisAt {
+                url: redis.url(),
+                prefix: "abuse".into(),
+            },
+        )
+    })
+    .await
+    .unwrap();
+    let (_, key) = gw.create_key("acme", "pro").await.unwrap();
+    assert_eq!(status_of(&gw, &key).await, 200);
+
+    let flood = |count: usize, tag: &'static str| {
+        let gw = &gw;
+        futures::stream::iter(0..count)
+            .map(move |i| async move {
+                let made_up = format!("sk-sluice-made-up-{tag}-{i:08}");
+                status_of(gw, &made_up).await
+            })
+            .buffer_unordered(32)
+            .collect::<Vec<u16>>()
+    };
+    let while_up = flood(2_000, "up").await;
+    assert!(
+        while_up.iter().all(|s| *s == 401),
+        "made-up keys are unknown"
+    );
+
+    redis.kill();
+    let started = Instant::now();
+    let during_outage = flood(10_000, "down").await;
+    assert!(
+        during_outage.iter().all(|s| matches!(s, 401 | 503)),
+        "a made-up key is never admitted: {:?}",
+        during_outage
+            .iter()
+            .filter(|s| !matches!(s, 401 | 503))
+            .collect::<Vec<_>>()
+    );
+    eprintln!(
+        "10,000 made-up keys during the outage took {:?}",
+        started.elapsed()
+    );
+    // The builtin tiers fail open: the valid key is served by the local limiter alone.
+    assert_eq!(status_of(&gw, &key).await, 200, "{}", gw.log());
+}
+
+/// A key limited to one request a minute: 50 clients that each announce an 8 MiB upload are
+/// refused before the gateway reads a byte of their bodies.
+#[tokio::test]
+async fn uploads_past_a_keys_rate_are_refused_before_the_body_is_read() {
+    let backend = Backend::start().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let gw = Gateway::start(GatewayOptions {
+        max_body_bytes: 9 << 20,
+        ..GatewayOptions::new(&backend, StoreKind::Embedded(dir.path().to_owned()))
+    })
+    .await
+    .unwrap();
+    let (_, key) = gw
+        .create_key_with("acme", "pro", json!({"requests_per_minute": 1}))
+        .await
+        .unwrap();
+    assert_eq!(status_of(&gw, &key).await, 200);
+    let before = gw.rss_bytes();
+    let clients = futures::future::join_all((0..50).map(|_| async {
+        let mut tcp = announce(&gw.url, &key, 8 << 20, 0).await;
+        answer_within(&mut tcp, Duration::from_secs(5)).await
+    }))
+    .await;
+    for answer in &clients {
+        let (code, text) = answer
+            .as_ref()
+            .expect("answered without the body being sent");
+        assert_eq!(*code, 429, "{text}");
+        assert!(text.to_lowercase().contains("retry-after"), "{text}");
+    }
+    let grown = gw.rss_bytes().saturating_sub(before);
+    assert!(grown < 32 << 20, "RSS grew by {grown} bytes");
+}
+
+/// Bodies held in memory are bounded per replica: past `max_body_bytes_in_flight`, uploads
+/// are shed with 503 and `Retry-After`, and the replica's memory stays within the bound.
+#[tokio::test]
+async fn request_bodies_held_at_once_are_bounded_by_the_replicas_budget() {
+    let backend = Backend::start().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let gw = Gateway::start(GatewayOptions {
+        max_body_bytes: 8 << 20,
+        server_config: "max_body_bytes_in_flight = 16777216\n".into(),
+        ..GatewayOptions::new(&backend, StoreKind::Embedded(dir.path().to_owned()))
+    })
+    .await
+    .unwrap();
+    let (_, key) = gw.create_key("acme", "enterprise").await.unwrap();
+    let before = gw.rss_bytes();
+    // 40 uploads of 8 MiB each send 3 MiB and stall: 320 MiB announced, 120 MiB sent.
+    let mut held = Vec::new();
+    for _ in 0..40 {
+        held.push(announce(&gw.url, &key, 8 << 20, 3 << 20).await);
+    }
+    let mut shed = 0;
+    for tcp in &mut held {
+        if let Some((code, text)) = answer_within(tcp, Duration::from_millis(500)).await {
+            assert_eq!(code, 503, "{text}");
+            assert!(
+                text.contains("retry-after: 1") || text.contains("Retry-After: 1"),
+                "{text}"
+            );
+            shed += 1;
+        }
+    }
+    let grown = gw.rss_bytes().saturating_sub(before);
+    eprintln!("{shed} of 40 uploads shed; RSS grew by {} MiB", grown >> 20);
+    assert!(
+        shed >= 34,
+        "at most 16 MiB / 3 MiB uploads are held; {shed} of 40 were shed"
+    );
+    assert!(grown < 48 << 20, "RSS grew by {grown} bytes");
+    drop(held);
+    // Once the uploads are gone their budget is back.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(status_of(&gw, &key).await, 200);
+}
+
+/// A body that trickles in past `body_read_timeout_secs` gets 408.
+#[tokio::test]
+async fn a_body_that_never_finishes_gets_408() {
+    let backend = Backend::start().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let gw = Gateway::start(GatewayOptions {
+        server_config: "body_read_timeout_secs = 1\n".into(),
+        ..GatewayOptions::new(&backend, StoreKind::Embedded(dir.path().to_owned()))
+    })
+    .await
+    .unwrap();
+    let (_, key) = gw.create_key("acme", "pro").await.unwrap();
+    let mut tcp = announce(&gw.url, &key, 1000, 10).await;
+    let (code, text) = answer_within(&mut tcp, Duration::from_secs(5))
+        .await
+        .expect("an answer");
+    assert_eq!(code, 408, "{text}");
+    assert!(text.contains("request_timeout"), "{text}");
+    assert_eq!(status_of(&gw, &key).await, 200);
+}
+
+/// Past `max_in_flight`, a replica sheds requests at once with 503 `overloaded` and
+/// `Retry-After`, and takes them again when load falls.
+#[tokio::test]
+async fn past_the_in_flight_mark_requests_are_shed() {
+    let backend = Backend::start().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let gw = Gateway::start(GatewayOptions {
+        server_config: "max_in_flight = 2\n".into(),
+        ..GatewayOptions::new(&backend, StoreKind::Embedded(dir.path().to_owned()))
+    })
+    .await
+    .unwrap();
+    let (_, key) = gw.create_key("acme", "enterprise").await.unwrap();
+    let gate = format!("shed-{}", uuid::Uuid::new_v4().simple());
+    let held = json!({"model": SIM_MODEL, "stream": true, "max_tokens": 4,
+                      "user": format!("sim-gate:{gate}"),
+                      "messages": [{"role": "user", "content": "hold on"}]})
+    .to_string();
+    let mut streams = Vec::new();
+    for _ in 0..2 {
+        let r = gw
+            .post_raw("/v1/chat/completions", Some(&key), held.clone())
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        streams.push(r);
+    }
+    let r = gw
+        .post_raw("/v1/chat/completions", Some(&key), chat())
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 503);
+    assert_eq!(r.headers()["retry-after"], "1");
+    let (_, code, _) = sluice_e2e::openai_error(r).await.unwrap();
+    assert_eq!(code, "overloaded");
+    backend.open_gate(&gate).await.unwrap();
+    for r in streams {
+        r.text().await.unwrap();
+    }
+    assert_eq!(status_of(&gw, &key).await, 200);
+    let metrics = gw
+        .http
+        .get(format!("{}/metrics", gw.admin_url))
+        .bearer_auth(sluice_e2e::ADMIN_TOKEN)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("sluice_requests_shed_total{mark=\"in_flight\"} 1"),
+        "{metrics}"
+    );
+}
+
+/// The admin listener closes a connection that sends no request head in time, and serves at
+/// most `admin_max_connections` at once.
+#[tokio::test]
+async fn silent_admin_connections_are_capped_and_closed() {
+    let backend = Backend::start().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let gw = Gateway::start(GatewayOptions {
+        server_config: "admin_max_connections = 2\nadmin_header_timeout_secs = 2\n".into(),
+        ..GatewayOptions::new(&backend, StoreKind::Embedded(dir.path().to_owned()))
+    })
+    .await
+    .unwrap();
+    let address = gw.admin_url.trim_start_matches("http://").to_owned();
+    // Two silent connections take both places.
+    let mut silent = Vec::new();
+    for _ in 0..2 {
+        let mut tcp = TcpStream::connect(&address).await.unwrap();
+        tcp.write_all(b"GET /health HTTP/1.1\r\n").await.unwrap();
+        silent.push(tcp);
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let health = format!("{}/health", gw.admin_url);
+    let quick = reqwest::Client::builder()
+        .timeout(Duration::from_millis(700))
+        .build()
+        .unwrap();
+    assert!(
+        quick.get(&health).send().await.is_err(),
+        "a third connection waits while two are open"
+    );
+    // Their heads never finish: both are closed within the header timeout.
+    for tcp in &mut silent {
+        let mut byte = [0u8; 512];
+        let closed = tokio::time::timeout(Duration::from_secs(5), tcp.read(&mut byte)).await;
+        assert!(closed.is_ok(), "a silent connection was closed");
+    }
+    let r = reqwest::get(&health).await.unwrap();
+    assert_eq!(r.status(), 200);
+}
