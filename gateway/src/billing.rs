@@ -430,27 +430,7 @@ mod tests {
     use super::*;
 
     fn event(key: &str, model: &str, time_ms: i64, prompt: u64, completion: u64) -> UsageEvent {
-        UsageEvent {
-            id: format!("{key}-{time_ms}"),
-            time_ms,
-            request_id: String::new(),
-            key_id: key.into(),
-            tenant: "t".into(),
-            tier: "pro".into(),
-            model: model.into(),
-            backend: "b".into(),
-            route: "chat_completions".into(),
-            prompt_tokens: prompt,
-            completion_tokens: completion,
-            cached_tokens: 0,
-            cache_status: "miss".into(),
-            status: 200,
-            latency_ms: 1,
-            ttft_ms: None,
-            client_disconnected: false,
-            usage_reported: true,
-            usage_source: Default::default(),
-        }
+        UsageEvent::for_test(key, model, time_ms, prompt, completion)
     }
 
     fn book() -> PriceBook {

@@ -59,3 +59,31 @@ pub struct UsageEvent {
     #[serde(default)]
     pub usage_source: UsageSource,
 }
+
+#[cfg(test)]
+impl UsageEvent {
+    /// A plain answered chat request of `key` at `time_ms` (its id is `{key}-{time_ms}`).
+    pub fn for_test(key: &str, model: &str, time_ms: i64, prompt: u64, completion: u64) -> Self {
+        UsageEvent {
+            id: format!("{key}-{time_ms}"),
+            time_ms,
+            request_id: String::new(),
+            key_id: key.into(),
+            tenant: "t".into(),
+            tier: "pro".into(),
+            model: model.into(),
+            backend: "b".into(),
+            route: "chat_completions".into(),
+            prompt_tokens: prompt,
+            completion_tokens: completion,
+            cached_tokens: 0,
+            cache_status: "miss".into(),
+            status: 200,
+            latency_ms: 1,
+            ttft_ms: None,
+            client_disconnected: false,
+            usage_reported: true,
+            usage_source: UsageSource::Reported,
+        }
+    }
+}

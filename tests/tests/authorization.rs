@@ -3,9 +3,7 @@
 
 use reqwest::Method;
 use serde_json::{json, Value};
-use sluice_e2e::{
-    admin_jwt, jwt, Backend, Gateway, GatewayOptions, StoreKind, ADMIN_TOKEN, JWT_SECRET,
-};
+use sluice_e2e::{admin_jwt, jwt, Backend, Gateway, ADMIN_TOKEN, JWT_SECRET};
 
 /// The credentials a caller may present.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -88,12 +86,7 @@ fn expected(who: Who, r: &Route) -> u16 {
 async fn every_admin_route_against_every_credential() {
     let backend = Backend::start().await.unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let gw = Gateway::start(GatewayOptions::new(
-        &backend,
-        StoreKind::Embedded(dir.path().to_owned()),
-    ))
-    .await
-    .unwrap();
+    let gw = Gateway::embedded(&backend, dir.path()).await.unwrap();
     let (id, api_key) = gw.create_key("matrix", "free").await.unwrap();
     let credential = |who: Who| -> Option<String> {
         match who {
@@ -236,12 +229,7 @@ async fn every_admin_route_against_every_credential() {
 async fn a_tenant_viewer_sees_only_its_tenant() {
     let backend = Backend::start().await.unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let gw = Gateway::start(GatewayOptions::new(
-        &backend,
-        StoreKind::Embedded(dir.path().to_owned()),
-    ))
-    .await
-    .unwrap();
+    let gw = Gateway::embedded(&backend, dir.path()).await.unwrap();
     let (mine, my_key) = gw.create_key("mine", "free").await.unwrap();
     let (theirs, their_key) = gw.create_key("theirs", "free").await.unwrap();
     let chat = json!({"model": sluice_e2e::SIM_MODEL, "max_tokens": 2,
@@ -320,12 +308,7 @@ async fn a_tenant_viewer_sees_only_its_tenant() {
 async fn jwt_tenants_are_namespaced_apart_from_key_tenants() {
     let backend = Backend::start().await.unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let gw = Gateway::start(GatewayOptions::new(
-        &backend,
-        StoreKind::Embedded(dir.path().to_owned()),
-    ))
-    .await
-    .unwrap();
+    let gw = Gateway::embedded(&backend, dir.path()).await.unwrap();
     let chat = json!({"model": sluice_e2e::SIM_MODEL, "max_tokens": 2,
                       "messages": [{"role": "user", "content": "hi"}]});
     let token = jwt(json!({"tenant": "acme", "sub": "u1"}), JWT_SECRET);

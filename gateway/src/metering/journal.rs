@@ -318,27 +318,7 @@ mod tests {
     use super::*;
 
     fn event(i: u64) -> UsageEvent {
-        UsageEvent {
-            id: format!("ev-{i}"),
-            time_ms: 1,
-            request_id: format!("r-{i}"),
-            key_id: "k".into(),
-            tenant: "t".into(),
-            tier: "free".into(),
-            model: "m".into(),
-            backend: "b".into(),
-            route: "chat".into(),
-            prompt_tokens: i,
-            completion_tokens: 1,
-            cached_tokens: 0,
-            cache_status: "miss".into(),
-            status: 200,
-            latency_ms: 1,
-            ttft_ms: None,
-            client_disconnected: false,
-            usage_reported: true,
-            usage_source: Default::default(),
-        }
+        UsageEvent::for_test("k", "m", i as i64, i, 1)
     }
 
     fn journal(dir: &tempfile::TempDir) -> Journal {
@@ -358,11 +338,11 @@ mod tests {
             .append(true)
             .open(&j.path)
             .unwrap();
-        file.write_all(b"{\"id\":\"ev-torn\",\"time").unwrap();
+        file.write_all(b"{\"id\":\"k-torn\",\"time").unwrap();
         j.append(&[event(2)]).unwrap();
         let (events, end) = j.next_batch(100).unwrap().unwrap();
         let ids: Vec<_> = events.iter().map(|e| e.id.as_str()).collect();
-        assert_eq!(ids, ["ev-1", "ev-2"]);
+        assert_eq!(ids, ["k-1", "k-2"]);
         j.read_from = end;
         assert!(j.is_empty());
         j.clear().unwrap();
@@ -389,6 +369,45 @@ mod tests {
         // Clearing waits until everything is read.
         j.clear().unwrap();
         assert_eq!((j.len(), j.read_from), (0, 0));
+    }
+
+    /// With the writer stalled (a store that does not answer), the queue fills and the sink
+    /// spills to the journal instead of growing; once the writer runs, every event reaches
+    /// the (real, embedded) store exactly once.
+    #[tokio::test]
+    async fn a_full_queue_spills_to_the_journal_and_nothing_is_lost_or_doubled() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> =
+            Arc::new(crate::store::EmbeddedStore::open(&dir.path().join("store")).unwrap());
+        let (sink, writer) = usage_channel(store.clone(), dir.path().join("usage.journal"));
+        let total = QUEUE_EVENTS as u64 + 100;
+        for i in 0..total {
+            sink.record(event(i));
+        }
+        let queued_bytes = sink.journal_bytes();
+        assert!(queued_bytes > 0, "the overflow went to the journal");
+        let spilled = sink.journal.lock().next_batch(1_000).unwrap().unwrap().0;
+        assert_eq!(
+            spilled.len(),
+            100,
+            "exactly the events past the queue's bound"
+        );
+        let running = tokio::spawn(writer.run());
+        sink.flush().await;
+        // The journal is replayed on the writer's next tick.
+        for _ in 0..50 {
+            if sink.journal_bytes() == 0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert_eq!(sink.journal_bytes(), 0);
+        let stored = store.usage_events(0, i64::MAX).await.unwrap();
+        let mut ids: Vec<u64> = stored.iter().map(|e| e.prompt_tokens).collect();
+        ids.sort_unstable();
+        assert_eq!(ids, (0..total).collect::<Vec<_>>());
+        drop(sink);
+        running.await.unwrap();
     }
 
     #[test]
