@@ -82,6 +82,19 @@ impl LocalLimiter {
     pub fn forget(&self, key_id: &str) {
         self.keys.lock().remove(key_id);
     }
+
+    /// Forgets keys with no request in the window at `now_sec`: what a key that stopped
+    /// calling leaves behind would otherwise stay for the life of the process.
+    pub fn prune(&self, now_sec: i64) {
+        self.keys
+            .lock()
+            .retain(|_, minute| minute.iter().any(|b| b.second > now_sec - WINDOW_SECS));
+    }
+
+    /// Keys with state on this replica.
+    pub fn keys(&self) -> usize {
+        self.keys.lock().len()
+    }
 }
 
 #[cfg(test)]
@@ -99,6 +112,24 @@ mod tests {
         assert_eq!(limiter.check("k", Some(5), 160), Ok(()));
         assert_eq!(limiter.check("other", Some(5), 110), Ok(()));
         assert_eq!(limiter.check("k", None, 110), Ok(()));
+    }
+
+    #[test]
+    fn idle_keys_are_pruned_and_busy_ones_kept() {
+        let limiter = LocalLimiter::default();
+        for i in 0..1000 {
+            assert_eq!(limiter.check(&format!("k{i}"), Some(5), 100), Ok(()));
+        }
+        assert_eq!(limiter.check("busy", Some(5), 150), Ok(()));
+        limiter.prune(159);
+        assert_eq!(limiter.keys(), 1001, "all still in their window");
+        limiter.prune(160);
+        assert_eq!(limiter.keys(), 1, "only the key seen within the minute");
+        assert_eq!(
+            limiter.check("busy", Some(1), 160),
+            Err(50),
+            "its count survived"
+        );
     }
 
     #[test]

@@ -40,6 +40,9 @@ use std::time::Duration;
 pub use local::LocalLimiter;
 pub use reserve::TEMPLATE_ALLOWANCE;
 
+/// How often keys that stopped calling are dropped from the local limiter.
+const LOCAL_PRUNE_EVERY: Duration = Duration::from_secs(10);
+
 /// A reservation id no other request of any replica has: this process's random tag and a
 /// counter.
 pub fn mint_reservation_id() -> String {
@@ -157,8 +160,8 @@ impl Admission {
         self.held.owed()
     }
 
-    /// Gives back idle leases, renews held slots and charges what is owed, until the
-    /// process ends.
+    /// Gives back idle leases, renews held slots, charges what is owed and prunes the local
+    /// limiter, until the process ends.
     pub async fn run(self: Arc<Self>) {
         let held = self.held.clone().run(
             self.store.clone(),
@@ -179,7 +182,14 @@ impl Admission {
                 give_back(self.store.as_ref(), &self.held, self.leases.sweep()).await;
             }
         };
-        tokio::join!(held, leases);
+        let prune = async {
+            let mut every = tokio::time::interval(LOCAL_PRUNE_EVERY);
+            loop {
+                every.tick().await;
+                self.local.prune(self.clock.now_sec());
+            }
+        };
+        tokio::join!(held, leases, prune);
     }
 }
 
