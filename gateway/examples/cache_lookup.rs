@@ -125,6 +125,7 @@ fn run(n: usize, data: &str) {
             exact,
             expires_ms: i64::MAX,
             embedding: v,
+            body_bytes: 0,
         });
     }
     let build = started.elapsed().as_secs_f64();

@@ -67,6 +67,8 @@ fn cache(url: String, dir: &std::path::Path) -> ResponseCache {
         embedding_timeout: Duration::from_secs(5),
         max_entry_bytes: 1 << 20,
         max_entries: 100_000,
+        max_bytes: 1 << 30,
+        tenant_max_percent: 100,
     };
     ResponseCache::new(config, Arc::new(EmbeddedStore::open(dir).unwrap()))
 }

@@ -315,3 +315,67 @@ async fn silent_admin_connections_are_capped_and_closed() {
     let r = reqwest::get(&health).await.unwrap();
     assert_eq!(r.status(), 200);
 }
+
+/// One tenant sending thousands of unique cacheable questions (many times what the cache
+/// holds) evicts its own entries, and the other tenant's answers are still served from the
+/// cache.
+#[tokio::test]
+async fn a_tenant_flooding_the_cache_leaves_other_tenants_entries() {
+    let backend = Backend::start().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let gw = Gateway::start(GatewayOptions {
+        extra_config: "[cache]\nmax_bytes = 131072\n".into(),
+        ..GatewayOptions::new(&backend, StoreKind::Embedded(dir.path().to_owned()))
+    })
+    .await
+    .unwrap();
+    let (_, quiet) = gw.create_key("quiet", "enterprise").await.unwrap();
+    let (_, flood) = gw.create_key("flood", "enterprise").await.unwrap();
+    let question = |i: usize| {
+        json!({"model": SIM_MODEL, "temperature": 0, "max_tokens": 4,
+               "messages": [{"role": "user", "content": format!("question number {i}")}]})
+        .to_string()
+    };
+    let ask = |key: &str, i: usize| {
+        let request = gw
+            .http
+            .post(format!("{}/v1/chat/completions", gw.url))
+            .bearer_auth(key)
+            .header("content-type", "application/json")
+            .body(question(i));
+        async move {
+            let r = request.send().await.unwrap();
+            assert_eq!(r.status(), 200);
+            r.headers()["x-sluice-cache"].to_str().unwrap().to_owned()
+        }
+    };
+    for i in 0..20 {
+        ask(&quiet, i).await;
+    }
+    // Answers are kept just after they are sent.
+    for _ in 0..100 {
+        let (_, stats) = gw
+            .admin(reqwest::Method::GET, "/admin/v1/cache/stats")
+            .await
+            .unwrap();
+        if stats["by_tenant"]["quiet"]["entries"] == 20 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let flooded: Vec<String> = futures::stream::iter(0..3_000)
+        .map(|i| ask(&flood, 100_000 + i))
+        .buffer_unordered(16)
+        .collect()
+        .await;
+    assert!(flooded.iter().all(|s| s == "miss"));
+    let (_, stats) = gw
+        .admin(reqwest::Method::GET, "/admin/v1/cache/stats")
+        .await
+        .unwrap();
+    assert!(stats["evicted"].as_u64().unwrap() > 0, "{stats}");
+    assert!(stats["bytes"].as_u64().unwrap() <= 131_072, "{stats}");
+    for i in 0..20 {
+        assert_eq!(ask(&quiet, i).await, "hit", "question {i}: {stats}");
+    }
+}

@@ -11,11 +11,17 @@
 //! Entries leave by expiry or purge at once.
 //!
 //! The response bodies are not here (they live in the store); only what finding them takes.
+//!
+//! The index is bounded in bytes ([`Budget`]): each entry counts its answer's size, its
+//! vector and its names. When an entry would not fit, the least recently used entries of
+//! the tenant holding the most bytes leave first, so one tenant filling the cache with
+//! unique questions evicts its own entries, never those of a tenant holding less; a tenant
+//! may also be capped at a share of the budget outright. A hit makes an entry recently used.
 
 use super::key::Digest;
 use parking_lot::RwLock;
-use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 /// Namespaces with more entries than this are split into inverted lists. Below it one exact
@@ -31,6 +37,26 @@ const TRAIN_ROUNDS: usize = 8;
 /// How many nearest entries a search returns: the guard may turn down the nearest.
 pub const CANDIDATES: usize = 3;
 
+/// What each entry costs beyond its answer, vector and names: the index's own maps.
+const ENTRY_OVERHEAD: u64 = 256;
+
+/// How many bytes the index (and the answers it stands for) may hold.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Budget {
+    pub max_bytes: u64,
+    /// The most one tenant may hold.
+    pub tenant_max_bytes: u64,
+}
+
+impl Default for Budget {
+    fn default() -> Self {
+        Budget {
+            max_bytes: u64::MAX,
+            tenant_max_bytes: u64::MAX,
+        }
+    }
+}
+
 /// What the index knows of one entry.
 #[derive(Debug, Clone, PartialEq)]
 pub struct IndexEntry {
@@ -42,6 +68,18 @@ pub struct IndexEntry {
     pub expires_ms: i64,
     /// Unit length; empty when the entry can only be found exactly.
     pub embedding: Vec<f32>,
+    /// The size of the stored answer.
+    pub body_bytes: u64,
+}
+
+impl IndexEntry {
+    /// What the entry counts against the budget.
+    fn cost(&self) -> u64 {
+        self.body_bytes
+            + (self.embedding.len() * 4) as u64
+            + (self.id.len() + self.tenant.len() + self.model.len()) as u64
+            + ENTRY_OVERHEAD
+    }
 }
 
 /// A search result: an entry and how close its question is (cosine similarity).
@@ -55,6 +93,8 @@ pub struct Nearest {
 #[derive(Default)]
 pub struct CacheIndex {
     inner: RwLock<Inner>,
+    budget: Budget,
+    evicted: AtomicU64,
 }
 
 #[derive(Default)]
@@ -64,6 +104,18 @@ struct Inner {
     by_id: HashMap<String, usize>,
     exact: HashMap<Digest, usize>,
     namespaces: HashMap<Digest, Arc<Namespace>>,
+    /// Bytes held, in all and per tenant, with each tenant's entries by last use.
+    bytes: u64,
+    tenants: HashMap<String, TenantShare>,
+    /// The clock of uses: each insert or hit takes the next tick.
+    tick: u64,
+}
+
+#[derive(Default)]
+struct TenantShare {
+    bytes: u64,
+    /// Last use -> slot, least recent first.
+    by_use: BTreeMap<u64, usize>,
 }
 
 struct Meta {
@@ -74,9 +126,36 @@ struct Meta {
     exact: Digest,
     expires_ms: i64,
     has_vector: bool,
+    cost: u64,
+    last_used: u64,
 }
 
 impl CacheIndex {
+    pub fn new(budget: Budget) -> CacheIndex {
+        CacheIndex {
+            budget,
+            ..CacheIndex::default()
+        }
+    }
+
+    /// Bytes the entries hold against the budget.
+    pub fn bytes(&self) -> u64 {
+        self.read().bytes
+    }
+
+    /// Entries evicted to keep within the budget, since start.
+    pub fn evicted(&self) -> u64 {
+        self.evicted.load(Ordering::Relaxed)
+    }
+
+    /// Marks an entry just served, so that it leaves last.
+    pub fn touch(&self, id: &str) {
+        let mut inner = self.write();
+        if let Some(&slot) = inner.by_id.get(id) {
+            inner.touch_slot(slot);
+        }
+    }
+
     pub fn len(&self) -> usize {
         self.read().slots.len()
     }
@@ -106,9 +185,12 @@ impl CacheIndex {
         self.inner.write()
     }
 
-    /// Adds an entry; one with the same id or exact key replaces the older.
-    pub fn insert(&self, entry: IndexEntry) {
-        let namespace = {
+    /// Adds an entry; one with the same id or exact key replaces the older. Returns the ids
+    /// of entries evicted to make room (the entry itself, when it alone exceeds what its
+    /// tenant may hold).
+    pub fn insert(&self, entry: IndexEntry) -> Vec<String> {
+        let cost = entry.cost();
+        let (namespace, evicted) = {
             let mut inner = self.write();
             if let Some(&slot) = inner.by_id.get(&entry.id) {
                 inner.remove_slot(slot);
@@ -116,10 +198,18 @@ impl CacheIndex {
             if let Some(&slot) = inner.exact.get(&entry.exact) {
                 inner.remove_slot(slot);
             }
+            if cost > self.budget.tenant_max_bytes.min(self.budget.max_bytes) {
+                return vec![entry.id];
+            }
+            let evicted = inner.make_room(&entry.tenant, cost, &self.budget);
+            self.evicted
+                .fetch_add(evicted.len() as u64, Ordering::Relaxed);
             let slot = inner.next_slot;
             inner.next_slot += 1;
             inner.by_id.insert(entry.id.clone(), slot);
             inner.exact.insert(entry.exact, slot);
+            inner.bytes += cost;
+            inner.tenants.entry(entry.tenant.clone()).or_default().bytes += cost;
             inner.slots.insert(
                 slot,
                 Meta {
@@ -130,20 +220,24 @@ impl CacheIndex {
                     exact: entry.exact,
                     expires_ms: entry.expires_ms,
                     has_vector: !entry.embedding.is_empty(),
+                    cost,
+                    last_used: 0,
                 },
             );
+            inner.touch_slot(slot);
             if entry.embedding.is_empty() {
-                return;
+                return evicted;
             }
             let namespace = inner
                 .namespaces
                 .entry(entry.namespace)
                 .or_insert_with(|| Arc::new(Namespace::new(entry.embedding.len())))
                 .clone();
-            (namespace, slot)
+            ((namespace, slot), evicted)
         };
         let (namespace, slot) = namespace;
         namespace.add(slot, &entry.embedding);
+        evicted
     }
 
     /// The entry stored under an exact key, unless it has expired.
@@ -234,8 +328,60 @@ impl CacheIndex {
 }
 
 impl Inner {
+    fn touch_slot(&mut self, slot: usize) {
+        let Some(meta) = self.slots.get_mut(&slot) else {
+            return;
+        };
+        self.tick += 1;
+        let previous = std::mem::replace(&mut meta.last_used, self.tick);
+        if let Some(share) = self.tenants.get_mut(&meta.tenant) {
+            share.by_use.remove(&previous);
+            share.by_use.insert(self.tick, slot);
+        }
+    }
+
+    /// Evicts until `cost` more bytes of `tenant` fit: first its own least recently used
+    /// entries while it is over its cap, then those of whichever tenant holds the most.
+    fn make_room(&mut self, tenant: &str, cost: u64, budget: &Budget) -> Vec<String> {
+        let mut evicted = Vec::new();
+        while self.tenants.get(tenant).map_or(0, |t| t.bytes) + cost > budget.tenant_max_bytes {
+            match self.evict_from(tenant) {
+                Some(id) => evicted.push(id),
+                None => break,
+            }
+        }
+        while self.bytes + cost > budget.max_bytes {
+            let Some(largest) = self
+                .tenants
+                .iter()
+                .max_by_key(|(_, share)| share.bytes)
+                .map(|(name, _)| name.clone())
+            else {
+                break;
+            };
+            match self.evict_from(&largest) {
+                Some(id) => evicted.push(id),
+                None => break,
+            }
+        }
+        evicted
+    }
+
+    fn evict_from(&mut self, tenant: &str) -> Option<String> {
+        let (_, &slot) = self.tenants.get(tenant)?.by_use.first_key_value()?;
+        self.remove_slot(slot)
+    }
+
     fn remove_slot(&mut self, slot: usize) -> Option<String> {
         let meta = self.slots.remove(&slot)?;
+        self.bytes -= meta.cost;
+        if let Some(share) = self.tenants.get_mut(&meta.tenant) {
+            share.bytes -= meta.cost;
+            share.by_use.remove(&meta.last_used);
+            if share.by_use.is_empty() {
+                self.tenants.remove(&meta.tenant);
+            }
+        }
         self.by_id.remove(&meta.id);
         if self.exact.get(&meta.exact) == Some(&slot) {
             self.exact.remove(&meta.exact);
@@ -550,7 +696,85 @@ mod tests {
             exact: *blake3::hash(format!("{tenant}{id}").as_bytes()).as_bytes(),
             expires_ms: 1_000,
             embedding: v,
+            body_bytes: 0,
         }
+    }
+
+    /// An exact-only entry of `tenant` whose answer is `body_bytes` long.
+    fn sized(id: usize, tenant: &str, body_bytes: u64) -> IndexEntry {
+        IndexEntry {
+            body_bytes,
+            ..entry(id, tenant, 0, Vec::new())
+        }
+    }
+
+    #[test]
+    fn a_tenant_flooding_the_cache_evicts_its_own_entries_not_others() {
+        let one = sized(0, "tenant-a", 1000).cost();
+        let index = CacheIndex::new(Budget {
+            max_bytes: one * 1000,
+            tenant_max_bytes: u64::MAX,
+        });
+        for i in 0..100 {
+            assert!(index.insert(sized(i, "quiet", 1000)).is_empty());
+        }
+        let mut evicted = 0;
+        for i in 0..200_000 {
+            evicted += index.insert(sized(1_000_000 + i, "flood", 1000)).len();
+        }
+        assert!(index.bytes() <= one * 1000, "within the budget");
+        let by_tenant = index.entries_by_tenant();
+        assert_eq!(
+            by_tenant["quiet"], 100,
+            "the quiet tenant keeps every entry"
+        );
+        assert!(
+            by_tenant["flood"] > 800,
+            "the flood keeps the rest of the room"
+        );
+        assert_eq!(evicted as u64, index.evicted());
+        for i in 0..100 {
+            let e = sized(i, "quiet", 1000);
+            assert!(index.exact(&e.exact, 0).is_some());
+        }
+    }
+
+    #[test]
+    fn the_least_recently_used_entry_leaves_first() {
+        let one = sized(0, "t", 100).cost();
+        let index = CacheIndex::new(Budget {
+            max_bytes: one * 3,
+            tenant_max_bytes: u64::MAX,
+        });
+        for i in 0..3 {
+            index.insert(sized(i, "t", 100));
+        }
+        index.touch("e0");
+        assert_eq!(index.insert(sized(3, "t", 100)), ["e1"]);
+        assert_eq!(index.insert(sized(4, "t", 100)), ["e2"]);
+        assert_eq!(index.insert(sized(5, "t", 100)), ["e0"]);
+    }
+
+    #[test]
+    fn a_tenant_cap_and_an_oversized_entry() {
+        let one = sized(0, "capped", 100).cost();
+        let index = CacheIndex::new(Budget {
+            max_bytes: one * 10,
+            tenant_max_bytes: one * 2,
+        });
+        for i in 0..5 {
+            index.insert(sized(i, "capped", 100));
+        }
+        index.insert(sized(9, "other", 100));
+        let by_tenant = index.entries_by_tenant();
+        assert_eq!((by_tenant["capped"], by_tenant["other"]), (2, 1));
+        // An entry larger than a tenant may hold is not kept at all.
+        assert_eq!(index.insert(sized(20, "other", one * 3)), ["e20"]);
+        assert_eq!(index.len(), 3);
+        // Removing, purging and expiring give their bytes back.
+        index.remove("e9");
+        index.purge(Some("capped"), None);
+        assert_eq!((index.len(), index.bytes()), (0, 0));
     }
 
     #[test]

@@ -103,6 +103,9 @@ enum LogEvent {
         expires_ms: i64,
         /// Little-endian f32s, base64.
         embedding: String,
+        /// The stored answer's size (0 from replicas that did not say).
+        #[serde(default)]
+        bytes: u64,
     },
     Purge {
         tenant: Option<String>,
@@ -151,10 +154,15 @@ impl ResponseCache {
                 config.embedding_timeout,
             )
         });
+        let budget = index::Budget {
+            max_bytes: config.max_bytes,
+            tenant_max_bytes: (u128::from(config.max_bytes) * u128::from(config.tenant_max_percent)
+                / 100) as u64,
+        };
         ResponseCache {
             config,
             store,
-            index: Arc::default(),
+            index: Arc::new(CacheIndex::new(budget)),
             embedder,
             stats: Stats::default(),
             hot: hot::HotEntries::new(HOT_BYTES),
@@ -220,6 +228,7 @@ impl ResponseCache {
         if let Some((id, tenant)) = self.index.exact(&plan.keys.exact, now) {
             if tenant == plan.tenant {
                 if let Some(entry) = self.fetch(&id, &plan.tenant).await {
+                    self.index.touch(&id);
                     self.count(&plan.tenant, CacheStatus::Hit);
                     return Some(Hit {
                         status: CacheStatus::Hit,
@@ -260,6 +269,7 @@ impl ResponseCache {
                 self.stats.guard_rejections.fetch_add(1, Ordering::Relaxed);
                 continue;
             }
+            self.index.touch(&candidate.id);
             return Some(Hit {
                 status: CacheStatus::Semantic,
                 shape: plan.shape,
@@ -357,6 +367,7 @@ impl ResponseCache {
             exact: hex::encode(plan.keys.exact),
             expires_ms,
             embedding: encode_vector(&embedding),
+            bytes: body.len() as u64,
         };
         let horizon_ms = self.config.policy.max_ttl_secs().saturating_mul(1000);
         self.store
@@ -371,10 +382,14 @@ impl ResponseCache {
             exact: plan.keys.exact,
             expires_ms,
             embedding,
+            body_bytes: body.len() as u64,
         };
         let index = self.index.clone();
         // Found by this replica at once, not only after its next read of the log.
-        let _ = tokio::task::spawn_blocking(move || index.insert(entry)).await;
+        let evicted = tokio::task::spawn_blocking(move || index.insert(entry))
+            .await
+            .unwrap_or_default();
+        self.store.cache_evict(&evicted).await?;
         Ok(())
     }
 
@@ -411,12 +426,18 @@ impl ResponseCache {
                             cursor = at.clone();
                         }
                         let cache = self.clone();
-                        let _ = tokio::task::spawn_blocking(move || {
+                        let evicted = tokio::task::spawn_blocking(move || {
+                            let mut evicted = Vec::new();
                             for (_, event) in events {
-                                cache.apply(&event);
+                                evicted.extend(cache.apply(&event));
                             }
+                            evicted
                         })
-                        .await;
+                        .await
+                        .unwrap_or_default();
+                        if let Err(e) = self.store.cache_evict(&evicted).await {
+                            tracing::warn!(error = %e, "cannot drop evicted cache entries");
+                        }
                         if !full {
                             break;
                         }
@@ -440,7 +461,8 @@ impl ResponseCache {
         }
     }
 
-    fn apply(&self, event: &[u8]) {
+    /// Applies one cache log event to the index; returns the ids it evicted.
+    fn apply(&self, event: &[u8]) -> Vec<String> {
         match serde_json::from_slice::<LogEvent>(event) {
             Ok(LogEvent::Put {
                 id,
@@ -450,14 +472,15 @@ impl ResponseCache {
                 exact,
                 expires_ms,
                 embedding,
+                bytes,
             }) => {
                 let (Some(namespace), Some(exact)) = (digest(&namespace), digest(&exact)) else {
-                    return;
+                    return Vec::new();
                 };
                 if expires_ms <= crate::clock::now_ms()
                     || self.index.len() >= self.config.max_entries
                 {
-                    return;
+                    return Vec::new();
                 }
                 self.index.insert(IndexEntry {
                     id,
@@ -467,12 +490,17 @@ impl ResponseCache {
                     exact,
                     expires_ms,
                     embedding: decode_vector(&embedding),
-                });
+                    body_bytes: bytes,
+                })
             }
             Ok(LogEvent::Purge { tenant, model }) => {
                 self.index.purge(tenant.as_deref(), model.as_deref());
+                Vec::new()
             }
-            Err(e) => tracing::warn!(error = %e, "unreadable cache log event"),
+            Err(e) => {
+                tracing::warn!(error = %e, "unreadable cache log event");
+                Vec::new()
+            }
         }
     }
 
@@ -568,6 +596,9 @@ impl ResponseCache {
             .collect();
         CacheStats {
             entries: self.index.len(),
+            bytes: self.index.bytes(),
+            max_bytes: self.config.max_bytes,
+            evicted: self.index.evicted(),
             namespaces: self.index.namespaces(),
             semantic: self.embedder.is_some(),
             lookups,

@@ -6,6 +6,11 @@
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct CacheStats {
     pub entries: usize,
+    /// Bytes the entries hold against this replica's budget, the budget, and entries evicted
+    /// to keep within it since start.
+    pub bytes: u64,
+    pub max_bytes: u64,
+    pub evicted: u64,
     pub namespaces: usize,
     /// Whether semantic matching is on (an embeddings endpoint is configured).
     pub semantic: bool,

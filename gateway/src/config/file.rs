@@ -45,6 +45,8 @@ pub(super) struct CacheSection {
     pub(super) embedding_timeout_ms: Option<u64>,
     pub(super) max_entry_bytes: Option<usize>,
     pub(super) max_entries: Option<usize>,
+    pub(super) max_bytes: Option<u64>,
+    pub(super) tenant_max_percent: Option<u8>,
     #[serde(default)]
     pub(super) tiers: BTreeMap<String, sluice_policies::cache::RuleOverrides>,
     #[serde(default)]

@@ -102,6 +102,11 @@ pub struct CacheConfig {
     pub max_entry_bytes: usize,
     /// Entries each replica indexes at most; past it new answers are not kept.
     pub max_entries: usize,
+    /// Bytes each replica's cache index (and, on the embedded store, the answers) may hold;
+    /// past it the least recently used entries of the largest tenant leave first.
+    pub max_bytes: u64,
+    /// The share of `max_bytes` one tenant may hold at most (100: no cap beyond fairness).
+    pub tenant_max_percent: u8,
 }
 
 #[derive(Debug, Clone)]

@@ -361,10 +361,19 @@ pub(super) fn resolve_cache(
     let embedding_timeout_ms = c.embedding_timeout_ms.unwrap_or(1000);
     let max_entry_bytes = c.max_entry_bytes.unwrap_or(1 << 20);
     let max_entries = c.max_entries.unwrap_or(1_000_000);
+    let max_bytes = c.max_bytes.unwrap_or(256 << 20);
+    let tenant_max_percent = c.tenant_max_percent.unwrap_or(100);
+    if !(1..=100).contains(&tenant_max_percent) {
+        return Err(invalid(
+            "cache.tenant_max_percent",
+            "must be between 1 and 100",
+        ));
+    }
     for (field, value) in [
         ("cache.embedding_timeout_ms", embedding_timeout_ms as usize),
         ("cache.max_entry_bytes", max_entry_bytes),
         ("cache.max_entries", max_entries),
+        ("cache.max_bytes", max_bytes as usize),
     ] {
         if value == 0 {
             return Err(invalid(field, "must be greater than 0"));
@@ -380,6 +389,8 @@ pub(super) fn resolve_cache(
         embedding_timeout: std::time::Duration::from_millis(embedding_timeout_ms),
         max_entry_bytes,
         max_entries,
+        max_bytes,
+        tenant_max_percent,
     })
 }
 

@@ -420,6 +420,11 @@ impl Store for EmbeddedStore {
         Ok(())
     }
 
+    async fn cache_evict(&self, ids: &[String]) -> Result<(), StoreError> {
+        self.cache.evict(ids);
+        Ok(())
+    }
+
     async fn cache_log(
         &self,
         cursor: &str,

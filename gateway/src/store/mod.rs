@@ -145,6 +145,14 @@ pub trait Store: Send + Sync + 'static {
     /// Deletes cache entries' bodies and appends `event` (what was purged) to the cache log.
     async fn cache_purge(&self, ids: &[String], event: &[u8]) -> Result<(), StoreError>;
 
+    /// Lets go of bodies this replica's index evicted to keep within its byte budget. A store
+    /// that every replica shares keeps them (another replica may still hold the entry; they
+    /// expire by their TTL); the embedded store, whose one replica evicted them, drops them.
+    async fn cache_evict(&self, ids: &[String]) -> Result<(), StoreError> {
+        let _ = ids;
+        Ok(())
+    }
+
     /// Up to `limit` cache log events after `cursor` (`"0"`: from the start), with the
     /// cursor of each.
     async fn cache_log(
