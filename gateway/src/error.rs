@@ -223,6 +223,11 @@ impl axum::response::IntoResponse for ApiError {
 pub fn upstream_error(e: &pingora_core::Error, backend: &str) -> Option<ApiError> {
     use pingora_core::ErrorType::*;
     Some(match e.etype() {
+        HTTPStatus(502) => ApiError::bad_gateway(format!("Backend {backend} answered 502.")),
+        HTTPStatus(503) => ApiError::unavailable(format!(
+            "Backend {backend} is unavailable (it answered 503); try again shortly."
+        )),
+        HTTPStatus(504) => ApiError::gateway_timeout(format!("Backend {backend} answered 504.")),
         HTTPStatus(code) => ApiError::internal(format!("Request failed with status {code}.")),
         ConnectTimedout | ConnectRefused | ConnectNoRoute | ConnectError | ConnectProxyFailure
         | BindError | SocketError => ApiError::bad_gateway(format!(

@@ -10,6 +10,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+pub mod misbehaving;
+
 pub const ADMIN_TOKEN: &str = "e2e-admin-token-0123456789";
 pub const JWT_SECRET: &str = "e2e-jwt-secret-0123456789-0123456789";
 pub const JWT_ISSUER: &str = "https://issuer.sluice.test";

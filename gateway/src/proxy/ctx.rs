@@ -56,6 +56,9 @@ pub struct RequestCtx {
     pub refused_by: Option<&'static str>,
     /// Set when the gateway refuses the request itself, for `fail_to_proxy` and the log.
     pub error: Option<ApiError>,
+    /// What the last failed attempt at a backend ran into, told to the client when no other
+    /// backend is left to retry on.
+    pub last_failure: Option<ApiError>,
     /// The cache's business with this request: how it was answered, and, for a miss whose
     /// answer may be kept, the plan and the answer's bytes as they pass.
     pub cache_status: Option<CacheStatus>,
@@ -100,6 +103,7 @@ impl RequestCtx {
             refused_headers: None,
             refused_by: None,
             error: None,
+            last_failure: None,
             cache_status: None,
             cache_plan: None,
             cache_capture: None,

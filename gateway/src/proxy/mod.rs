@@ -100,6 +100,16 @@ impl ProxyHttp for Proxy {
                 config.affinity_load_factor,
             )
         }) else {
+            // A retry that finds no other backend after one that reached a backend: the client
+            // hears what that attempt ran into (a timeout is a 504, a backend's 503 a 503). When
+            // none could even be connected to, that no backend is serving is the news.
+            if let Some(failure) = ctx.last_failure.take() {
+                ctx.error = Some(failure);
+                return Err(Error::explain(
+                    ErrorType::HTTPStatus(ctx.error.as_ref().map_or(502, |e| e.status)),
+                    "no other backend to retry on",
+                ));
+            }
             let total = ctx.model_route.as_ref().map_or(0, |r| r.backends.len());
             ctx.error = Some(ApiError::unavailable(format!(
                 "No backend is serving model `{model}` right now: {} of {total} tried, the rest down, ejected or draining.",
@@ -148,6 +158,7 @@ impl ProxyHttp for Proxy {
         if is_backend_fault(&e, ctx.upstream_status) {
             self.backend_failed(ctx);
         }
+        self.remember_failure(ctx, &e);
         e.set_retry(
             untouched
                 && e.esource() != &pingora_core::ErrorSource::Downstream
@@ -323,6 +334,9 @@ impl ProxyHttp for Proxy {
             .or_else(|| crate::error::upstream_error(e, backend));
         let code = match error {
             Some(error) => {
+                // The connection is closed after this answer: say so, or a client may send
+                // its next request on it and meet a reset.
+                session.set_keepalive(None);
                 let status = error.status;
                 if let Err(write_error) = respond::json(session, ctx, status, error.body()).await {
                     tracing::debug!(error = %write_error, "could not send error response");
@@ -386,6 +400,18 @@ impl Proxy {
             ctx.retries += 1;
         }
         may
+    }
+
+    /// What the client is told if no other backend is left to retry this request on (after
+    /// an attempt that reached a backend).
+    fn remember_failure(&self, ctx: &mut RequestCtx, e: &Error) {
+        let backend = ctx
+            .backend
+            .as_ref()
+            .map_or("the backend", |b| b.name.as_str());
+        if let Some(error) = crate::error::upstream_error(e, backend) {
+            ctx.last_failure = Some(error);
+        }
     }
 
     /// Passive health: the current backend failed this request.
