@@ -172,17 +172,67 @@ pub fn request_id(headers: &http::HeaderMap) -> String {
 
 /// The body with its `model` replaced (an alias resolved).
 pub fn with_model(body: &Bytes, model: &str) -> Result<Bytes, ApiError> {
-    let mut value: serde_json::Value = serde_json::from_slice(body)
-        .map_err(|e| ApiError::bad_request(format!("Invalid request body: {e}.")))?;
-    if let Some(object) = value.as_object_mut() {
-        object.insert(
-            "model".to_owned(),
-            serde_json::Value::String(model.to_owned()),
-        );
+    let model = serde_json::Value::String(model.to_owned()).to_string();
+    with_members(body, &[("model", &model)])
+        .map_err(|e| ApiError::bad_request(format!("Invalid request body: {e}.")))
+}
+
+/// `body`, a JSON object, with the top-level members named in `set` given these JSON values:
+/// replaced where they stand (every occurrence) or else appended. Everything else is kept
+/// byte for byte, so the backend reads exactly the numbers and strings the client sent (a
+/// parsed and re-serialised float may come back one unit in the last place off).
+pub fn with_members(body: &[u8], set: &[(&str, &str)]) -> Result<Bytes, serde_json::Error> {
+    let Members(members) = serde_json::from_slice(body)?;
+    let mut out = Vec::with_capacity(body.len() + 64);
+    out.push(b'{');
+    let push = |out: &mut Vec<u8>, key: &str, value: &str| {
+        if out.len() > 1 {
+            out.push(b',');
+        }
+        serde_json::to_writer(&mut *out, key).expect("a string serializes");
+        out.push(b':');
+        out.extend_from_slice(value.as_bytes());
+    };
+    for (key, raw) in &members {
+        let value = set
+            .iter()
+            .find(|(name, _)| name == key)
+            .map_or(raw.get(), |(_, value)| value);
+        push(&mut out, key, value);
     }
-    Ok(Bytes::from(
-        serde_json::to_vec(&value).expect("JSON re-serializes"),
-    ))
+    for (name, value) in set {
+        if !members.iter().any(|(key, _)| key == name) {
+            push(&mut out, name, value);
+        }
+    }
+    out.push(b'}');
+    Ok(Bytes::from(out))
+}
+
+/// A JSON object's top-level members in order, each value as the bytes it was sent as.
+struct Members<'a>(Vec<(String, &'a RawValue)>);
+
+impl<'de> Deserialize<'de> for Members<'de> {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = Members<'de>;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<Members<'de>, A::Error> {
+                let mut members = Vec::new();
+                while let Some(member) = map.next_entry::<String, &'de RawValue>()? {
+                    members.push(member);
+                }
+                Ok(Members(members))
+            }
+        }
+        deserializer.deserialize_map(Visitor)
+    }
 }
 
 /// How much of a request body the gateway reads, and for how long.
@@ -307,6 +357,17 @@ mod tests {
 
         let e = chat("  ").unwrap_err();
         assert!(e.message.contains("empty"));
+    }
+
+    #[test]
+    fn rewritten_members_keep_every_other_byte() {
+        let body = br#"{"model":"alias", "temperature":0.70000000000000001,"x":[1e400,"\u00e9"],"model":"again"}"#;
+        let out = with_members(body, &[("model", "\"real\""), ("added", "true")]).unwrap();
+        assert_eq!(
+            &out[..],
+            &br#"{"model":"real","temperature":0.70000000000000001,"x":[1e400,"\u00e9"],"model":"real","added":true}"#[..]
+        );
+        assert!(with_members(b"[1,2]", &[("model", "1")]).is_err());
     }
 
     #[test]

@@ -338,16 +338,12 @@ pub fn request_usage_chunk(body: &Bytes, stream_options: Option<&str>) -> Option
             {
                 return None;
             }
-            let mut value: serde_json::Value = serde_json::from_slice(body).ok()?;
-            let options = value
-                .as_object_mut()?
-                .entry("stream_options")
-                .or_insert_with(|| serde_json::json!({}));
-            if !options.is_object() {
-                *options = serde_json::json!({});
-            }
-            options["include_usage"] = serde_json::Value::Bool(true);
-            Some(Bytes::from(serde_json::to_vec(&value).ok()?))
+            // The client's other options and every other member stay as sent.
+            let options =
+                crate::request::with_members(raw.as_bytes(), &[("include_usage", "true")])
+                    .unwrap_or_else(|_| Bytes::from_static(br#"{"include_usage":true}"#));
+            let options = std::str::from_utf8(&options).ok()?;
+            crate::request::with_members(body, &[("stream_options", options)]).ok()
         }
     }
 }

@@ -19,6 +19,8 @@ pub struct SseUsageScanner {
     /// Where the event in progress ends, as far as its bytes have been read (each byte is
     /// read once, however the stream is split).
     boundary: EventBoundary,
+    /// Whether the client got the last complete event (its split-off end follows it).
+    last_kept: bool,
     strip_usage_chunk: bool,
     usage: Option<Usage>,
     malformed: u64,
@@ -41,6 +43,7 @@ impl SseUsageScanner {
         SseUsageScanner {
             partial: BytesMut::new(),
             boundary: EventBoundary::default(),
+            last_kept: true,
             strip_usage_chunk,
             usage: None,
             malformed: 0,
@@ -54,7 +57,12 @@ impl SseUsageScanner {
         let mut out = self.strip_usage_chunk.then(BytesMut::new);
         while let Some(end) = self.boundary.find(&self.partial) {
             let event = self.partial.split_to(end);
-            let keep = self.read_event(&event);
+            let keep = if self.boundary.take_tail_of_last() {
+                self.last_kept
+            } else {
+                self.read_event(&event)
+            };
+            self.last_kept = keep;
             if let Some(out) = out.as_mut() {
                 if keep {
                     out.extend_from_slice(&event);
@@ -146,6 +154,8 @@ struct EventBoundary {
     at_line_start: bool,
     /// The last byte read was a CR: an LF now belongs to the same line ending.
     after_cr: bool,
+    /// The event just found is the LF that ends the one before, split from it.
+    tail_of_last: bool,
 }
 
 impl Default for EventBoundary {
@@ -154,6 +164,7 @@ impl Default for EventBoundary {
             read: 0,
             at_line_start: true,
             after_cr: false,
+            tail_of_last: false,
         }
     }
 }
@@ -162,6 +173,13 @@ impl EventBoundary {
     /// The end (blank line included) of the event `buf` begins with, if it is complete; the
     /// caller then splits that much off `buf`.
     fn find(&mut self, buf: &[u8]) -> Option<usize> {
+        if self.read == 0 && self.after_cr && buf.first() == Some(&b'\n') {
+            // The LF of the CRLF that ended the last event, arrived in a later chunk: it is
+            // that event's, and shares its fate (see `tail_of_last`).
+            self.after_cr = false;
+            self.tail_of_last = true;
+            return Some(1);
+        }
         while self.read < buf.len() {
             let i = self.read;
             if self.after_cr && buf[i] == b'\n' {
@@ -199,6 +217,11 @@ impl EventBoundary {
             self.at_line_start = true;
         }
         None
+    }
+
+    /// Whether the event just found is the split-off end of the one before.
+    fn take_tail_of_last(&mut self) -> bool {
+        std::mem::take(&mut self.tail_of_last)
     }
 
     /// Starts afresh (the bytes read so far were passed on without an end).
@@ -281,11 +304,17 @@ mod tests {
     #[test]
     fn cr_only_and_mixed_line_endings_end_events_at_every_split() {
         let variants = [
+            STREAM.to_owned(),
             STREAM.replace("\r\n", "\n").replace('\n', "\r"),
             STREAM.replace("\r\n", "\n").replace('\n', "\r\n"),
             STREAM.replace("\r\n", "\n").replace("\n\n", "\r\n\r"),
         ];
         for stream in &variants {
+            let mut whole = SseUsageScanner::new(true);
+            let mut whole_out = whole
+                .feed(Bytes::copy_from_slice(stream.as_bytes()))
+                .to_vec();
+            whole_out.extend_from_slice(&whole.finish());
             for at in 0..=stream.len() {
                 let mut scanner = SseUsageScanner::new(true);
                 let mut out = Vec::new();
@@ -297,6 +326,10 @@ mod tests {
                     scanner.usage(),
                     Some(expected()),
                     "{stream:?} split at {at}"
+                );
+                assert_eq!(
+                    out, whole_out,
+                    "the same bytes however it is split, at {at}"
                 );
                 let out = String::from_utf8(out).unwrap();
                 assert!(
