@@ -78,12 +78,14 @@ cat >"$work/mix.jsonl" <<'MIX'
 MIX
 
 echo "bench-soak.sh: $DURATION at $RATE req/s; Redis restarted $RESTARTS times" >&2
-"$bin/sluice-load" run --target "http://127.0.0.1:$port" --keys-file "$work/keys.txt" \
+"$bin/sluice-load" run "http://127.0.0.1:$port" --keys-file "$work/keys.txt" \
   --mix "$work/mix.jsonl" --rate "$RATE" --duration "$DURATION" --timeout 30s --json \
   >"$work/load.json" 2>"$work/load.log" &
 load_pid=$!
 started=$(date +%s)
-sleep "$WARMUP_SECS"
+sleep 5
+kill -0 "$load_pid" 2>/dev/null || { cat "$work/load.log" >&2; exit 1; }
+sleep $((WARMUP_SECS - 5))
 rss_warm=$(rss)
 for n in $(seq "$RESTARTS"); do
   at=$((duration_secs * n / (RESTARTS + 1)))

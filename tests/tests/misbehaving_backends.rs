@@ -235,3 +235,57 @@ async fn a_reset_mid_stream_truncates_the_stream_and_bills_what_was_sent() {
     );
     c.still_well().await;
 }
+
+/// Three of a model's four backends answer every request with 502: passive ejection takes
+/// out at most half of them (two), never the pool, and clients are still served by retries.
+#[tokio::test]
+async fn ejection_stops_at_its_share_of_the_pool() {
+    let failing = [
+        Misbehaving::start(Behaviour::Status(502)).await,
+        Misbehaving::start(Behaviour::Status(502)).await,
+        Misbehaving::start(Behaviour::Status(502)).await,
+    ];
+    let good = sluice_e2e::Backend::start().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let mut backends: Vec<String> = failing.iter().map(|b| b.url.clone()).collect();
+    backends.push(good.url.clone());
+    let gw = Gateway::start(GatewayOptions {
+        backends,
+        store: StoreKind::Embedded(dir.path().to_owned()),
+        max_body_bytes: 1 << 20,
+        extra_config: "[balancer]\nstrategy = \"round_robin\"\nretries = 3\neject_after = 2\neject_base_ms = 60000\n"
+            .into(),
+        server_config: String::new(),
+        env: Vec::new(),
+    })
+    .await
+    .unwrap();
+    let (_, key) = gw.create_key("acme", "enterprise").await.unwrap();
+    let chat = json!({"model": SIM_MODEL, "max_tokens": 2,
+                      "messages": [{"role": "user", "content": "hi"}]})
+    .to_string();
+    let mut served = 0;
+    for _ in 0..40 {
+        let r = gw
+            .post_raw("/v1/chat/completions", Some(&key), chat.clone())
+            .await
+            .unwrap();
+        served += usize::from(r.status() == 200);
+    }
+    let (_, pool) = gw
+        .admin(reqwest::Method::GET, "/admin/v1/backends")
+        .await
+        .unwrap();
+    let health: Vec<&str> = pool["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| b["health"].as_str().unwrap())
+        .collect();
+    let ejected = health.iter().filter(|h| **h == "ejected").count();
+    assert_eq!(ejected, 2, "half of four, no more: {pool}");
+    assert_eq!(
+        served, 40,
+        "every request found the good backend by retrying"
+    );
+}
