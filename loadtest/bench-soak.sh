@@ -3,7 +3,8 @@
 # different) over KEYS (100,000) distinct API keys of 100 tenants, through one gateway on a
 # Redis of its own that is restarted RESTARTS (2) times during the run (down DOWN_SECS each).
 # It checks what a long run must not do:
-#   - memory: the gateway's RSS at the end within 10% of its RSS after the warm-up;
+#   - memory: the gateway's RSS at the end within 10% of its RSS after the warm-up (one
+#     request per key, then WARMUP_SECS of the run);
 #   - usage: no event lost or doubled. Every request the backend served is one usage event
 #     (the events exported for the run, by distinct id, against the backend's own request
 #     counter), with the backend's tokens (its prompt and generation token counters).
@@ -77,6 +78,12 @@ cat >"$work/mix.jsonl" <<'MIX'
 {"body": {"model": "sluice-sim", "max_tokens": 8, "prompt": "Once upon a time"}, "weight": 1}
 MIX
 
+# Warm-up: one request per key (the load generator takes keys in turn), so that what a replica
+# keeps per key (its cached identity, lease) is all there before memory is first read.
+echo "bench-soak.sh: warm-up, one request per key" >&2
+"$bin/sluice-load" run "http://127.0.0.1:$port" --keys-file "$work/keys.txt" \
+  --mix "$work/mix.jsonl" --concurrency 64 --requests "$KEYS" --timeout 30s --json \
+  >"$work/warmup.json" 2>"$work/warmup.log"
 echo "bench-soak.sh: $DURATION at $RATE req/s; Redis restarted $RESTARTS times" >&2
 "$bin/sluice-load" run "http://127.0.0.1:$port" --keys-file "$work/keys.txt" \
   --mix "$work/mix.jsonl" --rate "$RATE" --duration "$DURATION" --timeout 30s --json \
@@ -127,7 +134,8 @@ def counter(name, route=None):
         if m and (route is None or f'route="{route}"' in (m[1] or "")):
             total += float(m[2])
     return int(total)
-backend_requests = counter("sluice_backend_requests_total", "chat_completions") + counter("sluice_backend_requests_total", "completions")
+backend_requests = (counter("sluice_backend_requests_total", "/v1/chat/completions")
+                    + counter("sluice_backend_requests_total", "/v1/completions"))
 backend_prompt = counter("sluice_backend_prompt_tokens_total")
 backend_generated = counter("sluice_backend_generation_tokens_total")
 prompt = sum(e["prompt_tokens"] for e in served)
