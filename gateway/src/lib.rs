@@ -9,6 +9,7 @@ pub mod billing;
 pub mod cache;
 pub mod clock;
 pub mod config;
+pub mod connections;
 pub mod error;
 pub mod keys;
 pub mod metering;

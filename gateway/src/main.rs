@@ -4,6 +4,9 @@ use clap::{Parser, Subcommand};
 use sluice_gateway::config::{process_env, Config};
 use std::path::PathBuf;
 
+// mimalloc by default; `--features system-allocator` leaves the C library's malloc in place,
+// for heap profilers that hook it (heaptrack: docs/operations.md, "Heap profiling").
+#[cfg(not(feature = "system-allocator"))]
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 

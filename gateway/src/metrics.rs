@@ -29,6 +29,8 @@ pub struct Metrics {
     redis_errors: IntCounterVec,
     shed: IntCounterVec,
     usage_spilled: prometheus::IntCounter,
+    connections_open: prometheus::IntGauge,
+    connections_refused: prometheus::IntCounter,
 }
 
 /// Request latencies: 1 ms to 2 minutes.
@@ -52,6 +54,17 @@ fn counter(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntC
         .register(Box::new(c.clone()))
         .expect("unique metric");
     c
+}
+
+fn registered<M: prometheus::core::Collector + Clone + 'static>(
+    registry: &Registry,
+    metric: prometheus::Result<M>,
+) -> M {
+    let metric = metric.expect("valid metric");
+    registry
+        .register(Box::new(metric.clone()))
+        .expect("unique metric");
+    metric
 }
 
 fn histogram(
@@ -146,15 +159,27 @@ impl Metrics {
                 "Requests shed with 503 because the replica was past a load mark, by mark (in_flight, body_bytes).",
                 &["mark"],
             ),
-            usage_spilled: {
-                let c = prometheus::IntCounter::new(
+            usage_spilled: registered(
+                &r,
+                prometheus::IntCounter::new(
                     "sluice_usage_events_spilled_total",
                     "Usage events written straight to the journal because the queue to the store was full (the store too slow or unreachable).",
-                )
-                .expect("valid metric");
-                r.register(Box::new(c.clone())).expect("unique metric");
-                c
-            },
+                ),
+            ),
+            connections_open: registered(
+                &r,
+                prometheus::IntGauge::new(
+                    "sluice_connections_open",
+                    "Client connections the proxy listener holds open now.",
+                ),
+            ),
+            connections_refused: registered(
+                &r,
+                prometheus::IntCounter::new(
+                    "sluice_connections_refused_total",
+                    "Client connections closed on arrival because the replica held server.max_connections.",
+                ),
+            ),
             redis_calls: histogram(
                 &r,
                 "sluice_redis_call_duration_seconds",
@@ -208,6 +233,18 @@ impl Metrics {
 
     pub fn record_usage_spill(&self) {
         self.usage_spilled.inc();
+    }
+
+    pub fn connection_opened(&self) {
+        self.connections_open.inc();
+    }
+
+    pub fn connection_closed(&self) {
+        self.connections_open.dec();
+    }
+
+    pub fn record_connection_refused(&self) {
+        self.connections_refused.inc();
     }
 
     /// `mark`: `in_flight` or `body_bytes`.

@@ -4,6 +4,7 @@
 use crate::admin;
 use crate::app::Gateway;
 use crate::config::Config;
+use crate::connections::Capped;
 use crate::proxy::Proxy;
 use anyhow::Context;
 use pingora_core::server::configuration::ServerConf;
@@ -68,10 +69,10 @@ pub fn run(config: Config) -> anyhow::Result<()> {
     };
     let mut server = Server::new_with_opt_and_conf(None, server_conf);
     server.bootstrap();
-    let mut proxy = pingora_proxy::http_proxy_service_with_name(
-        &server.configuration,
-        Proxy::new(gateway.clone()),
-        "sluice-proxy",
+    let proxy_app = pingora_proxy::http_proxy(&server.configuration, Proxy::new(gateway.clone()));
+    let mut proxy = pingora_core::services::listening::Service::new(
+        "sluice-proxy".to_owned(),
+        Capped::new(proxy_app, config.max_connections),
     );
     proxy.add_tcp(&config.listen.to_string());
     server.add_service(proxy);

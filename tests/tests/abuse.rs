@@ -141,7 +141,7 @@ async fn uploads_past_a_keys_rate_are_refused_before_the_body_is_read() {
     let before = gw.rss_bytes();
     let clients = futures::future::join_all((0..50).map(|_| async {
         let mut tcp = announce(&gw.url, &key, 8 << 20, 0).await;
-        answer_within(&mut tcp, Duration::from_secs(5)).await
+        answer_within(&mut tcp, Duration::from_secs(30)).await
     }))
     .await;
     for answer in &clients {
@@ -175,9 +175,15 @@ async fn request_bodies_held_at_once_are_bounded_by_the_replicas_budget() {
     for _ in 0..40 {
         held.push(announce(&gw.url, &key, 8 << 20, 3 << 20).await);
     }
+    // The shed ones are answered at once; the held ones never are (their bodies stall).
+    let answers = futures::future::join_all(
+        held.iter_mut()
+            .map(|tcp| answer_within(tcp, Duration::from_secs(10))),
+    )
+    .await;
     let mut shed = 0;
-    for tcp in &mut held {
-        if let Some((code, text)) = answer_within(tcp, Duration::from_secs(2)).await {
+    for (code, text) in answers.into_iter().flatten() {
+        {
             assert_eq!(code, 503, "{text}");
             assert!(
                 text.contains("retry-after: 1") || text.contains("Retry-After: 1"),
@@ -194,9 +200,12 @@ async fn request_bodies_held_at_once_are_bounded_by_the_replicas_budget() {
     );
     assert!(grown < 48 << 20, "RSS grew by {grown} bytes");
     drop(held);
-    // Once the uploads are gone their budget is back.
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    assert_eq!(status_of(&gw, &key).await, 200);
+    // Once the uploads are gone (the gateway sees them close) their budget is back.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while status_of(&gw, &key).await != 200 {
+        assert!(Instant::now() < deadline, "the budget came back");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 /// A body that trickles in past `body_read_timeout_secs` gets 408.
@@ -212,7 +221,7 @@ async fn a_body_that_never_finishes_gets_408() {
     .unwrap();
     let (_, key) = gw.create_key("acme", "pro").await.unwrap();
     let mut tcp = announce(&gw.url, &key, 1000, 10).await;
-    let (code, text) = answer_within(&mut tcp, Duration::from_secs(5))
+    let (code, text) = answer_within(&mut tcp, Duration::from_secs(30))
         .await
         .expect("an answer");
     assert_eq!(code, 408, "{text}");
@@ -260,16 +269,7 @@ async fn past_the_in_flight_mark_requests_are_shed() {
         r.text().await.unwrap();
     }
     assert_eq!(status_of(&gw, &key).await, 200);
-    let metrics = gw
-        .http
-        .get(format!("{}/metrics", gw.admin_url))
-        .bearer_auth(sluice_e2e::ADMIN_TOKEN)
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = admin_metrics(&gw).await;
     assert!(
         metrics.contains("sluice_requests_shed_total{mark=\"in_flight\"} 1"),
         "{metrics}"
@@ -296,22 +296,24 @@ async fn silent_admin_connections_are_capped_and_closed() {
         tcp.write_all(b"GET /health HTTP/1.1\r\n").await.unwrap();
         silent.push(tcp);
     }
-    tokio::time::sleep(Duration::from_millis(200)).await;
     let health = format!("{}/health", gw.admin_url);
-    let quick = reqwest::Client::builder()
-        .timeout(Duration::from_millis(700))
-        .build()
-        .unwrap();
+    // A third waits (in the accept backlog) while both places are taken...
+    let third = tokio::spawn(reqwest::get(health.clone()));
+    tokio::time::sleep(Duration::from_millis(500)).await;
     assert!(
-        quick.get(&health).send().await.is_err(),
+        !third.is_finished(),
         "a third connection waits while two are open"
     );
-    // Their heads never finish: both are closed within the header timeout.
-    for tcp in &mut silent {
-        let mut byte = [0u8; 512];
-        let closed = tokio::time::timeout(Duration::from_secs(5), tcp.read(&mut byte)).await;
-        assert!(closed.is_ok(), "a silent connection was closed");
-    }
+    // ...and is served once one of them closes.
+    drop(silent.pop());
+    assert_eq!(third.await.unwrap().unwrap().status(), 200);
+    // The other head never finishes: it is closed by the header timeout.
+    let mut byte = [0u8; 512];
+    let closed = tokio::time::timeout(Duration::from_secs(20), silent[0].read(&mut byte)).await;
+    assert!(
+        matches!(closed, Ok(Ok(0)) | Ok(Err(_))),
+        "a silent connection was closed"
+    );
     let r = reqwest::get(&health).await.unwrap();
     assert_eq!(r.status(), 200);
 }
@@ -378,4 +380,124 @@ async fn a_tenant_flooding_the_cache_leaves_other_tenants_entries() {
     for i in 0..20 {
         assert_eq!(ask(&quiet, i).await, "hit", "question {i}: {stats}");
     }
+}
+
+async fn admin_metrics(gw: &Gateway) -> String {
+    gw.http
+        .get(format!("{}/metrics", gw.admin_url))
+        .bearer_auth(sluice_e2e::ADMIN_TOKEN)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
+}
+
+/// Reads from `tcp` until the peer closes it (true) or `limit` passes or bytes arrive
+/// (false): whether the gateway hung up without answering.
+async fn closed_unanswered(tcp: &mut TcpStream, limit: Duration) -> bool {
+    let mut byte = [0u8; 1];
+    matches!(
+        tokio::time::timeout(limit, tcp.read(&mut byte)).await,
+        Ok(Ok(0)) | Ok(Err(_))
+    )
+}
+
+/// Sends `GET /health` on `tcp` and reads its answer (keeping the connection open).
+async fn health_on(tcp: &mut TcpStream) -> u16 {
+    tcp.write_all(b"GET /health HTTP/1.1\r\nhost: sluice\r\n\r\n")
+        .await
+        .unwrap();
+    let (code, _) = answer_within(tcp, Duration::from_secs(10))
+        .await
+        .expect("an answer on a connection within the cap");
+    code
+}
+
+/// The proxy listener holds at most `max_connections` client connections: one more is
+/// closed on arrival (and counted), and once the idle keep-alive connections holding the
+/// places pass the header timeout they are closed and new clients are served again.
+#[tokio::test]
+async fn proxy_connections_are_capped_and_idle_ones_closed() {
+    let backend = Backend::start().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let gw = Gateway::start(GatewayOptions {
+        server_config: "max_connections = 3\nheader_timeout_secs = 2\n".into(),
+        ..GatewayOptions::new(&backend, StoreKind::Embedded(dir.path().to_owned()))
+    })
+    .await
+    .unwrap();
+    let address = gw.url.trim_start_matches("http://").to_owned();
+    // The start-up health probe's connection is gone before the places are taken.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !admin_metrics(&gw)
+        .await
+        .contains("sluice_connections_open 0")
+    {
+        assert!(Instant::now() < deadline, "connections left open at start");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mut idle = Vec::new();
+    for _ in 0..3 {
+        let mut tcp = TcpStream::connect(&address).await.unwrap();
+        assert_eq!(health_on(&mut tcp).await, 200);
+        idle.push(tcp);
+    }
+    let mut fourth = TcpStream::connect(&address).await.unwrap();
+    fourth
+        .write_all(b"GET /health HTTP/1.1\r\nhost: sluice\r\n\r\n")
+        .await
+        .unwrap();
+    assert!(
+        closed_unanswered(&mut fourth, Duration::from_secs(5)).await,
+        "a connection past max_connections is closed on arrival"
+    );
+    let metrics = admin_metrics(&gw).await;
+    assert!(
+        metrics.contains("sluice_connections_refused_total 1"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("sluice_connections_open 3"), "{metrics}");
+    // The idle keep-alive connections are closed once the header timeout passes.
+    for tcp in &mut idle {
+        assert!(
+            closed_unanswered(tcp, Duration::from_secs(20)).await,
+            "an idle keep-alive connection is closed"
+        );
+    }
+    let r = reqwest::get(format!("{}/health", gw.url)).await.unwrap();
+    assert_eq!(r.status(), 200);
+}
+
+/// A request header trickled in a byte at a time (each read well inside pingora's per-read
+/// timeout) is cut off at the header timeout, unanswered.
+#[tokio::test]
+async fn a_trickled_request_header_is_cut_off() {
+    let backend = Backend::start().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let gw = Gateway::start(GatewayOptions {
+        server_config: "header_timeout_secs = 2\n".into(),
+        ..GatewayOptions::new(&backend, StoreKind::Embedded(dir.path().to_owned()))
+    })
+    .await
+    .unwrap();
+    let address = gw.url.trim_start_matches("http://").to_owned();
+    let mut tcp = TcpStream::connect(&address).await.unwrap();
+    tcp.write_all(b"GET /health HTTP/1.1\r\nx-slow: ")
+        .await
+        .unwrap();
+    // Up to 30 s of one byte every 250 ms: far longer than the timeout.
+    let mut closed = false;
+    for _ in 0..120 {
+        if tcp.write_all(b"a").await.is_err() {
+            closed = true;
+            break;
+        }
+        if closed_unanswered(&mut tcp, Duration::from_millis(250)).await {
+            closed = true;
+            break;
+        }
+    }
+    assert!(closed, "the trickled header was cut off");
 }

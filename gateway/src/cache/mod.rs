@@ -13,6 +13,7 @@ pub mod answer;
 mod hot;
 mod stats;
 
+use stats::{rate, LookupCounts, Lookups};
 pub use stats::{CacheStats, TenantCacheStats};
 pub mod embed;
 pub mod index;
@@ -26,10 +27,8 @@ use base64::Engine as _;
 use embed::Embedder;
 use index::{CacheIndex, IndexEntry};
 use key::{CacheKeys, CacheRequest, Digest};
-use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 use sluice_policies::cache::{eligible, same_meaning_markers, CacheControl, CacheRules};
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -114,16 +113,8 @@ enum LogEvent {
 }
 
 #[derive(Default)]
-struct Counts {
-    hit: AtomicU64,
-    semantic: AtomicU64,
-    miss: AtomicU64,
-}
-
-#[derive(Default)]
 struct Stats {
-    total: Counts,
-    by_tenant: Mutex<HashMap<String, [u64; 3]>>,
+    lookups: Lookups,
     stored: AtomicU64,
     guard_rejections: AtomicU64,
     embedding_failures: AtomicU64,
@@ -505,21 +496,7 @@ impl ResponseCache {
     }
 
     fn count(&self, tenant: &str, status: CacheStatus) {
-        let (total, slot) = match status {
-            CacheStatus::Hit => (&self.stats.total.hit, 0),
-            CacheStatus::Semantic => (&self.stats.total.semantic, 1),
-            CacheStatus::Miss => (&self.stats.total.miss, 2),
-        };
-        total.fetch_add(1, Ordering::Relaxed);
-        let mut by_tenant = self.stats.by_tenant.lock();
-        match by_tenant.get_mut(tenant) {
-            Some(counts) => counts[slot] += 1,
-            None => {
-                let mut counts = [0; 3];
-                counts[slot] = 1;
-                by_tenant.insert(tenant.to_owned(), counts);
-            }
-        }
+        self.stats.lookups.count(tenant, status);
     }
 
     /// `GET /admin/v1/cache/stats`: entries (shared by every replica) and this replica's
@@ -561,35 +538,27 @@ impl ResponseCache {
     }
 
     pub fn stats(&self) -> CacheStats {
-        let rate = |part: u64, all: u64| {
-            if all == 0 {
-                0.0
-            } else {
-                part as f64 / all as f64
-            }
-        };
-        let t = &self.stats.total;
-        let (hits, semantic_hits, misses) = (
-            t.hit.load(Ordering::Relaxed),
-            t.semantic.load(Ordering::Relaxed),
-            t.miss.load(Ordering::Relaxed),
-        );
+        let LookupCounts {
+            hits,
+            semantic_hits,
+            misses,
+        } = self.stats.lookups.total();
         let lookups = hits + semantic_hits + misses;
         let entries = self.index.entries_by_tenant();
-        let by_tenant = self.stats.by_tenant.lock().clone();
+        let by_tenant = self.stats.lookups.by_tenant();
         let mut tenants: Vec<&String> = entries.keys().chain(by_tenant.keys()).collect();
         tenants.sort();
         tenants.dedup();
         let by_tenant = tenants
             .into_iter()
             .map(|tenant| {
-                let [h, s, m] = by_tenant.get(tenant).copied().unwrap_or_default();
+                let counts = by_tenant.get(tenant).copied().unwrap_or_default();
                 let stats = TenantCacheStats {
                     entries: entries.get(tenant).copied().unwrap_or(0),
-                    hits: h,
-                    semantic_hits: s,
-                    misses: m,
-                    hit_rate: rate(h + s, h + s + m),
+                    hits: counts.hits,
+                    semantic_hits: counts.semantic_hits,
+                    misses: counts.misses,
+                    hit_rate: counts.hit_rate(),
                 };
                 (tenant.clone(), stats)
             })

@@ -86,6 +86,8 @@ pub(super) struct ServerSection {
     pub(super) body_read_timeout_secs: Option<u64>,
     pub(super) admin_max_connections: Option<usize>,
     pub(super) admin_header_timeout_secs: Option<u64>,
+    pub(super) max_connections: Option<usize>,
+    pub(super) header_timeout_secs: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]

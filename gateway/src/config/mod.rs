@@ -58,6 +58,10 @@ pub struct Config {
     /// request head.
     pub admin_max_connections: usize,
     pub admin_header_timeout: std::time::Duration,
+    /// Client connections the proxy listener holds open at once (more are closed), and how
+    /// long a client may take to send a request header, idle keep-alive wait included.
+    pub max_connections: usize,
+    pub header_timeout: std::time::Duration,
     /// Verifies JWTs on API calls (`[auth.jwt]`).
     pub jwt: Option<JwtConfig>,
     /// Verifies JWTs on the admin API (`[auth.admin_jwt]`): a separate issuer's keys.
@@ -238,6 +242,8 @@ impl Config {
             body_read_timeout: server.body_read_timeout,
             admin_max_connections: server.admin_max_connections,
             admin_header_timeout: server.admin_header_timeout,
+            max_connections: server.max_connections,
+            header_timeout: server.header_timeout,
             jwt,
             admin_jwt,
             key_cache_entries,

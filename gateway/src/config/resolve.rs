@@ -18,6 +18,10 @@ const DEFAULT_MAX_IN_FLIGHT: usize = 4096;
 /// Request-body bytes one replica holds at once before it sheds more with 503: an eighth of
 /// the manifests' 2 GiB pod.
 const DEFAULT_BODY_BYTES_IN_FLIGHT: usize = 256 << 20;
+/// Client connections one replica holds open (more are closed at once): well above what the
+/// in-flight mark lets work, so idle keep-alive connections have room, and well below the
+/// file descriptors a service is usually given (raise `ulimit -n` past it).
+const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
 
 /// `[server]`: listeners, limits, the store and the admin credential.
 pub(super) struct Server {
@@ -34,6 +38,8 @@ pub(super) struct Server {
     pub body_read_timeout: std::time::Duration,
     pub admin_max_connections: usize,
     pub admin_header_timeout: std::time::Duration,
+    pub max_connections: usize,
+    pub header_timeout: std::time::Duration,
 }
 
 pub(super) fn server(s: ServerSection, env: Env) -> Result<Server, ConfigError> {
@@ -137,6 +143,11 @@ pub(super) fn server(s: ServerSection, env: Env) -> Result<Server, ConfigError> 
         s.admin_header_timeout_secs,
         10,
     )?;
+    let header_timeout = seconds("server.header_timeout_secs", s.header_timeout_secs, 60)?;
+    let max_connections = s.max_connections.unwrap_or(DEFAULT_MAX_CONNECTIONS);
+    if max_connections == 0 {
+        return Err(invalid("server.max_connections", "must be at least 1"));
+    }
     let admin_max_connections = s.admin_max_connections.unwrap_or(256);
     if admin_max_connections == 0 {
         return Err(invalid(
@@ -159,6 +170,8 @@ pub(super) fn server(s: ServerSection, env: Env) -> Result<Server, ConfigError> 
         body_read_timeout,
         admin_max_connections,
         admin_header_timeout,
+        max_connections,
+        header_timeout,
     })
 }
 

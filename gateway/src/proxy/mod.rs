@@ -318,6 +318,10 @@ impl ProxyHttp for Proxy {
         metered.then_some(self.gateway.config.drain_limit)
     }
 
+    fn request_header_timeout(&self) -> Option<Duration> {
+        Some(self.gateway.config.header_timeout)
+    }
+
     async fn fail_to_proxy(
         &self,
         session: &mut Session,

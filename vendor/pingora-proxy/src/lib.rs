@@ -329,11 +329,23 @@ where
     {
         // phase 1 read request header
 
+        // SLUICE PATCH: the whole header (and, on a reused connection, the idle wait before
+        // it) must arrive within the user's request_header_timeout.
+        let header_deadline = async {
+            match self.inner.request_header_timeout() {
+                Some(limit) => tokio::time::sleep(limit).await,
+                None => std::future::pending().await,
+            }
+        };
         let res = tokio::select! {
             biased; // biased select is cheaper, and we don't want to drop already buffered requests
             res = downstream_session.read_request() => { res }
             _ = self.await_shutdown() => {
                 // service shutting down, dropping the connection to stop more req from coming in
+                return None;
+            }
+            _ = header_deadline => {
+                debug!("request header not complete within request_header_timeout");
                 return None;
             }
         };

@@ -514,6 +514,14 @@ pub trait ProxyHttp {
         None
     }
 
+    /// SLUICE PATCH: how long a client connection may take to send a whole request header,
+    /// counted from when the proxy starts waiting for it (on a reused connection that includes
+    /// the idle time before the next request). Past it the connection is closed without an
+    /// answer. `None`, pingora's own behaviour, bounds only each read.
+    fn request_header_timeout(&self) -> Option<std::time::Duration> {
+        None
+    }
+
     /// This filter is called when the entire response is sent to the downstream successfully or
     /// there is a fatal error that terminate the request.
     ///
