@@ -173,37 +173,57 @@ pub struct PricedEvent {
 /// Prices `events` (in time order, and starting at the beginning of the first event's month,
 /// so that graduated prices see the whole month).
 pub fn price(events: Vec<UsageEvent>, prices: &PriceBook, tiers: &Tiers) -> Vec<PricedEvent> {
-    let mut month_to_date: HashMap<(String, String, String), TokenCounts> = HashMap::new();
-    events
-        .into_iter()
-        .map(|event| {
-            let counts = crate::metering::Usage::of_event(&event).billable();
-            let (cost, currency) = match prices.lookup(&event.model, &event.tier) {
-                Some(price) => {
-                    let month = Month::of_ms(event.time_ms).label;
-                    let before = month_to_date
-                        .entry((event.key_id.clone(), event.model.clone(), month))
-                        .or_default();
-                    let cost = price.cost(before, &counts);
-                    before.input += counts.input;
-                    before.output += counts.output;
-                    before.cached += counts.cached;
-                    (cost, price.currency().to_owned())
-                }
-                None => {
-                    let currency = tiers
-                        .get(&event.tier)
-                        .map_or_else(|_| "USD".to_owned(), |t| t.currency.clone());
-                    (Decimal::ZERO, currency)
-                }
-            };
-            PricedEvent {
-                event,
-                cost,
-                currency,
+    let mut pricer = Pricer::new(prices, tiers);
+    events.into_iter().map(|e| pricer.price(e)).collect()
+}
+
+/// Prices events one at a time, in time order from the beginning of the first one's month:
+/// graduated prices depend on what each key used of the model earlier in the month, which
+/// is all a pricer keeps (one entry per key, model and month, however many events pass).
+pub struct Pricer<'a> {
+    prices: &'a PriceBook,
+    tiers: &'a Tiers,
+    month_to_date: HashMap<(String, String, String), TokenCounts>,
+}
+
+impl<'a> Pricer<'a> {
+    pub fn new(prices: &'a PriceBook, tiers: &'a Tiers) -> Self {
+        Pricer {
+            prices,
+            tiers,
+            month_to_date: HashMap::new(),
+        }
+    }
+
+    pub fn price(&mut self, event: UsageEvent) -> PricedEvent {
+        let counts = crate::metering::Usage::of_event(&event).billable();
+        let (cost, currency) = match self.prices.lookup(&event.model, &event.tier) {
+            Some(price) => {
+                let month = Month::of_ms(event.time_ms).label;
+                let before = self
+                    .month_to_date
+                    .entry((event.key_id.clone(), event.model.clone(), month))
+                    .or_default();
+                let cost = price.cost(before, &counts);
+                before.input += counts.input;
+                before.output += counts.output;
+                before.cached += counts.cached;
+                (cost, price.currency().to_owned())
             }
-        })
-        .collect()
+            None => {
+                let currency = self
+                    .tiers
+                    .get(&event.tier)
+                    .map_or_else(|_| "USD".to_owned(), |t| t.currency.clone());
+                (Decimal::ZERO, currency)
+            }
+        };
+        PricedEvent {
+            event,
+            cost,
+            currency,
+        }
+    }
 }
 
 /// One aggregate row. Fields of dimensions not grouped by are empty.
@@ -240,12 +260,34 @@ type GroupKey = (
 
 /// Sums priced events in `[from_ms, to_ms)` by `dims` (and currency).
 pub fn aggregate(events: &[PricedEvent], dims: &[Dim], from_ms: i64, to_ms: i64) -> Vec<Row> {
-    let mut rows: BTreeMap<GroupKey, Row> = BTreeMap::new();
-    for p in events
-        .iter()
-        .filter(|p| (from_ms..to_ms).contains(&p.event.time_ms))
-    {
+    let mut sums = Aggregator::new(dims, from_ms, to_ms);
+    events.iter().for_each(|p| sums.add(p));
+    sums.rows()
+}
+
+/// Sums priced events as they pass: memory grows with the rows, not the events.
+pub struct Aggregator<'a> {
+    dims: &'a [Dim],
+    range: std::ops::Range<i64>,
+    rows: BTreeMap<GroupKey, Row>,
+}
+
+impl<'a> Aggregator<'a> {
+    /// Sums of the events in `[from_ms, to_ms)` by `dims` (and currency); others are skipped.
+    pub fn new(dims: &'a [Dim], from_ms: i64, to_ms: i64) -> Self {
+        Aggregator {
+            dims,
+            range: from_ms..to_ms,
+            rows: BTreeMap::new(),
+        }
+    }
+
+    pub fn add(&mut self, p: &PricedEvent) {
         let e = &p.event;
+        if !self.range.contains(&e.time_ms) {
+            return;
+        }
+        let dims = self.dims;
         let pick = |dim: Dim, value: &str| dims.contains(&dim).then(|| value.to_owned());
         let group = (
             dims.contains(&Dim::Month)
@@ -256,7 +298,7 @@ pub fn aggregate(events: &[PricedEvent], dims: &[Dim], from_ms: i64, to_ms: i64)
             pick(Dim::Model, &e.model),
             p.currency.clone(),
         );
-        let row = rows.entry(group.clone()).or_insert_with(|| Row {
+        let row = self.rows.entry(group.clone()).or_insert_with(|| Row {
             month: group.0,
             day: group.1,
             key_id: group.2,
@@ -271,7 +313,11 @@ pub fn aggregate(events: &[PricedEvent], dims: &[Dim], from_ms: i64, to_ms: i64)
         row.cached_tokens += e.cached_tokens;
         row.cost += p.cost;
     }
-    rows.into_values().collect()
+
+    /// The rows, in group order.
+    pub fn rows(self) -> Vec<Row> {
+        self.rows.into_values().collect()
+    }
 }
 
 pub const CSV_HEADER: [&str; 11] = [
@@ -327,85 +373,107 @@ fn text_cell(value: &str) -> String {
 
 /// The export body, one line per row (plus a header row for CSV).
 pub fn render(events: &[PricedEvent], query: &ExportQuery) -> Vec<u8> {
-    let mut out = Vec::new();
-    match (&query.grouping, query.format) {
-        (Grouping::By(dims), Format::Csv) => {
-            let mut w = csv::Writer::from_writer(&mut out);
-            let _ = w.write_record(CSV_HEADER);
+    let mut out = header(query);
+    match &query.grouping {
+        Grouping::By(dims) => {
             for r in aggregate(events, dims, query.from_ms, query.to_ms) {
-                let cell = |v: &Option<String>| text_cell(v.as_deref().unwrap_or_default());
-                let _ = w.write_record([
-                    cell(&r.month),
-                    cell(&r.day),
-                    cell(&r.key_id),
-                    cell(&r.tenant),
-                    cell(&r.model),
-                    text_cell(&r.currency),
-                    r.requests.to_string(),
-                    r.prompt_tokens.to_string(),
-                    r.completion_tokens.to_string(),
-                    r.cached_tokens.to_string(),
-                    r.cost.normalize().to_string(),
-                ]);
-            }
-            let _ = w.flush();
-        }
-        (Grouping::By(dims), Format::Jsonl) => {
-            for r in aggregate(events, dims, query.from_ms, query.to_ms) {
-                serde_json::to_writer(&mut out, &r).expect("row serializes");
-                out.push(b'\n');
+                write_row(&mut out, &r, query.format);
             }
         }
-        (Grouping::Events, format) => {
-            let in_range = events
+        Grouping::Events => {
+            for p in events
                 .iter()
-                .filter(|p| (query.from_ms..query.to_ms).contains(&p.event.time_ms));
-            match format {
-                Format::Jsonl => {
-                    for p in in_range {
-                        serde_json::to_writer(&mut out, p).expect("event serializes");
-                        out.push(b'\n');
-                    }
-                }
-                Format::Csv => {
-                    let mut w = csv::Writer::from_writer(&mut out);
-                    let _ = w.write_record(EVENT_CSV_HEADER);
-                    for p in in_range {
-                        let e = &p.event;
-                        let time = utc(e.time_ms)
-                            .format(&time::format_description::well_known::Rfc3339)
-                            .unwrap_or_default();
-                        let _ = w.write_record([
-                            text_cell(&e.id),
-                            time,
-                            text_cell(&e.request_id),
-                            text_cell(&e.key_id),
-                            text_cell(&e.tenant),
-                            text_cell(&e.tier),
-                            text_cell(&e.model),
-                            text_cell(&e.backend),
-                            text_cell(&e.route),
-                            e.prompt_tokens.to_string(),
-                            e.completion_tokens.to_string(),
-                            e.cached_tokens.to_string(),
-                            text_cell(&e.cache_status),
-                            e.status.to_string(),
-                            e.latency_ms.to_string(),
-                            e.ttft_ms.map(|t| t.to_string()).unwrap_or_default(),
-                            e.client_disconnected.to_string(),
-                            e.usage_reported.to_string(),
-                            e.usage_source.as_str().to_owned(),
-                            p.cost.normalize().to_string(),
-                            text_cell(&p.currency),
-                            e.time_ms.to_string(),
-                        ]);
-                    }
-                    let _ = w.flush();
-                }
+                .filter(|p| (query.from_ms..query.to_ms).contains(&p.event.time_ms))
+            {
+                write_event(&mut out, p, query.format);
             }
         }
     }
     out
+}
+
+/// What an export starts with: the CSV header row (nothing for JSON Lines).
+pub fn header(query: &ExportQuery) -> Vec<u8> {
+    let mut out = Vec::new();
+    if query.format == Format::Csv {
+        let mut w = csv::Writer::from_writer(&mut out);
+        let _ = match query.grouping {
+            Grouping::By(_) => w.write_record(CSV_HEADER),
+            Grouping::Events => w.write_record(EVENT_CSV_HEADER),
+        };
+        let _ = w.flush();
+    }
+    out
+}
+
+/// Appends one aggregate row's line to `out`.
+pub fn write_row(out: &mut Vec<u8>, r: &Row, format: Format) {
+    match format {
+        Format::Jsonl => {
+            serde_json::to_writer(&mut *out, r).expect("row serializes");
+            out.push(b'\n');
+        }
+        Format::Csv => {
+            let cell = |v: &Option<String>| text_cell(v.as_deref().unwrap_or_default());
+            let mut w = csv::Writer::from_writer(out);
+            let _ = w.write_record([
+                cell(&r.month),
+                cell(&r.day),
+                cell(&r.key_id),
+                cell(&r.tenant),
+                cell(&r.model),
+                text_cell(&r.currency),
+                r.requests.to_string(),
+                r.prompt_tokens.to_string(),
+                r.completion_tokens.to_string(),
+                r.cached_tokens.to_string(),
+                r.cost.normalize().to_string(),
+            ]);
+            let _ = w.flush();
+        }
+    }
+}
+
+/// Appends one event's line to `out`.
+pub fn write_event(out: &mut Vec<u8>, p: &PricedEvent, format: Format) {
+    match format {
+        Format::Jsonl => {
+            serde_json::to_writer(&mut *out, p).expect("event serializes");
+            out.push(b'\n');
+        }
+        Format::Csv => {
+            let e = &p.event;
+            let time = utc(e.time_ms)
+                .format(&time::format_description::well_known::Rfc3339)
+                .unwrap_or_default();
+            let mut w = csv::Writer::from_writer(out);
+            let _ = w.write_record([
+                text_cell(&e.id),
+                time,
+                text_cell(&e.request_id),
+                text_cell(&e.key_id),
+                text_cell(&e.tenant),
+                text_cell(&e.tier),
+                text_cell(&e.model),
+                text_cell(&e.backend),
+                text_cell(&e.route),
+                e.prompt_tokens.to_string(),
+                e.completion_tokens.to_string(),
+                e.cached_tokens.to_string(),
+                text_cell(&e.cache_status),
+                e.status.to_string(),
+                e.latency_ms.to_string(),
+                e.ttft_ms.map(|t| t.to_string()).unwrap_or_default(),
+                e.client_disconnected.to_string(),
+                e.usage_reported.to_string(),
+                e.usage_source.as_str().to_owned(),
+                p.cost.normalize().to_string(),
+                text_cell(&p.currency),
+                e.time_ms.to_string(),
+            ]);
+            let _ = w.flush();
+        }
+    }
 }
 
 #[cfg(test)]

@@ -4,6 +4,7 @@
 
 use sluice_gateway::keys::{new_key_id, KeyHash, KeyRecord, NewSecret};
 use sluice_gateway::store::{EmbeddedStore, RedisStore, Store};
+use sluice_gateway::usage::UsageEvent;
 use sluice_policies::LimitOverrides;
 
 mod common;
@@ -525,4 +526,68 @@ async fn charge_counts_once(store: &dyn Store) {
         (1, 30, 900)
     );
     assert_eq!(c.minute.iter().map(|b| b.tokens).sum::<u64>(), 30);
+}
+
+fn usage_event(id: &str, time_ms: i64) -> UsageEvent {
+    serde_json::from_value(serde_json::json!({
+        "id": id, "time_ms": time_ms, "request_id": format!("req-{id}"), "key_id": "key",
+        "tenant": "t", "tier": "pro", "model": "m", "backend": "b",
+        "route": "/v1/chat/completions", "prompt_tokens": 1, "completion_tokens": 2,
+        "cached_tokens": 0, "cache_status": "miss", "status": 200, "latency_ms": 1,
+        "ttft_ms": null, "client_disconnected": false, "usage_reported": true,
+        "usage_source": "reported",
+    }))
+    .unwrap()
+}
+
+contract!(
+    usage_pages_cover_a_range_once_in_time_order,
+    usage_pages_case
+);
+
+/// Reading a range page by page (pages smaller than the events of one millisecond, events
+/// written between pages) gives every event of the range once, in time order, and nothing
+/// outside it.
+async fn usage_pages_case(store: &dyn Store) {
+    let mut events = vec![usage_event("before", 999), usage_event("after", 2000)];
+    // 25 events in one millisecond, more than three pages of them.
+    events.extend((0..25).map(|i| usage_event(&format!("same-{i:02}"), 1000)));
+    events.extend((1..=10).map(|i| usage_event(&format!("later-{i}"), 1000 + i)));
+    store.append_usage(&events).await.unwrap();
+    let mut read = Vec::new();
+    let mut cursor = None;
+    let mut pages = 0;
+    loop {
+        let (page, next) = store
+            .usage_events_page(1000, 2000, cursor, 7)
+            .await
+            .unwrap();
+        assert!(page.len() <= 7);
+        read.extend(page);
+        pages += 1;
+        if pages == 2 {
+            // Written while the range is being read, in the millisecond being paged.
+            store
+                .append_usage(&[usage_event("same-00a", 1000), usage_event("same-99", 1000)])
+                .await
+                .unwrap();
+        }
+        match next {
+            Some(next) => cursor = Some(next),
+            None => break,
+        }
+    }
+    let ids: Vec<&str> = read.iter().map(|e| e.id.as_str()).collect();
+    let unique: std::collections::HashSet<&str> = ids.iter().copied().collect();
+    assert_eq!(unique.len(), ids.len(), "an event read twice: {ids:?}");
+    for e in &events[2..] {
+        assert!(unique.contains(e.id.as_str()), "{} missing: {ids:?}", e.id);
+    }
+    assert!(!unique.contains("before") && !unique.contains("after"));
+    assert!(read.windows(2).all(|w| w[0].time_ms <= w[1].time_ms));
+    // The whole range in one call is the same events.
+    let all = store.usage_events(1000, 2000).await.unwrap();
+    let all_ids: std::collections::HashSet<&str> = all.iter().map(|e| e.id.as_str()).collect();
+    assert!(unique.is_subset(&all_ids));
+    assert_eq!(all.len(), all_ids.len());
 }

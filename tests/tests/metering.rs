@@ -316,3 +316,73 @@ async fn bad_export_requests_get_400() {
     let text = r.text().await.unwrap();
     assert!(text.starts_with("month,day,key_id,tenant,model,currency,requests,prompt_tokens,completion_tokens,cached_tokens,cost"));
 }
+
+/// An export of more events than the store returns in one page (they are read, priced and
+/// written a page at a time) is whole and priced exactly: graduated prices cross their band
+/// mid-way through the pages, the event export and the grouped one agree to the token and
+/// the cent, and the CSV has one line per event. On both stores.
+async fn exports_past_a_store_page_case(store: StoreKind) {
+    let backend = Backend::start().await.unwrap();
+    let gw = Gateway::start(GatewayOptions {
+        extra_config: PRICES.to_owned(),
+        ..GatewayOptions::new(&backend, store)
+    })
+    .await
+    .unwrap();
+    let (_, a) = gw.create_key("acme", "enterprise").await.unwrap();
+    let (_, b) = gw.create_key("globex", "enterprise").await.unwrap();
+    let keys = [a, b];
+    const REQUESTS: usize = 2400;
+    futures::stream::iter(0..REQUESTS)
+        .for_each_concurrent(16, |i| {
+            let keys = &keys;
+            let gw = &gw;
+            async move { send(gw, &keys[i % 2], Kind::ChatJson, i).await }
+        })
+        .await;
+    assert_reconciles(&gw, &backend, REQUESTS as u64).await;
+
+    let events = export(&gw, "event").await;
+    assert_eq!(events.len(), REQUESTS);
+    let ids: std::collections::HashSet<&str> =
+        events.iter().map(|e| e["id"].as_str().unwrap()).collect();
+    assert_eq!(ids.len(), REQUESTS, "no event twice");
+    let rows = export(&gw, "key,model").await;
+    let cost = |rows: &[Value]| -> Decimal {
+        rows.iter()
+            .map(|r| Decimal::from_str(r["cost"].as_str().unwrap()).unwrap())
+            .sum()
+    };
+    assert_eq!(cost(&events), cost(&rows), "events and rows cost the same");
+    assert_eq!(
+        sum(&events, "completion_tokens"),
+        sum(&rows, "completion_tokens")
+    );
+    let csv = gw
+        .http
+        .get(format!("{}/admin/v1/billing/export", gw.admin_url))
+        .query(&[("group_by", "event"), ("format", "csv")])
+        .bearer_auth(ADMIN_TOKEN)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert_eq!(
+        csv.lines().count(),
+        REQUESTS + 1,
+        "a header and one line per event"
+    );
+}
+
+#[tokio::test]
+async fn exports_past_a_store_page_are_whole_on_the_embedded_store() {
+    let dir = tempfile::tempdir().unwrap();
+    exports_past_a_store_page_case(StoreKind::Embedded(dir.path().to_owned())).await;
+}
+
+#[tokio::test]
+async fn exports_past_a_store_page_are_whole_on_redis() {
+    exports_past_a_store_page_case(StoreKind::fresh_redis()).await;
+}

@@ -3,7 +3,7 @@
 
 use super::cache_memory::MemoryCache;
 use super::quota_memory::MemoryQuotas;
-use super::{BackendRecord, Store, StoreError};
+use super::{BackendRecord, EventCursor, Store, StoreError};
 use crate::keys::{KeyHash, KeyRecord};
 use crate::usage::UsageEvent;
 use async_trait::async_trait;
@@ -235,20 +235,39 @@ impl Store for EmbeddedStore {
         .await
     }
 
-    async fn usage_events(&self, from_ms: i64, to_ms: i64) -> Result<Vec<UsageEvent>, StoreError> {
+    async fn usage_events_page(
+        &self,
+        from_ms: i64,
+        to_ms: i64,
+        after: Option<EventCursor>,
+        limit: usize,
+    ) -> Result<(Vec<UsageEvent>, Option<EventCursor>), StoreError> {
+        let limit = limit.max(1);
         let (from, to) = (usage_key(from_ms, ""), usage_key(to_ms, ""));
         self.blocking(move |db| {
             let txn = db.begin_read().map_err(embedded_err)?;
             let usage = txn.open_table(USAGE).map_err(embedded_err)?;
-            let mut out = Vec::new();
-            for row in usage
-                .range(from.as_str()..to.as_str())
-                .map_err(embedded_err)?
-            {
-                let (_, json) = row.map_err(embedded_err)?;
-                out.push(serde_json::from_slice(json.value())?);
+            let rows = match &after {
+                Some(c) => usage.range::<&str>((
+                    std::ops::Bound::Excluded(c.position.as_str()),
+                    std::ops::Bound::Excluded(to.as_str()),
+                )),
+                None => usage.range(from.as_str()..to.as_str()),
             }
-            Ok(out)
+            .map_err(embedded_err)?;
+            let mut events: Vec<UsageEvent> = Vec::new();
+            let mut last_key = String::new();
+            for row in rows.take(limit) {
+                let (key, json) = row.map_err(embedded_err)?;
+                last_key = key.value().to_owned();
+                events.push(serde_json::from_slice(json.value())?);
+            }
+            let next = (events.len() == limit).then(|| EventCursor {
+                time_ms: events.last().map_or(0, |e| e.time_ms),
+                position: last_key,
+                at_time: 0,
+            });
+            Ok((events, next))
         })
         .await
     }

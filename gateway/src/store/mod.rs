@@ -38,6 +38,22 @@ pub enum StoreError {
     Corrupt(#[from] serde_json::Error),
 }
 
+/// Usage events read per store call when reading a range page by page.
+pub const USAGE_PAGE: usize = 1000;
+
+/// Where a page of usage events ended, in the store's own terms (see
+/// [`Store::usage_events_page`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EventCursor {
+    /// The last event's time.
+    pub time_ms: i64,
+    /// The last event's place among those of its time (the embedded store's row key; the
+    /// Redis member).
+    pub position: String,
+    /// How many events of that time have been read (Redis pages by offset within a time).
+    pub at_time: usize,
+}
+
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
     /// Writes a key record and its hash index in one atomic step. `replaced_hash` is the hash
@@ -90,8 +106,34 @@ pub trait Store: Send + Sync + 'static {
     /// how many were new. Atomic per call: all of a batch is taken or none of it.
     async fn append_usage(&self, events: &[UsageEvent]) -> Result<usize, StoreError>;
 
-    /// The usage events that finished in `[from_ms, to_ms)`, ordered by time, then id.
-    async fn usage_events(&self, from_ms: i64, to_ms: i64) -> Result<Vec<UsageEvent>, StoreError>;
+    /// Up to `limit` (at least 1) of the usage events that finished in `[from_ms, to_ms)`,
+    /// in time order, from where `after` (the cursor the previous page returned; `None`
+    /// for the first) left off, and the cursor for the next page (`None` at the end). Paging
+    /// is what lets an export of any size run in constant memory.
+    async fn usage_events_page(
+        &self,
+        from_ms: i64,
+        to_ms: i64,
+        after: Option<EventCursor>,
+        limit: usize,
+    ) -> Result<(Vec<UsageEvent>, Option<EventCursor>), StoreError>;
+
+    /// All the usage events that finished in `[from_ms, to_ms)`, in time order (for small
+    /// ranges: they are all held in memory).
+    async fn usage_events(&self, from_ms: i64, to_ms: i64) -> Result<Vec<UsageEvent>, StoreError> {
+        let mut all = Vec::new();
+        let mut cursor = None;
+        loop {
+            let (page, next) = self
+                .usage_events_page(from_ms, to_ms, cursor, USAGE_PAGE)
+                .await?;
+            all.extend(page);
+            match next {
+                Some(next) => cursor = Some(next),
+                None => return Ok(all),
+            }
+        }
+    }
 
     /// Decides, in one atomic step, whether a request reserving `args.reservation` may start,
     /// and reserves it if so. The quota operations follow `sluice_policies::ledger`, the

@@ -26,7 +26,7 @@ mod conn;
 mod quota;
 mod scripts;
 
-use super::{BackendRecord, Store, StoreError};
+use super::{BackendRecord, EventCursor, Store, StoreError};
 use crate::keys::{KeyHash, KeyRecord};
 use crate::usage::UsageEvent;
 use async_trait::async_trait;
@@ -211,18 +211,56 @@ impl Store for RedisStore {
         Ok(added)
     }
 
-    async fn usage_events(&self, from_ms: i64, to_ms: i64) -> Result<Vec<UsageEvent>, StoreError> {
+    async fn usage_events_page(
+        &self,
+        from_ms: i64,
+        to_ms: i64,
+        after: Option<EventCursor>,
+        limit: usize,
+    ) -> Result<(Vec<UsageEvent>, Option<EventCursor>), StoreError> {
+        let limit = limit.max(1);
+        // Members of one score come in byte order, so a page resumes at the last one's
+        // time, past the ones of that time already read.
+        let (min, offset) = after
+            .as_ref()
+            .map_or((from_ms, 0), |c| (c.time_ms, c.at_time));
         let mut conn = self.conn.clone();
         // `(` makes the upper bound exclusive.
-        let jsons: Vec<String> = conn
-            .zrangebyscore(self.usage_events_key(), from_ms, format!("({to_ms}"))
+        let rows: Vec<(String, f64)> = conn
+            .zrangebyscore_limit_withscores(
+                self.usage_events_key(),
+                min,
+                format!("({to_ms}"),
+                offset as isize,
+                limit as isize,
+            )
             .await?;
-        let mut events = jsons
-            .iter()
-            .map(|j| serde_json::from_str::<UsageEvent>(j))
-            .collect::<Result<Vec<_>, _>>()?;
-        events.sort_by(|a, b| (a.time_ms, &a.id).cmp(&(b.time_ms, &b.id)));
-        Ok(events)
+        let next = (rows.len() == limit).then(|| {
+            let (last, score) = rows.last().expect("a full page");
+            let time_ms = *score as i64;
+            let of_last_time = rows.iter().filter(|(_, s)| *s as i64 == time_ms).count();
+            EventCursor {
+                time_ms,
+                position: last.clone(),
+                at_time: if time_ms == min {
+                    offset + of_last_time
+                } else {
+                    of_last_time
+                },
+            }
+        });
+        let mut events = Vec::with_capacity(rows.len());
+        for (json, score) in &rows {
+            // An event written meanwhile at the resumed time, ahead of the last one read,
+            // shifts the offset back over one already read.
+            if let Some(c) = &after {
+                if *score as i64 == c.time_ms && json.as_str() <= c.position.as_str() {
+                    continue;
+                }
+            }
+            events.push(serde_json::from_str::<UsageEvent>(json)?);
+        }
+        Ok((events, next))
     }
 
     async fn put_tier(&self, tier: &Tier) -> Result<(), StoreError> {
