@@ -323,11 +323,21 @@ async fn silent_admin_connections_are_capped_and_closed() {
 /// cache.
 #[tokio::test]
 async fn a_tenant_flooding_the_cache_leaves_other_tenants_entries() {
-    let backend = Backend::start().await.unwrap();
     let dir = tempfile::tempdir().unwrap();
+    cache_flood_case(StoreKind::Embedded(dir.path().to_owned())).await;
+}
+
+/// The same on Redis (bodies in Redis, each replica's index within its own budget).
+#[tokio::test]
+async fn a_tenant_flooding_the_cache_leaves_other_tenants_entries_on_redis() {
+    cache_flood_case(StoreKind::fresh_redis()).await;
+}
+
+async fn cache_flood_case(store: StoreKind) {
+    let backend = Backend::start().await.unwrap();
     let gw = Gateway::start(GatewayOptions {
         extra_config: "[cache]\nmax_bytes = 131072\n".into(),
-        ..GatewayOptions::new(&backend, StoreKind::Embedded(dir.path().to_owned()))
+        ..GatewayOptions::new(&backend, store)
     })
     .await
     .unwrap();
