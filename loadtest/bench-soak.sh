@@ -90,6 +90,12 @@ echo "bench-soak.sh: $DURATION at $RATE req/s; Redis restarted $RESTARTS times" 
   >"$work/load.json" 2>"$work/load.log" &
 load_pid=$!
 started=$(date +%s)
+# RSS and open client connections every minute, to tell a leak from a plateau.
+( while kill -0 "$load_pid" 2>/dev/null; do
+    echo "$(( $(date +%s) - started )) $(rss) $(ss -tn state established "( sport = :$port )" | tail -n +2 | wc -l)"
+    sleep 60
+  done ) >"$work/samples.txt" 2>/dev/null &
+pids+=($!)
 sleep 5
 kill -0 "$load_pid" 2>/dev/null || { cat "$work/load.log" >&2; exit 1; }
 sleep $((WARMUP_SECS - 5))
@@ -123,6 +129,7 @@ python3 - "$work" "$rss_warm" "$rss_end" "$command_line" <<'PY' | python3 loadte
 import collections, datetime, json, os, re, sys
 work, rss_warm, rss_end, command_line = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
 load = json.load(open(f"{work}/load.json"))
+samples = [tuple(map(int, l.split())) for l in open(f"{work}/samples.txt") if len(l.split()) == 3]
 events = [json.loads(l) for l in open(f"{work}/events.jsonl")]
 ids = collections.Counter(e["id"] for e in events)
 served = [e for e in events if e["backend"]]
@@ -163,6 +170,8 @@ print("\n".join([
     f"| requests sent / answered 200 | {load['sent']} / {load['ok']} |",
     f"| errors | {', '.join(f'{k}: {v}' for k, v in load['errors'].items()) or 'none'} |",
     f"| gateway RSS after warm-up / at the end | {mib(rss_warm)} / {mib(rss_end)} ({growth:+.1f}%) |",
+    f"| RSS, every 5 minutes (minute: MiB) | {', '.join(f'{t // 60}: {r / 2**20:.0f}' for t, r, _ in samples[::5])} |",
+    f"| open client connections, fewest / most | {min((c for *_, c in samples), default=0)} / {max((c for *_, c in samples), default=0)} |",
     f"| usage events / distinct ids / doubled | {len(events)} / {len(ids)} / {doubled} |",
     f"| requests the backend served / events naming a backend | {backend_requests} / {len(served)} |",
     f"| prompt tokens: backend / events | {backend_prompt} / {prompt} |",

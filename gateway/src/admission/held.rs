@@ -33,7 +33,74 @@ const MAX_OWED: usize = 1_000_000;
 pub struct Held {
     /// reservation id -> (key id, slots)
     running: Mutex<HashMap<String, (Arc<str>, u64)>>,
-    owed: Mutex<VecDeque<OwedCharge>>,
+    owed: Mutex<Owed>,
+}
+
+/// Charges owed, oldest first. A key's charges of one minute (and month) are summed into one
+/// (under the first one's id, which keeps it counted once), so an outage costs memory per
+/// busy key and minute, not per request; minute windows see the sum at that minute's first
+/// second, which is long past by the time it is charged.
+#[derive(Default)]
+struct Owed {
+    queue: VecDeque<OwedCharge>,
+    /// The sequence number of `queue`'s front; each charge's is its place after it.
+    front_seq: u64,
+    /// (key, minute, month) -> the sequence number of the charge still taking that minute's
+    /// usage.
+    open: HashMap<(String, i64, String), u64>,
+    /// The charge being sent to the store: nothing more is added to it, since a send that
+    /// failed after the store counted it will be retried under the same id and ignored.
+    sending: Option<u64>,
+}
+
+impl Owed {
+    fn push(&mut self, charge: OwedCharge) {
+        let bucket = (
+            charge.key_id.clone(),
+            charge.at_sec.div_euclid(60),
+            charge.month.clone(),
+        );
+        if let Some(&seq) = self.open.get(&bucket) {
+            let open = seq
+                .checked_sub(self.front_seq)
+                .filter(|_| self.sending != Some(seq))
+                .and_then(|i| self.queue.get_mut(i as usize));
+            if let Some(open) = open {
+                open.amount.requests += charge.amount.requests;
+                open.amount.tokens += charge.amount.tokens;
+                open.amount.cost_nano = open
+                    .amount
+                    .cost_nano
+                    .saturating_add(charge.amount.cost_nano);
+                return;
+            }
+        }
+        if self.queue.len() >= MAX_OWED {
+            let dropped = self.pop_front();
+            tracing::error!(charge = ?dropped, "too many quota charges owed; dropping the oldest");
+        }
+        self.open
+            .insert(bucket, self.front_seq + self.queue.len() as u64);
+        self.queue.push_back(charge);
+    }
+
+    fn pop_front(&mut self) -> Option<OwedCharge> {
+        let charge = self.queue.pop_front()?;
+        let seq = self.front_seq;
+        self.front_seq += 1;
+        let bucket = (
+            charge.key_id.clone(),
+            charge.at_sec.div_euclid(60),
+            charge.month.clone(),
+        );
+        if self.open.get(&bucket) == Some(&seq) {
+            self.open.remove(&bucket);
+        }
+        if self.sending == Some(seq) {
+            self.sending = None;
+        }
+        Some(charge)
+    }
 }
 
 impl Held {
@@ -50,17 +117,12 @@ impl Held {
     }
 
     pub fn owe(&self, charge: OwedCharge) {
-        let mut owed = self.owed.lock();
-        if owed.len() >= MAX_OWED {
-            let dropped = owed.pop_front();
-            tracing::error!(charge = ?dropped, "too many quota charges owed; dropping the oldest");
-        }
-        owed.push_back(charge);
+        self.owed.lock().push(charge);
     }
 
     /// How many charges wait for the store.
     pub fn owed(&self) -> usize {
-        self.owed.lock().len()
+        self.owed.lock().queue.len()
     }
 
     /// Renews every running reservation's slots at `now_sec`.
@@ -88,8 +150,14 @@ impl Held {
     /// Charges what is owed, in order, until the store fails; the rest waits.
     pub async fn charge_owed(&self, store: &dyn Store, now_sec: i64) {
         loop {
-            let Some(next) = self.owed.lock().front().cloned() else {
-                return;
+            let (seq, next) = {
+                let mut owed = self.owed.lock();
+                let Some(next) = owed.queue.front().cloned() else {
+                    return;
+                };
+                let seq = owed.front_seq;
+                owed.sending = Some(seq);
+                (seq, next)
             };
             let charge = Charge {
                 id: &next.id,
@@ -101,7 +169,7 @@ impl Held {
             match store.charge(&next.key_id, &charge).await {
                 Ok(_) => {
                     let mut owed = self.owed.lock();
-                    if owed.front().is_some_and(|c| c.id == next.id) {
+                    if owed.front_seq == seq {
                         owed.pop_front();
                     }
                 }
@@ -130,5 +198,72 @@ impl Held {
             }
             self.charge_owed(store.as_ref(), now).await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::EmbeddedStore;
+
+    fn charge(key: &str, id: &str, at_sec: i64, tokens: u64) -> OwedCharge {
+        OwedCharge {
+            key_id: key.into(),
+            id: id.into(),
+            at_sec,
+            month: "2026-12".into(),
+            amount: Reservation {
+                requests: 1,
+                tokens,
+                cost_nano: 5,
+            },
+        }
+    }
+
+    #[tokio::test]
+    async fn a_keys_charges_of_one_minute_are_owed_as_one_and_counted_whole() {
+        let held = Held::default();
+        let now = 1_764_000_000 - 1_764_000_000 % 60;
+        for i in 0..10_000 {
+            held.owe(charge("busy", &format!("r{i}"), now + i % 60, 3));
+        }
+        held.owe(charge("busy", "next-minute", now + 60, 3));
+        held.owe(charge("quiet", "q", now, 3));
+        assert_eq!(held.owed(), 3, "one per key and minute");
+
+        let dir = tempfile::tempdir().unwrap();
+        let store = EmbeddedStore::open(dir.path()).unwrap();
+        held.charge_owed(&store, now + 90).await;
+        assert_eq!(held.owed(), 0);
+        let busy = store
+            .quota_counters("busy", now + 90, "2026-12")
+            .await
+            .unwrap();
+        assert_eq!((busy.day_requests, busy.day_tokens), (10_001, 30_003));
+        assert_eq!(busy.month_spend_nano, 50_005);
+        // Charged again (a retry after a reply was lost): counted once.
+        held.owe(charge("busy", "r0", now, 3));
+        held.charge_owed(&store, now + 91).await;
+        let again = store
+            .quota_counters("busy", now + 91, "2026-12")
+            .await
+            .unwrap();
+        assert_eq!(again.day_requests, 10_001);
+    }
+
+    #[test]
+    fn a_charge_being_sent_takes_no_more() {
+        let held = Held::default();
+        held.owe(charge("k", "first", 600, 1));
+        held.owed.lock().sending = Some(0);
+        held.owe(charge("k", "second", 601, 1));
+        held.owe(charge("k", "third", 602, 1));
+        let owed = held.owed.lock();
+        let amounts: Vec<u64> = owed.queue.iter().map(|c| c.amount.requests).collect();
+        assert_eq!(
+            amounts,
+            [1, 2],
+            "the one being sent is sealed; later ones sum apart"
+        );
     }
 }
