@@ -1,0 +1,105 @@
+//! `usage-fill`: writes generated usage events into a store through the gateway's own store
+//! code (`Store::append_usage`, the path metering takes), for benchmarks of what reads them
+//! back: billing exports of millions of events without sending millions of requests.
+//!
+//!   usage-fill --redis redis://127.0.0.1:6379 --prefix bench --events 1000000
+//!   usage-fill --data-dir sluice-data --events 100000
+//!
+//! Events are spread evenly over the span before now, over `--keys` keys of `--tenants`
+//! tenants and two models; token counts vary by event. Prints the totals written (events,
+//! prompt and completion tokens) as one JSON line, for checking an export against.
+
+use clap::Parser;
+use sluice_gateway::store::{EmbeddedStore, RedisStore, Store};
+use sluice_gateway::usage::{UsageEvent, UsageSource};
+use std::time::Instant;
+
+#[derive(Parser)]
+struct Args {
+    /// A Redis store (with --prefix), as `redis_url` in the gateway's config.
+    #[arg(long)]
+    redis: Option<String>,
+    #[arg(long, default_value = "sluice")]
+    prefix: String,
+    /// An embedded store's data directory (the gateway must not have it open).
+    #[arg(long, conflicts_with = "redis")]
+    data_dir: Option<std::path::PathBuf>,
+    #[arg(long)]
+    events: u64,
+    #[arg(long, default_value_t = 1000)]
+    keys: u64,
+    #[arg(long, default_value_t = 100)]
+    tenants: u64,
+    /// The events end now and start this many hours before.
+    #[arg(long, default_value_t = 24)]
+    span_hours: i64,
+    #[arg(long, default_value_t = 2000)]
+    batch: u64,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let store: Box<dyn Store> = match (&args.redis, &args.data_dir) {
+        (Some(url), None) => Box::new(RedisStore::connect(url, &args.prefix).await?),
+        (None, Some(dir)) => Box::new(EmbeddedStore::open(dir)?),
+        _ => anyhow::bail!("give --redis or --data-dir"),
+    };
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_millis() as i64;
+    let span_ms = args.span_hours * 3_600_000;
+    let started = Instant::now();
+    let (mut prompt, mut completion) = (0u64, 0u64);
+    let mut written = 0u64;
+    let mut next = 0u64;
+    while next < args.events {
+        let end = (next + args.batch).min(args.events);
+        let batch: Vec<UsageEvent> = (next..end)
+            .map(|i| {
+                let event = generated(i, args.events, args.keys, args.tenants, now_ms, span_ms);
+                prompt += event.prompt_tokens;
+                completion += event.completion_tokens;
+                event
+            })
+            .collect();
+        written += store.append_usage(&batch).await? as u64;
+        next = end;
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    println!(
+        "{}",
+        serde_json::json!({
+            "events": written, "prompt_tokens": prompt, "completion_tokens": completion,
+            "seconds": seconds, "events_per_second": written as f64 / seconds,
+        })
+    );
+    Ok(())
+}
+
+/// Event `i` of `count`, spread evenly over the span that ends at `now_ms`.
+fn generated(i: u64, count: u64, keys: u64, tenants: u64, now_ms: i64, span_ms: i64) -> UsageEvent {
+    let key = i % keys;
+    let time_ms = now_ms - span_ms + (span_ms as i128 * i as i128 / count.max(1) as i128) as i64;
+    UsageEvent {
+        id: format!("fill-{i:012}"),
+        time_ms,
+        request_id: format!("req-fill-{i}"),
+        key_id: format!("key_fill_{key:06}"),
+        tenant: format!("tenant-{}", key % tenants),
+        tier: "pro".into(),
+        model: if i % 4 == 0 { "sim-large" } else { "sluice-sim" }.into(),
+        backend: "http://127.0.0.1:9000".into(),
+        route: "/v1/chat/completions".into(),
+        prompt_tokens: 20 + i % 200,
+        completion_tokens: 1 + (i * 7919) % 400,
+        cached_tokens: 0,
+        cache_status: "miss".into(),
+        status: 200,
+        latency_ms: 50 + i % 500,
+        ttft_ms: Some(10 + i % 90),
+        client_disconnected: false,
+        usage_reported: true,
+        usage_source: UsageSource::Reported,
+    }
+}
