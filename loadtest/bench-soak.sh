@@ -4,7 +4,9 @@
 # Redis of its own that is restarted RESTARTS (2) times during the run (down DOWN_SECS each).
 # It checks what a long run must not do:
 #   - memory: the gateway's RSS at the end within 10% of its RSS after the warm-up (one
-#     request per key, then WARMUP_SECS of the run);
+#     request per key, then WARMUP_SECS of the run: by default the time the run takes to use
+#     every key once at its rate, KEYS / RATE, at least 120 s, so that what the replica keeps
+#     for the run's traffic has been built up once before memory is first read);
 #   - usage: no event lost or doubled. Every request the backend served is one usage event
 #     (the events exported for the run, by distinct id, against the backend's own request
 #     counter), with the backend's tokens (its prompt and generation token counters).
@@ -21,7 +23,7 @@ KEYS="${KEYS:-100000}"
 RATE="${RATE:-200}"
 RESTARTS="${RESTARTS:-2}"
 DOWN_SECS="${DOWN_SECS:-5}"
-WARMUP_SECS="${WARMUP_SECS:-120}"
+WARMUP_SECS="${WARMUP_SECS:-$(( KEYS / RATE > 120 ? KEYS / RATE : 120 ))}"
 OUT="${OUT:-docs/benchmarks.md}"
 PORT_BASE="${PORT_BASE:-19300}"
 duration_secs=$(python3 -c "import re,sys; m=re.fullmatch(r'(\d+)([smh]?)', sys.argv[1]); print(int(m[1])*{'':1,'s':1,'m':60,'h':3600}[m[2]])" "$DURATION")
