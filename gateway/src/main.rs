@@ -1,5 +1,6 @@
 //! `sluice`: the gateway binary.
 
+use anyhow::Context;
 use clap::{Parser, Subcommand};
 use sluice_gateway::config::{process_env, Config};
 use std::path::PathBuf;
@@ -116,8 +117,19 @@ fn billing(command: BillingCommand) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    let body = runtime.block_on(async {
-        let response = reqwest::Client::new()
+    // Written as it arrives (an export of millions of events is never held here); into a
+    // file beside the output first, renamed into place only once the export ended whole.
+    let partial = output.as_ref().map(|path| {
+        let mut name = path.as_os_str().to_owned();
+        name.push(".partial");
+        PathBuf::from(name)
+    });
+    let mut sink: Box<dyn std::io::Write> = match &partial {
+        Some(path) => Box::new(std::io::BufWriter::new(std::fs::File::create(path)?)),
+        None => Box::new(std::io::stdout().lock()),
+    };
+    let written = runtime.block_on(async {
+        let mut response = reqwest::Client::new()
             .get(format!(
                 "{}/admin/v1/billing/export",
                 admin_url.trim_end_matches('/')
@@ -127,15 +139,30 @@ fn billing(command: BillingCommand) -> anyhow::Result<()> {
             .send()
             .await?;
         let status = response.status();
-        let body = response.bytes().await?;
         if !status.is_success() {
-            anyhow::bail!("{status}: {}", String::from_utf8_lossy(&body));
+            let body = response.text().await.unwrap_or_default();
+            anyhow::bail!("{status}: {body}");
         }
-        Ok(body)
-    })?;
-    match output {
-        Some(path) => std::fs::write(&path, &body)?,
-        None => std::io::Write::write_all(&mut std::io::stdout(), &body)?,
+        while let Some(chunk) = response
+            .chunk()
+            .await
+            .context("the export was cut off before its end")?
+        {
+            sink.write_all(&chunk)?;
+        }
+        sink.flush()?;
+        Ok(())
+    });
+    drop(sink);
+    match (written, partial, output) {
+        (Ok(()), Some(partial), Some(path)) => std::fs::rename(partial, path)?,
+        (Ok(()), _, _) => {}
+        (Err(e), partial, _) => {
+            if let Some(partial) = partial {
+                let _ = std::fs::remove_file(partial);
+            }
+            return Err(e);
+        }
     }
     Ok(())
 }

@@ -88,7 +88,12 @@ fn generated(i: u64, count: u64, keys: u64, tenants: u64, now_ms: i64, span_ms: 
         key_id: format!("key_fill_{key:06}"),
         tenant: format!("tenant-{}", key % tenants),
         tier: "pro".into(),
-        model: if i % 4 == 0 { "sim-large" } else { "sluice-sim" }.into(),
+        model: if i % 4 == 0 {
+            "sim-large"
+        } else {
+            "sluice-sim"
+        }
+        .into(),
         backend: "http://127.0.0.1:9000".into(),
         route: "/v1/chat/completions".into(),
         prompt_tokens: 20 + i % 200,
