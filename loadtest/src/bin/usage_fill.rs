@@ -88,7 +88,7 @@ fn generated(i: u64, count: u64, keys: u64, tenants: u64, now_ms: i64, span_ms: 
         key_id: format!("key_fill_{key:06}"),
         tenant: format!("tenant-{}", key % tenants),
         tier: "pro".into(),
-        model: if i % 4 == 0 {
+        model: if i.is_multiple_of(4) {
             "sim-large"
         } else {
             "sluice-sim"
