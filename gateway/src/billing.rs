@@ -170,13 +170,6 @@ pub struct PricedEvent {
     pub currency: String,
 }
 
-/// Prices `events` (in time order, and starting at the beginning of the first event's month,
-/// so that graduated prices see the whole month).
-pub fn price(events: Vec<UsageEvent>, prices: &PriceBook, tiers: &Tiers) -> Vec<PricedEvent> {
-    let mut pricer = Pricer::new(prices, tiers);
-    events.into_iter().map(|e| pricer.price(e)).collect()
-}
-
 /// Prices events one at a time, in time order from the beginning of the first one's month:
 /// graduated prices depend on what each key used of the model earlier in the month, which
 /// is all a pricer keeps (one entry per key, model and month, however many events pass).
@@ -257,13 +250,6 @@ type GroupKey = (
     Option<String>,
     String,
 );
-
-/// Sums priced events in `[from_ms, to_ms)` by `dims` (and currency).
-pub fn aggregate(events: &[PricedEvent], dims: &[Dim], from_ms: i64, to_ms: i64) -> Vec<Row> {
-    let mut sums = Aggregator::new(dims, from_ms, to_ms);
-    events.iter().for_each(|p| sums.add(p));
-    sums.rows()
-}
 
 /// Sums priced events as they pass: memory grows with the rows, not the events.
 pub struct Aggregator<'a> {
@@ -371,27 +357,6 @@ fn text_cell(value: &str) -> String {
     }
 }
 
-/// The export body, one line per row (plus a header row for CSV).
-pub fn render(events: &[PricedEvent], query: &ExportQuery) -> Vec<u8> {
-    let mut out = header(query);
-    match &query.grouping {
-        Grouping::By(dims) => {
-            for r in aggregate(events, dims, query.from_ms, query.to_ms) {
-                write_row(&mut out, &r, query.format);
-            }
-        }
-        Grouping::Events => {
-            for p in events
-                .iter()
-                .filter(|p| (query.from_ms..query.to_ms).contains(&p.event.time_ms))
-            {
-                write_event(&mut out, p, query.format);
-            }
-        }
-    }
-    out
-}
-
 /// What an export starts with: the CSV header row (nothing for JSON Lines).
 pub fn header(query: &ExportQuery) -> Vec<u8> {
     let mut out = Vec::new();
@@ -496,6 +461,17 @@ mod tests {
     }
 
     use super::*;
+
+    fn price(events: Vec<UsageEvent>, prices: &PriceBook, tiers: &Tiers) -> Vec<PricedEvent> {
+        let mut pricer = Pricer::new(prices, tiers);
+        events.into_iter().map(|e| pricer.price(e)).collect()
+    }
+
+    fn aggregate(events: &[PricedEvent], dims: &[Dim], from_ms: i64, to_ms: i64) -> Vec<Row> {
+        let mut sums = Aggregator::new(dims, from_ms, to_ms);
+        events.iter().for_each(|p| sums.add(p));
+        sums.rows()
+    }
 
     fn event(key: &str, model: &str, time_ms: i64, prompt: u64, completion: u64) -> UsageEvent {
         UsageEvent::for_test(key, model, time_ms, prompt, completion)

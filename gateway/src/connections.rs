@@ -25,27 +25,12 @@ pub struct Capped<A> {
     open: Arc<AtomicUsize>,
 }
 
-/// One connection's slot; given back on drop.
+/// One connection's slot, counted in the metrics while it is open; given back on drop.
 struct Slot(Arc<AtomicUsize>);
 
 impl Drop for Slot {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::Relaxed);
-    }
-}
-
-/// An open connection, as the metrics count it.
-struct Counted;
-
-impl Counted {
-    fn new() -> Self {
-        crate::metrics::get().connection_opened();
-        Counted
-    }
-}
-
-impl Drop for Counted {
-    fn drop(&mut self) {
         crate::metrics::get().connection_closed();
     }
 }
@@ -60,9 +45,12 @@ impl<A> Capped<A> {
     }
 
     fn slot(&self) -> Option<Slot> {
-        let before = self.open.fetch_add(1, Ordering::Relaxed);
-        let slot = Slot(self.open.clone());
-        (before < self.max).then_some(slot)
+        if self.open.fetch_add(1, Ordering::Relaxed) >= self.max {
+            self.open.fetch_sub(1, Ordering::Relaxed);
+            return None;
+        }
+        crate::metrics::get().connection_opened();
+        Some(Slot(self.open.clone()))
     }
 }
 
@@ -81,7 +69,6 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for Capped<A> {
             );
             return None;
         };
-        let _counted = Counted::new();
         let mut next = self.inner.process_new(stream, shutdown).await;
         while let Some(stream) = next {
             next = self.inner.process_new(stream, shutdown).await;
