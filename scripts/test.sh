@@ -3,7 +3,7 @@
 # real Redis, the async-openai crate and the Python openai package).
 #
 # Installs what the tests need when it is missing: Redis (started on 127.0.0.1:6379 if that
-# port does not answer), a .venv with the `openai` package (and numpy, safetensors and
+# port does not answer), PostgreSQL (likewise on 127.0.0.1:5432, for the usage ledger), a .venv with the `openai` package (and numpy, safetensors and
 # tokenizers for scripts/minilm_reference.py; gguf and jinja2 for
 # scripts/smollm2_reference.py; selenium for the console's browser test; NVRTC for the CUDA
 # kernels' compile test), Chromium and its driver, and the all-MiniLM-L6-v2 and
@@ -16,6 +16,9 @@ ensure_browser
 
 if [ -z "${SLUICE_TEST_REDIS_URL:-}" ]; then
   scripts/ensure-redis.sh
+fi
+if [ -z "${SLUICE_TEST_POSTGRES_URL:-}" ]; then
+  scripts/ensure-postgres.sh
 fi
 
 if [ -z "${SLUICE_TEST_PYTHON:-}" ]; then

@@ -29,6 +29,9 @@ pub struct Gateway {
     pub admin_jwt: Option<Arc<JwtVerifier>>,
     pub upstreams: Arc<Upstreams>,
     pub usage: UsageSink,
+    /// The PostgreSQL usage ledger (`[billing] postgres_url`); without one, the store keeps
+    /// usage events and exports read them there.
+    pub ledger: Option<Arc<crate::ledger::Ledger>>,
     pub admission: Arc<Admission>,
     pub cache: Arc<crate::cache::ResponseCache>,
     /// Requests in flight and body bytes held, against the configured marks.
@@ -39,24 +42,19 @@ impl Gateway {
     /// Connects the store and learns the backends' models. Runs on the support runtime; the
     /// returned writer must be run there too.
     pub async fn build(config: Config) -> anyhow::Result<(Arc<Gateway>, UsageWriter)> {
+        let ledger = config
+            .ledger
+            .as_ref()
+            .map(|l| crate::ledger::Ledger::new(l, config.prices.clone()).map(Arc::new))
+            .transpose()
+            .context("billing.postgres_url")?;
         let store: Arc<dyn Store> = match &config.redis_url {
             Some(url) => Arc::new(
                 RedisStore::connect(url, &config.redis_prefix)
                     .await
                     .with_context(|| format!("cannot connect to Redis at {url}"))?,
             ),
-            None => {
-                let store = EmbeddedStore::open(&config.data_dir)?;
-                let month = clock::Month::of_ms(clock::now_ms());
-                let prices = &config.prices;
-                store
-                    .restore_month_spend(month.start_ms, &month.label, |e| {
-                        let usage = crate::metering::Usage::of_event(e);
-                        crate::billing::settled_cost_nano(prices, &e.model, &e.tier, &usage)
-                    })
-                    .await?;
-                Arc::new(store)
-            }
+            None => Arc::new(open_embedded(&config, ledger.as_deref()).await?),
         };
         let jwt = config
             .jwt
@@ -80,8 +78,10 @@ impl Gateway {
         let auth = Authenticator::new(store.clone(), key_cache.clone(), jwt.clone(), tiers.clone());
         let upstreams = Arc::new(Upstreams::new(&config.backends));
         upstreams.discover().await;
-        let (usage, writer) =
-            usage_channel(store.clone(), config.data_dir.join("usage-journal.jsonl"));
+        let (usage, writer) = usage_channel(
+            crate::metering::UsageTarget::new(store.clone(), ledger.clone()),
+            config.data_dir.join("usage-journal.jsonl"),
+        );
         let admission = Arc::new(Admission::new(
             store.clone(),
             tiers.clone(),
@@ -109,6 +109,7 @@ impl Gateway {
             admin_jwt,
             upstreams,
             usage,
+            ledger,
             admission,
             cache,
             overload,
@@ -212,4 +213,36 @@ async fn merged_tiers(configured: &Tiers, store: &dyn Store) -> anyhow::Result<T
         all.insert(tier.name.clone(), tier);
     }
     Ok(Tiers::new(all.into_values())?)
+}
+
+/// The embedded store, with this month's budget spend restored: from the ledger's rollups
+/// when there is one (the store then keeps no events), else from the store's own events.
+async fn open_embedded(
+    config: &Config,
+    ledger: Option<&crate::ledger::Ledger>,
+) -> anyhow::Result<EmbeddedStore> {
+    let store = EmbeddedStore::open(&config.data_dir)?;
+    let month = clock::Month::of_ms(clock::now_ms());
+    match ledger {
+        Some(ledger) => match ledger.month_spend(&month).await {
+            Ok(spend) => {
+                for (key_id, nano) in spend {
+                    store.add_month_spend(&key_id, &month.label, nano);
+                }
+            }
+            // Starting matters more: the gateway runs (and journals) while PostgreSQL is
+            // down, and budgets count from what this replica admits.
+            Err(e) => tracing::error!(error = %e, "cannot read this month's spend from the usage ledger; budgets count from zero until restart"),
+        },
+        None => {
+            let prices = &config.prices;
+            store
+                .restore_month_spend(month.start_ms, &month.label, |e| {
+                    let usage = crate::metering::Usage::of_event(e);
+                    crate::billing::settled_cost_nano(prices, &e.model, &e.tier, &usage)
+                })
+                .await?;
+        }
+    }
+    Ok(store)
 }

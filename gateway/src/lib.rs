@@ -12,6 +12,7 @@ pub mod config;
 pub mod connections;
 pub mod error;
 pub mod keys;
+pub mod ledger;
 pub mod metering;
 pub mod metrics;
 pub mod outcome;

@@ -29,6 +29,7 @@ pub struct Metrics {
     redis_errors: IntCounterVec,
     shed: IntCounterVec,
     usage_spilled: prometheus::IntCounter,
+    usage_buffered: prometheus::IntCounter,
     connections_open: prometheus::IntGauge,
     connections_refused: prometheus::IntCounter,
 }
@@ -166,6 +167,13 @@ impl Metrics {
                     "Usage events written straight to the journal because the queue to the store was full (the store too slow or unreachable).",
                 ),
             ),
+            usage_buffered: registered(
+                &r,
+                prometheus::IntCounter::new(
+                    "sluice_usage_events_buffered_total",
+                    "Usage events put in the store's buffer because the PostgreSQL ledger could not take them (moved there once it answers).",
+                ),
+            ),
             connections_open: registered(
                 &r,
                 prometheus::IntGauge::new(
@@ -233,6 +241,10 @@ impl Metrics {
 
     pub fn record_usage_spill(&self) {
         self.usage_spilled.inc();
+    }
+
+    pub fn record_usage_buffered(&self, events: usize) {
+        self.usage_buffered.inc_by(events as u64);
     }
 
     pub fn connection_opened(&self) {

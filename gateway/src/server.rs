@@ -23,6 +23,9 @@ pub fn run(config: Config) -> anyhow::Result<()> {
         .build()?;
     let (gateway, usage_writer) = support.block_on(Gateway::build(config.clone()))?;
     support.spawn(usage_writer.run());
+    if let Some(ledger) = &gateway.ledger {
+        support.spawn(ledger.clone().run_retention());
+    }
 
     let admin_listener = support
         .block_on(tokio::net::TcpListener::bind(config.admin_listen))

@@ -6,10 +6,9 @@
 
 use super::{store_error, AppState, Caller};
 use crate::app::Gateway;
-use crate::billing::{self, Aggregator, Dim, ExportQuery, Grouping, PricedEvent, Pricer};
+use crate::billing::source::{Item, Pages};
+use crate::billing::{self, Aggregator, Dim, ExportQuery, Grouping, PricedEvent, Pricer, Tally};
 use crate::error::ApiError;
-use crate::store::{EventCursor, USAGE_PAGE};
-use crate::usage::UsageEvent;
 use axum::body::Body;
 use axum::extract::{Query, State};
 use axum::response::{IntoResponse, Response};
@@ -17,56 +16,67 @@ use axum::Extension;
 use axum::Json;
 use serde_json::{json, Value};
 use std::collections::HashMap;
-use std::sync::Arc;
 
 /// Export bytes sent to the client at a time (a page's lines, or this many bytes of rows).
 const CHUNK_BYTES: usize = 64 << 10;
 
-/// The events a query needs, a page at a time: from the start of its first month, so that
-/// graduated prices see each key's whole month.
-struct Pages {
-    gateway: Arc<Gateway>,
-    from_ms: i64,
-    to_ms: i64,
-    next: Option<Option<EventCursor>>,
+/// The usage a query reads (see `billing::source`), with a read failure as the API's error.
+struct Reader(Pages);
+
+impl Reader {
+    fn new(gateway: &Gateway, query: &ExportQuery) -> Reader {
+        Reader(Pages::new(
+            gateway.store.clone(),
+            gateway.ledger.clone(),
+            query.from_ms,
+            query.to_ms,
+            query.grouping == Grouping::Events,
+        ))
+    }
+
+    async fn next(&mut self) -> Result<Option<Vec<Item>>, ApiError> {
+        self.0.next().await.map_err(|e| {
+            tracing::warn!(error = %e, "usage unreadable");
+            ApiError::unavailable("usage cannot be read right now; retry shortly")
+        })
+    }
 }
 
-impl Pages {
-    fn new(gateway: Arc<Gateway>, query: &ExportQuery) -> Pages {
-        Pages {
-            gateway,
-            from_ms: crate::clock::Month::of_ms(query.from_ms).start_ms,
-            to_ms: query.to_ms,
-            next: Some(None),
+/// Prices what the caller may see of a page, in order (a key belongs to one tenant, so
+/// usage the caller may not see never changes a visible key's graduated price), and hands
+/// each priced item on: its tally, and for an event the event itself.
+fn price_page(
+    page: Vec<Item>,
+    caller: &Caller,
+    pricer: &mut Pricer,
+    mut each: impl FnMut(&Tally, Option<&PricedEvent>),
+) {
+    for item in page {
+        match item {
+            Item::Event(e) if caller.sees(&e.tenant) => {
+                let p = pricer.price(e);
+                each(&Tally::of_event(&p), Some(&p));
+            }
+            Item::Day { start_ms, rollup: r } if caller.sees(&r.tenant) => {
+                let (cost, currency) =
+                    pricer.cost(&r.key_id, &r.model, &r.tier, start_ms, &r.billed);
+                let tally = Tally {
+                    time_ms: start_ms,
+                    key_id: &r.key_id,
+                    tenant: &r.tenant,
+                    model: &r.model,
+                    currency: &currency,
+                    requests: r.requests,
+                    prompt_tokens: r.prompt_tokens,
+                    completion_tokens: r.completion_tokens,
+                    cached_tokens: r.cached_tokens,
+                    cost,
+                };
+                each(&tally, None);
+            }
+            _ => {}
         }
     }
-
-    /// The next page, or `None` after the last.
-    async fn next(&mut self) -> Result<Option<Vec<UsageEvent>>, ApiError> {
-        let Some(after) = self.next.take() else {
-            return Ok(None);
-        };
-        let (page, cursor) = self
-            .gateway
-            .store
-            .usage_events_page(self.from_ms, self.to_ms, after, USAGE_PAGE)
-            .await
-            .map_err(store_error)?;
-        self.next = cursor.map(Some);
-        Ok(Some(page))
-    }
-}
-
-/// The priced events of a page that the caller may see (a key belongs to one tenant, so
-/// events the caller may not see never change a visible key's graduated price).
-fn priced<'p, 'b>(
-    page: Vec<UsageEvent>,
-    caller: &'p Caller,
-    pricer: &'p mut Pricer<'b>,
-) -> impl Iterator<Item = PricedEvent> + use<'p, 'b> {
-    page.into_iter()
-        .filter(|e| caller.sees(&e.tenant))
-        .map(|e| pricer.price(e))
 }
 
 /// `GET /admin/v1/billing/export?from=&to=&group_by=key,tenant,model,day|event&format=csv|jsonl`
@@ -89,11 +99,11 @@ pub(super) async fn billing_export(
         crate::clock::now_ms(),
     )
     .map_err(|e| ApiError::bad_request(e.to_string()))?;
-    let mut pages = Pages::new(gateway.clone(), &query);
+    let mut pages = Reader::new(&gateway, &query);
     let first = pages.next().await?.unwrap_or_default();
     let content_type = match query.format {
         billing::Format::Csv => "text/csv; charset=utf-8",
-        billing::Format::Jsonl => "application/x-ndjson",
+        billing::Format::Jsonl | billing::Format::CloudEvents => "application/x-ndjson",
     };
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<Vec<u8>, std::io::Error>>(4);
     tokio::spawn(async move {
@@ -117,8 +127,8 @@ async fn write_export(
     gateway: &Gateway,
     caller: &Caller,
     query: &ExportQuery,
-    mut pages: Pages,
-    first: Vec<UsageEvent>,
+    mut pages: Reader,
+    first: Vec<Item>,
     tx: &tokio::sync::mpsc::Sender<Result<Vec<u8>, std::io::Error>>,
 ) -> Result<(), ApiError> {
     let tiers = gateway.tiers();
@@ -130,16 +140,16 @@ async fn write_export(
     let range = query.from_ms..query.to_ms;
     let mut chunk = billing::header(query);
     let mut page = Some(first);
-    while let Some(events) = page {
-        for p in priced(events, caller, &mut pricer) {
-            match &mut sums {
-                Some(sums) => sums.add(&p),
-                None if range.contains(&p.event.time_ms) => {
-                    billing::write_event(&mut chunk, &p, query.format)
-                }
-                None => {}
+    while let Some(items) = page {
+        price_page(items, caller, &mut pricer, |tally, event| match (&mut sums, event) {
+            (Some(sums), _) => sums.add_tally(tally),
+            // An event export reads rollups only for the days before its range (the
+            // month-to-date of graduated prices): they are priced, not written.
+            (None, Some(p)) if range.contains(&p.event.time_ms) => {
+                billing::write_event(&mut chunk, p, query.format)
             }
-        }
+            (None, _) => {}
+        });
         if !chunk.is_empty() && tx.send(Ok(std::mem::take(&mut chunk))).await.is_err() {
             return Ok(());
         }
@@ -177,15 +187,18 @@ pub(super) async fn usage(
     let mut pricer = Pricer::new(&gateway.config.prices, &tiers);
     let mut totals = Aggregator::new(&[Dim::Key], query.from_ms, query.to_ms);
     let mut by_model = Aggregator::new(&[Dim::Key, Dim::Model], query.from_ms, query.to_ms);
-    let mut pages = Pages::new(gateway.clone(), &query);
-    while let Some(mut events) = pages.next().await? {
+    let mut pages = Reader::new(&gateway, &query);
+    while let Some(mut items) = pages.next().await? {
         if let Some(key) = key {
-            events.retain(|e| e.key_id == key);
+            items.retain(|item| match item {
+                Item::Event(e) => e.key_id == key,
+                Item::Day { rollup, .. } => rollup.key_id == key,
+            });
         }
-        for p in priced(events, &caller, &mut pricer) {
-            totals.add(&p);
-            by_model.add(&p);
-        }
+        price_page(items, &caller, &mut pricer, |tally, _| {
+            totals.add_tally(tally);
+            by_model.add_tally(tally);
+        });
     }
     Ok(Json(json!({
         "object": "usage",
@@ -193,5 +206,37 @@ pub(super) async fn usage(
         "to_ms": query.to_ms,
         "totals": totals.rows(),
         "by_model": by_model.rows(),
+    })))
+}
+
+/// `DELETE /admin/v1/tenants/{tenant}/usage`: a data-deletion request. Deletes the tenant's
+/// usage events (and, with the ledger, its rollups) wherever they are kept; their ids stay
+/// counted, so nothing replayed later brings them back.
+pub(super) async fn purge_tenant_usage(
+    State(gateway): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    axum::extract::Path(tenant): axum::extract::Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    if !caller.sees(&tenant) {
+        return Err(ApiError::forbidden("This token may not act on that tenant."));
+    }
+    let events = gateway
+        .store
+        .purge_usage(&tenant)
+        .await
+        .map_err(store_error)?;
+    let (ledger_events, rollups) = match &gateway.ledger {
+        Some(ledger) => ledger.purge_tenant(&tenant).await.map_err(|e| {
+            tracing::error!(error = %e, "usage ledger purge failed");
+            ApiError::unavailable("The usage ledger is unavailable; try again shortly.")
+        })?,
+        None => (0, 0),
+    };
+    tracing::info!(tenant = %tenant, events = events + ledger_events, rollups, "tenant usage purged");
+    Ok(Json(json!({
+        "object": "usage.purge",
+        "tenant": tenant,
+        "events_deleted": events + ledger_events,
+        "rollups_deleted": rollups,
     })))
 }

@@ -76,6 +76,10 @@ pub fn router(gateway: Arc<Gateway>) -> Router {
         )
         .route("/admin/v1/billing/export", get(billing::billing_export))
         .route("/admin/v1/usage", get(billing::usage))
+        .route(
+            "/admin/v1/tenants/{tenant}/usage",
+            axum::routing::delete(billing::purge_tenant_usage),
+        )
         .route("/admin/v1/cache", axum::routing::delete(cache::purge_cache))
         .route("/admin/v1/cache/stats", get(cache::cache_stats))
         .route("/metrics", get(metrics::metrics))

@@ -30,6 +30,16 @@ pub(super) struct FileConfig {
     pub(super) aliases: BTreeMap<String, BTreeMap<String, String>>,
     #[serde(default)]
     pub(super) cache: CacheSection,
+    #[serde(default)]
+    pub(super) billing: BillingSection,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct BillingSection {
+    pub(super) postgres_url: Option<String>,
+    pub(super) postgres_pool: Option<u32>,
+    pub(super) retention_days: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]

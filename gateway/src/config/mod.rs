@@ -91,6 +91,8 @@ pub struct Config {
     /// that what was generated is known and billed.
     pub drain_limit: std::time::Duration,
     pub cache: CacheConfig,
+    /// The PostgreSQL usage ledger (`[billing]`); without one the store keeps usage events.
+    pub ledger: Option<crate::ledger::LedgerConfig>,
 }
 
 /// `[cache]`: the response cache's rules, and where prompts are embedded for semantic hits.
@@ -228,6 +230,7 @@ impl Config {
         let prices = resolve::prices(file.prices, &tiers)?;
         let quotas = resolve::quotas(&file.quotas)?;
         let cache = resolve::resolve_cache(file.cache, &tiers, env)?;
+        let ledger = resolve::ledger(file.billing, env)?;
         Ok(Config {
             listen: server.listen,
             admin_listen: server.admin_listen,
@@ -260,6 +263,7 @@ impl Config {
             metering,
             drain_limit,
             cache,
+            ledger,
         })
     }
 }

@@ -254,6 +254,40 @@ pub(super) fn metering(
     Ok((metering, drain_limit))
 }
 
+/// `[billing]`: the usage ledger, when a PostgreSQL URL is given (file or
+/// `SLUICE_POSTGRES_URL`).
+pub(super) fn ledger(
+    b: BillingSection,
+    env: Env,
+) -> Result<Option<crate::ledger::LedgerConfig>, ConfigError> {
+    let Some(url) = env("SLUICE_POSTGRES_URL").or(b.postgres_url) else {
+        if b.retention_days.is_some() {
+            return Err(invalid(
+                "billing.retention_days",
+                "applies to the PostgreSQL ledger: set billing.postgres_url (SLUICE_POSTGRES_URL) too",
+            ));
+        }
+        return Ok(None);
+    };
+    if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+        return Err(invalid(
+            "billing.postgres_url (SLUICE_POSTGRES_URL)",
+            format!("'{url}' is not a postgres:// URL"),
+        ));
+    }
+    let pool = b.postgres_pool.unwrap_or(8);
+    if pool == 0 {
+        return Err(invalid("billing.postgres_pool", "must be at least 1"));
+    }
+    let retention = match b.retention_days {
+        Some(0) => return Err(invalid("billing.retention_days", "must be at least 1 (leave it out to keep raw events for ever)")),
+        Some(days) if days > 100 * 366 => return Err(invalid("billing.retention_days", "must be at most 36600")),
+        Some(days) => Some(std::time::Duration::from_secs(days * 86_400)),
+        None => None,
+    };
+    Ok(Some(crate::ledger::LedgerConfig { url, pool, retention }))
+}
+
 /// `[balancer]`: every interval, threshold and timeout is positive.
 pub(super) fn balancer(b: &crate::balancer::BalancerConfig) -> Result<(), ConfigError> {
     for (field, value) in [

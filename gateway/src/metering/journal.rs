@@ -1,7 +1,8 @@
 //! How does a usage event reach the store? One per metered request, with a unique id.
 //!
 //! The proxy hands each event to a [`UsageSink`] (a bounded queue; never drops). One writer
-//! drains it in small batches into the store. When the store cannot be reached the batch goes
+//! drains it in small batches into the store (or, with a PostgreSQL ledger, into the ledger,
+//! the store buffering what the ledger cannot take: `target`). When neither can be reached the batch goes
 //! to an on-disk journal (fsynced), which the writer replays once the store answers again;
 //! when the store is so slow that the queue fills (Redis black-holed: each batch waits out
 //! its timeout), the sink writes events straight to the journal instead of queueing them in
@@ -15,7 +16,7 @@
 //! tick, not a re-read of the whole journal. A line torn by a crash or a full disk is
 //! skipped, and never swallows the event written after it.
 
-use crate::store::Store;
+use super::target::UsageTarget;
 use crate::usage::UsageEvent;
 use parking_lot::Mutex;
 use std::io::{BufRead, Read, Seek, SeekFrom, Write};
@@ -88,11 +89,11 @@ const REPLAY_EVERY: Duration = Duration::from_secs(1);
 
 pub struct UsageWriter {
     rx: mpsc::Receiver<Message>,
-    store: Arc<dyn Store>,
+    target: UsageTarget,
     journal: Arc<Mutex<Journal>>,
 }
 
-pub fn usage_channel(store: Arc<dyn Store>, journal_path: PathBuf) -> (UsageSink, UsageWriter) {
+pub fn usage_channel(target: UsageTarget, journal_path: PathBuf) -> (UsageSink, UsageWriter) {
     let (tx, rx) = mpsc::channel(QUEUE_EVENTS);
     let journal = Arc::new(Mutex::new(Journal {
         path: journal_path,
@@ -103,7 +104,11 @@ pub fn usage_channel(store: Arc<dyn Store>, journal_path: PathBuf) -> (UsageSink
             tx,
             journal: journal.clone(),
         },
-        UsageWriter { rx, store, journal },
+        UsageWriter {
+            rx,
+            target,
+            journal,
+        },
     )
 }
 
@@ -137,7 +142,10 @@ impl UsageWriter {
                         self.write(batch).await;
                     }
                 }
-                _ = replay.tick() => self.replay_journal().await,
+                _ = replay.tick() => {
+                    self.replay_journal().await;
+                    self.target.drain_buffer().await;
+                }
             }
         }
         self.replay_journal().await;
@@ -166,10 +174,10 @@ impl UsageWriter {
             self.replay_journal().await;
         }
         if self.journal.lock().is_empty() {
-            match self.store.append_usage(&batch).await {
-                Ok(_) => return,
+            match self.target.deliver(&batch).await {
+                Ok(()) => return,
                 Err(e) => {
-                    tracing::warn!(error = %e, events = batch.len(), "store unreachable; journaling usage events")
+                    tracing::warn!(error = %e, events = batch.len(), "usage unwritable; journaling events")
                 }
             }
         }
@@ -198,7 +206,7 @@ impl UsageWriter {
                 }
             };
             if !events.is_empty() {
-                if let Err(e) = self.store.append_usage(&events).await {
+                if let Err(e) = self.target.deliver(&events).await {
                     tracing::debug!(error = %e, "usage journal replay deferred");
                     return;
                 }
@@ -316,6 +324,7 @@ impl Journal {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::Store;
 
     fn event(i: u64) -> UsageEvent {
         UsageEvent::for_test("k", "m", i as i64, i, 1)
@@ -379,7 +388,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store: Arc<dyn Store> =
             Arc::new(crate::store::EmbeddedStore::open(&dir.path().join("store")).unwrap());
-        let (sink, writer) = usage_channel(store.clone(), dir.path().join("usage.journal"));
+        let (sink, writer) = usage_channel(
+            UsageTarget::new(store.clone(), None),
+            dir.path().join("usage.journal"),
+        );
         let total = QUEUE_EVENTS as u64 + 100;
         for i in 0..total {
             sink.record(event(i));

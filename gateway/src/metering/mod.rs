@@ -6,9 +6,11 @@
 
 pub mod journal;
 mod sse;
+mod target;
 
 pub use crate::usage::UsageSource;
 pub use sse::SseUsageScanner;
+pub use target::UsageTarget;
 
 use bytes::{Bytes, BytesMut};
 use serde::{Deserialize, Deserializer, Serialize};

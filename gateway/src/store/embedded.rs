@@ -93,6 +93,11 @@ impl EmbeddedStore {
 }
 
 impl EmbeddedStore {
+    /// Adds to a key's spend in a month (restored from the usage ledger's rollups).
+    pub fn add_month_spend(&self, key_id: &str, month: &str, nano: i64) {
+        self.quotas.add_month_spend(key_id, month, nano);
+    }
+
     /// Rebuilds this month's budget use from the stored usage events, so a restart does not
     /// hand every key its budget again. (Minute and day windows start afresh.)
     pub async fn restore_month_spend(
@@ -268,6 +273,29 @@ impl Store for EmbeddedStore {
                 at_time: 0,
             });
             Ok((events, next))
+        })
+        .await
+    }
+
+    async fn purge_usage(&self, tenant: &str) -> Result<u64, StoreError> {
+        let tenant = tenant.to_owned();
+        self.blocking(move |db| {
+            let txn = db.begin_write().map_err(embedded_err)?;
+            let purged = {
+                let mut usage = txn.open_table(USAGE).map_err(embedded_err)?;
+                let mut purged = 0;
+                usage
+                    .retain(|_, json| {
+                        let of_tenant = serde_json::from_slice::<UsageEvent>(json)
+                            .is_ok_and(|e| e.tenant == tenant);
+                        purged += u64::from(of_tenant);
+                        !of_tenant
+                    })
+                    .map_err(embedded_err)?;
+                purged
+            };
+            txn.commit().map_err(embedded_err)?;
+            Ok(purged)
         })
         .await
     }

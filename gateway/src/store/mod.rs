@@ -36,6 +36,18 @@ pub enum StoreError {
     Redis(#[from] ::redis::RedisError),
     #[error("stored record is corrupt: {0}")]
     Corrupt(#[from] serde_json::Error),
+    #[error("{0}")]
+    Unsupported(&'static str),
+}
+
+/// Usage events read from the buffer (see [`Store::buffer_usage`]), with what the store
+/// needs to let go of exactly these once the ledger has them.
+#[derive(Debug, Default)]
+pub struct BufferedUsage {
+    pub events: Vec<UsageEvent>,
+    /// The store's own handles on them (Redis: each shard's key and member), unparseable
+    /// members included so that one bad member cannot stop the buffer draining.
+    pub(crate) handles: Vec<(String, String)>,
 }
 
 /// Usage events read per store call when reading a range page by page.
@@ -105,6 +117,32 @@ pub trait Store: Send + Sync + 'static {
     /// Adds usage events, each counted once by its id however often it is written; returns
     /// how many were new. Atomic per call: all of a batch is taken or none of it.
     async fn append_usage(&self, events: &[UsageEvent]) -> Result<usize, StoreError>;
+
+    /// Keeps usage events that the ledger could not take, for whichever replica drains the
+    /// buffer next to move them there. Only a store that every replica shares buffers; the
+    /// embedded store answers `Unsupported` (the journal keeps them instead).
+    async fn buffer_usage(&self, events: &[UsageEvent]) -> Result<(), StoreError> {
+        let _ = events;
+        Err(StoreError::Unsupported(
+            "this store does not buffer usage for a ledger",
+        ))
+    }
+
+    /// Up to about `limit` buffered usage events, oldest first within each shard.
+    async fn buffered_usage(&self, limit: usize) -> Result<BufferedUsage, StoreError> {
+        let _ = limit;
+        Ok(BufferedUsage::default())
+    }
+
+    /// Forgets buffered events (read by `buffered_usage`) once the ledger has them.
+    async fn unbuffer_usage(&self, taken: &BufferedUsage) -> Result<(), StoreError> {
+        let _ = taken;
+        Ok(())
+    }
+
+    /// Deletes every stored usage event of a tenant (a data-deletion request); returns how
+    /// many went. Their ids stay counted, so a replay of one cannot bring it back.
+    async fn purge_usage(&self, tenant: &str) -> Result<u64, StoreError>;
 
     /// Up to `limit` (at least 1) of the usage events that finished in `[from_ms, to_ms)`,
     /// in time order, from where `after` (the cursor the previous page returned; `None`

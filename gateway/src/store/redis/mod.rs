@@ -10,6 +10,10 @@
 //!   one taken out (pool changes made through the admin API)
 //! - `{prefix}:usage:ids`       hash: usage event id -> time (what makes an event count once)
 //! - `{prefix}:usage:events`    sorted set of usage event JSON, scored by time in ms
+//! - `{prefix:usage:N}:buffer`  with a PostgreSQL ledger, the events it could not take yet:
+//!   sorted sets of event JSON scored by time, in `USAGE_BUFFER_SHARDS` shards by key id,
+//!   each its own hash tag so a cluster spreads them over its nodes; emptied as the ledger
+//!   takes them (see `ledger`)
 //!
 //! - `{prefix}:cache:log`      stream of cache events (entries added, purges) replicas follow
 //! - `{prefix}:cache:entry:{{id}}` a cache entry's body, with its TTL; hash-tagged by its own
@@ -26,7 +30,7 @@ mod conn;
 mod quota;
 mod scripts;
 
-use super::{BackendRecord, EventCursor, Store, StoreError};
+use super::{BackendRecord, BufferedUsage, EventCursor, Store, StoreError};
 use crate::keys::{KeyHash, KeyRecord};
 use crate::usage::UsageEvent;
 use async_trait::async_trait;
@@ -37,6 +41,10 @@ use scripts::APPEND_USAGE;
 use sluice_policies::ledger::{Admit, Charge, Refresh, Settle};
 use sluice_policies::quota::{Counters, Decision};
 use sluice_policies::Tier;
+
+/// Shards of the usage buffer: enough that a cluster of a few nodes shares the load of an
+/// outage of the ledger, few enough that draining reads them all each second.
+const USAGE_BUFFER_SHARDS: usize = 16;
 
 pub struct RedisStore {
     conn: Conn,
@@ -119,6 +127,16 @@ impl RedisStore {
 
     fn usage_ids_key(&self) -> String {
         format!("{{{}}}:usage:ids", self.prefix)
+    }
+
+    /// The buffer shard that holds a key's events.
+    fn usage_buffer_key(&self, key_id: &str) -> String {
+        let shard = blake3::hash(key_id.as_bytes()).as_bytes()[0] as usize % USAGE_BUFFER_SHARDS;
+        self.usage_buffer_shard(shard)
+    }
+
+    fn usage_buffer_shard(&self, shard: usize) -> String {
+        format!("{{{}:usage:{shard}}}:buffer", self.prefix)
     }
 
     fn usage_events_key(&self) -> String {
@@ -209,6 +227,92 @@ impl Store for RedisStore {
         let mut conn = self.conn.clone();
         let added: usize = invocation.invoke_async(&mut conn).await?;
         Ok(added)
+    }
+
+    async fn purge_usage(&self, tenant: &str) -> Result<u64, StoreError> {
+        let key = self.usage_events_key();
+        let mut conn = self.conn.clone();
+        let mut doomed = Vec::new();
+        {
+            let mut members = conn.zscan::<_, (String, f64)>(&key).await?;
+            while let Some(item) = members.next_item().await {
+                let (member, _score) = item?;
+                let of_tenant = serde_json::from_str::<UsageEvent>(&member)
+                    .is_ok_and(|e| e.tenant == tenant);
+                if of_tenant {
+                    doomed.push(member);
+                }
+            }
+        }
+        let mut conn = self.conn.clone();
+        let mut purged = 0;
+        for members in doomed.chunks(500) {
+            let removed: u64 = conn.zrem(&key, members).await?;
+            purged += removed;
+        }
+        Ok(purged)
+    }
+
+    async fn buffer_usage(&self, events: &[UsageEvent]) -> Result<(), StoreError> {
+        let mut shards: std::collections::BTreeMap<String, Vec<(i64, String)>> =
+            std::collections::BTreeMap::new();
+        for event in events {
+            shards
+                .entry(self.usage_buffer_key(&event.key_id))
+                .or_default()
+                .push((event.time_ms, serde_json::to_string(event)?));
+        }
+        // One ZADD per shard (each its own slot): a member added twice is the same member,
+        // so a batch buffered again after a partial failure adds nothing twice.
+        let writes = shards.into_iter().map(|(key, members)| {
+            let mut conn = self.conn.clone();
+            async move { conn.zadd_multiple::<_, _, _, ()>(key, &members).await }
+        });
+        for written in futures::future::join_all(writes).await {
+            written?;
+        }
+        Ok(())
+    }
+
+    async fn buffered_usage(&self, limit: usize) -> Result<BufferedUsage, StoreError> {
+        let mut taken = BufferedUsage::default();
+        // Replicas draining together start at different shards.
+        let first = rand::random_range(0..USAGE_BUFFER_SHARDS);
+        for i in 0..USAGE_BUFFER_SHARDS {
+            let left = limit.saturating_sub(taken.handles.len());
+            if left == 0 {
+                break;
+            }
+            let key = self.usage_buffer_shard((first + i) % USAGE_BUFFER_SHARDS);
+            let mut conn = self.conn.clone();
+            let members: Vec<String> = conn.zrange(&key, 0, left as isize - 1).await?;
+            for member in members {
+                match serde_json::from_str(&member) {
+                    Ok(event) => taken.events.push(event),
+                    Err(e) => {
+                        tracing::error!(error = %e, member = %member, "unreadable buffered usage event; dropped from the buffer")
+                    }
+                }
+                taken.handles.push((key.clone(), member));
+            }
+        }
+        Ok(taken)
+    }
+
+    async fn unbuffer_usage(&self, taken: &BufferedUsage) -> Result<(), StoreError> {
+        let mut shards: std::collections::BTreeMap<&str, Vec<&str>> =
+            std::collections::BTreeMap::new();
+        for (key, member) in &taken.handles {
+            shards.entry(key).or_default().push(member);
+        }
+        let removals = shards.into_iter().map(|(key, members)| {
+            let mut conn = self.conn.clone();
+            async move { conn.zrem::<_, _, ()>(key, members).await }
+        });
+        for removed in futures::future::join_all(removals).await {
+            removed?;
+        }
+        Ok(())
     }
 
     async fn usage_events_page(

@@ -5,6 +5,10 @@
 //! the model in the calendar month (UTC) of the event. Because the graduated cost of a month
 //! telescopes, the sum of the per-event costs of a period equals the price of its totals,
 //! exactly (decimal arithmetic, never floats, no rounding: amounts are printed in full).
+//! The same holds for a day's sums priced at once, which is how exports from the ledger's
+//! rollups are priced (`source`).
+
+pub mod source;
 
 use crate::clock::{day_label as day_of, utc, Month};
 use crate::metering::Usage;
@@ -27,8 +31,10 @@ pub enum ExportError {
         "unknown group_by '{0}': use key, tenant, model, day, month (comma-separated) or event"
     )]
     BadGroup(String),
-    #[error("unknown format '{0}': use csv or jsonl")]
+    #[error("unknown format '{0}': use csv, jsonl or cloudevents")]
     BadFormat(String),
+    #[error("format=cloudevents is one event per line: use it with group_by=event")]
+    CloudEventsNeedEvents,
 }
 
 /// What to group an export by.
@@ -45,6 +51,8 @@ pub enum Dim {
 pub enum Format {
     Csv,
     Jsonl,
+    /// One CloudEvent per usage event, in OpenMeter's ingest shape (JSON Lines).
+    CloudEvents,
 }
 
 /// Rows of aggregates, or one row per event.
@@ -149,8 +157,12 @@ impl ExportQuery {
         let format = match format.unwrap_or("csv") {
             "csv" => Format::Csv,
             "jsonl" | "json" => Format::Jsonl,
+            "cloudevents" => Format::CloudEvents,
             other => return Err(ExportError::BadFormat(other.to_owned())),
         };
+        if format == Format::CloudEvents && grouping != Grouping::Events {
+            return Err(ExportError::CloudEventsNeedEvents);
+        }
         Ok(ExportQuery {
             from_ms,
             to_ms,
@@ -190,14 +202,33 @@ impl<'a> Pricer<'a> {
 
     pub fn price(&mut self, event: UsageEvent) -> PricedEvent {
         let counts = crate::metering::Usage::of_event(&event).billable();
-        let (cost, currency) = match self.prices.lookup(&event.model, &event.tier) {
+        let (cost, currency) =
+            self.cost(&event.key_id, &event.model, &event.tier, event.time_ms, &counts);
+        PricedEvent {
+            event,
+            cost,
+            currency,
+        }
+    }
+
+    /// The price of `counts` of a key's use of a model at `time_ms` (an event, or a day's
+    /// sums at the day's start), after everything priced before in the same month.
+    pub fn cost(
+        &mut self,
+        key_id: &str,
+        model: &str,
+        tier: &str,
+        time_ms: i64,
+        counts: &TokenCounts,
+    ) -> (Decimal, String) {
+        match self.prices.lookup(model, tier) {
             Some(price) => {
-                let month = Month::of_ms(event.time_ms).label;
+                let month = Month::of_ms(time_ms).label;
                 let before = self
                     .month_to_date
-                    .entry((event.key_id.clone(), event.model.clone(), month))
+                    .entry((key_id.to_owned(), model.to_owned(), month))
                     .or_default();
-                let cost = price.cost(before, &counts);
+                let cost = price.cost(before, counts);
                 before.input += counts.input;
                 before.output += counts.output;
                 before.cached += counts.cached;
@@ -206,15 +237,44 @@ impl<'a> Pricer<'a> {
             None => {
                 let currency = self
                     .tiers
-                    .get(&event.tier)
+                    .get(tier)
                     .map_or_else(|_| "USD".to_owned(), |t| t.currency.clone());
                 (Decimal::ZERO, currency)
             }
-        };
-        PricedEvent {
-            event,
-            cost,
-            currency,
+        }
+    }
+}
+
+/// What an aggregate row adds up: one priced event, or a priced day of a rollup.
+#[derive(Debug, Clone)]
+pub struct Tally<'a> {
+    /// The event's time, or the start of the rollup's day.
+    pub time_ms: i64,
+    pub key_id: &'a str,
+    pub tenant: &'a str,
+    pub model: &'a str,
+    pub currency: &'a str,
+    pub requests: u64,
+    pub prompt_tokens: u64,
+    pub completion_tokens: u64,
+    pub cached_tokens: u64,
+    pub cost: Decimal,
+}
+
+impl<'a> Tally<'a> {
+    pub fn of_event(p: &'a PricedEvent) -> Tally<'a> {
+        let e = &p.event;
+        Tally {
+            time_ms: e.time_ms,
+            key_id: &e.key_id,
+            tenant: &e.tenant,
+            model: &e.model,
+            currency: &p.currency,
+            requests: 1,
+            prompt_tokens: e.prompt_tokens,
+            completion_tokens: e.completion_tokens,
+            cached_tokens: e.cached_tokens,
+            cost: p.cost,
         }
     }
 }
@@ -269,20 +329,23 @@ impl<'a> Aggregator<'a> {
     }
 
     pub fn add(&mut self, p: &PricedEvent) {
-        let e = &p.event;
-        if !self.range.contains(&e.time_ms) {
+        self.add_tally(&Tally::of_event(p));
+    }
+
+    pub fn add_tally(&mut self, t: &Tally) {
+        if !self.range.contains(&t.time_ms) {
             return;
         }
         let dims = self.dims;
         let pick = |dim: Dim, value: &str| dims.contains(&dim).then(|| value.to_owned());
         let group = (
             dims.contains(&Dim::Month)
-                .then(|| Month::of_ms(e.time_ms).label),
-            dims.contains(&Dim::Day).then(|| day_of(e.time_ms)),
-            pick(Dim::Key, &e.key_id),
-            pick(Dim::Tenant, &e.tenant),
-            pick(Dim::Model, &e.model),
-            p.currency.clone(),
+                .then(|| Month::of_ms(t.time_ms).label),
+            dims.contains(&Dim::Day).then(|| day_of(t.time_ms)),
+            pick(Dim::Key, t.key_id),
+            pick(Dim::Tenant, t.tenant),
+            pick(Dim::Model, t.model),
+            t.currency.to_owned(),
         );
         let row = self.rows.entry(group.clone()).or_insert_with(|| Row {
             month: group.0,
@@ -293,11 +356,11 @@ impl<'a> Aggregator<'a> {
             currency: group.5,
             ..Row::default()
         });
-        row.requests += 1;
-        row.prompt_tokens += e.prompt_tokens;
-        row.completion_tokens += e.completion_tokens;
-        row.cached_tokens += e.cached_tokens;
-        row.cost += p.cost;
+        row.requests += t.requests;
+        row.prompt_tokens += t.prompt_tokens;
+        row.completion_tokens += t.completion_tokens;
+        row.cached_tokens += t.cached_tokens;
+        row.cost += t.cost;
     }
 
     /// The rows, in group order.
@@ -374,7 +437,8 @@ pub fn header(query: &ExportQuery) -> Vec<u8> {
 /// Appends one aggregate row's line to `out`.
 pub fn write_row(out: &mut Vec<u8>, r: &Row, format: Format) {
     match format {
-        Format::Jsonl => {
+        // Refused at parsing (grouped rows are not events); written as JSON Lines anyway.
+        Format::Jsonl | Format::CloudEvents => {
             serde_json::to_writer(&mut *out, r).expect("row serializes");
             out.push(b'\n');
         }
@@ -404,6 +468,10 @@ pub fn write_event(out: &mut Vec<u8>, p: &PricedEvent, format: Format) {
     match format {
         Format::Jsonl => {
             serde_json::to_writer(&mut *out, p).expect("event serializes");
+            out.push(b'\n');
+        }
+        Format::CloudEvents => {
+            serde_json::to_writer(&mut *out, &cloud_event(p)).expect("event serializes");
             out.push(b'\n');
         }
         Format::Csv => {
@@ -439,6 +507,46 @@ pub fn write_event(out: &mut Vec<u8>, p: &PricedEvent, format: Format) {
             let _ = w.flush();
         }
     }
+}
+
+/// The CloudEvents `type` of a usage event: what an OpenMeter meter's `eventType` names.
+pub const CLOUD_EVENT_TYPE: &str = "sluice.usage";
+
+/// A usage event as a CloudEvent (spec 1.0) in the shape OpenMeter ingests: the event id as
+/// the CloudEvent id (what a consumer deduplicates on), the tenant as the subject (the
+/// customer billed), and the figures under `data` (counts as numbers, the cost as an exact
+/// decimal string).
+pub fn cloud_event(p: &PricedEvent) -> serde_json::Value {
+    let e = &p.event;
+    let time = utc(e.time_ms)
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_default();
+    serde_json::json!({
+        "specversion": "1.0",
+        "id": e.id,
+        "source": "sluice",
+        "type": CLOUD_EVENT_TYPE,
+        "subject": e.tenant,
+        "time": time,
+        "datacontenttype": "application/json",
+        "data": {
+            "key_id": e.key_id,
+            "tier": e.tier,
+            "model": e.model,
+            "route": e.route,
+            "backend": e.backend,
+            "request_id": e.request_id,
+            "prompt_tokens": e.prompt_tokens,
+            "completion_tokens": e.completion_tokens,
+            "total_tokens": e.prompt_tokens.saturating_add(e.completion_tokens),
+            "cached_tokens": e.cached_tokens,
+            "cache_status": e.cache_status,
+            "status": e.status,
+            "usage_source": e.usage_source.as_str(),
+            "cost": p.cost.normalize().to_string(),
+            "currency": p.currency,
+        },
+    })
 }
 
 #[cfg(test)]
