@@ -5,7 +5,8 @@
 # Installs what the tests need when it is missing: Redis (started on 127.0.0.1:6379 if that
 # port does not answer), PostgreSQL (likewise on 127.0.0.1:5432, for the usage ledger), a .venv with the `openai` package (and numpy, safetensors and
 # tokenizers for scripts/minilm_reference.py; gguf and jinja2 for
-# scripts/smollm2_reference.py; selenium for the console's browser test; NVRTC for the CUDA
+# scripts/smollm2_reference.py; selenium for the console's browser test; jsonschema for
+# the OpenMeter CloudEvents check; NVRTC for the CUDA
 # kernels' compile test), Chromium and its driver, and the all-MiniLM-L6-v2 and
 # SmolLM2-135M-Instruct weights.
 set -euo pipefail
@@ -22,10 +23,10 @@ if [ -z "${SLUICE_TEST_POSTGRES_URL:-}" ]; then
 fi
 
 if [ -z "${SLUICE_TEST_PYTHON:-}" ]; then
-  if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c 'import openai, numpy, safetensors, tokenizers, gguf, jinja2, selenium, nvidia.cuda_nvrtc' 2>/dev/null; then
-    echo "test.sh: installing the Python openai, numpy, safetensors, tokenizers, gguf, jinja2, selenium and nvidia-cuda-nvrtc-cu12 packages into .venv" >&2
+  if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c 'import openai, numpy, safetensors, tokenizers, gguf, jinja2, selenium, jsonschema, nvidia.cuda_nvrtc' 2>/dev/null; then
+    echo "test.sh: installing the Python openai, numpy, safetensors, tokenizers, gguf, jinja2, selenium, jsonschema and nvidia-cuda-nvrtc-cu12 packages into .venv" >&2
     python3 -m venv .venv
-    .venv/bin/pip install --quiet --disable-pip-version-check 'openai>=1.40,<4' numpy safetensors tokenizers gguf jinja2 selenium nvidia-cuda-nvrtc-cu12
+    .venv/bin/pip install --quiet --disable-pip-version-check 'openai>=1.40,<4' numpy safetensors tokenizers gguf jinja2 selenium jsonschema nvidia-cuda-nvrtc-cu12
   fi
   export SLUICE_TEST_PYTHON="$PWD/.venv/bin/python"
 fi

@@ -232,7 +232,9 @@ async fn open_embedded(
             }
             // Starting matters more: the gateway runs (and journals) while PostgreSQL is
             // down, and budgets count from what this replica admits.
-            Err(e) => tracing::error!(error = %e, "cannot read this month's spend from the usage ledger; budgets count from zero until restart"),
+            Err(e) => {
+                tracing::error!(error = %e, "cannot read this month's spend from the usage ledger; budgets count from zero until restart")
+            }
         },
         None => {
             let prices = &config.prices;

@@ -14,7 +14,14 @@ use std::time::Duration;
 mod common;
 use common::TestDatabase;
 
-fn event(n: u64, key: &str, tenant: &str, time_ms: i64, prompt: u64, completion: u64) -> UsageEvent {
+fn event(
+    n: u64,
+    key: &str,
+    tenant: &str,
+    time_ms: i64,
+    prompt: u64,
+    completion: u64,
+) -> UsageEvent {
     UsageEvent {
         id: format!("ev-{n}"),
         time_ms,
@@ -103,7 +110,10 @@ fn summed(events: &[UsageEvent]) -> Vec<(String, String, u64, u64, u64)> {
     let mut sums = std::collections::BTreeMap::new();
     for e in events {
         let s = sums
-            .entry((sluice_gateway::clock::day_label(e.time_ms), e.key_id.clone()))
+            .entry((
+                sluice_gateway::clock::day_label(e.time_ms),
+                e.key_id.clone(),
+            ))
             .or_insert((0, 0, 0));
         s.0 += 1;
         s.1 += e.prompt_tokens;
@@ -203,7 +213,10 @@ async fn months_are_partitions_and_retention_drops_raw_events_but_keeps_rollups(
             format!("usage_events_y{:04}m{:02}", m.year, m.month)
         })
         .collect();
-    assert_eq!(partitions(&db).await, months.iter().cloned().collect::<Vec<_>>());
+    assert_eq!(
+        partitions(&db).await,
+        months.iter().cloned().collect::<Vec<_>>()
+    );
 
     // 30 days of raw events: the old month's partition goes, its rollup stays.
     let retaining = ledger(&db, Some(Duration::from_secs(30 * 86_400)));

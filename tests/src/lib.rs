@@ -11,6 +11,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 pub mod misbehaving;
+pub mod postgres;
 
 pub const ADMIN_TOKEN: &str = "e2e-admin-token-0123456789";
 pub const JWT_SECRET: &str = "e2e-jwt-secret-0123456789-0123456789";
@@ -685,20 +686,54 @@ impl Drop for OwnRedis {
 }
 
 /// A Redis Cluster of three masters on loopback ports, made by the test and gone with it.
+/// Each node appends every write to disk before answering, so the test can kill the whole
+/// cluster and start it again with its data (and its cluster layout, in `nodes.conf`).
 pub struct RedisCluster {
     nodes: Vec<OwnClusterNode>,
 }
 
 struct OwnClusterNode {
     port: u16,
-    child: Child,
-    _dir: tempfile::TempDir,
+    child: Option<Child>,
+    dir: tempfile::TempDir,
+}
+
+impl OwnClusterNode {
+    fn spawn(&mut self) {
+        let child = Command::new("redis-server")
+            .args(["--bind", "127.0.0.1", "--port", &self.port.to_string()])
+            .args([
+                "--cluster-enabled",
+                "yes",
+                "--save",
+                "",
+                "--appendonly",
+                "yes",
+                "--appendfsync",
+                "always",
+            ])
+            .arg("--cluster-config-file")
+            .arg(self.dir.path().join("nodes.conf"))
+            .arg("--dir")
+            .arg(self.dir.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server");
+        self.child = Some(child);
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
 }
 
 impl Drop for OwnClusterNode {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.kill();
     }
 }
 
@@ -725,31 +760,13 @@ impl RedisCluster {
     pub fn start() -> RedisCluster {
         let mut nodes = Vec::new();
         for _ in 0..3 {
-            let port = free_cluster_port();
-            let dir = tempfile::tempdir().unwrap();
-            let child = Command::new("redis-server")
-                .args(["--bind", "127.0.0.1", "--port", &port.to_string()])
-                .args([
-                    "--cluster-enabled",
-                    "yes",
-                    "--save",
-                    "",
-                    "--appendonly",
-                    "no",
-                ])
-                .arg("--cluster-config-file")
-                .arg(dir.path().join("nodes.conf"))
-                .arg("--dir")
-                .arg(dir.path())
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .expect("redis-server");
-            nodes.push(OwnClusterNode {
-                port,
-                child,
-                _dir: dir,
-            });
+            let mut node = OwnClusterNode {
+                port: free_cluster_port(),
+                child: None,
+                dir: tempfile::tempdir().unwrap(),
+            };
+            node.spawn();
+            nodes.push(node);
         }
         for node in &nodes {
             wait_port(node.port);
@@ -769,7 +786,12 @@ impl RedisCluster {
             .expect("redis-cli");
         assert!(status.success(), "redis-cli --cluster create failed");
         let cluster = RedisCluster { nodes };
-        for node in &cluster.nodes {
+        cluster.wait_ready();
+        cluster
+    }
+
+    fn wait_ready(&self) {
+        for node in &self.nodes {
             for attempt in 0.. {
                 let out = Command::new("redis-cli")
                     .args(["-p", &node.port.to_string(), "cluster", "info"])
@@ -782,7 +804,39 @@ impl RedisCluster {
                 std::thread::sleep(Duration::from_millis(100));
             }
         }
-        cluster
+    }
+
+    /// Kills every node (SIGKILL).
+    pub fn kill(&mut self) {
+        for node in &mut self.nodes {
+            node.kill();
+        }
+    }
+
+    /// Starts every node again, with its data, and waits for the cluster to be whole.
+    pub fn restart(&mut self) {
+        for node in &mut self.nodes {
+            node.spawn();
+        }
+        for node in &self.nodes {
+            wait_port(node.port);
+        }
+        self.wait_ready();
+    }
+
+    /// Runs a command on every node; their answers.
+    pub fn each_node(&self, args: &[&str]) -> Vec<String> {
+        self.nodes
+            .iter()
+            .map(|n| {
+                let out = Command::new("redis-cli")
+                    .args(["-p", &n.port.to_string()])
+                    .args(args)
+                    .output()
+                    .expect("redis-cli");
+                String::from_utf8_lossy(&out.stdout).trim().to_owned()
+            })
+            .collect()
     }
 
     /// The node list the gateway takes in `redis_url`.

@@ -5,6 +5,7 @@
 use futures::StreamExt;
 use rust_decimal::Decimal;
 use serde_json::{json, Value};
+use sluice_e2e::postgres::{OwnPostgres, PgDatabase};
 use sluice_e2e::{
     Backend, Gateway, GatewayOptions, OwnRedis, StoreKind, ADMIN_TOKEN, SIM_EMBED_MODEL, SIM_MODEL,
 };
@@ -385,4 +386,211 @@ async fn exports_past_a_store_page_are_whole_on_the_embedded_store() {
 #[tokio::test]
 async fn exports_past_a_store_page_are_whole_on_redis() {
     exports_past_a_store_page_case(StoreKind::fresh_redis()).await;
+}
+
+/// A gateway whose usage goes to the PostgreSQL ledger at `postgres_url`.
+async fn with_ledger(backend: &Backend, store: StoreKind, postgres_url: &str) -> Gateway {
+    Gateway::start(GatewayOptions {
+        extra_config: format!("[billing]\npostgres_url = {postgres_url:?}\n{PRICES}"),
+        ..GatewayOptions::new(backend, store)
+    })
+    .await
+    .unwrap()
+}
+
+/// The ledger's raw events and its rollups hold the same totals, and no event is there twice.
+fn assert_ledger_agrees(db_url: &str, requests: u64) {
+    let q = |sql: &str| sluice_e2e::postgres::psql(db_url, sql);
+    let raw = q("SELECT count(*), sum(prompt_tokens), sum(completion_tokens), sum(cached_tokens) FROM usage_events");
+    let rolled = q("SELECT sum(requests), sum(prompt_tokens), sum(completion_tokens), sum(cached_tokens) FROM usage_rollups");
+    assert_eq!(raw, rolled, "raw events and rollups agree");
+    assert!(raw.starts_with(&format!("{requests}|")), "{raw}");
+    let distinct = q("SELECT count(DISTINCT id) FROM usage_events");
+    assert_eq!(distinct, requests.to_string(), "no event twice");
+}
+
+async fn get(gw: &Gateway, path: &str, query: &[(&str, &str)]) -> (u16, String) {
+    let r = gw
+        .http
+        .get(format!("{}{path}", gw.admin_url))
+        .query(query)
+        .bearer_auth(ADMIN_TOKEN)
+        .send()
+        .await
+        .unwrap();
+    (r.status().as_u16(), r.text().await.unwrap())
+}
+
+/// With the ledger on the embedded store (the README's default store): every token once in
+/// the ledger, exports from it reconciling with the backend, a CloudEvents export that
+/// OpenMeter's schema accepts, budgets restored from the rollups after a restart, and a
+/// tenant's purge.
+#[tokio::test]
+async fn the_ledger_bills_every_token_once_on_the_embedded_store() {
+    let db = PgDatabase::create();
+    let backend = Backend::start_with(&["--sim-token-delay-ms", "1"])
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let store = StoreKind::Embedded(dir.path().to_owned());
+    let gw = with_ledger(&backend, store.clone(), &db.url).await;
+    let (a_id, a) = gw.create_key("acme", "enterprise").await.unwrap();
+    let (_, b) = gw.create_key("globex", "enterprise").await.unwrap();
+    traffic(&gw, &[a.clone(), b], 140, 0).await;
+    assert_reconciles(&gw, &backend, 140).await;
+    assert_ledger_agrees(&db.url, 140);
+
+    // Whole days come from the rollups: a range of whole days gives the same totals.
+    let today = db.query("SELECT (now() AT TIME ZONE 'UTC')::date::text");
+    let tomorrow = db.query("SELECT ((now() AT TIME ZONE 'UTC')::date + 1)::text");
+    let (status, body) = get(
+        &gw,
+        "/admin/v1/billing/export",
+        &[
+            ("from", &today),
+            ("to", &tomorrow),
+            ("group_by", "tenant"),
+            ("format", "jsonl"),
+        ],
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let rows: Vec<Value> = body
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(sum(&rows, "requests"), 140);
+    let by_key = export(&gw, "key,model").await;
+    let cost = |rows: &[Value]| -> Decimal {
+        rows.iter()
+            .map(|r| Decimal::from_str(r["cost"].as_str().unwrap()).unwrap())
+            .sum()
+    };
+    assert_eq!(cost(&rows), cost(&by_key), "rollups price as events do");
+
+    // The OpenMeter feed: one CloudEvent per request, valid against its schema.
+    let (status, feed) = get(
+        &gw,
+        "/admin/v1/billing/export",
+        &[("group_by", "event"), ("format", "cloudevents")],
+    )
+    .await;
+    assert_eq!(status, 200, "{feed}");
+    let feed_path = dir.path().join("feed.jsonl");
+    std::fs::write(&feed_path, &feed).unwrap();
+    sluice_e2e::python_check(
+        "openmeter_cloudevents.py",
+        &[
+            ("SLUICE_EXPORT", feed_path.to_str().unwrap()),
+            ("SLUICE_EXPECTED_EVENTS", "140"),
+        ],
+        || gw.log(),
+    )
+    .await;
+
+    // A restart rebuilds this month's budget use from the rollups. (Before it, the live
+    // figure also holds what the replica's leases reserve; they are given back at exit.)
+    let mut gw = gw;
+    gw.terminate().unwrap();
+    gw.wait_exit(Duration::from_secs(20)).await.unwrap();
+    let gw = with_ledger(&backend, store, &db.url).await;
+    let spent_nano: i64 = db
+        .query(&format!(
+            "SELECT sum(spend_nano) FROM usage_rollups WHERE key_id = '{a_id}'"
+        ))
+        .parse()
+        .unwrap();
+    assert!(spent_nano > 0, "the run spent something");
+    assert_eq!(
+        gw.quota(&a_id).await.unwrap()["monthly_budget"]["used"],
+        Decimal::new(spent_nano, 9).normalize().to_string(),
+        "budget use restored from the ledger"
+    );
+
+    // A tenant's data-deletion request.
+    let (status, body) = gw
+        .admin(reqwest::Method::DELETE, "/admin/v1/tenants/acme/usage")
+        .await
+        .unwrap();
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["events_deleted"], 70);
+    let left = export(&gw, "event").await;
+    assert_eq!(left.len(), 70);
+    assert!(left.iter().all(|e| e["tenant"] == "globex"));
+    assert_eq!(
+        db.query("SELECT count(*) FROM usage_rollups WHERE tenant = 'acme'"),
+        "0"
+    );
+}
+
+/// The ledger killed mid-traffic on Redis: what it cannot take waits in Redis's buffer, and
+/// reaches the ledger once, when it is back. Exports answer 503 meanwhile, not a short bill.
+#[tokio::test]
+async fn a_ledger_outage_is_buffered_in_redis_and_billed_once() {
+    let mut postgres = OwnPostgres::start();
+    let db = PgDatabase::create_on(&postgres.url());
+    let backend = Backend::start_with(&["--sim-token-delay-ms", "1"])
+        .await
+        .unwrap();
+    let prefix = format!("ledger-{}", uuid::Uuid::new_v4().simple());
+    let gw = with_ledger(&backend, StoreKind::Redis(prefix.clone()), &db.url).await;
+    let (_, key) = gw.create_key("acme", "enterprise").await.unwrap();
+    let keys = vec![key];
+    traffic(&gw, &keys, 70, 0).await;
+    postgres.kill();
+    traffic(&gw, &keys, 70, 70).await;
+    let (status, _) = get(&gw, "/admin/v1/billing/export", &[("group_by", "event")]).await;
+    assert_eq!(status, 503, "an export without its ledger is refused");
+    postgres.spawn();
+    traffic(&gw, &keys, 70, 140).await;
+
+    assert_reconciles(&gw, &backend, 210).await;
+    assert_ledger_agrees(&db.url, 210);
+    assert!(
+        gw.log_contains("events buffered in the store"),
+        "the outage went through the buffer"
+    );
+    // The buffer is empty again.
+    let redis = redis::Client::open(sluice_e2e::redis_url()).unwrap();
+    let mut conn = redis.get_multiplexed_async_connection().await.unwrap();
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("{{{prefix}:usage:*}}:buffer"))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    for key in keys {
+        let left: u64 = redis::cmd("ZCARD")
+            .arg(&key)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        assert_eq!(left, 0, "{key} still buffers events");
+    }
+}
+
+/// Without a shared buffer (the embedded store), a ledger outage goes to the journal.
+#[tokio::test]
+async fn a_ledger_outage_on_the_embedded_store_is_journaled_and_billed_once() {
+    let mut postgres = OwnPostgres::start();
+    let db = PgDatabase::create_on(&postgres.url());
+    let backend = Backend::start_with(&["--sim-token-delay-ms", "1"])
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let gw = with_ledger(
+        &backend,
+        StoreKind::Embedded(dir.path().to_owned()),
+        &db.url,
+    )
+    .await;
+    let (_, key) = gw.create_key("acme", "enterprise").await.unwrap();
+    let keys = vec![key];
+    traffic(&gw, &keys, 70, 0).await;
+    postgres.kill();
+    traffic(&gw, &keys, 70, 70).await;
+    postgres.spawn();
+    traffic(&gw, &keys, 70, 140).await;
+    assert_reconciles(&gw, &backend, 210).await;
+    assert_ledger_agrees(&db.url, 210);
+    assert!(gw.log_contains("usage journal replayed"), "{}", gw.log());
 }

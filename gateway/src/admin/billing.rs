@@ -57,7 +57,10 @@ fn price_page(
                 let p = pricer.price(e);
                 each(&Tally::of_event(&p), Some(&p));
             }
-            Item::Day { start_ms, rollup: r } if caller.sees(&r.tenant) => {
+            Item::Day {
+                start_ms,
+                rollup: r,
+            } if caller.sees(&r.tenant) => {
                 let (cost, currency) =
                     pricer.cost(&r.key_id, &r.model, &r.tier, start_ms, &r.billed);
                 let tally = Tally {
@@ -141,14 +144,16 @@ async fn write_export(
     let mut chunk = billing::header(query);
     let mut page = Some(first);
     while let Some(items) = page {
-        price_page(items, caller, &mut pricer, |tally, event| match (&mut sums, event) {
-            (Some(sums), _) => sums.add_tally(tally),
-            // An event export reads rollups only for the days before its range (the
-            // month-to-date of graduated prices): they are priced, not written.
-            (None, Some(p)) if range.contains(&p.event.time_ms) => {
-                billing::write_event(&mut chunk, p, query.format)
+        price_page(items, caller, &mut pricer, |tally, event| {
+            match (&mut sums, event) {
+                (Some(sums), _) => sums.add_tally(tally),
+                // An event export reads rollups only for the days before its range (the
+                // month-to-date of graduated prices): they are priced, not written.
+                (None, Some(p)) if range.contains(&p.event.time_ms) => {
+                    billing::write_event(&mut chunk, p, query.format)
+                }
+                (None, _) => {}
             }
-            (None, _) => {}
         });
         if !chunk.is_empty() && tx.send(Ok(std::mem::take(&mut chunk))).await.is_err() {
             return Ok(());
@@ -218,7 +223,9 @@ pub(super) async fn purge_tenant_usage(
     axum::extract::Path(tenant): axum::extract::Path<String>,
 ) -> Result<Json<Value>, ApiError> {
     if !caller.sees(&tenant) {
-        return Err(ApiError::forbidden("This token may not act on that tenant."));
+        return Err(ApiError::forbidden(
+            "This token may not act on that tenant.",
+        ));
     }
     let events = gateway
         .store

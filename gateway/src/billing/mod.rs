@@ -202,8 +202,13 @@ impl<'a> Pricer<'a> {
 
     pub fn price(&mut self, event: UsageEvent) -> PricedEvent {
         let counts = crate::metering::Usage::of_event(&event).billable();
-        let (cost, currency) =
-            self.cost(&event.key_id, &event.model, &event.tier, event.time_ms, &counts);
+        let (cost, currency) = self.cost(
+            &event.key_id,
+            &event.model,
+            &event.tier,
+            event.time_ms,
+            &counts,
+        );
         PricedEvent {
             event,
             cost,

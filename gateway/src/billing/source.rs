@@ -94,7 +94,10 @@ impl Pages {
                     .store
                     .usage_events_page(from_ms, to_ms, after, USAGE_PAGE)
                     .await?;
-                (events.into_iter().map(Item::Event).collect(), next.map(Cursor::Store))
+                (
+                    events.into_iter().map(Item::Event).collect(),
+                    next.map(Cursor::Store),
+                )
             }
             (Some(ledger), Segment::Events { from_ms, to_ms }) => {
                 let after = match cursor {
@@ -104,7 +107,10 @@ impl Pages {
                 let (events, next) = ledger
                     .events_page(from_ms, to_ms, after, USAGE_PAGE)
                     .await?;
-                (events.into_iter().map(Item::Event).collect(), next.map(Cursor::Ledger))
+                (
+                    events.into_iter().map(Item::Event).collect(),
+                    next.map(Cursor::Ledger),
+                )
             }
             (Some(ledger), Segment::Days { from_ms, to_ms }) => {
                 let after = match cursor {

@@ -280,12 +280,23 @@ pub(super) fn ledger(
         return Err(invalid("billing.postgres_pool", "must be at least 1"));
     }
     let retention = match b.retention_days {
-        Some(0) => return Err(invalid("billing.retention_days", "must be at least 1 (leave it out to keep raw events for ever)")),
-        Some(days) if days > 100 * 366 => return Err(invalid("billing.retention_days", "must be at most 36600")),
+        Some(0) => {
+            return Err(invalid(
+                "billing.retention_days",
+                "must be at least 1 (leave it out to keep raw events for ever)",
+            ))
+        }
+        Some(days) if days > 100 * 366 => {
+            return Err(invalid("billing.retention_days", "must be at most 36600"))
+        }
         Some(days) => Some(std::time::Duration::from_secs(days * 86_400)),
         None => None,
     };
-    Ok(Some(crate::ledger::LedgerConfig { url, pool, retention }))
+    Ok(Some(crate::ledger::LedgerConfig {
+        url,
+        pool,
+        retention,
+    }))
 }
 
 /// `[balancer]`: every interval, threshold and timeout is positive.

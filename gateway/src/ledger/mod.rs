@@ -102,7 +102,9 @@ impl Ledger {
     pub async fn migrate(&self) -> Result<(), LedgerError> {
         self.migrated
             .get_or_try_init(|| async {
-                sqlx::migrate!("src/ledger/migrations").run(&self.pool).await?;
+                sqlx::migrate!("src/ledger/migrations")
+                    .run(&self.pool)
+                    .await?;
                 Ok::<_, LedgerError>(())
             })
             .await?;
@@ -166,7 +168,11 @@ impl Ledger {
     async fn ensure_partitions(&self, months: &HashSet<i64>) -> Result<(), LedgerError> {
         let missing: Vec<i64> = {
             let known = self.partitions.lock();
-            months.iter().filter(|m| !known.contains(m)).copied().collect()
+            months
+                .iter()
+                .filter(|m| !known.contains(m))
+                .copied()
+                .collect()
         };
         if missing.is_empty() {
             return Ok(());
@@ -281,10 +287,7 @@ impl Ledger {
         rows.iter()
             .map(|row| {
                 let spend: Decimal = row.try_get("spend_nano")?;
-                Ok((
-                    row.try_get("key_id")?,
-                    spend.to_i64().unwrap_or(i64::MAX),
-                ))
+                Ok((row.try_get("key_id")?, spend.to_i64().unwrap_or(i64::MAX)))
             })
             .collect()
     }
@@ -356,8 +359,12 @@ impl Ledger {
             every.tick().await;
             match self.expire(crate::clock::now_ms()).await {
                 Ok(0) => {}
-                Ok(months) => tracing::info!(months, "usage ledger: raw events past retention dropped"),
-                Err(e) => tracing::warn!(error = %e, "usage ledger retention failed; retried in an hour"),
+                Ok(months) => {
+                    tracing::info!(months, "usage ledger: raw events past retention dropped")
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "usage ledger retention failed; retried in an hour")
+                }
             }
         }
     }
@@ -382,7 +389,11 @@ fn event_of_row(row: &PgRow) -> Result<UsageEvent, LedgerError> {
         "reported" => UsageSource::Reported,
         "estimated" => UsageSource::Estimated,
         "reserved" => UsageSource::Reserved,
-        other => return Err(LedgerError::Invalid(format!("unknown usage_source '{other}'"))),
+        other => {
+            return Err(LedgerError::Invalid(format!(
+                "unknown usage_source '{other}'"
+            )))
+        }
     };
     let latency: i64 = row.try_get("latency_ms")?;
     let ttft: Option<i64> = row.try_get("ttft_ms")?;

@@ -147,7 +147,8 @@ impl Columns {
         self.backend.push(e.backend.clone());
         self.route.push(e.route.clone());
         self.prompt_tokens.push(Decimal::from(e.prompt_tokens));
-        self.completion_tokens.push(Decimal::from(e.completion_tokens));
+        self.completion_tokens
+            .push(Decimal::from(e.completion_tokens));
         self.cached_tokens.push(Decimal::from(e.cached_tokens));
         self.cache_status.push(e.cache_status.clone());
         self.status.push(i32::from(e.status));

@@ -237,8 +237,8 @@ impl Store for RedisStore {
             let mut members = conn.zscan::<_, (String, f64)>(&key).await?;
             while let Some(item) = members.next_item().await {
                 let (member, _score) = item?;
-                let of_tenant = serde_json::from_str::<UsageEvent>(&member)
-                    .is_ok_and(|e| e.tenant == tenant);
+                let of_tenant =
+                    serde_json::from_str::<UsageEvent>(&member).is_ok_and(|e| e.tenant == tenant);
                 if of_tenant {
                     doomed.push(member);
                 }
