@@ -87,7 +87,7 @@ impl Ledger {
             .max_connections(config.pool.max(1))
             // Fail fast like the Redis store: usage waits in the buffer or the journal, and
             // an export answers 503, rather than stalling behind a dead server.
-            .acquire_timeout(Duration::from_secs(3))
+            .acquire_timeout(Duration::from_secs(2))
             .connect_lazy(&config.url)?;
         Ok(Ledger {
             pool,
