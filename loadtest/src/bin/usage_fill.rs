@@ -4,14 +4,26 @@
 //!
 //!   usage-fill --redis redis://127.0.0.1:6379 --prefix bench --events 1000000
 //!   usage-fill --data-dir sluice-data --events 100000
+//!   usage-fill --postgres postgres://postgres@127.0.0.1/bench --events 10000000
+//!   usage-fill --redis redis://127.0.0.1:6379 --buffer --events 1000000
+//!   usage-fill --redis redis://127.0.0.1:6379 --drain-into postgres://...
+//!
+//! `--postgres` writes through the PostgreSQL ledger's own insert (`Ledger::insert`, in the
+//! usage writer's batches of 512, one at a time as one replica's writer does): its rate is a
+//! replica's ledger ingest rate. `--buffer` puts the events in the Redis store's usage buffer
+//! (where they wait while the ledger is down); `--drain-into` moves that buffer into a ledger
+//! as every replica's writer does once it is back.
 //!
 //! Events are spread evenly over the span before now, over `--keys` keys of `--tenants`
 //! tenants and two models; token counts vary by event. Prints the totals written (events,
 //! prompt and completion tokens) as one JSON line, for checking an export against.
 
 use clap::Parser;
+use sluice_gateway::ledger::{Ledger, LedgerConfig};
+use sluice_gateway::metering::UsageTarget;
 use sluice_gateway::store::{EmbeddedStore, RedisStore, Store};
 use sluice_gateway::usage::{UsageEvent, UsageSource};
+use std::sync::Arc;
 use std::time::Instant;
 
 #[derive(Parser)]
@@ -24,7 +36,16 @@ struct Args {
     /// An embedded store's data directory (the gateway must not have it open).
     #[arg(long, conflicts_with = "redis")]
     data_dir: Option<std::path::PathBuf>,
-    #[arg(long)]
+    /// The PostgreSQL usage ledger, as `[billing] postgres_url`.
+    #[arg(long, conflicts_with_all = ["redis", "data_dir"])]
+    postgres: Option<String>,
+    /// With --redis: into the usage buffer, not the store's events.
+    #[arg(long, requires = "redis")]
+    buffer: bool,
+    /// With --redis: move the usage buffer into this ledger, then exit.
+    #[arg(long, requires = "redis")]
+    drain_into: Option<String>,
+    #[arg(long, default_value_t = 0)]
     events: u64,
     #[arg(long, default_value_t = 1000)]
     keys: u64,
@@ -33,17 +54,72 @@ struct Args {
     /// The events end now and start this many hours before.
     #[arg(long, default_value_t = 24)]
     span_hours: i64,
+    /// Events per write (the usage writer's batch is 512).
     #[arg(long, default_value_t = 2000)]
     batch: u64,
+}
+
+/// Where the events go.
+enum Sink {
+    Store(Box<dyn Store>),
+    Buffer(Box<dyn Store>),
+    Ledger(Ledger),
+}
+
+impl Sink {
+    async fn write(&self, batch: &[UsageEvent]) -> anyhow::Result<u64> {
+        Ok(match self {
+            Sink::Store(store) => store.append_usage(batch).await? as u64,
+            Sink::Buffer(store) => {
+                store.buffer_usage(batch).await?;
+                batch.len() as u64
+            }
+            Sink::Ledger(ledger) => ledger.insert(batch).await? as u64,
+        })
+    }
+}
+
+fn ledger(url: &str) -> anyhow::Result<Ledger> {
+    let config = LedgerConfig {
+        url: url.to_owned(),
+        pool: 2,
+        retention: None,
+    };
+    Ok(Ledger::new(&config, Default::default())?)
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let store: Box<dyn Store> = match (&args.redis, &args.data_dir) {
-        (Some(url), None) => Box::new(RedisStore::connect(url, &args.prefix).await?),
-        (None, Some(dir)) => Box::new(EmbeddedStore::open(dir)?),
-        _ => anyhow::bail!("give --redis or --data-dir"),
+    if let (Some(url), Some(into)) = (&args.redis, &args.drain_into) {
+        let store: Arc<dyn Store> = Arc::new(RedisStore::connect(url, &args.prefix).await?);
+        let target = UsageTarget::new(store, Some(Arc::new(ledger(into)?)));
+        let started = Instant::now();
+        let mut moved = 0;
+        loop {
+            let n = target.drain_buffer().await;
+            if n == 0 {
+                break;
+            }
+            moved += n;
+        }
+        let seconds = started.elapsed().as_secs_f64();
+        println!(
+            "{}",
+            serde_json::json!({"events": moved, "seconds": seconds, "events_per_second": moved as f64 / seconds})
+        );
+        return Ok(());
+    }
+    let sink = match (&args.redis, &args.data_dir, &args.postgres) {
+        (Some(url), None, None) if args.buffer => {
+            Sink::Buffer(Box::new(RedisStore::connect(url, &args.prefix).await?))
+        }
+        (Some(url), None, None) => {
+            Sink::Store(Box::new(RedisStore::connect(url, &args.prefix).await?))
+        }
+        (None, Some(dir), None) => Sink::Store(Box::new(EmbeddedStore::open(dir)?)),
+        (None, None, Some(url)) => Sink::Ledger(ledger(url)?),
+        _ => anyhow::bail!("give --redis, --data-dir or --postgres"),
     };
     let now_ms = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)?
@@ -63,7 +139,7 @@ async fn main() -> anyhow::Result<()> {
                 event
             })
             .collect();
-        written += store.append_usage(&batch).await? as u64;
+        written += sink.write(&batch).await?;
         next = end;
     }
     let seconds = started.elapsed().as_secs_f64();
