@@ -32,6 +32,8 @@ pub struct Gateway {
     /// The PostgreSQL usage ledger (`[billing] postgres_url`); without one, the store keeps
     /// usage events and exports read them there.
     pub ledger: Option<Arc<crate::ledger::Ledger>>,
+    /// The NATS JetStream usage feed (`[billing] nats_url`).
+    pub feed: Option<Arc<crate::metering::Feed>>,
     pub admission: Arc<Admission>,
     pub cache: Arc<crate::cache::ResponseCache>,
     /// Requests in flight and body bytes held, against the configured marks.
@@ -78,8 +80,15 @@ impl Gateway {
         let auth = Authenticator::new(store.clone(), key_cache.clone(), jwt.clone(), tiers.clone());
         let upstreams = Arc::new(Upstreams::new(&config.backends));
         upstreams.discover().await;
+        let feed = config.feed.clone().map(|f| {
+            Arc::new(crate::metering::Feed::new(
+                f,
+                config.data_dir.join("usage-feed-outbox.jsonl"),
+            ))
+        });
         let (usage, writer) = usage_channel(
-            crate::metering::UsageTarget::new(store.clone(), ledger.clone()),
+            crate::metering::UsageTarget::new(store.clone(), ledger.clone())
+                .with_feed(feed.clone()),
             config.data_dir.join("usage-journal.jsonl"),
         );
         let admission = Arc::new(Admission::new(
@@ -110,6 +119,7 @@ impl Gateway {
             upstreams,
             usage,
             ledger,
+            feed,
             admission,
             cache,
             overload,

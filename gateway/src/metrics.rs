@@ -295,6 +295,8 @@ pub struct ScrapeState {
     pub backends: Vec<BackendGauges>,
     pub cache: CacheCounters,
     pub journal_bytes: u64,
+    /// Bytes of usage events waiting for the NATS feed (None: no feed).
+    pub feed_pending_bytes: Option<u64>,
 }
 
 /// The response cache's counters on this replica.
@@ -380,6 +382,14 @@ fn render_state(out: &mut String, state: &ScrapeState) {
         "Usage events waiting in the on-disk journal for the store to come back, in bytes.",
         vec![(String::new(), state.journal_bytes as f64)],
     );
+    if let Some(pending) = state.feed_pending_bytes {
+        family(
+            "sluice_usage_feed_pending_bytes",
+            "gauge",
+            "Usage events recorded but not yet acknowledged by the NATS JetStream feed, in bytes.",
+            vec![(String::new(), pending as f64)],
+        );
+    }
 }
 
 /// A label value as the text format wants it.

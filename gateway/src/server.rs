@@ -26,6 +26,9 @@ pub fn run(config: Config) -> anyhow::Result<()> {
     if let Some(ledger) = &gateway.ledger {
         support.spawn(ledger.clone().run_retention());
     }
+    if let Some(feed) = &gateway.feed {
+        support.spawn(feed.clone().run());
+    }
 
     let admin_listener = support
         .block_on(tokio::net::TcpListener::bind(config.admin_listen))

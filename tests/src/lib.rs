@@ -858,3 +858,60 @@ fn wait_port(port: u16) {
     }
     panic!("nothing listens on {port}");
 }
+
+/// A NATS server with JetStream of the test's own (its store in a temporary directory, kept
+/// across a restart).
+pub struct OwnNats {
+    port: u16,
+    dir: tempfile::TempDir,
+    child: Option<Child>,
+}
+
+impl OwnNats {
+    pub fn start() -> OwnNats {
+        let mut nats = OwnNats {
+            port: free_port(),
+            dir: tempfile::tempdir().unwrap(),
+            child: None,
+        };
+        nats.spawn();
+        nats
+    }
+
+    /// Starts (or restarts) the server, with the streams it had.
+    pub fn spawn(&mut self) {
+        let child = Command::new("nats-server")
+            .args([
+                "-js",
+                "-a",
+                "127.0.0.1",
+                "-p",
+                &self.port.to_string(),
+                "-sd",
+            ])
+            .arg(self.dir.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("nats-server (scripts/test.sh installs it)");
+        self.child = Some(child);
+        wait_port(self.port);
+    }
+
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for OwnNats {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}

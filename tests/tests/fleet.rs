@@ -194,8 +194,12 @@ async fn a_fleet_bills_into_one_ledger_through_redis_and_postgres_restarts() {
         prefix: format!("ledger-fleet-{}", uuid::Uuid::new_v4().simple()),
     };
     let backends = [
-        Backend::start_with(&["--sim-token-delay-ms", "1"]).await.unwrap(),
-        Backend::start_with(&["--sim-token-delay-ms", "1"]).await.unwrap(),
+        Backend::start_with(&["--sim-token-delay-ms", "1"])
+            .await
+            .unwrap(),
+        Backend::start_with(&["--sim-token-delay-ms", "1"])
+            .await
+            .unwrap(),
     ];
     let mut gateways = Vec::new();
     for _ in 0..3 {
@@ -252,25 +256,51 @@ async fn a_fleet_bills_into_one_ledger_through_redis_and_postgres_restarts() {
     let mut prompt = 0;
     let mut generated = 0;
     for b in &backends {
-        prompt += b.metric("sluice_backend_prompt_tokens_total").await.unwrap();
-        generated += b.metric("sluice_backend_generation_tokens_total").await.unwrap();
+        prompt += b
+            .metric("sluice_backend_prompt_tokens_total")
+            .await
+            .unwrap();
+        generated += b
+            .metric("sluice_backend_generation_tokens_total")
+            .await
+            .unwrap();
     }
     // Buffered and journaled events arrive within a few seconds of both being back.
     let mut rows = Vec::new();
     for _ in 0..600 {
-        rows = match gateways[0].billing_export("key,model").await {
-            Ok(rows) => rows,
-            Err(_) => Vec::new(),
-        };
+        // While the ledger catches up an export may be refused (503): try again.
+        rows = gateways[0]
+            .billing_export("key,model")
+            .await
+            .unwrap_or_default();
         if total(&rows, "completion_tokens") >= generated && total(&rows, "requests") >= answered {
             break;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let log = || gateways.iter().map(Gateway::log).collect::<Vec<_>>().join("\n----\n");
-    assert_eq!(total(&rows, "requests"), answered, "one event per answered request\n{}", log());
-    assert_eq!(total(&rows, "prompt_tokens"), prompt, "prompt tokens reconcile");
-    assert_eq!(total(&rows, "completion_tokens"), generated, "completion tokens reconcile");
+    let log = || {
+        gateways
+            .iter()
+            .map(Gateway::log)
+            .collect::<Vec<_>>()
+            .join("\n----\n")
+    };
+    assert_eq!(
+        total(&rows, "requests"),
+        answered,
+        "one event per answered request\n{}",
+        log()
+    );
+    assert_eq!(
+        total(&rows, "prompt_tokens"),
+        prompt,
+        "prompt tokens reconcile"
+    );
+    assert_eq!(
+        total(&rows, "completion_tokens"),
+        generated,
+        "completion tokens reconcile"
+    );
     assert!(rows.iter().all(|r| r["key_id"] == key_id.as_str()));
 
     let q = |sql: &str| db.query(sql);
@@ -285,7 +315,9 @@ async fn a_fleet_bills_into_one_ledger_through_redis_and_postgres_restarts() {
         "raw events and rollups agree"
     );
     assert!(
-        gateways.iter().any(|g| g.log_contains("events buffered in the store")),
+        gateways
+            .iter()
+            .any(|g| g.log_contains("events buffered in the store")),
         "the PostgreSQL outage went through the Redis buffer"
     );
 }

@@ -7,7 +7,8 @@ use rust_decimal::Decimal;
 use serde_json::{json, Value};
 use sluice_e2e::postgres::{OwnPostgres, PgDatabase};
 use sluice_e2e::{
-    Backend, Gateway, GatewayOptions, OwnRedis, StoreKind, ADMIN_TOKEN, SIM_EMBED_MODEL, SIM_MODEL,
+    Backend, Gateway, GatewayOptions, OwnNats, OwnRedis, StoreKind, ADMIN_TOKEN, SIM_EMBED_MODEL,
+    SIM_MODEL,
 };
 use std::str::FromStr;
 use std::time::Duration;
@@ -593,4 +594,105 @@ async fn a_ledger_outage_on_the_embedded_store_is_journaled_and_billed_once() {
     assert_reconciles(&gw, &backend, 210).await;
     assert_ledger_agrees(&db.url, 210);
     assert!(gw.log_contains("usage journal replayed"), "{}", gw.log());
+}
+
+/// Every message on the feed's stream so far, as a billing system's consumer reads them.
+async fn feed_messages(nats_url: &str) -> Vec<Value> {
+    use async_nats::jetstream::consumer::pull;
+    let client = async_nats::connect(nats_url).await.unwrap();
+    let js = async_nats::jetstream::new(client);
+    // Until the gateway's first publish, the stream does not exist yet.
+    let Ok(stream) = js.get_stream("SLUICE_USAGE").await else {
+        return Vec::new();
+    };
+    let consumer = stream
+        .create_consumer(pull::Config::default())
+        .await
+        .unwrap();
+    let mut messages = consumer.messages().await.unwrap();
+    let mut out = Vec::new();
+    while let Ok(Some(message)) =
+        tokio::time::timeout(Duration::from_secs(2), messages.next()).await
+    {
+        let message = message.unwrap();
+        out.push(serde_json::from_slice(&message.payload).unwrap());
+        message.ack().await.unwrap();
+    }
+    out
+}
+
+/// The NATS JetStream feed: with NATS killed and restarted mid-traffic, a consumer receives
+/// every request's event (after dropping copies by id), in OpenMeter's CloudEvents shape, and
+/// exactly the events billing exports.
+#[tokio::test]
+async fn the_nats_feed_delivers_every_event_through_a_nats_restart() {
+    let mut nats = OwnNats::start();
+    let backend = Backend::start_with(&["--sim-token-delay-ms", "1"])
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let gw = Gateway::start(GatewayOptions {
+        extra_config: format!("[billing]\nnats_url = {:?}\n{PRICES}", nats.url()),
+        ..GatewayOptions::new(&backend, StoreKind::Embedded(dir.path().to_owned()))
+    })
+    .await
+    .unwrap();
+    let (_, key) = gw.create_key("acme", "enterprise").await.unwrap();
+    let keys = vec![key];
+    traffic(&gw, &keys, 70, 0).await;
+    nats.kill();
+    traffic(&gw, &keys, 70, 70).await;
+    nats.spawn();
+    traffic(&gw, &keys, 70, 140).await;
+    assert_reconciles(&gw, &backend, 210).await;
+
+    let exported: std::collections::BTreeSet<String> = export(&gw, "event")
+        .await
+        .iter()
+        .map(|e| e["id"].as_str().unwrap().to_owned())
+        .collect();
+    let mut received = std::collections::BTreeMap::new();
+    for _ in 0..100 {
+        for event in feed_messages(&nats.url()).await {
+            received.insert(event["id"].as_str().unwrap().to_owned(), event);
+        }
+        if received.len() >= exported.len() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let ids: std::collections::BTreeSet<String> = received.keys().cloned().collect();
+    assert_eq!(
+        ids,
+        exported,
+        "the feed carries exactly the billed events\n{}",
+        gw.log()
+    );
+    assert!(
+        gw.log_contains("usage feed: NATS unreachable"),
+        "the outage was seen and waited out"
+    );
+    let completion: u64 = received
+        .values()
+        .map(|e| e["data"]["completion_tokens"].as_u64().unwrap())
+        .sum();
+    assert_eq!(
+        completion,
+        backend
+            .metric("sluice_backend_generation_tokens_total")
+            .await
+            .unwrap()
+    );
+    let feed_path = dir.path().join("nats-feed.jsonl");
+    let lines: Vec<String> = received.values().map(Value::to_string).collect();
+    std::fs::write(&feed_path, lines.join("\n") + "\n").unwrap();
+    sluice_e2e::python_check(
+        "openmeter_cloudevents.py",
+        &[
+            ("SLUICE_EXPORT", feed_path.to_str().unwrap()),
+            ("SLUICE_EXPECTED_EVENTS", "210"),
+        ],
+        || gw.log(),
+    )
+    .await;
 }

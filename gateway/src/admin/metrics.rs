@@ -43,5 +43,6 @@ fn scrape_state(gateway: &Gateway) -> crate::metrics::ScrapeState {
             }
         },
         journal_bytes: gateway.usage.journal_bytes(),
+        feed_pending_bytes: gateway.feed.as_ref().map(|f| f.pending_bytes()),
     }
 }

@@ -476,7 +476,11 @@ pub fn write_event(out: &mut Vec<u8>, p: &PricedEvent, format: Format) {
             out.push(b'\n');
         }
         Format::CloudEvents => {
-            serde_json::to_writer(&mut *out, &cloud_event(p)).expect("event serializes");
+            serde_json::to_writer(
+                &mut *out,
+                &cloud_event(&p.event, Some((&p.cost, &p.currency))),
+            )
+            .expect("event serializes");
             out.push(b'\n');
         }
         Format::Csv => {
@@ -519,14 +523,14 @@ pub const CLOUD_EVENT_TYPE: &str = "sluice.usage";
 
 /// A usage event as a CloudEvent (spec 1.0) in the shape OpenMeter ingests: the event id as
 /// the CloudEvent id (what a consumer deduplicates on), the tenant as the subject (the
-/// customer billed), and the figures under `data` (counts as numbers, the cost as an exact
-/// decimal string).
-pub fn cloud_event(p: &PricedEvent) -> serde_json::Value {
-    let e = &p.event;
+/// customer billed), and the figures under `data` (counts as numbers; with `price`, the
+/// event's cost as an exact decimal string and its currency; the live feed carries none,
+/// since graduated prices depend on the month's whole usage).
+pub fn cloud_event(e: &UsageEvent, price: Option<(&Decimal, &str)>) -> serde_json::Value {
     let time = utc(e.time_ms)
         .format(&time::format_description::well_known::Rfc3339)
         .unwrap_or_default();
-    serde_json::json!({
+    let mut event = serde_json::json!({
         "specversion": "1.0",
         "id": e.id,
         "source": "sluice",
@@ -548,10 +552,13 @@ pub fn cloud_event(p: &PricedEvent) -> serde_json::Value {
             "cache_status": e.cache_status,
             "status": e.status,
             "usage_source": e.usage_source.as_str(),
-            "cost": p.cost.normalize().to_string(),
-            "currency": p.currency,
         },
-    })
+    });
+    if let Some((cost, currency)) = price {
+        event["data"]["cost"] = cost.normalize().to_string().into();
+        event["data"]["currency"] = currency.into();
+    }
+    event
 }
 
 #[cfg(test)]

@@ -40,6 +40,10 @@ pub(super) struct BillingSection {
     pub(super) postgres_url: Option<String>,
     pub(super) postgres_pool: Option<u32>,
     pub(super) retention_days: Option<u64>,
+    pub(super) nats_url: Option<String>,
+    pub(super) nats_subject: Option<String>,
+    pub(super) nats_stream: Option<String>,
+    pub(super) nats_duplicate_window_secs: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -93,6 +93,8 @@ pub struct Config {
     pub cache: CacheConfig,
     /// The PostgreSQL usage ledger (`[billing]`); without one the store keeps usage events.
     pub ledger: Option<crate::ledger::LedgerConfig>,
+    /// The NATS JetStream usage feed (`[billing] nats_url`).
+    pub feed: Option<crate::metering::FeedConfig>,
 }
 
 /// `[cache]`: the response cache's rules, and where prompts are embedded for semantic hits.
@@ -230,6 +232,7 @@ impl Config {
         let prices = resolve::prices(file.prices, &tiers)?;
         let quotas = resolve::quotas(&file.quotas)?;
         let cache = resolve::resolve_cache(file.cache, &tiers, env)?;
+        let feed = resolve::feed(&file.billing, env)?;
         let ledger = resolve::ledger(file.billing, env)?;
         Ok(Config {
             listen: server.listen,
@@ -264,6 +267,7 @@ impl Config {
             drain_limit,
             cache,
             ledger,
+            feed,
         })
     }
 }
@@ -341,5 +345,58 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.starts_with("tiers:"), "{err}");
+    }
+
+    #[test]
+    fn billing_ledger_and_feed_settings_are_checked() {
+        let c = Config::from_toml(
+            "[billing]\npostgres_url = \"postgres://u@h/db\"\nretention_days = 30\nnats_url = \"nats://127.0.0.1:4222\"",
+            &no_env,
+        )
+        .unwrap();
+        let ledger = c.ledger.unwrap();
+        assert_eq!(ledger.pool, 8);
+        assert_eq!(
+            ledger.retention,
+            Some(std::time::Duration::from_secs(30 * 86_400))
+        );
+        let feed = c.feed.unwrap();
+        assert_eq!(
+            (feed.subject.as_str(), feed.stream.as_str()),
+            ("sluice.usage", "SLUICE_USAGE")
+        );
+        let env =
+            |name: &str| (name == "SLUICE_POSTGRES_URL").then(|| "postgresql://env/db".to_owned());
+        assert_eq!(
+            Config::from_toml("", &env).unwrap().ledger.unwrap().url,
+            "postgresql://env/db"
+        );
+        assert!(Config::from_toml("", &no_env).unwrap().ledger.is_none());
+        for (bad, field) in [
+            ("postgres_url = \"mysql://x\"", "billing.postgres_url"),
+            ("retention_days = 30", "billing.retention_days"),
+            (
+                "postgres_url = \"postgres://h/d\"\nretention_days = 0",
+                "billing.retention_days",
+            ),
+            (
+                "postgres_url = \"postgres://h/d\"\npostgres_pool = 0",
+                "billing.postgres_pool",
+            ),
+            ("nats_url = \"http://x\"", "billing.nats_url"),
+            (
+                "nats_url = \"nats://x\"\nnats_subject = \"usage.>\"",
+                "billing.nats_subject",
+            ),
+            (
+                "nats_url = \"nats://x\"\nnats_stream = \"a.b\"",
+                "billing.nats_stream",
+            ),
+        ] {
+            let err = Config::from_toml(&format!("[billing]\n{bad}"), &no_env)
+                .unwrap_err()
+                .to_string();
+            assert!(err.starts_with(field), "{bad}: {err}");
+        }
     }
 }

@@ -256,6 +256,60 @@ pub(super) fn metering(
 
 /// `[billing]`: the usage ledger, when a PostgreSQL URL is given (file or
 /// `SLUICE_POSTGRES_URL`).
+/// `[billing] nats_*`: the usage feed, when a NATS URL is given (file or `SLUICE_NATS_URL`).
+pub(super) fn feed(
+    b: &BillingSection,
+    env: Env,
+) -> Result<Option<crate::metering::FeedConfig>, ConfigError> {
+    let Some(url) = env("SLUICE_NATS_URL").or_else(|| b.nats_url.clone()) else {
+        return Ok(None);
+    };
+    if !(url.starts_with("nats://") || url.starts_with("tls://")) {
+        return Err(invalid(
+            "billing.nats_url (SLUICE_NATS_URL)",
+            format!("'{url}' is not a nats:// URL"),
+        ));
+    }
+    let subject = b
+        .nats_subject
+        .clone()
+        .unwrap_or_else(|| "sluice.usage".into());
+    let bad_subject = subject.is_empty()
+        || subject
+            .split('.')
+            .any(|t| t.is_empty() || t == "*" || t == ">")
+        || subject.contains(char::is_whitespace);
+    if bad_subject {
+        return Err(invalid(
+            "billing.nats_subject",
+            format!("'{subject}' is not a subject to publish on (dot-separated tokens, no wildcards or spaces)"),
+        ));
+    }
+    let stream = b
+        .nats_stream
+        .clone()
+        .unwrap_or_else(|| "SLUICE_USAGE".into());
+    if stream.is_empty() || stream.contains(['.', '*', '>', ' ', '\t', '/', '\\']) {
+        return Err(invalid(
+            "billing.nats_stream",
+            format!("'{stream}' is not a stream name (no dots, wildcards, spaces or slashes)"),
+        ));
+    }
+    let window = b.nats_duplicate_window_secs.unwrap_or(600);
+    if window == 0 {
+        return Err(invalid(
+            "billing.nats_duplicate_window_secs",
+            "must be at least 1",
+        ));
+    }
+    Ok(Some(crate::metering::FeedConfig {
+        url,
+        subject,
+        stream,
+        duplicate_window: std::time::Duration::from_secs(window),
+    }))
+}
+
 pub(super) fn ledger(
     b: BillingSection,
     env: Env,

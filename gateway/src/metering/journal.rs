@@ -95,10 +95,7 @@ pub struct UsageWriter {
 
 pub fn usage_channel(target: UsageTarget, journal_path: PathBuf) -> (UsageSink, UsageWriter) {
     let (tx, rx) = mpsc::channel(QUEUE_EVENTS);
-    let journal = Arc::new(Mutex::new(Journal {
-        path: journal_path,
-        read_from: 0,
-    }));
+    let journal = Arc::new(Mutex::new(Journal::new(journal_path)));
     (
         UsageSink {
             tx,
@@ -226,7 +223,8 @@ impl UsageWriter {
 }
 
 /// Events the store has not taken yet, one JSON object per line, and how far replay got.
-struct Journal {
+/// (The usage feed keeps its outbox in one too.)
+pub(crate) struct Journal {
     path: PathBuf,
     /// Bytes already in the store (lost on restart, which replays them again: harmless,
     /// the store counts each event id once).
@@ -234,21 +232,30 @@ struct Journal {
 }
 
 impl Journal {
+    pub(crate) fn new(path: PathBuf) -> Journal {
+        Journal { path, read_from: 0 }
+    }
+
+    /// Marks everything before byte `to` as taken.
+    pub(crate) fn advance(&mut self, to: u64) {
+        self.read_from = to;
+    }
+
     fn len(&self) -> u64 {
         std::fs::metadata(&self.path).map_or(0, |m| m.len())
     }
 
-    fn pending_bytes(&self) -> u64 {
+    pub(crate) fn pending_bytes(&self) -> u64 {
         self.len().saturating_sub(self.read_from)
     }
 
-    fn is_empty(&self) -> bool {
+    pub(crate) fn is_empty(&self) -> bool {
         self.pending_bytes() == 0
     }
 
     /// Appends events, whole lines only: a torn end left by an earlier failed write is ended
     /// first (so it cannot swallow these), and a write that fails is cut off again.
-    fn append(&self, events: &[UsageEvent]) -> std::io::Result<()> {
+    pub(crate) fn append(&self, events: &[UsageEvent]) -> std::io::Result<()> {
         if let Some(dir) = self.path.parent() {
             std::fs::create_dir_all(dir)?;
         }
@@ -283,7 +290,7 @@ impl Journal {
     /// nothing complete is left. Lines that are not events (torn by a crash) are skipped; an
     /// unterminated last line is left for later (it may still be being written... or torn,
     /// and then the next append ends it).
-    fn next_batch(&self, max: usize) -> std::io::Result<Option<(Vec<UsageEvent>, u64)>> {
+    pub(crate) fn next_batch(&self, max: usize) -> std::io::Result<Option<(Vec<UsageEvent>, u64)>> {
         let mut file = match std::fs::File::open(&self.path) {
             Ok(file) => file,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
@@ -310,7 +317,7 @@ impl Journal {
     }
 
     /// Empties the journal once all of it is in the store.
-    fn clear(&mut self) -> std::io::Result<()> {
+    pub(crate) fn clear(&mut self) -> std::io::Result<()> {
         if self.read_from < self.len() {
             // Appended while the last batch was on its way: kept for the next replay.
             return Ok(());

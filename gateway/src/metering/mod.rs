@@ -4,11 +4,13 @@
 //! Nothing here buffers the client's stream: a JSON body is copied aside (bounded) and read
 //! at its end; an SSE stream goes through [`sse::SseUsageScanner`].
 
+mod feed;
 pub mod journal;
 mod sse;
 mod target;
 
 pub use crate::usage::UsageSource;
+pub use feed::{Feed, FeedConfig};
 pub use sse::SseUsageScanner;
 pub use target::UsageTarget;
 

@@ -19,16 +19,35 @@ const DRAIN_PAGES: usize = 20;
 pub struct UsageTarget {
     store: Arc<dyn Store>,
     ledger: Option<Arc<Ledger>>,
+    feed: Option<Arc<super::Feed>>,
 }
 
 impl UsageTarget {
     pub fn new(store: Arc<dyn Store>, ledger: Option<Arc<Ledger>>) -> UsageTarget {
-        UsageTarget { store, ledger }
+        UsageTarget {
+            store,
+            ledger,
+            feed: None,
+        }
     }
 
-    /// Puts a batch where it will be billed from; an error means it is nowhere yet (the
-    /// writer journals it).
+    /// Also hands every batch, once recorded, to the NATS feed's outbox.
+    pub fn with_feed(mut self, feed: Option<Arc<super::Feed>>) -> UsageTarget {
+        self.feed = feed;
+        self
+    }
+
+    /// Puts a batch where it will be billed from (and, once there, in the feed's outbox);
+    /// an error means it is nowhere yet (the writer journals it).
     pub async fn deliver(&self, events: &[UsageEvent]) -> Result<(), String> {
+        self.record(events).await?;
+        if let Some(feed) = &self.feed {
+            feed.enqueue(events);
+        }
+        Ok(())
+    }
+
+    async fn record(&self, events: &[UsageEvent]) -> Result<(), String> {
         let Some(ledger) = &self.ledger else {
             return match self.store.append_usage(events).await {
                 Ok(_) => Ok(()),
