@@ -175,6 +175,11 @@ async fn events_count_once_however_delivered_and_rollups_agree() {
     expected.sort_by(|a, b| (a.time_ms, &a.id).cmp(&(b.time_ms, &b.id)));
     assert_eq!(stored, expected, "events read back whole, in time order");
     assert_eq!(rolled(&all_rollups(&ledger).await), summed(&events));
+
+    // A value PostgreSQL's text cannot hold does not make the batch fail for ever.
+    let mut odd = event(1000, "k1", "acme", start, 1, 1);
+    odd.request_id = "nul\0inside".into();
+    assert_eq!(ledger.insert(&[odd]).await.unwrap(), 1);
 }
 
 #[tokio::test]

@@ -93,6 +93,12 @@ pub(super) const ROLLUPS_PAGE: &str = "SELECT day::text AS day, key_id, model, t
 pub(super) const MONTH_SPEND: &str = "SELECT key_id, sum(spend_nano) AS spend_nano \
      FROM usage_rollups WHERE day >= $1::date AND day < $2::date GROUP BY key_id";
 
+/// A value as PostgreSQL's `text` can hold it: it refuses NUL characters, and one such
+/// value would make its whole batch fail on every retry.
+fn text(value: &str) -> String {
+    value.replace('\0', "\u{fffd}")
+}
+
 /// A batch of events, a column at a time (what `UNNEST` takes).
 #[derive(Default)]
 pub(super) struct Columns {
@@ -137,20 +143,20 @@ impl Columns {
 
     pub(super) fn push(&mut self, e: &UsageEvent, billed: TokenCounts, spend_nano: i64) {
         let millis = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
-        self.id.push(e.id.clone());
+        self.id.push(text(&e.id));
         self.time_ms.push(e.time_ms);
-        self.request_id.push(e.request_id.clone());
-        self.key_id.push(e.key_id.clone());
-        self.tenant.push(e.tenant.clone());
-        self.tier.push(e.tier.clone());
-        self.model.push(e.model.clone());
-        self.backend.push(e.backend.clone());
-        self.route.push(e.route.clone());
+        self.request_id.push(text(&e.request_id));
+        self.key_id.push(text(&e.key_id));
+        self.tenant.push(text(&e.tenant));
+        self.tier.push(text(&e.tier));
+        self.model.push(text(&e.model));
+        self.backend.push(text(&e.backend));
+        self.route.push(text(&e.route));
         self.prompt_tokens.push(Decimal::from(e.prompt_tokens));
         self.completion_tokens
             .push(Decimal::from(e.completion_tokens));
         self.cached_tokens.push(Decimal::from(e.cached_tokens));
-        self.cache_status.push(e.cache_status.clone());
+        self.cache_status.push(text(&e.cache_status));
         self.status.push(i32::from(e.status));
         self.latency_ms.push(millis(e.latency_ms));
         self.ttft_ms.push(e.ttft_ms.map(millis));
