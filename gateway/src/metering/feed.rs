@@ -10,7 +10,7 @@
 //! the outbox grows on disk (`sluice_usage_feed_pending_bytes`) and is published from where
 //! it stopped when NATS is back.
 
-use super::journal::Journal;
+use super::spool::Journal;
 use crate::usage::UsageEvent;
 use async_nats::jetstream;
 use parking_lot::Mutex;

@@ -6,6 +6,7 @@
 
 mod feed;
 pub mod journal;
+mod spool;
 mod sse;
 mod target;
 
