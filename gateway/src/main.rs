@@ -65,7 +65,7 @@ enum BillingCommand {
         /// key, tenant, model, day (comma-separated), or event for raw priced events.
         #[arg(long, default_value = "key,model,day")]
         group_by: String,
-        /// csv or jsonl.
+        /// csv, jsonl, or (with --group-by event) cloudevents.
         #[arg(long, default_value = "csv")]
         format: String,
         /// Write here instead of stdout.
