@@ -35,7 +35,8 @@ enum Command {
         #[arg(long, short)]
         config: Option<PathBuf>,
     },
-    /// Billing: exports from a running gateway's admin API.
+    /// Billing: exports from a running gateway's admin API; importing the store's usage into
+    /// the PostgreSQL ledger.
     Billing {
         #[command(subcommand)]
         command: BillingCommand,
@@ -72,6 +73,21 @@ enum BillingCommand {
         #[arg(long, short)]
         output: Option<PathBuf>,
     },
+    /// Copy the usage events the store has kept into the PostgreSQL ledger (`[billing]
+    /// postgres_url`), for turning the ledger on: exports then read the ledger only. Events
+    /// already there are not counted twice, so it can be run again. With the embedded store,
+    /// stop the gateway first (its file is opened here).
+    Import {
+        /// The gateway's configuration (its store and `[billing] postgres_url`).
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// Start, inclusive (YYYY-MM-DD or RFC 3339). Default: everything.
+        #[arg(long)]
+        from: Option<String>,
+        /// End, exclusive. Default: everything.
+        #[arg(long)]
+        to: Option<String>,
+    },
 }
 
 fn main() {
@@ -102,15 +118,18 @@ fn main() {
 }
 
 fn billing(command: BillingCommand) -> anyhow::Result<()> {
-    let BillingCommand::Export {
-        admin_url,
-        token,
-        from,
-        to,
-        group_by,
-        format,
-        output,
-    } = command;
+    let (admin_url, token, from, to, group_by, format, output) = match command {
+        BillingCommand::Export {
+            admin_url,
+            token,
+            from,
+            to,
+            group_by,
+            format,
+            output,
+        } => (admin_url, token, from, to, group_by, format, output),
+        BillingCommand::Import { config, from, to } => return import(load(config)?, from, to),
+    };
     let mut query = vec![("group_by", group_by), ("format", format)];
     query.extend(from.map(|f| ("from", f)));
     query.extend(to.map(|t| ("to", t)));
@@ -165,6 +184,46 @@ fn billing(command: BillingCommand) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// `sluice billing import`: the store's usage events into the ledger.
+fn import(config: Config, from: Option<String>, to: Option<String>) -> anyhow::Result<()> {
+    use sluice_gateway::billing::parse_time;
+    use sluice_gateway::store::{EmbeddedStore, RedisStore, Store};
+    let ledger_config = config
+        .ledger
+        .as_ref()
+        .context("no ledger configured: set [billing] postgres_url or SLUICE_POSTGRES_URL")?;
+    let from_ms = from
+        .map(|f| parse_time("from", &f))
+        .transpose()?
+        .unwrap_or(0);
+    let to_ms = to
+        .map(|t| parse_time("to", &t))
+        .transpose()?
+        .unwrap_or(i64::MAX);
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async {
+        let store: Box<dyn Store> = match &config.redis_url {
+            Some(url) => Box::new(
+                RedisStore::connect(url, &config.redis_prefix)
+                    .await
+                    .with_context(|| format!("cannot connect to Redis at {url}"))?,
+            ),
+            None => Box::new(EmbeddedStore::open(&config.data_dir).with_context(|| {
+                format!(
+                    "cannot open the embedded store in {} (stop the gateway first)",
+                    config.data_dir.display()
+                )
+            })?),
+        };
+        let ledger = sluice_gateway::ledger::Ledger::new(ledger_config, config.prices.clone())?;
+        let (read, new) = ledger.import_from(store.as_ref(), from_ms, to_ms).await?;
+        println!("{read} usage events read from the store, {new} new in the ledger");
+        Ok(())
+    })
 }
 
 fn load(path: Option<PathBuf>) -> anyhow::Result<Config> {

@@ -705,3 +705,65 @@ async fn the_nats_feed_delivers_every_event_through_a_nats_restart() {
     )
     .await;
 }
+
+/// Turning the ledger on where the store has been the record: `sluice billing import`
+/// copies the store's events into the ledger once (a second run adds nothing), and the
+/// gateway, restarted with the ledger, exports the same bill as before.
+#[tokio::test]
+async fn the_stores_usage_is_imported_into_the_ledger_once() {
+    let db = PgDatabase::create();
+    let backend = Backend::start().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let store = StoreKind::Embedded(dir.path().to_owned());
+    let gw = Gateway::start(GatewayOptions {
+        extra_config: PRICES.to_owned(),
+        ..GatewayOptions::new(&backend, store.clone())
+    })
+    .await
+    .unwrap();
+    let (_, key) = gw.create_key("acme", "enterprise").await.unwrap();
+    traffic(&gw, &[key], 70, 0).await;
+    let before = exported_rows(&gw, 70).await;
+    let mut gw = gw;
+    gw.terminate().unwrap();
+    gw.wait_exit(Duration::from_secs(20)).await.unwrap();
+
+    let config = dir.path().join("import.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[server]\ndata_dir = {:?}\n\n[billing]\npostgres_url = {:?}\n{PRICES}",
+            dir.path().display().to_string(),
+            db.url
+        ),
+    )
+    .unwrap();
+    let import = || {
+        let out = std::process::Command::new(sluice_e2e::binary("sluice"))
+            .args(["billing", "import", "--config"])
+            .arg(&config)
+            .env_remove("SLUICE_POSTGRES_URL")
+            .env_remove("SLUICE_REDIS_URL")
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    };
+    assert_eq!(
+        import(),
+        "70 usage events read from the store, 70 new in the ledger"
+    );
+    assert_eq!(
+        import(),
+        "70 usage events read from the store, 0 new in the ledger"
+    );
+    assert_ledger_agrees(&db.url, 70);
+
+    let gw = with_ledger(&backend, store, &db.url).await;
+    let after = export(&gw, "key,model").await;
+    assert_eq!(after, before, "the same bill from the ledger");
+}

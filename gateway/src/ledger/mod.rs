@@ -34,6 +34,14 @@ pub enum LedgerError {
     Invalid(String),
 }
 
+#[derive(Debug, thiserror::Error)]
+pub enum ImportError {
+    #[error("reading the store: {0}")]
+    Store(#[from] crate::store::StoreError),
+    #[error("writing the ledger: {0}")]
+    Ledger(#[from] LedgerError),
+}
+
 /// How the ledger is reached and what it keeps.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LedgerConfig {
@@ -347,6 +355,28 @@ impl Ledger {
             .await?;
         tx.commit().await?;
         Ok(dropped)
+    }
+
+    /// Copies the usage events a store keeps in `[from_ms, to_ms)` into the ledger, a page at
+    /// a time (for turning the ledger on where the store has been the record so far); each
+    /// counts once, so running it again adds nothing. Returns (events read, events new).
+    pub async fn import_from(
+        &self,
+        store: &dyn crate::store::Store,
+        from_ms: i64,
+        to_ms: i64,
+    ) -> Result<(u64, u64), ImportError> {
+        let (mut read, mut new) = (0, 0);
+        let mut cursor = None;
+        loop {
+            let (page, next) = store.usage_events_page(from_ms, to_ms, cursor, 512).await?;
+            read += page.len() as u64;
+            new += self.insert(&page).await? as u64;
+            match next {
+                Some(next) => cursor = Some(next),
+                None => return Ok((read, new)),
+            }
+        }
     }
 
     /// Runs retention now and then every hour, until the process ends.
