@@ -30,21 +30,7 @@ echo "bench-export.sh: writing $EVENTS usage events" >&2
   --keys 10000 --tenants 100 --span-hours 24 >"$work/fill.json"
 redis_mib=$(redis-cli -p "$redis_port" info memory | awk -F: '/^used_memory:/ {printf "%.0f", $2 / 1048576}')
 
-cat >"$work/sluice.toml" <<'TOML'
-[[prices]]
-model = "sluice-sim"
-tier = "*"
-currency = "USD"
-input = "0.50"
-output = [ { up_to = 20000, per_million = "2.00" }, { per_million = "1.25" } ]
-
-[[prices]]
-model = "sim-large"
-tier = "*"
-currency = "USD"
-input = "3"
-output = "15"
-TOML
+cp loadtest/bench-prices.toml "$work/sluice.toml"
 "$bin/sluice-backend" --engine sim --listen "127.0.0.1:$backend_port" --model sluice-sim \
   >"$work/backend.log" 2>&1 &
 pids+=($!)

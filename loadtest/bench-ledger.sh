@@ -47,21 +47,7 @@ ledger_mib=$(psql -X -At -d "$ledger" -c "SELECT (sum(pg_total_relation_size(c.o
   >"$work/backend.log" 2>&1 &
 pids+=($!)
 wait_for "http://127.0.0.1:$backend_port/health"
-cat >"$work/sluice.toml" <<'TOML'
-[[prices]]
-model = "sluice-sim"
-tier = "*"
-currency = "USD"
-input = "0.50"
-output = [ { up_to = 20000, per_million = "2.00" }, { per_million = "1.25" } ]
-
-[[prices]]
-model = "sim-large"
-tier = "*"
-currency = "USD"
-input = "3"
-output = "15"
-TOML
+cp loadtest/bench-prices.toml "$work/sluice.toml"
 token=$(random_token ledger-)
 SLUICE_POSTGRES_URL="$ledger" \
   SLUICE_LISTEN="127.0.0.1:$port" SLUICE_ADMIN_LISTEN="127.0.0.1:$admin" \

@@ -591,3 +591,30 @@ async fn usage_pages_case(store: &dyn Store) {
     assert!(unique.is_subset(&all_ids));
     assert_eq!(all.len(), all_ids.len());
 }
+
+contract!(
+    a_tenants_usage_purge_takes_its_events_only,
+    usage_purge_case
+);
+
+/// A data-deletion request deletes one tenant's events and no other's, and a replay of a
+/// deleted event does not bring it back (its id stays counted).
+async fn usage_purge_case(store: &dyn Store) {
+    let of = |id: &str, tenant: &str, time_ms: i64| {
+        let mut e = usage_event(id, time_ms);
+        e.tenant = tenant.into();
+        e
+    };
+    let events = vec![
+        of("a1", "acme", 1000),
+        of("g1", "globex", 1001),
+        of("a2", "acme", 1002),
+    ];
+    store.append_usage(&events).await.unwrap();
+    assert_eq!(store.purge_usage("acme").await.unwrap(), 2);
+    assert_eq!(store.purge_usage("nobody").await.unwrap(), 0);
+    let left = store.usage_events(0, i64::MAX).await.unwrap();
+    assert_eq!(left, vec![events[1].clone()]);
+    assert_eq!(store.append_usage(&events[..1]).await.unwrap(), 0);
+    assert_eq!(store.usage_events(0, i64::MAX).await.unwrap().len(), 1);
+}

@@ -2,8 +2,8 @@
 //!
 //! The proxy hands each event to a [`UsageSink`] (a bounded queue; never drops). One writer
 //! drains it in small batches into the store (or, with a PostgreSQL ledger, into the ledger,
-//! the store buffering what the ledger cannot take: `target`). When neither can be reached the batch goes
-//! to an on-disk journal (fsynced), which the writer replays once the store answers again;
+//! the store buffering what the ledger cannot take: `target`). When neither can be reached
+//! the batch goes to an on-disk journal (fsynced), which the writer replays once the store answers again;
 //! when the store is so slow that the queue fills (Redis black-holed: each batch waits out
 //! its timeout), the sink writes events straight to the journal instead of queueing them in
 //! memory, so a replica's memory stays bounded however long the outage. The store counts an
