@@ -8,6 +8,7 @@ pub mod limits;
 pub mod money;
 pub mod pricing;
 pub mod quota;
+pub mod same_question;
 pub mod tiers;
 
 pub use limits::{LimitOverrides, Limits};
