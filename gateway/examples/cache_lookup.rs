@@ -137,7 +137,7 @@ fn run(n: usize, data: &str) {
         let mut q: Vec<f32> = v.iter().map(|x| x + rng.next() * 0.01).collect();
         normalise(&mut q);
         let t = Instant::now();
-        let nearest = index.nearest(&namespace, &q, 0.9, 0);
+        let nearest = index.nearest(&namespace, &q, 0.9, 3, 0);
         hit.record(t.elapsed().as_nanos() as u64).unwrap();
         found += usize::from(nearest.first().is_some_and(|f| f.id == format!("{i:08}")));
     }
@@ -146,7 +146,7 @@ fn run(n: usize, data: &str) {
     for _ in 0..QUERIES {
         let q = source.next();
         let t = Instant::now();
-        let nearest = index.nearest(&namespace, &q, 0.9, 0);
+        let nearest = index.nearest(&namespace, &q, 0.9, 3, 0);
         miss.record(t.elapsed().as_nanos() as u64).unwrap();
         misses_found += nearest.len();
     }

@@ -305,7 +305,10 @@ pub struct CacheCounters {
     pub hits: u64,
     pub semantic_hits: u64,
     pub misses: u64,
-    pub guard_rejections: u64,
+    /// Semantic candidates the verifier let through.
+    pub verified: u64,
+    /// Semantic candidates turned down, by check.
+    pub rejected: Vec<(&'static str, u64)>,
 }
 
 /// One backend as the balancer sees it now.
@@ -371,10 +374,19 @@ fn render_state(out: &mut String, state: &ScrapeState) {
         .collect(),
     );
     family(
-        "sluice_cache_guard_rejections_total",
+        "sluice_cache_verifications_total",
         "counter",
-        "Semantic candidates turned down by the guard (negation, numbers, entities, quotes).",
-        vec![(String::new(), cache.guard_rejections as f64)],
+        "Semantic candidates judged by the cache's verifier on this replica: verified, or \
+         rejected and by which check (role_swap, comparison, negation, numbers, units, time, \
+         entities, quoted, wording, learned, verifier_unavailable).",
+        std::iter::once(("{verdict=\"verified\"}".to_owned(), cache.verified as f64))
+            .chain(cache.rejected.iter().map(|(check, n)| {
+                (
+                    format!("{{verdict=\"rejected\",check=\"{check}\"}}"),
+                    *n as f64,
+                )
+            }))
+            .collect(),
     );
     family(
         "sluice_usage_journal_bytes",

@@ -3,13 +3,15 @@
 //!     sluice-load run http://127.0.0.1:8080 --rate 200 --duration 30s --key sk-...
 //!     sluice-load compare --a http://127.0.0.1:9000 --b http://127.0.0.1:8080 --b-key sk-... \
 //!         --rate 500 --duration 10s --rounds 3
+//!     sluice-load cache-eval http://127.0.0.1:8080 --key sk-... --pairs pairs.jsonl \
+//!         --admin http://127.0.0.1:8081 --admin-token TOKEN --json eval.json
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
-use sluice_load::client;
 use sluice_load::report::{median, Ratio, Recorder, Report};
 use sluice_load::schedule::{closed_loop, open_loop, Arrivals, Schedule, Stop};
 use sluice_load::workload::Workload;
+use sluice_load::{cache_eval, client};
 use std::io::IsTerminal;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -59,6 +61,36 @@ enum Command {
         rounds: u32,
         #[command(flatten)]
         load: LoadArgs,
+    },
+    /// Measure the semantic cache's precision: ask pairs of questions one after the other and
+    /// count how often the second was answered from the cache kept for the first.
+    CacheEval {
+        /// Base URL of the gateway, e.g. http://127.0.0.1:8080
+        url: String,
+        #[arg(long)]
+        key: String,
+        /// JSON Lines, one `{"class", "same", "a", "b"}` a line.
+        #[arg(long)]
+        pairs: std::path::PathBuf,
+        /// The gateway's admin API: to wait until each first answer is stored (else a fixed
+        /// 300 ms) and to read the verification counters.
+        #[arg(long, requires = "admin_token")]
+        admin: Option<String>,
+        #[arg(long, env = "SLUICE_ADMIN_TOKEN", hide_env_values = true)]
+        admin_token: Option<String>,
+        #[arg(long, default_value = "sluice-sim")]
+        model: String,
+        #[arg(long, default_value_t = 8)]
+        max_tokens: u32,
+        /// Per-request timeout.
+        #[arg(long, value_parser = humantime::parse_duration, default_value = "60s")]
+        timeout: Duration,
+        /// Also write the report as JSON to this file.
+        #[arg(long)]
+        json: Option<std::path::PathBuf>,
+        /// Print each false hit and each missed paraphrase, with its similarity.
+        #[arg(long)]
+        show_wrong: bool,
     },
 }
 
@@ -356,6 +388,41 @@ async fn real_main() -> Result<()> {
                     fmt_opt(summary["median_p99_ratio"].as_f64(), 3),
                     fmt_opt(summary["median_added_p50_ms"].as_f64(), 3),
                     fmt_opt(summary["median_added_p99_ms"].as_f64(), 3));
+            }
+            Ok(())
+        }
+        Command::CacheEval {
+            url,
+            key,
+            pairs,
+            admin,
+            admin_token,
+            model,
+            max_tokens,
+            timeout,
+            json,
+            show_wrong,
+        } => {
+            let text = std::fs::read_to_string(&pairs)
+                .with_context(|| format!("cannot read {}", pairs.display()))?;
+            let pairs =
+                cache_eval::parse_pairs(&text).with_context(|| pairs.display().to_string())?;
+            let target = cache_eval::Target {
+                url,
+                key,
+                admin: admin.zip(admin_token),
+                model,
+                max_tokens,
+                timeout,
+            };
+            let evaluation = cache_eval::evaluate(&target, &pairs, &signal).await?;
+            if show_wrong {
+                print!("{}", evaluation.wrong(&pairs));
+            }
+            print!("{}", evaluation.text());
+            if let Some(path) = json {
+                std::fs::write(&path, serde_json::to_string_pretty(&evaluation)?)
+                    .with_context(|| format!("cannot write {}", path.display()))?;
             }
             Ok(())
         }

@@ -312,7 +312,7 @@ async fn a_paraphrase_is_a_semantic_hit_and_a_negation_is_a_miss() {
     );
 
     // MiniLM puts a question and its negation closer together (cosine ~0.99) than most
-    // paraphrases: only the guard keeps the answer to one from the other.
+    // paraphrases: only the verifier keeps the answer to one from the other.
     let safe = ask("Is ibuprofen safe during pregnancy?");
     send(&gw, &key, &safe).await;
     send_until_cached(&gw, &key, &safe).await;
@@ -323,7 +323,13 @@ async fn a_paraphrase_is_a_semantic_hit_and_a_negation_is_a_miss() {
         .admin(reqwest::Method::GET, "/admin/v1/cache/stats")
         .await
         .unwrap();
-    assert!(stats["guard_rejections"].as_u64().unwrap() >= 1, "{stats}");
+    assert!(
+        stats["verification"]["rejected"]["negation"]
+            .as_u64()
+            .unwrap()
+            >= 1,
+        "{stats}"
+    );
     assert!(stats["semantic_hits"].as_u64().unwrap() >= 1, "{stats}");
     assert_eq!(stats["by_tenant"]["globex"]["semantic_hits"], 0, "{stats}");
     assert_eq!(stats["by_tenant"]["globex"]["hits"], 0, "{stats}");
@@ -457,4 +463,185 @@ async fn bad_purge_requests_get_400() {
         .await
         .unwrap();
     assert_eq!((status, body["deleted"].clone()), (200, json!(0)));
+}
+
+/// Asks `question` once and waits until its answer is kept, so a second question can find it.
+async fn keep(gw: &Gateway, key: &str, question: &str) {
+    send(gw, key, &ask(question)).await;
+    send_until_cached(gw, key, &ask(question)).await;
+}
+
+async fn verification(gw: &Gateway) -> Value {
+    let (_, stats) = gw
+        .admin(reqwest::Method::GET, "/admin/v1/cache/stats")
+        .await
+        .unwrap();
+    stats["verification"].clone()
+}
+
+/// The two stages through the real API on the default (embedded) store: near-identical
+/// questions that ask something else miss, each turned down by its own check, while
+/// rephrased, politer, retyped and recased questions far below the similarity threshold hit.
+#[tokio::test]
+async fn structural_changes_miss_and_rewordings_hit_on_the_embedded_store() {
+    let Some(embedder) = embedder().await else {
+        return;
+    };
+    let backend = Backend::start().await.unwrap();
+    let gw = gateway(&backend, embedded(), cache_config(Some(&embedder), "")).await;
+    let (_, key) = gw.create_key("acme", "pro").await.unwrap();
+
+    for (stored, asked, check) in [
+        (
+            "Can a lender sue a borrower for late payment?",
+            "Can a borrower sue a lender for late payment?",
+            "role_swap",
+        ),
+        (
+            "Is a heat pump cheaper to run than a gas boiler?",
+            "Is a gas boiler cheaper to run than a heat pump?",
+            "comparison",
+        ),
+        (
+            "Is it legal to collect rainwater in Colorado?",
+            "Is it illegal to collect rainwater in Colorado?",
+            "negation",
+        ),
+        (
+            "How much water should I drink on a 20 km hike?",
+            "How much water should I drink on a 20 mile hike?",
+            "units",
+        ),
+        (
+            "What were the best selling cars last year?",
+            "What were the best selling cars next year?",
+            "time",
+        ),
+    ] {
+        keep(&gw, &key, stored).await;
+        let before = verification(&gw).await["rejected"][check].as_u64().unwrap();
+        let answer = send(&gw, &key, &ask(asked)).await;
+        assert_eq!((answer.status, answer.cache()), (200, "miss"), "{asked}");
+        let after = verification(&gw).await["rejected"][check].as_u64().unwrap();
+        assert!(
+            after > before,
+            "{stored} / {asked}: not turned down by {check}"
+        );
+    }
+
+    for (stored, asked) in [
+        (
+            "How do I undo the last commit in git?",
+            "hey, could you tell me how do I undo the last commit in git? thanks",
+        ),
+        (
+            "In Excel, how do I freeze the top row?",
+            "How do I freeze the top row in Excel?",
+        ),
+        (
+            "How long should I steep green tea?",
+            "How long shuold I steep green tea?",
+        ),
+    ] {
+        keep(&gw, &key, stored).await;
+        let answer = send(&gw, &key, &ask(asked)).await;
+        assert_eq!(
+            answer.cache(),
+            "semantic",
+            "{stored} / {asked}\n{}",
+            gw.log()
+        );
+    }
+    // Case, spacing and punctuation alone are an exact hit: no model involved.
+    keep(&gw, &key, "What is the boiling point of ethanol?").await;
+    let answer = send(&gw, &key, &ask("  what is the BOILING point of ethanol ")).await;
+    assert_eq!(answer.cache(), "hit");
+}
+
+/// With the learned verifier at an address where nothing listens, or behind a server that
+/// never answers, a candidate the structure lets through is a miss, answered by the backend
+/// with a 200, never an error; with a scorer that answers, its score decides.
+#[tokio::test]
+async fn a_learned_verifier_that_is_down_or_slow_makes_a_miss_not_an_error() {
+    let Some(embedder) = embedder().await else {
+        return;
+    };
+    let backend = Backend::start().await.unwrap();
+    let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let dead_url = format!("http://{}/v1/score", dead.local_addr().unwrap());
+    drop(dead);
+    // Accepts connections and never answers.
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let silent_url = format!("http://{}/v1/score", silent.local_addr().unwrap());
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((socket, _)) = silent.accept().await {
+            held.push(socket);
+        }
+    });
+    let (stored, asked) = (
+        "How do I reset my router password?",
+        "Could you please tell me how to reset my router password?",
+    );
+    for url in [dead_url, silent_url] {
+        let extra = format!("verifier_url = \"{url}\"\nverifier_timeout_ms = 200\n");
+        let gw = gateway(&backend, embedded(), cache_config(Some(&embedder), &extra)).await;
+        let (_, key) = gw.create_key("acme", "pro").await.unwrap();
+        keep(&gw, &key, stored).await;
+        let answer = send(&gw, &key, &ask(asked)).await;
+        assert_eq!((answer.status, answer.cache()), (200, "miss"), "{url}");
+        assert!(answer.headers.contains_key("x-sluice-backend"));
+        let v = verification(&gw).await;
+        assert!(v["learned"].as_bool().unwrap(), "{v}");
+        assert!(
+            v["rejected"]["verifier_unavailable"].as_u64().unwrap() >= 1,
+            "{v}"
+        );
+    }
+
+    // A stand-in scorer (not a model: it scores by a fixed rule) in vLLM's /v1/score shape
+    // and TEI's /rerank shape: high scores are served, low ones are turned down.
+    for (path, score, expected) in [
+        ("/v1/score", 0.9, "semantic"),
+        ("/v1/score", 0.1, "miss"),
+        ("/rerank", 0.9, "semantic"),
+    ] {
+        let url = stand_in_scorer(path, score).await;
+        let extra = format!("verifier_url = \"{url}\"\nverifier_threshold = 0.5\n");
+        let gw = gateway(&backend, embedded(), cache_config(Some(&embedder), &extra)).await;
+        let (_, key) = gw.create_key("acme", "pro").await.unwrap();
+        keep(&gw, &key, stored).await;
+        let answer = send(&gw, &key, &ask(asked)).await;
+        assert_eq!(answer.cache(), expected, "{path} {score}\n{}", gw.log());
+        let v = verification(&gw).await;
+        let turned_down = v["rejected"]["learned"].as_u64().unwrap();
+        assert_eq!(turned_down, u64::from(expected == "miss"), "{v}");
+        // The structure is still checked before the scorer is asked.
+        let negated = send(&gw, &key, &ask("How do I not reset my router password?")).await;
+        assert_eq!(negated.cache(), "miss");
+    }
+}
+
+/// A scoring endpoint that gives every pair `score`, in the shape its path implies.
+async fn stand_in_scorer(path: &'static str, score: f64) -> String {
+    use axum::{routing::post, Json, Router};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let handler = move |Json(request): Json<Value>| async move {
+        if path == "/rerank" {
+            assert!(request["query"].is_string() && request["texts"].is_array());
+            Json(json!([{"index": 0, "score": score}]))
+        } else {
+            assert!(request["text_1"].is_string() && request["text_2"].is_string());
+            Json(
+                json!({"object": "list", "data": [{"index": 0, "object": "score", "score": score}]}),
+            )
+        }
+    };
+    tokio::spawn(async move {
+        axum::serve(listener, Router::new().route(path, post(handler)))
+            .await
+            .unwrap()
+    });
+    format!("http://{addr}{path}")
 }

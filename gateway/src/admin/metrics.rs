@@ -39,7 +39,8 @@ fn scrape_state(gateway: &Gateway) -> crate::metrics::ScrapeState {
                 hits: stats.hits,
                 semantic_hits: stats.semantic_hits,
                 misses: stats.misses,
-                guard_rejections: stats.guard_rejections,
+                verified: stats.verification.verified,
+                rejected: stats.verification.rejected.into_iter().collect(),
             }
         },
         journal_bytes: gateway.usage.journal_bytes(),

@@ -34,8 +34,6 @@ const PROBES: usize = 8;
 /// k-means: sample points per list, and rounds.
 const TRAIN_PER_LIST: usize = 8;
 const TRAIN_ROUNDS: usize = 8;
-/// How many nearest entries a search returns: the guard may turn down the nearest.
-pub const CANDIDATES: usize = 3;
 
 /// What each entry costs beyond its answer, vector and names: the index's own maps.
 const ENTRY_OVERHEAD: u64 = 256;
@@ -247,19 +245,20 @@ impl CacheIndex {
         (meta.expires_ms > now_ms).then(|| (meta.id.clone(), meta.tenant.clone()))
     }
 
-    /// The stored entries nearest to `embedding` in `namespace` at or above `threshold`,
+    /// The `k` stored entries nearest to `embedding` in `namespace` at or above `threshold`,
     /// nearest first.
     pub fn nearest(
         &self,
         namespace: &Digest,
         embedding: &[f32],
         threshold: f32,
+        k: usize,
         now_ms: i64,
     ) -> Vec<Nearest> {
         let Some(ns) = self.read().namespaces.get(namespace).cloned() else {
             return Vec::new();
         };
-        let found = ns.search(embedding, CANDIDATES);
+        let found = ns.search(embedding, k);
         let inner = self.read();
         found
             .into_iter()
@@ -784,14 +783,14 @@ mod tests {
             index.insert(entry(i, "a", 1, unit(i as u64, 16)));
             index.insert(entry(1000 + i, "b", 2, unit(i as u64, 16)));
         }
-        let found = index.nearest(&[1; 32], &unit(7, 16), 0.99, 0);
+        let found = index.nearest(&[1; 32], &unit(7, 16), 0.99, 3, 0);
         assert_eq!(found.len(), 1);
         assert_eq!(found[0].id, "e7");
         assert_eq!(found[0].tenant, "a");
-        assert!(index.nearest(&[3; 32], &unit(7, 16), 0.0, 0).is_empty());
+        assert!(index.nearest(&[3; 32], &unit(7, 16), 0.0, 3, 0).is_empty());
         // Expired entries are not found.
         assert!(index
-            .nearest(&[1; 32], &unit(7, 16), 0.99, 1_000)
+            .nearest(&[1; 32], &unit(7, 16), 0.99, 3, 1_000)
             .is_empty());
     }
 
@@ -804,7 +803,7 @@ mod tests {
         }
         let mut hits = 0;
         for i in (0..n).step_by(97) {
-            let found = index.nearest(&[1; 32], &unit(i as u64, 32), 0.999, 0);
+            let found = index.nearest(&[1; 32], &unit(i as u64, 32), 0.999, 3, 0);
             hits += usize::from(found.first().is_some_and(|f| f.id == format!("e{i}")));
         }
         let probes = n.div_ceil(97);
@@ -814,9 +813,11 @@ mod tests {
         for i in 0..n - 10 {
             assert!(index.remove(&format!("e{i}")));
         }
-        assert!(index.nearest(&[1; 32], &unit(3, 32), 0.999, 0).is_empty());
+        assert!(index
+            .nearest(&[1; 32], &unit(3, 32), 0.999, 3, 0)
+            .is_empty());
         index.compact();
-        let found = index.nearest(&[1; 32], &unit((n - 1) as u64, 32), 0.999, 0);
+        let found = index.nearest(&[1; 32], &unit((n - 1) as u64, 32), 0.999, 3, 0);
         assert_eq!(found[0].id, format!("e{}", n - 1));
     }
 

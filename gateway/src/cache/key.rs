@@ -8,6 +8,7 @@ use crate::request::Route;
 use serde::Deserialize;
 use serde_json::Value;
 use sluice_policies::cache::RequestFacts;
+use sluice_policies::same_question::normal_form;
 use std::collections::BTreeMap;
 
 /// A 32-byte BLAKE3 digest.
@@ -239,9 +240,14 @@ impl CacheRequest {
         namespace.json("context", &context);
         let namespace = namespace.finish();
 
-        let mut exact = KeyWriter::new("sluice-cache-exact-v1");
+        // The namespace holds everything but the question, so the question's normal form
+        // completes the exact key: "What is Rust?" and "what is rust" are one request.
+        let mut exact = KeyWriter::new("sluice-cache-exact-v2");
         exact.bytes("namespace", &namespace);
-        exact.json("prompt", &messages.clone().or_else(|| prompt.clone()));
+        match &question {
+            Some(text) => exact.text("question", &normal_form(text)),
+            None => exact.json("prompt", &messages.clone().or_else(|| prompt.clone())),
+        }
         CacheKeys {
             exact: exact.finish(),
             namespace,
@@ -431,6 +437,20 @@ mod tests {
         let base = keys("t", ASK);
         assert_eq!(other.namespace, base.namespace);
         assert_ne!(other.exact, base.exact);
+    }
+
+    #[test]
+    fn case_spacing_and_sentence_punctuation_do_not_change_the_exact_key() {
+        let base = keys("t", ASK);
+        for same in ["what is rust", "  WHAT   is Rust?? ", "What is Rust"] {
+            let k = keys("t", &ASK.replace("What is Rust?", same));
+            assert_eq!(k.exact, base.exact, "{same}");
+            // The question itself is kept as written: it is what gets embedded and verified.
+            assert_eq!(k.question.as_deref(), Some(same));
+        }
+        let code = keys("t", &ASK.replace("What is Rust?", "what does `ls -L` do"));
+        let other = keys("t", &ASK.replace("What is Rust?", "what does `ls -l` do"));
+        assert_ne!(code.exact, other.exact);
     }
 
     #[test]

@@ -18,6 +18,7 @@ pub use stats::{CacheStats, TenantCacheStats};
 pub mod embed;
 pub mod index;
 pub mod key;
+pub mod verify;
 
 use crate::config::CacheConfig;
 use crate::request::Route;
@@ -28,7 +29,7 @@ use embed::Embedder;
 use index::{CacheIndex, IndexEntry};
 use key::{CacheKeys, CacheRequest, Digest};
 use serde::{Deserialize, Serialize};
-use sluice_policies::cache::{eligible, same_meaning_markers, CacheControl, CacheRules};
+use sluice_policies::cache::{eligible, CacheControl, CacheRules};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -116,7 +117,6 @@ enum LogEvent {
 struct Stats {
     lookups: Lookups,
     stored: AtomicU64,
-    guard_rejections: AtomicU64,
     embedding_failures: AtomicU64,
     store_failures: AtomicU64,
 }
@@ -127,6 +127,7 @@ pub struct ResponseCache {
     /// Shared with blocking tasks: an insert may regroup a large namespace.
     index: Arc<CacheIndex>,
     embedder: Option<Embedder>,
+    verifier: verify::Verifier,
     stats: Stats,
     /// Bodies of recently served entries.
     hot: hot::HotEntries<StoredEntry>,
@@ -151,6 +152,7 @@ impl ResponseCache {
                 / 100) as u64,
         };
         ResponseCache {
+            verifier: verify::Verifier::new(config.verification.clone()),
             config,
             store,
             index: Arc::new(CacheIndex::new(budget)),
@@ -238,13 +240,17 @@ impl ResponseCache {
         None
     }
 
+    /// Stage one finds up to `top_k` stored questions at or above the retrieval threshold;
+    /// stage two serves the nearest that the verifier judges to ask the same thing.
     async fn semantic(&self, plan: &mut Plan, now: i64) -> Option<Hit> {
         let question = plan.keys.question.as_deref()?;
         let embedding = self.embed(question).await?;
+        let strict = plan.rules.similarity_threshold;
         let nearest = self.index.nearest(
             &plan.keys.namespace,
             &embedding,
-            plan.rules.similarity_threshold,
+            self.verifier.floor(strict),
+            self.verifier.top_k(),
             now,
         );
         plan.embedding = Some(embedding);
@@ -256,8 +262,11 @@ impl ResponseCache {
                 continue;
             };
             let stored_question = entry.question.as_deref().unwrap_or_default();
-            if same_meaning_markers(stored_question, question).is_err() {
-                self.stats.guard_rejections.fetch_add(1, Ordering::Relaxed);
+            let verdict = self
+                .verifier
+                .judge(stored_question, question, candidate.similarity, strict)
+                .await;
+            if verdict.is_err() {
                 continue;
             }
             self.index.touch(&candidate.id);
@@ -364,7 +373,6 @@ impl ResponseCache {
         self.store
             .cache_put(&id, &body, ttl_ms, &serde_json::to_vec(&event)?, horizon_ms)
             .await?;
-        self.stats.stored.fetch_add(1, Ordering::Relaxed);
         let entry = IndexEntry {
             id,
             tenant: plan.tenant,
@@ -380,6 +388,8 @@ impl ResponseCache {
         let evicted = tokio::task::spawn_blocking(move || index.insert(entry))
             .await
             .unwrap_or_default();
+        // Counted once it can be found: a client that waits for the count finds the entry.
+        self.stats.stored.fetch_add(1, Ordering::Relaxed);
         self.store.cache_evict(&evicted).await?;
         Ok(())
     }
@@ -576,7 +586,7 @@ impl ResponseCache {
             misses,
             hit_rate: rate(hits, lookups),
             semantic_hit_rate: rate(semantic_hits, lookups),
-            guard_rejections: self.stats.guard_rejections.load(Ordering::Relaxed),
+            verification: self.verifier.stats(),
             stored: self.stats.stored.load(Ordering::Relaxed),
             embedding_failures: self.stats.embedding_failures.load(Ordering::Relaxed),
             store_failures: self.stats.store_failures.load(Ordering::Relaxed),

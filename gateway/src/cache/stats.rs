@@ -27,7 +27,8 @@ pub struct CacheStats {
     pub misses: u64,
     pub hit_rate: f64,
     pub semantic_hit_rate: f64,
-    pub guard_rejections: u64,
+    /// The semantic candidates checked, verified and turned down (by which check).
+    pub verification: super::verify::VerificationStats,
     pub stored: u64,
     pub embedding_failures: u64,
     pub store_failures: u64,

@@ -61,6 +61,14 @@ pub(super) struct CacheSection {
     pub(super) max_entries: Option<usize>,
     pub(super) max_bytes: Option<u64>,
     pub(super) tenant_max_percent: Option<u8>,
+    pub(super) verify: Option<bool>,
+    pub(super) retrieval_threshold: Option<f32>,
+    pub(super) retrieval_top_k: Option<usize>,
+    pub(super) verifier_url: Option<String>,
+    pub(super) verifier_model: Option<String>,
+    pub(super) verifier_api_key: Option<String>,
+    pub(super) verifier_threshold: Option<f32>,
+    pub(super) verifier_timeout_ms: Option<u64>,
     #[serde(default)]
     pub(super) tiers: BTreeMap<String, sluice_policies::cache::RuleOverrides>,
     #[serde(default)]

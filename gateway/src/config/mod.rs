@@ -115,6 +115,44 @@ pub struct CacheConfig {
     pub max_bytes: u64,
     /// The share of `max_bytes` one tenant may hold at most (100: no cap beyond fairness).
     pub tenant_max_percent: u8,
+    /// How semantic candidates are found and checked.
+    pub verification: VerificationConfig,
+}
+
+/// `[cache] verify`, `retrieval_*`, `verifier_*`: semantic hits in two stages. The index
+/// finds up to `top_k` stored questions at or above `retrieval_threshold`; each must then
+/// pass the structural checks (`sluice_policies::same_question`), and the learned verifier
+/// where one is configured, before its answer is served.
+#[derive(Debug, Clone)]
+pub struct VerificationConfig {
+    /// Off: a semantic hit is the nearest entry at or above the similarity threshold, on the
+    /// embedding alone.
+    pub enabled: bool,
+    pub retrieval_threshold: f32,
+    pub top_k: usize,
+    pub learned: Option<LearnedVerifierConfig>,
+}
+
+impl Default for VerificationConfig {
+    fn default() -> Self {
+        VerificationConfig {
+            enabled: true,
+            retrieval_threshold: 0.70,
+            top_k: 4,
+            learned: None,
+        }
+    }
+}
+
+/// A pair-scoring endpoint: vLLM's `/v1/score` shape, or `/rerank` (TEI, Cohere, Jina).
+#[derive(Debug, Clone)]
+pub struct LearnedVerifierConfig {
+    pub url: String,
+    pub model: String,
+    pub api_key: Option<String>,
+    /// Scores at or above this are the same question.
+    pub threshold: f32,
+    pub timeout: std::time::Duration,
 }
 
 #[derive(Debug, Clone)]

@@ -4,8 +4,9 @@
 
 use super::file::*;
 use super::{
-    invalid, BackendConfig, CacheConfig, ConfigError, Env, JwtConfig, PublicKeyConfig,
-    DEFAULT_ADMIN_LISTEN, DEFAULT_LISTEN, DEFAULT_MAX_BODY_BYTES,
+    invalid, BackendConfig, CacheConfig, ConfigError, Env, JwtConfig, LearnedVerifierConfig,
+    PublicKeyConfig, VerificationConfig, DEFAULT_ADMIN_LISTEN, DEFAULT_LISTEN,
+    DEFAULT_MAX_BODY_BYTES,
 };
 use sluice_policies::pricing::PriceBook;
 use sluice_policies::{Tier, Tiers};
@@ -431,6 +432,7 @@ pub(super) fn resolve_cache(
     env: Env,
 ) -> Result<CacheConfig, ConfigError> {
     use sluice_policies::cache::{CachePolicy, CacheRules};
+    let verification = resolve_verification(&c, env)?;
     let mut defaults = CacheRules::default();
     defaults.enabled = match env("SLUICE_CACHE").as_deref() {
         Some("on" | "true" | "1") => true,
@@ -503,6 +505,59 @@ pub(super) fn resolve_cache(
         max_entries,
         max_bytes,
         tenant_max_percent,
+        verification,
+    })
+}
+
+fn resolve_verification(c: &CacheSection, env: Env) -> Result<VerificationConfig, ConfigError> {
+    let defaults = VerificationConfig::default();
+    let retrieval_threshold = c
+        .retrieval_threshold
+        .unwrap_or(defaults.retrieval_threshold);
+    if !(retrieval_threshold > 0.0 && retrieval_threshold <= 1.0) {
+        return Err(invalid(
+            "cache.retrieval_threshold",
+            format!("must be between 0 and 1, not {retrieval_threshold}"),
+        ));
+    }
+    let top_k = c.retrieval_top_k.unwrap_or(defaults.top_k);
+    if !(1..=32).contains(&top_k) {
+        return Err(invalid("cache.retrieval_top_k", "must be between 1 and 32"));
+    }
+    let learned = match env("SLUICE_CACHE_VERIFIER_URL").or(c.verifier_url.clone()) {
+        None => None,
+        Some(url) => {
+            if !(url.starts_with("http://") || url.starts_with("https://")) {
+                return Err(invalid(
+                    "cache.verifier_url (SLUICE_CACHE_VERIFIER_URL)",
+                    format!("'{url}' is not an http:// URL"),
+                ));
+            }
+            let threshold = c.verifier_threshold.unwrap_or(0.5);
+            if !threshold.is_finite() {
+                return Err(invalid("cache.verifier_threshold", "must be a number"));
+            }
+            let timeout_ms = c.verifier_timeout_ms.unwrap_or(300);
+            if timeout_ms == 0 {
+                return Err(invalid(
+                    "cache.verifier_timeout_ms",
+                    "must be greater than 0",
+                ));
+            }
+            Some(LearnedVerifierConfig {
+                url,
+                model: c.verifier_model.clone().unwrap_or_default(),
+                api_key: env("SLUICE_CACHE_VERIFIER_API_KEY").or(c.verifier_api_key.clone()),
+                threshold,
+                timeout: std::time::Duration::from_millis(timeout_ms),
+            })
+        }
+    };
+    Ok(VerificationConfig {
+        enabled: c.verify.unwrap_or(defaults.enabled),
+        retrieval_threshold,
+        top_k,
+        learned,
     })
 }
 
