@@ -378,7 +378,7 @@ fn render_state(out: &mut String, state: &ScrapeState) {
         "counter",
         "Semantic candidates judged by the cache's verifier on this replica: verified, or \
          rejected and by which check (role_swap, comparison, negation, numbers, units, time, \
-         entities, quoted, wording, learned, verifier_unavailable).",
+         entities, quoted, wording, too_long, learned, verifier_unavailable).",
         std::iter::once(("{verdict=\"verified\"}".to_owned(), cache.verified as f64))
             .chain(cache.rejected.iter().map(|(check, n)| {
                 (

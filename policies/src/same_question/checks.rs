@@ -242,10 +242,6 @@ fn roles(p: &Pair) -> bool {
         .iter()
         .filter_map(|(stem, &(at_a, _))| b.get(stem).map(|&(at_b, _)| (*stem, at_a, at_b)))
         .collect();
-    let is_term = |stem: &str| a.get(stem).is_some_and(|(_, term)| *term);
-    let is_anchor = |stem: &str| {
-        !SYMMETRIC.contains(&stem) && stem != "than" && !SCALES.iter().any(|(w, _, _)| *w == stem)
-    };
     let voice_changed = has_by(&p.a) != has_by(&p.b);
     if voice_changed {
         return true;
@@ -253,39 +249,43 @@ fn roles(p: &Pair) -> bool {
     if markers_swapped(&p.a, &p.b) {
         return false;
     }
-    // A term listed with others ("the tenant or the landlord") moves with its list when a
-    // question is turned round ("who pays: the landlord or the tenant?").
-    let listed = |x: &str| {
-        shared
-            .iter()
-            .any(|&(o, _, _)| o != x && (coordinated(&p.a, x, o) || coordinated(&p.b, x, o)))
-    };
-    for &(x, xa, xb) in &shared {
-        if !is_term(x) || listed(x) {
-            continue;
-        }
-        for &(y, ya, yb) in &shared {
-            if !is_term(y) || xa >= ya || listed(y) {
-                continue;
-            }
-            // x before y in a: do they sit on either side of a shared word, the other way
-            // round in b?
-            let crossed = shared.iter().any(|&(v, va, vb)| {
-                is_anchor(v)
-                    && xa < va
-                    && va < ya
-                    && yb < vb
-                    && vb < xb
-                    && ![(x, v), (v, y)]
-                        .iter()
-                        .any(|&(s, t)| coordinated(&p.a, s, t) || coordinated(&p.b, s, t))
-            });
-            if crossed {
-                return false;
-            }
-        }
-    }
-    true
+    // A word listed with others ("the tenant or the landlord") moves with its list when a
+    // question is turned round ("who pays: the landlord or the tenant?"): it is neither a term
+    // nor an anchor of a crossing. Worked out once, as the loops below visit each shared word
+    // for every pair of terms.
+    let (listed_a, listed_b) = (listed(&p.a), listed(&p.b));
+    let listed: Vec<bool> = shared
+        .iter()
+        .map(|&(_, at_a, at_b)| listed_a[at_a] || listed_b[at_b])
+        .collect();
+    let terms: Vec<(usize, usize)> = shared
+        .iter()
+        .zip(&listed)
+        .filter(|((stem, _, _), listed)| !**listed && a.get(stem).is_some_and(|(_, t)| *t))
+        .map(|(&(_, at_a, at_b), _)| (at_a, at_b))
+        .collect();
+    let anchors: Vec<(usize, usize)> = shared
+        .iter()
+        .zip(&listed)
+        .filter(|((stem, _, _), listed)| {
+            !**listed
+                && !SYMMETRIC.contains(stem)
+                && *stem != "than"
+                && !SCALES.iter().any(|(w, _, _)| w == stem)
+        })
+        .map(|(&(_, at_a, at_b), _)| (at_a, at_b))
+        .collect();
+    // x before y in a and after it in b: do they sit on either side of a shared word, the
+    // other way round in b?
+    !terms.iter().any(|&(xa, xb)| {
+        terms.iter().any(|&(ya, yb)| {
+            xa < ya
+                && yb < xb
+                && anchors
+                    .iter()
+                    .any(|&(va, vb)| xa < va && va < ya && yb < vb && vb < xb)
+        })
+    })
 }
 
 /// Whether two terms traded the words that introduce them: "from Paris to Rome" against
@@ -353,18 +353,21 @@ const DETERMINERS: &[&str] = &[
     "those", "some", "any", "every", "each",
 ];
 
-/// Whether two words stand in a coordination ("cats or dogs", "the tenant or the landlord"):
-/// their order says nothing.
-fn coordinated(q: &Question, s: &str, t: &str) -> bool {
-    let at = |stem: &str| q.words.iter().position(|w| pronoun(&w.stem) == stem);
-    let (Some(i), Some(j)) = (at(s), at(t)) else {
-        return false;
-    };
-    let (i, j) = (i.min(j), i.max(j));
-    j - i <= 3
-        && q.words[i + 1..j]
-            .iter()
-            .any(|w| SYMMETRIC.contains(&w.folded.as_str()))
+/// For each word, whether it stands in a list with another ("cats or dogs", "the tenant or
+/// the landlord"): within three words of a content word, a joining word between them.
+fn listed(q: &Question) -> Vec<bool> {
+    let words = &q.words;
+    (0..words.len())
+        .map(|i| {
+            let near = i.saturating_sub(3)..(i + 4).min(words.len());
+            near.filter(|&j| j != i && words[j].kind == Kind::Content)
+                .any(|j| {
+                    words[i.min(j) + 1..i.max(j)]
+                        .iter()
+                        .any(|w| SYMMETRIC.contains(&w.folded.as_str()))
+                })
+        })
+        .collect()
 }
 
 /// Each stem that occurs once in the question: where, and whether it is a term (a word that

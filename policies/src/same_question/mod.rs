@@ -41,10 +41,17 @@ pub enum Check {
     RoleSwap,
     /// Below the strict similarity, a word without its match in the other question.
     Wording,
+    /// A question longer than [`MAX_WORDS`]: not compared (an exact hit still serves it).
+    TooLong,
 }
 
+/// The longest question the checks compare, in words. Some checks compare every pair or
+/// triple of words, so a bound keeps a huge prompt from costing a replica seconds; a near
+/// repeat of a long document is also where a wrong answer is likeliest to go unnoticed.
+pub const MAX_WORDS: usize = 150;
+
 impl Check {
-    pub const ALL: [Check; 9] = [
+    pub const ALL: [Check; 10] = [
         Check::Quoted,
         Check::Time,
         Check::Units,
@@ -54,6 +61,7 @@ impl Check {
         Check::Comparison,
         Check::RoleSwap,
         Check::Wording,
+        Check::TooLong,
     ];
 
     /// As it appears in stats and metrics.
@@ -68,6 +76,7 @@ impl Check {
             Check::Comparison => "comparison",
             Check::RoleSwap => "role_swap",
             Check::Wording => "wording",
+            Check::TooLong => "too_long",
         }
     }
 }
@@ -76,6 +85,12 @@ impl Check {
 /// embeddings: `Err` names the first check the pair fails. At or above `strict` similarity,
 /// words without a match are taken for synonyms (every other check still applies).
 pub fn verify(stored: &str, asked: &str, similarity: f32, strict: f32) -> Result<(), Check> {
+    if [stored, asked]
+        .iter()
+        .any(|q| q.split_whitespace().nth(MAX_WORDS).is_some())
+    {
+        return Err(Check::TooLong);
+    }
     let pair = checks::Pair {
         a: words::Question::of(stored),
         b: words::Question::of(asked),

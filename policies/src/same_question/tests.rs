@@ -280,3 +280,18 @@ fn the_structural_checks_alone_leave_wording_to_another_judge() {
         Err(Check::Negation)
     );
 }
+
+#[test]
+fn questions_past_the_word_bound_are_not_compared() {
+    let long = "why ".repeat(MAX_WORDS + 1);
+    assert_eq!(verify(&long, &long, 1.0, STRICT), Err(Check::TooLong));
+    // A huge prompt of distinct words (the worst case for the order checks) is turned down
+    // before it is analysed.
+    let huge: String = (0..200_000).map(|i| format!("w{i} ")).collect();
+    assert_eq!(
+        verify("What is rust?", &huge, 0.99, STRICT),
+        Err(Check::TooLong)
+    );
+    let at_bound = "rust ".repeat(MAX_WORDS);
+    assert_eq!(verify(&at_bound, &at_bound, 1.0, STRICT), Ok(()));
+}
