@@ -25,7 +25,7 @@ impl Default for CacheRules {
         CacheRules {
             enabled: true,
             ttl_secs: 3600,
-            similarity_threshold: 0.95,
+            similarity_threshold: 0.96,
             cache_unset_temperature: false,
         }
     }
@@ -278,7 +278,7 @@ mod tests {
         assert_eq!(policy.rules("free", "small").similarity_threshold, 0.97);
         assert_eq!(policy.rules("free", "big").similarity_threshold, 0.9);
         assert_eq!(policy.rules("free", "big").ttl_secs, 60);
-        assert_eq!(policy.rules("pro", "small").similarity_threshold, 0.95);
+        assert_eq!(policy.rules("pro", "small").similarity_threshold, 0.96);
         assert!(!policy.rules("pro", "secret").enabled);
         assert_eq!(policy.max_ttl_secs(), 3600);
 

@@ -216,7 +216,7 @@ fn terms_swapped(a: &Question, at_a: usize, b: &Question, at_b: usize) -> bool {
         let terms = |range: &[Word]| -> BTreeSet<String> {
             range
                 .iter()
-                .filter(|w| w.kind == Kind::Content)
+                .filter(|w| matches!(w.kind, Kind::Content | Kind::Number | Kind::Unit))
                 .map(|w| w.stem.clone())
                 .collect()
         };
@@ -376,7 +376,7 @@ fn positions(q: &Question) -> BTreeMap<&str, (usize, bool)> {
     let mut seen: BTreeMap<&str, Option<(usize, bool)>> = BTreeMap::new();
     for (at, w) in q.words.iter().enumerate() {
         let stem = pronoun(&w.stem);
-        let term = (matches!(w.kind, Kind::Content | Kind::Unit)
+        let term = (matches!(w.kind, Kind::Content | Kind::Unit | Kind::Number)
             && !NOT_TERMS.contains(&w.folded.as_str()))
             || PRONOUNS.contains(&stem);
         seen.entry(stem)

@@ -180,6 +180,16 @@ pub const COURTESY: &[&str] = &[
     "i dont know if",
     "i dont know whether",
     "dont hesitate",
+    "if this is a dumb question",
+    "if this is a silly question",
+    "if this is a stupid question",
+    "this might be a dumb question",
+    "this might be a silly question",
+    "this may be a dumb question",
+    "this may be a silly question",
+    "dumb question",
+    "silly question",
+    "stupid question",
 ];
 
 /// Words that negate what follows (compared by count: "not X" and "never X" agree, "not not

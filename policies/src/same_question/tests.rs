@@ -4,7 +4,7 @@ use super::*;
 const CLOSE: f32 = 0.99;
 /// A pair that embeds well below the strict threshold: the words must line up.
 const LOOSE: f32 = 0.80;
-const STRICT: f32 = 0.95;
+const STRICT: f32 = 0.96;
 
 fn differs(a: &str, b: &str, why: Check) {
     assert_eq!(verify(a, b, CLOSE, STRICT), Err(why), "{a} / {b}");
@@ -70,6 +70,11 @@ fn reversed_and_opposite_comparisons_differ() {
     differs(
         "Why do interest rates increase during inflation?",
         "Why do interest rates decrease during inflation?",
+        Check::Comparison,
+    );
+    differs(
+        "Is a 2-year loan costlier per month than a 5-year loan?",
+        "Is a 5-year loan costlier per month than a 2-year loan?",
         Check::Comparison,
     );
     same(
@@ -147,6 +152,16 @@ fn numbers_and_units_differ_in_any_script() {
         LOOSE,
     );
     same("Is ٤ a prime number?", "Is 4 a prime number?", LOOSE);
+    same(
+        "Can I take 3,000 dollars in cash abroad?",
+        "Can I take $3000 in cash abroad?",
+        LOOSE,
+    );
+    differs(
+        "Can I take $3000 in cash abroad?",
+        "Can I take €3000 in cash abroad?",
+        Check::Units,
+    );
 }
 
 #[test]
@@ -246,7 +261,7 @@ fn below_the_strict_threshold_every_word_needs_its_match() {
         verify(
             "Is aspirin safe for kids?",
             "Is aspirin safe for children?",
-            0.96,
+            0.97,
             STRICT
         ),
         Ok(())

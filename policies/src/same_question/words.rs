@@ -64,7 +64,7 @@ impl Question {
             ..Question::default()
         };
         let tokens = without_courtesy(split_units(tokenize(&text)));
-        let (mut i, mut last_number) = (0, None);
+        let (mut i, mut last_number, mut currency) = (0, None, None);
         while i < tokens.len() {
             let (raw, starts_sentence) = &tokens[i];
             let folded = fold(raw);
@@ -74,6 +74,9 @@ impl Question {
                 .is_some_and(|w| w.kind == Kind::Number);
             if let Some((number, taken)) = question.read_number(&tokens[i..]) {
                 question.numbers.insert(number.clone());
+                if let Some(unit) = currency.take() {
+                    question.quantities.insert((number.clone(), unit));
+                }
                 last_number = Some(number);
                 question.push_all(&tokens[i..i + taken], Kind::Number);
                 i += taken;
@@ -93,6 +96,9 @@ impl Question {
                 question.units.insert(unit);
                 if let (true, Some(number)) = (previous_is_number, last_number.take()) {
                     question.quantities.insert((number, unit));
+                } else if matches!(raw.as_str(), "$" | "€" | "£" | "¥") {
+                    // "$2000" is "2000 dollars": the sign stands before its number.
+                    currency = Some(unit);
                 }
                 Kind::Unit
             } else if is_filler(&folded) {
