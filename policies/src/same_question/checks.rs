@@ -30,6 +30,25 @@ pub(super) const CHECKS: &[(Check, CheckFn)] = &[
     (Check::Wording, wording),
 ];
 
+/// Takes a retyped word of `b` for the word of `a` it is a typo of ("landlrod" for
+/// "landlord"), so that the order and comparison checks see the same term in both: without
+/// it a typo hides a swap ("Can a landlrod evict a tenant" against "Can a tenant evict a
+/// landlord").
+pub(super) fn spell_like(b: &mut Question, a: &Question) {
+    for word in b.words.iter_mut().filter(|w| w.kind == Kind::Content) {
+        if a.words.iter().any(|o| o.stem == word.stem) {
+            continue;
+        }
+        if let Some(original) = a
+            .words
+            .iter()
+            .find(|o| o.kind == Kind::Content && same_word(o, word))
+        {
+            word.stem = original.stem.clone();
+        }
+    }
+}
+
 /// The same times. A number both questions have is no date in one and not the other
 /// ("$1000" and "$1,000"): the numbers check has it.
 fn times(p: &Pair) -> bool {

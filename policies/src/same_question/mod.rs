@@ -91,9 +91,12 @@ pub fn verify(stored: &str, asked: &str, similarity: f32, strict: f32) -> Result
     {
         return Err(Check::TooLong);
     }
+    let a = words::Question::of(stored);
+    let mut b = words::Question::of(asked);
+    checks::spell_like(&mut b, &a);
     let pair = checks::Pair {
-        a: words::Question::of(stored),
-        b: words::Question::of(asked),
+        a,
+        b,
         similarity,
         strict,
     };

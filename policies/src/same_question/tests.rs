@@ -23,6 +23,16 @@ fn swapped_roles_differ_and_moved_clauses_do_not() {
         "Can an employee sue an employer for quitting?",
         Check::RoleSwap,
     );
+    // A typo does not hide a swap.
+    assert_eq!(
+        verify(
+            "Can a tenant evict a landlord for not paying rent?",
+            "Can a landlrod evict a tenant for not paying rent?",
+            LOOSE,
+            STRICT
+        ),
+        Err(Check::RoleSwap)
+    );
     differs(
         "Can I sue my neighbour over a fence?",
         "Can my neighbour sue me over a fence?",
