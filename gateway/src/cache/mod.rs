@@ -16,6 +16,7 @@ mod stats;
 use stats::{rate, LookupCounts, Lookups};
 pub use stats::{CacheStats, TenantCacheStats};
 pub mod embed;
+mod endpoint;
 pub mod index;
 pub mod key;
 pub mod verify;

@@ -3,6 +3,7 @@
 //! learned verifier where one is configured. A verifier that is down, slow or answers
 //! nonsense makes the candidate a miss, never an error the client sees.
 
+use super::endpoint::{EndpointError, JsonEndpoint};
 use crate::config::{LearnedVerifierConfig, VerificationConfig};
 use serde::{Deserialize, Serialize};
 use sluice_policies::same_question::{self, Check};
@@ -161,19 +162,9 @@ fn slot(rejection: Rejection) -> usize {
 /// Cohere, Jina and vLLM `{"results": [{"index","relevance_score"}]}`); any other gets vLLM's
 /// `/v1/score` `{"text_1", "text_2"}` and reads `data[0].score`.
 struct Scorer {
-    http: reqwest::Client,
+    endpoint: JsonEndpoint,
     config: LearnedVerifierConfig,
     rerank: bool,
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum ScoreError {
-    #[error("verifier unreachable: {0}")]
-    Http(#[from] reqwest::Error),
-    #[error("verifier answered {status}: {body}")]
-    Status { status: u16, body: String },
-    #[error("verifier answered without a score")]
-    NoScore,
 }
 
 #[derive(Deserialize)]
@@ -196,24 +187,21 @@ struct RerankItem {
 
 impl Scorer {
     fn new(config: LearnedVerifierConfig) -> Scorer {
-        let http = reqwest::Client::builder()
-            .timeout(config.timeout)
-            .connect_timeout(config.timeout)
-            .build()
-            .expect("an HTTP client without TLS builds");
+        let endpoint =
+            JsonEndpoint::new(config.url.clone(), config.api_key.clone(), config.timeout);
         let rerank = config
             .url
             .trim_end_matches('/')
             .to_ascii_lowercase()
             .ends_with("rerank");
         Scorer {
-            http,
+            endpoint,
             config,
             rerank,
         }
     }
 
-    async fn score(&self, stored: &str, asked: &str) -> Result<f32, ScoreError> {
+    async fn score(&self, stored: &str, asked: &str) -> Result<f32, EndpointError> {
         let body = if self.rerank {
             serde_json::json!({
                 "model": self.config.model,
@@ -228,26 +216,13 @@ impl Scorer {
                 "text_2": stored,
             })
         };
-        let mut request = self.http.post(&self.config.url).json(&body);
-        if let Some(key) = &self.config.api_key {
-            request = request.bearer_auth(key);
-        }
-        let response = request.send().await?;
-        let status = response.status();
-        if !status.is_success() {
-            let body = response.text().await.unwrap_or_default();
-            return Err(ScoreError::Status {
-                status: status.as_u16(),
-                body: body.chars().take(200).collect(),
-            });
-        }
-        let score = match response.json::<ScoreAnswer>().await? {
+        let score = match self.endpoint.post::<ScoreAnswer>(&body).await? {
             ScoreAnswer::Score { data } | ScoreAnswer::Tei(data) => data.first().map(|d| d.score),
             ScoreAnswer::Rerank { results } => results.first().map(|r| r.relevance_score),
         };
         score
             .filter(|s| s.is_finite())
             .map(|s| s as f32)
-            .ok_or(ScoreError::NoScore)
+            .ok_or(EndpointError::Empty("a score"))
     }
 }
