@@ -194,16 +194,22 @@ impl Gateway {
         }
     }
 
-    /// The body of `GET /v1/models`: every model some backend serves, and the aliases.
-    pub fn model_list(&self) -> Bytes {
+    /// The body of `GET /v1/models`: every model some backend serves and every alias that
+    /// resolves for the caller's tier, less what the caller may not name.
+    pub fn model_list(&self, caller: &crate::auth::Identity) -> Bytes {
+        let access = &caller.models;
         let mut data: Vec<_> = self
             .upstreams
             .models()
             .values()
+            .filter(|m| access.permits(&m.id, None))
             .map(|m| json!({"id": m.id, "object": "model", "created": 0, "owned_by": m.owned_by}))
             .collect();
-        data.extend(self.config.aliases.keys().map(|alias| {
-            json!({"id": alias, "object": "model", "created": 0, "owned_by": "sluice-alias"})
+        data.extend(self.config.aliases.keys().filter_map(|alias| {
+            let target = self.config.resolve_alias(alias, &caller.tier)?;
+            access.permits(alias, Some(target)).then(|| {
+                json!({"id": alias, "object": "model", "created": 0, "owned_by": "sluice-alias"})
+            })
         }));
         Bytes::from(json!({"object": "list", "data": data}).to_string())
     }

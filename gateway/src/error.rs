@@ -116,6 +116,17 @@ impl ApiError {
         .with_param("model")
     }
 
+    /// 403: the caller's key or tier may not name this model.
+    pub fn model_not_allowed(model: &str) -> Self {
+        Self::new(
+            403,
+            ErrorKind::Permission,
+            Some("model_not_allowed"),
+            format!("This API key is not allowed to use the model `{model}`."),
+        )
+        .with_param("model")
+    }
+
     pub fn method_not_allowed(method: &str, path: &str) -> Self {
         Self::new(
             405,

@@ -5,7 +5,7 @@
 use rand::RngCore;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
-use sluice_policies::LimitOverrides;
+use sluice_policies::{LimitOverrides, ModelLists};
 
 const SECRET_PREFIX: &str = "sk-sluice-";
 /// How much of the secret is kept in the clear so operators can tell keys apart.
@@ -32,6 +32,9 @@ pub struct KeyRecord {
     /// tier's and model's rules apply as well).
     #[serde(default = "cache_on")]
     pub cache: bool,
+    /// Which models the key may name, on top of its tier's lists.
+    #[serde(flatten)]
+    pub models: ModelLists,
 }
 
 fn cache_on() -> bool {

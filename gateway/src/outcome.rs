@@ -295,6 +295,7 @@ mod tests {
             tier: "pro".into(),
             limits: Limits::default(),
             cache: true,
+            models: Default::default(),
         };
         let full = RequestOutcome {
             request_id: "req-1:a.b_c",

@@ -82,6 +82,7 @@ fn asker(tenant: &str) -> Identity {
         tier: "free".to_owned(),
         limits: Limits::default(),
         cache: true,
+        models: Default::default(),
     }
 }
 

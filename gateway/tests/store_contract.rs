@@ -44,6 +44,11 @@ fn record(name: &str, created_at: i64) -> (KeyRecord, String) {
         created_at,
         revoked_at: None,
         cache: true,
+        // Stored flattened beside the limits: kept through every store's round trip.
+        models: sluice_policies::ModelLists {
+            allowed_models: Some(vec!["llama-*".into(), "chat".into()]),
+            denied_models: vec!["llama-405b".into()],
+        },
     };
     (record, secret.secret)
 }

@@ -5,6 +5,7 @@
 pub mod cache;
 pub mod ledger;
 pub mod limits;
+pub mod model_access;
 pub mod money;
 pub mod pricing;
 pub mod quota;
@@ -12,6 +13,7 @@ pub mod same_question;
 pub mod tiers;
 
 pub use limits::{LimitOverrides, Limits};
+pub use model_access::{ModelAccess, ModelLists};
 pub use money::Money;
 pub use pricing::{
     Band, ModelPrice, PriceBook, PriceEntry, PriceSchedule, PricingError, TokenCounts,

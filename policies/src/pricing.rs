@@ -662,6 +662,7 @@ mod tests {
             limits: Limits::default(),
             on_store_unavailable: Default::default(),
             request_caps: Default::default(),
+            models: Default::default(),
         };
         Tiers::new([tier("free", "USD"), tier("eu", "EUR")]).unwrap()
     }

@@ -1,6 +1,7 @@
 //! Pricing tiers: named bundles of limits. `free` is where a new key starts.
 
 use crate::limits::Limits;
+use crate::model_access::ModelLists;
 use crate::money::Money;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -19,6 +20,9 @@ pub struct Tier {
     /// The largest single request the tier accepts.
     #[serde(default)]
     pub request_caps: RequestCaps,
+    /// Which models the tier's keys may name.
+    #[serde(flatten)]
+    pub models: ModelLists,
 }
 
 /// Bounds on one request, so that what it reserves (prompts × choices × completion cap) is
@@ -66,6 +70,11 @@ pub enum TierError {
     BadCurrency(String),
     #[error("the default tier '{DEFAULT_TIER}' must be declared")]
     NoDefault,
+    #[error("tier '{tier}': {reason}")]
+    BadModels {
+        tier: String,
+        reason: crate::model_access::PatternError,
+    },
 }
 
 /// The set of tiers in force.
@@ -83,6 +92,12 @@ impl Tiers {
             if c.len() != 3 || !c.bytes().all(|b| b.is_ascii_uppercase()) {
                 return Err(TierError::BadCurrency(tier.name.clone()));
             }
+            tier.models
+                .validate()
+                .map_err(|reason| TierError::BadModels {
+                    tier: tier.name.clone(),
+                    reason,
+                })?;
         }
         if !by_name.contains_key(DEFAULT_TIER) {
             return Err(TierError::NoDefault);
@@ -105,6 +120,7 @@ impl Tiers {
             },
             on_store_unavailable: FailMode::Open,
             request_caps: RequestCaps::default(),
+            models: ModelLists::default(),
         };
         Tiers::new([
             tier(

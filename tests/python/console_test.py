@@ -1,5 +1,5 @@
 """The admin console in a real browser (headless Chromium through Selenium): sign in, create a
-key, change its tier, watch its live quota, revoke it, and read usage charts, cache stats and
+key with its allowed models and change them, change its tier, watch its live quota, revoke it, and read usage charts, cache stats and
 backends. Needs SLUICE_ADMIN_URL, SLUICE_ADMIN_TOKEN and SLUICE_TENANT (a tenant with traffic)."""
 
 import os
@@ -58,11 +58,20 @@ try:
     css("#new-name").send_keys("from-the-browser")
     css("#new-tenant").send_keys("browser-tenant")
     Select(css("#new-tier")).select_by_visible_text("free")
+    css("#new-models").send_keys("sim-chat, sim-embed")
     css("#create-key button").click()
     wait.until(lambda d: "sk-sluice-" in css("#new-secret").text)
     row = wait.until(lambda d: next((r for r in d.find_elements(By.CSS_SELECTOR, "#keys tbody tr")
                                      if "from-the-browser" in r.text), None))
     key_id = row.get_attribute("data-key")
+    check("sim-chat, sim-embed" in row.text, "the key's allowed models are shown")
+
+    # Change its models through the prompt; the row shows the new list.
+    row.find_element(By.CSS_SELECTOR, ".edit-models").click()
+    prompt = wait.until(ec.alert_is_present())
+    prompt.send_keys("sim-*")
+    prompt.accept()
+    wait.until(lambda d: "sim-*" in d.find_element(By.CSS_SELECTOR, f'#keys tr[data-key="{key_id}"]').text)
 
     # Change its tier; the change is in the API afterwards.
     Select(row.find_element(By.CSS_SELECTOR, "select.tier")).select_by_visible_text("pro")

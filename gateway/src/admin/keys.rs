@@ -11,7 +11,7 @@ use axum::response::IntoResponse;
 use axum::{Extension, Json};
 use serde::Deserialize;
 use serde_json::{json, Value};
-use sluice_policies::LimitOverrides;
+use sluice_policies::{LimitOverrides, ModelLists};
 
 /// A key as the admin API shows it: never its secret or hash.
 pub(super) fn key_view(gateway: &Gateway, record: &KeyRecord) -> Value {
@@ -32,6 +32,8 @@ pub(super) fn key_view(gateway: &Gateway, record: &KeyRecord) -> Value {
         "created_at": record.created_at,
         "revoked_at": record.revoked_at,
         "cache": record.cache,
+        "allowed_models": record.models.allowed_models,
+        "denied_models": record.models.denied_models,
         "status": if record.is_revoked() { "revoked" } else { "active" },
     })
 }
@@ -46,6 +48,11 @@ struct CreateKey {
     limits: LimitOverrides,
     /// `false` keeps this key's answers out of the response cache.
     cache: Option<bool>,
+    /// Replaces the tier's allow-list for this key; absent or `null`: the tier's.
+    allowed_models: Option<Vec<String>>,
+    /// Added to the tier's deny-list.
+    #[serde(default)]
+    denied_models: Vec<String>,
 }
 
 pub(super) async fn create_key(
@@ -62,6 +69,10 @@ pub(super) async fn create_key(
         .tiers()
         .get(&tier)
         .map_err(|e| ApiError::bad_request(e.to_string()).with_param("tier"))?;
+    let models = model_lists(ModelLists {
+        allowed_models: req.allowed_models,
+        denied_models: req.denied_models,
+    })?;
     let secret = NewSecret::generate();
     let record = KeyRecord {
         id: new_key_id(),
@@ -74,6 +85,7 @@ pub(super) async fn create_key(
         created_at: crate::clock::now_sec(),
         revoked_at: None,
         cache: req.cache.unwrap_or(true),
+        models,
     };
     gateway
         .store
@@ -140,6 +152,10 @@ struct UpdateKey {
     /// Replaces the key's overrides as a whole; `{}` clears them.
     limits: Option<LimitOverrides>,
     cache: Option<bool>,
+    /// `null` clears the key's allow-list, so the tier's applies.
+    #[serde(default, deserialize_with = "super::present")]
+    allowed_models: Option<Option<Vec<String>>>,
+    denied_models: Option<Vec<String>>,
 }
 
 pub(super) async fn update_key(
@@ -175,6 +191,13 @@ pub(super) async fn update_key(
     if let Some(cache) = req.cache {
         record.cache = cache;
     }
+    if let Some(allowed) = req.allowed_models {
+        record.models.allowed_models = allowed;
+    }
+    if let Some(denied) = req.denied_models {
+        record.models.denied_models = denied;
+    }
+    record.models = model_lists(record.models)?;
     gateway
         .store
         .put_key(&record, None)
@@ -293,6 +316,14 @@ pub(super) async fn reset_key_quota(
     gateway.admission.forget_key(&id);
     tracing::info!(key_id = %id, "quota reset");
     Ok(Json(json!({"key_id": id, "reset": true})))
+}
+
+/// A key's model lists, if every pattern is well-formed.
+fn model_lists(lists: ModelLists) -> Result<ModelLists, ApiError> {
+    lists
+        .validate()
+        .map_err(|e| ApiError::bad_request(e.to_string()).with_param(e.field()))?;
+    Ok(lists)
 }
 
 /// An API key's tenant: named by the operator, and never in the `jwt:` namespace, which

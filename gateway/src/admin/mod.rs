@@ -225,8 +225,29 @@ async fn key_written(gateway: &Gateway) {
 }
 
 fn parse_body<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
-    serde_json::from_slice(body)
-        .map_err(|e| ApiError::bad_request(format!("Invalid request body: {e}.")))
+    let mut json = serde_json::Deserializer::from_slice(body);
+    let parsed: T = serde_path_to_error::deserialize(&mut json).map_err(|e| {
+        let path = e.path().to_string();
+        let at = if path == "." {
+            String::new()
+        } else {
+            format!("{path}: ")
+        };
+        ApiError::bad_request(format!("Invalid request body: {at}{}.", e.inner()))
+    })?;
+    json.end()
+        .map_err(|e| ApiError::bad_request(format!("Invalid request body: {e}.")))?;
+    Ok(parsed)
+}
+
+/// For a PATCH field where `null` means something (clear it) and absence means "unchanged":
+/// with `#[serde(default)]`, absent is `None` and `null` is `Some(None)`.
+fn present<'de, D, T>(d: D) -> Result<Option<Option<T>>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: serde::Deserialize<'de>,
+{
+    <Option<T> as serde::Deserialize>::deserialize(d).map(Some)
 }
 
 fn store_error(e: crate::store::StoreError) -> ApiError {

@@ -35,6 +35,10 @@ struct PutTier {
     on_store_unavailable: Option<sluice_policies::FailMode>,
     #[serde(default)]
     request_caps: Option<sluice_policies::RequestCaps>,
+    /// Absent: the tier's current list; `null`: no allow-list (every model).
+    #[serde(default, deserialize_with = "super::present")]
+    allowed_models: Option<Option<Vec<String>>>,
+    denied_models: Option<Vec<String>>,
 }
 
 /// `PUT /admin/v1/tiers/{name}`: creates or replaces a tier; every replica applies it within
@@ -63,6 +67,15 @@ pub(super) async fn put_tier(
             .request_caps
             .or_else(|| existing.map(|t| t.request_caps))
             .unwrap_or_default(),
+        models: sluice_policies::ModelLists {
+            allowed_models: req
+                .allowed_models
+                .unwrap_or_else(|| existing.and_then(|t| t.models.allowed_models.clone())),
+            denied_models: req
+                .denied_models
+                .or_else(|| existing.map(|t| t.models.denied_models.clone()))
+                .unwrap_or_default(),
+        },
     };
     // Validate as the whole set would be, prices included, before storing anything.
     let mut all: Vec<_> = current.iter().filter(|t| t.name != name).cloned().collect();

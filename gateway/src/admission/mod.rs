@@ -602,6 +602,7 @@ mod tests {
             tier: "free".into(),
             limits,
             cache: true,
+            models: Default::default(),
         }
     }
 

@@ -126,6 +126,7 @@ mod tests {
             tier: "free".into(),
             limits: Default::default(),
             cache: true,
+            models: Default::default(),
         })
     }
 

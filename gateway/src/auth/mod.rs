@@ -13,7 +13,7 @@ pub use key_cache::{KeyCache, EPOCH_POLL};
 use crate::error::ApiError;
 use crate::keys::{KeyHash, KeyRecord};
 use crate::store::Store;
-use sluice_policies::{Limits, Tiers};
+use sluice_policies::{Limits, ModelAccess, ModelLists, Tiers};
 use std::sync::Arc;
 
 /// What a JWT's tenant (and subject) is prefixed with, so that tenants named by tokens and
@@ -31,6 +31,8 @@ pub struct Identity {
     pub limits: Limits,
     /// The key allows the response cache (tokens always do; their tier's rules decide).
     pub cache: bool,
+    /// Which models the caller may name.
+    pub models: ModelAccess,
 }
 
 pub struct Authenticator {
@@ -117,6 +119,7 @@ impl Authenticator {
             tier: record.tier.clone(),
             limits: tier.limits.with_overrides(&record.limits),
             cache: record.cache,
+            models: ModelAccess::of(&tier.models, &record.models),
         })
     }
 
@@ -144,6 +147,7 @@ impl Authenticator {
             tier: tier.name.clone(),
             limits: tier.limits.clone(),
             cache: true,
+            models: ModelAccess::of(&tier.models, &ModelLists::default()),
         })
     }
 }

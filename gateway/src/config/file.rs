@@ -155,6 +155,10 @@ pub(super) struct TierSection {
     pub(super) on_store_unavailable: sluice_policies::FailMode,
     #[serde(default)]
     pub(super) request_caps: sluice_policies::RequestCaps,
+    #[serde(default)]
+    pub(super) allowed_models: Option<Vec<String>>,
+    #[serde(default)]
+    pub(super) denied_models: Vec<String>,
 }
 
 pub(super) fn default_currency() -> String {

@@ -187,6 +187,10 @@ pub(super) fn tiers(declared: BTreeMap<String, TierSection>) -> Result<Tiers, Co
             limits: t.limits,
             on_store_unavailable: t.on_store_unavailable,
             request_caps: t.request_caps,
+            models: sluice_policies::ModelLists {
+                allowed_models: t.allowed_models,
+                denied_models: t.denied_models,
+            },
         }))
         .map_err(|e| invalid("tiers", e.to_string()))?
     })

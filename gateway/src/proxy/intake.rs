@@ -56,7 +56,7 @@ impl Proxy {
             .await?;
         ctx.identity = Some(identity.clone());
         if route == Route::Models {
-            return Ok(Some(LocalAnswer::Json(self.gateway.model_list())));
+            return Ok(Some(LocalAnswer::Json(self.gateway.model_list(&identity))));
         }
         // The request rate is checked before the body is read: a key past its rate costs no
         // upload.
@@ -92,7 +92,7 @@ impl Proxy {
     }
 
     /// What are they asking for: the body, read whole (bounded), with an alias resolved to
-    /// the model it stands for.
+    /// the model it stands for, and a model outside the caller's lists refused.
     async fn read_request(
         &self,
         session: &mut Session,
@@ -107,17 +107,19 @@ impl Proxy {
             timeout: config.body_read_timeout,
         };
         ctx.body = request::read_body(session, limits, &self.gateway.overload, share).await?;
-        if !self.gateway.config.aliases.is_empty() {
-            let view = RequestView::parse(route, &ctx.body)?;
-            if let Some(target) = self
-                .gateway
-                .config
-                .resolve_alias(view.model(), &identity.tier)
-            {
-                let target = target.to_owned();
-                ctx.body = request::with_model(&ctx.body, &target)?;
-                ctx.body_rewritten = true;
-            }
+        let access = &identity.models;
+        if config.aliases.is_empty() && access.unrestricted() {
+            return Ok(ctx.body.clone());
+        }
+        let view = RequestView::parse(route, &ctx.body)?;
+        let asked = view.model();
+        let target = config.resolve_alias(asked, &identity.tier);
+        if !access.permits(asked, target) {
+            return Err(ApiError::model_not_allowed(asked));
+        }
+        if let Some(target) = target {
+            ctx.body = request::with_model(&ctx.body, target)?;
+            ctx.body_rewritten = true;
         }
         Ok(ctx.body.clone())
     }
