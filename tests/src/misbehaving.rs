@@ -29,6 +29,9 @@ pub enum Behaviour {
     Silent,
     /// Starts a stream, then resets the connection.
     ResetMidStream,
+    /// Starts a JSON answer (its header promising the whole length), then resets the
+    /// connection half-way through the body.
+    ResetMidJson,
 }
 
 /// The prompt and completion tokens the backend reports when it reports usage.
@@ -265,6 +268,21 @@ async fn misbehave(mut tcp: TcpStream, behaviour: Behaviour) -> std::io::Result<
         }
         Behaviour::Silent => {
             tokio::time::sleep(Duration::from_secs(3600)).await;
+            Ok(())
+        }
+        Behaviour::ResetMidJson => {
+            let body = completion(true, "half of this answer never arrives");
+            let head = format!(
+                "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n",
+                body.len()
+            );
+            tcp.write_all(head.as_bytes()).await?;
+            tcp.write_all(&body.as_bytes()[..body.len() / 2]).await?;
+            tcp.flush().await?;
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            #[allow(deprecated)]
+            tcp.set_linger(Some(Duration::ZERO))?;
+            drop(tcp);
             Ok(())
         }
         Behaviour::ResetMidStream => {

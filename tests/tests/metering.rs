@@ -110,7 +110,7 @@ async fn send(gw: &Gateway, key: &str, kind: Kind, i: usize) {
                 text.contains("\"completion_tokens\""),
                 "the client asked for usage"
             );
-            assert!(text.ends_with("data: [DONE]\n\n"));
+            assert!(ends_with_done_and_cost(&text), "{text}");
         }
         Kind::ChatStreamWithoutUsage | Kind::CompletionStream => {
             let text = response.text().await.unwrap();
@@ -118,13 +118,21 @@ async fn send(gw: &Gateway, key: &str, kind: Kind, i: usize) {
                 !text.contains("prompt_tokens"),
                 "usage chunk the client did not ask for: {text}"
             );
-            assert!(text.ends_with("data: [DONE]\n\n"));
+            assert!(ends_with_done_and_cost(&text), "{text}");
         }
         _ => {
             let v: Value = response.json().await.unwrap();
             assert!(v["usage"]["prompt_tokens"].as_u64().unwrap() > 0);
         }
     }
+}
+
+/// A priced stream ends with `[DONE]` and then the comment saying what it cost.
+fn ends_with_done_and_cost(text: &str) -> bool {
+    text.rsplit_once("data: [DONE]\n\n")
+        .is_some_and(|(_, rest)| {
+            rest.starts_with(": x-sluice-cost: ") && rest.ends_with(" USD\n\n")
+        })
 }
 
 /// Sends `count` requests, cycling through every kind, 16 at a time.

@@ -27,8 +27,11 @@ async fn case(behaviour: Behaviour) -> Case {
         backends: vec![backend.url.clone()],
         store: StoreKind::Embedded(dir.path().to_owned()),
         max_body_bytes: 1 << 20,
-        extra_config:
-            "[balancer]\nread_timeout_secs = 2\nretries = 1\n\n[metering]\ndrain_secs = 2\n".into(),
+        // Priced, so that non-streamed answers are held for their cost header: every case
+        // below also holds with a held answer.
+        extra_config: "[balancer]\nread_timeout_secs = 2\nretries = 1\n\n[metering]\ndrain_secs = 2\n\n\
+             [[prices]]\nmodel = \"sim-chat\"\ntier = \"*\"\ncurrency = \"USD\"\ninput = \"1\"\noutput = \"2\"\n"
+            .into(),
         server_config: String::new(),
         env: Vec::new(),
     })
@@ -104,7 +107,14 @@ async fn one_byte_chunks_pass_whole_and_are_billed_as_reported() {
     assert_eq!(response.status(), 200);
     let text = response.text().await.unwrap();
     assert_eq!(text.matches("tok ").count(), REPORTED.1 as usize, "{text}");
-    assert!(text.ends_with("data: [DONE]\n\n"));
+    // The stream ends with what it cost: the reported usage at 1 and 2 USD per million.
+    let cost = rust_decimal::Decimal::from(REPORTED.0 + 2 * REPORTED.1)
+        / rust_decimal::Decimal::from(1_000_000);
+    let end = format!(
+        "data: [DONE]\n\n: x-sluice-cost: {} USD\n\n",
+        cost.normalize()
+    );
+    assert!(text.ends_with(&end), "{text}");
     assert!(
         !text.contains("prompt_tokens"),
         "the usage chunk nobody asked for is removed"
@@ -121,6 +131,8 @@ async fn a_100_mb_answer_passes_through_without_being_held() {
     let c = case(Behaviour::HugeBody(100 << 20)).await;
     let response = c.chat(false).send().await.unwrap();
     assert_eq!(response.status(), 200);
+    // Far past what is held for a cost header: passed on as it came, without one.
+    assert!(response.headers().get("x-sluice-cost").is_none());
     let mut body = response.bytes_stream();
     let mut read = 0usize;
     while let Some(piece) = body.next().await {
@@ -236,6 +248,19 @@ async fn a_reset_mid_stream_truncates_the_stream_and_bills_what_was_sent() {
 
 /// Three of a model's four backends answer every request with 502: passive ejection takes
 /// out at most half of them (two), never the pool, and clients are still served by retries.
+#[tokio::test]
+async fn a_reset_mid_json_answer_held_for_its_cost_gets_an_openai_error() {
+    let c = case(Behaviour::ResetMidJson).await;
+    let response = c.chat(false).send().await.unwrap();
+    // The header was held back with the half answer, so the client gets a clean error
+    // rather than a 200 with half a JSON body.
+    assert_eq!(response.status(), 502);
+    assert!(response.headers().get("x-sluice-cost").is_none());
+    let (kind, _, message) = openai_error(response).await.unwrap();
+    assert_eq!(kind, "server_error", "{message}");
+    c.still_well().await;
+}
+
 #[tokio::test]
 async fn ejection_stops_at_its_share_of_the_pool() {
     let failing = [

@@ -85,15 +85,25 @@ pub fn parse_time(field: &'static str, value: &str) -> Result<i64, ExportError> 
     Ok((at.unix_timestamp_nanos() / 1_000_000) as i64)
 }
 
-/// What a request's usage counts against its budget, in nano-units rounded up: the price of
-/// its tokens at the model's first bands (the budget does not follow graduated bands, which
-/// exports do; for prices that fall with volume this over-counts, never under).
+/// A request's cost at the model's first bands, exact, in the price's currency: what its
+/// answer says it cost (`x-sluice-cost`), the same as its billing export's cost unless the
+/// price is graduated (exports follow each key's month to date). `None`: no price.
+pub fn first_band_cost<'p>(
+    prices: &'p PriceBook,
+    model: &str,
+    tier: &str,
+    usage: &Usage,
+) -> Option<(Decimal, &'p str)> {
+    let price = prices.lookup(model, tier)?;
+    let cost = price.cost(&TokenCounts::default(), &usage.billable());
+    Some((cost, price.currency()))
+}
+
+/// What a request's usage counts against its budget, in nano-units rounded up: its
+/// [`first_band_cost`] (the budget does not follow graduated bands, which exports do; for
+/// prices that fall with volume this over-counts, never under).
 pub fn settled_cost_nano(prices: &PriceBook, model: &str, tier: &str, usage: &Usage) -> i64 {
-    let counts = usage.billable();
-    let cost = prices
-        .lookup(model, tier)
-        .map_or(Decimal::ZERO, |p| p.cost(&TokenCounts::default(), &counts));
-    quota::to_nano_ceil(cost)
+    first_band_cost(prices, model, tier, usage).map_or(0, |(cost, _)| quota::to_nano_ceil(cost))
 }
 
 /// The most any one token of each kind can cost under a schedule: its dearest band.

@@ -176,6 +176,11 @@ pub enum Meter {
 }
 
 impl Meter {
+    /// An event stream (whose end the gateway may add to), not one JSON body.
+    pub fn is_stream(&self) -> bool {
+        matches!(self, Meter::Sse(_))
+    }
+
     pub fn for_response(content_type: Option<&[u8]>, strip_usage_chunk: bool) -> Meter {
         let is_sse = content_type.is_some_and(|ct| ct.starts_with(b"text/event-stream"));
         if is_sse {

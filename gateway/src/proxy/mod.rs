@@ -7,6 +7,7 @@
 //! | `upstream_peer` | which backend | `upstream`, `balancer` |
 //! | `upstream_request_filter`, `request_body_filter` | what the backend sees | `metering` (usage chunk), `request` (the body read once, replayed) |
 //! | `response_filter`, `response_body_filter` | what the client sees, what it used | `admission` (rate headers), `metering`, `cache` (answers kept) |
+//! | `hold_response`, `held_response_filter` | what the answer cost (`x-sluice-cost`, once its body has been read) | `billing` (first-band cost) |
 //! | `fail_to_proxy` | what went wrong | `error` |
 //! | `logging` | what happened | `outcome` (usage event, metrics, trace, access log), `admission` (settlement) |
 
@@ -60,7 +61,7 @@ impl ProxyHttp for Proxy {
                 Ok(true)
             }
             Ok(Some(LocalAnswer::Cached(hit))) => {
-                respond::cached(session, ctx, hit).await?;
+                respond::cached(session, ctx, &self.gateway.config.prices, hit).await?;
                 Ok(true)
             }
             Err(error) => {
@@ -266,7 +267,9 @@ impl ProxyHttp for Proxy {
         if self.gateway.config.metering && (200..300).contains(&status) {
             let (meter, resized) =
                 Meter::for_answer(&upstream_response.headers, ctx.usage_chunk_added);
-            if resized {
+            // A priced stream ends with a comment saying what it cost.
+            let prices = &self.gateway.config.prices;
+            if resized || (meter.is_stream() && respond::is_priced(prices, ctx)) {
                 upstream_response.remove_header("content-length");
             }
             ctx.meter = Some(meter);
@@ -298,12 +301,36 @@ impl ProxyHttp for Proxy {
             end_of_stream,
         );
         if let Some(meter) = ctx.meter.as_mut() {
+            let is_stream = meter.is_stream();
             if let Some(usage) = meter.pass(body, end_of_stream) {
                 ctx.body_done = true;
                 ctx.usage = usage;
+                if is_stream {
+                    if let Some(comment) = respond::cost_comment(&self.gateway.config.prices, ctx) {
+                        let end = body.take().unwrap_or_default();
+                        *body = Some([end, comment].concat().into());
+                    }
+                }
             }
         }
         Ok(None)
+    }
+
+    /// A priced, non-streamed answer is held until its end (see vendor/README.md, patch 4),
+    /// so that its header can say what it cost.
+    fn hold_response(&self, _session: &Session, ctx: &RequestCtx) -> Option<usize> {
+        let json_answer = ctx.meter.as_ref().is_some_and(|m| !m.is_stream());
+        (json_answer && respond::is_priced(&self.gateway.config.prices, ctx))
+            .then_some(respond::HOLD_FOR_COST_BYTES)
+    }
+
+    async fn held_response_filter(
+        &self,
+        _session: &mut Session,
+        upstream_response: &mut ResponseHeader,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        respond::insert_cost_headers(upstream_response, &self.gateway.config.prices, ctx)
     }
 
     fn keep_reading_after_client_left(

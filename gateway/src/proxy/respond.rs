@@ -10,6 +10,7 @@ use bytes::Bytes;
 use pingora_core::Result;
 use pingora_http::ResponseHeader;
 use pingora_proxy::Session;
+use sluice_policies::PriceBook;
 use std::time::Instant;
 
 /// An answer the gateway gives without a backend.
@@ -32,6 +33,51 @@ pub fn insert_rate_limit_headers(header: &mut ResponseHeader, ctx: &RequestCtx) 
     Ok(())
 }
 
+/// Non-streamed answers up to this size are held until their end, so that their header can
+/// say what they cost; a larger one (a big batch of embeddings) is passed on as it comes,
+/// without the header.
+pub const HOLD_FOR_COST_BYTES: usize = 4 << 20;
+
+/// What the request cost, exactly, and in which currency: its usage at the model's first
+/// bands. `None` while its usage is unknown, or when the model has no price for its tier.
+pub fn cost(prices: &PriceBook, ctx: &RequestCtx) -> Option<(String, String)> {
+    let usage = ctx.usage.as_ref()?;
+    let tier = ctx.identity.as_ref()?.tier.as_str();
+    let model = ctx.model.as_deref()?;
+    let (cost, currency) = crate::billing::first_band_cost(prices, model, tier, usage)?;
+    Some((cost.normalize().to_string(), currency.to_owned()))
+}
+
+/// Whether the request's model has a price for the caller's tier (so its cost can be told).
+pub fn is_priced(prices: &PriceBook, ctx: &RequestCtx) -> bool {
+    match (&ctx.identity, &ctx.model) {
+        (Some(identity), Some(model)) => prices.lookup(model, &identity.tier).is_some(),
+        _ => false,
+    }
+}
+
+/// `x-sluice-cost` (an exact decimal) and `x-sluice-cost-currency`, when the cost is known.
+pub fn insert_cost_headers(
+    header: &mut ResponseHeader,
+    prices: &PriceBook,
+    ctx: &RequestCtx,
+) -> Result<()> {
+    if let Some((cost, currency)) = cost(prices, ctx) {
+        header.insert_header("x-sluice-cost", cost)?;
+        header.insert_header("x-sluice-cost-currency", currency)?;
+    }
+    Ok(())
+}
+
+/// The SSE comment a stream ends with, saying what it cost (clients skip comments; a
+/// trailer would not reach most of them).
+pub fn cost_comment(prices: &PriceBook, ctx: &RequestCtx) -> Option<Bytes> {
+    let (cost, currency) = cost(prices, ctx)?;
+    Some(Bytes::from(format!(
+        ": x-sluice-cost: {cost} {currency}\n\n"
+    )))
+}
+
 /// An answer the gateway writes itself: JSON, with the request id.
 pub async fn json(session: &mut Session, ctx: &RequestCtx, status: u16, body: Bytes) -> Result<()> {
     let mut header = ResponseHeader::build(status, Some(4))?;
@@ -48,11 +94,26 @@ pub async fn json(session: &mut Session, ctx: &RequestCtx, status: u16, body: By
 
 /// Serves a cached answer in the shape the client asked for, and records it as this
 /// request's usage (billed at the cached price).
-pub async fn cached(session: &mut Session, ctx: &mut RequestCtx, hit: Hit) -> Result<()> {
+pub async fn cached(
+    session: &mut Session,
+    ctx: &mut RequestCtx,
+    prices: &PriceBook,
+    hit: Hit,
+) -> Result<()> {
     let shape = hit.shape;
-    let body = hit
+    let tokens = hit.answer.prompt_tokens + hit.answer.completion_tokens;
+    ctx.usage = Some(Usage {
+        prompt_tokens: hit.answer.prompt_tokens,
+        completion_tokens: hit.answer.completion_tokens,
+        cached_tokens: tokens,
+        served_from_cache: true,
+    });
+    let mut body = hit
         .answer
         .render(shape, crate::clock::now_sec().max(0) as u64);
+    if let (Shape::Stream { .. }, Some(comment)) = (shape, cost_comment(prices, ctx)) {
+        body = [body, comment].concat().into();
+    }
     let mut header = ResponseHeader::build(200, Some(8))?;
     let content_type = match shape {
         Shape::Json => "application/json",
@@ -66,14 +127,8 @@ pub async fn cached(session: &mut Session, ctx: &mut RequestCtx, hit: Hit) -> Re
         header.insert_header("x-sluice-cache-similarity", format!("{similarity:.4}"))?;
     }
     insert_rate_limit_headers(&mut header, ctx)?;
+    insert_cost_headers(&mut header, prices, ctx)?;
     ctx.cache_status = Some(hit.status);
-    let tokens = hit.answer.prompt_tokens + hit.answer.completion_tokens;
-    ctx.usage = Some(Usage {
-        prompt_tokens: hit.answer.prompt_tokens,
-        completion_tokens: hit.answer.completion_tokens,
-        cached_tokens: tokens,
-        served_from_cache: true,
-    });
     ctx.first_byte_at = Some(Instant::now());
     session
         .write_response_header(Box::new(header), false)

@@ -581,6 +581,14 @@ use pingora_core::protocols::http::compression::ResponseCompressionCtx;
 ///
 /// This object is what users interact with in order to access the request itself or change the proxy
 /// behavior.
+/// SLUICE PATCH: a response held back until it ends: its filtered tasks and body bytes so far,
+/// and how many bytes may be held (see `ProxyHttp::hold_response`).
+pub(crate) struct HeldResponse {
+    pub(crate) tasks: Vec<HttpTask>,
+    pub(crate) bytes: usize,
+    pub(crate) limit: usize,
+}
+
 pub struct Session {
     /// the HTTP session to downstream (the client)
     pub downstream_session: Box<HttpSession>,
@@ -591,6 +599,8 @@ pub struct Session {
     /// SLUICE PATCH: set when the client left and the proxy keeps reading the upstream
     /// response (through the filters, writing nothing) until this instant.
     pub(crate) client_gone_until: Option<tokio::time::Instant>,
+    /// SLUICE PATCH: the response being held back until it ends (see `hold_response`).
+    pub(crate) held_response: Option<HeldResponse>,
     /// ignore downstream range (skip downstream range filters)
     pub ignore_downstream_range: bool,
     /// Were the upstream request headers modified?
@@ -637,6 +647,7 @@ impl Session {
             // disable both upstream and downstream compression
             upstream_compression: ResponseCompressionCtx::new(0, false, false),
             client_gone_until: None,
+            held_response: None,
             ignore_downstream_range: false,
             upstream_headers_mutated_for_cache: false,
             h1_upgrade_request_status: H1UpgradeRequestStatus::default(),

@@ -433,6 +433,11 @@ where
             return Ok(None);
         }
 
+        // SLUICE PATCH: a response held back (see hold_response) is written once it has ended.
+        let Some(filtered_tasks) = self.hold(session, filtered_tasks, ctx).await? else {
+            return Ok(Some(false));
+        };
+
         // SLUICE PATCH: once the client is gone, the filters above still see the response but
         // nothing is written; a failed write may start that state (see client_left).
         let ends_response = filtered_tasks.iter().any(HttpTask::is_end);
@@ -449,6 +454,69 @@ where
         };
 
         Ok(Some(response_done))
+    }
+
+    /// SLUICE PATCH: the tasks to write now, or `None` while the response is held back: from
+    /// its final header, when the user's `hold_response` asks, until its end (then the header
+    /// goes through `held_response_filter`) or until more body than the user's limit is held.
+    async fn hold(
+        &self,
+        session: &mut Session,
+        tasks: Vec<HttpTask>,
+        ctx: &mut SV::CTX,
+    ) -> Result<Option<Vec<HttpTask>>>
+    where
+        SV: ProxyHttp + Send + Sync,
+        SV::CTX: Send + Sync,
+    {
+        if session.held_response.is_none() {
+            let final_header = tasks
+                .iter()
+                .any(|t| matches!(t, HttpTask::Header(h, _) if h.status.as_u16() >= 200));
+            let limit = match final_header {
+                true => self.inner.hold_response(session, ctx),
+                false => None,
+            };
+            let Some(limit) = limit else {
+                return Ok(Some(tasks));
+            };
+            session.held_response = Some(crate::HeldResponse {
+                tasks: Vec::new(),
+                bytes: 0,
+                limit,
+            });
+        }
+        let Some(held) = session.held_response.as_mut() else {
+            return Ok(Some(tasks));
+        };
+        let ends = tasks.iter().any(HttpTask::is_end);
+        for task in &tasks {
+            if let HttpTask::Body(Some(body), _) = task {
+                held.bytes += body.len();
+            }
+        }
+        held.tasks.extend(tasks);
+        if !ends && held.bytes <= held.limit {
+            return Ok(None);
+        }
+        let mut tasks = session.held_response.take().map(|h| h.tasks).unwrap_or_default();
+        // Nothing of a held response was written: an upstream failure is the proxy's error
+        // to answer, not half a response.
+        if let Some(HttpTask::Failed(_)) = tasks.last() {
+            if let Some(HttpTask::Failed(e)) = tasks.pop() {
+                return Err(e);
+            }
+        }
+        if ends {
+            let header = tasks.iter_mut().find_map(|t| match t {
+                HttpTask::Header(h, _) if h.status.as_u16() >= 200 => Some(h),
+                _ => None,
+            });
+            if let Some(header) = header {
+                self.inner.held_response_filter(session, header, ctx).await?;
+            }
+        }
+        Ok(Some(tasks))
     }
 
     /// SLUICE PATCH: whether to keep reading the upstream response now that the client has

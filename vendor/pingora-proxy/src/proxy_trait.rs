@@ -514,6 +514,31 @@ pub trait ProxyHttp {
         None
     }
 
+    /// SLUICE PATCH: called once for each final (non-1xx) upstream response header, after
+    /// `response_filter`. Return a byte count to hold the response back until it ends (its
+    /// body still passes through `response_body_filter` as it arrives), so that
+    /// `held_response_filter` can change the header with what only the body tells; `None`,
+    /// pingora's own behaviour, writes the response as it comes. When the held body passes
+    /// the count, what was held is written unchanged and the rest flows as usual. Applies to
+    /// HTTP/1.x upstreams.
+    fn hold_response(&self, _session: &Session, _ctx: &Self::CTX) -> Option<usize> {
+        None
+    }
+
+    /// SLUICE PATCH: called with the header of a response held back by `hold_response` once
+    /// its end has passed through the filters, just before the whole response is written.
+    async fn held_response_filter(
+        &self,
+        _session: &mut Session,
+        _upstream_response: &mut ResponseHeader,
+        _ctx: &mut Self::CTX,
+    ) -> Result<()>
+    where
+        Self::CTX: Send + Sync,
+    {
+        Ok(())
+    }
+
     /// SLUICE PATCH: how long a client connection may take to send a whole request header,
     /// counted from when the proxy starts waiting for it (on a reused connection that includes
     /// the idle time before the next request). Past it the connection is closed without an
