@@ -70,6 +70,15 @@ impl Gateway {
             .map(|j| JwtVerifier::new(j).map(Arc::new))
             .transpose()
             .context("auth.admin_jwt")?;
+        // Tokens are verified from the start; a provider that cannot be reached now is asked
+        // again on the first token that names a key, and on every refresh.
+        for verifier in [&jwt, &admin_jwt].into_iter().flatten() {
+            if let Some(jwks) = &verifier.jwks {
+                if let Err(e) = jwks.fetch().await {
+                    tracing::warn!(error = %e, "JWKS not fetched at start");
+                }
+            }
+        }
         let key_cache = Arc::new(KeyCache::new(
             config.key_cache_entries,
             config.unknown_key_cache_entries,

@@ -29,6 +29,13 @@ pub fn run(config: Config) -> anyhow::Result<()> {
     if let Some(feed) = &gateway.feed {
         support.spawn(feed.clone().run());
     }
+    for jwks in [&gateway.jwt, &gateway.admin_jwt]
+        .into_iter()
+        .flatten()
+        .filter_map(|verifier| verifier.jwks.clone())
+    {
+        support.spawn(jwks.run());
+    }
 
     let admin_listener = support
         .block_on(tokio::net::TcpListener::bind(config.admin_listen))

@@ -332,6 +332,8 @@ pub struct GatewayOptions {
     pub server_config: String,
     /// Extra environment for the process (e.g. `OTEL_*`).
     pub env: Vec<(String, String)>,
+    /// Extra `[auth.jwt]` settings (e.g. `jwks_url = "..."`).
+    pub jwt_config: String,
 }
 
 impl GatewayOptions {
@@ -343,6 +345,7 @@ impl GatewayOptions {
             extra_config: String::new(),
             server_config: String::new(),
             env: Vec::new(),
+            jwt_config: String::new(),
         }
     }
 }
@@ -391,6 +394,7 @@ grace_period_secs = 1
 issuer = "{JWT_ISSUER}"
 audience = "{JWT_AUDIENCE}"
 hs256_secret = "{JWT_SECRET}"
+{jwt_extra}
 
 [auth.admin_jwt]
 issuer = "{JWT_ISSUER}"
@@ -401,6 +405,7 @@ hs256_secret = "{ADMIN_JWT_SECRET}"
 {extra}"#,
             max_body = options.max_body_bytes,
             server_extra = options.server_config,
+            jwt_extra = options.jwt_config,
             extra = options.extra_config,
         );
         let config_path = dir.path().join("sluice.toml");

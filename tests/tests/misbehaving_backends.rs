@@ -34,6 +34,7 @@ async fn case(behaviour: Behaviour) -> Case {
             .into(),
         server_config: String::new(),
         env: Vec::new(),
+        jwt_config: String::new(),
     })
     .await
     .unwrap();
@@ -280,6 +281,7 @@ async fn ejection_stops_at_its_share_of_the_pool() {
             .into(),
         server_config: String::new(),
         env: Vec::new(),
+        jwt_config: String::new(),
     })
     .await
     .unwrap();

@@ -152,7 +152,7 @@ async fn authorize(State(gateway): State<AppState>, mut request: Request, next: 
         .headers()
         .get(http::header::AUTHORIZATION)
         .map(|v| v.as_bytes());
-    let caller = match caller_of(&gateway, authorization) {
+    let caller = match caller_of(&gateway, authorization).await {
         Ok(caller) => caller,
         Err(e) => return e.into_response(),
     };
@@ -173,7 +173,7 @@ async fn authorize(State(gateway): State<AppState>, mut request: Request, next: 
     next.run(request).await
 }
 
-fn caller_of(gateway: &Gateway, authorization: Option<&[u8]>) -> Result<Caller, ApiError> {
+async fn caller_of(gateway: &Gateway, authorization: Option<&[u8]>) -> Result<Caller, ApiError> {
     let Some(token) = crate::auth::bearer(authorization) else {
         return Err(ApiError::invalid_api_key(
             "Admin API calls need 'Authorization: Bearer <admin token or admin JWT>'.",
@@ -197,6 +197,7 @@ fn caller_of(gateway: &Gateway, authorization: Option<&[u8]>) -> Result<Caller, 
     {
         let claims = jwt
             .verify(token)
+            .await
             .map_err(|e| ApiError::invalid_api_key(format!("Invalid token: {e}.")))?;
         return match claims.role.as_deref() {
             Some("admin") => Ok(Caller {

@@ -1,22 +1,27 @@
 //! JWT verification: HS256 from a shared secret, RS256/ES256 from configured public keys,
-//! with exp, nbf, iss and aud checked. The claims name the caller's tenant, tier and, for the
+//! and whatever an identity provider's JWKS endpoint publishes (`jwks`), with exp, nbf, iss
+//! and aud checked. The claims name the caller's tenant, tier and, for the
 //! admin API, role.
 
+use super::jwks::Jwks;
 use crate::config::JwtConfig;
 use jsonwebtoken::{decode, decode_header, Algorithm, DecodingKey, Validation};
 use serde_json::{Map, Value};
+use std::sync::Arc;
 
 pub struct JwtVerifier {
     keys: Vec<VerifyingKey>,
+    /// The provider's published keys, when `jwks_url` is configured.
+    pub jwks: Option<Arc<Jwks>>,
     tenant_claim: String,
     tier_claim: String,
     role_claim: String,
 }
 
-struct VerifyingKey {
-    kid: Option<String>,
-    key: DecodingKey,
-    validation: Validation,
+pub(super) struct VerifyingKey {
+    pub(super) kid: Option<String>,
+    pub(super) key: DecodingKey,
+    pub(super) validation: Validation,
 }
 
 /// What a verified token says about its bearer.
@@ -32,6 +37,8 @@ pub struct VerifiedToken {
 pub enum JwtError {
     #[error("no configured key verifies {0} tokens")]
     NoKeyForAlgorithm(String),
+    #[error("no key has the id '{0}'")]
+    UnknownKid(String),
     #[error("{0}")]
     Rejected(jsonwebtoken::errors::Error),
     #[error("the token has no 'sub' claim")]
@@ -58,6 +65,10 @@ impl JwtVerifier {
             }
             v
         };
+        let jwks = config
+            .jwks
+            .clone()
+            .map(|j| Arc::new(Jwks::new(j, validation(Algorithm::RS256))));
         let mut keys = Vec::new();
         if let Some(secret) = &config.hs256_secret {
             keys.push(VerifyingKey {
@@ -79,28 +90,48 @@ impl JwtVerifier {
         }
         Ok(JwtVerifier {
             keys,
+            jwks,
             tenant_claim: config.tenant_claim.clone(),
             tier_claim: config.tier_claim.clone(),
             role_claim: config.role_claim.clone(),
         })
     }
 
-    pub fn verify(&self, token: &str) -> Result<VerifiedToken, JwtError> {
+    /// Verifies a token; one that names a key id no key has makes the JWKS be fetched again
+    /// (rate-bounded, see `jwks`) and is verified once more, so rotated keys work at once.
+    pub async fn verify(&self, token: &str) -> Result<VerifiedToken, JwtError> {
+        match (self.verify_with_keys_in_hand(token), &self.jwks) {
+            (Err(JwtError::UnknownKid(_)), Some(jwks)) if jwks.refresh_for_unknown_kid().await => {
+                self.verify_with_keys_in_hand(token)
+            }
+            (result, _) => result,
+        }
+    }
+
+    pub fn verify_with_keys_in_hand(&self, token: &str) -> Result<VerifiedToken, JwtError> {
         let header = decode_header(token).map_err(JwtError::Rejected)?;
-        let candidates = self.keys.iter().filter(|k| {
-            k.validation.algorithms.contains(&header.alg)
-                && (header.kid.is_none() || k.kid.is_none() || k.kid == header.kid)
-        });
+        let published = self.jwks.as_ref().map(|j| j.keys());
+        let candidates = self
+            .keys
+            .iter()
+            .chain(published.iter().flat_map(|keys| keys.iter()))
+            .filter(|k| {
+                k.validation.algorithms.contains(&header.alg)
+                    && (header.kid.is_none() || k.kid.is_none() || k.kid == header.kid)
+            });
         let mut last_error = None;
+        let mut tried = false;
         for candidate in candidates {
+            tried = true;
             match decode::<Map<String, Value>>(token, &candidate.key, &candidate.validation) {
                 Ok(data) => return self.read_claims(data.claims),
                 Err(e) => last_error = Some(e),
             }
         }
-        Err(match last_error {
-            Some(e) => JwtError::Rejected(e),
-            None => JwtError::NoKeyForAlgorithm(format!("{:?}", header.alg)),
+        Err(match (last_error, header.kid) {
+            (Some(e), _) => JwtError::Rejected(e),
+            (None, Some(kid)) if !tried && self.jwks.is_some() => JwtError::UnknownKid(kid),
+            (None, _) => JwtError::NoKeyForAlgorithm(format!("{:?}", header.alg)),
         })
     }
 
@@ -137,6 +168,7 @@ mod tests {
             tier_claim: "tier".into(),
             role_claim: "role".into(),
             leeway_secs: 0,
+            jwks: None,
         }
     }
 
@@ -161,7 +193,9 @@ mod tests {
     #[test]
     fn a_good_token_names_tenant_and_tier() {
         let v = JwtVerifier::new(&config()).unwrap();
-        let t = v.verify(&token(good_claims(), SECRET)).unwrap();
+        let t = v
+            .verify_with_keys_in_hand(&token(good_claims(), SECRET))
+            .unwrap();
         assert_eq!(t.subject, "u1");
         assert_eq!(t.tenant.as_deref(), Some("acme"));
         assert_eq!(t.tier.as_deref(), Some("pro"));
@@ -172,23 +206,23 @@ mod tests {
     fn bad_signature_expiry_issuer_audience_and_nbf_are_refused() {
         let v = JwtVerifier::new(&config()).unwrap();
         assert!(v
-            .verify(&token(good_claims(), "another-secret-another-secret-xx"))
+            .verify_with_keys_in_hand(&token(good_claims(), "another-secret-another-secret-xx"))
             .is_err());
         let mut c = good_claims();
         c["exp"] = json!(now() - 10);
-        assert!(v.verify(&token(c, SECRET)).is_err());
+        assert!(v.verify_with_keys_in_hand(&token(c, SECRET)).is_err());
         let mut c = good_claims();
         c["iss"] = json!("https://evil.example");
-        assert!(v.verify(&token(c, SECRET)).is_err());
+        assert!(v.verify_with_keys_in_hand(&token(c, SECRET)).is_err());
         let mut c = good_claims();
         c["aud"] = json!("someone-else");
-        assert!(v.verify(&token(c, SECRET)).is_err());
+        assert!(v.verify_with_keys_in_hand(&token(c, SECRET)).is_err());
         let mut c = good_claims();
         c["nbf"] = json!(now() + 3600);
-        assert!(v.verify(&token(c, SECRET)).is_err());
+        assert!(v.verify_with_keys_in_hand(&token(c, SECRET)).is_err());
         let mut c = good_claims();
         c.as_object_mut().unwrap().remove("exp");
-        assert!(v.verify(&token(c, SECRET)).is_err());
+        assert!(v.verify_with_keys_in_hand(&token(c, SECRET)).is_err());
     }
 
     fn fixture(name: &str) -> String {
@@ -220,21 +254,27 @@ mod tests {
         let mut header = Header::new(Algorithm::RS256);
         header.kid = Some("rsa-1".into());
         let token = encode(&header, &good_claims(), &rsa).unwrap();
-        assert_eq!(v.verify(&token).unwrap().subject, "u1");
+        assert_eq!(v.verify_with_keys_in_hand(&token).unwrap().subject, "u1");
 
         let token = encode(&Header::new(Algorithm::ES256), &good_claims(), &ec).unwrap();
-        assert_eq!(v.verify(&token).unwrap().tenant.as_deref(), Some("acme"));
+        assert_eq!(
+            v.verify_with_keys_in_hand(&token)
+                .unwrap()
+                .tenant
+                .as_deref(),
+            Some("acme")
+        );
 
         // An HS256 token is refused when no shared secret is configured, even if it is
         // "signed" with the public key's text (the classic algorithm-confusion attack).
         let forged = token_with_secret_bytes(fixture("rsa-public.pem").as_bytes());
-        assert!(v.verify(&forged).is_err());
+        assert!(v.verify_with_keys_in_hand(&forged).is_err());
 
         // A token for another kid is not tried against this key.
         let mut header = Header::new(Algorithm::RS256);
         header.kid = Some("rsa-2".into());
         let token = encode(&header, &good_claims(), &rsa).unwrap();
-        assert!(v.verify(&token).is_err());
+        assert!(v.verify_with_keys_in_hand(&token).is_err());
     }
 
     fn token_with_secret_bytes(secret: &[u8]) -> String {

@@ -4,9 +4,11 @@
 //! front of the store; `Bearer eyJ...` is a JWT. The secret itself is never stored, logged or
 //! kept past this call.
 
+mod jwks;
 mod jwt;
 mod key_cache;
 
+pub use jwks::{Jwks, JwksConfig};
 pub use jwt::{JwtError, JwtVerifier, VerifiedToken};
 pub use key_cache::{KeyCache, EPOCH_POLL};
 
@@ -80,7 +82,7 @@ impl Authenticator {
             ));
         };
         if token.starts_with("eyJ") {
-            return self.authenticate_jwt(token).map(Arc::new);
+            return self.authenticate_jwt(token).await.map(Arc::new);
         }
         self.lookup_key(token).await?.ok_or_else(|| {
             ApiError::invalid_api_key(
@@ -123,7 +125,7 @@ impl Authenticator {
         })
     }
 
-    fn authenticate_jwt(&self, token: &str) -> Result<Identity, ApiError> {
+    async fn authenticate_jwt(&self, token: &str) -> Result<Identity, ApiError> {
         let Some(verifier) = &self.jwt else {
             return Err(ApiError::invalid_api_key(
                 "JWT authentication is not enabled on this gateway.",
@@ -131,6 +133,7 @@ impl Authenticator {
         };
         let claims = verifier
             .verify(token)
+            .await
             .map_err(|e| ApiError::invalid_api_key(format!("Invalid token: {e}.")))?;
         let tier_name = claims
             .tier

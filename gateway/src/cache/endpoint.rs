@@ -26,7 +26,7 @@ impl JsonEndpoint {
             .timeout(timeout)
             .connect_timeout(timeout)
             .build()
-            .expect("an HTTP client without TLS builds");
+            .expect("an HTTP client builds");
         JsonEndpoint { http, url, api_key }
     }
 

@@ -133,6 +133,9 @@ pub(super) struct JwtSection {
     pub(super) tier_claim: Option<String>,
     pub(super) role_claim: Option<String>,
     pub(super) leeway_secs: Option<u64>,
+    pub(super) jwks_url: Option<String>,
+    pub(super) jwks_refresh_secs: Option<u64>,
+    pub(super) jwks_min_refresh_secs: Option<u64>,
 }
 
 #[derive(Debug, Deserialize)]

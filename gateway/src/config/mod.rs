@@ -165,6 +165,8 @@ pub struct JwtConfig {
     pub tier_claim: String,
     pub role_claim: String,
     pub leeway_secs: u64,
+    /// An identity provider's published keys, fetched and refreshed (`jwks_url`).
+    pub jwks: Option<crate::auth::JwksConfig>,
 }
 
 #[derive(Debug, Clone)]
@@ -255,10 +257,12 @@ impl Config {
                     .iter()
                     .any(|p| p.pem.trim() == a.pem.trim())
             });
-            if shared_secret || shared_key {
+            let shared_jwks = proxy.jwks.is_some()
+                && proxy.jwks.as_ref().map(|j| &j.url) == admin.jwks.as_ref().map(|j| &j.url);
+            if shared_secret || shared_key || shared_jwks {
                 return Err(invalid(
                     "auth.admin_jwt",
-                    "must not share a secret or public key with auth.jwt: tenant tokens must not open the admin API",
+                    "must not share a secret, public key or jwks_url with auth.jwt: tenant tokens must not open the admin API",
                 ));
             }
         }
@@ -338,6 +342,32 @@ mod tests {
         assert_eq!(c.listen.port(), 9999);
         assert_eq!(c.backends.len(), 2);
         assert_eq!(c.backends[1].url, "http://127.0.0.1:7002");
+    }
+
+    #[test]
+    fn a_jwks_url_is_checked_and_never_shared_with_admin_tokens() {
+        let c = Config::from_toml(
+            "[auth.jwt]\njwks_url = \"https://idp.example/jwks\"\n",
+            &no_env,
+        )
+        .unwrap();
+        let jwks = c.jwt.unwrap().jwks.unwrap();
+        assert_eq!(jwks.refresh, std::time::Duration::from_secs(300));
+        assert_eq!(jwks.min_refresh, std::time::Duration::from_secs(10));
+        for (toml, field) in [
+            ("[auth.jwt]\njwks_url = \"ftp://idp\"\n", "auth.jwt.jwks_url"),
+            (
+                "[auth.jwt]\njwks_url = \"http://idp\"\njwks_min_refresh_secs = 0\n",
+                "auth.jwt.jwks_min_refresh_secs",
+            ),
+            (
+                "[auth.jwt]\njwks_url = \"http://idp\"\n[auth.admin_jwt]\nissuer = \"i\"\naudience = \"a\"\njwks_url = \"http://idp\"\n",
+                "auth.admin_jwt",
+            ),
+        ] {
+            let err = Config::from_toml(toml, &no_env).unwrap_err().to_string();
+            assert!(err.starts_with(field), "{toml}: {err}");
+        }
     }
 
     #[test]

@@ -669,10 +669,33 @@ pub(super) fn resolve_jwt(
             ));
         }
     }
-    if hs256_secret.is_none() && public_keys.is_empty() {
+    let jwks = match j.jwks_url {
+        Some(url) => {
+            if !(url.starts_with("http://") || url.starts_with("https://")) {
+                return Err(invalid(
+                    format!("{section}.jwks_url"),
+                    format!("'{url}' is not an http:// or https:// URL"),
+                ));
+            }
+            let seconds = |field: &str, value: Option<u64>, default: u64| match value {
+                Some(0) => Err(invalid(
+                    format!("{section}.{field}"),
+                    "must be at least 1 second",
+                )),
+                v => Ok(std::time::Duration::from_secs(v.unwrap_or(default))),
+            };
+            Some(crate::auth::JwksConfig {
+                url,
+                refresh: seconds("jwks_refresh_secs", j.jwks_refresh_secs, 300)?,
+                min_refresh: seconds("jwks_min_refresh_secs", j.jwks_min_refresh_secs, 10)?,
+            })
+        }
+        None => None,
+    };
+    if hs256_secret.is_none() && public_keys.is_empty() && jwks.is_none() {
         return Err(invalid(
             section,
-            "needs hs256_secret or at least one of public_keys",
+            "needs hs256_secret, at least one of public_keys, or jwks_url",
         ));
     }
     Ok(JwtConfig {
@@ -684,6 +707,7 @@ pub(super) fn resolve_jwt(
         tier_claim: j.tier_claim.unwrap_or_else(|| "tier".to_owned()),
         role_claim: j.role_claim.unwrap_or_else(|| "role".to_owned()),
         leeway_secs: j.leeway_secs.unwrap_or(30),
+        jwks,
     })
 }
 
