@@ -38,6 +38,8 @@ pub struct Gateway {
     pub cache: Arc<crate::cache::ResponseCache>,
     /// Requests in flight and body bytes held, against the configured marks.
     pub overload: crate::overload::Overload,
+    /// Spend alerts (`[alerts]`).
+    pub alerts: Option<Arc<crate::alerts::Alerts>>,
 }
 
 impl Gateway {
@@ -117,6 +119,10 @@ impl Gateway {
             store.clone(),
         ));
         let overload = crate::overload::Overload::new(config.marks);
+        let alerts = config
+            .alerts
+            .clone()
+            .map(|a| Arc::new(crate::alerts::Alerts::new(a, store.clone(), tiers.clone())));
         let gateway = Arc::new(Gateway {
             config,
             tiers,
@@ -132,6 +138,7 @@ impl Gateway {
             admission,
             cache,
             overload,
+            alerts,
         });
         Ok((gateway, writer))
     }

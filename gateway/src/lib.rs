@@ -2,6 +2,7 @@
 
 pub mod admin;
 pub mod admission;
+pub mod alerts;
 pub mod app;
 pub mod auth;
 pub mod balancer;

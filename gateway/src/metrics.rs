@@ -25,6 +25,8 @@ pub struct Metrics {
     cost: IntCounterVec,
     refused: IntCounterVec,
     admissions: IntCounterVec,
+    budget_alerts: IntCounterVec,
+    budget_alert_deliveries: IntCounterVec,
     redis_calls: HistogramVec,
     redis_errors: IntCounterVec,
     shed: IntCounterVec,
@@ -154,6 +156,18 @@ impl Metrics {
                 "Requests admitted, by how: from this replica's quota lease (no store call), by one atomic store step, or by the local limiter alone while the store was unreachable (fail-open).",
                 &["path"],
             ),
+            budget_alerts: counter(
+                &r,
+                "sluice_budget_alerts_total",
+                "Spend alerts recorded by this replica (each once across the fleet), by budget (hard, soft).",
+                &["budget"],
+            ),
+            budget_alert_deliveries: counter(
+                &r,
+                "sluice_budget_alert_deliveries_total",
+                "Spend alert webhooks by outcome: delivered (a 2xx, after any retries) or failed (every attempt refused or unreachable).",
+                &["outcome"],
+            ),
             shed: counter(
                 &r,
                 "sluice_requests_shed_total",
@@ -267,6 +281,16 @@ impl Metrics {
     /// `path`: `lease`, `store` or `local`.
     pub fn record_admission(&self, path: &str) {
         self.admissions.with_label_values(&[path]).inc();
+    }
+
+    pub fn record_budget_alert(&self, budget: &str) {
+        self.budget_alerts.with_label_values(&[budget]).inc();
+    }
+
+    pub fn record_budget_alert_delivery(&self, outcome: &str) {
+        self.budget_alert_deliveries
+            .with_label_values(&[outcome])
+            .inc();
     }
 
     pub fn record_redis(&self, command: &str, took: Duration, ok: bool) {

@@ -29,6 +29,9 @@ pub fn run(config: Config) -> anyhow::Result<()> {
     if let Some(feed) = &gateway.feed {
         support.spawn(feed.clone().run());
     }
+    if let Some(alerts) = &gateway.alerts {
+        support.spawn(alerts.clone().run());
+    }
     for jwks in [&gateway.jwt, &gateway.admin_jwt]
         .into_iter()
         .flatten()

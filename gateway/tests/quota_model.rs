@@ -42,6 +42,7 @@ fn limits(rng: &mut StdRng) -> Limits {
         tokens_per_day: maybe(300, 2_000),
         max_concurrent: maybe(1, 6),
         monthly_budget: budget,
+        soft_monthly_budget: None,
     }
 }
 

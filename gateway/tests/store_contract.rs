@@ -103,6 +103,43 @@ async fn pool_changes_case(store: &dyn Store) {
 }
 
 contract!(
+    an_alert_is_recorded_once_listed_newest_first_and_expires,
+    alerts_case
+);
+
+async fn alerts_case(store: &dyn Store) {
+    use sluice_gateway::store::ALERT_RETENTION_MS;
+    let day = 86_400_000;
+    let t0 = 1_800_000_000_000;
+    assert!(store.recent_alerts(10).await.unwrap().is_empty());
+    assert!(store.record_alert_once("a", t0, b"first").await.unwrap());
+    assert!(!store
+        .record_alert_once("a", t0 + 1, b"again")
+        .await
+        .unwrap());
+    assert!(store
+        .record_alert_once("b", t0 + day, b"second")
+        .await
+        .unwrap());
+    assert_eq!(
+        store.recent_alerts(10).await.unwrap(),
+        [b"second".to_vec(), b"first".to_vec()]
+    );
+    assert_eq!(store.recent_alerts(1).await.unwrap(), [b"second".to_vec()]);
+    // Past the retention, "a" is forgotten as a new alert comes (and could be recorded anew).
+    let later = t0 + ALERT_RETENTION_MS + day / 2;
+    assert!(store.record_alert_once("c", later, b"third").await.unwrap());
+    assert_eq!(
+        store.recent_alerts(10).await.unwrap(),
+        [b"third".to_vec(), b"second".to_vec()]
+    );
+    assert!(store
+        .record_alert_once("a", later, b"a year on")
+        .await
+        .unwrap());
+}
+
+contract!(
     cache_entries_expire_and_the_log_replays_in_order,
     cache_entries_and_log_case
 );

@@ -2,6 +2,7 @@
 //! crate is a function of its arguments, so it can be unit- and property-tested in isolation
 //! and shared by every store and replica without drift.
 
+pub mod alerts;
 pub mod cache;
 pub mod ledger;
 pub mod limits;

@@ -13,6 +13,9 @@ pub struct Limits {
     pub tokens_per_day: Option<u64>,
     pub max_concurrent: Option<u64>,
     pub monthly_budget: Option<Money>,
+    /// A budget that only alerts (see `alerts`): spending past it is never refused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub soft_monthly_budget: Option<Money>,
 }
 
 /// A key's overrides of its tier's limits. An absent field inherits the tier's value; a
@@ -33,6 +36,8 @@ pub struct LimitOverrides {
     pub max_concurrent: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub monthly_budget: Option<Money>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub soft_monthly_budget: Option<Money>,
 }
 
 impl Limits {
@@ -46,6 +51,7 @@ impl Limits {
             tokens_per_day,
             max_concurrent,
             monthly_budget,
+            soft_monthly_budget,
         } = overrides;
         Limits {
             requests_per_minute: requests_per_minute.or(self.requests_per_minute),
@@ -54,6 +60,7 @@ impl Limits {
             tokens_per_day: tokens_per_day.or(self.tokens_per_day),
             max_concurrent: max_concurrent.or(self.max_concurrent),
             monthly_budget: monthly_budget.or(self.monthly_budget),
+            soft_monthly_budget: soft_monthly_budget.or(self.soft_monthly_budget),
         }
     }
 }

@@ -117,6 +117,7 @@ impl Tiers {
                 tokens_per_day: tpd,
                 max_concurrent: conc,
                 monthly_budget: Some(budget.parse::<Money>().expect("builtin budget")),
+                soft_monthly_budget: None,
             },
             on_store_unavailable: FailMode::Open,
             request_caps: RequestCaps::default(),

@@ -1,6 +1,6 @@
 """The admin console in a real browser (headless Chromium through Selenium): sign in, create a
-key with its allowed models and change them, change its tier, watch its live quota, revoke it, and read usage charts, cache stats and
-backends. Needs SLUICE_ADMIN_URL, SLUICE_ADMIN_TOKEN and SLUICE_TENANT (a tenant with traffic)."""
+key with its allowed models and change them, change its tier, watch its live quota, revoke it,
+and read usage charts, cache stats, backends and spend alerts. Needs SLUICE_ADMIN_URL, SLUICE_ADMIN_TOKEN and SLUICE_TENANT (a tenant with traffic)."""
 
 import os
 import sys
@@ -106,6 +106,8 @@ try:
     tab("backends")
     wait.until(lambda d: "up" in css("#backends tbody").text)
     check("sim-chat" in css("#backends tbody").text, "backends list their models")
+    tab("alerts")
+    wait.until(lambda d: "Spend alerts" in css("#alerts-state").text)
     print("ALL OK")
 finally:
     driver.quit()

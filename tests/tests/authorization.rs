@@ -181,6 +181,7 @@ async fn every_admin_route_against_every_credential() {
             false,
         ),
         route(Method::DELETE, "/admin/v1/cache".into(), None, 200, false),
+        route(Method::GET, "/admin/v1/alerts".into(), None, 200, true),
         route(Method::GET, "/metrics".into(), None, 200, false),
         route(Method::DELETE, key(""), None, 200, true),
     ];

@@ -1,12 +1,14 @@
 //! Who may change what, and where? The admin API, on its own listener: API keys and their
 //! quota (`keys`), tiers (`tiers`), the backend pool (`backends`), usage and billing exports
-//! (`billing`), the response cache (`cache`), the console (`console`) and `/metrics`
+//! (`billing`), spend alerts (`alerts`), the response cache (`cache`), the console
+//! (`console`) and `/metrics`
 //! (`metrics`). This file holds the router and authorisation. Every call needs the admin
 //! bearer token or an admin JWT (`[auth.admin_jwt]`: its own keys, issuer and audience, never
 //! the proxy's) whose role claim is `admin` (anything) or `viewer` (reads only; with a tenant
 //! claim, that tenant's keys, usage and billing only). The secret of a key appears in exactly
 //! two answers, create and rotate, and nowhere else.
 
+mod alerts;
 mod backends;
 mod billing;
 mod cache;
@@ -82,6 +84,7 @@ pub fn router(gateway: Arc<Gateway>) -> Router {
         )
         .route("/admin/v1/cache", axum::routing::delete(cache::purge_cache))
         .route("/admin/v1/cache/stats", get(cache::cache_stats))
+        .route("/admin/v1/alerts", get(alerts::list_alerts))
         .route("/metrics", get(metrics::metrics))
         .layer(middleware::from_fn_with_state(
             gateway.clone(),
@@ -141,6 +144,7 @@ fn scoped_viewer_may_read(path: &str) -> bool {
         || path.starts_with("/admin/v1/keys/")
         || path == "/admin/v1/usage"
         || path == "/admin/v1/billing/export"
+        || path == "/admin/v1/alerts"
         || path == "/admin/v1/tiers"
         || path.starts_with("/admin/v1/tiers/")
 }

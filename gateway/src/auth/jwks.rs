@@ -4,7 +4,8 @@
 //! tokens arrive. A provider's key rotation needs no restart, and made-up key ids cannot make
 //! the gateway hammer the provider.
 
-use super::jwt::VerifyingKey;
+use super::verifying_key::VerifyingKey;
+use crate::config::JwksConfig;
 use arc_swap::ArcSwap;
 use jsonwebtoken::jwk::{AlgorithmParameters, EllipticCurve, Jwk, PublicKeyUse};
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
@@ -14,13 +15,6 @@ use std::time::{Duration, Instant};
 /// A key set larger than this is not a key set.
 const MAX_BODY_BYTES: usize = 1 << 20;
 const FETCH_TIMEOUT: Duration = Duration::from_secs(5);
-
-#[derive(Debug, Clone)]
-pub struct JwksConfig {
-    pub url: String,
-    pub refresh: Duration,
-    pub min_refresh: Duration,
-}
 
 pub struct Jwks {
     config: JwksConfig,

@@ -4,6 +4,7 @@
 //! admin API, role.
 
 use super::jwks::Jwks;
+use super::verifying_key::VerifyingKey;
 use crate::config::JwtConfig;
 use jsonwebtoken::{decode, decode_header, Algorithm, DecodingKey, Validation};
 use serde_json::{Map, Value};
@@ -16,12 +17,6 @@ pub struct JwtVerifier {
     tenant_claim: String,
     tier_claim: String,
     role_claim: String,
-}
-
-pub(super) struct VerifyingKey {
-    pub(super) kid: Option<String>,
-    pub(super) key: DecodingKey,
-    pub(super) validation: Validation,
 }
 
 /// What a verified token says about its bearer.

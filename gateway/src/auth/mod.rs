@@ -7,8 +7,9 @@
 mod jwks;
 mod jwt;
 mod key_cache;
+mod verifying_key;
 
-pub use jwks::{Jwks, JwksConfig};
+pub use jwks::Jwks;
 pub use jwt::{JwtError, JwtVerifier, VerifiedToken};
 pub use key_cache::{KeyCache, EPOCH_POLL};
 

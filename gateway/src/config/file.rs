@@ -32,6 +32,16 @@ pub(super) struct FileConfig {
     pub(super) cache: CacheSection,
     #[serde(default)]
     pub(super) billing: BillingSection,
+    pub(super) alerts: Option<AlertsSection>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct AlertsSection {
+    pub(super) webhook_url: Option<String>,
+    pub(super) webhook_secret: Option<String>,
+    pub(super) thresholds: Option<Vec<u32>>,
+    pub(super) check_interval_ms: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]

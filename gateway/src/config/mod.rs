@@ -95,6 +95,8 @@ pub struct Config {
     pub ledger: Option<crate::ledger::LedgerConfig>,
     /// The NATS JetStream usage feed (`[billing] nats_url`).
     pub feed: Option<crate::metering::FeedConfig>,
+    /// Spend alerts (`[alerts]`): off unless the section is there.
+    pub alerts: Option<crate::alerts::AlertsConfig>,
 }
 
 /// `[cache]`: the response cache's rules, and where prompts are embedded for semantic hits.
@@ -166,7 +168,15 @@ pub struct JwtConfig {
     pub role_claim: String,
     pub leeway_secs: u64,
     /// An identity provider's published keys, fetched and refreshed (`jwks_url`).
-    pub jwks: Option<crate::auth::JwksConfig>,
+    pub jwks: Option<JwksConfig>,
+}
+
+/// Where an identity provider publishes its keys, and how often to fetch them.
+#[derive(Debug, Clone)]
+pub struct JwksConfig {
+    pub url: String,
+    pub refresh: std::time::Duration,
+    pub min_refresh: std::time::Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -275,6 +285,7 @@ impl Config {
         let quotas = resolve::quotas(&file.quotas)?;
         let cache = resolve::resolve_cache(file.cache, &tiers, env)?;
         let feed = resolve::feed(&file.billing, env)?;
+        let alerts = file.alerts.map(|a| resolve::alerts(a, env)).transpose()?;
         let ledger = resolve::ledger(file.billing, env)?;
         Ok(Config {
             listen: server.listen,
@@ -310,6 +321,7 @@ impl Config {
             cache,
             ledger,
             feed,
+            alerts,
         })
     }
 }

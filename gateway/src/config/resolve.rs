@@ -684,7 +684,7 @@ pub(super) fn resolve_jwt(
                 )),
                 v => Ok(std::time::Duration::from_secs(v.unwrap_or(default))),
             };
-            Some(crate::auth::JwksConfig {
+            Some(super::JwksConfig {
                 url,
                 refresh: seconds("jwks_refresh_secs", j.jwks_refresh_secs, 300)?,
                 min_refresh: seconds("jwks_min_refresh_secs", j.jwks_min_refresh_secs, 10)?,
@@ -708,6 +708,48 @@ pub(super) fn resolve_jwt(
         role_claim: j.role_claim.unwrap_or_else(|| "role".to_owned()),
         leeway_secs: j.leeway_secs.unwrap_or(30),
         jwks,
+    })
+}
+
+/// `[alerts]`: where spend alerts go, signed with what, at which thresholds.
+pub(super) fn alerts(
+    a: AlertsSection,
+    env: Env,
+) -> Result<crate::alerts::AlertsConfig, ConfigError> {
+    if let Some(url) = &a.webhook_url {
+        if !(url.starts_with("http://") || url.starts_with("https://")) {
+            return Err(invalid(
+                "alerts.webhook_url",
+                format!("'{url}' is not an http:// or https:// URL"),
+            ));
+        }
+    }
+    let secret = env("SLUICE_ALERTS_WEBHOOK_SECRET").or(a.webhook_secret);
+    match (&a.webhook_url, &secret) {
+        (Some(_), None) => {
+            return Err(invalid(
+                "alerts.webhook_secret (SLUICE_ALERTS_WEBHOOK_SECRET)",
+                "is required with a webhook_url: receivers check each delivery's signature",
+            ))
+        }
+        (_, Some(s)) if s.len() < 16 => {
+            return Err(invalid(
+                "alerts.webhook_secret (SLUICE_ALERTS_WEBHOOK_SECRET)",
+                "must be at least 16 characters",
+            ))
+        }
+        _ => {}
+    }
+    let thresholds = a.thresholds.unwrap_or_else(|| vec![50, 80, 100]);
+    sluice_policies::alerts::validate(&thresholds).map_err(|e| invalid("alerts.thresholds", e))?;
+    let check_interval_ms = a.check_interval_ms.unwrap_or(5_000);
+    if check_interval_ms < 100 {
+        return Err(invalid("alerts.check_interval_ms", "must be at least 100"));
+    }
+    Ok(crate::alerts::AlertsConfig {
+        webhook: a.webhook_url.zip(secret),
+        thresholds,
+        check_interval: std::time::Duration::from_millis(check_interval_ms),
     })
 }
 

@@ -412,6 +412,9 @@ impl ProxyHttp for Proxy {
         ctx.upstream_span = None;
         if let (Some(admitted), Some(identity)) = (ctx.admitted.take(), ctx.identity.clone()) {
             let model = ctx.model.clone().unwrap_or_default();
+            if let Some(alerts) = &self.gateway.alerts {
+                alerts.note(&identity);
+            }
             self.gateway
                 .admission
                 .settle(identity, model, admitted, ctx.usage);

@@ -30,6 +30,11 @@ const USAGE: TableDefinition<&str, &[u8]> = TableDefinition::new("usage_events")
 /// event id -> its USAGE key: what makes an event count once
 const USAGE_IDS: TableDefinition<&str, &str> = TableDefinition::new("usage_event_ids");
 
+/// alert id -> the alert's JSON
+const ALERTS: TableDefinition<&str, &[u8]> = TableDefinition::new("alerts");
+/// `{time_ms:020}/{alert id}` -> (): the alerts in the order they were recorded
+const ALERT_TIMES: TableDefinition<&str, ()> = TableDefinition::new("alert_times");
+
 fn usage_key(time_ms: i64, id: &str) -> String {
     // Times before 1970 do not occur; clamp so the key order stays the time order.
     format!("{:020}/{id}", time_ms.max(0))
@@ -71,6 +76,8 @@ impl EmbeddedStore {
         txn.open_table(DRAINING).map_err(embedded_err)?;
         txn.open_table(POOL).map_err(embedded_err)?;
         txn.open_table(USAGE_IDS).map_err(embedded_err)?;
+        txn.open_table(ALERTS).map_err(embedded_err)?;
+        txn.open_table(ALERT_TIMES).map_err(embedded_err)?;
         txn.commit().map_err(embedded_err)?;
         Ok(EmbeddedStore {
             db: Arc::new(db),
@@ -319,6 +326,68 @@ impl Store for EmbeddedStore {
         .await?;
         self.epoch.fetch_add(1, Ordering::Release);
         Ok(())
+    }
+
+    async fn record_alert_once(
+        &self,
+        id: &str,
+        at_ms: i64,
+        alert: &[u8],
+    ) -> Result<bool, StoreError> {
+        let (id, alert) = (id.to_owned(), alert.to_vec());
+        self.blocking(move |db| {
+            let txn = db.begin_write().map_err(embedded_err)?;
+            let recorded = {
+                let mut alerts = txn.open_table(ALERTS).map_err(embedded_err)?;
+                let mut times = txn.open_table(ALERT_TIMES).map_err(embedded_err)?;
+                if alerts.get(id.as_str()).map_err(embedded_err)?.is_some() {
+                    false
+                } else {
+                    alerts
+                        .insert(id.as_str(), alert.as_slice())
+                        .map_err(embedded_err)?;
+                    times
+                        .insert(usage_key(at_ms, &id).as_str(), ())
+                        .map_err(embedded_err)?;
+                    let cutoff = usage_key(at_ms - super::ALERT_RETENTION_MS, "");
+                    let expired: Vec<String> = times
+                        .range(..cutoff.as_str())
+                        .map_err(embedded_err)?
+                        .map(|entry| entry.map(|(k, _)| k.value().to_owned()))
+                        .collect::<Result<_, _>>()
+                        .map_err(embedded_err)?;
+                    for key in expired {
+                        times.remove(key.as_str()).map_err(embedded_err)?;
+                        if let Some((_, old_id)) = key.split_once('/') {
+                            alerts.remove(old_id).map_err(embedded_err)?;
+                        }
+                    }
+                    true
+                }
+            };
+            txn.commit().map_err(embedded_err)?;
+            Ok(recorded)
+        })
+        .await
+    }
+
+    async fn recent_alerts(&self, limit: usize) -> Result<Vec<Vec<u8>>, StoreError> {
+        self.blocking(move |db| {
+            let txn = db.begin_read().map_err(embedded_err)?;
+            let alerts = txn.open_table(ALERTS).map_err(embedded_err)?;
+            let times = txn.open_table(ALERT_TIMES).map_err(embedded_err)?;
+            let mut out = Vec::new();
+            for entry in times.iter().map_err(embedded_err)?.rev().take(limit) {
+                let (key, _) = entry.map_err(embedded_err)?;
+                let key = key.value();
+                let id = key.split_once('/').map_or(key, |(_, id)| id);
+                if let Some(alert) = alerts.get(id).map_err(embedded_err)? {
+                    out.push(alert.value().to_vec());
+                }
+            }
+            Ok(out)
+        })
+        .await
     }
 
     async fn set_draining(&self, backend: &str, draining: bool) -> Result<(), StoreError> {

@@ -66,6 +66,9 @@ pub struct EventCursor {
     pub at_time: usize,
 }
 
+/// How long a recorded spend alert is kept (and so not delivered again): past any month.
+pub const ALERT_RETENTION_MS: i64 = 400 * 86_400_000;
+
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
     /// Writes a key record and its hash index in one atomic step. `replaced_hash` is the hash
@@ -198,6 +201,19 @@ pub trait Store: Send + Sync + 'static {
     async fn charge(&self, key_id: &str, args: &Charge<'_>) -> Result<bool, StoreError>;
 
     /// A key's live quota counters.
+    /// Records a spend alert under its id unless one is recorded there already: true for
+    /// the one caller, of all replicas, that recorded it (and so delivers it). Alerts older
+    /// than [`ALERT_RETENTION_MS`] are forgotten as new ones come.
+    async fn record_alert_once(
+        &self,
+        id: &str,
+        at_ms: i64,
+        alert: &[u8],
+    ) -> Result<bool, StoreError>;
+
+    /// The alerts recorded, newest first, at most `limit`.
+    async fn recent_alerts(&self, limit: usize) -> Result<Vec<Vec<u8>>, StoreError>;
+
     async fn quota_counters(
         &self,
         key_id: &str,

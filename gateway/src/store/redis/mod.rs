@@ -139,6 +139,16 @@ impl RedisStore {
         format!("{{{}:usage:{shard}}}:buffer", self.prefix)
     }
 
+    /// alert id -> the alert's JSON
+    fn alerts_key(&self) -> String {
+        format!("{{{}}}:alerts", self.prefix)
+    }
+
+    /// alert ids by the time they were recorded
+    fn alert_times_key(&self) -> String {
+        format!("{{{}}}:alerts:times", self.prefix)
+    }
+
     fn usage_events_key(&self) -> String {
         format!("{{{}}}:usage:events", self.prefix)
     }
@@ -378,6 +388,52 @@ impl Store for RedisStore {
             .query_async::<()>(&mut conn)
             .await?;
         Ok(())
+    }
+
+    async fn record_alert_once(
+        &self,
+        id: &str,
+        at_ms: i64,
+        alert: &[u8],
+    ) -> Result<bool, StoreError> {
+        let mut conn = self.conn.clone();
+        // HSETNX decides, once for the whole fleet; the time index only lists.
+        let recorded: bool = conn.hset_nx(self.alerts_key(), id, alert).await?;
+        if recorded {
+            let cutoff = at_ms - super::ALERT_RETENTION_MS;
+            let expired: Vec<String> = conn
+                .zrangebyscore(self.alert_times_key(), "-inf", cutoff)
+                .await?;
+            let mut pipe = redis::pipe();
+            pipe.zadd(self.alert_times_key(), id, at_ms).ignore();
+            if !expired.is_empty() {
+                pipe.hdel(self.alerts_key(), &expired)
+                    .ignore()
+                    .zrembyscore(self.alert_times_key(), "-inf", cutoff)
+                    .ignore();
+            }
+            pipe.query_async::<()>(&mut conn).await?;
+        }
+        Ok(recorded)
+    }
+
+    async fn recent_alerts(&self, limit: usize) -> Result<Vec<Vec<u8>>, StoreError> {
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
+        let mut conn = self.conn.clone();
+        let ids: Vec<String> = conn
+            .zrevrange(self.alert_times_key(), 0, limit as isize - 1)
+            .await?;
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let alerts: Vec<Option<Vec<u8>>> = redis::cmd("HMGET")
+            .arg(self.alerts_key())
+            .arg(&ids)
+            .query_async(&mut conn)
+            .await?;
+        Ok(alerts.into_iter().flatten().collect())
     }
 
     async fn set_draining(&self, backend: &str, draining: bool) -> Result<(), StoreError> {

@@ -1,0 +1,229 @@
+//! Spend alerts: when a key's spend reaches a threshold of its budget (`monthly_budget`, which
+//! refuses past it, or `soft_monthly_budget`, which only alerts), one alert is recorded in the
+//! store and delivered to the webhook, signed and retried, once per key, budget, threshold and
+//! month across the whole fleet: the store decides which replica records it.
+//!
+//! A replica checks the keys it served since its last check, every `check_interval`, against
+//! the spend the budget counts (`GET /admin/v1/keys/{id}/quota`: what is settled plus what
+//! requests in flight have reserved), so an alert comes at most one interval after the spend
+//! that crossed the threshold, and the 100% alert of a hard budget comes no later than its
+//! first refusal would.
+
+use crate::auth::Identity;
+use crate::store::Store;
+use arc_swap::ArcSwap;
+use hmac::{Hmac, Mac};
+use rust_decimal::Decimal;
+use serde_json::{json, Value};
+use sha2::Sha256;
+use sluice_policies::alerts::{self, BudgetKind};
+use sluice_policies::quota;
+use sluice_policies::Tiers;
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Deliveries of one alert: the first, then retries after 1, 2, 4 … 64 s (about two minutes
+/// in all), then it is given up (and counted as failed; the console still lists it).
+const DELIVERY_ATTEMPTS: u32 = 8;
+const DELIVERY_TIMEOUT: Duration = Duration::from_secs(10);
+/// Keys noted between two checks; past it, the busiest replica checks only this many.
+const MAX_NOTED_KEYS: usize = 100_000;
+
+#[derive(Debug, Clone)]
+pub struct AlertsConfig {
+    /// The webhook URL and the secret its deliveries are signed with; without one, alerts
+    /// are recorded (console, admin API, metrics) but not sent.
+    pub webhook: Option<(String, String)>,
+    /// Percentages of a budget that raise an alert.
+    pub thresholds: Vec<u32>,
+    pub check_interval: Duration,
+}
+
+pub struct Alerts {
+    config: AlertsConfig,
+    store: Arc<dyn Store>,
+    tiers: Arc<ArcSwap<Tiers>>,
+    http: reqwest::Client,
+    /// Keys with a budget served since the last check.
+    noted: parking_lot::Mutex<HashMap<String, Arc<Identity>>>,
+}
+
+impl Alerts {
+    pub fn new(config: AlertsConfig, store: Arc<dyn Store>, tiers: Arc<ArcSwap<Tiers>>) -> Self {
+        let http = reqwest::Client::builder()
+            .timeout(DELIVERY_TIMEOUT)
+            .build()
+            .expect("an HTTP client builds");
+        Alerts {
+            config,
+            store,
+            tiers,
+            http,
+            noted: parking_lot::Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// A request of this caller was settled: check its spend at the next check.
+    pub fn note(&self, identity: &Arc<Identity>) {
+        let limits = &identity.limits;
+        if limits.monthly_budget.is_none() && limits.soft_monthly_budget.is_none() {
+            return;
+        }
+        let mut noted = self.noted.lock();
+        if noted.len() < MAX_NOTED_KEYS || noted.contains_key(&identity.key_id) {
+            noted.insert(identity.key_id.clone(), identity.clone());
+        }
+    }
+
+    pub async fn run(self: Arc<Self>) {
+        loop {
+            tokio::time::sleep(self.config.check_interval).await;
+            let noted = std::mem::take(&mut *self.noted.lock());
+            for identity in noted.into_values() {
+                if let Err(e) = self.check(&identity).await {
+                    tracing::warn!(key_id = %identity.key_id, error = %e, "spend alert check failed");
+                    // Checked again after its next request.
+                }
+            }
+        }
+    }
+
+    async fn check(self: &Arc<Self>, identity: &Identity) -> Result<(), crate::store::StoreError> {
+        let now_ms = crate::clock::now_ms();
+        let now = now_ms / 1000;
+        let (month, _) = crate::clock::month_of(now);
+        let spend = self
+            .store
+            .quota_counters(&identity.key_id, now, &month)
+            .await?
+            .month_spend_nano;
+        let limits = &identity.limits;
+        let budgets = [
+            (BudgetKind::Hard, limits.monthly_budget),
+            (BudgetKind::Soft, limits.soft_monthly_budget),
+        ];
+        for (kind, budget) in budgets {
+            let Some(budget) = budget else { continue };
+            let budget_nano = quota::to_nano_ceil(budget.amount());
+            for threshold in alerts::reached(spend, budget_nano, &self.config.thresholds) {
+                let id = format!(
+                    "budget:{}:{month}:{}:{threshold}",
+                    identity.key_id,
+                    kind.as_str()
+                );
+                let alert = json!({
+                    "id": id,
+                    "type": "budget.threshold_reached",
+                    "key_id": identity.key_id,
+                    "tenant": identity.tenant,
+                    "tier": identity.tier,
+                    "budget": kind.as_str(),
+                    "threshold_percent": threshold,
+                    "budget_amount": budget.amount().normalize().to_string(),
+                    "spent": (Decimal::from(spend) / Decimal::from(quota::NANO)).normalize().to_string(),
+                    "currency": self.currency(&identity.tier),
+                    "month": month,
+                    "created_at": now,
+                });
+                let body = alert.to_string();
+                if !self
+                    .store
+                    .record_alert_once(&id, now_ms, body.as_bytes())
+                    .await?
+                {
+                    continue;
+                }
+                tracing::info!(alert_id = %id, spent = %alert["spent"], "spend alert");
+                crate::metrics::get().record_budget_alert(kind.as_str());
+                let alerts = self.clone();
+                tokio::spawn(async move { alerts.deliver(&id, body).await });
+            }
+        }
+        Ok(())
+    }
+
+    fn currency(&self, tier: &str) -> String {
+        self.tiers
+            .load()
+            .get(tier)
+            .map_or_else(|_| "USD".to_owned(), |t| t.currency.clone())
+    }
+
+    /// POSTs the alert, signed, until the receiver answers 2xx or the attempts run out.
+    async fn deliver(&self, id: &str, body: String) {
+        let Some((url, secret)) = &self.config.webhook else {
+            return;
+        };
+        let mut backoff = Duration::from_secs(1);
+        for attempt in 1..=DELIVERY_ATTEMPTS {
+            let timestamp = crate::clock::now_ms() / 1000;
+            let result = self
+                .http
+                .post(url)
+                .header("content-type", "application/json")
+                .header("x-sluice-event-id", id)
+                .header("x-sluice-signature", signature(secret, timestamp, &body))
+                .body(body.clone())
+                .send()
+                .await;
+            match result {
+                Ok(r) if r.status().is_success() => {
+                    crate::metrics::get().record_budget_alert_delivery("delivered");
+                    return;
+                }
+                Ok(r) => {
+                    tracing::warn!(alert_id = %id, attempt, status = r.status().as_u16(), "spend alert webhook refused")
+                }
+                Err(e) => {
+                    tracing::warn!(alert_id = %id, attempt, error = %e, "spend alert webhook unreachable")
+                }
+            }
+            if attempt < DELIVERY_ATTEMPTS {
+                tokio::time::sleep(backoff).await;
+                backoff *= 2;
+            }
+        }
+        crate::metrics::get().record_budget_alert_delivery("failed");
+        tracing::error!(alert_id = %id, "spend alert not delivered; giving up");
+    }
+
+    /// The alerts recorded, newest first (`GET /admin/v1/alerts`).
+    pub async fn recent(&self, limit: usize) -> Result<Vec<Value>, crate::store::StoreError> {
+        let raw = self.store.recent_alerts(limit).await?;
+        Ok(raw
+            .iter()
+            .filter_map(|a| serde_json::from_slice(a).ok())
+            .collect())
+    }
+}
+
+/// `t=<unix seconds>,v1=<hex HMAC-SHA256 of "<t>.<body>">`: the receiver recomputes it with
+/// the shared secret, and refuses old timestamps so a captured delivery cannot be replayed.
+pub fn signature(secret: &str, timestamp: i64, body: &str) -> String {
+    let mut mac = Hmac::<Sha256>::new_from_slice(secret.as_bytes()).expect("HMAC takes any key");
+    mac.update(timestamp.to_string().as_bytes());
+    mac.update(b".");
+    mac.update(body.as_bytes());
+    format!(
+        "t={timestamp},v1={}",
+        hex::encode(mac.finalize().into_bytes())
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_signature_is_the_hmac_of_timestamp_and_body() {
+        // RFC 4231 test case 2's key and data, split as "<t>.<body>" would be.
+        let s = signature("Jefe", 0, "what do ya want for nothing?");
+        assert!(s.starts_with("t=0,v1="), "{s}");
+        let mut mac = Hmac::<Sha256>::new_from_slice(b"Jefe").unwrap();
+        mac.update(b"0.what do ya want for nothing?");
+        assert_eq!(&s[7..], hex::encode(mac.finalize().into_bytes()));
+        assert_ne!(s, signature("Jefe", 1, "what do ya want for nothing?"));
+        assert_ne!(s, signature("Jeff", 0, "what do ya want for nothing?"));
+    }
+}
