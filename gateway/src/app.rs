@@ -38,6 +38,8 @@ pub struct Gateway {
     pub cache: Arc<crate::cache::ResponseCache>,
     /// Requests in flight and body bytes held, against the configured marks.
     pub overload: crate::overload::Overload,
+    /// Models' tokenizers (`[tokenizers]`), for usage a backend does not report.
+    pub tokenizers: crate::metering::tokens::TokenCounters,
     /// Spend alerts (`[alerts]`).
     pub alerts: Option<Arc<crate::alerts::Alerts>>,
 }
@@ -119,6 +121,8 @@ impl Gateway {
             store.clone(),
         ));
         let overload = crate::overload::Overload::new(config.marks);
+        let tokenizers = crate::metering::tokens::TokenCounters::load(&config.tokenizers)
+            .map_err(|e| anyhow::anyhow!(e))?;
         let alerts = config
             .alerts
             .clone()
@@ -138,6 +142,7 @@ impl Gateway {
             admission,
             cache,
             overload,
+            tokenizers,
             alerts,
         });
         Ok((gateway, writer))

@@ -91,9 +91,6 @@ enum BillingCommand {
 }
 
 fn main() {
-    // https fetches (a JWKS) use ring; set once for the process, so that no other crate's
-    // rustls features can leave the choice ambiguous.
-    let _ = rustls::crypto::ring::default_provider().install_default();
     let _telemetry = sluice_telemetry::init("sluice-gateway", "SLUICE_LOG");
     let cli = Cli::parse();
     let result = match cli.command {

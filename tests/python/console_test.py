@@ -72,6 +72,7 @@ try:
     prompt.send_keys("sim-*")
     prompt.accept()
     wait.until(lambda d: "sim-*" in d.find_element(By.CSS_SELECTOR, f'#keys tr[data-key="{key_id}"]').text)
+    row = driver.find_element(By.CSS_SELECTOR, f'#keys tr[data-key="{key_id}"]')  # re-rendered
 
     # Change its tier; the change is in the API afterwards.
     Select(row.find_element(By.CSS_SELECTOR, "select.tier")).select_by_visible_text("pro")

@@ -19,6 +19,8 @@ pub enum Behaviour {
     HugeBody(usize),
     /// A valid JSON answer without a usage block.
     NoUsage,
+    /// A whole, valid stream that ends without a usage chunk (though one was asked for).
+    StreamWithoutUsage,
     /// A valid JSON answer, gzip-compressed although nobody asked for it.
     Gzip,
     /// 200 with a body that is not JSON.
@@ -33,6 +35,10 @@ pub enum Behaviour {
     /// connection half-way through the body.
     ResetMidJson,
 }
+
+/// What a backend that reports no usage answers (as one JSON body, or word by word).
+pub const UNREPORTED_ANSWER: &str =
+    "Locks raise and lower boats between stretches of water at different levels.";
 
 /// The prompt and completion tokens the backend reports when it reports usage.
 pub const REPORTED: (u64, u64) = (7, 5);
@@ -238,7 +244,7 @@ async fn misbehave(mut tcp: TcpStream, behaviour: Behaviour) -> std::io::Result<
                 &mut tcp,
                 200,
                 "application/json",
-                completion(false, "hi").as_bytes(),
+                completion(false, UNREPORTED_ANSWER).as_bytes(),
             )
             .await
         }
@@ -269,6 +275,14 @@ async fn misbehave(mut tcp: TcpStream, behaviour: Behaviour) -> std::io::Result<
         Behaviour::Silent => {
             tokio::time::sleep(Duration::from_secs(3600)).await;
             Ok(())
+        }
+        Behaviour::StreamWithoutUsage => {
+            tcp.write_all(STREAM_HEAD).await?;
+            for word in UNREPORTED_ANSWER.split_inclusive(' ') {
+                http_chunk(&mut tcp, chunk(word).as_bytes()).await?;
+            }
+            http_chunk(&mut tcp, b"data: [DONE]\n\n").await?;
+            tcp.write_all(b"0\r\n\r\n").await
         }
         Behaviour::ResetMidJson => {
             let body = completion(true, "half of this answer never arrives");

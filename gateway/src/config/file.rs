@@ -33,6 +33,9 @@ pub(super) struct FileConfig {
     #[serde(default)]
     pub(super) billing: BillingSection,
     pub(super) alerts: Option<AlertsSection>,
+    /// model -> its tokenizer.json
+    #[serde(default)]
+    pub(super) tokenizers: BTreeMap<String, PathBuf>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -95,6 +95,9 @@ pub struct Config {
     pub ledger: Option<crate::ledger::LedgerConfig>,
     /// The NATS JetStream usage feed (`[billing] nats_url`).
     pub feed: Option<crate::metering::FeedConfig>,
+    /// model -> its `tokenizer.json` (`[tokenizers]`, relative to the config file), for
+    /// counting the usage of a backend that reports none.
+    pub tokenizers: BTreeMap<String, PathBuf>,
     /// Spend alerts (`[alerts]`): off unless the section is there.
     pub alerts: Option<crate::alerts::AlertsConfig>,
 }
@@ -322,6 +325,11 @@ impl Config {
             ledger,
             feed,
             alerts,
+            tokenizers: file
+                .tokenizers
+                .into_iter()
+                .map(|(model, path)| (model, base_dir.join(path)))
+                .collect(),
         })
     }
 }
@@ -359,7 +367,7 @@ mod tests {
     #[test]
     fn a_jwks_url_is_checked_and_never_shared_with_admin_tokens() {
         let c = Config::from_toml(
-            "[auth.jwt]\njwks_url = \"https://idp.example/jwks\"\n",
+            "[auth.jwt]\njwks_url = \"http://idp.example/jwks\"\n",
             &no_env,
         )
         .unwrap();
@@ -368,6 +376,7 @@ mod tests {
         assert_eq!(jwks.min_refresh, std::time::Duration::from_secs(10));
         for (toml, field) in [
             ("[auth.jwt]\njwks_url = \"ftp://idp\"\n", "auth.jwt.jwks_url"),
+            ("[auth.jwt]\njwks_url = \"https://idp\"\n", "auth.jwt.jwks_url"),
             (
                 "[auth.jwt]\njwks_url = \"http://idp\"\njwks_min_refresh_secs = 0\n",
                 "auth.jwt.jwks_min_refresh_secs",

@@ -671,10 +671,18 @@ pub(super) fn resolve_jwt(
     }
     let jwks = match j.jwks_url {
         Some(url) => {
-            if !(url.starts_with("http://") || url.starts_with("https://")) {
+            if url.starts_with("https://") {
+                // reqwest's TLS would have to be built into every HTTP client of the workspace
+                // (it panics without a process-wide provider): TLS comes with issue 22's work.
                 return Err(invalid(
                     format!("{section}.jwks_url"),
-                    format!("'{url}' is not an http:// or https:// URL"),
+                    format!("'{url}': https:// is not supported yet; serve the key set over http:// on a trusted network (a sidecar or proxy that fetches it)"),
+                ));
+            }
+            if !url.starts_with("http://") {
+                return Err(invalid(
+                    format!("{section}.jwks_url"),
+                    format!("'{url}' is not an http:// URL"),
                 ));
             }
             let seconds = |field: &str, value: Option<u64>, default: u64| match value {

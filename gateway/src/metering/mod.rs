@@ -9,6 +9,7 @@ pub mod journal;
 mod spool;
 mod sse;
 mod target;
+pub mod tokens;
 
 pub use crate::usage::UsageSource;
 pub use feed::{Feed, FeedConfig};
@@ -60,8 +61,40 @@ pub fn text_bytes(json: &[u8]) -> u64 {
     total as u64
 }
 
+/// The generated text of a response chunk or body (the same values as [`text_bytes`]),
+/// decoded, appended to `out`: for counting with the model's tokenizer.
+pub fn generated_text(json: &[u8], out: &mut String) {
+    const KEYS: [&[u8]; 4] = [
+        b"\"content\"",
+        b"\"text\"",
+        b"\"arguments\"",
+        b"\"reasoning_content\"",
+    ];
+    for key in KEYS {
+        for at in memchr::memmem::find_iter(json, key) {
+            let rest = &json[at + key.len()..];
+            if let Some((start, Some(end))) = string_value(rest) {
+                // The value with its quotes, so JSON decodes its escapes.
+                if let Ok(text) = serde_json::from_slice::<String>(&rest[start - 1..=end]) {
+                    out.push_str(&text);
+                }
+            }
+        }
+    }
+}
+
 /// The length of the JSON string value after a key (`: "..."`), or 0 when it is not a string.
 fn string_value_len(rest: &[u8]) -> usize {
+    match string_value(rest) {
+        Some((start, Some(end))) => end - start,
+        Some((start, None)) => rest.len().saturating_sub(start),
+        None => 0,
+    }
+}
+
+/// Where the JSON string value after a key (`: "..."`) starts (after its opening quote) and
+/// ends (its closing quote, when it has one in `rest`); `None` when it is not a string.
+fn string_value(rest: &[u8]) -> Option<(usize, Option<usize>)> {
     let mut i = 0;
     let skip_space = |i: &mut usize| {
         while rest.get(*i).is_some_and(u8::is_ascii_whitespace) {
@@ -70,23 +103,23 @@ fn string_value_len(rest: &[u8]) -> usize {
     };
     skip_space(&mut i);
     if rest.get(i) != Some(&b':') {
-        return 0;
+        return None;
     }
     i += 1;
     skip_space(&mut i);
     if rest.get(i) != Some(&b'"') {
-        return 0;
+        return None;
     }
     let start = i + 1;
     let mut j = start;
     while let Some(&b) = rest.get(j) {
         match b {
             b'\\' => j += 2,
-            b'"' => return j - start,
+            b'"' => return Some((start, Some(j))),
             _ => j += 1,
         }
     }
-    rest.len().saturating_sub(start)
+    Some((start, None))
 }
 
 /// Token usage as OpenAI reports it.
@@ -170,12 +203,32 @@ pub enum Meter {
         overflowed: bool,
         /// Set by `finish`: generated text bytes of a body that parsed but had no usage.
         text_bytes: Option<u64>,
+        /// Set with `text_bytes`: that text, decoded.
+        text: Option<String>,
     },
     /// A body the gateway cannot read (compressed): billed at its reservation.
     Unreadable,
 }
 
 impl Meter {
+    /// Keeps the generated text of a stream as it passes (bounded), so that it can be counted
+    /// with the model's tokenizer if the stream ends without usage. A JSON body's text is
+    /// read at its end anyway.
+    pub fn collect_text(&mut self) {
+        if let Meter::Sse(scanner) = self {
+            scanner.collect_text();
+        }
+    }
+
+    /// The generated text that passed, when it was kept whole (see `collect_text`).
+    pub fn generated_text(&self) -> Option<&str> {
+        match self {
+            Meter::Sse(scanner) => scanner.text(),
+            Meter::Json { text, .. } => text.as_deref(),
+            Meter::Unreadable => None,
+        }
+    }
+
     /// An event stream (whose end the gateway may add to), not one JSON body.
     pub fn is_stream(&self) -> bool {
         matches!(self, Meter::Sse(_))
@@ -190,6 +243,7 @@ impl Meter {
                 body: BytesMut::new(),
                 overflowed: false,
                 text_bytes: None,
+                text: None,
             }
         }
     }
@@ -256,6 +310,7 @@ impl Meter {
                 body,
                 overflowed,
                 text_bytes,
+                text,
             } => {
                 #[derive(Deserialize)]
                 struct WithUsage {
@@ -268,6 +323,9 @@ impl Meter {
                     Ok(WithUsage { usage: Some(usage) }) => Some(usage),
                     Ok(WithUsage { usage: None }) => {
                         *text_bytes = Some(self::text_bytes(body));
+                        let mut generated = String::new();
+                        generated_text(body, &mut generated);
+                        *text = Some(generated);
                         None
                     }
                     Err(_) => None,

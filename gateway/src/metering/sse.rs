@@ -9,6 +9,10 @@ use super::Usage;
 use bytes::{Bytes, BytesMut};
 use serde::Deserialize;
 
+/// Generated text kept for a tokenizer count (see `collect_text`); past it the estimate falls
+/// back to bytes.
+const MAX_TEXT_BYTES: usize = 4 << 20;
+
 /// An event larger than this without its terminating blank line is not an OpenAI chunk:
 /// it is passed on and counted as malformed rather than held.
 const MAX_EVENT_BYTES: usize = 1 << 20;
@@ -27,6 +31,9 @@ pub struct SseUsageScanner {
     /// Bytes of generated text seen (see [`super::text_bytes`]), for an estimate when the
     /// stream ends without usage.
     text_bytes: u64,
+    /// The generated text itself, when asked for and while it stays within bounds.
+    text: Option<String>,
+    text_overflowed: bool,
 }
 
 #[derive(Deserialize)]
@@ -48,6 +55,8 @@ impl SseUsageScanner {
             usage: None,
             malformed: 0,
             text_bytes: 0,
+            text: None,
+            text_overflowed: false,
         }
     }
 
@@ -102,6 +111,16 @@ impl SseUsageScanner {
         self.usage
     }
 
+    /// Keeps the generated text from now on (for a tokenizer count).
+    pub fn collect_text(&mut self) {
+        self.text.get_or_insert_with(String::new);
+    }
+
+    /// The generated text so far, when it was kept and stayed within bounds.
+    pub fn text(&self) -> Option<&str> {
+        self.text.as_deref().filter(|_| !self.text_overflowed)
+    }
+
     /// Bytes of generated text the stream carried so far.
     pub fn text_bytes(&self) -> u64 {
         self.text_bytes
@@ -121,6 +140,13 @@ impl SseUsageScanner {
             return true;
         }
         self.text_bytes += super::text_bytes(data);
+        if let Some(text) = self.text.as_mut().filter(|_| !self.text_overflowed) {
+            super::generated_text(data, text);
+            if text.len() > MAX_TEXT_BYTES {
+                self.text_overflowed = true;
+                *text = String::new();
+            }
+        }
         // Only a chunk that names "usage" can carry it; the rest are not parsed at all.
         if memfind(data, b"\"usage\"").is_none() {
             return true;

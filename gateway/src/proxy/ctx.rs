@@ -117,7 +117,9 @@ impl RequestCtx {
 
     /// Settles what a backend's 2xx answer used when its usage could not be read (see
     /// `metering::unread_usage`).
-    pub fn settle_unread_usage(&mut self) {
+    /// With the model's tokenizer, the prompt is counted from the request and an estimated
+    /// completion from the text that passed.
+    pub fn settle_unread_usage(&mut self, tokenizer: Option<&tokenizers::Tokenizer>) {
         let answered = self
             .upstream_status
             .is_some_and(|s| (200..300).contains(&s));
@@ -127,8 +129,18 @@ impl RequestCtx {
         let (Some(meter), Some(admitted)) = (self.meter.as_mut(), self.admitted.as_ref()) else {
             return;
         };
-        let (usage, source) =
-            crate::metering::unread_usage(meter, self.body_done, admitted.ceiling);
+        let ceiling = admitted.ceiling;
+        let (mut usage, source) = crate::metering::unread_usage(meter, self.body_done, ceiling);
+        if let (Some(tokenizer), Some(route)) = (tokenizer, self.route) {
+            use crate::metering::tokens;
+            if let Some(prompt) = tokens::prompt_tokens(tokenizer, route, &self.body) {
+                usage.prompt_tokens = prompt.min(ceiling.prompt_tokens);
+            }
+            if let (UsageSource::Estimated, Some(text)) = (source, meter.generated_text()) {
+                usage.completion_tokens =
+                    tokens::count(tokenizer, text).min(ceiling.completion_tokens);
+            }
+        }
         self.body_done = true;
         self.usage = Some(usage);
         self.usage_source = source;

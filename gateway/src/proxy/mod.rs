@@ -272,6 +272,14 @@ impl ProxyHttp for Proxy {
             if resized || (meter.is_stream() && respond::is_priced(prices, ctx)) {
                 upstream_response.remove_header("content-length");
             }
+            let mut meter = meter;
+            if ctx
+                .model
+                .as_deref()
+                .is_some_and(|m| self.gateway.tokenizers.get(m).is_some())
+            {
+                meter.collect_text();
+            }
             ctx.meter = Some(meter);
         }
         Ok(())
@@ -390,7 +398,8 @@ impl ProxyHttp for Proxy {
         }
         let metering = traces::child(ctx.span.as_ref(), "metering");
         let metering_entered = metering.enter();
-        ctx.settle_unread_usage();
+        let model = ctx.model.as_deref().unwrap_or_default();
+        ctx.settle_unread_usage(self.gateway.tokenizers.get(model));
         let cost = self.cost(ctx);
         let outcome = ctx.outcome(
             session.req_header().method.as_str(),

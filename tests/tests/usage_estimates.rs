@@ -1,0 +1,85 @@
+//! A backend that reports no usage is billed what the model's own tokenizer counts
+//! (`[tokenizers]`), not a guess from bytes: the prompt from the request, the completion from
+//! the text that passed, for a JSON answer and for a stream.
+
+use serde_json::{json, Value};
+use sluice_e2e::misbehaving::{Behaviour, Misbehaving, UNREPORTED_ANSWER};
+use sluice_e2e::{minilm_dir, required_weights, Gateway, GatewayOptions, StoreKind, SIM_MODEL};
+use std::time::Duration;
+use tokenizers::Tokenizer;
+
+const QUESTION: &str = "How does a canal lock work?";
+
+async fn billed_event(gw: &Gateway) -> Value {
+    for _ in 0..200 {
+        let events = gw.billing_export("event").await.unwrap();
+        if let Some(event) = events.into_iter().next() {
+            return event;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    panic!("no usage event\n{}", gw.log());
+}
+
+async fn case(behaviour: Behaviour, stream: bool) {
+    let Some(dir) = required_weights(minilm_dir(), "SLUICE_MINILM_DIR", "all-MiniLM-L6-v2") else {
+        return;
+    };
+    let tokenizer_file = dir.join("tokenizer.json");
+    let mut tokenizer = Tokenizer::from_file(&tokenizer_file).unwrap();
+    // MiniLM's file pads every encoding to 128 tokens: a count must not.
+    tokenizer.with_padding(None);
+    tokenizer.with_truncation(None).unwrap();
+    let count = |text: &str| tokenizer.encode_fast(text, false).unwrap().len() as u64;
+
+    let backend = Misbehaving::start(behaviour).await;
+    let data = tempfile::tempdir().unwrap();
+    let gw = Gateway::start(GatewayOptions {
+        backends: vec![backend.url.clone()],
+        store: StoreKind::Embedded(data.path().to_owned()),
+        max_body_bytes: 1 << 20,
+        extra_config: format!(
+            "[tokenizers]\n{SIM_MODEL:?} = {:?}\n",
+            tokenizer_file.display().to_string()
+        ),
+        server_config: String::new(),
+        env: Vec::new(),
+        jwt_config: String::new(),
+    })
+    .await
+    .unwrap();
+    let (_, key) = gw.create_key("acme", "pro").await.unwrap();
+    let body = json!({"model": SIM_MODEL, "stream": stream, "max_tokens": 200,
+        "messages": [{"role": "system", "content": "Answer in one sentence."},
+                     {"role": "user", "content": QUESTION}]});
+    let r = gw
+        .post_raw("/v1/chat/completions", Some(&key), body.to_string())
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let text = r.text().await.unwrap();
+    assert!(text.contains("Locks"), "{text}");
+
+    let event = billed_event(&gw).await;
+    assert_eq!(event["usage_source"], "estimated", "{event}");
+    // Two messages' text, 3 tokens each for the chat format, 3 for the reply.
+    let prompt = count("Answer in one sentence.") + count(QUESTION) + 2 * 3 + 3;
+    assert_eq!(event["prompt_tokens"], prompt, "{event}");
+    assert_eq!(
+        event["completion_tokens"],
+        count(UNREPORTED_ANSWER),
+        "{event}"
+    );
+    // Far fewer than the bytes the estimate without a tokenizer bills.
+    assert!(count(UNREPORTED_ANSWER) < UNREPORTED_ANSWER.len() as u64 / 2);
+}
+
+#[tokio::test]
+async fn a_json_answer_without_usage_is_billed_its_tokenizer_count() {
+    case(Behaviour::NoUsage, false).await;
+}
+
+#[tokio::test]
+async fn a_stream_without_usage_is_billed_its_tokenizer_count() {
+    case(Behaviour::StreamWithoutUsage, true).await;
+}
