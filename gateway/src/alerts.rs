@@ -121,7 +121,7 @@ impl Alerts {
                     "budget": kind.as_str(),
                     "threshold_percent": threshold,
                     "budget_amount": budget.amount().normalize().to_string(),
-                    "spent": (Decimal::from(spend) / Decimal::from(quota::NANO)).normalize().to_string(),
+                    "counted": (Decimal::from(spend) / Decimal::from(quota::NANO)).normalize().to_string(),
                     "currency": self.currency(&identity.tier),
                     "month": month,
                     "created_at": now,
@@ -134,7 +134,7 @@ impl Alerts {
                 {
                     continue;
                 }
-                tracing::info!(alert_id = %id, spent = %alert["spent"], "spend alert");
+                tracing::info!(alert_id = %id, counted = %alert["counted"], "spend alert");
                 crate::metrics::get().record_budget_alert(kind.as_str());
                 let alerts = self.clone();
                 tokio::spawn(async move { alerts.deliver(&id, body).await });

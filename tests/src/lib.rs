@@ -490,6 +490,17 @@ hs256_secret = "{ADMIN_JWT_SECRET}"
         self.create_key_with(tenant, tier, json!({})).await
     }
 
+    /// A proxy path's JSON answer to a `GET` with this bearer credential (`/v1/models`).
+    pub async fn get_json(&self, path: &str, bearer: &str) -> Result<Value> {
+        let response = self
+            .http
+            .get(format!("{}{path}", self.url))
+            .bearer_auth(bearer)
+            .send()
+            .await?;
+        Ok(response.json().await?)
+    }
+
     /// Creates an API key with limit overrides: `(id, secret)`.
     pub async fn create_key_with(
         &self,

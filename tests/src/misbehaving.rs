@@ -292,27 +292,27 @@ async fn misbehave(mut tcp: TcpStream, behaviour: Behaviour) -> std::io::Result<
             );
             tcp.write_all(head.as_bytes()).await?;
             tcp.write_all(&body.as_bytes()[..body.len() / 2]).await?;
-            tcp.flush().await?;
-            tokio::time::sleep(Duration::from_millis(50)).await;
-            #[allow(deprecated)]
-            tcp.set_linger(Some(Duration::ZERO))?;
-            drop(tcp);
-            Ok(())
+            reset(tcp).await
         }
         Behaviour::ResetMidStream => {
             tcp.write_all(STREAM_HEAD).await?;
             for _ in 0..3 {
                 http_chunk(&mut tcp, chunk("tok ").as_bytes()).await?;
             }
-            tcp.flush().await?;
-            tokio::time::sleep(Duration::from_millis(50)).await;
-            // SO_LINGER 0: closing sends a reset, not an orderly end (and cannot block).
-            #[allow(deprecated)]
-            tcp.set_linger(Some(Duration::ZERO))?;
-            drop(tcp);
-            Ok(())
+            reset(tcp).await
         }
     }
+}
+
+/// Sends what was written, then resets the connection: SO_LINGER 0 makes closing send a
+/// reset, not an orderly end (and it cannot block).
+async fn reset(mut tcp: TcpStream) -> std::io::Result<()> {
+    tcp.flush().await?;
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    #[allow(deprecated)]
+    tcp.set_linger(Some(Duration::ZERO))?;
+    drop(tcp);
+    Ok(())
 }
 
 /// `bytes` as a gzip member of stored (uncompressed) deflate blocks: valid gzip that needs no

@@ -224,8 +224,8 @@ async fn each_threshold_alerts_once_across_three_replicas_signed_and_retried() {
     assert_eq!(soft80["budget_amount"], "0.01");
     assert_eq!(soft80["currency"], "USD");
     assert_eq!(soft80["threshold_percent"], 80);
-    let spent: f64 = soft80["spent"].as_str().unwrap().parse().unwrap();
-    assert!((0.008..=0.012).contains(&spent), "{soft80}");
+    let counted: f64 = soft80["counted"].as_str().unwrap().parse().unwrap();
+    assert!((0.008..=0.012).contains(&counted), "{soft80}");
 
     // Every replica lists the same four, recorded once for the fleet.
     for gw in &replicas {

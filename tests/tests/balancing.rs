@@ -304,16 +304,7 @@ async fn an_alias_routes_each_tier_to_its_own_model() {
             "the backend was asked for the tier's model"
         );
     }
-    let models: Value = gw
-        .http
-        .get(format!("{}/v1/models", gw.url))
-        .bearer_auth(&free)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let models = gw.get_json("/v1/models", &free).await.unwrap();
     assert!(models["data"]
         .as_array()
         .unwrap()

@@ -57,16 +57,7 @@ async fn ask(gw: &Gateway, key: &str, model: &str) -> (u16, Value) {
 }
 
 async fn listed(gw: &Gateway, key: &str) -> Vec<String> {
-    let models: Value = gw
-        .http
-        .get(format!("{}/v1/models", gw.url))
-        .bearer_auth(key)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let models = gw.get_json("/v1/models", key).await.unwrap();
     let mut ids: Vec<String> = models["data"]
         .as_array()
         .unwrap()
