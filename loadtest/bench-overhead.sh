@@ -3,7 +3,9 @@
 # backend (zero delays), through nginx as a plain reverse proxy, through a bare pingora proxy
 # (loadtest/src/bin/bare_pingora.rs: forwarding only, on the gateway's own pingora), and
 # through Sluice's full policy path (API-key auth, quotas with leases, metering, cache on,
-# balancer) on Redis and on the embedded store. Targets alternate round by round so that a
+# balancer) on Redis and on the embedded store, and on the embedded store with a price for the
+# model (sluice-priced: every answer says its cost, a non-streamed one held until its end for
+# the x-sluice-cost header). Targets alternate round by round so that a
 # noisy machine shifts them alike. Besides throughput and latency it reads each proxy's CPU
 # time (and Redis's, for Sluice on Redis) from /proc around every run, as CPU per request.
 # Writes the table to docs/benchmarks.md.
@@ -41,6 +43,7 @@ bench_setup
 
 backend_port=$PORT_BASE; nginx_port=$((PORT_BASE + 1)); sluice_port=$((PORT_BASE + 2)); admin_port=$((PORT_BASE + 3))
 pingora_port=$((PORT_BASE + 4)); embedded_port=$((PORT_BASE + 5)); embedded_admin_port=$((PORT_BASE + 6))
+priced_port=$((PORT_BASE + 7)); priced_admin_port=$((PORT_BASE + 8))
 
 # cpu_ticks PID...: user + system CPU time of these processes so far, in clock ticks.
 cpu_ticks() {
@@ -122,6 +125,31 @@ SLUICE_ADMIN_TOKEN="$admin_token" SLUICE_LOG=info "$bin/sluice" serve --config "
 pids+=($!)
 embedded_pid=$!
 wait_for "http://127.0.0.1:$embedded_port/health"
+# The embedded gateway again, with a price for the model.
+cat >"$work/priced.toml" <<TOML
+[server]
+listen = "127.0.0.1:$priced_port"
+admin_listen = "127.0.0.1:$priced_admin_port"
+threads = $THREADS
+data_dir = "$work/priced-data"
+grace_period_secs = 0
+
+[[backends]]
+name = "sim"
+url = "http://127.0.0.1:$backend_port"
+
+[[prices]]
+model = "sluice-sim"
+tier = "*"
+currency = "USD"
+input = "0.15"
+output = "0.60"
+TOML
+SLUICE_ADMIN_TOKEN="$admin_token" SLUICE_LOG=info "$bin/sluice" serve --config "$work/priced.toml" \
+  >"$work/priced.log" 2>&1 &
+pids+=($!)
+priced_pid=$!
+wait_for "http://127.0.0.1:$priced_port/health"
 new_key() {
   curl -fsS "http://127.0.0.1:$1/admin/v1/keys" -H "Authorization: Bearer $admin_token" \
     -d '{"name":"bench","tenant":"bench","tier":"enterprise","limits":{"requests_per_minute":100000000,"tokens_per_minute":100000000000,"max_concurrent":100000}}' \
@@ -129,12 +157,13 @@ new_key() {
 }
 key=$(new_key "$admin_port")
 embedded_key=$(new_key "$embedded_admin_port")
+priced_key=$(new_key "$priced_admin_port")
 redis_pid=$(pgrep -x redis-server | head -1 || true)
 
-targets=(direct nginx pingora sluice sluice-embedded)
+targets=(direct nginx pingora sluice sluice-embedded sluice-priced)
 declare -A url=([direct]="http://127.0.0.1:$backend_port" [nginx]="http://127.0.0.1:$nginx_port" \
   [pingora]="http://127.0.0.1:$pingora_port" [sluice]="http://127.0.0.1:$sluice_port" \
-  [sluice-embedded]="http://127.0.0.1:$embedded_port")
+  [sluice-embedded]="http://127.0.0.1:$embedded_port" [sluice-priced]="http://127.0.0.1:$priced_port")
 # The processes whose CPU each target costs (the direct target costs the proxy nothing).
 proxy_pids() {
   case "$1" in
@@ -142,6 +171,7 @@ proxy_pids() {
     pingora) echo "$pingora_pid" ;;
     sluice) echo "$sluice_pid" ;;
     sluice-embedded) echo "$embedded_pid" ;;
+    sluice-priced) echo "$priced_pid" ;;
   esac
 }
 # Exact cache hits: one deterministic request, asked again and again (the warm-up's first
@@ -165,6 +195,7 @@ for scenario in "fixed json" "low json" "fixed stream" "max json" "max stream" "
       keyarg=()
       [ "$target" = sluice ] && keyarg=(--key "$key")
       [ "$target" = sluice-embedded ] && keyarg=(--key "$embedded_key")
+      [ "$target" = sluice-priced ] && keyarg=(--key "$priced_key")
       echo "bench: $scenario, round $round, $target" >&2
       procs=$(proxy_pids "$target")
       proxy_before=$(cpu_ticks $procs); redis_before=$(cpu_ticks $redis_pid)

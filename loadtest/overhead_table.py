@@ -47,7 +47,7 @@ def errors(reports):
     return str(total)
 
 
-TARGETS = [t for t in ("direct", "nginx", "pingora", "sluice", "sluice-embedded") if any(r["target"] == t for r in runs)]
+TARGETS = [t for t in ("direct", "nginx", "pingora", "sluice", "sluice-embedded", "sluice-priced") if any(r["target"] == t for r in runs)]
 
 
 def cpu_us(run, field):
@@ -92,7 +92,7 @@ for scenario in scenarios:
     if scenario == "max hit":
         # A hit against the same target forwarding (max json): what answering from the cache
         # costs next to what forwarding does.
-        for name in ("sluice", "sluice-embedded"):
+        for name in ("sluice", "sluice-embedded", "sluice-priced"):
             hit = per_target.get(name)
             forwarded = [r for r in runs if r["scenario"] == "max json" and r["target"] == name]
             if not hit or not forwarded:
@@ -106,9 +106,17 @@ for scenario in scenarios:
                 f"{hits} answers marked hit"
             )
         continue
+    priced, unpriced = per_target.get("sluice-priced"), per_target.get("sluice-embedded")
+    if priced and unpriced and None not in (priced[1], priced[2], unpriced[1], unpriced[2]):
+        cpu_delta = None if None in (priced[4], unpriced[4]) else priced[4] - unpriced[4]
+        summary.append(
+            f"- {scenario}, cost on the answer (sluice-priced minus sluice-embedded): "
+            f"p50 {fmt(priced[1] - unpriced[1])} ms, p99 {fmt(priced[2] - unpriced[2])} ms"
+            + (f", CPU per request {fmt(cpu_delta, 0)} µs" if cpu_delta is not None else "")
+        )
     nginx = per_target.get("nginx")
     pingora = per_target.get("pingora")
-    for name in ("sluice", "sluice-embedded"):
+    for name in ("sluice", "sluice-embedded", "sluice-priced"):
         sluice = per_target.get(name)
         if not sluice or not nginx:
             continue
@@ -148,7 +156,9 @@ section = "\n".join(
         f"Fixed-rate scenarios send {rate} req/s (low: {low_rate} req/s) open loop; max scenarios "
         f"run {concurrency} closed-loop clients. Figures are medians over the rounds; each round "
         "runs direct, nginx, bare pingora (forwarding only, the gateway's pingora and allocator), "
-        "Sluice on Redis and Sluice on the embedded store back to back with the same load "
+        "Sluice on Redis, Sluice on the embedded store and the same with a price for the model "
+        "(sluice-priced: answers carry their cost; a non-streamed one is held until its end "
+        "for the x-sluice-cost header) back to back with the same load "
         "(Sluice: API-key auth, quotas with leases, metering, cache on, balancer, access log "
         "on). The json and stream requests are not cacheable (no temperature); max hit sends one "
         "deterministic request (temperature 0) again and again, answered from the cache after "
