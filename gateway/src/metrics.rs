@@ -111,7 +111,7 @@ pub struct RequestRecord<'a> {
 impl Metrics {
     fn new() -> Metrics {
         let r = Registry::new();
-        Metrics {
+        let metrics = Metrics {
             requests: counter(
                 &r,
                 "sluice_requests_total",
@@ -216,7 +216,18 @@ impl Metrics {
                 &["command"],
             ),
             registry: r,
+        };
+        // Rare events are exported from the start, at 0, so that a rate over them is defined
+        // before the first one (and dashboards find the series).
+        for budget in ["hard", "soft"] {
+            metrics.budget_alerts.with_label_values(&[budget]);
         }
+        for outcome in ["delivered", "failed"] {
+            metrics
+                .budget_alert_deliveries
+                .with_label_values(&[outcome]);
+        }
+        metrics
     }
 
     pub fn record_request(&self, r: &RequestRecord<'_>) {
