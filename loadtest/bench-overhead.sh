@@ -107,48 +107,38 @@ SLUICE_ADMIN_TOKEN="$admin_token" SLUICE_LOG=info "$bin/sluice" serve --config "
 pids+=($!)
 sluice_pid=$!
 wait_for "http://127.0.0.1:$sluice_port/health"
-# The same gateway on the embedded store.
-cat >"$work/embedded.toml" <<TOML
+# start_embedded NAME PORT ADMIN_PORT [EXTRA_TOML]: the same gateway on the embedded store
+# (its data in $work/NAME-data, its log in $work/NAME.log); prints its pid.
+start_embedded() {
+  cat >"$work/$1.toml" <<TOML
 [server]
-listen = "127.0.0.1:$embedded_port"
-admin_listen = "127.0.0.1:$embedded_admin_port"
+listen = "127.0.0.1:$2"
+admin_listen = "127.0.0.1:$3"
 threads = $THREADS
-data_dir = "$work/embedded-data"
+data_dir = "$work/$1-data"
 grace_period_secs = 0
 
 [[backends]]
 name = "sim"
 url = "http://127.0.0.1:$backend_port"
+${4:-}
 TOML
-SLUICE_ADMIN_TOKEN="$admin_token" SLUICE_LOG=info "$bin/sluice" serve --config "$work/embedded.toml" \
-  >"$work/embedded.log" 2>&1 &
-pids+=($!)
-embedded_pid=$!
-wait_for "http://127.0.0.1:$embedded_port/health"
-# The embedded gateway again, with a price for the model.
-cat >"$work/priced.toml" <<TOML
-[server]
-listen = "127.0.0.1:$priced_port"
-admin_listen = "127.0.0.1:$priced_admin_port"
-threads = $THREADS
-data_dir = "$work/priced-data"
-grace_period_secs = 0
-
-[[backends]]
-name = "sim"
-url = "http://127.0.0.1:$backend_port"
-
+  SLUICE_ADMIN_TOKEN="$admin_token" SLUICE_LOG=info "$bin/sluice" serve --config "$work/$1.toml" \
+    >"$work/$1.log" 2>&1 &
+  echo $!
+}
+embedded_pid=$(start_embedded embedded "$embedded_port" "$embedded_admin_port")
+pids+=("$embedded_pid")
+# Again, with a price for the model.
+priced_pid=$(start_embedded priced "$priced_port" "$priced_admin_port" '
 [[prices]]
 model = "sluice-sim"
 tier = "*"
 currency = "USD"
 input = "0.15"
-output = "0.60"
-TOML
-SLUICE_ADMIN_TOKEN="$admin_token" SLUICE_LOG=info "$bin/sluice" serve --config "$work/priced.toml" \
-  >"$work/priced.log" 2>&1 &
-pids+=($!)
-priced_pid=$!
+output = "0.60"')
+pids+=("$priced_pid")
+wait_for "http://127.0.0.1:$embedded_port/health"
 wait_for "http://127.0.0.1:$priced_port/health"
 new_key() {
   curl -fsS "http://127.0.0.1:$1/admin/v1/keys" -H "Authorization: Bearer $admin_token" \
