@@ -485,6 +485,18 @@ hs256_secret = "{ADMIN_JWT_SECRET}"
         std::fs::read_to_string(&self.process.log).is_ok_and(|text| text.contains(needle))
     }
 
+    /// Waits (up to a minute) until the gateway's log shows `needle`: the log is written by a
+    /// buffer flushed on its own schedule, so a line may land after the event it reports.
+    pub async fn wait_for_log(&self, needle: &str) {
+        for _ in 0..600 {
+            if self.log_contains(needle) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("the gateway never logged '{needle}'\n{}", self.log());
+    }
+
     /// Creates an API key through the admin API: `(id, secret)`.
     pub async fn create_key(&self, tenant: &str, tier: &str) -> Result<(String, String)> {
         self.create_key_with(tenant, tier, json!({})).await

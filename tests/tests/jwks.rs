@@ -164,7 +164,7 @@ async fn a_provider_down_at_start_is_asked_again_when_a_token_arrives() {
     let dir = tempfile::tempdir().unwrap();
     // The gateway starts without the keys, and says why.
     let gw = gateway(&backend, &url, &dir).await;
-    assert!(gw.log_contains("JWKS not fetched at start"), "{}", gw.log());
+    gw.wait_for_log("JWKS not fetched at start").await;
     assert_eq!(status(&gw, &token(Algorithm::RS256, "k1", "u1")).await, 401);
 
     provider.down.store(false, Ordering::SeqCst);

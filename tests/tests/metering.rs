@@ -282,10 +282,8 @@ async fn usage_survives_a_redis_outage_without_loss_or_double_count() {
     traffic(&gw, &keys, 70, 140).await;
 
     assert_reconciles(&gw, &backend, 210).await;
-    assert!(
-        gw.log_contains("usage journal replayed"),
-        "the outage went through the journal"
-    );
+    // The outage went through the journal.
+    gw.wait_for_log("usage journal replayed").await;
 }
 
 #[tokio::test]
@@ -395,18 +393,6 @@ async fn exports_past_a_store_page_are_whole_on_the_embedded_store() {
 #[tokio::test]
 async fn exports_past_a_store_page_are_whole_on_redis() {
     exports_past_a_store_page_case(StoreKind::fresh_redis()).await;
-}
-
-/// Waits (up to a minute) until the gateway's log shows `needle`: an outage kept up until
-/// the gateway has met it, whatever the pace of the machine.
-async fn wait_for_log(gw: &Gateway, needle: &str) {
-    for _ in 0..600 {
-        if gw.log_contains(needle) {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    panic!("the gateway never logged '{needle}'\n{}", gw.log());
 }
 
 /// A gateway whose usage goes to the PostgreSQL ledger at `postgres_url`.
@@ -562,7 +548,7 @@ async fn a_ledger_outage_is_buffered_in_redis_and_billed_once() {
     traffic(&gw, &keys, 70, 70).await;
     // Down until the gateway has taken the outage path (a write waits out the pool's
     // connection attempts first), however fast the traffic went.
-    wait_for_log(&gw, "events buffered in the store").await;
+    gw.wait_for_log("events buffered in the store").await;
     let (status, _) = get(&gw, "/admin/v1/billing/export", &[("group_by", "event")]).await;
     assert_eq!(status, 503, "an export without its ledger is refused");
     postgres.spawn();
@@ -608,12 +594,12 @@ async fn a_ledger_outage_on_the_embedded_store_is_journaled_and_billed_once() {
     traffic(&gw, &keys, 70, 0).await;
     postgres.kill();
     traffic(&gw, &keys, 70, 70).await;
-    wait_for_log(&gw, "journaling events").await;
+    gw.wait_for_log("journaling events").await;
     postgres.spawn();
     traffic(&gw, &keys, 70, 140).await;
     assert_reconciles(&gw, &backend, 210).await;
     assert_ledger_agrees(&db.url, 210);
-    assert!(gw.log_contains("usage journal replayed"), "{}", gw.log());
+    gw.wait_for_log("usage journal replayed").await;
 }
 
 /// Every message on the feed's stream so far, as a billing system's consumer reads them.
@@ -662,7 +648,7 @@ async fn the_nats_feed_delivers_every_event_through_a_nats_restart() {
     traffic(&gw, &keys, 70, 0).await;
     nats.kill();
     traffic(&gw, &keys, 70, 70).await;
-    wait_for_log(&gw, "usage feed: NATS unreachable").await;
+    gw.wait_for_log("usage feed: NATS unreachable").await;
     nats.spawn();
     traffic(&gw, &keys, 70, 140).await;
     assert_reconciles(&gw, &backend, 210).await;

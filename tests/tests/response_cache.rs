@@ -26,7 +26,14 @@ fn cache_config(embedder: Option<&Backend>, extra: &str) -> String {
             b.url
         )
     });
-    format!("[cache]\n{embedding}{extra}\n")
+    // A test machine under load can take more than the default second to embed; a question
+    // left without an embedding would miss for a reason the test does not mean to check.
+    let timeout = if extra.contains("embedding_timeout_ms") {
+        ""
+    } else {
+        "embedding_timeout_ms = 10000\n"
+    };
+    format!("[cache]\n{embedding}{timeout}{extra}\n")
 }
 
 async fn gateway(backend: &Backend, store: StoreKind, config: String) -> Gateway {
@@ -607,7 +614,11 @@ async fn a_learned_verifier_that_is_down_or_slow_makes_a_miss_not_an_error() {
         ("/rerank", 0.9, "semantic"),
     ] {
         let url = stand_in_scorer(path, score).await;
-        let extra = format!("verifier_url = \"{url}\"\nverifier_threshold = 0.5\n");
+        // The scorer answers at once; the long timeout only keeps a loaded machine from
+        // turning its answer into "unavailable".
+        let extra = format!(
+            "verifier_url = \"{url}\"\nverifier_threshold = 0.5\nverifier_timeout_ms = 10000\n"
+        );
         let gw = gateway(&backend, embedded(), cache_config(Some(&embedder), &extra)).await;
         let (_, key) = gw.create_key("acme", "pro").await.unwrap();
         keep(&gw, &key, stored).await;
