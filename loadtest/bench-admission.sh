@@ -5,6 +5,10 @@
 #
 #   loadtest/bench-admission.sh
 #   RATE=300 DURATION=8s ROUNDS=3 loadtest/bench-admission.sh
+#
+# BASELINE=/path/to/an/older/sluice adds an A/B of the admission path itself (leases off, so
+# every request runs the admission script): that build against this one, with a tenant limit
+# set on this one, so each of its admissions checks and counts two ledgers (key and tenant).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/lib.sh
@@ -18,6 +22,7 @@ CONCURRENCY="${CONCURRENCY:-16}"
 OUT="${OUT:-docs/benchmarks.md}"
 PORT_BASE="${PORT_BASE:-19300}"
 
+BASELINE="${BASELINE:-}"
 redis_port=$((PORT_BASE + 9))
 bench_extra_cleanup() { redis-cli -p "$redis_port" shutdown nosave >/dev/null 2>&1 || true; }
 bench_setup
@@ -64,6 +69,22 @@ TOML
   admin_port[$leases]=$admin
 done
 
+if [ -n "$BASELINE" ]; then
+  # The older build on the same Redis (its own prefix), leases off like `off` above; the
+  # tenant of this build's `off` key gets limits, high enough never to refuse.
+  cp "$work/sluice-off.toml" "$work/sluice-base.toml"
+  sed -i -e "s/:$((PORT_BASE + 1))\"/:$((PORT_BASE + 5))\"/" -e "s/:$((PORT_BASE + 2))\"/:$((PORT_BASE + 6))\"/" \
+    -e 's/bench-off/bench-base/' -e 's/data-off/data-base/' "$work/sluice-base.toml"
+  SLUICE_ADMIN_TOKEN="$token" SLUICE_LOG=info "$BASELINE" serve --config "$work/sluice-base.toml" \
+    >"$work/sluice-base.log" 2>&1 &
+  pids+=($!)
+  wait_for "http://127.0.0.1:$((PORT_BASE + 5))/health"
+  base_key=$(bench_key $((PORT_BASE + 6)) "$token")
+  curl -fsS -X PUT "http://127.0.0.1:${admin_port[off]}/admin/v1/tenants/bench" \
+    -H "Authorization: Bearer $token" \
+    -d '{"limits":{"requests_per_minute":100000000,"tokens_per_minute":100000000000,"monthly_budget":"1000000"}}' >/dev/null
+fi
+
 # round_trips ADMIN_PORT: the gateway's Redis round trips so far (its own count: one per
 # command or pipeline sent), less the two that do not follow traffic: the key-epoch poll
 # (GET, five a second) and the cache-log follower's blocking read (XREAD).
@@ -98,10 +119,20 @@ done
   --rounds "$ROUNDS" --rate "$RATE" --duration "$DURATION" --warmup "$WARMUP" \
   --max-tokens 8 --json >"$work/compare.json"
 
-command_line="RATE=$RATE DURATION=$DURATION WARMUP=$WARMUP ROUNDS=$ROUNDS REQUESTS=$REQUESTS CONCURRENCY=$CONCURRENCY loadtest/bench-admission.sh"
-python3 - "$trips" "$work/compare.json" "$command_line" <<'PY' | python3 loadtest/write-section.py admission "$OUT" loadtest/bench-admission.sh
+if [ -n "$BASELINE" ]; then
+  "$bin/sluice-load" compare \
+    --a "http://127.0.0.1:$((PORT_BASE + 5))" --a-name baseline --a-key "$base_key" \
+    --b "http://127.0.0.1:${port[off]}" --b-name tenant-wide --b-key "${key[off]}" \
+    --rounds "$ROUNDS" --rate "$RATE" --duration "$DURATION" --warmup "$WARMUP" \
+    --max-tokens 8 --json >"$work/tenant.json"
+else
+  echo '{}' >"$work/tenant.json"
+fi
+
+command_line="${BASELINE:+BASELINE=$BASELINE }RATE=$RATE DURATION=$DURATION WARMUP=$WARMUP ROUNDS=$ROUNDS REQUESTS=$REQUESTS CONCURRENCY=$CONCURRENCY loadtest/bench-admission.sh"
+python3 - "$trips" "$work/compare.json" "$command_line" "$work/tenant.json" <<'PY' | python3 loadtest/write-section.py admission "$OUT" loadtest/bench-admission.sh
 import datetime, json, os, statistics, sys
-trips_path, compare_path, command_line = sys.argv[1:4]
+trips_path, compare_path, command_line, tenant_path = sys.argv[1:5]
 rows = []
 for line in open(trips_path):
     leases, ok, trips, sent, scripts = line.split()
@@ -137,5 +168,17 @@ section = "\n".join([
     f"p99 {statistics.median(d99):.3f} ms (per round p50: {', '.join(f'{x:.3f}' for x in d50)}; "
     f"p99: {', '.join(f'{x:.3f}' for x in d99)}).",
 ])
+tenant = json.load(open(tenant_path))
+if tenant.get("rounds"):
+    t50 = [r["b"]["latency_ms"]["p50"] - r["a"]["latency_ms"]["p50"] for r in tenant["rounds"]]
+    t99 = [r["b"]["latency_ms"]["p99"] - r["a"]["latency_ms"]["p99"] for r in tenant["rounds"]]
+    section += "\n\n" + (
+        "Tenant-wide admission: this build, whose every admission checks and counts the key's "
+        "and the tenant's ledgers in one script call (a tenant limit set), against BASELINE "
+        "(one ledger per call), both with leases off so every request runs the script, on the "
+        f"same Redis, {len(t50)} alternating rounds at a fixed rate: median added p50 "
+        f"{statistics.median(t50):.3f} ms, p99 {statistics.median(t99):.3f} ms (per round p50: "
+        f"{', '.join(f'{x:.3f}' for x in t50)}; p99: {', '.join(f'{x:.3f}' for x in t99)})."
+    )
 print(section)
 PY

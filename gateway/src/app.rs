@@ -13,7 +13,7 @@ use anyhow::Context;
 use arc_swap::ArcSwap;
 use bytes::Bytes;
 use serde_json::json;
-use sluice_policies::Tiers;
+use sluice_policies::{Tenants, Tiers};
 use std::sync::Arc;
 
 pub struct Gateway {
@@ -21,6 +21,8 @@ pub struct Gateway {
     /// The tiers in force: the configuration's, overridden by those written through the
     /// admin API, reloaded whenever the store's key epoch moves.
     pub tiers: Arc<ArcSwap<Tiers>>,
+    /// Tenants' limits, written through the admin API, reloaded like the tiers.
+    pub tenants: Arc<ArcSwap<Tenants>>,
     pub store: Arc<dyn Store>,
     pub key_cache: Arc<KeyCache>,
     pub auth: Authenticator,
@@ -90,7 +92,14 @@ impl Gateway {
         let tiers = Arc::new(ArcSwap::from_pointee(
             merged_tiers(&config.tiers, store.as_ref()).await?,
         ));
-        let auth = Authenticator::new(store.clone(), key_cache.clone(), jwt.clone(), tiers.clone());
+        let tenants = Arc::new(ArcSwap::from_pointee(Tenants::new(store.tenants().await?)));
+        let auth = Authenticator::new(
+            store.clone(),
+            key_cache.clone(),
+            jwt.clone(),
+            tiers.clone(),
+            tenants.clone(),
+        );
         let upstreams = Arc::new(Upstreams::new(&config.backends));
         upstreams.discover().await;
         let feed = config.feed.clone().map(|f| {
@@ -130,6 +139,7 @@ impl Gateway {
         let gateway = Arc::new(Gateway {
             config,
             tiers,
+            tenants,
             store,
             key_cache,
             auth,
@@ -153,11 +163,13 @@ impl Gateway {
         self.tiers.load_full()
     }
 
-    /// Re-reads what the admin API changed in the store: tiers, the backend pool, and which
-    /// backends drain.
+    /// Re-reads what the admin API changed in the store: tiers, tenants' limits, the
+    /// backend pool, and which backends drain.
     pub async fn reload_shared(&self) -> anyhow::Result<()> {
         let tiers = merged_tiers(&self.config.tiers, self.store.as_ref()).await?;
         self.tiers.store(Arc::new(tiers));
+        let tenants = Tenants::new(self.store.tenants().await?);
+        self.tenants.store(Arc::new(tenants));
         let mut pool = Vec::new();
         for (name, record) in self.store.backend_changes().await? {
             let backend = match record {
@@ -190,8 +202,9 @@ impl Gateway {
         Ok(())
     }
 
-    /// Follows the store's key epoch until the process ends: when it moves (a key or tier
-    /// changed on any replica), reload the tiers, then drop the cached identities.
+    /// Follows the store's key epoch until the process ends: when it moves (a key, tier or
+    /// tenant changed on any replica), reload the tiers and tenants, then drop the cached
+    /// identities.
     pub async fn follow_changes(self: Arc<Self>) {
         let mut tick = tokio::time::interval(crate::auth::EPOCH_POLL);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -263,8 +276,10 @@ async fn open_embedded(
     match ledger {
         Some(ledger) => match ledger.month_spend(&month).await {
             Ok(spend) => {
-                for (key_id, nano) in spend {
+                for (key_id, tenant, nano) in spend {
                     store.add_month_spend(&key_id, &month.label, nano);
+                    let tenant = sluice_policies::tenants::ledger_of(&tenant);
+                    store.add_month_spend(&tenant, &month.label, nano);
                 }
             }
             // Starting matters more: the gateway runs (and journals) while PostgreSQL is

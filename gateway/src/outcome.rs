@@ -296,6 +296,8 @@ mod tests {
             limits: Limits::default(),
             cache: true,
             models: Default::default(),
+            tenant_limits: Limits::default(),
+            ledgers: crate::auth::quota_ledgers("key_1", "t"),
         };
         let full = RequestOutcome {
             request_id: "req-1:a.b_c",

@@ -83,6 +83,8 @@ fn asker(tenant: &str) -> Identity {
         limits: Limits::default(),
         cache: true,
         models: Default::default(),
+        tenant_limits: Limits::default(),
+        ledgers: sluice_gateway::auth::quota_ledgers(&format!("key-of-{tenant}"), tenant),
     }
 }
 

@@ -278,12 +278,15 @@ async fn month_to_date_spend_is_rebuilt_from_rollups() {
         .unwrap();
     let mut spend = ledger.month_spend(&Month::of_ms(nov)).await.unwrap();
     spend.sort();
-    assert_eq!(spend, vec![("k".to_owned(), 8_000_000)]);
+    assert_eq!(spend, vec![("k".to_owned(), "acme".to_owned(), 8_000_000)]);
     let mut spend = ledger.month_spend(&Month::of_ms(dec)).await.unwrap();
     spend.sort();
     assert_eq!(
         spend,
-        vec![("j".to_owned(), 2_000_000), ("k".to_owned(), 4_000_000)]
+        vec![
+            ("j".to_owned(), "acme".to_owned(), 2_000_000),
+            ("k".to_owned(), "acme".to_owned(), 4_000_000)
+        ]
     );
     let rollups = all_rollups(&ledger).await;
     let billed: u64 = rollups.iter().map(|r| r.billed.output).sum();

@@ -2,9 +2,11 @@
 //! settlements, lease takes and returns, slot renewals, late charges (repeats included),
 //! operator resets and clock jumps (past slot expiry, across midnight and month ends) are
 //! driven through the pure ledger (`sluice_policies::ledger`, the model), the embedded
-//! store and a real Redis. After every step the decisions (verdict, refusing limit,
-//! Retry-After, rate headers) and every key's quota state (what `GET
-//! /admin/v1/keys/{id}/quota` reports) must be identical.
+//! store and a real Redis. Every request counts in its key's ledger and in the one tenant's
+//! ledger that all the keys share, as the gateway's do. After every step the decisions
+//! (verdict, refusing scope and limit, Retry-After, rate headers) and every ledger's quota
+//! state (what `GET /admin/v1/keys/{id}/quota` and `/admin/v1/tenants/{id}/quota` report)
+//! must be identical.
 //!
 //! Each run takes a fresh seed and prints it; `SLUICE_QUOTA_SEED=N` replays a run step for
 //! step, `SLUICE_QUOTA_STEPS=N` sets its length (default 3000).
@@ -13,14 +15,16 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use sluice_gateway::clock::month_of;
 use sluice_gateway::store::{EmbeddedStore, RedisStore, Store};
-use sluice_policies::ledger::{Admit, Charge, KeyLedger, Refresh, Settle};
-use sluice_policies::quota::{Decision, QuotaState, Reservation};
+use sluice_policies::ledger::{self, Admit, Charge, KeyLedger, Refresh, Scope, Settle, Verdict};
+use sluice_policies::quota::{QuotaState, Reservation};
 use sluice_policies::{Limits, Money};
 
 mod common;
 use common::redis_url;
 
 const KEYS: usize = 3;
+/// The tenant's ledger's place, after the keys'.
+const TENANT: usize = KEYS;
 const SLOT_TTL: i64 = 30;
 
 fn env_u64(name: &str) -> Option<u64> {
@@ -59,7 +63,8 @@ struct Open {
 struct Run {
     rng: StdRng,
     now: i64,
-    key_ids: Vec<String>,
+    /// The keys' ledgers, then the tenant's (at [`TENANT`]); likewise their limits.
+    ledger_ids: Vec<String>,
     limits: Vec<Limits>,
     model: Vec<KeyLedger>,
     stores: Vec<(&'static str, Box<dyn Store>)>,
@@ -88,8 +93,18 @@ impl Run {
         let r = self.reservation(requests);
         let id = self.fresh_id(if requests > 1 { "lease" } else { "req" });
         let (month, secs_to_month_end) = month_of(self.now);
+        let scopes = [
+            Scope {
+                ledger: &self.ledger_ids[key],
+                limits: &self.limits[key],
+            },
+            Scope {
+                ledger: &self.ledger_ids[TENANT],
+                limits: &self.limits[TENANT],
+            },
+        ];
         let args = Admit {
-            limits: &self.limits[key],
+            scopes: &scopes,
             reservation: &r,
             reservation_id: &id,
             now_sec: self.now,
@@ -97,16 +112,17 @@ impl Run {
             secs_to_month_end,
             slot_ttl_secs: SLOT_TTL,
         };
-        let expected = self.model[key].admit(&args);
+        let (keys, tenant) = self.model.split_at_mut(TENANT);
+        let expected = ledger::admit_together(&mut [&mut keys[key], &mut tenant[0]], &args);
         self.log.push(format!(
-            "t={} admit key{key} {r:?} as {id}: {:?}",
-            self.now, expected.refused
+            "t={} admit key{key} {r:?} as {id}: {:?} by {:?}",
+            self.now, expected.decision.refused, expected.refused_by
         ));
         for (name, store) in &self.stores {
-            let got: Decision = store.admit(&self.key_ids[key], &args).await.unwrap();
-            assert_eq!(got, expected, "{name}: admission decision");
+            let got: Verdict = store.admit(&args).await.unwrap();
+            assert_eq!(got, expected, "{name}: admission verdict");
         }
-        if expected.refused.is_none() {
+        if expected.refused_by.is_none() {
             self.open.push(Open {
                 key,
                 id,
@@ -148,8 +164,10 @@ impl Run {
         self.log
             .push(format!("t={} settle {} with {actual:?}", self.now, o.id));
         self.model[o.key].settle(&args);
+        self.model[TENANT].settle(&args);
+        let ledgers = self.ledgers_of(o.key);
         for (_, store) in &self.stores {
-            store.settle(&self.key_ids[o.key], &args).await.unwrap();
+            store.settle(&ledgers, &args).await.unwrap();
         }
     }
 
@@ -166,8 +184,10 @@ impl Run {
         };
         self.log.push(format!("t={} refresh {}", self.now, o.id));
         self.model[o.key].refresh(&args);
+        self.model[TENANT].refresh(&args);
+        let ledgers = self.ledgers_of(o.key);
         for (_, store) in &self.stores {
-            store.refresh(&self.key_ids[o.key], &args).await.unwrap();
+            store.refresh(&ledgers, &args).await.unwrap();
         }
     }
 
@@ -196,28 +216,39 @@ impl Run {
             now_sec: self.now,
         };
         let expected = self.model[key].charge(&args);
+        self.model[TENANT].charge(&args);
         self.log.push(format!(
             "t={} charge key{key} {id} at {at_sec} {amount:?}: counted {expected}",
             self.now
         ));
         for (name, store) in &self.stores {
-            let got = store.charge(&self.key_ids[key], &args).await.unwrap();
+            let got = store.charge(&self.ledgers_of(key), &args).await.unwrap();
             assert_eq!(got, expected, "{name}: whether charge {id} counted");
         }
     }
 
+    /// An operator's reset of one key's quota, or now and then of the tenant's.
     async fn reset(&mut self) {
-        let key = self.rng.random_range(0..KEYS);
+        let ledger = self.rng.random_range(0..=KEYS);
         let (month, _) = month_of(self.now);
-        self.log.push(format!("t={} reset key{key}", self.now));
-        self.model[key].reset();
+        self.log
+            .push(format!("t={} reset ledger{ledger}", self.now));
+        self.model[ledger].reset();
         for (_, store) in &self.stores {
             store
-                .reset_quota(&self.key_ids[key], self.now, &month)
+                .reset_quota(&self.ledger_ids[ledger], self.now, &month)
                 .await
                 .unwrap();
         }
-        self.open.retain(|o| o.key != key);
+        self.open.retain(|o| ledger == TENANT || o.key != ledger);
+    }
+
+    /// The ledgers a key's requests count in: its own, then the tenant's.
+    fn ledgers_of(&self, key: usize) -> [String; 2] {
+        [
+            self.ledger_ids[key].clone(),
+            self.ledger_ids[TENANT].clone(),
+        ]
     }
 
     fn advance(&mut self) {
@@ -235,19 +266,19 @@ impl Run {
 
     async fn check_state(&self) {
         let (month, _) = month_of(self.now);
-        for key in 0..KEYS {
+        for ledger in 0..=KEYS {
             let expected = QuotaState::of(
-                &self.limits[key],
-                &self.model[key].counters(self.now, &month),
+                &self.limits[ledger],
+                &self.model[ledger].counters(self.now, &month),
                 self.now,
             );
             for (name, store) in &self.stores {
                 let counters = store
-                    .quota_counters(&self.key_ids[key], self.now, &month)
+                    .quota_counters(&self.ledger_ids[ledger], self.now, &month)
                     .await
                     .unwrap();
-                let got = QuotaState::of(&self.limits[key], &counters, self.now);
-                assert_eq!(got, expected, "{name}: quota state of key{key}");
+                let got = QuotaState::of(&self.limits[ledger], &counters, self.now);
+                assert_eq!(got, expected, "{name}: quota state of ledger{ledger}");
             }
         }
     }
@@ -273,13 +304,17 @@ async fn both_stores_follow_the_quota_model() {
     ];
     // Somewhere in 2020-2035, so days, months and years roll over at different points.
     let now = rng.random_range(1_577_836_800..2_082_758_400);
-    let limits = (0..KEYS).map(|_| limits(&mut rng)).collect();
+    // The tenant's limits are drawn like a key's: as often the tighter as the looser.
+    let limits = (0..=KEYS).map(|_| limits(&mut rng)).collect();
     let mut run = Run {
         rng,
         now,
-        key_ids: (0..KEYS).map(|k| format!("model-key-{k}")).collect(),
+        ledger_ids: (0..KEYS)
+            .map(|k| format!("model-key-{k}"))
+            .chain([sluice_policies::tenants::ledger_of("model-tenant")])
+            .collect(),
         limits,
-        model: vec![KeyLedger::default(); KEYS],
+        model: vec![KeyLedger::default(); KEYS + 1],
         stores,
         open: Vec::new(),
         charges: Vec::new(),

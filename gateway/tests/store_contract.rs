@@ -315,9 +315,9 @@ async fn the_secret_is_never_stored() {
 
 // ---- admission: the operations of `sluice_policies::ledger`, on both stores ----
 
-use sluice_policies::ledger::{Admit, Charge, Refresh, Settle};
-use sluice_policies::quota::{LimitKind, Reservation};
-use sluice_policies::Limits;
+use sluice_policies::ledger::{Admit, Charge, Refresh, Scope, Settle, Verdict};
+use sluice_policies::quota::{Decision, LimitKind, Reservation};
+use sluice_policies::{Limits, Tenant};
 
 const MONTH: &str = "2026-12";
 /// 2026-12-03 12:00:00 UTC.
@@ -327,16 +327,37 @@ fn a_key() -> String {
     format!("contract-{}", uuid::Uuid::new_v4().simple())
 }
 
-fn admit_args<'a>(limits: &'a Limits, r: &'a Reservation, id: &'a str, now: i64) -> Admit<'a> {
-    Admit {
-        limits,
+/// Admits `r` into `ledger` alone, checked against `limits`.
+async fn admit(
+    store: &dyn Store,
+    ledger: &str,
+    limits: &Limits,
+    r: &Reservation,
+    id: &str,
+    now: i64,
+) -> Decision {
+    admit_scoped(store, &[Scope { ledger, limits }], r, id, now)
+        .await
+        .decision
+}
+
+async fn admit_scoped(
+    store: &dyn Store,
+    scopes: &[Scope<'_>],
+    r: &Reservation,
+    id: &str,
+    now: i64,
+) -> Verdict {
+    let args = Admit {
+        scopes,
         reservation: r,
         reservation_id: id,
         now_sec: now,
         month: MONTH,
         secs_to_month_end: 1_000_000,
         slot_ttl_secs: 60,
-    }
+    };
+    store.admit(&args).await.unwrap()
 }
 
 fn one(tokens: u64) -> Reservation {
@@ -360,18 +381,12 @@ async fn settled_request_frees_its_slot(store: &dyn Store) {
     };
     for i in 0..5 {
         let id = format!("r{i}");
-        let d = store
-            .admit(&key, &admit_args(&limits, &one(10), &id, NOON + i))
-            .await
-            .unwrap();
+        let d = admit(store, &key, &limits, &one(10), &id, NOON + i).await;
         assert_eq!(
             d.refused, None,
             "request {i}: the previous one freed its slot"
         );
-        let d = store
-            .admit(&key, &admit_args(&limits, &one(10), "other", NOON + i))
-            .await
-            .unwrap();
+        let d = admit(store, &key, &limits, &one(10), "other", NOON + i).await;
         assert_eq!(
             d.refused,
             Some((LimitKind::Concurrent, 60)),
@@ -379,7 +394,7 @@ async fn settled_request_frees_its_slot(store: &dyn Store) {
         );
         store
             .settle(
-                &key,
+                std::slice::from_ref(&key),
                 &Settle {
                     reservation_id: &id,
                     admitted_sec: NOON + i,
@@ -395,6 +410,122 @@ async fn settled_request_frees_its_slot(store: &dyn Store) {
     assert_eq!((c.in_flight, c.day_requests, c.day_tokens), (0, 5, 20));
 }
 
+contract!(
+    a_tenants_limit_counts_all_its_keys_together,
+    tenant_limit_counts_keys_together
+);
+
+async fn tenant_limit_counts_keys_together(store: &dyn Store) {
+    let (a, b) = (a_key(), a_key());
+    let tenant = sluice_policies::tenants::ledger_of(&a_key());
+    let each = Limits {
+        requests_per_minute: Some(10),
+        ..Limits::default()
+    };
+    let together = Limits {
+        requests_per_minute: Some(3),
+        monthly_budget: Some("0.000000050".parse().unwrap()),
+        ..Limits::default()
+    };
+    let scopes = |key: &str| -> [(String, Limits); 2] {
+        [
+            (key.to_owned(), each.clone()),
+            (tenant.clone(), together.clone()),
+        ]
+    };
+    let mut verdicts = Vec::new();
+    for (i, key) in [&a, &b, &a, &b].into_iter().enumerate() {
+        let owned = scopes(key);
+        let scoped: Vec<Scope> = owned
+            .iter()
+            .map(|(ledger, limits)| Scope { ledger, limits })
+            .collect();
+        let v = admit_scoped(store, &scoped, &one(10), &format!("r{i}"), NOON).await;
+        verdicts.push((v.refused_by, v.decision.refused.map(|r| r.0)));
+    }
+    assert_eq!(
+        verdicts,
+        [
+            (None, None),
+            (None, None),
+            (None, None),
+            (Some(1), Some(LimitKind::RequestsPerMinute))
+        ]
+    );
+    let c =
+        |ledger: String| async move { store.quota_counters(&ledger, NOON, MONTH).await.unwrap() };
+    // Refused by the tenant: counted in neither ledger.
+    assert_eq!(c(a.clone()).await.day_requests, 2);
+    assert_eq!(c(b.clone()).await.day_requests, 1);
+    let t = c(tenant.clone()).await;
+    assert_eq!(
+        (t.day_requests, t.in_flight, t.month_spend_nano),
+        (3, 3, 21)
+    );
+    // A settlement frees the slot and moves the spend in both.
+    let ledgers = [b.clone(), tenant.clone()];
+    store
+        .settle(
+            &ledgers,
+            &Settle {
+                reservation_id: "r1",
+                admitted_sec: NOON,
+                month: MONTH,
+                reserved: one(10),
+                actual: Reservation {
+                    requests: 1,
+                    tokens: 4,
+                    cost_nano: 40,
+                },
+            },
+        )
+        .await
+        .unwrap();
+    let t = c(tenant.clone()).await;
+    assert_eq!((t.in_flight, t.month_spend_nano), (2, 54));
+    assert_eq!(c(b.clone()).await.month_spend_nano, 40);
+    // The budget (50 nano) is the tenant's: 54 spent, so a fourth request a minute later is
+    // refused by it, though the key has spent 14.
+    let owned = scopes(&a);
+    let scoped: Vec<Scope> = owned
+        .iter()
+        .map(|(ledger, limits)| Scope { ledger, limits })
+        .collect();
+    let v = admit_scoped(store, &scoped, &one(1), "late", NOON + 61).await;
+    assert_eq!(v.refused_by, Some(1));
+    assert_eq!(
+        v.decision.refused.map(|r| r.0),
+        Some(LimitKind::MonthlyBudget)
+    );
+}
+
+contract!(tenants_limits_are_kept_and_move_the_epoch, tenants_case);
+
+async fn tenants_case(store: &dyn Store) {
+    let before = store.keys_epoch().await.unwrap();
+    let acme = Tenant {
+        id: format!("acme-{}", uuid::Uuid::new_v4().simple()),
+        limits: Limits {
+            tokens_per_day: Some(1_000),
+            monthly_budget: Some("12.5".parse().unwrap()),
+            ..Limits::default()
+        },
+    };
+    store.put_tenant(&acme).await.unwrap();
+    assert_ne!(store.keys_epoch().await.unwrap(), before);
+    let replaced = Tenant {
+        limits: Limits {
+            requests_per_minute: Some(9),
+            ..Limits::default()
+        },
+        ..acme.clone()
+    };
+    store.put_tenant(&replaced).await.unwrap();
+    let all = store.tenants().await.unwrap();
+    let found: Vec<&Tenant> = all.iter().filter(|t| t.id == acme.id).collect();
+    assert_eq!(found, [&replaced], "replaced, not merged");
+}
+
 contract!(a_lease_counts_as_its_size, lease_counts_as_its_size);
 
 async fn lease_counts_as_its_size(store: &dyn Store) {
@@ -408,31 +539,22 @@ async fn lease_counts_as_its_size(store: &dyn Store) {
         tokens: 80,
         cost_nano: 56,
     };
-    let d = store
-        .admit(&key, &admit_args(&limits, &lease, "L", NOON))
-        .await
-        .unwrap();
+    let d = admit(store, &key, &limits, &lease, "L", NOON).await;
     assert_eq!(d.refused, None);
     let c = store.quota_counters(&key, NOON, MONTH).await.unwrap();
     assert_eq!((c.day_requests, c.in_flight), (8, 8));
-    let d = store
-        .admit(&key, &admit_args(&limits, &one(1), "x", NOON))
-        .await
-        .unwrap();
+    let d = admit(store, &key, &limits, &one(1), "x", NOON).await;
     assert_eq!(d.refused, None, "9 of 10");
     let three = Reservation {
         requests: 3,
         ..lease
     };
-    let d = store
-        .admit(&key, &admit_args(&limits, &three, "y", NOON))
-        .await
-        .unwrap();
+    let d = admit(store, &key, &limits, &three, "y", NOON).await;
     assert_eq!(d.refused.map(|r| r.0), Some(LimitKind::RequestsPerDay));
     // The lease served 2 requests: it gives back 6, and all of its slots.
     store
         .settle(
-            &key,
+            std::slice::from_ref(&key),
             &Settle {
                 reservation_id: "L",
                 admitted_sec: NOON,
@@ -467,10 +589,7 @@ async fn settle_all_is_settle_each(store: &dyn Store) {
     let (a, b) = (a_key(), a_key());
     // Two leases of one key and one of another, given back together.
     for (key, id, size) in [(&a, "A1", 4), (&a, "A2", 6), (&b, "B1", 5)] {
-        let d = store
-            .admit(key, &admit_args(&limits, &lease(size), id, NOON))
-            .await
-            .unwrap();
+        let d = admit(store, key, &limits, &lease(size), id, NOON).await;
         assert_eq!(d.refused, None);
     }
     let used = |requests: u64| Reservation {
@@ -487,9 +606,9 @@ async fn settle_all_is_settle_each(store: &dyn Store) {
     };
     store
         .settle_all(&[
-            (a.as_str(), settle("A1", 4, 1)),
-            (b.as_str(), settle("B1", 5, 5)),
-            (a.as_str(), settle("A2", 6, 2)),
+            (std::slice::from_ref(&a), settle("A1", 4, 1)),
+            (std::slice::from_ref(&b), settle("B1", 5, 5)),
+            (std::slice::from_ref(&a), settle("A2", 6, 2)),
         ])
         .await
         .unwrap();
@@ -523,13 +642,10 @@ contract!(
 async fn renewed_slot_outlives_its_first_expiry(store: &dyn Store) {
     let key = a_key();
     let limits = Limits::default();
-    store
-        .admit(&key, &admit_args(&limits, &one(1), "long", NOON))
-        .await
-        .unwrap();
+    admit(store, &key, &limits, &one(1), "long", NOON).await;
     store
         .refresh(
-            &key,
+            std::slice::from_ref(&key),
             &Refresh {
                 reservation_id: "long",
                 slots: 1,
@@ -560,8 +676,9 @@ async fn charge_counts_once(store: &dyn Store) {
         },
         now_sec: NOON,
     };
-    assert!(store.charge(&key, &charge).await.unwrap());
-    assert!(!store.charge(&key, &charge).await.unwrap(), "a repeat");
+    let ledgers = std::slice::from_ref(&key);
+    assert!(store.charge(ledgers, &charge).await.unwrap());
+    assert!(!store.charge(ledgers, &charge).await.unwrap(), "a repeat");
     let c = store.quota_counters(&key, NOON, MONTH).await.unwrap();
     assert_eq!(
         (c.day_requests, c.day_tokens, c.month_spend_nano),

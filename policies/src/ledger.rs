@@ -17,6 +17,10 @@
 //!   while the store was unreachable), once per charge id however often it is sent.
 //! - [`KeyLedger::counters`]: read, without changing anything.
 //!
+//! A request counts against several ledgers at once (its key's and its tenant's, see
+//! [`Scope`]): [`admit_together`] decides on each and counts in all of them or none, and
+//! the other operations are applied to each ledger the reservation was counted in.
+//!
 //! Expired slots and minute buckets are dropped by the operations that add to them; reads
 //! filter them out. Days and months are calendar windows in UTC, named by their day number
 //! and `YYYY-MM` label; a store keeps only the current one of each observable.
@@ -29,10 +33,18 @@ use std::collections::HashMap;
 /// the month it belongs to is still counted once.
 pub const CHARGE_MEMORY_SECS: i64 = 40 * 86_400;
 
-/// An admission request.
+/// One ledger an admission counts against, and the limits it is checked against there.
+#[derive(Debug, Clone, Copy)]
+pub struct Scope<'a> {
+    /// The ledger's id: a key id, or a tenant's ledger (`tenant:{id}`).
+    pub ledger: &'a str,
+    pub limits: &'a Limits,
+}
+
+/// An admission request, into every ledger of `scopes` together.
 #[derive(Debug, Clone, Copy)]
 pub struct Admit<'a> {
-    pub limits: &'a Limits,
+    pub scopes: &'a [Scope<'a>],
     pub reservation: &'a Reservation,
     pub reservation_id: &'a str,
     pub now_sec: i64,
@@ -95,6 +107,76 @@ pub fn slot_name(reservation_id: &str, i: u64) -> String {
     format!("{reservation_id}:{i}")
 }
 
+/// The outcome of an admission into several ledgers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Verdict {
+    /// The scope (its place in `Admit::scopes`) whose limit refused, if one did: the first,
+    /// in order, that would be passed.
+    pub refused_by: Option<usize>,
+    /// The refusing scope's decision; when admitted, the headers of the scope with the
+    /// least room left (see [`tightest`]).
+    pub decision: Decision,
+}
+
+/// Admits into every ledger of `a.scopes` (`ledgers[i]` is scope i's) as one: each decides
+/// against its own limits, and the reservation is counted in all of them or in none.
+pub fn admit_together(ledgers: &mut [&mut KeyLedger], a: &Admit) -> Verdict {
+    assert_eq!(ledgers.len(), a.scopes.len(), "one ledger per scope");
+    let decisions: Vec<Decision> = ledgers
+        .iter_mut()
+        .zip(a.scopes)
+        .map(|(ledger, scope)| ledger.decide(scope.limits, a))
+        .collect();
+    let verdict = verdict(decisions);
+    if verdict.refused_by.is_none() {
+        for ledger in ledgers.iter_mut() {
+            ledger.count(a);
+        }
+    }
+    verdict
+}
+
+/// Each scope's decision, taken at one instant, as one verdict.
+pub fn verdict(decisions: Vec<Decision>) -> Verdict {
+    match decisions.iter().position(|d| d.refused.is_some()) {
+        Some(i) => Verdict {
+            refused_by: Some(i),
+            decision: decisions.into_iter().nth(i).expect("found"),
+        },
+        None => Verdict {
+            refused_by: None,
+            decision: Decision {
+                refused: None,
+                headers: tightest(decisions.iter().map(|d| &d.headers)),
+            },
+        },
+    }
+}
+
+/// What OpenAI's `x-ratelimit-*` headers report for several scopes at once: for requests
+/// and for tokens apart, the limit with the least room left after this request (a client
+/// pacing itself by them then passes none).
+pub fn tightest<'a>(all: impl Iterator<Item = &'a quota::RateHeaders>) -> quota::RateHeaders {
+    let mut out = quota::RateHeaders::default();
+    for h in all {
+        if h.remaining_requests.is_some()
+            && (out.remaining_requests.is_none() || h.remaining_requests < out.remaining_requests)
+        {
+            out.limit_requests = h.limit_requests;
+            out.remaining_requests = h.remaining_requests;
+            out.reset_requests_secs = h.reset_requests_secs;
+        }
+        if h.remaining_tokens.is_some()
+            && (out.remaining_tokens.is_none() || h.remaining_tokens < out.remaining_tokens)
+        {
+            out.limit_tokens = h.limit_tokens;
+            out.remaining_tokens = h.remaining_tokens;
+            out.reset_tokens_secs = h.reset_tokens_secs;
+        }
+    }
+    out
+}
+
 fn day_of(sec: i64) -> i64 {
     sec.div_euclid(86_400)
 }
@@ -127,33 +209,43 @@ impl KeyLedger {
         }
     }
 
-    pub fn admit(&mut self, a: &Admit) -> Decision {
+    /// Admits into this ledger alone, checked against `limits`.
+    pub fn admit(&mut self, limits: &Limits, a: &Admit) -> Decision {
+        let decision = self.decide(limits, a);
+        if decision.refused.is_none() {
+            self.count(a);
+        }
+        decision
+    }
+
+    /// Drops what has expired, then decides at `a.now_sec` without counting.
+    fn decide(&mut self, limits: &Limits, a: &Admit) -> Decision {
         self.minute.retain(|b| b.second > a.now_sec - WINDOW_SECS);
         self.slots.retain(|_, expiry| *expiry > a.now_sec);
         self.roll_day(day_of(a.now_sec));
         self.roll_month(a.month);
         let counters = self.counters(a.now_sec, a.month);
-        let decision = quota::decide(
-            a.limits,
+        quota::decide(
+            limits,
             &counters,
             a.reservation,
             a.now_sec,
             a.secs_to_month_end,
-        );
-        if decision.refused.is_none() {
-            let r = a.reservation;
-            let bucket = self.bucket(a.now_sec);
-            bucket.requests += r.requests;
-            bucket.tokens += r.tokens;
-            self.day.1 += r.requests;
-            self.day.2 += r.tokens;
-            self.month.1 = self.month.1.saturating_add(r.cost_nano);
-            for i in 1..=r.requests {
-                self.slots
-                    .insert(slot_name(a.reservation_id, i), a.now_sec + a.slot_ttl_secs);
-            }
+        )
+    }
+
+    fn count(&mut self, a: &Admit) {
+        let r = a.reservation;
+        let bucket = self.bucket(a.now_sec);
+        bucket.requests += r.requests;
+        bucket.tokens += r.tokens;
+        self.day.1 += r.requests;
+        self.day.2 += r.tokens;
+        self.month.1 = self.month.1.saturating_add(r.cost_nano);
+        for i in 1..=r.requests {
+            self.slots
+                .insert(slot_name(a.reservation_id, i), a.now_sec + a.slot_ttl_secs);
         }
-        decision
     }
 
     pub fn settle(&mut self, s: &Settle) {
@@ -257,9 +349,9 @@ mod tests {
     use super::*;
     use crate::quota::LimitKind;
 
-    fn admit<'a>(limits: &'a Limits, r: &'a Reservation, id: &'a str, now: i64) -> Admit<'a> {
+    fn admit<'a>(r: &'a Reservation, id: &'a str, now: i64) -> Admit<'a> {
         Admit {
-            limits,
+            scopes: &[],
             reservation: r,
             reservation_id: id,
             now_sec: now,
@@ -287,7 +379,7 @@ mod tests {
         for n in 0..10 {
             let id = format!("r{n}");
             let r = one();
-            let d = ledger.admit(&admit(&limits, &r, &id, 100 + n));
+            let d = ledger.admit(&limits, &admit(&r, &id, 100 + n));
             assert_eq!(d.refused, None, "request {n}");
             ledger.settle(&Settle {
                 reservation_id: &id,
@@ -314,7 +406,7 @@ mod tests {
             cost_nano: 80,
         };
         assert_eq!(
-            ledger.admit(&admit(&limits, &lease, "L", 100)).refused,
+            ledger.admit(&limits, &admit(&lease, "L", 100)).refused,
             None
         );
         let c = ledger.counters(100, "2026-12");
@@ -325,7 +417,7 @@ mod tests {
         };
         assert_eq!(
             ledger
-                .admit(&admit(&limits, &five, "M", 100))
+                .admit(&limits, &admit(&five, "M", 100))
                 .refused
                 .map(|r| r.0),
             Some(LimitKind::Concurrent)
@@ -355,8 +447,8 @@ mod tests {
         };
         let mut ledger = KeyLedger::default();
         let r = one();
-        ledger.admit(&admit(&limits, &r, "a", 100));
-        let d = ledger.admit(&admit(&limits, &r, "b", 130));
+        ledger.admit(&limits, &admit(&r, "a", 100));
+        let d = ledger.admit(&limits, &admit(&r, "b", 130));
         assert_eq!(d.refused, Some((LimitKind::Concurrent, 30)));
         // Refreshed, it runs out later; expired, it no longer counts.
         ledger.refresh(&Refresh {
@@ -365,9 +457,64 @@ mod tests {
             now_sec: 140,
             slot_ttl_secs: 60,
         });
-        let d = ledger.admit(&admit(&limits, &r, "b", 150));
+        let d = ledger.admit(&limits, &admit(&r, "b", 150));
         assert_eq!(d.refused, Some((LimitKind::Concurrent, 50)));
-        assert_eq!(ledger.admit(&admit(&limits, &r, "b", 200)).refused, None);
+        assert_eq!(ledger.admit(&limits, &admit(&r, "b", 200)).refused, None);
+    }
+
+    #[test]
+    fn scopes_admit_together_or_not_at_all() {
+        let key_limits = Limits {
+            requests_per_minute: Some(10),
+            ..Limits::default()
+        };
+        let tenant_limits = Limits {
+            requests_per_minute: Some(3),
+            ..Limits::default()
+        };
+        let (mut a, mut b, mut tenant) = (
+            KeyLedger::default(),
+            KeyLedger::default(),
+            KeyLedger::default(),
+        );
+        let r = one();
+        let mut admitted = Vec::new();
+        for (n, key) in ["a", "b", "a", "b", "a"].into_iter().enumerate() {
+            let (key_ledger, ledger_id): (&mut KeyLedger, _) = match key {
+                "a" => (&mut a, "key-a"),
+                _ => (&mut b, "key-b"),
+            };
+            let scopes = [
+                Scope {
+                    ledger: ledger_id,
+                    limits: &key_limits,
+                },
+                Scope {
+                    ledger: "tenant:t",
+                    limits: &tenant_limits,
+                },
+            ];
+            let id = format!("r{n}");
+            let args = Admit {
+                scopes: &scopes,
+                ..admit(&r, &id, 100)
+            };
+            let verdict = admit_together(&mut [key_ledger, &mut tenant], &args);
+            admitted.push(verdict.refused_by);
+            if n == 1 {
+                // The tenant's minute is the tighter: its room is what the headers say.
+                assert_eq!(verdict.decision.headers.remaining_requests, Some(1));
+                assert_eq!(verdict.decision.headers.limit_requests, Some(3));
+            }
+            if n == 3 {
+                let (kind, retry) = verdict.decision.refused.unwrap();
+                assert_eq!((kind, retry), (LimitKind::RequestsPerMinute, 60));
+            }
+        }
+        assert_eq!(admitted, [None, None, None, Some(1), Some(1)]);
+        // Refused by the tenant, counted in neither.
+        let requests = |l: &KeyLedger| l.counters(100, "2026-12").day_requests;
+        assert_eq!((requests(&a), requests(&b), requests(&tenant)), (2, 1, 3));
     }
 
     #[test]

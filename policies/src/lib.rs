@@ -11,6 +11,7 @@ pub mod money;
 pub mod pricing;
 pub mod quota;
 pub mod same_question;
+pub mod tenants;
 pub mod tiers;
 
 pub use limits::{LimitOverrides, Limits};
@@ -19,4 +20,5 @@ pub use money::Money;
 pub use pricing::{
     Band, ModelPrice, PriceBook, PriceEntry, PriceSchedule, PricingError, TokenCounts,
 };
+pub use tenants::{Tenant, Tenants};
 pub use tiers::{FailMode, RequestCaps, Tier, TierError, Tiers};

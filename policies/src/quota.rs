@@ -54,6 +54,27 @@ impl LimitKind {
     }
 }
 
+/// Whose limit refused a request: its key's own, or its tenant's (all of the tenant's keys
+/// together).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum LimitScope {
+    #[default]
+    Key,
+    Tenant,
+}
+
+impl LimitScope {
+    /// The scopes in the order admission checks them (`Identity::scopes`).
+    pub const ALL: [LimitScope; 2] = [LimitScope::Key, LimitScope::Tenant];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            LimitScope::Key => "key",
+            LimitScope::Tenant => "tenant",
+        }
+    }
+}
+
 /// What a request (or a lease of several) reserves before it is forwarded.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Reservation {

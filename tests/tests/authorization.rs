@@ -72,7 +72,7 @@ fn expected(who: Who, r: &Route) -> u16 {
         Who::TenantViewer if read && r.tenant_scoped => r.ok,
         // Another tenant's key is as good as absent; its lists come back empty.
         Who::OtherTenantViewer if read && r.tenant_scoped => {
-            if r.path.starts_with("/admin/v1/keys/") {
+            if r.path.starts_with("/admin/v1/keys/") || r.path.starts_with("/admin/v1/tenants/") {
                 404
             } else {
                 r.ok
@@ -182,6 +182,28 @@ async fn every_admin_route_against_every_credential() {
         ),
         route(Method::DELETE, "/admin/v1/cache".into(), None, 200, false),
         route(Method::GET, "/admin/v1/alerts".into(), None, 200, true),
+        route(
+            Method::PUT,
+            "/admin/v1/tenants/matrix".into(),
+            Some(json!({"limits": {"requests_per_day": 1000}})),
+            200,
+            true,
+        ),
+        route(Method::GET, "/admin/v1/tenants".into(), None, 200, true),
+        route(
+            Method::GET,
+            "/admin/v1/tenants/matrix".into(),
+            None,
+            200,
+            true,
+        ),
+        route(
+            Method::GET,
+            "/admin/v1/tenants/matrix/quota".into(),
+            None,
+            200,
+            true,
+        ),
         route(Method::GET, "/metrics".into(), None, 200, false),
         route(Method::DELETE, key(""), None, 200, true),
     ];

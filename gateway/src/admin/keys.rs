@@ -250,54 +250,23 @@ pub(super) async fn rotate_key(
     Ok(Json(view))
 }
 
-/// `GET /admin/v1/keys/{id}/quota`: each limit's live state. `used` includes what requests
-/// in flight have reserved; `resets_in_secs` is when the window frees room (rates) or renews
-/// (days, months).
+/// `GET /admin/v1/keys/{id}/quota`: each of the key's limits' live state (see
+/// `quota::quota_view`).
 pub(super) async fn key_quota(
     State(gateway): State<AppState>,
     Extension(caller): Extension<Caller>,
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
-    use sluice_policies::quota;
     let record = find_visible_key(&gateway, &caller, &id).await?;
     let tiers = gateway.tiers();
     let tier = tiers
         .get(&record.tier)
         .map_err(|e| ApiError::internal(e.to_string()))?;
     let limits = tier.limits.with_overrides(&record.limits);
-    let now = crate::clock::now_ms() / 1000;
-    let (month, to_month_end) = crate::clock::month_of(now);
-    let c = gateway
-        .store
-        .quota_counters(&id, now, &month)
-        .await
-        .map_err(store_error)?;
-    let state = quota::QuotaState::of(&limits, &c, now);
-    let rate = |l: &quota::LimitState| json!({"limit": l.limit, "used": l.used, "remaining": l.limit.map(|limit| limit.saturating_sub(l.used)), "resets_in_secs": l.resets_in_secs});
-    let nano = rust_decimal::Decimal::from(quota::NANO);
-    let spent = rust_decimal::Decimal::from(state.month_spend_nano) / nano;
-    let budget = limits.monthly_budget.map(|b| b.amount());
-    Ok(Json(json!({
-        "key_id": id,
-        "tier": record.tier,
-        "requests_per_minute": rate(&state.requests_per_minute),
-        "tokens_per_minute": rate(&state.tokens_per_minute),
-        "requests_per_day": rate(&state.requests_per_day),
-        "tokens_per_day": rate(&state.tokens_per_day),
-        "max_concurrent": {
-            "limit": state.max_concurrent.limit,
-            "in_flight": state.max_concurrent.used,
-            "next_slot_expires_in_secs": state.max_concurrent.resets_in_secs,
-        },
-        "monthly_budget": {
-            "limit": budget.map(|b| b.normalize().to_string()),
-            "used": spent.normalize().to_string(),
-            "remaining": budget.map(|b| (b - spent).max(rust_decimal::Decimal::ZERO).normalize().to_string()),
-            "currency": tier.currency,
-            "month": month,
-            "resets_in_secs": to_month_end,
-        },
-    })))
+    let mut view = super::quota::quota_view(&gateway, &id, &limits, Some(&tier.currency)).await?;
+    view["key_id"] = json!(id);
+    view["tier"] = json!(record.tier);
+    Ok(Json(view))
 }
 
 /// `POST /admin/v1/keys/{id}/quota/reset`: forgets the key's windows, caps and month spend.

@@ -1,8 +1,7 @@
 //! Who may change what, and where? The admin API, on its own listener: API keys and their
-//! quota (`keys`), tiers (`tiers`), the backend pool (`backends`), usage and billing exports
-//! (`billing`), spend alerts (`alerts`), the response cache (`cache`), the console
-//! (`console`) and `/metrics`
-//! (`metrics`). This file holds the router and authorisation. Every call needs the admin
+//! quota (`keys`, `quota`), tenants' limits (`tenants`), tiers (`tiers`), the backend pool
+//! (`backends`), usage and billing exports (`billing`), spend alerts (`alerts`), the response
+//! cache (`cache`), the console (`console`) and `/metrics` (`metrics`). This file holds the router and authorisation. Every call needs the admin
 //! bearer token or an admin JWT (`[auth.admin_jwt]`: its own keys, issuer and audience, never
 //! the proxy's) whose role claim is `admin` (anything) or `viewer` (reads only; with a tenant
 //! claim, that tenant's keys, usage and billing only). The secret of a key appears in exactly
@@ -16,6 +15,8 @@ mod console;
 mod keys;
 mod listener;
 mod metrics;
+mod quota;
+mod tenants;
 mod tiers;
 
 use crate::app::Gateway;
@@ -78,6 +79,15 @@ pub fn router(gateway: Arc<Gateway>) -> Router {
         )
         .route("/admin/v1/billing/export", get(billing::billing_export))
         .route("/admin/v1/usage", get(billing::usage))
+        .route("/admin/v1/tenants", get(tenants::list_tenants))
+        .route(
+            "/admin/v1/tenants/{tenant}",
+            get(tenants::get_tenant).put(tenants::put_tenant),
+        )
+        .route(
+            "/admin/v1/tenants/{tenant}/quota",
+            get(tenants::tenant_quota),
+        )
         .route(
             "/admin/v1/tenants/{tenant}/usage",
             axum::routing::delete(billing::purge_tenant_usage),
@@ -145,6 +155,8 @@ fn scoped_viewer_may_read(path: &str) -> bool {
         || path == "/admin/v1/usage"
         || path == "/admin/v1/billing/export"
         || path == "/admin/v1/alerts"
+        || path == "/admin/v1/tenants"
+        || path.starts_with("/admin/v1/tenants/")
         || path == "/admin/v1/tiers"
         || path.starts_with("/admin/v1/tiers/")
 }

@@ -6,6 +6,7 @@
 //! Owed charges live in memory: a replica restarted during an outage forgets them (its usage
 //! events, journaled on disk, still reach billing; only the quota counters miss them).
 
+use crate::auth::Ledgers;
 use crate::clock::Clock;
 use crate::store::Store;
 use parking_lot::Mutex;
@@ -18,7 +19,8 @@ use std::time::Duration;
 /// Usage admitted without the store, waiting to be counted.
 #[derive(Debug, Clone)]
 pub struct OwedCharge {
-    pub key_id: String,
+    /// The ledgers it counts in (the key's and its tenant's).
+    pub ledgers: Ledgers,
     pub id: String,
     pub at_sec: i64,
     pub month: String,
@@ -31,12 +33,12 @@ const MAX_OWED: usize = 1_000_000;
 
 #[derive(Default)]
 pub struct Held {
-    /// reservation id -> (key id, slots)
-    running: Mutex<HashMap<String, (Arc<str>, u64)>>,
+    /// reservation id -> (its ledgers, slots)
+    running: Mutex<HashMap<String, (Ledgers, u64)>>,
     owed: Mutex<Owed>,
 }
 
-/// Charges owed, oldest first. A key's charges of one minute (and month) are summed into one
+/// Charges owed, oldest first. A key's (its ledgers') charges of one minute (and month) are summed into one
 /// (under the first one's id, which keeps it counted once), so an outage costs memory per
 /// busy key and minute, not per request; minute windows see the sum at that minute's first
 /// second, which is long past by the time it is charged.
@@ -45,9 +47,9 @@ struct Owed {
     queue: VecDeque<OwedCharge>,
     /// The sequence number of `queue`'s front; each charge's is its place after it.
     front_seq: u64,
-    /// (key, minute, month) -> the sequence number of the charge still taking that minute's
-    /// usage.
-    open: HashMap<(String, i64, String), u64>,
+    /// (ledgers, minute, month) -> the sequence number of the charge still taking that
+    /// minute's usage.
+    open: HashMap<(Ledgers, i64, String), u64>,
     /// The charge being sent to the store: nothing more is added to it, since a send that
     /// failed after the store counted it will be retried under the same id and ignored.
     sending: Option<u64>,
@@ -56,7 +58,7 @@ struct Owed {
 impl Owed {
     fn push(&mut self, charge: OwedCharge) {
         let bucket = (
-            charge.key_id.clone(),
+            charge.ledgers.clone(),
             charge.at_sec.div_euclid(60),
             charge.month.clone(),
         );
@@ -89,7 +91,7 @@ impl Owed {
         let seq = self.front_seq;
         self.front_seq += 1;
         let bucket = (
-            charge.key_id.clone(),
+            charge.ledgers.clone(),
             charge.at_sec.div_euclid(60),
             charge.month.clone(),
         );
@@ -105,10 +107,10 @@ impl Owed {
 
 impl Held {
     /// A reservation with `slots` concurrency slots is running.
-    pub fn hold(&self, key_id: &str, reservation_id: &str, slots: u64) {
+    pub fn hold(&self, ledgers: &Ledgers, reservation_id: &str, slots: u64) {
         self.running
             .lock()
-            .insert(reservation_id.to_owned(), (Arc::from(key_id), slots));
+            .insert(reservation_id.to_owned(), (ledgers.clone(), slots));
     }
 
     /// It ended (settled, or its lease given back).
@@ -127,20 +129,20 @@ impl Held {
 
     /// Renews every running reservation's slots at `now_sec`.
     pub async fn refresh_all(&self, store: &dyn Store, now_sec: i64, slot_ttl_secs: i64) {
-        let running: Vec<(String, Arc<str>, u64)> = self
+        let running: Vec<(String, Ledgers, u64)> = self
             .running
             .lock()
             .iter()
-            .map(|(id, (key, slots))| (id.clone(), key.clone(), *slots))
+            .map(|(id, (ledgers, slots))| (id.clone(), ledgers.clone(), *slots))
             .collect();
-        for (reservation_id, key_id, slots) in running {
+        for (reservation_id, ledgers, slots) in running {
             let refresh = Refresh {
                 reservation_id: &reservation_id,
                 slots,
                 now_sec,
                 slot_ttl_secs,
             };
-            if let Err(e) = store.refresh(&key_id, &refresh).await {
+            if let Err(e) = store.refresh(&ledgers, &refresh).await {
                 tracing::warn!(error = %e, "cannot renew concurrency slots");
                 return;
             }
@@ -166,7 +168,7 @@ impl Held {
                 amount: next.amount,
                 now_sec,
             };
-            match store.charge(&next.key_id, &charge).await {
+            match store.charge(&next.ledgers, &charge).await {
                 Ok(_) => {
                     let mut owed = self.owed.lock();
                     if owed.front_seq == seq {
@@ -208,7 +210,7 @@ mod tests {
 
     fn charge(key: &str, id: &str, at_sec: i64, tokens: u64) -> OwedCharge {
         OwedCharge {
-            key_id: key.into(),
+            ledgers: crate::auth::quota_ledgers(key, "t"),
             id: id.into(),
             at_sec,
             month: "2026-12".into(),
@@ -242,6 +244,12 @@ mod tests {
             .unwrap();
         assert_eq!((busy.day_requests, busy.day_tokens), (10_001, 30_003));
         assert_eq!(busy.month_spend_nano, 50_005);
+        // Counted in their tenant's ledger too: both keys'.
+        let tenant = store
+            .quota_counters("tenant:t", now + 90, "2026-12")
+            .await
+            .unwrap();
+        assert_eq!(tenant.day_requests, 10_002);
         // Charged again (a retry after a reply was lost): counted once.
         held.owe(charge("busy", "r0", now, 3));
         held.charge_owed(&store, now + 91).await;

@@ -7,6 +7,9 @@
 //! settlements are kept in the lease; when the lease expires (or runs out) and its last
 //! request has finished, one settlement gives back what it did not use.
 //!
+//! A lease is counted in every ledger the key's requests count in (the key's and its
+//! tenant's), in the same store step, and given back to all of them.
+//!
 //! Because the store counts a lease in full when it is taken, leases never let the fleet
 //! admit more than a limit. What they cost is the other way round: while a lease is held, up
 //! to its unused part is unavailable to other replicas, at most `k` requests (and their
@@ -17,6 +20,7 @@
 //! store, exactly).
 
 use super::held::Held;
+use crate::auth::Ledgers;
 use crate::store::Store;
 use parking_lot::Mutex;
 use sluice_policies::ledger::Settle;
@@ -29,6 +33,8 @@ use std::time::{Duration, Instant};
 /// A lease being taken or held for one key on this replica.
 struct Lease {
     id: String,
+    /// The ledgers it was counted in, and is given back to.
+    ledgers: Ledgers,
     admitted_sec: i64,
     month: String,
     expires: Instant,
@@ -111,7 +117,7 @@ impl Leases {
     pub fn try_admit(
         &self,
         key_id: &str,
-        limits: &Limits,
+        limits: &[&Limits],
         r: &Reservation,
         now_sec: i64,
     ) -> Result<LeasedAdmission, Miss> {
@@ -150,24 +156,8 @@ impl Leases {
         // lease lasts a while), and keep a lease a small part of any limit it counts against,
         // so that one replica never holds most of a key's quota.
         let mut size = (k.second.1.max(k.previous) * 2).min(self.max_requests);
-        for limit in [
-            limits.requests_per_minute,
-            limits.requests_per_day,
-            limits.max_concurrent,
-        ]
-        .into_iter()
-        .flatten()
-        {
-            size = size.min(limit / 4);
-        }
-        for limit in [limits.tokens_per_minute, limits.tokens_per_day]
-            .into_iter()
-            .flatten()
-        {
-            size = size.min(limit / 4 / r.tokens.max(1));
-        }
-        if let Some(budget) = sluice_policies::quota::budget_nano(limits) {
-            size = size.min((budget / 4 / r.cost_nano.max(1)) as u64);
+        for limits in limits {
+            size = size.min(quarter_of(limits, r));
         }
         if k.second.1 + k.previous <= 1 || size <= 1 {
             return Err(Miss::Single);
@@ -182,6 +172,7 @@ impl Leases {
     pub fn install(
         &self,
         key_id: &str,
+        ledgers: Ledgers,
         id: String,
         admitted_sec: i64,
         month: String,
@@ -196,6 +187,7 @@ impl Leases {
         }
         let lease = Lease {
             id,
+            ledgers,
             admitted_sec,
             month,
             expires: Instant::now() + self.ttl,
@@ -210,7 +202,7 @@ impl Leases {
         if let Some(old) = k.current.replace(lease) {
             k.retiring.push(old);
         }
-        self.retire_idle(key_id, k);
+        self.retire_idle(k);
     }
 
     /// Whether `taking` is still the lease being taken for the key (not installed or given
@@ -255,7 +247,7 @@ impl Leases {
             lease.used.cost_nano =
                 (lease.used.cost_nano + actual.cost_nano - reserved.cost_nano).max(0);
         }
-        self.retire_idle(key_id, k);
+        self.retire_idle(k);
     }
 
     /// Resolves once a lease has gone idle since the last [`Leases::sweep`] (at once if one
@@ -269,12 +261,12 @@ impl Leases {
     pub fn sweep(&self) -> Vec<IdleLease> {
         let now = Instant::now();
         let mut keys = self.keys.lock();
-        for (key_id, k) in keys.iter_mut() {
+        for k in keys.values_mut() {
             if k.current.as_ref().is_some_and(|l| l.expires <= now) {
                 let old = k.current.take().expect("checked");
                 k.retiring.push(old);
             }
-            self.retire_idle(key_id, k);
+            self.retire_idle(k);
         }
         keys.retain(|_, k| k.current.is_some() || !k.retiring.is_empty() || k.taking.is_some());
         drop(keys);
@@ -282,7 +274,7 @@ impl Leases {
     }
 
     /// Moves the key's retiring leases with no request running to the give-back queue.
-    fn retire_idle(&self, key_id: &str, k: &mut KeyLeases) {
+    fn retire_idle(&self, k: &mut KeyLeases) {
         if k.retiring.iter().all(|l| l.in_flight > 0) {
             return;
         }
@@ -294,7 +286,7 @@ impl Leases {
             self.idle_due.notify_one();
         }
         queue.extend(idle.into_iter().map(|l| IdleLease {
-            key_id: key_id.to_owned(),
+            ledgers: l.ledgers,
             id: l.id,
             admitted_sec: l.admitted_sec,
             month: l.month,
@@ -306,7 +298,8 @@ impl Leases {
 
 /// A lease with no request running: what to give back to the store.
 pub struct IdleLease {
-    pub key_id: String,
+    /// The ledgers the lease was counted in.
+    pub ledgers: Ledgers,
     pub id: String,
     pub admitted_sec: i64,
     pub month: String,
@@ -326,11 +319,11 @@ pub async fn give_back(store: &dyn Store, held: &Held, idle: Vec<IdleLease>) {
     if idle.is_empty() {
         return;
     }
-    let settlements: Vec<(&str, Settle)> = idle
+    let settlements: Vec<(&[String], Settle)> = idle
         .iter()
         .map(|lease| {
             (
-                lease.key_id.as_str(),
+                &*lease.ledgers,
                 Settle {
                     reservation_id: &lease.id,
                     admitted_sec: lease.admitted_sec,
@@ -355,6 +348,32 @@ pub async fn give_back(store: &dyn Store, held: &Held, idle: Vec<IdleLease>) {
     }
 }
 
+/// The largest lease that stays a quarter of each of `limits` (requests, tokens,
+/// concurrency, budget) for requests like `r`.
+fn quarter_of(limits: &Limits, r: &Reservation) -> u64 {
+    let mut size = u64::MAX;
+    for limit in [
+        limits.requests_per_minute,
+        limits.requests_per_day,
+        limits.max_concurrent,
+    ]
+    .into_iter()
+    .flatten()
+    {
+        size = size.min(limit / 4);
+    }
+    for limit in [limits.tokens_per_minute, limits.tokens_per_day]
+        .into_iter()
+        .flatten()
+    {
+        size = size.min(limit / 4 / r.tokens.max(1));
+    }
+    if let Some(budget) = sluice_policies::quota::budget_nano(limits) {
+        size = size.min((budget / 4 / r.cost_nano.max(1)) as u64);
+    }
+    size
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -372,15 +391,15 @@ mod tests {
         let leases = Leases::new(8, Duration::from_secs(60));
         let limits = Limits::default();
         assert!(matches!(
-            leases.try_admit("k", &limits, &r(5), 100),
+            leases.try_admit("k", &[&limits], &r(5), 100),
             Err(Miss::Single)
         ));
-        let Err(Miss::Take(size)) = leases.try_admit("k", &limits, &r(5), 100) else {
+        let Err(Miss::Take(size)) = leases.try_admit("k", &[&limits], &r(5), 100) else {
             panic!("the second request of a second asks for a lease");
         };
         assert_eq!(size, 4);
         assert!(matches!(
-            leases.try_admit("k", &limits, &r(5), 100),
+            leases.try_admit("k", &[&limits], &r(5), 100),
             Err(Miss::Wait(_))
         ));
         let granted = Reservation {
@@ -390,6 +409,7 @@ mod tests {
         };
         leases.install(
             "k",
+            crate::auth::quota_ledgers("k", "t"),
             "L".into(),
             100,
             "2026-11".into(),
@@ -398,11 +418,11 @@ mod tests {
             RateHeaders::default(),
         );
         let taken = leases
-            .try_admit("k", &limits, &r(5), 100)
+            .try_admit("k", &[&limits], &r(5), 100)
             .expect("one more fits");
         assert_eq!(taken.lease_id, "L");
         assert!(
-            leases.try_admit("k", &limits, &r(5), 100).is_err(),
+            leases.try_admit("k", &[&limits], &r(5), 100).is_err(),
             "the lease is spent"
         );
     }
@@ -417,6 +437,7 @@ mod tests {
         };
         leases.install(
             "k",
+            crate::auth::quota_ledgers("k", "t"),
             "L".into(),
             100,
             "2026-11".into(),
@@ -457,7 +478,7 @@ mod tests {
             ..Limits::default()
         };
         for _ in 0..30 {
-            if let Err(Miss::Take(size)) = leases.try_admit("k", &limits, &r(1), 5) {
+            if let Err(Miss::Take(size)) = leases.try_admit("k", &[&limits], &r(1), 5) {
                 assert!(size <= 5);
                 leases.not_taken("k");
             }

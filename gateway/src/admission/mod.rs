@@ -9,6 +9,10 @@
 //! slot is renewed ([`held`]); when the response is done, the reservation is replaced by the
 //! usage metering read (or estimated).
 //!
+//! Every request counts in two ledgers: its key's and its tenant's (see
+//! `sluice_policies::tenants`). Both are checked and counted in the same atomic store step,
+//! leases included, so a tenant's keys together never pass the tenant's limits.
+//!
 //! Each replica also keeps a local sliding minute per key ([`local`]). It runs ahead of the
 //! store, turning a flood away without a store call. When the store cannot be reached it is
 //! the only limit left, if the key's tier fails open; what such requests use is charged to
@@ -31,7 +35,7 @@ use http::{HeaderName, HeaderValue};
 use leases::{give_back, Leases, Miss, GIVE_BACK_GATHER};
 use sluice_policies::ledger::{Admit, Settle};
 use sluice_policies::pricing::PriceBook;
-use sluice_policies::quota::{self, LimitKind, RateHeaders, Reservation};
+use sluice_policies::quota::{self, LimitKind, LimitScope, RateHeaders, Reservation};
 use sluice_policies::{FailMode, RequestCaps, Tiers};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, LazyLock};
@@ -85,6 +89,8 @@ pub struct Refused {
     /// The limit that refused it; `None` when something else did (the store was down, the
     /// request was malformed).
     pub limit: Option<LimitKind>,
+    /// Whose limit it was.
+    pub scope: LimitScope,
 }
 
 impl From<ApiError> for Refused {
@@ -94,6 +100,7 @@ impl From<ApiError> for Refused {
             retry_after_secs: None,
             headers: RateHeaders::default(),
             limit: None,
+            scope: LimitScope::Key,
         }
     }
 }
@@ -215,8 +222,9 @@ impl Admission {
         let rpm = identity.limits.requests_per_minute;
         if let Err(retry) = self.local.check(&identity.key_id, rpm, now) {
             return Err(Box::new(Refused {
-                error: refusal_error(LimitKind::RequestsPerMinute, retry),
+                error: refusal_error(LimitScope::Key, LimitKind::RequestsPerMinute, retry),
                 limit: Some(LimitKind::RequestsPerMinute),
+                scope: LimitScope::Key,
                 retry_after_secs: Some(retry),
                 headers: RateHeaders {
                     limit_requests: rpm,
@@ -266,19 +274,22 @@ impl Admission {
         let price = self.prices.lookup(view.model(), &identity.tier);
         let (reservation, ceiling) =
             reserve::reservation(route, view, &caps, self.settings.default_max_tokens, price)?;
-        if let Some(kind) = quota::never_fits(&identity.limits, &reservation) {
-            return Err(ApiError::bad_request(format!(
-            "This request needs up to {} tokens (prompt estimate + max_tokens), more than the key's {} of {}; lower max_tokens or shorten the prompt.",
-            reservation.tokens,
-            kind.name(),
-            match kind {
-                LimitKind::TokensPerMinute => identity.limits.tokens_per_minute,
-                _ => identity.limits.tokens_per_day,
+        for (scope, limits) in LimitScope::ALL.into_iter().zip(identity.scopes()) {
+            if let Some(kind) = quota::never_fits(limits.limits, &reservation) {
+                return Err(ApiError::bad_request(format!(
+                "This request needs up to {} tokens (prompt estimate + max_tokens), more than the {}'s {} of {}; lower max_tokens or shorten the prompt.",
+                reservation.tokens,
+                scope.name(),
+                kind.name(),
+                match kind {
+                    LimitKind::TokensPerMinute => limits.limits.tokens_per_minute,
+                    _ => limits.limits.tokens_per_day,
+                }
+                .unwrap_or_default()
+            ))
+            .with_param("max_tokens")
+            .into());
             }
-            .unwrap_or_default()
-        ))
-        .with_param("max_tokens")
-        .into());
         }
         let now = self.clock.now_sec();
         let (month, secs_to_month_end) = month_of(now);
@@ -294,8 +305,9 @@ impl Admission {
             }
         }
         let reservation_id = mint_reservation_id();
+        let scopes = identity.scopes();
         let args = Admit {
-            limits: &identity.limits,
+            scopes: &scopes,
             reservation: &reservation,
             reservation_id: &reservation_id,
             now_sec: now,
@@ -303,8 +315,8 @@ impl Admission {
             secs_to_month_end,
             slot_ttl_secs: self.settings.slot_ttl_secs as i64,
         };
-        let decision = match self.store.admit(&identity.key_id, &args).await {
-            Ok(decision) => decision,
+        let verdict = match self.store.admit(&args).await {
+            Ok(verdict) => verdict,
             Err(e) => {
                 let fail_mode = tier.map_or(FailMode::Closed, |t| t.on_store_unavailable);
                 tracing::warn!(error = %e, key_id = %identity.key_id, ?fail_mode, "quota store unreachable");
@@ -326,27 +338,31 @@ impl Admission {
                 };
             }
         };
-        match decision.refused {
-            None => {
+        match (verdict.refused_by, verdict.decision.refused) {
+            (Some(by), Some((kind, retry_after))) => {
+                let scope = LimitScope::ALL.get(by).copied().unwrap_or_default();
+                Err(Refused {
+                    error: refusal_error(scope, kind, retry_after),
+                    limit: Some(kind),
+                    scope,
+                    retry_after_secs: Some(retry_after),
+                    headers: verdict.decision.headers,
+                })
+            }
+            _ => {
                 self.held
-                    .hold(&identity.key_id, &reservation_id, reservation.requests);
+                    .hold(&identity.ledgers, &reservation_id, reservation.requests);
                 Ok(Admitted {
                     reservation,
                     reservation_id,
                     admitted_sec: now,
                     month,
-                    headers: decision.headers,
+                    headers: verdict.decision.headers,
                     local_only: false,
                     lease: None,
                     ceiling,
                 })
             }
-            Some((kind, retry_after)) => Err(Refused {
-                error: refusal_error(kind, retry_after),
-                limit: Some(kind),
-                retry_after_secs: Some(retry_after),
-                headers: decision.headers,
-            }),
         }
     }
 
@@ -364,9 +380,10 @@ impl Admission {
         const LEASE_WAIT: std::time::Duration = std::time::Duration::from_millis(50);
         let deadline = tokio::time::Instant::now() + LEASE_WAIT;
         loop {
+            let limits = [&identity.limits, &identity.tenant_limits];
             match self
                 .leases
-                .try_admit(&identity.key_id, &identity.limits, reservation, now)
+                .try_admit(&identity.key_id, &limits, reservation, now)
             {
                 Ok(leased) => {
                     return Some(Admitted {
@@ -419,8 +436,9 @@ impl Admission {
             tokens: first.tokens.saturating_mul(size),
             cost_nano: first.cost_nano.saturating_mul(size as i64),
         };
+        let scopes = identity.scopes();
         let args = Admit {
-            limits: &identity.limits,
+            scopes: &scopes,
             reservation: &bulk,
             reservation_id: &lease_id,
             now_sec: now,
@@ -428,14 +446,15 @@ impl Admission {
             secs_to_month_end,
             slot_ttl_secs: self.settings.slot_ttl_secs as i64,
         };
-        match self.store.admit(&identity.key_id, &args).await {
-            Ok(decision) if decision.refused.is_none() => {
-                self.held.hold(&identity.key_id, &lease_id, size);
-                let lease_headers = decision.headers.clone();
-                let mut headers = decision.headers;
+        match self.store.admit(&args).await {
+            Ok(verdict) if verdict.refused_by.is_none() => {
+                self.held.hold(&identity.ledgers, &lease_id, size);
+                let lease_headers = verdict.decision.headers.clone();
+                let mut headers = verdict.decision.headers;
                 headers.remaining_requests = headers.remaining_requests.map(|v| v + size - 1);
                 self.leases.install(
                     &identity.key_id,
+                    identity.ledgers.clone(),
                     lease_id.clone(),
                     now,
                     month.to_owned(),
@@ -478,7 +497,7 @@ impl Admission {
         };
         if admitted.local_only {
             self.held.owe(OwedCharge {
-                key_id: identity.key_id.clone(),
+                ledgers: identity.ledgers.clone(),
                 id: admitted.reservation_id,
                 at_sec: admitted.admitted_sec,
                 month: admitted.month,
@@ -504,7 +523,7 @@ impl Admission {
             // A settlement lost to an outage leaves the reservation counted (never less than
             // used) and its slot held until it expires; retry a few times first.
             for attempt in 0..5u32 {
-                match admission.store.settle(&identity.key_id, &args).await {
+                match admission.store.settle(&identity.ledgers, &args).await {
                     Ok(()) => return,
                     Err(e) => {
                         tracing::warn!(error = %e, attempt, "quota settlement failed");
@@ -555,18 +574,34 @@ pub fn rate_limit_headers(
     .filter_map(|(name, value)| Some((name, value?)))
 }
 
-fn refusal_error(kind: LimitKind, retry_after: u64) -> ApiError {
+fn refusal_error(scope: LimitScope, kind: LimitKind, retry_after: u64) -> ApiError {
+    // The tenant's limits are shared by all of its keys: say so, since this key alone may
+    // have used little.
+    let whose = match scope {
+        LimitScope::Key => "",
+        LimitScope::Tenant => "your organization's ",
+    };
     let message = match kind {
-        LimitKind::MonthlyBudget => {
-            "You exceeded your monthly budget; ask the operator to raise it.".to_owned()
-        }
+        LimitKind::MonthlyBudget => format!(
+            "You exceeded {}monthly budget ({}.monthly_budget); ask the operator to raise it.",
+            if whose.is_empty() { "your " } else { whose },
+            scope.name()
+        ),
         LimitKind::RequestsPerDay | LimitKind::TokensPerDay => format!(
-            "You exceeded your daily quota ({}); it renews in {}.",
+            "You exceeded {}daily quota ({}.{}); it renews in {}.",
+            if whose.is_empty() { "your " } else { whose },
+            scope.name(),
             kind.name(),
             quota::reset_duration(retry_after)
         ),
         _ => format!(
-            "Rate limit reached ({}); retry in {}.",
+            "{}ate limit reached ({}.{}); retry in {}.",
+            if whose.is_empty() {
+                "R"
+            } else {
+                "Your organization's r"
+            },
+            scope.name(),
             kind.name(),
             quota::reset_duration(retry_after)
         ),
@@ -603,6 +638,8 @@ mod tests {
             limits,
             cache: true,
             models: Default::default(),
+            tenant_limits: Limits::default(),
+            ledgers: crate::auth::quota_ledgers("k", "t"),
         }
     }
 

@@ -127,6 +127,8 @@ mod tests {
             limits: Default::default(),
             cache: true,
             models: Default::default(),
+            tenant_limits: Default::default(),
+            ledgers: crate::auth::quota_ledgers(key_id, "t"),
         })
     }
 

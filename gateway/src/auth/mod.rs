@@ -16,7 +16,8 @@ pub use key_cache::{KeyCache, EPOCH_POLL};
 use crate::error::ApiError;
 use crate::keys::{KeyHash, KeyRecord};
 use crate::store::Store;
-use sluice_policies::{Limits, ModelAccess, ModelLists, Tiers};
+use sluice_policies::ledger::Scope;
+use sluice_policies::{tenants, Limits, ModelAccess, ModelLists, Tenants, Tiers};
 use std::sync::Arc;
 
 /// What a JWT's tenant (and subject) is prefixed with, so that tenants named by tokens and
@@ -36,6 +37,39 @@ pub struct Identity {
     pub cache: bool,
     /// Which models the caller may name.
     pub models: ModelAccess,
+    /// Its tenant's limits, which count every key of the tenant together (unlimited when
+    /// the operator set none).
+    pub tenant_limits: Limits,
+    /// The quota ledgers its requests count in: its key's, then its tenant's (see
+    /// [`quota_ledgers`]).
+    pub ledgers: Ledgers,
+}
+
+impl Identity {
+    /// What admission checks a request against: the key's limits in the key's ledger, and
+    /// the tenant's in the tenant's.
+    pub fn scopes(&self) -> [Scope<'_>; 2] {
+        [
+            Scope {
+                ledger: &self.ledgers[0],
+                limits: &self.limits,
+            },
+            Scope {
+                ledger: &self.ledgers[1],
+                limits: &self.tenant_limits,
+            },
+        ]
+    }
+}
+
+/// The ids of the quota ledgers a request counts in (see [`quota_ledgers`]).
+pub type Ledgers = Arc<[String]>;
+
+/// The quota ledgers of a key (or token subject) of `tenant`: the key's own, and the
+/// tenant's, which every request of the tenant counts in, so that a tenant's limits set
+/// later count what its keys spent this month already.
+pub fn quota_ledgers(key_id: &str, tenant: &str) -> Ledgers {
+    Arc::from([key_id.to_owned(), tenants::ledger_of(tenant)])
 }
 
 pub struct Authenticator {
@@ -43,6 +77,7 @@ pub struct Authenticator {
     cache: Arc<KeyCache>,
     jwt: Option<Arc<JwtVerifier>>,
     tiers: Arc<arc_swap::ArcSwap<Tiers>>,
+    tenants: Arc<arc_swap::ArcSwap<Tenants>>,
 }
 
 /// The bearer credential of a request, still unverified.
@@ -61,12 +96,14 @@ impl Authenticator {
         cache: Arc<KeyCache>,
         jwt: Option<Arc<JwtVerifier>>,
         tiers: Arc<arc_swap::ArcSwap<Tiers>>,
+        tenants: Arc<arc_swap::ArcSwap<Tenants>>,
     ) -> Self {
         Authenticator {
             store,
             cache,
             jwt,
             tiers,
+            tenants,
         }
     }
 
@@ -123,6 +160,8 @@ impl Authenticator {
             limits: tier.limits.with_overrides(&record.limits),
             cache: record.cache,
             models: ModelAccess::of(&tier.models, &record.models),
+            tenant_limits: self.tenants.load().limits(&record.tenant),
+            ledgers: quota_ledgers(&record.id, &record.tenant),
         })
     }
 
@@ -144,10 +183,16 @@ impl Authenticator {
         let tier = tiers
             .get(tier_name)
             .map_err(|e| ApiError::invalid_api_key(format!("Invalid token: {e}.")))?;
-        let tenant = claims.tenant.as_deref().unwrap_or(&claims.subject);
+        let tenant = format!(
+            "{JWT_TENANT_PREFIX}{}",
+            claims.tenant.as_deref().unwrap_or(&claims.subject)
+        );
+        let key_id = format!("{JWT_TENANT_PREFIX}{}", claims.subject);
         Ok(Identity {
-            key_id: format!("{JWT_TENANT_PREFIX}{}", claims.subject),
-            tenant: format!("{JWT_TENANT_PREFIX}{tenant}"),
+            ledgers: quota_ledgers(&key_id, &tenant),
+            tenant_limits: self.tenants.load().limits(&tenant),
+            key_id,
+            tenant,
             tier: tier.name.clone(),
             limits: tier.limits.clone(),
             cache: true,

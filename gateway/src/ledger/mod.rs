@@ -283,9 +283,12 @@ impl Ledger {
         Ok((rollups, next))
     }
 
-    /// Each key's spend against its budget in the month that starts at `month`, from the
-    /// rollups: what a replica's quota counters are rebuilt from.
-    pub async fn month_spend(&self, month: &Month) -> Result<Vec<(String, i64)>, LedgerError> {
+    /// Each key's spend (key id, tenant, nano-units) against its budget in the month that
+    /// starts at `month`, from the rollups: what a replica's quota counters are rebuilt from.
+    pub async fn month_spend(
+        &self,
+        month: &Month,
+    ) -> Result<Vec<(String, String, i64)>, LedgerError> {
         self.migrate().await?;
         let rows = sqlx::query(schema::MONTH_SPEND)
             .bind(day_label(month.start_ms))
@@ -295,7 +298,11 @@ impl Ledger {
         rows.iter()
             .map(|row| {
                 let spend: Decimal = row.try_get("spend_nano")?;
-                Ok((row.try_get("key_id")?, spend.to_i64().unwrap_or(i64::MAX)))
+                Ok((
+                    row.try_get("key_id")?,
+                    row.try_get("tenant")?,
+                    spend.to_i64().unwrap_or(i64::MAX),
+                ))
             })
             .collect()
     }

@@ -90,8 +90,8 @@ pub(super) const ROLLUPS_PAGE: &str = "SELECT day::text AS day, key_id, model, t
        AND ($3 OR (day, key_id, model, tier, tenant) > ($4::date, $5, $6, $7, $8)) \
      ORDER BY day, key_id, model, tier, tenant LIMIT $9";
 
-pub(super) const MONTH_SPEND: &str = "SELECT key_id, sum(spend_nano) AS spend_nano \
-     FROM usage_rollups WHERE day >= $1::date AND day < $2::date GROUP BY key_id";
+pub(super) const MONTH_SPEND: &str = "SELECT key_id, tenant, sum(spend_nano) AS spend_nano \
+     FROM usage_rollups WHERE day >= $1::date AND day < $2::date GROUP BY key_id, tenant";
 
 /// A value as PostgreSQL's `text` can hold it: it refuses NUL characters, and one such
 /// value would make its whole batch fail on every retry.

@@ -10,6 +10,7 @@ use crate::outcome::RequestOutcome;
 use crate::request::Route;
 use crate::upstream::{Backend, ModelRoute};
 use bytes::{Bytes, BytesMut};
+use sluice_policies::quota::{LimitKind, LimitScope};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -54,6 +55,8 @@ pub struct RequestCtx {
     pub refused_headers: Option<(sluice_policies::quota::RateHeaders, Option<u64>)>,
     /// The limit that refused the request, for metrics.
     pub refused_by: Option<&'static str>,
+    /// Whose limit it was and which, for the answer's `x-sluice-limit`.
+    pub refused_limit: Option<(LimitScope, LimitKind)>,
     /// Set when the gateway refuses the request itself, for `fail_to_proxy` and the log.
     pub error: Option<ApiError>,
     /// What the last failed attempt at a backend ran into, told to the client when no other
@@ -102,6 +105,7 @@ impl RequestCtx {
             admitted: None,
             refused_headers: None,
             refused_by: None,
+            refused_limit: None,
             error: None,
             last_failure: None,
             cache_status: None,

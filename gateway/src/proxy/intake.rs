@@ -233,5 +233,6 @@ impl Proxy {
 fn refuse(ctx: &mut RequestCtx, refused: Refused) -> ApiError {
     ctx.refused_headers = Some((refused.headers, refused.retry_after_secs));
     ctx.refused_by = Some(refused.limit.map_or("store_unavailable", |l| l.name()));
+    ctx.refused_limit = refused.limit.map(|kind| (refused.scope, kind));
     refused.error
 }

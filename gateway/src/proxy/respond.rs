@@ -20,8 +20,15 @@ pub enum LocalAnswer {
 }
 
 /// The `x-ratelimit-*` headers (and `Retry-After` for a refusal) this request's answer
-/// carries.
+/// carries; a refusal by a limit also names it: `x-sluice-limit: tenant.requests_per_minute`
+/// (the scope, `key` or `tenant`, and the limit).
 pub fn insert_rate_limit_headers(header: &mut ResponseHeader, ctx: &RequestCtx) -> Result<()> {
+    if let Some((scope, kind)) = ctx.refused_limit {
+        header.insert_header(
+            "x-sluice-limit",
+            format!("{}.{}", scope.name(), kind.name()),
+        )?;
+    }
     let (headers, retry_after) = match (&ctx.refused_headers, &ctx.admitted) {
         (Some((headers, retry_after)), _) => (headers, *retry_after),
         (None, Some(admitted)) => (&admitted.headers, None),

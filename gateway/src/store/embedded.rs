@@ -8,9 +8,9 @@ use crate::keys::{KeyHash, KeyRecord};
 use crate::usage::UsageEvent;
 use async_trait::async_trait;
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
-use sluice_policies::ledger::{Admit, Charge, Refresh, Settle};
-use sluice_policies::quota::{Counters, Decision};
-use sluice_policies::Tier;
+use sluice_policies::ledger::{Admit, Charge, Refresh, Settle, Verdict};
+use sluice_policies::quota::Counters;
+use sluice_policies::{tenants, Tenant, Tier};
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -21,6 +21,8 @@ const KEYS: TableDefinition<&str, &[u8]> = TableDefinition::new("keys");
 const KEY_HASHES: TableDefinition<&str, &str> = TableDefinition::new("key_hashes");
 /// tier name -> JSON `Tier`, for tiers changed through the admin API
 const TIERS: TableDefinition<&str, &[u8]> = TableDefinition::new("tiers");
+/// tenant id -> JSON `Tenant` (its limits)
+const TENANTS: TableDefinition<&str, &[u8]> = TableDefinition::new("tenants");
 /// backend name -> () for backends marked draining
 const DRAINING: TableDefinition<&str, ()> = TableDefinition::new("draining_backends");
 /// backend name -> JSON `Option<BackendRecord>`: pool changes made through the admin API
@@ -73,6 +75,7 @@ impl EmbeddedStore {
         txn.open_table(KEY_HASHES).map_err(embedded_err)?;
         txn.open_table(USAGE).map_err(embedded_err)?;
         txn.open_table(TIERS).map_err(embedded_err)?;
+        txn.open_table(TENANTS).map_err(embedded_err)?;
         txn.open_table(DRAINING).map_err(embedded_err)?;
         txn.open_table(POOL).map_err(embedded_err)?;
         txn.open_table(USAGE_IDS).map_err(embedded_err)?;
@@ -100,13 +103,14 @@ impl EmbeddedStore {
 }
 
 impl EmbeddedStore {
-    /// Adds to a key's spend in a month (restored from the usage ledger's rollups).
-    pub fn add_month_spend(&self, key_id: &str, month: &str, nano: i64) {
-        self.quotas.add_month_spend(key_id, month, nano);
+    /// Adds to a ledger's spend in a month (a key's or a tenant's, restored from the usage
+    /// ledger's rollups).
+    pub fn add_month_spend(&self, ledger: &str, month: &str, nano: i64) {
+        self.quotas.add_month_spend(ledger, month, nano);
     }
 
     /// Rebuilds this month's budget use from the stored usage events, so a restart does not
-    /// hand every key its budget again. (Minute and day windows start afresh.)
+    /// hand every key (or tenant) its budget again. (Minute and day windows start afresh.)
     pub async fn restore_month_spend(
         &self,
         month_start_ms: i64,
@@ -115,8 +119,10 @@ impl EmbeddedStore {
     ) -> Result<(), StoreError> {
         let events = self.usage_events(month_start_ms, i64::MAX).await?;
         for event in &events {
+            let cost = cost_nano(event);
+            self.quotas.add_month_spend(&event.key_id, month, cost);
             self.quotas
-                .add_month_spend(&event.key_id, month, cost_nano(event));
+                .add_month_spend(&tenants::ledger_of(&event.tenant), month, cost);
         }
         Ok(())
     }
@@ -307,8 +313,39 @@ impl Store for EmbeddedStore {
         .await
     }
 
-    async fn admit(&self, key_id: &str, args: &Admit<'_>) -> Result<Decision, StoreError> {
-        Ok(self.quotas.admit(key_id, args))
+    async fn admit(&self, args: &Admit<'_>) -> Result<Verdict, StoreError> {
+        Ok(self.quotas.admit(args))
+    }
+
+    async fn put_tenant(&self, tenant: &Tenant) -> Result<(), StoreError> {
+        let json = serde_json::to_vec(tenant)?;
+        let id = tenant.id.clone();
+        self.blocking(move |db| {
+            let txn = db.begin_write().map_err(embedded_err)?;
+            txn.open_table(TENANTS)
+                .map_err(embedded_err)?
+                .insert(id.as_str(), json.as_slice())
+                .map_err(embedded_err)?;
+            txn.commit().map_err(embedded_err)?;
+            Ok(())
+        })
+        .await?;
+        self.epoch.fetch_add(1, Ordering::Release);
+        Ok(())
+    }
+
+    async fn tenants(&self) -> Result<Vec<Tenant>, StoreError> {
+        self.blocking(|db| {
+            let txn = db.begin_read().map_err(embedded_err)?;
+            let table = txn.open_table(TENANTS).map_err(embedded_err)?;
+            let mut out = Vec::new();
+            for row in table.iter().map_err(embedded_err)? {
+                let (_, json) = row.map_err(embedded_err)?;
+                out.push(serde_json::from_slice(json.value())?);
+            }
+            Ok(out)
+        })
+        .await
     }
 
     async fn put_tier(&self, tier: &Tier) -> Result<(), StoreError> {
@@ -475,36 +512,36 @@ impl Store for EmbeddedStore {
         .await
     }
 
-    async fn refresh(&self, key_id: &str, args: &Refresh<'_>) -> Result<(), StoreError> {
-        self.quotas.refresh(key_id, args);
+    async fn refresh(&self, ledgers: &[String], args: &Refresh<'_>) -> Result<(), StoreError> {
+        self.quotas.refresh(ledgers, args);
         Ok(())
     }
 
-    async fn charge(&self, key_id: &str, args: &Charge<'_>) -> Result<bool, StoreError> {
-        Ok(self.quotas.charge(key_id, args))
+    async fn charge(&self, ledgers: &[String], args: &Charge<'_>) -> Result<bool, StoreError> {
+        Ok(self.quotas.charge(ledgers, args))
     }
 
-    async fn settle(&self, key_id: &str, args: &Settle<'_>) -> Result<(), StoreError> {
-        self.quotas.settle(key_id, args);
+    async fn settle(&self, ledgers: &[String], args: &Settle<'_>) -> Result<(), StoreError> {
+        self.quotas.settle(ledgers, args);
         Ok(())
     }
 
     async fn quota_counters(
         &self,
-        key_id: &str,
+        ledger: &str,
         now_sec: i64,
         month: &str,
     ) -> Result<Counters, StoreError> {
-        Ok(self.quotas.counters(key_id, now_sec, month))
+        Ok(self.quotas.counters(ledger, now_sec, month))
     }
 
     async fn reset_quota(
         &self,
-        key_id: &str,
+        ledger: &str,
         _now_sec: i64,
         _month: &str,
     ) -> Result<(), StoreError> {
-        self.quotas.reset(key_id);
+        self.quotas.reset(ledger);
         Ok(())
     }
 

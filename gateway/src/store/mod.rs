@@ -15,9 +15,9 @@ use crate::keys::{KeyHash, KeyRecord};
 use crate::usage::UsageEvent;
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
-use sluice_policies::ledger::{Admit, Charge, Refresh, Settle};
-use sluice_policies::quota::{Counters, Decision};
-use sluice_policies::Tier;
+use sluice_policies::ledger::{Admit, Charge, Refresh, Settle, Verdict};
+use sluice_policies::quota::Counters;
+use sluice_policies::{Tenant, Tier};
 
 /// A backend added through the admin API, as the store keeps it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -98,6 +98,13 @@ pub trait Store: Send + Sync + 'static {
     /// Tiers written through the admin API; they override the configuration's.
     async fn stored_tiers(&self) -> Result<Vec<Tier>, StoreError>;
 
+    /// Creates or replaces a tenant's limits, and moves the key epoch (every replica reloads
+    /// them, as it does tiers).
+    async fn put_tenant(&self, tenant: &Tenant) -> Result<(), StoreError>;
+
+    /// Every tenant whose limits were set.
+    async fn tenants(&self) -> Result<Vec<Tenant>, StoreError>;
+
     /// Marks a backend (by name) draining or not, and moves the key epoch so every replica
     /// applies it.
     async fn set_draining(&self, backend: &str, draining: bool) -> Result<(), StoreError>;
@@ -176,31 +183,33 @@ pub trait Store: Send + Sync + 'static {
         }
     }
 
-    /// Decides, in one atomic step, whether a request reserving `args.reservation` may start,
-    /// and reserves it if so. The quota operations follow `sluice_policies::ledger`, the
-    /// contract both stores implement.
-    async fn admit(&self, key_id: &str, args: &Admit<'_>) -> Result<Decision, StoreError>;
+    /// Decides, in one atomic step, whether a request reserving `args.reservation` may start
+    /// in every ledger of `args.scopes` (its key's and its tenant's), and reserves it in all
+    /// of them if so. The quota operations follow `sluice_policies::ledger`, the contract
+    /// both stores implement.
+    async fn admit(&self, args: &Admit<'_>) -> Result<Verdict, StoreError>;
 
-    /// Replaces a reservation with what the request really used, and frees its slots.
-    async fn settle(&self, key_id: &str, args: &Settle<'_>) -> Result<(), StoreError>;
+    /// Replaces a reservation with what the request really used, and frees its slots, in
+    /// each ledger it was admitted into.
+    async fn settle(&self, ledgers: &[String], args: &Settle<'_>) -> Result<(), StoreError>;
 
     /// Settles many reservations (of any keys), in as few round trips as the store allows;
     /// each is applied as `settle` would, not all of them atomically together.
-    async fn settle_all(&self, settlements: &[(&str, Settle<'_>)]) -> Result<(), StoreError> {
-        for (key_id, args) in settlements {
-            self.settle(key_id, args).await?;
+    async fn settle_all(&self, settlements: &[(&[String], Settle<'_>)]) -> Result<(), StoreError> {
+        for (ledgers, args) in settlements {
+            self.settle(ledgers, args).await?;
         }
         Ok(())
     }
 
-    /// Renews the concurrency slots of a reservation still running.
-    async fn refresh(&self, key_id: &str, args: &Refresh<'_>) -> Result<(), StoreError>;
+    /// Renews the concurrency slots of a reservation still running, in each of its ledgers.
+    async fn refresh(&self, ledgers: &[String], args: &Refresh<'_>) -> Result<(), StoreError>;
 
-    /// Counts usage admitted without the store (while it was unreachable), once per charge
-    /// id; returns whether this delivery was the one that counted.
-    async fn charge(&self, key_id: &str, args: &Charge<'_>) -> Result<bool, StoreError>;
+    /// Counts usage admitted without the store (while it was unreachable) in each ledger,
+    /// once per charge id; returns whether this delivery was the one that counted (in the
+    /// first ledger, the key's).
+    async fn charge(&self, ledgers: &[String], args: &Charge<'_>) -> Result<bool, StoreError>;
 
-    /// A key's live quota counters.
     /// Records a spend alert under its id unless one is recorded there already: true for
     /// the one caller, of all replicas, that recorded it (and so delivers it). Alerts older
     /// than [`ALERT_RETENTION_MS`] are forgotten as new ones come.
@@ -214,15 +223,16 @@ pub trait Store: Send + Sync + 'static {
     /// The alerts recorded, newest first, at most `limit`.
     async fn recent_alerts(&self, limit: usize) -> Result<Vec<Vec<u8>>, StoreError>;
 
+    /// A ledger's live quota counters (a key's, or a tenant's).
     async fn quota_counters(
         &self,
-        key_id: &str,
+        ledger: &str,
         now_sec: i64,
         month: &str,
     ) -> Result<Counters, StoreError>;
 
-    /// Forgets a key's quota counters (windows, slots and spend) at `now_sec`.
-    async fn reset_quota(&self, key_id: &str, now_sec: i64, month: &str) -> Result<(), StoreError>;
+    /// Forgets a ledger's quota counters (windows, slots and spend) at `now_sec`.
+    async fn reset_quota(&self, ledger: &str, now_sec: i64, month: &str) -> Result<(), StoreError>;
 
     /// Keeps a cache entry's body for `ttl_ms`, then appends `event` to the cache log that
     /// every replica follows. The log forgets events older than `log_horizon_ms`.

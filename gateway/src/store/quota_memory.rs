@@ -1,59 +1,86 @@
-//! The embedded store's quota counters: in process, behind one lock, each key a
-//! [`KeyLedger`], the pure contract the Redis scripts mirror.
+//! The embedded store's quota counters: in process, behind one lock, each ledger (a key's or
+//! a tenant's) a [`KeyLedger`], the pure contract the Redis scripts mirror.
 //!
 //! They live in memory: a restart starts the minute and day windows afresh and forgets
 //! reservations in flight. Month spend is rebuilt by the gateway from the usage events.
 
 use parking_lot::Mutex;
-use sluice_policies::ledger::{Admit, Charge, KeyLedger, Refresh, Settle};
-use sluice_policies::quota::{Counters, Decision};
+use sluice_policies::ledger::{self, Admit, Charge, KeyLedger, Refresh, Settle, Verdict};
+use sluice_policies::quota::Counters;
 use std::collections::HashMap;
 
 #[derive(Default)]
 pub struct MemoryQuotas {
-    keys: Mutex<HashMap<String, KeyLedger>>,
+    ledgers: Mutex<HashMap<String, KeyLedger>>,
 }
 
 impl MemoryQuotas {
-    fn with<T>(&self, key_id: &str, f: impl FnOnce(&mut KeyLedger) -> T) -> T {
-        let mut keys = self.keys.lock();
-        match keys.get_mut(key_id) {
-            Some(ledger) => f(ledger),
-            None => f(keys.entry(key_id.to_owned()).or_default()),
+    fn with<T>(&self, ledger: &str, f: impl FnOnce(&mut KeyLedger) -> T) -> T {
+        let mut ledgers = self.ledgers.lock();
+        match ledgers.get_mut(ledger) {
+            Some(l) => f(l),
+            None => f(ledgers.entry(ledger.to_owned()).or_default()),
         }
     }
 
-    pub fn admit(&self, key_id: &str, a: &Admit) -> Decision {
-        self.with(key_id, |l| l.admit(a))
+    /// Admits into every scope's ledger under the one lock: atomic, as the Redis script is.
+    pub fn admit(&self, a: &Admit) -> Verdict {
+        let mut ledgers = self.ledgers.lock();
+        // Taken out for the decision (so that several can be borrowed at once) and put back.
+        let mut taken: Vec<(String, KeyLedger)> = a
+            .scopes
+            .iter()
+            .map(|s| {
+                ledgers
+                    .remove_entry(s.ledger)
+                    .unwrap_or_else(|| (s.ledger.to_owned(), KeyLedger::default()))
+            })
+            .collect();
+        let verdict = {
+            let mut borrowed: Vec<&mut KeyLedger> = taken.iter_mut().map(|(_, l)| l).collect();
+            ledger::admit_together(&mut borrowed, a)
+        };
+        ledgers.extend(taken);
+        verdict
     }
 
-    pub fn settle(&self, key_id: &str, s: &Settle) {
-        self.with(key_id, |l| l.settle(s));
+    pub fn settle(&self, ledgers: &[String], s: &Settle) {
+        for ledger in ledgers {
+            self.with(ledger, |l| l.settle(s));
+        }
     }
 
-    pub fn refresh(&self, key_id: &str, f: &Refresh) {
-        self.with(key_id, |l| l.refresh(f));
+    pub fn refresh(&self, ledgers: &[String], f: &Refresh) {
+        for ledger in ledgers {
+            self.with(ledger, |l| l.refresh(f));
+        }
     }
 
-    pub fn charge(&self, key_id: &str, c: &Charge) -> bool {
-        self.with(key_id, |l| l.charge(c))
+    /// Whether the charge counted in the first ledger (each remembers its charge ids).
+    pub fn charge(&self, ledgers: &[String], c: &Charge) -> bool {
+        let mut counted = Vec::with_capacity(ledgers.len());
+        for ledger in ledgers {
+            counted.push(self.with(ledger, |l| l.charge(c)));
+        }
+        counted.first().copied().unwrap_or(false)
     }
 
-    pub fn counters(&self, key_id: &str, now_sec: i64, month: &str) -> Counters {
-        let keys = self.keys.lock();
-        keys.get(key_id)
+    pub fn counters(&self, ledger: &str, now_sec: i64, month: &str) -> Counters {
+        let ledgers = self.ledgers.lock();
+        ledgers
+            .get(ledger)
             .map(|l| l.counters(now_sec, month))
             .unwrap_or_default()
     }
 
-    pub fn reset(&self, key_id: &str) {
-        if let Some(ledger) = self.keys.lock().get_mut(key_id) {
-            ledger.reset();
+    pub fn reset(&self, ledger: &str) {
+        if let Some(l) = self.ledgers.lock().get_mut(ledger) {
+            l.reset();
         }
     }
 
     /// Adds spend already recorded elsewhere (usage events at start-up).
-    pub fn add_month_spend(&self, key_id: &str, month: &str, nano: i64) {
-        self.with(key_id, |l| l.add_month_spend(month, nano));
+    pub fn add_month_spend(&self, ledger: &str, month: &str, nano: i64) {
+        self.with(ledger, |l| l.add_month_spend(month, nano));
     }
 }

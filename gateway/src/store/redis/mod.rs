@@ -5,6 +5,9 @@
 //! - `{prefix}:keys`            sorted set of key ids by creation time
 //! - `{prefix}:keys:epoch`      counter bumped on every key or tier change
 //! - `{prefix}:tiers`           hash: tier name -> JSON `Tier` (changed through the admin API)
+//! - `{prefix}:tenants`         hash: tenant id -> JSON `Tenant` (its limits)
+//! - `{prefix:LEDGER}:q:…`      a quota ledger's counters (see `quota`): LEDGER is a key id,
+//!   or `tenant:ID` for a tenant's
 //! - `{prefix}:backends:draining` set of backend names taking no new requests
 //! - `{prefix}:backends:pool`   hash: backend name -> JSON `BackendRecord`, or `null` for
 //!   one taken out (pool changes made through the admin API)
@@ -38,9 +41,9 @@ use conn::Conn;
 use redis::aio::ConnectionManager;
 use redis::AsyncCommands;
 use scripts::APPEND_USAGE;
-use sluice_policies::ledger::{Admit, Charge, Refresh, Settle};
-use sluice_policies::quota::{Counters, Decision};
-use sluice_policies::Tier;
+use sluice_policies::ledger::{Admit, Charge, Refresh, Settle, Verdict};
+use sluice_policies::quota::Counters;
+use sluice_policies::{Tenant, Tier};
 
 /// Shards of the usage buffer: enough that a cluster of a few nodes shares the load of an
 /// outage of the ledger, few enough that draining reads them all each second.
@@ -107,6 +110,10 @@ impl RedisStore {
 
     fn tiers_key(&self) -> String {
         format!("{{{}}}:tiers", self.prefix)
+    }
+
+    fn tenants_key(&self) -> String {
+        format!("{{{}}}:tenants", self.prefix)
     }
 
     fn draining_key(&self) -> String {
@@ -492,37 +499,70 @@ impl Store for RedisStore {
             .collect::<Result<_, _>>()?)
     }
 
-    async fn admit(&self, key_id: &str, a: &Admit<'_>) -> Result<Decision, StoreError> {
-        self.quota_admit(key_id, a).await
+    async fn put_tenant(&self, tenant: &Tenant) -> Result<(), StoreError> {
+        let mut conn = self.conn.clone();
+        redis::pipe()
+            .atomic()
+            .hset(
+                self.tenants_key(),
+                &tenant.id,
+                serde_json::to_string(tenant)?,
+            )
+            .ignore()
+            .incr(self.epoch_key(), 1)
+            .ignore()
+            .query_async::<()>(&mut conn)
+            .await?;
+        Ok(())
     }
 
-    async fn settle(&self, key_id: &str, s: &Settle<'_>) -> Result<(), StoreError> {
-        self.quota_settle(key_id, s).await
+    async fn tenants(&self) -> Result<Vec<Tenant>, StoreError> {
+        let mut conn = self.conn.clone();
+        let jsons: Vec<String> = conn.hvals(self.tenants_key()).await?;
+        Ok(jsons
+            .iter()
+            .map(|j| serde_json::from_str(j))
+            .collect::<Result<_, _>>()?)
     }
 
-    async fn settle_all(&self, settlements: &[(&str, Settle<'_>)]) -> Result<(), StoreError> {
+    async fn admit(&self, a: &Admit<'_>) -> Result<Verdict, StoreError> {
+        self.quota_admit(a).await
+    }
+
+    async fn settle(&self, ledgers: &[String], s: &Settle<'_>) -> Result<(), StoreError> {
+        self.quota_settle_all(&[(ledgers, *s)]).await
+    }
+
+    async fn settle_all(&self, settlements: &[(&[String], Settle<'_>)]) -> Result<(), StoreError> {
         self.quota_settle_all(settlements).await
     }
 
-    async fn refresh(&self, key_id: &str, f: &Refresh<'_>) -> Result<(), StoreError> {
-        self.quota_refresh(key_id, f).await
+    async fn refresh(&self, ledgers: &[String], f: &Refresh<'_>) -> Result<(), StoreError> {
+        for ledger in ledgers {
+            self.quota_refresh(ledger, f).await?;
+        }
+        Ok(())
     }
 
-    async fn charge(&self, key_id: &str, c: &Charge<'_>) -> Result<bool, StoreError> {
-        self.quota_charge(key_id, c).await
+    async fn charge(&self, ledgers: &[String], c: &Charge<'_>) -> Result<bool, StoreError> {
+        let mut counted = Vec::with_capacity(ledgers.len());
+        for ledger in ledgers {
+            counted.push(self.quota_charge(ledger, c).await?);
+        }
+        Ok(counted.first().copied().unwrap_or(false))
     }
 
     async fn quota_counters(
         &self,
-        key_id: &str,
+        ledger: &str,
         now_sec: i64,
         month: &str,
     ) -> Result<Counters, StoreError> {
-        self.quota_read(key_id, now_sec, month).await
+        self.quota_read(ledger, now_sec, month).await
     }
 
-    async fn reset_quota(&self, key_id: &str, now_sec: i64, month: &str) -> Result<(), StoreError> {
-        self.quota_reset(key_id, now_sec, month).await
+    async fn reset_quota(&self, ledger: &str, now_sec: i64, month: &str) -> Result<(), StoreError> {
+        self.quota_reset(ledger, now_sec, month).await
     }
 
     async fn cache_put(

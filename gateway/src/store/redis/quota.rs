@@ -1,23 +1,32 @@
 //! How does the Redis store keep quotas? Each `sluice_policies::ledger` operation as one
-//! script call on the API key's own keys, all under one hash tag (one Redis Cluster slot).
+//! script call. A ledger's keys (an API key's, or a tenant's) share one hash tag, so each
+//! ledger lives in one Redis Cluster slot.
+//!
+//! An admission counts in two ledgers, the key's and its tenant's. On a standalone (or
+//! Sentinel) Redis that is one script call over both: atomic. A cluster cannot run one
+//! script over two slots, so there the store admits into the tenant's ledger, then the
+//! key's, each atomically, and gives the tenant's reservation back if the key's is refused:
+//! never more than either's limit is admitted, and a request the key refused holds room in
+//! the tenant's ledger for that one round trip at most.
 
 use super::conn::Conn;
 use super::scripts::{ADMIT, CHARGE, REFRESH, SETTLE};
 use super::RedisStore;
 use crate::store::StoreError;
-use sluice_policies::ledger::{self, Admit, Charge, Refresh, Settle};
-use sluice_policies::quota::{self, Counters, Decision};
+use sluice_policies::ledger::{self, Admit, Charge, Refresh, Settle, Verdict};
+use sluice_policies::quota::{self, Counters, Reservation};
 
-/// The Redis keys of one API key's quota state, all under one hash tag so that a script
-/// touching them runs on one Redis Cluster slot.
+/// The Redis keys of one ledger's quota state, all under one hash tag so that a script
+/// touching them runs on one Redis Cluster slot. (A key's ledger is named by its key id, as
+/// it was before tenants had ledgers, so upgrading keeps every key's counters.)
 struct QuotaKeys {
     tag: String,
 }
 
 impl QuotaKeys {
-    fn new(prefix: &str, key_id: &str) -> Self {
+    fn new(prefix: &str, ledger: &str) -> Self {
         QuotaKeys {
-            tag: format!("{{{prefix}:{key_id}}}"),
+            tag: format!("{{{prefix}:{ledger}}}"),
         }
     }
     fn minute_requests(&self) -> String {
@@ -87,66 +96,115 @@ type CountersReply = (
 );
 
 impl RedisStore {
-    pub(super) async fn quota_admit(
-        &self,
-        key_id: &str,
-        a: &Admit<'_>,
-    ) -> Result<Decision, StoreError> {
-        let keys = QuotaKeys::new(&self.prefix, key_id);
-        let l = a.limits;
+    pub(super) async fn quota_admit(&self, a: &Admit<'_>) -> Result<Verdict, StoreError> {
+        if a.scopes.len() > 1 && matches!(self.conn, Conn::Cluster(_)) {
+            self.quota_admit_each(a).await
+        } else {
+            self.admit_script(a).await
+        }
+    }
+
+    /// One `ADMIT` call over every ledger of `a.scopes`.
+    async fn admit_script(&self, a: &Admit<'_>) -> Result<Verdict, StoreError> {
         let mut invocation = ADMIT.prepare_invoke();
+        for scope in a.scopes {
+            let keys = QuotaKeys::new(&self.prefix, scope.ledger);
+            invocation
+                .key(keys.minute_requests())
+                .key(keys.minute_tokens())
+                .key(keys.day(a.now_sec))
+                .key(keys.month(a.month))
+                .key(keys.in_flight());
+        }
         invocation
-            .key(keys.minute_requests())
-            .key(keys.minute_tokens())
-            .key(keys.day(a.now_sec))
-            .key(keys.month(a.month))
-            .key(keys.in_flight())
             .arg(a.now_sec)
-            .arg(limit_arg(l.requests_per_minute))
-            .arg(limit_arg(l.requests_per_day))
-            .arg(limit_arg(l.tokens_per_minute))
-            .arg(limit_arg(l.tokens_per_day))
-            .arg(limit_arg(l.max_concurrent))
-            .arg(quota::budget_nano(l).unwrap_or(-1))
             .arg(a.reservation.tokens)
             .arg(a.reservation.cost_nano)
             .arg(a.reservation_id)
             .arg(a.now_sec + a.slot_ttl_secs)
             .arg(a.reservation.requests);
+        for scope in a.scopes {
+            let l = scope.limits;
+            invocation
+                .arg(limit_arg(l.requests_per_minute))
+                .arg(limit_arg(l.requests_per_day))
+                .arg(limit_arg(l.tokens_per_minute))
+                .arg(limit_arg(l.tokens_per_day))
+                .arg(limit_arg(l.max_concurrent))
+                .arg(quota::budget_nano(l).unwrap_or(-1));
+        }
         let mut conn = self.conn.clone();
-        type Reply = (i64, Vec<String>, Vec<String>, u64, u64, u64, i64, i64);
-        let (admitted, mr, mt, day_requests, day_tokens, in_flight, spend, next_expiry): Reply =
-            invocation.invoke_async(&mut conn).await?;
-        let counters = Counters {
-            minute: buckets(&mr, &mt),
-            day_requests,
-            day_tokens,
-            in_flight,
-            next_slot_expiry: (next_expiry >= 0).then_some(next_expiry),
-            month_spend_nano: spend,
-        };
-        let mut decision =
-            quota::decide(l, &counters, a.reservation, a.now_sec, a.secs_to_month_end);
+        type State = (Vec<String>, Vec<String>, u64, u64, u64, i64, i64);
+        let (admitted, states): (i64, Vec<State>) = invocation.invoke_async(&mut conn).await?;
+        let decisions = a
+            .scopes
+            .iter()
+            .zip(states)
+            .map(|(scope, state)| {
+                let (mr, mt, day_requests, day_tokens, in_flight, spend, next_expiry) = state;
+                let counters = Counters {
+                    minute: buckets(&mr, &mt),
+                    day_requests,
+                    day_tokens,
+                    in_flight,
+                    next_slot_expiry: (next_expiry >= 0).then_some(next_expiry),
+                    month_spend_nano: spend,
+                };
+                quota::decide(
+                    scope.limits,
+                    &counters,
+                    a.reservation,
+                    a.now_sec,
+                    a.secs_to_month_end,
+                )
+            })
+            .collect();
+        let mut verdict = ledger::verdict(decisions);
         // The script's verdict is the one that counted; the pure function explains it. They
         // agree (tests/quota_model.rs); if they ever did not, the script wins.
-        if (admitted == 1) != decision.refused.is_none() {
-            tracing::error!(
-                key_id,
-                admitted,
-                ?decision,
-                "admission script and model disagree"
-            );
-            decision.refused = (admitted == 0).then_some((quota::LimitKind::Concurrent, 1));
+        if (admitted == 1) != verdict.refused_by.is_none() {
+            tracing::error!(admitted, ?verdict, "admission script and model disagree");
+            verdict.refused_by = (admitted == 0).then_some(0);
+            verdict.decision.refused = (admitted == 0).then_some((quota::LimitKind::Concurrent, 1));
         }
-        Ok(decision)
+        Ok(verdict)
     }
 
-    pub(super) async fn quota_settle(
-        &self,
-        key_id: &str,
-        s: &Settle<'_>,
-    ) -> Result<(), StoreError> {
-        let keys = QuotaKeys::new(&self.prefix, key_id);
+    /// A cluster's admission into several ledgers (see the module's note): one ledger at a
+    /// time, the tenant's first, each reservation given back if a later ledger refuses.
+    async fn quota_admit_each(&self, a: &Admit<'_>) -> Result<Verdict, StoreError> {
+        let mut decisions = Vec::with_capacity(a.scopes.len());
+        let order: Vec<usize> = (0..a.scopes.len()).rev().collect();
+        for (done, &i) in order.iter().enumerate() {
+            let one = Admit {
+                scopes: std::slice::from_ref(&a.scopes[i]),
+                ..*a
+            };
+            let verdict = self.admit_script(&one).await?;
+            if verdict.refused_by.is_some() {
+                let give_back = Settle {
+                    reservation_id: a.reservation_id,
+                    admitted_sec: a.now_sec,
+                    month: a.month,
+                    reserved: *a.reservation,
+                    actual: Reservation::default(),
+                };
+                for &j in &order[..done] {
+                    self.quota_settle(a.scopes[j].ledger, &give_back).await?;
+                }
+                return Ok(Verdict {
+                    refused_by: Some(i),
+                    decision: verdict.decision,
+                });
+            }
+            decisions.push(verdict.decision);
+        }
+        decisions.reverse();
+        Ok(ledger::verdict(decisions))
+    }
+
+    async fn quota_settle(&self, ledger: &str, s: &Settle<'_>) -> Result<(), StoreError> {
+        let keys = QuotaKeys::new(&self.prefix, ledger);
         let mut conn = self.conn.clone();
         let _: i64 = settle_invocation(&keys, s).invoke_async(&mut conn).await?;
         Ok(())
@@ -157,18 +215,23 @@ impl RedisStore {
     /// each is its own call.
     pub(super) async fn quota_settle_all(
         &self,
-        settlements: &[(&str, Settle<'_>)],
+        settlements: &[(&[String], Settle<'_>)],
     ) -> Result<(), StoreError> {
-        if matches!(self.conn, Conn::Cluster(_)) || settlements.len() == 1 {
-            for (key_id, s) in settlements {
-                self.quota_settle(key_id, s).await?;
+        // Collected before any await: the async_trait future must not hold the iterator.
+        let mut each: Vec<(&str, &Settle)> = Vec::new();
+        for (ledgers, s) in settlements {
+            each.extend(ledgers.iter().map(|l| (l.as_str(), s)));
+        }
+        if matches!(self.conn, Conn::Cluster(_)) || each.len() == 1 {
+            for (ledger, s) in each {
+                self.quota_settle(ledger, s).await?;
             }
             return Ok(());
         }
         let mut pipe = redis::pipe();
         pipe.load_script(&SETTLE).ignore();
-        for (key_id, s) in settlements {
-            let keys = QuotaKeys::new(&self.prefix, key_id);
+        for (ledger, s) in each {
+            let keys = QuotaKeys::new(&self.prefix, ledger);
             pipe.invoke_script(&settle_invocation(&keys, s)).ignore();
         }
         let mut conn = self.conn.clone();
@@ -178,10 +241,10 @@ impl RedisStore {
 
     pub(super) async fn quota_refresh(
         &self,
-        key_id: &str,
+        ledger: &str,
         f: &Refresh<'_>,
     ) -> Result<(), StoreError> {
-        let keys = QuotaKeys::new(&self.prefix, key_id);
+        let keys = QuotaKeys::new(&self.prefix, ledger);
         let mut invocation = REFRESH.prepare_invoke();
         invocation
             .key(keys.in_flight())
@@ -196,10 +259,10 @@ impl RedisStore {
 
     pub(super) async fn quota_charge(
         &self,
-        key_id: &str,
+        ledger: &str,
         c: &Charge<'_>,
     ) -> Result<bool, StoreError> {
-        let keys = QuotaKeys::new(&self.prefix, key_id);
+        let keys = QuotaKeys::new(&self.prefix, ledger);
         let mut invocation = CHARGE.prepare_invoke();
         invocation
             .key(keys.charges())
@@ -221,11 +284,11 @@ impl RedisStore {
 
     pub(super) async fn quota_read(
         &self,
-        key_id: &str,
+        ledger: &str,
         now_sec: i64,
         month: &str,
     ) -> Result<Counters, StoreError> {
-        let keys = QuotaKeys::new(&self.prefix, key_id);
+        let keys = QuotaKeys::new(&self.prefix, ledger);
         let mut conn = self.conn.clone();
         let (mr, mt, day, spend, in_flight, soonest): CountersReply = redis::pipe()
             .cmd("HGETALL")
@@ -253,11 +316,11 @@ impl RedisStore {
 
     pub(super) async fn quota_reset(
         &self,
-        key_id: &str,
+        ledger: &str,
         now_sec: i64,
         month: &str,
     ) -> Result<(), StoreError> {
-        let keys = QuotaKeys::new(&self.prefix, key_id);
+        let keys = QuotaKeys::new(&self.prefix, ledger);
         let mut conn = self.conn.clone();
         let _: () = redis::cmd("DEL")
             .arg(keys.minute_requests())

@@ -19,18 +19,20 @@ return added
 pub(super) static APPEND_USAGE: std::sync::LazyLock<redis::Script> =
     std::sync::LazyLock::new(|| redis::Script::new(APPEND_USAGE_V1));
 
-/// One admission, atomically: `sluice_policies::ledger::KeyLedger::admit`, line for line.
-/// All keys are one API key's, under one hash tag.
-/// KEYS: minute requests, minute tokens, day, month spend, in-flight.
-/// ARGV: now, rpm, rpd, tpm, tpd, concurrent, budget (-1 = unlimited), tokens, cost,
-/// reservation id, slot expiry, requests (1, or a lease's size; its concurrency slots are
-/// members `id:1` .. `id:n`).
-/// Returns {admitted, minute requests (second, count, ...), minute tokens, day requests,
-/// day tokens, in flight, month spend, soonest slot expiry or -1}, counted before this
-/// request.
-const ADMIT_V3: &str = r"
--- sluice_admit_v3
+/// One admission into several ledgers, atomically: `sluice_policies::ledger::admit_together`,
+/// line for line. Each ledger's keys share a hash tag; ledgers of one admission share a slot
+/// on a standalone Redis only (on a cluster the store admits ledger by ledger, see `quota`).
+/// KEYS: per ledger, its minute requests, minute tokens, day, month spend, in-flight.
+/// ARGV: now, tokens, cost, reservation id, slot expiry, requests (1, or a lease's size; its
+/// concurrency slots are members `id:1` .. `id:n`), then per ledger its rpm, rpd, tpm, tpd,
+/// concurrent and budget (-1 = unlimited).
+/// Returns {admitted, {per ledger: minute requests (second, count, ...), minute tokens, day
+/// requests, day tokens, in flight, month spend, soonest slot expiry or -1}}, counted
+/// before this request.
+const ADMIT_V4: &str = r"
+-- sluice_admit_v4
 local now = tonumber(ARGV[1])
+local tokens, cost, n = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[6])
 local function window(key)
   local all = redis.call('HGETALL', key)
   local sum, live = 0, {}
@@ -45,42 +47,50 @@ local function window(key)
   end
   return sum, live
 end
-local rpm_used, mr = window(KEYS[1])
-local tpm_used, mt = window(KEYS[2])
-local day_r = tonumber(redis.call('HGET', KEYS[3], 'r') or '0')
-local day_t = tonumber(redis.call('HGET', KEYS[3], 't') or '0')
-local spend = tonumber(redis.call('GET', KEYS[4]) or '0')
-redis.call('ZREMRANGEBYSCORE', KEYS[5], '-inf', now)
-local in_flight = redis.call('ZCARD', KEYS[5])
-local soonest = redis.call('ZRANGE', KEYS[5], 0, 0, 'WITHSCORES')
-local next_expiry = -1
-if #soonest == 2 then next_expiry = tonumber(soonest[2]) end
-local tokens, cost, n = tonumber(ARGV[8]), tonumber(ARGV[9]), tonumber(ARGV[12])
 local function over(limit, used, need)
   local l = tonumber(limit)
   return l >= 0 and used + need > l
 end
 local admitted = 1
-if over(ARGV[6], in_flight, n) or over(ARGV[2], rpm_used, n) or over(ARGV[4], tpm_used, tokens)
-  or over(ARGV[3], day_r, n) or over(ARGV[5], day_t, tokens) or over(ARGV[7], spend, cost) then
-  admitted = 0
+local states = {}
+for l = 0, #KEYS / 5 - 1 do
+  local k, a = l * 5, 6 + l * 6
+  local rpm_used, mr = window(KEYS[k + 1])
+  local tpm_used, mt = window(KEYS[k + 2])
+  local day_r = tonumber(redis.call('HGET', KEYS[k + 3], 'r') or '0')
+  local day_t = tonumber(redis.call('HGET', KEYS[k + 3], 't') or '0')
+  local spend = tonumber(redis.call('GET', KEYS[k + 4]) or '0')
+  redis.call('ZREMRANGEBYSCORE', KEYS[k + 5], '-inf', now)
+  local in_flight = redis.call('ZCARD', KEYS[k + 5])
+  local soonest = redis.call('ZRANGE', KEYS[k + 5], 0, 0, 'WITHSCORES')
+  local next_expiry = -1
+  if #soonest == 2 then next_expiry = tonumber(soonest[2]) end
+  if over(ARGV[a + 5], in_flight, n) or over(ARGV[a + 1], rpm_used, n)
+    or over(ARGV[a + 3], tpm_used, tokens) or over(ARGV[a + 2], day_r, n)
+    or over(ARGV[a + 4], day_t, tokens) or over(ARGV[a + 6], spend, cost) then
+    admitted = 0
+  end
+  states[#states + 1] = {mr, mt, day_r, day_t, in_flight, spend, next_expiry}
 end
 if admitted == 1 then
-  redis.call('HINCRBY', KEYS[1], now, n)
-  redis.call('EXPIRE', KEYS[1], 120)
-  redis.call('HINCRBY', KEYS[2], now, tokens)
-  redis.call('EXPIRE', KEYS[2], 120)
-  redis.call('HINCRBY', KEYS[3], 'r', n)
-  redis.call('HINCRBY', KEYS[3], 't', tokens)
-  redis.call('EXPIRE', KEYS[3], 172800)
-  redis.call('INCRBY', KEYS[4], cost)
-  redis.call('EXPIRE', KEYS[4], 3456000)
-  for i = 1, n do
-    redis.call('ZADD', KEYS[5], ARGV[11], ARGV[10] .. ':' .. i)
+  for l = 0, #KEYS / 5 - 1 do
+    local k = l * 5
+    redis.call('HINCRBY', KEYS[k + 1], now, n)
+    redis.call('EXPIRE', KEYS[k + 1], 120)
+    redis.call('HINCRBY', KEYS[k + 2], now, tokens)
+    redis.call('EXPIRE', KEYS[k + 2], 120)
+    redis.call('HINCRBY', KEYS[k + 3], 'r', n)
+    redis.call('HINCRBY', KEYS[k + 3], 't', tokens)
+    redis.call('EXPIRE', KEYS[k + 3], 172800)
+    redis.call('INCRBY', KEYS[k + 4], cost)
+    redis.call('EXPIRE', KEYS[k + 4], 3456000)
+    for i = 1, n do
+      redis.call('ZADD', KEYS[k + 5], ARGV[5], ARGV[4] .. ':' .. i)
+    end
+    redis.call('EXPIRE', KEYS[k + 5], 86400)
   end
-  redis.call('EXPIRE', KEYS[5], 86400)
 end
-return {admitted, mr, mt, day_r, day_t, in_flight, spend, next_expiry}
+return {admitted, states}
 ";
 
 /// Settles a reservation (or a lease): `KeyLedger::settle`. Frees its slots and moves its
@@ -155,7 +165,7 @@ return 1
 ";
 
 pub(super) static ADMIT: std::sync::LazyLock<redis::Script> =
-    std::sync::LazyLock::new(|| redis::Script::new(ADMIT_V3));
+    std::sync::LazyLock::new(|| redis::Script::new(ADMIT_V4));
 pub(super) static SETTLE: std::sync::LazyLock<redis::Script> =
     std::sync::LazyLock::new(|| redis::Script::new(SETTLE_V3));
 pub(super) static REFRESH: std::sync::LazyLock<redis::Script> =
