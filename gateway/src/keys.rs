@@ -35,6 +35,9 @@ pub struct KeyRecord {
     /// Which models the key may name, on top of its tier's lists.
     #[serde(flatten)]
     pub models: ModelLists,
+    /// Limits for single models; a model named here replaces its tier's limits for it.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub model_limits: sluice_policies::ModelLimits,
 }
 
 fn cache_on() -> bool {

@@ -298,6 +298,8 @@ mod tests {
             models: Default::default(),
             tenant_limits: Limits::default(),
             ledgers: crate::auth::quota_ledgers("key_1", "t"),
+            model_limits: Default::default(),
+            tenant_model_limits: Default::default(),
         };
         let full = RequestOutcome {
             request_id: "req-1:a.b_c",

@@ -85,6 +85,8 @@ fn asker(tenant: &str) -> Identity {
         models: Default::default(),
         tenant_limits: Limits::default(),
         ledgers: sluice_gateway::auth::quota_ledgers(&format!("key-of-{tenant}"), tenant),
+        model_limits: Default::default(),
+        tenant_model_limits: Default::default(),
     }
 }
 

@@ -49,6 +49,14 @@ fn record(name: &str, created_at: i64) -> (KeyRecord, String) {
             allowed_models: Some(vec!["llama-*".into(), "chat".into()]),
             denied_models: vec!["llama-405b".into()],
         },
+        model_limits: [(
+            "llama-70b".to_owned(),
+            Limits {
+                tokens_per_minute: Some(900),
+                ..Limits::default()
+            },
+        )]
+        .into(),
     };
     (record, secret.secret)
 }
@@ -510,6 +518,14 @@ async fn tenants_case(store: &dyn Store) {
             monthly_budget: Some("12.5".parse().unwrap()),
             ..Limits::default()
         },
+        model_limits: [(
+            "llama-70b".to_owned(),
+            Limits {
+                max_concurrent: Some(2),
+                ..Limits::default()
+            },
+        )]
+        .into(),
     };
     store.put_tenant(&acme).await.unwrap();
     assert_ne!(store.keys_epoch().await.unwrap(), before);

@@ -102,6 +102,11 @@ pub struct KeyLedger {
     charged: HashMap<String, i64>,
 }
 
+/// The ledger of `ledger`'s limits for one model alone (a key's or a tenant's).
+pub fn model_ledger(ledger: &str, model: &str) -> String {
+    format!("{ledger}/model:{model}")
+}
+
 /// The name of a reservation's `i`-th concurrency slot (1-based).
 pub fn slot_name(reservation_id: &str, i: u64) -> String {
     format!("{reservation_id}:{i}")

@@ -14,7 +14,7 @@ pub mod same_question;
 pub mod tenants;
 pub mod tiers;
 
-pub use limits::{LimitOverrides, Limits};
+pub use limits::{LimitOverrides, Limits, ModelLimits};
 pub use model_access::{ModelAccess, ModelLists};
 pub use money::Money;
 pub use pricing::{

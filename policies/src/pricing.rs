@@ -663,6 +663,7 @@ mod tests {
             on_store_unavailable: Default::default(),
             request_caps: Default::default(),
             models: Default::default(),
+            model_limits: Default::default(),
         };
         Tiers::new([tier("free", "USD"), tier("eu", "EUR")]).unwrap()
     }

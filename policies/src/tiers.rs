@@ -23,6 +23,9 @@ pub struct Tier {
     /// Which models the tier's keys may name.
     #[serde(flatten)]
     pub models: ModelLists,
+    /// Limits for single models, on top of `limits`.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub model_limits: crate::limits::ModelLimits,
 }
 
 /// Bounds on one request, so that what it reserves (prompts × choices × completion cap) is
@@ -75,6 +78,8 @@ pub enum TierError {
         tier: String,
         reason: crate::model_access::PatternError,
     },
+    #[error("tier '{tier}': {reason}")]
+    BadModelLimits { tier: String, reason: String },
 }
 
 /// The set of tiers in force.
@@ -98,6 +103,12 @@ impl Tiers {
                     tier: tier.name.clone(),
                     reason,
                 })?;
+            crate::limits::validate_model_limits(&tier.model_limits).map_err(|reason| {
+                TierError::BadModelLimits {
+                    tier: tier.name.clone(),
+                    reason,
+                }
+            })?;
         }
         if !by_name.contains_key(DEFAULT_TIER) {
             return Err(TierError::NoDefault);
@@ -122,6 +133,7 @@ impl Tiers {
             on_store_unavailable: FailMode::Open,
             request_caps: RequestCaps::default(),
             models: ModelLists::default(),
+            model_limits: Default::default(),
         };
         Tiers::new([
             tier(

@@ -34,6 +34,7 @@ pub(super) fn key_view(gateway: &Gateway, record: &KeyRecord) -> Value {
         "cache": record.cache,
         "allowed_models": record.models.allowed_models,
         "denied_models": record.models.denied_models,
+        "model_limits": record.model_limits,
         "status": if record.is_revoked() { "revoked" } else { "active" },
     })
 }
@@ -53,6 +54,9 @@ struct CreateKey {
     /// Added to the tier's deny-list.
     #[serde(default)]
     denied_models: Vec<String>,
+    /// Limits for single models; a model named here replaces the tier's limits for it.
+    #[serde(default)]
+    model_limits: sluice_policies::ModelLimits,
 }
 
 pub(super) async fn create_key(
@@ -73,6 +77,7 @@ pub(super) async fn create_key(
         allowed_models: req.allowed_models,
         denied_models: req.denied_models,
     })?;
+    model_limits(&req.model_limits)?;
     let secret = NewSecret::generate();
     let record = KeyRecord {
         id: new_key_id(),
@@ -86,6 +91,7 @@ pub(super) async fn create_key(
         revoked_at: None,
         cache: req.cache.unwrap_or(true),
         models,
+        model_limits: req.model_limits,
     };
     gateway
         .store
@@ -156,6 +162,8 @@ struct UpdateKey {
     #[serde(default, deserialize_with = "super::present")]
     allowed_models: Option<Option<Vec<String>>>,
     denied_models: Option<Vec<String>>,
+    /// Replaces the key's per-model limits as a whole; `{}` clears them.
+    model_limits: Option<sluice_policies::ModelLimits>,
 }
 
 pub(super) async fn update_key(
@@ -198,6 +206,10 @@ pub(super) async fn update_key(
         record.models.denied_models = denied;
     }
     record.models = model_lists(record.models)?;
+    if let Some(model_limits) = req.model_limits {
+        self::model_limits(&model_limits)?;
+        record.model_limits = model_limits;
+    }
     gateway
         .store
         .put_key(&record, None)
@@ -263,7 +275,16 @@ pub(super) async fn key_quota(
         .get(&record.tier)
         .map_err(|e| ApiError::internal(e.to_string()))?;
     let limits = tier.limits.with_overrides(&record.limits);
-    let mut view = super::quota::quota_view(&gateway, &id, &limits, Some(&tier.currency)).await?;
+    let model_limits =
+        sluice_policies::limits::merge_model_limits(&tier.model_limits, &record.model_limits);
+    let mut view = super::quota::quota_view_with_models(
+        &gateway,
+        &id,
+        &limits,
+        &model_limits,
+        Some(&tier.currency),
+    )
+    .await?;
     view["key_id"] = json!(id);
     view["tier"] = json!(record.tier);
     Ok(Json(view))
@@ -288,6 +309,12 @@ pub(super) async fn reset_key_quota(
 }
 
 /// A key's model lists, if every pattern is well-formed.
+/// Per-model limits that can be enforced, or a 400 that says which model and why.
+pub(super) fn model_limits(limits: &sluice_policies::ModelLimits) -> Result<(), ApiError> {
+    sluice_policies::limits::validate_model_limits(limits)
+        .map_err(|e| ApiError::bad_request(format!("{e}.")).with_param("model_limits"))
+}
+
 fn model_lists(lists: ModelLists) -> Result<ModelLists, ApiError> {
     lists
         .validate()

@@ -8,7 +8,30 @@ use crate::error::ApiError;
 use rust_decimal::Decimal;
 use serde_json::{json, Value};
 use sluice_policies::quota::{self, LimitState};
-use sluice_policies::Limits;
+use sluice_policies::{ledger, Limits, ModelLimits};
+
+/// [`quota_view`] with, under `models`, the live state of each per-model limit (each model's
+/// own ledger).
+pub(super) async fn quota_view_with_models(
+    gateway: &Gateway,
+    ledger: &str,
+    limits: &Limits,
+    model_limits: &ModelLimits,
+    currency: Option<&str>,
+) -> Result<Value, ApiError> {
+    let mut view = quota_view(gateway, ledger, limits, currency).await?;
+    let mut models = serde_json::Map::new();
+    for (model, limits) in model_limits {
+        let of_model = ledger::model_ledger(ledger, model);
+        let mut state = quota_view(gateway, &of_model, limits, currency).await?;
+        if let Some(state) = state.as_object_mut() {
+            state.remove("monthly_budget");
+        }
+        models.insert(model.clone(), state);
+    }
+    view["models"] = Value::Object(models);
+    Ok(view)
+}
 
 /// Each limit's live state in `ledger`. `used` includes what requests in flight have
 /// reserved; `resets_in_secs` is when the window frees room (rates) or renews (days,

@@ -13,8 +13,9 @@ use serde_json::{json, Value};
 use sluice_policies::{tenants, Limits, Tenant};
 
 /// A tenant as the admin API shows it.
-fn tenant_view(id: &str, limits: &Limits) -> Value {
-    json!({"id": id, "object": "tenant", "limits": limits})
+fn tenant_view(tenant: &Tenant) -> Value {
+    json!({"id": tenant.id, "object": "tenant", "limits": tenant.limits,
+           "model_limits": tenant.model_limits})
 }
 
 /// The tenant, unless the caller is a viewer scoped to another one (then it does not exist
@@ -32,11 +33,14 @@ pub(super) async fn list_tenants(
     State(gateway): State<AppState>,
     Extension(caller): Extension<Caller>,
 ) -> Json<Value> {
-    let tenants = gateway.tenants.load();
-    let mut data: Vec<(&String, &Limits)> =
-        tenants.iter().filter(|(id, _)| caller.sees(id)).collect();
-    data.sort_by(|a, b| a.0.cmp(b.0));
-    let data: Vec<Value> = data.into_iter().map(|(id, l)| tenant_view(id, l)).collect();
+    let mut data: Vec<Tenant> = gateway
+        .tenants
+        .load()
+        .iter()
+        .filter(|t| caller.sees(&t.id))
+        .collect();
+    data.sort_by(|a, b| a.id.cmp(&b.id));
+    let data: Vec<Value> = data.iter().map(tenant_view).collect();
     Json(json!({"object": "list", "data": data}))
 }
 
@@ -48,13 +52,21 @@ pub(super) async fn get_tenant(
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
     visible(&caller, &id)?;
-    Ok(Json(tenant_view(&id, &gateway.tenants.load().limits(&id))))
+    let tenants = gateway.tenants.load();
+    Ok(Json(tenant_view(&Tenant {
+        limits: tenants.limits(&id),
+        model_limits: (*tenants.model_limits(&id)).clone(),
+        id,
+    })))
 }
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct PutTenant {
     limits: Limits,
+    /// Limits for single models, for all of the tenant's keys together.
+    #[serde(default)]
+    model_limits: sluice_policies::ModelLimits,
 }
 
 /// `PUT /admin/v1/tenants/{id}` with `{"limits": {...}}`: sets (replaces) the tenant's
@@ -66,9 +78,11 @@ pub(super) async fn put_tenant(
 ) -> Result<Json<Value>, ApiError> {
     non_empty("id", &id)?;
     let req: PutTenant = parse_body(&body)?;
+    super::keys::model_limits(&req.model_limits)?;
     let tenant = Tenant {
         id: id.clone(),
         limits: req.limits,
+        model_limits: req.model_limits,
     };
     gateway
         .store
@@ -81,7 +95,7 @@ pub(super) async fn put_tenant(
     })?;
     key_written(&gateway).await;
     tracing::info!(tenant = %id, "tenant limits written");
-    Ok(Json(tenant_view(&id, &tenant.limits)))
+    Ok(Json(tenant_view(&tenant)))
 }
 
 /// `GET /admin/v1/tenants/{id}/quota`: the live state of the tenant's own limits, counting
@@ -92,12 +106,16 @@ pub(super) async fn tenant_quota(
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
     visible(&caller, &id)?;
-    let limits = gateway.tenants.load().limits(&id);
+    let (limits, model_limits) = {
+        let tenants = gateway.tenants.load();
+        (tenants.limits(&id), tenants.model_limits(&id))
+    };
     let currency = tenant_currency(&gateway, &id).await?;
-    let mut view = super::quota::quota_view(
+    let mut view = super::quota::quota_view_with_models(
         &gateway,
         &tenants::ledger_of(&id),
         &limits,
+        &model_limits,
         currency.as_deref(),
     )
     .await?;

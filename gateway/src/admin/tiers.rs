@@ -39,6 +39,8 @@ struct PutTier {
     #[serde(default, deserialize_with = "super::present")]
     allowed_models: Option<Option<Vec<String>>>,
     denied_models: Option<Vec<String>>,
+    /// Absent: the tier's current per-model limits; `{}` removes them.
+    model_limits: Option<sluice_policies::ModelLimits>,
 }
 
 /// `PUT /admin/v1/tiers/{name}`: creates or replaces a tier; every replica applies it within
@@ -76,6 +78,10 @@ pub(super) async fn put_tier(
                 .or_else(|| existing.map(|t| t.models.denied_models.clone()))
                 .unwrap_or_default(),
         },
+        model_limits: req
+            .model_limits
+            .or_else(|| existing.map(|t| t.model_limits.clone()))
+            .unwrap_or_default(),
     };
     // Validate as the whole set would be, prices included, before storing anything.
     let mut all: Vec<_> = current.iter().filter(|t| t.name != name).cloned().collect();

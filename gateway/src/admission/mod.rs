@@ -23,7 +23,7 @@ pub mod leases;
 pub mod local;
 pub mod reserve;
 
-use crate::auth::Identity;
+use crate::auth::{Identity, Ledgers, LimitOwner, QuotaPlan};
 use crate::clock::Clock;
 use crate::error::ApiError;
 use crate::metering::{Ceiling, Usage};
@@ -71,6 +71,8 @@ pub struct Admitted {
     pub lease: Option<String>,
     /// The tokens it was reserved for: what an unreadable answer is billed at, at most.
     pub ceiling: Ceiling,
+    /// The quota ledgers it was counted in (settled, renewed and charged there).
+    pub ledgers: Ledgers,
 }
 
 /// A request counted against this replica's request rate before its body was read.
@@ -89,8 +91,8 @@ pub struct Refused {
     /// The limit that refused it; `None` when something else did (the store was down, the
     /// request was malformed).
     pub limit: Option<LimitKind>,
-    /// Whose limit it was.
-    pub scope: LimitScope,
+    /// Whose limit it was: `key`, `tenant`, `key/MODEL` or `tenant/MODEL`.
+    pub scope: String,
 }
 
 impl From<ApiError> for Refused {
@@ -100,7 +102,7 @@ impl From<ApiError> for Refused {
             retry_after_secs: None,
             headers: RateHeaders::default(),
             limit: None,
-            scope: LimitScope::Key,
+            scope: LimitScope::Key.name().to_owned(),
         }
     }
 }
@@ -222,9 +224,9 @@ impl Admission {
         let rpm = identity.limits.requests_per_minute;
         if let Err(retry) = self.local.check(&identity.key_id, rpm, now) {
             return Err(Box::new(Refused {
-                error: refusal_error(LimitScope::Key, LimitKind::RequestsPerMinute, retry),
+                error: refusal_error(LimitOwner::default(), LimitKind::RequestsPerMinute, retry),
                 limit: Some(LimitKind::RequestsPerMinute),
-                scope: LimitScope::Key,
+                scope: LimitScope::Key.name().to_owned(),
                 retry_after_secs: Some(retry),
                 headers: RateHeaders {
                     limit_requests: rpm,
@@ -274,18 +276,20 @@ impl Admission {
         let price = self.prices.lookup(view.model(), &identity.tier);
         let (reservation, ceiling) =
             reserve::reservation(route, view, &caps, self.settings.default_max_tokens, price)?;
-        for (scope, limits) in LimitScope::ALL.into_iter().zip(identity.scopes()) {
-            if let Some(kind) = quota::never_fits(limits.limits, &reservation) {
+        let plan = identity.quota_plan(view.model());
+        for (owner, limits) in plan.owners.iter().zip(&plan.limits) {
+            if let Some(kind) = quota::never_fits(limits, &reservation) {
                 return Err(ApiError::bad_request(format!(
-                "This request needs up to {} tokens (prompt estimate + max_tokens), more than the {}'s {} of {}; lower max_tokens or shorten the prompt.",
+                "This request needs up to {} tokens (prompt estimate + max_tokens), more than {} of {} ({}.{}); lower max_tokens or shorten the prompt.",
                 reservation.tokens,
-                scope.name(),
                 kind.name(),
                 match kind {
-                    LimitKind::TokensPerMinute => limits.limits.tokens_per_minute,
-                    _ => limits.limits.tokens_per_day,
+                    LimitKind::TokensPerMinute => limits.tokens_per_minute,
+                    _ => limits.tokens_per_day,
                 }
-                .unwrap_or_default()
+                .unwrap_or_default(),
+                owner.label(),
+                kind.name(),
             ))
             .with_param("max_tokens")
             .into());
@@ -293,9 +297,16 @@ impl Admission {
         }
         let now = self.clock.now_sec();
         let (month, secs_to_month_end) = month_of(now);
-        if self.leases.enabled() {
+        if self.leases.enabled() && !plan.per_model() {
             if let Some(admitted) = self
-                .admit_leased(identity, &reservation, now, &month, secs_to_month_end)
+                .admit_leased(
+                    identity,
+                    &plan,
+                    &reservation,
+                    now,
+                    &month,
+                    secs_to_month_end,
+                )
                 .await
             {
                 return Ok(Admitted {
@@ -305,7 +316,7 @@ impl Admission {
             }
         }
         let reservation_id = mint_reservation_id();
-        let scopes = identity.scopes();
+        let scopes = plan.scopes();
         let args = Admit {
             scopes: &scopes,
             reservation: &reservation,
@@ -331,6 +342,7 @@ impl Admission {
                         local_only: true,
                         lease: None,
                         ceiling,
+                        ledgers: plan.ledgers.clone(),
                     }),
                     FailMode::Closed => Err(Refused::from(ApiError::unavailable(
                         "Sluice cannot check quotas right now; try again shortly.",
@@ -340,18 +352,18 @@ impl Admission {
         };
         match (verdict.refused_by, verdict.decision.refused) {
             (Some(by), Some((kind, retry_after))) => {
-                let scope = LimitScope::ALL.get(by).copied().unwrap_or_default();
+                let owner = plan.owners.get(by).copied().unwrap_or_default();
                 Err(Refused {
-                    error: refusal_error(scope, kind, retry_after),
+                    error: refusal_error(owner, kind, retry_after),
                     limit: Some(kind),
-                    scope,
+                    scope: owner.label(),
                     retry_after_secs: Some(retry_after),
                     headers: verdict.decision.headers,
                 })
             }
             _ => {
                 self.held
-                    .hold(&identity.ledgers, &reservation_id, reservation.requests);
+                    .hold(&plan.ledgers, &reservation_id, reservation.requests);
                 Ok(Admitted {
                     reservation,
                     reservation_id,
@@ -361,6 +373,7 @@ impl Admission {
                     local_only: false,
                     lease: None,
                     ceiling,
+                    ledgers: plan.ledgers.clone(),
                 })
             }
         }
@@ -371,6 +384,7 @@ impl Admission {
     async fn admit_leased(
         &self,
         identity: &Identity,
+        plan: &QuotaPlan<'_>,
         reservation: &Reservation,
         now: i64,
         month: &str,
@@ -380,10 +394,9 @@ impl Admission {
         const LEASE_WAIT: std::time::Duration = std::time::Duration::from_millis(50);
         let deadline = tokio::time::Instant::now() + LEASE_WAIT;
         loop {
-            let limits = [&identity.limits, &identity.tenant_limits];
             match self
                 .leases
-                .try_admit(&identity.key_id, &limits, reservation, now)
+                .try_admit(&identity.key_id, &plan.limits, reservation, now)
             {
                 Ok(leased) => {
                     return Some(Admitted {
@@ -395,11 +408,18 @@ impl Admission {
                         local_only: false,
                         lease: Some(leased.lease_id),
                         ceiling: Ceiling::default(),
+                        ledgers: identity.ledgers.clone(),
                     })
                 }
                 Err(Miss::Take(size)) => {
                     return self
-                        .take_lease(identity, reservation, size, now, month, secs_to_month_end)
+                        .take_lease(
+                            identity,
+                            plan,
+                            reservation,
+                            size,
+                            (now, month, secs_to_month_end),
+                        )
                         .await
                 }
                 // More requests wait than the lease being taken will hold: wait for the
@@ -424,11 +444,10 @@ impl Admission {
     async fn take_lease(
         &self,
         identity: &Identity,
+        plan: &QuotaPlan<'_>,
         first: &Reservation,
         size: u64,
-        now: i64,
-        month: &str,
-        secs_to_month_end: u64,
+        (now, month, secs_to_month_end): (i64, &str, u64),
     ) -> Option<Admitted> {
         let lease_id = mint_reservation_id();
         let bulk = Reservation {
@@ -436,7 +455,7 @@ impl Admission {
             tokens: first.tokens.saturating_mul(size),
             cost_nano: first.cost_nano.saturating_mul(size as i64),
         };
-        let scopes = identity.scopes();
+        let scopes = plan.scopes();
         let args = Admit {
             scopes: &scopes,
             reservation: &bulk,
@@ -448,13 +467,13 @@ impl Admission {
         };
         match self.store.admit(&args).await {
             Ok(verdict) if verdict.refused_by.is_none() => {
-                self.held.hold(&identity.ledgers, &lease_id, size);
+                self.held.hold(&plan.ledgers, &lease_id, size);
                 let lease_headers = verdict.decision.headers.clone();
                 let mut headers = verdict.decision.headers;
                 headers.remaining_requests = headers.remaining_requests.map(|v| v + size - 1);
                 self.leases.install(
                     &identity.key_id,
-                    identity.ledgers.clone(),
+                    plan.ledgers.clone(),
                     lease_id.clone(),
                     now,
                     month.to_owned(),
@@ -471,6 +490,7 @@ impl Admission {
                     local_only: false,
                     lease: Some(lease_id),
                     ceiling: Ceiling::default(),
+                    ledgers: plan.ledgers.clone(),
                 })
             }
             _ => {
@@ -497,7 +517,7 @@ impl Admission {
         };
         if admitted.local_only {
             self.held.owe(OwedCharge {
-                ledgers: identity.ledgers.clone(),
+                ledgers: admitted.ledgers.clone(),
                 id: admitted.reservation_id,
                 at_sec: admitted.admitted_sec,
                 month: admitted.month,
@@ -523,7 +543,7 @@ impl Admission {
             // A settlement lost to an outage leaves the reservation counted (never less than
             // used) and its slot held until it expires; retry a few times first.
             for attempt in 0..5u32 {
-                match admission.store.settle(&identity.ledgers, &args).await {
+                match admission.store.settle(&admitted.ledgers, &args).await {
                     Ok(()) => return,
                     Err(e) => {
                         tracing::warn!(error = %e, attempt, "quota settlement failed");
@@ -574,34 +594,35 @@ pub fn rate_limit_headers(
     .filter_map(|(name, value)| Some((name, value?)))
 }
 
-fn refusal_error(scope: LimitScope, kind: LimitKind, retry_after: u64) -> ApiError {
+fn refusal_error(owner: LimitOwner<'_>, kind: LimitKind, retry_after: u64) -> ApiError {
     // The tenant's limits are shared by all of its keys: say so, since this key alone may
     // have used little.
-    let whose = match scope {
+    let whose = match owner.scope {
         LimitScope::Key => "",
         LimitScope::Tenant => "your organization's ",
     };
+    let scope = owner.label();
+    let for_model = owner
+        .model
+        .map_or(String::new(), |m| format!(" for model {m}"));
     let message = match kind {
         LimitKind::MonthlyBudget => format!(
-            "You exceeded {}monthly budget ({}.monthly_budget); ask the operator to raise it.",
+            "You exceeded {}monthly budget ({scope}.monthly_budget); ask the operator to raise it.",
             if whose.is_empty() { "your " } else { whose },
-            scope.name()
         ),
         LimitKind::RequestsPerDay | LimitKind::TokensPerDay => format!(
-            "You exceeded {}daily quota ({}.{}); it renews in {}.",
+            "You exceeded {}daily quota{for_model} ({scope}.{}); it renews in {}.",
             if whose.is_empty() { "your " } else { whose },
-            scope.name(),
             kind.name(),
             quota::reset_duration(retry_after)
         ),
         _ => format!(
-            "{}ate limit reached ({}.{}); retry in {}.",
+            "{}ate limit reached{for_model} ({scope}.{}); retry in {}.",
             if whose.is_empty() {
                 "R"
             } else {
                 "Your organization's r"
             },
-            scope.name(),
             kind.name(),
             quota::reset_duration(retry_after)
         ),
@@ -640,6 +661,8 @@ mod tests {
             models: Default::default(),
             tenant_limits: Limits::default(),
             ledgers: crate::auth::quota_ledgers("k", "t"),
+            model_limits: Default::default(),
+            tenant_model_limits: Default::default(),
         }
     }
 

@@ -129,6 +129,8 @@ mod tests {
             models: Default::default(),
             tenant_limits: Default::default(),
             ledgers: crate::auth::quota_ledgers(key_id, "t"),
+            model_limits: Default::default(),
+            tenant_model_limits: Default::default(),
         })
     }
 

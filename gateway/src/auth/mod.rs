@@ -16,8 +16,9 @@ pub use key_cache::{KeyCache, EPOCH_POLL};
 use crate::error::ApiError;
 use crate::keys::{KeyHash, KeyRecord};
 use crate::store::Store;
-use sluice_policies::ledger::Scope;
-use sluice_policies::{tenants, Limits, ModelAccess, ModelLists, Tenants, Tiers};
+use sluice_policies::ledger::{self, Scope};
+use sluice_policies::quota::LimitScope;
+use sluice_policies::{tenants, Limits, ModelAccess, ModelLimits, ModelLists, Tenants, Tiers};
 use std::sync::Arc;
 
 /// What a JWT's tenant (and subject) is prefixed with, so that tenants named by tokens and
@@ -43,22 +44,95 @@ pub struct Identity {
     /// The quota ledgers its requests count in: its key's, then its tenant's (see
     /// [`quota_ledgers`]).
     pub ledgers: Ledgers,
+    /// Limits for single models (its tier's, with its key's over them), and its tenant's:
+    /// each counted in a ledger of its own (`ledger::model_ledger`).
+    pub model_limits: Arc<ModelLimits>,
+    pub tenant_model_limits: Arc<ModelLimits>,
+}
+
+/// Whose limit: the key's or the tenant's, for every model or for one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct LimitOwner<'a> {
+    pub scope: LimitScope,
+    pub model: Option<&'a str>,
+}
+
+impl LimitOwner<'_> {
+    /// As refusals and `x-sluice-limit` name it: `key`, `tenant`, `key/MODEL`, `tenant/MODEL`.
+    pub fn label(&self) -> String {
+        match self.model {
+            None => self.scope.name().to_owned(),
+            Some(model) => format!("{}/{model}", self.scope.name()),
+        }
+    }
+}
+
+/// What a request for one model counts against: each ledger, its limits and whose they are,
+/// in the order admission checks them (key, tenant, then per-model limits where set).
+pub struct QuotaPlan<'a> {
+    pub ledgers: Ledgers,
+    pub limits: Vec<&'a Limits>,
+    pub owners: Vec<LimitOwner<'a>>,
+}
+
+impl QuotaPlan<'_> {
+    /// The scopes of the store's admission.
+    pub fn scopes(&self) -> Vec<Scope<'_>> {
+        self.ledgers
+            .iter()
+            .zip(&self.limits)
+            .map(|(ledger, limits)| Scope { ledger, limits })
+            .collect()
+    }
+
+    /// Whether the model has limits of its own here (its requests are then decided by the
+    /// store one by one: a lease is a slice of the key's quota for every model).
+    pub fn per_model(&self) -> bool {
+        self.ledgers.len() > 2
+    }
 }
 
 impl Identity {
-    /// What admission checks a request against: the key's limits in the key's ledger, and
-    /// the tenant's in the tenant's.
-    pub fn scopes(&self) -> [Scope<'_>; 2] {
-        [
-            Scope {
-                ledger: &self.ledgers[0],
-                limits: &self.limits,
+    /// What a request for `model` counts against.
+    pub fn quota_plan<'a>(&'a self, model: &'a str) -> QuotaPlan<'a> {
+        let mut limits = vec![&self.limits, &self.tenant_limits];
+        let mut owners = vec![
+            LimitOwner {
+                scope: LimitScope::Key,
+                model: None,
             },
-            Scope {
-                ledger: &self.ledgers[1],
-                limits: &self.tenant_limits,
+            LimitOwner {
+                scope: LimitScope::Tenant,
+                model: None,
             },
-        ]
+        ];
+        let own = [
+            (LimitScope::Key, self.model_limits.get(model)),
+            (LimitScope::Tenant, self.tenant_model_limits.get(model)),
+        ];
+        if own.iter().all(|(_, l)| l.is_none()) {
+            return QuotaPlan {
+                ledgers: self.ledgers.clone(),
+                limits,
+                owners,
+            };
+        }
+        let mut ledgers: Vec<String> = self.ledgers.to_vec();
+        for (i, (scope, model_limits)) in own.into_iter().enumerate() {
+            if let Some(model_limits) = model_limits {
+                ledgers.push(ledger::model_ledger(&self.ledgers[i], model));
+                limits.push(model_limits);
+                owners.push(LimitOwner {
+                    scope,
+                    model: Some(model),
+                });
+            }
+        }
+        QuotaPlan {
+            ledgers: ledgers.into(),
+            limits,
+            owners,
+        }
     }
 }
 
@@ -153,6 +227,7 @@ impl Authenticator {
             tracing::error!(key_id = %record.id, error = %e, "key names a tier that no longer exists");
             ApiError::internal("This API key's tier is not configured; contact the operator.")
         })?;
+        let tenants = self.tenants.load();
         Ok(Identity {
             key_id: record.id.clone(),
             tenant: record.tenant.clone(),
@@ -160,8 +235,13 @@ impl Authenticator {
             limits: tier.limits.with_overrides(&record.limits),
             cache: record.cache,
             models: ModelAccess::of(&tier.models, &record.models),
-            tenant_limits: self.tenants.load().limits(&record.tenant),
+            tenant_limits: tenants.limits(&record.tenant),
             ledgers: quota_ledgers(&record.id, &record.tenant),
+            model_limits: Arc::new(sluice_policies::limits::merge_model_limits(
+                &tier.model_limits,
+                &record.model_limits,
+            )),
+            tenant_model_limits: tenants.model_limits(&record.tenant),
         })
     }
 
@@ -188,9 +268,12 @@ impl Authenticator {
             claims.tenant.as_deref().unwrap_or(&claims.subject)
         );
         let key_id = format!("{JWT_TENANT_PREFIX}{}", claims.subject);
+        let tenants = self.tenants.load();
         Ok(Identity {
             ledgers: quota_ledgers(&key_id, &tenant),
-            tenant_limits: self.tenants.load().limits(&tenant),
+            tenant_limits: tenants.limits(&tenant),
+            model_limits: Arc::new(tier.model_limits.clone()),
+            tenant_model_limits: tenants.model_limits(&tenant),
             key_id,
             tenant,
             tier: tier.name.clone(),

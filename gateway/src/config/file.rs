@@ -175,6 +175,9 @@ pub(super) struct TierSection {
     pub(super) allowed_models: Option<Vec<String>>,
     #[serde(default)]
     pub(super) denied_models: Vec<String>,
+    /// `[tiers.NAME.model_limits."llama-70b"]`: limits for one model.
+    #[serde(default)]
+    pub(super) model_limits: sluice_policies::ModelLimits,
 }
 
 pub(super) fn default_currency() -> String {

@@ -191,6 +191,7 @@ pub(super) fn tiers(declared: BTreeMap<String, TierSection>) -> Result<Tiers, Co
                 allowed_models: t.allowed_models,
                 denied_models: t.denied_models,
             },
+            model_limits: t.model_limits,
         }))
         .map_err(|e| invalid("tiers", e.to_string()))?
     })

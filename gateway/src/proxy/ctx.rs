@@ -10,7 +10,7 @@ use crate::outcome::RequestOutcome;
 use crate::request::Route;
 use crate::upstream::{Backend, ModelRoute};
 use bytes::{Bytes, BytesMut};
-use sluice_policies::quota::{LimitKind, LimitScope};
+use sluice_policies::quota::LimitKind;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -56,7 +56,7 @@ pub struct RequestCtx {
     /// The limit that refused the request, for metrics.
     pub refused_by: Option<&'static str>,
     /// Whose limit it was and which, for the answer's `x-sluice-limit`.
-    pub refused_limit: Option<(LimitScope, LimitKind)>,
+    pub refused_limit: Option<(String, LimitKind)>,
     /// Set when the gateway refuses the request itself, for `fail_to_proxy` and the log.
     pub error: Option<ApiError>,
     /// What the last failed attempt at a backend ran into, told to the client when no other

@@ -21,13 +21,10 @@ pub enum LocalAnswer {
 
 /// The `x-ratelimit-*` headers (and `Retry-After` for a refusal) this request's answer
 /// carries; a refusal by a limit also names it: `x-sluice-limit: tenant.requests_per_minute`
-/// (the scope, `key` or `tenant`, and the limit).
+/// (whose: `key`, `tenant`, `key/MODEL` or `tenant/MODEL`, and the limit).
 pub fn insert_rate_limit_headers(header: &mut ResponseHeader, ctx: &RequestCtx) -> Result<()> {
-    if let Some((scope, kind)) = ctx.refused_limit {
-        header.insert_header(
-            "x-sluice-limit",
-            format!("{}.{}", scope.name(), kind.name()),
-        )?;
+    if let Some((scope, kind)) = &ctx.refused_limit {
+        header.insert_header("x-sluice-limit", format!("{scope}.{}", kind.name()))?;
     }
     let (headers, retry_after) = match (&ctx.refused_headers, &ctx.admitted) {
         (Some((headers, retry_after)), _) => (headers, *retry_after),

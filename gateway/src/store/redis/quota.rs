@@ -204,9 +204,11 @@ impl RedisStore {
     }
 
     async fn quota_settle(&self, ledger: &str, s: &Settle<'_>) -> Result<(), StoreError> {
-        let keys = QuotaKeys::new(&self.prefix, ledger);
         let mut conn = self.conn.clone();
-        let _: i64 = settle_invocation(&keys, s).invoke_async(&mut conn).await?;
+        let ledgers = [ledger];
+        let _: i64 = settle_invocation(&self.prefix, &ledgers, s)
+            .invoke_async(&mut conn)
+            .await?;
         Ok(())
     }
 
@@ -217,24 +219,33 @@ impl RedisStore {
         &self,
         settlements: &[(&[String], Settle<'_>)],
     ) -> Result<(), StoreError> {
-        // Collected before any await: the async_trait future must not hold the iterator.
-        let mut each: Vec<(&str, &Settle)> = Vec::new();
-        for (ledgers, s) in settlements {
-            each.extend(ledgers.iter().map(|l| (l.as_str(), s)));
-        }
-        if matches!(self.conn, Conn::Cluster(_)) || each.len() == 1 {
-            for (ledger, s) in each {
-                self.quota_settle(ledger, s).await?;
+        // A cluster's ledgers live in different slots: one call per ledger. Elsewhere a
+        // settlement is one call over all its ledgers, and many are pipelined.
+        if matches!(self.conn, Conn::Cluster(_)) {
+            for (ledgers, s) in settlements {
+                for ledger in ledgers.iter() {
+                    self.quota_settle(ledger, s).await?;
+                }
             }
+            return Ok(());
+        }
+        let invocations: Vec<redis::ScriptInvocation> = settlements
+            .iter()
+            .map(|(ledgers, s)| {
+                let ledgers: Vec<&str> = ledgers.iter().map(String::as_str).collect();
+                settle_invocation(&self.prefix, &ledgers, s)
+            })
+            .collect();
+        let mut conn = self.conn.clone();
+        if let [one] = invocations.as_slice() {
+            let _: i64 = one.invoke_async(&mut conn).await?;
             return Ok(());
         }
         let mut pipe = redis::pipe();
         pipe.load_script(&SETTLE).ignore();
-        for (ledger, s) in each {
-            let keys = QuotaKeys::new(&self.prefix, ledger);
-            pipe.invoke_script(&settle_invocation(&keys, s)).ignore();
+        for invocation in &invocations {
+            pipe.invoke_script(invocation).ignore();
         }
-        let mut conn = self.conn.clone();
         let () = pipe.query_async(&mut conn).await?;
         Ok(())
     }
@@ -334,17 +345,25 @@ impl RedisStore {
     }
 }
 
-/// `SETTLE`'s keys and arguments for one settlement.
-fn settle_invocation<'a>(keys: &QuotaKeys, s: &Settle<'_>) -> redis::ScriptInvocation<'a> {
+/// `SETTLE`'s keys and arguments for one settlement in `ledgers`.
+fn settle_invocation<'a>(
+    prefix: &str,
+    ledgers: &[&str],
+    s: &Settle<'_>,
+) -> redis::ScriptInvocation<'a> {
     let token_delta = s.actual.tokens as i64 - s.reserved.tokens as i64;
     let cost_delta = s.actual.cost_nano - s.reserved.cost_nano;
     let mut invocation = SETTLE.prepare_invoke();
+    for ledger in ledgers {
+        let keys = QuotaKeys::new(prefix, ledger);
+        invocation
+            .key(keys.minute_tokens())
+            .key(keys.day(s.admitted_sec))
+            .key(keys.month(s.month))
+            .key(keys.in_flight())
+            .key(keys.minute_requests());
+    }
     invocation
-        .key(keys.minute_tokens())
-        .key(keys.day(s.admitted_sec))
-        .key(keys.month(s.month))
-        .key(keys.in_flight())
-        .key(keys.minute_requests())
         .arg(s.admitted_sec)
         .arg(token_delta)
         .arg(cost_delta)

@@ -93,15 +93,12 @@ end
 return {admitted, states}
 ";
 
-/// Settles a reservation (or a lease): `KeyLedger::settle`. Frees its slots and moves its
-/// counters from reserved to actual.
-/// KEYS: minute tokens, day, month spend, in-flight, minute requests.
+/// Settles a reservation (or a lease) in each of its ledgers: `KeyLedger::settle`, ledger
+/// by ledger. Frees its slots and moves its counters from reserved to actual.
+/// KEYS: per ledger, its minute tokens, day, month spend, in-flight, minute requests.
 /// ARGV: admitted second, token delta, cost delta, reservation id, slots, request delta.
-const SETTLE_V3: &str = r"
--- sluice_settle_v3
-for i = 1, tonumber(ARGV[5]) do
-  redis.call('ZREM', KEYS[4], ARGV[4] .. ':' .. i)
-end
+const SETTLE_V4: &str = r"
+-- sluice_settle_v4
 local function adjust(key, field, delta)
   if delta ~= 0 and redis.call('HEXISTS', key, field) == 1 then
     if redis.call('HINCRBY', key, field, delta) < 0 then
@@ -109,16 +106,20 @@ local function adjust(key, field, delta)
     end
   end
 end
-local d = tonumber(ARGV[2])
-adjust(KEYS[1], ARGV[1], d)
-adjust(KEYS[2], 't', d)
-local r = tonumber(ARGV[6])
-adjust(KEYS[5], ARGV[1], r)
-adjust(KEYS[2], 'r', r)
-local c = tonumber(ARGV[3])
-if c ~= 0 and redis.call('EXISTS', KEYS[3]) == 1 then
-  if redis.call('INCRBY', KEYS[3], c) < 0 then
-    redis.call('SET', KEYS[3], 0, 'KEEPTTL')
+local d, c, r = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[6])
+for l = 0, #KEYS / 5 - 1 do
+  local k = l * 5
+  for i = 1, tonumber(ARGV[5]) do
+    redis.call('ZREM', KEYS[k + 4], ARGV[4] .. ':' .. i)
+  end
+  adjust(KEYS[k + 1], ARGV[1], d)
+  adjust(KEYS[k + 2], 't', d)
+  adjust(KEYS[k + 5], ARGV[1], r)
+  adjust(KEYS[k + 2], 'r', r)
+  if c ~= 0 and redis.call('EXISTS', KEYS[k + 3]) == 1 then
+    if redis.call('INCRBY', KEYS[k + 3], c) < 0 then
+      redis.call('SET', KEYS[k + 3], 0, 'KEEPTTL')
+    end
   end
 end
 return 1
@@ -167,7 +168,7 @@ return 1
 pub(super) static ADMIT: std::sync::LazyLock<redis::Script> =
     std::sync::LazyLock::new(|| redis::Script::new(ADMIT_V4));
 pub(super) static SETTLE: std::sync::LazyLock<redis::Script> =
-    std::sync::LazyLock::new(|| redis::Script::new(SETTLE_V3));
+    std::sync::LazyLock::new(|| redis::Script::new(SETTLE_V4));
 pub(super) static REFRESH: std::sync::LazyLock<redis::Script> =
     std::sync::LazyLock::new(|| redis::Script::new(REFRESH_V1));
 pub(super) static CHARGE: std::sync::LazyLock<redis::Script> =
