@@ -1,9 +1,11 @@
-//! Spend alerts: when a key's spend reaches a threshold of its budget (`monthly_budget`, which
-//! refuses past it, or `soft_monthly_budget`, which only alerts), one alert is recorded in the
-//! store and delivered to the webhook, signed and retried, once per key, budget, threshold and
-//! month across the whole fleet: the store decides which replica records it.
+//! Spend alerts: when a key's (or a tenant's) spend reaches a threshold of its budget
+//! (`monthly_budget`, which refuses past it, or `soft_monthly_budget`, which only alerts), one
+//! alert is recorded in the store and delivered to the webhook, signed and retried, once per
+//! key or tenant, budget, threshold and month across the whole fleet: the store decides which
+//! replica records it.
 //!
-//! A replica checks the keys it served since its last check, every `check_interval`, against
+//! A replica checks the keys (and tenants) it served since its last check, every
+//! `check_interval`, against
 //! the spend the budget counts (`GET /admin/v1/keys/{id}/quota`: what is settled plus what
 //! requests in flight have reserved), so an alert comes at most one interval after the spend
 //! that crossed the threshold, and the 100% alert of a hard budget comes no later than its
@@ -17,8 +19,8 @@ use rust_decimal::Decimal;
 use serde_json::{json, Value};
 use sha2::Sha256;
 use sluice_policies::alerts::{self, BudgetKind};
-use sluice_policies::quota;
-use sluice_policies::Tiers;
+use sluice_policies::quota::{self, LimitScope};
+use sluice_policies::{Limits, Tiers};
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
@@ -45,8 +47,13 @@ pub struct Alerts {
     store: Arc<dyn Store>,
     tiers: Arc<ArcSwap<Tiers>>,
     http: reqwest::Client,
-    /// Keys with a budget served since the last check.
-    noted: parking_lot::Mutex<HashMap<String, Arc<Identity>>>,
+    /// Ledgers with a budget (keys', tenants') served since the last check, with whose they
+    /// are and the identity of a caller that spent in them.
+    noted: parking_lot::Mutex<HashMap<String, (LimitScope, Arc<Identity>)>>,
+}
+
+fn has_budget(limits: &Limits) -> bool {
+    limits.monthly_budget.is_some() || limits.soft_monthly_budget.is_some()
 }
 
 impl Alerts {
@@ -64,15 +71,22 @@ impl Alerts {
         }
     }
 
-    /// A request of this caller was settled: check its spend at the next check.
+    /// A request of this caller was settled: check its key's and tenant's spend at the next
+    /// check.
     pub fn note(&self, identity: &Arc<Identity>) {
-        let limits = &identity.limits;
-        if limits.monthly_budget.is_none() && limits.soft_monthly_budget.is_none() {
+        let budgets = [
+            (LimitScope::Key, has_budget(&identity.limits)),
+            (LimitScope::Tenant, has_budget(&identity.tenant_limits)),
+        ];
+        if budgets.iter().all(|(_, has)| !has) {
             return;
         }
         let mut noted = self.noted.lock();
-        if noted.len() < MAX_NOTED_KEYS || noted.contains_key(&identity.key_id) {
-            noted.insert(identity.key_id.clone(), identity.clone());
+        for (i, (scope, has)) in budgets.into_iter().enumerate() {
+            let ledger = &identity.ledgers[i];
+            if has && (noted.len() < MAX_NOTED_KEYS || noted.contains_key(ledger)) {
+                noted.insert(ledger.clone(), (scope, identity.clone()));
+            }
         }
     }
 
@@ -80,25 +94,34 @@ impl Alerts {
         loop {
             tokio::time::sleep(self.config.check_interval).await;
             let noted = std::mem::take(&mut *self.noted.lock());
-            for identity in noted.into_values() {
-                if let Err(e) = self.check(&identity).await {
-                    tracing::warn!(key_id = %identity.key_id, error = %e, "spend alert check failed");
+            for (ledger, (scope, identity)) in noted {
+                if let Err(e) = self.check(&ledger, scope, &identity).await {
+                    tracing::warn!(%ledger, error = %e, "spend alert check failed");
                     // Checked again after its next request.
                 }
             }
         }
     }
 
-    async fn check(self: &Arc<Self>, identity: &Identity) -> Result<(), crate::store::StoreError> {
+    /// Checks one ledger's spend: a key's (`scope` Key) or its tenant's.
+    async fn check(
+        self: &Arc<Self>,
+        ledger: &str,
+        scope: LimitScope,
+        identity: &Identity,
+    ) -> Result<(), crate::store::StoreError> {
         let now_ms = crate::clock::now_ms();
         let now = now_ms / 1000;
         let (month, _) = crate::clock::month_of(now);
         let spend = self
             .store
-            .quota_counters(&identity.key_id, now, &month)
+            .quota_counters(ledger, now, &month)
             .await?
             .month_spend_nano;
-        let limits = &identity.limits;
+        let (limits, key_id) = match scope {
+            LimitScope::Key => (&identity.limits, Some(&identity.key_id)),
+            LimitScope::Tenant => (&identity.tenant_limits, None),
+        };
         let budgets = [
             (BudgetKind::Hard, limits.monthly_budget),
             (BudgetKind::Soft, limits.soft_monthly_budget),
@@ -107,16 +130,16 @@ impl Alerts {
             let Some(budget) = budget else { continue };
             let budget_nano = quota::to_nano_ceil(budget.amount());
             for threshold in alerts::reached(spend, budget_nano, &self.config.thresholds) {
-                let id = format!(
-                    "budget:{}:{month}:{}:{threshold}",
-                    identity.key_id,
-                    kind.as_str()
-                );
+                // A key's ledger is named by its key id, a tenant's `tenant:ID`: ids of the
+                // two never meet.
+                let id = format!("budget:{ledger}:{month}:{}:{threshold}", kind.as_str());
                 let alert = json!({
                     "id": id,
                     "type": "budget.threshold_reached",
-                    "key_id": identity.key_id,
+                    "scope": scope.name(),
+                    "key_id": key_id,
                     "tenant": identity.tenant,
+                    // A tenant's keys may be of several tiers: the one that noticed.
                     "tier": identity.tier,
                     "budget": kind.as_str(),
                     "threshold_percent": threshold,

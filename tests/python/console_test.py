@@ -1,6 +1,7 @@
 """The admin console in a real browser (headless Chromium through Selenium): sign in, create a
 key with its allowed models and change them, change its tier, watch its live quota, revoke it,
-and read usage charts, cache stats, backends and spend alerts. Needs SLUICE_ADMIN_URL, SLUICE_ADMIN_TOKEN and SLUICE_TENANT (a tenant with traffic)."""
+set a tenant's limits and read its live quota, and read usage charts, cache stats, backends
+and spend alerts. Needs SLUICE_ADMIN_URL, SLUICE_ADMIN_TOKEN and SLUICE_TENANT (a tenant with traffic)."""
 
 import os
 import sys
@@ -89,6 +90,28 @@ try:
     wait.until(lambda d: "revoked" in d.find_element(By.CSS_SELECTOR, f'#keys tr[data-key="{key_id}"]').text)
     driver.set_window_size(1280, 900)
     check(driver.save_screenshot(os.environ["SLUICE_SCREENSHOT"]), "screenshot saved")
+
+    # Tenants: set the traffic tenant's limits through the form; the row and its live quota
+    # show them.
+    tab("tenants")
+    css("#tenant-id").send_keys(TENANT)
+    css("#tenant-rpm").send_keys("1000")
+    css("#tenant-budget").send_keys("500")
+    css("#set-tenant button").click()
+    tenant_row = wait.until(lambda d: next((r for r in d.find_elements(By.CSS_SELECTOR, "#tenants tbody tr")
+                                            if r.get_attribute("data-tenant") == TENANT), None))
+    check("1000" in tenant_row.text and "500" in tenant_row.text, "the tenant's limits are listed: " + tenant_row.text)
+    tenant_row.find_element(By.CSS_SELECTOR, ".show-tenant-quota").click()
+    wait.until(lambda d: "requests_per_minute" in css("#tenant-quota-rows").text)
+    rpm_row = next(r for r in driver.find_elements(By.CSS_SELECTOR, "#tenant-quota-rows tr")
+                   if r.text.startswith("requests_per_minute"))
+    used, remaining, limit = (int(v) for v in rpm_row.text.split()[1:4])
+    check(limit == 1000 and used + remaining == 1000, "the tenant's minute against its limit: " + rpm_row.text)
+    # A bad value is refused with the API's message, and nothing changes.
+    css("#tenant-rpm").clear()
+    css("#tenant-rpm").send_keys("-5")
+    css("#set-tenant button").click()
+    wait.until(lambda d: "requests_per_minute" in css("#error").text)
 
     # Usage: the tenant with traffic has bars in the chart and a row in the table.
     tab("usage")

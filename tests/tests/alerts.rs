@@ -1,7 +1,7 @@
 //! Spend alerts as a finance team meets them: a webhook receiver that fails each first
 //! delivery gets every alert again, signed, and accepts each exactly once, across three
-//! replicas on Redis; a soft budget alerts but never refuses; an embedded gateway restarted on
-//! its data does not alert twice.
+//! replicas on Redis; a soft budget alerts but never refuses; a tenant's budget alerts once for
+//! all of its keys; an embedded gateway restarted on its data does not alert twice.
 
 use axum::body::Bytes;
 use axum::extract::State;
@@ -271,4 +271,70 @@ async fn an_embedded_gateway_restarted_on_its_data_does_not_alert_twice() {
     };
     assert_eq!(thresholds, [50, 80, 100]);
     assert_eq!(listed_alerts(&gw).await.len(), 3);
+}
+
+#[tokio::test]
+async fn a_tenants_budget_alerts_once_per_threshold_for_all_its_keys_across_three_replicas() {
+    let receiver = Receiver::default();
+    let webhook = receiver.start().await;
+    let backend = Backend::start().await.unwrap();
+    let store = StoreKind::fresh_redis();
+    let mut gws = Vec::new();
+    for _ in 0..3 {
+        gws.push(
+            Gateway::start(GatewayOptions {
+                extra_config: config(&webhook),
+                ..GatewayOptions::new(&backend, store.clone())
+            })
+            .await
+            .unwrap(),
+        );
+    }
+    // Two keys without budgets of their own; their tenant's soft budget is four requests.
+    let (_, a) = create_key(&gws[0], json!({})).await;
+    let (_, b) = create_key(&gws[1], json!({})).await;
+    let r = gws[2]
+        .http
+        .put(format!(
+            "{}/admin/v1/tenants/finance-tenant",
+            gws[2].admin_url
+        ))
+        .bearer_auth(ADMIN_TOKEN)
+        .json(&json!({"limits": {"soft_monthly_budget": "0.008"}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    for i in 0..4 {
+        let key = if i % 2 == 0 { &a } else { &b };
+        assert_eq!(
+            spend(&gws[i % 3], key).await,
+            200,
+            "a soft budget never refuses"
+        );
+    }
+    let accepted = receiver.accepted(3).await;
+    let got: Vec<String> = accepted
+        .keys()
+        .map(|id| id.rsplit_once(':').unwrap().1.to_owned())
+        .collect();
+    let mut thresholds: Vec<u64> = got.iter().map(|t| t.parse().unwrap()).collect();
+    thresholds.sort();
+    assert_eq!(thresholds, [50, 80, 100], "{accepted:?}");
+    for (id, alert) in &accepted {
+        assert!(id.starts_with("budget:tenant:finance-tenant:"), "{id}");
+        assert!(id.contains(":soft:"), "{id}");
+        assert_eq!(alert["scope"], "tenant");
+        assert_eq!(alert["key_id"], Value::Null);
+        assert_eq!(alert["tenant"], "finance-tenant");
+        assert_eq!(alert["budget_amount"], "0.008");
+        // Each was refused once by the receiver, then delivered again.
+        assert_eq!(receiver.attempts.lock().unwrap()[id], 2, "{id}");
+    }
+    assert_eq!(*receiver.bad_signatures.lock().unwrap(), 0);
+    assert_eq!(
+        ids(&listed_alerts(&gws[1]).await),
+        ids(&accepted.into_values().collect::<Vec<_>>())
+    );
 }

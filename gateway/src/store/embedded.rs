@@ -102,7 +102,52 @@ impl EmbeddedStore {
     }
 }
 
+/// An operator's record (a tier, a tenant) kept as JSON under its name.
+type Records = TableDefinition<'static, &'static str, &'static [u8]>;
+
 impl EmbeddedStore {
+    /// Writes an operator's record under `name` and moves the key epoch, so that every
+    /// identity resolved with the old one is dropped.
+    async fn put_record<T: serde::Serialize>(
+        &self,
+        table: Records,
+        name: &str,
+        record: &T,
+    ) -> Result<(), StoreError> {
+        let json = serde_json::to_vec(record)?;
+        let name = name.to_owned();
+        self.blocking(move |db| {
+            let txn = db.begin_write().map_err(embedded_err)?;
+            txn.open_table(table)
+                .map_err(embedded_err)?
+                .insert(name.as_str(), json.as_slice())
+                .map_err(embedded_err)?;
+            txn.commit().map_err(embedded_err)?;
+            Ok(())
+        })
+        .await?;
+        self.epoch.fetch_add(1, Ordering::Release);
+        Ok(())
+    }
+
+    /// Every record of `table`.
+    async fn records<T: serde::de::DeserializeOwned + Send + 'static>(
+        &self,
+        table: Records,
+    ) -> Result<Vec<T>, StoreError> {
+        self.blocking(move |db| {
+            let txn = db.begin_read().map_err(embedded_err)?;
+            let table = txn.open_table(table).map_err(embedded_err)?;
+            let mut out = Vec::new();
+            for row in table.iter().map_err(embedded_err)? {
+                let (_, json) = row.map_err(embedded_err)?;
+                out.push(serde_json::from_slice(json.value())?);
+            }
+            Ok(out)
+        })
+        .await
+    }
+
     /// Adds to a ledger's spend in a month (a key's or a tenant's, restored from the usage
     /// ledger's rollups).
     pub fn add_month_spend(&self, ledger: &str, month: &str, nano: i64) {
@@ -318,51 +363,15 @@ impl Store for EmbeddedStore {
     }
 
     async fn put_tenant(&self, tenant: &Tenant) -> Result<(), StoreError> {
-        let json = serde_json::to_vec(tenant)?;
-        let id = tenant.id.clone();
-        self.blocking(move |db| {
-            let txn = db.begin_write().map_err(embedded_err)?;
-            txn.open_table(TENANTS)
-                .map_err(embedded_err)?
-                .insert(id.as_str(), json.as_slice())
-                .map_err(embedded_err)?;
-            txn.commit().map_err(embedded_err)?;
-            Ok(())
-        })
-        .await?;
-        self.epoch.fetch_add(1, Ordering::Release);
-        Ok(())
+        self.put_record(TENANTS, &tenant.id, tenant).await
     }
 
     async fn tenants(&self) -> Result<Vec<Tenant>, StoreError> {
-        self.blocking(|db| {
-            let txn = db.begin_read().map_err(embedded_err)?;
-            let table = txn.open_table(TENANTS).map_err(embedded_err)?;
-            let mut out = Vec::new();
-            for row in table.iter().map_err(embedded_err)? {
-                let (_, json) = row.map_err(embedded_err)?;
-                out.push(serde_json::from_slice(json.value())?);
-            }
-            Ok(out)
-        })
-        .await
+        self.records(TENANTS).await
     }
 
     async fn put_tier(&self, tier: &Tier) -> Result<(), StoreError> {
-        let json = serde_json::to_vec(tier)?;
-        let name = tier.name.clone();
-        self.blocking(move |db| {
-            let txn = db.begin_write().map_err(embedded_err)?;
-            txn.open_table(TIERS)
-                .map_err(embedded_err)?
-                .insert(name.as_str(), json.as_slice())
-                .map_err(embedded_err)?;
-            txn.commit().map_err(embedded_err)?;
-            Ok(())
-        })
-        .await?;
-        self.epoch.fetch_add(1, Ordering::Release);
-        Ok(())
+        self.put_record(TIERS, &tier.name, tier).await
     }
 
     async fn record_alert_once(
@@ -499,17 +508,7 @@ impl Store for EmbeddedStore {
     }
 
     async fn stored_tiers(&self) -> Result<Vec<Tier>, StoreError> {
-        self.blocking(|db| {
-            let txn = db.begin_read().map_err(embedded_err)?;
-            let tiers = txn.open_table(TIERS).map_err(embedded_err)?;
-            let mut out = Vec::new();
-            for row in tiers.iter().map_err(embedded_err)? {
-                let (_, json) = row.map_err(embedded_err)?;
-                out.push(serde_json::from_slice(json.value())?);
-            }
-            Ok(out)
-        })
-        .await
+        self.records(TIERS).await
     }
 
     async fn refresh(&self, ledgers: &[String], args: &Refresh<'_>) -> Result<(), StoreError> {

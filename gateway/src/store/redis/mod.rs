@@ -112,6 +112,39 @@ impl RedisStore {
         format!("{{{}}}:tiers", self.prefix)
     }
 
+    /// Writes an operator's record (a tier, a tenant) under `name` in the hash `hash`, and
+    /// moves the key epoch in the same transaction, so every replica reloads it.
+    async fn put_record<T: serde::Serialize>(
+        &self,
+        hash: String,
+        name: &str,
+        record: &T,
+    ) -> Result<(), StoreError> {
+        let mut conn = self.conn.clone();
+        redis::pipe()
+            .atomic()
+            .hset(hash, name, serde_json::to_string(record)?)
+            .ignore()
+            .incr(self.epoch_key(), 1)
+            .ignore()
+            .query_async::<()>(&mut conn)
+            .await?;
+        Ok(())
+    }
+
+    /// Every record of the hash `hash`.
+    async fn records<T: serde::de::DeserializeOwned>(
+        &self,
+        hash: String,
+    ) -> Result<Vec<T>, StoreError> {
+        let mut conn = self.conn.clone();
+        let jsons: Vec<String> = conn.hvals(hash).await?;
+        Ok(jsons
+            .iter()
+            .map(|j| serde_json::from_str(j))
+            .collect::<Result<_, _>>()?)
+    }
+
     fn tenants_key(&self) -> String {
         format!("{{{}}}:tenants", self.prefix)
     }
@@ -385,16 +418,7 @@ impl Store for RedisStore {
     }
 
     async fn put_tier(&self, tier: &Tier) -> Result<(), StoreError> {
-        let mut conn = self.conn.clone();
-        redis::pipe()
-            .atomic()
-            .hset(self.tiers_key(), &tier.name, serde_json::to_string(tier)?)
-            .ignore()
-            .incr(self.epoch_key(), 1)
-            .ignore()
-            .query_async::<()>(&mut conn)
-            .await?;
-        Ok(())
+        self.put_record(self.tiers_key(), &tier.name, tier).await
     }
 
     async fn record_alert_once(
@@ -491,38 +515,16 @@ impl Store for RedisStore {
     }
 
     async fn stored_tiers(&self) -> Result<Vec<Tier>, StoreError> {
-        let mut conn = self.conn.clone();
-        let jsons: Vec<String> = conn.hvals(self.tiers_key()).await?;
-        Ok(jsons
-            .iter()
-            .map(|j| serde_json::from_str(j))
-            .collect::<Result<_, _>>()?)
+        self.records(self.tiers_key()).await
     }
 
     async fn put_tenant(&self, tenant: &Tenant) -> Result<(), StoreError> {
-        let mut conn = self.conn.clone();
-        redis::pipe()
-            .atomic()
-            .hset(
-                self.tenants_key(),
-                &tenant.id,
-                serde_json::to_string(tenant)?,
-            )
-            .ignore()
-            .incr(self.epoch_key(), 1)
-            .ignore()
-            .query_async::<()>(&mut conn)
-            .await?;
-        Ok(())
+        self.put_record(self.tenants_key(), &tenant.id, tenant)
+            .await
     }
 
     async fn tenants(&self) -> Result<Vec<Tenant>, StoreError> {
-        let mut conn = self.conn.clone();
-        let jsons: Vec<String> = conn.hvals(self.tenants_key()).await?;
-        Ok(jsons
-            .iter()
-            .map(|j| serde_json::from_str(j))
-            .collect::<Result<_, _>>()?)
+        self.records(self.tenants_key()).await
     }
 
     async fn admit(&self, a: &Admit<'_>) -> Result<Verdict, StoreError> {
