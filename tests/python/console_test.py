@@ -1,7 +1,7 @@
 """The admin console in a real browser (headless Chromium through Selenium): sign in, create a
 key with its allowed models and change them, change its tier, watch its live quota, revoke it,
-set a tenant's limits and read its live quota, and read usage charts, cache stats, backends
-and spend alerts. Needs SLUICE_ADMIN_URL, SLUICE_ADMIN_TOKEN and SLUICE_TENANT (a tenant with traffic)."""
+set a tenant's limits and read its live quota, read usage charts, cache stats, backends and
+spend alerts, and find its own changes in the audit trail. Needs SLUICE_ADMIN_URL, SLUICE_ADMIN_TOKEN and SLUICE_TENANT (a tenant with traffic)."""
 
 import os
 import sys
@@ -132,6 +132,12 @@ try:
     check("sim-chat" in css("#backends tbody").text, "backends list their models")
     tab("alerts")
     wait.until(lambda d: "Spend alerts" in css("#alerts-state").text)
+    # The audit trail lists this test's own changes, by the admin token that made them.
+    tab("audit")
+    wait.until(lambda d: "/admin/v1/tenants/" + TENANT in css("#audit tbody").text)
+    audit = css("#audit tbody").text
+    check("POST /admin/v1/keys" in audit and "admin-token:" in audit, "audit entries with their actor: " + audit[:300])
+    check(("/admin/v1/keys/" + key_id) in audit, "the key's changes are audited")
     print("ALL OK")
 finally:
     driver.quit()

@@ -190,6 +190,14 @@ async fn every_admin_route_against_every_credential() {
             true,
         ),
         route(Method::GET, "/admin/v1/tenants".into(), None, 200, true),
+        route(Method::GET, "/admin/v1/audit".into(), None, 200, false),
+        route(
+            Method::POST,
+            "/admin/v1/audit".into(),
+            Some(json!({})),
+            405,
+            false,
+        ),
         route(
             Method::GET,
             "/admin/v1/tenants/matrix".into(),

@@ -1,13 +1,15 @@
 //! Who may change what, and where? The admin API, on its own listener: API keys and their
 //! quota (`keys`, `quota`), tenants' limits (`tenants`), tiers (`tiers`), the backend pool
 //! (`backends`), usage and billing exports (`billing`), spend alerts (`alerts`), the response
-//! cache (`cache`), the console (`console`) and `/metrics` (`metrics`). This file holds the router and authorisation. Every call needs the admin
+//! cache (`cache`), the console (`console`), `/metrics` (`metrics`), and the audit trail of
+//! every write (`audit`). This file holds the router and authorisation. Every call needs the admin
 //! bearer token or an admin JWT (`[auth.admin_jwt]`: its own keys, issuer and audience, never
 //! the proxy's) whose role claim is `admin` (anything) or `viewer` (reads only; with a tenant
 //! claim, that tenant's keys, usage and billing only). The secret of a key appears in exactly
 //! two answers, create and rotate, and nowhere else.
 
 mod alerts;
+mod audit;
 mod backends;
 mod billing;
 mod cache;
@@ -95,7 +97,20 @@ pub fn router(gateway: Arc<Gateway>) -> Router {
         .route("/admin/v1/cache", axum::routing::delete(cache::purge_cache))
         .route("/admin/v1/cache/stats", get(cache::cache_stats))
         .route("/admin/v1/alerts", get(alerts::list_alerts))
+        .route(
+            "/admin/v1/audit",
+            get(audit::list_audit)
+                .post(audit::append_only)
+                .put(audit::append_only)
+                .patch(audit::append_only)
+                .delete(audit::append_only),
+        )
         .route("/metrics", get(metrics::metrics))
+        // Innermost: it sees the body read, and the caller authorised.
+        .layer(middleware::from_fn_with_state(
+            gateway.clone(),
+            audit::record,
+        ))
         .layer(middleware::from_fn_with_state(
             gateway.clone(),
             listener::read_body_within,
@@ -138,6 +153,9 @@ pub struct Caller {
     pub role: Role,
     /// A viewer token that names a tenant sees that tenant's keys, usage and billing only.
     pub tenant: Option<String>,
+    /// Who it is, as the audit trail names them: `admin-token:<first 12 hex of the token's
+    /// SHA-256>` (never the token) or `jwt:<subject>`.
+    pub actor: String,
 }
 
 impl Caller {
@@ -197,10 +215,12 @@ async fn caller_of(gateway: &Gateway, authorization: Option<&[u8]>) -> Result<Ca
     };
     if let Some(admin_token) = &gateway.config.admin_token {
         // Compare digests so the comparison time says nothing about the token.
-        if Sha256::digest(token.as_bytes()) == Sha256::digest(admin_token.as_bytes()) {
+        let digest = Sha256::digest(token.as_bytes());
+        if digest == Sha256::digest(admin_token.as_bytes()) {
             return Ok(Caller {
                 role: Role::Admin,
                 tenant: None,
+                actor: format!("admin-token:{}", &hex::encode(digest)[..12]),
             });
         }
     }
@@ -215,14 +235,17 @@ async fn caller_of(gateway: &Gateway, authorization: Option<&[u8]>) -> Result<Ca
             .verify(token)
             .await
             .map_err(|e| ApiError::invalid_api_key(format!("Invalid token: {e}.")))?;
+        let actor = format!("jwt:{}", claims.subject);
         return match claims.role.as_deref() {
             Some("admin") => Ok(Caller {
                 role: Role::Admin,
                 tenant: None,
+                actor,
             }),
             Some("viewer") => Ok(Caller {
                 role: Role::Viewer,
                 tenant: claims.tenant,
+                actor,
             }),
             _ => Err(ApiError::forbidden(
                 "This token carries no admin or viewer role.",

@@ -34,6 +34,8 @@ const USAGE_IDS: TableDefinition<&str, &str> = TableDefinition::new("usage_event
 
 /// alert id -> the alert's JSON
 const ALERTS: TableDefinition<&str, &[u8]> = TableDefinition::new("alerts");
+/// sequence number -> JSON audit entry, appended only
+const AUDIT: TableDefinition<u64, &[u8]> = TableDefinition::new("audit");
 /// `{time_ms:020}/{alert id}` -> (): the alerts in the order they were recorded
 const ALERT_TIMES: TableDefinition<&str, ()> = TableDefinition::new("alert_times");
 
@@ -80,6 +82,7 @@ impl EmbeddedStore {
         txn.open_table(POOL).map_err(embedded_err)?;
         txn.open_table(USAGE_IDS).map_err(embedded_err)?;
         txn.open_table(ALERTS).map_err(embedded_err)?;
+        txn.open_table(AUDIT).map_err(embedded_err)?;
         txn.open_table(ALERT_TIMES).map_err(embedded_err)?;
         txn.commit().map_err(embedded_err)?;
         Ok(EmbeddedStore {
@@ -430,6 +433,54 @@ impl Store for EmbeddedStore {
                 if let Some(alert) = alerts.get(id).map_err(embedded_err)? {
                     out.push(alert.value().to_vec());
                 }
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn append_audit(&self, entry: &[u8]) -> Result<String, StoreError> {
+        let entry = entry.to_vec();
+        self.blocking(move |db| {
+            let txn = db.begin_write().map_err(embedded_err)?;
+            let seq = {
+                let mut audit = txn.open_table(AUDIT).map_err(embedded_err)?;
+                let last = audit
+                    .last()
+                    .map_err(embedded_err)?
+                    .map_or(0, |(k, _)| k.value());
+                audit
+                    .insert(last + 1, entry.as_slice())
+                    .map_err(embedded_err)?;
+                last + 1
+            };
+            txn.commit().map_err(embedded_err)?;
+            Ok(seq.to_string())
+        })
+        .await
+    }
+
+    async fn audit_page(
+        &self,
+        before: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        // An id that is not one of ours pages from the newest entry.
+        let before = before
+            .and_then(|b| b.parse::<u64>().ok())
+            .unwrap_or(u64::MAX);
+        self.blocking(move |db| {
+            let txn = db.begin_read().map_err(embedded_err)?;
+            let audit = txn.open_table(AUDIT).map_err(embedded_err)?;
+            let mut out = Vec::new();
+            for row in audit
+                .range(..before)
+                .map_err(embedded_err)?
+                .rev()
+                .take(limit)
+            {
+                let (seq, entry) = row.map_err(embedded_err)?;
+                out.push((seq.value().to_string(), entry.value().to_vec()));
             }
             Ok(out)
         })

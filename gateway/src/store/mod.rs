@@ -223,6 +223,18 @@ pub trait Store: Send + Sync + 'static {
     /// The alerts recorded, newest first, at most `limit`.
     async fn recent_alerts(&self, limit: usize) -> Result<Vec<Vec<u8>>, StoreError>;
 
+    /// Appends an entry to the audit trail; returns its id. Ids order entries by when they
+    /// were appended, and nothing in the store changes or removes an entry.
+    async fn append_audit(&self, entry: &[u8]) -> Result<String, StoreError>;
+
+    /// Audit entries older than the one with id `before` (all, without), newest first, at
+    /// most `limit`, with their ids.
+    async fn audit_page(
+        &self,
+        before: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<(String, Vec<u8>)>, StoreError>;
+
     /// A ledger's live quota counters (a key's, or a tenant's).
     async fn quota_counters(
         &self,

@@ -6,6 +6,7 @@
 //! - `{prefix}:keys:epoch`      counter bumped on every key or tier change
 //! - `{prefix}:tiers`           hash: tier name -> JSON `Tier` (changed through the admin API)
 //! - `{prefix}:tenants`         hash: tenant id -> JSON `Tenant` (its limits)
+//! - `{prefix}:audit`           stream of audit entries (field `e`: JSON), appended only
 //! - `{prefix:LEDGER}:q:…`      a quota ledger's counters (see `quota`): LEDGER is a key id,
 //!   or `tenant:ID` for a tenant's
 //! - `{prefix}:backends:draining` set of backend names taking no new requests
@@ -143,6 +144,10 @@ impl RedisStore {
             .iter()
             .map(|j| serde_json::from_str(j))
             .collect::<Result<_, _>>()?)
+    }
+
+    fn audit_key(&self) -> String {
+        format!("{{{}}}:audit", self.prefix)
     }
 
     fn tenants_key(&self) -> String {
@@ -446,6 +451,53 @@ impl Store for RedisStore {
             pipe.query_async::<()>(&mut conn).await?;
         }
         Ok(recorded)
+    }
+
+    async fn append_audit(&self, entry: &[u8]) -> Result<String, StoreError> {
+        let mut conn = self.conn.clone();
+        let id: String = redis::cmd("XADD")
+            .arg(self.audit_key())
+            .arg("*")
+            .arg("e")
+            .arg(entry)
+            .query_async(&mut conn)
+            .await?;
+        Ok(id)
+    }
+
+    async fn audit_page(
+        &self,
+        before: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
+        // Stream ids are `<ms>-<seq>`; anything else pages from the newest entry.
+        let is_id = |b: &&str| {
+            b.split_once('-')
+                .is_some_and(|(ms, seq)| ms.parse::<u64>().is_ok() && seq.parse::<u64>().is_ok())
+        };
+        let end = before
+            .filter(is_id)
+            .map_or_else(|| "+".to_owned(), |b| format!("({b}"));
+        let mut conn = self.conn.clone();
+        type Entries = Vec<(String, Vec<(String, Vec<u8>)>)>;
+        let entries: Entries = redis::cmd("XREVRANGE")
+            .arg(self.audit_key())
+            .arg(end)
+            .arg("-")
+            .arg("COUNT")
+            .arg(limit)
+            .query_async(&mut conn)
+            .await?;
+        Ok(entries
+            .into_iter()
+            .filter_map(|(id, fields)| {
+                let entry = fields.into_iter().find(|(f, _)| f == "e")?.1;
+                Some((id, entry))
+            })
+            .collect())
     }
 
     async fn recent_alerts(&self, limit: usize) -> Result<Vec<Vec<u8>>, StoreError> {

@@ -1,0 +1,247 @@
+//! The audit trail: every admin write that succeeds leaves exactly one entry (who, what, on
+//! what), on the default embedded store and on Redis across two replicas; refused writes
+//! leave none; nobody can write to the trail through the API.
+
+use reqwest::Method;
+use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
+use sluice_e2e::{admin_jwt, Backend, Gateway, GatewayOptions, StoreKind, ADMIN_TOKEN};
+
+/// An admin call with `token`: status and JSON answer (`Null` when there is none).
+async fn call(
+    gw: &Gateway,
+    token: &str,
+    method: Method,
+    path: &str,
+    body: Option<Value>,
+) -> (u16, Value) {
+    let mut request = gw
+        .http
+        .request(method, format!("{}{path}", gw.admin_url))
+        .bearer_auth(token);
+    if let Some(body) = body {
+        request = request.json(&body);
+    }
+    let r = request.send().await.unwrap();
+    let status = r.status().as_u16();
+    (status, r.json().await.unwrap_or(Value::Null))
+}
+
+/// The whole trail, newest first, read page by page (`limit` per page).
+async fn trail(gw: &Gateway, query: &str, limit: usize) -> Vec<Value> {
+    let mut all = Vec::new();
+    let mut before: Option<String> = None;
+    loop {
+        let cursor = before
+            .as_ref()
+            .map_or(String::new(), |b| format!("&before={b}"));
+        let (status, page) = call(
+            gw,
+            ADMIN_TOKEN,
+            Method::GET,
+            &format!("/admin/v1/audit?limit={limit}{query}{cursor}"),
+            None,
+        )
+        .await;
+        assert_eq!(status, 200, "{page}");
+        let data = page["data"].as_array().unwrap();
+        assert!(data.len() <= limit);
+        all.extend(data.iter().cloned());
+        match page["next"].as_str() {
+            Some(next) => before = Some(next.to_owned()),
+            None => return all,
+        }
+    }
+}
+
+/// Every admin write route once, split over `gws` in turn; returns (method, route) of each.
+async fn every_write(gws: &[Gateway], backend: &Backend) -> Vec<(String, String)> {
+    let gw = |i: usize| &gws[i % gws.len()];
+    let (status, key) = call(
+        gw(0),
+        ADMIN_TOKEN,
+        Method::POST,
+        "/admin/v1/keys",
+        Some(json!({"name": "audited", "tenant": "acme"})),
+    )
+    .await;
+    assert_eq!(status, 201, "{key}");
+    let id = key["id"].as_str().unwrap().to_owned();
+    let writes: Vec<(Method, String, Option<Value>)> = vec![
+        (
+            Method::PATCH,
+            format!("/admin/v1/keys/{id}"),
+            Some(json!({"name": "renamed"})),
+        ),
+        (Method::POST, format!("/admin/v1/keys/{id}/rotate"), None),
+        (
+            Method::POST,
+            format!("/admin/v1/keys/{id}/quota/reset"),
+            None,
+        ),
+        (
+            Method::PUT,
+            "/admin/v1/tiers/audited".into(),
+            Some(json!({"limits": {"requests_per_minute": 5}})),
+        ),
+        (
+            Method::PUT,
+            "/admin/v1/tenants/acme".into(),
+            Some(json!({"limits": {"requests_per_day": 100}})),
+        ),
+        (
+            Method::POST,
+            "/admin/v1/backends".into(),
+            Some(json!({"name": "audited-backend", "url": backend.url, "models": ["sim-chat"]})),
+        ),
+        (
+            Method::POST,
+            "/admin/v1/backends/audited-backend/drain".into(),
+            None,
+        ),
+        (
+            Method::DELETE,
+            "/admin/v1/backends/audited-backend/drain".into(),
+            None,
+        ),
+        (
+            Method::DELETE,
+            "/admin/v1/backends/audited-backend".into(),
+            None,
+        ),
+        (Method::DELETE, "/admin/v1/cache?tenant=acme".into(), None),
+        (Method::DELETE, "/admin/v1/tenants/acme/usage".into(), None),
+        (Method::DELETE, format!("/admin/v1/keys/{id}"), None),
+    ];
+    let mut done = vec![("POST".to_owned(), "/admin/v1/keys".to_owned())];
+    for (i, (method, path, body)) in writes.into_iter().enumerate() {
+        // A backend added on one replica reaches the others within a second: its changes
+        // are made where it was added.
+        let on = if path.contains("/backends") {
+            gw(0)
+        } else {
+            gw(i + 1)
+        };
+        let (status, answer) = call(on, ADMIN_TOKEN, method.clone(), &path, body).await;
+        assert!(
+            (200..300).contains(&status),
+            "{method} {path}: {status} {answer}"
+        );
+        done.push((
+            method.to_string(),
+            path.split('?').next().unwrap().to_owned(),
+        ));
+    }
+    done
+}
+
+async fn every_write_is_audited_once(gws: &[Gateway], backend: &Backend) {
+    let done = every_write(gws, backend).await;
+    // Refused writes leave nothing: a bad body, a viewer's write, a write to the trail.
+    let (status, _) = call(
+        &gws[0],
+        ADMIN_TOKEN,
+        Method::PUT,
+        "/admin/v1/tenants/acme",
+        Some(json!({"limits": {"requests_per_hour": 1}})),
+    )
+    .await;
+    assert_eq!(status, 400);
+    let viewer = admin_jwt(json!({"role": "viewer", "sub": "auditor"}));
+    let (status, _) = call(&gws[0], &viewer, Method::DELETE, "/admin/v1/cache", None).await;
+    assert_eq!(status, 403);
+    for method in [Method::POST, Method::PUT, Method::PATCH, Method::DELETE] {
+        let (status, answer) = call(
+            &gws[0],
+            ADMIN_TOKEN,
+            method,
+            "/admin/v1/audit",
+            Some(json!({})),
+        )
+        .await;
+        assert_eq!(status, 405, "{answer}");
+        assert_eq!(answer["error"]["code"], "method_not_allowed");
+    }
+
+    // Every replica reads the whole trail, in small pages as in one.
+    for gw in gws {
+        let entries = trail(gw, "", 4).await;
+        let mut seen: Vec<(String, String)> = entries
+            .iter()
+            .map(|e| {
+                (
+                    e["method"].as_str().unwrap().to_owned(),
+                    e["path"].as_str().unwrap().to_owned(),
+                )
+            })
+            .collect();
+        seen.reverse();
+        assert_eq!(
+            seen, done,
+            "one entry per write, oldest last in the listing"
+        );
+        let actor = format!(
+            "admin-token:{}",
+            &hex::encode(Sha256::digest(ADMIN_TOKEN))[..12]
+        );
+        for e in &entries {
+            assert_eq!(e["actor"], actor.as_str(), "{e}");
+            assert!(e["status"].as_u64().unwrap() < 300);
+            assert!(e["at_ms"].as_i64().unwrap() > 0);
+            assert!(
+                e["route"].as_str().unwrap().starts_with("/admin/v1/"),
+                "{e}"
+            );
+        }
+        let created = entries.last().unwrap();
+        assert_eq!(created["body"]["tenant"], "acme", "{created}");
+        assert!(
+            !created.to_string().contains("sk-sluice-"),
+            "no secret in the trail"
+        );
+        // Filters, and a viewer may read it.
+        let tenants = trail(gw, "&path=/admin/v1/tenants&method=put", 100).await;
+        assert_eq!(tenants.len(), 1, "{tenants:?}");
+        let (status, page) = call(
+            gw,
+            &viewer,
+            Method::GET,
+            "/admin/v1/audit?actor=nobody",
+            None,
+        )
+        .await;
+        assert_eq!((status, page["data"].as_array().unwrap().len()), (200, 0));
+    }
+    let (status, answer) = call(
+        &gws[0],
+        ADMIN_TOKEN,
+        Method::GET,
+        "/admin/v1/audit?limit=0",
+        None,
+    )
+    .await;
+    assert_eq!(status, 400, "{answer}");
+}
+
+#[tokio::test]
+async fn every_admin_write_is_audited_once_on_the_embedded_store() {
+    let backend = Backend::start().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let gw = Gateway::embedded(&backend, dir.path()).await.unwrap();
+    every_write_is_audited_once(&[gw], &backend).await;
+}
+
+#[tokio::test]
+async fn every_admin_write_is_audited_once_across_two_replicas_on_redis() {
+    let backend = Backend::start().await.unwrap();
+    let store = StoreKind::fresh_redis();
+    let mut gws = Vec::new();
+    for _ in 0..2 {
+        gws.push(
+            Gateway::start(GatewayOptions::new(&backend, store.clone()))
+                .await
+                .unwrap(),
+        );
+    }
+    every_write_is_audited_once(&gws, &backend).await;
+}
