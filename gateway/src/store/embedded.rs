@@ -105,7 +105,7 @@ impl EmbeddedStore {
     }
 }
 
-/// An operator's record (a tier, a tenant) kept as JSON under its name.
+/// An operator's record (a tier, a tenant, a pool change) kept as JSON under its name.
 type Records = TableDefinition<'static, &'static str, &'static [u8]>;
 
 impl EmbeddedStore {
@@ -512,20 +512,7 @@ impl Store for EmbeddedStore {
         name: &str,
         backend: Option<&BackendRecord>,
     ) -> Result<(), StoreError> {
-        let name = name.to_owned();
-        let json = serde_json::to_vec(&backend)?;
-        self.blocking(move |db| {
-            let txn = db.begin_write().map_err(embedded_err)?;
-            txn.open_table(POOL)
-                .map_err(embedded_err)?
-                .insert(name.as_str(), json.as_slice())
-                .map_err(embedded_err)?;
-            txn.commit().map_err(embedded_err)?;
-            Ok(())
-        })
-        .await?;
-        self.epoch.fetch_add(1, Ordering::Release);
-        Ok(())
+        self.put_record(POOL, name, &backend).await
     }
 
     async fn backend_changes(&self) -> Result<Vec<(String, Option<BackendRecord>)>, StoreError> {

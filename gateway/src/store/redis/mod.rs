@@ -113,7 +113,7 @@ impl RedisStore {
         format!("{{{}}}:tiers", self.prefix)
     }
 
-    /// Writes an operator's record (a tier, a tenant) under `name` in the hash `hash`, and
+    /// Writes an operator's record (a tier, a tenant, a pool change) under `name` in the hash `hash`, and
     /// moves the key epoch in the same transaction, so every replica reloads it.
     async fn put_record<T: serde::Serialize>(
         &self,
@@ -131,6 +131,18 @@ impl RedisStore {
             .query_async::<()>(&mut conn)
             .await?;
         Ok(())
+    }
+
+    /// Appends `entry` to the stream `stream` as its field `e`; returns the entry's id.
+    async fn append_to_stream(&self, stream: String, entry: &[u8]) -> Result<String, StoreError> {
+        let mut conn = self.conn.clone();
+        Ok(redis::cmd("XADD")
+            .arg(stream)
+            .arg("*")
+            .arg("e")
+            .arg(entry)
+            .query_async(&mut conn)
+            .await?)
     }
 
     /// Every record of the hash `hash`.
@@ -454,15 +466,7 @@ impl Store for RedisStore {
     }
 
     async fn append_audit(&self, entry: &[u8]) -> Result<String, StoreError> {
-        let mut conn = self.conn.clone();
-        let id: String = redis::cmd("XADD")
-            .arg(self.audit_key())
-            .arg("*")
-            .arg("e")
-            .arg(entry)
-            .query_async(&mut conn)
-            .await?;
-        Ok(id)
+        self.append_to_stream(self.audit_key(), entry).await
     }
 
     async fn audit_page(
@@ -540,16 +544,7 @@ impl Store for RedisStore {
         name: &str,
         backend: Option<&BackendRecord>,
     ) -> Result<(), StoreError> {
-        let mut conn = self.conn.clone();
-        redis::pipe()
-            .atomic()
-            .hset(self.pool_key(), name, serde_json::to_string(&backend)?)
-            .ignore()
-            .incr(self.epoch_key(), 1)
-            .ignore()
-            .query_async::<()>(&mut conn)
-            .await?;
-        Ok(())
+        self.put_record(self.pool_key(), name, &backend).await
     }
 
     async fn backend_changes(&self) -> Result<Vec<(String, Option<BackendRecord>)>, StoreError> {
@@ -667,13 +662,7 @@ impl Store for RedisStore {
             }
             let () = pipe.query_async(&mut conn).await?;
         }
-        let _: String = redis::cmd("XADD")
-            .arg(self.cache_log_key())
-            .arg("*")
-            .arg("e")
-            .arg(event)
-            .query_async(&mut conn)
-            .await?;
+        self.append_to_stream(self.cache_log_key(), event).await?;
         Ok(())
     }
 
