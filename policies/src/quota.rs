@@ -64,9 +64,6 @@ pub enum LimitScope {
 }
 
 impl LimitScope {
-    /// The scopes in the order admission checks them (`Identity::scopes`).
-    pub const ALL: [LimitScope; 2] = [LimitScope::Key, LimitScope::Tenant];
-
     pub fn name(self) -> &'static str {
         match self {
             LimitScope::Key => "key",

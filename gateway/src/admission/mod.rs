@@ -598,8 +598,8 @@ fn refusal_error(owner: LimitOwner<'_>, kind: LimitKind, retry_after: u64) -> Ap
     // The tenant's limits are shared by all of its keys: say so, since this key alone may
     // have used little.
     let whose = match owner.scope {
-        LimitScope::Key => "",
-        LimitScope::Tenant => "your organization's ",
+        LimitScope::Key => "your",
+        LimitScope::Tenant => "your organization's",
     };
     let scope = owner.label();
     let for_model = owner
@@ -607,21 +607,18 @@ fn refusal_error(owner: LimitOwner<'_>, kind: LimitKind, retry_after: u64) -> Ap
         .map_or(String::new(), |m| format!(" for model {m}"));
     let message = match kind {
         LimitKind::MonthlyBudget => format!(
-            "You exceeded {}monthly budget ({scope}.monthly_budget); ask the operator to raise it.",
-            if whose.is_empty() { "your " } else { whose },
+            "You exceeded {whose} monthly budget ({scope}.monthly_budget); ask the operator to raise it."
         ),
         LimitKind::RequestsPerDay | LimitKind::TokensPerDay => format!(
-            "You exceeded {}daily quota{for_model} ({scope}.{}); it renews in {}.",
-            if whose.is_empty() { "your " } else { whose },
+            "You exceeded {whose} daily quota{for_model} ({scope}.{}); it renews in {}.",
             kind.name(),
             quota::reset_duration(retry_after)
         ),
         _ => format!(
-            "{}ate limit reached{for_model} ({scope}.{}); retry in {}.",
-            if whose.is_empty() {
-                "R"
-            } else {
-                "Your organization's r"
+            "{} limit reached{for_model} ({scope}.{}); retry in {}.",
+            match owner.scope {
+                LimitScope::Key => "Rate",
+                LimitScope::Tenant => "Your organization's rate",
             },
             kind.name(),
             quota::reset_duration(retry_after)
