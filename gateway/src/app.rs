@@ -44,6 +44,8 @@ pub struct Gateway {
     pub tokenizers: crate::metering::tokens::TokenCounters,
     /// Spend alerts (`[alerts]`).
     pub alerts: Option<Arc<crate::alerts::Alerts>>,
+    /// Conversations captured for distillation, on their way to the store.
+    pub datasets: Arc<crate::datasets::Datasets>,
 }
 
 impl Gateway {
@@ -136,6 +138,10 @@ impl Gateway {
             .alerts
             .clone()
             .map(|a| Arc::new(crate::alerts::Alerts::new(a, store.clone(), tiers.clone())));
+        let datasets = Arc::new(crate::datasets::Datasets::new(
+            config.datasets.clone(),
+            store.clone(),
+        ));
         let gateway = Arc::new(Gateway {
             config,
             tiers,
@@ -154,6 +160,7 @@ impl Gateway {
             overload,
             tokenizers,
             alerts,
+            datasets,
         });
         Ok((gateway, writer))
     }

@@ -38,6 +38,9 @@ pub struct KeyRecord {
     /// Limits for single models; a model named here replaces its tier's limits for it.
     #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
     pub model_limits: sluice_policies::ModelLimits,
+    /// The key's own opt-in to capture for distillation; none: its tenant's applies.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub distillation: Option<sluice_policies::Distillation>,
 }
 
 fn cache_on() -> bool {

@@ -11,6 +11,7 @@ pub mod cache;
 pub mod clock;
 pub mod config;
 pub mod connections;
+pub mod datasets;
 pub mod error;
 pub mod keys;
 pub mod ledger;

@@ -41,22 +41,65 @@ enum Command {
         #[command(subcommand)]
         command: BillingCommand,
     },
+    /// The distillation dataset: exports from a running gateway's admin API.
+    Datasets {
+        #[command(subcommand)]
+        command: DatasetsCommand,
+    },
+}
+
+/// Where a running gateway's admin API is, and the credential for it.
+#[derive(clap::Args)]
+struct AdminApi {
+    /// The admin API of a running gateway.
+    #[arg(
+        long,
+        env = "SLUICE_ADMIN_URL",
+        default_value = "http://127.0.0.1:8081"
+    )]
+    admin_url: String,
+    /// Admin bearer token (or an admin/viewer JWT).
+    #[arg(long, env = "SLUICE_ADMIN_TOKEN", hide_env_values = true)]
+    token: String,
+}
+
+#[derive(Subcommand)]
+enum DatasetsCommand {
+    /// Write the captured conversations as an OpenAI fine-tuning file (JSON Lines, one
+    /// `{"messages": [...]}` per line) to stdout or a file.
+    Export {
+        #[command(flatten)]
+        api: AdminApi,
+        /// Only this model's answers (a name, or a pattern with `*`).
+        #[arg(long)]
+        model: Option<String>,
+        /// Only this tenant's conversations.
+        #[arg(long)]
+        tenant: Option<String>,
+        /// Only this key's conversations (its id).
+        #[arg(long)]
+        key: Option<String>,
+        /// Captured at or after: YYYY-MM-DD or RFC 3339.
+        #[arg(long)]
+        from: Option<String>,
+        /// Captured before.
+        #[arg(long)]
+        to: Option<String>,
+        /// Only answers that ended so (comma-separated: stop, length, tool_calls, ...).
+        #[arg(long)]
+        finish_reason: Option<String>,
+        /// Write here instead of stdout.
+        #[arg(long, short)]
+        output: Option<PathBuf>,
+    },
 }
 
 #[derive(Subcommand)]
 enum BillingCommand {
     /// Write a billing export (CSV or JSON Lines) to stdout or a file.
     Export {
-        /// The admin API of a running gateway.
-        #[arg(
-            long,
-            env = "SLUICE_ADMIN_URL",
-            default_value = "http://127.0.0.1:8081"
-        )]
-        admin_url: String,
-        /// Admin bearer token (or an admin/viewer JWT).
-        #[arg(long, env = "SLUICE_ADMIN_TOKEN", hide_env_values = true)]
-        token: String,
+        #[command(flatten)]
+        api: AdminApi,
         /// Start, inclusive: YYYY-MM-DD or RFC 3339. Default: the start of the month.
         #[arg(long)]
         from: Option<String>,
@@ -96,6 +139,7 @@ fn main() {
     let result = match cli.command {
         Command::Serve { config } => load(config).and_then(sluice_gateway::server::run),
         Command::Billing { command } => billing(command),
+        Command::Datasets { command } => datasets(command),
         Command::Check { config } => load(config).map(|c| {
             println!(
                 "ok: listen {}, admin {}, store {}, {} backend(s), tiers: {}",
@@ -118,26 +162,60 @@ fn main() {
 }
 
 fn billing(command: BillingCommand) -> anyhow::Result<()> {
-    let (admin_url, token, from, to, group_by, format, output) = match command {
+    let (api, from, to, group_by, format, output) = match command {
         BillingCommand::Export {
-            admin_url,
-            token,
+            api,
             from,
             to,
             group_by,
             format,
             output,
-        } => (admin_url, token, from, to, group_by, format, output),
+        } => (api, from, to, group_by, format, output),
         BillingCommand::Import { config, from, to } => return import(load(config)?, from, to),
     };
     let mut query = vec![("group_by", group_by), ("format", format)];
     query.extend(from.map(|f| ("from", f)));
     query.extend(to.map(|t| ("to", t)));
+    download(&api, "/admin/v1/billing/export", &query, output)
+}
+
+fn datasets(command: DatasetsCommand) -> anyhow::Result<()> {
+    let DatasetsCommand::Export {
+        api,
+        model,
+        tenant,
+        key,
+        from,
+        to,
+        finish_reason,
+        output,
+    } = command;
+    let query: Vec<(&str, String)> = [
+        ("model", model),
+        ("tenant", tenant),
+        ("key", key),
+        ("from", from),
+        ("to", to),
+        ("finish_reason", finish_reason),
+    ]
+    .into_iter()
+    .filter_map(|(name, value)| value.map(|v| (name, v)))
+    .collect();
+    download(&api, "/admin/v1/datasets/export", &query, output)
+}
+
+/// Writes what an admin API export answers to stdout or a file, as it arrives (an export of
+/// millions of lines is never held here); into a file beside the output first, renamed into
+/// place only once the export ended whole.
+fn download(
+    api: &AdminApi,
+    path: &str,
+    query: &[(&str, String)],
+    output: Option<PathBuf>,
+) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    // Written as it arrives (an export of millions of events is never held here); into a
-    // file beside the output first, renamed into place only once the export ended whole.
     let partial = output.as_ref().map(|path| {
         let mut name = path.as_os_str().to_owned();
         name.push(".partial");
@@ -149,12 +227,9 @@ fn billing(command: BillingCommand) -> anyhow::Result<()> {
     };
     let written = runtime.block_on(async {
         let mut response = reqwest::Client::new()
-            .get(format!(
-                "{}/admin/v1/billing/export",
-                admin_url.trim_end_matches('/')
-            ))
-            .bearer_auth(token)
-            .query(&query)
+            .get(format!("{}{path}", api.admin_url.trim_end_matches('/')))
+            .bearer_auth(&api.token)
+            .query(query)
             .send()
             .await?;
         let status = response.status();

@@ -27,6 +27,7 @@ pub struct Metrics {
     admissions: IntCounterVec,
     budget_alerts: IntCounterVec,
     budget_alert_deliveries: IntCounterVec,
+    dataset_captures: IntCounterVec,
     redis_calls: HistogramVec,
     redis_errors: IntCounterVec,
     shed: IntCounterVec,
@@ -202,6 +203,12 @@ impl Metrics {
                     "Client connections closed on arrival because the replica held server.max_connections.",
                 ),
             ),
+            dataset_captures: counter(
+                &r,
+                "sluice_dataset_captures_total",
+                "Conversations captured for distillation, by outcome: kept, or not kept and why (too_large, dropped_queue, dropped_store, unreadable).",
+                &["outcome"],
+            ),
             redis_calls: histogram(
                 &r,
                 "sluice_redis_call_duration_seconds",
@@ -226,6 +233,15 @@ impl Metrics {
             metrics
                 .budget_alert_deliveries
                 .with_label_values(&[outcome]);
+        }
+        for outcome in [
+            "kept",
+            "too_large",
+            "dropped_queue",
+            "dropped_store",
+            "unreadable",
+        ] {
+            metrics.dataset_captures.with_label_values(&[outcome]);
         }
         metrics
     }
@@ -296,6 +312,12 @@ impl Metrics {
 
     pub fn record_budget_alert(&self, budget: &str) {
         self.budget_alerts.with_label_values(&[budget]).inc();
+    }
+
+    pub fn record_dataset_captures(&self, outcome: &str, conversations: u64) {
+        self.dataset_captures
+            .with_label_values(&[outcome])
+            .inc_by(conversations);
     }
 
     pub fn record_budget_alert_delivery(&self, outcome: &str) {

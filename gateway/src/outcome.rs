@@ -300,6 +300,7 @@ mod tests {
             ledgers: crate::auth::quota_ledgers("key_1", "t"),
             model_limits: Default::default(),
             tenant_model_limits: Default::default(),
+            distillation: None,
         };
         let full = RequestOutcome {
             request_id: "req-1:a.b_c",

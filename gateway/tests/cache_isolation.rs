@@ -87,6 +87,7 @@ fn asker(tenant: &str) -> Identity {
         ledgers: sluice_gateway::auth::quota_ledgers(&format!("key-of-{tenant}"), tenant),
         model_limits: Default::default(),
         tenant_model_limits: Default::default(),
+        distillation: None,
     }
 }
 

@@ -57,6 +57,7 @@ fn record(name: &str, created_at: i64) -> (KeyRecord, String) {
             },
         )]
         .into(),
+        distillation: Some(sluice_policies::Distillation { models: vec![] }),
     };
     (record, secret.secret)
 }
@@ -526,6 +527,9 @@ async fn tenants_case(store: &dyn Store) {
             },
         )]
         .into(),
+        distillation: Some(sluice_policies::Distillation {
+            models: vec!["llama-*".to_owned()],
+        }),
     };
     store.put_tenant(&acme).await.unwrap();
     assert_ne!(store.keys_epoch().await.unwrap(), before);
@@ -792,4 +796,81 @@ async fn usage_purge_case(store: &dyn Store) {
     assert_eq!(left, vec![events[1].clone()]);
     assert_eq!(store.append_usage(&events[..1]).await.unwrap(), 0);
     assert_eq!(store.usage_events(0, i64::MAX).await.unwrap().len(), 1);
+}
+
+contract!(
+    captured_conversations_page_in_order_within_retention,
+    captures_case
+);
+
+async fn captures_case(store: &dyn Store) {
+    use sluice_gateway::store::Retention;
+    let keep_all = Retention {
+        oldest_ms: 0,
+        max_records: 1_000,
+    };
+    assert!(store.captures_page(None, 10).await.unwrap().is_empty());
+    let entries: Vec<Vec<u8>> = (0..7)
+        .map(|i| format!("{{\"n\":{i}}}").into_bytes())
+        .collect();
+    store
+        .append_captures(&entries[..3], &keep_all)
+        .await
+        .unwrap();
+    store
+        .append_captures(&entries[3..], &keep_all)
+        .await
+        .unwrap();
+
+    // Paged from the oldest, in the order appended, each page after the last id.
+    let first = store.captures_page(None, 4).await.unwrap();
+    let rest = store
+        .captures_page(Some(&first.last().unwrap().0), 10)
+        .await
+        .unwrap();
+    let read: Vec<Vec<u8>> = first.iter().chain(&rest).map(|(_, e)| e.clone()).collect();
+    assert_eq!(read, entries);
+    let ids: Vec<String> = first
+        .iter()
+        .chain(&rest)
+        .map(|(id, _)| id.clone())
+        .collect();
+
+    // Deleting answers how many were there; an unknown id counts nothing, a malformed one
+    // is an error, not a silent no-op.
+    let gone = vec![ids[1].clone(), ids[4].clone(), "1-999".to_owned()];
+    assert_eq!(store.delete_captures(&gone).await.unwrap(), 2);
+    assert_eq!(store.delete_captures(&gone).await.unwrap(), 0);
+    assert!(store.delete_captures(&["x".to_owned()]).await.is_err());
+    assert!(store.captures_page(Some("x"), 10).await.is_err());
+    let left = store.captures_page(None, 10).await.unwrap();
+    assert_eq!(left.len(), 5);
+
+    // The newest max_records stay.
+    let few = Retention {
+        oldest_ms: 0,
+        max_records: 3,
+    };
+    store.append_captures(&entries[..1], &few).await.unwrap();
+    let kept: Vec<String> = store
+        .captures_page(None, 10)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|(id, _)| id)
+        .collect();
+    assert_eq!(kept.len(), 3);
+    assert_eq!(kept[..2], [ids[5].clone(), ids[6].clone()]);
+
+    // Entries appended before oldest_ms go.
+    tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    let newest_ms: i64 = kept[2].split('-').next().unwrap().parse().unwrap();
+    let recent = Retention {
+        oldest_ms: newest_ms + 1,
+        max_records: 1_000,
+    };
+    store.append_captures(&entries[6..], &recent).await.unwrap();
+    let after = store.captures_page(None, 10).await.unwrap();
+    assert_eq!(after.len(), 1, "only the entry appended now is recent");
+    assert_eq!(after[0].1, entries[6]);
 }

@@ -4,6 +4,7 @@
 
 pub mod alerts;
 pub mod cache;
+pub mod distillation;
 pub mod ledger;
 pub mod limits;
 pub mod model_access;
@@ -14,6 +15,7 @@ pub mod same_question;
 pub mod tenants;
 pub mod tiers;
 
+pub use distillation::Distillation;
 pub use limits::{LimitOverrides, Limits, ModelLimits};
 pub use model_access::{ModelAccess, ModelLists};
 pub use money::Money;

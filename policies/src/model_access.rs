@@ -58,15 +58,7 @@ impl ModelLists {
             ("denied_models", &self.denied_models[..]),
         ];
         for (field, patterns) in lists {
-            if patterns.len() > MAX_PATTERNS {
-                return Err(PatternError::TooMany { field });
-            }
-            if let Some(bad) = patterns.iter().find(|p| !well_formed(p)) {
-                return Err(PatternError::Bad {
-                    field,
-                    pattern: bad.clone(),
-                });
-            }
+            validate_patterns(field, patterns)?;
         }
         Ok(())
     }
@@ -74,6 +66,20 @@ impl ModelLists {
     pub fn is_empty(&self) -> bool {
         self.allowed_models.is_none() && self.denied_models.is_empty()
     }
+}
+
+/// One list of patterns, named `field` in errors: each well-formed, and not too many.
+pub fn validate_patterns(field: &'static str, patterns: &[String]) -> Result<(), PatternError> {
+    if patterns.len() > MAX_PATTERNS {
+        return Err(PatternError::TooMany { field });
+    }
+    if let Some(bad) = patterns.iter().find(|p| !well_formed(p)) {
+        return Err(PatternError::Bad {
+            field,
+            pattern: bad.clone(),
+        });
+    }
+    Ok(())
 }
 
 fn well_formed(pattern: &str) -> bool {

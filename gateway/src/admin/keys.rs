@@ -11,7 +11,7 @@ use axum::response::IntoResponse;
 use axum::{Extension, Json};
 use serde::Deserialize;
 use serde_json::{json, Value};
-use sluice_policies::{LimitOverrides, ModelLists};
+use sluice_policies::{Distillation, LimitOverrides, ModelLists};
 
 /// A key as the admin API shows it: never its secret or hash.
 pub(super) fn key_view(gateway: &Gateway, record: &KeyRecord) -> Value {
@@ -35,6 +35,7 @@ pub(super) fn key_view(gateway: &Gateway, record: &KeyRecord) -> Value {
         "allowed_models": record.models.allowed_models,
         "denied_models": record.models.denied_models,
         "model_limits": record.model_limits,
+        "distillation": record.distillation,
         "status": if record.is_revoked() { "revoked" } else { "active" },
     })
 }
@@ -57,6 +58,8 @@ struct CreateKey {
     /// Limits for single models; a model named here replaces the tier's limits for it.
     #[serde(default)]
     model_limits: sluice_policies::ModelLimits,
+    /// The key's own opt-in to capture for distillation; absent: its tenant's applies.
+    distillation: Option<Distillation>,
 }
 
 pub(super) async fn create_key(
@@ -78,6 +81,9 @@ pub(super) async fn create_key(
         denied_models: req.denied_models,
     })?;
     model_limits(&req.model_limits)?;
+    if let Some(opt_in) = &req.distillation {
+        distillation(opt_in)?;
+    }
     let secret = NewSecret::generate();
     let record = KeyRecord {
         id: new_key_id(),
@@ -92,6 +98,7 @@ pub(super) async fn create_key(
         cache: req.cache.unwrap_or(true),
         models,
         model_limits: req.model_limits,
+        distillation: req.distillation,
     };
     gateway
         .store
@@ -164,6 +171,9 @@ struct UpdateKey {
     denied_models: Option<Vec<String>>,
     /// Replaces the key's per-model limits as a whole; `{}` clears them.
     model_limits: Option<sluice_policies::ModelLimits>,
+    /// `null` clears the key's own opt-in, so its tenant's applies.
+    #[serde(default, deserialize_with = "super::present")]
+    distillation: Option<Option<Distillation>>,
 }
 
 pub(super) async fn update_key(
@@ -209,6 +219,12 @@ pub(super) async fn update_key(
     if let Some(model_limits) = req.model_limits {
         self::model_limits(&model_limits)?;
         record.model_limits = model_limits;
+    }
+    if let Some(opt_in) = req.distillation {
+        if let Some(opt_in) = &opt_in {
+            distillation(opt_in)?;
+        }
+        record.distillation = opt_in;
     }
     gateway
         .store
@@ -313,6 +329,12 @@ pub(super) async fn reset_key_quota(
 pub(super) fn model_limits(limits: &sluice_policies::ModelLimits) -> Result<(), ApiError> {
     sluice_policies::limits::validate_model_limits(limits)
         .map_err(|e| ApiError::bad_request(format!("{e}.")).with_param("model_limits"))
+}
+
+pub(super) fn distillation(opt_in: &Distillation) -> Result<(), ApiError> {
+    opt_in
+        .validate()
+        .map_err(|e| ApiError::bad_request(e.to_string()).with_param(e.field()))
 }
 
 fn model_lists(lists: ModelLists) -> Result<ModelLists, ApiError> {

@@ -1,8 +1,8 @@
 //! Who may change what, and where? The admin API, on its own listener: API keys and their
 //! quota (`keys`, `quota`), tenants' limits (`tenants`), tiers (`tiers`), the backend pool
 //! (`backends`), usage and billing exports (`billing`), spend alerts (`alerts`), the response
-//! cache (`cache`), the console (`console`), `/metrics` (`metrics`), and the audit trail of
-//! every write (`audit`). This file holds the router and authorisation. Every call needs the admin
+//! cache (`cache`), the distillation dataset (`datasets`), the console (`console`),
+//! `/metrics` (`metrics`), and the audit trail of every write (`audit`). This file holds the router and authorisation. Every call needs the admin
 //! bearer token or an admin JWT (`[auth.admin_jwt]`: its own keys, issuer and audience, never
 //! the proxy's) whose role claim is `admin` (anything) or `viewer` (reads only; with a tenant
 //! claim, that tenant's keys, usage and billing only). The secret of a key appears in exactly
@@ -14,6 +14,7 @@ mod backends;
 mod billing;
 mod cache;
 mod console;
+mod datasets;
 mod keys;
 mod listener;
 mod metrics;
@@ -97,6 +98,11 @@ pub fn router(gateway: Arc<Gateway>) -> Router {
         .route("/admin/v1/cache", axum::routing::delete(cache::purge_cache))
         .route("/admin/v1/cache/stats", get(cache::cache_stats))
         .route("/admin/v1/alerts", get(alerts::list_alerts))
+        .route(
+            "/admin/v1/datasets",
+            axum::routing::delete(datasets::purge_dataset),
+        )
+        .route("/admin/v1/datasets/export", get(datasets::export_dataset))
         .route(
             "/admin/v1/audit",
             get(audit::list_audit)

@@ -15,7 +15,7 @@ use sluice_policies::{tenants, Limits, Tenant};
 /// A tenant as the admin API shows it.
 fn tenant_view(tenant: &Tenant) -> Value {
     json!({"id": tenant.id, "object": "tenant", "limits": tenant.limits,
-           "model_limits": tenant.model_limits})
+           "model_limits": tenant.model_limits, "distillation": tenant.distillation})
 }
 
 /// The tenant, unless the caller is a viewer scoped to another one (then it does not exist
@@ -52,12 +52,7 @@ pub(super) async fn get_tenant(
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
     visible(&caller, &id)?;
-    let tenants = gateway.tenants.load();
-    Ok(Json(tenant_view(&Tenant {
-        limits: tenants.limits(&id),
-        model_limits: (*tenants.model_limits(&id)).clone(),
-        id,
-    })))
+    Ok(Json(tenant_view(&gateway.tenants.load().get(&id))))
 }
 
 #[derive(Deserialize)]
@@ -67,6 +62,9 @@ struct PutTenant {
     /// Limits for single models, for all of the tenant's keys together.
     #[serde(default)]
     model_limits: sluice_policies::ModelLimits,
+    /// The tenant's opt-in to capture for distillation; absent or `null`: off.
+    #[serde(default)]
+    distillation: Option<sluice_policies::Distillation>,
 }
 
 /// `PUT /admin/v1/tenants/{id}` with `{"limits": {...}}`: sets (replaces) the tenant's
@@ -79,10 +77,14 @@ pub(super) async fn put_tenant(
     non_empty("id", &id)?;
     let req: PutTenant = parse_body(&body)?;
     super::keys::model_limits(&req.model_limits)?;
+    if let Some(opt_in) = &req.distillation {
+        super::keys::distillation(opt_in)?;
+    }
     let tenant = Tenant {
         id: id.clone(),
         limits: req.limits,
         model_limits: req.model_limits,
+        distillation: req.distillation,
     };
     gateway
         .store

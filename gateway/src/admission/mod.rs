@@ -660,6 +660,7 @@ mod tests {
             ledgers: crate::auth::quota_ledgers("k", "t"),
             model_limits: Default::default(),
             tenant_model_limits: Default::default(),
+            distillation: None,
         }
     }
 

@@ -131,6 +131,7 @@ mod tests {
             ledgers: crate::auth::quota_ledgers(key_id, "t"),
             model_limits: Default::default(),
             tenant_model_limits: Default::default(),
+            distillation: None,
         })
     }
 

@@ -18,7 +18,9 @@ use crate::keys::{KeyHash, KeyRecord};
 use crate::store::Store;
 use sluice_policies::ledger::{self, Scope};
 use sluice_policies::quota::LimitScope;
-use sluice_policies::{tenants, Limits, ModelAccess, ModelLimits, ModelLists, Tenants, Tiers};
+use sluice_policies::{
+    tenants, Distillation, Limits, ModelAccess, ModelLimits, ModelLists, Tenants, Tiers,
+};
 use std::sync::Arc;
 
 /// What a JWT's tenant (and subject) is prefixed with, so that tenants named by tokens and
@@ -48,6 +50,9 @@ pub struct Identity {
     /// each counted in a ledger of its own (`ledger::model_ledger`).
     pub model_limits: Arc<ModelLimits>,
     pub tenant_model_limits: Arc<ModelLimits>,
+    /// Its key's (else its tenant's) opt-in to capture for distillation; `None`: nothing
+    /// of its is kept.
+    pub distillation: Option<Arc<Distillation>>,
 }
 
 /// Whose limit: the key's or the tenant's, for every model or for one.
@@ -242,6 +247,12 @@ impl Authenticator {
                 &record.model_limits,
             )),
             tenant_model_limits: tenants.model_limits(&record.tenant),
+            distillation: Distillation::of(
+                record.distillation.as_ref(),
+                tenants.distillation(&record.tenant),
+            )
+            .cloned()
+            .map(Arc::new),
         })
     }
 
@@ -274,6 +285,9 @@ impl Authenticator {
             tenant_limits: tenants.limits(&tenant),
             model_limits: Arc::new(tier.model_limits.clone()),
             tenant_model_limits: tenants.model_limits(&tenant),
+            distillation: Distillation::of(None, tenants.distillation(&tenant))
+                .cloned()
+                .map(Arc::new),
             key_id,
             tenant,
             tier: tier.name.clone(),

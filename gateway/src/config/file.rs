@@ -33,6 +33,8 @@ pub(super) struct FileConfig {
     #[serde(default)]
     pub(super) billing: BillingSection,
     pub(super) alerts: Option<AlertsSection>,
+    #[serde(default)]
+    pub(super) datasets: DatasetsSection,
     /// model -> its tokenizer.json
     #[serde(default)]
     pub(super) tokenizers: BTreeMap<String, PathBuf>,
@@ -45,6 +47,15 @@ pub(super) struct AlertsSection {
     pub(super) webhook_secret: Option<String>,
     pub(super) thresholds: Option<Vec<u32>>,
     pub(super) check_interval_ms: Option<u64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct DatasetsSection {
+    pub(super) retention_days: Option<u64>,
+    pub(super) max_records: Option<usize>,
+    pub(super) max_answer_bytes: Option<usize>,
+    pub(super) queue_bytes: Option<usize>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -100,6 +100,8 @@ pub struct Config {
     pub tokenizers: BTreeMap<String, PathBuf>,
     /// Spend alerts (`[alerts]`): off unless the section is there.
     pub alerts: Option<crate::alerts::AlertsConfig>,
+    /// What the distillation dataset keeps (`[datasets]`).
+    pub datasets: crate::datasets::DatasetsConfig,
 }
 
 /// `[cache]`: the response cache's rules, and where prompts are embedded for semantic hits.
@@ -289,6 +291,7 @@ impl Config {
         let cache = resolve::resolve_cache(file.cache, &tiers, env)?;
         let feed = resolve::feed(&file.billing, env)?;
         let alerts = file.alerts.map(|a| resolve::alerts(a, env)).transpose()?;
+        let datasets = resolve::datasets(&file.datasets)?;
         let ledger = resolve::ledger(file.billing, env)?;
         Ok(Config {
             listen: server.listen,
@@ -325,6 +328,7 @@ impl Config {
             ledger,
             feed,
             alerts,
+            datasets,
             tokenizers: file
                 .tokenizers
                 .into_iter()

@@ -763,6 +763,36 @@ pub(super) fn alerts(
     })
 }
 
+/// `[datasets]`: how much of the distillation dataset is kept, and what capture may hold.
+pub(super) fn datasets(
+    d: &DatasetsSection,
+) -> Result<crate::datasets::DatasetsConfig, ConfigError> {
+    let defaults = crate::datasets::DatasetsConfig::default();
+    let positive = |field: &'static str, value: Option<usize>, default: usize| match value {
+        Some(0) => Err(invalid(field, "must be at least 1")),
+        Some(v) => Ok(v),
+        None => Ok(default),
+    };
+    let retention_days = match d.retention_days {
+        Some(0) => return Err(invalid("datasets.retention_days", "must be at least 1")),
+        Some(days) if days > 36_500 => {
+            return Err(invalid("datasets.retention_days", "must be at most 36500"))
+        }
+        Some(days) => std::time::Duration::from_secs(days * 86_400),
+        None => defaults.retention,
+    };
+    Ok(crate::datasets::DatasetsConfig {
+        retention: retention_days,
+        max_records: positive("datasets.max_records", d.max_records, defaults.max_records)?,
+        max_answer_bytes: positive(
+            "datasets.max_answer_bytes",
+            d.max_answer_bytes,
+            defaults.max_answer_bytes,
+        )?,
+        queue_bytes: positive("datasets.queue_bytes", d.queue_bytes, defaults.queue_bytes)?,
+    })
+}
+
 /// A backend added at run time (the admin API), checked as a `[[backends]]` entry would be.
 pub fn backend(name: &str, url: &str, models: Vec<String>) -> Result<BackendConfig, ConfigError> {
     resolve_backend(

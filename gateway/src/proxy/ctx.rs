@@ -67,6 +67,8 @@ pub struct RequestCtx {
     pub cache_status: Option<CacheStatus>,
     pub cache_plan: Option<Plan>,
     pub cache_capture: Option<BytesMut>,
+    /// The answer's chunks, while it is to be captured for distillation (see `datasets`).
+    pub dataset_capture: Option<crate::datasets::Capture>,
     /// The request's exported span and its current upstream attempt's, when trace export is
     /// on (see sluice-telemetry); `None` costs nothing.
     pub span: Option<tracing::Span>,
@@ -111,6 +113,7 @@ impl RequestCtx {
             cache_status: None,
             cache_plan: None,
             cache_capture: None,
+            dataset_capture: None,
             span: None,
             upstream_span: None,
             started: Instant::now(),

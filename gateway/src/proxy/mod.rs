@@ -18,6 +18,7 @@ mod respond;
 pub use ctx::RequestCtx;
 
 use crate::app::Gateway;
+use crate::datasets::{Capture, Datasets};
 use crate::error::ApiError;
 use crate::metering::Meter;
 use crate::request::{self, Route};
@@ -256,6 +257,15 @@ impl ProxyHttp for Proxy {
         if status == 200 && !encoded && ctx.cache_plan.is_some() {
             ctx.cache_capture = Some(BytesMut::new());
         }
+        if status == 200
+            && !encoded
+            && ctx
+                .identity
+                .as_deref()
+                .is_some_and(|identity| Datasets::wants(identity, ctx.route, ctx.model.as_deref()))
+        {
+            ctx.dataset_capture = Some(Capture::default());
+        }
         ctx.upstream_status = Some(status);
         if let (Some(backend), Some(started)) = (&ctx.backend, ctx.backend_started) {
             if is_gateway_failure(status) {
@@ -308,6 +318,12 @@ impl ProxyHttp for Proxy {
             body.as_ref(),
             end_of_stream,
         );
+        if let Some(capture) = ctx.dataset_capture.as_mut() {
+            let max_bytes = self.gateway.datasets.config.max_answer_bytes;
+            if !capture.add(body.as_ref(), end_of_stream, max_bytes) {
+                ctx.dataset_capture = None;
+            }
+        }
         if let Some(meter) = ctx.meter.as_mut() {
             let is_stream = meter.is_stream();
             if let Some(usage) = meter.pass(body, end_of_stream) {
@@ -417,6 +433,16 @@ impl ProxyHttp for Proxy {
         outcome.log();
         traces::finish(ctx.span.clone(), &outcome);
         drop(outcome);
+        if let (Some(capture), Some(identity)) = (ctx.dataset_capture.take(), &ctx.identity) {
+            let model = ctx.model.as_deref().unwrap_or_default();
+            self.gateway.datasets.offer(
+                identity,
+                &ctx.request_id,
+                model,
+                ctx.body.clone(),
+                capture,
+            );
+        }
         ctx.span = None;
         ctx.upstream_span = None;
         if let (Some(admitted), Some(identity)) = (ctx.admitted.take(), ctx.identity.clone()) {

@@ -7,7 +7,7 @@ use super::{BackendRecord, EventCursor, Store, StoreError};
 use crate::keys::{KeyHash, KeyRecord};
 use crate::usage::UsageEvent;
 use async_trait::async_trait;
-use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
 use sluice_policies::ledger::{Admit, Charge, Refresh, Settle, Verdict};
 use sluice_policies::quota::Counters;
 use sluice_policies::{tenants, Tenant, Tier};
@@ -36,12 +36,22 @@ const USAGE_IDS: TableDefinition<&str, &str> = TableDefinition::new("usage_event
 const ALERTS: TableDefinition<&str, &[u8]> = TableDefinition::new("alerts");
 /// sequence number -> JSON audit entry, appended only
 const AUDIT: TableDefinition<u64, &[u8]> = TableDefinition::new("audit");
+/// (time appended in ms, sequence within that ms) -> JSON captured conversation: the
+/// distillation dataset, in the order it was captured
+const CAPTURES: TableDefinition<(u64, u64), &[u8]> = TableDefinition::new("captures");
 /// `{time_ms:020}/{alert id}` -> (): the alerts in the order they were recorded
 const ALERT_TIMES: TableDefinition<&str, ()> = TableDefinition::new("alert_times");
 
 fn usage_key(time_ms: i64, id: &str) -> String {
     // Times before 1970 do not occur; clamp so the key order stays the time order.
     format!("{:020}/{id}", time_ms.max(0))
+}
+
+/// A captured conversation's id, `<ms>-<seq>`, as its table key.
+fn capture_id(id: &str) -> Result<(u64, u64), StoreError> {
+    id.split_once('-')
+        .and_then(|(ms, seq)| Some((ms.parse().ok()?, seq.parse().ok()?)))
+        .ok_or_else(|| StoreError::BadId(id.to_owned()))
 }
 
 pub struct EmbeddedStore {
@@ -84,6 +94,7 @@ impl EmbeddedStore {
         txn.open_table(ALERTS).map_err(embedded_err)?;
         txn.open_table(AUDIT).map_err(embedded_err)?;
         txn.open_table(ALERT_TIMES).map_err(embedded_err)?;
+        txn.open_table(CAPTURES).map_err(embedded_err)?;
         txn.commit().map_err(embedded_err)?;
         Ok(EmbeddedStore {
             db: Arc::new(db),
@@ -483,6 +494,97 @@ impl Store for EmbeddedStore {
                 out.push((seq.value().to_string(), entry.value().to_vec()));
             }
             Ok(out)
+        })
+        .await
+    }
+
+    async fn append_captures(
+        &self,
+        entries: &[Vec<u8>],
+        keep: &super::Retention,
+    ) -> Result<(), StoreError> {
+        let entries = entries.to_vec();
+        let keep = *keep;
+        self.blocking(move |db| {
+            let txn = db.begin_write().map_err(embedded_err)?;
+            {
+                let mut captures = txn.open_table(CAPTURES).map_err(embedded_err)?;
+                // Ids keep their order even if the clock steps back.
+                let last = captures
+                    .last()
+                    .map_err(embedded_err)?
+                    .map(|(k, _)| k.value());
+                let now = crate::clock::now_ms().max(0) as u64;
+                let (mut ms, mut seq) = match last {
+                    Some((ms, seq)) if ms >= now => (ms, seq + 1),
+                    _ => (now, 0),
+                };
+                for entry in &entries {
+                    captures
+                        .insert((ms, seq), entry.as_slice())
+                        .map_err(embedded_err)?;
+                    (ms, seq) = (ms, seq + 1);
+                }
+                let oldest = keep.oldest_ms.max(0) as u64;
+                captures
+                    .retain_in(..(oldest, 0), |_, _| false)
+                    .map_err(embedded_err)?;
+                let len = captures.len().map_err(embedded_err)? as usize;
+                for _ in keep.max_records..len {
+                    captures.pop_first().map_err(embedded_err)?;
+                }
+            }
+            txn.commit().map_err(embedded_err)?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn captures_page(
+        &self,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        let after = after.map(capture_id).transpose()?;
+        self.blocking(move |db| {
+            let txn = db.begin_read().map_err(embedded_err)?;
+            let captures = txn.open_table(CAPTURES).map_err(embedded_err)?;
+            let range = match after {
+                Some(id) => {
+                    captures.range((std::ops::Bound::Excluded(id), std::ops::Bound::Unbounded))
+                }
+                None => captures.range::<(u64, u64)>(..),
+            }
+            .map_err(embedded_err)?;
+            let mut out = Vec::new();
+            for row in range.take(limit) {
+                let (id, entry) = row.map_err(embedded_err)?;
+                let (ms, seq) = id.value();
+                out.push((format!("{ms}-{seq}"), entry.value().to_vec()));
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn delete_captures(&self, ids: &[String]) -> Result<u64, StoreError> {
+        let ids: Vec<(u64, u64)> = ids
+            .iter()
+            .map(|id| capture_id(id))
+            .collect::<Result<_, _>>()?;
+        self.blocking(move |db| {
+            let txn = db.begin_write().map_err(embedded_err)?;
+            let mut deleted = 0;
+            {
+                let mut captures = txn.open_table(CAPTURES).map_err(embedded_err)?;
+                for id in ids {
+                    if captures.remove(id).map_err(embedded_err)?.is_some() {
+                        deleted += 1;
+                    }
+                }
+            }
+            txn.commit().map_err(embedded_err)?;
+            Ok(deleted)
         })
         .await
     }

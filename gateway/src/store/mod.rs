@@ -38,6 +38,8 @@ pub enum StoreError {
     Corrupt(#[from] serde_json::Error),
     #[error("{0}")]
     Unsupported(&'static str),
+    #[error("'{0}' is not an id of this store")]
+    BadId(String),
 }
 
 /// Usage events read from the buffer (see [`Store::buffer_usage`]), with what the store
@@ -64,6 +66,15 @@ pub struct EventCursor {
     pub position: String,
     /// How many events of that time have been read (Redis pages by offset within a time).
     pub at_time: usize,
+}
+
+/// What the distillation dataset keeps (see [`Store::append_captures`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Retention {
+    /// Entries appended before this time (unix ms) are forgotten.
+    pub oldest_ms: i64,
+    /// At most this many entries are kept; the oldest go first.
+    pub max_records: usize,
 }
 
 /// How long a recorded spend alert is kept (and so not delivered again): past any month.
@@ -234,6 +245,25 @@ pub trait Store: Send + Sync + 'static {
         before: Option<&str>,
         limit: usize,
     ) -> Result<Vec<(String, Vec<u8>)>, StoreError>;
+
+    /// Appends captured conversations (JSON) to the distillation dataset, then forgets what
+    /// `keep` no longer keeps. Ids are `<ms>-<seq>`: the time each was appended, in order.
+    async fn append_captures(
+        &self,
+        entries: &[Vec<u8>],
+        keep: &Retention,
+    ) -> Result<(), StoreError>;
+
+    /// Up to `limit` captured conversations after the one with id `after` (from the oldest
+    /// without), oldest first, with their ids.
+    async fn captures_page(
+        &self,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<(String, Vec<u8>)>, StoreError>;
+
+    /// Deletes the captured conversations with these ids; returns how many were there.
+    async fn delete_captures(&self, ids: &[String]) -> Result<u64, StoreError>;
 
     /// A ledger's live quota counters (a key's, or a tenant's).
     async fn quota_counters(

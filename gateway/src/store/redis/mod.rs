@@ -7,6 +7,8 @@
 //! - `{prefix}:tiers`           hash: tier name -> JSON `Tier` (changed through the admin API)
 //! - `{prefix}:tenants`         hash: tenant id -> JSON `Tenant` (its limits)
 //! - `{prefix}:audit`           stream of audit entries (field `e`: JSON), appended only
+//! - `{prefix}:captures`        stream of conversations captured for distillation (field
+//!   `e`: JSON), trimmed by age and length as entries are added
 //! - `{prefix:LEDGER}:q:…`      a quota ledger's counters (see `quota`): LEDGER is a key id,
 //!   or `tenant:ID` for a tenant's
 //! - `{prefix}:backends:draining` set of backend names taking no new requests
@@ -45,6 +47,26 @@ use scripts::APPEND_USAGE;
 use sluice_policies::ledger::{Admit, Charge, Refresh, Settle, Verdict};
 use sluice_policies::quota::Counters;
 use sluice_policies::{Tenant, Tier};
+
+/// A range of stream entries as XRANGE answers: each id with its fields.
+type StreamEntries = Vec<(String, Vec<(String, Vec<u8>)>)>;
+
+/// Each entry's id with its `e` field (where the store keeps an entry's JSON).
+fn entry_fields(entries: StreamEntries) -> Vec<(String, Vec<u8>)> {
+    entries
+        .into_iter()
+        .filter_map(|(id, fields)| {
+            let entry = fields.into_iter().find(|(f, _)| f == "e")?.1;
+            Some((id, entry))
+        })
+        .collect()
+}
+
+/// Stream ids are `<ms>-<seq>`.
+fn is_stream_id(id: &str) -> bool {
+    id.split_once('-')
+        .is_some_and(|(ms, seq)| ms.parse::<u64>().is_ok() && seq.parse::<u64>().is_ok())
+}
 
 /// Shards of the usage buffer: enough that a cluster of a few nodes shares the load of an
 /// outage of the ledger, few enough that draining reads them all each second.
@@ -160,6 +182,10 @@ impl RedisStore {
 
     fn audit_key(&self) -> String {
         format!("{{{}}}:audit", self.prefix)
+    }
+
+    fn captures_key(&self) -> String {
+        format!("{{{}}}:captures", self.prefix)
     }
 
     fn tenants_key(&self) -> String {
@@ -477,17 +503,12 @@ impl Store for RedisStore {
         if limit == 0 {
             return Ok(Vec::new());
         }
-        // Stream ids are `<ms>-<seq>`; anything else pages from the newest entry.
-        let is_id = |b: &&str| {
-            b.split_once('-')
-                .is_some_and(|(ms, seq)| ms.parse::<u64>().is_ok() && seq.parse::<u64>().is_ok())
-        };
+        // Anything but a stream id pages from the newest entry.
         let end = before
-            .filter(is_id)
+            .filter(|b| is_stream_id(b))
             .map_or_else(|| "+".to_owned(), |b| format!("({b}"));
         let mut conn = self.conn.clone();
-        type Entries = Vec<(String, Vec<(String, Vec<u8>)>)>;
-        let entries: Entries = redis::cmd("XREVRANGE")
+        let entries: StreamEntries = redis::cmd("XREVRANGE")
             .arg(self.audit_key())
             .arg(end)
             .arg("-")
@@ -495,13 +516,75 @@ impl Store for RedisStore {
             .arg(limit)
             .query_async(&mut conn)
             .await?;
-        Ok(entries
-            .into_iter()
-            .filter_map(|(id, fields)| {
-                let entry = fields.into_iter().find(|(f, _)| f == "e")?.1;
-                Some((id, entry))
-            })
-            .collect())
+        Ok(entry_fields(entries))
+    }
+
+    async fn append_captures(
+        &self,
+        entries: &[Vec<u8>],
+        keep: &super::Retention,
+    ) -> Result<(), StoreError> {
+        let stream = self.captures_key();
+        let mut pipe = redis::pipe();
+        for entry in entries {
+            // Exact trimming: each append lets go of about as many entries as it adds.
+            pipe.cmd("XADD")
+                .arg(&stream)
+                .arg("MAXLEN")
+                .arg(keep.max_records)
+                .arg("*")
+                .arg("e")
+                .arg(entry.as_slice())
+                .ignore();
+        }
+        pipe.cmd("XTRIM")
+            .arg(&stream)
+            .arg("MINID")
+            .arg(keep.oldest_ms.max(0))
+            .ignore();
+        let mut conn = self.conn.clone();
+        pipe.query_async::<()>(&mut conn).await?;
+        Ok(())
+    }
+
+    async fn captures_page(
+        &self,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
+        let start = match after {
+            Some(id) if is_stream_id(id) => format!("({id}"),
+            Some(id) => return Err(StoreError::BadId(id.to_owned())),
+            None => "-".to_owned(),
+        };
+        let mut conn = self.conn.clone();
+        let entries: StreamEntries = redis::cmd("XRANGE")
+            .arg(self.captures_key())
+            .arg(start)
+            .arg("+")
+            .arg("COUNT")
+            .arg(limit)
+            .query_async(&mut conn)
+            .await?;
+        Ok(entry_fields(entries))
+    }
+
+    async fn delete_captures(&self, ids: &[String]) -> Result<u64, StoreError> {
+        if ids.is_empty() {
+            return Ok(0);
+        }
+        if let Some(bad) = ids.iter().find(|id| !is_stream_id(id)) {
+            return Err(StoreError::BadId(bad.clone()));
+        }
+        let mut conn = self.conn.clone();
+        Ok(redis::cmd("XDEL")
+            .arg(self.captures_key())
+            .arg(ids)
+            .query_async(&mut conn)
+            .await?)
     }
 
     async fn recent_alerts(&self, limit: usize) -> Result<Vec<Vec<u8>>, StoreError> {

@@ -1,0 +1,165 @@
+//! The distillation dataset: what was captured for tenants and keys that opted in, exported
+//! as an OpenAI fine-tuning file (JSON Lines) and purged on request.
+
+use super::{AppState, Caller};
+use crate::app::Gateway;
+use crate::datasets::exchange::Conversation;
+use crate::datasets::export::{self, Filter};
+use crate::error::ApiError;
+use axum::body::Body;
+use axum::extract::{Query, State};
+use axum::response::{IntoResponse, Response};
+use axum::{Extension, Json};
+use serde_json::{json, Value};
+use std::collections::HashMap;
+
+/// Conversations the store reads a page at a time; the caller sees those its filter and
+/// role admit, or the store's failure as a 503.
+struct Pages<'a> {
+    gateway: &'a Gateway,
+    after: Option<String>,
+    done: bool,
+}
+
+impl Pages<'_> {
+    async fn next(&mut self) -> Result<Option<Vec<(String, Conversation)>>, ApiError> {
+        if self.done {
+            return Ok(None);
+        }
+        let page = self
+            .gateway
+            .store
+            .captures_page(self.after.as_deref(), export::PAGE)
+            .await
+            .map_err(|e| {
+                tracing::warn!(error = %e, "captured conversations unreadable");
+                ApiError::unavailable("the dataset cannot be read right now; retry shortly")
+            })?;
+        self.done = page.len() < export::PAGE;
+        self.after = page.last().map(|(id, _)| id.clone());
+        let read = page
+            .into_iter()
+            .filter_map(|(id, entry)| match serde_json::from_slice(&entry) {
+                Ok(conversation) => Some((id, conversation)),
+                Err(e) => {
+                    tracing::warn!(id = %id, error = %e, "captured conversation unreadable; skipped");
+                    None
+                }
+            })
+            .collect();
+        Ok(Some(read))
+    }
+}
+
+fn filter_of(params: &HashMap<String, String>, caller: &Caller) -> Result<Filter, ApiError> {
+    let filter =
+        Filter::parse(params).map_err(|e| ApiError::bad_request(e.message).with_param(e.param))?;
+    if caller.tenant.is_some() {
+        return Err(ApiError::forbidden(
+            "A token scoped to a tenant cannot read the dataset.",
+        ));
+    }
+    Ok(filter)
+}
+
+/// `GET /admin/v1/datasets/export?model=&tenant=&key=&from=&to=&finish_reason=`: the
+/// captured conversations the filter selects, oldest first, one OpenAI fine-tuning example
+/// per line. Streamed: the first page is read before answering (a store that cannot be read
+/// is a 503); a failure after that cuts the body off, so no client mistakes a partial file
+/// for a whole one.
+pub(super) async fn export_dataset(
+    State(gateway): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    Query(params): Query<HashMap<String, String>>,
+) -> Result<Response, ApiError> {
+    let filter = filter_of(&params, &caller)?;
+    let mut pages = Pages {
+        gateway: &gateway,
+        after: None,
+        done: false,
+    };
+    let first = pages.next().await?;
+    let (after, done) = (pages.after.take(), pages.done);
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Vec<u8>, std::io::Error>>(4);
+    tokio::spawn(async move {
+        let mut pages = Pages {
+            gateway: &gateway,
+            after,
+            done,
+        };
+        let mut page = first;
+        while let Some(conversations) = page {
+            let mut chunk = Vec::new();
+            for (id, c) in conversations.iter().filter(|(_, c)| filter.admits(c)) {
+                if let Err(e) = export::write_line(&mut chunk, c) {
+                    tracing::warn!(id = %id, error = %e, "captured conversation not exportable; skipped");
+                }
+            }
+            if !chunk.is_empty() && tx.send(Ok(chunk)).await.is_err() {
+                return;
+            }
+            page = match pages.next().await {
+                Ok(page) => page,
+                Err(e) => {
+                    tracing::error!(error = %e.message, "dataset export cut off: the store failed mid-way");
+                    let _ = tx.send(Err(std::io::Error::other(e.message))).await;
+                    return;
+                }
+            };
+        }
+    });
+    let body = futures::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|chunk| (chunk, rx))
+    });
+    Ok((
+        [(http::header::CONTENT_TYPE, "application/x-ndjson")],
+        Body::from_stream(body),
+    )
+        .into_response())
+}
+
+/// `DELETE /admin/v1/datasets?model=&tenant=&key=&from=&to=&finish_reason=` (or `?all=true`):
+/// deletes the captured conversations the filter selects; answers how many went. A filter
+/// is required, so that a purge of everything is said outright.
+pub(super) async fn purge_dataset(
+    State(gateway): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    Query(mut params): Query<HashMap<String, String>>,
+) -> Result<Json<Value>, ApiError> {
+    let all = match params.remove("all").as_deref() {
+        None | Some("false") => false,
+        Some("true") => true,
+        Some(other) => {
+            return Err(ApiError::bad_request(format!(
+                "'all' must be true or false, not '{other}'."
+            ))
+            .with_param("all"))
+        }
+    };
+    let filter = filter_of(&params, &caller)?;
+    if filter.selects_everything() && !all {
+        return Err(ApiError::bad_request(
+            "Name what to purge (model, tenant, key, from, to, finish_reason), or all=true for everything.",
+        ));
+    }
+    let mut pages = Pages {
+        gateway: &gateway,
+        after: None,
+        done: false,
+    };
+    let mut deleted = 0;
+    while let Some(conversations) = pages.next().await? {
+        let ids: Vec<String> = conversations
+            .into_iter()
+            .filter(|(_, c)| filter.admits(c))
+            .map(|(id, _)| id)
+            .collect();
+        deleted += gateway
+            .store
+            .delete_captures(&ids)
+            .await
+            .map_err(super::store_error)?;
+    }
+    tracing::info!(deleted, "captured conversations purged");
+    Ok(Json(json!({"object": "dataset.purge", "deleted": deleted})))
+}
