@@ -3,8 +3,10 @@ key with its allowed models and change them, change its tier, watch its live quo
 set a tenant's limits and read its live quota, read usage charts, cache stats, backends and
 spend alerts, and find its own changes in the audit trail. Needs SLUICE_ADMIN_URL, SLUICE_ADMIN_TOKEN and SLUICE_TENANT (a tenant with traffic)."""
 
+import json
 import os
 import sys
+import urllib.request
 
 from selenium import webdriver
 from selenium.common.exceptions import StaleElementReferenceException
@@ -34,6 +36,13 @@ def check(condition, message):
         print(driver.page_source[:4000])
         driver.quit()
         sys.exit(1)
+
+
+def admin(method, path):
+    """The admin API's JSON answer, read beside the browser to check what the console stored."""
+    request = urllib.request.Request(ADMIN + path, method=method, headers={"Authorization": "Bearer " + TOKEN})
+    with urllib.request.urlopen(request) as response:
+        return json.load(response)
 
 
 def css(selector):
@@ -101,13 +110,24 @@ try:
     tenant_row = wait.until(lambda d: next((r for r in d.find_elements(By.CSS_SELECTOR, "#tenants tbody tr")
                                             if r.get_attribute("data-tenant") == TENANT), None))
     check("1000" in tenant_row.text and "500" in tenant_row.text, "the tenant's limits are listed: " + tenant_row.text)
+    check("off" in tenant_row.text, "distillation capture is shown off by default: " + tenant_row.text)
     tenant_row.find_element(By.CSS_SELECTOR, ".show-tenant-quota").click()
     wait.until(lambda d: "requests_per_minute" in css("#tenant-quota-rows").text)
     rpm_row = next(r for r in driver.find_elements(By.CSS_SELECTOR, "#tenant-quota-rows tr")
                    if r.text.startswith("requests_per_minute"))
     used, remaining, limit = (int(v) for v in rpm_row.text.split()[1:4])
     check(limit == 1000 and used + remaining == 1000, "the tenant's minute against its limit: " + rpm_row.text)
+    # Opting the tenant in to capture for distillation names the models in its row, and the
+    # limits set before are kept.
+    css("#tenant-distillation").send_keys("sim-*")
+    css("#set-tenant button").click()
+    wait.until(lambda d: "captures sim-*" in next(r for r in d.find_elements(By.CSS_SELECTOR, "#tenants tbody tr")
+                                                   if r.get_attribute("data-tenant") == TENANT).text)
+    tenant = admin("GET", "/admin/v1/tenants/" + TENANT)
+    check(tenant["distillation"] == {"models": ["sim-*"]} and tenant["limits"]["requests_per_minute"] == 1000,
+          "the opt-in is stored beside the limits: " + json.dumps(tenant))
     # A bad value is refused with the API's message, and nothing changes.
+    css("#tenant-distillation").clear()
     css("#tenant-rpm").clear()
     css("#tenant-rpm").send_keys("-5")
     css("#set-tenant button").click()
