@@ -275,6 +275,25 @@ async fn datasets_case(gws: &[Gateway]) {
     let (status, answer) = admin(gw(1), Method::DELETE, "/admin/v1/datasets?all=true", None).await;
     assert_eq!(status, 200, "{answer}");
     assert_eq!(count(last, "").await, 0);
+
+    // A key whose own setting is cleared (null) follows its tenant again.
+    let private_id = out["id"].as_str().unwrap();
+    let (status, patched) = admin(
+        gw(0),
+        Method::PATCH,
+        &format!("/admin/v1/keys/{private_id}"),
+        Some(json!({"distillation": null})),
+    )
+    .await;
+    assert_eq!(
+        (status, &patched["distillation"]),
+        (200, &Value::Null),
+        "{patched}"
+    );
+    // (On the replica that changed it: the others drop their cached key within a second.)
+    let (answer, _) = chat(gw(0), &private_key, conversations()[0], false, 64).await;
+    let text = wait_for_lines(last, 1).await;
+    assert!(text.contains(&answer), "{text}");
 }
 
 #[tokio::test]
@@ -298,4 +317,48 @@ async fn opted_in_conversations_export_exactly_across_two_replicas_on_redis() {
         );
     }
     datasets_case(&gws).await;
+}
+
+#[tokio::test]
+async fn an_answer_past_the_capture_bound_is_answered_but_not_kept() {
+    let backend = Backend::start().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let mut options = GatewayOptions::new(&backend, StoreKind::Embedded(dir.path().to_owned()));
+    options.extra_config = "[datasets]\nmax_answer_bytes = 1000\n".to_owned();
+    let gw = Gateway::start(options).await.unwrap();
+    let (status, _) = admin(
+        &gw,
+        Method::PUT,
+        "/admin/v1/tenants/acme",
+        Some(json!({"limits": {}, "distillation": {"models": ["*"]}})),
+    )
+    .await;
+    assert_eq!(status, 200);
+    let (_, key) = gw.create_key("acme", "enterprise").await.unwrap();
+    let short = r#"[{"role": "user", "content": "Hi"}]"#;
+    // A one-token answer fits in 1000 bytes; a stream of sixteen chunks does not.
+    let (kept, _) = chat(&gw, &key, short, false, 1).await;
+    let (answer, finish) = chat(&gw, &key, short, true, 64).await;
+    assert_eq!(finish, "stop");
+    assert!(!answer.is_empty());
+    let text = wait_for_lines(&gw, 1).await;
+    assert!(text.contains(&kept), "{text}");
+    let metrics = gw
+        .http
+        .get(format!("{}/metrics", gw.admin_url))
+        .bearer_auth(ADMIN_TOKEN)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("sluice_dataset_captures_total{outcome=\"too_large\"} 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("sluice_dataset_captures_total{outcome=\"kept\"} 1"),
+        "{metrics}"
+    );
 }
