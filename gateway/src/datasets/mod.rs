@@ -191,3 +191,118 @@ impl Datasets {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::EmbeddedStore;
+
+    fn opted_in() -> Identity {
+        Identity {
+            key_id: "key_1".into(),
+            tenant: "acme".into(),
+            tier: "free".into(),
+            limits: Default::default(),
+            cache: true,
+            models: Default::default(),
+            tenant_limits: Default::default(),
+            ledgers: crate::auth::quota_ledgers("key_1", "acme"),
+            model_limits: Default::default(),
+            tenant_model_limits: Default::default(),
+            distillation: Some(Arc::new(sluice_policies::Distillation {
+                models: vec!["big-*".into()],
+            })),
+        }
+    }
+
+    fn answer(ended: bool) -> Capture {
+        let mut capture = Capture::default();
+        let body = Bytes::from_static(
+            br#"{"choices":[{"index":0,"message":{"role":"assistant","content":"Hi"},"finish_reason":"stop"}]}"#,
+        );
+        assert!(capture.add(Some(&body), ended, 1 << 20));
+        capture
+    }
+
+    #[test]
+    fn only_chat_answers_of_opted_in_models_are_wanted() {
+        let identity = opted_in();
+        assert!(Datasets::wants(
+            &identity,
+            Some(Route::ChatCompletions),
+            Some("big-70b")
+        ));
+        assert!(!Datasets::wants(
+            &identity,
+            Some(Route::ChatCompletions),
+            Some("small")
+        ));
+        assert!(!Datasets::wants(
+            &identity,
+            Some(Route::Completions),
+            Some("big-70b")
+        ));
+        let mut not_opted = opted_in();
+        not_opted.distillation = None;
+        assert!(!Datasets::wants(
+            &not_opted,
+            Some(Route::ChatCompletions),
+            Some("big-70b")
+        ));
+    }
+
+    #[test]
+    fn an_answer_past_its_bound_stops_being_kept() {
+        let mut capture = Capture::default();
+        let chunk = Bytes::from(vec![b'x'; 600]);
+        assert!(capture.add(Some(&chunk), false, 1000));
+        assert!(!capture.add(Some(&chunk), true, 1000));
+    }
+
+    #[tokio::test]
+    async fn the_queue_is_bounded_by_bytes_and_unfinished_answers_are_not_queued() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> = Arc::new(EmbeddedStore::open(dir.path()).unwrap());
+        let request = Bytes::from_static(br#"{"messages":[{"role":"user","content":"Hello"}]}"#);
+        let one = request.len() + answer(true).bytes;
+        let config = DatasetsConfig {
+            queue_bytes: one * 2,
+            ..DatasetsConfig::default()
+        };
+        let datasets = Arc::new(Datasets::new(config, store.clone()));
+        let identity = opted_in();
+        datasets.offer(&identity, "r0", "big-70b", request.clone(), answer(false));
+        assert_eq!(
+            datasets.queued_bytes.load(Ordering::Relaxed),
+            0,
+            "cut off: not queued"
+        );
+        for i in 0..3 {
+            let id = format!("r{}", i + 1);
+            datasets.offer(&identity, &id, "big-70b", request.clone(), answer(true));
+        }
+        assert_eq!(
+            datasets.queued_bytes.load(Ordering::Relaxed),
+            one * 2,
+            "the third is dropped, not held"
+        );
+
+        // The writer keeps the two that were queued, and gives their bytes back.
+        tokio::spawn(datasets.clone().run());
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            let kept = store.captures_page(None, 10).await.unwrap();
+            if kept.len() == 2 {
+                let first: exchange::Conversation = serde_json::from_slice(&kept[0].1).unwrap();
+                assert_eq!(
+                    (first.request_id.as_str(), first.tenant.as_str()),
+                    ("r1", "acme")
+                );
+                break;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "{kept:?}");
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        assert_eq!(datasets.queued_bytes.load(Ordering::Relaxed), 0);
+    }
+}
