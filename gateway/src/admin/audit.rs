@@ -198,13 +198,8 @@ pub(super) async fn list_audit(
     }))
 }
 
-/// The trail is append-only: every write to it is refused.
-#[utoipa::path(
-    method(post, put, patch, delete),
-    path = "/admin/v1/audit",
-    tag = "audit",
-    responses((status = 405, description = "Always", body = ApiErrorBody)),
-)]
+/// Any write to `/admin/v1/audit`: the trail is append-only. Like every method a path does
+/// not offer, these are not in the OpenAPI document; they only say why they are refused.
 pub(super) async fn append_only(method: http::Method) -> Response {
     ApiError::method_not_allowed(
         method.as_str(),

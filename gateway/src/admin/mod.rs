@@ -34,7 +34,7 @@ use axum::{Json, Router};
 use serde::de::DeserializeOwned;
 use sha2::{Digest, Sha256};
 use std::sync::Arc;
-use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::router::{OpenApiRouter, UtoipaMethodRouterExt};
 use utoipa_axum::routes;
 
 type AppState = Arc<Gateway>;
@@ -84,7 +84,12 @@ fn routes() -> Routes {
         .routes(routes!(alerts::list_alerts))
         .routes(routes!(datasets::purge_dataset))
         .routes(routes!(datasets::export_dataset))
-        .routes(routes!(audit::list_audit, audit::append_only))
+        .routes(routes!(audit::list_audit).map(|read| {
+            read.post(audit::append_only)
+                .put(audit::append_only)
+                .patch(audit::append_only)
+                .delete(audit::append_only)
+        }))
         .routes(routes!(metrics::metrics))
         .routes(routes!(openapi::openapi_json));
     Routes { public, guarded }
