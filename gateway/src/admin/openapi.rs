@@ -13,7 +13,7 @@ use std::sync::OnceLock;
 use utoipa::openapi::path::{Operation, PathItem};
 use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityRequirement, SecurityScheme};
 use utoipa::openapi::{ContentBuilder, OpenApi, Ref, ResponseBuilder};
-use utoipa::{Modify, OpenApi as _};
+use utoipa::{Modify, OpenApi as _, ToSchema};
 use utoipa_axum::router::OpenApiRouter;
 
 /// The name the bearer scheme goes by in the document.
@@ -25,9 +25,8 @@ const BEARER: &str = "bearer";
         title = "Sluice admin API",
         description = "Operate a Sluice gateway: API keys, tenants, tiers, the backend pool, \
                        usage and billing, the response cache, spend alerts, distillation \
-                       datasets and the audit trail. \
-                       Every call but `/health` and `/console` needs the admin token or an admin \
-                       JWT; the viewer role may only read.",
+                       datasets and the audit trail. Every call but `/health` and `/console` \
+                       needs the admin token or an admin JWT; the viewer role may only read.",
     ),
     tags(
         (name = "keys", description = "API keys (the secret is shown once, on create and rotate) and their live quota"),
@@ -123,7 +122,7 @@ fn behind_authorize(operation: &mut Operation) {
             .content(
                 "application/json",
                 ContentBuilder::new()
-                    .schema(Some(Ref::from_schema_name("ApiErrorBody")))
+                    .schema(Some(Ref::from_schema_name(ApiErrorBody::name())))
                     .build(),
             )
             .build();
@@ -164,7 +163,6 @@ mod tests {
     use axum::body::Body;
     use http::{Method, Request};
     use std::collections::{BTreeMap, BTreeSet};
-    use std::sync::Arc;
     use tower::ServiceExt;
 
     const ADMIN_TOKEN: &str = "openapi-test-admin-token";
@@ -190,7 +188,7 @@ mod tests {
             _ => None,
         };
         let config = crate::config::Config::from_toml("", &env).unwrap();
-        let (gateway, _usage_writer): (Arc<Gateway>, _) = Gateway::build(config).await.unwrap();
+        let (gateway, _usage_writer) = Gateway::build(config).await.unwrap();
         super::super::router(gateway)
     }
 
