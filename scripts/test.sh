@@ -7,7 +7,8 @@
 # nats-server (the usage feed's tests start their own), a .venv with the `openai` package (and numpy, safetensors and
 # tokenizers for scripts/minilm_reference.py; gguf and jinja2 for
 # scripts/smollm2_reference.py; selenium for the console's browser test; jsonschema for
-# the OpenMeter CloudEvents check; NVRTC for the CUDA
+# the OpenMeter CloudEvents check and, with openapi-spec-validator, the admin API's OpenAPI
+# document and answers; NVRTC for the CUDA
 # kernels' compile test), Chromium and its driver, and the all-MiniLM-L6-v2 and
 # SmolLM2-135M-Instruct weights.
 set -euo pipefail
@@ -29,10 +30,10 @@ if ! command -v nats-server >/dev/null 2>&1; then
 fi
 
 if [ -z "${SLUICE_TEST_PYTHON:-}" ]; then
-  if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c 'import openai, numpy, safetensors, tokenizers, gguf, jinja2, selenium, jsonschema, nvidia.cuda_nvrtc' 2>/dev/null; then
-    echo "test.sh: installing the Python openai, numpy, safetensors, tokenizers, gguf, jinja2, selenium, jsonschema and nvidia-cuda-nvrtc-cu12 packages into .venv" >&2
+  if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c 'import openai, numpy, safetensors, tokenizers, gguf, jinja2, selenium, jsonschema, openapi_spec_validator, nvidia.cuda_nvrtc' 2>/dev/null; then
+    echo "test.sh: installing the Python openai, numpy, safetensors, tokenizers, gguf, jinja2, selenium, jsonschema, openapi-spec-validator and nvidia-cuda-nvrtc-cu12 packages into .venv" >&2
     python3 -m venv .venv
-    .venv/bin/pip install --quiet --disable-pip-version-check 'openai>=1.40,<4' numpy safetensors tokenizers gguf jinja2 selenium jsonschema nvidia-cuda-nvrtc-cu12
+    .venv/bin/pip install --quiet --disable-pip-version-check 'openai>=1.40,<4' numpy safetensors tokenizers gguf jinja2 selenium jsonschema openapi-spec-validator nvidia-cuda-nvrtc-cu12
   fi
   export SLUICE_TEST_PYTHON="$PWD/.venv/bin/python"
 fi

@@ -16,7 +16,7 @@ use crate::store::Store;
 use arc_swap::ArcSwap;
 use hmac::{Hmac, Mac};
 use rust_decimal::Decimal;
-use serde_json::{json, Value};
+use serde::{Deserialize, Serialize};
 use sha2::Sha256;
 use sluice_policies::alerts::{self, BudgetKind};
 use sluice_policies::quota::{self, LimitScope};
@@ -40,6 +40,36 @@ pub struct AlertsConfig {
     /// Percentages of a budget that raise an alert.
     pub thresholds: Vec<u32>,
     pub check_interval: Duration,
+}
+
+/// One spend alert, as the webhook receives it, the store keeps it and the admin API lists it.
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct SpendAlert {
+    /// `budget:<ledger>:<month>:<hard|soft>:<threshold>`: one alert per ledger, budget,
+    /// threshold and month, fleet-wide.
+    pub id: String,
+    /// Always `budget.threshold_reached`.
+    pub r#type: String,
+    /// `key` or `tenant`: whose budget.
+    pub scope: String,
+    /// The key's id; `null` for a tenant's budget.
+    #[schema(required)]
+    pub key_id: Option<String>,
+    pub tenant: String,
+    /// The tier of the key that noticed (a tenant's keys may be of several).
+    pub tier: String,
+    /// `hard` (`monthly_budget`) or `soft` (`soft_monthly_budget`).
+    pub budget: String,
+    pub threshold_percent: u32,
+    /// The budget, as an exact decimal string.
+    pub budget_amount: String,
+    /// The spend counted when the threshold was seen, as an exact decimal string.
+    pub counted: String,
+    pub currency: String,
+    /// `YYYY-MM` (UTC).
+    pub month: String,
+    /// Unix seconds.
+    pub created_at: i64,
 }
 
 pub struct Alerts {
@@ -133,23 +163,24 @@ impl Alerts {
                 // A key's ledger is named by its key id, a tenant's `tenant:ID`: ids of the
                 // two never meet.
                 let id = format!("budget:{ledger}:{month}:{}:{threshold}", kind.as_str());
-                let alert = json!({
-                    "id": id,
-                    "type": "budget.threshold_reached",
-                    "scope": scope.name(),
-                    "key_id": key_id,
-                    "tenant": identity.tenant,
-                    // A tenant's keys may be of several tiers: the one that noticed.
-                    "tier": identity.tier,
-                    "budget": kind.as_str(),
-                    "threshold_percent": threshold,
-                    "budget_amount": budget.amount().normalize().to_string(),
-                    "counted": (Decimal::from(spend) / Decimal::from(quota::NANO)).normalize().to_string(),
-                    "currency": self.currency(&identity.tier),
-                    "month": month,
-                    "created_at": now,
-                });
-                let body = alert.to_string();
+                let alert = SpendAlert {
+                    id: id.clone(),
+                    r#type: "budget.threshold_reached".to_owned(),
+                    scope: scope.name().to_owned(),
+                    key_id: key_id.cloned(),
+                    tenant: identity.tenant.clone(),
+                    tier: identity.tier.clone(),
+                    budget: kind.as_str().to_owned(),
+                    threshold_percent: threshold,
+                    budget_amount: budget.amount().normalize().to_string(),
+                    counted: (Decimal::from(spend) / Decimal::from(quota::NANO))
+                        .normalize()
+                        .to_string(),
+                    currency: self.currency(&identity.tier),
+                    month: month.clone(),
+                    created_at: now,
+                };
+                let body = serde_json::to_string(&alert).expect("an alert serializes");
                 if !self
                     .store
                     .record_alert_once(&id, now_ms, body.as_bytes())
@@ -157,7 +188,7 @@ impl Alerts {
                 {
                     continue;
                 }
-                tracing::info!(alert_id = %id, counted = %alert["counted"], "spend alert");
+                tracing::info!(alert_id = %id, counted = %alert.counted, "spend alert");
                 crate::metrics::get().record_budget_alert(kind.as_str());
                 let alerts = self.clone();
                 tokio::spawn(async move { alerts.deliver(&id, body).await });
@@ -212,7 +243,7 @@ impl Alerts {
     }
 
     /// The alerts recorded, newest first (`GET /admin/v1/alerts`).
-    pub async fn recent(&self, limit: usize) -> Result<Vec<Value>, crate::store::StoreError> {
+    pub async fn recent(&self, limit: usize) -> Result<Vec<SpendAlert>, crate::store::StoreError> {
         let raw = self.store.recent_alerts(limit).await?;
         Ok(raw
             .iter()

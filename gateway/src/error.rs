@@ -187,19 +187,8 @@ impl ApiError {
 
     /// The JSON body: `{"error":{"message","type","param","code"}}`.
     pub fn body(&self) -> Bytes {
-        #[derive(Serialize)]
-        struct Body<'a> {
-            error: Inner<'a>,
-        }
-        #[derive(Serialize)]
-        struct Inner<'a> {
-            message: &'a str,
-            r#type: &'static str,
-            param: Option<&'static str>,
-            code: Option<&'static str>,
-        }
-        let body = Body {
-            error: Inner {
+        let body = ApiErrorBody {
+            error: ApiErrorDetail {
                 message: &self.message,
                 r#type: self.kind.as_str(),
                 param: self.param,
@@ -208,6 +197,27 @@ impl ApiError {
         };
         Bytes::from(serde_json::to_vec(&body).expect("error body serializes"))
     }
+}
+
+/// Every error answer's body, from the proxy and the admin API alike (OpenAI's shape); the
+/// admin API's OpenAPI document names this schema for its 4xx and 5xx answers.
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct ApiErrorBody<'a> {
+    error: ApiErrorDetail<'a>,
+}
+
+#[derive(Serialize, utoipa::ToSchema)]
+struct ApiErrorDetail<'a> {
+    message: &'a str,
+    /// OpenAI's error type: `invalid_request_error`, `permission_error`, `rate_limit_error`,
+    /// `server_error` or `service_unavailable_error`.
+    r#type: &'static str,
+    /// The request field at fault, when one is.
+    #[schema(required)]
+    param: Option<&'static str>,
+    /// What went wrong, for programs (`not_found`, `invalid_api_key`, ...).
+    #[schema(required)]
+    code: Option<&'static str>,
 }
 
 impl std::fmt::Display for ApiError {

@@ -6,7 +6,7 @@ use serde::{Deserialize, Serialize};
 /// Where a request's billed usage came from: the backend's own report; an estimate from
 /// what was sent and received (the backend reported none, or the stream was cut before its
 /// usage chunk); or, when nothing could be read, the reservation itself.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum UsageSource {
     #[default]
@@ -26,7 +26,7 @@ impl UsageSource {
 }
 
 /// One metered request.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct UsageEvent {
     /// UUIDv7: unique, and ordered by time.
     pub id: String,
@@ -48,6 +48,8 @@ pub struct UsageEvent {
     pub cache_status: String,
     pub status: u16,
     pub latency_ms: u64,
+    /// Milliseconds to the first token of a stream; `null` otherwise.
+    #[schema(required)]
     pub ttft_ms: Option<u64>,
     /// The client hung up before the response ended; the usage is what the backend reported
     /// after the gateway read its response to the end.

@@ -10,7 +10,7 @@ use crate::model_access::{self, PatternError};
 use serde::{Deserialize, Serialize};
 
 /// An opt-in to capture for distillation, as set on a tenant or a key.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Distillation {
     /// The models (patterns with `*`, as in model access lists) whose answers are kept;

@@ -3,6 +3,7 @@
 use crate::money::Money;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
+use utoipa::ToSchema;
 
 /// Limits that apply to one model only, by its name (the model a request is served by, after
 /// aliases), on top of the limits for every model: `tokens_per_minute` for `llama-70b` alone.
@@ -47,7 +48,7 @@ pub fn merge_model_limits(tier: &ModelLimits, key: &ModelLimits) -> ModelLimits 
 }
 
 /// The effective limits of a key. `None` means unlimited.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Limits {
     pub requests_per_minute: Option<u64>,
@@ -64,7 +65,7 @@ pub struct Limits {
 /// A key's overrides of its tier's limits. An absent field inherits the tier's value; a
 /// present one replaces it. Kept as a separate type so "not overridden" and "unlimited"
 /// never get confused.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct LimitOverrides {
     #[serde(default, skip_serializing_if = "Option::is_none")]

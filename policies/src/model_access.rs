@@ -9,6 +9,7 @@
 //! the key moves to another tier.
 
 use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
 
 /// More patterns than this in one list is a mistake, not a policy, and would make each
 /// request pay for it.
@@ -17,10 +18,10 @@ const MAX_PATTERN_LEN: usize = 256;
 
 /// The lists as configured on a tier or a key.
 /// Flattened into the tier and key records, so the fields sit beside the limits.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct ModelLists {
-    /// `None`: no allow-list of its own (a key inherits its tier's; a tier allows every
-    /// model). `Some([])` allows nothing.
+    /// Absent or `null`: no allow-list of its own (a key inherits its tier's; a tier allows
+    /// every model). `[]` allows nothing.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub allowed_models: Option<Vec<String>>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]

@@ -57,6 +57,23 @@ impl Serialize for Money {
     }
 }
 
+/// Documented as what it is on the wire: a decimal string, never a JSON number.
+impl utoipa::PartialSchema for Money {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        utoipa::openapi::ObjectBuilder::new()
+            .schema_type(utoipa::openapi::schema::Type::String)
+            .pattern(Some(r"^[0-9]+(\.[0-9]+)?$"))
+            .description(Some(
+                "An exact non-negative decimal amount, as a string (\"12.5\"); requests may \
+                 also give a whole number.",
+            ))
+            .examples(["12.5"])
+            .into()
+    }
+}
+
+impl utoipa::ToSchema for Money {}
+
 impl<'de> Deserialize<'de> for Money {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
         struct MoneyVisitor;

@@ -5,10 +5,11 @@ use crate::model_access::ModelLists;
 use crate::money::Money;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
+use utoipa::ToSchema;
 
 pub const DEFAULT_TIER: &str = "free";
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct Tier {
     pub name: String,
     /// ISO 4217 code the tier's prices and budgets are in.
@@ -25,13 +26,14 @@ pub struct Tier {
     pub models: ModelLists,
     /// Limits for single models, on top of `limits`.
     #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    #[schema(value_type = BTreeMap<String, Limits>)]
     pub model_limits: crate::limits::ModelLimits,
 }
 
 /// Bounds on one request, so that what it reserves (prompts × choices × completion cap) is
 /// always a number the stores count exactly. A request past one is refused with 400 naming
 /// the field, before anything is reserved.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct RequestCaps {
     /// `max_tokens` / `max_completion_tokens`.
@@ -57,7 +59,7 @@ impl Default for RequestCaps {
 /// Fail-open serves the tier's keys under each replica's local limits only (so a fleet of N
 /// replicas may admit up to N times a rate while the store is down); fail-closed refuses
 /// them with 503.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum FailMode {
     #[default]

@@ -213,6 +213,13 @@ async fn every_admin_route_against_every_credential() {
             true,
         ),
         route(Method::GET, "/metrics".into(), None, 200, false),
+        route(
+            Method::GET,
+            "/admin/v1/openapi.json".into(),
+            None,
+            200,
+            true,
+        ),
         route(Method::DELETE, key(""), None, 200, true),
     ];
     let mut wrong = Vec::new();

@@ -1,42 +1,73 @@
 //! Spend alerts: the ones recorded for the fleet, newest first.
 
 use super::{store_error, AppState, Caller};
-use crate::error::ApiError;
+use crate::alerts::SpendAlert;
+use crate::error::{ApiError, ApiErrorBody};
 use axum::extract::{Query, State};
 use axum::{Extension, Json};
-use serde::Deserialize;
-use serde_json::{json, Value};
+use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
 
-#[derive(Deserialize)]
+#[derive(Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub(super) struct AlertsQuery {
+    /// At most this many, 1 to 1000 (default 100).
     limit: Option<usize>,
 }
 
-/// `GET /admin/v1/alerts?limit=100`: the spend alerts recorded (at most 1000), each with
-/// what it said; a viewer scoped to a tenant sees that tenant's only.
+#[derive(Serialize, ToSchema)]
+pub(super) struct AlertList {
+    /// Always `list`.
+    object: &'static str,
+    /// Whether alerts are configured (`[alerts]`); without them the list is empty.
+    enabled: bool,
+    data: Vec<SpendAlert>,
+}
+
+/// The spend alerts recorded, each with what it said; a viewer scoped to a tenant sees that
+/// tenant's only.
+#[utoipa::path(
+    get,
+    path = "/admin/v1/alerts",
+    tag = "alerts",
+    params(AlertsQuery),
+    responses(
+        (status = 200, description = "The alerts, newest first", body = AlertList),
+        // An unknown parameter is refused by axum's query extractor, in plain text.
+        (status = 400, description = "`limit` is out of range, or a parameter is unknown", content(
+            (ApiErrorBody = "application/json"),
+            (String = "text/plain"),
+        )),
+        (status = 503, description = "The store is unavailable", body = ApiErrorBody),
+    ),
+)]
 pub(super) async fn list_alerts(
     State(gateway): State<AppState>,
     Extension(caller): Extension<Caller>,
     Query(query): Query<AlertsQuery>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<AlertList>, ApiError> {
     let limit = query.limit.unwrap_or(100);
     if !(1..=1000).contains(&limit) {
         return Err(ApiError::bad_request("'limit' must be from 1 to 1000.").with_param("limit"));
     }
     let Some(alerts) = &gateway.alerts else {
-        return Ok(Json(
-            json!({"object": "list", "enabled": false, "data": []}),
-        ));
+        return Ok(Json(AlertList {
+            object: "list",
+            enabled: false,
+            data: Vec::new(),
+        }));
     };
-    let data: Vec<Value> = alerts
+    let data = alerts
         .recent(limit)
         .await
         .map_err(store_error)?
         .into_iter()
-        .filter(|a| caller.sees(a["tenant"].as_str().unwrap_or_default()))
+        .filter(|a| caller.sees(&a.tenant))
         .collect();
-    Ok(Json(
-        json!({"object": "list", "enabled": true, "data": data}),
-    ))
+    Ok(Json(AlertList {
+        object: "list",
+        enabled: true,
+        data,
+    }))
 }

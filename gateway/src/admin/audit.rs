@@ -4,19 +4,56 @@
 //! the store only appends, and the API only reads them (writes to it are 405).
 
 use super::{store_error, AppState, Caller};
-use crate::error::ApiError;
+use crate::error::{ApiError, ApiErrorBody};
 use axum::extract::{MatchedPath, Query, Request, State};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use serde::Deserialize;
-use serde_json::{json, Value};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use utoipa::{IntoParams, ToSchema};
 
 /// The most entries one page returns.
 const MAX_PAGE: usize = 1000;
 /// How many stored entries one filtered read looks through at most, so that a filter that
 /// matches little cannot make one call read the whole trail.
 const MAX_SCANNED: usize = 20_000;
+
+/// One write, as the trail keeps it.
+#[derive(Serialize, Deserialize, ToSchema)]
+pub(super) struct AuditEntry {
+    /// Unix milliseconds when the write was done.
+    at_ms: i64,
+    /// `admin-token:<first 12 hex of the token's SHA-256>` or `jwt:<subject>`.
+    actor: String,
+    method: String,
+    /// The route's template (`/admin/v1/keys/{id}`).
+    #[schema(required)]
+    route: Option<String>,
+    path: String,
+    /// The request's JSON body; `null` without one, `"(not JSON)"` for another.
+    body: Value,
+    status: u16,
+    request_id: String,
+}
+
+#[derive(Serialize, ToSchema)]
+pub(super) struct ListedAuditEntry {
+    /// The entry's place in the trail: `before` pages on from it.
+    id: String,
+    #[serde(flatten)]
+    entry: AuditEntry,
+}
+
+#[derive(Serialize, ToSchema)]
+pub(super) struct AuditPage {
+    /// Always `list`.
+    object: &'static str,
+    data: Vec<ListedAuditEntry>,
+    /// `before` for the next page; `null` on the last.
+    #[schema(required)]
+    next: Option<String>,
+}
 
 /// Records a successful write (POST, PUT, PATCH, DELETE answered 2xx) once it is done: when,
 /// who, what (method and route), on what (the path), the request body (admin request bodies
@@ -63,45 +100,55 @@ pub(super) async fn record(
     } else {
         serde_json::from_slice(&bytes).unwrap_or_else(|_| Value::String("(not JSON)".into()))
     };
-    let entry = json!({
-        "at_ms": crate::clock::now_ms(),
-        "actor": actor,
-        "method": method.as_str(),
-        "route": route,
-        "path": path,
-        "body": body,
-        "status": response.status().as_u16(),
-        "request_id": request_id,
-    });
-    if let Err(e) = gateway
-        .store
-        .append_audit(entry.to_string().as_bytes())
-        .await
-    {
+    let entry = AuditEntry {
+        at_ms: crate::clock::now_ms(),
+        actor: actor.clone(),
+        method: method.as_str().to_owned(),
+        route,
+        path: path.clone(),
+        body,
+        status: response.status().as_u16(),
+        request_id,
+    };
+    let entry = serde_json::to_vec(&entry).expect("an audit entry serializes");
+    if let Err(e) = gateway.store.append_audit(&entry).await {
         // The write itself is done; what is lost is its record, said loudly.
         tracing::error!(error = %e, %path, %actor, "cannot append to the audit trail");
     }
     response
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub(super) struct AuditQuery {
+    /// At most this many entries, 1 to 1000 (default 100).
     limit: Option<usize>,
     /// The `next` of the previous page.
     before: Option<String>,
     actor: Option<String>,
     /// Entries whose path starts with this (`/admin/v1/keys`).
     path: Option<String>,
+    /// Entries of this method (any case).
     method: Option<String>,
 }
 
-/// `GET /admin/v1/audit?limit=&before=&actor=&path=&method=`: entries newest first, with
-/// `next` to page on (absent on the last page).
+/// Entries newest first, with `next` to page on (`null` on the last page).
+#[utoipa::path(
+    get,
+    path = "/admin/v1/audit",
+    tag = "audit",
+    params(AuditQuery),
+    responses(
+        (status = 200, description = "A page of the trail", body = AuditPage),
+        (status = 400, description = "A parameter is invalid or unknown", body = ApiErrorBody),
+        (status = 503, description = "The store is unavailable", body = ApiErrorBody),
+    ),
+)]
 pub(super) async fn list_audit(
     State(gateway): State<AppState>,
     query: Result<Query<AuditQuery>, axum::extract::rejection::QueryRejection>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<AuditPage>, ApiError> {
     let Query(q) = query.map_err(|e| ApiError::bad_request(e.body_text()))?;
     let limit = q.limit.unwrap_or(100);
     if !(1..=MAX_PAGE).contains(&limit) {
@@ -109,16 +156,12 @@ pub(super) async fn list_audit(
             ApiError::bad_request(format!("'limit' must be 1 to {MAX_PAGE}.")).with_param("limit"),
         );
     }
-    let matches = |e: &Value| {
-        q.actor.as_deref().is_none_or(|a| e["actor"] == a)
-            && q.method.as_deref().is_none_or(|m| {
-                e["method"]
-                    .as_str()
-                    .is_some_and(|x| x.eq_ignore_ascii_case(m))
-            })
-            && q.path
+    let matches = |e: &AuditEntry| {
+        q.actor.as_deref().is_none_or(|a| e.actor == a)
+            && q.method
                 .as_deref()
-                .is_none_or(|p| e["path"].as_str().is_some_and(|x| x.starts_with(p)))
+                .is_none_or(|m| e.method.eq_ignore_ascii_case(m))
+            && q.path.as_deref().is_none_or(|p| e.path.starts_with(p))
     };
     let mut data = Vec::new();
     let mut cursor = q.before.clone();
@@ -134,12 +177,11 @@ pub(super) async fn list_audit(
         scanned += page.len();
         for (id, raw) in page {
             cursor = Some(id.clone());
-            let Ok(mut entry) = serde_json::from_slice::<Value>(&raw) else {
+            let Ok(entry) = serde_json::from_slice::<AuditEntry>(&raw) else {
                 continue;
             };
             if matches(&entry) {
-                entry["id"] = json!(id);
-                data.push(entry);
+                data.push(ListedAuditEntry { id, entry });
                 if data.len() == limit {
                     break;
                 }
@@ -149,14 +191,15 @@ pub(super) async fn list_audit(
             break;
         }
     }
-    Ok(Json(json!({
-        "object": "list",
-        "data": data,
-        "next": if more { cursor } else { None },
-    })))
+    Ok(Json(AuditPage {
+        object: "list",
+        data,
+        next: if more { cursor } else { None },
+    }))
 }
 
-/// Any write to `/admin/v1/audit`: the trail is append-only.
+/// Any write to `/admin/v1/audit`: the trail is append-only. Like every method a path does
+/// not offer, these are not in the OpenAPI document; they only say why they are refused.
 pub(super) async fn append_only(method: http::Method) -> Response {
     ApiError::method_not_allowed(
         method.as_str(),

@@ -2,56 +2,131 @@
 
 use super::{key_written, non_empty, parse_body, store_error, AppState};
 use crate::app::Gateway;
-use crate::error::ApiError;
+use crate::error::{ApiError, ApiErrorBody};
 use axum::body::Bytes;
 use axum::extract::{Path, State};
 use axum::response::IntoResponse;
 use axum::Json;
-use serde::Deserialize;
-use serde_json::{json, Value};
+use serde::{Deserialize, Serialize};
+use std::sync::atomic::Ordering;
+use utoipa::ToSchema;
 
 /// A backend as the admin API shows it.
+#[derive(Serialize, ToSchema)]
+pub(super) struct BackendView {
+    name: String,
+    url: String,
+    /// The models it serves.
+    models: Vec<String>,
+    health: BackendHealth,
+    /// Draining: it takes no new requests.
+    draining: bool,
+    /// Requests this replica has in flight on it.
+    in_flight: u64,
+    /// Latency EWMA in milliseconds; 0 until its first answer.
+    ewma_ms: f64,
+    /// What its `/metrics` said last; `null` until scraped.
+    #[schema(required)]
+    last_scrape: Option<Scrape>,
+}
+
+/// `down`: failing health checks; `ejected`: passively ejected for its errors, for now.
+#[derive(Serialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+enum BackendHealth {
+    Up,
+    Down,
+    Ejected,
+}
+
+#[derive(Serialize, ToSchema)]
+struct Scrape {
+    waiting: u64,
+    running: u64,
+    /// Fraction of its KV cache in use, 0 to 1.
+    kv_cache_usage: f64,
+    /// How long ago, in milliseconds.
+    age_ms: u64,
+}
+
+#[derive(Serialize, ToSchema)]
+pub(super) struct BackendList {
+    /// Always `list`.
+    object: &'static str,
+    data: Vec<BackendView>,
+}
+
+#[derive(Serialize, ToSchema)]
+pub(super) struct BackendRemoved {
+    name: String,
+    /// Always `true`.
+    removed: bool,
+}
+
+#[derive(Serialize, ToSchema)]
+pub(super) struct DrainState {
+    name: String,
+    draining: bool,
+}
+
 pub(super) fn backend_view(
     gateway: &Gateway,
     b: &std::sync::Arc<crate::upstream::Backend>,
-) -> Value {
+) -> BackendView {
     let models = gateway.upstreams.models();
-    let served: Vec<&str> = models
+    let served = models
         .values()
         .filter(|m| m.backends.iter().any(|mb| std::sync::Arc::ptr_eq(mb, b)))
-        .map(|m| m.id.as_str())
+        .map(|m| m.id.clone())
         .collect();
     let st = &b.state;
-    json!({
-        "name": b.name,
-        "url": b.url,
-        "models": served,
-        "health": if !st.is_up() { "down" } else if st.ejected() { "ejected" } else { "up" },
-        "draining": st.draining.load(std::sync::atomic::Ordering::Relaxed),
-        "in_flight": st.in_flight.load(std::sync::atomic::Ordering::Relaxed),
-        "ewma_ms": st.ewma().as_secs_f64() * 1000.0,
-        "last_scrape": st.last_scrape().map(|(waiting, running, kv, age)| json!({
-            "waiting": waiting,
-            "running": running,
-            "kv_cache_usage": kv,
-            "age_ms": age.as_millis() as u64,
-        })),
-    })
+    BackendView {
+        name: b.name.clone(),
+        url: b.url.clone(),
+        models: served,
+        health: if !st.is_up() {
+            BackendHealth::Down
+        } else if st.ejected() {
+            BackendHealth::Ejected
+        } else {
+            BackendHealth::Up
+        },
+        draining: st.draining.load(Ordering::Relaxed),
+        in_flight: st.in_flight.load(Ordering::Relaxed),
+        ewma_ms: st.ewma().as_secs_f64() * 1000.0,
+        last_scrape: st
+            .last_scrape()
+            .map(|(waiting, running, kv_cache_usage, age)| Scrape {
+                waiting,
+                running,
+                kv_cache_usage,
+                age_ms: age.as_millis() as u64,
+            }),
+    }
 }
 
-pub(super) async fn list_backends(State(gateway): State<AppState>) -> Json<Value> {
-    let data: Vec<Value> = gateway
+#[utoipa::path(
+    get,
+    path = "/admin/v1/backends",
+    tag = "backends",
+    responses((status = 200, description = "The pool, with each backend's health", body = BackendList)),
+)]
+pub(super) async fn list_backends(State(gateway): State<AppState>) -> Json<BackendList> {
+    let data = gateway
         .upstreams
         .backends()
         .iter()
         .map(|b| backend_view(&gateway, b))
         .collect();
-    Json(json!({"object": "list", "data": data}))
+    Json(BackendList {
+        object: "list",
+        data,
+    })
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
-struct AddBackend {
+pub(super) struct AddBackend {
     name: String,
     url: String,
     /// The models it serves; without them the gateway asks its `/v1/models`.
@@ -59,7 +134,20 @@ struct AddBackend {
     models: Vec<String>,
 }
 
-/// `POST /admin/v1/backends`: adds a backend to the pool on every replica (within a second).
+/// Adds a backend to the pool on every replica (within a second).
+#[utoipa::path(
+    post,
+    path = "/admin/v1/backends",
+    tag = "backends",
+    request_body = AddBackend,
+    responses(
+        (status = 201, description = "The backend, in the pool", body = BackendView),
+        (status = 400, description = "The body or the URL is invalid", body = ApiErrorBody),
+        (status = 409, description = "A backend of that name is in the pool", body = ApiErrorBody),
+        (status = 500, description = "Stored, but not in the pool", body = ApiErrorBody),
+        (status = 503, description = "The store is unavailable", body = ApiErrorBody),
+    ),
+)]
 pub(super) async fn add_backend(
     State(gateway): State<AppState>,
     body: Bytes,
@@ -104,12 +192,22 @@ pub(super) async fn add_backend(
     ))
 }
 
-/// `DELETE /admin/v1/backends/{name}`: takes a backend out of the pool on every replica.
-/// Requests it is serving finish; no new ones go to it.
+/// Takes a backend out of the pool on every replica. Requests it is serving finish; no new
+/// ones go to it.
+#[utoipa::path(
+    delete,
+    path = "/admin/v1/backends/{name}",
+    tag = "backends",
+    responses(
+        (status = 200, description = "The backend is out of the pool", body = BackendRemoved),
+        (status = 404, description = "No such backend", body = ApiErrorBody),
+        (status = 503, description = "The store is unavailable", body = ApiErrorBody),
+    ),
+)]
 pub(super) async fn remove_backend(
     State(gateway): State<AppState>,
     Path(name): Path<String>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<BackendRemoved>, ApiError> {
     if !gateway.upstreams.backends().iter().any(|b| b.name == name) {
         return Err(ApiError::not_found(format!("No backend named '{name}'.")));
     }
@@ -120,7 +218,10 @@ pub(super) async fn remove_backend(
         .map_err(store_error)?;
     pool_written(&gateway).await?;
     tracing::info!(backend = %name, "backend removed");
-    Ok(Json(json!({"name": name, "removed": true})))
+    Ok(Json(BackendRemoved {
+        name,
+        removed: true,
+    }))
 }
 
 /// Applies a pool change here at once; other replicas follow the store's epoch.
@@ -133,20 +234,40 @@ pub(super) async fn pool_written(gateway: &Gateway) -> Result<(), ApiError> {
     Ok(())
 }
 
-/// `POST /admin/v1/backends/{name}/drain`: the backend takes no new requests (on every
-/// replica within a second); those in flight, streams included, finish. `DELETE` on the same
-/// path puts it back in service.
+/// The backend takes no new requests (on every replica within a second); those in flight,
+/// streams included, finish.
+#[utoipa::path(
+    post,
+    path = "/admin/v1/backends/{name}/drain",
+    tag = "backends",
+    responses(
+        (status = 200, description = "The backend is draining", body = DrainState),
+        (status = 404, description = "No such backend", body = ApiErrorBody),
+        (status = 503, description = "The store is unavailable", body = ApiErrorBody),
+    ),
+)]
 pub(super) async fn drain_backend(
     State(gateway): State<AppState>,
     Path(name): Path<String>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<DrainState>, ApiError> {
     set_draining(&gateway, &name, true).await
 }
 
+/// Puts a drained backend back in service.
+#[utoipa::path(
+    delete,
+    path = "/admin/v1/backends/{name}/drain",
+    tag = "backends",
+    responses(
+        (status = 200, description = "The backend is in service", body = DrainState),
+        (status = 404, description = "No such backend", body = ApiErrorBody),
+        (status = 503, description = "The store is unavailable", body = ApiErrorBody),
+    ),
+)]
 pub(super) async fn undrain_backend(
     State(gateway): State<AppState>,
     Path(name): Path<String>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<DrainState>, ApiError> {
     set_draining(&gateway, &name, false).await
 }
 
@@ -154,7 +275,7 @@ pub(super) async fn set_draining(
     gateway: &Gateway,
     name: &str,
     draining: bool,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<DrainState>, ApiError> {
     let Some(backend) = gateway
         .upstreams
         .backends()
@@ -169,11 +290,11 @@ pub(super) async fn set_draining(
         .set_draining(name, draining)
         .await
         .map_err(store_error)?;
-    backend
-        .state
-        .draining
-        .store(draining, std::sync::atomic::Ordering::Relaxed);
+    backend.state.draining.store(draining, Ordering::Relaxed);
     key_written(gateway).await;
     tracing::info!(backend = %name, draining, "backend drain changed");
-    Ok(Json(json!({"name": name, "draining": draining})))
+    Ok(Json(DrainState {
+        name: name.to_owned(),
+        draining,
+    }))
 }

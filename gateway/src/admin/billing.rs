@@ -7,15 +7,18 @@
 use super::{store_error, AppState, Caller};
 use crate::app::Gateway;
 use crate::billing::source::{Item, Pages};
-use crate::billing::{self, Aggregator, Dim, ExportQuery, Grouping, PricedEvent, Pricer, Tally};
-use crate::error::ApiError;
+use crate::billing::{
+    self, Aggregator, Dim, ExportQuery, Grouping, PricedEvent, Pricer, Row, Tally, UsageCloudEvent,
+};
+use crate::error::{ApiError, ApiErrorBody};
 use axum::body::Body;
-use axum::extract::{Query, State};
+use axum::extract::{Path, Query, State};
 use axum::response::{IntoResponse, Response};
 use axum::Extension;
 use axum::Json;
-use serde_json::{json, Value};
+use serde::Serialize;
 use std::collections::HashMap;
+use utoipa::ToSchema;
 
 /// Export bytes sent to the client at a time (a page's lines, or this many bytes of rows).
 const CHUNK_BYTES: usize = 64 << 10;
@@ -82,12 +85,41 @@ fn price_page(
     }
 }
 
-/// `GET /admin/v1/billing/export?from=&to=&group_by=key,tenant,model,day|event&format=csv|jsonl`
-///
+/// One line of a JSON Lines export: an aggregate row (the default), an event
+/// (`group_by=event`) or a CloudEvent (`format=cloudevents`). Only the OpenAPI document
+/// names this type: `billing::write_row` and `write_event` write the lines themselves.
+#[derive(Serialize, ToSchema)]
+#[serde(untagged)]
+#[allow(dead_code)]
+enum ExportLine<'a> {
+    Row(Row),
+    Event(PricedEvent),
+    CloudEvent(UsageCloudEvent<'a>),
+}
+
 /// Streamed: events are read, priced and written a page at a time (rows of a grouped export
 /// once all are summed). The first page is read before answering, so a store that cannot
 /// be read is a 503; a failure after that cuts the body off (the connection is reset, so
 /// no client mistakes a partial export for a whole one).
+#[utoipa::path(
+    get,
+    path = "/admin/v1/billing/export",
+    tag = "billing",
+    params(
+        ("from" = Option<String>, Query, description = "`YYYY-MM-DD` (midnight UTC) or RFC 3339; default: the start of `to`'s month"),
+        ("to" = Option<String>, Query, description = "`YYYY-MM-DD` or RFC 3339, exclusive; default: now"),
+        ("group_by" = Option<String>, Query, description = "Comma-separated `key`, `tenant`, `model`, `day`, `month`; or `event` for one line per usage event (default `key,model,day`)"),
+        ("format" = Option<String>, Query, description = "`csv` (default), `jsonl` (or `json`), or `cloudevents` (with `group_by=event`)"),
+    ),
+    responses(
+        (status = 200, description = "The export: CSV with a header row, or JSON Lines (the schema is that of each line)", content(
+            (String = "text/csv"),
+            (ExportLine = "application/x-ndjson"),
+        )),
+        (status = 400, description = "A parameter is invalid", body = ApiErrorBody),
+        (status = 503, description = "Usage cannot be read right now", body = ApiErrorBody),
+    ),
+)]
 pub(super) async fn billing_export(
     State(gateway): State<AppState>,
     Extension(caller): Extension<Caller>,
@@ -172,12 +204,48 @@ async fn write_export(
     Ok(())
 }
 
-/// `GET /admin/v1/usage?key=&from=&to=`: totals and per-model rows, for one key or all.
+#[derive(Serialize, ToSchema)]
+pub(super) struct UsageView {
+    /// Always `usage`.
+    object: &'static str,
+    from_ms: i64,
+    to_ms: i64,
+    /// One row per key.
+    totals: Vec<Row>,
+    /// One row per key and model.
+    by_model: Vec<Row>,
+}
+
+#[derive(Serialize, ToSchema)]
+pub(super) struct UsagePurged {
+    /// Always `usage.purge`.
+    object: &'static str,
+    tenant: String,
+    events_deleted: u64,
+    rollups_deleted: u64,
+}
+
+/// Totals and per-model rows, for one key or all, priced.
+#[utoipa::path(
+    get,
+    path = "/admin/v1/usage",
+    tag = "billing",
+    params(
+        ("key" = Option<String>, Query, description = "One key's id; default: every key the caller may see"),
+        ("from" = Option<String>, Query, description = "`YYYY-MM-DD` (midnight UTC) or RFC 3339; default: the start of `to`'s month"),
+        ("to" = Option<String>, Query, description = "`YYYY-MM-DD` or RFC 3339, exclusive; default: now"),
+    ),
+    responses(
+        (status = 200, description = "The usage", body = UsageView),
+        (status = 400, description = "A parameter is invalid", body = ApiErrorBody),
+        (status = 503, description = "Usage cannot be read right now", body = ApiErrorBody),
+    ),
+)]
 pub(super) async fn usage(
     State(gateway): State<AppState>,
     Extension(caller): Extension<Caller>,
     Query(params): Query<HashMap<String, String>>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<UsageView>, ApiError> {
     let param = |name: &str| params.get(name).map(String::as_str);
     let query = ExportQuery::parse(
         param("from"),
@@ -205,23 +273,32 @@ pub(super) async fn usage(
             by_model.add_tally(tally);
         });
     }
-    Ok(Json(json!({
-        "object": "usage",
-        "from_ms": query.from_ms,
-        "to_ms": query.to_ms,
-        "totals": totals.rows(),
-        "by_model": by_model.rows(),
-    })))
+    Ok(Json(UsageView {
+        object: "usage",
+        from_ms: query.from_ms,
+        to_ms: query.to_ms,
+        totals: totals.rows(),
+        by_model: by_model.rows(),
+    }))
 }
 
-/// `DELETE /admin/v1/tenants/{tenant}/usage`: a data-deletion request. Deletes the tenant's
-/// usage events (and, with the ledger, its rollups) wherever they are kept; their ids stay
-/// counted, so nothing replayed later brings them back.
+/// A data-deletion request. Deletes the tenant's usage events (and, with the ledger, its
+/// rollups) wherever they are kept; their ids stay counted, so nothing replayed later
+/// brings them back.
+#[utoipa::path(
+    delete,
+    path = "/admin/v1/tenants/{tenant}/usage",
+    tag = "billing",
+    responses(
+        (status = 200, description = "What was deleted", body = UsagePurged),
+        (status = 503, description = "The store or the usage ledger is unavailable", body = ApiErrorBody),
+    ),
+)]
 pub(super) async fn purge_tenant_usage(
     State(gateway): State<AppState>,
     Extension(caller): Extension<Caller>,
-    axum::extract::Path(tenant): axum::extract::Path<String>,
-) -> Result<Json<Value>, ApiError> {
+    Path(tenant): Path<String>,
+) -> Result<Json<UsagePurged>, ApiError> {
     if !caller.sees(&tenant) {
         return Err(ApiError::forbidden(
             "This token may not act on that tenant.",
@@ -240,10 +317,10 @@ pub(super) async fn purge_tenant_usage(
         None => (0, 0),
     };
     tracing::info!(tenant = %tenant, events = events + ledger_events, rollups, "tenant usage purged");
-    Ok(Json(json!({
-        "object": "usage.purge",
-        "tenant": tenant,
-        "events_deleted": events + ledger_events,
-        "rollups_deleted": rollups,
-    })))
+    Ok(Json(UsagePurged {
+        object: "usage.purge",
+        tenant,
+        events_deleted: events + ledger_events,
+        rollups_deleted: rollups,
+    }))
 }

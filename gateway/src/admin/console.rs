@@ -7,6 +7,12 @@ use axum::response::IntoResponse;
 /// it is served without credentials.
 const CONSOLE: &str = include_str!("console.html");
 
+#[utoipa::path(
+    get,
+    path = "/console",
+    tag = "console",
+    responses((status = 200, description = "The console's page", body = String, content_type = "text/html")),
+)]
 pub(super) async fn console() -> impl IntoResponse {
     (
         [

@@ -4,14 +4,15 @@
 use super::{AppState, Caller};
 use crate::app::Gateway;
 use crate::datasets::exchange::Conversation;
-use crate::datasets::export::{self, Filter};
-use crate::error::ApiError;
+use crate::datasets::export::{self, Filter, FineTuningExample};
+use crate::error::{ApiError, ApiErrorBody};
 use axum::body::Body;
 use axum::extract::{Query, State};
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
-use serde_json::{json, Value};
+use serde::Serialize;
 use std::collections::HashMap;
+use utoipa::ToSchema;
 
 /// Conversations the store reads a page at a time; the caller sees those its filter and
 /// role admit, or the store's failure as a 503.
@@ -62,11 +63,28 @@ fn filter_of(params: &HashMap<String, String>, caller: &Caller) -> Result<Filter
     Ok(filter)
 }
 
-/// `GET /admin/v1/datasets/export?model=&tenant=&key=&from=&to=&finish_reason=`: the
-/// captured conversations the filter selects, oldest first, one OpenAI fine-tuning example
-/// per line. Streamed: the first page is read before answering (a store that cannot be read
-/// is a 503); a failure after that cuts the body off, so no client mistakes a partial file
-/// for a whole one.
+/// The captured conversations the filter selects, oldest first, one OpenAI fine-tuning
+/// example per line. Streamed: the first page is read before answering (a store that cannot
+/// be read is a 503); a failure after that cuts the body off, so no client mistakes a
+/// partial file for a whole one.
+#[utoipa::path(
+    get,
+    path = "/admin/v1/datasets/export",
+    tag = "datasets",
+    params(
+        ("model" = Option<String>, Query, description = "A model name or pattern (`*` for any run of characters)"),
+        ("tenant" = Option<String>, Query, description = "One tenant's conversations"),
+        ("key" = Option<String>, Query, description = "One key's conversations"),
+        ("from" = Option<String>, Query, description = "Captured from (`YYYY-MM-DD` or RFC 3339)"),
+        ("to" = Option<String>, Query, description = "Captured before (`YYYY-MM-DD` or RFC 3339)"),
+        ("finish_reason" = Option<String>, Query, description = "Comma-separated finish reasons (`stop`, `length`, ...)"),
+    ),
+    responses(
+        (status = 200, description = "JSON Lines (the schema is that of each line)", body = FineTuningExample, content_type = "application/x-ndjson"),
+        (status = 400, description = "A parameter is invalid or unknown", body = ApiErrorBody),
+        (status = 503, description = "The dataset cannot be read right now", body = ApiErrorBody),
+    ),
+)]
 pub(super) async fn export_dataset(
     State(gateway): State<AppState>,
     Extension(caller): Extension<Caller>,
@@ -118,14 +136,39 @@ pub(super) async fn export_dataset(
         .into_response())
 }
 
-/// `DELETE /admin/v1/datasets?model=&tenant=&key=&from=&to=&finish_reason=` (or `?all=true`):
-/// deletes the captured conversations the filter selects; answers how many went. A filter
-/// is required, so that a purge of everything is said outright.
+#[derive(Serialize, ToSchema)]
+pub(super) struct DatasetPurged {
+    /// Always `dataset.purge`.
+    object: &'static str,
+    deleted: u64,
+}
+
+/// Deletes the captured conversations the filter selects; answers how many went. A filter
+/// is required, so that a purge of everything is said outright (`all=true`).
+#[utoipa::path(
+    delete,
+    path = "/admin/v1/datasets",
+    tag = "datasets",
+    params(
+        ("model" = Option<String>, Query, description = "A model name or pattern (`*` for any run of characters)"),
+        ("tenant" = Option<String>, Query, description = "One tenant's conversations"),
+        ("key" = Option<String>, Query, description = "One key's conversations"),
+        ("from" = Option<String>, Query, description = "Captured from (`YYYY-MM-DD` or RFC 3339)"),
+        ("to" = Option<String>, Query, description = "Captured before (`YYYY-MM-DD` or RFC 3339)"),
+        ("finish_reason" = Option<String>, Query, description = "Comma-separated finish reasons (`stop`, `length`, ...)"),
+        ("all" = Option<bool>, Query, description = "`true`, with no filter: every conversation"),
+    ),
+    responses(
+        (status = 200, description = "How many conversations were deleted", body = DatasetPurged),
+        (status = 400, description = "No filter (and no `all=true`), or a parameter is invalid", body = ApiErrorBody),
+        (status = 503, description = "The store is unavailable", body = ApiErrorBody),
+    ),
+)]
 pub(super) async fn purge_dataset(
     State(gateway): State<AppState>,
     Extension(caller): Extension<Caller>,
     Query(mut params): Query<HashMap<String, String>>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<DatasetPurged>, ApiError> {
     let all = match params.remove("all").as_deref() {
         None | Some("false") => false,
         Some("true") => true,
@@ -161,5 +204,8 @@ pub(super) async fn purge_dataset(
             .map_err(super::store_error)?;
     }
     tracing::info!(deleted, "captured conversations purged");
-    Ok(Json(json!({"object": "dataset.purge", "deleted": deleted})))
+    Ok(Json(DatasetPurged {
+        object: "dataset.purge",
+        deleted,
+    }))
 }

@@ -1,48 +1,109 @@
 //! API keys: create (the secret is shown once), list, read, update, revoke, rotate, and each
 //! key's live quota.
 
+use super::quota::QuotaView;
 use super::{key_written, non_empty, parse_body, store_error, AppState, Caller};
 use crate::app::Gateway;
-use crate::error::ApiError;
+use crate::error::{ApiError, ApiErrorBody};
 use crate::keys::{new_key_id, KeyRecord, NewSecret};
 use axum::body::Bytes;
 use axum::extract::{Path, State};
 use axum::response::IntoResponse;
 use axum::{Extension, Json};
-use serde::Deserialize;
-use serde_json::{json, Value};
-use sluice_policies::{Distillation, LimitOverrides, ModelLists};
+use serde::{Deserialize, Serialize};
+use sluice_policies::{Distillation, LimitOverrides, Limits, ModelLimits, ModelLists};
+use utoipa::ToSchema;
 
 /// A key as the admin API shows it: never its secret or hash.
-pub(super) fn key_view(gateway: &Gateway, record: &KeyRecord) -> Value {
+#[derive(Serialize, ToSchema)]
+pub(super) struct KeyView {
+    id: String,
+    /// Always `api_key`.
+    object: &'static str,
+    name: String,
+    tenant: String,
+    tier: String,
+    /// The key's own overrides of its tier's limits.
+    limits: LimitOverrides,
+    /// The tier's limits with the key's overrides on top; `null` when the key's tier is gone.
+    #[schema(required)]
+    effective_limits: Option<Limits>,
+    /// The secret's first characters, for telling keys apart.
+    display_prefix: String,
+    /// Unix seconds.
+    created_at: i64,
+    /// Unix seconds; `null` while the key is active.
+    #[schema(required)]
+    revoked_at: Option<i64>,
+    cache: bool,
+    /// `null`: the tier's allow-list applies.
+    #[schema(required)]
+    allowed_models: Option<Vec<String>>,
+    denied_models: Vec<String>,
+    #[schema(value_type = BTreeMap<String, Limits>)]
+    model_limits: ModelLimits,
+    /// The key's own opt-in to capture for distillation; `null`: its tenant's applies.
+    #[schema(required)]
+    distillation: Option<Distillation>,
+    status: KeyStatus,
+}
+
+#[derive(Serialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+enum KeyStatus {
+    Active,
+    Revoked,
+}
+
+/// A key just created or rotated: the one answer that carries its secret.
+#[derive(Serialize, ToSchema)]
+pub(super) struct KeyWithSecret {
+    #[serde(flatten)]
+    view: KeyView,
+    /// The secret (`sk-...`): shown here once, never again.
+    key: String,
+}
+
+#[derive(Serialize, ToSchema)]
+pub(super) struct KeyList {
+    /// Always `list`.
+    object: &'static str,
+    data: Vec<KeyView>,
+}
+
+pub(super) fn key_view(gateway: &Gateway, record: &KeyRecord) -> KeyView {
     let effective = gateway
         .tiers()
         .get(&record.tier)
         .map(|t| t.limits.with_overrides(&record.limits))
         .ok();
-    json!({
-        "id": record.id,
-        "object": "api_key",
-        "name": record.name,
-        "tenant": record.tenant,
-        "tier": record.tier,
-        "limits": record.limits,
-        "effective_limits": effective,
-        "display_prefix": record.display_prefix,
-        "created_at": record.created_at,
-        "revoked_at": record.revoked_at,
-        "cache": record.cache,
-        "allowed_models": record.models.allowed_models,
-        "denied_models": record.models.denied_models,
-        "model_limits": record.model_limits,
-        "distillation": record.distillation,
-        "status": if record.is_revoked() { "revoked" } else { "active" },
-    })
+    KeyView {
+        id: record.id.clone(),
+        object: "api_key",
+        name: record.name.clone(),
+        tenant: record.tenant.clone(),
+        tier: record.tier.clone(),
+        limits: record.limits.clone(),
+        effective_limits: effective,
+        display_prefix: record.display_prefix.clone(),
+        created_at: record.created_at,
+        revoked_at: record.revoked_at,
+        cache: record.cache,
+        allowed_models: record.models.allowed_models.clone(),
+        denied_models: record.models.denied_models.clone(),
+        model_limits: record.model_limits.clone(),
+        distillation: record.distillation.clone(),
+        status: if record.is_revoked() {
+            KeyStatus::Revoked
+        } else {
+            KeyStatus::Active
+        },
+    }
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
-struct CreateKey {
+pub(super) struct CreateKey {
     name: String,
     tenant: String,
     tier: Option<String>,
@@ -57,11 +118,23 @@ struct CreateKey {
     denied_models: Vec<String>,
     /// Limits for single models; a model named here replaces the tier's limits for it.
     #[serde(default)]
-    model_limits: sluice_policies::ModelLimits,
+    #[schema(value_type = BTreeMap<String, Limits>)]
+    model_limits: ModelLimits,
     /// The key's own opt-in to capture for distillation; absent: its tenant's applies.
     distillation: Option<Distillation>,
 }
 
+#[utoipa::path(
+    post,
+    path = "/admin/v1/keys",
+    tag = "keys",
+    request_body = CreateKey,
+    responses(
+        (status = 201, description = "The key, with its secret (shown this once)", body = KeyWithSecret),
+        (status = 400, description = "The body is invalid", body = ApiErrorBody),
+        (status = 503, description = "The store is unavailable", body = ApiErrorBody),
+    ),
+)]
 pub(super) async fn create_key(
     State(gateway): State<AppState>,
     body: Bytes,
@@ -107,22 +180,36 @@ pub(super) async fn create_key(
         .map_err(store_error)?;
     key_written(&gateway).await;
     tracing::info!(key_id = %record.id, tenant = %record.tenant, tier = %record.tier, "key created");
-    let mut view = key_view(&gateway, &record);
-    view["key"] = Value::String(secret.secret);
+    let view = KeyWithSecret {
+        view: key_view(&gateway, &record),
+        key: secret.secret,
+    };
     Ok((http::StatusCode::CREATED, Json(view)))
 }
 
+#[utoipa::path(
+    get,
+    path = "/admin/v1/keys",
+    tag = "keys",
+    responses(
+        (status = 200, description = "Every key the caller may see", body = KeyList),
+        (status = 503, description = "The store is unavailable", body = ApiErrorBody),
+    ),
+)]
 pub(super) async fn list_keys(
     State(gateway): State<AppState>,
     Extension(caller): Extension<Caller>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<KeyList>, ApiError> {
     let keys = gateway.store.list_keys().await.map_err(store_error)?;
-    let data: Vec<Value> = keys
+    let data = keys
         .iter()
         .filter(|k| caller.sees(&k.tenant))
         .map(|k| key_view(&gateway, k))
         .collect();
-    Ok(Json(json!({"object": "list", "data": data})))
+    Ok(Json(KeyList {
+        object: "list",
+        data,
+    }))
 }
 
 pub(super) async fn find_key(gateway: &Gateway, id: &str) -> Result<KeyRecord, ApiError> {
@@ -147,18 +234,28 @@ async fn find_visible_key(
     Ok(record)
 }
 
+#[utoipa::path(
+    get,
+    path = "/admin/v1/keys/{id}",
+    tag = "keys",
+    responses(
+        (status = 200, description = "The key", body = KeyView),
+        (status = 404, description = "No such key (or another tenant's)", body = ApiErrorBody),
+        (status = 503, description = "The store is unavailable", body = ApiErrorBody),
+    ),
+)]
 pub(super) async fn get_key(
     State(gateway): State<AppState>,
     Extension(caller): Extension<Caller>,
     Path(id): Path<String>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<KeyView>, ApiError> {
     let record = find_visible_key(&gateway, &caller, &id).await?;
     Ok(Json(key_view(&gateway, &record)))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
-struct UpdateKey {
+pub(super) struct UpdateKey {
     name: Option<String>,
     tenant: Option<String>,
     tier: Option<String>,
@@ -167,20 +264,35 @@ struct UpdateKey {
     cache: Option<bool>,
     /// `null` clears the key's allow-list, so the tier's applies.
     #[serde(default, deserialize_with = "super::present")]
+    #[schema(value_type = Option<Vec<String>>)]
     allowed_models: Option<Option<Vec<String>>>,
     denied_models: Option<Vec<String>>,
     /// Replaces the key's per-model limits as a whole; `{}` clears them.
-    model_limits: Option<sluice_policies::ModelLimits>,
+    #[schema(value_type = Option<BTreeMap<String, Limits>>)]
+    model_limits: Option<ModelLimits>,
     /// `null` clears the key's own opt-in, so its tenant's applies.
     #[serde(default, deserialize_with = "super::present")]
+    #[schema(value_type = Option<Distillation>)]
     distillation: Option<Option<Distillation>>,
 }
 
+#[utoipa::path(
+    patch,
+    path = "/admin/v1/keys/{id}",
+    tag = "keys",
+    request_body = UpdateKey,
+    responses(
+        (status = 200, description = "The key as updated", body = KeyView),
+        (status = 400, description = "The body is invalid, or the key is revoked", body = ApiErrorBody),
+        (status = 404, description = "No such key", body = ApiErrorBody),
+        (status = 503, description = "The store is unavailable", body = ApiErrorBody),
+    ),
+)]
 pub(super) async fn update_key(
     State(gateway): State<AppState>,
     Path(id): Path<String>,
     body: Bytes,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<KeyView>, ApiError> {
     let req: UpdateKey = parse_body(&body)?;
     let mut record = find_key(&gateway, &id).await?;
     if record.is_revoked() {
@@ -235,10 +347,21 @@ pub(super) async fn update_key(
     Ok(Json(key_view(&gateway, &record)))
 }
 
+/// Revoking a revoked key changes nothing and answers the same.
+#[utoipa::path(
+    delete,
+    path = "/admin/v1/keys/{id}",
+    tag = "keys",
+    responses(
+        (status = 200, description = "The key, revoked", body = KeyView),
+        (status = 404, description = "No such key", body = ApiErrorBody),
+        (status = 503, description = "The store is unavailable", body = ApiErrorBody),
+    ),
+)]
 pub(super) async fn revoke_key(
     State(gateway): State<AppState>,
     Path(id): Path<String>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<KeyView>, ApiError> {
     let mut record = find_key(&gateway, &id).await?;
     if !record.is_revoked() {
         record.revoked_at = Some(crate::clock::now_sec());
@@ -253,10 +376,22 @@ pub(super) async fn revoke_key(
     Ok(Json(key_view(&gateway, &record)))
 }
 
+/// A new secret for the key; the old one stops working at once.
+#[utoipa::path(
+    post,
+    path = "/admin/v1/keys/{id}/rotate",
+    tag = "keys",
+    responses(
+        (status = 200, description = "The key, with its new secret (shown this once)", body = KeyWithSecret),
+        (status = 400, description = "The key is revoked", body = ApiErrorBody),
+        (status = 404, description = "No such key", body = ApiErrorBody),
+        (status = 503, description = "The store is unavailable", body = ApiErrorBody),
+    ),
+)]
 pub(super) async fn rotate_key(
     State(gateway): State<AppState>,
     Path(id): Path<String>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<KeyWithSecret>, ApiError> {
     let mut record = find_key(&gateway, &id).await?;
     if record.is_revoked() {
         return Err(ApiError::bad_request(format!(
@@ -273,18 +408,29 @@ pub(super) async fn rotate_key(
         .map_err(store_error)?;
     key_written(&gateway).await;
     tracing::info!(key_id = %record.id, "key rotated");
-    let mut view = key_view(&gateway, &record);
-    view["key"] = Value::String(secret.secret);
-    Ok(Json(view))
+    Ok(Json(KeyWithSecret {
+        view: key_view(&gateway, &record),
+        key: secret.secret,
+    }))
 }
 
-/// `GET /admin/v1/keys/{id}/quota`: each of the key's limits' live state (see
-/// `quota::quota_view`).
+/// Each of the key's limits' live state, per-model limits included.
+#[utoipa::path(
+    get,
+    path = "/admin/v1/keys/{id}/quota",
+    tag = "keys",
+    responses(
+        (status = 200, description = "The key's quota", body = KeyQuota),
+        (status = 404, description = "No such key (or another tenant's)", body = ApiErrorBody),
+        (status = 500, description = "The key's tier is gone", body = ApiErrorBody),
+        (status = 503, description = "The store is unavailable", body = ApiErrorBody),
+    ),
+)]
 pub(super) async fn key_quota(
     State(gateway): State<AppState>,
     Extension(caller): Extension<Caller>,
     Path(id): Path<String>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<KeyQuota>, ApiError> {
     let record = find_visible_key(&gateway, &caller, &id).await?;
     let tiers = gateway.tiers();
     let tier = tiers
@@ -293,7 +439,7 @@ pub(super) async fn key_quota(
     let limits = tier.limits.with_overrides(&record.limits);
     let model_limits =
         sluice_policies::limits::merge_model_limits(&tier.model_limits, &record.model_limits);
-    let mut view = super::quota::quota_view_with_models(
+    let quota = super::quota::quota_view_with_models(
         &gateway,
         &id,
         &limits,
@@ -301,16 +447,43 @@ pub(super) async fn key_quota(
         Some(&tier.currency),
     )
     .await?;
-    view["key_id"] = json!(id);
-    view["tier"] = json!(record.tier);
-    Ok(Json(view))
+    Ok(Json(KeyQuota {
+        key_id: id,
+        tier: record.tier,
+        quota,
+    }))
 }
 
-/// `POST /admin/v1/keys/{id}/quota/reset`: forgets the key's windows, caps and month spend.
+#[derive(Serialize, ToSchema)]
+pub(super) struct KeyQuota {
+    key_id: String,
+    tier: String,
+    #[serde(flatten)]
+    quota: QuotaView,
+}
+
+#[derive(Serialize, ToSchema)]
+pub(super) struct QuotaReset {
+    key_id: String,
+    /// Always `true`.
+    reset: bool,
+}
+
+/// Forgets the key's windows, caps and month spend.
+#[utoipa::path(
+    post,
+    path = "/admin/v1/keys/{id}/quota/reset",
+    tag = "keys",
+    responses(
+        (status = 200, description = "The key's quota is reset", body = QuotaReset),
+        (status = 404, description = "No such key", body = ApiErrorBody),
+        (status = 503, description = "The store is unavailable", body = ApiErrorBody),
+    ),
+)]
 pub(super) async fn reset_key_quota(
     State(gateway): State<AppState>,
     Path(id): Path<String>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<QuotaReset>, ApiError> {
     find_key(&gateway, &id).await?;
     let now = crate::clock::now_ms() / 1000;
     let (month, _) = crate::clock::month_of(now);
@@ -321,7 +494,10 @@ pub(super) async fn reset_key_quota(
         .map_err(store_error)?;
     gateway.admission.forget_key(&id);
     tracing::info!(key_id = %id, "quota reset");
-    Ok(Json(json!({"key_id": id, "reset": true})))
+    Ok(Json(QuotaReset {
+        key_id: id,
+        reset: true,
+    }))
 }
 
 /// A key's model lists, if every pattern is well-formed.

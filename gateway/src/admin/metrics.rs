@@ -5,8 +5,14 @@ use crate::app::Gateway;
 use axum::extract::State;
 use axum::response::IntoResponse;
 
-/// `GET /metrics`: Prometheus text exposition (behind the admin listener's auth, like
-/// everything on it: give the scraper a viewer token).
+/// Prometheus text exposition (behind the admin listener's auth, like everything on it:
+/// give the scraper a viewer token).
+#[utoipa::path(
+    get,
+    path = "/metrics",
+    tag = "metrics",
+    responses((status = 200, description = "Prometheus text exposition (version 0.0.4)", body = String, content_type = "text/plain")),
+)]
 pub(super) async fn metrics(State(gateway): State<AppState>) -> impl IntoResponse {
     (
         [(

@@ -2,7 +2,9 @@
 //! quota (`keys`, `quota`), tenants' limits (`tenants`), tiers (`tiers`), the backend pool
 //! (`backends`), usage and billing exports (`billing`), spend alerts (`alerts`), the response
 //! cache (`cache`), the distillation dataset (`datasets`), the console (`console`),
-//! `/metrics` (`metrics`), and the audit trail of every write (`audit`). This file holds the router and authorisation. Every call needs the admin
+//! `/metrics` (`metrics`), the audit trail of every write (`audit`), and the API's own
+//! OpenAPI document (`openapi`). This file holds the router and authorisation. Every call
+//! needs the admin
 //! bearer token or an admin JWT (`[auth.admin_jwt]`: its own keys, issuer and audience, never
 //! the proxy's) whose role claim is `admin` (anything) or `viewer` (reads only; with a tenant
 //! claim, that tenant's keys, usage and billing only). The secret of a key appears in exactly
@@ -18,6 +20,7 @@ mod datasets;
 mod keys;
 mod listener;
 mod metrics;
+mod openapi;
 mod quota;
 mod tenants;
 mod tiers;
@@ -27,12 +30,12 @@ use crate::error::ApiError;
 use axum::extract::{Request, State};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::de::DeserializeOwned;
-use serde_json::json;
 use sha2::{Digest, Sha256};
 use std::sync::Arc;
+use utoipa_axum::router::{OpenApiRouter, UtoipaMethodRouterExt};
+use utoipa_axum::routes;
 
 type AppState = Arc<Gateway>;
 
@@ -45,73 +48,56 @@ pub async fn serve(listener: tokio::net::TcpListener, gateway: Arc<Gateway>) {
     listener::serve(listener, router(gateway.clone()), bounds).await;
 }
 
-pub fn router(gateway: Arc<Gateway>) -> Router {
-    let api = Router::new()
-        .route(
-            "/admin/v1/keys",
-            post(keys::create_key).get(keys::list_keys),
-        )
-        .route(
-            "/admin/v1/keys/{id}",
-            get(keys::get_key)
-                .patch(keys::update_key)
-                .delete(keys::revoke_key),
-        )
-        .route("/admin/v1/keys/{id}/rotate", post(keys::rotate_key))
-        .route("/admin/v1/keys/{id}/quota", get(keys::key_quota))
-        .route(
-            "/admin/v1/keys/{id}/quota/reset",
-            post(keys::reset_key_quota),
-        )
-        .route("/admin/v1/tiers", get(tiers::list_tiers))
-        .route(
-            "/admin/v1/tiers/{name}",
-            get(tiers::get_tier).put(tiers::put_tier),
-        )
-        .route(
-            "/admin/v1/backends",
-            get(backends::list_backends).post(backends::add_backend),
-        )
-        .route(
-            "/admin/v1/backends/{name}",
-            axum::routing::delete(backends::remove_backend),
-        )
-        .route(
-            "/admin/v1/backends/{name}/drain",
-            post(backends::drain_backend).delete(backends::undrain_backend),
-        )
-        .route("/admin/v1/billing/export", get(billing::billing_export))
-        .route("/admin/v1/usage", get(billing::usage))
-        .route("/admin/v1/tenants", get(tenants::list_tenants))
-        .route(
-            "/admin/v1/tenants/{tenant}",
-            get(tenants::get_tenant).put(tenants::put_tenant),
-        )
-        .route(
-            "/admin/v1/tenants/{tenant}/quota",
-            get(tenants::tenant_quota),
-        )
-        .route(
-            "/admin/v1/tenants/{tenant}/usage",
-            axum::routing::delete(billing::purge_tenant_usage),
-        )
-        .route("/admin/v1/cache", axum::routing::delete(cache::purge_cache))
-        .route("/admin/v1/cache/stats", get(cache::cache_stats))
-        .route("/admin/v1/alerts", get(alerts::list_alerts))
-        .route(
-            "/admin/v1/datasets",
-            axum::routing::delete(datasets::purge_dataset),
-        )
-        .route("/admin/v1/datasets/export", get(datasets::export_dataset))
-        .route(
-            "/admin/v1/audit",
-            get(audit::list_audit)
-                .post(audit::append_only)
+/// Every route the admin listener serves, each registered (by `routes!`) at the path its
+/// handler's `#[utoipa::path]` names, which is also where the OpenAPI document puts it. A
+/// route added any other way would be served and not documented, which the tests refuse.
+struct Routes {
+    /// Served to anyone.
+    public: OpenApiRouter<AppState>,
+    /// Served behind [`authorize`], to admins and viewers.
+    guarded: OpenApiRouter<AppState>,
+}
+
+fn routes() -> Routes {
+    let public = OpenApiRouter::new()
+        .routes(routes!(health))
+        .routes(routes!(console::console));
+    let guarded = OpenApiRouter::new()
+        .routes(routes!(keys::create_key, keys::list_keys))
+        .routes(routes!(keys::get_key, keys::update_key, keys::revoke_key))
+        .routes(routes!(keys::rotate_key))
+        .routes(routes!(keys::key_quota))
+        .routes(routes!(keys::reset_key_quota))
+        .routes(routes!(tiers::list_tiers))
+        .routes(routes!(tiers::get_tier, tiers::put_tier))
+        .routes(routes!(backends::list_backends, backends::add_backend))
+        .routes(routes!(backends::remove_backend))
+        .routes(routes!(backends::drain_backend, backends::undrain_backend))
+        .routes(routes!(billing::billing_export))
+        .routes(routes!(billing::usage))
+        .routes(routes!(tenants::list_tenants))
+        .routes(routes!(tenants::get_tenant, tenants::put_tenant))
+        .routes(routes!(tenants::tenant_quota))
+        .routes(routes!(billing::purge_tenant_usage))
+        .routes(routes!(cache::purge_cache))
+        .routes(routes!(cache::cache_stats))
+        .routes(routes!(alerts::list_alerts))
+        .routes(routes!(datasets::purge_dataset))
+        .routes(routes!(datasets::export_dataset))
+        .routes(routes!(audit::list_audit).map(|read| {
+            read.post(audit::append_only)
                 .put(audit::append_only)
                 .patch(audit::append_only)
-                .delete(audit::append_only),
-        )
-        .route("/metrics", get(metrics::metrics))
+                .delete(audit::append_only)
+        }))
+        .routes(routes!(metrics::metrics))
+        .routes(routes!(openapi::openapi_json));
+    Routes { public, guarded }
+}
+
+pub fn router(gateway: Arc<Gateway>) -> Router {
+    let Routes { public, guarded } = routes();
+    let guarded = Router::from(guarded)
         // Innermost: it sees the body read, and the caller authorised.
         .layer(middleware::from_fn_with_state(
             gateway.clone(),
@@ -122,10 +108,8 @@ pub fn router(gateway: Arc<Gateway>) -> Router {
             listener::read_body_within,
         ))
         .layer(middleware::from_fn_with_state(gateway.clone(), authorize));
-    Router::new()
-        .route("/health", get(|| async { Json(json!({"status": "ok"})) }))
-        .route("/console", get(console::console))
-        .merge(api)
+    Router::from(public)
+        .merge(guarded)
         .fallback(|request: Request| async move {
             ApiError::not_found(format!(
                 "Unknown admin URL: {} {}.",
@@ -135,6 +119,22 @@ pub fn router(gateway: Arc<Gateway>) -> Router {
         })
         .with_state(gateway)
         .layer(middleware::from_fn(request_id))
+}
+
+#[derive(serde::Serialize, utoipa::ToSchema)]
+struct Liveness {
+    /// Always `ok`.
+    status: &'static str,
+}
+
+#[utoipa::path(
+    get,
+    path = "/health",
+    tag = "meta",
+    responses((status = 200, description = "The admin listener is up", body = Liveness)),
+)]
+async fn health() -> Json<Liveness> {
+    Json(Liveness { status: "ok" })
 }
 
 /// Every admin answer carries `x-request-id`: the caller's, or a fresh one.
@@ -172,9 +172,10 @@ impl Caller {
 }
 
 /// What a viewer scoped to one tenant may read: its keys, their quota, its usage and
-/// billing, and the tiers. Fleet-wide views (backends, metrics, the cache) are not its to see.
+/// billing, the tiers, and the API's description. Fleet-wide views (backends, metrics, the cache) are not its to see.
 fn scoped_viewer_may_read(path: &str) -> bool {
-    path == "/admin/v1/keys"
+    path == "/admin/v1/openapi.json"
+        || path == "/admin/v1/keys"
         || path.starts_with("/admin/v1/keys/")
         || path == "/admin/v1/usage"
         || path == "/admin/v1/billing/export"

@@ -2,20 +2,53 @@
 //! keys count against together (the key limit fields: rates, days, concurrency, budget);
 //! every replica applies them within a second, in the same atomic admission as each key's.
 
+use super::quota::QuotaView;
 use super::{key_written, non_empty, parse_body, store_error, AppState, Caller};
 use crate::app::Gateway;
-use crate::error::ApiError;
+use crate::error::{ApiError, ApiErrorBody};
 use axum::body::Bytes;
 use axum::extract::{Path, State};
 use axum::{Extension, Json};
-use serde::Deserialize;
-use serde_json::{json, Value};
-use sluice_policies::{tenants, Limits, Tenant};
+use serde::{Deserialize, Serialize};
+use sluice_policies::{tenants, Distillation, Limits, ModelLimits, Tenant};
+use utoipa::ToSchema;
 
 /// A tenant as the admin API shows it.
-fn tenant_view(tenant: &Tenant) -> Value {
-    json!({"id": tenant.id, "object": "tenant", "limits": tenant.limits,
-           "model_limits": tenant.model_limits, "distillation": tenant.distillation})
+#[derive(Serialize, ToSchema)]
+pub(super) struct TenantView {
+    id: String,
+    /// Always `tenant`.
+    object: &'static str,
+    limits: Limits,
+    #[schema(value_type = BTreeMap<String, Limits>)]
+    model_limits: ModelLimits,
+    /// The tenant's opt-in to capture for distillation; `null`: nothing is kept.
+    #[schema(required)]
+    distillation: Option<Distillation>,
+}
+
+#[derive(Serialize, ToSchema)]
+pub(super) struct TenantList {
+    /// Always `list`.
+    object: &'static str,
+    data: Vec<TenantView>,
+}
+
+#[derive(Serialize, ToSchema)]
+pub(super) struct TenantQuota {
+    tenant: String,
+    #[serde(flatten)]
+    quota: QuotaView,
+}
+
+fn tenant_view(tenant: Tenant) -> TenantView {
+    TenantView {
+        id: tenant.id,
+        object: "tenant",
+        limits: tenant.limits,
+        model_limits: tenant.model_limits,
+        distillation: tenant.distillation,
+    }
 }
 
 /// The tenant, unless the caller is a viewer scoped to another one (then it does not exist
@@ -28,11 +61,17 @@ fn visible(caller: &Caller, id: &str) -> Result<(), ApiError> {
     }
 }
 
-/// `GET /admin/v1/tenants`: every tenant whose limits were set.
+/// Every tenant whose limits were set.
+#[utoipa::path(
+    get,
+    path = "/admin/v1/tenants",
+    tag = "tenants",
+    responses((status = 200, description = "The tenants the caller may see, by id", body = TenantList)),
+)]
 pub(super) async fn list_tenants(
     State(gateway): State<AppState>,
     Extension(caller): Extension<Caller>,
-) -> Json<Value> {
+) -> Json<TenantList> {
     let mut data: Vec<Tenant> = gateway
         .tenants
         .load()
@@ -40,40 +79,62 @@ pub(super) async fn list_tenants(
         .filter(|t| caller.sees(&t.id))
         .collect();
     data.sort_by(|a, b| a.id.cmp(&b.id));
-    let data: Vec<Value> = data.iter().map(tenant_view).collect();
-    Json(json!({"object": "list", "data": data}))
+    Json(TenantList {
+        object: "list",
+        data: data.into_iter().map(tenant_view).collect(),
+    })
 }
 
-/// `GET /admin/v1/tenants/{id}`: the tenant's limits (all unlimited until set). Any tenant
-/// name is a tenant: keys and tokens name theirs freely.
+/// The tenant's limits (all unlimited until set). Any tenant name is a tenant: keys and
+/// tokens name theirs freely.
+#[utoipa::path(
+    get,
+    path = "/admin/v1/tenants/{tenant}",
+    tag = "tenants",
+    responses(
+        (status = 200, description = "The tenant", body = TenantView),
+        (status = 404, description = "Another tenant than a scoped viewer's", body = ApiErrorBody),
+    ),
+)]
 pub(super) async fn get_tenant(
     State(gateway): State<AppState>,
     Extension(caller): Extension<Caller>,
     Path(id): Path<String>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<TenantView>, ApiError> {
     visible(&caller, &id)?;
-    Ok(Json(tenant_view(&gateway.tenants.load().get(&id))))
+    Ok(Json(tenant_view(gateway.tenants.load().get(&id))))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
-struct PutTenant {
+pub(super) struct PutTenant {
     limits: Limits,
     /// Limits for single models, for all of the tenant's keys together.
     #[serde(default)]
-    model_limits: sluice_policies::ModelLimits,
+    #[schema(value_type = BTreeMap<String, Limits>)]
+    model_limits: ModelLimits,
     /// The tenant's opt-in to capture for distillation; absent or `null`: off.
     #[serde(default)]
-    distillation: Option<sluice_policies::Distillation>,
+    distillation: Option<Distillation>,
 }
 
-/// `PUT /admin/v1/tenants/{id}` with `{"limits": {...}}`: sets (replaces) the tenant's
-/// limits; every replica applies them within a second.
+/// Sets (replaces) the tenant's limits; every replica applies them within a second.
+#[utoipa::path(
+    put,
+    path = "/admin/v1/tenants/{tenant}",
+    tag = "tenants",
+    request_body = PutTenant,
+    responses(
+        (status = 200, description = "The tenant as written", body = TenantView),
+        (status = 400, description = "The body is invalid", body = ApiErrorBody),
+        (status = 503, description = "The store is unavailable", body = ApiErrorBody),
+    ),
+)]
 pub(super) async fn put_tenant(
     State(gateway): State<AppState>,
     Path(id): Path<String>,
     body: Bytes,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<TenantView>, ApiError> {
     non_empty("id", &id)?;
     let req: PutTenant = parse_body(&body)?;
     super::keys::model_limits(&req.model_limits)?;
@@ -97,23 +158,32 @@ pub(super) async fn put_tenant(
     })?;
     key_written(&gateway).await;
     tracing::info!(tenant = %id, "tenant limits written");
-    Ok(Json(tenant_view(&tenant)))
+    Ok(Json(tenant_view(tenant)))
 }
 
-/// `GET /admin/v1/tenants/{id}/quota`: the live state of the tenant's own limits, counting
-/// every one of its keys.
+/// The live state of the tenant's own limits, counting every one of its keys.
+#[utoipa::path(
+    get,
+    path = "/admin/v1/tenants/{tenant}/quota",
+    tag = "tenants",
+    responses(
+        (status = 200, description = "The tenant's quota", body = TenantQuota),
+        (status = 404, description = "Another tenant than a scoped viewer's", body = ApiErrorBody),
+        (status = 503, description = "The store is unavailable", body = ApiErrorBody),
+    ),
+)]
 pub(super) async fn tenant_quota(
     State(gateway): State<AppState>,
     Extension(caller): Extension<Caller>,
     Path(id): Path<String>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<TenantQuota>, ApiError> {
     visible(&caller, &id)?;
     let (limits, model_limits) = {
         let tenants = gateway.tenants.load();
         (tenants.limits(&id), tenants.model_limits(&id))
     };
     let currency = tenant_currency(&gateway, &id).await?;
-    let mut view = super::quota::quota_view_with_models(
+    let quota = super::quota::quota_view_with_models(
         &gateway,
         &tenants::ledger_of(&id),
         &limits,
@@ -121,8 +191,7 @@ pub(super) async fn tenant_quota(
         currency.as_deref(),
     )
     .await?;
-    view["tenant"] = json!(id);
-    Ok(Json(view))
+    Ok(Json(TenantQuota { tenant: id, quota }))
 }
 
 /// The currency of the tenant's spend: its keys' tiers', when they agree (a tenant's

@@ -2,54 +2,92 @@
 //! replica within a second.
 
 use super::{key_written, non_empty, parse_body, store_error, AppState};
-use crate::error::ApiError;
+use crate::error::{ApiError, ApiErrorBody};
 use axum::body::Bytes;
 use axum::extract::{Path, State};
 use axum::Json;
-use serde::Deserialize;
-use serde_json::{json, Value};
+use serde::{Deserialize, Serialize};
+use sluice_policies::{Limits, Tier};
+use utoipa::ToSchema;
 
-pub(super) async fn list_tiers(State(gateway): State<AppState>) -> Json<Value> {
-    let tiers = gateway.tiers();
-    let data: Vec<_> = tiers.iter().collect();
-    Json(json!({"object": "list", "data": data}))
+#[derive(Serialize, ToSchema)]
+pub(super) struct TierList {
+    /// Always `list`.
+    object: &'static str,
+    data: Vec<Tier>,
 }
 
+#[utoipa::path(
+    get,
+    path = "/admin/v1/tiers",
+    tag = "tiers",
+    responses((status = 200, description = "Every tier in force", body = TierList)),
+)]
+pub(super) async fn list_tiers(State(gateway): State<AppState>) -> Json<TierList> {
+    let tiers = gateway.tiers();
+    Json(TierList {
+        object: "list",
+        data: tiers.iter().cloned().collect(),
+    })
+}
+
+#[utoipa::path(
+    get,
+    path = "/admin/v1/tiers/{name}",
+    tag = "tiers",
+    responses(
+        (status = 200, description = "The tier", body = Tier),
+        (status = 404, description = "No such tier", body = ApiErrorBody),
+    ),
+)]
 pub(super) async fn get_tier(
     State(gateway): State<AppState>,
     Path(name): Path<String>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<Tier>, ApiError> {
     let tiers = gateway.tiers();
     let tier = tiers
         .get(&name)
         .map_err(|e| ApiError::not_found(e.to_string()))?;
-    Ok(Json(json!(tier)))
+    Ok(Json(tier.clone()))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
-struct PutTier {
+pub(super) struct PutTier {
     currency: Option<String>,
-    limits: sluice_policies::Limits,
+    limits: Limits,
     #[serde(default)]
     on_store_unavailable: Option<sluice_policies::FailMode>,
     #[serde(default)]
     request_caps: Option<sluice_policies::RequestCaps>,
     /// Absent: the tier's current list; `null`: no allow-list (every model).
     #[serde(default, deserialize_with = "super::present")]
+    #[schema(value_type = Option<Vec<String>>)]
     allowed_models: Option<Option<Vec<String>>>,
     denied_models: Option<Vec<String>>,
     /// Absent: the tier's current per-model limits; `{}` removes them.
+    #[schema(value_type = Option<BTreeMap<String, Limits>>)]
     model_limits: Option<sluice_policies::ModelLimits>,
 }
 
-/// `PUT /admin/v1/tiers/{name}`: creates or replaces a tier; every replica applies it within
-/// a second (it moves the store's key epoch, which each replica polls).
+/// Creates or replaces a tier; every replica applies it within a second (it moves the
+/// store's key epoch, which each replica polls).
+#[utoipa::path(
+    put,
+    path = "/admin/v1/tiers/{name}",
+    tag = "tiers",
+    request_body = PutTier,
+    responses(
+        (status = 200, description = "The tier as written", body = Tier),
+        (status = 400, description = "The body, or the tiers and prices it would make, are invalid", body = ApiErrorBody),
+        (status = 503, description = "The store is unavailable", body = ApiErrorBody),
+    ),
+)]
 pub(super) async fn put_tier(
     State(gateway): State<AppState>,
     Path(name): Path<String>,
     body: Bytes,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<Tier>, ApiError> {
     let req: PutTier = parse_body(&body)?;
     non_empty("name", &name)?;
     let current = gateway.tiers();
@@ -100,5 +138,5 @@ pub(super) async fn put_tier(
     })?;
     key_written(&gateway).await;
     tracing::info!(tier = %name, "tier written");
-    Ok(Json(json!(tier)))
+    Ok(Json(tier))
 }

@@ -12,7 +12,7 @@ pub mod source;
 
 use crate::clock::{day_label as day_of, utc, Month};
 use crate::metering::Usage;
-use crate::usage::UsageEvent;
+use crate::usage::{UsageEvent, UsageSource};
 use rust_decimal::Decimal;
 use serde::Serialize;
 use sluice_policies::pricing::{ModelPrice, PriceBook, PriceSchedule, TokenCounts};
@@ -183,11 +183,13 @@ impl ExportQuery {
 }
 
 /// An event with its price.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct PricedEvent {
     #[serde(flatten)]
     pub event: UsageEvent,
+    /// Exact decimal.
     #[serde(serialize_with = "exact")]
+    #[schema(value_type = String)]
     pub cost: Decimal,
     pub currency: String,
 }
@@ -294,20 +296,27 @@ impl<'a> Tally<'a> {
     }
 }
 
-/// One aggregate row. Fields of dimensions not grouped by are empty.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+/// One aggregate row. Fields of dimensions not grouped by are empty (`null`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct Row {
+    #[schema(required)]
     pub month: Option<String>,
+    #[schema(required)]
     pub day: Option<String>,
+    #[schema(required)]
     pub key_id: Option<String>,
+    #[schema(required)]
     pub tenant: Option<String>,
+    #[schema(required)]
     pub model: Option<String>,
     pub currency: String,
     pub requests: u64,
     pub prompt_tokens: u64,
     pub completion_tokens: u64,
     pub cached_tokens: u64,
+    /// Exact decimal.
     #[serde(serialize_with = "exact")]
+    #[schema(value_type = String)]
     pub cost: Decimal,
 }
 
@@ -533,42 +542,82 @@ pub const CLOUD_EVENT_TYPE: &str = "sluice.usage";
 
 /// A usage event as a CloudEvent (spec 1.0) in the shape OpenMeter ingests: the event id as
 /// the CloudEvent id (what a consumer deduplicates on), the tenant as the subject (the
-/// customer billed), and the figures under `data` (counts as numbers; with `price`, the
-/// event's cost as an exact decimal string and its currency; the live feed carries none,
-/// since graduated prices depend on the month's whole usage).
-pub fn cloud_event(e: &UsageEvent, price: Option<(&Decimal, &str)>) -> serde_json::Value {
+/// customer billed), and the figures under `data`.
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+pub struct UsageCloudEvent<'a> {
+    /// Always `1.0`.
+    specversion: &'static str,
+    id: &'a str,
+    /// Always `sluice`.
+    source: &'static str,
+    /// Always `sluice.usage`.
+    r#type: &'static str,
+    /// The tenant.
+    subject: &'a str,
+    /// RFC 3339.
+    time: String,
+    /// Always `application/json`.
+    datacontenttype: &'static str,
+    data: UsageCloudEventData<'a>,
+}
+
+/// Counts as numbers; with a price, the event's cost as an exact decimal string and its
+/// currency (the live feed carries none, since graduated prices depend on the month's
+/// whole usage).
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+pub struct UsageCloudEventData<'a> {
+    key_id: &'a str,
+    tier: &'a str,
+    model: &'a str,
+    route: &'a str,
+    backend: &'a str,
+    request_id: &'a str,
+    prompt_tokens: u64,
+    completion_tokens: u64,
+    total_tokens: u64,
+    cached_tokens: u64,
+    cache_status: &'a str,
+    status: u16,
+    usage_source: UsageSource,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    cost: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    currency: Option<&'a str>,
+}
+
+pub fn cloud_event<'a>(
+    e: &'a UsageEvent,
+    price: Option<(&Decimal, &'a str)>,
+) -> UsageCloudEvent<'a> {
     let time = utc(e.time_ms)
         .format(&time::format_description::well_known::Rfc3339)
         .unwrap_or_default();
-    let mut event = serde_json::json!({
-        "specversion": "1.0",
-        "id": e.id,
-        "source": "sluice",
-        "type": CLOUD_EVENT_TYPE,
-        "subject": e.tenant,
-        "time": time,
-        "datacontenttype": "application/json",
-        "data": {
-            "key_id": e.key_id,
-            "tier": e.tier,
-            "model": e.model,
-            "route": e.route,
-            "backend": e.backend,
-            "request_id": e.request_id,
-            "prompt_tokens": e.prompt_tokens,
-            "completion_tokens": e.completion_tokens,
-            "total_tokens": e.prompt_tokens.saturating_add(e.completion_tokens),
-            "cached_tokens": e.cached_tokens,
-            "cache_status": e.cache_status,
-            "status": e.status,
-            "usage_source": e.usage_source.as_str(),
+    UsageCloudEvent {
+        specversion: "1.0",
+        id: &e.id,
+        source: "sluice",
+        r#type: CLOUD_EVENT_TYPE,
+        subject: &e.tenant,
+        time,
+        datacontenttype: "application/json",
+        data: UsageCloudEventData {
+            key_id: &e.key_id,
+            tier: &e.tier,
+            model: &e.model,
+            route: &e.route,
+            backend: &e.backend,
+            request_id: &e.request_id,
+            prompt_tokens: e.prompt_tokens,
+            completion_tokens: e.completion_tokens,
+            total_tokens: e.prompt_tokens.saturating_add(e.completion_tokens),
+            cached_tokens: e.cached_tokens,
+            cache_status: &e.cache_status,
+            status: e.status,
+            usage_source: e.usage_source,
+            cost: price.map(|(cost, _)| cost.normalize().to_string()),
+            currency: price.map(|(_, currency)| currency),
         },
-    });
-    if let Some((cost, currency)) = price {
-        event["data"]["cost"] = cost.normalize().to_string().into();
-        event["data"]["currency"] = currency.into();
     }
-    event
 }
 
 #[cfg(test)]

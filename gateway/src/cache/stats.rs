@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 /// The cache's counters on this replica, as `GET /admin/v1/cache/stats` and the metrics
 /// show them.
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize, utoipa::ToSchema)]
 pub struct CacheStats {
     pub entries: usize,
     /// Bytes the entries hold against this replica's budget, the budget, and entries evicted
@@ -37,7 +37,7 @@ pub struct CacheStats {
     pub by_tenant: std::collections::BTreeMap<String, TenantCacheStats>,
 }
 
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize, utoipa::ToSchema)]
 pub struct TenantCacheStats {
     pub entries: u64,
     pub hits: u64,

@@ -40,7 +40,7 @@ pub struct Verifier {
 }
 
 /// What the verifier has done on this replica, for `GET /admin/v1/cache/stats` and metrics.
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Debug, Clone, Default, Serialize, utoipa::ToSchema)]
 pub struct VerificationStats {
     pub enabled: bool,
     pub learned: bool,
@@ -48,6 +48,7 @@ pub struct VerificationStats {
     pub candidates: u64,
     pub verified: u64,
     /// Candidates turned down, by the check that turned them down.
+    #[schema(value_type = BTreeMap<String, u64>)]
     pub rejected: BTreeMap<&'static str, u64>,
 }
 

@@ -108,10 +108,15 @@ impl Filter {
     }
 }
 
-#[derive(Serialize)]
-struct Line<'a> {
+/// One example of an OpenAI fine-tuning file: a line of the dataset export.
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct FineTuningExample<'a> {
+    /// The request's messages as sent, then the assistant's answer.
+    #[schema(value_type = Vec<Object>)]
     messages: Vec<&'a RawValue>,
+    /// The tools the request offered, as sent.
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Vec<Object>>)]
     tools: Option<&'a RawValue>,
 }
 
@@ -121,7 +126,7 @@ pub fn write_line(out: &mut Vec<u8>, c: &Conversation) -> Result<(), serde_json:
     let mut messages: Vec<&RawValue> = serde_json::from_str(c.messages.get())?;
     let answer = serde_json::value::to_raw_value(&c.answer)?;
     messages.push(&answer);
-    let line = Line {
+    let line = FineTuningExample {
         messages,
         tools: c.tools.as_deref(),
     };
