@@ -34,19 +34,16 @@ pub(super) struct AlertList {
     params(AlertsQuery),
     responses(
         (status = 200, description = "The alerts, newest first", body = AlertList),
-        // An unknown parameter is refused by axum's query extractor, in plain text.
-        (status = 400, description = "`limit` is out of range, or a parameter is unknown", content(
-            (ApiErrorBody = "application/json"),
-            (String = "text/plain"),
-        )),
+        (status = 400, description = "`limit` is out of range, or a parameter is unknown", body = ApiErrorBody),
         (status = 503, description = "The store is unavailable", body = ApiErrorBody),
     ),
 )]
 pub(super) async fn list_alerts(
     State(gateway): State<AppState>,
     Extension(caller): Extension<Caller>,
-    Query(query): Query<AlertsQuery>,
+    query: Result<Query<AlertsQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<AlertList>, ApiError> {
+    let Query(query) = query.map_err(|e| ApiError::bad_request(e.body_text()))?;
     let limit = query.limit.unwrap_or(100);
     if !(1..=1000).contains(&limit) {
         return Err(ApiError::bad_request("'limit' must be from 1 to 1000.").with_param("limit"));
