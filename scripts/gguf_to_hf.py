@@ -7,11 +7,12 @@ reads, so both loaders can be checked against each other on the same weights. It
 code with the backend: the `gguf` package (llama.cpp's own reader and dequantiser) reads the
 file and the `tokenizers` package builds tokenizer.json.
 
-    python scripts/gguf_to_hf.py MODEL.gguf OUT_DIR [--dtype f32|f16|bf16]
+    python scripts/gguf_to_hf.py MODEL.gguf OUT_DIR [--dtype f32|f16|bf16] [--tokenizer-only]
 
 Writes config.json, model.safetensors, tokenizer.json, tokenizer_config.json and
 generation_config.json into OUT_DIR (created if missing; existing files are overwritten).
 Every tensor is dequantised to float32 first, then cast to --dtype (default f32).
+--tokenizer-only writes tokenizer.json alone (a reference for token counts), reading no tensor.
 """
 
 import argparse
@@ -158,9 +159,14 @@ def main():
     args.add_argument("gguf_file")
     args.add_argument("out_dir", type=pathlib.Path)
     args.add_argument("--dtype", choices=list(DTYPES), default="f32")
+    args.add_argument("--tokenizer-only", action="store_true")
     args = args.parse_args()
 
     reader = GGUFReader(args.gguf_file)
+    if args.tokenizer_only:
+        args.out_dir.mkdir(parents=True, exist_ok=True)
+        build_tokenizer(reader)[0].save(str(args.out_dir / "tokenizer.json"))
+        return
     arch = field(reader, "general.architecture")
     if arch != "llama":
         sys.exit(f"gguf_to_hf.py: architecture {arch!r} is not llama")

@@ -1,10 +1,15 @@
 //! A backend that reports no usage is billed what the model's own tokenizer counts
 //! (`[tokenizers]`), not a guess from bytes: the prompt from the request, the completion from
-//! the text that passed, for a JSON answer and for a stream.
+//! the text that passed, for a JSON answer and for a stream, with the tokenizer from a
+//! `tokenizer.json` or from a GGUF file's metadata.
 
 use serde_json::{json, Value};
 use sluice_e2e::misbehaving::{Behaviour, Misbehaving, UNREPORTED_ANSWER};
-use sluice_e2e::{minilm_dir, required_weights, Gateway, GatewayOptions, StoreKind, SIM_MODEL};
+use sluice_e2e::{
+    minilm_dir, required_weights, smollm2_gguf, test_python, Gateway, GatewayOptions, StoreKind,
+    SIM_MODEL,
+};
+use std::path::PathBuf;
 use std::time::Duration;
 use tokenizers::Tokenizer;
 
@@ -21,12 +26,50 @@ async fn billed_event(gw: &Gateway) -> Value {
     panic!("no usage event\n{}", gw.log());
 }
 
-async fn case(behaviour: Behaviour, stream: bool) {
-    let Some(dir) = required_weights(minilm_dir(), "SLUICE_MINILM_DIR", "all-MiniLM-L6-v2") else {
+/// Where the gateway's tokenizer comes from.
+enum Source {
+    /// all-MiniLM-L6-v2's `tokenizer.json`.
+    TokenizerJson,
+    /// SmolLM2's GGUF file, checked against the `tokenizer.json` that scripts/gguf_to_hf.py
+    /// (llama.cpp's `gguf` package and Hugging Face's `tokenizers`, no code shared with
+    /// Sluice) builds from the same file.
+    Gguf,
+}
+
+/// The file the gateway is configured with, and the `tokenizer.json` that counts for
+/// reference (`None`: the weights are not fetched and the test is skipped).
+fn tokenizer_files(source: &Source, scratch: &std::path::Path) -> Option<(PathBuf, PathBuf)> {
+    match source {
+        Source::TokenizerJson => {
+            let dir = required_weights(minilm_dir(), "SLUICE_MINILM_DIR", "all-MiniLM-L6-v2")?;
+            Some((dir.join("tokenizer.json"), dir.join("tokenizer.json")))
+        }
+        Source::Gguf => {
+            let gguf = required_weights(
+                smollm2_gguf(),
+                "SLUICE_SMOLLM2_GGUF",
+                "SmolLM2-135M-Instruct",
+            )?;
+            let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../scripts/gguf_to_hf.py");
+            let status = std::process::Command::new(test_python())
+                .arg(script)
+                .arg(&gguf)
+                .arg(scratch)
+                .arg("--tokenizer-only")
+                .status()
+                .expect("run scripts/gguf_to_hf.py");
+            assert!(status.success(), "scripts/gguf_to_hf.py failed ({status})");
+            Some((gguf, scratch.join("tokenizer.json")))
+        }
+    }
+}
+
+async fn case(behaviour: Behaviour, stream: bool, source: Source) {
+    let scratch = tempfile::tempdir().unwrap();
+    let Some((tokenizer_file, reference)) = tokenizer_files(&source, scratch.path()) else {
         return;
     };
-    let tokenizer_file = dir.join("tokenizer.json");
-    let mut tokenizer = Tokenizer::from_file(&tokenizer_file).unwrap();
+    let mut tokenizer = Tokenizer::from_file(&reference).unwrap();
     // MiniLM's file pads every encoding to 128 tokens: a count must not.
     tokenizer.with_padding(None);
     tokenizer.with_truncation(None).unwrap();
@@ -76,10 +119,20 @@ async fn case(behaviour: Behaviour, stream: bool) {
 
 #[tokio::test]
 async fn a_json_answer_without_usage_is_billed_its_tokenizer_count() {
-    case(Behaviour::NoUsage, false).await;
+    case(Behaviour::NoUsage, false, Source::TokenizerJson).await;
 }
 
 #[tokio::test]
 async fn a_stream_without_usage_is_billed_its_tokenizer_count() {
-    case(Behaviour::StreamWithoutUsage, true).await;
+    case(Behaviour::StreamWithoutUsage, true, Source::TokenizerJson).await;
+}
+
+#[tokio::test]
+async fn a_json_answer_without_usage_is_billed_its_gguf_tokenizer_count() {
+    case(Behaviour::NoUsage, false, Source::Gguf).await;
+}
+
+#[tokio::test]
+async fn a_stream_without_usage_is_billed_its_gguf_tokenizer_count() {
+    case(Behaviour::StreamWithoutUsage, true, Source::Gguf).await;
 }

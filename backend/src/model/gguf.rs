@@ -1,5 +1,6 @@
-//! What is in a GGUF file (llama.cpp's model format, versions 2 and 3)? Its metadata and
-//! tensors.
+//! What is in a GGUF file (llama.cpp's model format, versions 2 and 3)? Its tensors, after
+//! the header and metadata that `sluice_gguf` reads (the gateway reads those too, for the
+//! tokenizer).
 //!
 //! The whole file is read into memory once. An mmap would share pages between processes
 //! and start faster, but needs `unsafe` over a file another process may truncate under us
@@ -8,94 +9,11 @@
 //! nothing more. This module only parses: it never interprets what the tensors mean.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use crate::quant::GgmlType;
-
-/// Why a GGUF file could not be read.
-#[derive(Debug, thiserror::Error)]
-pub enum GgufError {
-    #[error("cannot read {path}: {message}")]
-    Read { path: PathBuf, message: String },
-    #[error("not a GGUF file (magic {0:?})")]
-    Magic([u8; 4]),
-    #[error("GGUF version {0} (only 2 and 3 are read)")]
-    Version(u32),
-    #[error("truncated at byte {0}")]
-    Truncated(usize),
-    #[error("{0}")]
-    Invalid(String),
-    #[error("tensor `{name}` is of GGML type {type_id} ({type_name}); only F32, F16, Q8_0 and Q4_1 load")]
-    TensorType {
-        name: String,
-        type_id: u32,
-        type_name: &'static str,
-    },
-}
-
-/// One metadata value, with GGUF's own types.
-#[derive(Debug, Clone, PartialEq)]
-pub enum Value {
-    U8(u8),
-    I8(i8),
-    U16(u16),
-    I16(i16),
-    U32(u32),
-    I32(i32),
-    U64(u64),
-    I64(i64),
-    F32(f32),
-    F64(f64),
-    Bool(bool),
-    String(String),
-    Array(Vec<Value>),
-}
-
-impl Value {
-    /// Any non-negative integer value, whatever its width: writers differ in which they use.
-    pub fn as_u64(&self) -> Option<u64> {
-        match *self {
-            Value::U8(v) => Some(v.into()),
-            Value::U16(v) => Some(v.into()),
-            Value::U32(v) => Some(v.into()),
-            Value::U64(v) => Some(v),
-            Value::I8(v) => u64::try_from(v).ok(),
-            Value::I16(v) => u64::try_from(v).ok(),
-            Value::I32(v) => u64::try_from(v).ok(),
-            Value::I64(v) => u64::try_from(v).ok(),
-            _ => None,
-        }
-    }
-
-    pub fn as_f64(&self) -> Option<f64> {
-        match *self {
-            Value::F32(v) => Some(v.into()),
-            Value::F64(v) => Some(v),
-            _ => self.as_u64().map(|v| v as f64),
-        }
-    }
-
-    pub fn as_str(&self) -> Option<&str> {
-        match self {
-            Value::String(s) => Some(s),
-            _ => None,
-        }
-    }
-
-    pub fn as_bool(&self) -> Option<bool> {
-        match *self {
-            Value::Bool(b) => Some(b),
-            _ => None,
-        }
-    }
-
-    pub fn as_array(&self) -> Option<&[Value]> {
-        match self {
-            Value::Array(a) => Some(a),
-            _ => None,
-        }
-    }
-}
+use sluice_gguf::{Cursor, Header};
+pub use sluice_gguf::{GgufError, Value};
 
 /// Where a tensor is and what it holds.
 #[derive(Debug, Clone)]
@@ -138,90 +56,6 @@ impl std::fmt::Debug for Gguf {
     }
 }
 
-struct Cursor<'a> {
-    bytes: &'a [u8],
-    pos: usize,
-}
-
-impl<'a> Cursor<'a> {
-    fn take(&mut self, n: usize) -> Result<&'a [u8], GgufError> {
-        let end = self
-            .pos
-            .checked_add(n)
-            .filter(|&end| end <= self.bytes.len())
-            .ok_or(GgufError::Truncated(self.pos))?;
-        let out = &self.bytes[self.pos..end];
-        self.pos = end;
-        Ok(out)
-    }
-
-    fn array<const N: usize>(&mut self) -> Result<[u8; N], GgufError> {
-        Ok(self.take(N)?.try_into().expect("N bytes"))
-    }
-
-    fn u32(&mut self) -> Result<u32, GgufError> {
-        Ok(u32::from_le_bytes(self.array()?))
-    }
-
-    fn u64(&mut self) -> Result<u64, GgufError> {
-        Ok(u64::from_le_bytes(self.array()?))
-    }
-
-    /// A count or length that must fit in memory; a corrupt file claiming 2⁶³ entries is
-    /// refused here, before anything is allocated for it.
-    fn len(&mut self) -> Result<usize, GgufError> {
-        let at = self.pos;
-        let n = self.u64()?;
-        usize::try_from(n)
-            .ok()
-            .filter(|&n| n <= self.bytes.len())
-            .ok_or_else(|| GgufError::Invalid(format!("length {n} at byte {at}")))
-    }
-
-    fn string(&mut self) -> Result<String, GgufError> {
-        let at = self.pos;
-        let n = self.len()?;
-        String::from_utf8(self.take(n)?.to_vec())
-            .map_err(|_| GgufError::Invalid(format!("string at byte {at} is not UTF-8")))
-    }
-
-    fn value(&mut self, type_id: u32) -> Result<Value, GgufError> {
-        Ok(match type_id {
-            0 => Value::U8(self.array::<1>()?[0]),
-            1 => Value::I8(self.array::<1>()?[0] as i8),
-            2 => Value::U16(u16::from_le_bytes(self.array()?)),
-            3 => Value::I16(i16::from_le_bytes(self.array()?)),
-            4 => Value::U32(self.u32()?),
-            5 => Value::I32(i32::from_le_bytes(self.array()?)),
-            6 => Value::F32(f32::from_le_bytes(self.array()?)),
-            7 => match self.array::<1>()?[0] {
-                0 => Value::Bool(false),
-                1 => Value::Bool(true),
-                b => return Err(GgufError::Invalid(format!("bool byte {b}"))),
-            },
-            8 => Value::String(self.string()?),
-            9 => {
-                let item_type = self.u32()?;
-                let n = self.len()?;
-                let mut items = Vec::with_capacity(n.min(1 << 20));
-                for _ in 0..n {
-                    items.push(self.value(item_type)?);
-                }
-                Value::Array(items)
-            }
-            10 => Value::U64(self.u64()?),
-            11 => Value::I64(i64::from_le_bytes(self.array()?)),
-            12 => Value::F64(f64::from_le_bytes(self.array()?)),
-            other => {
-                return Err(GgufError::Invalid(format!(
-                    "metadata value type {other} at byte {}",
-                    self.pos - 4
-                )))
-            }
-        })
-    }
-}
-
 impl Gguf {
     pub fn open(path: &Path) -> Result<Gguf, GgufError> {
         let bytes = std::fs::read(path).map_err(|err| GgufError::Read {
@@ -232,27 +66,12 @@ impl Gguf {
     }
 
     pub fn parse(bytes: Vec<u8>) -> Result<Gguf, GgufError> {
-        let mut c = Cursor {
-            bytes: &bytes,
-            pos: 0,
-        };
-        let magic = c.array::<4>()?;
-        if &magic != b"GGUF" {
-            return Err(GgufError::Magic(magic));
-        }
-        let version = c.u32()?;
-        if !(2..=3).contains(&version) {
-            return Err(GgufError::Version(version));
-        }
-        let tensor_count = c.len()?;
-        let kv_count = c.len()?;
-        let mut metadata = BTreeMap::new();
-        for _ in 0..kv_count {
-            let key = c.string()?;
-            let type_id = c.u32()?;
-            let value = c.value(type_id)?;
-            metadata.insert(key, value);
-        }
+        let mut c = Cursor::new(&bytes);
+        let Header {
+            version,
+            tensor_count,
+            metadata,
+        } = Header::parse(&mut c)?;
         let alignment = match metadata.get("general.alignment") {
             None => 32,
             Some(v) => v
@@ -271,7 +90,7 @@ impl Gguf {
                 )));
             }
             let dims = (0..n_dims)
-                .map(|_| c.len())
+                .map(|_| c.length())
                 .collect::<Result<Vec<_>, _>>()?;
             let type_id = c.u32()?;
             let dtype = GgmlType::from_id(type_id).map_err(|type_name| GgufError::TensorType {
@@ -279,7 +98,7 @@ impl Gguf {
                 type_id,
                 type_name,
             })?;
-            let offset = c.len()?;
+            let offset = c.length()?;
             if !offset.is_multiple_of(alignment) {
                 return Err(GgufError::Invalid(format!(
                     "tensor `{name}` at offset {offset}, not a multiple of the alignment {alignment}"
@@ -304,7 +123,7 @@ impl Gguf {
                 },
             );
         }
-        let data_start = c.pos.next_multiple_of(alignment);
+        let data_start = c.position().next_multiple_of(alignment);
         for info in tensors.values() {
             let end = data_start
                 .checked_add(info.offset)

@@ -2,29 +2,18 @@
 //! from the metadata of its GGUF file or read from a Hugging Face folder's `tokenizer.json`
 //! and `tokenizer_config.json`.
 //!
-//! GGUF stores a GPT-2-style byte-level BPE as `tokenizer.ggml.tokens` (the vocabulary, in
-//! id order), `tokenizer.ggml.merges` ("a b" lines, in rank order) and
-//! `tokenizer.ggml.token_type` (3 marks control tokens, which match whole and are never split).
-//! The `tokenizers` crate runs it; `tokenizer.ggml.pre` names the pre-tokenizer, which GGUF
-//! does not store, so only the ones known here are accepted. The chat template is Jinja,
-//! rendered by minijinja.
+//! A GGUF file's byte-level BPE is built by `sluice_gguf::tokenizer` (which the gateway shares,
+//! to count tokens); this adds each token's bytes, for streaming text, and the special tokens.
+//! The `tokenizers` crate runs it. The chat template is Jinja, rendered by minijinja.
 
 use std::collections::HashMap;
 use std::path::Path;
 
-use tokenizers::decoders::byte_level::ByteLevel as ByteLevelDecoder;
 use tokenizers::decoders::DecoderWrapper;
-use tokenizers::models::bpe::BPE;
-use tokenizers::pre_tokenizers::byte_level::ByteLevel;
-use tokenizers::pre_tokenizers::digits::Digits;
-use tokenizers::pre_tokenizers::sequence::Sequence;
-use tokenizers::pre_tokenizers::PreTokenizerWrapper;
-use tokenizers::{AddedToken, Tokenizer};
+use tokenizers::Tokenizer;
 
 use super::gguf::{Gguf, Value};
-
-/// GGUF's `token_type` of control tokens (`<|im_start|>`...).
-const CONTROL: i64 = 3;
+use sluice_gguf::tokenizer::CONTROL;
 
 /// One message of a chat, as the template sees it.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -70,98 +59,13 @@ fn byte_chars() -> [char; 256] {
     table
 }
 
-fn strings<'a>(gguf: &'a Gguf, key: &str) -> Result<Vec<&'a str>, String> {
-    gguf.get(key)
-        .and_then(Value::as_array)
-        .ok_or_else(|| format!("{key} is missing or not an array"))?
-        .iter()
-        .map(|v| {
-            v.as_str()
-                .ok_or_else(|| format!("{key} holds a non-string"))
-        })
-        .collect()
-}
-
 impl LlamaTokenizer {
     pub fn from_gguf(gguf: &Gguf) -> Result<LlamaTokenizer, String> {
-        let model = gguf
-            .get("tokenizer.ggml.model")
-            .and_then(Value::as_str)
-            .unwrap_or("");
-        if model != "gpt2" {
-            return Err(format!(
-                "tokenizer.ggml.model `{model}` (only `gpt2`, byte-level BPE, is read)"
-            ));
-        }
-        let pre = gguf
-            .get("tokenizer.ggml.pre")
-            .and_then(Value::as_str)
-            .unwrap_or("default");
-        // What Hugging Face's tokenizer.json says for these models: SmolLM's splits every
-        // digit on its own before GPT-2's regex.
-        let byte_level = ByteLevel::new(false, true, true);
-        let pre_tokenizer: PreTokenizerWrapper = match pre {
-            "smollm" => Sequence::new(vec![Digits::new(true).into(), byte_level.into()]).into(),
-            "gpt2" | "default" => byte_level.into(),
-            other => {
-                return Err(format!(
-                    "tokenizer.ggml.pre `{other}` (known: smollm, gpt2, default)"
-                ))
-            }
-        };
-        let tokens = strings(gguf, "tokenizer.ggml.tokens")?;
-        let merges = strings(gguf, "tokenizer.ggml.merges")?
-            .into_iter()
-            .map(|line| {
-                line.split_once(' ')
-                    .map(|(a, b)| (a.to_owned(), b.to_owned()))
-                    .ok_or_else(|| format!("merge `{line}` is not two tokens"))
-            })
-            .collect::<Result<Vec<_>, _>>()?;
-        let types: Vec<i64> = match gguf.get("tokenizer.ggml.token_type") {
-            Some(v) => v
-                .as_array()
-                .ok_or("tokenizer.ggml.token_type is not an array")?
-                .iter()
-                .map(|t| match *t {
-                    Value::I32(t) => Ok(i64::from(t)),
-                    _ => t
-                        .as_u64()
-                        .map(|t| t as i64)
-                        .ok_or("tokenizer.ggml.token_type holds a non-integer"),
-                })
-                .collect::<Result<_, _>>()?,
-            None => vec![1; tokens.len()],
-        };
-        if types.len() != tokens.len() {
-            return Err(format!(
-                "{} token types for {} tokens",
-                types.len(),
-                tokens.len()
-            ));
-        }
-        let vocab: tokenizers::models::bpe::Vocab = tokens
-            .iter()
-            .enumerate()
-            .map(|(id, t)| ((*t).to_owned(), id as u32))
-            .collect();
-        let bpe = BPE::builder()
-            .vocab_and_merges(vocab, merges)
-            .build()
-            .map_err(|err| format!("BPE: {err}"))?;
-        let mut tokenizer = Tokenizer::new(bpe);
-        tokenizer.with_pre_tokenizer(Some(pre_tokenizer));
-        tokenizer.with_decoder(Some(ByteLevelDecoder::default()));
-        let specials: Vec<AddedToken> = tokens
-            .iter()
-            .zip(&types)
-            .filter(|(_, &t)| t == CONTROL)
-            .map(|(t, _)| AddedToken::from((*t).to_owned(), true))
-            .collect();
-        tokenizer
-            .add_special_tokens(specials)
-            .map_err(|err| format!("control tokens: {err}"))?;
-
+        let sluice_gguf::tokenizer::BytePairs {
+            tokenizer,
+            tokens,
+            types,
+        } = sluice_gguf::tokenizer::byte_pairs(&gguf.metadata)?;
         let to_byte: HashMap<char, u8> = byte_chars()
             .iter()
             .enumerate()

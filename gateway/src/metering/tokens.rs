@@ -1,6 +1,7 @@
 //! How many tokens is a text, for a backend that reports none? Each configured model's own
-//! tokenizer (`[tokenizers]`: model → its `tokenizer.json`), loaded once at start. Without
-//! one, the estimate stays the conservative one from bytes (see `estimate`).
+//! tokenizer (`[tokenizers]`: model → its `tokenizer.json`, or its GGUF file, of which only
+//! the metadata is read), loaded once at start. Without one, the estimate stays the
+//! conservative one from bytes (see `estimate`).
 
 use crate::request::{RequestView, Route};
 use serde::Deserialize;
@@ -26,8 +27,20 @@ impl TokenCounters {
     pub fn load(files: &BTreeMap<String, PathBuf>) -> Result<TokenCounters, String> {
         let mut by_model = HashMap::new();
         for (model, file) in files {
-            let mut tokenizer = Tokenizer::from_file(file)
-                .map_err(|e| format!("tokenizers.{model}: cannot load {}: {e}", file.display()))?;
+            let cannot = |e: &dyn std::fmt::Display| {
+                format!("tokenizers.{model}: cannot load {}: {e}", file.display())
+            };
+            let is_gguf = file
+                .extension()
+                .is_some_and(|e| e.eq_ignore_ascii_case("gguf"));
+            let mut tokenizer = if is_gguf {
+                let header = sluice_gguf::Header::read(file).map_err(|e| cannot(&e))?;
+                sluice_gguf::tokenizer::byte_pairs(&header.metadata)
+                    .map_err(|e| cannot(&e))?
+                    .tokenizer
+            } else {
+                Tokenizer::from_file(file).map_err(|e| cannot(&e))?
+            };
             // Counting, not batching: a padded or truncated encoding miscounts.
             tokenizer.with_padding(None);
             tokenizer
