@@ -24,14 +24,8 @@ PORT_BASE="${PORT_BASE:-19300}"
 
 BASELINE="${BASELINE:-}"
 redis_port=$((PORT_BASE + 9))
-bench_extra_cleanup() { redis-cli -p "$redis_port" shutdown nosave >/dev/null 2>&1 || true; }
 bench_setup
-command -v redis-server >/dev/null || scripts/ensure-redis.sh
-
-# A Redis of the benchmark's own, so its command counts are this run's alone.
-redis-server --bind 127.0.0.1 --port "$redis_port" --save "" --appendonly no --daemonize yes \
-  --logfile "$work/redis.log" --dir "$work"
-for _ in $(seq 50); do redis-cli -p "$redis_port" ping >/dev/null 2>&1 && break; sleep 0.1; done
+bench_redis "$redis_port"
 
 backend_port=$PORT_BASE
 "$bin/sluice-backend" --engine sim --listen "127.0.0.1:$backend_port" --model sluice-sim >"$work/backend.log" 2>&1 &

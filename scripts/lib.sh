@@ -59,8 +59,23 @@ bench_setup() {
 bench_cleanup() {
   kill "${pids[@]}" 2>/dev/null || true
   if declare -F bench_extra_cleanup >/dev/null; then bench_extra_cleanup; fi
+  if [ -n "${bench_redis_port:-}" ]; then
+    redis-cli -p "$bench_redis_port" shutdown nosave >/dev/null 2>&1 || true
+  fi
   wait 2>/dev/null || true
   rm -rf "$work"
+}
+
+# bench_redis PORT: starts a Redis of the benchmark's own on PORT (no persistence, files in
+# $work), so that what it counts is this run's alone; bench_cleanup shuts it down.
+bench_redis() {
+  command -v redis-server >/dev/null || scripts/ensure-redis.sh
+  bench_redis_port=$1
+  redis-server --bind 127.0.0.1 --port "$1" --save "" --appendonly no --daemonize yes \
+    --logfile "$work/redis.log" --dir "$work"
+  for _ in $(seq 50); do redis-cli -p "$1" ping >/dev/null 2>&1 && return; sleep 0.1; done
+  echo "bench_redis: Redis did not start on port $1" >&2
+  return 1
 }
 
 # bench_key ADMIN_PORT ADMIN_TOKEN [unlimited]: creates an enterprise-tier key and prints

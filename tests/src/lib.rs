@@ -548,6 +548,37 @@ hs256_secret = "{ADMIN_JWT_SECRET}"
         Ok(())
     }
 
+    /// Calls the admin API as the admin, with an optional JSON body: the answer's status
+    /// and JSON body (`Null` when it is not JSON).
+    pub async fn admin_json(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> (u16, Value) {
+        self.admin_as(ADMIN_TOKEN, method, path, body).await
+    }
+
+    /// [`Gateway::admin_json`] with another credential (a viewer's JWT, a wrong token).
+    pub async fn admin_as(
+        &self,
+        token: &str,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> (u16, Value) {
+        let mut request = self
+            .http
+            .request(method, format!("{}{path}", self.admin_url))
+            .bearer_auth(token);
+        if let Some(body) = body {
+            request = request.json(&body);
+        }
+        let response = request.send().await.expect("the admin API answers");
+        let status = response.status().as_u16();
+        (status, response.json().await.unwrap_or(Value::Null))
+    }
+
     /// Calls the admin API as the admin: the answer's status and JSON body.
     pub async fn admin(&self, method: reqwest::Method, path: &str) -> Result<(u16, Value)> {
         let response = self

@@ -7,26 +7,6 @@ use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 use sluice_e2e::{admin_jwt, Backend, Gateway, GatewayOptions, StoreKind, ADMIN_TOKEN};
 
-/// An admin call with `token`: status and JSON answer (`Null` when there is none).
-async fn call(
-    gw: &Gateway,
-    token: &str,
-    method: Method,
-    path: &str,
-    body: Option<Value>,
-) -> (u16, Value) {
-    let mut request = gw
-        .http
-        .request(method, format!("{}{path}", gw.admin_url))
-        .bearer_auth(token);
-    if let Some(body) = body {
-        request = request.json(&body);
-    }
-    let r = request.send().await.unwrap();
-    let status = r.status().as_u16();
-    (status, r.json().await.unwrap_or(Value::Null))
-}
-
 /// The whole trail, newest first, read page by page (`limit` per page).
 async fn trail(gw: &Gateway, query: &str, limit: usize) -> Vec<Value> {
     let mut all = Vec::new();
@@ -35,14 +15,14 @@ async fn trail(gw: &Gateway, query: &str, limit: usize) -> Vec<Value> {
         let cursor = before
             .as_ref()
             .map_or(String::new(), |b| format!("&before={b}"));
-        let (status, page) = call(
-            gw,
-            ADMIN_TOKEN,
-            Method::GET,
-            &format!("/admin/v1/audit?limit={limit}{query}{cursor}"),
-            None,
-        )
-        .await;
+        let (status, page) = gw
+            .admin_as(
+                ADMIN_TOKEN,
+                Method::GET,
+                &format!("/admin/v1/audit?limit={limit}{query}{cursor}"),
+                None,
+            )
+            .await;
         assert_eq!(status, 200, "{page}");
         let data = page["data"].as_array().unwrap();
         assert!(data.len() <= limit);
@@ -57,14 +37,14 @@ async fn trail(gw: &Gateway, query: &str, limit: usize) -> Vec<Value> {
 /// Every admin write route once, split over `gws` in turn; returns (method, route) of each.
 async fn every_write(gws: &[Gateway], backend: &Backend) -> Vec<(String, String)> {
     let gw = |i: usize| &gws[i % gws.len()];
-    let (status, key) = call(
-        gw(0),
-        ADMIN_TOKEN,
-        Method::POST,
-        "/admin/v1/keys",
-        Some(json!({"name": "audited", "tenant": "acme"})),
-    )
-    .await;
+    let (status, key) = gw(0)
+        .admin_as(
+            ADMIN_TOKEN,
+            Method::POST,
+            "/admin/v1/keys",
+            Some(json!({"name": "audited", "tenant": "acme"})),
+        )
+        .await;
     assert_eq!(status, 201, "{key}");
     let id = key["id"].as_str().unwrap().to_owned();
     let writes: Vec<(Method, String, Option<Value>)> = vec![
@@ -122,7 +102,7 @@ async fn every_write(gws: &[Gateway], backend: &Backend) -> Vec<(String, String)
         } else {
             gw(i + 1)
         };
-        let (status, answer) = call(on, ADMIN_TOKEN, method.clone(), &path, body).await;
+        let (status, answer) = on.admin_as(ADMIN_TOKEN, method.clone(), &path, body).await;
         assert!(
             (200..300).contains(&status),
             "{method} {path}: {status} {answer}"
@@ -138,27 +118,24 @@ async fn every_write(gws: &[Gateway], backend: &Backend) -> Vec<(String, String)
 async fn every_write_is_audited_once(gws: &[Gateway], backend: &Backend) {
     let done = every_write(gws, backend).await;
     // Refused writes leave nothing: a bad body, a viewer's write, a write to the trail.
-    let (status, _) = call(
-        &gws[0],
-        ADMIN_TOKEN,
-        Method::PUT,
-        "/admin/v1/tenants/acme",
-        Some(json!({"limits": {"requests_per_hour": 1}})),
-    )
-    .await;
-    assert_eq!(status, 400);
-    let viewer = admin_jwt(json!({"role": "viewer", "sub": "auditor"}));
-    let (status, _) = call(&gws[0], &viewer, Method::DELETE, "/admin/v1/cache", None).await;
-    assert_eq!(status, 403);
-    for method in [Method::POST, Method::PUT, Method::PATCH, Method::DELETE] {
-        let (status, answer) = call(
-            &gws[0],
+    let (status, _) = gws[0]
+        .admin_as(
             ADMIN_TOKEN,
-            method,
-            "/admin/v1/audit",
-            Some(json!({})),
+            Method::PUT,
+            "/admin/v1/tenants/acme",
+            Some(json!({"limits": {"requests_per_hour": 1}})),
         )
         .await;
+    assert_eq!(status, 400);
+    let viewer = admin_jwt(json!({"role": "viewer", "sub": "auditor"}));
+    let (status, _) = gws[0]
+        .admin_as(&viewer, Method::DELETE, "/admin/v1/cache", None)
+        .await;
+    assert_eq!(status, 403);
+    for method in [Method::POST, Method::PUT, Method::PATCH, Method::DELETE] {
+        let (status, answer) = gws[0]
+            .admin_as(ADMIN_TOKEN, method, "/admin/v1/audit", Some(json!({})))
+            .await;
         assert_eq!(status, 405, "{answer}");
         assert_eq!(answer["error"]["code"], "method_not_allowed");
     }
@@ -202,24 +179,14 @@ async fn every_write_is_audited_once(gws: &[Gateway], backend: &Backend) {
         // Filters, and a viewer may read it.
         let tenants = trail(gw, "&path=/admin/v1/tenants&method=put", 100).await;
         assert_eq!(tenants.len(), 1, "{tenants:?}");
-        let (status, page) = call(
-            gw,
-            &viewer,
-            Method::GET,
-            "/admin/v1/audit?actor=nobody",
-            None,
-        )
-        .await;
+        let (status, page) = gw
+            .admin_as(&viewer, Method::GET, "/admin/v1/audit?actor=nobody", None)
+            .await;
         assert_eq!((status, page["data"].as_array().unwrap().len()), (200, 0));
     }
-    let (status, answer) = call(
-        &gws[0],
-        ADMIN_TOKEN,
-        Method::GET,
-        "/admin/v1/audit?limit=0",
-        None,
-    )
-    .await;
+    let (status, answer) = gws[0]
+        .admin_as(ADMIN_TOKEN, Method::GET, "/admin/v1/audit?limit=0", None)
+        .await;
     assert_eq!(status, 400, "{answer}");
 }
 

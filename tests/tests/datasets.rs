@@ -8,19 +8,6 @@ use serde_json::{json, Value};
 use sluice_e2e::{admin_jwt, binary, Backend, Gateway, GatewayOptions, StoreKind, ADMIN_TOKEN};
 use std::time::Duration;
 
-async fn admin(gw: &Gateway, method: Method, path: &str, body: Option<Value>) -> (u16, Value) {
-    let mut request = gw
-        .http
-        .request(method, format!("{}{path}", gw.admin_url))
-        .bearer_auth(ADMIN_TOKEN);
-    if let Some(body) = body {
-        request = request.json(&body);
-    }
-    let r = request.send().await.unwrap();
-    let status = r.status().as_u16();
-    (status, r.json().await.unwrap_or(Value::Null))
-}
-
 async fn export(gw: &Gateway, token: &str, query: &str) -> (u16, String) {
     let r = gw
         .http
@@ -128,47 +115,49 @@ fn conversations() -> Vec<&'static str> {
 async fn datasets_case(gws: &[Gateway]) {
     let gw = |i: usize| &gws[i % gws.len()];
     // Bad opt-ins are refused with the field named.
-    let (status, answer) = admin(
-        gw(0),
-        Method::PUT,
-        "/admin/v1/tenants/acme",
-        Some(json!({"limits": {}, "distillation": {"models": ["sim chat"]}})),
-    )
-    .await;
+    let (status, answer) = gw(0)
+        .admin_json(
+            Method::PUT,
+            "/admin/v1/tenants/acme",
+            Some(json!({"limits": {}, "distillation": {"models": ["sim chat"]}})),
+        )
+        .await;
     assert_eq!(status, 400, "{answer}");
     assert_eq!(answer["error"]["param"], "distillation.models", "{answer}");
-    let (status, answer) = admin(
-        gw(0),
-        Method::PUT,
-        "/admin/v1/tenants/acme",
-        Some(json!({"limits": {}, "distillation": {"model": ["sim-*"]}})),
-    )
-    .await;
+    let (status, answer) = gw(0)
+        .admin_json(
+            Method::PUT,
+            "/admin/v1/tenants/acme",
+            Some(json!({"limits": {}, "distillation": {"model": ["sim-*"]}})),
+        )
+        .await;
     assert_eq!(status, 400, "{answer}");
 
     // acme opts in for sim-* models; globex does not; one acme key opts itself out.
-    let (status, tenant) = admin(
-        gw(0),
-        Method::PUT,
-        "/admin/v1/tenants/acme",
-        Some(json!({"limits": {}, "distillation": {"models": ["sim-*"]}})),
-    )
-    .await;
+    let (status, tenant) = gw(0)
+        .admin_json(
+            Method::PUT,
+            "/admin/v1/tenants/acme",
+            Some(json!({"limits": {}, "distillation": {"models": ["sim-*"]}})),
+        )
+        .await;
     assert_eq!(status, 200, "{tenant}");
     assert_eq!(tenant["distillation"], json!({"models": ["sim-*"]}));
-    let (_, shown) = admin(gw(1), Method::GET, "/admin/v1/tenants/globex", None).await;
+    let (_, shown) = gw(1)
+        .admin_json(Method::GET, "/admin/v1/tenants/globex", None)
+        .await;
     assert_eq!(shown["distillation"], Value::Null, "off unless opted in");
     let (acme_id, acme_key) = gw(0).create_key("acme", "enterprise").await.unwrap();
-    let (status, out) = admin(
-        gw(0),
-        Method::POST,
-        "/admin/v1/keys",
-        Some(
-            json!({"name": "private", "tenant": "acme", "tier": "enterprise",
+    let (status, out) = gw(0)
+        .admin_json(
+            Method::POST,
+            "/admin/v1/keys",
+            Some(
+                json!({"name": "private", "tenant": "acme", "tier": "enterprise",
                     "distillation": {"models": []}}),
-        ),
-    )
-    .await;
+            ),
+        )
+        .await;
     assert_eq!(status, 201, "{out}");
     assert_eq!(out["distillation"], json!({"models": []}));
     let private_key = out["key"].as_str().unwrap().to_owned();
@@ -256,15 +245,17 @@ async fn datasets_case(gws: &[Gateway]) {
     assert_eq!(std::fs::read_to_string(file.path()).unwrap(), text);
 
     // Purge: something must be named; what is named goes, and only that.
-    let (status, answer) = admin(gw(0), Method::DELETE, "/admin/v1/datasets", None).await;
+    let (status, answer) = gw(0)
+        .admin_json(Method::DELETE, "/admin/v1/datasets", None)
+        .await;
     assert_eq!(status, 400, "{answer}");
-    let (status, answer) = admin(
-        gw(0),
-        Method::DELETE,
-        "/admin/v1/datasets?finish_reason=length",
-        None,
-    )
-    .await;
+    let (status, answer) = gw(0)
+        .admin_json(
+            Method::DELETE,
+            "/admin/v1/datasets?finish_reason=length",
+            None,
+        )
+        .await;
     assert_eq!(
         (status, answer["deleted"].as_u64()),
         (200, Some(lengths as u64)),
@@ -272,19 +263,21 @@ async fn datasets_case(gws: &[Gateway]) {
     );
     assert_eq!(count(last, "").await, expected.len() - lengths);
     assert_eq!(count(last, "finish_reason=length").await, 0);
-    let (status, answer) = admin(gw(1), Method::DELETE, "/admin/v1/datasets?all=true", None).await;
+    let (status, answer) = gw(1)
+        .admin_json(Method::DELETE, "/admin/v1/datasets?all=true", None)
+        .await;
     assert_eq!(status, 200, "{answer}");
     assert_eq!(count(last, "").await, 0);
 
     // A key whose own setting is cleared (null) follows its tenant again.
     let private_id = out["id"].as_str().unwrap();
-    let (status, patched) = admin(
-        gw(0),
-        Method::PATCH,
-        &format!("/admin/v1/keys/{private_id}"),
-        Some(json!({"distillation": null})),
-    )
-    .await;
+    let (status, patched) = gw(0)
+        .admin_json(
+            Method::PATCH,
+            &format!("/admin/v1/keys/{private_id}"),
+            Some(json!({"distillation": null})),
+        )
+        .await;
     assert_eq!(
         (status, &patched["distillation"]),
         (200, &Value::Null),
@@ -326,13 +319,13 @@ async fn an_answer_past_the_capture_bound_is_answered_but_not_kept() {
     let mut options = GatewayOptions::new(&backend, StoreKind::Embedded(dir.path().to_owned()));
     options.extra_config = "[datasets]\nmax_answer_bytes = 1000\n".to_owned();
     let gw = Gateway::start(options).await.unwrap();
-    let (status, _) = admin(
-        &gw,
-        Method::PUT,
-        "/admin/v1/tenants/acme",
-        Some(json!({"limits": {}, "distillation": {"models": ["*"]}})),
-    )
-    .await;
+    let (status, _) = gw
+        .admin_json(
+            Method::PUT,
+            "/admin/v1/tenants/acme",
+            Some(json!({"limits": {}, "distillation": {"models": ["*"]}})),
+        )
+        .await;
     assert_eq!(status, 200);
     let (_, key) = gw.create_key("acme", "enterprise").await.unwrap();
     let short = r#"[{"role": "user", "content": "Hi"}]"#;

@@ -1,31 +1,13 @@
 //! API keys through the admin API, as an operator uses them: create (the secret shown once),
 //! list, read, update, rotate, revoke; across restarts and across replicas.
 
-use serde_json::{json, Value};
-use sluice_e2e::{Backend, Gateway, GatewayOptions, StoreKind, ADMIN_TOKEN, SIM_MODEL};
+use serde_json::json;
+use sluice_e2e::{Backend, Gateway, GatewayOptions, StoreKind, SIM_MODEL};
 use std::time::Duration;
 
 fn chat_body() -> String {
     json!({"model": SIM_MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
         .to_string()
-}
-
-async fn admin(
-    gw: &Gateway,
-    method: reqwest::Method,
-    path: &str,
-    body: Option<Value>,
-) -> (u16, Value) {
-    let mut request = gw
-        .http
-        .request(method, format!("{}{path}", gw.admin_url))
-        .bearer_auth(ADMIN_TOKEN);
-    if let Some(body) = body {
-        request = request.json(&body);
-    }
-    let response = request.send().await.unwrap();
-    let status = response.status().as_u16();
-    (status, response.json().await.unwrap())
 }
 
 #[tokio::test]
@@ -35,14 +17,14 @@ async fn operator_manages_a_key_from_creation_to_revocation() {
     let gw = Gateway::embedded(&backend, dir.path()).await.unwrap();
     use reqwest::Method;
 
-    let (status, created) = admin(
-        &gw,
-        Method::POST,
-        "/admin/v1/keys",
-        Some(json!({"name": "ci", "tenant": "acme", "tier": "pro",
+    let (status, created) = gw
+        .admin_json(
+            Method::POST,
+            "/admin/v1/keys",
+            Some(json!({"name": "ci", "tenant": "acme", "tier": "pro",
                     "limits": {"requests_per_minute": 30, "monthly_budget": "12.50"}})),
-    )
-    .await;
+        )
+        .await;
     assert_eq!(status, 201, "{created}");
     let id = created["id"].as_str().unwrap().to_owned();
     let secret = created["key"].as_str().unwrap().to_owned();
@@ -50,32 +32,30 @@ async fn operator_manages_a_key_from_creation_to_revocation() {
     assert_eq!(created["effective_limits"]["requests_per_minute"], 30);
     assert_eq!(created["effective_limits"]["monthly_budget"], "12.5");
 
-    let (_, listed) = admin(&gw, Method::GET, "/admin/v1/keys", None).await;
+    let (_, listed) = gw.admin_json(Method::GET, "/admin/v1/keys", None).await;
     let text = listed.to_string();
     assert!(text.contains(&id));
     assert!(!text.contains(&secret), "the secret is shown only once");
-    let (_, one) = admin(&gw, Method::GET, &format!("/admin/v1/keys/{id}"), None).await;
+    let (_, one) = gw
+        .admin_json(Method::GET, &format!("/admin/v1/keys/{id}"), None)
+        .await;
     assert!(one.get("key").is_none());
     assert_eq!(one["tier"], "pro");
 
-    let (status, updated) = admin(
-        &gw,
-        Method::PATCH,
-        &format!("/admin/v1/keys/{id}"),
-        Some(json!({"tier": "enterprise", "limits": {}})),
-    )
-    .await;
+    let (status, updated) = gw
+        .admin_json(
+            Method::PATCH,
+            &format!("/admin/v1/keys/{id}"),
+            Some(json!({"tier": "enterprise", "limits": {}})),
+        )
+        .await;
     assert_eq!(status, 200, "{updated}");
     assert_eq!(updated["tier"], "enterprise");
     assert_eq!(updated["limits"], json!({}));
 
-    let (status, rotated) = admin(
-        &gw,
-        Method::POST,
-        &format!("/admin/v1/keys/{id}/rotate"),
-        None,
-    )
-    .await;
+    let (status, rotated) = gw
+        .admin_json(Method::POST, &format!("/admin/v1/keys/{id}/rotate"), None)
+        .await;
     assert_eq!(status, 200);
     let new_secret = rotated["key"].as_str().unwrap().to_owned();
     assert_ne!(new_secret, secret);
@@ -90,7 +70,9 @@ async fn operator_manages_a_key_from_creation_to_revocation() {
         .unwrap();
     assert_eq!(new.status(), 200);
 
-    let (status, revoked) = admin(&gw, Method::DELETE, &format!("/admin/v1/keys/{id}"), None).await;
+    let (status, revoked) = gw
+        .admin_json(Method::DELETE, &format!("/admin/v1/keys/{id}"), None)
+        .await;
     assert_eq!(status, 200);
     assert_eq!(revoked["status"], "revoked");
     let r = gw
@@ -99,13 +81,9 @@ async fn operator_manages_a_key_from_creation_to_revocation() {
         .unwrap();
     assert_eq!(r.status(), 401);
 
-    let (status, _) = admin(
-        &gw,
-        Method::GET,
-        "/admin/v1/keys/key_0000000000000000",
-        None,
-    )
-    .await;
+    let (status, _) = gw
+        .admin_json(Method::GET, "/admin/v1/keys/key_0000000000000000", None)
+        .await;
     assert_eq!(status, 404);
 }
 

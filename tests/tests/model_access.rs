@@ -4,8 +4,8 @@
 use reqwest::Method;
 use serde_json::{json, Value};
 use sluice_e2e::{
-    jwt, openai_error, Backend, Gateway, GatewayOptions, StoreKind, ADMIN_TOKEN, JWT_SECRET,
-    SIM_EMBED_MODEL, SIM_MODEL,
+    jwt, openai_error, Backend, Gateway, GatewayOptions, StoreKind, JWT_SECRET, SIM_EMBED_MODEL,
+    SIM_MODEL,
 };
 
 /// The "expensive" model the free tier must not reach.
@@ -69,16 +69,7 @@ async fn listed(gw: &Gateway, key: &str) -> Vec<String> {
 }
 
 async fn admin(gw: &Gateway, method: Method, path: &str, body: Value) -> (u16, Value) {
-    let r = gw
-        .http
-        .request(method, format!("{}{path}", gw.admin_url))
-        .bearer_auth(ADMIN_TOKEN)
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
-    let status = r.status().as_u16();
-    (status, r.json().await.unwrap())
+    gw.admin_json(method, path, Some(body)).await
 }
 
 async fn tier_and_alias_lists_decide(store: StoreKind) {

@@ -11,9 +11,8 @@ use crate::billing::{
     self, Aggregator, Dim, ExportQuery, Grouping, PricedEvent, Pricer, Row, Tally, UsageCloudEvent,
 };
 use crate::error::{ApiError, ApiErrorBody};
-use axum::body::Body;
 use axum::extract::{Path, Query, State};
-use axum::response::{IntoResponse, Response};
+use axum::response::Response;
 use axum::Extension;
 use axum::Json;
 use serde::Serialize;
@@ -140,21 +139,11 @@ pub(super) async fn billing_export(
         billing::Format::Csv => "text/csv; charset=utf-8",
         billing::Format::Jsonl | billing::Format::CloudEvents => "application/x-ndjson",
     };
-    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Vec<u8>, std::io::Error>>(4);
-    tokio::spawn(async move {
-        if let Err(e) = write_export(&gateway, &caller, &query, pages, first, &tx).await {
-            tracing::error!(error = %e.message, "billing export cut off: the store failed mid-way");
-            let _ = tx.send(Err(std::io::Error::other(e.message))).await;
-        }
-    });
-    let body = futures::stream::unfold(rx, |mut rx| async move {
-        rx.recv().await.map(|chunk| (chunk, rx))
-    });
-    Ok((
-        [(http::header::CONTENT_TYPE, content_type)],
-        Body::from_stream(body),
-    )
-        .into_response())
+    Ok(super::stream::streamed(
+        content_type,
+        "billing",
+        move |tx| async move { write_export(&gateway, &caller, &query, pages, first, &tx).await },
+    ))
 }
 
 /// Writes the export to `tx`, a chunk at a time; stops quietly when the client has gone.
@@ -164,7 +153,7 @@ async fn write_export(
     query: &ExportQuery,
     mut pages: Reader,
     first: Vec<Item>,
-    tx: &tokio::sync::mpsc::Sender<Result<Vec<u8>, std::io::Error>>,
+    tx: &super::stream::Chunks,
 ) -> Result<(), ApiError> {
     let tiers = gateway.tiers();
     let mut pricer = Pricer::new(&gateway.config.prices, &tiers);

@@ -2,13 +2,11 @@
 //! as an OpenAI fine-tuning file (JSON Lines) and purged on request.
 
 use super::{AppState, Caller};
-use crate::app::Gateway;
 use crate::datasets::exchange::Conversation;
 use crate::datasets::export::{self, Filter, FineTuningExample};
 use crate::error::{ApiError, ApiErrorBody};
-use axum::body::Body;
 use axum::extract::{Query, State};
-use axum::response::{IntoResponse, Response};
+use axum::response::Response;
 use axum::{Extension, Json};
 use serde::Serialize;
 use std::collections::HashMap;
@@ -16,13 +14,21 @@ use utoipa::ToSchema;
 
 /// Conversations the store reads a page at a time; the caller sees those its filter and
 /// role admit, or the store's failure as a 503.
-struct Pages<'a> {
-    gateway: &'a Gateway,
+struct Pages {
+    gateway: AppState,
     after: Option<String>,
     done: bool,
 }
 
-impl Pages<'_> {
+impl Pages {
+    fn new(gateway: AppState) -> Pages {
+        Pages {
+            gateway,
+            after: None,
+            done: false,
+        }
+    }
+
     async fn next(&mut self) -> Result<Option<Vec<(String, Conversation)>>, ApiError> {
         if self.done {
             return Ok(None);
@@ -91,49 +97,28 @@ pub(super) async fn export_dataset(
     Query(params): Query<HashMap<String, String>>,
 ) -> Result<Response, ApiError> {
     let filter = filter_of(&params, &caller)?;
-    let mut pages = Pages {
-        gateway: &gateway,
-        after: None,
-        done: false,
-    };
+    let mut pages = Pages::new(gateway);
     let first = pages.next().await?;
-    let (after, done) = (pages.after.take(), pages.done);
-    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Vec<u8>, std::io::Error>>(4);
-    tokio::spawn(async move {
-        let mut pages = Pages {
-            gateway: &gateway,
-            after,
-            done,
-        };
-        let mut page = first;
-        while let Some(conversations) = page {
-            let mut chunk = Vec::new();
-            for (id, c) in conversations.iter().filter(|(_, c)| filter.admits(c)) {
-                if let Err(e) = export::write_line(&mut chunk, c) {
-                    tracing::warn!(id = %id, error = %e, "captured conversation not exportable; skipped");
+    Ok(super::stream::streamed(
+        "application/x-ndjson",
+        "dataset",
+        move |tx| async move {
+            let mut page = first;
+            while let Some(conversations) = page {
+                let mut chunk = Vec::new();
+                for (id, c) in conversations.iter().filter(|(_, c)| filter.admits(c)) {
+                    if let Err(e) = export::write_line(&mut chunk, c) {
+                        tracing::warn!(id = %id, error = %e, "captured conversation not exportable; skipped");
+                    }
                 }
-            }
-            if !chunk.is_empty() && tx.send(Ok(chunk)).await.is_err() {
-                return;
-            }
-            page = match pages.next().await {
-                Ok(page) => page,
-                Err(e) => {
-                    tracing::error!(error = %e.message, "dataset export cut off: the store failed mid-way");
-                    let _ = tx.send(Err(std::io::Error::other(e.message))).await;
-                    return;
+                if !chunk.is_empty() && tx.send(Ok(chunk)).await.is_err() {
+                    return Ok(());
                 }
-            };
-        }
-    });
-    let body = futures::stream::unfold(rx, |mut rx| async move {
-        rx.recv().await.map(|chunk| (chunk, rx))
-    });
-    Ok((
-        [(http::header::CONTENT_TYPE, "application/x-ndjson")],
-        Body::from_stream(body),
-    )
-        .into_response())
+                page = pages.next().await?;
+            }
+            Ok(())
+        },
+    ))
 }
 
 #[derive(Serialize, ToSchema)]
@@ -185,11 +170,7 @@ pub(super) async fn purge_dataset(
             "Name what to purge (model, tenant, key, from, to, finish_reason), or all=true for everything.",
         ));
     }
-    let mut pages = Pages {
-        gateway: &gateway,
-        after: None,
-        done: false,
-    };
+    let mut pages = Pages::new(gateway.clone());
     let mut deleted = 0;
     while let Some(conversations) = pages.next().await? {
         let ids: Vec<String> = conversations

@@ -22,6 +22,7 @@ mod listener;
 mod metrics;
 mod openapi;
 mod quota;
+mod stream;
 mod tenants;
 mod tiers;
 
