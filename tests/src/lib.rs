@@ -641,6 +641,28 @@ hs256_secret = "{ADMIN_JWT_SECRET}"
     }
 }
 
+/// `[quotas]` with leases off: every admission is one store step, so a limit holds exactly.
+pub const NO_LEASES: &str = "\n[quotas]\nlease_max_requests = 0\n";
+
+/// `replicas` gateways in front of `backend`, sharing `store`, each with `extra_config`
+/// appended to its configuration.
+pub async fn fleet(
+    backend: &Backend,
+    replicas: usize,
+    store: StoreKind,
+    extra_config: &str,
+) -> Vec<Gateway> {
+    let mut gateways = Vec::new();
+    for _ in 0..replicas {
+        let options = GatewayOptions {
+            extra_config: extra_config.to_owned(),
+            ..GatewayOptions::new(backend, store.clone())
+        };
+        gateways.push(Gateway::start(options).await.expect("a replica starts"));
+    }
+    gateways
+}
+
 /// A JWT signed with the gateway's HS256 secret; `claims` are merged over good defaults.
 pub fn jwt(claims: Value, secret: &str) -> String {
     let now = jsonwebtoken::get_current_timestamp() as i64;

@@ -5,7 +5,7 @@
 use reqwest::Method;
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
-use sluice_e2e::{admin_jwt, Backend, Gateway, GatewayOptions, StoreKind, ADMIN_TOKEN};
+use sluice_e2e::{admin_jwt, Backend, Gateway, StoreKind, ADMIN_TOKEN};
 
 /// The whole trail, newest first, read page by page (`limit` per page).
 async fn trail(gw: &Gateway, query: &str, limit: usize) -> Vec<Value> {
@@ -202,13 +202,6 @@ async fn every_admin_write_is_audited_once_on_the_embedded_store() {
 async fn every_admin_write_is_audited_once_across_two_replicas_on_redis() {
     let backend = Backend::start().await.unwrap();
     let store = StoreKind::fresh_redis();
-    let mut gws = Vec::new();
-    for _ in 0..2 {
-        gws.push(
-            Gateway::start(GatewayOptions::new(&backend, store.clone()))
-                .await
-                .unwrap(),
-        );
-    }
+    let gws = sluice_e2e::fleet(&backend, 2, store, "").await;
     every_write_is_audited_once(&gws, &backend).await;
 }

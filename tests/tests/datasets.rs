@@ -301,14 +301,7 @@ async fn opted_in_conversations_export_exactly_on_the_embedded_store() {
 async fn opted_in_conversations_export_exactly_across_two_replicas_on_redis() {
     let backend = Backend::start().await.unwrap();
     let store = StoreKind::fresh_redis();
-    let mut gws = Vec::new();
-    for _ in 0..2 {
-        gws.push(
-            Gateway::start(GatewayOptions::new(&backend, store.clone()))
-                .await
-                .unwrap(),
-        );
-    }
+    let gws = sluice_e2e::fleet(&backend, 2, store, "").await;
     datasets_case(&gws).await;
 }
 

@@ -3,9 +3,7 @@
 
 use futures::StreamExt;
 use serde_json::{json, Value};
-use sluice_e2e::{
-    Backend, Gateway, GatewayOptions, StoreKind, ADMIN_TOKEN, SIM_EMBED_MODEL, SIM_MODEL,
-};
+use sluice_e2e::{Backend, Gateway, StoreKind, SIM_EMBED_MODEL, SIM_MODEL};
 
 fn chat() -> String {
     json!({"model": SIM_MODEL, "max_tokens": 2,
@@ -24,15 +22,7 @@ async fn admin_write(
     path: &str,
     body: Value,
 ) -> (u16, Value) {
-    let r = gw
-        .http
-        .request(method, format!("{}{path}", gw.admin_url))
-        .bearer_auth(ADMIN_TOKEN)
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
-    (r.status().as_u16(), r.json().await.unwrap())
+    gw.admin_json(method, path, Some(body)).await
 }
 
 /// Sends one request; returns its status and the limit that refused it, if one did.
@@ -199,14 +189,7 @@ async fn a_model_limit_on_a_tier_a_key_or_a_tenant_refuses_only_that_model() {
 async fn a_tenants_model_limit_holds_exactly_across_three_replicas() {
     let backend = Backend::start().await.unwrap();
     let store = StoreKind::fresh_redis();
-    let mut gws = Vec::new();
-    for _ in 0..3 {
-        gws.push(
-            Gateway::start(GatewayOptions::new(&backend, store.clone()))
-                .await
-                .unwrap(),
-        );
-    }
+    let gws = sluice_e2e::fleet(&backend, 3, store, "").await;
     let (_, a) = gws[0].create_key("acme", "enterprise").await.unwrap();
     let (_, b) = gws[1].create_key("acme", "enterprise").await.unwrap();
     let (status, _) = admin_write(

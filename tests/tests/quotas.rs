@@ -5,7 +5,8 @@ use futures::StreamExt;
 use rust_decimal::Decimal;
 use serde_json::{json, Value};
 use sluice_e2e::{
-    Backend, Gateway, GatewayOptions, OwnRedis, RedisCluster, StoreKind, ADMIN_TOKEN, SIM_MODEL,
+    Backend, Gateway, GatewayOptions, OwnRedis, RedisCluster, StoreKind, ADMIN_TOKEN, NO_LEASES,
+    SIM_MODEL,
 };
 use std::str::FromStr;
 
@@ -24,8 +25,6 @@ fn chat(max_tokens: u32) -> String {
 }
 
 /// Leases off: every request is decided by the store, exactly.
-const NO_LEASES: &str = "\n[quotas]\nlease_max_requests = 0\n";
-
 async fn fleet(backend: &Backend, replicas: usize) -> Vec<Gateway> {
     fleet_on(backend, replicas, StoreKind::fresh_redis(), NO_LEASES).await
 }
@@ -36,18 +35,7 @@ async fn fleet_on(
     store: StoreKind,
     extra: &str,
 ) -> Vec<Gateway> {
-    let mut gateways = Vec::new();
-    for _ in 0..replicas {
-        gateways.push(
-            Gateway::start(GatewayOptions {
-                extra_config: format!("{PRICES}{extra}"),
-                ..GatewayOptions::new(backend, store.clone())
-            })
-            .await
-            .unwrap(),
-        );
-    }
-    gateways
+    sluice_e2e::fleet(backend, replicas, store, &format!("{PRICES}{extra}")).await
 }
 
 /// Sends `count` requests spread round-robin over `gateways`, all at once; returns each

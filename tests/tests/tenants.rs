@@ -8,7 +8,7 @@ use reqwest::header::HeaderMap;
 use rust_decimal::Decimal;
 use serde_json::{json, Value};
 use sluice_e2e::{
-    Backend, Gateway, GatewayOptions, RedisCluster, StoreKind, ADMIN_TOKEN, SIM_MODEL,
+    Backend, Gateway, GatewayOptions, RedisCluster, StoreKind, ADMIN_TOKEN, NO_LEASES, SIM_MODEL,
 };
 use std::str::FromStr;
 use std::time::Duration;
@@ -23,8 +23,6 @@ output = "3.00"
 "#;
 
 /// Leases off: every request is decided by the store, exactly.
-const NO_LEASES: &str = "\n[quotas]\nlease_max_requests = 0\n";
-
 fn chat(max_tokens: u32) -> String {
     json!({"model": SIM_MODEL, "max_tokens": max_tokens,
            "messages": [{"role": "user", "content": "hello there"}]})
@@ -32,18 +30,7 @@ fn chat(max_tokens: u32) -> String {
 }
 
 async fn fleet(backend: &Backend, replicas: usize, store: StoreKind, extra: &str) -> Vec<Gateway> {
-    let mut gateways = Vec::new();
-    for _ in 0..replicas {
-        gateways.push(
-            Gateway::start(GatewayOptions {
-                extra_config: format!("{PRICES}{extra}"),
-                ..GatewayOptions::new(backend, store.clone())
-            })
-            .await
-            .unwrap(),
-        );
-    }
-    gateways
+    sluice_e2e::fleet(backend, replicas, store, &format!("{PRICES}{extra}")).await
 }
 
 /// `PUT /admin/v1/tenants/{id}` with `body`, as the admin: status and answer.

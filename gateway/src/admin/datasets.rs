@@ -10,7 +10,7 @@ use axum::response::Response;
 use axum::{Extension, Json};
 use serde::Serialize;
 use std::collections::HashMap;
-use utoipa::ToSchema;
+use utoipa::{IntoParams, ToSchema};
 
 /// Conversations the store reads a page at a time; the caller sees those its filter and
 /// role admit, or the store's failure as a 503.
@@ -58,6 +58,26 @@ impl Pages {
     }
 }
 
+/// The filter's query parameters, as the document shows them (`Filter::parse` reads them,
+/// and refuses any other).
+#[derive(IntoParams)]
+#[into_params(parameter_in = Query)]
+#[allow(dead_code, reason = "only the OpenAPI document reads the fields")]
+pub(super) struct FilterParams {
+    /// A model name or pattern (`*` for any run of characters).
+    model: Option<String>,
+    /// One tenant's conversations.
+    tenant: Option<String>,
+    /// One key's conversations.
+    key: Option<String>,
+    /// Captured from (`YYYY-MM-DD` or RFC 3339).
+    from: Option<String>,
+    /// Captured before (`YYYY-MM-DD` or RFC 3339).
+    to: Option<String>,
+    /// Comma-separated finish reasons (`stop`, `length`, ...).
+    finish_reason: Option<String>,
+}
+
 fn filter_of(params: &HashMap<String, String>, caller: &Caller) -> Result<Filter, ApiError> {
     let filter =
         Filter::parse(params).map_err(|e| ApiError::bad_request(e.message).with_param(e.param))?;
@@ -77,14 +97,7 @@ fn filter_of(params: &HashMap<String, String>, caller: &Caller) -> Result<Filter
     get,
     path = "/admin/v1/datasets/export",
     tag = "datasets",
-    params(
-        ("model" = Option<String>, Query, description = "A model name or pattern (`*` for any run of characters)"),
-        ("tenant" = Option<String>, Query, description = "One tenant's conversations"),
-        ("key" = Option<String>, Query, description = "One key's conversations"),
-        ("from" = Option<String>, Query, description = "Captured from (`YYYY-MM-DD` or RFC 3339)"),
-        ("to" = Option<String>, Query, description = "Captured before (`YYYY-MM-DD` or RFC 3339)"),
-        ("finish_reason" = Option<String>, Query, description = "Comma-separated finish reasons (`stop`, `length`, ...)"),
-    ),
+    params(FilterParams),
     responses(
         (status = 200, description = "JSON Lines (the schema is that of each line)", body = FineTuningExample, content_type = "application/x-ndjson"),
         (status = 400, description = "A parameter is invalid or unknown", body = ApiErrorBody),
@@ -135,12 +148,7 @@ pub(super) struct DatasetPurged {
     path = "/admin/v1/datasets",
     tag = "datasets",
     params(
-        ("model" = Option<String>, Query, description = "A model name or pattern (`*` for any run of characters)"),
-        ("tenant" = Option<String>, Query, description = "One tenant's conversations"),
-        ("key" = Option<String>, Query, description = "One key's conversations"),
-        ("from" = Option<String>, Query, description = "Captured from (`YYYY-MM-DD` or RFC 3339)"),
-        ("to" = Option<String>, Query, description = "Captured before (`YYYY-MM-DD` or RFC 3339)"),
-        ("finish_reason" = Option<String>, Query, description = "Comma-separated finish reasons (`stop`, `length`, ...)"),
+        FilterParams,
         ("all" = Option<bool>, Query, description = "`true`, with no filter: every conversation"),
     ),
     responses(
