@@ -37,11 +37,22 @@ pub fn binary(name: &str) -> PathBuf {
     path
 }
 
+/// A loopback port nothing listens on, never one this process handed out before: the kernel
+/// may give a just-released port straight back, and a gateway whose `listen` and
+/// `admin_listen` came out equal refuses to start.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free loopback port")
-        .port()
+    static HANDED_OUT: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    let mut handed_out = HANDED_OUT.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    loop {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free loopback port")
+            .port();
+        if !handed_out.contains(&port) {
+            handed_out.push(port);
+            return port;
+        }
+    }
 }
 
 /// The all-MiniLM-L6-v2 folder (`SLUICE_MINILM_DIR`, which scripts/test.sh sets from
@@ -361,8 +372,21 @@ pub struct Gateway {
 
 impl Gateway {
     pub async fn start(options: GatewayOptions) -> Result<Gateway> {
+        // Another test process may take a port between free_port() and the gateway's bind;
+        // fresh ports then are a new start, not a failed test.
+        let mut attempts = 3;
+        loop {
+            match Gateway::start_on(&options, free_port(), free_port()).await {
+                Err(e) if attempts > 1 && e.to_string().contains("Address already in use") => {
+                    attempts -= 1;
+                }
+                started => return started,
+            }
+        }
+    }
+
+    async fn start_on(options: &GatewayOptions, port: u16, admin_port: u16) -> Result<Gateway> {
         let dir = tempfile::tempdir()?;
-        let (port, admin_port) = (free_port(), free_port());
         let store = match &options.store {
             StoreKind::Embedded(data) => format!("data_dir = {:?}", data.display().to_string()),
             StoreKind::Redis(prefix) => {
