@@ -6,15 +6,13 @@ use sluice_gateway::balancer::{prefix_hash, Strategy};
 use sluice_gateway::config::BackendConfig;
 use sluice_gateway::upstream::Upstreams;
 use std::hint::black_box;
-use std::net::SocketAddr;
 
 fn pool(size: u16) -> Upstreams {
     let configs: Vec<BackendConfig> = (0..size)
-        .map(|i| BackendConfig {
-            name: format!("b{i}"),
-            url: format!("http://127.0.0.1:{}", 20_000 + i),
-            addr: SocketAddr::from(([127, 0, 0, 1], 20_000 + i)),
-            models: vec!["m".into()],
+        .map(|i| {
+            let url = format!("http://127.0.0.1:{}", 20_000 + i);
+            sluice_gateway::config::backend(&format!("b{i}"), &url, vec!["m".into()])
+                .expect("a plain backend")
         })
         .collect();
     Upstreams::new(&configs)

@@ -107,6 +107,9 @@ pub struct BackendState {
     ejections: AtomicU32,
     /// Milliseconds since `epoch` until which the backend is ejected (0: not ejected).
     ejected_until_ms: AtomicI64,
+    /// Milliseconds since `epoch` until which the backend's own rate limit keeps it aside
+    /// (0: not backed off).
+    backed_off_until_ms: AtomicI64,
     pub draining: AtomicBool,
     /// From the backend's `/metrics`: waiting and running requests, KV-cache use (f64 bits),
     /// and when (ms since `epoch`; 0 = never).
@@ -131,6 +134,7 @@ impl Default for BackendState {
             failures: AtomicU32::new(0),
             ejections: AtomicU32::new(0),
             ejected_until_ms: AtomicI64::new(0),
+            backed_off_until_ms: AtomicI64::new(0),
             draining: AtomicBool::new(false),
             scraped_waiting: AtomicU64::new(0),
             scraped_running: AtomicU64::new(0),
@@ -155,7 +159,28 @@ impl BackendState {
     }
 
     pub fn available(&self) -> bool {
-        self.is_up() && !self.ejected() && !self.draining.load(Ordering::Relaxed)
+        self.is_up()
+            && !self.ejected()
+            && !self.backed_off()
+            && !self.draining.load(Ordering::Relaxed)
+    }
+
+    /// Whether the backend's own rate limit (a 429 and its `Retry-After`, or its
+    /// `x-ratelimit-*` headers) keeps it aside now.
+    pub fn backed_off(&self) -> bool {
+        self.backed_off_until_ms.load(Ordering::Relaxed) > self.now_ms()
+    }
+
+    /// How long the backend stays aside, if it is.
+    pub fn backed_off_for(&self) -> Option<Duration> {
+        let left = self.backed_off_until_ms.load(Ordering::Relaxed) - self.now_ms();
+        (left > 0).then(|| Duration::from_millis(left as u64))
+    }
+
+    /// Sets the backend aside for `wait`; a longer wait already set stands.
+    pub fn back_off(&self, wait: Duration) {
+        let until = self.now_ms() + wait.as_millis().min(i64::MAX as u128) as i64;
+        self.backed_off_until_ms.fetch_max(until, Ordering::Relaxed);
     }
 
     pub fn ewma(&self) -> Duration {

@@ -28,6 +28,8 @@ pub struct Metrics {
     budget_alerts: IntCounterVec,
     budget_alert_deliveries: IntCounterVec,
     dataset_captures: IntCounterVec,
+    certificate_reloads: IntCounterVec,
+    upstream_backoffs: IntCounterVec,
     redis_calls: HistogramVec,
     redis_errors: IntCounterVec,
     shed: IntCounterVec,
@@ -209,6 +211,18 @@ impl Metrics {
                 "Conversations captured for distillation, by outcome: kept, or not kept and why (too_large, dropped_queue, dropped_store, unreadable).",
                 &["outcome"],
             ),
+            certificate_reloads: counter(
+                &r,
+                "sluice_tls_certificate_reloads_total",
+                "Re-reads of [server.tls]'s certificate files (on SIGHUP or a change), by outcome: reloaded, or failed (the previous certificate stays in use).",
+                &["outcome"],
+            ),
+            upstream_backoffs: counter(
+                &r,
+                "sluice_upstream_backoffs_total",
+                "Times a backend was set aside for its own rate limit (a 429, or x-ratelimit-remaining at 0), by backend.",
+                &["backend"],
+            ),
             redis_calls: histogram(
                 &r,
                 "sluice_redis_call_duration_seconds",
@@ -242,6 +256,9 @@ impl Metrics {
             "unreadable",
         ] {
             metrics.dataset_captures.with_label_values(&[outcome]);
+        }
+        for outcome in ["reloaded", "failed"] {
+            metrics.certificate_reloads.with_label_values(&[outcome]);
         }
         metrics
     }
@@ -318,6 +335,14 @@ impl Metrics {
         self.dataset_captures
             .with_label_values(&[outcome])
             .inc_by(conversations);
+    }
+
+    pub fn record_certificate_reload(&self, outcome: &str) {
+        self.certificate_reloads.with_label_values(&[outcome]).inc();
+    }
+
+    pub fn record_upstream_backoff(&self, backend: &str) {
+        self.upstream_backoffs.with_label_values(&[backend]).inc();
     }
 
     pub fn record_budget_alert_delivery(&self, outcome: &str) {

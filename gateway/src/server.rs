@@ -6,6 +6,7 @@ use crate::app::Gateway;
 use crate::config::Config;
 use crate::connections::Capped;
 use crate::proxy::Proxy;
+use crate::tls::ServedCertificate;
 use anyhow::Context;
 use pingora_core::server::configuration::ServerConf;
 use pingora_core::server::Server;
@@ -14,6 +15,7 @@ use pingora_core::server::Server;
 /// requests in flight (streams included) get `grace_period_secs` to finish, and the usage
 /// events they produced are written to the store (or the journal) before this returns.
 pub fn run(config: Config) -> anyhow::Result<()> {
+    crate::tls::install_crypto_provider();
     // Store connections, the admin API and background followers live on their own small
     // runtime, so they keep running while pingora's proxy threads serve traffic.
     let support = tokio::runtime::Builder::new_multi_thread()
@@ -40,10 +42,25 @@ pub fn run(config: Config) -> anyhow::Result<()> {
         support.spawn(jwks.run());
     }
 
+    let served_certificate = match &config.tls {
+        Some(tls) => {
+            let served = ServedCertificate::load(&tls.cert_file, &tls.key_file)?;
+            support.spawn(served.clone().follow(tls.reload_check));
+            Some(served)
+        }
+        None => None,
+    };
+    let admin_tls = match (&config.tls, &served_certificate) {
+        (Some(tls), Some(served)) if tls.admin => Some(crate::tls::admin_acceptor(
+            served.clone(),
+            tls.admin_client_ca_file.as_deref(),
+        )?),
+        _ => None,
+    };
     let admin_listener = support
         .block_on(tokio::net::TcpListener::bind(config.admin_listen))
         .with_context(|| format!("cannot listen on {} (admin)", config.admin_listen))?;
-    support.spawn(admin::serve(admin_listener, gateway.clone()));
+    support.spawn(admin::serve(admin_listener, admin_tls, gateway.clone()));
     support.spawn(gateway.clone().follow_changes());
     support.spawn(gateway.admission.clone().run());
     support.spawn(gateway.datasets.clone().run());
@@ -72,6 +89,7 @@ pub fn run(config: Config) -> anyhow::Result<()> {
     tracing::info!(
         listen = %config.listen,
         admin = %config.admin_listen,
+        tls = config.tls.is_some(),
         store = gateway.store.kind(),
         backends = config.backends.len(),
         models = ?models.keys().collect::<Vec<_>>(),
@@ -86,12 +104,25 @@ pub fn run(config: Config) -> anyhow::Result<()> {
     };
     let mut server = Server::new_with_opt_and_conf(None, server_conf);
     server.bootstrap();
-    let proxy_app = pingora_proxy::http_proxy(&server.configuration, Proxy::new(gateway.clone()));
+    let mut proxy_app =
+        pingora_proxy::http_proxy(&server.configuration, Proxy::new(gateway.clone()));
+    if config.h2c {
+        let mut options = pingora_core::apps::HttpServerOptions::default();
+        options.h2c = true;
+        proxy_app.server_options = Some(options);
+    }
     let mut proxy = pingora_core::services::listening::Service::new(
         "sluice-proxy".to_owned(),
         Capped::new(proxy_app, config.max_connections),
     );
-    proxy.add_tcp(&config.listen.to_string());
+    let listen = config.listen.to_string();
+    match (&config.tls, served_certificate) {
+        (Some(tls), Some(served)) => {
+            let settings = crate::tls::proxy_settings(served, tls.http2)?;
+            proxy.add_tls_with_settings(&listen, None, settings);
+        }
+        _ => proxy.add_tcp(&listen),
+    }
     server.add_service(proxy);
     server.run(pingora_core::server::RunArgs::default());
     let flushed = support

@@ -8,11 +8,14 @@
 //! The choice itself (strategies, health, ejection) is the balancer's.
 
 use crate::balancer::{self, BackendState, BalancerConfig, Strategy};
-use crate::config::BackendConfig;
+use crate::config::{BackendConfig, BackendKind};
+use crate::probe::{self, Prober};
 use arc_swap::ArcSwap;
+use pingora_core::protocols::ALPN;
+use pingora_core::upstreams::peer::HttpPeer;
+use pingora_http::RequestHeader;
 use serde::Deserialize;
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -30,12 +33,8 @@ type ServedModels = Vec<(String, String)>;
 #[derive(Debug)]
 pub struct Backend {
     pub name: String,
-    pub url: String,
-    pub addr: SocketAddr,
-    /// `addr` as the `Host` header requests to it carry, written once.
-    pub host: String,
-    /// Models named in the configuration; empty means discovered.
-    declared_models: Vec<String>,
+    /// Where it is and how it is spoken to, as configured or added.
+    pub config: BackendConfig,
     pub state: BackendState,
     /// A stable number for the backend (from its address), for rendezvous hashing.
     pub id: u64,
@@ -71,8 +70,8 @@ impl ModelRoute {
         backend.state.failed(config, may_eject)
     }
 
-    /// An available backend not in `tried`, chosen by `strategy`; `prefix` is the prompt's
-    /// affinity hash.
+    /// An available backend not in `tried`, chosen by `strategy` among those of the best
+    /// (lowest) priority left; `prefix` is the prompt's affinity hash.
     pub fn pick(
         &self,
         strategy: Strategy,
@@ -80,12 +79,14 @@ impl ModelRoute {
         prefix: u64,
         load_factor: f64,
     ) -> Option<Arc<Backend>> {
-        let candidates: Vec<Arc<Backend>> = self
+        let mut candidates: Vec<Arc<Backend>> = self
             .backends
             .iter()
             .filter(|b| b.state.available() && !tried.iter().any(|t| Arc::ptr_eq(t, b)))
             .cloned()
             .collect();
+        let best = candidates.iter().map(|b| b.config.priority).min()?;
+        candidates.retain(|b| b.config.priority == best);
         let ids: Vec<u64> = candidates.iter().map(|b| b.id).collect();
         let hints = balancer::Hints {
             turn: self.cursor.fetch_add(1, Ordering::Relaxed),
@@ -94,6 +95,17 @@ impl ModelRoute {
             stale: SCRAPE_STALE,
         };
         balancer::choose(strategy, &candidates, &ids, hints).cloned()
+    }
+
+    /// How long until one of this model's backends comes back from its own rate limit,
+    /// when that is all that keeps them all aside.
+    pub fn backed_off_for(&self) -> Option<Duration> {
+        self.backends
+            .iter()
+            .map(|b| b.state.backed_off_for())
+            .collect::<Option<Vec<_>>>()?
+            .into_iter()
+            .min()
     }
 }
 
@@ -104,17 +116,14 @@ pub struct Upstreams {
     /// What each backend (by name) last said it serves: a backend that is briefly
     /// unreachable keeps its models, so its clients see a 502 and not a vanished model.
     last_discovered: parking_lot::Mutex<std::collections::HashMap<String, ServedModels>>,
-    http: reqwest::Client,
+    prober: Prober,
 }
 
 impl Backend {
     fn new(c: &BackendConfig) -> Backend {
         Backend {
             name: c.name.clone(),
-            url: c.url.clone(),
-            addr: c.addr,
-            host: c.addr.to_string(),
-            declared_models: c.models.clone(),
+            config: c.clone(),
             state: BackendState::default(),
             id: crate::balancer::prefix_hash(c.url.as_bytes(), usize::MAX),
         }
@@ -122,12 +131,77 @@ impl Backend {
 
     /// Whether this backend is what `c` describes (so it can stay, state and all).
     fn is(&self, c: &BackendConfig) -> bool {
-        self.name == c.name && self.url == c.url && self.declared_models == c.models
+        self.name == c.name && self.config.url == c.url && self.config.models == c.models
     }
 
     /// Models named in the configuration or when it was added; empty means discovered.
     pub fn declared_models(&self) -> &[String] {
-        &self.declared_models
+        &self.config.models
+    }
+
+    /// The connection its requests (and probes) go over: TLS with its name, trust and
+    /// client certificate when it is `https://`.
+    pub fn peer(&self, connect_timeout: Duration, read_timeout: Duration) -> HttpPeer {
+        let tls = self.config.tls.as_ref();
+        let server_name = tls.map_or_else(String::new, |t| t.server_name.clone());
+        let mut peer = HttpPeer::new(self.config.addr, tls.is_some(), server_name);
+        peer.options.connection_timeout = Some(connect_timeout);
+        peer.options.read_timeout = Some(read_timeout);
+        if let Some(tls) = tls {
+            peer.options.ca = tls.trust.ca.clone();
+            peer.client_cert_key = tls.trust.client_cert.clone();
+            peer.options.alpn = if tls.http2 { ALPN::H2H1 } else { ALPN::H1 };
+        }
+        peer
+    }
+
+    /// Sets what every request to it carries: its `Host`, its API key (never the client's),
+    /// and its extra headers.
+    pub fn set_headers(&self, request: &mut RequestHeader) -> pingora_error::Result<()> {
+        request.insert_header(http::header::HOST, &self.config.host)?;
+        if let Some(credential) = &self.config.credential {
+            request.insert_header(credential.header.clone(), credential.value.clone())?;
+        }
+        for (name, value) in &self.config.headers {
+            request.insert_header(name.clone(), value.clone())?;
+        }
+        Ok(())
+    }
+
+    /// The path (and query) a client's `/v1/...` request takes on this backend: its base
+    /// path in place of `/v1`.
+    pub fn path_for(&self, client_path: &str) -> Option<String> {
+        let base = &self.config.base_path;
+        if base == "/v1" {
+            return None;
+        }
+        let rest = client_path.strip_prefix("/v1").unwrap_or(client_path);
+        Some(format!("{base}{rest}"))
+    }
+
+    /// The name this backend knows `model` by, when it is another.
+    pub fn model_name(&self, model: &str) -> Option<&str> {
+        self.config.model_map.get(model).map(String::as_str)
+    }
+
+    /// A GET of `path` on this backend, as a probe sends it.
+    fn probe_request(&self, path: &str) -> pingora_error::Result<RequestHeader> {
+        let mut request = RequestHeader::build("GET", path.as_bytes(), None)?;
+        self.set_headers(&mut request)?;
+        Ok(request)
+    }
+
+    /// Where its health is read: `/health` on an engine beside the gateway, the models
+    /// list on a hosted API (which has no health endpoint).
+    fn health_path(&self) -> String {
+        match self.config.kind {
+            BackendKind::Sluice => "/health".to_owned(),
+            BackendKind::OpenAiCompatible => self.models_path(),
+        }
+    }
+
+    fn models_path(&self) -> String {
+        format!("{}/models", self.config.base_path)
     }
 }
 
@@ -146,16 +220,12 @@ struct ModelEntry {
 impl Upstreams {
     pub fn new(configs: &[BackendConfig]) -> Self {
         let backends = configs.iter().map(|c| Arc::new(Backend::new(c))).collect();
-        let http = reqwest::Client::builder()
-            .timeout(DISCOVERY_TIMEOUT)
-            .build()
-            .expect("http client builds without TLS");
         let upstreams = Upstreams {
             configured: configs.to_vec(),
             last_discovered: Default::default(),
             backends: ArcSwap::from_pointee(backends),
             models: ArcSwap::from_pointee(BTreeMap::new()),
-            http,
+            prober: Prober::default(),
         };
         upstreams.install();
         upstreams
@@ -220,7 +290,7 @@ impl Upstreams {
     pub async fn discover(&self) {
         let backends = self.backends();
         let mut answers = Vec::with_capacity(backends.len());
-        for backend in backends.iter().filter(|b| b.declared_models.is_empty()) {
+        for backend in backends.iter().filter(|b| b.declared_models().is_empty()) {
             match self.fetch_models(backend).await {
                 Ok(models) => answers.push((backend.name.clone(), models)),
                 Err(e) => {
@@ -247,64 +317,75 @@ impl Upstreams {
         }
     }
 
-    /// Checks every backend's `/health` at the configured interval until the process ends.
+    /// Checks every backend's health at the configured interval until the process ends.
     pub async fn check_health(self: Arc<Self>, config: BalancerConfig) {
         let mut tick = tokio::time::interval(Duration::from_millis(config.health_interval_ms));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let timeout = Duration::from_millis(config.health_timeout_ms);
         let config = &config;
+        let this = &self;
         loop {
             tick.tick().await;
             let backends = self.backends();
-            let checks = backends.iter().map(|b| {
-                let request = self.http.get(format!("{}/health", b.url)).timeout(timeout);
-                async move {
-                    let ok = request.send().await.is_ok_and(|r| r.status().is_success());
-                    if b.state.checked(ok, config) {
-                        tracing::warn!(backend = %b.name, up = ok, "backend health changed");
-                    }
+            let checks = backends.iter().map(|b| async move {
+                let ok = this
+                    .probe(b, &b.health_path(), timeout)
+                    .await
+                    .is_ok_and(|answer| (200..300).contains(&answer.status));
+                if b.state.checked(ok, config) {
+                    tracing::warn!(backend = %b.name, up = ok, "backend health changed");
                 }
             });
             futures::future::join_all(checks).await;
         }
     }
 
-    /// Reads every backend's `/metrics` at the configured interval, for `load_aware`.
+    /// Reads every engine's `/metrics` at the configured interval, for `load_aware`.
     pub async fn scrape_load(self: Arc<Self>, config: BalancerConfig) {
         if config.strategy != Strategy::LoadAware {
             return;
         }
         let mut tick = tokio::time::interval(Duration::from_millis(config.scrape_interval_ms));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let this = &self;
         loop {
             tick.tick().await;
             let timeout = Duration::from_millis(config.health_timeout_ms);
             let backends = self.backends();
-            let scrapes = backends.iter().map(|b| {
-                let request = self.http.get(format!("{}/metrics", b.url)).timeout(timeout);
-                async move {
-                    let response = request.send().await;
-                    if let Ok(text) = async { response?.error_for_status()?.text().await }.await {
-                        b.state.scraped(&text);
+            let scrapes = backends
+                .iter()
+                .filter(|b| b.config.kind == BackendKind::Sluice)
+                .map(|b| async move {
+                    match this.probe(b, "/metrics", timeout).await {
+                        Ok(answer) if answer.status == 200 => {
+                            b.state.scraped(&String::from_utf8_lossy(&answer.body))
+                        }
+                        _ => {}
                     }
-                }
-            });
+                });
             futures::future::join_all(scrapes).await;
         }
     }
 
-    async fn fetch_models(&self, backend: &Backend) -> Result<ServedModels, String> {
-        let url = format!("{}/v1/models", backend.url);
-        let response = self
-            .http
-            .get(&url)
-            .send()
+    async fn probe(
+        &self,
+        backend: &Backend,
+        path: &str,
+        timeout: Duration,
+    ) -> Result<probe::Answer, String> {
+        let request = backend.probe_request(path).map_err(|e| e.to_string())?;
+        self.prober
+            .get(&backend.peer(timeout, timeout), request, timeout)
             .await
-            .map_err(|e| e.to_string())?;
-        if !response.status().is_success() {
-            return Err(format!("{url} answered {}", response.status()));
+    }
+
+    async fn fetch_models(&self, backend: &Backend) -> Result<ServedModels, String> {
+        let path = backend.models_path();
+        let answer = self.probe(backend, &path, DISCOVERY_TIMEOUT).await?;
+        if !(200..300).contains(&answer.status) {
+            return Err(format!("{path} answered {}", answer.status));
         }
-        let list: ModelList = response.json().await.map_err(|e| e.to_string())?;
+        let list: ModelList = serde_json::from_slice(&answer.body).map_err(|e| e.to_string())?;
         Ok(list
             .data
             .into_iter()
@@ -321,7 +402,7 @@ impl Upstreams {
         let discovered = self.last_discovered.lock().clone();
         let mut routes: BTreeMap<String, (String, Vec<Arc<Backend>>)> = BTreeMap::new();
         for backend in backends.iter() {
-            for model in &backend.declared_models {
+            for model in backend.declared_models() {
                 routes
                     .entry(model.clone())
                     .or_insert_with(|| ("sluice".to_owned(), Vec::new()))
@@ -366,17 +447,210 @@ impl Upstreams {
     }
 }
 
+/// The longest a backend's own rate limit sets it aside for, whatever it asks.
+const MAX_BACKOFF: Duration = Duration::from_secs(600);
+/// How long a 429 without a usable `Retry-After` sets a backend aside.
+const DEFAULT_BACKOFF: Duration = Duration::from_secs(1);
+
+/// How long a backend's answer says to leave it alone, if it does: a 429's `retry-after-ms`
+/// or `Retry-After` (seconds; one second when missing or a date), and, from a hosted API,
+/// an `x-ratelimit-remaining-requests` or `-tokens` at 0 until its `x-ratelimit-reset-*`.
+pub fn rate_limit_wait(
+    backend: &Backend,
+    status: u16,
+    headers: &http::HeaderMap,
+) -> Option<Duration> {
+    let header = |name: &str| {
+        headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::trim)
+    };
+    let wait = if status == 429 {
+        let ms = header("retry-after-ms").and_then(|v| v.parse::<f64>().ok());
+        let secs = header("retry-after").and_then(|v| v.parse::<f64>().ok());
+        ms.map(|ms| ms / 1000.0)
+            .or(secs)
+            .filter(|s| s.is_finite() && *s >= 0.0)
+            .map_or(DEFAULT_BACKOFF, Duration::from_secs_f64)
+    } else if backend.config.kind == BackendKind::OpenAiCompatible {
+        ["requests", "tokens"]
+            .iter()
+            .filter(|what| header(&format!("x-ratelimit-remaining-{what}")) == Some("0"))
+            .filter_map(|what| header(&format!("x-ratelimit-reset-{what}")).and_then(go_duration))
+            .max()?
+    } else {
+        return None;
+    };
+    Some(wait.min(MAX_BACKOFF))
+}
+
+/// A duration as OpenAI's `x-ratelimit-reset-*` write it (`1s`, `6m0s`, `20ms`, `1h2m3.5s`),
+/// or a bare number of seconds.
+fn go_duration(text: &str) -> Option<Duration> {
+    if let Ok(secs) = text.parse::<f64>() {
+        return (secs.is_finite() && secs >= 0.0).then(|| Duration::from_secs_f64(secs));
+    }
+    let mut total = 0.0;
+    let mut rest = text;
+    while !rest.is_empty() {
+        let digits = rest
+            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .filter(|&end| end > 0)?;
+        let value: f64 = rest[..digits].parse().ok()?;
+        rest = &rest[digits..];
+        let unit_len = rest
+            .find(|c: char| c.is_ascii_digit())
+            .unwrap_or(rest.len());
+        let scale = match &rest[..unit_len] {
+            "h" => 3600.0,
+            "m" => 60.0,
+            "s" => 1.0,
+            "ms" => 0.001,
+            "us" | "µs" => 0.000_001,
+            "ns" => 0.000_000_001,
+            _ => return None,
+        };
+        total += value * scale;
+        rest = &rest[unit_len..];
+    }
+    Some(Duration::from_secs_f64(total))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn backend(name: &str, port: u16, models: &[&str]) -> BackendConfig {
-        BackendConfig {
-            name: name.into(),
-            url: format!("http://127.0.0.1:{port}"),
-            addr: SocketAddr::from(([127, 0, 0, 1], port)),
-            models: models.iter().map(|m| m.to_string()).collect(),
+        crate::config::backend(
+            name,
+            &format!("http://127.0.0.1:{port}"),
+            models.iter().map(|m| m.to_string()).collect(),
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn rate_limit_waits_come_from_retry_after_or_a_hosted_apis_exhausted_budget() {
+        let mut hosted = backend("hosted", 1, &["m"]);
+        hosted.kind = BackendKind::OpenAiCompatible;
+        let hosted = Backend::new(&hosted);
+        let engine = Backend::new(&backend("engine", 2, &["m"]));
+        let headers = |pairs: &[(&'static str, &str)]| {
+            let mut map = http::HeaderMap::new();
+            for (name, value) in pairs {
+                map.insert(*name, value.parse().unwrap());
+            }
+            map
+        };
+        let wait = |b: &Backend, status, pairs: &[(&'static str, &str)]| {
+            rate_limit_wait(b, status, &headers(pairs))
+        };
+        assert_eq!(
+            wait(&engine, 429, &[("retry-after", "7")]),
+            Some(Duration::from_secs(7))
+        );
+        assert_eq!(
+            wait(
+                &engine,
+                429,
+                &[("retry-after-ms", "250"), ("retry-after", "7")]
+            ),
+            Some(Duration::from_millis(250))
+        );
+        assert_eq!(wait(&engine, 429, &[]), Some(DEFAULT_BACKOFF));
+        assert_eq!(
+            wait(
+                &engine,
+                429,
+                &[("retry-after", "Wed, 21 Oct 2015 07:28:00 GMT")]
+            ),
+            Some(DEFAULT_BACKOFF)
+        );
+        assert_eq!(
+            wait(&engine, 429, &[("retry-after", "99999999")]),
+            Some(MAX_BACKOFF)
+        );
+        assert_eq!(
+            wait(&engine, 429, &[("retry-after", "-3")]),
+            Some(DEFAULT_BACKOFF)
+        );
+        let exhausted = [
+            ("x-ratelimit-remaining-requests", "0"),
+            ("x-ratelimit-reset-requests", "6m0s"),
+            ("x-ratelimit-remaining-tokens", "10"),
+            ("x-ratelimit-reset-tokens", "20ms"),
+        ];
+        assert_eq!(
+            wait(&hosted, 200, &exhausted),
+            Some(Duration::from_secs(360))
+        );
+        assert_eq!(
+            wait(&engine, 200, &exhausted),
+            None,
+            "engines do not speak for a provider"
+        );
+        assert_eq!(
+            wait(
+                &hosted,
+                200,
+                &[
+                    ("x-ratelimit-remaining-requests", "5"),
+                    ("x-ratelimit-reset-requests", "1s")
+                ]
+            ),
+            None
+        );
+        assert_eq!(
+            go_duration("1h2m3.5s"),
+            Some(Duration::from_secs_f64(3723.5))
+        );
+        assert_eq!(go_duration("20ms"), Some(Duration::from_millis(20)));
+        assert_eq!(go_duration("2"), Some(Duration::from_secs(2)));
+        assert_eq!(go_duration("soon"), None);
+        assert_eq!(go_duration("5x"), None);
+    }
+
+    #[test]
+    fn a_lower_priority_serves_only_when_no_backend_of_a_higher_one_can() {
+        let mut hosted = backend("hosted", 3, &["m"]);
+        hosted.priority = 1;
+        let u = Upstreams::new(&[
+            backend("gpu-a", 1, &["m"]),
+            hosted,
+            backend("gpu-b", 2, &["m"]),
+        ]);
+        let m = u.model("m").unwrap();
+        for _ in 0..6 {
+            let name = m
+                .pick(Strategy::RoundRobin, &[], 0, 1.25)
+                .unwrap()
+                .name
+                .clone();
+            assert_ne!(name, "hosted");
         }
+        let gpus: Vec<_> = m
+            .backends
+            .iter()
+            .filter(|b| b.name.starts_with("gpu"))
+            .cloned()
+            .collect();
+        assert_eq!(
+            m.pick(Strategy::RoundRobin, &gpus, 0, 1.25).unwrap().name,
+            "hosted"
+        );
+        // Set aside by its own rate limit, a backend is not picked; when all are, the route
+        // says for how long.
+        for b in &m.backends {
+            b.state
+                .back_off(Duration::from_secs(30 + b.config.priority as u64));
+        }
+        assert!(m.pick(Strategy::RoundRobin, &[], 0, 1.25).is_none());
+        let wait = m.backed_off_for().unwrap();
+        assert!(
+            wait > Duration::from_secs(28) && wait <= Duration::from_secs(30),
+            "{wait:?}"
+        );
     }
 
     #[test]

@@ -82,7 +82,7 @@ pub(super) fn backend_view(
     let st = &b.state;
     BackendView {
         name: b.name.clone(),
-        url: b.url.clone(),
+        url: b.config.url.clone(),
         models: served,
         health: if !st.is_up() {
             BackendHealth::Down
@@ -185,7 +185,7 @@ pub(super) async fn add_backend(
         .find(|b| b.name == req.name)
         .cloned()
         .ok_or_else(|| ApiError::internal("The backend was stored but is not in the pool."))?;
-    tracing::info!(backend = %req.name, url = %added.url, "backend added");
+    tracing::info!(backend = %req.name, url = %added.config.url, "backend added");
     Ok((
         http::StatusCode::CREATED,
         Json(backend_view(&gateway, &added)),

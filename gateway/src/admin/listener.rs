@@ -16,6 +16,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
+use tokio_rustls::TlsAcceptor;
 
 /// The largest admin request body (key and tier writes are a few hundred bytes).
 pub const MAX_ADMIN_BODY_BYTES: usize = 1 << 20;
@@ -26,8 +27,14 @@ pub struct Bounds {
     pub header_timeout: Duration,
 }
 
-/// Serves `router` on `listener` within `bounds`, until the process ends.
-pub async fn serve(listener: TcpListener, router: Router, bounds: Bounds) {
+/// Serves `router` on `listener` within `bounds`, over TLS when `tls` is given, until the
+/// process ends.
+pub async fn serve(
+    listener: TcpListener,
+    tls: Option<TlsAcceptor>,
+    router: Router,
+    bounds: Bounds,
+) {
     let open = Arc::new(Semaphore::new(bounds.max_connections));
     loop {
         let Ok(permit) = open.clone().acquire_owned().await else {
@@ -44,17 +51,42 @@ pub async fn serve(listener: TcpListener, router: Router, bounds: Bounds) {
         };
         let _ = tcp.set_nodelay(true);
         let service = TowerToHyperService::new(router.clone());
+        let tls = tls.clone();
         tokio::spawn(async move {
-            let connection = hyper::server::conn::http1::Builder::new()
-                .timer(TokioTimer::new())
-                .header_read_timeout(bounds.header_timeout)
-                .serve_connection(TokioIo::new(tcp), service);
-            if let Err(e) = connection.await {
+            let served = match tls {
+                // The handshake is held to the header deadline too: a client that opens a
+                // connection and says nothing must not keep its slot.
+                Some(tls) => {
+                    match tokio::time::timeout(bounds.header_timeout, tls.accept(tcp)).await {
+                        Ok(Ok(stream)) => serve_connection(stream, service, bounds).await,
+                        Ok(Err(e)) => Err(format!("TLS handshake: {e}")),
+                        Err(_) => Err("TLS handshake timed out".to_owned()),
+                    }
+                }
+                None => serve_connection(tcp, service, bounds).await,
+            };
+            if let Err(e) = served {
                 tracing::debug!(error = %e, "admin connection ended with an error");
             }
             drop(permit);
         });
     }
+}
+
+async fn serve_connection<S>(
+    stream: S,
+    service: TowerToHyperService<Router>,
+    bounds: Bounds,
+) -> Result<(), String>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(bounds.header_timeout)
+        .serve_connection(TokioIo::new(stream), service)
+        .await
+        .map_err(|e| e.to_string())
 }
 
 /// Reads the request body whole, within the deadline and the size bound, before the handler

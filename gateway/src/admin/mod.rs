@@ -40,13 +40,18 @@ use utoipa_axum::routes;
 
 type AppState = Arc<Gateway>;
 
-pub async fn serve(listener: tokio::net::TcpListener, gateway: Arc<Gateway>) {
+/// Serves the admin API on `listener`, over TLS when `tls` is given.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    gateway: Arc<Gateway>,
+) {
     let config = &gateway.config;
     let bounds = listener::Bounds {
         max_connections: config.admin_max_connections,
         header_timeout: config.admin_header_timeout,
     };
-    listener::serve(listener, router(gateway.clone()), bounds).await;
+    listener::serve(listener, tls, router(gateway.clone()), bounds).await;
 }
 
 /// Every route the admin listener serves, each registered (by `routes!`) at the path its

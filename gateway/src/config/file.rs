@@ -38,6 +38,9 @@ pub(super) struct FileConfig {
     /// model -> its tokenizer.json
     #[serde(default)]
     pub(super) tokenizers: BTreeMap<String, PathBuf>,
+    /// model or alias -> the models tried, in order, when none of its backends can serve
+    #[serde(default)]
+    pub(super) fallbacks: BTreeMap<String, Vec<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -134,6 +137,20 @@ pub(super) struct ServerSection {
     pub(super) admin_header_timeout_secs: Option<u64>,
     pub(super) max_connections: Option<usize>,
     pub(super) header_timeout_secs: Option<u64>,
+    /// HTTP/2 without TLS (prior knowledge) on the proxy listener.
+    pub(super) h2c: Option<bool>,
+    pub(super) tls: Option<TlsSection>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct TlsSection {
+    pub(super) cert_file: Option<PathBuf>,
+    pub(super) key_file: Option<PathBuf>,
+    pub(super) http2: Option<bool>,
+    pub(super) admin: Option<bool>,
+    pub(super) admin_client_ca_file: Option<PathBuf>,
+    pub(super) reload_check_secs: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -202,4 +219,46 @@ pub(super) struct BackendSection {
     pub(super) url: String,
     #[serde(default)]
     pub(super) models: Vec<String>,
+    /// `sluice` (a co-located engine: /health, /metrics) or `openai_compatible` (a hosted
+    /// API: only its OpenAI endpoints).
+    pub(super) kind: Option<String>,
+    /// Where the upstream API key comes from; never the configuration text itself.
+    pub(super) api_key_env: Option<String>,
+    pub(super) api_key_file: Option<PathBuf>,
+    /// The header the key goes in (`authorization` as `Bearer <key>` unless named).
+    pub(super) api_key_header: Option<String>,
+    #[serde(default)]
+    pub(super) headers: BTreeMap<String, String>,
+    /// The client's model -> the name this backend knows it by.
+    #[serde(default)]
+    pub(super) model_map: BTreeMap<String, String>,
+    /// Lower first: a model's backends of a higher priority serve only when none of a
+    /// lower one can.
+    pub(super) priority: Option<u32>,
+    pub(super) ca_file: Option<PathBuf>,
+    pub(super) client_cert_file: Option<PathBuf>,
+    pub(super) client_key_file: Option<PathBuf>,
+    pub(super) http2: Option<bool>,
+}
+
+impl BackendSection {
+    /// A plain co-located backend: a URL and, optionally, its models.
+    pub(super) fn plain(name: Option<String>, url: String, models: Vec<String>) -> Self {
+        BackendSection {
+            name,
+            url,
+            models,
+            kind: None,
+            api_key_env: None,
+            api_key_file: None,
+            api_key_header: None,
+            headers: BTreeMap::new(),
+            model_map: BTreeMap::new(),
+            priority: None,
+            ca_file: None,
+            client_cert_file: None,
+            client_key_file: None,
+            http2: None,
+        }
+    }
 }

@@ -62,6 +62,12 @@ pub struct Config {
     /// long a client may take to send a request header, idle keep-alive wait included.
     pub max_connections: usize,
     pub header_timeout: std::time::Duration,
+    /// HTTP/2 without TLS (prior knowledge) on the proxy listener.
+    pub h2c: bool,
+    /// `[server.tls]`: HTTPS (and HTTP/2 by ALPN) on the listeners.
+    pub tls: Option<crate::tls::ListenerTls>,
+    /// model or alias -> the models tried, in order, when none of its backends can serve.
+    pub fallbacks: BTreeMap<String, Vec<String>>,
     /// Verifies JWTs on API calls (`[auth.jwt]`).
     pub jwt: Option<JwtConfig>,
     /// Verifies JWTs on the admin API (`[auth.admin_jwt]`): a separate issuer's keys.
@@ -194,11 +200,60 @@ pub struct PublicKeyConfig {
 #[derive(Debug, Clone)]
 pub struct BackendConfig {
     pub name: String,
-    /// `http://host:port` as configured.
+    /// The URL as configured, normalised: `scheme://host:port` and the path given, if any.
     pub url: String,
+    /// The `Host` its requests carry (the URL's host, and port when not the default).
+    pub host: String,
     pub addr: SocketAddr,
-    /// Models this backend serves; empty means "ask its `/v1/models`".
+    /// What replaces a request path's leading `/v1` (`/v1` for a URL without a path).
+    pub base_path: String,
+    /// Models this backend serves; empty means "ask its models endpoint".
     pub models: Vec<String>,
+    pub kind: BackendKind,
+    /// `Some` for an `https://` backend.
+    pub tls: Option<BackendTls>,
+    /// The API key the gateway sends it (the client's never is).
+    pub credential: Option<UpstreamCredential>,
+    /// Extra headers set on every request to it.
+    pub headers: Vec<(http::HeaderName, http::HeaderValue)>,
+    /// The client's model -> the name this backend knows it by.
+    pub model_map: BTreeMap<String, String>,
+    /// Lower first: a model's backends of a higher priority serve only when none of a lower
+    /// one can.
+    pub priority: u32,
+}
+
+/// What a backend is, for what the gateway may ask of it besides the OpenAI endpoints.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BackendKind {
+    /// An inference server beside the gateway (Sluice's own, vLLM): `/health` for health
+    /// checks and `/metrics` for load.
+    Sluice,
+    /// A hosted OpenAI-compatible API: its models endpoint is its health check, and its
+    /// rate-limit headers are respected.
+    OpenAiCompatible,
+}
+
+#[derive(Debug, Clone)]
+pub struct BackendTls {
+    /// The name sent as SNI and checked against the backend's certificate.
+    pub server_name: String,
+    pub trust: crate::tls::BackendTrust,
+    /// Offer HTTP/2 by ALPN.
+    pub http2: bool,
+}
+
+/// An upstream API key, as the header that carries it. Never printed.
+#[derive(Clone)]
+pub struct UpstreamCredential {
+    pub header: http::HeaderName,
+    pub value: http::HeaderValue,
+}
+
+impl std::fmt::Debug for UpstreamCredential {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "UpstreamCredential({}: <redacted>)", self.header)
+    }
 }
 
 /// Where environment overrides come from; a function so tests need not touch the process env.
@@ -247,6 +302,9 @@ impl Config {
     }
 
     fn resolve(file: FileConfig, base_dir: &Path, env: Env) -> Result<Config, ConfigError> {
+        let mut file = file;
+        let tls = resolve::tls(file.server.tls.take(), base_dir, env)?;
+        let h2c = file.server.h2c.unwrap_or(false);
         let server = resolve::server(file.server, env)?;
         let key_cache_entries = file.auth.key_cache_entries.unwrap_or(200_000).max(1);
         let unknown_key_cache_entries =
@@ -282,7 +340,8 @@ impl Config {
             }
         }
         let tiers = resolve::tiers(file.tiers)?;
-        let backends = resolve::backends(file.backends, env)?;
+        let backends = resolve::backends(file.backends, base_dir, env)?;
+        let fallbacks = resolve::fallbacks(file.fallbacks, &file.aliases)?;
         let (metering, drain_limit) = resolve::metering(&file.metering, env)?;
         resolve::balancer(&file.balancer)?;
         resolve::aliases(&file.aliases, &tiers)?;
@@ -309,6 +368,9 @@ impl Config {
             admin_header_timeout: server.admin_header_timeout,
             max_connections: server.max_connections,
             header_timeout: server.header_timeout,
+            h2c,
+            tls,
+            fallbacks,
             jwt,
             admin_jwt,
             key_cache_entries,
@@ -369,6 +431,115 @@ mod tests {
     }
 
     #[test]
+    fn backends_take_tls_credentials_paths_and_priorities_and_refuse_what_cannot_work() {
+        let env = |name: &str| (name == "PROVIDER_KEY").then(|| "sk-provider-secret".to_owned());
+        let c = Config::from_toml(
+            r#"
+[[backends]]
+name = "hosted"
+url = "https://127.0.0.1:8443/openai/deployments/big/"
+kind = "openai_compatible"
+api_key_env = "PROVIDER_KEY"
+api_key_header = "api-key"
+headers = { "openai-organization" = "org-1" }
+model_map = { "llama-70b" = "meta-llama/Llama-3.3-70B-Instruct" }
+priority = 2
+
+[[backends]]
+url = "http://127.0.0.1:7001"
+models = ["llama-70b"]
+
+[fallbacks]
+"llama-70b" = ["llama-8b"]
+"#,
+            &env,
+        )
+        .unwrap();
+        let hosted = &c.backends[0];
+        assert_eq!(hosted.kind, BackendKind::OpenAiCompatible);
+        assert_eq!(hosted.base_path, "/openai/deployments/big");
+        assert_eq!(hosted.host, "127.0.0.1:8443");
+        assert_eq!(hosted.priority, 2);
+        assert_eq!(hosted.models, ["llama-70b"], "a mapped model is served");
+        assert_eq!(hosted.tls.as_ref().unwrap().server_name, "127.0.0.1");
+        let credential = hosted.credential.as_ref().unwrap();
+        assert_eq!(credential.header, "api-key");
+        assert_eq!(credential.value, "sk-provider-secret");
+        assert!(
+            !format!("{c:?}").contains("sk-provider-secret"),
+            "never printed"
+        );
+        let plain = &c.backends[1];
+        assert_eq!((plain.base_path.as_str(), plain.priority), ("/v1", 0));
+        assert!(plain.tls.is_none() && plain.credential.is_none());
+        assert_eq!(c.fallbacks["llama-70b"], ["llama-8b"]);
+
+        let refused = [
+            (
+                "[[backends]]\nurl = \"https://127.0.0.1:1\"\napi_key_env = \"MISSING\"\n",
+                "backends[0].api_key_env",
+                "MISSING is not set",
+            ),
+            (
+                "[[backends]]\nurl = \"http://127.0.0.1:1\"\nheaders = { authorization = \"Bearer sk-x\" }\n",
+                "backends[0].headers",
+                "api_key_env or api_key_file",
+            ),
+            (
+                "[[backends]]\nurl = \"http://127.0.0.1:1\"\nca_file = \"ca.pem\"\n",
+                "backends[0].ca_file",
+                "https://",
+            ),
+            (
+                "[[backends]]\nurl = \"https://127.0.0.1:1\"\nclient_cert_file = \"c.pem\"\n",
+                "backends[0].client_cert_file",
+                "go together",
+            ),
+            (
+                "[[backends]]\nurl = \"https://127.0.0.1:1\"\nca_file = \"/nonexistent/ca.pem\"\n",
+                "backends[0]",
+                "/nonexistent/ca.pem",
+            ),
+            (
+                "[[backends]]\nurl = \"http://user:pw@127.0.0.1:1\"\n",
+                "backends[0].url",
+                "credentials",
+            ),
+            (
+                "[[backends]]\nurl = \"http://127.0.0.1:1\"\nkind = \"vllm\"\n",
+                "backends[0].kind",
+                "openai_compatible",
+            ),
+            ("[fallbacks]\nm = [\"m\"]\n", "fallbacks.m[0]", "another model"),
+            ("[fallbacks]\nm = []\n", "fallbacks.m", "no model"),
+            (
+                "[aliases.fast]\n\"*\" = \"small\"\n[fallbacks]\nm = [\"fast\"]\n",
+                "fallbacks.m[0]",
+                "alias",
+            ),
+            (
+                "[server.tls]\ncert_file = \"cert.pem\"\n",
+                "server.tls.key_file",
+                "needed",
+            ),
+            (
+                "[server.tls]\ncert_file = \"/nonexistent/c.pem\"\nkey_file = \"/nonexistent/k.pem\"\n",
+                "server.tls",
+                "/nonexistent/c.pem",
+            ),
+            ("[server.tls]\nhttp2 = false\n", "server.tls", "cert_file"),
+        ];
+        for (text, field, says) in refused {
+            let err = Config::from_toml(text, &|_: &str| None)
+                .unwrap_err()
+                .to_string();
+            assert!(err.starts_with(field), "{text}: {err}");
+            assert!(err.contains(says), "{text}: {err}");
+            assert!(!err.contains("sk-x"), "{err}");
+        }
+    }
+
+    #[test]
     fn a_jwks_url_is_checked_and_never_shared_with_admin_tokens() {
         let c = Config::from_toml(
             "[auth.jwt]\njwks_url = \"http://idp.example/jwks\"\n",
@@ -407,7 +578,7 @@ mod tests {
             .to_string();
         assert!(err.contains("lisen"), "{err}");
 
-        let err = Config::from_toml("[[backends]]\nurl = \"https://127.0.0.1:1\"\n", &no_env)
+        let err = Config::from_toml("[[backends]]\nurl = \"ftp://127.0.0.1:1\"\n", &no_env)
             .unwrap_err()
             .to_string();
         assert!(err.starts_with("backends[0].url"), "{err}");

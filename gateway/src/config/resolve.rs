@@ -4,9 +4,9 @@
 
 use super::file::*;
 use super::{
-    invalid, BackendConfig, CacheConfig, ConfigError, Env, JwtConfig, LearnedVerifierConfig,
-    PublicKeyConfig, VerificationConfig, DEFAULT_ADMIN_LISTEN, DEFAULT_LISTEN,
-    DEFAULT_MAX_BODY_BYTES,
+    invalid, BackendConfig, BackendKind, BackendTls, CacheConfig, ConfigError, Env, JwtConfig,
+    LearnedVerifierConfig, PublicKeyConfig, VerificationConfig, DEFAULT_ADMIN_LISTEN,
+    DEFAULT_LISTEN, DEFAULT_MAX_BODY_BYTES,
 };
 use sluice_policies::pricing::PriceBook;
 use sluice_policies::{Tier, Tiers};
@@ -200,6 +200,7 @@ pub(super) fn tiers(declared: BTreeMap<String, TierSection>) -> Result<Tiers, Co
 /// `[[backends]]`, or `SLUICE_BACKENDS` in their place; names must be unique.
 pub(super) fn backends(
     declared: Vec<BackendSection>,
+    base_dir: &Path,
     env: Env,
 ) -> Result<Vec<BackendConfig>, ConfigError> {
     let backends = match env("SLUICE_BACKENDS") {
@@ -211,18 +212,16 @@ pub(super) fn backends(
             .map(|(i, url)| {
                 resolve_backend(
                     &format!("SLUICE_BACKENDS[{i}]"),
-                    BackendSection {
-                        name: None,
-                        url: url.to_owned(),
-                        models: Vec::new(),
-                    },
+                    BackendSection::plain(None, url.to_owned(), Vec::new()),
+                    base_dir,
+                    env,
                 )
             })
             .collect::<Result<Vec<_>, _>>()?,
         None => declared
             .into_iter()
             .enumerate()
-            .map(|(i, b)| resolve_backend(&format!("backends[{i}]"), b))
+            .map(|(i, b)| resolve_backend(&format!("backends[{i}]"), b, base_dir, env))
             .collect::<Result<Vec<_>, _>>()?,
     };
     let mut names = std::collections::HashSet::new();
@@ -236,6 +235,110 @@ pub(super) fn backends(
     }
 
     Ok(backends)
+}
+
+/// `[fallbacks]`: each list names other models, once each, none the one it stands in for.
+pub(super) fn fallbacks(
+    fallbacks: BTreeMap<String, Vec<String>>,
+    aliases: &BTreeMap<String, BTreeMap<String, String>>,
+) -> Result<BTreeMap<String, Vec<String>>, ConfigError> {
+    for (model, targets) in &fallbacks {
+        let field = format!("fallbacks.{model}");
+        if targets.is_empty() {
+            return Err(invalid(field, "lists no model to fall back to"));
+        }
+        for (i, target) in targets.iter().enumerate() {
+            if target.is_empty() || target == model {
+                return Err(invalid(format!("{field}[{i}]"), "must name another model"));
+            }
+            if aliases.contains_key(target) {
+                return Err(invalid(
+                    format!("{field}[{i}]"),
+                    format!("'{target}' is an alias; name the model it stands for"),
+                ));
+            }
+            if targets[..i].contains(target) {
+                return Err(invalid(
+                    format!("{field}[{i}]"),
+                    format!("'{target}' is listed twice"),
+                ));
+            }
+        }
+    }
+    Ok(fallbacks)
+}
+
+/// `[server.tls]`: certificate and key (or `SLUICE_TLS_CERT` and `SLUICE_TLS_KEY`), read
+/// now so that a bad pair stops the start instead of the first handshake.
+pub(super) fn tls(
+    section: Option<TlsSection>,
+    base_dir: &Path,
+    env: Env,
+) -> Result<Option<crate::tls::ListenerTls>, ConfigError> {
+    let section = section.unwrap_or_default();
+    let cert_file = env("SLUICE_TLS_CERT")
+        .map(PathBuf::from)
+        .or(section.cert_file.map(|f| base_dir.join(f)));
+    let key_file = env("SLUICE_TLS_KEY")
+        .map(PathBuf::from)
+        .or(section.key_file.map(|f| base_dir.join(f)));
+    let (cert_file, key_file) = match (cert_file, key_file) {
+        (Some(cert), Some(key)) => (cert, key),
+        (None, None) => {
+            let set = section.http2.is_some()
+                || section.admin.is_some()
+                || section.admin_client_ca_file.is_some()
+                || section.reload_check_secs.is_some();
+            if set {
+                return Err(invalid(
+                    "server.tls",
+                    "needs cert_file and key_file (or SLUICE_TLS_CERT and SLUICE_TLS_KEY)",
+                ));
+            }
+            return Ok(None);
+        }
+        (Some(_), None) => {
+            return Err(invalid(
+                "server.tls.key_file (SLUICE_TLS_KEY)",
+                "is needed with cert_file",
+            ))
+        }
+        (None, Some(_)) => {
+            return Err(invalid(
+                "server.tls.cert_file (SLUICE_TLS_CERT)",
+                "is needed with key_file",
+            ))
+        }
+    };
+    crate::tls::ServedCertificate::load(&cert_file, &key_file)
+        .map_err(|e| invalid("server.tls", format!("{e:#}")))?;
+    let admin = section.admin.unwrap_or(true);
+    let admin_client_ca_file = section.admin_client_ca_file.map(|f| base_dir.join(f));
+    if let Some(ca) = &admin_client_ca_file {
+        if !admin {
+            return Err(invalid(
+                "server.tls.admin_client_ca_file",
+                "needs the admin listener on TLS (admin = true)",
+            ));
+        }
+        crate::tls::certificates(ca)
+            .map_err(|e| invalid("server.tls.admin_client_ca_file", format!("{e:#}")))?;
+    }
+    let reload_check_secs = section.reload_check_secs.unwrap_or(10);
+    if reload_check_secs == 0 {
+        return Err(invalid(
+            "server.tls.reload_check_secs",
+            "must be at least 1",
+        ));
+    }
+    Ok(Some(crate::tls::ListenerTls {
+        cert_file,
+        key_file,
+        http2: section.http2.unwrap_or(true),
+        admin,
+        admin_client_ca_file,
+        reload_check: std::time::Duration::from_secs(reload_check_secs),
+    }))
 }
 
 /// `[metering]`: on or off (`SLUICE_METERING`), and how long a hung-up stream is drained.
@@ -797,55 +900,260 @@ pub(super) fn datasets(
 pub fn backend(name: &str, url: &str, models: Vec<String>) -> Result<BackendConfig, ConfigError> {
     resolve_backend(
         "backend",
-        BackendSection {
-            name: Some(name.to_owned()),
-            url: url.to_owned(),
-            models,
-        },
+        BackendSection::plain(Some(name.to_owned()), url.to_owned(), models),
+        Path::new("."),
+        &super::process_env,
     )
 }
 
 pub(super) fn resolve_backend(
     field: &str,
     b: BackendSection,
+    base_dir: &Path,
+    env: Env,
 ) -> Result<BackendConfig, ConfigError> {
+    let url_field = format!("{field}.url");
     let uri: http::Uri = b
         .url
         .parse()
-        .map_err(|e| invalid(format!("{field}.url"), format!("'{}': {e}", b.url)))?;
-    if uri.scheme_str() != Some("http") {
-        return Err(invalid(
-            format!("{field}.url"),
-            format!(
-                "'{}' must be an http:// URL (backends are co-located and spoken to in plain HTTP)",
-                b.url
-            ),
-        ));
-    }
+        .map_err(|e| invalid(&url_field, format!("'{}': {e}", b.url)))?;
+    let https = match uri.scheme_str() {
+        Some("http") => false,
+        Some("https") => true,
+        _ => {
+            return Err(invalid(
+                &url_field,
+                format!("'{}' must be an http:// or https:// URL", b.url),
+            ))
+        }
+    };
     let authority = uri
         .authority()
-        .ok_or_else(|| invalid(format!("{field}.url"), format!("'{}' has no host", b.url)))?;
-    let host_port = format!(
-        "{}:{}",
-        authority.host(),
-        authority.port_u16().unwrap_or(80)
-    );
-    let addr = socket_addr(&format!("{field}.url"), &host_port)?;
-    if uri.path() != "/" && !uri.path().is_empty() {
+        .ok_or_else(|| invalid(&url_field, format!("'{}' has no host", b.url)))?;
+    if authority.as_str().contains('@') {
         return Err(invalid(
-            format!("{field}.url"),
-            format!("'{}' must not have a path; Sluice adds /v1/...", b.url),
+            &url_field,
+            "must not carry credentials; use api_key_env or api_key_file",
         ));
     }
+    if uri.query().is_some() {
+        return Err(invalid(
+            &url_field,
+            format!("'{}' must not have a query", b.url),
+        ));
+    }
+    let default_port = if https { 443 } else { 80 };
+    let port = authority.port_u16().unwrap_or(default_port);
+    let host = authority
+        .host()
+        .trim_start_matches('[')
+        .trim_end_matches(']');
+    let addr = socket_addr(&url_field, &format!("{}:{port}", authority.host()))?;
+    let scheme = if https { "https" } else { "http" };
+    let origin = format!("{scheme}://{}:{port}", authority.host());
+    let path = uri.path().trim_end_matches('/');
+    let base_path = match path {
+        "" => "/v1".to_owned(),
+        path => path.to_owned(),
+    };
+    let kind = match b.kind.as_deref() {
+        None | Some("sluice") => BackendKind::Sluice,
+        Some("openai_compatible") => BackendKind::OpenAiCompatible,
+        Some(other) => {
+            return Err(invalid(
+                format!("{field}.kind"),
+                format!("'{other}' is not sluice or openai_compatible"),
+            ))
+        }
+    };
     for (i, m) in b.models.iter().enumerate() {
         if m.is_empty() {
             return Err(invalid(format!("{field}.models[{i}]"), "is empty"));
         }
     }
+    for (from, to) in &b.model_map {
+        if from.is_empty() || to.is_empty() {
+            return Err(invalid(
+                format!("{field}.model_map"),
+                "names an empty model",
+            ));
+        }
+    }
+    // A backend whose names are mapped serves the names it is mapped from.
+    let mut models = b.models;
+    for from in b.model_map.keys() {
+        if !models.contains(from) {
+            models.push(from.clone());
+        }
+    }
+    let file = |f: PathBuf| base_dir.join(f);
+    let tls = if https {
+        let client_cert = match (b.client_cert_file.map(file), b.client_key_file.map(file)) {
+            (Some(cert), Some(key)) => Some((cert, key)),
+            (None, None) => None,
+            _ => {
+                return Err(invalid(
+                    format!("{field}.client_cert_file"),
+                    "client_cert_file and client_key_file go together",
+                ))
+            }
+        };
+        let ca_file = b.ca_file.map(file);
+        let trust = crate::tls::BackendTrust::load(
+            ca_file.as_deref(),
+            client_cert
+                .as_ref()
+                .map(|(c, k)| (c.as_path(), k.as_path())),
+        )
+        .map_err(|e| invalid(field, format!("{e:#}")))?;
+        Some(BackendTls {
+            server_name: host.to_owned(),
+            trust,
+            http2: b.http2.unwrap_or(false),
+        })
+    } else {
+        let tls_only = [
+            (b.ca_file.is_some(), "ca_file"),
+            (b.client_cert_file.is_some(), "client_cert_file"),
+            (b.client_key_file.is_some(), "client_key_file"),
+            (b.http2.is_some(), "http2"),
+        ];
+        if let Some((_, option)) = tls_only.iter().find(|(set, _)| *set) {
+            return Err(invalid(
+                format!("{field}.{option}"),
+                "applies to https:// backends only",
+            ));
+        }
+        None
+    };
+    let credential = upstream_credential(
+        field,
+        b.api_key_env,
+        b.api_key_file,
+        b.api_key_header,
+        base_dir,
+        env,
+    )?;
+    let mut headers = Vec::with_capacity(b.headers.len());
+    for (name, value) in b.headers {
+        let header_name = http::HeaderName::try_from(name.as_str()).map_err(|_| {
+            invalid(
+                format!("{field}.headers"),
+                format!("'{name}' is not a header name"),
+            )
+        })?;
+        if header_name == http::header::AUTHORIZATION {
+            return Err(invalid(
+                format!("{field}.headers"),
+                "an API key goes in api_key_env or api_key_file, not the configuration text",
+            ));
+        }
+        if matches!(
+            header_name.as_str(),
+            "host" | "content-length" | "transfer-encoding" | "connection"
+        ) {
+            return Err(invalid(
+                format!("{field}.headers"),
+                format!("'{name}' is the gateway's to set"),
+            ));
+        }
+        let header_value = http::HeaderValue::try_from(value)
+            .map_err(|_| invalid(format!("{field}.headers.{name}"), "is not a header value"))?;
+        headers.push((header_name, header_value));
+    }
+    let host_header = if port == default_port {
+        authority.host().to_owned()
+    } else {
+        format!("{}:{port}", authority.host())
+    };
     Ok(BackendConfig {
-        name: b.name.unwrap_or_else(|| host_port.clone()),
-        url: format!("http://{host_port}"),
+        name: b
+            .name
+            .unwrap_or_else(|| format!("{}:{port}", authority.host())),
+        url: format!("{origin}{path}"),
+        host: host_header,
         addr,
-        models: b.models,
+        base_path,
+        models,
+        kind,
+        tls,
+        credential,
+        headers,
+        model_map: b.model_map,
+        priority: b.priority.unwrap_or(0),
     })
+}
+
+/// The API key a backend is sent, from an environment variable or a file, in the header it
+/// goes in.
+fn upstream_credential(
+    field: &str,
+    from_env: Option<String>,
+    from_file: Option<PathBuf>,
+    header: Option<String>,
+    base_dir: &Path,
+    env: Env,
+) -> Result<Option<super::UpstreamCredential>, ConfigError> {
+    let key = match (from_env, from_file) {
+        (None, None) => {
+            if header.is_some() {
+                return Err(invalid(
+                    format!("{field}.api_key_header"),
+                    "needs api_key_env or api_key_file",
+                ));
+            }
+            return Ok(None);
+        }
+        (Some(var), None) => env(&var).ok_or_else(|| {
+            invalid(
+                format!("{field}.api_key_env"),
+                format!("the environment variable {var} is not set"),
+            )
+        })?,
+        (None, Some(file)) => {
+            let path = base_dir.join(file);
+            std::fs::read_to_string(&path)
+                .map_err(|e| {
+                    invalid(
+                        format!("{field}.api_key_file"),
+                        format!("cannot read {}: {e}", path.display()),
+                    )
+                })?
+                .trim()
+                .to_owned()
+        }
+        (Some(_), Some(_)) => {
+            return Err(invalid(
+                format!("{field}.api_key_env"),
+                "give api_key_env or api_key_file, not both",
+            ))
+        }
+    };
+    if key.is_empty() {
+        return Err(invalid(format!("{field}.api_key_env"), "the key is empty"));
+    }
+    let (header, value) = match header.as_deref().map(str::to_ascii_lowercase) {
+        None => (http::header::AUTHORIZATION, format!("Bearer {key}")),
+        Some(name) if name == "authorization" => {
+            (http::header::AUTHORIZATION, format!("Bearer {key}"))
+        }
+        Some(name) => (
+            http::HeaderName::try_from(name.as_str()).map_err(|_| {
+                invalid(
+                    format!("{field}.api_key_header"),
+                    format!("'{name}' is not a header name"),
+                )
+            })?,
+            key,
+        ),
+    };
+    // The key itself is never part of an error message.
+    let mut value = http::HeaderValue::try_from(value).map_err(|_| {
+        invalid(
+            format!("{field}.api_key_env"),
+            "the key has characters a header cannot carry",
+        )
+    })?;
+    value.set_sensitive(true);
+    Ok(Some(super::UpstreamCredential { header, value }))
 }

@@ -36,6 +36,15 @@ pub struct RequestCtx {
     /// Backends already tried for this request (a retry goes elsewhere).
     pub tried: Vec<Arc<Backend>>,
     pub retries: u32,
+    /// The models still to fall back to, in order (`[fallbacks]`), when none of the current
+    /// model's backends can serve; the current one's are given up when it is set.
+    pub fallbacks: std::collections::VecDeque<String>,
+    pub route_exhausted: bool,
+    /// `model` is a fallback, not the model the body names.
+    pub fell_back: bool,
+    /// The body as the current backend is sent it, when that differs from `body` (another
+    /// model's name: a fallback, or the backend's own name for the model).
+    pub attempt_body: Option<Bytes>,
     /// When the current backend was chosen: its latency sample starts here.
     pub backend_started: Option<Instant>,
     /// The backend's response status, once its header arrived.
@@ -96,6 +105,10 @@ impl RequestCtx {
             prompt_prefix: 0,
             tried: Vec::new(),
             retries: 0,
+            fallbacks: std::collections::VecDeque::new(),
+            route_exhausted: false,
+            fell_back: false,
+            attempt_body: None,
             backend_started: None,
             upstream_status: None,
             meter: None,

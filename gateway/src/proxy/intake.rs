@@ -117,6 +117,12 @@ impl Proxy {
         if !access.permits(asked, target) {
             return Err(ApiError::model_not_allowed(asked));
         }
+        if target.is_some() {
+            // An alias's own fallbacks come before its model's.
+            if let Some(fallbacks) = config.fallbacks.get(asked) {
+                ctx.fallbacks.extend(fallbacks.iter().cloned());
+            }
+        }
         if let Some(target) = target {
             ctx.body = request::with_model(&ctx.body, target)?;
             ctx.body_rewritten = true;
@@ -134,6 +140,13 @@ impl Proxy {
             .ok_or_else(|| ApiError::model_not_found(model))?;
         ctx.model_route = Some(route);
         ctx.model = Some(model.to_owned());
+        if let Some(fallbacks) = self.gateway.config.fallbacks.get(model) {
+            for fallback in fallbacks {
+                if !ctx.fallbacks.contains(fallback) {
+                    ctx.fallbacks.push_back(fallback.clone());
+                }
+            }
+        }
         ctx.stream = view.is_stream();
         let balancer = &self.gateway.config.balancer;
         if balancer.strategy == crate::balancer::Strategy::PrefixAffinity {

@@ -93,15 +93,22 @@ impl ProxyHttp for Proxy {
         }
         ctx.upstream_status = None;
         let config = &self.gateway.config.balancer;
+        let pick = |ctx: &RequestCtx| {
+            ctx.model_route.as_ref().and_then(|r| {
+                r.pick(
+                    config.strategy,
+                    &ctx.tried,
+                    ctx.prompt_prefix,
+                    config.affinity_load_factor,
+                )
+            })
+        };
+        let mut picked = if ctx.route_exhausted { None } else { pick(ctx) };
+        while picked.is_none() && self.fall_back(ctx) {
+            picked = pick(ctx);
+        }
         let model = ctx.model.as_deref().unwrap_or_default();
-        let Some(backend) = ctx.model_route.as_ref().and_then(|r| {
-            r.pick(
-                config.strategy,
-                &ctx.tried,
-                ctx.prompt_prefix,
-                config.affinity_load_factor,
-            )
-        }) else {
+        let Some(backend) = picked else {
             // A retry that finds no other backend after one that reached a backend: the client
             // hears what that attempt ran into (a timeout is a 504, a backend's 503 a 503). When
             // none could even be connected to, that no backend is serving is the news.
@@ -112,11 +119,20 @@ impl ProxyHttp for Proxy {
                     "no other backend to retry on",
                 ));
             }
-            let total = ctx.model_route.as_ref().map_or(0, |r| r.backends.len());
-            ctx.error = Some(ApiError::unavailable(format!(
-                "No backend is serving model `{model}` right now: {} of {total} tried, the rest down, ejected or draining.",
-                ctx.tried.len()
-            )));
+            let route = ctx.model_route.as_ref();
+            let total = route.map_or(0, |r| r.backends.len());
+            let error = match route.and_then(|r| r.backed_off_for()) {
+                Some(wait) => ApiError::unavailable(format!(
+                    "Every backend serving model `{model}` is at its own rate limit; try again in {} seconds.",
+                    wait.as_secs().max(1)
+                ))
+                .with_retry_after(wait.as_secs().max(1)),
+                None => ApiError::unavailable(format!(
+                    "No backend is serving model `{model}` right now: {} of {total} tried, the rest down, ejected or draining.",
+                    ctx.tried.len()
+                )),
+            };
+            ctx.error = Some(error);
             return Err(Error::explain(
                 ErrorType::HTTPStatus(503),
                 "no backend for model",
@@ -124,9 +140,11 @@ impl ProxyHttp for Proxy {
         };
         backend.state.in_flight.fetch_add(1, Ordering::Relaxed);
         ctx.upstream_span = traces::upstream_span(ctx.span.as_ref(), &backend, ctx.retries);
-        let mut peer = HttpPeer::new(backend.addr, false, String::new());
-        peer.options.connection_timeout = Some(Duration::from_millis(config.connect_timeout_ms));
-        peer.options.read_timeout = Some(Duration::from_secs(config.read_timeout_secs));
+        let peer = backend.peer(
+            Duration::from_millis(config.connect_timeout_ms),
+            Duration::from_secs(config.read_timeout_secs),
+        );
+        ctx.attempt_body = self.body_for(ctx, &backend)?;
         ctx.backend = Some(backend);
         ctx.backend_started = Some(Instant::now());
         Ok(Box::new(peer))
@@ -178,7 +196,27 @@ impl ProxyHttp for Proxy {
         // A backend that answers 502/503 (overloaded, shutting down) leaves the request to
         // another, when one is left to try.
         let status = upstream_response.status.as_u16();
-        if matches!(status, 502 | 503) && self.retries_left(ctx) {
+        if let Some(backend) = &ctx.backend {
+            if let Some(wait) =
+                crate::upstream::rate_limit_wait(backend, status, &upstream_response.headers)
+            {
+                backend.state.back_off(wait);
+                crate::metrics::get().record_upstream_backoff(&backend.name);
+                tracing::info!(backend = %backend.name, wait_ms = wait.as_millis() as u64, "backend set aside for its own rate limit");
+            }
+        }
+        // The provider's limits are the gateway's business, not the client's: the client is
+        // told its own (see respond::insert_rate_limit_headers).
+        let provider_limits: Vec<http::HeaderName> = upstream_response
+            .headers
+            .keys()
+            .filter(|name| name.as_str().starts_with("x-ratelimit-"))
+            .cloned()
+            .collect();
+        for name in provider_limits {
+            upstream_response.remove_header(&name);
+        }
+        if matches!(status, 429 | 502 | 503) && self.retries_left(ctx) {
             ctx.upstream_status = Some(status);
             return Err(Error::explain(
                 ErrorType::HTTPStatus(status),
@@ -194,7 +232,8 @@ impl ProxyHttp for Proxy {
         upstream_request: &mut RequestHeader,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
-        // The client's credential is for the gateway; backends never see it.
+        // The client's credential is for the gateway; backends never see it (one that needs
+        // a key gets its own, below).
         upstream_request.remove_header("authorization");
         if self.gateway.config.metering {
             // A compressed answer could not be read for usage.
@@ -212,11 +251,21 @@ impl ProxyHttp for Proxy {
             }
         }
         if let Some(backend) = &ctx.backend {
-            upstream_request.insert_header("host", &backend.host)?;
+            backend.set_headers(upstream_request)?;
+            if let Some(path) = backend.path_for(upstream_request.uri.path()) {
+                let uri = match upstream_request.uri.query() {
+                    Some(query) => format!("{path}?{query}"),
+                    None => path,
+                };
+                let uri = http::Uri::try_from(uri)
+                    .map_err(|e| Error::because(ErrorType::InternalError, "backend path", e))?;
+                upstream_request.set_uri(uri);
+            }
         }
-        if ctx.body_rewritten || ctx.usage_chunk_added {
+        if ctx.body_rewritten || ctx.usage_chunk_added || ctx.attempt_body.is_some() {
+            let length = ctx.attempt_body.as_ref().unwrap_or(&ctx.body).len();
             upstream_request.remove_header("transfer-encoding");
-            upstream_request.insert_header("content-length", ctx.body.len().to_string())?;
+            upstream_request.insert_header("content-length", length.to_string())?;
         }
         Ok(())
     }
@@ -231,7 +280,7 @@ impl ProxyHttp for Proxy {
         // The body was consumed in request_filter; the patched forwarding loop (see
         // vendor/README.md) calls here once at its end, on every attempt, to replay it.
         if end_of_stream && body.is_none() && !ctx.body.is_empty() {
-            *body = Some(ctx.body.clone());
+            *body = Some(ctx.attempt_body.clone().unwrap_or_else(|| ctx.body.clone()));
         }
         Ok(())
     }
@@ -459,16 +508,65 @@ impl ProxyHttp for Proxy {
 
 impl Proxy {
     fn retries_left(&self, ctx: &RequestCtx) -> bool {
-        ctx.retries < self.gateway.config.balancer.retries
+        ctx.retries < self.gateway.config.balancer.retries || !ctx.fallbacks.is_empty()
     }
 
-    /// Whether this request may go to another backend; counts the retry when it may.
+    /// Whether this request may go to another backend; counts the retry when it may. Past
+    /// the model's retries, the next try is the next fallback model.
     fn may_retry(&self, ctx: &mut RequestCtx) -> bool {
-        let may = self.retries_left(ctx);
-        if may {
+        if ctx.retries < self.gateway.config.balancer.retries {
             ctx.retries += 1;
+            return true;
         }
-        may
+        if !ctx.fallbacks.is_empty() {
+            ctx.route_exhausted = true;
+            return true;
+        }
+        false
+    }
+
+    /// Moves the request to its next fallback model that the caller may use and some
+    /// backend serves; false when none is left. The answer will be that model's, billed at
+    /// its price, and not kept in the cache under the model that was asked for.
+    fn fall_back(&self, ctx: &mut RequestCtx) -> bool {
+        while let Some(model) = ctx.fallbacks.pop_front() {
+            let permitted = ctx
+                .identity
+                .as_ref()
+                .is_none_or(|identity| identity.models.permits(&model, None));
+            let Some(route) = self.gateway.upstreams.model(&model).filter(|_| permitted) else {
+                continue;
+            };
+            tracing::info!(from = ?ctx.model, to = %model, request_id = %ctx.request_id, "falling back to another model");
+            ctx.model = Some(model);
+            ctx.model_route = Some(route);
+            ctx.fell_back = true;
+            ctx.retries = 0;
+            ctx.route_exhausted = false;
+            ctx.last_failure = None;
+            ctx.cache_plan = None;
+            return true;
+        }
+        false
+    }
+
+    /// The body the chosen backend is sent, when it is not the client's as read: the model
+    /// named as the backend knows it, after any fallback.
+    fn body_for(
+        &self,
+        ctx: &RequestCtx,
+        backend: &crate::upstream::Backend,
+    ) -> Result<Option<Bytes>> {
+        let Some(model) = ctx.model.as_deref() else {
+            return Ok(None);
+        };
+        let mapped = backend.model_name(model);
+        if mapped.is_none() && !ctx.fell_back {
+            return Ok(None);
+        }
+        request::with_model(&ctx.body, mapped.unwrap_or(model))
+            .map(Some)
+            .map_err(|e| Error::explain(ErrorType::InternalError, e.message))
     }
 
     /// What the client is told if no other backend is left to retry this request on (after
