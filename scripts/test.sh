@@ -4,7 +4,8 @@
 #
 # Installs what the tests need when it is missing: Redis (started on 127.0.0.1:6379 if that
 # port does not answer), PostgreSQL (likewise on 127.0.0.1:5432, for the usage ledger),
-# nats-server (the usage feed's tests start their own), a .venv with the `openai` package (and numpy, safetensors and
+# nats-server (the usage feed's tests start their own), openssl (the TLS tests make their
+# certificates with it), a .venv with the `openai` package (and numpy, safetensors and
 # tokenizers for scripts/minilm_reference.py; gguf and jinja2 for
 # scripts/smollm2_reference.py; selenium for the console's browser test; jsonschema for
 # the OpenMeter CloudEvents check and, with openapi-spec-validator, the admin API's OpenAPI
@@ -22,6 +23,11 @@ if [ -z "${SLUICE_TEST_REDIS_URL:-}" ]; then
 fi
 if [ -z "${SLUICE_TEST_POSTGRES_URL:-}" ]; then
   scripts/ensure-postgres.sh
+fi
+# The TLS tests (Redis over TLS) make their certificates with the openssl command.
+if ! command -v openssl >/dev/null 2>&1; then
+  echo "test.sh: installing openssl" >&2
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openssl >/dev/null
 fi
 # The usage feed's tests run NATS servers of their own.
 if ! command -v nats-server >/dev/null 2>&1; then

@@ -60,7 +60,7 @@ impl Gateway {
             .context("billing.postgres_url")?;
         let store: Arc<dyn Store> = match &config.redis_url {
             Some(url) => Arc::new(
-                RedisStore::connect(url, &config.redis_prefix)
+                RedisStore::connect_with_tls(url, &config.redis_prefix, &config.redis_tls)
                     .await
                     .with_context(|| format!("cannot connect to Redis at {url}"))?,
             ),

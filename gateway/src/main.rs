@@ -145,10 +145,10 @@ fn main() {
                 "ok: listen {}, admin {}, store {}, {} backend(s), tiers: {}",
                 c.listen,
                 c.admin_listen,
-                if c.redis_url.is_some() {
-                    "redis"
-                } else {
-                    "embedded"
+                match &c.redis_url {
+                    Some(url) if url.trim_start().starts_with("rediss://") => "redis over TLS",
+                    Some(_) => "redis",
+                    None => "embedded",
                 },
                 c.backends.len(),
                 c.tiers.names().collect::<Vec<_>>().join(", ")
@@ -283,7 +283,7 @@ fn import(config: Config, from: Option<String>, to: Option<String>) -> anyhow::R
     runtime.block_on(async {
         let store: Box<dyn Store> = match &config.redis_url {
             Some(url) => Box::new(
-                RedisStore::connect(url, &config.redis_prefix)
+                RedisStore::connect_with_tls(url, &config.redis_prefix, &config.redis_tls)
                     .await
                     .with_context(|| format!("cannot connect to Redis at {url}"))?,
             ),

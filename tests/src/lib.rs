@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 pub mod misbehaving;
 pub mod postgres;
+pub mod tls;
 
 pub const ADMIN_TOKEN: &str = "e2e-admin-token-0123456789";
 pub const JWT_SECRET: &str = "e2e-jwt-secret-0123456789-0123456789";
@@ -327,6 +328,14 @@ pub enum StoreKind {
     Redis(String),
     /// A Redis of the test's own at this URL, under this key prefix.
     RedisAt { url: String, prefix: String },
+    /// A Redis of the test's own over TLS (a `rediss://` URL, one node or a cluster's),
+    /// trusted through `ca` (`None`: the system's roots), shown `client` when given.
+    RedisTlsAt {
+        url: String,
+        prefix: String,
+        ca: Option<PathBuf>,
+        client: Option<tls::Leaf>,
+    },
 }
 
 impl StoreKind {
@@ -397,6 +406,25 @@ impl Gateway {
             StoreKind::RedisAt { url, prefix } => {
                 format!("redis_url = {url:?}\nredis_prefix = {prefix:?}")
             }
+            StoreKind::RedisTlsAt {
+                url,
+                prefix,
+                ca,
+                client,
+            } => {
+                let mut lines = format!("redis_url = {url:?}\nredis_prefix = {prefix:?}\n");
+                if let Some(ca) = ca {
+                    lines += &format!("redis_tls_ca_file = {:?}\n", ca.display().to_string());
+                }
+                if let Some(client) = client {
+                    lines += &format!(
+                        "redis_tls_cert_file = {:?}\nredis_tls_key_file = {:?}\n",
+                        client.cert.display().to_string(),
+                        client.key.display().to_string()
+                    );
+                }
+                lines
+            }
         };
         let backends: String = options
             .backends
@@ -443,6 +471,9 @@ hs256_secret = "{ADMIN_JWT_SECRET}"
             .arg(&config_path)
             .env("SLUICE_LOG", "info")
             .env_remove("SLUICE_REDIS_URL")
+            .env_remove("SLUICE_REDIS_TLS_CA")
+            .env_remove("SLUICE_REDIS_TLS_CERT")
+            .env_remove("SLUICE_REDIS_TLS_KEY")
             .env_remove("SLUICE_ADMIN_TOKEN")
             .env_remove("SLUICE_BACKENDS")
             .envs(options.env.iter().map(|(k, v)| (k, v)))
@@ -728,19 +759,78 @@ pub async fn openai_error(response: reqwest::Response) -> Result<(String, String
     Ok((field("type"), field("code"), field("message")))
 }
 
+/// How a test's Redis (a node, or every node of a cluster) speaks TLS, and only TLS.
+#[derive(Clone, Debug)]
+pub struct RedisTlsServer {
+    /// The server's certificate: for a cluster, a [`tls::Role::Peer`] one, which the nodes
+    /// also show each other on the cluster bus.
+    pub cert: tls::Leaf,
+    /// The CA that client (and peer) certificates must come from.
+    pub ca: PathBuf,
+    /// Whether clients must show a certificate from `ca` (`tls-auth-clients`).
+    pub auth_clients: bool,
+}
+
+impl RedisTlsServer {
+    /// redis-server's arguments for TLS on `port` alone (no plain port).
+    fn server_args(&self, port: u16) -> Vec<String> {
+        let path = |p: &Path| p.display().to_string();
+        vec![
+            "--port".into(),
+            "0".into(),
+            "--tls-port".into(),
+            port.to_string(),
+            "--tls-cert-file".into(),
+            path(&self.cert.cert),
+            "--tls-key-file".into(),
+            path(&self.cert.key),
+            "--tls-ca-cert-file".into(),
+            path(&self.ca),
+            "--tls-auth-clients".into(),
+            if self.auth_clients { "yes" } else { "no" }.into(),
+        ]
+    }
+
+    /// redis-cli's arguments to reach such a server, showing the server's own certificate
+    /// (a peer certificate is a client certificate too).
+    fn cli_args(&self) -> Vec<String> {
+        let path = |p: &Path| p.display().to_string();
+        vec![
+            "--tls".into(),
+            "--cacert".into(),
+            path(&self.ca),
+            "--cert".into(),
+            path(&self.cert.cert),
+            "--key".into(),
+            path(&self.cert.key),
+        ]
+    }
+}
+
 /// A Redis of the test's own, with its data on disk so that a restart keeps it.
 pub struct OwnRedis {
     port: u16,
     dir: tempfile::TempDir,
     child: Option<Child>,
+    tls: Option<RedisTlsServer>,
 }
 
 impl OwnRedis {
     pub fn start() -> OwnRedis {
+        OwnRedis::start_with(None)
+    }
+
+    /// A Redis that speaks only TLS, as `tls` says; its [`OwnRedis::url`] is `rediss://`.
+    pub fn start_tls(tls: RedisTlsServer) -> OwnRedis {
+        OwnRedis::start_with(Some(tls))
+    }
+
+    fn start_with(tls: Option<RedisTlsServer>) -> OwnRedis {
         let mut redis = OwnRedis {
             port: free_port(),
             dir: tempfile::tempdir().unwrap(),
             child: None,
+            tls,
         };
         redis.spawn();
         redis
@@ -748,8 +838,13 @@ impl OwnRedis {
 
     /// Starts (or restarts) the server, with the data it had.
     pub fn spawn(&mut self) {
+        let ports = match &self.tls {
+            Some(tls) => tls.server_args(self.port),
+            None => vec!["--port".to_owned(), self.port.to_string()],
+        };
         let child = Command::new("redis-server")
-            .args(["--bind", "127.0.0.1", "--port", &self.port.to_string()])
+            .args(["--bind", "127.0.0.1"])
+            .args(ports)
             .args([
                 "--appendonly",
                 "yes",
@@ -782,7 +877,12 @@ impl OwnRedis {
     }
 
     pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
+        let scheme = if self.tls.is_some() {
+            "rediss"
+        } else {
+            "redis"
+        };
+        format!("{scheme}://127.0.0.1:{}", self.port)
     }
 }
 
@@ -797,18 +897,30 @@ impl Drop for OwnRedis {
 /// cluster and start it again with its data (and its cluster layout, in `nodes.conf`).
 pub struct RedisCluster {
     nodes: Vec<OwnClusterNode>,
+    tls: Option<RedisTlsServer>,
 }
 
 struct OwnClusterNode {
     port: u16,
     child: Option<Child>,
     dir: tempfile::TempDir,
+    tls: Option<RedisTlsServer>,
 }
 
 impl OwnClusterNode {
     fn spawn(&mut self) {
+        let ports = match &self.tls {
+            // The cluster bus speaks TLS too, on the TLS port + 10000.
+            Some(tls) => {
+                let mut args = tls.server_args(self.port);
+                args.extend(["--tls-cluster".to_owned(), "yes".to_owned()]);
+                args
+            }
+            None => vec!["--port".to_owned(), self.port.to_string()],
+        };
         let child = Command::new("redis-server")
-            .args(["--bind", "127.0.0.1", "--port", &self.port.to_string()])
+            .args(["--bind", "127.0.0.1"])
+            .args(ports)
             .args([
                 "--cluster-enabled",
                 "yes",
@@ -865,12 +977,28 @@ fn rand_u16() -> u16 {
 
 impl RedisCluster {
     pub fn start() -> RedisCluster {
+        RedisCluster::start_with(None)
+    }
+
+    /// A cluster whose nodes speak only TLS, to clients and to each other, as `tls` says
+    /// (its certificate must be a [`tls::Role::Peer`] one); its [`RedisCluster::url`] lists
+    /// `rediss://` nodes.
+    pub fn start_tls(tls: RedisTlsServer) -> RedisCluster {
+        RedisCluster::start_with(Some(tls))
+    }
+
+    fn start_with(tls: Option<RedisTlsServer>) -> RedisCluster {
+        let cli_args = tls
+            .as_ref()
+            .map(RedisTlsServer::cli_args)
+            .unwrap_or_default();
         let mut nodes = Vec::new();
         for _ in 0..3 {
             let mut node = OwnClusterNode {
                 port: free_cluster_port(),
                 child: None,
                 dir: tempfile::tempdir().unwrap(),
+                tls: tls.clone(),
             };
             node.spawn();
             nodes.push(node);
@@ -883,6 +1011,7 @@ impl RedisCluster {
             .map(|n| format!("127.0.0.1:{}", n.port))
             .collect();
         let status = Command::new("redis-cli")
+            .args(&cli_args)
             .arg("--cluster")
             .arg("create")
             .args(&addresses)
@@ -892,15 +1021,24 @@ impl RedisCluster {
             .status()
             .expect("redis-cli");
         assert!(status.success(), "redis-cli --cluster create failed");
-        let cluster = RedisCluster { nodes };
+        let cluster = RedisCluster { nodes, tls };
         cluster.wait_ready();
         cluster
+    }
+
+    /// redis-cli's arguments to reach the nodes (TLS, and a certificate, where they need it).
+    fn cli_args(&self) -> Vec<String> {
+        self.tls
+            .as_ref()
+            .map(RedisTlsServer::cli_args)
+            .unwrap_or_default()
     }
 
     fn wait_ready(&self) {
         for node in &self.nodes {
             for attempt in 0.. {
                 let out = Command::new("redis-cli")
+                    .args(self.cli_args())
                     .args(["-p", &node.port.to_string(), "cluster", "info"])
                     .output()
                     .expect("redis-cli");
@@ -937,6 +1075,7 @@ impl RedisCluster {
             .iter()
             .map(|n| {
                 let out = Command::new("redis-cli")
+                    .args(self.cli_args())
                     .args(["-p", &n.port.to_string()])
                     .args(args)
                     .output()
@@ -948,9 +1087,14 @@ impl RedisCluster {
 
     /// The node list the gateway takes in `redis_url`.
     pub fn url(&self) -> String {
+        let scheme = if self.tls.is_some() {
+            "rediss"
+        } else {
+            "redis"
+        };
         self.nodes
             .iter()
-            .map(|n| format!("redis://127.0.0.1:{}", n.port))
+            .map(|n| format!("{scheme}://127.0.0.1:{}", n.port))
             .collect::<Vec<_>>()
             .join(",")
     }

@@ -4,9 +4,10 @@
 use futures::StreamExt;
 use rust_decimal::Decimal;
 use serde_json::{json, Value};
+use sluice_e2e::tls::{Ca, Role};
 use sluice_e2e::{
-    Backend, Gateway, GatewayOptions, OwnRedis, RedisCluster, StoreKind, ADMIN_TOKEN, NO_LEASES,
-    SIM_MODEL,
+    Backend, Gateway, GatewayOptions, OwnRedis, RedisCluster, RedisTlsServer, StoreKind,
+    ADMIN_TOKEN, NO_LEASES, SIM_MODEL,
 };
 use std::str::FromStr;
 
@@ -80,6 +81,50 @@ async fn a_request_limit_holds_exactly_across_three_replicas_on_a_redis_cluster(
     let store = StoreKind::RedisAt {
         url: cluster.url(),
         prefix: "cluster".into(),
+    };
+    let gws = fleet_on(&backend, 3, store, NO_LEASES).await;
+    request_limit_holds_exactly(&gws).await;
+}
+
+/// `rediss://` with a private CA: the Redis listens for TLS only (no plain port), so every
+/// admission went through TLS.
+#[tokio::test]
+async fn a_request_limit_holds_exactly_across_three_replicas_on_redis_over_tls() {
+    let backend = Backend::start().await.unwrap();
+    let ca = Ca::new("redis CA").unwrap();
+    let redis = OwnRedis::start_tls(RedisTlsServer {
+        cert: ca.server_cert("redis").unwrap(),
+        ca: ca.cert().to_owned(),
+        auth_clients: false,
+    });
+    let store = StoreKind::RedisTlsAt {
+        url: redis.url(),
+        prefix: "tls".into(),
+        ca: Some(ca.cert().to_owned()),
+        client: None,
+    };
+    let gws = fleet_on(&backend, 3, store, NO_LEASES).await;
+    request_limit_holds_exactly(&gws).await;
+}
+
+/// A Redis Cluster over TLS (client connections and cluster bus), which asks every client
+/// for a certificate: the gateways show theirs to every node, those the cluster named to
+/// them included.
+#[tokio::test]
+async fn a_request_limit_holds_exactly_across_three_replicas_on_a_redis_cluster_over_tls_with_client_certificates(
+) {
+    let backend = Backend::start().await.unwrap();
+    let ca = Ca::new("redis cluster CA").unwrap();
+    let cluster = RedisCluster::start_tls(RedisTlsServer {
+        cert: ca.sign("redis-node", Role::Peer).unwrap(),
+        ca: ca.cert().to_owned(),
+        auth_clients: true,
+    });
+    let store = StoreKind::RedisTlsAt {
+        url: cluster.url(),
+        prefix: "tls-cluster".into(),
+        ca: Some(ca.cert().to_owned()),
+        client: Some(ca.client_cert("gateway").unwrap()),
     };
     let gws = fleet_on(&backend, 3, store, NO_LEASES).await;
     request_limit_holds_exactly(&gws).await;

@@ -4,7 +4,7 @@
 mod file;
 mod resolve;
 
-pub use resolve::backend;
+pub use resolve::{backend, redis_tls, RedisTlsFiles};
 
 use file::FileConfig;
 use sluice_policies::pricing::PriceBook;
@@ -47,6 +47,9 @@ pub struct Config {
     pub data_dir: PathBuf,
     pub redis_url: Option<String>,
     pub redis_prefix: String,
+    /// The CA and client certificate a `rediss://` store connects with (default: the
+    /// system's roots, no client certificate).
+    pub redis_tls: crate::store::RedisTls,
     pub admin_token: Option<String>,
     pub threads: usize,
     pub grace_period_secs: u64,
@@ -305,7 +308,7 @@ impl Config {
         let mut file = file;
         let tls = resolve::tls(file.server.tls.take(), base_dir, env)?;
         let h2c = file.server.h2c.unwrap_or(false);
-        let server = resolve::server(file.server, env)?;
+        let server = resolve::server(file.server, base_dir, env)?;
         let key_cache_entries = file.auth.key_cache_entries.unwrap_or(200_000).max(1);
         let unknown_key_cache_entries =
             file.auth.unknown_key_cache_entries.unwrap_or(20_000).max(1);
@@ -359,6 +362,7 @@ impl Config {
             data_dir: server.data_dir,
             redis_url: server.redis_url,
             redis_prefix: server.redis_prefix,
+            redis_tls: server.redis_tls,
             admin_token: server.admin_token,
             threads: server.threads,
             grace_period_secs: server.grace_period_secs,
@@ -662,5 +666,115 @@ models = ["llama-70b"]
                 .to_string();
             assert!(err.starts_with(field), "{bad}: {err}");
         }
+    }
+
+    /// PEM framing around a few base64 bytes: what the config check reads (the DER inside
+    /// is parsed when the store connects, by the e2e tests with real certificates).
+    fn pem(label: &str) -> String {
+        format!("-----BEGIN {label}-----\nMIIBAA==\n-----END {label}-----\n")
+    }
+
+    #[test]
+    fn redis_tls_files_are_read_at_start_relative_to_the_config_file() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("ca.pem"), pem("CERTIFICATE")).unwrap();
+        std::fs::write(dir.path().join("client.pem"), pem("CERTIFICATE")).unwrap();
+        std::fs::write(dir.path().join("client.key"), pem("PRIVATE KEY")).unwrap();
+        let config = |server: &str| {
+            let path = dir.path().join("sluice.toml");
+            std::fs::write(&path, format!("[server]\n{server}\n")).unwrap();
+            Config::load(Some(&path), &no_env)
+        };
+        let all = "redis_tls_ca_file = \"ca.pem\"\nredis_tls_cert_file = \"client.pem\"\nredis_tls_key_file = \"client.key\"";
+
+        let c = config(&format!(
+            "redis_url = \"rediss://redis.internal:6380\"\n{all}"
+        ))
+        .unwrap();
+        assert!(c.redis_tls.is_configured());
+        let debug = format!("{:?}", c.redis_tls);
+        assert!(
+            !debug.contains("MIIBAA"),
+            "no key material in Debug: {debug}"
+        );
+        // A cluster's nodes take the same certificates.
+        let cluster = "redis_url = \"rediss://10.0.0.1:6380,rediss://10.0.0.2:6380\"";
+        assert!(config(&format!("{cluster}\n{all}")).is_ok());
+        // rediss:// alone verifies against the system's roots.
+        let c = config("redis_url = \"rediss://redis.internal:6380\"").unwrap();
+        assert!(!c.redis_tls.is_configured());
+
+        for (server, field, says) in [
+            (
+                format!("redis_url = \"redis://127.0.0.1:6379\"\n{all}"),
+                "server.redis_tls_ca_file",
+                "applies only to a rediss://",
+            ),
+            (
+                "redis_tls_cert_file = \"client.pem\"\nredis_tls_key_file = \"client.key\"".to_owned(),
+                "server.redis_tls_cert_file",
+                "applies only to a rediss://",
+            ),
+            (
+                "redis_url = \"rediss://h:6380\"\nredis_tls_ca_file = \"missing.pem\"".to_owned(),
+                "server.redis_tls_ca_file",
+                "cannot read",
+            ),
+            (
+                "redis_url = \"rediss://h:6380\"\nredis_tls_ca_file = \"client.key\"".to_owned(),
+                "server.redis_tls_ca_file",
+                "holds no PEM certificate",
+            ),
+            (
+                "redis_url = \"rediss://h:6380\"\nredis_tls_cert_file = \"client.pem\"".to_owned(),
+                "server.redis_tls_key_file",
+                "is required with a client certificate",
+            ),
+            (
+                "redis_url = \"rediss://h:6380\"\nredis_tls_key_file = \"client.key\"".to_owned(),
+                "server.redis_tls_cert_file",
+                "is required with a client key",
+            ),
+            (
+                "redis_url = \"rediss://h:6380\"\nredis_tls_cert_file = \"client.pem\"\nredis_tls_key_file = \"ca.pem\"".to_owned(),
+                "server.redis_tls_key_file",
+                "holds no PEM private key",
+            ),
+            (
+                "redis_url = \"rediss://10.0.0.1:6380,redis://10.0.0.2:6379\"".to_owned(),
+                "server.redis_url",
+                "mixes redis:// and rediss://",
+            ),
+        ] {
+            let err = config(&server).unwrap_err().to_string();
+            assert!(
+                err.starts_with(field) && err.contains(says),
+                "{server}: {err}"
+            );
+        }
+    }
+
+    #[test]
+    fn redis_tls_files_come_from_the_environment_too() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = dir.path().join("ca.pem");
+        std::fs::write(&ca, pem("CERTIFICATE")).unwrap();
+        let env = |name: &str| match name {
+            "SLUICE_REDIS_URL" => Some("rediss://127.0.0.1:6380".to_owned()),
+            "SLUICE_REDIS_TLS_CA" => Some(ca.display().to_string()),
+            _ => None,
+        };
+        let c = Config::from_toml("", &env).unwrap();
+        assert!(c.redis_tls.is_configured());
+        let env = |name: &str| match name {
+            "SLUICE_REDIS_URL" => Some("rediss://127.0.0.1:6380".to_owned()),
+            "SLUICE_REDIS_TLS_KEY" => Some(ca.display().to_string()),
+            _ => None,
+        };
+        let err = Config::from_toml("", &env).unwrap_err().to_string();
+        assert!(
+            err.starts_with("server.redis_tls_cert_file (SLUICE_REDIS_TLS_CERT)"),
+            "{err}"
+        );
     }
 }

@@ -31,6 +31,7 @@ pub(super) struct Server {
     pub max_body_bytes: usize,
     pub redis_url: Option<String>,
     pub redis_prefix: String,
+    pub redis_tls: crate::store::RedisTls,
     pub admin_token: Option<String>,
     pub threads: usize,
     pub data_dir: PathBuf,
@@ -43,7 +44,7 @@ pub(super) struct Server {
     pub header_timeout: std::time::Duration,
 }
 
-pub(super) fn server(s: ServerSection, env: Env) -> Result<Server, ConfigError> {
+pub(super) fn server(s: ServerSection, base_dir: &Path, env: Env) -> Result<Server, ConfigError> {
     let listen = socket_addr(
         "server.listen (SLUICE_LISTEN)",
         &env("SLUICE_LISTEN")
@@ -81,11 +82,25 @@ pub(super) fn server(s: ServerSection, env: Env) -> Result<Server, ConfigError> 
             if !(url.starts_with("redis://") || url.starts_with("rediss://")) {
                 return Err(invalid(
                     "server.redis_url (SLUICE_REDIS_URL)",
-                    format!("'{url}' is not a redis:// URL"),
+                    format!("'{url}' is not a redis:// or rediss:// URL"),
                 ));
             }
         }
     }
+    let redis_tls = redis_tls(
+        redis_url.as_deref(),
+        RedisTlsFiles {
+            ca: env("SLUICE_REDIS_TLS_CA")
+                .map(PathBuf::from)
+                .or_else(|| s.redis_tls_ca_file.map(|f| base_dir.join(f))),
+            cert: env("SLUICE_REDIS_TLS_CERT")
+                .map(PathBuf::from)
+                .or_else(|| s.redis_tls_cert_file.map(|f| base_dir.join(f))),
+            key: env("SLUICE_REDIS_TLS_KEY")
+                .map(PathBuf::from)
+                .or_else(|| s.redis_tls_key_file.map(|f| base_dir.join(f))),
+        },
+    )?;
     let redis_prefix = env("SLUICE_REDIS_PREFIX")
         .or(s.redis_prefix)
         .unwrap_or_else(|| "sluice".to_owned());
@@ -163,6 +178,7 @@ pub(super) fn server(s: ServerSection, env: Env) -> Result<Server, ConfigError> 
         max_body_bytes,
         redis_url,
         redis_prefix,
+        redis_tls,
         admin_token,
         threads,
         data_dir,
@@ -174,6 +190,85 @@ pub(super) fn server(s: ServerSection, env: Env) -> Result<Server, ConfigError> 
         max_connections,
         header_timeout,
     })
+}
+
+/// `[server] redis_tls_*_file`: the files a `rediss://` store trusts and shows, with paths
+/// resolved (a file's relative to the config file, the environment's as given).
+#[derive(Debug, Default)]
+pub struct RedisTlsFiles {
+    pub ca: Option<PathBuf>,
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+}
+
+/// Reads and checks the Redis TLS files for `redis_url`, so a missing or wrong file stops
+/// start-up here rather than failing every connection later.
+pub fn redis_tls(
+    redis_url: Option<&str>,
+    files: RedisTlsFiles,
+) -> Result<crate::store::RedisTls, ConfigError> {
+    use crate::store::RedisTls;
+    const CA: &str = "server.redis_tls_ca_file (SLUICE_REDIS_TLS_CA)";
+    const CERT: &str = "server.redis_tls_cert_file (SLUICE_REDIS_TLS_CERT)";
+    const KEY: &str = "server.redis_tls_key_file (SLUICE_REDIS_TLS_KEY)";
+    let RedisTlsFiles { ca, cert, key } = files;
+    let nodes: Vec<&str> = redis_url
+        .unwrap_or_default()
+        .split(',')
+        .map(str::trim)
+        .filter(|n| !n.is_empty())
+        .collect();
+    let secure = nodes.iter().filter(|n| n.starts_with("rediss://")).count();
+    if secure > 0 && secure < nodes.len() {
+        // The cluster client takes TLS or not from the first node for all of them.
+        return Err(invalid(
+            "server.redis_url (SLUICE_REDIS_URL)",
+            "mixes redis:// and rediss:// nodes: a cluster is spoken to with TLS or without it, on every node",
+        ));
+    }
+    if let Some((field, _)) = [(CA, &ca), (CERT, &cert), (KEY, &key)]
+        .into_iter()
+        .find(|(_, file)| file.is_some())
+    {
+        if secure == 0 {
+            return Err(invalid(
+                field,
+                "applies only to a rediss:// server.redis_url (SLUICE_REDIS_URL); use rediss:// for TLS to Redis",
+            ));
+        }
+    }
+    let read = |field: &str, file: &Path| {
+        std::fs::read(file)
+            .map_err(|e| invalid(field, format!("cannot read {}: {e}", file.display())))
+    };
+    let pem = |field: &str, file: &Path, check: fn(&[u8]) -> Result<(), crate::store::PemError>| {
+        let bytes = read(field, file)?;
+        check(&bytes).map_err(|e| invalid(field, format!("{} {e}", file.display())))?;
+        Ok::<_, ConfigError>(bytes)
+    };
+    let ca = ca
+        .map(|file| pem(CA, &file, RedisTls::check_certificates))
+        .transpose()?;
+    let client = match (cert, key) {
+        (None, None) => None,
+        (Some(cert), Some(key)) => Some((
+            pem(CERT, &cert, RedisTls::check_certificates)?,
+            pem(KEY, &key, RedisTls::check_private_key)?,
+        )),
+        (Some(_), None) => {
+            return Err(invalid(
+                KEY,
+                "is required with a client certificate (redis_tls_cert_file)",
+            ))
+        }
+        (None, Some(_)) => {
+            return Err(invalid(
+                CERT,
+                "is required with a client key (redis_tls_key_file)",
+            ))
+        }
+    };
+    Ok(RedisTls::new(ca, client))
 }
 
 /// `[tiers.*]`: the built-in tiers unless the file declares its own.

@@ -9,7 +9,7 @@ mod quota_memory;
 mod redis;
 
 pub use embedded::EmbeddedStore;
-pub use redis::RedisStore;
+pub use redis::{PemError, RedisStore, RedisTls};
 
 use crate::keys::{KeyHash, KeyRecord};
 use crate::usage::UsageEvent;

@@ -6,6 +6,7 @@
 //!   usage-fill --data-dir sluice-data --events 100000
 //!   usage-fill --postgres postgres://postgres@127.0.0.1/bench --events 10000000
 //!   usage-fill --redis redis://127.0.0.1:6379 --buffer --events 1000000
+//!   usage-fill --redis rediss://redis.internal:6380 --redis-tls-ca ca.pem --events 100000
 //!   usage-fill --redis redis://127.0.0.1:6379 --drain-into postgres://...
 //!
 //! `--postgres` writes through the PostgreSQL ledger's own insert (`Ledger::insert`, in the
@@ -19,6 +20,7 @@
 //! prompt and completion tokens) as one JSON line, for checking an export against.
 
 use clap::Parser;
+use sluice_gateway::config::RedisTlsFiles;
 use sluice_gateway::ledger::{Ledger, LedgerConfig};
 use sluice_gateway::metering::UsageTarget;
 use sluice_gateway::store::{EmbeddedStore, RedisStore, Store};
@@ -33,6 +35,14 @@ struct Args {
     redis: Option<String>,
     #[arg(long, default_value = "sluice")]
     prefix: String,
+    /// With a rediss:// --redis: the CA, client certificate and key, as the gateway's
+    /// `redis_tls_*_file` (and from the same environment variables).
+    #[arg(long, env = "SLUICE_REDIS_TLS_CA")]
+    redis_tls_ca: Option<std::path::PathBuf>,
+    #[arg(long, env = "SLUICE_REDIS_TLS_CERT")]
+    redis_tls_cert: Option<std::path::PathBuf>,
+    #[arg(long, env = "SLUICE_REDIS_TLS_KEY")]
+    redis_tls_key: Option<std::path::PathBuf>,
     /// An embedded store's data directory (the gateway must not have it open).
     #[arg(long, conflicts_with = "redis")]
     data_dir: Option<std::path::PathBuf>,
@@ -88,11 +98,24 @@ fn ledger(url: &str) -> anyhow::Result<Ledger> {
     Ok(Ledger::new(&config, Default::default())?)
 }
 
+/// The Redis store at `url`, with the TLS files given, checked as the gateway checks them.
+async fn redis(url: &str, args: &Args) -> anyhow::Result<RedisStore> {
+    let tls = sluice_gateway::config::redis_tls(
+        Some(url),
+        RedisTlsFiles {
+            ca: args.redis_tls_ca.clone(),
+            cert: args.redis_tls_cert.clone(),
+            key: args.redis_tls_key.clone(),
+        },
+    )?;
+    Ok(RedisStore::connect_with_tls(url, &args.prefix, &tls).await?)
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     if let (Some(url), Some(into)) = (&args.redis, &args.drain_into) {
-        let store: Arc<dyn Store> = Arc::new(RedisStore::connect(url, &args.prefix).await?);
+        let store: Arc<dyn Store> = Arc::new(redis(url, &args).await?);
         let target = UsageTarget::new(store, Some(Arc::new(ledger(into)?)));
         let started = Instant::now();
         let mut moved = 0;
@@ -111,12 +134,8 @@ async fn main() -> anyhow::Result<()> {
         return Ok(());
     }
     let sink = match (&args.redis, &args.data_dir, &args.postgres) {
-        (Some(url), None, None) if args.buffer => {
-            Sink::Buffer(Box::new(RedisStore::connect(url, &args.prefix).await?))
-        }
-        (Some(url), None, None) => {
-            Sink::Store(Box::new(RedisStore::connect(url, &args.prefix).await?))
-        }
+        (Some(url), None, None) if args.buffer => Sink::Buffer(Box::new(redis(url, &args).await?)),
+        (Some(url), None, None) => Sink::Store(Box::new(redis(url, &args).await?)),
         (None, Some(dir), None) => Sink::Store(Box::new(EmbeddedStore::open(dir)?)),
         (None, None, Some(url)) => Sink::Ledger(ledger(url)?),
         _ => anyhow::bail!("give --redis, --data-dir or --postgres"),

@@ -35,6 +35,9 @@
 mod conn;
 mod quota;
 mod scripts;
+mod tls;
+
+pub use tls::{PemError, RedisTls};
 
 use super::{BackendRecord, BufferedUsage, EventCursor, Store, StoreError};
 use crate::keys::{KeyHash, KeyRecord};
@@ -78,10 +81,21 @@ pub struct RedisStore {
 }
 
 impl RedisStore {
-    /// Connects to `url` (`redis://host:port/db`), or to a Redis Cluster when `url` lists
-    /// several nodes separated by commas. `prefix` namespaces every key, so several
-    /// deployments (or test runs) can share one Redis.
+    /// Connects to `url` (`redis://host:port/db`, or `rediss://` for TLS verified against
+    /// the system's roots), or to a Redis Cluster when `url` lists several nodes separated
+    /// by commas. `prefix` namespaces every key, so several deployments (or test runs) can
+    /// share one Redis.
     pub async fn connect(url: &str, prefix: &str) -> Result<Self, StoreError> {
+        Self::connect_with_tls(url, prefix, &RedisTls::default()).await
+    }
+
+    /// [`RedisStore::connect`] with `tls`: the CA a `rediss://` Redis (every node of a
+    /// cluster) is verified against, and the client certificate shown to it.
+    pub async fn connect_with_tls(
+        url: &str,
+        prefix: &str,
+        tls: &RedisTls,
+    ) -> Result<Self, StoreError> {
         // Fail fast while Redis is down: the gateway has a fallback for every call (cached
         // keys, fail-open limits, the usage journal), so waiting out long reconnect back-offs
         // would only stall requests.
@@ -92,15 +106,37 @@ impl RedisStore {
             .map(str::trim)
             .filter(|n| !n.is_empty())
             .collect();
+        let secure = nodes.iter().filter(|n| n.starts_with("rediss://")).count();
+        if secure > 0 {
+            // The redis crate asks rustls for the process default provider.
+            crate::tls::install_crypto_provider();
+        }
+        // The cluster client takes TLS or not from its first node alone, and certificates
+        // would turn TLS on for plain nodes: say so rather than connect some other way than
+        // the URL says.
+        if (secure > 0 || tls.is_configured()) && secure != nodes.len() {
+            return Err(StoreError::Redis(redis::RedisError::from((
+                redis::ErrorKind::InvalidClientConfig,
+                "TLS options and rediss:// need every node to be a rediss:// URL",
+            ))));
+        }
         let conn = if nodes.len() > 1 {
-            let client = redis::cluster::ClusterClientBuilder::new(nodes)
+            let mut builder = redis::cluster::ClusterClientBuilder::new(nodes)
                 .connection_timeout(connect_timeout)
                 .response_timeout(response_timeout)
-                .retries(1)
-                .build()?;
+                .retries(1);
+            if tls.is_configured() {
+                // Used for every node, those the cluster names later included.
+                builder = builder.certs(tls.certificates());
+            }
+            let client = builder.build()?;
             Conn::Cluster(client.get_async_connection().await?)
         } else {
-            let client = redis::Client::open(url)?;
+            let client = if tls.is_configured() {
+                redis::Client::build_with_tls(url, tls.certificates())?
+            } else {
+                redis::Client::open(url)?
+            };
             let config = redis::aio::ConnectionManagerConfig::new()
                 .set_number_of_retries(1)
                 .set_min_delay(std::time::Duration::from_millis(50))
