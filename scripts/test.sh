@@ -5,7 +5,7 @@
 # Installs what the tests need when it is missing: Redis (started on 127.0.0.1:6379 if that
 # port does not answer), PostgreSQL (likewise on 127.0.0.1:5432, for the usage ledger),
 # nats-server (the usage feed's tests start their own), openssl (the TLS tests make their
-# certificates with it), a .venv with the `openai` package (and numpy, safetensors and
+# certificates with it), a .venv with the `openai` package (h2 for its HTTP/2 client; numpy, safetensors and
 # tokenizers for scripts/minilm_reference.py; gguf and jinja2 for
 # scripts/smollm2_reference.py; selenium for the console's browser test; jsonschema for
 # the OpenMeter CloudEvents check and, with openapi-spec-validator, the admin API's OpenAPI
@@ -36,10 +36,10 @@ if ! command -v nats-server >/dev/null 2>&1; then
 fi
 
 if [ -z "${SLUICE_TEST_PYTHON:-}" ]; then
-  if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c 'import openai, numpy, safetensors, tokenizers, gguf, jinja2, selenium, jsonschema, openapi_spec_validator, nvidia.cuda_nvrtc' 2>/dev/null; then
-    echo "test.sh: installing the Python openai, numpy, safetensors, tokenizers, gguf, jinja2, selenium, jsonschema, openapi-spec-validator and nvidia-cuda-nvrtc-cu12 packages into .venv" >&2
+  if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c 'import openai, h2, numpy, safetensors, tokenizers, gguf, jinja2, selenium, jsonschema, openapi_spec_validator, nvidia.cuda_nvrtc' 2>/dev/null; then
+    echo "test.sh: installing the Python openai, h2, numpy, safetensors, tokenizers, gguf, jinja2, selenium, jsonschema, openapi-spec-validator and nvidia-cuda-nvrtc-cu12 packages into .venv" >&2
     python3 -m venv .venv
-    .venv/bin/pip install --quiet --disable-pip-version-check 'openai>=1.40,<4' numpy safetensors tokenizers gguf jinja2 selenium jsonschema openapi-spec-validator nvidia-cuda-nvrtc-cu12
+    .venv/bin/pip install --quiet --disable-pip-version-check 'openai>=1.40,<4' h2 numpy safetensors tokenizers gguf jinja2 selenium jsonschema openapi-spec-validator nvidia-cuda-nvrtc-cu12
   fi
   export SLUICE_TEST_PYTHON="$PWD/.venv/bin/python"
 fi

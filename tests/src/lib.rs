@@ -158,10 +158,14 @@ impl Process {
 
     /// Sends SIGTERM (what Kubernetes and docker send), as `kill` does.
     fn terminate(&self) -> Result<()> {
+        self.signal("TERM")
+    }
+
+    fn signal(&self, signal: &str) -> Result<()> {
         let status = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
+            .args([&format!("-{signal}"), &self.child.id().to_string()])
             .status()?;
-        anyhow::ensure!(status.success(), "kill -TERM failed: {status}");
+        anyhow::ensure!(status.success(), "kill -{signal} failed: {status}");
         Ok(())
     }
 
@@ -191,6 +195,26 @@ impl Drop for Process {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+async fn wait_listening(port: u16, process: &mut Process) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .is_err()
+    {
+        if let Some(status) = process.child.try_wait()? {
+            bail!(
+                "process exited with {status} before port {port} listened:\n{}",
+                process.log_tail()
+            );
+        }
+        if Instant::now() > deadline {
+            bail!("port {port} did not listen:\n{}", process.log_tail());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Ok(())
 }
 
 async fn wait_healthy(url: &str, process: &mut Process) -> Result<()> {
@@ -479,10 +503,19 @@ hs256_secret = "{ADMIN_JWT_SECRET}"
             .envs(options.env.iter().map(|(k, v)| (k, v)))
             .current_dir(dir.path());
         let mut process = Process::spawn(command, dir.path().join("gateway.log"))?;
-        let url = format!("http://127.0.0.1:{port}");
         let admin_url = format!("http://127.0.0.1:{admin_port}");
-        wait_healthy(&format!("{url}/health"), &mut process).await?;
-        wait_healthy(&format!("{admin_url}/health"), &mut process).await?;
+        // A proxy listener on TLS ([server.tls] with `admin = false`) is for clients with the
+        // test's CA; this harness speaks plain HTTP, so it waits for that listener's port.
+        let url = if options.server_config.contains("[server.tls]") {
+            wait_healthy(&format!("{admin_url}/health"), &mut process).await?;
+            wait_listening(port, &mut process).await?;
+            format!("https://127.0.0.1:{port}")
+        } else {
+            let url = format!("http://127.0.0.1:{port}");
+            wait_healthy(&format!("{url}/health"), &mut process).await?;
+            wait_healthy(&format!("{admin_url}/health"), &mut process).await?;
+            url
+        };
         Ok(Gateway {
             url,
             admin_url,
@@ -505,6 +538,11 @@ hs256_secret = "{ADMIN_JWT_SECRET}"
     /// its usage events and exits.
     pub fn terminate(&self) -> Result<()> {
         self.process.terminate()
+    }
+
+    /// SIGHUP: the gateway re-reads its TLS certificate.
+    pub fn hang_up(&self) -> Result<()> {
+        self.process.signal("HUP")
     }
 
     /// Waits up to `limit` for the gateway process to exit.

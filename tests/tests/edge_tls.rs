@@ -1,0 +1,350 @@
+//! Sluice on the public edge: clients over HTTPS and HTTP/2 (the Python openai client and
+//! curl, trusting only the test's CA), a certificate replaced under open streams, and a
+//! hosted OpenAI-compatible API over HTTPS with a private CA that gets its own key, never
+//! the client's, and, when it answers 429, leaves the request to the next model in the
+//! fallback chain. Certificates are made by the test (tests/src/tls.rs); the hosted API is a
+//! stand-in process (tests/python/hosted_provider.py), since no real one can be reached here.
+
+use serde_json::{json, Value};
+use sluice_e2e::tls::Ca;
+use sluice_e2e::{Backend, Gateway, GatewayOptions, StoreKind, SIM_MODEL};
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+fn tls_section(dir: &Path) -> String {
+    format!(
+        "[server.tls]\ncert_file = {:?}\nkey_file = {:?}\nadmin = false\nreload_check_secs = 1\n",
+        dir.join("cert.pem").display().to_string(),
+        dir.join("key.pem").display().to_string(),
+    )
+}
+
+fn install(leaf: &sluice_e2e::tls::Leaf, dir: &Path) {
+    // Written whole under a temporary name, then renamed: the gateway never reads half a file.
+    for (from, name) in [(&leaf.cert, "cert.pem"), (&leaf.key, "key.pem")] {
+        let staged = dir.join(format!("{name}.new"));
+        std::fs::copy(from, &staged).unwrap();
+        std::fs::rename(&staged, dir.join(name)).unwrap();
+    }
+}
+
+/// Whether a client trusting only `ca` completes a request to the gateway's `/health`.
+fn trusted_by(url: &str, ca: &Path) -> bool {
+    Command::new("curl")
+        .args(["-sf", "--max-time", "5", "--cacert"])
+        .arg(ca)
+        .arg(format!("{url}/health"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+async fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !done() {
+        assert!(Instant::now() < deadline, "{what} did not happen");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test]
+async fn https_and_http2_clients_and_a_certificate_replaced_under_open_streams() {
+    let first_ca = Ca::new("first-ca").unwrap();
+    let second_ca = Ca::new("second-ca").unwrap();
+    let certs = tempfile::tempdir().unwrap();
+    let first_leaf = first_ca.server_cert("gateway").unwrap();
+    install(&first_leaf, certs.path());
+    // Each token 60 ms apart: a 40-token stream is open for over two seconds.
+    let backend = Backend::start_with(&["--sim-token-delay-ms", "60"])
+        .await
+        .unwrap();
+    let data = tempfile::tempdir().unwrap();
+    let gw = Gateway::start(GatewayOptions {
+        server_config: tls_section(certs.path()),
+        ..GatewayOptions::new(&backend, StoreKind::Embedded(data.path().to_owned()))
+    })
+    .await
+    .unwrap();
+    assert!(gw.url.starts_with("https://"));
+    let (_, key) = gw.create_key("tls-tenant", "free").await.unwrap();
+    let ca = first_ca.cert().display().to_string();
+    sluice_e2e::python_check(
+        "https_clients.py",
+        &[
+            ("SLUICE_URL", &gw.url),
+            ("SLUICE_KEY", &key),
+            ("SLUICE_CA", &ca),
+            ("SLUICE_MODEL", SIM_MODEL),
+        ],
+        || gw.log(),
+    )
+    .await;
+
+    // A stream over HTTP/2 is open when the certificate is replaced and the gateway told.
+    let body = json!({
+        "model": SIM_MODEL, "stream": true, "max_tokens": 40,
+        "messages": [{"role": "user", "content": "a long answer, please"}],
+    });
+    let stream = Command::new("curl")
+        .args(["-sSN", "--http2", "--max-time", "60", "--cacert", &ca])
+        .args(["-H", &format!("authorization: Bearer {key}")])
+        .args([
+            "-H",
+            "content-type: application/json",
+            "-d",
+            &body.to_string(),
+        ])
+        .arg(format!("{}/v1/chat/completions", gw.url))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    install(&second_ca.server_cert("gateway").unwrap(), certs.path());
+    gw.hang_up().unwrap();
+    wait_until("the new certificate in use", || {
+        trusted_by(&gw.url, second_ca.cert())
+    })
+    .await;
+    assert!(!trusted_by(&gw.url, first_ca.cert()), "the old one is gone");
+    let streamed = stream.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&streamed.stdout);
+    assert!(
+        streamed.status.success() && text.contains("data: [DONE]"),
+        "the stream opened before the reload ran to its end: {}\n{text}\n{}",
+        String::from_utf8_lossy(&streamed.stderr),
+        gw.log()
+    );
+    assert!(
+        text.contains("\"finish_reason\":\""),
+        "the stream ended with its finish reason: {text}"
+    );
+
+    // Without a signal, a changed file is noticed on its own; a broken one is not taken.
+    std::fs::write(certs.path().join("key.pem"), "not a key").unwrap();
+    gw.wait_for_log("TLS certificate not reloaded").await;
+    assert!(
+        trusted_by(&gw.url, second_ca.cert()),
+        "the previous certificate stays"
+    );
+    install(&first_leaf, certs.path());
+    wait_until("the file change noticed", || {
+        trusted_by(&gw.url, first_ca.cert())
+    })
+    .await;
+}
+
+struct Provider {
+    child: std::process::Child,
+    log: std::path::PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Provider {
+    async fn start(ca: &Ca, api_key: &str, mode: &str, prefix: &str) -> (Provider, u16) {
+        let dir = tempfile::tempdir().unwrap();
+        let leaf = ca.server_cert(&format!("provider-{mode}")).unwrap();
+        let port = sluice_e2e::free_port();
+        let log = dir.path().join("requests.jsonl");
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("python/hosted_provider.py");
+        let child = Command::new(sluice_e2e::test_python())
+            .arg(script)
+            .arg(port.to_string())
+            .arg(&leaf.cert)
+            .arg(&leaf.key)
+            .args([api_key, mode])
+            .arg(&log)
+            .arg(prefix)
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_err()
+        {
+            assert!(Instant::now() < deadline, "the provider did not start");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        (
+            Provider {
+                child,
+                log,
+                _dir: dir,
+            },
+            port,
+        )
+    }
+
+    /// What it received: chat requests (probes of its models list left out).
+    fn requests(&self) -> Vec<Value> {
+        std::fs::read_to_string(&self.log)
+            .unwrap_or_default()
+            .lines()
+            .map(|line| serde_json::from_str::<Value>(line).unwrap())
+            .filter(|r| r["method"] == "POST")
+            .collect()
+    }
+
+    fn every_request(&self) -> Vec<Value> {
+        std::fs::read_to_string(&self.log)
+            .unwrap_or_default()
+            .lines()
+            .map(|line| serde_json::from_str::<Value>(line).unwrap())
+            .collect()
+    }
+}
+
+impl Drop for Provider {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+const PRICES: &str = r#"
+[[prices]]
+model = "big-model"
+tier = "*"
+currency = "USD"
+input = "10.00"
+output = "30.00"
+
+[[prices]]
+model = "sim-chat"
+tier = "*"
+currency = "USD"
+input = "1.00"
+output = "2.00"
+"#;
+
+fn hosted_backend(port: u16, ca: &Ca, prefix: &str) -> String {
+    format!(
+        r#"
+[[backends]]
+name = "hosted"
+url = "https://127.0.0.1:{port}{prefix}"
+kind = "openai_compatible"
+api_key_env = "SLUICE_TEST_PROVIDER_KEY"
+ca_file = {ca:?}
+headers = {{ "x-provider-project" = "proj-7" }}
+model_map = {{ "big-model" = "provider-model" }}
+"#,
+        ca = ca.cert().display().to_string()
+    )
+}
+
+async fn chat(gw: &Gateway, key: &str, model: &str) -> reqwest::Response {
+    gw.post_raw(
+        "/v1/chat/completions",
+        Some(key),
+        json!({"model": model, "max_tokens": 8, "messages": [{"role": "user", "content": "hi"}]})
+            .to_string(),
+    )
+    .await
+    .unwrap()
+}
+
+async fn wait_events(gw: &Gateway, count: usize) -> Vec<Value> {
+    for _ in 0..200 {
+        let events = gw.billing_export("event").await.unwrap();
+        if events.len() >= count {
+            return events;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("the export never held {count} events:\n{}", gw.log());
+}
+
+#[tokio::test]
+async fn a_hosted_api_over_https_gets_its_own_key_and_a_rate_limited_one_falls_back() {
+    let ca = Ca::new("provider-ca").unwrap();
+    let provider_key = "sk-provider-0123456789";
+    let prefix = "/openai/v1";
+    let (serving, port) = Provider::start(&ca, provider_key, "serve", prefix).await;
+    let backend = Backend::start().await.unwrap();
+    let data = tempfile::tempdir().unwrap();
+    let options = |port: u16, data: &Path| GatewayOptions {
+        extra_config: format!(
+            "{PRICES}{}\n[fallbacks]\n\"big-model\" = [\"{SIM_MODEL}\"]\n",
+            hosted_backend(port, &ca, prefix)
+        ),
+        env: vec![("SLUICE_TEST_PROVIDER_KEY".into(), provider_key.into())],
+        ..GatewayOptions::new(&backend, StoreKind::Embedded(data.to_owned()))
+    };
+    let gw = Gateway::start(options(port, data.path())).await.unwrap();
+    let (_, key) = gw.create_key("hosted-tenant", "free").await.unwrap();
+
+    let answer = chat(&gw, &key, "big-model").await;
+    assert_eq!(answer.status(), 200);
+    assert_eq!(answer.headers()["x-sluice-backend"], "hosted");
+    assert_ne!(
+        answer
+            .headers()
+            .get("x-ratelimit-remaining-requests")
+            .map(|v| v.to_str().unwrap()),
+        Some("99"),
+        "the provider's own limits are not the client's"
+    );
+    let body: Value = answer.json().await.unwrap();
+    assert_eq!(
+        body["choices"][0]["message"]["content"],
+        "from the hosted provider"
+    );
+    let received = serving.requests();
+    assert_eq!(received.len(), 1, "{received:?}");
+    let request = &received[0];
+    assert_eq!(request["path"], format!("{prefix}/chat/completions"));
+    assert_eq!(request["authorization"], format!("Bearer {provider_key}"));
+    assert_eq!(request["host"], format!("127.0.0.1:{port}"));
+    assert_eq!(request["extra"], "proj-7");
+    assert_eq!(request["body"]["model"], "provider-model");
+    for seen in serving.every_request() {
+        assert!(
+            !seen.to_string().contains(&key),
+            "the client's key reached the provider: {seen}"
+        );
+    }
+    assert!(
+        !gw.log().contains(provider_key),
+        "the provider key is never logged"
+    );
+
+    // A provider that answers 429: the request goes to the fallback model, once; the next
+    // one does not knock on the provider while its Retry-After runs.
+    let (limited, limited_port) = Provider::start(&ca, provider_key, "429", prefix).await;
+    let data = tempfile::tempdir().unwrap();
+    let gw = Gateway::start(options(limited_port, data.path()))
+        .await
+        .unwrap();
+    let (_, key) = gw.create_key("hosted-tenant", "free").await.unwrap();
+    for _ in 0..2 {
+        let answer = chat(&gw, &key, "big-model").await;
+        assert_eq!(answer.status(), 200, "{}", gw.log());
+        assert_eq!(answer.headers()["x-sluice-backend"], "backend-0");
+        let body: Value = answer.json().await.unwrap();
+        assert_eq!(body["model"], SIM_MODEL, "the fallback model answered");
+    }
+    assert_eq!(limited.requests().len(), 1, "backed off after its 429");
+    let events = wait_events(&gw, 2).await;
+    for event in &events {
+        assert_eq!(event["model"], SIM_MODEL, "{event}");
+        assert_eq!(event["backend"], "backend-0", "{event}");
+        // Priced as the model that served: 1.00 in and 2.00 out per million tokens.
+        let input = event["prompt_tokens"].as_u64().unwrap();
+        let output = event["completion_tokens"].as_u64().unwrap();
+        let expected = rust_decimal::Decimal::from(input + 2 * output)
+            / rust_decimal::Decimal::from(1_000_000);
+        let cost: rust_decimal::Decimal = event["cost"].as_str().unwrap().parse().unwrap();
+        assert_eq!(cost, expected, "{event}");
+    }
+
+    // Every target down: one clear 503.
+    drop(backend);
+    let refused = chat(&gw, &key, "big-model").await;
+    assert_eq!(refused.status(), 503);
+    let (message, kind, _code) = sluice_e2e::openai_error(refused).await.unwrap();
+    assert!(!message.is_empty() && !kind.is_empty(), "{message}");
+}
