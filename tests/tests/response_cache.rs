@@ -622,11 +622,15 @@ async fn a_learned_verifier_that_is_down_or_slow_makes_a_miss_not_an_error() {
         let gw = gateway(&backend, embedded(), cache_config(Some(&embedder), &extra)).await;
         let (_, key) = gw.create_key("acme", "pro").await.unwrap();
         keep(&gw, &key, stored).await;
+        // Counted from here: while the first answer was being kept, a resend of the same
+        // question may have been compared with it (exact lookup before the entry landed,
+        // nearest-neighbour lookup after) and been turned down too.
+        let rejected = |v: &Value| v["rejected"]["learned"].as_u64().unwrap();
+        let before = rejected(&verification(&gw).await);
         let answer = send(&gw, &key, &ask(asked)).await;
         assert_eq!(answer.cache(), expected, "{path} {score}\n{}", gw.log());
         let v = verification(&gw).await;
-        let turned_down = v["rejected"]["learned"].as_u64().unwrap();
-        assert_eq!(turned_down, u64::from(expected == "miss"), "{v}");
+        assert_eq!(rejected(&v) - before, u64::from(expected == "miss"), "{v}");
         // The structure is still checked before the scorer is asked.
         let negated = send(&gw, &key, &ask("How do I not reset my router password?")).await;
         assert_eq!(negated.cache(), "miss");
