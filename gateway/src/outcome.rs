@@ -15,6 +15,8 @@ use std::time::Duration;
 pub struct RequestOutcome<'a> {
     pub request_id: &'a str,
     pub method: &'a str,
+    /// The client's HTTP version (`HTTP/1.1`, `HTTP/2`).
+    pub protocol: &'static str,
     pub route: Option<Route>,
     /// The status the client got (0 when it got none).
     pub status: u16,
@@ -124,6 +126,7 @@ impl RequestOutcome<'_> {
             target: "sluice::access",
             request_id = %self.request_id,
             method = %self.method,
+            protocol = self.protocol,
             route = self.route.map_or("unknown", Route::name),
             status = self.status,
             key_id = identity.map_or("", |i| i.key_id.as_str()),
@@ -172,6 +175,7 @@ impl RequestOutcome<'_> {
         );
         line.str("request_id", self.request_id);
         line.str("method", self.method);
+        line.str("protocol", self.protocol);
         line.str("route", self.route.map_or("unknown", Route::name));
         line.num("status", self.status);
         line.str("key_id", identity.map_or("", |i| i.key_id.as_str()));
@@ -232,6 +236,18 @@ impl JsonLine<'_> {
         self.key(key);
         self.0
             .extend_from_slice(if value { b"true" } else { b"false" });
+    }
+}
+
+/// How the access log names an HTTP version.
+pub fn protocol_name(version: http::Version) -> &'static str {
+    match version {
+        http::Version::HTTP_09 => "HTTP/0.9",
+        http::Version::HTTP_10 => "HTTP/1.0",
+        http::Version::HTTP_11 => "HTTP/1.1",
+        http::Version::HTTP_2 => "HTTP/2",
+        http::Version::HTTP_3 => "HTTP/3",
+        _ => "HTTP/?",
     }
 }
 
@@ -303,6 +319,7 @@ mod tests {
             distillation: None,
         };
         let full = RequestOutcome {
+            protocol: "HTTP/2",
             request_id: "req-1:a.b_c",
             method: "POST",
             route: Some(Route::ChatCompletions),
@@ -330,6 +347,7 @@ mod tests {
             error: Some("backend said \"no\"\n\tand hung up \u{1}".into()),
         };
         let bare = RequestOutcome {
+            protocol: "HTTP/1.1",
             route: None,
             status: 0,
             upstream_status: None,

@@ -47,6 +47,11 @@ impl Prober {
         peer: &HttpPeer,
         request: RequestHeader,
     ) -> Result<Answer, String> {
+        // A probe speaks HTTP/1.1 even to a backend whose requests go over HTTP/2: this
+        // connector reads HTTP/1 answers only.
+        let mut peer = peer.clone();
+        peer.options.alpn = pingora_core::protocols::ALPN::H1;
+        let peer = &peer;
         let (mut session, _reused) = self
             .connector
             .get_http_session(peer)

@@ -3,7 +3,9 @@ HTTPS with the certificate it is given, one API key it accepts, each request it 
 written to a log (path, credentials, Host, body), and a mode: `serve` answers chat
 completions, `429` refuses every one with `Retry-After`.
 
-usage: hosted_provider.py PORT CERT KEY API_KEY MODE LOG PATH_PREFIX
+usage: hosted_provider.py PORT CERT KEY API_KEY MODE LOG PATH_PREFIX [CLIENT_CA]
+
+With CLIENT_CA, only clients showing a certificate from that CA complete the handshake.
 """
 
 import json
@@ -12,6 +14,7 @@ import sys
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 port, cert, key, api_key, mode, log_path, prefix = sys.argv[1:8]
+client_ca = sys.argv[8] if len(sys.argv) > 8 else None
 
 
 class Provider(BaseHTTPRequestHandler):
@@ -85,6 +88,9 @@ class Provider(BaseHTTPRequestHandler):
 
 context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
 context.load_cert_chain(cert, key)
+if client_ca:
+    context.verify_mode = ssl.CERT_REQUIRED
+    context.load_verify_locations(client_ca)
 server = ThreadingHTTPServer(("127.0.0.1", int(port)), Provider)
 server.socket = context.wrap_socket(server.socket, server_side=True)
 print("ready", flush=True)

@@ -144,6 +144,17 @@ struct Provider {
 
 impl Provider {
     async fn start(ca: &Ca, api_key: &str, mode: &str, prefix: &str) -> (Provider, u16) {
+        Provider::start_with(ca, api_key, mode, prefix, None).await
+    }
+
+    /// With `client_ca`, it admits only clients showing a certificate from that CA.
+    async fn start_with(
+        ca: &Ca,
+        api_key: &str,
+        mode: &str,
+        prefix: &str,
+        client_ca: Option<&Path>,
+    ) -> (Provider, u16) {
         let dir = tempfile::tempdir().unwrap();
         let leaf = ca.server_cert(&format!("provider-{mode}")).unwrap();
         let port = sluice_e2e::free_port();
@@ -157,6 +168,7 @@ impl Provider {
             .args([api_key, mode])
             .arg(&log)
             .arg(prefix)
+            .args(client_ca)
             .stdout(Stdio::null())
             .spawn()
             .unwrap();
@@ -345,6 +357,128 @@ async fn a_hosted_api_over_https_gets_its_own_key_and_a_rate_limited_one_falls_b
     drop(backend);
     let refused = chat(&gw, &key, "big-model").await;
     assert_eq!(refused.status(), 503);
-    let (message, kind, _code) = sluice_e2e::openai_error(refused).await.unwrap();
+    let (kind, _code, message) = sluice_e2e::openai_error(refused).await.unwrap();
     assert!(!message.is_empty() && !kind.is_empty(), "{message}");
+}
+
+/// Sluice in front of Sluice: the inner one on HTTPS with HTTP/2, the outer one speaking
+/// HTTP/2 to it with the inner one's key (never its client's), answers and streams.
+#[tokio::test]
+async fn a_backend_over_http2_and_one_that_asks_for_a_client_certificate() {
+    let ca = Ca::new("inner-ca").unwrap();
+    let certs = tempfile::tempdir().unwrap();
+    install(&ca.server_cert("inner").unwrap(), certs.path());
+    let backend = Backend::start().await.unwrap();
+    let inner_data = tempfile::tempdir().unwrap();
+    let inner = Gateway::start(GatewayOptions {
+        server_config: tls_section(certs.path()),
+        ..GatewayOptions::new(&backend, StoreKind::Embedded(inner_data.path().to_owned()))
+    })
+    .await
+    .unwrap();
+    let (inner_key_id, inner_key) = inner.create_key("outer-gateway", "pro").await.unwrap();
+    let outer_data = tempfile::tempdir().unwrap();
+    let outer = Gateway::start(GatewayOptions {
+        backends: Vec::new(),
+        extra_config: format!(
+            r#"
+[[backends]]
+name = "inner"
+url = "{url}"
+ca_file = {ca:?}
+http2 = true
+api_key_env = "SLUICE_TEST_INNER_KEY"
+models = ["{SIM_MODEL}"]
+"#,
+            url = inner.url,
+            ca = ca.cert().display().to_string()
+        ),
+        env: vec![("SLUICE_TEST_INNER_KEY".into(), inner_key.clone())],
+        ..GatewayOptions::new(&backend, StoreKind::Embedded(outer_data.path().to_owned()))
+    })
+    .await
+    .unwrap();
+    let (_, outer_key) = outer.create_key("customer", "pro").await.unwrap();
+    let answer = chat(&outer, &outer_key, SIM_MODEL).await;
+    assert_eq!(answer.status(), 200, "{}\n{}", outer.log(), inner.log());
+    assert_eq!(answer.headers()["x-sluice-backend"], "inner");
+    let streamed = outer
+        .post_raw(
+            "/v1/chat/completions",
+            Some(&outer_key),
+            json!({"model": SIM_MODEL, "stream": true, "max_tokens": 8,
+                   "messages": [{"role": "user", "content": "hi"}]})
+            .to_string(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(streamed.status(), 200);
+    let text = streamed.text().await.unwrap();
+    assert!(text.contains("data: [DONE]"), "{text}");
+    // The inner gateway served both over HTTP/2, to its own key (its access log is written
+    // in batches, within moments).
+    let chats = |log: &str| -> Vec<Value> {
+        log.lines()
+            .filter_map(|line| serde_json::from_str::<Value>(line).ok())
+            .filter(|line| line["target"] == "sluice::access" && line["model"] == SIM_MODEL)
+            .collect()
+    };
+    wait_until("the inner access log", || chats(&inner.log()).len() >= 2).await;
+    let inner_log = inner.log();
+    let served = chats(&inner_log);
+    assert_eq!(served.len(), 2, "{inner_log}");
+    for line in &served {
+        assert_eq!(line["protocol"], "HTTP/2", "{line}");
+        assert_eq!(line["key_id"], inner_key_id.as_str(), "{line}");
+        assert_eq!(line["status"], 200, "{line}");
+    }
+    assert!(!inner_log.contains(&outer_key));
+
+    // A provider that asks for a client certificate: shown one from its CA, it serves;
+    // without one, the handshake fails and the client gets a clear 502.
+    let client_ca = Ca::new("client-ca").unwrap();
+    let client = client_ca.client_cert("gateway").unwrap();
+    let provider_key = "sk-provider-mtls-0123456789";
+    let (provider, port) =
+        Provider::start_with(&ca, provider_key, "serve", "/v1", Some(client_ca.cert())).await;
+    for (with_cert, status) in [(true, 200), (false, 502)] {
+        let cert_lines = if with_cert {
+            format!(
+                "client_cert_file = {:?}\nclient_key_file = {:?}\n",
+                client.cert.display().to_string(),
+                client.key.display().to_string()
+            )
+        } else {
+            String::new()
+        };
+        let data = tempfile::tempdir().unwrap();
+        let gw = Gateway::start(GatewayOptions {
+            backends: Vec::new(),
+            extra_config: format!(
+                "[[backends]]\nname = \"mtls\"\nurl = \"https://127.0.0.1:{port}/v1\"\nkind = \"openai_compatible\"\nca_file = {:?}\napi_key_env = \"SLUICE_TEST_PROVIDER_KEY\"\nmodel_map = {{ \"big-model\" = \"provider-model\" }}\n{cert_lines}",
+                ca.cert().display().to_string()
+            ),
+            env: vec![("SLUICE_TEST_PROVIDER_KEY".into(), provider_key.into())],
+            ..GatewayOptions::new(&backend, StoreKind::Embedded(data.path().to_owned()))
+        })
+        .await
+        .unwrap();
+        let (_, key) = gw.create_key("mtls-tenant", "pro").await.unwrap();
+        let answer = chat(&gw, &key, "big-model").await;
+        assert_eq!(
+            answer.status(),
+            status,
+            "with_cert={with_cert}\n{}",
+            gw.log()
+        );
+        if !with_cert {
+            let (_, _, message) = sluice_e2e::openai_error(answer).await.unwrap();
+            assert!(message.contains("mtls"), "{message}");
+        }
+    }
+    assert_eq!(
+        provider.requests().len(),
+        1,
+        "only the gateway with the certificate got in"
+    );
 }

@@ -170,6 +170,7 @@ impl RequestCtx {
     pub fn outcome<'a>(
         &'a self,
         method: &'a str,
+        protocol: &'static str,
         status: u16,
         cost: (i64, &'a str),
         error: Option<String>,
@@ -177,6 +178,7 @@ impl RequestCtx {
         RequestOutcome {
             request_id: &self.request_id,
             method,
+            protocol,
             route: self.route,
             status,
             upstream_status: self.upstream_status,

@@ -468,6 +468,7 @@ impl ProxyHttp for Proxy {
         let cost = self.cost(ctx);
         let outcome = ctx.outcome(
             session.req_header().method.as_str(),
+            crate::outcome::protocol_name(session.req_header().version),
             status,
             cost,
             e.map(|e| e.to_string()),
