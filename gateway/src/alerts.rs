@@ -76,7 +76,7 @@ pub struct Alerts {
     config: AlertsConfig,
     store: Arc<dyn Store>,
     tiers: Arc<ArcSwap<Tiers>>,
-    http: reqwest::Client,
+    http: crate::outbound::Outbound,
     /// Ledgers with a budget (keys', tenants') served since the last check, with whose they
     /// are and the identity of a caller that spent in them.
     noted: parking_lot::Mutex<HashMap<String, (LimitScope, Arc<Identity>)>>,
@@ -88,10 +88,7 @@ fn has_budget(limits: &Limits) -> bool {
 
 impl Alerts {
     pub fn new(config: AlertsConfig, store: Arc<dyn Store>, tiers: Arc<ArcSwap<Tiers>>) -> Self {
-        let http = reqwest::Client::builder()
-            .timeout(DELIVERY_TIMEOUT)
-            .build()
-            .expect("an HTTP client builds");
+        let http = crate::outbound::Outbound::default();
         Alerts {
             config,
             store,
@@ -212,22 +209,29 @@ impl Alerts {
         let mut backoff = Duration::from_secs(1);
         for attempt in 1..=DELIVERY_ATTEMPTS {
             let timestamp = crate::clock::now_ms() / 1000;
+            let signed = signature(secret, timestamp, &body);
+            let headers = [
+                ("content-type", "application/json"),
+                ("x-sluice-event-id", id),
+                ("x-sluice-signature", signed.as_str()),
+            ];
             let result = self
                 .http
-                .post(url)
-                .header("content-type", "application/json")
-                .header("x-sluice-event-id", id)
-                .header("x-sluice-signature", signature(secret, timestamp, &body))
-                .body(body.clone())
-                .send()
+                .call(
+                    "POST",
+                    url,
+                    &headers,
+                    Some(body.clone().into()),
+                    DELIVERY_TIMEOUT,
+                )
                 .await;
             match result {
-                Ok(r) if r.status().is_success() => {
+                Ok(r) if r.is_success() => {
                     crate::metrics::get().record_budget_alert_delivery("delivered");
                     return;
                 }
                 Ok(r) => {
-                    tracing::warn!(alert_id = %id, attempt, status = r.status().as_u16(), "spend alert webhook refused")
+                    tracing::warn!(alert_id = %id, attempt, status = r.status, "spend alert webhook refused")
                 }
                 Err(e) => {
                     tracing::warn!(alert_id = %id, attempt, error = %e, "spend alert webhook unreachable")

@@ -9,7 +9,7 @@
 
 use crate::balancer::{self, BackendState, BalancerConfig, Strategy};
 use crate::config::{BackendConfig, BackendKind};
-use crate::probe::{self, Prober};
+use crate::outbound::{self, Outbound};
 use arc_swap::ArcSwap;
 use pingora_core::protocols::ALPN;
 use pingora_core::upstreams::peer::HttpPeer;
@@ -116,7 +116,7 @@ pub struct Upstreams {
     /// What each backend (by name) last said it serves: a backend that is briefly
     /// unreachable keeps its models, so its clients see a 502 and not a vanished model.
     last_discovered: parking_lot::Mutex<std::collections::HashMap<String, ServedModels>>,
-    prober: Prober,
+    outbound: Outbound,
 }
 
 impl Backend {
@@ -225,7 +225,7 @@ impl Upstreams {
             last_discovered: Default::default(),
             backends: ArcSwap::from_pointee(backends),
             models: ArcSwap::from_pointee(BTreeMap::new()),
-            prober: Prober::default(),
+            outbound: Outbound::default(),
         };
         upstreams.install();
         upstreams
@@ -372,10 +372,10 @@ impl Upstreams {
         backend: &Backend,
         path: &str,
         timeout: Duration,
-    ) -> Result<probe::Answer, String> {
+    ) -> Result<outbound::Answer, String> {
         let request = backend.probe_request(path).map_err(|e| e.to_string())?;
-        self.prober
-            .get(&backend.peer(timeout, timeout), request, timeout)
+        self.outbound
+            .send(&backend.peer(timeout, timeout), request, None, timeout)
             .await
     }
 

@@ -171,3 +171,114 @@ async fn a_provider_down_at_start_is_asked_again_when_a_token_arrives() {
     tokio::time::sleep(Duration::from_millis(1100)).await;
     assert_eq!(status(&gw, &token(Algorithm::RS256, "k1", "u1")).await, 200);
 }
+
+/// An HTTPS server of the test's own (tests/python/https_server.py) serving `dir`.
+struct HttpsServer {
+    child: std::process::Child,
+    url: String,
+}
+
+impl HttpsServer {
+    async fn start(leaf: &sluice_e2e::tls::Leaf, dir: &std::path::Path) -> HttpsServer {
+        let port = sluice_e2e::free_port();
+        let script =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("python/https_server.py");
+        let child = std::process::Command::new(sluice_e2e::test_python())
+            .arg(script)
+            .arg(port.to_string())
+            .arg(&leaf.cert)
+            .arg(&leaf.key)
+            .arg(dir)
+            .spawn()
+            .unwrap();
+        for _ in 0..200 {
+            if tokio::net::TcpStream::connect(("127.0.0.1", port))
+                .await
+                .is_ok()
+            {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        HttpsServer {
+            child,
+            url: format!("https://127.0.0.1:{port}"),
+        }
+    }
+}
+
+impl Drop for HttpsServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A key set and a spend-alert webhook over HTTPS: trusted through the CA the gateway's
+/// environment names (`SSL_CERT_FILE`), and not without it.
+#[tokio::test]
+async fn a_key_set_and_an_alert_webhook_over_https_are_trusted_through_the_named_ca() {
+    let ca = sluice_e2e::tls::Ca::new("idp-ca").unwrap();
+    let served = tempfile::tempdir().unwrap();
+    std::fs::write(
+        served.path().join("jwks.json"),
+        json!({"keys": [jwk("rsa", "k1")]}).to_string(),
+    )
+    .unwrap();
+    let server = HttpsServer::start(&ca.server_cert("idp").unwrap(), served.path()).await;
+    let backend = Backend::start().await.unwrap();
+    let secret = "alerts-webhook-secret-0123456789";
+    let options = |dir: &tempfile::TempDir, trust: bool| {
+        GatewayOptions {
+        jwt_config: format!("jwks_url = \"{}/jwks.json\"\n", server.url),
+        extra_config: format!(
+            "[quotas]\nlease_max_requests = 0\n\n[alerts]\nwebhook_url = \"{}/hooks/sluice\"\nwebhook_secret = \"{secret}\"\nthresholds = [50]\ncheck_interval_ms = 200\n\n[[prices]]\nmodel = \"{SIM_MODEL}\"\ntier = \"*\"\ncurrency = \"USD\"\ninput = \"0\"\noutput = \"1000\"\n",
+            server.url
+        ),
+        env: if trust {
+            vec![("SSL_CERT_FILE".into(), ca.cert().display().to_string())]
+        } else {
+            Vec::new()
+        },
+        ..GatewayOptions::new(&backend, StoreKind::Embedded(dir.path().to_owned()))
+    }
+    };
+
+    let dir = tempfile::tempdir().unwrap();
+    let gw = Gateway::start(options(&dir, true)).await.unwrap();
+    assert_eq!(status(&gw, &token(Algorithm::RS256, "k1", "u1")).await, 200);
+    // A key whose budget is passed halfway by one request: its alert reaches the webhook.
+    let (_, key) = gw
+        .create_key_with("finance", "pro", json!({"monthly_budget": "0.002"}))
+        .await
+        .unwrap();
+    assert_eq!(status(&gw, &key).await, 200);
+    let posts = served.path().join("posts.jsonl");
+    let mut delivered = String::new();
+    for _ in 0..200 {
+        delivered = std::fs::read_to_string(&posts).unwrap_or_default();
+        if !delivered.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let post: Value =
+        serde_json::from_str(delivered.lines().next().expect("a webhook POST")).unwrap();
+    assert_eq!(post["path"], "/hooks/sluice");
+    assert!(post["headers"]["x-sluice-signature"]
+        .as_str()
+        .unwrap()
+        .starts_with("t="));
+    let alert: Value = serde_json::from_str(post["body"].as_str().unwrap()).unwrap();
+    assert_eq!(alert["type"], "budget.threshold_reached");
+    assert_eq!(alert["threshold_percent"], 50);
+
+    // Without the CA, the provider's certificate is not trusted: no keys, and it says why.
+    let dir = tempfile::tempdir().unwrap();
+    let untrusting = Gateway::start(options(&dir, false)).await.unwrap();
+    untrusting.wait_for_log("JWKS not fetched at start").await;
+    assert_eq!(
+        status(&untrusting, &token(Algorithm::RS256, "k1", "u1")).await,
+        401
+    );
+}

@@ -6,6 +6,7 @@
 
 use super::verifying_key::VerifyingKey;
 use crate::config::JwksConfig;
+use crate::outbound::Outbound;
 use arc_swap::ArcSwap;
 use jsonwebtoken::jwk::{AlgorithmParameters, EllipticCurve, Jwk, PublicKeyUse};
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
@@ -18,7 +19,7 @@ const FETCH_TIMEOUT: Duration = Duration::from_secs(5);
 
 pub struct Jwks {
     config: JwksConfig,
-    http: reqwest::Client,
+    http: Outbound,
     /// Issuer, audience and leeway, which every key's validation starts from.
     base: Validation,
     keys: ArcSwap<Vec<VerifyingKey>>,
@@ -27,8 +28,8 @@ pub struct Jwks {
 
 #[derive(Debug, thiserror::Error)]
 pub enum JwksError {
-    #[error("cannot fetch {url}: {source}")]
-    Http { url: String, source: reqwest::Error },
+    #[error("cannot fetch {url}: {reason}")]
+    Http { url: String, reason: String },
     #[error("{url} answered {status}")]
     Status { url: String, status: u16 },
     #[error("{url} answered more than {MAX_BODY_BYTES} bytes")]
@@ -39,11 +40,7 @@ pub enum JwksError {
 
 impl Jwks {
     pub fn new(config: JwksConfig, base: Validation) -> Jwks {
-        let http = reqwest::Client::builder()
-            .timeout(FETCH_TIMEOUT)
-            .connect_timeout(FETCH_TIMEOUT)
-            .build()
-            .expect("an HTTP client builds");
+        let http = Outbound::default();
         Jwks {
             config,
             http,
@@ -66,25 +63,31 @@ impl Jwks {
     async fn fetch_locked(&self, last: &mut Option<Instant>) -> Result<usize, JwksError> {
         *last = Some(Instant::now());
         let url = &self.config.url;
-        let http = |source| JwksError::Http {
+        let http = |reason| JwksError::Http {
             url: url.clone(),
-            source,
+            reason,
         };
-        let mut response = self.http.get(url).send().await.map_err(http)?;
-        if !response.status().is_success() {
+        let answer = self
+            .http
+            .call(
+                "GET",
+                url,
+                &[("accept", "application/json")],
+                None,
+                FETCH_TIMEOUT,
+            )
+            .await
+            .map_err(http)?;
+        if !answer.is_success() {
             return Err(JwksError::Status {
                 url: url.clone(),
-                status: response.status().as_u16(),
+                status: answer.status,
             });
         }
-        let mut body = Vec::new();
-        while let Some(chunk) = response.chunk().await.map_err(http)? {
-            if body.len() + chunk.len() > MAX_BODY_BYTES {
-                return Err(JwksError::TooLarge { url: url.clone() });
-            }
-            body.extend_from_slice(&chunk);
+        if answer.body.len() > MAX_BODY_BYTES {
+            return Err(JwksError::TooLarge { url: url.clone() });
         }
-        let keys = parse(&body, &self.base).map_err(|reason| JwksError::NotAKeySet {
+        let keys = parse(&answer.body, &self.base).map_err(|reason| JwksError::NotAKeySet {
             url: url.clone(),
             reason,
         })?;

@@ -1,33 +1,41 @@
 //! How the cache calls a model service it depends on (the embeddings endpoint, a verifier):
-//! one JSON POST with an optional bearer key and a timeout; any failure is the caller's miss.
+//! one JSON POST with an optional bearer key and a timeout, over http:// or https://; any
+//! failure is the caller's miss.
 
+use crate::outbound::{Outbound, Target};
 use serde::de::DeserializeOwned;
 use std::time::Duration;
 
 pub struct JsonEndpoint {
-    http: reqwest::Client,
+    http: Outbound,
     pub url: String,
-    api_key: Option<String>,
+    /// The URL resolved at the first call (and again after a failed resolution).
+    target: tokio::sync::OnceCell<Target>,
+    authorization: Option<String>,
+    timeout: Duration,
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum EndpointError {
     #[error("unreachable: {0}")]
-    Http(#[from] reqwest::Error),
+    Http(String),
     #[error("answered {status}: {body}")]
     Status { status: u16, body: String },
+    #[error("answered something that is not the JSON expected: {0}")]
+    Json(#[from] serde_json::Error),
     #[error("answered without {0}")]
     Empty(&'static str),
 }
 
 impl JsonEndpoint {
     pub fn new(url: String, api_key: Option<String>, timeout: Duration) -> JsonEndpoint {
-        let http = reqwest::Client::builder()
-            .timeout(timeout)
-            .connect_timeout(timeout)
-            .build()
-            .expect("an HTTP client builds");
-        JsonEndpoint { http, url, api_key }
+        JsonEndpoint {
+            http: Outbound::default(),
+            url,
+            target: tokio::sync::OnceCell::new(),
+            authorization: api_key.map(|key| format!("Bearer {key}")),
+            timeout,
+        }
     }
 
     /// POSTs `body` and reads the answer as `T`; a status other than 2xx is an error that
@@ -36,19 +44,30 @@ impl JsonEndpoint {
         &self,
         body: &serde_json::Value,
     ) -> Result<T, EndpointError> {
-        let mut request = self.http.post(&self.url).json(body);
-        if let Some(key) = &self.api_key {
-            request = request.bearer_auth(key);
+        let target = self
+            .target
+            .get_or_try_init(|| Target::resolve(&self.url))
+            .await
+            .map_err(EndpointError::Http)?;
+        let mut headers = vec![("content-type", "application/json")];
+        if let Some(authorization) = &self.authorization {
+            headers.push(("authorization", authorization));
         }
-        let response = request.send().await?;
-        let status = response.status();
-        if !status.is_success() {
-            let body = response.text().await.unwrap_or_default();
+        let body = serde_json::to_vec(body)?;
+        let answer = self
+            .http
+            .call_target(target, "POST", &headers, Some(body.into()), self.timeout)
+            .await
+            .map_err(EndpointError::Http)?;
+        if !answer.is_success() {
             return Err(EndpointError::Status {
-                status: status.as_u16(),
-                body: body.chars().take(200).collect(),
+                status: answer.status,
+                body: String::from_utf8_lossy(&answer.body)
+                    .chars()
+                    .take(200)
+                    .collect(),
             });
         }
-        Ok(response.json().await?)
+        Ok(serde_json::from_slice(&answer.body)?)
     }
 }

@@ -555,7 +555,7 @@ models = ["llama-70b"]
         assert_eq!(jwks.min_refresh, std::time::Duration::from_secs(10));
         for (toml, field) in [
             ("[auth.jwt]\njwks_url = \"ftp://idp\"\n", "auth.jwt.jwks_url"),
-            ("[auth.jwt]\njwks_url = \"https://idp\"\n", "auth.jwt.jwks_url"),
+            ("[auth.jwt]\njwks_url = \"idp/keys\"\n", "auth.jwt.jwks_url"),
             (
                 "[auth.jwt]\njwks_url = \"http://idp\"\njwks_min_refresh_secs = 0\n",
                 "auth.jwt.jwks_min_refresh_secs",

@@ -870,18 +870,10 @@ pub(super) fn resolve_jwt(
     }
     let jwks = match j.jwks_url {
         Some(url) => {
-            if url.starts_with("https://") {
-                // reqwest's TLS would have to be built into every HTTP client of the workspace
-                // (it panics without a process-wide provider): TLS comes with issue 22's work.
+            if !(url.starts_with("https://") || url.starts_with("http://")) {
                 return Err(invalid(
                     format!("{section}.jwks_url"),
-                    format!("'{url}': https:// is not supported yet; serve the key set over http:// on a trusted network (a sidecar or proxy that fetches it)"),
-                ));
-            }
-            if !url.starts_with("http://") {
-                return Err(invalid(
-                    format!("{section}.jwks_url"),
-                    format!("'{url}' is not an http:// URL"),
+                    format!("'{url}' is not an https:// or http:// URL"),
                 ));
             }
             let seconds = |field: &str, value: Option<u64>, default: u64| match value {
@@ -924,11 +916,10 @@ pub(super) fn alerts(
     env: Env,
 ) -> Result<crate::alerts::AlertsConfig, ConfigError> {
     if let Some(url) = &a.webhook_url {
-        // No TLS in the gateway's HTTP client yet (as for jwks_url).
-        if !url.starts_with("http://") {
+        if !(url.starts_with("https://") || url.starts_with("http://")) {
             return Err(invalid(
                 "alerts.webhook_url",
-                format!("'{url}' is not an http:// URL (https:// is not supported yet: deliver through a relay on a trusted network)"),
+                format!("'{url}' is not an https:// or http:// URL"),
             ));
         }
     }

@@ -1,0 +1,183 @@
+//! How does the gateway make HTTP calls of its own (a backend's health, load and models; an
+//! identity provider's key set; a spend-alert webhook)? Through pingora's connector, so that
+//! `https://` works (rustls on ring, the system's roots, `SSL_CERT_FILE` honoured) without a
+//! second TLS stack, and a backend probe travels with the very peer its requests use (its
+//! TLS name, trust and client certificate).
+
+use bytes::{Bytes, BytesMut};
+use pingora_core::connectors::http::v1::Connector;
+use pingora_core::protocols::ALPN;
+use pingora_core::upstreams::peer::HttpPeer;
+use pingora_http::RequestHeader;
+use std::time::Duration;
+
+/// The most of an answer read (a models list, a metrics page or a key set is far less).
+const MAX_ANSWER_BYTES: usize = 4 << 20;
+
+pub struct Outbound {
+    connector: Connector,
+}
+
+impl Default for Outbound {
+    fn default() -> Self {
+        crate::tls::install_crypto_provider();
+        Outbound {
+            connector: Connector::new(None),
+        }
+    }
+}
+
+/// An answer, read whole.
+pub struct Answer {
+    pub status: u16,
+    pub body: Bytes,
+}
+
+impl Answer {
+    pub fn is_success(&self) -> bool {
+        (200..300).contains(&self.status)
+    }
+}
+
+impl Outbound {
+    /// Sends `request` (and `body`) to `peer` and reads the answer, all within `timeout`.
+    pub async fn send(
+        &self,
+        peer: &HttpPeer,
+        request: RequestHeader,
+        body: Option<Bytes>,
+        timeout: Duration,
+    ) -> Result<Answer, String> {
+        tokio::time::timeout(timeout, self.send_unbounded(peer, request, body))
+            .await
+            .map_err(|_| format!("no answer within {timeout:?}"))?
+    }
+
+    /// `method url` with `headers` (and `body`), within `timeout`, its host resolved now.
+    pub async fn call(
+        &self,
+        method: &str,
+        url: &str,
+        headers: &[(&str, &str)],
+        body: Option<Bytes>,
+        timeout: Duration,
+    ) -> Result<Answer, String> {
+        let target = Target::resolve(url).await?;
+        self.call_target(&target, method, headers, body, timeout)
+            .await
+    }
+
+    /// `method` on a resolved `target`, with `headers` (and `body`), within `timeout`.
+    pub async fn call_target(
+        &self,
+        target: &Target,
+        method: &str,
+        headers: &[(&str, &str)],
+        body: Option<Bytes>,
+        timeout: Duration,
+    ) -> Result<Answer, String> {
+        let mut peer = target.peer.clone();
+        peer.options.connection_timeout = Some(timeout);
+        peer.options.read_timeout = Some(timeout);
+        let mut request = RequestHeader::build(method, target.path.as_bytes(), None)
+            .map_err(|e| e.to_string())?;
+        let set = |request: &mut RequestHeader, name: &str, value: &str| {
+            request
+                .insert_header(name.to_owned(), value)
+                .map_err(|e| e.to_string())
+        };
+        set(&mut request, "host", &target.host)?;
+        for (name, value) in headers {
+            set(&mut request, name, value)?;
+        }
+        if let Some(body) = &body {
+            set(&mut request, "content-length", &body.len().to_string())?;
+        }
+        self.send(&peer, request, body, timeout).await
+    }
+
+    async fn send_unbounded(
+        &self,
+        peer: &HttpPeer,
+        request: RequestHeader,
+        body: Option<Bytes>,
+    ) -> Result<Answer, String> {
+        // HTTP/1.1 even to a backend whose requests go over HTTP/2: this connector reads
+        // HTTP/1 answers only.
+        let mut peer = peer.clone();
+        peer.options.alpn = ALPN::H1;
+        let peer = &peer;
+        let (mut session, _reused) = self
+            .connector
+            .get_http_session(peer)
+            .await
+            .map_err(|e| e.to_string())?;
+        session
+            .write_request_header(Box::new(request))
+            .await
+            .map_err(|e| e.to_string())?;
+        if let Some(body) = body {
+            session.write_body(&body).await.map_err(|e| e.to_string())?;
+            session.finish_body().await.map_err(|e| e.to_string())?;
+        }
+        session.read_response().await.map_err(|e| e.to_string())?;
+        let status = session
+            .resp_header()
+            .map_or(0, |header| header.status.as_u16());
+        let mut answer = BytesMut::new();
+        while let Some(chunk) = session.read_body_bytes().await.map_err(|e| e.to_string())? {
+            if answer.len() + chunk.len() > MAX_ANSWER_BYTES {
+                return Err(format!("answer larger than {MAX_ANSWER_BYTES} bytes"));
+            }
+            answer.extend_from_slice(&chunk);
+        }
+        self.connector
+            .release_http_session(session, peer, Some(Duration::from_secs(60)))
+            .await;
+        Ok(Answer {
+            status,
+            body: answer.freeze(),
+        })
+    }
+}
+
+/// A URL made ready to call: where it connects (TLS with its host's name for `https://`),
+/// the `Host` it sends, and its path.
+#[derive(Clone)]
+pub struct Target {
+    peer: HttpPeer,
+    host: String,
+    path: String,
+}
+
+impl Target {
+    /// Parses `url` and resolves its host.
+    pub async fn resolve(url: &str) -> Result<Target, String> {
+        let uri: http::Uri = url.parse().map_err(|e| format!("'{url}': {e}"))?;
+        let https = match uri.scheme_str() {
+            Some("https") => true,
+            Some("http") => false,
+            _ => return Err(format!("'{url}' is not an http:// or https:// URL")),
+        };
+        let authority = uri
+            .authority()
+            .ok_or_else(|| format!("'{url}' has no host"))?;
+        let port = authority.port_u16().unwrap_or(if https { 443 } else { 80 });
+        let host = authority.host().trim_matches(['[', ']']);
+        let addr = tokio::net::lookup_host((host, port))
+            .await
+            .map_err(|e| format!("cannot resolve {host}: {e}"))?
+            .next()
+            .ok_or_else(|| format!("{host} resolves to no address"))?;
+        let server_name = if https {
+            host.to_owned()
+        } else {
+            String::new()
+        };
+        Ok(Target {
+            peer: HttpPeer::new(addr, https, server_name),
+            host: authority.as_str().to_owned(),
+            path: uri.path_and_query().map_or("/", |p| p.as_str()).to_owned(),
+        })
+    }
+}
