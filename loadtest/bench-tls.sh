@@ -117,14 +117,6 @@ tls_key=$(bench_key "$sluice_tls_admin" "$admin_token" unlimited)
 printf '{"model":"sluice-sim","messages":[{"role":"user","content":"Write one sentence about rivers."}],"max_tokens":%s}' \
   "$MAX_TOKENS" >"$work/body.json"
 
-cpu_ticks() {
-  local total=0 pid
-  for pid in "$@"; do
-    [ -r "/proc/$pid/stat" ] || continue
-    total=$((total + $(awk '{print $14 + $15}' "/proc/$pid/stat")))
-  done
-  echo "$total"
-}
 nginx_pids() { local master; master=$(cat "$work/nginx.pid"); echo "$master $(pgrep -P "$master" | tr '\n' ' ')"; }
 
 declare -A url=([nginx-http]="http://127.0.0.1:$nginx_port" [nginx-https]="https://127.0.0.1:$nginx_tls_port"

@@ -87,3 +87,13 @@ bench_key() {
     -d "{\"name\":\"bench\",\"tenant\":\"bench\",\"tier\":\"enterprise\"$limits}" |
     sed -n 's/.*"key":"\([^"]*\)".*/\1/p'
 }
+
+# cpu_ticks PID...: user + system CPU time of these processes so far, in clock ticks.
+cpu_ticks() {
+  local total=0 pid
+  for pid in "$@"; do
+    [ -r "/proc/$pid/stat" ] || continue
+    total=$((total + $(awk '{print $14 + $15}' "/proc/$pid/stat")))
+  done
+  echo "$total"
+}

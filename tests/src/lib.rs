@@ -105,6 +105,55 @@ pub fn test_python() -> String {
     })
 }
 
+/// A server written in Python (`tests/python/{script}`), on a loopback port of its own,
+/// killed when dropped: a stand-in for what cannot run here (a hosted API, an identity
+/// provider over HTTPS).
+pub struct PythonServer {
+    child: std::process::Child,
+    pub port: u16,
+}
+
+impl PythonServer {
+    /// Runs `script PORT args...` and waits until the port takes connections.
+    pub async fn start<S: AsRef<std::ffi::OsStr>>(
+        script: &str,
+        args: &[S],
+    ) -> Result<PythonServer> {
+        let port = free_port();
+        let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("python")
+            .join(script);
+        let child = Command::new(test_python())
+            .arg(path)
+            .arg(port.to_string())
+            .args(args)
+            .stdout(std::process::Stdio::null())
+            .spawn()?;
+        let mut server = PythonServer { child, port };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_err()
+        {
+            if let Some(status) = server.child.try_wait()? {
+                bail!("{script} exited with {status} before it listened");
+            }
+            if Instant::now() > deadline {
+                bail!("{script} did not listen on {port}");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Ok(server)
+    }
+}
+
+impl Drop for PythonServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 /// Runs `tests/python/{script}` with [`test_python`] and `env`, off the async runtime, and
 /// fails the test unless it exits 0 having printed "ALL OK" (the scripts' convention); the
 /// failure shows its output and `log` (a process log worth seeing next to it).

@@ -137,7 +137,7 @@ async fn https_and_http2_clients_and_a_certificate_replaced_under_open_streams()
 }
 
 struct Provider {
-    child: std::process::Child,
+    _server: sluice_e2e::PythonServer,
     log: std::path::PathBuf,
     _dir: tempfile::TempDir,
 }
@@ -157,32 +157,23 @@ impl Provider {
     ) -> (Provider, u16) {
         let dir = tempfile::tempdir().unwrap();
         let leaf = ca.server_cert(&format!("provider-{mode}")).unwrap();
-        let port = sluice_e2e::free_port();
         let log = dir.path().join("requests.jsonl");
-        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("python/hosted_provider.py");
-        let child = Command::new(sluice_e2e::test_python())
-            .arg(script)
-            .arg(port.to_string())
-            .arg(&leaf.cert)
-            .arg(&leaf.key)
-            .args([api_key, mode])
-            .arg(&log)
-            .arg(prefix)
-            .args(client_ca)
-            .stdout(Stdio::null())
-            .spawn()
-            .unwrap();
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while tokio::net::TcpStream::connect(("127.0.0.1", port))
+        let mut args = vec![
+            leaf.cert.into_os_string(),
+            leaf.key.into_os_string(),
+            api_key.into(),
+            mode.into(),
+            log.clone().into_os_string(),
+            prefix.into(),
+        ];
+        args.extend(client_ca.map(|ca| ca.as_os_str().to_owned()));
+        let server = sluice_e2e::PythonServer::start("hosted_provider.py", &args)
             .await
-            .is_err()
-        {
-            assert!(Instant::now() < deadline, "the provider did not start");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+            .unwrap();
+        let port = server.port;
         (
             Provider {
-                child,
+                _server: server,
                 log,
                 _dir: dir,
             },
@@ -206,13 +197,6 @@ impl Provider {
             .lines()
             .map(|line| serde_json::from_str::<Value>(line).unwrap())
             .collect()
-    }
-}
-
-impl Drop for Provider {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 

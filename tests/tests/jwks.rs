@@ -172,48 +172,6 @@ async fn a_provider_down_at_start_is_asked_again_when_a_token_arrives() {
     assert_eq!(status(&gw, &token(Algorithm::RS256, "k1", "u1")).await, 200);
 }
 
-/// An HTTPS server of the test's own (tests/python/https_server.py) serving `dir`.
-struct HttpsServer {
-    child: std::process::Child,
-    url: String,
-}
-
-impl HttpsServer {
-    async fn start(leaf: &sluice_e2e::tls::Leaf, dir: &std::path::Path) -> HttpsServer {
-        let port = sluice_e2e::free_port();
-        let script =
-            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("python/https_server.py");
-        let child = std::process::Command::new(sluice_e2e::test_python())
-            .arg(script)
-            .arg(port.to_string())
-            .arg(&leaf.cert)
-            .arg(&leaf.key)
-            .arg(dir)
-            .spawn()
-            .unwrap();
-        for _ in 0..200 {
-            if tokio::net::TcpStream::connect(("127.0.0.1", port))
-                .await
-                .is_ok()
-            {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        HttpsServer {
-            child,
-            url: format!("https://127.0.0.1:{port}"),
-        }
-    }
-}
-
-impl Drop for HttpsServer {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 /// A key set and a spend-alert webhook over HTTPS: trusted through the CA the gateway's
 /// environment names (`SSL_CERT_FILE`), and not without it.
 #[tokio::test]
@@ -225,15 +183,25 @@ async fn a_key_set_and_an_alert_webhook_over_https_are_trusted_through_the_named
         json!({"keys": [jwk("rsa", "k1")]}).to_string(),
     )
     .unwrap();
-    let server = HttpsServer::start(&ca.server_cert("idp").unwrap(), served.path()).await;
+    let leaf = ca.server_cert("idp").unwrap();
+    let server = sluice_e2e::PythonServer::start(
+        "https_server.py",
+        &[
+            leaf.cert.as_os_str(),
+            leaf.key.as_os_str(),
+            served.path().as_os_str(),
+        ],
+    )
+    .await
+    .unwrap();
+    let url = format!("https://127.0.0.1:{}", server.port);
     let backend = Backend::start().await.unwrap();
     let secret = "alerts-webhook-secret-0123456789";
     let options = |dir: &tempfile::TempDir, trust: bool| {
         GatewayOptions {
-        jwt_config: format!("jwks_url = \"{}/jwks.json\"\n", server.url),
+        jwt_config: format!("jwks_url = \"{url}/jwks.json\"\n"),
         extra_config: format!(
-            "[quotas]\nlease_max_requests = 0\n\n[alerts]\nwebhook_url = \"{}/hooks/sluice\"\nwebhook_secret = \"{secret}\"\nthresholds = [50]\ncheck_interval_ms = 200\n\n[[prices]]\nmodel = \"{SIM_MODEL}\"\ntier = \"*\"\ncurrency = \"USD\"\ninput = \"0\"\noutput = \"1000\"\n",
-            server.url
+            "[quotas]\nlease_max_requests = 0\n\n[alerts]\nwebhook_url = \"{url}/hooks/sluice\"\nwebhook_secret = \"{secret}\"\nthresholds = [50]\ncheck_interval_ms = 200\n\n[[prices]]\nmodel = \"{SIM_MODEL}\"\ntier = \"*\"\ncurrency = \"USD\"\ninput = \"0\"\noutput = \"1000\"\n"
         ),
         env: if trust {
             vec![("SSL_CERT_FILE".into(), ca.cert().display().to_string())]
