@@ -447,6 +447,38 @@ impl Upstreams {
     }
 }
 
+/// The most of a 400's body read to tell a context-length refusal (they are a few hundred
+/// bytes); a longer one is passed on as it is.
+pub const MAX_REFUSAL_BYTES: usize = 16 << 10;
+
+/// Whether a 400's body says the prompt does not fit the model's context (OpenAI's
+/// `context_length_exceeded`, vLLM's and others' "maximum context length" wording), which
+/// another model may take, as opposed to a mistake in the request, which no model would.
+pub fn is_context_length_refusal(body: &[u8]) -> bool {
+    let Ok(answer) = serde_json::from_slice::<serde_json::Value>(body) else {
+        return false;
+    };
+    let error = answer.get("error").unwrap_or(&answer);
+    let code = error.get("code").and_then(|c| c.as_str()).unwrap_or("");
+    if matches!(code, "context_length_exceeded" | "string_above_max_length") {
+        return true;
+    }
+    let message = error
+        .get("message")
+        .and_then(|m| m.as_str())
+        .unwrap_or("")
+        .to_ascii_lowercase();
+    [
+        "context length",
+        "context window",
+        "maximum context",
+        "too many tokens",
+        "prompt is too long",
+    ]
+    .iter()
+    .any(|phrase| message.contains(phrase))
+}
+
 /// The longest a backend's own rate limit sets it aside for, whatever it asks.
 const MAX_BACKOFF: Duration = Duration::from_secs(600);
 /// How long a 429 without a usable `Retry-After` sets a backend aside.
@@ -609,6 +641,28 @@ mod tests {
         assert_eq!(go_duration("2"), Some(Duration::from_secs(2)));
         assert_eq!(go_duration("soon"), None);
         assert_eq!(go_duration("5x"), None);
+    }
+
+    #[test]
+    fn context_length_refusals_are_told_from_other_bad_requests() {
+        let refusals = [
+            r#"{"error":{"message":"This model's maximum context length is 8192 tokens. However, your messages resulted in 9000 tokens.","type":"invalid_request_error","param":"messages","code":"context_length_exceeded"}}"#,
+            r#"{"object":"error","message":"This model's maximum context length is 2048 tokens. However, you requested 3000 tokens (2990 in the messages, 10 in the completion).","type":"BadRequestError","param":null,"code":400}"#,
+            r#"{"error":{"message":"prompt is too long: 210000 tokens > 200000 maximum","type":"invalid_request_error"}}"#,
+            r#"{"error":{"message":"Input exceeds the model's context window.","code":null}}"#,
+        ];
+        for body in refusals {
+            assert!(is_context_length_refusal(body.as_bytes()), "{body}");
+        }
+        let mistakes = [
+            r#"{"error":{"message":"'temperature' must be between 0 and 2","type":"invalid_request_error","code":"invalid_value"}}"#,
+            r#"{"error":{"message":"Unknown model","code":"model_not_found"}}"#,
+            "context length exceeded (not JSON)",
+            "",
+        ];
+        for body in mistakes {
+            assert!(!is_context_length_refusal(body.as_bytes()), "{body}");
+        }
     }
 
     #[test]

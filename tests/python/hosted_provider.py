@@ -1,7 +1,9 @@
 """A stand-in for a hosted OpenAI-compatible API, which cannot be reached from these machines:
 HTTPS with the certificate it is given, one API key it accepts, each request it receives
 written to a log (path, credentials, Host, body), and a mode: `serve` answers chat
-completions, `429` refuses every one with `Retry-After`.
+completions, `429` refuses every one with `Retry-After`, `context` refuses every one as
+longer than its context (400, OpenAI's `context_length_exceeded`), `bad` as a bad request
+(400, `invalid_value`).
 
 usage: hosted_provider.py PORT CERT KEY API_KEY MODE LOG PATH_PREFIX [CLIENT_CA]
 
@@ -67,6 +69,17 @@ class Provider(BaseHTTPRequestHandler):
         self.record(body)
         if self.refuse_stranger():
             return
+        if mode == "context":
+            error = {
+                "message": "This model's maximum context length is 8192 tokens. However, your messages resulted in 9120 tokens.",
+                "type": "invalid_request_error",
+                "param": "messages",
+                "code": "context_length_exceeded",
+            }
+            return self.send_json(400, {"error": error})
+        if mode == "bad":
+            error = {"message": "'temperature' must be at most 2", "type": "invalid_request_error", "param": "temperature", "code": "invalid_value"}
+            return self.send_json(400, {"error": error})
         if mode == "429":
             error = {"message": "Rate limit reached", "type": "requests", "code": "rate_limit_exceeded"}
             return self.send_json(429, {"error": error}, [("retry-after", "30")])

@@ -337,6 +337,25 @@ async fn a_hosted_api_over_https_gets_its_own_key_and_a_rate_limited_one_falls_b
         assert_eq!(cost, expected, "{event}");
     }
 
+    // A provider that finds the prompt longer than its context: the request goes to the
+    // fallback model; one that finds a mistake in the request: the client hears it as said.
+    for (mode, status) in [("context", 200), ("bad", 400)] {
+        let (refusing, refusing_port) = Provider::start(&ca, provider_key, mode, prefix).await;
+        let data = tempfile::tempdir().unwrap();
+        let gw = Gateway::start(options(refusing_port, data.path()))
+            .await
+            .unwrap();
+        let (_, key) = gw.create_key("hosted-tenant", "free").await.unwrap();
+        let answer = chat(&gw, &key, "big-model").await;
+        assert_eq!(answer.status(), status, "{mode}\n{}", gw.log());
+        let body: Value = answer.json().await.unwrap();
+        match mode {
+            "context" => assert_eq!(body["model"], SIM_MODEL, "{body}"),
+            _ => assert_eq!(body["error"]["code"], "invalid_value", "{body}"),
+        }
+        assert_eq!(refusing.requests().len(), 1, "{mode}: asked once");
+    }
+
     // Every target down: one clear 503.
     drop(backend);
     let refused = chat(&gw, &key, "big-model").await;

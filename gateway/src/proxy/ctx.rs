@@ -45,6 +45,9 @@ pub struct RequestCtx {
     /// The body as the current backend is sent it, when that differs from `body` (another
     /// model's name: a fallback, or the backend's own name for the model).
     pub attempt_body: Option<Bytes>,
+    /// A 400's body, read (and the answer held) while a fallback could take the request, to
+    /// tell a context-length refusal from the client's own mistake.
+    pub refusal: Option<BytesMut>,
     /// When the current backend was chosen: its latency sample starts here.
     pub backend_started: Option<Instant>,
     /// The backend's response status, once its header arrived.
@@ -109,6 +112,7 @@ impl RequestCtx {
             route_exhausted: false,
             fell_back: false,
             attempt_body: None,
+            refusal: None,
             backend_started: None,
             upstream_status: None,
             meter: None,

@@ -316,6 +316,9 @@ impl ProxyHttp for Proxy {
             ctx.dataset_capture = Some(Capture::default());
         }
         ctx.upstream_status = Some(status);
+        if status == 400 && !ctx.fallbacks.is_empty() {
+            ctx.refusal = Some(BytesMut::new());
+        }
         if let (Some(backend), Some(started)) = (&ctx.backend, ctx.backend_started) {
             if is_gateway_failure(status) {
                 self.backend_failed(ctx);
@@ -367,6 +370,11 @@ impl ProxyHttp for Proxy {
             body.as_ref(),
             end_of_stream,
         );
+        if let (Some(refusal), Some(chunk)) = (ctx.refusal.as_mut(), body.as_ref()) {
+            if refusal.len() + chunk.len() <= crate::upstream::MAX_REFUSAL_BYTES {
+                refusal.extend_from_slice(chunk);
+            }
+        }
         if let Some(capture) = ctx.dataset_capture.as_mut() {
             let max_bytes = self.gateway.datasets.config.max_answer_bytes;
             if !capture.add(body.as_ref(), end_of_stream, max_bytes) {
@@ -390,8 +398,12 @@ impl ProxyHttp for Proxy {
     }
 
     /// A priced, non-streamed answer is held until its end (see vendor/README.md, patch 4),
-    /// so that its header can say what it cost.
+    /// so that its header can say what it cost; a 400 while a fallback is left, so that a
+    /// context-length refusal goes to the fallback instead of the client.
     fn hold_response(&self, _session: &Session, ctx: &RequestCtx) -> Option<usize> {
+        if ctx.refusal.is_some() {
+            return Some(crate::upstream::MAX_REFUSAL_BYTES);
+        }
         let json_answer = ctx.meter.as_ref().is_some_and(|m| !m.is_stream());
         (json_answer && respond::is_priced(&self.gateway.config.prices, ctx))
             .then_some(respond::HOLD_FOR_COST_BYTES)
@@ -403,6 +415,17 @@ impl ProxyHttp for Proxy {
         upstream_response: &mut ResponseHeader,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
+        if let Some(refusal) = ctx.refusal.take() {
+            if crate::upstream::is_context_length_refusal(&refusal) {
+                // Nothing was written: the error below is retried (error_while_proxy), on
+                // the next fallback model, since every backend of this one has its limit.
+                ctx.route_exhausted = true;
+                return Err(Error::explain(
+                    ErrorType::HTTPStatus(400),
+                    "the prompt is longer than the model's context; falling back",
+                ));
+            }
+        }
         respond::insert_cost_headers(upstream_response, &self.gateway.config.prices, ctx)
     }
 
