@@ -552,11 +552,17 @@ hs256_secret = "{ADMIN_JWT_SECRET}"
             .envs(options.env.iter().map(|(k, v)| (k, v)))
             .current_dir(dir.path());
         let mut process = Process::spawn(command, dir.path().join("gateway.log"))?;
-        let admin_url = format!("http://127.0.0.1:{admin_port}");
-        // A proxy listener on TLS ([server.tls] with `admin = false`) is for clients with the
-        // test's CA; this harness speaks plain HTTP, so it waits for that listener's port.
+        let mut admin_url = format!("http://127.0.0.1:{admin_port}");
+        // A listener on TLS ([server.tls]) is for clients with the test's CA; this harness
+        // speaks plain HTTP, so it waits for such a listener's port, and the test speaks to
+        // it (curl, the Python client) itself.
         let url = if options.server_config.contains("[server.tls]") {
-            wait_healthy(&format!("{admin_url}/health"), &mut process).await?;
+            if options.server_config.contains("admin = false") {
+                wait_healthy(&format!("{admin_url}/health"), &mut process).await?;
+            } else {
+                wait_listening(admin_port, &mut process).await?;
+                admin_url = format!("https://127.0.0.1:{admin_port}");
+            }
             wait_listening(port, &mut process).await?;
             format!("https://127.0.0.1:{port}")
         } else {

@@ -485,3 +485,121 @@ models = ["{SIM_MODEL}"]
         "only the gateway with the certificate got in"
     );
 }
+
+/// The admin listener on TLS with `admin_client_ca_file`: only a client showing a
+/// certificate from that CA completes the handshake, and it still needs the admin token.
+#[tokio::test]
+async fn the_admin_listener_admits_only_client_certificates_from_its_ca_and_still_wants_the_token()
+{
+    let server_ca = Ca::new("server-ca").unwrap();
+    let operators = Ca::new("operators-ca").unwrap();
+    let strangers = Ca::new("strangers-ca").unwrap();
+    let certs = tempfile::tempdir().unwrap();
+    install(&server_ca.server_cert("gateway").unwrap(), certs.path());
+    let backend = Backend::start().await.unwrap();
+    let data = tempfile::tempdir().unwrap();
+    let gw = Gateway::start(GatewayOptions {
+        server_config: format!(
+            "[server.tls]\ncert_file = {:?}\nkey_file = {:?}\nadmin_client_ca_file = {:?}\n",
+            certs.path().join("cert.pem").display().to_string(),
+            certs.path().join("key.pem").display().to_string(),
+            operators.cert().display().to_string(),
+        ),
+        ..GatewayOptions::new(&backend, StoreKind::Embedded(data.path().to_owned()))
+    })
+    .await
+    .unwrap();
+    assert!(gw.admin_url.starts_with("https://"));
+    let operator = operators.client_cert("operator").unwrap();
+    let stranger = strangers.client_cert("stranger").unwrap();
+    // (client certificate, admin token) -> the HTTP status, or None when the handshake fails.
+    let admin = |cert: Option<&sluice_e2e::tls::Leaf>, token: bool| {
+        let mut curl = Command::new("curl");
+        curl.args([
+            "-s",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "--max-time",
+            "10",
+        ])
+        .arg("--cacert")
+        .arg(server_ca.cert());
+        if let Some(leaf) = cert {
+            curl.arg("--cert")
+                .arg(&leaf.cert)
+                .arg("--key")
+                .arg(&leaf.key);
+        }
+        if token {
+            curl.args([
+                "-H",
+                &format!("authorization: Bearer {}", sluice_e2e::ADMIN_TOKEN),
+            ]);
+        }
+        let out = curl
+            .arg(format!("{}/admin/v1/keys", gw.admin_url))
+            .output()
+            .unwrap();
+        let code = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+        (out.status.success() && code != "000").then_some(code)
+    };
+    assert_eq!(admin(Some(&operator), true).as_deref(), Some("200"));
+    assert_eq!(admin(Some(&operator), false).as_deref(), Some("401"));
+    assert_eq!(
+        admin(None, true),
+        None,
+        "no client certificate: no handshake"
+    );
+    assert_eq!(
+        admin(Some(&stranger), true),
+        None,
+        "another CA's: no handshake"
+    );
+    // The proxy listener asks no client certificate.
+    assert!(trusted_by(&gw.url, server_ca.cert()));
+}
+
+/// `[server] h2c = true`: HTTP/2 without TLS for clients that know it (prior knowledge),
+/// streams included, and HTTP/1.1 still served on the same port.
+#[tokio::test]
+async fn cleartext_http2_when_configured_beside_http1() {
+    let backend = Backend::start().await.unwrap();
+    let data = tempfile::tempdir().unwrap();
+    let gw = Gateway::start(GatewayOptions {
+        server_config: "h2c = true\n".into(),
+        ..GatewayOptions::new(&backend, StoreKind::Embedded(data.path().to_owned()))
+    })
+    .await
+    .unwrap();
+    let (_, key) = gw.create_key("h2c-tenant", "pro").await.unwrap();
+    let body = json!({"model": SIM_MODEL, "stream": true, "max_tokens": 8,
+        "messages": [{"role": "user", "content": "hi"}]});
+    let out = Command::new("curl")
+        .args([
+            "-sS",
+            "--http2-prior-knowledge",
+            "-w",
+            "\nversion=%{http_version}",
+            "--max-time",
+            "20",
+        ])
+        .args(["-H", &format!("authorization: Bearer {key}")])
+        .args([
+            "-H",
+            "content-type: application/json",
+            "-d",
+            &body.to_string(),
+        ])
+        .arg(format!("{}/v1/chat/completions", gw.url))
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.ends_with("version=2"), "{text}");
+    assert!(text.contains("data: [DONE]"), "{text}");
+    // The harness's own client speaks HTTP/1.1 to the same listener.
+    let plain = chat(&gw, &key, SIM_MODEL).await;
+    assert_eq!(plain.status(), 200);
+    assert_eq!(plain.version(), reqwest::Version::HTTP_11);
+}
