@@ -158,6 +158,8 @@ try:
     audit = css("#audit tbody").text
     check("POST /admin/v1/keys" in audit and "admin-token:" in audit, "audit entries with their actor: " + audit[:300])
     check(("/admin/v1/keys/" + key_id) in audit, "the key's changes are audited")
+    # Each change says what it changed: the tenant's opt-in above, field by field.
+    check("distillation: null → {\"models\":[\"sim-*\"]}" in audit, "before → after shown: " + audit[:600])
     print("ALL OK")
 finally:
     driver.quit()

@@ -35,7 +35,8 @@ async fn trail(gw: &Gateway, query: &str, limit: usize) -> Vec<Value> {
 }
 
 /// Every admin write route once, split over `gws` in turn; returns (method, route) of each.
-async fn every_write(gws: &[Gateway], backend: &Backend) -> Vec<(String, String)> {
+/// Every kind of admin write, once each; what was done, and the secret of the key created.
+async fn every_write(gws: &[Gateway], backend: &Backend) -> (Vec<(String, String)>, String) {
     let gw = |i: usize| &gws[i % gws.len()];
     let (status, key) = gw(0)
         .admin_as(
@@ -47,6 +48,7 @@ async fn every_write(gws: &[Gateway], backend: &Backend) -> Vec<(String, String)
         .await;
     assert_eq!(status, 201, "{key}");
     let id = key["id"].as_str().unwrap().to_owned();
+    let secret = key["key"].as_str().unwrap().to_owned();
     let writes: Vec<(Method, String, Option<Value>)> = vec![
         (
             Method::PATCH,
@@ -112,11 +114,11 @@ async fn every_write(gws: &[Gateway], backend: &Backend) -> Vec<(String, String)
             path.split('?').next().unwrap().to_owned(),
         ));
     }
-    done
+    (done, secret)
 }
 
 async fn every_write_is_audited_once(gws: &[Gateway], backend: &Backend) {
-    let done = every_write(gws, backend).await;
+    let (done, secret) = every_write(gws, backend).await;
     // Refused writes leave nothing: a bad body, a viewer's write, a write to the trail.
     let (status, _) = gws[0]
         .admin_as(
@@ -172,8 +174,50 @@ async fn every_write_is_audited_once(gws: &[Gateway], backend: &Backend) {
         }
         let created = entries.last().unwrap();
         assert_eq!(created["body"]["tenant"], "acme", "{created}");
+        // Before and after, where the path names a key, tenant, tier or backend.
+        let entry = |method: &str, path: &str| {
+            entries
+                .iter()
+                .find(|e| e["method"] == method && e["path"] == path)
+                .unwrap_or_else(|| panic!("no {method} {path} in {entries:?}"))
+        };
+        assert!(created["before"].is_null(), "{created}");
+        assert_eq!(created["after"]["tenant"], "acme", "{created}");
+        assert_eq!(created["after"]["name"], "audited", "{created}");
+        let key_path = format!(
+            "/admin/v1/keys/{}",
+            created["after"]["id"].as_str().unwrap()
+        );
+        let renamed = entry("PATCH", &key_path);
+        assert_eq!(renamed["before"]["name"], "audited", "{renamed}");
+        assert_eq!(renamed["after"]["name"], "renamed", "{renamed}");
+        let revoked = entry("DELETE", &key_path);
+        assert_eq!(revoked["before"]["status"], "active", "{revoked}");
+        let tenant = entry("PUT", "/admin/v1/tenants/acme");
         assert!(
-            !created.to_string().contains("sk-sluice-"),
+            tenant["before"]["limits"]["requests_per_day"].is_null(),
+            "{tenant}"
+        );
+        assert_eq!(
+            tenant["after"]["limits"]["requests_per_day"], 100,
+            "{tenant}"
+        );
+        let tier = entry("PUT", "/admin/v1/tiers/audited");
+        assert!(tier["before"].is_null(), "a new tier: {tier}");
+        assert_eq!(tier["after"]["limits"]["requests_per_minute"], 5, "{tier}");
+        let drained = entry("POST", "/admin/v1/backends/audited-backend/drain");
+        assert_eq!(drained["before"]["draining"], false, "{drained}");
+        assert_eq!(drained["after"]["draining"], true, "{drained}");
+        let removed = entry("DELETE", "/admin/v1/backends/audited-backend");
+        assert_eq!(removed["before"]["name"], "audited-backend", "{removed}");
+        assert!(removed["after"].is_null(), "{removed}");
+        let purged = entry("DELETE", "/admin/v1/cache");
+        assert!(
+            purged["before"].is_null() && purged["after"].is_null(),
+            "{purged}"
+        );
+        assert!(
+            !entries.iter().any(|e| e.to_string().contains(&secret)),
             "no secret in the trail"
         );
         // Filters, and a viewer may read it.

@@ -35,6 +35,14 @@ pub(super) struct AuditEntry {
     body: Value,
     status: u16,
     request_id: String,
+    /// The key, tenant, tier or backend the path names, as it was before the write (`null`
+    /// when it did not exist, or the route names none of them).
+    #[serde(default)]
+    before: Value,
+    /// The same after the write; for a key or backend just created, the answer (a key's
+    /// secret left out).
+    #[serde(default)]
+    after: Value,
 }
 
 #[derive(Serialize, ToSchema)]
@@ -86,6 +94,7 @@ pub(super) async fn record(
     let bytes = axum::body::to_bytes(body, usize::MAX)
         .await
         .unwrap_or_default();
+    let before = snapshot(&gateway, &path).await;
     let response = next
         .run(Request::from_parts(
             parts,
@@ -95,6 +104,11 @@ pub(super) async fn record(
     if !response.status().is_success() {
         return response;
     }
+    let (response, after) = match snapshot(&gateway, &path).await {
+        Some(after) => (response, after),
+        None if method == http::Method::POST => created(response).await,
+        None => (response, Value::Null),
+    };
     let body: Value = if bytes.is_empty() {
         Value::Null
     } else {
@@ -109,6 +123,8 @@ pub(super) async fn record(
         body,
         status: response.status().as_u16(),
         request_id,
+        before: before.unwrap_or(Value::Null),
+        after,
     };
     let entry = serde_json::to_vec(&entry).expect("an audit entry serializes");
     if let Err(e) = gateway.store.append_audit(&entry).await {
@@ -116,6 +132,52 @@ pub(super) async fn record(
         tracing::error!(error = %e, %path, %actor, "cannot append to the audit trail");
     }
     response
+}
+
+/// The key, tenant, tier or backend an admin path names (`/admin/v1/keys/{id}/rotate` names
+/// the key), as the admin API shows it; `None` for other paths or a target that is absent.
+async fn snapshot(gateway: &crate::app::Gateway, path: &str) -> Option<Value> {
+    let mut segments = path.strip_prefix("/admin/v1/")?.split('/');
+    let (kind, id) = (segments.next()?, segments.next()?);
+    match kind {
+        "keys" => {
+            let record = gateway.store.key(id).await.ok()??;
+            serde_json::to_value(super::keys::key_view(gateway, &record)).ok()
+        }
+        "tenants" => {
+            serde_json::to_value(super::tenants::tenant_view(gateway.tenants.load().get(id))).ok()
+        }
+        "tiers" => serde_json::to_value(gateway.tiers().get(id).ok()?).ok(),
+        "backends" => {
+            let backends = gateway.upstreams.backends();
+            let backend = backends.iter().find(|b| b.name == id)?;
+            // What an operator sets, not the live load.
+            Some(serde_json::json!({
+                "name": backend.name,
+                "url": backend.config.url,
+                "models": backend.declared_models(),
+                "draining": backend.state.draining.load(std::sync::atomic::Ordering::Relaxed),
+            }))
+        }
+        _ => None,
+    }
+}
+
+/// The answer to a create, passed on, and what it created for the trail (a key's secret
+/// left out).
+async fn created(response: Response) -> (Response, Value) {
+    let (parts, body) = response.into_parts();
+    let bytes = axum::body::to_bytes(body, super::listener::MAX_ADMIN_BODY_BYTES)
+        .await
+        .unwrap_or_default();
+    let mut after: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+    if let Some(answer) = after.as_object_mut() {
+        answer.remove("key");
+    }
+    (
+        Response::from_parts(parts, axum::body::Body::from(bytes)),
+        after,
+    )
 }
 
 #[derive(Debug, Deserialize, IntoParams)]

@@ -41,7 +41,7 @@ pub(super) struct TenantQuota {
     quota: QuotaView,
 }
 
-fn tenant_view(tenant: Tenant) -> TenantView {
+pub(super) fn tenant_view(tenant: Tenant) -> TenantView {
     TenantView {
         id: tenant.id,
         object: "tenant",
