@@ -282,6 +282,10 @@ async fn every_admin_answer_matches_the_served_openapi_document() {
         None,
     )
     .await;
+    let (status, _) = tour
+        .admin(get.clone(), "/admin/v1/audit/export?method=put", None)
+        .await;
+    assert_eq!(status, 200);
 
     // Refusals: each must be a documented answer with the error schema.
     let viewer = admin_jwt(json!({"role": "viewer"}));

@@ -96,6 +96,7 @@ fn routes() -> Routes {
                 .patch(audit::append_only)
                 .delete(audit::append_only)
         }))
+        .routes(routes!(audit::export_audit))
         .routes(routes!(metrics::metrics))
         .routes(routes!(openapi::openapi_json));
     Routes { public, guarded }
