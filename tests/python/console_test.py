@@ -67,7 +67,10 @@ try:
     # Create a key through the form; its secret is shown once and it appears in the table.
     css("#new-name").send_keys("from-the-browser")
     css("#new-tenant").send_keys("browser-tenant")
-    Select(css("#new-tier")).select_by_visible_text("free")
+    # The form offers the default tier first.
+    default_tier = admin("GET", "/admin/v1/tiers")["default_tier"]
+    check(Select(css("#new-tier")).first_selected_option.text == default_tier,
+          "the new-key form starts on the default tier " + default_tier)
     css("#new-models").send_keys("sim-chat, sim-embed")
     css("#create-key button").click()
     wait.until(lambda d: "sk-sluice-" in css("#new-secret").text)

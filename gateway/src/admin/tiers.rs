@@ -15,6 +15,8 @@ pub(super) struct TierList {
     /// Always `list`.
     object: &'static str,
     data: Vec<Tier>,
+    /// The tier a key gets when none is named.
+    default_tier: &'static str,
 }
 
 #[utoipa::path(
@@ -28,6 +30,7 @@ pub(super) async fn list_tiers(State(gateway): State<AppState>) -> Json<TierList
     Json(TierList {
         object: "list",
         data: tiers.iter().cloned().collect(),
+        default_tier: sluice_policies::tiers::DEFAULT_TIER,
     })
 }
 
