@@ -865,6 +865,16 @@ pub struct RedisTlsServer {
 }
 
 impl RedisTlsServer {
+    /// A single node's TLS: a server certificate from `ca`, and client certificates from
+    /// `ca` required when `auth_clients`.
+    pub fn node_of(ca: &tls::Ca, auth_clients: bool) -> Result<RedisTlsServer> {
+        Ok(RedisTlsServer {
+            cert: ca.server_cert("redis")?,
+            ca: ca.cert().to_owned(),
+            auth_clients,
+        })
+    }
+
     /// redis-server's arguments for TLS on `port` alone (no plain port).
     fn server_args(&self, port: u16) -> Vec<String> {
         let path = |p: &Path| p.display().to_string();

@@ -92,11 +92,7 @@ async fn a_request_limit_holds_exactly_across_three_replicas_on_a_redis_cluster(
 async fn a_request_limit_holds_exactly_across_three_replicas_on_redis_over_tls() {
     let backend = Backend::start().await.unwrap();
     let ca = Ca::new("redis CA").unwrap();
-    let redis = OwnRedis::start_tls(RedisTlsServer {
-        cert: ca.server_cert("redis").unwrap(),
-        ca: ca.cert().to_owned(),
-        auth_clients: false,
-    });
+    let redis = OwnRedis::start_tls(RedisTlsServer::node_of(&ca, false).unwrap());
     let store = StoreKind::RedisTlsAt {
         url: redis.url(),
         prefix: "tls".into(),

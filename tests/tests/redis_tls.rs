@@ -35,11 +35,7 @@ async fn refused(backend: &Backend, store: StoreKind) -> String {
 async fn a_gateway_refuses_to_start_on_a_redis_whose_certificate_it_does_not_trust() {
     let backend = Backend::start().await.unwrap();
     let ca = Ca::new("redis CA").unwrap();
-    let redis = OwnRedis::start_tls(RedisTlsServer {
-        cert: ca.server_cert("redis").unwrap(),
-        ca: ca.cert().to_owned(),
-        auth_clients: false,
-    });
+    let redis = OwnRedis::start_tls(RedisTlsServer::node_of(&ca, false).unwrap());
     let stranger = Ca::new("another CA").unwrap();
     for (trusting, ca) in [
         ("another CA", Some(stranger.cert().to_owned())),
@@ -69,11 +65,7 @@ async fn a_gateway_refuses_to_start_on_a_redis_whose_certificate_it_does_not_tru
 async fn a_redis_that_asks_for_client_certificates_admits_only_a_gateway_showing_one_from_its_ca() {
     let backend = Backend::start().await.unwrap();
     let ca = Ca::new("redis CA").unwrap();
-    let redis = OwnRedis::start_tls(RedisTlsServer {
-        cert: ca.server_cert("redis").unwrap(),
-        ca: ca.cert().to_owned(),
-        auth_clients: true,
-    });
+    let redis = OwnRedis::start_tls(RedisTlsServer::node_of(&ca, true).unwrap());
     let trusted = || Some(ca.cert().to_owned());
     let stranger = Ca::new("another CA").unwrap();
     for (showing, client) in [
