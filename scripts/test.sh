@@ -5,7 +5,7 @@
 # Installs what the tests need when it is missing: Redis (started on 127.0.0.1:6379 if that
 # port does not answer), PostgreSQL (likewise on 127.0.0.1:5432, for the usage ledger),
 # nats-server (the usage feed's tests start their own), openssl (the TLS tests make their
-# certificates with it), a .venv with the `openai` package (h2 for its HTTP/2 client; numpy, safetensors and
+# certificates with it), curl (the HTTPS and HTTP/2 edge tests), a .venv with the `openai` package (h2 for its HTTP/2 client; numpy, safetensors and
 # tokenizers for scripts/minilm_reference.py; gguf and jinja2 for
 # scripts/smollm2_reference.py; selenium for the console's browser test; jsonschema for
 # the OpenMeter CloudEvents check and, with openapi-spec-validator, the admin API's OpenAPI
@@ -28,6 +28,11 @@ fi
 if ! command -v openssl >/dev/null 2>&1; then
   echo "test.sh: installing openssl" >&2
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openssl >/dev/null
+fi
+# The HTTPS/HTTP2 edge tests drive the gateway with curl (built with HTTP/2, as Debian's is).
+if ! command -v curl >/dev/null 2>&1; then
+  echo "test.sh: installing curl" >&2
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq curl >/dev/null
 fi
 # The usage feed's tests run NATS servers of their own.
 if ! command -v nats-server >/dev/null 2>&1; then
