@@ -2,6 +2,7 @@
 //! `cargo bench -p sluice-gateway --bench balancer`.
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
+use sluice_gateway::backend_spec::BackendSpec;
 use sluice_gateway::balancer::{prefix_hash, Strategy};
 use sluice_gateway::config::BackendConfig;
 use sluice_gateway::upstream::Upstreams;
@@ -11,8 +12,8 @@ fn pool(size: u16) -> Upstreams {
     let configs: Vec<BackendConfig> = (0..size)
         .map(|i| {
             let url = format!("http://127.0.0.1:{}", 20_000 + i);
-            sluice_gateway::config::backend(&format!("b{i}"), &url, vec!["m".into()])
-                .expect("a plain backend")
+            let spec = BackendSpec::plain(None, url, vec!["m".into()]);
+            sluice_gateway::config::backend(&format!("b{i}"), spec).expect("a plain backend")
         })
         .collect();
     Upstreams::new(&configs)

@@ -180,7 +180,7 @@ impl Gateway {
         let mut pool = Vec::new();
         for (name, record) in self.store.backend_changes().await? {
             let backend = match record {
-                Some(r) => match crate::config::backend(&name, &r.url, r.models) {
+                Some(spec) => match crate::config::backend(&name, spec) {
                     Ok(backend) => Some(backend),
                     Err(e) => {
                         tracing::error!(backend = %name, error = %e, "stored backend is invalid; skipped");

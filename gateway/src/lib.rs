@@ -5,6 +5,7 @@ pub mod admission;
 pub mod alerts;
 pub mod app;
 pub mod auth;
+pub mod backend_spec;
 pub mod balancer;
 pub mod billing;
 pub mod cache;

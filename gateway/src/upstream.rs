@@ -131,7 +131,7 @@ impl Backend {
 
     /// Whether this backend is what `c` describes (so it can stay, state and all).
     fn is(&self, c: &BackendConfig) -> bool {
-        self.name == c.name && self.config.url == c.url && self.config.models == c.models
+        self.name == c.name && self.config.spec == c.spec
     }
 
     /// Models named in the configuration or when it was added; empty means discovered.
@@ -554,10 +554,11 @@ mod tests {
     use super::*;
 
     fn backend(name: &str, port: u16, models: &[&str]) -> BackendConfig {
+        let url = format!("http://127.0.0.1:{port}");
+        let models = models.iter().map(|m| m.to_string()).collect();
         crate::config::backend(
             name,
-            &format!("http://127.0.0.1:{port}"),
-            models.iter().map(|m| m.to_string()).collect(),
+            crate::backend_spec::BackendSpec::plain(None, url, models),
         )
         .unwrap()
     }

@@ -90,12 +90,18 @@ contract!(
 contract!(pool_changes_are_kept_and_move_the_epoch, pool_changes_case);
 
 async fn pool_changes_case(store: &dyn Store) {
-    use sluice_gateway::store::BackendRecord;
+    use sluice_gateway::backend_spec::BackendSpec;
     assert!(store.backend_changes().await.unwrap().is_empty());
     let epoch = store.keys_epoch().await.unwrap();
-    let record = BackendRecord {
-        url: "http://127.0.0.1:9001".into(),
+    let record = BackendSpec {
+        url: "https://api.example.com/v1".into(),
         models: vec!["m".into()],
+        kind: Some("openai_compatible".into()),
+        api_key_env: Some("EXAMPLE_KEY".into()),
+        model_map: [("m".to_owned(), "provider-m".to_owned())].into(),
+        priority: Some(2),
+        http2: Some(true),
+        ..BackendSpec::default()
     };
     store.set_backend("gpu-2", Some(&record)).await.unwrap();
     store.set_backend("gpu-1", None).await.unwrap();

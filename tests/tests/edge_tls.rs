@@ -384,7 +384,7 @@ async fn a_backend_over_http2_and_one_that_asks_for_a_client_certificate() {
     let outer = Gateway::start(GatewayOptions {
         backends: Vec::new(),
         extra_config: format!(
-            r#"
+            r#"{PRICES}
 [[backends]]
 name = "inner"
 url = "{url}"
@@ -405,6 +405,23 @@ models = ["{SIM_MODEL}"]
     let answer = chat(&outer, &outer_key, SIM_MODEL).await;
     assert_eq!(answer.status(), 200, "{}\n{}", outer.log(), inner.log());
     assert_eq!(answer.headers()["x-sluice-backend"], "inner");
+    // The answer came over HTTP/2 and was held until its usage was read: its header says
+    // what it cost (1.00 in and 2.00 out per million tokens).
+    let cost: rust_decimal::Decimal = answer.headers()["x-sluice-cost"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let body: Value = answer.json().await.unwrap();
+    let usage = &body["usage"];
+    let billed =
+        usage["prompt_tokens"].as_u64().unwrap() + 2 * usage["completion_tokens"].as_u64().unwrap();
+    assert!(billed > 0, "{body}");
+    assert_eq!(
+        cost,
+        rust_decimal::Decimal::from(billed) / rust_decimal::Decimal::from(1_000_000),
+        "{body}"
+    );
     let streamed = outer
         .post_raw(
             "/v1/chat/completions",
@@ -484,6 +501,90 @@ models = ["{SIM_MODEL}"]
         1,
         "only the gateway with the certificate got in"
     );
+}
+
+/// A backend spoken to over HTTP/2 (here a Sluice on HTTPS in front of a hosted API) that
+/// finds the prompt longer than the model's context: the request goes to the fallback
+/// model, the client never sees the refusal; a bad request still reaches it as said.
+#[tokio::test]
+async fn a_context_length_refusal_over_http2_goes_to_the_fallback_model() {
+    let ca = Ca::new("inner-ca").unwrap();
+    let certs = tempfile::tempdir().unwrap();
+    install(&ca.server_cert("inner").unwrap(), certs.path());
+    let backend = Backend::start().await.unwrap();
+    let provider_key = "sk-provider-h2-0123456789";
+    for (mode, status) in [("context", 200), ("bad", 400)] {
+        let (provider, port) = Provider::start(&ca, provider_key, mode, "/v1").await;
+        let inner_data = tempfile::tempdir().unwrap();
+        let inner = Gateway::start(GatewayOptions {
+            server_config: tls_section(certs.path()),
+            backends: Vec::new(),
+            extra_config: hosted_backend(port, &ca, "/v1"),
+            env: vec![("SLUICE_TEST_PROVIDER_KEY".into(), provider_key.into())],
+            ..GatewayOptions::new(&backend, StoreKind::Embedded(inner_data.path().to_owned()))
+        })
+        .await
+        .unwrap();
+        let (_, inner_key) = inner.create_key("outer-gateway", "pro").await.unwrap();
+        let outer_data = tempfile::tempdir().unwrap();
+        let outer = Gateway::start(GatewayOptions {
+            extra_config: format!(
+                r#"{PRICES}
+[[backends]]
+name = "inner"
+url = "{url}"
+ca_file = {ca:?}
+http2 = true
+api_key_env = "SLUICE_TEST_INNER_KEY"
+models = ["big-model"]
+
+[fallbacks]
+"big-model" = ["{SIM_MODEL}"]
+"#,
+                url = inner.url,
+                ca = ca.cert().display().to_string()
+            ),
+            env: vec![("SLUICE_TEST_INNER_KEY".into(), inner_key.clone())],
+            ..GatewayOptions::new(&backend, StoreKind::Embedded(outer_data.path().to_owned()))
+        })
+        .await
+        .unwrap();
+        let (_, key) = outer.create_key("customer", "pro").await.unwrap();
+        let answer = chat(&outer, &key, "big-model").await;
+        assert_eq!(
+            answer.status(),
+            status,
+            "{mode}\n{}\n{}",
+            outer.log(),
+            inner.log()
+        );
+        let served_by = answer.headers().get("x-sluice-backend").cloned();
+        let body: Value = answer.json().await.unwrap();
+        match mode {
+            "context" => {
+                assert_eq!(body["model"], SIM_MODEL, "{body}");
+                assert_eq!(served_by.unwrap(), "backend-0");
+            }
+            _ => assert_eq!(body["error"]["code"], "invalid_value", "{body}"),
+        }
+        assert_eq!(provider.requests().len(), 1, "{mode}: asked once");
+        // The inner gateway was spoken to over HTTP/2.
+        wait_until("the inner access log", || {
+            inner.log().lines().any(|line| {
+                serde_json::from_str::<Value>(line)
+                    .is_ok_and(|l| l["target"] == "sluice::access" && l["model"] == "big-model")
+            })
+        })
+        .await;
+        let inner_log = inner.log();
+        let line = inner_log
+            .lines()
+            .filter_map(|line| serde_json::from_str::<Value>(line).ok())
+            .find(|l| l["target"] == "sluice::access" && l["model"] == "big-model")
+            .unwrap();
+        assert_eq!(line["protocol"], "HTTP/2", "{line}");
+        assert_eq!(line["status"], 400, "{line}");
+    }
 }
 
 /// The admin listener on TLS with `admin_client_ca_file`: only a client showing a
@@ -602,4 +703,147 @@ async fn cleartext_http2_when_configured_beside_http1() {
     let plain = chat(&gw, &key, SIM_MODEL).await;
     assert_eq!(plain.status(), 200);
     assert_eq!(plain.version(), reqwest::Version::HTTP_11);
+}
+
+/// A hosted API added through the admin API with the same options as a `[[backends]]` entry
+/// (its key named, its CA, a model map, a path, fixed headers): every replica serves it, to
+/// the provider's key and never the client's; bad options are a 400 naming the field.
+async fn a_hosted_api_added_at_run_time(store: StoreKind, replicas: usize) {
+    let ca = Ca::new("provider-ca").unwrap();
+    let provider_key = "sk-provider-added-0123456789";
+    let prefix = "/openai/v1";
+    let (provider, port) = Provider::start(&ca, provider_key, "serve", prefix).await;
+    let backend = Backend::start().await.unwrap();
+    let mut gateways = Vec::new();
+    for _ in 0..replicas {
+        gateways.push(
+            Gateway::start(GatewayOptions {
+                extra_config: PRICES.to_owned(),
+                env: vec![("SLUICE_TEST_PROVIDER_KEY".into(), provider_key.into())],
+                ..GatewayOptions::new(&backend, store.clone())
+            })
+            .await
+            .unwrap(),
+        );
+    }
+    let admin = &gateways[0];
+    let spec = json!({
+        "name": "hosted-added",
+        "url": format!("https://127.0.0.1:{port}{prefix}"),
+        "kind": "openai_compatible",
+        "api_key_env": "SLUICE_TEST_PROVIDER_KEY",
+        "ca_file": ca.cert().display().to_string(),
+        "headers": {"x-provider-project": "proj-9"},
+        "model_map": {"big-model": "provider-model"},
+        "priority": 1,
+    });
+
+    // Mistakes are the request's 400, naming the field; nothing is added.
+    let mut relative_ca = spec.clone();
+    relative_ca["ca_file"] = json!("certs/ca.pem");
+    let mut unset_key = spec.clone();
+    unset_key["api_key_env"] = json!("SLUICE_TEST_NO_SUCH_VARIABLE");
+    let mut key_in_headers = spec.clone();
+    key_in_headers["headers"] = json!({"Authorization": "Bearer sk-in-the-clear"});
+    let mut a_key_itself = spec.clone();
+    a_key_itself["api_key"] = json!(provider_key);
+    let mut tls_on_plain = spec.clone();
+    tls_on_plain["url"] = json!(format!("http://127.0.0.1:{port}{prefix}"));
+    for (body, param) in [
+        (relative_ca, Some("ca_file")),
+        (unset_key, Some("api_key_env")),
+        (key_in_headers, Some("headers")),
+        (a_key_itself, None),
+        (tls_on_plain, Some("ca_file")),
+    ] {
+        let (status, answer) = admin
+            .admin_json(
+                reqwest::Method::POST,
+                "/admin/v1/backends",
+                Some(body.clone()),
+            )
+            .await;
+        assert_eq!(status, 400, "{body}: {answer}");
+        assert_eq!(answer["error"]["type"], "invalid_request_error", "{answer}");
+        if let Some(param) = param {
+            assert_eq!(answer["error"]["param"], param, "{body}: {answer}");
+        }
+        assert!(
+            !answer.to_string().contains(provider_key),
+            "a key is never echoed: {answer}"
+        );
+    }
+    let (_, pool) = admin
+        .admin(reqwest::Method::GET, "/admin/v1/backends")
+        .await
+        .unwrap();
+    assert_eq!(pool["data"].as_array().unwrap().len(), 1, "{pool}");
+
+    let (status, added) = admin
+        .admin_json(reqwest::Method::POST, "/admin/v1/backends", Some(spec))
+        .await;
+    assert_eq!(status, 201, "{added}\n{}", admin.log());
+    assert_eq!(added["kind"], "openai_compatible", "{added}");
+    assert_eq!(added["priority"], 1, "{added}");
+    assert_eq!(added["api_key"], true, "{added}");
+    assert_eq!(added["model_map"]["big-model"], "provider-model", "{added}");
+    assert!(!added.to_string().contains(provider_key), "{added}");
+
+    let (_, key) = admin.create_key("hosted-tenant", "pro").await.unwrap();
+    for gw in &gateways {
+        // Other replicas apply the change within a second or so.
+        let mut answer = chat(gw, &key, "big-model").await;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while answer.status() != 200 && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            answer = chat(gw, &key, "big-model").await;
+        }
+        assert_eq!(answer.status(), 200, "{}", gw.log());
+        assert_eq!(answer.headers()["x-sluice-backend"], "hosted-added");
+        let body: Value = answer.json().await.unwrap();
+        assert_eq!(
+            body["choices"][0]["message"]["content"],
+            "from the hosted provider"
+        );
+        assert!(!gw.log().contains(provider_key), "the key is never logged");
+    }
+    let received = provider.requests();
+    assert_eq!(received.len(), replicas, "{received:?}");
+    for request in &received {
+        assert_eq!(request["path"], format!("{prefix}/chat/completions"));
+        assert_eq!(request["authorization"], format!("Bearer {provider_key}"));
+        assert_eq!(request["extra"], "proj-9");
+        assert_eq!(request["body"]["model"], "provider-model");
+    }
+    for seen in provider.every_request() {
+        assert!(!seen.to_string().contains(&key), "{seen}");
+    }
+
+    // Taken out again: the model is gone on every replica.
+    let (status, _) = admin
+        .admin_json(
+            reqwest::Method::DELETE,
+            "/admin/v1/backends/hosted-added",
+            None,
+        )
+        .await;
+    assert_eq!(status, 200);
+    for gw in &gateways {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while chat(gw, &key, "big-model").await.status() != 404 {
+            assert!(Instant::now() < deadline, "still served:\n{}", gw.log());
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_hosted_api_added_through_the_admin_api_on_the_embedded_store() {
+    let data = tempfile::tempdir().unwrap();
+    a_hosted_api_added_at_run_time(StoreKind::Embedded(data.path().to_owned()), 1).await;
+}
+
+#[tokio::test]
+async fn a_hosted_api_added_through_the_admin_api_reaches_every_replica_on_redis() {
+    a_hosted_api_added_at_run_time(StoreKind::fresh_redis(), 2).await;
 }

@@ -2,12 +2,13 @@
 
 use super::{key_written, non_empty, parse_body, store_error, AppState};
 use crate::app::Gateway;
+use crate::backend_spec::BackendSpec;
 use crate::error::{ApiError, ApiErrorBody};
 use axum::body::Bytes;
 use axum::extract::{Path, State};
 use axum::response::IntoResponse;
 use axum::Json;
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use std::sync::atomic::Ordering;
 use utoipa::ToSchema;
 
@@ -18,6 +19,17 @@ pub(super) struct BackendView {
     url: String,
     /// The models it serves.
     models: Vec<String>,
+    /// `sluice` (a co-located engine) or `openai_compatible` (a hosted API).
+    kind: &'static str,
+    /// Lower first: a model's backends of a higher number serve only when none of a lower
+    /// one can.
+    priority: u32,
+    /// The client's model -> the name this backend is asked for.
+    model_map: std::collections::BTreeMap<String, String>,
+    /// Whether the gateway sends it an API key of its own (which is never shown).
+    api_key: bool,
+    /// `http/1.1`, or `h2` where it is offered by ALPN (`https://` with `http2`).
+    protocol: &'static str,
     health: BackendHealth,
     /// Draining: it takes no new requests.
     draining: bool,
@@ -84,6 +96,17 @@ pub(super) fn backend_view(
         name: b.name.clone(),
         url: b.config.url.clone(),
         models: served,
+        kind: match b.config.kind {
+            crate::config::BackendKind::Sluice => "sluice",
+            crate::config::BackendKind::OpenAiCompatible => "openai_compatible",
+        },
+        priority: b.config.priority,
+        model_map: b.config.model_map.clone(),
+        api_key: b.config.credential.is_some(),
+        protocol: match b.config.tls.as_ref().is_some_and(|t| t.http2) {
+            true => "h2",
+            false => "http/1.1",
+        },
         health: if !st.is_up() {
             BackendHealth::Down
         } else if st.ejected() {
@@ -124,22 +147,15 @@ pub(super) async fn list_backends(State(gateway): State<AppState>) -> Json<Backe
     })
 }
 
-#[derive(Deserialize, ToSchema)]
-#[serde(deny_unknown_fields)]
-pub(super) struct AddBackend {
-    name: String,
-    url: String,
-    /// The models it serves; without them the gateway asks its `/v1/models`.
-    #[serde(default)]
-    models: Vec<String>,
-}
-
-/// Adds a backend to the pool on every replica (within a second).
+/// Adds a backend to the pool on every replica (within a second): the same fields as a
+/// `[[backends]]` entry, `name` required. Its API key is named (`api_key_env`, `api_key_file`),
+/// never sent, and files are absolute paths: each replica reads them from its own disk, and a
+/// replica that cannot logs it and leaves the backend out.
 #[utoipa::path(
     post,
     path = "/admin/v1/backends",
     tag = "backends",
-    request_body = AddBackend,
+    request_body = BackendSpec,
     responses(
         (status = 201, description = "The backend, in the pool", body = BackendView),
         (status = 400, description = "The body or the URL is invalid", body = ApiErrorBody),
@@ -152,29 +168,27 @@ pub(super) async fn add_backend(
     State(gateway): State<AppState>,
     body: Bytes,
 ) -> Result<impl IntoResponse, ApiError> {
-    let req: AddBackend = parse_body(&body)?;
-    non_empty("name", &req.name)?;
-    if gateway
-        .upstreams
-        .backends()
-        .iter()
-        .any(|b| b.name == req.name)
-    {
+    let spec: BackendSpec = parse_body(&body)?;
+    let name = spec.name.clone().unwrap_or_default();
+    non_empty("name", &name)?;
+    if gateway.upstreams.backends().iter().any(|b| b.name == name) {
         return Err(ApiError::conflict(format!(
-            "A backend named '{}' is already in the pool; remove it first to change it.",
-            req.name
+            "A backend named '{name}' is already in the pool; remove it first to change it."
         ))
         .with_param("name"));
     }
-    let backend = crate::config::backend(&req.name, &req.url, req.models)
-        .map_err(|e| ApiError::bad_request(e.to_string()).with_param("url"))?;
-    let record = crate::store::BackendRecord {
-        url: backend.url.clone(),
-        models: backend.models.clone(),
-    };
+    // Checked here as every replica will: a bad URL, file or unset key variable is this
+    // request's 400, not a log line on each replica.
+    crate::config::backend(&name, spec.clone()).map_err(|e| {
+        let error = ApiError::bad_request(e.to_string());
+        match param_of(&e) {
+            Some(param) => error.with_param(param),
+            None => error,
+        }
+    })?;
     gateway
         .store
-        .set_backend(&req.name, Some(&record))
+        .set_backend(&name, Some(&spec))
         .await
         .map_err(store_error)?;
     pool_written(&gateway).await?;
@@ -182,14 +196,43 @@ pub(super) async fn add_backend(
         .upstreams
         .backends()
         .iter()
-        .find(|b| b.name == req.name)
+        .find(|b| b.name == name)
         .cloned()
         .ok_or_else(|| ApiError::internal("The backend was stored but is not in the pool."))?;
-    tracing::info!(backend = %req.name, url = %added.config.url, "backend added");
+    tracing::info!(backend = %name, url = %added.config.url, "backend added");
     Ok((
         http::StatusCode::CREATED,
         Json(backend_view(&gateway, &added)),
     ))
+}
+
+/// The request field a backend's configuration error is about (`backend.headers.x` ->
+/// `headers`), when it names one.
+fn param_of(e: &crate::config::ConfigError) -> Option<&'static str> {
+    const FIELDS: [&str; 14] = [
+        "name",
+        "url",
+        "models",
+        "kind",
+        "api_key_env",
+        "api_key_file",
+        "api_key_header",
+        "headers",
+        "model_map",
+        "priority",
+        "ca_file",
+        "client_cert_file",
+        "client_key_file",
+        "http2",
+    ];
+    let crate::config::ConfigError::Invalid { field, .. } = e else {
+        return None;
+    };
+    let rest = field.strip_prefix("backend.")?;
+    FIELDS.into_iter().find(|f| {
+        rest.strip_prefix(f)
+            .is_some_and(|after| after.is_empty() || after.starts_with(['.', '[']))
+    })
 }
 
 /// Takes a backend out of the pool on every replica. Requests it is serving finish; no new

@@ -17,7 +17,7 @@ pub(super) struct FileConfig {
     #[serde(default)]
     pub(super) tiers: BTreeMap<String, TierSection>,
     #[serde(default)]
-    pub(super) backends: Vec<BackendSection>,
+    pub(super) backends: Vec<crate::backend_spec::BackendSpec>,
     #[serde(default)]
     pub(super) metering: MeteringSection,
     #[serde(default)]
@@ -213,55 +213,4 @@ pub(super) struct TierSection {
 
 pub(super) fn default_currency() -> String {
     "USD".to_owned()
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub(super) struct BackendSection {
-    pub(super) name: Option<String>,
-    pub(super) url: String,
-    #[serde(default)]
-    pub(super) models: Vec<String>,
-    /// `sluice` (a co-located engine: /health, /metrics) or `openai_compatible` (a hosted
-    /// API: only its OpenAI endpoints).
-    pub(super) kind: Option<String>,
-    /// Where the upstream API key comes from; never the configuration text itself.
-    pub(super) api_key_env: Option<String>,
-    pub(super) api_key_file: Option<PathBuf>,
-    /// The header the key goes in (`authorization` as `Bearer <key>` unless named).
-    pub(super) api_key_header: Option<String>,
-    #[serde(default)]
-    pub(super) headers: BTreeMap<String, String>,
-    /// The client's model -> the name this backend knows it by.
-    #[serde(default)]
-    pub(super) model_map: BTreeMap<String, String>,
-    /// Lower first: a model's backends of a higher priority serve only when none of a
-    /// lower one can.
-    pub(super) priority: Option<u32>,
-    pub(super) ca_file: Option<PathBuf>,
-    pub(super) client_cert_file: Option<PathBuf>,
-    pub(super) client_key_file: Option<PathBuf>,
-    pub(super) http2: Option<bool>,
-}
-
-impl BackendSection {
-    /// A plain co-located backend: a URL and, optionally, its models.
-    pub(super) fn plain(name: Option<String>, url: String, models: Vec<String>) -> Self {
-        BackendSection {
-            name,
-            url,
-            models,
-            kind: None,
-            api_key_env: None,
-            api_key_file: None,
-            api_key_header: None,
-            headers: BTreeMap::new(),
-            model_map: BTreeMap::new(),
-            priority: None,
-            ca_file: None,
-            client_cert_file: None,
-            client_key_file: None,
-            http2: None,
-        }
-    }
 }

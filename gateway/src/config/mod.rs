@@ -224,6 +224,8 @@ pub struct BackendConfig {
     /// Lower first: a model's backends of a higher priority serve only when none of a lower
     /// one can.
     pub priority: u32,
+    /// What it was made from, so that a pool change tells a changed entry from the same one.
+    pub spec: crate::backend_spec::BackendSpec,
 }
 
 /// What a backend is, for what the gateway may ask of it besides the OpenAI endpoints.

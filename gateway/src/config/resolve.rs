@@ -8,6 +8,7 @@ use super::{
     LearnedVerifierConfig, PublicKeyConfig, VerificationConfig, DEFAULT_ADMIN_LISTEN,
     DEFAULT_LISTEN, DEFAULT_MAX_BODY_BYTES,
 };
+use crate::backend_spec::BackendSpec;
 use sluice_policies::pricing::PriceBook;
 use sluice_policies::{Tier, Tiers};
 use std::collections::BTreeMap;
@@ -294,7 +295,7 @@ pub(super) fn tiers(declared: BTreeMap<String, TierSection>) -> Result<Tiers, Co
 
 /// `[[backends]]`, or `SLUICE_BACKENDS` in their place; names must be unique.
 pub(super) fn backends(
-    declared: Vec<BackendSection>,
+    declared: Vec<BackendSpec>,
     base_dir: &Path,
     env: Env,
 ) -> Result<Vec<BackendConfig>, ConfigError> {
@@ -307,7 +308,7 @@ pub(super) fn backends(
             .map(|(i, url)| {
                 resolve_backend(
                     &format!("SLUICE_BACKENDS[{i}]"),
-                    BackendSection::plain(None, url.to_owned(), Vec::new()),
+                    BackendSpec::plain(None, url.to_owned(), Vec::new()),
                     base_dir,
                     env,
                 )
@@ -982,22 +983,30 @@ pub(super) fn datasets(
     })
 }
 
-/// A backend added at run time (the admin API), checked as a `[[backends]]` entry would be.
-pub fn backend(name: &str, url: &str, models: Vec<String>) -> Result<BackendConfig, ConfigError> {
-    resolve_backend(
-        "backend",
-        BackendSection::plain(Some(name.to_owned()), url.to_owned(), models),
-        Path::new("."),
-        &super::process_env,
-    )
+/// A backend added at run time (the admin API), checked as a `[[backends]]` entry would be,
+/// on each replica that applies it: its files must be absolute paths (each replica reads them
+/// from its own disk) and its key's environment variable set there.
+pub fn backend(name: &str, mut spec: BackendSpec) -> Result<BackendConfig, ConfigError> {
+    if let Some((field, file)) = spec.files().find(|(_, f)| !f.is_absolute()) {
+        return Err(invalid(
+            format!("backend.{field}"),
+            format!(
+                "'{}' must be an absolute path (each replica reads it from its own disk)",
+                file.display()
+            ),
+        ));
+    }
+    spec.name = Some(name.to_owned());
+    resolve_backend("backend", spec, Path::new("/"), &super::process_env)
 }
 
 pub(super) fn resolve_backend(
     field: &str,
-    b: BackendSection,
+    b: BackendSpec,
     base_dir: &Path,
     env: Env,
 ) -> Result<BackendConfig, ConfigError> {
+    let spec = b.clone();
     let url_field = format!("{field}.url");
     let uri: http::Uri = b
         .url
@@ -1167,6 +1176,7 @@ pub(super) fn resolve_backend(
         headers,
         model_map: b.model_map,
         priority: b.priority.unwrap_or(0),
+        spec,
     })
 }
 

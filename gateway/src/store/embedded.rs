@@ -3,7 +3,8 @@
 
 use super::cache_memory::MemoryCache;
 use super::quota_memory::MemoryQuotas;
-use super::{BackendRecord, EventCursor, Store, StoreError};
+use super::{EventCursor, Store, StoreError};
+use crate::backend_spec::BackendSpec;
 use crate::keys::{KeyHash, KeyRecord};
 use crate::usage::UsageEvent;
 use async_trait::async_trait;
@@ -25,7 +26,7 @@ const TIERS: TableDefinition<&str, &[u8]> = TableDefinition::new("tiers");
 const TENANTS: TableDefinition<&str, &[u8]> = TableDefinition::new("tenants");
 /// backend name -> () for backends marked draining
 const DRAINING: TableDefinition<&str, ()> = TableDefinition::new("draining_backends");
-/// backend name -> JSON `Option<BackendRecord>`: pool changes made through the admin API
+/// backend name -> JSON `Option<BackendSpec>`: pool changes made through the admin API
 const POOL: TableDefinition<&str, &[u8]> = TableDefinition::new("backend_pool");
 /// `{time_ms:020}/{event id}` -> JSON `UsageEvent`, so a range scan is a time range
 const USAGE: TableDefinition<&str, &[u8]> = TableDefinition::new("usage_events");
@@ -612,12 +613,12 @@ impl Store for EmbeddedStore {
     async fn set_backend(
         &self,
         name: &str,
-        backend: Option<&BackendRecord>,
+        backend: Option<&BackendSpec>,
     ) -> Result<(), StoreError> {
         self.put_record(POOL, name, &backend).await
     }
 
-    async fn backend_changes(&self) -> Result<Vec<(String, Option<BackendRecord>)>, StoreError> {
+    async fn backend_changes(&self) -> Result<Vec<(String, Option<BackendSpec>)>, StoreError> {
         self.blocking(|db| {
             let txn = db.begin_read().map_err(embedded_err)?;
             let table = txn.open_table(POOL).map_err(embedded_err)?;

@@ -11,22 +11,13 @@ mod redis;
 pub use embedded::EmbeddedStore;
 pub use redis::{PemError, RedisStore, RedisTls};
 
+use crate::backend_spec::BackendSpec;
 use crate::keys::{KeyHash, KeyRecord};
 use crate::usage::UsageEvent;
 use async_trait::async_trait;
-use serde::{Deserialize, Serialize};
 use sluice_policies::ledger::{Admit, Charge, Refresh, Settle, Verdict};
 use sluice_policies::quota::Counters;
 use sluice_policies::{Tenant, Tier};
-
-/// A backend added through the admin API, as the store keeps it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct BackendRecord {
-    pub url: String,
-    /// Models it serves; empty: ask its `/v1/models`.
-    #[serde(default)]
-    pub models: Vec<String>,
-}
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -128,12 +119,12 @@ pub trait Store: Send + Sync + 'static {
     async fn set_backend(
         &self,
         name: &str,
-        backend: Option<&BackendRecord>,
+        backend: Option<&BackendSpec>,
     ) -> Result<(), StoreError>;
 
     /// The pool changes made through the admin API: each name with the backend it now is,
     /// or `None` where it was taken out.
-    async fn backend_changes(&self) -> Result<Vec<(String, Option<BackendRecord>)>, StoreError>;
+    async fn backend_changes(&self) -> Result<Vec<(String, Option<BackendSpec>)>, StoreError>;
 
     /// Adds usage events, each counted once by its id however often it is written; returns
     /// how many were new. Atomic per call: all of a batch is taken or none of it.

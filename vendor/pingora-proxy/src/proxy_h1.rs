@@ -459,7 +459,8 @@ where
     /// SLUICE PATCH: the tasks to write now, or `None` while the response is held back: from
     /// its final header, when the user's `hold_response` asks, until its end (then the header
     /// goes through `held_response_filter`) or until more body than the user's limit is held.
-    async fn hold(
+    /// Used by the HTTP/1.x and HTTP/2 upstream loops alike.
+    pub(crate) async fn hold(
         &self,
         session: &mut Session,
         tasks: Vec<HttpTask>,

@@ -479,6 +479,11 @@ where
             return Ok(None);
         }
 
+        // SLUICE PATCH: a response held back (see hold_response) is written once it has ended.
+        let Some(filtered_tasks) = self.hold(session, filtered_tasks, ctx).await? else {
+            return Ok(Some(false));
+        };
+
         let response_done = session.write_response_tasks(filtered_tasks).await?;
 
         Ok(Some(response_done))

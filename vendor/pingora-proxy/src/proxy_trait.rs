@@ -520,7 +520,7 @@ pub trait ProxyHttp {
     /// `held_response_filter` can change the header with what only the body tells; `None`,
     /// pingora's own behaviour, writes the response as it comes. When the held body passes
     /// the count, what was held is written unchanged and the rest flows as usual. Applies to
-    /// HTTP/1.x upstreams.
+    /// HTTP/1.x and HTTP/2 upstreams.
     fn hold_response(&self, _session: &Session, _ctx: &Self::CTX) -> Option<usize> {
         None
     }

@@ -12,7 +12,7 @@
 //! - `{prefix:LEDGER}:q:…`      a quota ledger's counters (see `quota`): LEDGER is a key id,
 //!   or `tenant:ID` for a tenant's
 //! - `{prefix}:backends:draining` set of backend names taking no new requests
-//! - `{prefix}:backends:pool`   hash: backend name -> JSON `BackendRecord`, or `null` for
+//! - `{prefix}:backends:pool`   hash: backend name -> JSON `BackendSpec`, or `null` for
 //!   one taken out (pool changes made through the admin API)
 //! - `{prefix}:usage:ids`       hash: usage event id -> time (what makes an event count once)
 //! - `{prefix}:usage:events`    sorted set of usage event JSON, scored by time in ms
@@ -39,7 +39,8 @@ mod tls;
 
 pub use tls::{PemError, RedisTls};
 
-use super::{BackendRecord, BufferedUsage, EventCursor, Store, StoreError};
+use super::{BufferedUsage, EventCursor, Store, StoreError};
+use crate::backend_spec::BackendSpec;
 use crate::keys::{KeyHash, KeyRecord};
 use crate::usage::UsageEvent;
 use async_trait::async_trait;
@@ -661,12 +662,12 @@ impl Store for RedisStore {
     async fn set_backend(
         &self,
         name: &str,
-        backend: Option<&BackendRecord>,
+        backend: Option<&BackendSpec>,
     ) -> Result<(), StoreError> {
         self.put_record(self.pool_key(), name, &backend).await
     }
 
-    async fn backend_changes(&self) -> Result<Vec<(String, Option<BackendRecord>)>, StoreError> {
+    async fn backend_changes(&self) -> Result<Vec<(String, Option<BackendSpec>)>, StoreError> {
         let mut conn = self.conn.clone();
         let all: Vec<(String, String)> = conn.hgetall(self.pool_key()).await?;
         Ok(all
