@@ -223,12 +223,13 @@ impl KeyLedger {
         decision
     }
 
-    /// Drops what has expired, then decides at `a.now_sec` without counting.
+    /// Drops what has expired, then decides at `a.now_sec` without counting. A day or month
+    /// starts only when something counts in it (as the store's keys for it come to exist
+    /// only then): a settlement of a reservation made before a reset finds nothing of its
+    /// day or month to change until a new admission or charge has counted there.
     fn decide(&mut self, limits: &Limits, a: &Admit) -> Decision {
         self.minute.retain(|b| b.second > a.now_sec - WINDOW_SECS);
         self.slots.retain(|_, expiry| *expiry > a.now_sec);
-        self.roll_day(day_of(a.now_sec));
-        self.roll_month(a.month);
         let counters = self.counters(a.now_sec, a.month);
         quota::decide(
             limits,
@@ -240,6 +241,8 @@ impl KeyLedger {
     }
 
     fn count(&mut self, a: &Admit) {
+        self.roll_day(day_of(a.now_sec));
+        self.roll_month(a.month);
         let r = a.reservation;
         let bucket = self.bucket(a.now_sec);
         bucket.requests += r.requests;
