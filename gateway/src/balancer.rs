@@ -54,6 +54,9 @@ pub struct BalancerConfig {
     pub read_timeout_secs: u64,
     /// load_aware: how often each backend's `/metrics` is read.
     pub scrape_interval_ms: u64,
+    /// How often a backend's host name is looked up again (0: only at start, or when it is
+    /// added), so that a hosted API or a service that moves is followed.
+    pub dns_refresh_secs: u64,
     /// prefix_affinity: how many leading bytes of the prompt pick the backend.
     pub affinity_prefix_bytes: usize,
     /// prefix_affinity: a backend takes more only while below this × the average in flight.
@@ -76,6 +79,7 @@ impl Default for BalancerConfig {
             connect_timeout_ms: 3000,
             read_timeout_secs: 300,
             scrape_interval_ms: 500,
+            dns_refresh_secs: 30,
             affinity_prefix_bytes: 512,
             affinity_load_factor: 1.25,
         }

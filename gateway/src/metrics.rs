@@ -30,6 +30,7 @@ pub struct Metrics {
     dataset_captures: IntCounterVec,
     certificate_reloads: IntCounterVec,
     upstream_backoffs: IntCounterVec,
+    backend_address_changes: IntCounterVec,
     redis_calls: HistogramVec,
     redis_errors: IntCounterVec,
     shed: IntCounterVec,
@@ -223,6 +224,12 @@ impl Metrics {
                 "Times a backend was set aside for its own rate limit (a 429, or x-ratelimit-remaining at 0), by backend.",
                 &["backend"],
             ),
+            backend_address_changes: counter(
+                &r,
+                "sluice_backend_address_changes_total",
+                "Times a backend's host name, looked up again ([balancer] dns_refresh_secs), no longer gave the address in use, so its requests moved to a new one, by backend.",
+                &["backend"],
+            ),
             redis_calls: histogram(
                 &r,
                 "sluice_redis_call_duration_seconds",
@@ -343,6 +350,12 @@ impl Metrics {
 
     pub fn record_upstream_backoff(&self, backend: &str) {
         self.upstream_backoffs.with_label_values(&[backend]).inc();
+    }
+
+    pub fn record_backend_address_change(&self, backend: &str) {
+        self.backend_address_changes
+            .with_label_values(&[backend])
+            .inc();
     }
 
     pub fn record_budget_alert_delivery(&self, outcome: &str) {

@@ -78,6 +78,12 @@ pub fn run(config: Config) -> anyhow::Result<()> {
             .clone()
             .scrape_load(config.balancer.clone()),
     );
+    support.spawn(
+        gateway
+            .upstreams
+            .clone()
+            .follow_addresses(config.balancer.clone()),
+    );
 
     if config.admin_token.is_none() && config.admin_jwt.is_none() {
         tracing::warn!(

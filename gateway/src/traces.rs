@@ -60,7 +60,7 @@ pub fn upstream_span(parent: Option<&Span>, backend: &Backend, attempt: u32) -> 
         parent: parent,
         "upstream",
         otel.kind = "client",
-        server.address = %backend.config.addr,
+        server.address = %backend.addr(),
         sluice.backend = %backend.name,
         sluice.attempt = i64::from(attempt),
         sluice.time_to_first_byte_ms = Empty,

@@ -16,6 +16,7 @@ use pingora_core::upstreams::peer::HttpPeer;
 use pingora_http::RequestHeader;
 use serde::Deserialize;
 use std::collections::BTreeMap;
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -38,6 +39,8 @@ pub struct Backend {
     pub state: BackendState,
     /// A stable number for the backend (from its address), for rendezvous hashing.
     pub id: u64,
+    /// Where it is now: its configured address, or what its host name last resolved to.
+    addr: ArcSwap<SocketAddr>,
 }
 
 impl AsRef<BackendState> for Arc<Backend> {
@@ -126,6 +129,25 @@ impl Backend {
             config: c.clone(),
             state: BackendState::default(),
             id: crate::balancer::prefix_hash(c.url.as_bytes(), usize::MAX),
+            addr: ArcSwap::from_pointee(c.addr),
+        }
+    }
+
+    /// The address its connections go to now.
+    pub fn addr(&self) -> SocketAddr {
+        **self.addr.load()
+    }
+
+    /// Follows its host name to `found` (what a lookup gave): the address in use stays
+    /// while it is among them, else the first is taken. Whether it moved.
+    fn moved_to(&self, found: &[SocketAddr]) -> bool {
+        let current = self.addr();
+        match found.first() {
+            Some(&first) if !found.contains(&current) => {
+                self.addr.store(Arc::new(first));
+                true
+            }
+            _ => false,
         }
     }
 
@@ -144,7 +166,7 @@ impl Backend {
     pub fn peer(&self, connect_timeout: Duration, read_timeout: Duration) -> HttpPeer {
         let tls = self.config.tls.as_ref();
         let server_name = tls.map_or_else(String::new, |t| t.server_name.clone());
-        let mut peer = HttpPeer::new(self.config.addr, tls.is_some(), server_name);
+        let mut peer = HttpPeer::new(self.addr(), tls.is_some(), server_name);
         peer.options.connection_timeout = Some(connect_timeout);
         peer.options.read_timeout = Some(read_timeout);
         if let Some(tls) = tls {
@@ -337,6 +359,44 @@ impl Upstreams {
                 }
             });
             futures::future::join_all(checks).await;
+        }
+    }
+
+    /// Looks every backend's host name up again each `dns_refresh_secs`: a hosted API or a
+    /// service whose address changes is followed without a restart. A lookup that fails
+    /// keeps the address in use (and says so in the log).
+    pub async fn follow_addresses(self: Arc<Self>, config: BalancerConfig) {
+        if config.dns_refresh_secs == 0 {
+            return;
+        }
+        let mut tick = tokio::time::interval(Duration::from_secs(config.dns_refresh_secs));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // The first tick is now, and every address was looked up at start.
+        tick.tick().await;
+        loop {
+            tick.tick().await;
+            let backends = self.backends();
+            let lookups = backends.iter().filter_map(|b| {
+                let (host, port) = b.config.lookup.as_ref()?;
+                Some(async move {
+                    match tokio::net::lookup_host((host.as_str(), *port)).await {
+                        Ok(found) => {
+                            let from = b.addr();
+                            if b.moved_to(&found.collect::<Vec<_>>()) {
+                                tracing::info!(backend = %b.name, %from, to = %b.addr(), "backend address changed");
+                                crate::metrics::get().record_backend_address_change(&b.name);
+                            }
+                        }
+                        Err(e) => tracing::warn!(
+                            backend = %b.name,
+                            host = %host,
+                            error = %e,
+                            "backend host name did not resolve; its address stays"
+                        ),
+                    }
+                })
+            });
+            futures::future::join_all(lookups).await;
         }
     }
 
@@ -561,6 +621,29 @@ mod tests {
             crate::backend_spec::BackendSpec::plain(None, url, models),
         )
         .unwrap()
+    }
+
+    #[test]
+    fn a_backend_follows_its_name_only_when_its_address_is_no_longer_given() {
+        let b = Backend::new(&backend("named", 1, &["m"]));
+        let configured = b.addr();
+        let elsewhere: SocketAddr = "127.0.0.2:1".parse().unwrap();
+        assert!(
+            !b.moved_to(&[]),
+            "a lookup with no answer keeps the address"
+        );
+        assert!(
+            !b.moved_to(&[elsewhere, configured]),
+            "still among the answers"
+        );
+        assert_eq!(b.addr(), configured);
+        assert!(b.moved_to(&[elsewhere]));
+        assert_eq!(b.addr(), elsewhere);
+        let peer = b.peer(Duration::from_secs(1), Duration::from_secs(1));
+        assert_eq!(
+            peer._address,
+            pingora_core::protocols::l4::socket::SocketAddr::Inet(elsewhere)
+        );
     }
 
     #[test]

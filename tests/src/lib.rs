@@ -307,6 +307,16 @@ impl Backend {
 
     /// A backend on a given port (to restart one where it was).
     pub async fn start_on(port: u16, extra_args: &[&str]) -> Result<Backend> {
+        Backend::start_at(std::net::Ipv4Addr::LOCALHOST, port, extra_args).await
+    }
+
+    /// A backend on another loopback address (127.0.0.2, ...) and a given port, so that two
+    /// can share a port and a host name can be moved from one to the other.
+    pub async fn start_at(
+        ip: std::net::Ipv4Addr,
+        port: u16,
+        extra_args: &[&str],
+    ) -> Result<Backend> {
         let mut args = vec![
             "--engine",
             "sim",
@@ -316,7 +326,7 @@ impl Backend {
             SIM_EMBED_MODEL,
         ];
         args.extend_from_slice(extra_args);
-        Backend::spawn(port, &args, &[]).await
+        Backend::spawn_at(ip, port, &args, &[]).await
     }
 
     /// A simulated backend with extra environment (e.g. `OTEL_*`).
@@ -340,11 +350,20 @@ impl Backend {
     }
 
     async fn spawn(port: u16, args: &[&str], env: &[(&str, &str)]) -> Result<Backend> {
+        Backend::spawn_at(std::net::Ipv4Addr::LOCALHOST, port, args, env).await
+    }
+
+    async fn spawn_at(
+        ip: std::net::Ipv4Addr,
+        port: u16,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Result<Backend> {
         let dir = tempfile::tempdir()?;
-        let url = format!("http://127.0.0.1:{port}");
+        let url = format!("http://{ip}:{port}");
         let mut command = Command::new(binary("sluice-backend"));
         command
-            .args(["--listen", &format!("127.0.0.1:{port}")])
+            .args(["--listen", &format!("{ip}:{port}")])
             .args(args)
             .envs(env.iter().copied());
         let mut process = Process::spawn(command, dir.path().join("backend.log"))?;
@@ -429,6 +448,9 @@ pub struct GatewayOptions {
     pub env: Vec<(String, String)>,
     /// Extra `[auth.jwt]` settings (e.g. `jwks_url = "..."`).
     pub jwt_config: String,
+    /// A file the gateway sees as its `/etc/hosts` (bound over it in a mount namespace of
+    /// its own, by `unshare`), so that a test can move a host name while it runs.
+    pub hosts_file: Option<PathBuf>,
 }
 
 impl GatewayOptions {
@@ -441,6 +463,7 @@ impl GatewayOptions {
             server_config: String::new(),
             env: Vec::new(),
             jwt_config: String::new(),
+            hosts_file: None,
         }
     }
 }
@@ -537,7 +560,19 @@ hs256_secret = "{ADMIN_JWT_SECRET}"
         );
         let config_path = dir.path().join("sluice.toml");
         std::fs::write(&config_path, config)?;
-        let mut command = Command::new(binary("sluice"));
+        let mut command = match &options.hosts_file {
+            // unshare execs in place (no fork), as does the shell: the pid is the gateway's.
+            Some(hosts) => {
+                let mut command = Command::new("unshare");
+                command
+                    .args(["--mount", "sh", "-c"])
+                    .arg(r#"mount --bind "$0" /etc/hosts && exec "$@""#)
+                    .arg(hosts)
+                    .arg(binary("sluice"));
+                command
+            }
+            None => Command::new(binary("sluice")),
+        };
         command
             .arg("serve")
             .arg("--config")

@@ -443,3 +443,90 @@ async fn backends_added_and_removed_through_one_replica_change_every_replicas_po
         .unwrap();
     assert_eq!(status, 404);
 }
+
+/// A backend named by a host name follows the name when its address changes (`[balancer]
+/// dns_refresh_secs`), without a restart. The gateway runs in a mount namespace of its own
+/// whose `/etc/hosts` is a file the test rewrites; the two backends share a port on two
+/// loopback addresses.
+#[tokio::test]
+async fn a_backend_named_by_host_follows_the_name_when_its_address_changes() {
+    use std::net::Ipv4Addr;
+    let port = sluice_e2e::free_port();
+    let first = Backend::start_at(Ipv4Addr::new(127, 0, 0, 1), port, &[])
+        .await
+        .unwrap();
+    let second = Backend::start_at(Ipv4Addr::new(127, 0, 0, 2), port, &[])
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let hosts = dir.path().join("hosts");
+    let host = "gpu-pool.sluice.test";
+    std::fs::write(&hosts, format!("127.0.0.1 {host}\n")).unwrap();
+    let gw = Gateway::start(GatewayOptions {
+        backends: Vec::new(),
+        extra_config: format!(
+            "[balancer]\ndns_refresh_secs = 1\nhealth_interval_ms = 200\n\n[[backends]]\nname = \"named\"\nurl = \"http://{host}:{port}\"\nmodels = [\"{SIM_MODEL}\"]\n"
+        ),
+        hosts_file: Some(hosts.clone()),
+        ..GatewayOptions::new(&first, StoreKind::Embedded(dir.path().join("data")))
+    })
+    .await
+    .unwrap();
+    let (_, key) = gw.create_key("dns-tenant", "pro").await.unwrap();
+    async fn served(gw: &Gateway, key: &str) -> u16 {
+        gw.post_raw("/v1/chat/completions", Some(key), chat())
+            .await
+            .unwrap()
+            .status()
+            .as_u16()
+    }
+    let tokens = "sluice_backend_prompt_tokens_total";
+    assert_eq!(served(&gw, &key).await, 200, "{}", gw.log());
+    assert!(first.metric(tokens).await.unwrap() > 0);
+    assert_eq!(second.metric(tokens).await.unwrap(), 0);
+
+    // The name moves (written in place: the bound file is the same inode); the next lookup
+    // takes requests to the new address, and the old one gets no more.
+    std::fs::write(&hosts, format!("127.0.0.2 {host}\n")).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !gw.log().contains("backend address changed") {
+        assert!(Instant::now() < deadline, "never followed:\n{}", gw.log());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let before = first.metric(tokens).await.unwrap();
+    for _ in 0..3 {
+        assert_eq!(served(&gw, &key).await, 200, "{}", gw.log());
+    }
+    assert!(
+        second.metric(tokens).await.unwrap() > 0,
+        "the new address served"
+    );
+    assert_eq!(
+        first.metric(tokens).await.unwrap(),
+        before,
+        "the old one got nothing"
+    );
+    let metrics = gw
+        .http
+        .get(format!("{}/metrics", gw.admin_url))
+        .bearer_auth(sluice_e2e::ADMIN_TOKEN)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("sluice_backend_address_changes_total{backend=\"named\"} 1"),
+        "{metrics}"
+    );
+
+    // A name that stops resolving keeps the address in use.
+    std::fs::write(&hosts, "").unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !gw.log().contains("backend host name did not resolve") {
+        assert!(Instant::now() < deadline, "no failed lookup:\n{}", gw.log());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(served(&gw, &key).await, 200, "{}", gw.log());
+}

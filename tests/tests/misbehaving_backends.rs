@@ -35,6 +35,7 @@ async fn case(behaviour: Behaviour) -> Case {
         server_config: String::new(),
         env: Vec::new(),
         jwt_config: String::new(),
+        hosts_file: None,
     })
     .await
     .unwrap();
@@ -282,6 +283,7 @@ async fn ejection_stops_at_its_share_of_the_pool() {
         server_config: String::new(),
         env: Vec::new(),
         jwt_config: String::new(),
+        hosts_file: None,
     })
     .await
     .unwrap();

@@ -88,6 +88,7 @@ async fn case(behaviour: Behaviour, stream: bool, source: Source) {
         server_config: String::new(),
         env: Vec::new(),
         jwt_config: String::new(),
+        hosts_file: None,
     })
     .await
     .unwrap();

@@ -207,7 +207,12 @@ pub struct BackendConfig {
     pub url: String,
     /// The `Host` its requests carry (the URL's host, and port when not the default).
     pub host: String,
+    /// Its address when it was configured or added (a backend then follows its name, see
+    /// `lookup`).
     pub addr: SocketAddr,
+    /// The host name and port to look up again now and then; `None` when the URL names an
+    /// address.
+    pub lookup: Option<(String, u16)>,
     /// What replaces a request path's leading `/v1` (`/v1` for a URL without a path).
     pub base_path: String,
     /// Models this backend serves; empty means "ask its models endpoint".
@@ -434,6 +439,23 @@ mod tests {
         assert_eq!(c.listen.port(), 9999);
         assert_eq!(c.backends.len(), 2);
         assert_eq!(c.backends[1].url, "http://127.0.0.1:7002");
+    }
+
+    #[test]
+    fn a_backend_named_by_host_is_looked_up_again_and_one_named_by_address_is_not() {
+        use crate::backend_spec::BackendSpec;
+        let spec = |url: &str| BackendSpec::plain(None, url.to_owned(), Vec::new());
+        let by_name = backend("n", spec("http://localhost:9000/v1")).unwrap();
+        assert_eq!(by_name.lookup, Some(("localhost".to_owned(), 9000)));
+        assert!(by_name.addr.ip().is_loopback());
+        for url in ["http://127.0.0.1:9000", "http://[::1]:9000"] {
+            assert_eq!(backend("a", spec(url)).unwrap().lookup, None, "{url}");
+        }
+        // Files of a backend added at run time are read on every replica: absolute only.
+        let mut relative = spec("https://127.0.0.1:9000");
+        relative.ca_file = Some(PathBuf::from("certs/ca.pem"));
+        let error = backend("r", relative).unwrap_err().to_string();
+        assert!(error.starts_with("backend.ca_file:"), "{error}");
     }
 
     #[test]

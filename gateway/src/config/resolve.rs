@@ -1168,6 +1168,10 @@ pub(super) fn resolve_backend(
         url: format!("{origin}{path}"),
         host: host_header,
         addr,
+        lookup: host
+            .parse::<std::net::IpAddr>()
+            .is_err()
+            .then(|| (host.to_owned(), port)),
         base_path,
         models,
         kind,
