@@ -3,6 +3,7 @@
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use sluice_gateway::config::{process_env, Config};
+use sluice_gateway::outbound::{Outbound, Target};
 use std::path::PathBuf;
 
 // mimalloc by default; `--features system-allocator` leaves the C library's malloc in place,
@@ -61,6 +62,17 @@ struct AdminApi {
     /// Admin bearer token (or an admin/viewer JWT).
     #[arg(long, env = "SLUICE_ADMIN_TOKEN", hide_env_values = true)]
     token: String,
+    /// For an https:// admin URL: the CA bundle its certificate is checked against
+    /// (default: the system's roots, or SSL_CERT_FILE).
+    #[arg(long, env = "SLUICE_ADMIN_CA_FILE")]
+    ca_file: Option<PathBuf>,
+    /// A client certificate (PEM), for an admin listener that asks for one
+    /// ([server.tls] admin_client_ca_file); with --client-key.
+    #[arg(long, env = "SLUICE_ADMIN_CLIENT_CERT", requires = "client_key")]
+    client_cert: Option<PathBuf>,
+    /// The client certificate's private key (PEM).
+    #[arg(long, env = "SLUICE_ADMIN_CLIENT_KEY", requires = "client_cert")]
+    client_key: Option<PathBuf>,
 }
 
 #[derive(Subcommand)]
@@ -204,6 +216,9 @@ fn datasets(command: DatasetsCommand) -> anyhow::Result<()> {
     download(&api, "/admin/v1/datasets/export", &query, output)
 }
 
+/// The longest wait to connect to the admin API, and between two pieces of an export.
+const EXPORT_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+
 /// Writes what an admin API export answers to stdout or a file, as it arrives (an export of
 /// millions of lines is never held here); into a file beside the output first, renamed into
 /// place only once the export ended whole.
@@ -226,23 +241,45 @@ fn download(
         None => Box::new(std::io::stdout().lock()),
     };
     let written = runtime.block_on(async {
-        let mut response = reqwest::Client::new()
-            .get(format!("{}{path}", api.admin_url.trim_end_matches('/')))
-            .bearer_auth(&api.token)
-            .query(query)
-            .send()
-            .await?;
-        let status = response.status();
-        if !status.is_success() {
-            let body = response.text().await.unwrap_or_default();
-            anyhow::bail!("{status}: {body}");
+        let mut url = format!("{}{path}", api.admin_url.trim_end_matches('/'));
+        if !query.is_empty() {
+            url.push('?');
+            url.push_str(
+                &form_urlencoded::Serializer::new(String::new())
+                    .extend_pairs(query)
+                    .finish(),
+            );
         }
-        while let Some(chunk) = response
-            .chunk()
+        let trust = sluice_gateway::tls::BackendTrust::load(
+            api.ca_file.as_deref(),
+            api.client_cert.as_deref().zip(api.client_key.as_deref()),
+        )?;
+        let target = Target::resolve(&url)
             .await
-            .context("the export was cut off before its end")?
-        {
-            sink.write_all(&chunk)?;
+            .map_err(|e| anyhow::anyhow!("{e}"))?
+            .trusting(&trust);
+        let authorization = format!("Bearer {}", api.token);
+        // An error's answer is kept (its start) to be said; an export's is written out.
+        let mut refusal = Vec::new();
+        let status = Outbound::default()
+            .stream(
+                &target,
+                "GET",
+                &[("authorization", &authorization)],
+                EXPORT_READ_TIMEOUT,
+                |status, chunk| match status {
+                    200..300 => sink.write_all(chunk).map_err(|e| e.to_string()),
+                    _ => {
+                        refusal.extend(chunk.iter().take(4096 - refusal.len().min(4096)));
+                        Ok(())
+                    }
+                },
+            )
+            .await
+            .map_err(|e| anyhow::anyhow!("{}: {e}", api.admin_url))
+            .context("the export could not be read to its end")?;
+        if !(200..300).contains(&status) {
+            anyhow::bail!("{status}: {}", String::from_utf8_lossy(&refusal));
         }
         sink.flush()?;
         Ok(())

@@ -48,9 +48,21 @@ impl Outbound {
         body: Option<Bytes>,
         timeout: Duration,
     ) -> Result<Answer, String> {
-        tokio::time::timeout(timeout, self.send_unbounded(peer, request, body))
+        let mut answer = BytesMut::new();
+        let read_whole = |_status: u16, chunk: &[u8]| {
+            if answer.len() + chunk.len() > MAX_ANSWER_BYTES {
+                return Err(format!("answer larger than {MAX_ANSWER_BYTES} bytes"));
+            }
+            answer.extend_from_slice(chunk);
+            Ok(())
+        };
+        let status = tokio::time::timeout(timeout, self.exchange(peer, request, body, read_whole))
             .await
-            .map_err(|_| format!("no answer within {timeout:?}"))?
+            .map_err(|_| format!("no answer within {timeout:?}"))??;
+        Ok(Answer {
+            status,
+            body: answer.freeze(),
+        })
     }
 
     /// `method url` with `headers` (and `body`), within `timeout`, its host resolved now.
@@ -76,32 +88,33 @@ impl Outbound {
         body: Option<Bytes>,
         timeout: Duration,
     ) -> Result<Answer, String> {
-        let mut peer = target.peer.clone();
-        peer.options.connection_timeout = Some(timeout);
-        peer.options.read_timeout = Some(timeout);
-        let mut request = RequestHeader::build(method, target.path.as_bytes(), None)
-            .map_err(|e| e.to_string())?;
-        let set = |request: &mut RequestHeader, name: &str, value: &str| {
-            request
-                .insert_header(name.to_owned(), value)
-                .map_err(|e| e.to_string())
-        };
-        set(&mut request, "host", &target.host)?;
-        for (name, value) in headers {
-            set(&mut request, name, value)?;
-        }
-        if let Some(body) = &body {
-            set(&mut request, "content-length", &body.len().to_string())?;
-        }
+        let (peer, request) = target.request(method, headers, body.as_ref(), timeout)?;
         self.send(&peer, request, body, timeout).await
     }
 
-    async fn send_unbounded(
+    /// `method` on `target` with `headers`, the answer's status and body handed to `sink`
+    /// piece by piece as they arrive, so that an answer of any size is never held here (an
+    /// export). `read_timeout` bounds the connection and each read, not the whole answer.
+    pub async fn stream(
+        &self,
+        target: &Target,
+        method: &str,
+        headers: &[(&str, &str)],
+        read_timeout: Duration,
+        sink: impl FnMut(u16, &[u8]) -> Result<(), String>,
+    ) -> Result<u16, String> {
+        let (peer, request) = target.request(method, headers, None, read_timeout)?;
+        self.exchange(&peer, request, None, sink).await
+    }
+
+    /// One request and its answer: the status, with each piece of the body given to `sink`.
+    async fn exchange(
         &self,
         peer: &HttpPeer,
         request: RequestHeader,
         body: Option<Bytes>,
-    ) -> Result<Answer, String> {
+        mut sink: impl FnMut(u16, &[u8]) -> Result<(), String>,
+    ) -> Result<u16, String> {
         // HTTP/1.1 even to a backend whose requests go over HTTP/2: this connector reads
         // HTTP/1 answers only.
         let mut peer = peer.clone();
@@ -124,20 +137,13 @@ impl Outbound {
         let status = session
             .resp_header()
             .map_or(0, |header| header.status.as_u16());
-        let mut answer = BytesMut::new();
         while let Some(chunk) = session.read_body_bytes().await.map_err(|e| e.to_string())? {
-            if answer.len() + chunk.len() > MAX_ANSWER_BYTES {
-                return Err(format!("answer larger than {MAX_ANSWER_BYTES} bytes"));
-            }
-            answer.extend_from_slice(&chunk);
+            sink(status, &chunk)?;
         }
         self.connector
             .release_http_session(session, peer, Some(Duration::from_secs(60)))
             .await;
-        Ok(Answer {
-            status,
-            body: answer.freeze(),
-        })
+        Ok(status)
     }
 }
 
@@ -179,5 +185,44 @@ impl Target {
             host: authority.as_str().to_owned(),
             path: uri.path_and_query().map_or("/", |p| p.as_str()).to_owned(),
         })
+    }
+
+    /// The same URL, its `https://` server checked against `trust`'s CA (instead of the
+    /// system's roots) and shown its client certificate, when it has them.
+    pub fn trusting(mut self, trust: &crate::tls::BackendTrust) -> Target {
+        if trust.ca.is_some() {
+            self.peer.options.ca = trust.ca.clone();
+        }
+        self.peer.client_cert_key = trust.client_cert.clone();
+        self
+    }
+
+    /// Where to send `method` with `headers` (and a body of `body`'s length), each wait
+    /// bounded by `timeout`, and the request's header.
+    fn request(
+        &self,
+        method: &str,
+        headers: &[(&str, &str)],
+        body: Option<&Bytes>,
+        timeout: Duration,
+    ) -> Result<(HttpPeer, RequestHeader), String> {
+        let mut peer = self.peer.clone();
+        peer.options.connection_timeout = Some(timeout);
+        peer.options.read_timeout = Some(timeout);
+        let mut request =
+            RequestHeader::build(method, self.path.as_bytes(), None).map_err(|e| e.to_string())?;
+        let set = |request: &mut RequestHeader, name: &str, value: &str| {
+            request
+                .insert_header(name.to_owned(), value)
+                .map_err(|e| e.to_string())
+        };
+        set(&mut request, "host", &self.host)?;
+        for (name, value) in headers {
+            set(&mut request, name, value)?;
+        }
+        if let Some(body) = body {
+            set(&mut request, "content-length", &body.len().to_string())?;
+        }
+        Ok((peer, request))
     }
 }

@@ -16,9 +16,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-/// Makes ring the process's TLS provider. Pingora, the admin listener and reqwest (built
-/// without a provider of its own, so that aws-lc-rs is not compiled) all take it from here;
-/// it must run before the first TLS client or server is built. Idempotent.
+/// Makes ring the process's TLS provider (so that aws-lc-rs is not compiled). Pingora and
+/// the admin listener take it from here; it must run before the first TLS client or server
+/// is built. Idempotent.
 pub fn install_crypto_provider() {
     let _ = rustls::crypto::ring::default_provider().install_default();
 }

@@ -660,6 +660,105 @@ async fn the_admin_listener_admits_only_client_certificates_from_its_ca_and_stil
     );
     // The proxy listener asks no client certificate.
     assert!(trusted_by(&gw.url, server_ca.cert()));
+
+    // The CLI's exports reach it with the operators' certificate and the server's CA, and
+    // say why when either is missing. First a key and one answer (both listeners are on
+    // TLS, which this harness's plain client does not speak: curl does it).
+    let curl = |url: String, bearer: &str, body: Value, client: bool| -> Value {
+        let mut curl = Command::new("curl");
+        curl.args(["-sf", "--max-time", "10", "--cacert"])
+            .arg(server_ca.cert())
+            .args(["-H", &format!("authorization: Bearer {bearer}")])
+            .args([
+                "-H",
+                "content-type: application/json",
+                "-d",
+                &body.to_string(),
+            ]);
+        if client {
+            curl.arg("--cert")
+                .arg(&operator.cert)
+                .arg("--key")
+                .arg(&operator.key);
+        }
+        let out = curl.arg(url).output().unwrap();
+        assert!(out.status.success(), "{out:?}");
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    let created = curl(
+        format!("{}/admin/v1/keys", gw.admin_url),
+        sluice_e2e::ADMIN_TOKEN,
+        json!({"name": "cli", "tenant": "cli-tenant", "tier": "pro"}),
+        true,
+    );
+    let key = created["key"].as_str().unwrap();
+    let answer = curl(
+        format!("{}/v1/chat/completions", gw.url),
+        key,
+        json!({"model": SIM_MODEL, "max_tokens": 4, "messages": [{"role": "user", "content": "hi"}]}),
+        false,
+    );
+    assert_eq!(answer["object"], "chat.completion", "{answer}");
+    let export = |cert: Option<&sluice_e2e::tls::Leaf>, ca: bool| {
+        let out = tempfile::tempdir().unwrap();
+        let file = out.path().join("usage.jsonl");
+        let mut cli = Command::new(sluice_e2e::binary("sluice"));
+        cli.args([
+            "billing",
+            "export",
+            "--group-by",
+            "event",
+            "--format",
+            "jsonl",
+            "--admin-url",
+        ])
+        .arg(&gw.admin_url)
+        .arg("-o")
+        .arg(&file)
+        .env("SLUICE_ADMIN_TOKEN", sluice_e2e::ADMIN_TOKEN);
+        if ca {
+            cli.arg("--ca-file").arg(server_ca.cert());
+        }
+        if let Some(leaf) = cert {
+            cli.arg("--client-cert")
+                .arg(&leaf.cert)
+                .arg("--client-key")
+                .arg(&leaf.key);
+        }
+        let run = cli.output().unwrap();
+        let text = std::fs::read_to_string(&file).ok();
+        (
+            run.status.success(),
+            text,
+            String::from_utf8_lossy(&run.stderr).into_owned(),
+        )
+    };
+    let mut rows = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while rows.is_empty() {
+        let (ok, text, stderr) = export(Some(&operator), true);
+        assert!(ok, "{stderr}");
+        rows = text
+            .unwrap()
+            .lines()
+            .map(|line| serde_json::from_str::<Value>(line).unwrap())
+            .collect();
+        assert!(
+            Instant::now() < deadline,
+            "the answer never reached the export"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(rows.len(), 1, "{rows:?}");
+    assert_eq!(rows[0]["tenant"], "cli-tenant", "{rows:?}");
+    let (ok, text, stderr) = export(None, true);
+    assert!(!ok && text.is_none(), "no client certificate: {stderr}");
+    assert!(stderr.contains(&gw.admin_url), "{stderr}");
+    let (ok, text, stderr) = export(Some(&operator), false);
+    assert!(
+        !ok && text.is_none(),
+        "a server the system's roots do not know: {stderr}"
+    );
 }
 
 /// `[server] h2c = true`: HTTP/2 without TLS for clients that know it (prior knowledge),

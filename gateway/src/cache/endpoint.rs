@@ -3,14 +3,20 @@
 //! failure is the caller's miss.
 
 use crate::outbound::{Outbound, Target};
+use arc_swap::ArcSwapOption;
 use serde::de::DeserializeOwned;
-use std::time::Duration;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// How long a resolved URL is used before its host is looked up again, so that a service
+/// whose address changes is followed.
+const RESOLVE_AGAIN_AFTER: Duration = Duration::from_secs(30);
 
 pub struct JsonEndpoint {
     http: Outbound,
     pub url: String,
-    /// The URL resolved at the first call (and again after a failed resolution).
-    target: tokio::sync::OnceCell<Target>,
+    /// The URL as last resolved, and when (see [`RESOLVE_AGAIN_AFTER`]).
+    target: ArcSwapOption<(Target, Instant)>,
     authorization: Option<String>,
     timeout: Duration,
 }
@@ -32,7 +38,7 @@ impl JsonEndpoint {
         JsonEndpoint {
             http: Outbound::default(),
             url,
-            target: tokio::sync::OnceCell::new(),
+            target: ArcSwapOption::empty(),
             authorization: api_key.map(|key| format!("Bearer {key}")),
             timeout,
         }
@@ -44,11 +50,7 @@ impl JsonEndpoint {
         &self,
         body: &serde_json::Value,
     ) -> Result<T, EndpointError> {
-        let target = self
-            .target
-            .get_or_try_init(|| Target::resolve(&self.url))
-            .await
-            .map_err(EndpointError::Http)?;
+        let target = self.target().await.map_err(EndpointError::Http)?;
         let mut headers = vec![("content-type", "application/json")];
         if let Some(authorization) = &self.authorization {
             headers.push(("authorization", authorization));
@@ -56,7 +58,7 @@ impl JsonEndpoint {
         let body = serde_json::to_vec(body)?;
         let answer = self
             .http
-            .call_target(target, "POST", &headers, Some(body.into()), self.timeout)
+            .call_target(&target.0, "POST", &headers, Some(body.into()), self.timeout)
             .await
             .map_err(EndpointError::Http)?;
         if !answer.is_success() {
@@ -69,5 +71,30 @@ impl JsonEndpoint {
             });
         }
         Ok(serde_json::from_slice(&answer.body)?)
+    }
+
+    /// The resolved URL: looked up at the first call and again once it is
+    /// [`RESOLVE_AGAIN_AFTER`] old. A lookup that fails keeps the last address for another
+    /// while (so a resolver outage costs one lookup per period, not one per request).
+    async fn target(&self) -> Result<Arc<(Target, Instant)>, String> {
+        let last = self.target.load_full();
+        if let Some(last) = last
+            .as_ref()
+            .filter(|t| t.1.elapsed() < RESOLVE_AGAIN_AFTER)
+        {
+            return Ok(last.clone());
+        }
+        let fresh = match Target::resolve(&self.url).await {
+            Ok(target) => Arc::new((target, Instant::now())),
+            Err(e) => match last {
+                Some(last) => {
+                    tracing::warn!(url = %self.url, error = %e, "cannot resolve again; keeping the last address");
+                    Arc::new((last.0.clone(), Instant::now()))
+                }
+                None => return Err(e),
+            },
+        };
+        self.target.store(Some(fresh.clone()));
+        Ok(fresh)
     }
 }
