@@ -766,11 +766,13 @@ fn resolve_verification(c: &CacheSection, env: Env) -> Result<VerificationConfig
 }
 
 fn socket_addr(field: &str, value: &str) -> Result<SocketAddr, ConfigError> {
-    value
-        .to_socket_addrs()
-        .ok()
-        .and_then(|mut addrs| addrs.next())
-        .ok_or_else(|| invalid(field, format!("'{value}' is not a host:port address")))
+    match value.to_socket_addrs() {
+        Ok(mut addrs) => addrs
+            .next()
+            .ok_or_else(|| invalid(field, format!("'{value}' resolves to no address"))),
+        // A name that does not resolve says so, not that the address is malformed.
+        Err(e) => Err(invalid(field, format!("'{value}': {e}"))),
+    }
 }
 
 /// Which JWTs a `[auth.*]` section verifies.
