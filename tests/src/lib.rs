@@ -644,6 +644,28 @@ hs256_secret = "{ADMIN_JWT_SECRET}"
         self.process.log_tail()
     }
 
+    /// The access log lines (`sluice::access`) in the gateway's log so far, as JSON.
+    pub fn access_log(&self) -> Vec<Value> {
+        self.log()
+            .lines()
+            .filter_map(|line| serde_json::from_str::<Value>(line).ok())
+            .filter(|line| line["target"] == "sluice::access")
+            .collect()
+    }
+
+    /// The admin listener's `/metrics` (Prometheus text), read as the admin.
+    pub async fn admin_metrics(&self) -> String {
+        self.http
+            .get(format!("{}/metrics", self.admin_url))
+            .bearer_auth(ADMIN_TOKEN)
+            .send()
+            .await
+            .expect("the admin listener answers")
+            .text()
+            .await
+            .expect("a metrics page")
+    }
+
     /// The gateway process's resident memory now, in bytes.
     pub fn rss_bytes(&self) -> u64 {
         let status = std::fs::read_to_string(format!("/proc/{}/status", self.process.child.id()))

@@ -271,7 +271,7 @@ async fn past_the_in_flight_mark_requests_are_shed() {
         r.text().await.unwrap();
     }
     assert_eq!(status_of(&gw, &key).await, 200);
-    let metrics = admin_metrics(&gw).await;
+    let metrics = gw.admin_metrics().await;
     assert!(
         metrics.contains("sluice_requests_shed_total{mark=\"in_flight\"} 1"),
         "{metrics}"
@@ -394,18 +394,6 @@ async fn cache_flood_case(store: StoreKind) {
     }
 }
 
-async fn admin_metrics(gw: &Gateway) -> String {
-    gw.http
-        .get(format!("{}/metrics", gw.admin_url))
-        .bearer_auth(sluice_e2e::ADMIN_TOKEN)
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap()
-}
-
 /// Reads from `tcp` until the peer closes it (true) or `limit` passes or bytes arrive
 /// (false): whether the gateway hung up without answering.
 async fn closed_unanswered(tcp: &mut TcpStream, limit: Duration) -> bool {
@@ -443,7 +431,8 @@ async fn proxy_connections_are_capped_and_idle_ones_closed() {
     let address = gw.url.trim_start_matches("http://").to_owned();
     // The start-up health probe's connection is gone before the places are taken.
     let deadline = Instant::now() + Duration::from_secs(20);
-    while !admin_metrics(&gw)
+    while !gw
+        .admin_metrics()
         .await
         .contains("sluice_connections_open 0")
     {
@@ -465,7 +454,7 @@ async fn proxy_connections_are_capped_and_idle_ones_closed() {
         closed_unanswered(&mut fourth, Duration::from_secs(5)).await,
         "a connection past max_connections is closed on arrival"
     );
-    let metrics = admin_metrics(&gw).await;
+    let metrics = gw.admin_metrics().await;
     assert!(
         metrics.contains("sluice_connections_refused_total 1"),
         "{metrics}"

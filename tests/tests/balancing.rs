@@ -506,16 +506,7 @@ async fn a_backend_named_by_host_follows_the_name_when_its_address_changes() {
         before,
         "the old one got nothing"
     );
-    let metrics = gw
-        .http
-        .get(format!("{}/metrics", gw.admin_url))
-        .bearer_auth(sluice_e2e::ADMIN_TOKEN)
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = gw.admin_metrics().await;
     assert!(
         metrics.contains("sluice_backend_address_changes_total{backend=\"named\"} 1"),
         "{metrics}"

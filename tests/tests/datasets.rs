@@ -329,16 +329,7 @@ async fn an_answer_past_the_capture_bound_is_answered_but_not_kept() {
     assert!(!answer.is_empty());
     let text = wait_for_lines(&gw, 1).await;
     assert!(text.contains(&kept), "{text}");
-    let metrics = gw
-        .http
-        .get(format!("{}/metrics", gw.admin_url))
-        .bearer_auth(ADMIN_TOKEN)
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = gw.admin_metrics().await;
     assert!(
         metrics.contains("sluice_dataset_captures_total{outcome=\"too_large\"} 1"),
         "{metrics}"

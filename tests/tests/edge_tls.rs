@@ -437,15 +437,14 @@ models = ["{SIM_MODEL}"]
     assert!(text.contains("data: [DONE]"), "{text}");
     // The inner gateway served both over HTTP/2, to its own key (its access log is written
     // in batches, within moments).
-    let chats = |log: &str| -> Vec<Value> {
-        log.lines()
-            .filter_map(|line| serde_json::from_str::<Value>(line).ok())
-            .filter(|line| line["target"] == "sluice::access" && line["model"] == SIM_MODEL)
-            .collect()
+    let chats = || -> Vec<Value> {
+        let mut lines = inner.access_log();
+        lines.retain(|line| line["model"] == SIM_MODEL);
+        lines
     };
-    wait_until("the inner access log", || chats(&inner.log()).len() >= 2).await;
+    wait_until("the inner access log", || chats().len() >= 2).await;
     let inner_log = inner.log();
-    let served = chats(&inner_log);
+    let served = chats();
     assert_eq!(served.len(), 2, "{inner_log}");
     for line in &served {
         assert_eq!(line["protocol"], "HTTP/2", "{line}");
@@ -569,19 +568,14 @@ models = ["big-model"]
         }
         assert_eq!(provider.requests().len(), 1, "{mode}: asked once");
         // The inner gateway was spoken to over HTTP/2.
-        wait_until("the inner access log", || {
-            inner.log().lines().any(|line| {
-                serde_json::from_str::<Value>(line)
-                    .is_ok_and(|l| l["target"] == "sluice::access" && l["model"] == "big-model")
-            })
-        })
-        .await;
-        let inner_log = inner.log();
-        let line = inner_log
-            .lines()
-            .filter_map(|line| serde_json::from_str::<Value>(line).ok())
-            .find(|l| l["target"] == "sluice::access" && l["model"] == "big-model")
-            .unwrap();
+        let asked = || {
+            inner
+                .access_log()
+                .into_iter()
+                .find(|line| line["model"] == "big-model")
+        };
+        wait_until("the inner access log", || asked().is_some()).await;
+        let line = asked().unwrap();
         assert_eq!(line["protocol"], "HTTP/2", "{line}");
         assert_eq!(line["status"], 400, "{line}");
     }

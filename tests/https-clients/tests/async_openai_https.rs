@@ -8,7 +8,6 @@ use async_openai::types::chat::{
     CreateChatCompletionRequestArgs,
 };
 use futures::StreamExt;
-use serde_json::Value;
 use sluice_e2e::tls::Ca;
 use sluice_e2e::{Backend, Gateway, GatewayOptions, StoreKind, SIM_MODEL};
 use std::time::{Duration, Instant};
@@ -46,11 +45,10 @@ fn request(stream: bool) -> CreateChatCompletionRequest {
 
 /// The protocol of each chat request in the gateway's access log.
 fn protocols(gw: &Gateway) -> Vec<String> {
-    gw.log()
-        .lines()
-        .filter_map(|line| serde_json::from_str::<Value>(line).ok())
-        .filter(|l| l["target"] == "sluice::access" && l["model"] == SIM_MODEL)
-        .map(|l| l["protocol"].as_str().unwrap_or_default().to_owned())
+    gw.access_log()
+        .into_iter()
+        .filter(|line| line["model"] == SIM_MODEL)
+        .map(|line| line["protocol"].as_str().unwrap_or_default().to_owned())
         .collect()
 }
 
