@@ -178,7 +178,24 @@ impl Gateway {
         let tenants = Tenants::new(self.store.tenants().await?);
         self.tenants.store(Arc::new(tenants));
         let mut pool = Vec::new();
+        let current = self.upstreams.backends();
         for (name, record) in self.store.backend_changes().await? {
+            // One in the pool as stored is kept as it is: its files are not read nor its
+            // host looked up again on every change to the store (it follows its name on
+            // its own, see `Upstreams::follow_addresses`).
+            let record = record.map(|mut spec| {
+                spec.name = Some(name.clone());
+                spec
+            });
+            let unchanged = record.as_ref().and_then(|spec| {
+                current
+                    .iter()
+                    .find(|b| b.name == name && &b.config.spec == spec)
+            });
+            if let Some(kept) = unchanged {
+                pool.push((name, Some(kept.config.clone())));
+                continue;
+            }
             let backend = match record {
                 Some(spec) => match crate::config::backend(&name, spec) {
                     Ok(backend) => Some(backend),

@@ -31,6 +31,7 @@ pub struct Metrics {
     certificate_reloads: IntCounterVec,
     upstream_backoffs: IntCounterVec,
     backend_address_changes: IntCounterVec,
+    fallbacks: IntCounterVec,
     redis_calls: HistogramVec,
     redis_errors: IntCounterVec,
     shed: IntCounterVec,
@@ -230,6 +231,12 @@ impl Metrics {
                 "Times a backend's host name, looked up again ([balancer] dns_refresh_secs), no longer gave the address in use, so its requests moved to a new one, by backend.",
                 &["backend"],
             ),
+            fallbacks: counter(
+                &r,
+                "sluice_fallbacks_total",
+                "Requests a [fallbacks] chain moved to another model before any byte reached the client, by the model asked for (from) and the one tried next (to).",
+                &["from", "to"],
+            ),
             redis_calls: histogram(
                 &r,
                 "sluice_redis_call_duration_seconds",
@@ -350,6 +357,10 @@ impl Metrics {
 
     pub fn record_upstream_backoff(&self, backend: &str) {
         self.upstream_backoffs.with_label_values(&[backend]).inc();
+    }
+
+    pub fn record_fallback(&self, from: &str, to: &str) {
+        self.fallbacks.with_label_values(&[from, to]).inc();
     }
 
     pub fn record_backend_address_change(&self, backend: &str) {

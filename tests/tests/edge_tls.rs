@@ -254,23 +254,22 @@ async fn wait_events(gw: &Gateway, count: usize) -> Vec<Value> {
     panic!("the export never held {count} events:\n{}", gw.log());
 }
 
-#[tokio::test]
-async fn a_hosted_api_over_https_gets_its_own_key_and_a_rate_limited_one_falls_back() {
+/// Each gateway this test starts gets a store of its own from `store`.
+async fn a_hosted_api_gets_its_own_key_and_falls_back(store: impl Fn() -> StoreKind) {
     let ca = Ca::new("provider-ca").unwrap();
     let provider_key = "sk-provider-0123456789";
     let prefix = "/openai/v1";
     let (serving, port) = Provider::start(&ca, provider_key, "serve", prefix).await;
     let backend = Backend::start().await.unwrap();
-    let data = tempfile::tempdir().unwrap();
-    let options = |port: u16, data: &Path| GatewayOptions {
+    let options = |port: u16| GatewayOptions {
         extra_config: format!(
             "{PRICES}{}\n[fallbacks]\n\"big-model\" = [\"{SIM_MODEL}\"]\n",
             hosted_backend(port, &ca, prefix)
         ),
         env: vec![("SLUICE_TEST_PROVIDER_KEY".into(), provider_key.into())],
-        ..GatewayOptions::new(&backend, StoreKind::Embedded(data.to_owned()))
+        ..GatewayOptions::new(&backend, store())
     };
-    let gw = Gateway::start(options(port, data.path())).await.unwrap();
+    let gw = Gateway::start(options(port)).await.unwrap();
     let (_, key) = gw.create_key("hosted-tenant", "free").await.unwrap();
 
     let answer = chat(&gw, &key, "big-model").await;
@@ -311,10 +310,7 @@ async fn a_hosted_api_over_https_gets_its_own_key_and_a_rate_limited_one_falls_b
     // A provider that answers 429: the request goes to the fallback model, once; the next
     // one does not knock on the provider while its Retry-After runs.
     let (limited, limited_port) = Provider::start(&ca, provider_key, "429", prefix).await;
-    let data = tempfile::tempdir().unwrap();
-    let gw = Gateway::start(options(limited_port, data.path()))
-        .await
-        .unwrap();
+    let gw = Gateway::start(options(limited_port)).await.unwrap();
     let (_, key) = gw.create_key("hosted-tenant", "free").await.unwrap();
     for _ in 0..2 {
         let answer = chat(&gw, &key, "big-model").await;
@@ -324,6 +320,17 @@ async fn a_hosted_api_over_https_gets_its_own_key_and_a_rate_limited_one_falls_b
         assert_eq!(body["model"], SIM_MODEL, "the fallback model answered");
     }
     assert_eq!(limited.requests().len(), 1, "backed off after its 429");
+    let metrics = gw.admin_metrics().await;
+    let fallbacks = metrics
+        .lines()
+        .find(|line| line.starts_with("sluice_fallbacks_total{"))
+        .unwrap_or_default();
+    assert!(
+        fallbacks.contains("from=\"big-model\"")
+            && fallbacks.contains(&format!("to=\"{SIM_MODEL}\""))
+            && fallbacks.ends_with(" 2"),
+        "{metrics}"
+    );
     let events = wait_events(&gw, 2).await;
     for event in &events {
         assert_eq!(event["model"], SIM_MODEL, "{event}");
@@ -341,10 +348,7 @@ async fn a_hosted_api_over_https_gets_its_own_key_and_a_rate_limited_one_falls_b
     // fallback model; one that finds a mistake in the request: the client hears it as said.
     for (mode, status) in [("context", 200), ("bad", 400)] {
         let (refusing, refusing_port) = Provider::start(&ca, provider_key, mode, prefix).await;
-        let data = tempfile::tempdir().unwrap();
-        let gw = Gateway::start(options(refusing_port, data.path()))
-            .await
-            .unwrap();
+        let gw = Gateway::start(options(refusing_port)).await.unwrap();
         let (_, key) = gw.create_key("hosted-tenant", "free").await.unwrap();
         let answer = chat(&gw, &key, "big-model").await;
         assert_eq!(answer.status(), status, "{mode}\n{}", gw.log());
@@ -362,6 +366,22 @@ async fn a_hosted_api_over_https_gets_its_own_key_and_a_rate_limited_one_falls_b
     assert_eq!(refused.status(), 503);
     let (kind, _code, message) = sluice_e2e::openai_error(refused).await.unwrap();
     assert!(!message.is_empty() && !kind.is_empty(), "{message}");
+}
+
+#[tokio::test]
+async fn a_hosted_api_over_https_gets_its_own_key_and_a_rate_limited_one_falls_back() {
+    let data = tempfile::tempdir().unwrap();
+    let count = std::sync::atomic::AtomicUsize::new(0);
+    a_hosted_api_gets_its_own_key_and_falls_back(|| {
+        let n = count.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        StoreKind::Embedded(data.path().join(n.to_string()))
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_hosted_api_over_https_gets_its_own_key_and_falls_back_on_redis() {
+    a_hosted_api_gets_its_own_key_and_falls_back(StoreKind::fresh_redis).await;
 }
 
 /// Sluice in front of Sluice: the inner one on HTTPS with HTTP/2, the outer one speaking

@@ -562,6 +562,7 @@ impl Proxy {
                 continue;
             };
             tracing::info!(from = ?ctx.model, to = %model, request_id = %ctx.request_id, "falling back to another model");
+            crate::metrics::get().record_fallback(ctx.model.as_deref().unwrap_or(""), &model);
             ctx.model = Some(model);
             ctx.model_route = Some(route);
             ctx.fell_back = true;
