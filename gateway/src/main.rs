@@ -218,6 +218,8 @@ fn datasets(command: DatasetsCommand) -> anyhow::Result<()> {
 
 /// The longest wait to connect to the admin API, and between two pieces of an export.
 const EXPORT_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+/// How much of a refusal's answer is quoted.
+const REFUSAL_BYTES: usize = 4096;
 
 /// Writes what an admin API export answers to stdout or a file, as it arrives (an export of
 /// millions of lines is never held here); into a file beside the output first, renamed into
@@ -270,7 +272,8 @@ fn download(
                 |status, chunk| match status {
                     200..300 => sink.write_all(chunk).map_err(|e| e.to_string()),
                     _ => {
-                        refusal.extend(chunk.iter().take(4096 - refusal.len().min(4096)));
+                        let room = REFUSAL_BYTES.saturating_sub(refusal.len());
+                        refusal.extend_from_slice(&chunk[..chunk.len().min(room)]);
                         Ok(())
                     }
                 },

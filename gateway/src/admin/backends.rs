@@ -96,10 +96,7 @@ pub(super) fn backend_view(
         name: b.name.clone(),
         url: b.config.url.clone(),
         models: served,
-        kind: match b.config.kind {
-            crate::config::BackendKind::Sluice => "sluice",
-            crate::config::BackendKind::OpenAiCompatible => "openai_compatible",
-        },
+        kind: b.config.kind.name(),
         priority: b.config.priority,
         model_map: b.config.model_map.clone(),
         api_key: b.config.credential.is_some(),

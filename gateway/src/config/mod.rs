@@ -244,6 +244,22 @@ pub enum BackendKind {
     OpenAiCompatible,
 }
 
+impl BackendKind {
+    /// Its name in `kind = "..."` and in the admin API.
+    pub fn name(self) -> &'static str {
+        match self {
+            BackendKind::Sluice => "sluice",
+            BackendKind::OpenAiCompatible => "openai_compatible",
+        }
+    }
+
+    fn named(name: &str) -> Option<BackendKind> {
+        [BackendKind::Sluice, BackendKind::OpenAiCompatible]
+            .into_iter()
+            .find(|kind| kind.name() == name)
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct BackendTls {
     /// The name sent as SNI and checked against the backend's certificate.

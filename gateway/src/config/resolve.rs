@@ -1054,14 +1054,13 @@ pub(super) fn resolve_backend(
         path => path.to_owned(),
     };
     let kind = match b.kind.as_deref() {
-        None | Some("sluice") => BackendKind::Sluice,
-        Some("openai_compatible") => BackendKind::OpenAiCompatible,
-        Some(other) => {
-            return Err(invalid(
+        None => BackendKind::Sluice,
+        Some(name) => BackendKind::named(name).ok_or_else(|| {
+            invalid(
                 format!("{field}.kind"),
-                format!("'{other}' is not sluice or openai_compatible"),
-            ))
-        }
+                format!("'{name}' is not sluice or openai_compatible"),
+            )
+        })?,
     };
     for (i, m) in b.models.iter().enumerate() {
         if m.is_empty() {
