@@ -27,5 +27,6 @@ pub mod server;
 pub mod store;
 pub mod tls;
 pub mod traces;
+pub mod traffic;
 pub mod upstream;
 pub mod usage;

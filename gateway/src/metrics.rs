@@ -9,9 +9,11 @@
 //! Labels are bounded: route, model (only models the gateway serves), tier, status code,
 //! cache status, limit kind, Redis command, backend name. Never a key, tenant or prompt.
 
+use prometheus::core::Collector;
 use prometheus::{
     Encoder, HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry, TextEncoder,
 };
+use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::sync::LazyLock;
 use std::time::Duration;
@@ -42,7 +44,7 @@ pub struct Metrics {
 }
 
 /// Request latencies: 1 ms to 2 minutes.
-const LATENCY_BUCKETS: &[f64] = &[
+pub const LATENCY_BUCKETS: &[f64] = &[
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0,
 ];
 /// Redis round trips: 50 µs to 1 s.
@@ -384,6 +386,41 @@ impl Metrics {
         }
     }
 
+    /// What live traffic (`crate::traffic`) takes differences of: the requests answered
+    /// so far, summed over every label but status and cache status, their latencies and
+    /// times to first byte per bucket, and the tokens metered.
+    pub fn totals(&self) -> Totals {
+        let mut totals = Totals {
+            duration: vec![0; LATENCY_BUCKETS.len() + 1],
+            first_byte: vec![0; LATENCY_BUCKETS.len() + 1],
+            ..Totals::default()
+        };
+        for family in self.requests.collect() {
+            for m in family.get_metric() {
+                let n = m.get_counter().get_value() as u64;
+                if let Some(status) = label(m, "status").and_then(|s| s.parse().ok()) {
+                    *totals.by_status.entry(status).or_default() += n;
+                }
+                if let Some(cache) = label(m, "cache") {
+                    *totals.by_cache.entry(cache.to_owned()).or_default() += n;
+                }
+            }
+        }
+        add_buckets(&self.duration, &mut totals.duration);
+        add_buckets(&self.first_byte, &mut totals.first_byte);
+        for family in self.tokens.collect() {
+            for m in family.get_metric() {
+                let n = m.get_counter().get_value() as u64;
+                match label(m, "kind") {
+                    Some("prompt") => totals.prompt_tokens += n,
+                    Some("completion") => totals.completion_tokens += n,
+                    _ => {}
+                }
+            }
+        }
+        totals
+    }
+
     /// The text exposition: the counters above, then `state` as read at scrape time.
     pub fn render(&self, state: &ScrapeState) -> String {
         let mut out = Vec::new();
@@ -393,6 +430,53 @@ impl Metrics {
         let mut out = String::from_utf8(out).expect("the text exposition is UTF-8");
         render_state(&mut out, state);
         out
+    }
+}
+
+/// What this process has counted since it started (see [`Metrics::totals`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Totals {
+    pub by_status: BTreeMap<u16, u64>,
+    /// By `x-sluice-cache` status (`hit`, `semantic`, `miss`; empty for requests the cache
+    /// did not look at).
+    pub by_cache: BTreeMap<String, u64>,
+    /// Requests per latency bucket, not cumulative: one per [`LATENCY_BUCKETS`] bound (at
+    /// most that long), then one for longer.
+    pub duration: Vec<u64>,
+    /// The same for the time to the first byte of the answer.
+    pub first_byte: Vec<u64>,
+    pub prompt_tokens: u64,
+    pub completion_tokens: u64,
+}
+
+fn label<'a>(metric: &'a prometheus::proto::Metric, name: &str) -> Option<&'a str> {
+    metric
+        .get_label()
+        .iter()
+        .find(|l| l.name() == name)
+        .map(|l| l.value())
+}
+
+/// Adds each series of `histogram`, per bucket and not cumulative, to `into` (one slot per
+/// bound, then one past the last).
+fn add_buckets(histogram: &HistogramVec, into: &mut [u64]) {
+    for family in histogram.collect() {
+        for m in family.get_metric() {
+            let h = m.get_histogram();
+            let mut below = 0;
+            let finite = h
+                .get_bucket()
+                .iter()
+                .filter(|b| b.upper_bound().is_finite());
+            for (slot, bucket) in into.iter_mut().zip(finite) {
+                let cumulative = bucket.cumulative_count();
+                *slot += cumulative.saturating_sub(below);
+                below = cumulative;
+            }
+            if let Some(last) = into.last_mut() {
+                *last += h.get_sample_count().saturating_sub(below);
+            }
+        }
     }
 }
 

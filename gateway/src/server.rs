@@ -64,6 +64,7 @@ pub fn run(config: Config) -> anyhow::Result<()> {
     support.spawn(gateway.clone().follow_changes());
     support.spawn(gateway.admission.clone().run());
     support.spawn(gateway.datasets.clone().run());
+    support.spawn(crate::traffic::record(gateway.store.clone()));
     support.spawn(gateway.cache.clone().follow());
     support.spawn(gateway.upstreams.clone().follow());
     support.spawn(

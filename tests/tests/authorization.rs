@@ -173,6 +173,8 @@ async fn every_admin_route_against_every_credential() {
             true,
         ),
         route(Method::GET, "/admin/v1/usage".into(), None, 200, true),
+        route(Method::GET, "/admin/v1/spend".into(), None, 200, true),
+        route(Method::GET, "/admin/v1/traffic".into(), None, 200, false),
         route(
             Method::GET,
             "/admin/v1/cache/stats".into(),
@@ -338,6 +340,24 @@ async fn a_tenant_viewer_sees_only_its_tenant() {
     let totals = usage["totals"].as_array().unwrap();
     assert_eq!(totals.len(), 1, "{usage}");
     assert_eq!(totals[0]["key_id"], mine.as_str());
+    // This month's spend: its own tenant's budgets and spenders only.
+    let spend: Value = get("/admin/v1/spend".into())
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    for list in ["budgets", "top_keys", "top_tenants"] {
+        let entries = spend[list].as_array().unwrap();
+        assert!(!entries.is_empty(), "{list}: {spend}");
+        assert!(
+            entries.iter().all(|e| e["tenant"] == "mine"),
+            "{list}: {spend}"
+        );
+    }
+    assert_eq!(spend["top_keys"][0]["id"], mine.as_str());
+    // Live traffic is fleet-wide: not a tenant viewer's.
+    assert_eq!(get("/admin/v1/traffic".into()).await.unwrap().status(), 403);
 }
 
 /// A JWT's tenant lives in its own namespace: it cannot be an API-key tenant, and a key

@@ -23,10 +23,10 @@ use utoipa::ToSchema;
 const CHUNK_BYTES: usize = 64 << 10;
 
 /// The usage a query reads (see `billing::source`), with a read failure as the API's error.
-struct Reader(Pages);
+pub(super) struct Reader(Pages);
 
 impl Reader {
-    fn new(gateway: &Gateway, query: &ExportQuery) -> Reader {
+    pub(super) fn new(gateway: &Gateway, query: &ExportQuery) -> Reader {
         Reader(Pages::new(
             gateway.store.clone(),
             gateway.ledger.clone(),
@@ -36,7 +36,7 @@ impl Reader {
         ))
     }
 
-    async fn next(&mut self) -> Result<Option<Vec<Item>>, ApiError> {
+    pub(super) async fn next(&mut self) -> Result<Option<Vec<Item>>, ApiError> {
         self.0.next().await.map_err(|e| {
             tracing::warn!(error = %e, "usage unreadable");
             ApiError::unavailable("usage cannot be read right now; retry shortly")
@@ -47,7 +47,7 @@ impl Reader {
 /// Prices what the caller may see of a page, in order (a key belongs to one tenant, so
 /// usage the caller may not see never changes a visible key's graduated price), and hands
 /// each priced item on: its tally, and for an event the event itself.
-fn price_page(
+pub(super) fn price_page(
     page: Vec<Item>,
     caller: &Caller,
     pricer: &mut Pricer,

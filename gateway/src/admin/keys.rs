@@ -7,11 +7,12 @@ use crate::app::Gateway;
 use crate::error::{ApiError, ApiErrorBody};
 use crate::keys::{new_key_id, KeyRecord, NewSecret};
 use axum::body::Bytes;
-use axum::extract::{Path, State};
+use axum::extract::{Path, Query, State};
 use axum::response::IntoResponse;
 use axum::{Extension, Json};
 use serde::{Deserialize, Serialize};
 use sluice_policies::{Distillation, LimitOverrides, Limits, ModelLimits, ModelLists};
+use std::collections::HashMap;
 use utoipa::ToSchema;
 
 /// A key as the admin API shows it: never its secret or hash.
@@ -69,6 +70,13 @@ pub(super) struct KeyList {
     /// Always `list`.
     object: &'static str,
     data: Vec<KeyView>,
+    /// How many keys match in all (`data` is a page of them when `limit` is given).
+    total: usize,
+    /// Whether more keys match after this page.
+    has_more: bool,
+    /// `after` for the next page; `null` on the last.
+    #[schema(required)]
+    next: Option<String>,
 }
 
 pub(super) fn key_view(gateway: &Gateway, record: &KeyRecord) -> KeyView {
@@ -191,25 +199,178 @@ pub(super) async fn create_key(
     get,
     path = "/admin/v1/keys",
     tag = "keys",
+    params(
+        ("search" = Option<String>, Query, description = "Only keys whose id, name, tenant or display prefix contains this (any case)"),
+        ("tenant" = Option<String>, Query, description = "Only this tenant's keys"),
+        ("tier" = Option<String>, Query, description = "Only keys of this tier"),
+        ("status" = Option<String>, Query, description = "`active` or `revoked`"),
+        ("limit" = Option<usize>, Query, description = "A page of at most this many keys (1 to 1000); without it, every key that matches"),
+        ("after" = Option<String>, Query, description = "The `next` of the page before"),
+    ),
     responses(
-        (status = 200, description = "Every key the caller may see", body = KeyList),
+        (status = 200, description = "The keys the caller may see that match, newest first", body = KeyList),
+        (status = 400, description = "A parameter is invalid", body = ApiErrorBody),
         (status = 503, description = "The store is unavailable", body = ApiErrorBody),
     ),
 )]
 pub(super) async fn list_keys(
     State(gateway): State<AppState>,
     Extension(caller): Extension<Caller>,
+    Query(params): Query<HashMap<String, String>>,
 ) -> Result<Json<KeyList>, ApiError> {
-    let keys = gateway.store.list_keys().await.map_err(store_error)?;
-    let data = keys
-        .iter()
-        .filter(|k| caller.sees(&k.tenant))
-        .map(|k| key_view(&gateway, k))
+    let filter = KeyFilter::parse(&params)?;
+    let mut keys: Vec<KeyRecord> = gateway
+        .store
+        .list_keys()
+        .await
+        .map_err(store_error)?
+        .into_iter()
+        .filter(|k| caller.sees(&k.tenant) && filter.matches(k))
         .collect();
+    keys.sort_by(|a, b| {
+        b.created_at
+            .cmp(&a.created_at)
+            .then_with(|| a.id.cmp(&b.id))
+    });
+    let total = keys.len();
+    let start = match &filter.after {
+        Some(after) => keys.partition_point(|k| !after.is_before(k)),
+        None => 0,
+    };
+    let end = filter
+        .limit
+        .map_or(total, |limit| start.saturating_add(limit).min(total));
+    let page = &keys[start.min(end)..end];
+    let next = match (filter.limit, page.last()) {
+        (Some(_), Some(last)) if end < total => Some(Cursor::of(last).to_string()),
+        _ => None,
+    };
     Ok(Json(KeyList {
         object: "list",
-        data,
+        data: page.iter().map(|k| key_view(&gateway, k)).collect(),
+        total,
+        has_more: next.is_some(),
+        next,
     }))
+}
+
+/// What `GET /admin/v1/keys` was asked to list.
+struct KeyFilter {
+    /// Lowercased.
+    search: Option<String>,
+    tenant: Option<String>,
+    tier: Option<String>,
+    revoked: Option<bool>,
+    limit: Option<usize>,
+    after: Option<Cursor>,
+}
+
+impl KeyFilter {
+    fn parse(params: &HashMap<String, String>) -> Result<KeyFilter, ApiError> {
+        const KNOWN: [&str; 6] = ["search", "tenant", "tier", "status", "limit", "after"];
+        if let Some(unknown) = params.keys().find(|k| !KNOWN.contains(&k.as_str())) {
+            return Err(ApiError::bad_request(format!(
+                "Unknown parameter '{unknown}': keys are listed by {}.",
+                KNOWN.join(", ")
+            )));
+        }
+        let text = |name: &str| params.get(name).filter(|v| !v.is_empty()).cloned();
+        let revoked = match params.get("status").map(String::as_str) {
+            None | Some("") => None,
+            Some("active") => Some(false),
+            Some("revoked") => Some(true),
+            Some(other) => {
+                return Err(ApiError::bad_request(format!(
+                    "'status' is 'active' or 'revoked', not '{other}'."
+                ))
+                .with_param("status"))
+            }
+        };
+        let limit = match params.get("limit") {
+            None => None,
+            Some(v) => Some(
+                v.parse::<usize>()
+                    .ok()
+                    .filter(|n| (1..=1000).contains(n))
+                    .ok_or_else(|| {
+                        ApiError::bad_request(format!(
+                            "'limit' must be a whole number from 1 to 1000, not '{v}'."
+                        ))
+                        .with_param("limit")
+                    })?,
+            ),
+        };
+        let after = match params.get("after") {
+            None => None,
+            Some(v) => Some(v.parse::<Cursor>().map_err(|()| {
+                ApiError::bad_request(format!(
+                    "'after' must be the 'next' of an earlier page, not '{v}'."
+                ))
+                .with_param("after")
+            })?),
+        };
+        Ok(KeyFilter {
+            search: text("search").map(|s| s.to_lowercase()),
+            tenant: text("tenant"),
+            tier: text("tier"),
+            revoked,
+            limit,
+            after,
+        })
+    }
+
+    fn matches(&self, key: &KeyRecord) -> bool {
+        let is = |want: &Option<String>, have: &str| want.as_deref().is_none_or(|w| w == have);
+        is(&self.tenant, &key.tenant)
+            && is(&self.tier, &key.tier)
+            && self.revoked.is_none_or(|r| r == key.is_revoked())
+            && self.search.as_deref().is_none_or(|needle| {
+                [&key.id, &key.name, &key.tenant, &key.display_prefix]
+                    .iter()
+                    .any(|field| field.to_lowercase().contains(needle))
+            })
+    }
+}
+
+/// Where a page of keys ended, in their order (newest first, then by id): `CREATED.ID`.
+/// It names a place in the order rather than a key, so a page goes on from the right place
+/// whatever was created or revoked in between.
+struct Cursor {
+    created_at: i64,
+    id: String,
+}
+
+impl Cursor {
+    fn of(key: &KeyRecord) -> Cursor {
+        Cursor {
+            created_at: key.created_at,
+            id: key.id.clone(),
+        }
+    }
+
+    /// Whether `key` comes after this place in the order.
+    fn is_before(&self, key: &KeyRecord) -> bool {
+        (std::cmp::Reverse(self.created_at), self.id.as_str())
+            < (std::cmp::Reverse(key.created_at), key.id.as_str())
+    }
+}
+
+impl std::fmt::Display for Cursor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}.{}", self.created_at, self.id)
+    }
+}
+
+impl std::str::FromStr for Cursor {
+    type Err = ();
+
+    fn from_str(s: &str) -> Result<Cursor, ()> {
+        let (created_at, id) = s.split_once('.').ok_or(())?;
+        Ok(Cursor {
+            created_at: created_at.parse().map_err(|_| ())?,
+            id: id.to_owned(),
+        })
+    }
 }
 
 pub(super) async fn find_key(gateway: &Gateway, id: &str) -> Result<KeyRecord, ApiError> {

@@ -1,6 +1,7 @@
 //! Who may change what, and where? The admin API, on its own listener: API keys and their
 //! quota (`keys`, `quota`), tenants' limits (`tenants`), tiers (`tiers`), the backend pool
-//! (`backends`), usage and billing exports (`billing`), spend alerts (`alerts`), the response
+//! (`backends`), usage and billing exports (`billing`), this month's spend against budgets
+//! (`spend`), live traffic (`traffic`), spend alerts (`alerts`), the response
 //! cache (`cache`), the distillation dataset (`datasets`), the console (`console`),
 //! `/metrics` (`metrics`), the audit trail of every write (`audit`), and the API's own
 //! OpenAPI document (`openapi`). This file holds the router and authorisation. Every call
@@ -22,9 +23,11 @@ mod listener;
 mod metrics;
 mod openapi;
 mod quota;
+mod spend;
 mod stream;
 mod tenants;
 mod tiers;
+mod traffic;
 
 use crate::app::Gateway;
 use crate::error::ApiError;
@@ -81,6 +84,8 @@ fn routes() -> Routes {
         .routes(routes!(backends::drain_backend, backends::undrain_backend))
         .routes(routes!(billing::billing_export))
         .routes(routes!(billing::usage))
+        .routes(routes!(spend::spend))
+        .routes(routes!(traffic::traffic))
         .routes(routes!(tenants::list_tenants))
         .routes(routes!(tenants::get_tenant, tenants::put_tenant))
         .routes(routes!(tenants::tenant_quota))
@@ -186,6 +191,7 @@ fn scoped_viewer_may_read(path: &str) -> bool {
         || path.starts_with("/admin/v1/keys/")
         || path == "/admin/v1/usage"
         || path == "/admin/v1/billing/export"
+        || path == "/admin/v1/spend"
         || path == "/admin/v1/alerts"
         || path == "/admin/v1/tenants"
         || path.starts_with("/admin/v1/tenants/")

@@ -12,6 +12,7 @@ use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, Tab
 use sluice_policies::ledger::{Admit, Charge, Refresh, Settle, Verdict};
 use sluice_policies::quota::Counters;
 use sluice_policies::{tenants, Tenant, Tier};
+use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -61,6 +62,9 @@ pub struct EmbeddedStore {
     cache: MemoryCache,
     /// One process owns the file, so a counter in memory is the whole truth of "changed".
     epoch: AtomicU64,
+    /// Live traffic buckets (start -> field -> count): one replica's, for the last hour, so
+    /// kept in memory (a restart starts them afresh).
+    traffic: parking_lot::Mutex<BTreeMap<i64, BTreeMap<String, u64>>>,
 }
 
 impl From<redb::Error> for StoreError {
@@ -102,6 +106,7 @@ impl EmbeddedStore {
             quotas: MemoryQuotas::default(),
             cache: MemoryCache::default(),
             epoch: AtomicU64::new(0),
+            traffic: Default::default(),
         })
     }
 
@@ -675,6 +680,18 @@ impl Store for EmbeddedStore {
         Ok(self.quotas.counters(ledger, now_sec, month))
     }
 
+    async fn month_spends(
+        &self,
+        ledgers: &[String],
+        now_sec: i64,
+        month: &str,
+    ) -> Result<Vec<i64>, StoreError> {
+        Ok(ledgers
+            .iter()
+            .map(|l| self.quotas.counters(l, now_sec, month).month_spend_nano)
+            .collect())
+    }
+
     async fn reset_quota(
         &self,
         ledger: &str,
@@ -724,6 +741,40 @@ impl Store for EmbeddedStore {
         limit: usize,
     ) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
         Ok(self.cache.log(cursor, limit))
+    }
+
+    async fn add_traffic(
+        &self,
+        bucket_sec: i64,
+        counts: &BTreeMap<String, u64>,
+        keep_secs: i64,
+    ) -> Result<(), StoreError> {
+        let mut traffic = self.traffic.lock();
+        let bucket = traffic.entry(bucket_sec).or_default();
+        for (field, n) in counts {
+            *bucket.entry(field.clone()).or_default() += n;
+        }
+        let kept = traffic.split_off(&(bucket_sec - keep_secs));
+        *traffic = kept;
+        Ok(())
+    }
+
+    async fn traffic(
+        &self,
+        from_sec: i64,
+        to_sec: i64,
+        _step_secs: i64,
+    ) -> Result<Vec<(i64, BTreeMap<String, u64>)>, StoreError> {
+        Ok(self
+            .traffic
+            .lock()
+            .range(from_sec..to_sec)
+            .map(|(at, counts)| (*at, counts.clone()))
+            .collect())
+    }
+
+    fn shared(&self) -> bool {
+        false
     }
 
     fn kind(&self) -> &'static str {

@@ -18,6 +18,7 @@ use async_trait::async_trait;
 use sluice_policies::ledger::{Admit, Charge, Refresh, Settle, Verdict};
 use sluice_policies::quota::Counters;
 use sluice_policies::{Tenant, Tier};
+use std::collections::BTreeMap;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -264,6 +265,15 @@ pub trait Store: Send + Sync + 'static {
         month: &str,
     ) -> Result<Counters, StoreError>;
 
+    /// The month's spend counted so far in each of `ledgers`, in nano-units and in their
+    /// order: every budget's use at once, for the money view.
+    async fn month_spends(
+        &self,
+        ledgers: &[String],
+        now_sec: i64,
+        month: &str,
+    ) -> Result<Vec<i64>, StoreError>;
+
     /// Forgets a ledger's quota counters (windows, slots and spend) at `now_sec`.
     async fn reset_quota(&self, ledger: &str, now_sec: i64, month: &str) -> Result<(), StoreError>;
 
@@ -299,6 +309,28 @@ pub trait Store: Send + Sync + 'static {
         cursor: &str,
         limit: usize,
     ) -> Result<Vec<(String, Vec<u8>)>, StoreError>;
+
+    /// Adds one replica's live traffic counts (field -> count, see `crate::traffic`) to the
+    /// bucket that starts at `bucket_sec`, field by field; the bucket is forgotten
+    /// `keep_secs` later.
+    async fn add_traffic(
+        &self,
+        bucket_sec: i64,
+        counts: &BTreeMap<String, u64>,
+        keep_secs: i64,
+    ) -> Result<(), StoreError>;
+
+    /// The traffic buckets that start every `step_secs` from `from_sec` up to `to_sec`
+    /// (exclusive) and hold anything, with what every replica added to each.
+    async fn traffic(
+        &self,
+        from_sec: i64,
+        to_sec: i64,
+        step_secs: i64,
+    ) -> Result<Vec<(i64, BTreeMap<String, u64>)>, StoreError>;
+
+    /// Whether every replica shares this store (and so its traffic buckets).
+    fn shared(&self) -> bool;
 
     /// A short name for logs and health output.
     fn kind(&self) -> &'static str;

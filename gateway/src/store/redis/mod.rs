@@ -7,6 +7,8 @@
 //! - `{prefix}:tiers`           hash: tier name -> JSON `Tier` (changed through the admin API)
 //! - `{prefix}:tenants`         hash: tenant id -> JSON `Tenant` (its limits)
 //! - `{prefix}:audit`           stream of audit entries (field `e`: JSON), appended only
+//! - `{prefix}:traffic:{start}` hash: live traffic counts of the bucket that starts at
+//!   `start` (unix seconds), field -> count summed over the replicas; kept for an hour
 //! - `{prefix}:captures`        stream of conversations captured for distillation (field
 //!   `e`: JSON), trimmed by age and length as entries are added
 //! - `{prefix:LEDGER}:q:…`      a quota ledger's counters (see `quota`): LEDGER is a key id,
@@ -51,6 +53,7 @@ use scripts::APPEND_USAGE;
 use sluice_policies::ledger::{Admit, Charge, Refresh, Settle, Verdict};
 use sluice_policies::quota::Counters;
 use sluice_policies::{Tenant, Tier};
+use std::collections::BTreeMap;
 
 /// A range of stream entries as XRANGE answers: each id with its fields.
 type StreamEntries = Vec<(String, Vec<(String, Vec<u8>)>)>;
@@ -215,6 +218,10 @@ impl RedisStore {
             .iter()
             .map(|j| serde_json::from_str(j))
             .collect::<Result<_, _>>()?)
+    }
+
+    fn traffic_key(&self, bucket_sec: i64) -> String {
+        format!("{{{}}}:traffic:{bucket_sec}", self.prefix)
     }
 
     fn audit_key(&self) -> String {
@@ -730,6 +737,15 @@ impl Store for RedisStore {
         self.quota_read(ledger, now_sec, month).await
     }
 
+    async fn month_spends(
+        &self,
+        ledgers: &[String],
+        _now_sec: i64,
+        month: &str,
+    ) -> Result<Vec<i64>, StoreError> {
+        self.quota_month_spends(ledgers, month).await
+    }
+
     async fn reset_quota(&self, ledger: &str, now_sec: i64, month: &str) -> Result<(), StoreError> {
         self.quota_reset(ledger, now_sec, month).await
     }
@@ -814,6 +830,52 @@ impl Store for RedisStore {
             }
         }
         Ok(events)
+    }
+
+    async fn add_traffic(
+        &self,
+        bucket_sec: i64,
+        counts: &BTreeMap<String, u64>,
+        keep_secs: i64,
+    ) -> Result<(), StoreError> {
+        let key = self.traffic_key(bucket_sec);
+        let mut pipe = redis::pipe();
+        for (field, n) in counts {
+            pipe.hincr(&key, field, *n).ignore();
+        }
+        pipe.expire(&key, keep_secs).ignore();
+        let mut conn = self.conn.clone();
+        pipe.query_async::<()>(&mut conn).await?;
+        Ok(())
+    }
+
+    async fn traffic(
+        &self,
+        from_sec: i64,
+        to_sec: i64,
+        step_secs: i64,
+    ) -> Result<Vec<(i64, BTreeMap<String, u64>)>, StoreError> {
+        let starts: Vec<i64> = (from_sec..to_sec)
+            .step_by(step_secs.max(1) as usize)
+            .collect();
+        if starts.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut pipe = redis::pipe();
+        for start in &starts {
+            pipe.hgetall(self.traffic_key(*start));
+        }
+        let mut conn = self.conn.clone();
+        let buckets: Vec<BTreeMap<String, u64>> = pipe.query_async(&mut conn).await?;
+        Ok(starts
+            .into_iter()
+            .zip(buckets)
+            .filter(|(_, counts)| !counts.is_empty())
+            .collect())
+    }
+
+    fn shared(&self) -> bool {
+        true
     }
 
     fn kind(&self) -> &'static str {

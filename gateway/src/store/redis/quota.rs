@@ -325,6 +325,34 @@ impl RedisStore {
         })
     }
 
+    /// One `GET` per ledger, many in flight at once on the multiplexed connection (each
+    /// ledger's keys are in a Cluster slot of their own, so no one pipeline holds them all).
+    pub(super) async fn quota_month_spends(
+        &self,
+        ledgers: &[String],
+        month: &str,
+    ) -> Result<Vec<i64>, StoreError> {
+        use futures::StreamExt;
+        let keys: Vec<String> = ledgers
+            .iter()
+            .map(|ledger| QuotaKeys::new(&self.prefix, ledger).month(month))
+            .collect();
+        let conn = self.conn.clone();
+        let reads = keys.into_iter().map(move |key| {
+            let mut conn = conn.clone();
+            async move {
+                let spend: Option<i64> = redis::cmd("GET").arg(key).query_async(&mut conn).await?;
+                Ok::<i64, StoreError>(spend.unwrap_or(0))
+            }
+        });
+        futures::stream::iter(reads)
+            .buffered(64)
+            .collect::<Vec<_>>()
+            .await
+            .into_iter()
+            .collect()
+    }
+
     pub(super) async fn quota_reset(
         &self,
         ledger: &str,
