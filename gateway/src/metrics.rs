@@ -386,7 +386,7 @@ impl Metrics {
         }
     }
 
-    /// What live traffic (`crate::traffic`) takes differences of: the requests answered
+    /// What live traffic (the `traffic` module) takes differences of: the requests answered
     /// so far, summed over every label but status and cache status, their latencies and
     /// times to first byte per bucket, and the tokens metered.
     pub fn totals(&self) -> Totals {

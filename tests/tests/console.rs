@@ -1,20 +1,76 @@
 //! The admin console, driven in a real browser (headless Chromium, through Selenium from
-//! tests/python/console_test.py) against a real gateway with real traffic.
+//! tests/python/console_test.py) against a real gateway with real traffic and thousands of
+//! keys.
 
+use futures::StreamExt;
 use serde_json::json;
 use sluice_e2e::{
     python_check, Backend, Gateway, GatewayOptions, StoreKind, ADMIN_TOKEN, SIM_MODEL,
 };
-use std::path::Path;
+use std::path::{Path, PathBuf};
+
+/// Where the test's screenshots are kept: `target/test-artifacts/` (beside the test
+/// binaries' directory), emptied of this test's earlier ones.
+fn artifacts(prefix: &str) -> PathBuf {
+    let dir = std::env::current_exe()
+        .unwrap()
+        .parent()
+        .and_then(Path::parent)
+        .and_then(Path::parent)
+        .unwrap()
+        .join("test-artifacts");
+    std::fs::create_dir_all(&dir).unwrap();
+    for entry in std::fs::read_dir(&dir).unwrap().flatten() {
+        if entry.file_name().to_string_lossy().starts_with(prefix) {
+            let _ = std::fs::remove_file(entry.path());
+        }
+    }
+    dir
+}
+
+/// Creates `count` keys named `bulk-N` over `tenants` tenants through the admin API, many at
+/// once.
+async fn bulk_keys(gw: &Gateway, count: usize, tenants: usize) {
+    futures::stream::iter(0..count)
+        .map(|i| async move {
+            let (status, body) = gw
+                .admin_json(
+                    reqwest::Method::POST,
+                    "/admin/v1/keys",
+                    Some(json!({"name": format!("bulk-{i}"), "tenant": format!("tenant-{}", i % tenants)})),
+                )
+                .await;
+            assert_eq!(status, 201, "{body}");
+        })
+        .buffer_unordered(16)
+        .collect::<Vec<()>>()
+        .await;
+}
+
+/// How many keys the admin API lists.
+async fn key_total(gw: &Gateway) -> u64 {
+    let (status, page) = gw
+        .admin_json(reqwest::Method::GET, "/admin/v1/keys?limit=1", None)
+        .await;
+    assert_eq!(status, 200, "{page}");
+    page["total"].as_u64().unwrap()
+}
+
+fn browser() -> Option<String> {
+    let browser = std::env::var("CHROMIUM").unwrap_or_else(|_| "/usr/bin/chromium".into());
+    if Path::new(&browser).exists() {
+        return Some(browser);
+    }
+    let message = "no Chromium for the console test: scripts/test.sh installs chromium and \
+                   chromium-driver (or set CHROMIUM and CHROMEDRIVER)";
+    assert!(std::env::var("CI").as_deref() != Ok("true"), "{message}");
+    eprintln!("skipping: {message}");
+    None
+}
 
 #[tokio::test]
 async fn the_console_manages_keys_and_shows_usage_cache_and_backends_in_a_browser() {
-    let browser = std::env::var("CHROMIUM").unwrap_or_else(|_| "/usr/bin/chromium".into());
-    if !Path::new(&browser).exists() {
-        let message = "no Chromium for the console test: scripts/test.sh installs chromium and \
-                       chromium-driver (or set CHROMIUM and CHROMEDRIVER)";
-        assert!(std::env::var("CI").as_deref() != Ok("true"), "{message}");
-        eprintln!("skipping: {message}");
+    if browser().is_none() {
         return;
     }
     let backend = Backend::start().await.unwrap();
@@ -26,7 +82,7 @@ async fn the_console_manages_keys_and_shows_usage_cache_and_backends_in_a_browse
     .await
     .unwrap();
 
-    // Traffic for the usage chart and the cache table.
+    // Traffic for the charts and the cache table.
     let (_, key) = gw.create_key("traffic-tenant", "pro").await.unwrap();
     for _ in 0..2 {
         let r = gw
@@ -41,6 +97,17 @@ async fn the_console_manages_keys_and_shows_usage_cache_and_backends_in_a_browse
             .unwrap();
         assert_eq!(r.status(), 200);
     }
+    // Two thousand keys, one of them to be found by search.
+    bulk_keys(&gw, 2_000, 20).await;
+    let (status, needle) = gw
+        .admin_json(
+            reqwest::Method::POST,
+            "/admin/v1/keys",
+            Some(json!({"name": "needle-in-the-haystack", "tenant": "tenant-7"})),
+        )
+        .await;
+    assert_eq!(status, 201, "{needle}");
+    let keys = key_total(&gw).await.to_string();
 
     let page = gw
         .http
@@ -54,37 +121,90 @@ async fn the_console_manages_keys_and_shows_usage_cache_and_backends_in_a_browse
         .unwrap()
         .starts_with("text/html"));
 
-    // The screenshot is kept as a test artefact in the target directory:
-    // target/test-artifacts/console-keys.png.
-    let artifacts = std::env::current_exe()
-        .unwrap()
-        .parent()
-        .and_then(Path::parent)
-        .and_then(Path::parent)
-        .unwrap()
-        .join("test-artifacts");
-    std::fs::create_dir_all(&artifacts).unwrap();
-    let screenshot = artifacts.join("console-keys.png");
-    let _ = std::fs::remove_file(&screenshot);
-
-    let screenshot_arg = screenshot.display().to_string();
+    let screenshots = artifacts("console-");
+    let screenshots_arg = screenshots.display().to_string();
     python_check(
         "console_test.py",
         &[
             ("SLUICE_ADMIN_URL", &gw.admin_url),
             ("SLUICE_ADMIN_TOKEN", ADMIN_TOKEN),
             ("SLUICE_TENANT", "traffic-tenant"),
-            ("SLUICE_SCREENSHOT", &screenshot_arg),
+            ("SLUICE_NEEDLE", "needle-in-the-haystack"),
+            ("SLUICE_KEYS", &keys),
+            ("SLUICE_BACKEND_URL", &backend.url),
+            ("SLUICE_SCREENSHOTS", &screenshots_arg),
             ("SE_OFFLINE", "true"),
         ],
         || gw.log(),
     )
     .await;
-    let png = std::fs::read(&screenshot).expect("the screenshot was saved");
-    assert!(
-        png.starts_with(b"\x89PNG"),
-        "{} is not a PNG",
-        screenshot.display()
+    for page in [
+        "traffic", "keys", "tenants", "tiers", "money", "usage", "cache", "backends", "alerts",
+        "audit",
+    ] {
+        let path = screenshots.join(format!("console-{page}.png"));
+        let png = std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        assert!(
+            png.starts_with(b"\x89PNG"),
+            "{} is not a PNG",
+            path.display()
+        );
+    }
+    eprintln!(
+        "console screenshots: {}/console-*.png",
+        screenshots.display()
     );
-    eprintln!("console screenshot: {}", screenshot.display());
+}
+
+/// The console with 10,000 keys over 100 tenants (each with limits of its own) and traffic:
+/// every page makes at most a few admin API requests and brings at most 256 KiB, as with a
+/// handful of keys (tests/python/console_budget.py prints each page's figures).
+#[tokio::test]
+async fn every_console_page_keeps_its_request_budget_with_10000_keys() {
+    if browser().is_none() {
+        return;
+    }
+    let backend = Backend::start().await.unwrap();
+    let gw = Gateway::start(GatewayOptions::new(&backend, StoreKind::fresh_redis()))
+        .await
+        .unwrap();
+    bulk_keys(&gw, 10_000, 100).await;
+    for t in 0..100 {
+        let (status, body) = gw
+            .admin_json(
+                reqwest::Method::PUT,
+                &format!("/admin/v1/tenants/tenant-{t}"),
+                Some(json!({"limits": {"requests_per_minute": 1000 + t}})),
+            )
+            .await;
+        assert_eq!(status, 200, "{body}");
+    }
+    for tenant in ["tenant-1", "tenant-2"] {
+        let (_, key) = gw.create_key(tenant, "pro").await.unwrap();
+        for i in 0..3 {
+            let r = gw
+                .post_raw(
+                    "/v1/chat/completions",
+                    Some(&key),
+                    json!({"model": SIM_MODEL, "max_tokens": 4,
+                           "messages": [{"role": "user", "content": format!("budget {i}")}]})
+                    .to_string(),
+                )
+                .await
+                .unwrap();
+            assert_eq!(r.status(), 200);
+        }
+    }
+    let keys = key_total(&gw).await.to_string();
+    python_check(
+        "console_budget.py",
+        &[
+            ("SLUICE_ADMIN_URL", &gw.admin_url),
+            ("SLUICE_ADMIN_TOKEN", ADMIN_TOKEN),
+            ("SLUICE_KEYS", &keys),
+            ("SE_OFFLINE", "true"),
+        ],
+        || gw.log(),
+    )
+    .await;
 }

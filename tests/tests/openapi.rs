@@ -199,6 +199,11 @@ async fn every_admin_answer_matches_the_served_openapi_document() {
     }
     tour.admin(get.clone(), &format!("/admin/v1/usage?key={id}"), None)
         .await;
+    tour.admin(get.clone(), "/admin/v1/spend", None).await;
+    tour.admin(get.clone(), "/admin/v1/traffic?minutes=5", None)
+        .await;
+    tour.admin(get.clone(), "/admin/v1/keys?limit=1&status=active", None)
+        .await;
     for query in [
         "",
         "?format=jsonl",
@@ -345,6 +350,9 @@ async fn every_admin_answer_matches_the_served_openapi_document() {
             400,
         ),
         (admin, Method::GET, "/admin/v1/alerts?limit=0", None, 400),
+        (admin, Method::GET, "/admin/v1/spend?top=0", None, 400),
+        (admin, Method::GET, "/admin/v1/traffic?minutes=0", None, 400),
+        (admin, Method::GET, "/admin/v1/keys?limit=0", None, 400),
         // Refused by axum's query extractor, in plain text (documented so).
         (admin, Method::GET, "/admin/v1/alerts?bogus=1", None, 400),
         (admin, Method::GET, "/admin/v1/audit?limit=0", None, 400),

@@ -310,7 +310,7 @@ pub trait Store: Send + Sync + 'static {
         limit: usize,
     ) -> Result<Vec<(String, Vec<u8>)>, StoreError>;
 
-    /// Adds one replica's live traffic counts (field -> count, see `crate::traffic`) to the
+    /// Adds one replica's live traffic counts (field -> count, as the `traffic` module counts them) to the
     /// bucket that starts at `bucket_sec`, field by field; the bucket is forgotten
     /// `keep_secs` later.
     async fn add_traffic(
