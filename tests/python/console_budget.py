@@ -11,12 +11,9 @@ import os
 import sys
 import time
 
-from selenium import webdriver
-from selenium.common.exceptions import StaleElementReferenceException
-from selenium.webdriver.chrome.service import Service
+import chromium
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support import expected_conditions as ec
-from selenium.webdriver.support.ui import WebDriverWait
 
 ADMIN = os.environ["SLUICE_ADMIN_URL"]
 TOKEN = os.environ["SLUICE_ADMIN_TOKEN"]
@@ -26,13 +23,8 @@ KEYS = int(os.environ["SLUICE_KEYS"])
 MAX_REQUESTS = 3
 MAX_BYTES = 256 << 10
 
-options = webdriver.ChromeOptions()
-options.binary_location = os.environ.get("CHROMIUM", "/usr/bin/chromium")
-for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu"):
-    options.add_argument(flag)
-service = Service(executable_path=os.environ.get("CHROMEDRIVER", "/usr/bin/chromedriver"))
-driver = webdriver.Chrome(service=service, options=options)
-wait = WebDriverWait(driver, 60, ignored_exceptions=(StaleElementReferenceException,))
+# The console re-renders tables after each change: a row read mid-render is simply read again.
+driver, wait = chromium.start(60)
 
 
 def check(condition, message):

@@ -15,9 +15,8 @@ import os
 import sys
 import urllib.request
 
-from selenium import webdriver
+import chromium
 from selenium.common.exceptions import StaleElementReferenceException
-from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support import expected_conditions as ec
 from selenium.webdriver.support.ui import Select, WebDriverWait
@@ -31,14 +30,8 @@ BACKEND_URL = os.environ["SLUICE_BACKEND_URL"]
 # Where each page is saved as a PNG (test artefacts).
 SCREENSHOTS = os.environ["SLUICE_SCREENSHOTS"]
 
-options = webdriver.ChromeOptions()
-options.binary_location = os.environ.get("CHROMIUM", "/usr/bin/chromium")
-for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu"):
-    options.add_argument(flag)
-service = Service(executable_path=os.environ.get("CHROMEDRIVER", "/usr/bin/chromedriver"))
-driver = webdriver.Chrome(service=service, options=options)
 # The console re-renders tables after each change: a row read mid-render is simply read again.
-wait = WebDriverWait(driver, 15, ignored_exceptions=(StaleElementReferenceException,))
+driver, wait = chromium.start(30)
 
 
 def check(condition, message):

@@ -2,7 +2,9 @@
 //! key's live quota.
 
 use super::quota::QuotaView;
-use super::{key_written, non_empty, parse_body, store_error, AppState, Caller};
+use super::{
+    key_written, known_params, non_empty, number_param, parse_body, store_error, AppState, Caller,
+};
 use crate::app::Gateway;
 use crate::error::{ApiError, ApiErrorBody};
 use crate::keys::{new_key_id, KeyRecord, NewSecret};
@@ -267,13 +269,10 @@ struct KeyFilter {
 
 impl KeyFilter {
     fn parse(params: &HashMap<String, String>) -> Result<KeyFilter, ApiError> {
-        const KNOWN: [&str; 6] = ["search", "tenant", "tier", "status", "limit", "after"];
-        if let Some(unknown) = params.keys().find(|k| !KNOWN.contains(&k.as_str())) {
-            return Err(ApiError::bad_request(format!(
-                "Unknown parameter '{unknown}': keys are listed by {}.",
-                KNOWN.join(", ")
-            )));
-        }
+        known_params(
+            params,
+            &["search", "tenant", "tier", "status", "limit", "after"],
+        )?;
         let text = |name: &str| params.get(name).filter(|v| !v.is_empty()).cloned();
         let revoked = match params.get("status").map(String::as_str) {
             None | Some("") => None,
@@ -286,20 +285,7 @@ impl KeyFilter {
                 .with_param("status"))
             }
         };
-        let limit = match params.get("limit") {
-            None => None,
-            Some(v) => Some(
-                v.parse::<usize>()
-                    .ok()
-                    .filter(|n| (1..=1000).contains(n))
-                    .ok_or_else(|| {
-                        ApiError::bad_request(format!(
-                            "'limit' must be a whole number from 1 to 1000, not '{v}'."
-                        ))
-                        .with_param("limit")
-                    })?,
-            ),
-        };
+        let limit = number_param(params, "limit", 1..=1000)?;
         let after = match params.get("after") {
             None => None,
             Some(v) => Some(v.parse::<Cursor>().map_err(|()| {

@@ -310,6 +310,44 @@ where
     <Option<T> as serde::Deserialize>::deserialize(d).map(Some)
 }
 
+/// Refuses a query parameter the view does not take, so that a typo is not silently ignored.
+fn known_params(
+    params: &std::collections::HashMap<String, String>,
+    known: &[&str],
+) -> Result<(), ApiError> {
+    match params.keys().find(|k| !known.contains(&k.as_str())) {
+        Some(unknown) => Err(ApiError::bad_request(format!(
+            "Unknown parameter '{unknown}': this view takes {}.",
+            known.join(", ")
+        ))),
+        None => Ok(()),
+    }
+}
+
+/// A whole-number query parameter within `range`; `None` when absent.
+fn number_param(
+    params: &std::collections::HashMap<String, String>,
+    name: &'static str,
+    range: std::ops::RangeInclusive<usize>,
+) -> Result<Option<usize>, ApiError> {
+    let Some(value) = params.get(name) else {
+        return Ok(None);
+    };
+    value
+        .parse::<usize>()
+        .ok()
+        .filter(|n| range.contains(n))
+        .map(Some)
+        .ok_or_else(|| {
+            ApiError::bad_request(format!(
+                "'{name}' must be a whole number from {} to {}, not '{value}'.",
+                range.start(),
+                range.end()
+            ))
+            .with_param(name)
+        })
+}
+
 fn store_error(e: crate::store::StoreError) -> ApiError {
     tracing::error!(error = %e, "admin store call failed");
     ApiError::unavailable("The store is unavailable; try again shortly.")

@@ -3,7 +3,7 @@
 //! exports invoice), for the console's Money page.
 
 use super::billing::{price_page, Reader};
-use super::{store_error, AppState, Caller};
+use super::{known_params, number_param, store_error, AppState, Caller};
 use crate::app::Gateway;
 use crate::billing::{Aggregator, Dim, ExportQuery, Pricer, Row};
 use crate::error::{ApiError, ApiErrorBody};
@@ -106,28 +106,9 @@ pub(super) async fn spend(
     Extension(caller): Extension<Caller>,
     Query(params): Query<HashMap<String, String>>,
 ) -> Result<Json<SpendView>, ApiError> {
-    if let Some(unknown) = params
-        .keys()
-        .find(|k| !matches!(k.as_str(), "budgets" | "top"))
-    {
-        return Err(ApiError::bad_request(format!(
-            "Unknown parameter '{unknown}': this view takes 'budgets' and 'top'."
-        )));
-    }
-    let count = |name: &'static str, default: usize| match params.get(name) {
-        None => Ok(default),
-        Some(v) => v
-            .parse::<usize>()
-            .ok()
-            .filter(|n| (1..=1000).contains(n))
-            .ok_or_else(|| {
-                ApiError::bad_request(format!(
-                    "'{name}' must be a whole number from 1 to 1000, not '{v}'."
-                ))
-                .with_param(name)
-            }),
-    };
-    let (budgets_shown, top) = (count("budgets", 50)?, count("top", 10)?);
+    known_params(&params, &["budgets", "top"])?;
+    let budgets_shown = number_param(&params, "budgets", 1..=1000)?.unwrap_or(50);
+    let top = number_param(&params, "top", 1..=1000)?.unwrap_or(10);
     let now_sec = crate::clock::now_ms() / 1000;
     let (month, _) = crate::clock::month_of(now_sec);
 

@@ -1,7 +1,7 @@
 //! Live traffic: the last minutes of requests, errors, latency, tokens and cache hits, for
 //! the console's Traffic page (see `crate::traffic`).
 
-use super::{store_error, AppState};
+use super::{known_params, number_param, store_error, AppState};
 use crate::error::{ApiError, ApiErrorBody};
 use crate::traffic::{points, TrafficView, INTERVAL_SECS};
 use axum::extract::{Query, State};
@@ -28,24 +28,8 @@ pub(super) async fn traffic(
     State(gateway): State<AppState>,
     Query(params): Query<HashMap<String, String>>,
 ) -> Result<Json<TrafficView>, ApiError> {
-    if let Some(unknown) = params.keys().find(|k| k.as_str() != "minutes") {
-        return Err(ApiError::bad_request(format!(
-            "Unknown parameter '{unknown}': this view takes 'minutes'."
-        )));
-    }
-    let minutes = match params.get("minutes") {
-        None => 15,
-        Some(v) => v
-            .parse::<i64>()
-            .ok()
-            .filter(|m| (1..=60).contains(m))
-            .ok_or_else(|| {
-                ApiError::bad_request(format!(
-                    "'minutes' must be a whole number from 1 to 60, not '{v}'."
-                ))
-                .with_param("minutes")
-            })?,
-    };
+    known_params(&params, &["minutes"])?;
+    let minutes = number_param(&params, "minutes", 1..=60)?.unwrap_or(15) as i64;
     let now_sec = crate::clock::now_ms() / 1000;
     // The bucket under way is left out: replicas add to it when it ends.
     let to = now_sec / INTERVAL_SECS * INTERVAL_SECS;
