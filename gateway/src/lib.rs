@@ -3,6 +3,7 @@
 pub mod admin;
 pub mod admission;
 pub mod alerts;
+pub mod allocator;
 pub mod app;
 pub mod auth;
 pub mod backend_spec;

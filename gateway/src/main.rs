@@ -146,6 +146,8 @@ enum BillingCommand {
 }
 
 fn main() {
+    #[cfg(not(feature = "system-allocator"))]
+    sluice_gateway::allocator::return_freed_memory_promptly();
     let _telemetry = sluice_telemetry::init("sluice-gateway", "SLUICE_LOG");
     let cli = Cli::parse();
     let result = match cli.command {

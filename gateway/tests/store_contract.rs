@@ -713,6 +713,85 @@ async fn charge_counts_once(store: &dyn Store) {
     assert_eq!(c.minute.iter().map(|b| b.tokens).sum::<u64>(), 30);
 }
 
+contract!(month_spends_read_every_ledger_at_once, month_spends_case);
+
+async fn month_spends_case(store: &dyn Store) {
+    let (spender, idle) = (a_key(), a_key());
+    let charge = |id, cost_nano| Charge {
+        id,
+        at_sec: NOON - 5,
+        month: MONTH,
+        amount: Reservation {
+            requests: 1,
+            tokens: 10,
+            cost_nano,
+        },
+        now_sec: NOON,
+    };
+    let tenant = sluice_policies::tenants::ledger_of(&a_key());
+    let both = [spender.clone(), tenant.clone()];
+    assert!(store.charge(&both, &charge("a", 700)).await.unwrap());
+    assert!(store.charge(&both, &charge("b", 50)).await.unwrap());
+    let ledgers = [idle.clone(), spender.clone(), tenant.clone(), spender];
+    assert_eq!(
+        store.month_spends(&ledgers, NOON, MONTH).await.unwrap(),
+        [0, 750, 750, 750],
+        "in the order asked, a ledger never charged at 0"
+    );
+    assert_eq!(
+        store.month_spends(&ledgers, NOON, "2026-01").await.unwrap(),
+        [0, 0, 0, 0],
+        "another month's spend is its own"
+    );
+    assert!(store
+        .month_spends(&[], NOON, MONTH)
+        .await
+        .unwrap()
+        .is_empty());
+}
+
+contract!(
+    traffic_buckets_add_up_what_each_replica_counted,
+    traffic_case
+);
+
+async fn traffic_case(store: &dyn Store) {
+    let counts = |pairs: &[(&str, u64)]| -> std::collections::BTreeMap<String, u64> {
+        pairs.iter().map(|(k, v)| ((*k).to_owned(), *v)).collect()
+    };
+    // Two replicas' shares of one bucket add up field by field; other buckets are apart.
+    let now = NOON;
+    store
+        .add_traffic(now, &counts(&[("requests", 3), ("status:200", 3)]), 3600)
+        .await
+        .unwrap();
+    store
+        .add_traffic(now, &counts(&[("requests", 2), ("status:429", 2)]), 3600)
+        .await
+        .unwrap();
+    store
+        .add_traffic(now + 10, &counts(&[("requests", 1)]), 3600)
+        .await
+        .unwrap();
+    let read = store.traffic(now - 5, now + 15, 5).await.unwrap();
+    assert_eq!(
+        read,
+        vec![
+            (
+                now,
+                counts(&[("requests", 5), ("status:200", 3), ("status:429", 2)])
+            ),
+            (now + 10, counts(&[("requests", 1)])),
+        ],
+        "buckets that hold anything, oldest first"
+    );
+    assert_eq!(
+        store.traffic(now + 15, now + 60, 5).await.unwrap(),
+        vec![],
+        "nothing after"
+    );
+}
+
 fn usage_event(id: &str, time_ms: i64) -> UsageEvent {
     serde_json::from_value(serde_json::json!({
         "id": id, "time_ms": time_ms, "request_id": format!("req-{id}"), "key_id": "key",

@@ -188,16 +188,28 @@ async fn budgeted(
             });
         }
     }
+    // A tenant's currency is its keys' tiers', when they agree (`None` when they do not).
+    let mut currencies: HashMap<&str, Option<&str>> = HashMap::new();
+    for key in keys {
+        if let Ok(tier) = tiers.get(&key.tier) {
+            currencies
+                .entry(key.tenant.as_str())
+                .and_modify(|c| {
+                    if *c != Some(tier.currency.as_str()) {
+                        *c = None;
+                    }
+                })
+                .or_insert(Some(tier.currency.as_str()));
+        }
+    }
     let tenants = gateway.store.tenants().await.map_err(store_error)?;
     for tenant in tenants.into_iter().filter(|t| caller.sees(&t.id)) {
         if has_budget(&tenant.limits) {
-            // A tenant's currency is its keys' tiers', when they agree.
-            let mut currencies = keys
-                .iter()
-                .filter(|k| k.tenant == tenant.id)
-                .filter_map(|k| tiers.get(&k.tier).ok().map(|t| t.currency.clone()));
-            let first = currencies.next();
-            let currency = first.filter(|c| currencies.all(|other| other == *c));
+            let currency = currencies
+                .get(tenant.id.as_str())
+                .copied()
+                .flatten()
+                .map(str::to_owned);
             out.push(Budgeted {
                 scope: "tenant",
                 ledger: sluice_policies::tenants::ledger_of(&tenant.id),
