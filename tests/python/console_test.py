@@ -244,6 +244,7 @@ try:
     check(all(b.get_attribute("data-level") in ("ok", "amber", "red") for b in bars), "bars are coloured by level")
     check(all(b.find_elements(By.CSS_SELECTOR, ".track .fill") for b in bars), "each bar has its fill")
     check("amber from 80%" in css("#budget-rule").text, "the colours follow the alert thresholds: " + css("#budget-rule").text)
+    check(css("#money-unpriced").is_displayed(), "with no prices configured, the page says why every cost is 0")
     css("#export-grouped").click()
     wait.until(lambda d: "Saved sluice-billing-" in css("#downloaded").text)
     check(" 0 bytes" not in css("#downloaded").text, "the export is not empty: " + css("#downloaded").text)
