@@ -41,18 +41,15 @@ pub fn return_freed_memory_promptly() {
     }
 }
 
-/// The current value of one of the options above (for the tests and start-up log).
+/// The current value of one of the options above.
 fn option(option: c_int) -> c_long {
     // SAFETY: reads one of mimalloc's process-wide options.
     unsafe { mi_option_get(option) }
 }
 
 /// What the options are now: (purge delay in ms, empty pages kept per size class).
-pub fn settings() -> (i64, i64) {
-    (
-        i64::from(option(PURGE_DELAY)),
-        i64::from(option(PAGE_FULL_RETAIN)),
-    )
+pub fn settings() -> (c_long, c_long) {
+    (option(PURGE_DELAY), option(PAGE_FULL_RETAIN))
 }
 
 #[cfg(test)]
