@@ -224,6 +224,12 @@ try:
     css('#tiers tr[data-tier="free"] .edit-tier').click()
     check(css("#tier-rpm").get_attribute("value") == str(before["limits"]["requests_per_minute"]),
           "the form starts from the tier's limits")
+    # A typo is refused with the API's message naming the field, never taken for "unlimited".
+    css("#tier-rpm").clear()
+    css("#tier-rpm").send_keys("3x")
+    css("#edit-tier button[type=submit]").click()
+    wait.until(lambda d: "requests_per_minute" in css("#error").text)
+    check(admin("GET", "/admin/v1/tiers/free") == before, "a refused edit changes nothing")
     css("#tier-rpm").clear()
     css("#tier-rpm").send_keys("33")
     css("#edit-tier button[type=submit]").click()
