@@ -12,6 +12,13 @@
 #
 #   loadtest/bench-overhead.sh                    # defaults below
 #   RATE=300 DURATION=5s ROUNDS=3 loadtest/bench-overhead.sh
+#   BASELINE=/tmp/old/sluice loadtest/bench-overhead.sh  # A/B: also an earlier build of Sluice
+#   TARGETS="pingora sluice-embedded baseline" SCENARIOS="max json,max stream" loadtest/bench-overhead.sh
+#
+# BASELINE names another build's `sluice` binary: it runs as the target `baseline`, the
+# embedded-store gateway of that build, in the same rounds, so that a change is measured
+# against what it changed with the machine's noise shared. TARGETS (space-separated) and SCENARIOS
+# (comma-separated) pick a subset.
 #
 # Everything listens on 127.0.0.1 and stops when the script ends.
 set -euo pipefail
@@ -28,6 +35,7 @@ MAX_TOKENS="${MAX_TOKENS:-16}"
 THREADS="${THREADS:-2}"             # worker threads for Sluice, worker processes for nginx
 OUT="${OUT:-docs/benchmarks.md}"
 PORT_BASE="${PORT_BASE:-19100}"
+BASELINE="${BASELINE:-}"            # another build's sluice binary, run as the target `baseline`
 
 if ! command -v nginx >/dev/null 2>&1; then
   echo "bench: installing nginx" >&2
@@ -44,6 +52,7 @@ bench_setup
 backend_port=$PORT_BASE; nginx_port=$((PORT_BASE + 1)); sluice_port=$((PORT_BASE + 2)); admin_port=$((PORT_BASE + 3))
 pingora_port=$((PORT_BASE + 4)); embedded_port=$((PORT_BASE + 5)); embedded_admin_port=$((PORT_BASE + 6))
 priced_port=$((PORT_BASE + 7)); priced_admin_port=$((PORT_BASE + 8))
+baseline_port=$((PORT_BASE + 9)); baseline_admin_port=$((PORT_BASE + 10))
 
 
 "$bin/sluice-backend" --engine sim --listen "127.0.0.1:$backend_port" --model sluice-sim \
@@ -114,7 +123,7 @@ name = "sim"
 url = "http://127.0.0.1:$backend_port"
 ${4:-}
 TOML
-  SLUICE_ADMIN_TOKEN="$admin_token" SLUICE_LOG=info "$bin/sluice" serve --config "$work/$1.toml" \
+  SLUICE_ADMIN_TOKEN="$admin_token" SLUICE_LOG=info "${SLUICE_BIN:-$bin/sluice}" serve --config "$work/$1.toml" \
     >"$work/$1.log" 2>&1 &
   echo $!
 }
@@ -131,6 +140,11 @@ output = "0.60"')
 pids+=("$priced_pid")
 wait_for "http://127.0.0.1:$embedded_port/health"
 wait_for "http://127.0.0.1:$priced_port/health"
+if [ -n "$BASELINE" ]; then
+  baseline_pid=$(SLUICE_BIN="$BASELINE" start_embedded baseline "$baseline_port" "$baseline_admin_port")
+  pids+=("$baseline_pid")
+  wait_for "http://127.0.0.1:$baseline_port/health"
+fi
 new_key() {
   curl -fsS "http://127.0.0.1:$1/admin/v1/keys" -H "Authorization: Bearer $admin_token" \
     -d '{"name":"bench","tenant":"bench","tier":"enterprise","limits":{"requests_per_minute":100000000,"tokens_per_minute":100000000000,"max_concurrent":100000}}' \
@@ -139,12 +153,16 @@ new_key() {
 key=$(new_key "$admin_port")
 embedded_key=$(new_key "$embedded_admin_port")
 priced_key=$(new_key "$priced_admin_port")
+[ -n "$BASELINE" ] && baseline_key=$(new_key "$baseline_admin_port")
 redis_pid=$(pgrep -x redis-server | head -1 || true)
 
 targets=(direct nginx pingora sluice sluice-embedded sluice-priced)
+[ -n "$BASELINE" ] && targets+=(baseline)
+[ -n "${TARGETS:-}" ] && read -r -a targets <<<"$TARGETS"
 declare -A url=([direct]="http://127.0.0.1:$backend_port" [nginx]="http://127.0.0.1:$nginx_port" \
   [pingora]="http://127.0.0.1:$pingora_port" [sluice]="http://127.0.0.1:$sluice_port" \
-  [sluice-embedded]="http://127.0.0.1:$embedded_port" [sluice-priced]="http://127.0.0.1:$priced_port")
+  [sluice-embedded]="http://127.0.0.1:$embedded_port" [sluice-priced]="http://127.0.0.1:$priced_port" \
+  [baseline]="http://127.0.0.1:$baseline_port")
 # The processes whose CPU each target costs (the direct target costs the proxy nothing).
 proxy_pids() {
   case "$1" in
@@ -153,6 +171,7 @@ proxy_pids() {
     sluice) echo "$sluice_pid" ;;
     sluice-embedded) echo "$embedded_pid" ;;
     sluice-priced) echo "$priced_pid" ;;
+    baseline) echo "$baseline_pid" ;;
   esac
 }
 # Exact cache hits: one deterministic request, asked again and again (the warm-up's first
@@ -160,7 +179,11 @@ proxy_pids() {
 printf '{"body":{"model":"sluice-sim","messages":[{"role":"user","content":"Write one sentence about rivers."}],"max_tokens":%s,"temperature":0}}\n' \
   "$MAX_TOKENS" >"$work/hit.jsonl"
 results="$work/results.jsonl"
-for scenario in "fixed json" "low json" "fixed stream" "max json" "max stream" "max hit"; do
+scenarios=("fixed json" "low json" "fixed stream" "max json" "max stream" "max hit")
+if [ -n "${SCENARIOS:-}" ]; then
+  IFS=, read -r -a scenarios <<<"$SCENARIOS"
+fi
+for scenario in "${scenarios[@]}"; do
   set -- $scenario
   load=(--duration "$DURATION" --warmup "$WARMUP" --max-tokens "$MAX_TOKENS" --json)
   case "$1" in
@@ -172,11 +195,12 @@ for scenario in "fixed json" "low json" "fixed stream" "max json" "max stream" "
   [ "$2" = hit ] && load+=(--mix "$work/hit.jsonl")
   for round in $(seq "$ROUNDS"); do
     for target in "${targets[@]}"; do
-      [ "$2" = hit ] && [[ "$target" != sluice* ]] && continue
+      [ "$2" = hit ] && [[ "$target" != sluice* && "$target" != baseline ]] && continue
       keyarg=()
       [ "$target" = sluice ] && keyarg=(--key "$key")
       [ "$target" = sluice-embedded ] && keyarg=(--key "$embedded_key")
       [ "$target" = sluice-priced ] && keyarg=(--key "$priced_key")
+      [ "$target" = baseline ] && keyarg=(--key "$baseline_key")
       echo "bench: $scenario, round $round, $target" >&2
       procs=$(proxy_pids "$target")
       proxy_before=$(cpu_ticks $procs); redis_before=$(cpu_ticks $redis_pid)
@@ -188,6 +212,6 @@ for scenario in "fixed json" "low json" "fixed stream" "max json" "max stream" "
   done
 done
 
-command_line="RATE=$RATE LOW_RATE=$LOW_RATE CONCURRENCY=$CONCURRENCY DURATION=$DURATION WARMUP=$WARMUP ROUNDS=$ROUNDS MAX_TOKENS=$MAX_TOKENS THREADS=$THREADS loadtest/bench-overhead.sh"
+command_line="${BASELINE:+BASELINE=$BASELINE }${TARGETS:+TARGETS=\"$TARGETS\" }${SCENARIOS:+SCENARIOS=\"$SCENARIOS\" }RATE=$RATE LOW_RATE=$LOW_RATE CONCURRENCY=$CONCURRENCY DURATION=$DURATION WARMUP=$WARMUP ROUNDS=$ROUNDS MAX_TOKENS=$MAX_TOKENS THREADS=$THREADS loadtest/bench-overhead.sh"
 python3 loadtest/overhead_table.py "$results" "$OUT" "$command_line" "$RATE" "$CONCURRENCY" "$LOW_RATE"
 echo "bench: wrote $OUT" >&2

@@ -47,7 +47,7 @@ def errors(reports):
     return str(total)
 
 
-TARGETS = [t for t in ("direct", "nginx", "pingora", "sluice", "sluice-embedded", "sluice-priced") if any(r["target"] == t for r in runs)]
+TARGETS = [t for t in ("direct", "nginx", "pingora", "sluice", "sluice-embedded", "sluice-priced", "baseline") if any(r["target"] == t for r in runs)]
 
 
 def cpu_us(run, field):
@@ -92,7 +92,7 @@ for scenario in scenarios:
     if scenario == "max hit":
         # A hit against the same target forwarding (max json): what answering from the cache
         # costs next to what forwarding does.
-        for name in ("sluice", "sluice-embedded", "sluice-priced"):
+        for name in ("sluice", "sluice-embedded", "sluice-priced", "baseline"):
             hit = per_target.get(name)
             forwarded = [r for r in runs if r["scenario"] == "max json" and r["target"] == name]
             if not hit or not forwarded:
@@ -116,7 +116,16 @@ for scenario in scenarios:
         )
     nginx = per_target.get("nginx")
     pingora = per_target.get("pingora")
-    for name in ("sluice", "sluice-embedded", "sluice-priced"):
+    baseline, current = per_target.get("baseline"), per_target.get("sluice-embedded")
+    if baseline and current and baseline[4] and current[4] is not None:
+        ratios = [current[3][k]["throughput_rps"] / baseline[3][k]["throughput_rps"] for k in current[3] if k in baseline[3] and baseline[3][k]["throughput_rps"] > 0]
+        summary.append(
+            f"- {scenario}, this build against the baseline build (both embedded): CPU per request "
+            f"{fmt(current[4], 0)} vs {fmt(baseline[4], 0)} µs ({fmt(current[4] / baseline[4], 2)}×); "
+            f"throughput {fmt(med(ratios), 3)}× (median of per-round ratios)"
+            + (f"; p99 {fmt(current[2])} vs {fmt(baseline[2])} ms added" if None not in (current[2], baseline[2]) else "")
+        )
+    for name in ("sluice", "sluice-embedded", "sluice-priced", "baseline"):
         sluice = per_target.get(name)
         if not sluice or not nginx:
             continue

@@ -56,7 +56,8 @@ impl Outbound {
             answer.extend_from_slice(chunk);
             Ok(())
         };
-        let status = tokio::time::timeout(timeout, self.exchange(peer, request, body, read_whole))
+        let exchange = Box::pin(self.exchange(peer, request, body, read_whole));
+        let status = tokio::time::timeout(timeout, exchange)
             .await
             .map_err(|_| format!("no answer within {timeout:?}"))??;
         Ok(Answer {
@@ -104,10 +105,13 @@ impl Outbound {
         sink: impl FnMut(u16, &[u8]) -> Result<(), String>,
     ) -> Result<u16, String> {
         let (peer, request) = target.request(method, headers, None, read_timeout)?;
-        self.exchange(&peer, request, None, sink).await
+        Box::pin(self.exchange(&peer, request, None, sink)).await
     }
 
     /// One request and its answer: the status, with each piece of the body given to `sink`.
+    /// Its future is large (~12 KB: pingora's connector and session); callers box it, so
+    /// that it does not inflate every future that might call out (the proxy's request
+    /// phase would copy it on every request, calling out or not).
     async fn exchange(
         &self,
         peer: &HttpPeer,

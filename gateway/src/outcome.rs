@@ -188,7 +188,11 @@ impl RequestOutcome<'_> {
         line.num("completion_tokens", usage.completion_tokens);
         line.num("cached_tokens", usage.cached_tokens);
         line.str("usage_source", self.usage_source.as_str());
-        line.str("cost", &self.cost().to_string());
+        if self.cost_nano == 0 {
+            line.str("cost", "0");
+        } else {
+            line.str("cost", &self.cost().to_string());
+        }
         line.str("currency", self.currency);
         line.bool("client_left", self.client_left);
         line.str("cache", self.cache.map_or("", CacheStatus::as_str));

@@ -31,7 +31,7 @@ use crate::request::{RequestView, Route};
 use crate::store::Store;
 use arc_swap::ArcSwap;
 use held::{Held, OwedCharge};
-use http::{HeaderName, HeaderValue};
+use http::HeaderValue;
 use leases::{give_back, Leases, Miss, GIVE_BACK_GATHER};
 use sluice_policies::ledger::{Admit, Settle};
 use sluice_policies::pricing::PriceBook;
@@ -556,39 +556,31 @@ impl Admission {
 }
 
 /// OpenAI's `x-ratelimit-*` headers for the limits a key has, and `Retry-After` when given:
-/// the (name, value) pairs an answer carries. Names are constants and numbers become values
-/// directly: every answer carries these, so nothing here is parsed or formatted twice.
+/// the (name, value) pairs an answer carries. Every answer carries these, so nothing here is
+/// parsed or formatted twice: numbers become values directly, and names are static strings,
+/// which pingora keeps as they are (a `HeaderName` it would copy into a new buffer first).
 pub fn rate_limit_headers(
     h: &RateHeaders,
     retry_after: Option<u64>,
-) -> impl Iterator<Item = (HeaderName, HeaderValue)> {
+) -> impl Iterator<Item = (&'static str, HeaderValue)> {
     use quota::reset_duration;
-    const fn name(name: &'static str) -> HeaderName {
-        HeaderName::from_static(name)
-    }
     let number = |v: Option<u64>| v.map(HeaderValue::from);
     // reset_duration writes digits and unit letters only: always a valid value.
     let duration = |v: Option<u64>| v.and_then(|v| HeaderValue::try_from(reset_duration(v)).ok());
     [
-        (name("x-ratelimit-limit-requests"), number(h.limit_requests)),
+        ("x-ratelimit-limit-requests", number(h.limit_requests)),
         (
-            name("x-ratelimit-remaining-requests"),
+            "x-ratelimit-remaining-requests",
             number(h.remaining_requests),
         ),
         (
-            name("x-ratelimit-reset-requests"),
+            "x-ratelimit-reset-requests",
             duration(h.reset_requests_secs),
         ),
-        (name("x-ratelimit-limit-tokens"), number(h.limit_tokens)),
-        (
-            name("x-ratelimit-remaining-tokens"),
-            number(h.remaining_tokens),
-        ),
-        (
-            name("x-ratelimit-reset-tokens"),
-            duration(h.reset_tokens_secs),
-        ),
-        (http::header::RETRY_AFTER, number(retry_after)),
+        ("x-ratelimit-limit-tokens", number(h.limit_tokens)),
+        ("x-ratelimit-remaining-tokens", number(h.remaining_tokens)),
+        ("x-ratelimit-reset-tokens", duration(h.reset_tokens_secs)),
+        ("retry-after", number(retry_after)),
     ]
     .into_iter()
     .filter_map(|(name, value)| Some((name, value?)))

@@ -199,7 +199,9 @@ impl<'de> Deserialize<'de> for Usage {
 pub enum Meter {
     Sse(SseUsageScanner),
     Json {
-        body: BytesMut,
+        /// The body's chunks as they passed (shared with the client's copy, not copied: a
+        /// JSON answer is nearly always one chunk), joined only to be read at its end.
+        body: Vec<Bytes>,
         overflowed: bool,
         /// Set by `finish`: generated text bytes of a body that parsed but had no usage.
         text_bytes: Option<u64>,
@@ -240,7 +242,7 @@ impl Meter {
             Meter::Sse(SseUsageScanner::new(strip_usage_chunk))
         } else {
             Meter::Json {
-                body: BytesMut::new(),
+                body: Vec::new(),
                 overflowed: false,
                 text_bytes: None,
                 text: None,
@@ -289,11 +291,12 @@ impl Meter {
                 body, overflowed, ..
             } => {
                 if !*overflowed {
-                    if body.len() + chunk.len() > MAX_JSON_BYTES {
+                    let held: usize = body.iter().map(Bytes::len).sum();
+                    if held + chunk.len() > MAX_JSON_BYTES {
                         *overflowed = true;
-                        *body = BytesMut::new();
+                        *body = Vec::new();
                     } else {
-                        body.extend_from_slice(&chunk);
+                        body.push(chunk.clone());
                     }
                 }
                 chunk
@@ -319,6 +322,15 @@ impl Meter {
                 if *overflowed {
                     return (Bytes::new(), None);
                 }
+                let chunks = std::mem::take(body);
+                let joined;
+                let body: &[u8] = match chunks.as_slice() {
+                    [one] => one,
+                    chunks => {
+                        joined = chunks.concat();
+                        &joined
+                    }
+                };
                 let usage = match serde_json::from_slice::<WithUsage>(body) {
                     Ok(WithUsage { usage: Some(usage) }) => Some(usage),
                     Ok(WithUsage { usage: None }) => {
@@ -330,7 +342,6 @@ impl Meter {
                     }
                     Err(_) => None,
                 };
-                *body = BytesMut::new();
                 (Bytes::new(), usage)
             }
         }
