@@ -230,3 +230,25 @@ impl Target {
         Ok((peer, request))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A future that may call out is small whether it does or not: the proxy's request
+    /// phase holds one (an identity provider's keys, the semantic cache's embedder) and
+    /// moved the whole of its state on every request when the exchange was inline.
+    #[test]
+    fn a_call_out_is_a_small_future() {
+        let outbound = Outbound::default();
+        let call = outbound.call(
+            "GET",
+            "http://127.0.0.1:9/",
+            &[],
+            None,
+            Duration::from_secs(1),
+        );
+        let size = std::mem::size_of_val(&call);
+        assert!(size < 4096, "a call's future is {size} bytes");
+    }
+}

@@ -202,6 +202,8 @@ pub enum Meter {
         /// The body's chunks as they passed (shared with the client's copy, not copied: a
         /// JSON answer is nearly always one chunk), joined only to be read at its end.
         body: Vec<Bytes>,
+        /// The bytes in `body`.
+        held: usize,
         overflowed: bool,
         /// Set by `finish`: generated text bytes of a body that parsed but had no usage.
         text_bytes: Option<u64>,
@@ -243,6 +245,7 @@ impl Meter {
         } else {
             Meter::Json {
                 body: Vec::new(),
+                held: 0,
                 overflowed: false,
                 text_bytes: None,
                 text: None,
@@ -288,14 +291,17 @@ impl Meter {
             Meter::Sse(scanner) => scanner.feed(chunk),
             Meter::Unreadable => chunk,
             Meter::Json {
-                body, overflowed, ..
+                body,
+                held,
+                overflowed,
+                ..
             } => {
                 if !*overflowed {
-                    let held: usize = body.iter().map(Bytes::len).sum();
-                    if held + chunk.len() > MAX_JSON_BYTES {
+                    if *held + chunk.len() > MAX_JSON_BYTES {
                         *overflowed = true;
                         *body = Vec::new();
                     } else {
+                        *held += chunk.len();
                         body.push(chunk.clone());
                     }
                 }
@@ -311,6 +317,7 @@ impl Meter {
             Meter::Unreadable => (Bytes::new(), None),
             Meter::Json {
                 body,
+                held,
                 overflowed,
                 text_bytes,
                 text,
@@ -323,6 +330,7 @@ impl Meter {
                     return (Bytes::new(), None);
                 }
                 let chunks = std::mem::take(body);
+                *held = 0;
                 let joined;
                 let body: &[u8] = match chunks.as_slice() {
                     [one] => one,
@@ -450,6 +458,31 @@ mod tests {
                 served_from_cache: false,
             })
         );
+    }
+
+    #[test]
+    fn a_json_answer_in_many_pieces_is_passed_on_as_is_and_read_whole() {
+        let body = br#"{"id":"x","choices":[{"message":{"content":"a \"quoted\" reply"}}],"usage":{"prompt_tokens":11,"completion_tokens":4}}"#;
+        let mut meter = Meter::for_response(Some(b"application/json"), false);
+        let mut passed = Vec::new();
+        for piece in body.chunks(3) {
+            passed.extend_from_slice(&meter.feed(Bytes::copy_from_slice(piece)));
+        }
+        assert_eq!(passed, body);
+        let usage = meter.finish().1.expect("usage read across pieces");
+        assert_eq!((usage.prompt_tokens, usage.completion_tokens), (11, 4));
+    }
+
+    #[test]
+    fn a_json_answer_past_the_reading_limit_is_passed_on_unread() {
+        let mut meter = Meter::for_response(Some(b"application/json"), false);
+        let piece = Bytes::from(vec![b' '; 1 << 20]);
+        for _ in 0..(MAX_JSON_BYTES >> 20) {
+            assert_eq!(meter.feed(piece.clone()).len(), piece.len());
+        }
+        let last = Bytes::from_static(br#"{"usage":{"prompt_tokens":1,"completion_tokens":1}}"#);
+        assert_eq!(meter.feed(last.clone()), last);
+        assert_eq!(meter.finish().1, None, "too large to read");
     }
 
     #[test]
