@@ -173,7 +173,13 @@ section = "\n".join(
         "deterministic request (temperature 0) again and again, answered from the cache after "
         "the warm-up's first. The load generator shares the "
         "machine's cores with the target, so max-throughput figures compare targets on equal "
-        "terms, not absolute capacity.",
+        "terms, not absolute capacity."
+        + (
+            " baseline: the embedded-store gateway of an earlier build (BASELINE in the command), "
+            "in the same rounds, so that a change is measured against what it changed."
+            if "baseline" in TARGETS
+            else ""
+        ),
         "",
         *lines,
         "",
