@@ -132,7 +132,25 @@ pub struct Admission {
     local: LocalLimiter,
     leases: Leases,
     held: Arc<Held>,
+    /// Leases to take ahead of need (see `leases::REFILL_LEFT`), taken by `run` on the
+    /// support runtime; asked for only while `run` is taking them.
+    refills: tokio::sync::mpsc::Sender<Refill>,
+    refills_due: parking_lot::Mutex<Option<tokio::sync::mpsc::Receiver<Refill>>>,
+    refilling: std::sync::atomic::AtomicBool,
 }
+
+/// A busy key's next lease, to take before its current one is spent.
+struct Refill {
+    identity: Arc<Identity>,
+    model: String,
+    /// The reservation of the request that asked, times `size`, is the lease.
+    reservation: Reservation,
+    size: u64,
+}
+
+/// Refills waiting for the store; past it, a key's next lease is taken by the request that
+/// needs it, as without refills.
+const REFILLS_QUEUED: usize = 1024;
 
 impl Admission {
     pub fn new(
@@ -142,6 +160,7 @@ impl Admission {
         settings: Settings,
         clock: Clock,
     ) -> Admission {
+        let refills = tokio::sync::mpsc::channel(REFILLS_QUEUED);
         Admission {
             store,
             tiers,
@@ -151,6 +170,9 @@ impl Admission {
             clock,
             local: LocalLimiter::default(),
             held: Arc::default(),
+            refills: refills.0,
+            refills_due: parking_lot::Mutex::new(Some(refills.1)),
+            refilling: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -177,6 +199,19 @@ impl Admission {
             self.clock.clone(),
             self.settings.slot_ttl_secs,
         );
+        let refills = async {
+            let Some(mut due) = self.refills_due.lock().take() else {
+                return;
+            };
+            if !self.leases.enabled() {
+                return;
+            }
+            self.refilling.store(true, Ordering::Release);
+            while let Some(refill) = due.recv().await {
+                // Each on its own task: one key's store round trip does not hold up another's.
+                tokio::spawn(self.clone().take_lease_ahead(refill));
+            }
+        };
         let leases = async {
             if !self.leases.enabled() {
                 return;
@@ -198,7 +233,7 @@ impl Admission {
                 self.local.prune(self.clock.now_sec());
             }
         };
-        tokio::join!(held, leases, prune);
+        tokio::join!(held, leases, refills, prune);
     }
 }
 
@@ -301,11 +336,10 @@ impl Admission {
             if let Some(admitted) = self
                 .admit_leased(
                     identity,
+                    view.model(),
                     &plan,
                     &reservation,
-                    now,
-                    &month,
-                    secs_to_month_end,
+                    (now, &month, secs_to_month_end),
                 )
                 .await
             {
@@ -384,11 +418,10 @@ impl Admission {
     async fn admit_leased(
         &self,
         identity: &Identity,
+        model: &str,
         plan: &QuotaPlan<'_>,
         reservation: &Reservation,
-        now: i64,
-        month: &str,
-        secs_to_month_end: u64,
+        (now, month, secs_to_month_end): (i64, &str, u64),
     ) -> Option<Admitted> {
         /// How long a request waits, in all, for leases other requests are taking.
         const LEASE_WAIT: std::time::Duration = std::time::Duration::from_millis(50);
@@ -399,6 +432,9 @@ impl Admission {
                 .try_admit(&identity.key_id, &plan.limits, reservation, now)
             {
                 Ok(leased) => {
+                    if let Some(size) = leased.refill {
+                        self.ask_for_refill(identity, model, reservation, size);
+                    }
                     return Some(Admitted {
                         reservation: *reservation,
                         reservation_id: leased.lease_id.clone(),
@@ -409,7 +445,7 @@ impl Admission {
                         lease: Some(leased.lease_id),
                         ceiling: Ceiling::default(),
                         ledgers: identity.ledgers.clone(),
-                    })
+                    });
                 }
                 Err(Miss::Take(size)) => {
                     return self
@@ -478,7 +514,7 @@ impl Admission {
                     now,
                     month.to_owned(),
                     bulk,
-                    *first,
+                    Some(*first),
                     lease_headers,
                 );
                 Some(Admitted {
@@ -497,6 +533,71 @@ impl Admission {
                 self.leases.not_taken(&identity.key_id);
                 None
             }
+        }
+    }
+
+    /// Queues the key's next lease for `run` to take; when it cannot (no `run`, or the
+    /// queue is full), the key's next request takes it, as without refills.
+    fn ask_for_refill(
+        &self,
+        identity: &Identity,
+        model: &str,
+        reservation: &Reservation,
+        size: u64,
+    ) {
+        let refill = Refill {
+            identity: Arc::new(identity.clone()),
+            model: model.to_owned(),
+            reservation: *reservation,
+            size,
+        };
+        if !self.refilling.load(Ordering::Acquire) || self.refills.try_send(refill).is_err() {
+            self.leases.not_taken(&identity.key_id);
+        }
+    }
+
+    /// Takes a lease of `refill.size` requests for the key and installs it, none of them
+    /// taken yet; a refusal (or a store failure) leaves the key to take its next lease with
+    /// its next request.
+    async fn take_lease_ahead(self: Arc<Self>, refill: Refill) {
+        let identity = &refill.identity;
+        let plan = identity.quota_plan(&refill.model);
+        let now = self.clock.now_sec();
+        let (month, secs_to_month_end) = month_of(now);
+        let lease_id = mint_reservation_id();
+        let bulk = Reservation {
+            requests: refill.size,
+            tokens: refill.reservation.tokens.saturating_mul(refill.size),
+            cost_nano: refill
+                .reservation
+                .cost_nano
+                .saturating_mul(refill.size as i64),
+        };
+        let scopes = plan.scopes();
+        let args = Admit {
+            scopes: &scopes,
+            reservation: &bulk,
+            reservation_id: &lease_id,
+            now_sec: now,
+            month: &month,
+            secs_to_month_end,
+            slot_ttl_secs: self.settings.slot_ttl_secs as i64,
+        };
+        match self.store.admit(&args).await {
+            Ok(verdict) if verdict.refused_by.is_none() => {
+                self.held.hold(&plan.ledgers, &lease_id, refill.size);
+                self.leases.install(
+                    &identity.key_id,
+                    plan.ledgers.clone(),
+                    lease_id,
+                    now,
+                    month,
+                    bulk,
+                    None,
+                    verdict.decision.headers,
+                );
+            }
+            _ => self.leases.not_taken(&identity.key_id),
         }
     }
 
