@@ -15,9 +15,10 @@
 #   BASELINE=/tmp/old/sluice loadtest/bench-overhead.sh  # A/B: also an earlier build of Sluice
 #   TARGETS="pingora sluice-embedded baseline" SCENARIOS="max json,max stream" loadtest/bench-overhead.sh
 #
-# BASELINE names another build's `sluice` binary: it runs as the target `baseline`, the
-# embedded-store gateway of that build, in the same rounds, so that a change is measured
-# against what it changed with the machine's noise shared. TARGETS (space-separated) and SCENARIOS
+# BASELINE names another build's `sluice` binary: it runs as the targets `baseline` and
+# `baseline-redis`, that build's gateway on the embedded store and on Redis, in the same
+# rounds, so that a change is measured against what it changed with the machine's noise
+# shared. TARGETS (space-separated) and SCENARIOS
 # (comma-separated) pick a subset.
 #
 # Everything listens on 127.0.0.1 and stops when the script ends.
@@ -35,7 +36,7 @@ MAX_TOKENS="${MAX_TOKENS:-16}"
 THREADS="${THREADS:-2}"             # worker threads for Sluice, worker processes for nginx
 OUT="${OUT:-docs/benchmarks.md}"
 PORT_BASE="${PORT_BASE:-19100}"
-BASELINE="${BASELINE:-}"            # another build's sluice binary, run as the target `baseline`
+BASELINE="${BASELINE:-}"            # another build's sluice binary: targets baseline, baseline-redis
 
 if ! command -v nginx >/dev/null 2>&1; then
   echo "bench: installing nginx" >&2
@@ -53,6 +54,7 @@ backend_port=$PORT_BASE; nginx_port=$((PORT_BASE + 1)); sluice_port=$((PORT_BASE
 pingora_port=$((PORT_BASE + 4)); embedded_port=$((PORT_BASE + 5)); embedded_admin_port=$((PORT_BASE + 6))
 priced_port=$((PORT_BASE + 7)); priced_admin_port=$((PORT_BASE + 8))
 baseline_port=$((PORT_BASE + 9)); baseline_admin_port=$((PORT_BASE + 10))
+baseline_redis_port=$((PORT_BASE + 11)); baseline_redis_admin_port=$((PORT_BASE + 12))
 
 
 "$bin/sluice-backend" --engine sim --listen "127.0.0.1:$backend_port" --model sluice-sim \
@@ -107,6 +109,16 @@ SLUICE_ADMIN_TOKEN="$admin_token" SLUICE_LOG=info "$bin/sluice" serve --config "
 pids+=($!)
 sluice_pid=$!
 wait_for "http://127.0.0.1:$sluice_port/health"
+if [ -n "$BASELINE" ]; then
+  # The baseline build on Redis too (its own key prefix), as the target baseline-redis.
+  sed -e "s/:$sluice_port\"/:$baseline_redis_port\"/; s/:$admin_port\"/:$baseline_redis_admin_port\"/" \
+    -e "s/sluice-bench-$$/sluice-bench-baseline-$$/" "$work/sluice.toml" >"$work/baseline-redis.toml"
+  SLUICE_ADMIN_TOKEN="$admin_token" SLUICE_LOG=info "$BASELINE" serve --config "$work/baseline-redis.toml" \
+    >"$work/baseline-redis.log" 2>&1 &
+  pids+=($!)
+  baseline_redis_pid=$!
+  wait_for "http://127.0.0.1:$baseline_redis_port/health"
+fi
 # start_embedded NAME PORT ADMIN_PORT [EXTRA_TOML]: the same gateway on the embedded store
 # (its data in $work/NAME-data, its log in $work/NAME.log); prints its pid.
 start_embedded() {
@@ -153,16 +165,19 @@ new_key() {
 key=$(new_key "$admin_port")
 embedded_key=$(new_key "$embedded_admin_port")
 priced_key=$(new_key "$priced_admin_port")
-[ -n "$BASELINE" ] && baseline_key=$(new_key "$baseline_admin_port")
+if [ -n "$BASELINE" ]; then
+  baseline_key=$(new_key "$baseline_admin_port")
+  baseline_redis_key=$(new_key "$baseline_redis_admin_port")
+fi
 redis_pid=$(pgrep -x redis-server | head -1 || true)
 
 targets=(direct nginx pingora sluice sluice-embedded sluice-priced)
-[ -n "$BASELINE" ] && targets+=(baseline)
+[ -n "$BASELINE" ] && targets+=(baseline baseline-redis)
 [ -n "${TARGETS:-}" ] && read -r -a targets <<<"$TARGETS"
 declare -A url=([direct]="http://127.0.0.1:$backend_port" [nginx]="http://127.0.0.1:$nginx_port" \
   [pingora]="http://127.0.0.1:$pingora_port" [sluice]="http://127.0.0.1:$sluice_port" \
   [sluice-embedded]="http://127.0.0.1:$embedded_port" [sluice-priced]="http://127.0.0.1:$priced_port" \
-  [baseline]="http://127.0.0.1:$baseline_port")
+  [baseline]="http://127.0.0.1:$baseline_port" [baseline-redis]="http://127.0.0.1:$baseline_redis_port")
 # The processes whose CPU each target costs (the direct target costs the proxy nothing).
 proxy_pids() {
   case "$1" in
@@ -172,6 +187,7 @@ proxy_pids() {
     sluice-embedded) echo "$embedded_pid" ;;
     sluice-priced) echo "$priced_pid" ;;
     baseline) echo "$baseline_pid" ;;
+    baseline-redis) echo "$baseline_redis_pid" ;;
   esac
 }
 # Exact cache hits: one deterministic request, asked again and again (the warm-up's first
@@ -195,12 +211,13 @@ for scenario in "${scenarios[@]}"; do
   [ "$2" = hit ] && load+=(--mix "$work/hit.jsonl")
   for round in $(seq "$ROUNDS"); do
     for target in "${targets[@]}"; do
-      [ "$2" = hit ] && [[ "$target" != sluice* && "$target" != baseline ]] && continue
+      [ "$2" = hit ] && [[ "$target" != sluice* && "$target" != baseline* ]] && continue
       keyarg=()
       [ "$target" = sluice ] && keyarg=(--key "$key")
       [ "$target" = sluice-embedded ] && keyarg=(--key "$embedded_key")
       [ "$target" = sluice-priced ] && keyarg=(--key "$priced_key")
       [ "$target" = baseline ] && keyarg=(--key "$baseline_key")
+      [ "$target" = baseline-redis ] && keyarg=(--key "$baseline_redis_key")
       echo "bench: $scenario, round $round, $target" >&2
       procs=$(proxy_pids "$target")
       proxy_before=$(cpu_ticks $procs); redis_before=$(cpu_ticks $redis_pid)

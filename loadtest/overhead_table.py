@@ -47,7 +47,7 @@ def errors(reports):
     return str(total)
 
 
-TARGETS = [t for t in ("direct", "nginx", "pingora", "sluice", "sluice-embedded", "sluice-priced", "baseline") if any(r["target"] == t for r in runs)]
+TARGETS = [t for t in ("direct", "nginx", "pingora", "sluice", "sluice-embedded", "sluice-priced", "baseline", "baseline-redis") if any(r["target"] == t for r in runs)]
 
 
 def cpu_us(run, field):
@@ -79,7 +79,7 @@ for scenario in scenarios:
         added99 = med([lat(reports[k], "p99") - lat(direct[k], "p99") for k in rounds if k in direct and lat(reports[k], "p99") is not None and lat(direct[k], "p99") is not None])
         tput = med([reports[k]["throughput_rps"] for k in rounds])
         cpu = med([cpu_us(full[k], "proxy_ticks") for k in rounds]) if target != "direct" else None
-        redis = med([cpu_us(full[k], "redis_ticks") for k in rounds]) if target == "sluice" else None
+        redis = med([cpu_us(full[k], "redis_ticks") for k in rounds]) if target in ("sluice", "baseline-redis") else None
         per_target[target] = (tput, added50, added99, reports, cpu)
         if not reports:
             continue
@@ -92,7 +92,7 @@ for scenario in scenarios:
     if scenario == "max hit":
         # A hit against the same target forwarding (max json): what answering from the cache
         # costs next to what forwarding does.
-        for name in ("sluice", "sluice-embedded", "sluice-priced", "baseline"):
+        for name in ("sluice", "sluice-embedded", "sluice-priced", "baseline", "baseline-redis"):
             hit = per_target.get(name)
             forwarded = [r for r in runs if r["scenario"] == "max json" and r["target"] == name]
             if not hit or not forwarded:
@@ -116,16 +116,18 @@ for scenario in scenarios:
         )
     nginx = per_target.get("nginx")
     pingora = per_target.get("pingora")
-    baseline, current = per_target.get("baseline"), per_target.get("sluice-embedded")
-    if baseline and current and baseline[4] and current[4] is not None:
+    for old_name, new_name, store in (("baseline", "sluice-embedded", "embedded"), ("baseline-redis", "sluice", "Redis")):
+        baseline, current = per_target.get(old_name), per_target.get(new_name)
+        if not (baseline and current and baseline[4] and current[4] is not None):
+            continue
         ratios = [current[3][k]["throughput_rps"] / baseline[3][k]["throughput_rps"] for k in current[3] if k in baseline[3] and baseline[3][k]["throughput_rps"] > 0]
         summary.append(
-            f"- {scenario}, this build against the baseline build (both embedded): CPU per request "
+            f"- {scenario}, this build against the baseline build ({store}): CPU per request "
             f"{fmt(current[4], 0)} vs {fmt(baseline[4], 0)} µs ({fmt(current[4] / baseline[4], 2)}×); "
             f"throughput {fmt(med(ratios), 3)}× (median of per-round ratios)"
             + (f"; p99 {fmt(current[2])} vs {fmt(baseline[2])} ms added" if None not in (current[2], baseline[2]) else "")
         )
-    for name in ("sluice", "sluice-embedded", "sluice-priced", "baseline"):
+    for name in ("sluice", "sluice-embedded", "sluice-priced", "baseline", "baseline-redis"):
         sluice = per_target.get(name)
         if not sluice or not nginx:
             continue
@@ -175,8 +177,9 @@ section = "\n".join(
         "machine's cores with the target, so max-throughput figures compare targets on equal "
         "terms, not absolute capacity."
         + (
-            " baseline: the embedded-store gateway of an earlier build (BASELINE in the command), "
-            "in the same rounds, so that a change is measured against what it changed."
+            " baseline and baseline-redis: an earlier build's gateway (BASELINE in the command) on "
+            "the embedded store and on Redis, in the same rounds, so that a change is measured "
+            "against what it changed."
             if "baseline" in TARGETS
             else ""
         ),

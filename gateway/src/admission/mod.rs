@@ -483,13 +483,43 @@ impl Admission {
         plan: &QuotaPlan<'_>,
         first: &Reservation,
         size: u64,
-        (now, month, secs_to_month_end): (i64, &str, u64),
+        when: (i64, &str, u64),
     ) -> Option<Admitted> {
+        let (lease_id, mut headers) = self
+            .lease(identity, plan, first, size, Some(*first), when)
+            .await?;
+        let (now, month, _) = when;
+        headers.remaining_requests = headers.remaining_requests.map(|v| v + size - 1);
+        Some(Admitted {
+            reservation: *first,
+            reservation_id: lease_id.clone(),
+            admitted_sec: now,
+            month: month.to_owned(),
+            headers,
+            local_only: false,
+            lease: Some(lease_id),
+            ceiling: Ceiling::default(),
+            ledgers: plan.ledgers.clone(),
+        })
+    }
+
+    /// Takes a lease of `size` requests like `per_request` for the key from the store and
+    /// installs it (with `first` taken from it, or none); its id and the store's headers.
+    /// `None` when the store refuses it or fails: the key's next request then takes one.
+    async fn lease(
+        &self,
+        identity: &Identity,
+        plan: &QuotaPlan<'_>,
+        per_request: &Reservation,
+        size: u64,
+        first: Option<Reservation>,
+        (now, month, secs_to_month_end): (i64, &str, u64),
+    ) -> Option<(String, RateHeaders)> {
         let lease_id = mint_reservation_id();
         let bulk = Reservation {
             requests: size,
-            tokens: first.tokens.saturating_mul(size),
-            cost_nano: first.cost_nano.saturating_mul(size as i64),
+            tokens: per_request.tokens.saturating_mul(size),
+            cost_nano: per_request.cost_nano.saturating_mul(size as i64),
         };
         let scopes = plan.scopes();
         let args = Admit {
@@ -504,9 +534,6 @@ impl Admission {
         match self.store.admit(&args).await {
             Ok(verdict) if verdict.refused_by.is_none() => {
                 self.held.hold(&plan.ledgers, &lease_id, size);
-                let lease_headers = verdict.decision.headers.clone();
-                let mut headers = verdict.decision.headers;
-                headers.remaining_requests = headers.remaining_requests.map(|v| v + size - 1);
                 self.leases.install(
                     &identity.key_id,
                     plan.ledgers.clone(),
@@ -514,20 +541,10 @@ impl Admission {
                     now,
                     month.to_owned(),
                     bulk,
-                    Some(*first),
-                    lease_headers,
+                    first,
+                    verdict.decision.headers.clone(),
                 );
-                Some(Admitted {
-                    reservation: *first,
-                    reservation_id: lease_id.clone(),
-                    admitted_sec: now,
-                    month: month.to_owned(),
-                    headers,
-                    local_only: false,
-                    lease: Some(lease_id),
-                    ceiling: Ceiling::default(),
-                    ledgers: plan.ledgers.clone(),
-                })
+                Some((lease_id, verdict.decision.headers))
             }
             _ => {
                 self.leases.not_taken(&identity.key_id);
@@ -556,49 +573,16 @@ impl Admission {
         }
     }
 
-    /// Takes a lease of `refill.size` requests for the key and installs it, none of them
-    /// taken yet; a refusal (or a store failure) leaves the key to take its next lease with
-    /// its next request.
+    /// Takes the key's next lease ahead of need (see `leases::REFILL_LEFT`), none of its
+    /// requests taken yet.
     async fn take_lease_ahead(self: Arc<Self>, refill: Refill) {
-        let identity = &refill.identity;
-        let plan = identity.quota_plan(&refill.model);
+        let plan = refill.identity.quota_plan(&refill.model);
         let now = self.clock.now_sec();
         let (month, secs_to_month_end) = month_of(now);
-        let lease_id = mint_reservation_id();
-        let bulk = Reservation {
-            requests: refill.size,
-            tokens: refill.reservation.tokens.saturating_mul(refill.size),
-            cost_nano: refill
-                .reservation
-                .cost_nano
-                .saturating_mul(refill.size as i64),
-        };
-        let scopes = plan.scopes();
-        let args = Admit {
-            scopes: &scopes,
-            reservation: &bulk,
-            reservation_id: &lease_id,
-            now_sec: now,
-            month: &month,
-            secs_to_month_end,
-            slot_ttl_secs: self.settings.slot_ttl_secs as i64,
-        };
-        match self.store.admit(&args).await {
-            Ok(verdict) if verdict.refused_by.is_none() => {
-                self.held.hold(&plan.ledgers, &lease_id, refill.size);
-                self.leases.install(
-                    &identity.key_id,
-                    plan.ledgers.clone(),
-                    lease_id,
-                    now,
-                    month,
-                    bulk,
-                    None,
-                    verdict.decision.headers,
-                );
-            }
-            _ => self.leases.not_taken(&identity.key_id),
-        }
+        let when = (now, month.as_str(), secs_to_month_end);
+        let (identity, reservation) = (&refill.identity, &refill.reservation);
+        self.lease(identity, &plan, reservation, refill.size, None, when)
+            .await;
     }
 
     /// Replaces a reservation with what the request used. Runs on its own task so that it is
