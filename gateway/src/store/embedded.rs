@@ -29,12 +29,10 @@ const TENANTS: TableDefinition<&str, &[u8]> = TableDefinition::new("tenants");
 const DRAINING: TableDefinition<&str, ()> = TableDefinition::new("draining_backends");
 /// backend name -> JSON `Option<BackendSpec>`: pool changes made through the admin API
 const POOL: TableDefinition<&str, &[u8]> = TableDefinition::new("backend_pool");
-/// `{time_ms:020}/{event id}` -> JSON `UsageEvent`, so a range scan is a time range; the
-/// key is also what makes an event count once (a replayed event has the same time and id)
+/// `{time_ms:020}/{event id}` -> JSON `UsageEvent`, so a range scan is a time range
 const USAGE: TableDefinition<&str, &[u8]> = TableDefinition::new("usage_events");
-/// Earlier versions' second index of usage events (event id -> USAGE key), removed when a
-/// data directory is opened: inserting random ids into it wrote a scattered page per event.
-const OLD_USAGE_IDS: TableDefinition<&str, &str> = TableDefinition::new("usage_event_ids");
+/// event id -> its USAGE key: what makes an event count once
+const USAGE_IDS: TableDefinition<&str, &str> = TableDefinition::new("usage_event_ids");
 
 /// alert id -> the alert's JSON
 const ALERTS: TableDefinition<&str, &[u8]> = TableDefinition::new("alerts");
@@ -97,7 +95,7 @@ impl EmbeddedStore {
         txn.open_table(TENANTS).map_err(embedded_err)?;
         txn.open_table(DRAINING).map_err(embedded_err)?;
         txn.open_table(POOL).map_err(embedded_err)?;
-        txn.delete_table(OLD_USAGE_IDS).map_err(embedded_err)?;
+        txn.open_table(USAGE_IDS).map_err(embedded_err)?;
         txn.open_table(ALERTS).map_err(embedded_err)?;
         txn.open_table(AUDIT).map_err(embedded_err)?;
         txn.open_table(ALERT_TIMES).map_err(embedded_err)?;
@@ -288,17 +286,26 @@ impl Store for EmbeddedStore {
     async fn append_usage(&self, events: &[UsageEvent]) -> Result<usize, StoreError> {
         let rows = events
             .iter()
-            .map(|e| Ok((usage_key(e.time_ms, &e.id), serde_json::to_vec(e)?)))
+            .map(|e| {
+                Ok((
+                    e.id.clone(),
+                    usage_key(e.time_ms, &e.id),
+                    serde_json::to_vec(e)?,
+                ))
+            })
             .collect::<Result<Vec<_>, StoreError>>()?;
         self.blocking(move |db| {
             let txn = db.begin_write().map_err(embedded_err)?;
             let mut added = 0;
             {
+                let mut ids = txn.open_table(USAGE_IDS).map_err(embedded_err)?;
                 let mut usage = txn.open_table(USAGE).map_err(embedded_err)?;
-                for (key, json) in &rows {
-                    if usage.get(key.as_str()).map_err(embedded_err)?.is_some() {
+                for (id, key, json) in &rows {
+                    if ids.get(id.as_str()).map_err(embedded_err)?.is_some() {
                         continue;
                     }
+                    ids.insert(id.as_str(), key.as_str())
+                        .map_err(embedded_err)?;
                     usage
                         .insert(key.as_str(), json.as_slice())
                         .map_err(embedded_err)?;
