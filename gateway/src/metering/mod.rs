@@ -199,11 +199,11 @@ impl<'de> Deserialize<'de> for Usage {
 pub enum Meter {
     Sse(SseUsageScanner),
     Json {
-        /// The body's chunks as they passed (shared with the client's copy, not copied: a
-        /// JSON answer is nearly always one chunk), joined only to be read at its end.
-        body: Vec<Bytes>,
-        /// The bytes in `body`.
-        held: usize,
+        /// The body's first chunk, shared with the client's copy (a JSON answer is nearly
+        /// always one chunk), and from a second chunk on the whole body copied into `rest`
+        /// (holding every piece instead would keep each tiny piece's allocation alive).
+        first: Option<Bytes>,
+        rest: BytesMut,
         overflowed: bool,
         /// Set by `finish`: generated text bytes of a body that parsed but had no usage.
         text_bytes: Option<u64>,
@@ -244,8 +244,8 @@ impl Meter {
             Meter::Sse(SseUsageScanner::new(strip_usage_chunk))
         } else {
             Meter::Json {
-                body: Vec::new(),
-                held: 0,
+                first: None,
+                rest: BytesMut::new(),
                 overflowed: false,
                 text_bytes: None,
                 text: None,
@@ -291,19 +291,25 @@ impl Meter {
             Meter::Sse(scanner) => scanner.feed(chunk),
             Meter::Unreadable => chunk,
             Meter::Json {
-                body,
-                held,
+                first,
+                rest,
                 overflowed,
                 ..
             } => {
-                if !*overflowed {
-                    if *held + chunk.len() > MAX_JSON_BYTES {
-                        *overflowed = true;
-                        *body = Vec::new();
-                    } else {
-                        *held += chunk.len();
-                        body.push(chunk.clone());
+                if *overflowed {
+                    return chunk;
+                }
+                let held = first.as_ref().map_or(0, Bytes::len) + rest.len();
+                if held + chunk.len() > MAX_JSON_BYTES {
+                    *overflowed = true;
+                    (*first, *rest) = (None, BytesMut::new());
+                } else if first.is_none() && rest.is_empty() {
+                    *first = Some(chunk.clone());
+                } else {
+                    if let Some(first) = first.take() {
+                        rest.extend_from_slice(&first);
                     }
+                    rest.extend_from_slice(&chunk);
                 }
                 chunk
             }
@@ -316,8 +322,8 @@ impl Meter {
             Meter::Sse(scanner) => (scanner.finish(), scanner.usage()),
             Meter::Unreadable => (Bytes::new(), None),
             Meter::Json {
-                body,
-                held,
+                first,
+                rest,
                 overflowed,
                 text_bytes,
                 text,
@@ -329,16 +335,8 @@ impl Meter {
                 if *overflowed {
                     return (Bytes::new(), None);
                 }
-                let chunks = std::mem::take(body);
-                *held = 0;
-                let joined;
-                let body: &[u8] = match chunks.as_slice() {
-                    [one] => one,
-                    chunks => {
-                        joined = chunks.concat();
-                        &joined
-                    }
-                };
+                let (first, rest) = (first.take(), std::mem::take(rest));
+                let body: &[u8] = first.as_deref().unwrap_or(&rest);
                 let usage = match serde_json::from_slice::<WithUsage>(body) {
                     Ok(WithUsage { usage: Some(usage) }) => Some(usage),
                     Ok(WithUsage { usage: None }) => {
