@@ -11,6 +11,9 @@
 use half::{bf16, f16};
 use rayon::prelude::*;
 
+#[cfg(target_arch = "x86_64")]
+mod x86;
+
 /// The element encodings this engine reads.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum GgmlType {
@@ -216,12 +219,13 @@ impl QMatrix {
     }
 }
 
-/// A dot product with 32 independent accumulators, which the compiler keeps in four SIMD
+/// A dot product with 32 independent accumulators, which the compiler keeps in SIMD
 /// registers (one running sum, or one register, would be a chain of dependent adds, each
-/// waiting for the last). `FMA`: fused multiply-adds, for the copy compiled with FMA enabled
-/// (elsewhere `mul_add` would be a slow library call).
+/// waiting for the last), summed by [`reduce32`]. `FMA`: fused multiply-adds, for the copy
+/// compiled with FMA enabled (elsewhere `mul_add` would be a slow library call). This is
+/// the arithmetic of every generated row: the fused kernels in [`x86`] give the same bits.
 #[inline(always)]
-fn dot<const FMA: bool>(a: &[f32], b: &[f32]) -> f32 {
+pub(crate) fn dot<const FMA: bool>(a: &[f32], b: &[f32]) -> f32 {
     let mut acc = [0.0f32; 32];
     let (ca, cb) = (a.chunks_exact(32), b.chunks_exact(32));
     let tail: f32 = ca
@@ -241,7 +245,23 @@ fn dot<const FMA: bool>(a: &[f32], b: &[f32]) -> f32 {
             };
         }
     }
-    acc.iter().sum::<f32>() + tail
+    reduce32(&acc) + tail
+}
+
+/// The sum of 32 lane accumulators as a tree of halves (lane `i` plus lane `i + 16`, then
+/// `i + 8`, ...): five dependent adds, not 31, and the order in which a 16-lane register
+/// pair, or four 8-lane ones, reduce by folding their upper halves down.
+#[inline(always)]
+pub(crate) fn reduce32(lanes: &[f32; 32]) -> f32 {
+    let mut v = *lanes;
+    let mut width = 16;
+    while width > 0 {
+        for i in 0..width {
+            v[i] += v[i + width];
+        }
+        width /= 2;
+    }
+    v[0]
 }
 
 /// Output rows (weight rows) per parallel task of [`matmul`], at least: a task decodes one
@@ -276,119 +296,36 @@ fn band<const FMA: bool>(
 }
 
 /// [`band`] compiled for AVX2 and FMA: 8-wide lanes and fused multiply-adds, where the
-/// default x86-64 target has only SSE2's 4-wide ones.
+/// default x86-64 target has only SSE2's 4-wide ones; for the encodings the fused kernels
+/// do not cover.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn band_avx2(w: &QMatrix, x: &[f32], first: usize, row: &mut [f32], part: &mut [f32]) {
-    let dtype = w.dtype;
-    band::<true>(w, x, first, row, part, |bytes, out| match dtype {
-        // SAFETY: this function only runs where AVX2 is present.
-        GgmlType::Q4_1 => unsafe { avx2::dequantize_q4_1(bytes, out) },
-        GgmlType::Q8_0 => unsafe { avx2::dequantize_q8_0(bytes, out) },
-        _ => dequantize(dtype, bytes, out),
+    band::<true>(w, x, first, row, part, |bytes, out| {
+        dequantize(w.dtype, bytes, out)
     });
-}
-
-/// The decoders of the two encodings SmolLM2 uses, in AVX2: the compiler does not vectorise
-/// the portable ones' byte-to-float conversions. Bit for bit the same results (the same
-/// exact conversions, then a multiply and an add, not fused, as the portable code does).
-#[cfg(target_arch = "x86_64")]
-mod avx2 {
-    use std::arch::x86_64::*;
-
-    use super::f16_at;
-
-    #[target_feature(enable = "avx2")]
-    pub unsafe fn dequantize_q4_1(bytes: &[u8], out: &mut [f32]) {
-        assert_eq!(bytes.len() / 20 * 32, out.len());
-        for (o, b) in out.chunks_exact_mut(32).zip(bytes.chunks_exact(20)) {
-            let d = _mm256_set1_ps(f16_at(b, 0));
-            let m = _mm256_set1_ps(f16_at(b, 2));
-            let mask = _mm_set1_epi8(0x0f);
-            // SAFETY: b holds 20 bytes, so 16 from offset 4; o holds 32 floats.
-            unsafe {
-                let q = _mm_loadu_si128(b.as_ptr().add(4).cast());
-                let lo = _mm_and_si128(q, mask);
-                let hi = _mm_and_si128(_mm_srli_epi16::<4>(q), mask);
-                let parts = [lo, _mm_srli_si128::<8>(lo), hi, _mm_srli_si128::<8>(hi)];
-                for (k, v) in parts.into_iter().enumerate() {
-                    let f = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(v));
-                    let w = _mm256_add_ps(_mm256_mul_ps(d, f), m);
-                    _mm256_storeu_ps(o.as_mut_ptr().add(8 * k), w);
-                }
-            }
-        }
-    }
-
-    /// One Q4_1 weight row dotted with `x` without storing the decoded row: the same
-    /// decoding and the same sums as [`dequantize_q4_1`] then `dot::<true>`, bit for bit
-    /// (lane `l` of the four accumulators is `dot`'s `acc[l]`). The decoding is written out
-    /// here again on purpose: a shared helper returning the four vectors measured a third
-    /// slower in both functions (`--example gemm_speed`).
-    #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn dot_q4_1(bytes: &[u8], x: &[f32]) -> f32 {
-        assert_eq!(bytes.len() / 20 * 32, x.len());
-        let mut acc = [_mm256_setzero_ps(); 4];
-        for (xs, b) in x.chunks_exact(32).zip(bytes.chunks_exact(20)) {
-            let d = _mm256_set1_ps(f16_at(b, 0));
-            let m = _mm256_set1_ps(f16_at(b, 2));
-            let mask = _mm_set1_epi8(0x0f);
-            // SAFETY: b holds 20 bytes, so 16 from offset 4; xs holds 32 floats.
-            unsafe {
-                let q = _mm_loadu_si128(b.as_ptr().add(4).cast());
-                let lo = _mm_and_si128(q, mask);
-                let hi = _mm_and_si128(_mm_srli_epi16::<4>(q), mask);
-                let parts = [lo, _mm_srli_si128::<8>(lo), hi, _mm_srli_si128::<8>(hi)];
-                for (k, v) in parts.into_iter().enumerate() {
-                    let f = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(v));
-                    let w = _mm256_add_ps(_mm256_mul_ps(d, f), m);
-                    let xv = _mm256_loadu_ps(xs.as_ptr().add(8 * k));
-                    acc[k] = _mm256_fmadd_ps(xv, w, acc[k]);
-                }
-            }
-        }
-        let mut lanes = [0.0f32; 32];
-        for (k, a) in acc.iter().enumerate() {
-            // SAFETY: lanes holds 32 floats, 8 per accumulator.
-            unsafe { _mm256_storeu_ps(lanes.as_mut_ptr().add(8 * k), *a) };
-        }
-        let tail: f32 = 0.0;
-        lanes.iter().sum::<f32>() + tail
-    }
-
-    #[target_feature(enable = "avx2")]
-    pub unsafe fn dequantize_q8_0(bytes: &[u8], out: &mut [f32]) {
-        assert_eq!(bytes.len() / 34 * 32, out.len());
-        for (o, b) in out.chunks_exact_mut(32).zip(bytes.chunks_exact(34)) {
-            let d = _mm256_set1_ps(f16_at(b, 0));
-            // SAFETY: b holds 34 bytes, so 32 from offset 2; o holds 32 floats.
-            unsafe {
-                for k in 0..4 {
-                    let q = _mm_loadl_epi64(b.as_ptr().add(2 + 8 * k).cast());
-                    let f = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q));
-                    _mm256_storeu_ps(o.as_mut_ptr().add(8 * k), _mm256_mul_ps(d, f));
-                }
-            }
-        }
-    }
 }
 
 fn run_band(w: &QMatrix, x: &[f32], first: usize, row: &mut [f32], part: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
-    if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
-        // One activation row (a lone decode) reuses no decoded weight row: decoding straight
-        // into the products spares storing and reloading it, about a fifth of the time.
-        if x.len() == w.cols && w.dtype == GgmlType::Q4_1 {
-            let n = w.row_bytes();
-            for (j, out) in part.iter_mut().enumerate() {
-                let r = first + j;
-                // SAFETY: the CPU has both features, checked just now.
-                *out = unsafe { avx2::dot_q4_1(&w.bytes[r * n..(r + 1) * n], x) };
+    if std::is_x86_feature_detected!("fma") && std::is_x86_feature_detected!("f16c") {
+        let (bytes, k) = (&w.bytes[..], w.cols);
+        let avx512 = std::is_x86_feature_detected!("avx512f");
+        let avx2 = std::is_x86_feature_detected!("avx2");
+        // SAFETY: each kernel runs only where the CPU has the features it is compiled for,
+        // checked just now.
+        unsafe {
+            match (w.dtype, avx512, avx2) {
+                (GgmlType::Q4_1, true, _) => x86::avx512::band_q4_1(bytes, k, x, first, part),
+                (GgmlType::Q8_0, true, _) => x86::avx512::band_q8_0(bytes, k, x, first, part),
+                (GgmlType::Q4_1, false, true) => x86::avx2::band_q4_1(bytes, k, x, first, part),
+                (GgmlType::Q8_0, false, true) => x86::avx2::band_q8_0(bytes, k, x, first, part),
+                (_, _, true) => band_avx2(w, x, first, row, part),
+                _ => band::<true>(w, x, first, row, part, |bytes, out| {
+                    dequantize(w.dtype, bytes, out)
+                }),
             }
-            return;
         }
-        // SAFETY: the CPU has both features, checked just now.
-        unsafe { band_avx2(w, x, first, row, part) };
         return;
     }
     band::<false>(w, x, first, row, part, |bytes, out| {
@@ -412,6 +349,13 @@ pub fn matmul(x: &[f32], m: usize, w: &QMatrix, out: &mut [f32]) {
     let per_task = n
         .div_ceil(rayon::current_num_threads() * TASKS_PER_THREAD)
         .max(MIN_ROWS_PER_TASK);
+    if m == 1 {
+        // One activation row: a band's results, `[rows, 1]`, are already in output order.
+        out.par_chunks_mut(per_task)
+            .enumerate()
+            .for_each(|(band, part)| run_band(w, x, band * per_task, &mut vec![0.0; k], part));
+        return;
+    }
     let bands: Vec<Vec<f32>> = (0..n.div_ceil(per_task))
         .into_par_iter()
         .map(|band| {
@@ -498,8 +442,8 @@ fn decode_rows(w: &QMatrix, first: usize, out: &mut [f32]) {
     if std::is_x86_feature_detected!("avx2") {
         // SAFETY: the CPU has AVX2, checked just now.
         match w.dtype {
-            GgmlType::Q4_1 => return unsafe { avx2::dequantize_q4_1(bytes, out) },
-            GgmlType::Q8_0 => return unsafe { avx2::dequantize_q8_0(bytes, out) },
+            GgmlType::Q4_1 => return unsafe { x86::avx2::dequantize_q4_1(bytes, out) },
+            GgmlType::Q8_0 => return unsafe { x86::avx2::dequantize_q8_0(bytes, out) },
             _ => {}
         }
     }
@@ -674,8 +618,8 @@ mod tests {
             // SAFETY: AVX2 is present, checked above.
             unsafe {
                 match dtype {
-                    GgmlType::Q4_1 => avx2::dequantize_q4_1(&w.bytes, &mut simd),
-                    _ => avx2::dequantize_q8_0(&w.bytes, &mut simd),
+                    GgmlType::Q4_1 => x86::avx2::dequantize_q4_1(&w.bytes, &mut simd),
+                    _ => x86::avx2::dequantize_q8_0(&w.bytes, &mut simd),
                 }
             }
             assert!(
@@ -686,6 +630,63 @@ mod tests {
                 "{dtype:?}"
             );
         }
+    }
+
+    /// Every fused kernel this CPU can run, for every group size, gives the bits of
+    /// `dot::<true>` over the decoded weight row: the arithmetic a generated row gets can
+    /// depend neither on the batch it runs in nor on the instruction set.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn fused_kernels_give_the_portable_dot_products_bits_for_any_group() {
+        type Kernel = unsafe fn(&[u8], usize, &[f32], usize, &mut [f32]);
+        let has = |f: &str| match f {
+            "avx512f" => std::is_x86_feature_detected!("avx512f"),
+            _ => std::is_x86_feature_detected!("avx2"),
+        };
+        if !(std::is_x86_feature_detected!("fma") && std::is_x86_feature_detected!("f16c")) {
+            eprintln!("skipping: this CPU has no FMA or F16C");
+            return;
+        }
+        let kernels: [(&str, GgmlType, Kernel); 4] = [
+            ("avx512f", GgmlType::Q4_1, x86::avx512::band_q4_1),
+            ("avx512f", GgmlType::Q8_0, x86::avx512::band_q8_0),
+            ("avx2", GgmlType::Q4_1, x86::avx2::band_q4_1),
+            ("avx2", GgmlType::Q8_0, x86::avx2::band_q8_0),
+        ];
+        let mut ran = 0;
+        for (feature, dtype, kernel) in kernels {
+            if !has(feature) {
+                eprintln!("skipping {feature} {dtype:?}: not on this CPU");
+                continue;
+            }
+            let (n, k) = (7, 96);
+            let w = random_matrix(dtype, n, k, 31);
+            for m in 1..=17 {
+                let x = values(m * k, 40 + m as u64);
+                let mut want = vec![0.0f32; n * m];
+                // SAFETY: AVX2 and FMA are present (checked above: AVX-512 implies AVX2).
+                unsafe { band_avx2(&w, &x, 0, &mut vec![0.0; k], &mut want) };
+                let mut got = vec![f32::NAN; n * m];
+                // SAFETY: the kernel's features are present, checked above.
+                unsafe { kernel(&w.bytes, k, &x, 0, &mut got) };
+                let same = got.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits());
+                assert!(same, "{feature} {dtype:?} with {m} rows: {got:?} against {want:?}");
+                ran += 1;
+            }
+        }
+        assert!(ran > 0, "no kernel ran");
+    }
+
+    #[test]
+    fn a_tree_of_halves_sums_the_lanes() {
+        let lanes: [f32; 32] = std::array::from_fn(|i| i as f32);
+        assert_eq!(reduce32(&lanes), (0..32).sum::<i32>() as f32);
+        // Lane 0 meets lane 16 first, so the 1 survives; left to right, 1e8 + 1 loses it.
+        let mut big = [0.0f32; 32];
+        big[0] = 1.0e8;
+        big[16] = -1.0e8;
+        big[1] = 1.0;
+        assert_eq!(reduce32(&big), 1.0);
     }
 
     #[test]

@@ -69,6 +69,11 @@ impl Device for Cpu {
         "cpu".to_owned()
     }
 
+    fn run<R: Send>(&self, work: impl FnOnce() -> R + Send) -> R {
+        // `scope` runs its body on a worker of the global pool (the calling thread waits).
+        rayon::scope(|_| work())
+    }
+
     fn upload(&self, data: &[f32], shape: &[usize]) -> Result<CpuTensor, DeviceError> {
         assert_eq!(data.len(), shape.iter().product::<usize>(), "{shape:?}");
         Ok(Tensor::from_parts(data.to_vec(), shape.to_vec()))
@@ -468,28 +473,21 @@ impl Device for Cpu {
         let parts: Vec<Vec<f32>> = tasks
             .par_iter()
             .map(|&(start, seq, h)| {
-                let kv = (h / group) * head_dim;
-                let slot = |p: usize| {
-                    (seq.blocks[p / block_size] as usize * block_size + p % block_size) * kv_width
-                        + kv
+                let head = AttendedHead {
+                    q: &qd[start * width + h * head_dim..],
+                    width,
+                    head_dim,
+                    kv: (h / group) * head_dim,
+                    kv_width,
+                    block_size,
+                    scale,
                 };
-                let mut out = vec![0.0f32; seq.new * head_dim];
-                let mut scores = Vec::with_capacity(seq.past + seq.new);
-                for i in 0..seq.new {
-                    let qi = &qd[(start + i) * width + h * head_dim..][..head_dim];
-                    scores.clear();
-                    scores.extend((0..=seq.past + i).map(|p| {
-                        let kp = &kd[slot(p)..][..head_dim];
-                        qi.iter().zip(kp).map(|(a, b)| a * b).sum::<f32>() * scale
-                    }));
-                    softmax_row(&mut scores);
-                    let oi = &mut out[i * head_dim..][..head_dim];
-                    for (p, &w) in scores.iter().enumerate() {
-                        let vp = &vd[slot(p)..][..head_dim];
-                        oi.iter_mut().zip(vp).for_each(|(o, v)| *o += w * v);
-                    }
+                #[cfg(target_arch = "x86_64")]
+                if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+                    // SAFETY: the CPU has both features, checked just now.
+                    return unsafe { attend_avx2(&head, seq, kd, vd) };
                 }
-                out
+                attend::<false>(&head, seq, kd, vd)
             })
             .collect();
         let mut out = vec![0.0f32; rows * width];
@@ -524,6 +522,68 @@ impl Device for Cpu {
     }
 }
 
+/// One query head of one sequence in [`Device::paged_attention`], and where its keys are.
+struct AttendedHead<'a> {
+    /// The sequence's first new row, at this head's columns; row `i` at `i · width`.
+    q: &'a [f32],
+    width: usize,
+    head_dim: usize,
+    /// The key/value head's first column, and the caches' row width.
+    kv: usize,
+    kv_width: usize,
+    block_size: usize,
+    scale: f32,
+}
+
+/// The attended values of `head` for each of `seq`'s new rows, `[seq.new, head_dim]`. Each
+/// row's arithmetic is its own (scores by [`quant::dot`], softmax, weighted sum in position
+/// order), whatever else is in the batch.
+#[inline(always)]
+fn attend<const FMA: bool>(
+    head: &AttendedHead<'_>,
+    seq: super::PagedSequence<'_>,
+    k: &[f32],
+    v: &[f32],
+) -> Vec<f32> {
+    // Plain loops, no closures: a closure is compiled on its own, without the target
+    // features of the function it is written in, and `dot` would call `fmaf` per element.
+    let d = head.head_dim;
+    let bs = head.block_size;
+    let mut out = vec![0.0f32; seq.new * d];
+    let mut scores = vec![0.0f32; seq.past + seq.new];
+    for i in 0..seq.new {
+        let qi = &head.q[i * head.width..][..d];
+        let seen = seq.past + i + 1;
+        for p in 0..seen {
+            let at = (seq.blocks[p / bs] as usize * bs + p % bs) * head.kv_width + head.kv;
+            scores[p] = quant::dot::<FMA>(qi, &k[at..][..d]) * head.scale;
+        }
+        softmax_row(&mut scores[..seen]);
+        let oi = &mut out[i * d..][..d];
+        for p in 0..seen {
+            let at = (seq.blocks[p / bs] as usize * bs + p % bs) * head.kv_width + head.kv;
+            let (w, vp) = (scores[p], &v[at..][..d]);
+            for j in 0..d {
+                oi[j] += w * vp[j];
+            }
+        }
+    }
+    out
+}
+
+/// [`attend`] compiled for AVX2 and FMA.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn attend_avx2(
+    head: &AttendedHead<'_>,
+    seq: super::PagedSequence<'_>,
+    k: &[f32],
+    v: &[f32],
+) -> Vec<f32> {
+    attend::<true>(head, seq, k, v)
+}
+
+#[inline(always)]
 fn softmax_row(row: &mut [f32]) {
     let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     let mut sum = 0.0f32;

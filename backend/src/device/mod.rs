@@ -235,6 +235,14 @@ pub trait Device: Send + Sync + 'static {
     /// A short name for logs and errors: `cpu`, `cuda:0`.
     fn name(&self) -> String;
 
+    /// Runs `work`, a whole forward pass, where the device's operations are cheapest to
+    /// start. The CPU runs it on one of its worker threads: an operation split from there
+    /// hands parts to the other workers directly, where from an outside thread each of a
+    /// decode step's few hundred operations would wake the pool and sleep until it is done.
+    fn run<R: Send>(&self, work: impl FnOnce() -> R + Send) -> R {
+        work()
+    }
+
     /// Copies host floats to the device as a tensor of `shape`.
     fn upload(&self, data: &[f32], shape: &[usize]) -> Result<Tensor<Self::Storage>, DeviceError>;
 

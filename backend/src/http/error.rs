@@ -61,6 +61,15 @@ pub enum ApiError {
         param: &'static str,
     },
 
+    /// A field asks for what the model's engine cannot do (tools, structured output, log
+    /// probabilities...): refused, never quietly ignored.
+    #[error("The model `{model}` cannot honour '{param}': {reason}.")]
+    Unsupported {
+        model: String,
+        param: String,
+        reason: &'static str,
+    },
+
     /// The decoder failed mid-reply (a device fault) or stopped (the server is stopping).
     #[error("The model failed to generate a reply: {0}")]
     Generation(String),
@@ -108,6 +117,7 @@ impl ApiError {
             | Self::EmbeddingsOnly { .. }
             | Self::ChatOnly { .. }
             | Self::ContextLengthExceeded { .. }
+            | Self::Unsupported { .. }
             | Self::UnreadableInput(_) => StatusCode::BAD_REQUEST,
             Self::Engine(_) | Self::Generation(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -134,6 +144,7 @@ impl ApiError {
             Self::MethodNotAllowed { .. } => Some("method_not_allowed"),
             Self::EmbeddingsOnly { .. } | Self::ChatOnly { .. } => Some("model_not_supported"),
             Self::ContextLengthExceeded { .. } => Some("context_length_exceeded"),
+            Self::Unsupported { .. } => Some("unsupported_parameter"),
             Self::UnreadableInput(EmbedError::InputTooLong { .. }) => {
                 Some("context_length_exceeded")
             }
@@ -150,6 +161,7 @@ impl ApiError {
                 Some("model")
             }
             Self::ContextLengthExceeded { param, .. } => Some(param),
+            Self::Unsupported { param, .. } => Some(param),
             Self::UnreadableInput(_) => Some("input"),
             Self::Engine(_)
             | Self::Generation(_)

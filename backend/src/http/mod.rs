@@ -1,6 +1,7 @@
 //! How does an OpenAI-compatible request reach an engine, and its answer get back? The HTTP
 //! side of the backend: the routes and their layers ([`server`]), the wire format
-//! ([`openai`]), body parsing (`request`), the one place errors become responses
+//! ([`openai`]), body parsing (`request`), the fields an engine cannot honour
+//! (`honoured`), the one place errors become responses
 //! ([`error`]), the chat and text completion routes over one shared skeleton
 //! (`completion`), embeddings, Server-Sent Events (`sse`), the simulated streams' test
 //! gates ([`stream_gates`]), and the counters `/metrics` reports ([`metrics`]).
@@ -11,6 +12,7 @@
 mod completion;
 mod embeddings;
 pub mod error;
+mod honoured;
 pub mod metrics;
 pub mod openai;
 mod request;

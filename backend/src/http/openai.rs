@@ -2,10 +2,12 @@
 //!
 //! Requests keep every field a client may omit as `Option`, so that a missing field is
 //! reported by the handler with its parameter name (OpenAI's wording) rather than by serde.
-//! Fields this backend does not act on (tools, logit_bias, ...; sampling and stop for the
-//! simulated engine) are accepted and ignored: a gateway forwards bodies unchanged and must
-//! not be refused for them. Responses borrow what they can; they are serialised once and
-//! dropped.
+//! Fields that change what a reply is but that the native engine cannot act on (tools,
+//! structured output, log probabilities...) are kept as sent and refused by name once the
+//! engine is known (`super::honoured`); the simulated engine accepts them, as it does
+//! sampling and stop, which it ignores. Fields that change nothing in a reply (`user`,
+//! `metadata`, `store`...) are accepted and ignored. Responses borrow what they can; they
+//! are serialised once and dropped.
 //!
 //! These types never travel past the HTTP side: the engine has its own ([`ModelInput`],
 //! [`Finish`]), and the conversions between the two are here.
@@ -42,6 +44,17 @@ pub struct ChatCompletionRequest {
     pub presence_penalty: Option<f64>,
     pub frequency_penalty: Option<f64>,
     pub stop: Option<Stop>,
+    /// What only some engines can honour, as sent (see `super::honoured`).
+    pub tools: Option<Value>,
+    pub tool_choice: Option<Value>,
+    pub functions: Option<Value>,
+    pub function_call: Option<Value>,
+    pub response_format: Option<Value>,
+    pub logprobs: Option<Value>,
+    pub top_logprobs: Option<Value>,
+    pub logit_bias: Option<Value>,
+    pub modalities: Option<Value>,
+    pub audio: Option<Value>,
 }
 
 /// `stop`: one string or a list of them.
@@ -79,6 +92,12 @@ pub struct CompletionRequest {
     pub presence_penalty: Option<f64>,
     pub frequency_penalty: Option<f64>,
     pub stop: Option<Stop>,
+    /// What only some engines can honour, as sent (see `super::honoured`).
+    pub logprobs: Option<Value>,
+    pub echo: Option<Value>,
+    pub suffix: Option<Value>,
+    pub best_of: Option<Value>,
+    pub logit_bias: Option<Value>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -107,7 +126,7 @@ pub struct ChatMessage {
 
 impl ChatMessage {
     /// The text this message contributes to the prompt; non-text parts (images, audio)
-    /// contribute nothing.
+    /// contribute nothing (a native decoder refuses them first: `super::honoured`).
     pub fn texts(&self) -> impl Iterator<Item = &str> {
         let (single, parts) = match &self.content {
             None => (None, &[][..]),

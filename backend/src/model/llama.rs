@@ -262,6 +262,16 @@ impl<D: Device> Llama<D> {
         steps: &mut [Step<'_>],
         logits: Logits,
     ) -> Result<Tensor<D::Storage>, DeviceError> {
+        self.device
+            .run(|| self.forward_on_device(cache, steps, logits))
+    }
+
+    fn forward_on_device(
+        &self,
+        cache: &mut KvCache<D::Storage>,
+        steps: &mut [Step<'_>],
+        logits: Logits,
+    ) -> Result<Tensor<D::Storage>, DeviceError> {
         let dev = &self.device;
         let c = &self.config;
         let bs = cache.block_size();

@@ -12,10 +12,11 @@ use super::{Asked, CompletionRoute, ReplyHeader};
 use crate::engine::sim::{self, count_tokens, MESSAGE_OVERHEAD_TOKENS};
 use crate::engine::{Finish, TextModel};
 use crate::http::error::ApiError;
+use crate::http::honoured::{first_unhonoured, Unhonoured};
 use crate::http::metrics::Route;
 use crate::http::openai::{
     AssistantMessage, ChatChoice, ChatChunk, ChatChunkChoice, ChatCompletion,
-    ChatCompletionRequest, ChatMessage, Delta, FinishReason, Usage,
+    ChatCompletionRequest, ChatMessage, Delta, FinishReason, MessageContent, Usage,
 };
 use crate::http::request::{choice_count, required, token_cap};
 use crate::http::sse::{self, Choice, ChunkWriter, Sequence};
@@ -23,6 +24,21 @@ use crate::model::tokenizer;
 
 /// The chat completion route.
 pub struct Chat;
+
+/// The first content part that is not text (an image, audio, a file): a text-only decoder
+/// would answer as if it had not been sent.
+fn beyond_text(messages: &[ChatMessage]) -> Option<Unhonoured> {
+    messages.iter().enumerate().find_map(|(i, message)| {
+        let Some(MessageContent::Parts(parts)) = &message.content else {
+            return None;
+        };
+        let j = parts.iter().position(|part| part.kind != "text")?;
+        Some(Unhonoured {
+            param: format!("messages[{i}].content[{j}].type"),
+            reason: "this model reads text only",
+        })
+    })
+}
 
 impl CompletionRoute for Chat {
     type Request = ChatCompletionRequest;
@@ -43,6 +59,19 @@ impl CompletionRoute for Chat {
                 "the conversation must contain at least one message",
             ));
         }
+        let unhonoured = first_unhonoured([
+            ("tools", request.tools.as_ref()),
+            ("tool_choice", request.tool_choice.as_ref()),
+            ("functions", request.functions.as_ref()),
+            ("function_call", request.function_call.as_ref()),
+            ("response_format", request.response_format.as_ref()),
+            ("logprobs", request.logprobs.as_ref()),
+            ("top_logprobs", request.top_logprobs.as_ref()),
+            ("logit_bias", request.logit_bias.as_ref()),
+            ("modalities", request.modalities.as_ref()),
+            ("audio", request.audio.as_ref()),
+        ])
+        .or_else(|| beyond_text(&messages));
         Ok(Asked {
             model,
             prompt: messages,
@@ -61,6 +90,7 @@ impl CompletionRoute for Chat {
             stream: request.stream,
             stream_options: request.stream_options,
             user: request.user,
+            unhonoured,
         })
     }
 

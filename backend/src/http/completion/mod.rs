@@ -24,6 +24,7 @@ use serde::de::DeserializeOwned;
 use self::decoder::GenerationRequest;
 use self::sampling::SamplingFields;
 use super::error::ApiError;
+use super::honoured::Unhonoured;
 use super::metrics::Route;
 use super::openai::{ReplyId, StreamOptions, Usage, NATIVE_FINGERPRINT, SYSTEM_FINGERPRINT};
 use super::request::parse_body;
@@ -46,6 +47,8 @@ pub struct Asked<P> {
     pub stream: Option<bool>,
     pub stream_options: Option<StreamOptions>,
     pub user: Option<String>,
+    /// The first field the native engine cannot act on, refused if a native decoder answers.
+    pub unhonoured: Option<Unhonoured>,
 }
 
 /// Who wrote a reply and under which id: what every chunk of a stream and the whole body
@@ -128,6 +131,13 @@ pub async fn complete<R: CompletionRoute>(
     let chunks = |include_usage| R::chunks(header.clone(), include_usage);
     let outcome = match native {
         Some(engine) => {
+            if let Some(Unhonoured { param, reason }) = asked.unhonoured {
+                return Err(ApiError::Unsupported {
+                    model: served.name.clone(),
+                    param,
+                    reason,
+                });
+            }
             let (params, stop) = asked.sampling.check()?;
             let request = GenerationRequest {
                 prompts: R::tokenize(&engine, asked.prompt)?,

@@ -13,6 +13,7 @@ use super::{Asked, CompletionRoute, ReplyHeader};
 use crate::engine::sim::{self, count_input_tokens};
 use crate::engine::{Finish, ModelInput, TextModel};
 use crate::http::error::ApiError;
+use crate::http::honoured::first_unhonoured;
 use crate::http::metrics::Route;
 use crate::http::openai::{CompletionRequest, FinishReason, TextChoice, TextCompletion, Usage};
 use crate::http::request::{choice_count, required, token_cap};
@@ -58,6 +59,13 @@ impl CompletionRoute for Text {
             stream: request.stream,
             stream_options: request.stream_options,
             user: request.user,
+            unhonoured: first_unhonoured([
+                ("logprobs", request.logprobs.as_ref()),
+                ("echo", request.echo.as_ref()),
+                ("suffix", request.suffix.as_ref()),
+                ("best_of", request.best_of.as_ref()),
+                ("logit_bias", request.logit_bias.as_ref()),
+            ]),
         })
     }
 

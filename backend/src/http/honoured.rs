@@ -1,0 +1,140 @@
+//! Which request fields can the native engine honour? Those that change what a reply is
+//! (tools, structured output, log probabilities, token biases, audio, echo, a suffix) are
+//! refused by name where the engine cannot act on them, so that a client never gets a 200
+//! that quietly ignored what it asked for. A field sent as `null`, or with the value that
+//! asks for nothing (`"tools": []`, `"logprobs": false`, `"response_format":
+//! {"type":"text"}`), is no request and passes. The simulated engine stands in for any
+//! upstream, one that may well call tools, and accepts them all.
+
+use serde_json::Value;
+
+/// A field the engine cannot act on, and why.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Unhonoured {
+    /// The parameter's path, as errors name it: `tools`, `messages[0].content[1].type`.
+    pub param: String,
+    pub reason: &'static str,
+}
+
+/// The first of `fields` (a parameter's name and its value as sent, `None` when absent or
+/// null) that asks for something the native engine does not do.
+pub fn first_unhonoured<'a>(
+    fields: impl IntoIterator<Item = (&'static str, Option<&'a Value>)>,
+) -> Option<Unhonoured> {
+    fields.into_iter().find_map(|(param, value)| {
+        let reason = refusal(param, value?)?;
+        Some(Unhonoured {
+            param: param.to_owned(),
+            reason,
+        })
+    })
+}
+
+/// Why the engine cannot honour `value` in `param`, or `None` when it asks for nothing.
+fn refusal(param: &str, value: &Value) -> Option<&'static str> {
+    let empty = match value {
+        Value::Null => true,
+        Value::Array(items) => items.is_empty(),
+        Value::Object(fields) => fields.is_empty(),
+        Value::String(text) => text.is_empty(),
+        Value::Bool(on) => !on,
+        Value::Number(_) => false,
+    };
+    match param {
+        "tools" | "functions" if !empty => Some(TOOLS),
+        // "none", and "auto" with nothing to call, ask for no call.
+        "tool_choice" | "function_call" => match value.as_str() {
+            Some("none" | "auto") => None,
+            _ => Some(TOOLS),
+        },
+        "response_format" => match value.get("type").and_then(Value::as_str) {
+            Some("text") => None,
+            _ => Some(
+                "this engine does not constrain its output (json_object, json_schema); ask for \
+                 the format in the prompt, or send the request without response_format",
+            ),
+        },
+        // Chat's is a boolean; completions' a count, where even 0 asks for the chosen
+        // token's log probability.
+        "logprobs" if !matches!(value, Value::Bool(false)) => Some(LOGPROBS),
+        "top_logprobs" => Some(LOGPROBS),
+        "logit_bias" if !empty => Some("this engine does not bias its sampling by token"),
+        "modalities" => match value.as_array().map(Vec::as_slice) {
+            Some([only]) if only == "text" => None,
+            _ => Some("this engine writes text only"),
+        },
+        "audio" => Some("this engine writes text only"),
+        "echo" if !empty => Some("this engine does not echo the prompt in its reply"),
+        "suffix" if !empty => Some("this engine does not insert text before a suffix"),
+        "best_of" => match value.as_i64() {
+            Some(1) => None,
+            _ => Some("this engine does not rank candidates; ask for n choices instead"),
+        },
+        _ => None,
+    }
+}
+
+const TOOLS: &str = "this engine does not call tools; send the request without tools";
+const LOGPROBS: &str = "this engine does not report log probabilities";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn first(fields: &[(&'static str, Value)]) -> Option<String> {
+        first_unhonoured(fields.iter().map(|(p, v)| (*p, Some(v)))).map(|u| u.param)
+    }
+
+    #[test]
+    fn a_field_asking_for_something_is_named_and_one_asking_for_nothing_passes() {
+        for (param, asks) in [
+            ("tools", json!([{"type": "function", "function": {"name": "f"}}])),
+            ("tool_choice", json!("required")),
+            ("tool_choice", json!({"type": "function", "function": {"name": "f"}})),
+            ("functions", json!([{"name": "f"}])),
+            ("response_format", json!({"type": "json_object"})),
+            ("response_format", json!({"type": "json_schema", "json_schema": {}})),
+            ("response_format", json!("json")),
+            ("logprobs", json!(true)),
+            ("logprobs", json!(0)),
+            ("top_logprobs", json!(2)),
+            ("logit_bias", json!({"50256": -100})),
+            ("modalities", json!(["text", "audio"])),
+            ("audio", json!({"voice": "alloy"})),
+            ("echo", json!(true)),
+            ("suffix", json!("}")),
+            ("best_of", json!(3)),
+        ] {
+            assert_eq!(first(&[(param, asks.clone())]).as_deref(), Some(param), "{asks}");
+        }
+        for (param, nothing) in [
+            ("tools", json!([])),
+            ("tool_choice", json!("none")),
+            ("tool_choice", json!("auto")),
+            ("function_call", json!("none")),
+            ("response_format", json!({"type": "text"})),
+            ("logprobs", json!(false)),
+            ("logit_bias", json!({})),
+            ("modalities", json!(["text"])),
+            ("echo", json!(false)),
+            ("suffix", json!("")),
+            ("best_of", json!(1)),
+            ("user", json!("anyone")),
+        ] {
+            assert_eq!(first(&[(param, nothing.clone())]), None, "{param}: {nothing}");
+        }
+        // Absent or null: nothing asked.
+        assert_eq!(first_unhonoured([("tools", None), ("logprobs", None)]), None);
+    }
+
+    #[test]
+    fn the_first_refused_field_in_order_is_named() {
+        let fields = [
+            ("tools", json!([])),
+            ("response_format", json!({"type": "json_object"})),
+            ("logprobs", json!(true)),
+        ];
+        assert_eq!(first(&fields).as_deref(), Some("response_format"));
+    }
+}
