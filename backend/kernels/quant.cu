@@ -119,12 +119,12 @@ __device__ void dequantize(float* out, const unsigned char* w, unsigned first_ro
 
 // out[i·rows + r] = x[i] · w[r]. One warp per weight row; lane l takes the row's values
 // l, l + 32, ..., each decoded once and multiplied (fused) into one accumulator per activation
-// row. That is the CPU's dot product (quant.rs `dot`, AVX2+FMA path) step for step: its 32
-// accumulators are the 32 lanes, summed in order, then the unfused products of the last
-// cols % 32 values, summed in order, are added; so each result is the CPU's to the bit and
-// depends on nothing but its own row. The in-order sums are 31 dependent adds, so lane k sums
-// activation row k's 32 partials from shared memory, all rows at once, rather than the warp
-// shuffling them one row after another.
+// row. That is the CPU's dot product (quant.rs `dot`, FMA path) step for step: its 32
+// accumulators are the 32 lanes, summed as a tree of halves (`reduce32`), then the unfused
+// products of the last cols % 32 values, summed in order, are added; so each result is the
+// CPU's to the bit and depends on nothing but its own row. Lane k sums activation row k's 32
+// partials from shared memory, all rows at once, rather than the warp shuffling them one row
+// after another.
 template <class E>
 __device__ void matvec(float* out, const unsigned char* w, const float* x, unsigned m, unsigned rows, unsigned cols) {
     // 33 columns, not 32: lane k reading row k's partials then hits bank k + l, not one bank.
@@ -155,8 +155,13 @@ __device__ void matvec(float* out, const unsigned char* w, const float* x, unsig
         __syncwarp();
         float sum = 0.0f;
         if (lane < count) {
-            sum = mine[lane][0];
-            for (unsigned l = 1; l < 32; ++l) sum += mine[lane][l];
+            // The CPU's tree of halves (quant.rs `reduce32`): partial l plus partial l + 16,
+            // then l + 8, ... Each lane folds only its own row's partials, in place.
+            float* p = mine[lane];
+            for (unsigned width = 16; width > 0; width /= 2) {
+                for (unsigned l = 0; l < width; ++l) p[l] += p[l + width];
+            }
+            sum = p[0];
         }
         __syncwarp();
         if (tail > 0) {

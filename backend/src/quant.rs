@@ -669,8 +669,14 @@ mod tests {
                 let mut got = vec![f32::NAN; n * m];
                 // SAFETY: the kernel's features are present, checked above.
                 unsafe { kernel(&w.bytes, k, &x, 0, &mut got) };
-                let same = got.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits());
-                assert!(same, "{feature} {dtype:?} with {m} rows: {got:?} against {want:?}");
+                let same = got
+                    .iter()
+                    .zip(&want)
+                    .all(|(a, b)| a.to_bits() == b.to_bits());
+                assert!(
+                    same,
+                    "{feature} {dtype:?} with {m} rows: {got:?} against {want:?}"
+                );
                 ran += 1;
             }
         }

@@ -56,4 +56,64 @@ for name, client in clients.items():
 
 # Greedy decoding: the gateway passes the backend's reply through unchanged.
 assert answers["backend"] == answers["gateway"], answers
+
+# What the engine cannot honour is refused by name, never answered as if it had not been
+# asked: directly and through the gateway, streamed or not.
+weather = {
+    "type": "function",
+    "function": {
+        "name": "weather",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
+    },
+}
+schema = {
+    "type": "json_schema",
+    "json_schema": {
+        "name": "capital",
+        "strict": True,
+        "schema": {"type": "object", "properties": {"city": {"type": "string"}}},
+    },
+}
+picture = [
+    {"type": "text", "text": "What is in this picture?"},
+    {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}},
+]
+refused = [
+    ("tools", dict(messages=question, tools=[weather])),
+    ("tool_choice", dict(messages=question, tool_choice="required")),
+    ("response_format", dict(messages=question, response_format=schema)),
+    ("response_format", dict(messages=question, response_format={"type": "json_object"})),
+    ("logprobs", dict(messages=question, logprobs=True, top_logprobs=2)),
+    ("messages[0].content[1].type", dict(messages=[{"role": "user", "content": picture}])),
+]
+for name, client in clients.items():
+    for param, asked in refused:
+        for stream in (False, True):
+            try:
+                client.chat.completions.create(model=model, max_tokens=8, stream=stream, **asked)
+            except openai.BadRequestError as err:
+                body = err.body if isinstance(err.body, dict) else {}
+                assert err.status_code == 400, (name, param, err)
+                assert body.get("code") == "unsupported_parameter", (name, param, body)
+                assert body.get("param") == param, (name, param, body)
+                assert param.split("[")[0] in body.get("message", ""), (name, param, body)
+            else:
+                raise AssertionError(f"{name}: {param} was answered, not refused")
+    # Asking for nothing of the kind is no request: answered as usual.
+    plain = client.chat.completions.create(
+        model=model,
+        messages=question,
+        temperature=0,
+        max_tokens=48,
+        tools=[],
+        response_format={"type": "text"},
+        logprobs=False,
+    )
+    assert plain.choices[0].message.content == answers[name], (name, plain)
+    try:
+        client.completions.create(model=model, prompt="The capital of France is", echo=True)
+    except openai.BadRequestError as err:
+        assert err.body.get("param") == "echo", (name, err.body)
+    else:
+        raise AssertionError(f"{name}: echo was answered, not refused")
 print("ALL OK")

@@ -89,12 +89,21 @@ mod tests {
     #[test]
     fn a_field_asking_for_something_is_named_and_one_asking_for_nothing_passes() {
         for (param, asks) in [
-            ("tools", json!([{"type": "function", "function": {"name": "f"}}])),
+            (
+                "tools",
+                json!([{"type": "function", "function": {"name": "f"}}]),
+            ),
             ("tool_choice", json!("required")),
-            ("tool_choice", json!({"type": "function", "function": {"name": "f"}})),
+            (
+                "tool_choice",
+                json!({"type": "function", "function": {"name": "f"}}),
+            ),
             ("functions", json!([{"name": "f"}])),
             ("response_format", json!({"type": "json_object"})),
-            ("response_format", json!({"type": "json_schema", "json_schema": {}})),
+            (
+                "response_format",
+                json!({"type": "json_schema", "json_schema": {}}),
+            ),
             ("response_format", json!("json")),
             ("logprobs", json!(true)),
             ("logprobs", json!(0)),
@@ -106,7 +115,11 @@ mod tests {
             ("suffix", json!("}")),
             ("best_of", json!(3)),
         ] {
-            assert_eq!(first(&[(param, asks.clone())]).as_deref(), Some(param), "{asks}");
+            assert_eq!(
+                first(&[(param, asks.clone())]).as_deref(),
+                Some(param),
+                "{asks}"
+            );
         }
         for (param, nothing) in [
             ("tools", json!([])),
@@ -122,10 +135,17 @@ mod tests {
             ("best_of", json!(1)),
             ("user", json!("anyone")),
         ] {
-            assert_eq!(first(&[(param, nothing.clone())]), None, "{param}: {nothing}");
+            assert_eq!(
+                first(&[(param, nothing.clone())]),
+                None,
+                "{param}: {nothing}"
+            );
         }
         // Absent or null: nothing asked.
-        assert_eq!(first_unhonoured([("tools", None), ("logprobs", None)]), None);
+        assert_eq!(
+            first_unhonoured([("tools", None), ("logprobs", None)]),
+            None
+        );
     }
 
     #[test]

@@ -26,7 +26,11 @@ unsafe fn q4_1_scale_min(b: *const u8) -> (f32, f32) {
 #[inline(always)]
 unsafe fn f16_scale(b: *const u8) -> f32 {
     // SAFETY (caller): b points at 2 readable bytes.
-    let d = unsafe { _mm_cvtph_ps(_mm_cvtsi32_si128(i32::from(b.cast::<u16>().read_unaligned()))) };
+    let d = unsafe {
+        _mm_cvtph_ps(_mm_cvtsi32_si128(i32::from(
+            b.cast::<u16>().read_unaligned(),
+        )))
+    };
     _mm_cvtss_f32(d)
 }
 
