@@ -536,7 +536,7 @@ struct AttendedHead<'a> {
 }
 
 /// The attended values of `head` for each of `seq`'s new rows, `[seq.new, head_dim]`. Each
-/// row's arithmetic is its own (scores by [`quant::dot`], softmax, weighted sum in position
+/// row's arithmetic is its own (scores by [`short_dot`], softmax, weighted sum in position
 /// order), whatever else is in the batch.
 #[inline(always)]
 fn attend<const FMA: bool>(
@@ -554,14 +554,29 @@ fn attend<const FMA: bool>(
     for i in 0..seq.new {
         let qi = &head.q[i * head.width..][..d];
         let seen = seq.past + i + 1;
-        for p in 0..seen {
-            let at = (seq.blocks[p / bs] as usize * bs + p % bs) * head.kv_width + head.kv;
-            scores[p] = quant::dot::<FMA>(qi, &k[at..][..d]) * head.scale;
+        // Position p's row in the caches, block by block (a division per position, to find
+        // its block, cost as much as its dot product).
+        let rows = seq.blocks.iter().flat_map(|&b| {
+            let first = b as usize * bs;
+            first..first + bs
+        });
+        for (p, row) in rows.clone().take(seen).enumerate() {
+            let at = row * head.kv_width + head.kv;
+            let kp = &k[at..][..d];
+            #[cfg(target_arch = "x86_64")]
+            let dot = match FMA {
+                // SAFETY: `attend::<true>` runs only inside `attend_avx2`, on a CPU with both.
+                true => unsafe { short_dot_avx2(qi, kp) },
+                false => short_dot(qi, kp),
+            };
+            #[cfg(not(target_arch = "x86_64"))]
+            let dot = short_dot(qi, kp);
+            scores[p] = dot * head.scale;
         }
         softmax_row(&mut scores[..seen]);
         let oi = &mut out[i * d..][..d];
-        for p in 0..seen {
-            let at = (seq.blocks[p / bs] as usize * bs + p % bs) * head.kv_width + head.kv;
+        for (p, row) in rows.take(seen).enumerate() {
+            let at = row * head.kv_width + head.kv;
             let (w, vp) = (scores[p], &v[at..][..d]);
             for j in 0..d {
                 oi[j] += w * vp[j];
@@ -569,6 +584,60 @@ fn attend<const FMA: bool>(
         }
     }
     out
+}
+
+/// A dot product of one head's width (64 for SmolLM2): 8 lane accumulators, folded as a
+/// tree of halves. [`quant::dot`]'s 32 lanes would spend more adds folding than multiplying
+/// at this length.
+#[inline(always)]
+fn short_dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0.0f32; 8];
+    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let mut tail = 0.0f32;
+    for (x, y) in ca.remainder().iter().zip(cb.remainder()) {
+        tail += x * y;
+    }
+    for (x, y) in ca.zip(cb) {
+        for i in 0..8 {
+            acc[i] += x[i] * y[i];
+        }
+    }
+    let quad = [
+        acc[0] + acc[4],
+        acc[1] + acc[5],
+        acc[2] + acc[6],
+        acc[3] + acc[7],
+    ];
+    let pair = [quad[0] + quad[2], quad[1] + quad[3]];
+    pair[0] + pair[1] + tail
+}
+
+/// [`short_dot`] in one AVX2 register with fused multiply-adds, folded the same way. (Left
+/// to itself, the compiler splits the portable one's 8 lanes into four 2-lane registers.)
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn short_dot_avx2(a: &[f32], b: &[f32]) -> f32 {
+    use std::arch::x86_64::*;
+    let n = a.len().min(b.len());
+    let whole = n / 8 * 8;
+    let mut acc = _mm256_setzero_ps();
+    let mut i = 0;
+    while i < whole {
+        // SAFETY: i + 8 <= whole <= both lengths.
+        unsafe {
+            let x = _mm256_loadu_ps(a.as_ptr().add(i));
+            let y = _mm256_loadu_ps(b.as_ptr().add(i));
+            acc = _mm256_fmadd_ps(x, y, acc);
+        }
+        i += 8;
+    }
+    let mut tail = 0.0f32;
+    for j in whole..n {
+        tail += a[j] * b[j];
+    }
+    let quad = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps::<1>(acc));
+    let pair = _mm_add_ps(quad, _mm_movehl_ps(quad, quad));
+    _mm_cvtss_f32(_mm_add_ss(pair, _mm_movehdup_ps(pair))) + tail
 }
 
 /// [`attend`] compiled for AVX2 and FMA.
