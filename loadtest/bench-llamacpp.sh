@@ -10,6 +10,7 @@
 #
 #   loadtest/bench-llamacpp.sh
 #   ROUNDS=3 loadtest/bench-llamacpp.sh
+#   BASELINE=/path/to/older/llama_speed loadtest/bench-llamacpp.sh   # an earlier build too
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/lib.sh
@@ -43,12 +44,15 @@ trap 'rm -rf "$work"' EXIT
 for round in $(seq "$ROUNDS"); do
   for n in 1 16; do
     RAYON_NUM_THREADS="$THREADS" "$speed" "$smollm2" "$n" | tee -a "$work/sluice.txt"
+    if [ -n "${BASELINE:-}" ]; then
+      RAYON_NUM_THREADS="$THREADS" "$BASELINE" "$smollm2" "$n" | tee -a "$work/baseline.txt"
+    fi
   done
   "$bench" -m "$smollm2" -c 4096 -b 2048 -ub 512 -npp 128 -ntg 32 -npl 1,16 -t "$THREADS" \
     2>/dev/null | grep -E '^\|\s+128' | tee -a "$work/llamacpp.txt"
 done
 
-command_line="ROUNDS=$ROUNDS loadtest/bench-llamacpp.sh"
+command_line="ROUNDS=$ROUNDS${BASELINE:+ BASELINE=$BASELINE} loadtest/bench-llamacpp.sh"
 python3 - "$work" "$command_line" "$LLAMACPP_VERSION" "$THREADS" <<'PY' | python3 loadtest/write-section.py engine-vs-llamacpp "$OUT" loadtest/bench-llamacpp.sh
 import datetime, os, re, statistics, sys
 
@@ -56,13 +60,20 @@ work, command_line, version, threads = sys.argv[1:5]
 cpu = re.search(r"model name\s*:\s*(.+)", open("/proc/cpuinfo").read()).group(1)
 flags = open("/proc/cpuinfo").read()
 isa = "AVX-512" if " avx512f" in flags else "AVX2" if " avx2" in flags else "SSE"
-sluice = {1: {"prefill": [], "decode": []}, 16: {"prefill": [], "decode": []}}
-for line in open(f"{work}/sluice.txt"):
-    m = re.search(r"(\d+) sequence\(s\): prefill ([\d.]+) tokens/s.*decode ([\d.]+) tokens/s", line)
-    if m:
-        n = int(m.group(1))
-        sluice[n]["prefill"].append(float(m.group(2)))
-        sluice[n]["decode"].append(float(m.group(3)))
+def speeds(path):
+    found = {1: {"prefill": [], "decode": []}, 16: {"prefill": [], "decode": []}}
+    if not os.path.exists(path):
+        return None
+    for line in open(path):
+        m = re.search(r"(\d+) sequence\(s\): prefill ([\d.]+) tokens/s.*decode ([\d.]+) tokens/s", line)
+        if m:
+            n = int(m.group(1))
+            found[n]["prefill"].append(float(m.group(2)))
+            found[n]["decode"].append(float(m.group(3)))
+    return found
+
+sluice = speeds(f"{work}/sluice.txt")
+baseline = speeds(f"{work}/baseline.txt")
 llama = {1: {"prefill": [], "decode": []}, 16: {"prefill": [], "decode": []}}
 for line in open(f"{work}/llamacpp.txt"):
     cells = [c.strip() for c in line.strip().strip("|").split("|")]
@@ -87,14 +98,28 @@ out = [
     "",
     f"Command: `{command_line}`",
     "",
-    "| | Sluice | llama.cpp | Sluice / llama.cpp |",
-    "| --- | ---: | ---: | ---: |",
 ]
+if baseline:
+    out += [
+        "The baseline column is an earlier build's `llama_speed`, run in the same rounds.",
+        "",
+        "| | Sluice | baseline | llama.cpp | Sluice / baseline | Sluice / llama.cpp |",
+        "| --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
+else:
+    out += ["| | Sluice | llama.cpp | Sluice / llama.cpp |", "| --- | ---: | ---: | ---: |"]
+
+def ratio(a, b):
+    return f"{statistics.median(a) / statistics.median(b):.2f}×" if a and b else "n/a"
+
 for n in (1, 16):
     for phase in ("prefill", "decode"):
         s, l = sluice[n][phase], llama[n][phase]
-        ratio = statistics.median(s) / statistics.median(l) if s and l else float("nan")
         label = f"{phase}, {n} sequence{'s' if n > 1 else ''}"
-        out.append(f"| {label} | {fmt(s)} | {fmt(l)} | {ratio:.2f}× |")
+        if baseline:
+            b = baseline[n][phase]
+            out.append(f"| {label} | {fmt(s)} | {fmt(b)} | {fmt(l)} | {ratio(s, b)} | {ratio(s, l)} |")
+        else:
+            out.append(f"| {label} | {fmt(s)} | {fmt(l)} | {ratio(s, l)} |")
 print("\n".join(out))
 PY

@@ -215,6 +215,7 @@ fn greedy<D: Device>(
             ..SamplingParams::default()
         },
         max_tokens: MAX_TOKENS,
+        speculate: false,
     };
     let longest = prompts.iter().map(Vec::len).max().unwrap_or(0) + MAX_TOKENS;
     let per_sequence = longest.div_ceil(BLOCK_SIZE);

@@ -101,6 +101,16 @@ impl<S> KvCache<S> {
         true
     }
 
+    /// Forgets `seq`'s positions from `len` on (tokens drafted for it that turned out
+    /// wrong), giving back the blocks that no longer hold any. Their rows are left as they
+    /// are: a forward pass writes a position before anything reads it.
+    pub fn truncate(&mut self, seq: &mut SeqCache, len: usize) {
+        assert!(len <= seq.len, "truncating {} positions to {len}", seq.len);
+        seq.len = len;
+        let keep = len.div_ceil(self.block_size);
+        self.free.extend(seq.blocks.drain(keep..).rev());
+    }
+
     /// Gives all of `seq`'s blocks back and empties it.
     pub fn release(&mut self, seq: &mut SeqCache) {
         self.free.extend(seq.blocks.drain(..).rev());
@@ -143,5 +153,11 @@ mod tests {
         assert_eq!((b.blocks().len(), b.len(), cache.free_blocks()), (0, 0, 3));
         assert!(cache.reserve(&mut a, 4));
         assert_eq!(a.blocks(), [0, 1, 2]);
+        // Back to 4 positions: block 1 and 2 hold none of them and come back.
+        a.len = 9;
+        cache.truncate(&mut a, 4);
+        assert_eq!((a.blocks(), a.len(), cache.free_blocks()), (&[0][..], 4, 4));
+        cache.truncate(&mut a, 3);
+        assert_eq!((a.blocks(), a.len()), (&[0][..], 3));
     }
 }

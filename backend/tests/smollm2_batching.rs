@@ -1,8 +1,9 @@
-//! Continuous batching is invisible in the output: SmolLM2's continuations of eight chats,
-//! greedy and seeded-sampled, are the same whether each runs alone or all run together
-//! through a key/value cache too small for them, with prompts cut into chunks and sequences
-//! preempted and recomputed. (The forward pass itself is checked against an independent
-//! reference in smollm2_reference.rs.)
+//! Continuous batching and speculative decoding are invisible in the output: SmolLM2's
+//! continuations of eight chats, greedy and seeded-sampled, are the same whether each runs
+//! alone or all run together through a key/value cache too small for them, with prompts
+//! cut into chunks, sequences preempted and recomputed, and tokens drafted by prompt lookup;
+//! and prompts that copy from their context keep drafted tokens. (The forward pass itself
+//! is checked against an independent reference in smollm2_reference.rs.)
 //!
 //! The weights come from `SLUICE_SMOLLM2_GGUF` (scripts/test.sh sets it). Without them this
 //! test says so and passes, except under `CI=true`, where it fails.
@@ -24,10 +25,22 @@ const BLOCK_SIZE: usize = 16;
 
 /// Runs the scheduler until every request has finished; each request's tokens and finish.
 fn drain(scheduler: &mut Scheduler<'_, Cpu>) -> HashMap<u64, (Vec<u32>, Finish)> {
+    drain_counting(scheduler).0
+}
+
+/// [`drain`], and the tokens drafted and kept on the way.
+fn drain_counting(
+    scheduler: &mut Scheduler<'_, Cpu>,
+) -> (HashMap<u64, (Vec<u32>, Finish)>, (u64, u64)) {
     let mut out: HashMap<u64, (Vec<u32>, Option<Finish>)> = HashMap::new();
     let mut steps = 0;
+    let mut drafts = (0, 0);
     while !scheduler.is_idle() {
-        for event in scheduler.step().unwrap() {
+        let events = scheduler.step().unwrap();
+        let report = scheduler.report();
+        drafts.0 += report.drafted_tokens;
+        drafts.1 += report.accepted_tokens;
+        for event in events {
             match event {
                 Event::Token { id, token } => out.entry(id).or_default().0.push(token),
                 Event::Finished { id, finish } => {
@@ -40,9 +53,11 @@ fn drain(scheduler: &mut Scheduler<'_, Cpu>) -> HashMap<u64, (Vec<u32>, Finish)>
         steps += 1;
         assert!(steps < 10_000, "the scheduler makes no progress");
     }
-    out.into_iter()
+    let out = out
+        .into_iter()
         .map(|(id, (tokens, finish))| (id, (tokens, finish.expect("finished"))))
-        .collect()
+        .collect();
+    (out, drafts)
 }
 
 #[test]
@@ -85,14 +100,19 @@ fn outputs_are_the_same_alone_or_batched_with_chunked_prompts_and_preemption() {
                     ..SamplingParams::default()
                 },
                 max_tokens: MAX_TOKENS,
+                speculate: true,
             }
         })
         .collect();
 
+    // Alone: one sequence at a time, nothing drafted.
     let mut alone = HashMap::new();
     for request in &requests {
         let mut scheduler = Scheduler::new(&model, 16, BLOCK_SIZE, 512, tokenizer.eos).unwrap();
-        scheduler.add(request.clone());
+        scheduler.add(Request {
+            speculate: false,
+            ..request.clone()
+        });
         alone.extend(drain(&mut scheduler));
     }
 
@@ -151,4 +171,83 @@ fn outputs_are_the_same_alone_or_batched_with_chunked_prompts_and_preemption() {
     }
     // Keys and values, 30 layers, 3 key/value heads of 64, f32: 720 KiB a block of 16.
     assert_eq!(model.cache_block_bytes(16), 2 * 30 * 16 * 192 * 4);
+}
+
+/// Prompts that make the model copy from its context: drafted tokens are kept (several
+/// tokens per forward pass), and the replies, greedy and seeded-sampled, are the same bits
+/// with speculation on and off.
+#[test]
+fn drafts_from_the_prompt_are_kept_and_never_change_a_reply() {
+    let Some(path) = common::smollm2_weights() else {
+        return;
+    };
+    let gguf = Gguf::open(&path).unwrap();
+    let tokenizer = LlamaTokenizer::from_gguf(&gguf).unwrap();
+    let model = Llama::load(Cpu, &gguf, &path).unwrap();
+    drop(gguf);
+    let texts = [
+        "Repeat this sentence exactly: The quick brown fox jumps over the lazy dog near the old river bank.",
+        "Copy the list: apples, oranges, pears, plums, cherries, grapes, lemons, limes.",
+        "Say it again word for word: Sluice meters every token and balances the rest.",
+    ];
+    let requests: Vec<Request> = texts
+        .iter()
+        .enumerate()
+        .flat_map(|(i, text)| {
+            let prompt = tokenizer
+                .apply_chat_template(&[ChatMessage {
+                    role: "user",
+                    content: text,
+                }])
+                .unwrap();
+            let prompt = tokenizer.encode(&prompt).unwrap();
+            [0.0, 0.8]
+                .into_iter()
+                .enumerate()
+                .map(move |(j, temperature)| Request {
+                    id: (2 * i + j) as u64,
+                    prompt: prompt.clone(),
+                    params: SamplingParams {
+                        temperature,
+                        seed: Some(7 + i as u64),
+                        ..SamplingParams::default()
+                    },
+                    max_tokens: 24,
+                    speculate: true,
+                })
+        })
+        .collect();
+    let run = |speculate: bool| {
+        let mut out = HashMap::new();
+        let mut drafts = (0, 0);
+        for request in &requests {
+            let mut scheduler = Scheduler::new(&model, 16, BLOCK_SIZE, 512, tokenizer.eos).unwrap();
+            scheduler.add(Request {
+                speculate,
+                ..request.clone()
+            });
+            let (replies, counted) = drain_counting(&mut scheduler);
+            out.extend(replies);
+            drafts = (drafts.0 + counted.0, drafts.1 + counted.1);
+        }
+        (out, drafts)
+    };
+    let (plain, none) = run(false);
+    let (speculated, (drafted, accepted)) = run(true);
+    assert_eq!(none, (0, 0), "nothing is drafted with speculation off");
+    for request in &requests {
+        let id = request.id;
+        assert_eq!(
+            speculated[&id],
+            plain[&id],
+            "request {id}: {:?} speculated, {:?} plain",
+            tokenizer.decode(&speculated[&id].0),
+            tokenizer.decode(&plain[&id].0)
+        );
+    }
+    eprintln!("{accepted} of {drafted} drafted tokens kept");
+    assert!(
+        accepted > 0 && accepted <= drafted,
+        "copying prompts kept {accepted} of {drafted} drafted tokens"
+    );
 }

@@ -52,6 +52,7 @@ fn last_logits(model: &Llama<Cpu>, tokens: &[u32]) -> Vec<f32> {
                 seq: &mut seq,
                 tokens,
                 generated: 0,
+                outputs: 1,
             }],
             Logits::Last,
         )

@@ -115,6 +115,7 @@ fn run(
                 seq,
                 tokens,
                 generated,
+                outputs: 1,
             }],
             logits,
         )
@@ -261,6 +262,7 @@ fn chat_logits_and_greedy_tokens_match_an_independent_numpy_reference() {
                     seq,
                     tokens,
                     generated,
+                    outputs: 1,
                 })
             })
             .collect();

@@ -417,3 +417,49 @@ async fn the_python_openai_client_streams_from_the_backend_and_through_the_gatew
     )
     .await;
 }
+
+/// `"speculative_decoding": true` drafts tokens by prompt lookup for a reply that copies its
+/// prompt: the reply is the same as without, and /metrics counts drafted and kept tokens.
+#[tokio::test]
+async fn speculative_decoding_keeps_the_reply_and_counts_its_drafts() {
+    let Some(file) = weights() else { return };
+    let backend = smollm2_backend(&file).await;
+    let copy = json!({
+        "model": MODEL,
+        "messages": [{"role": "user", "content":
+            "Repeat this sentence exactly: The quick brown fox jumps over the lazy dog near the old river bank."}],
+        "temperature": 0,
+        "max_tokens": 32,
+    });
+    let drafted = format!("sluice_backend_engine_drafted_tokens_total{{model=\"{MODEL}\"}}");
+    let accepted = format!("sluice_backend_engine_accepted_tokens_total{{model=\"{MODEL}\"}}");
+    let plain: Value = post(&backend, copy.clone()).await.json().await.unwrap();
+    assert_eq!(
+        metric(&backend, &drafted).await,
+        0.0,
+        "drafts are off by default"
+    );
+    let mut asked = copy.clone();
+    asked["speculative_decoding"] = json!(true);
+    let speculated: Value = post(&backend, asked).await.json().await.unwrap();
+    assert_eq!(
+        speculated["choices"][0]["message"], plain["choices"][0]["message"],
+        "{speculated} against {plain}"
+    );
+    assert_eq!(speculated["usage"], plain["usage"]);
+    let (drafted, accepted) = (
+        metric(&backend, &drafted).await,
+        metric(&backend, &accepted).await,
+    );
+    assert!(
+        accepted > 0.0 && accepted <= drafted,
+        "{accepted} of {drafted} drafted tokens kept"
+    );
+    // Not a boolean: refused by name.
+    let mut wrong = copy;
+    wrong["speculative_decoding"] = json!("yes");
+    let response = post(&backend, wrong).await;
+    assert_eq!(response.status(), 400);
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["error"]["param"], "speculative_decoding", "{body}");
+}

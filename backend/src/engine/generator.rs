@@ -77,6 +77,8 @@ pub struct GenerateJob {
     pub params: SamplingParams,
     pub max_tokens: usize,
     pub stop: Vec<String>,
+    /// Whether tokens may be drafted for it (see the scheduler).
+    pub speculate: bool,
     pub reply: tokio_mpsc::UnboundedSender<Piece>,
 }
 
@@ -230,6 +232,7 @@ fn warm_up<D: Device>(scheduler: &mut Scheduler<'_, D>) -> Result<(), DeviceErro
             ..SamplingParams::default()
         },
         max_tokens: 1,
+        speculate: false,
     });
     while !scheduler.is_idle() {
         scheduler.step()?;
@@ -373,6 +376,7 @@ fn admit<D: Device>(
         prompt: job.prompt,
         params: job.params,
         max_tokens: job.max_tokens,
+        speculate: job.speculate,
     });
     live.insert(
         id,

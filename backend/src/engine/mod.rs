@@ -1,7 +1,7 @@
 //! What runs a request on a loaded model, and when? One engine thread per served model,
 //! which owns the model and never runs on the async runtime: [`embedder`] for encoders,
 //! [`generator`] for decoders, with continuous batching ([`scheduler`]), token choice
-//! ([`sampling`]), stop strings ([`stop`]) and what `/metrics` shows of it ([`stats`]).
+//! ([`sampling`]), drafts to check ([`speculation`]), stop strings ([`stop`]) and what `/metrics` shows of it ([`stats`]).
 //! [`sim`] answers in their place when no model is loaded.
 //!
 //! The engine speaks its own types ([`ModelInput`], [`Finish`], the jobs and replies of its
@@ -13,6 +13,7 @@ pub mod generator;
 pub mod sampling;
 pub mod scheduler;
 pub mod sim;
+pub mod speculation;
 pub mod stats;
 pub mod stop;
 

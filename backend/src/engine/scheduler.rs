@@ -8,12 +8,23 @@
 //! blocks are released and it waits again at the front, to recompute its prompt and what it
 //! has generated so far. Its sampler keeps its state, so preemption never changes its output.
 //!
+//! While few sequences run, a decoding sequence may also feed tokens drafted for it by
+//! prompt lookup ([`speculation`]): its last token and the draft go through one forward
+//! pass as generated tokens, and each position's logits are sampled in turn, as if the
+//! draft had not been there, until a sampled token differs from the drafted one. The
+//! sampled tokens are the output and the cache keeps only the positions they confirm. Each
+//! position's logits are the bits a one-token step would have given (a row's arithmetic
+//! depends on its kind, never its batch) and the sampler draws once per emitted token, as
+//! without a draft, so speculation never changes an output, greedy or seeded: it only
+//! emits several tokens for one pass over the weights when the draft was right.
+//!
 //! The scheduler is synchronous and single-threaded by design: the engine thread owns it and
 //! calls `step` in a loop. It never blocks and never talks to clients.
 
 use std::collections::VecDeque;
 
 use super::sampling::{Sampler, SamplingParams};
+use super::speculation::{self, MAX_DRAFT};
 use super::stats::StepReport;
 use super::Finish;
 use crate::device::{Device, DeviceError};
@@ -27,7 +38,17 @@ pub struct Request {
     pub prompt: Vec<u32>,
     pub params: SamplingParams,
     pub max_tokens: usize,
+    /// Whether tokens may be drafted for it ([`speculation`]); never changes its output.
+    pub speculate: bool,
 }
+
+/// Decoding sequences up to which drafts are fed: each drafted token is a row of the
+/// forward pass, nearly free while the pass waits on reading the weights (a few sequences)
+/// and a cost once it is busy computing (many).
+const SPECULATE_UP_TO: usize = 4;
+
+/// The longest pause in drafting after wrong drafts, in steps.
+const MAX_PAUSE: usize = 16;
 
 /// What a step produced for one sequence.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -44,6 +65,12 @@ struct Sequence {
     /// Tokens to feed before the next sample: the prompt (after a preemption, the prompt
     /// and everything generated), or the last generated token.
     pending: VecDeque<u32>,
+    /// Tokens drafted after the last generated one in this step's feed.
+    drafted: usize,
+    /// Steps to decode without a draft before trying again, after drafts that were wholly
+    /// wrong; and how long the next such pause is (doubling while drafts keep missing).
+    pause: usize,
+    next_pause: usize,
 }
 
 /// The running and waiting sequences of one model, and its key/value cache.
@@ -61,6 +88,8 @@ pub struct Scheduler<'m, D: Device> {
     last_prefill: u64,
     last_decode: u64,
     last_preemptions: u64,
+    last_drafted: u64,
+    last_accepted: u64,
 }
 
 impl<'m, D: Device> Scheduler<'m, D> {
@@ -85,6 +114,8 @@ impl<'m, D: Device> Scheduler<'m, D> {
             last_prefill: 0,
             last_decode: 0,
             last_preemptions: 0,
+            last_drafted: 0,
+            last_accepted: 0,
         })
     }
 
@@ -102,6 +133,9 @@ impl<'m, D: Device> Scheduler<'m, D> {
             request,
             cache: SeqCache::default(),
             generated: Vec::new(),
+            drafted: 0,
+            pause: 0,
+            next_pause: 1,
         });
     }
 
@@ -136,6 +170,8 @@ impl<'m, D: Device> Scheduler<'m, D> {
             prefill_tokens: self.last_prefill,
             decode_tokens: self.last_decode,
             preemptions: self.last_preemptions,
+            drafted_tokens: self.last_drafted,
+            accepted_tokens: self.last_accepted,
         }
     }
 
@@ -166,14 +202,52 @@ impl<'m, D: Device> Scheduler<'m, D> {
             .chain(&seq.generated)
             .copied()
             .collect();
+        seq.drafted = 0;
         self.preemptions += 1;
         self.waiting.push_front(seq);
+    }
+
+    /// Drafts tokens for the running sequence at `i`, which is about to decode, into its
+    /// pending feed after its last token: none unless few sequences are decoding, the
+    /// request allows it, and its text so far suggests some.
+    fn draft(&mut self, i: usize, decoding: usize) {
+        let seq = &mut self.running[i];
+        seq.drafted = 0;
+        if !seq.request.speculate || decoding > SPECULATE_UP_TO {
+            return;
+        }
+        if seq.pause > 0 {
+            seq.pause -= 1;
+            return;
+        }
+        // The last generated token is sampled from the draft's last position at best, so a
+        // draft never takes a sequence past its max_tokens.
+        let room = seq.request.max_tokens - seq.generated.len();
+        let limit = MAX_DRAFT.min(room.saturating_sub(1));
+        let history: Vec<u32> = seq
+            .request
+            .prompt
+            .iter()
+            .chain(&seq.generated)
+            .copied()
+            .collect();
+        let draft = speculation::prompt_lookup(&history, limit);
+        seq.drafted = draft.len();
+        seq.pending.extend(draft);
     }
 
     /// Runs one forward pass over the sequences that fit, and samples those that are due.
     pub fn step(&mut self) -> Result<Vec<Event>, DeviceError> {
         let preemptions_before = self.preemptions;
         (self.last_prefill, self.last_decode) = (0, 0);
+        (self.last_drafted, self.last_accepted) = (0, 0);
+        let decoding = self.running.iter().filter(|s| s.pending.len() == 1).count();
+        for i in 0..self.running.len() {
+            self.running[i].drafted = 0;
+            if self.running[i].pending.len() == 1 && !self.running[i].generated.is_empty() {
+                self.draft(i, decoding);
+            }
+        }
         // How many tokens each running sequence feeds this step, by index in `running`.
         let mut feed = vec![0usize; self.running.len()];
         let mut budget = self.token_budget;
@@ -183,18 +257,23 @@ impl<'m, D: Device> Scheduler<'m, D> {
         for decodes in [true, false] {
             let mut i = 0;
             while i < self.running.len() {
-                let pending = self.running[i].pending.len();
-                let take = match (decodes, pending) {
-                    (true, 1) => 1,
-                    (false, 2..) => pending.min(budget),
+                let seq = &mut self.running[i];
+                let decode = seq.pending.len() == 1 + seq.drafted;
+                let take = match (decodes, decode) {
+                    (true, true) => seq.pending.len(),
+                    (false, false) => seq.pending.len().min(budget),
                     _ => 0,
                 };
                 if take == 0 {
                     i += 1;
-                } else if self.cache.reserve(&mut self.running[i].cache, take) {
+                } else if self.cache.reserve(&mut seq.cache, take) {
                     feed[i] = take;
                     budget = budget.saturating_sub(take);
                     i += 1;
+                } else if seq.drafted > 0 {
+                    // No room for the draft: decode without it.
+                    seq.pending.truncate(1);
+                    seq.drafted = 0;
                 } else {
                     self.preempt_newest();
                     feed.truncate(self.running.len());
@@ -224,11 +303,15 @@ impl<'m, D: Device> Scheduler<'m, D> {
             .map(|(seq, &n)| seq.pending.drain(..n).collect())
             .collect();
         for (seq, tokens) in self.running.iter().zip(&inputs) {
-            // A decode feeds back the one token sampled last; anything else is a prompt,
-            // or a preempted sequence's recomputation.
+            // A decode feeds back the one token sampled last (and any draft after it);
+            // anything else is a prompt, or a preempted sequence's recomputation.
             let known = seq.request.prompt.len() + seq.generated.len();
-            if tokens.len() == 1 && !seq.generated.is_empty() && seq.cache.len() + 1 == known {
+            if tokens.len() == 1 + seq.drafted
+                && !seq.generated.is_empty()
+                && seq.cache.len() + 1 == known
+            {
                 self.last_decode += 1;
+                self.last_drafted += seq.drafted as u64;
             } else {
                 self.last_prefill += tokens.len() as u64;
             }
@@ -247,6 +330,7 @@ impl<'m, D: Device> Scheduler<'m, D> {
                     seq: &mut seq.cache,
                     tokens,
                     generated,
+                    outputs: 1 + seq.drafted,
                 }
             })
             .collect();
@@ -267,33 +351,59 @@ impl<'m, D: Device> Scheduler<'m, D> {
             if tokens.is_empty() {
                 continue;
             }
-            let row = rows.next().expect("one row per sequence that ran");
+            let outputs = 1 + seq.drafted;
+            let seq_rows: Vec<&[f32]> = rows.by_ref().take(outputs).collect();
+            assert_eq!(seq_rows.len(), outputs, "logits for every output asked");
             if !seq.pending.is_empty() {
                 // Mid-prompt: the logits of a chunk's last token predict nothing we need.
                 continue;
             }
-            let token = seq.sampler.sample(row);
+            // Position j's logits follow the token fed at j; draft token j was fed at j + 1.
+            let draft = &tokens[tokens.len() - seq.drafted..];
             let id = seq.request.id;
-            if Some(token) == self.eos {
-                events.push(Event::Finished {
-                    id,
-                    finish: Finish::Stop,
-                });
-                finished.push(index);
-                continue;
+            let mut finish = None;
+            let mut confirmed = 0;
+            for (j, row) in seq_rows.iter().enumerate() {
+                let token = seq.sampler.sample(row);
+                if Some(token) == self.eos {
+                    finish = Some(Finish::Stop);
+                    break;
+                }
+                seq.generated.push(token);
+                events.push(Event::Token { id, token });
+                if seq.generated.len() >= seq.request.max_tokens {
+                    finish = Some(Finish::Length);
+                    break;
+                }
+                if draft.get(j) != Some(&token) {
+                    // The next position's logits followed a token that was not chosen.
+                    seq.pending.push_back(token);
+                    break;
+                }
+                confirmed += 1;
             }
-            seq.generated.push(token);
-            events.push(Event::Token { id, token });
-            if seq.generated.len() >= seq.request.max_tokens {
-                events.push(Event::Finished {
-                    id,
-                    finish: Finish::Length,
-                });
+            self.last_accepted += confirmed as u64;
+            // A text that is not copying is not guessed at every step: each wholly wrong
+            // draft pauses drafting for twice as long as the last one did.
+            if seq.drafted > 0 {
+                if confirmed == 0 {
+                    seq.pause = seq.next_pause;
+                    seq.next_pause = (seq.next_pause * 2).min(MAX_PAUSE);
+                } else {
+                    seq.next_pause = 1;
+                }
+            }
+            if seq.drafted > confirmed {
+                let fed = seq.cache.len();
+                self.cache
+                    .truncate(&mut seq.cache, fed - (seq.drafted - confirmed));
+            }
+            if let Some(finish) = finish {
+                events.push(Event::Finished { id, finish });
                 finished.push(index);
-            } else {
-                seq.pending.push_back(token);
             }
         }
+        self.last_decode += self.last_accepted;
         for index in finished.into_iter().rev() {
             let mut seq = self.running.remove(index);
             self.cache.release(&mut seq.cache);

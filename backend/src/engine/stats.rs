@@ -28,9 +28,12 @@ pub struct StepReport {
     pub kv_blocks_total: usize,
     /// Prompt tokens (or recomputed ones, after a preemption) this step fed.
     pub prefill_tokens: u64,
-    /// Generated tokens this step fed back in, one per decoding sequence.
+    /// Tokens this step decoded: one per decoding sequence, and each drafted token it kept.
     pub decode_tokens: u64,
     pub preemptions: u64,
+    /// Tokens drafted by prompt lookup and fed this step, and how many of them were kept.
+    pub drafted_tokens: u64,
+    pub accepted_tokens: u64,
 }
 
 #[derive(Debug, Default)]
@@ -42,6 +45,8 @@ pub struct EngineStats {
     prefill_tokens: AtomicU64,
     decode_tokens: AtomicU64,
     preemptions: AtomicU64,
+    drafted_tokens: AtomicU64,
+    accepted_tokens: AtomicU64,
     /// (when, prefill tokens, decode tokens) of the steps within [`RATE_WINDOW`].
     recent: Mutex<VecDeque<(Instant, u64, u64)>>,
     /// Cumulative counts per [`TTFT_BUCKETS`] bound, then the +Inf count.
@@ -59,6 +64,8 @@ pub struct StatsSnapshot {
     pub prefill_tokens: u64,
     pub decode_tokens: u64,
     pub preemptions: u64,
+    pub drafted_tokens: u64,
+    pub accepted_tokens: u64,
     pub prefill_tokens_per_second: f64,
     pub decode_tokens_per_second: f64,
     /// Cumulative, one per [`TTFT_BUCKETS`] bound and a last for +Inf.
@@ -88,6 +95,10 @@ impl EngineStats {
             .fetch_add(report.decode_tokens, Ordering::Relaxed);
         self.preemptions
             .fetch_add(report.preemptions, Ordering::Relaxed);
+        self.drafted_tokens
+            .fetch_add(report.drafted_tokens, Ordering::Relaxed);
+        self.accepted_tokens
+            .fetch_add(report.accepted_tokens, Ordering::Relaxed);
         if report.prefill_tokens + report.decode_tokens > 0 {
             let mut recent = self.recent.lock().unwrap_or_else(|e| e.into_inner());
             recent.push_back((now, report.prefill_tokens, report.decode_tokens));
@@ -138,6 +149,8 @@ impl EngineStats {
             prefill_tokens: get(&self.prefill_tokens),
             decode_tokens: get(&self.decode_tokens),
             preemptions: get(&self.preemptions),
+            drafted_tokens: get(&self.drafted_tokens),
+            accepted_tokens: get(&self.accepted_tokens),
             prefill_tokens_per_second: prefill as f64 / window,
             decode_tokens_per_second: decode as f64 / window,
             ttft_buckets: self.ttft_buckets.iter().map(get).collect(),
@@ -162,12 +175,15 @@ mod tests {
             prefill_tokens: prefill,
             decode_tokens: decode,
             preemptions: 0,
+            drafted_tokens: decode,
+            accepted_tokens: decode / 2,
         };
         stats.record_step_at(step(100, 0), start);
         stats.record_step_at(step(0, 4), start + Duration::from_secs(5));
         let now = start + Duration::from_secs(6);
         let snapshot = stats.snapshot_at(now);
         assert_eq!((snapshot.prefill_tokens, snapshot.decode_tokens), (100, 4));
+        assert_eq!((snapshot.drafted_tokens, snapshot.accepted_tokens), (4, 2));
         assert_eq!(snapshot.prefill_tokens_per_second, 10.0);
         assert_eq!(snapshot.decode_tokens_per_second, 0.4);
         assert_eq!((snapshot.kv_blocks_used, snapshot.kv_blocks_total), (3, 10));

@@ -189,7 +189,7 @@ fn write_engines(out: &mut String, engines: &[(&str, StatsSnapshot)]) -> std::fm
         return Ok(());
     }
     type Field = fn(&StatsSnapshot) -> f64;
-    let families: [(&str, &str, &str, Field); 9] = [
+    let families: [(&str, &str, &str, Field); 11] = [
         (
             "sluice_backend_engine_sequences_waiting",
             "gauge",
@@ -231,6 +231,18 @@ fn write_engines(out: &mut String, engines: &[(&str, StatsSnapshot)]) -> std::fm
             "counter",
             "Sequences sent back to wait because the key/value cache ran out.",
             |s| s.preemptions as f64,
+        ),
+        (
+            "sluice_backend_engine_drafted_tokens_total",
+            "counter",
+            "Tokens drafted by prompt lookup and checked in a forward pass (speculative decoding).",
+            |s| s.drafted_tokens as f64,
+        ),
+        (
+            "sluice_backend_engine_accepted_tokens_total",
+            "counter",
+            "Drafted tokens the model confirmed; divided by the drafted ones, the acceptance rate.",
+            |s| s.accepted_tokens as f64,
         ),
         (
             "sluice_backend_prefill_tokens_per_second",

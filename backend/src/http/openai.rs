@@ -55,6 +55,9 @@ pub struct ChatCompletionRequest {
     pub logit_bias: Option<Value>,
     pub modalities: Option<Value>,
     pub audio: Option<Value>,
+    /// Sluice's own: whether to draft tokens by prompt lookup for this request (it never
+    /// changes a reply, only how fast it comes; `engine::speculation::ON_BY_DEFAULT`).
+    pub speculative_decoding: Option<bool>,
 }
 
 /// `stop`: one string or a list of them.
@@ -98,6 +101,8 @@ pub struct CompletionRequest {
     pub suffix: Option<Value>,
     pub best_of: Option<Value>,
     pub logit_bias: Option<Value>,
+    /// As for chat.
+    pub speculative_decoding: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -128,9 +128,10 @@ pub(super) struct Layer<D: Device> {
 pub enum Logits {
     /// Every new token's: for checking a whole prompt against a reference.
     All,
-    /// Each sequence's last new token's only, which is all that sampling needs: the output
-    /// head is the largest matrix (49152 × 576 for SmolLM2), so a prompt's other rows would
-    /// cost as much again as its whole forward pass.
+    /// Each sequence's last [`Step::outputs`] new tokens' (its last one's, to sample the
+    /// next token; more to check tokens drafted for it), which is all that sampling needs:
+    /// the output head is the largest matrix (49152 × 576 for SmolLM2), so a prompt's other
+    /// rows would cost as much again as its whole forward pass.
     Last,
 }
 
@@ -154,6 +155,8 @@ pub struct Step<'a> {
     /// for a decode step, none for a prompt chunk. See [`Device::matmul`]: the kind of a
     /// token, not the batch it runs in, decides how its products are computed.
     pub generated: usize,
+    /// How many of `tokens`, at the end, [`Logits::Last`] returns logits for: at least one.
+    pub outputs: usize,
 }
 
 impl<D: Device> Llama<D> {
@@ -253,8 +256,8 @@ impl<D: Device> Llama<D> {
 
     /// Runs one step of a batch: each sequence's new tokens, all at once. Returns the logits
     /// of every new token, `[new tokens, vocab]` packed in `steps` order (row `i` predicts
-    /// the token after new token `i`), or of each sequence's last one, `[steps, vocab]`,
-    /// for [`Logits::Last`]. The caller checks that tokens are in the vocabulary, within
+    /// the token after new token `i`), or of each sequence's last [`Step::outputs`] ones,
+    /// packed the same way, for [`Logits::Last`]. The caller checks that tokens are in the vocabulary, within
     /// the context length, and have cache room reserved ([`KvCache::reserve`]).
     pub fn forward(
         &self,
@@ -288,6 +291,11 @@ impl<D: Device> Llama<D> {
                 "{} generated of {new}",
                 step.generated
             );
+            assert!(
+                (1..=new).contains(&step.outputs),
+                "logits for {} of {new}",
+                step.outputs
+            );
             prompt_rows.extend((0..new).map(|i| i < new - step.generated));
             assert!(
                 step.seq.blocks().len() * bs >= past + new,
@@ -299,7 +307,7 @@ impl<D: Device> Llama<D> {
                 positions.push(p as u32);
                 slots.push(step.seq.blocks()[p / bs] * bs as u32 + (p % bs) as u32);
             }
-            last_rows.push(ids.len() as u32 - 1);
+            last_rows.extend((ids.len() - step.outputs..ids.len()).map(|r| r as u32));
         }
         let seqs: Vec<PagedSequence<'_>> = steps
             .iter()

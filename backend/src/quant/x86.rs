@@ -145,10 +145,16 @@ pub mod avx512 {
                         let xs = &x[i * k..];
                         // SAFETY: xs holds at least as many rows as each arm takes.
                         let took = unsafe {
+                            // Every group size has its own kernel: a group decodes the
+                            // weights once, so 5 rows in one pass, not 4 and 1.
                             match m - i {
                                 8.. => put(out, i, $dots::<8>(row, xs, k)),
-                                4..=7 => put(out, i, $dots::<4>(row, xs, k)),
-                                2..=3 => put(out, i, $dots::<2>(row, xs, k)),
+                                7 => put(out, i, $dots::<7>(row, xs, k)),
+                                6 => put(out, i, $dots::<6>(row, xs, k)),
+                                5 => put(out, i, $dots::<5>(row, xs, k)),
+                                4 => put(out, i, $dots::<4>(row, xs, k)),
+                                3 => put(out, i, $dots::<3>(row, xs, k)),
+                                2 => put(out, i, $dots::<2>(row, xs, k)),
                                 _ => put(out, i, $dots::<1>(row, xs, k)),
                             }
                         };

@@ -83,6 +83,7 @@ pub fn measure<D: Device>(
         seq: &mut warm,
         tokens: &tokens,
         generated: 0,
+        outputs: 1,
     }];
     model
         .device()
@@ -101,6 +102,7 @@ pub fn measure<D: Device>(
                 seq,
                 tokens,
                 generated: 0,
+                outputs: 1,
             }
         })
         .collect();
@@ -120,6 +122,7 @@ pub fn measure<D: Device>(
                     seq,
                     tokens,
                     generated: 1,
+                    outputs: 1,
                 }
             })
             .collect();

@@ -10,6 +10,7 @@ use axum::Json;
 use super::sampling::SamplingFields;
 use super::{Asked, CompletionRoute, ReplyHeader};
 use crate::engine::sim::{self, count_tokens, MESSAGE_OVERHEAD_TOKENS};
+use crate::engine::speculation;
 use crate::engine::{Finish, TextModel};
 use crate::http::error::ApiError;
 use crate::http::honoured::{first_unhonoured, Unhonoured};
@@ -91,6 +92,9 @@ impl CompletionRoute for Chat {
             stream_options: request.stream_options,
             user: request.user,
             unhonoured,
+            speculate: request
+                .speculative_decoding
+                .unwrap_or(speculation::ON_BY_DEFAULT),
         })
     }
 

@@ -19,6 +19,7 @@ pub struct GenerationRequest {
     pub cap: Option<u32>,
     pub params: SamplingParams,
     pub stop: Vec<String>,
+    pub speculate: bool,
     /// The request field the prompts came from, named when one is too long.
     pub prompt_param: &'static str,
 }
@@ -64,6 +65,7 @@ pub async fn run<W: ChunkWriter>(
                 params,
                 max_tokens,
                 stop: request.stop.clone(),
+                speculate: request.speculate,
                 reply,
             });
             if !queued {

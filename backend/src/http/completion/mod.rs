@@ -49,6 +49,8 @@ pub struct Asked<P> {
     pub user: Option<String>,
     /// The first field the native engine cannot act on, refused if a native decoder answers.
     pub unhonoured: Option<Unhonoured>,
+    /// Whether a native decoder drafts tokens for the reply (`speculative_decoding`).
+    pub speculate: bool,
 }
 
 /// Who wrote a reply and under which id: what every chunk of a stream and the whole body
@@ -145,6 +147,7 @@ pub async fn complete<R: CompletionRoute>(
                 cap: asked.cap,
                 params,
                 stop,
+                speculate: asked.speculate,
                 prompt_param: R::PROMPT_PARAM,
             };
             decoder::run(&state, &engine, request, stream, chunks).await?

@@ -11,6 +11,7 @@ use axum::Json;
 use super::sampling::SamplingFields;
 use super::{Asked, CompletionRoute, ReplyHeader};
 use crate::engine::sim::{self, count_input_tokens};
+use crate::engine::speculation;
 use crate::engine::{Finish, ModelInput, TextModel};
 use crate::http::error::ApiError;
 use crate::http::honoured::first_unhonoured;
@@ -66,6 +67,9 @@ impl CompletionRoute for Text {
                 ("best_of", request.best_of.as_ref()),
                 ("logit_bias", request.logit_bias.as_ref()),
             ]),
+            speculate: request
+                .speculative_decoding
+                .unwrap_or(speculation::ON_BY_DEFAULT),
         })
     }
 
