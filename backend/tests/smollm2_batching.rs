@@ -23,15 +23,16 @@ use sluice_backend::model::tokenizer::{ChatMessage, LlamaTokenizer};
 const MAX_TOKENS: usize = 8;
 const BLOCK_SIZE: usize = 16;
 
+/// Each request's tokens and how it finished.
+type Replies = HashMap<u64, (Vec<u32>, Finish)>;
+
 /// Runs the scheduler until every request has finished; each request's tokens and finish.
-fn drain(scheduler: &mut Scheduler<'_, Cpu>) -> HashMap<u64, (Vec<u32>, Finish)> {
+fn drain(scheduler: &mut Scheduler<'_, Cpu>) -> Replies {
     drain_counting(scheduler).0
 }
 
 /// [`drain`], and the tokens drafted and kept on the way.
-fn drain_counting(
-    scheduler: &mut Scheduler<'_, Cpu>,
-) -> (HashMap<u64, (Vec<u32>, Finish)>, (u64, u64)) {
+fn drain_counting(scheduler: &mut Scheduler<'_, Cpu>) -> (Replies, (u64, u64)) {
     let mut out: HashMap<u64, (Vec<u32>, Option<Finish>)> = HashMap::new();
     let mut steps = 0;
     let mut drafts = (0, 0);

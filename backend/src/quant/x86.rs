@@ -87,8 +87,8 @@ pub mod avx512 {
             }
         }
         let mut out = [0.0f32; R];
-        for r in 0..R {
-            out[r] = lanes(acc[r]);
+        for (o, a) in out.iter_mut().zip(acc) {
+            *o = lanes(a);
         }
         out
     }
@@ -115,8 +115,8 @@ pub mod avx512 {
             }
         }
         let mut out = [0.0f32; R];
-        for r in 0..R {
-            out[r] = lanes(acc[r]);
+        for (o, a) in out.iter_mut().zip(acc) {
+            *o = lanes(a);
         }
         out
     }
@@ -193,21 +193,21 @@ pub mod avx2 {
                 let hi = _mm_and_si128(_mm_srli_epi16::<4>(q), mask);
                 let parts = [lo, _mm_srli_si128::<8>(lo), hi, _mm_srli_si128::<8>(hi)];
                 let mut w = [_mm256_setzero_ps(); 4];
-                for a in 0..4 {
-                    let f = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(parts[a]));
-                    w[a] = _mm256_add_ps(_mm256_mul_ps(d, f), m);
+                for (w, part) in w.iter_mut().zip(parts) {
+                    let f = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(part));
+                    *w = _mm256_add_ps(_mm256_mul_ps(d, f), m);
                 }
                 for (r, acc) in acc.iter_mut().enumerate() {
                     let xs = x.as_ptr().add(r * k + 32 * blk);
-                    for a in 0..4 {
-                        acc[a] = _mm256_fmadd_ps(_mm256_loadu_ps(xs.add(8 * a)), w[a], acc[a]);
+                    for (a, (acc, w)) in acc.iter_mut().zip(w).enumerate() {
+                        *acc = _mm256_fmadd_ps(_mm256_loadu_ps(xs.add(8 * a)), w, *acc);
                     }
                 }
             }
         }
         let mut out = [0.0f32; R];
-        for r in 0..R {
-            out[r] = lanes(acc[r]);
+        for (o, a) in out.iter_mut().zip(acc) {
+            *o = lanes(a);
         }
         out
     }
@@ -221,21 +221,21 @@ pub mod avx2 {
             unsafe {
                 let d = _mm256_set1_ps(f16_scale(b.as_ptr()));
                 let mut w = [_mm256_setzero_ps(); 4];
-                for a in 0..4 {
+                for (a, w) in w.iter_mut().enumerate() {
                     let q = _mm_loadl_epi64(b.as_ptr().add(2 + 8 * a).cast());
-                    w[a] = _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q)));
+                    *w = _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q)));
                 }
                 for (r, acc) in acc.iter_mut().enumerate() {
                     let xs = x.as_ptr().add(r * k + 32 * blk);
-                    for a in 0..4 {
-                        acc[a] = _mm256_fmadd_ps(_mm256_loadu_ps(xs.add(8 * a)), w[a], acc[a]);
+                    for (a, (acc, w)) in acc.iter_mut().zip(w).enumerate() {
+                        *acc = _mm256_fmadd_ps(_mm256_loadu_ps(xs.add(8 * a)), w, *acc);
                     }
                 }
             }
         }
         let mut out = [0.0f32; R];
-        for r in 0..R {
-            out[r] = lanes(acc[r]);
+        for (o, a) in out.iter_mut().zip(acc) {
+            *o = lanes(a);
         }
         out
     }
