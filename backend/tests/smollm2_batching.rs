@@ -252,3 +252,99 @@ fn drafts_from_the_prompt_are_kept_and_never_change_a_reply() {
         "copying prompts kept {accepted} of {drafted} drafted tokens"
     );
 }
+
+/// Automatic prefix caching: a second request sharing a long system prompt with a first
+/// one computes only what follows the shared blocks, and its reply is the same bits as on
+/// a cache that never saw the first.
+#[test]
+fn a_shared_prompt_prefix_is_computed_once_and_changes_no_reply() {
+    let Some(path) = common::smollm2_weights() else {
+        return;
+    };
+    let gguf = Gguf::open(&path).unwrap();
+    let tokenizer = LlamaTokenizer::from_gguf(&gguf).unwrap();
+    let model = Llama::load(Cpu, &gguf, &path).unwrap();
+    drop(gguf);
+    let system = "You are the help desk of a small river shipping company. Answer in one \
+                  short sentence, politely, and never mention prices or the weather.";
+    let request = |id: u64, question: &str, temperature: f32| {
+        let prompt = tokenizer
+            .apply_chat_template(&[
+                ChatMessage {
+                    role: "system",
+                    content: system,
+                },
+                ChatMessage {
+                    role: "user",
+                    content: question,
+                },
+            ])
+            .unwrap();
+        Request {
+            id,
+            prompt: tokenizer.encode(&prompt).unwrap(),
+            params: SamplingParams {
+                temperature,
+                seed: Some(id),
+                ..SamplingParams::default()
+            },
+            max_tokens: MAX_TOKENS,
+            speculate: false,
+        }
+    };
+    let first = request(1, "When does the first boat leave?", 0.0);
+    let later = [
+        request(2, "Can I bring a bicycle?", 0.0),
+        request(3, "Is there a cafe on board?", 0.9),
+    ];
+    let shared_blocks = first
+        .prompt
+        .iter()
+        .zip(&later[0].prompt)
+        .take_while(|(a, b)| a == b)
+        .count()
+        / BLOCK_SIZE;
+    assert!(
+        shared_blocks >= 2,
+        "the prompts share {shared_blocks} blocks"
+    );
+
+    let mut scheduler = Scheduler::new(&model, 32, BLOCK_SIZE, 512, tokenizer.eos).unwrap();
+    scheduler.add(first.clone());
+    drain(&mut scheduler);
+    for request in &later {
+        scheduler.add(request.clone());
+        let mut hits = 0;
+        let mut replies = HashMap::new();
+        while !scheduler.is_idle() {
+            for event in scheduler.step().unwrap() {
+                if let Event::Token { id, token } = event {
+                    replies.entry(id).or_insert_with(Vec::new).push(token);
+                }
+            }
+            hits += scheduler.report().prefix_hit_tokens;
+        }
+        assert_eq!(
+            hits as usize,
+            shared_blocks * BLOCK_SIZE,
+            "request {}",
+            request.id
+        );
+        let mut fresh = Scheduler::new(&model, 32, BLOCK_SIZE, 512, tokenizer.eos).unwrap();
+        fresh.add(request.clone());
+        let alone = drain(&mut fresh);
+        assert_eq!(
+            replies[&request.id],
+            alone[&request.id].0,
+            "request {}: {:?} with the prefix shared, {:?} alone",
+            request.id,
+            tokenizer.decode(&replies[&request.id]),
+            tokenizer.decode(&alone[&request.id].0)
+        );
+    }
+    assert_eq!(
+        scheduler.cache().free_blocks(),
+        scheduler.cache().total_blocks(),
+        "idle prefix blocks count as free"
+    );
+}

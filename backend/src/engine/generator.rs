@@ -297,6 +297,9 @@ fn run<D: Device>(
                 prefill_tokens: 0,
                 decode_tokens: 0,
                 preemptions: 0,
+                drafted_tokens: 0,
+                accepted_tokens: 0,
+                prefix_hit_tokens: 0,
                 ..scheduler.report()
             });
             continue;

@@ -8,6 +8,10 @@
 //! blocks are released and it waits again at the front, to recompute its prompt and what it
 //! has generated so far. Its sampler keeps its state, so preemption never changes its output.
 //!
+//! A sequence admitted with a prompt whose first whole blocks another prompt already
+//! computed shares those blocks of the cache and starts after them (automatic prefix
+//! caching, [`crate::kv_cache`]): a shared system prompt is computed once, not per request.
+//!
 //! While few sequences run, a decoding sequence may also feed tokens drafted for it by
 //! prompt lookup ([`speculation`]): its last token and the draft go through one forward
 //! pass as generated tokens, and each position's logits are sampled in turn, as if the
@@ -90,6 +94,7 @@ pub struct Scheduler<'m, D: Device> {
     last_preemptions: u64,
     last_drafted: u64,
     last_accepted: u64,
+    last_prefix_hits: u64,
 }
 
 impl<'m, D: Device> Scheduler<'m, D> {
@@ -116,6 +121,7 @@ impl<'m, D: Device> Scheduler<'m, D> {
             last_preemptions: 0,
             last_drafted: 0,
             last_accepted: 0,
+            last_prefix_hits: 0,
         })
     }
 
@@ -172,6 +178,7 @@ impl<'m, D: Device> Scheduler<'m, D> {
             preemptions: self.last_preemptions,
             drafted_tokens: self.last_drafted,
             accepted_tokens: self.last_accepted,
+            prefix_hit_tokens: self.last_prefix_hits,
         }
     }
 
@@ -240,7 +247,7 @@ impl<'m, D: Device> Scheduler<'m, D> {
     pub fn step(&mut self) -> Result<Vec<Event>, DeviceError> {
         let preemptions_before = self.preemptions;
         (self.last_prefill, self.last_decode) = (0, 0);
-        (self.last_drafted, self.last_accepted) = (0, 0);
+        (self.last_drafted, self.last_accepted, self.last_prefix_hits) = (0, 0, 0);
         let decoding = self.running.iter().filter(|s| s.pending.len() == 1).count();
         for i in 0..self.running.len() {
             self.running[i].drafted = 0;
@@ -280,11 +287,17 @@ impl<'m, D: Device> Scheduler<'m, D> {
                 }
             }
         }
-        // Admit waiting sequences in order while budget and blocks allow.
+        // Admit waiting sequences in order while budget and blocks allow, each starting
+        // after the blocks of its prompt that are cached already.
         while budget > 0 {
             let Some(seq) = self.waiting.front_mut() else {
                 break;
             };
+            if seq.cache.blocks().is_empty() {
+                let shared = self.cache.share_prefix(&mut seq.cache, &seq.request.prompt);
+                seq.pending.drain(..shared);
+                self.last_prefix_hits += shared as u64;
+            }
             let take = seq.pending.len().min(budget);
             if !self.cache.reserve(&mut seq.cache, take) {
                 break;
@@ -341,6 +354,10 @@ impl<'m, D: Device> Scheduler<'m, D> {
             .model
             .forward(&mut self.cache, &mut steps, Logits::Last)?;
         drop(steps);
+        for seq in &mut self.running {
+            self.cache
+                .register_prompt(&mut seq.cache, &seq.request.prompt);
+        }
         let logits = self.model.device().download(&logits)?;
         let vocab = self.model.config().vocab_size;
 

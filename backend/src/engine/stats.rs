@@ -34,6 +34,8 @@ pub struct StepReport {
     /// Tokens drafted by prompt lookup and fed this step, and how many of them were kept.
     pub drafted_tokens: u64,
     pub accepted_tokens: u64,
+    /// Prompt tokens whose keys and values were found in the cache, not computed.
+    pub prefix_hit_tokens: u64,
 }
 
 #[derive(Debug, Default)]
@@ -47,6 +49,7 @@ pub struct EngineStats {
     preemptions: AtomicU64,
     drafted_tokens: AtomicU64,
     accepted_tokens: AtomicU64,
+    prefix_hit_tokens: AtomicU64,
     /// (when, prefill tokens, decode tokens) of the steps within [`RATE_WINDOW`].
     recent: Mutex<VecDeque<(Instant, u64, u64)>>,
     /// Cumulative counts per [`TTFT_BUCKETS`] bound, then the +Inf count.
@@ -66,6 +69,7 @@ pub struct StatsSnapshot {
     pub preemptions: u64,
     pub drafted_tokens: u64,
     pub accepted_tokens: u64,
+    pub prefix_hit_tokens: u64,
     pub prefill_tokens_per_second: f64,
     pub decode_tokens_per_second: f64,
     /// Cumulative, one per [`TTFT_BUCKETS`] bound and a last for +Inf.
@@ -99,6 +103,8 @@ impl EngineStats {
             .fetch_add(report.drafted_tokens, Ordering::Relaxed);
         self.accepted_tokens
             .fetch_add(report.accepted_tokens, Ordering::Relaxed);
+        self.prefix_hit_tokens
+            .fetch_add(report.prefix_hit_tokens, Ordering::Relaxed);
         if report.prefill_tokens + report.decode_tokens > 0 {
             let mut recent = self.recent.lock().unwrap_or_else(|e| e.into_inner());
             recent.push_back((now, report.prefill_tokens, report.decode_tokens));
@@ -151,6 +157,7 @@ impl EngineStats {
             preemptions: get(&self.preemptions),
             drafted_tokens: get(&self.drafted_tokens),
             accepted_tokens: get(&self.accepted_tokens),
+            prefix_hit_tokens: get(&self.prefix_hit_tokens),
             prefill_tokens_per_second: prefill as f64 / window,
             decode_tokens_per_second: decode as f64 / window,
             ttft_buckets: self.ttft_buckets.iter().map(get).collect(),
@@ -177,6 +184,7 @@ mod tests {
             preemptions: 0,
             drafted_tokens: decode,
             accepted_tokens: decode / 2,
+            prefix_hit_tokens: prefill / 4,
         };
         stats.record_step_at(step(100, 0), start);
         stats.record_step_at(step(0, 4), start + Duration::from_secs(5));
@@ -184,6 +192,7 @@ mod tests {
         let snapshot = stats.snapshot_at(now);
         assert_eq!((snapshot.prefill_tokens, snapshot.decode_tokens), (100, 4));
         assert_eq!((snapshot.drafted_tokens, snapshot.accepted_tokens), (4, 2));
+        assert_eq!(snapshot.prefix_hit_tokens, 25);
         assert_eq!(snapshot.prefill_tokens_per_second, 10.0);
         assert_eq!(snapshot.decode_tokens_per_second, 0.4);
         assert_eq!((snapshot.kv_blocks_used, snapshot.kv_blocks_total), (3, 10));

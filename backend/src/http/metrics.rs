@@ -189,7 +189,7 @@ fn write_engines(out: &mut String, engines: &[(&str, StatsSnapshot)]) -> std::fm
         return Ok(());
     }
     type Field = fn(&StatsSnapshot) -> f64;
-    let families: [(&str, &str, &str, Field); 11] = [
+    let families: [(&str, &str, &str, Field); 12] = [
         (
             "sluice_backend_engine_sequences_waiting",
             "gauge",
@@ -243,6 +243,12 @@ fn write_engines(out: &mut String, engines: &[(&str, StatsSnapshot)]) -> std::fm
             "counter",
             "Drafted tokens the model confirmed; divided by the drafted ones, the acceptance rate.",
             |s| s.accepted_tokens as f64,
+        ),
+        (
+            "sluice_backend_engine_prefix_cache_hit_tokens_total",
+            "counter",
+            "Prompt tokens whose keys and values were found in the cache (automatic prefix caching), not computed.",
+            |s| s.prefix_hit_tokens as f64,
         ),
         (
             "sluice_backend_prefill_tokens_per_second",
