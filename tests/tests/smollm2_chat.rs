@@ -463,3 +463,62 @@ async fn speculative_decoding_keeps_the_reply_and_counts_its_drafts() {
     let body: Value = response.json().await.unwrap();
     assert_eq!(body["error"]["param"], "speculative_decoding", "{body}");
 }
+
+/// Automatic prefix caching over HTTP: a second conversation with the same long system
+/// prompt finds its blocks in the cache (counted on /metrics), and gets the reply it gets
+/// from a backend that never saw the first.
+#[tokio::test]
+async fn a_shared_system_prompt_is_found_in_the_cache_and_changes_no_reply() {
+    let Some(file) = weights() else { return };
+    let backend = smollm2_backend(&file).await;
+    let system = "You are the help desk of a small river shipping company. Answer in one short \
+                  sentence, politely, and never mention prices, timetables or the weather.";
+    let ask = |question: &str| {
+        json!({
+            "model": MODEL,
+            "messages": [
+                {"role": "system", "content": system},
+                {"role": "user", "content": question},
+            ],
+            "temperature": 0,
+            "max_tokens": 16,
+        })
+    };
+    let hits = format!("sluice_backend_engine_prefix_cache_hit_tokens_total{{model=\"{MODEL}\"}}");
+    let _: Value = post(&backend, ask("Is there a cafe on board?"))
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        metric(&backend, &hits).await,
+        0.0,
+        "nothing to find at first"
+    );
+    let second: Value = post(&backend, ask("Can I bring a bicycle?"))
+        .await
+        .json()
+        .await
+        .unwrap();
+    let found = metric(&backend, &hits).await;
+    // Blocks of 16 positions: at least the system turn's whole blocks.
+    assert!(
+        found >= 32.0 && found % 16.0 == 0.0,
+        "{found} prompt tokens found"
+    );
+
+    let fresh = smollm2_backend(&file).await;
+    let alone: Value = post(&fresh, ask("Can I bring a bicycle?"))
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        second["choices"], alone["choices"],
+        "{second} against {alone}"
+    );
+    assert_eq!(
+        second["usage"], alone["usage"],
+        "usage counts every prompt token"
+    );
+}
