@@ -5,7 +5,7 @@
 //!
 //! A draft is only a guess. The scheduler feeds it with the token before it in one forward
 //! pass, as generated tokens, and keeps the longest prefix the model itself would have
-//! chosen ([`super::scheduler`]), so drafting never changes an output.
+//! chosen (see the scheduler), so drafting never changes an output.
 
 /// Tokens drafted at most per step: each costs a row of the forward pass whether or not it
 /// is kept.
