@@ -61,15 +61,31 @@ fn drain_counting(scheduler: &mut Scheduler<'_, Cpu>) -> (Replies, (u64, u64)) {
     (out, drafts)
 }
 
-#[test]
-fn outputs_are_the_same_alone_or_batched_with_chunked_prompts_and_preemption() {
-    let Some(path) = common::smollm2_weights() else {
-        return;
-    };
+/// SmolLM2 on the CPU and its tokenizer, or `None` (said, and a failure under CI) without
+/// the weights.
+fn smollm2() -> Option<(Llama<Cpu>, LlamaTokenizer)> {
+    let path = common::smollm2_weights()?;
     let gguf = Gguf::open(&path).unwrap();
     let tokenizer = LlamaTokenizer::from_gguf(&gguf).unwrap();
     let model = Llama::load(Cpu, &gguf, &path).unwrap();
-    drop(gguf);
+    Some((model, tokenizer))
+}
+
+/// A conversation as the model's chat template turns it into tokens.
+fn chat(tokenizer: &LlamaTokenizer, turns: &[(&str, &str)]) -> Vec<u32> {
+    let messages: Vec<ChatMessage> = turns
+        .iter()
+        .map(|&(role, content)| ChatMessage { role, content })
+        .collect();
+    let prompt = tokenizer.apply_chat_template(&messages).unwrap();
+    tokenizer.encode(&prompt).unwrap()
+}
+
+#[test]
+fn outputs_are_the_same_alone_or_batched_with_chunked_prompts_and_preemption() {
+    let Some((model, tokenizer)) = smollm2() else {
+        return;
+    };
     let questions = [
         "What is the capital of France?",
         "Name a colour of the sky.",
@@ -84,15 +100,9 @@ fn outputs_are_the_same_alone_or_batched_with_chunked_prompts_and_preemption() {
         .iter()
         .enumerate()
         .map(|(i, q)| {
-            let prompt = tokenizer
-                .apply_chat_template(&[ChatMessage {
-                    role: "user",
-                    content: q,
-                }])
-                .unwrap();
             Request {
                 id: i as u64,
-                prompt: tokenizer.encode(&prompt).unwrap(),
+                prompt: chat(&tokenizer, &[("user", q)]),
                 // Half greedy, half sampled with a seed: a preempted sequence must resume
                 // its sampler where it was, not restart it.
                 params: SamplingParams {
@@ -179,13 +189,9 @@ fn outputs_are_the_same_alone_or_batched_with_chunked_prompts_and_preemption() {
 /// with speculation on and off.
 #[test]
 fn drafts_from_the_prompt_are_kept_and_never_change_a_reply() {
-    let Some(path) = common::smollm2_weights() else {
+    let Some((model, tokenizer)) = smollm2() else {
         return;
     };
-    let gguf = Gguf::open(&path).unwrap();
-    let tokenizer = LlamaTokenizer::from_gguf(&gguf).unwrap();
-    let model = Llama::load(Cpu, &gguf, &path).unwrap();
-    drop(gguf);
     let texts = [
         "Repeat this sentence exactly: The quick brown fox jumps over the lazy dog near the old river bank.",
         "Copy the list: apples, oranges, pears, plums, cherries, grapes, lemons, limes.",
@@ -195,13 +201,7 @@ fn drafts_from_the_prompt_are_kept_and_never_change_a_reply() {
         .iter()
         .enumerate()
         .flat_map(|(i, text)| {
-            let prompt = tokenizer
-                .apply_chat_template(&[ChatMessage {
-                    role: "user",
-                    content: text,
-                }])
-                .unwrap();
-            let prompt = tokenizer.encode(&prompt).unwrap();
+            let prompt = chat(&tokenizer, &[("user", text)]);
             [0.0, 0.8]
                 .into_iter()
                 .enumerate()
@@ -258,39 +258,21 @@ fn drafts_from_the_prompt_are_kept_and_never_change_a_reply() {
 /// a cache that never saw the first.
 #[test]
 fn a_shared_prompt_prefix_is_computed_once_and_changes_no_reply() {
-    let Some(path) = common::smollm2_weights() else {
+    let Some((model, tokenizer)) = smollm2() else {
         return;
     };
-    let gguf = Gguf::open(&path).unwrap();
-    let tokenizer = LlamaTokenizer::from_gguf(&gguf).unwrap();
-    let model = Llama::load(Cpu, &gguf, &path).unwrap();
-    drop(gguf);
     let system = "You are the help desk of a small river shipping company. Answer in one \
                   short sentence, politely, and never mention prices or the weather.";
-    let request = |id: u64, question: &str, temperature: f32| {
-        let prompt = tokenizer
-            .apply_chat_template(&[
-                ChatMessage {
-                    role: "system",
-                    content: system,
-                },
-                ChatMessage {
-                    role: "user",
-                    content: question,
-                },
-            ])
-            .unwrap();
-        Request {
-            id,
-            prompt: tokenizer.encode(&prompt).unwrap(),
-            params: SamplingParams {
-                temperature,
-                seed: Some(id),
-                ..SamplingParams::default()
-            },
-            max_tokens: MAX_TOKENS,
-            speculate: false,
-        }
+    let request = |id: u64, question: &str, temperature: f32| Request {
+        id,
+        prompt: chat(&tokenizer, &[("system", system), ("user", question)]),
+        params: SamplingParams {
+            temperature,
+            seed: Some(id),
+            ..SamplingParams::default()
+        },
+        max_tokens: MAX_TOKENS,
+        speculate: false,
     };
     let first = request(1, "When does the first boat leave?", 0.0);
     let later = [

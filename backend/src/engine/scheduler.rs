@@ -77,6 +77,13 @@ struct Sequence {
     next_pause: usize,
 }
 
+impl Sequence {
+    /// Its tokens so far: the prompt, then what it generated.
+    fn tokens(&self) -> impl Iterator<Item = u32> + '_ {
+        self.request.prompt.iter().chain(&self.generated).copied()
+    }
+}
+
 /// The running and waiting sequences of one model, and its key/value cache.
 pub struct Scheduler<'m, D: Device> {
     model: &'m Llama<D>,
@@ -202,13 +209,7 @@ impl<'m, D: Device> Scheduler<'m, D> {
     fn preempt_newest(&mut self) {
         let mut seq = self.running.pop().expect("a running sequence to preempt");
         self.cache.release(&mut seq.cache);
-        seq.pending = seq
-            .request
-            .prompt
-            .iter()
-            .chain(&seq.generated)
-            .copied()
-            .collect();
+        seq.pending = seq.tokens().collect();
         seq.drafted = 0;
         self.preemptions += 1;
         self.waiting.push_front(seq);
@@ -231,13 +232,7 @@ impl<'m, D: Device> Scheduler<'m, D> {
         // draft never takes a sequence past its max_tokens.
         let room = seq.request.max_tokens - seq.generated.len();
         let limit = MAX_DRAFT.min(room.saturating_sub(1));
-        let history: Vec<u32> = seq
-            .request
-            .prompt
-            .iter()
-            .chain(&seq.generated)
-            .copied()
-            .collect();
+        let history: Vec<u32> = seq.tokens().collect();
         let draft = speculation::prompt_lookup(&history, limit);
         seq.drafted = draft.len();
         seq.pending.extend(draft);
