@@ -53,6 +53,46 @@ fn prefetch(bytes: &[u8], at: usize, len: usize) {
     }
 }
 
+/// A band kernel: weight rows `first..` of the matrix in `bytes` (rows of `k` weights, in
+/// blocks of `$block_bytes`) against the `m` rows of `x`, into `part` (`[weight rows, m]`),
+/// by `$dots` over groups of up to `$largest` activation rows. Every group size listed,
+/// and one, has its own kernel: a group decodes the weights once, so five rows go in one
+/// pass, not four and one.
+macro_rules! band {
+    ($features:literal, $name:ident, $dots:ident, $block_bytes:expr, $largest:literal; $($size:literal)*) => {
+        #[doc = concat!("The band kernel (see `band!`) for `", $features, "`.")]
+        #[target_feature(enable = $features)]
+        pub unsafe fn $name(bytes: &[u8], k: usize, x: &[f32], first: usize, part: &mut [f32]) {
+            let m = x.len() / k;
+            let n = k / 32 * $block_bytes;
+            prefetch(bytes, first * n, PREFETCH_ROWS * n);
+            for (j, out) in part.chunks_exact_mut(m).enumerate() {
+                let row = &bytes[(first + j) * n..][..n];
+                prefetch(bytes, (first + j + PREFETCH_ROWS) * n, n);
+                let mut i = 0;
+                while i < m {
+                    let xs = &x[i * k..];
+                    // SAFETY: xs holds at least as many rows as each arm takes.
+                    i += unsafe {
+                        match m - i {
+                            $largest.. => put(out, i, $dots::<$largest>(row, xs, k)),
+                            $($size => put(out, i, $dots::<$size>(row, xs, k)),)*
+                            _ => put(out, i, $dots::<1>(row, xs, k)),
+                        }
+                    };
+                }
+            }
+        }
+    };
+}
+
+/// Writes a group's results at `at`; returns how many rows it covered.
+#[inline(always)]
+fn put<const R: usize>(out: &mut [f32], at: usize, values: [f32; R]) -> usize {
+    out[at..at + R].copy_from_slice(&values);
+    R
+}
+
 pub mod avx512 {
     use super::*;
 
@@ -127,51 +167,8 @@ pub mod avx512 {
         reduce32(&unsafe { std::mem::transmute::<[__m512; 2], [f32; 32]>(acc) })
     }
 
-    macro_rules! band {
-        ($name:ident, $dots:ident, $block_bytes:expr) => {
-            /// Weight rows `first..` of the matrix in `bytes` (rows of `k` weights) against
-            /// the `m` rows of `x`, into `part` (`[weight rows, m]`), in groups of up to 8
-            /// activation rows.
-            #[target_feature(enable = "avx512f,f16c,fma")]
-            pub unsafe fn $name(bytes: &[u8], k: usize, x: &[f32], first: usize, part: &mut [f32]) {
-                let m = x.len() / k;
-                let n = k / 32 * $block_bytes;
-                prefetch(bytes, first * n, PREFETCH_ROWS * n);
-                for (j, out) in part.chunks_exact_mut(m).enumerate() {
-                    let row = &bytes[(first + j) * n..][..n];
-                    prefetch(bytes, (first + j + PREFETCH_ROWS) * n, n);
-                    let mut i = 0;
-                    while i < m {
-                        let xs = &x[i * k..];
-                        // SAFETY: xs holds at least as many rows as each arm takes.
-                        let took = unsafe {
-                            // Every group size has its own kernel: a group decodes the
-                            // weights once, so 5 rows in one pass, not 4 and 1.
-                            match m - i {
-                                8.. => put(out, i, $dots::<8>(row, xs, k)),
-                                7 => put(out, i, $dots::<7>(row, xs, k)),
-                                6 => put(out, i, $dots::<6>(row, xs, k)),
-                                5 => put(out, i, $dots::<5>(row, xs, k)),
-                                4 => put(out, i, $dots::<4>(row, xs, k)),
-                                3 => put(out, i, $dots::<3>(row, xs, k)),
-                                2 => put(out, i, $dots::<2>(row, xs, k)),
-                                _ => put(out, i, $dots::<1>(row, xs, k)),
-                            }
-                        };
-                        i += took;
-                    }
-                }
-            }
-        };
-    }
-    band!(band_q4_1, dots_q4_1, 20);
-    band!(band_q8_0, dots_q8_0, 34);
-
-    #[inline(always)]
-    fn put<const R: usize>(out: &mut [f32], at: usize, values: [f32; R]) -> usize {
-        out[at..at + R].copy_from_slice(&values);
-        R
-    }
+    band!("avx512f,f16c,fma", band_q4_1, dots_q4_1, 20, 8; 7 6 5 4 3 2);
+    band!("avx512f,f16c,fma", band_q8_0, dots_q8_0, 34, 8; 7 6 5 4 3 2);
 }
 
 pub mod avx2 {
@@ -246,37 +243,8 @@ pub mod avx2 {
         reduce32(&unsafe { std::mem::transmute::<[__m256; 4], [f32; 32]>(acc) })
     }
 
-    macro_rules! band {
-        ($name:ident, $dots:ident, $block_bytes:expr) => {
-            /// As AVX-512's, in groups of up to 2 activation rows.
-            #[target_feature(enable = "avx2,f16c,fma")]
-            pub unsafe fn $name(bytes: &[u8], k: usize, x: &[f32], first: usize, part: &mut [f32]) {
-                let m = x.len() / k;
-                let n = k / 32 * $block_bytes;
-                prefetch(bytes, first * n, PREFETCH_ROWS * n);
-                for (j, out) in part.chunks_exact_mut(m).enumerate() {
-                    let row = &bytes[(first + j) * n..][..n];
-                    prefetch(bytes, (first + j + PREFETCH_ROWS) * n, n);
-                    let mut i = 0;
-                    while i < m {
-                        let xs = &x[i * k..];
-                        // SAFETY: xs holds at least as many rows as each arm takes.
-                        unsafe {
-                            if m - i >= 2 {
-                                out[i..i + 2].copy_from_slice(&$dots::<2>(row, xs, k));
-                                i += 2;
-                            } else {
-                                out[i] = $dots::<1>(row, xs, k)[0];
-                                i += 1;
-                            }
-                        }
-                    }
-                }
-            }
-        };
-    }
-    band!(band_q4_1, dots_q4_1, 20);
-    band!(band_q8_0, dots_q8_0, 34);
+    band!("avx2,f16c,fma", band_q4_1, dots_q4_1, 20, 2;);
+    band!("avx2,f16c,fma", band_q8_0, dots_q8_0, 34, 2;);
 
     #[target_feature(enable = "avx2")]
     pub unsafe fn dequantize_q4_1(bytes: &[u8], out: &mut [f32]) {
