@@ -216,6 +216,8 @@ fn greedy<D: Device>(
         },
         max_tokens: MAX_TOKENS,
         speculate: false,
+        logprobs: None,
+        constraint: None,
     };
     let longest = prompts.iter().map(Vec::len).max().unwrap_or(0) + MAX_TOKENS;
     let per_sequence = longest.div_ceil(BLOCK_SIZE);
@@ -223,7 +225,7 @@ fn greedy<D: Device>(
     let mut drain = |scheduler: &mut Scheduler<'_, D>| -> anyhow::Result<()> {
         while !scheduler.is_idle() {
             for event in scheduler.step()? {
-                if let Event::Token { id, token } = event {
+                if let Event::Token { id, token, .. } = event {
                     tokens.entry(id).or_default().push(token);
                 }
             }

@@ -87,6 +87,8 @@ fn main() -> anyhow::Result<()> {
             },
             max_tokens: 8,
             speculate: false,
+            logprobs: None,
+            constraint: None,
         })
     };
     let prompt_len = request(0, QUESTIONS[0])?.prompt.len();

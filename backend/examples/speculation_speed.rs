@@ -67,6 +67,8 @@ fn main() -> anyhow::Result<()> {
                         },
                         max_tokens: 64,
                         speculate,
+                        logprobs: None,
+                        constraint: None,
                     });
                     // The prompt's step is not timed: speculation changes decoding only.
                     let mut reply = Vec::new();

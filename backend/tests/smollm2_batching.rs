@@ -43,7 +43,7 @@ fn drain_counting(scheduler: &mut Scheduler<'_, Cpu>) -> (Replies, (u64, u64)) {
         drafts.1 += report.accepted_tokens;
         for event in events {
             match event {
-                Event::Token { id, token } => out.entry(id).or_default().0.push(token),
+                Event::Token { id, token, .. } => out.entry(id).or_default().0.push(token),
                 Event::Finished { id, finish } => {
                     let entry = out.entry(id).or_default();
                     assert!(entry.1.is_none(), "request {id} finished twice");
@@ -112,6 +112,8 @@ fn outputs_are_the_same_alone_or_batched_with_chunked_prompts_and_preemption() {
                 },
                 max_tokens: MAX_TOKENS,
                 speculate: true,
+                logprobs: None,
+                constraint: None,
             }
         })
         .collect();
@@ -215,6 +217,8 @@ fn drafts_from_the_prompt_are_kept_and_never_change_a_reply() {
                     },
                     max_tokens: 24,
                     speculate: true,
+                    logprobs: None,
+                    constraint: None,
                 })
         })
         .collect();
@@ -273,6 +277,8 @@ fn a_shared_prompt_prefix_is_computed_once_and_changes_no_reply() {
         },
         max_tokens: MAX_TOKENS,
         speculate: false,
+        logprobs: None,
+        constraint: None,
     };
     let first = request(1, "When does the first boat leave?", 0.0);
     let later = [
@@ -300,7 +306,7 @@ fn a_shared_prompt_prefix_is_computed_once_and_changes_no_reply() {
         let mut replies = HashMap::new();
         while !scheduler.is_idle() {
             for event in scheduler.step().unwrap() {
-                if let Event::Token { id, token } = event {
+                if let Event::Token { id, token, .. } = event {
                     replies.entry(id).or_insert_with(Vec::new).push(token);
                 }
             }

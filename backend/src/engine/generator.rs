@@ -17,6 +17,7 @@ use std::time::Instant;
 
 use tokio::sync::mpsc as tokio_mpsc;
 
+use super::constraint::{Constraint, Formats};
 use super::sampling::SamplingParams;
 use super::scheduler::{Event, Request, Scheduler};
 use super::stats::{EngineStats, StepReport};
@@ -47,10 +48,15 @@ const TOKEN_BUDGET: usize = 256;
 const MAX_CONTEXT: usize = 8192;
 
 /// What the engine sends back for one request.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum Piece {
-    /// Text to append to the reply (never empty).
-    Text(String),
+    /// Text to append to the reply, and the log probabilities (when asked for) of the
+    /// tokens sampled since the last piece. Never both empty; the text may be empty while a
+    /// stop string is held back, or lag its tokens by part of a character.
+    Text {
+        text: String,
+        logprobs: Vec<Logprob>,
+    },
     /// The reply is complete; `completion_tokens` counts every token sampled for it.
     Done {
         finish: Finish,
@@ -58,6 +64,15 @@ pub enum Piece {
     },
     /// The device failed mid-generation; the reply is cut short.
     Failed(String),
+}
+
+/// A sampled token's log probability and the likeliest alternatives', each token as the
+/// bytes it stands for (see [`TokenLogprobs`](super::sampling::TokenLogprobs)).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Logprob {
+    pub bytes: Vec<u8>,
+    pub logprob: f32,
+    pub top: Vec<(Vec<u8>, f32)>,
 }
 
 /// Where a decoder's engine runs and how it is sized.
@@ -79,12 +94,17 @@ pub struct GenerateJob {
     pub stop: Vec<String>,
     /// Whether tokens may be drafted for it (see the scheduler).
     pub speculate: bool,
+    /// `Some(k)`: each token's log probability and the `k` likeliest tokens'.
+    pub logprobs: Option<usize>,
+    /// The format the reply must follow ([`TextModel::formats`]).
+    pub constraint: Option<Constraint>,
     pub reply: tokio_mpsc::UnboundedSender<Piece>,
 }
 
 /// A loaded decoder, answering requests through its engine thread.
 pub struct TextModel {
     tokenizer: Arc<LlamaTokenizer>,
+    formats: Formats,
     jobs: mpsc::Sender<(u64, Queued)>,
     next_id: AtomicU64,
     context_length: usize,
@@ -185,6 +205,7 @@ impl TextModel {
             "key/value cache ready"
         );
         Ok(Self {
+            formats: Formats::new(tokenizer.clone()),
             tokenizer,
             jobs,
             next_id: AtomicU64::new(0),
@@ -201,6 +222,11 @@ impl TextModel {
 
     pub fn tokenizer(&self) -> &LlamaTokenizer {
         &self.tokenizer
+    }
+
+    /// What compiles a format for this model's vocabulary.
+    pub fn formats(&self) -> &Formats {
+        &self.formats
     }
 
     /// Prompt and reply together, in tokens, at most.
@@ -233,6 +259,8 @@ fn warm_up<D: Device>(scheduler: &mut Scheduler<'_, D>) -> Result<(), DeviceErro
         },
         max_tokens: 1,
         speculate: false,
+        logprobs: None,
+        constraint: None,
     });
     while !scheduler.is_idle() {
         scheduler.step()?;
@@ -244,6 +272,8 @@ fn warm_up<D: Device>(scheduler: &mut Scheduler<'_, D>) -> Result<(), DeviceErro
 struct Live {
     reply: tokio_mpsc::UnboundedSender<Piece>,
     text: TextStream,
+    /// Log probabilities of tokens whose text has not gone out yet.
+    logprobs: Vec<Logprob>,
     stops: StopStrings,
     tokens: u64,
     /// When the request reached the engine, until its first token is out.
@@ -252,13 +282,17 @@ struct Live {
 
 impl Live {
     /// A client that is gone is noticed before the next step, not here.
-    fn send_text(&self, text: String) {
-        if !text.is_empty() {
-            let _ = self.reply.send(Piece::Text(text));
+    fn send_text(&mut self, text: String) {
+        if !text.is_empty() || !self.logprobs.is_empty() {
+            let logprobs = std::mem::take(&mut self.logprobs);
+            let _ = self.reply.send(Piece::Text { text, logprobs });
         }
     }
 
-    fn finish(self, finish: Finish) {
+    /// Ends the reply, after the log probabilities of tokens that brought no text (a stop
+    /// string's, or part of a character).
+    fn finish(mut self, finish: Finish) {
+        self.send_text(String::new());
         let _ = self.reply.send(Piece::Done {
             finish,
             completion_tokens: self.tokens,
@@ -319,11 +353,27 @@ fn run<D: Device>(
         };
         for event in events {
             match event {
-                Event::Token { id, token } => {
+                Event::Token {
+                    id,
+                    token,
+                    logprobs,
+                } => {
                     let Some(seq) = live.get_mut(&id) else {
                         continue;
                     };
                     seq.tokens += 1;
+                    if let Some(logprobs) = logprobs {
+                        let bytes = |id: u32| tokenizer.token_bytes(id).to_vec();
+                        seq.logprobs.push(Logprob {
+                            bytes: bytes(logprobs.token),
+                            logprob: logprobs.logprob,
+                            top: logprobs
+                                .top
+                                .iter()
+                                .map(|&(id, logprob)| (bytes(id), logprob))
+                                .collect(),
+                        });
+                    }
                     if let Some(since) = seq.waiting_since.take() {
                         stats.record_first_token(since.elapsed());
                     }
@@ -380,12 +430,15 @@ fn admit<D: Device>(
         params: job.params,
         max_tokens: job.max_tokens,
         speculate: job.speculate,
+        logprobs: job.logprobs,
+        constraint: job.constraint,
     });
     live.insert(
         id,
         Live {
             reply: job.reply,
             text: TextStream::default(),
+            logprobs: Vec::new(),
             stops: StopStrings::new(job.stop),
             tokens: 0,
             waiting_since: Some(at),
@@ -393,19 +446,42 @@ fn admit<D: Device>(
     );
 }
 
-/// Waits for a whole reply: its text, why it ended and how many tokens it took. Dropping
-/// the future (the client went away) cancels the sequence.
-pub async fn collect(
-    mut pieces: tokio_mpsc::UnboundedReceiver<Piece>,
-) -> Result<(String, Finish, u64), String> {
+/// A whole reply, as [`collect`] gathers it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Reply {
+    pub text: String,
+    pub finish: Finish,
+    /// Every token sampled for it.
+    pub completion_tokens: u64,
+    /// One per token, when the request asked for them.
+    pub logprobs: Vec<Logprob>,
+}
+
+/// Waits for a whole reply. Dropping the future (the client went away) cancels the
+/// sequence.
+pub async fn collect(mut pieces: tokio_mpsc::UnboundedReceiver<Piece>) -> Result<Reply, String> {
     let mut text = String::new();
+    let mut all_logprobs = Vec::new();
     loop {
         match pieces.recv().await {
-            Some(Piece::Text(piece)) => text.push_str(&piece),
+            Some(Piece::Text {
+                text: piece,
+                logprobs,
+            }) => {
+                text.push_str(&piece);
+                all_logprobs.extend(logprobs);
+            }
             Some(Piece::Done {
                 finish,
                 completion_tokens,
-            }) => return Ok((text, finish, completion_tokens)),
+            }) => {
+                return Ok(Reply {
+                    text,
+                    finish,
+                    completion_tokens,
+                    logprobs: all_logprobs,
+                })
+            }
             Some(Piece::Failed(err)) => return Err(err),
             None => return Err("the engine has stopped".to_owned()),
         }

@@ -1,13 +1,14 @@
 //! What runs a request on a loaded model, and when? One engine thread per served model,
 //! which owns the model and never runs on the async runtime: [`embedder`] for encoders,
 //! [`generator`] for decoders, with continuous batching ([`scheduler`]), token choice
-//! ([`sampling`]), drafts to check ([`speculation`]), stop strings ([`stop`]) and what `/metrics` shows of it ([`stats`]).
+//! ([`sampling`]) within a format ([`constraint`]), drafts to check ([`speculation`]), stop strings ([`stop`]) and what `/metrics` shows of it ([`stats`]).
 //! [`sim`] answers in their place when no model is loaded.
 //!
 //! The engine speaks its own types ([`ModelInput`], [`Finish`], the jobs and replies of its
 //! threads), never the HTTP wire format: the HTTP side converts at its edge, so that a change
 //! to the OpenAI shapes never reaches past it.
 
+pub mod constraint;
 pub mod embedder;
 pub mod generator;
 pub mod sampling;

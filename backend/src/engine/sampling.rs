@@ -166,6 +166,57 @@ impl Sampler {
     }
 }
 
+/// The most alternatives a reply may ask for at each token (OpenAI's limit).
+pub const MAX_TOP_LOGPROBS: usize = 20;
+
+/// A chosen token's log probability under the model, and the likeliest tokens' (what
+/// `logprobs` and `top_logprobs` report). The distribution is the model's own: the
+/// log-softmax of the raw logits, before penalties, temperature, top-k/top-p or a format's
+/// mask, as vLLM reports it by default.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenLogprobs {
+    pub token: u32,
+    pub logprob: f32,
+    /// Up to the number asked for, likeliest first (the lower id first on a tie).
+    pub top: Vec<(u32, f32)>,
+}
+
+/// `token`'s log probability in `logits`, and the `top` likeliest tokens'.
+pub fn log_probs(logits: &[f32], token: u32, top: usize) -> TokenLogprobs {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    // In f64 with the maximum taken out: no overflow, and the sum of 10^5 terms keeps its
+    // precision.
+    let sum: f64 = logits
+        .iter()
+        .map(|&l| (f64::from(l) - f64::from(max)).exp())
+        .sum();
+    let log_total = f64::from(max) + sum.ln();
+    let logprob = |l: f32| (f64::from(l) - log_total) as f32;
+    let mut best: Vec<(u32, f32)> = Vec::new();
+    if top > 0 {
+        let mut all: Vec<(u32, f32)> = logits
+            .iter()
+            .enumerate()
+            .map(|(id, &l)| (id as u32, l))
+            .collect();
+        let order = |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
+        let keep = top.min(all.len());
+        if keep < all.len() {
+            all.select_nth_unstable_by(keep - 1, order);
+            all.truncate(keep);
+        }
+        all.sort_unstable_by(order);
+        best = all.into_iter().map(|(id, l)| (id, logprob(l))).collect();
+    }
+    TokenLogprobs {
+        token,
+        logprob: logits
+            .get(token as usize)
+            .map_or(f32::NEG_INFINITY, |&l| logprob(l)),
+        top: best,
+    }
+}
+
 /// The greedy token: the first of the highest logits (NaNs never win).
 pub fn argmax(logits: &[f32]) -> u32 {
     let mut best = (0usize, f32::NEG_INFINITY);
@@ -180,6 +231,28 @@ pub fn argmax(logits: &[f32]) -> u32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn log_probs_are_the_log_softmax_with_the_likeliest_first() {
+        let logits = [1.0f32, 3.0, 2.0, 3.0, -1.0];
+        let total: f64 = logits.iter().map(|&l| f64::from(l).exp()).sum();
+        let expected = |l: f32| (f64::from(l) - total.ln()) as f32;
+        let got = log_probs(&logits, 2, 3);
+        assert_eq!(got.token, 2);
+        assert!((got.logprob - expected(2.0)).abs() < 1e-6, "{got:?}");
+        // Ties by the lower id.
+        let ids: Vec<u32> = got.top.iter().map(|&(id, _)| id).collect();
+        assert_eq!(ids, [1, 3, 2]);
+        assert!((got.top[0].1 - expected(3.0)).abs() < 1e-6);
+        let probability: f64 = logits
+            .iter()
+            .enumerate()
+            .map(|(id, _)| f64::from(log_probs(&logits, id as u32, 0).logprob).exp())
+            .sum();
+        assert!((probability - 1.0).abs() < 1e-6, "{probability}");
+        assert!(log_probs(&logits, 0, 0).top.is_empty());
+        assert_eq!(log_probs(&logits, 0, 99).top.len(), logits.len());
+    }
 
     fn params(temperature: f32) -> SamplingParams {
         SamplingParams {

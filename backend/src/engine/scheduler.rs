@@ -27,7 +27,8 @@
 
 use std::collections::VecDeque;
 
-use super::sampling::{Sampler, SamplingParams};
+use super::constraint::Constraint;
+use super::sampling::{self, Sampler, SamplingParams, TokenLogprobs};
 use super::speculation::{self, MAX_DRAFT};
 use super::stats::StepReport;
 use super::Finish;
@@ -44,6 +45,11 @@ pub struct Request {
     pub max_tokens: usize,
     /// Whether tokens may be drafted for it ([`speculation`]); never changes its output.
     pub speculate: bool,
+    /// Log probabilities to report with each token: `Some(k)` for the chosen token's and
+    /// the `k` likeliest tokens'.
+    pub logprobs: Option<usize>,
+    /// The format its reply must follow, if any: tokens outside it are never sampled.
+    pub constraint: Option<Constraint>,
 }
 
 /// Decoding sequences up to which drafts are fed: each drafted token is a row of the
@@ -55,10 +61,18 @@ const SPECULATE_UP_TO: usize = 4;
 const MAX_PAUSE: usize = 16;
 
 /// What a step produced for one sequence.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum Event {
-    Token { id: u64, token: u32 },
-    Finished { id: u64, finish: Finish },
+    Token {
+        id: u64,
+        token: u32,
+        /// When the request asked for them.
+        logprobs: Option<TokenLogprobs>,
+    },
+    Finished {
+        id: u64,
+        finish: Finish,
+    },
 }
 
 struct Sequence {
@@ -102,6 +116,8 @@ pub struct Scheduler<'m, D: Device> {
     last_drafted: u64,
     last_accepted: u64,
     last_prefix_hits: u64,
+    /// Scratch for a constrained sequence's masked logits.
+    masked: Vec<f32>,
 }
 
 impl<'m, D: Device> Scheduler<'m, D> {
@@ -129,6 +145,7 @@ impl<'m, D: Device> Scheduler<'m, D> {
             last_drafted: 0,
             last_accepted: 0,
             last_prefix_hits: 0,
+            masked: Vec::new(),
         })
     }
 
@@ -221,7 +238,9 @@ impl<'m, D: Device> Scheduler<'m, D> {
     fn draft(&mut self, i: usize, decoding: usize) {
         let seq = &mut self.running[i];
         seq.drafted = 0;
-        if !seq.request.speculate || decoding > SPECULATE_UP_TO {
+        // A format's mask is known one token at a time, so a constrained reply is not drafted.
+        if !seq.request.speculate || seq.request.constraint.is_some() || decoding > SPECULATE_UP_TO
+        {
             return;
         }
         if seq.pause > 0 {
@@ -376,13 +395,42 @@ impl<'m, D: Device> Scheduler<'m, D> {
             let mut finish = None;
             let mut confirmed = 0;
             for (j, row) in seq_rows.iter().enumerate() {
-                let token = seq.sampler.sample(row);
+                let token = match &mut seq.request.constraint {
+                    None => seq.sampler.sample(row),
+                    Some(constraint) => {
+                        let eos = self.eos;
+                        match constraint.mask(row, &mut self.masked).and_then(|()| {
+                            let token = seq.sampler.sample(&self.masked);
+                            if Some(token) != eos {
+                                constraint.accept(token)?;
+                            }
+                            Ok(token)
+                        }) {
+                            Ok(token) => token,
+                            Err(err) => {
+                                // The parser's own failure, not the model's: the reply
+                                // ends where it is.
+                                tracing::warn!(%err, "a formatted reply ended early");
+                                finish = Some(Finish::Stop);
+                                break;
+                            }
+                        }
+                    }
+                };
                 if Some(token) == self.eos {
                     finish = Some(Finish::Stop);
                     break;
                 }
                 seq.generated.push(token);
-                events.push(Event::Token { id, token });
+                let logprobs = seq
+                    .request
+                    .logprobs
+                    .map(|top| sampling::log_probs(row, token, top));
+                events.push(Event::Token {
+                    id,
+                    token,
+                    logprobs,
+                });
                 if seq.generated.len() >= seq.request.max_tokens {
                     finish = Some(Finish::Length);
                     break;

@@ -153,7 +153,8 @@ impl ApiError {
         }
     }
 
-    fn param(&self) -> Option<&str> {
+    /// The request field at fault, if one is.
+    pub fn param(&self) -> Option<&str> {
         match self {
             Self::MissingParameter(param) => Some(param),
             Self::InvalidType { param, .. } | Self::InvalidValue { param, .. } => Some(param),

@@ -1,9 +1,9 @@
 //! Which request fields can the native engine honour? Those that change what a reply is
-//! (tools, structured output, log probabilities, token biases, audio, echo, a suffix) are
-//! refused by name where the engine cannot act on them, so that a client never gets a 200
-//! that quietly ignored what it asked for. A field sent as `null`, or with the value that
-//! asks for nothing (`"tools": []`, `"logprobs": false`, `"response_format":
-//! {"type":"text"}`), is no request and passes. The simulated engine stands in for any
+//! and that it cannot act on (tools, token biases, audio, echo, a suffix) are refused by
+//! name, so that a client never gets a 200 that quietly ignored what it asked for.
+//! (Structured output and log probabilities it honours: `completion::output`.) A field
+//! sent as `null`, or with the value that asks for nothing (`"tools": []`, `"echo":
+//! false`), is no request and passes. The simulated engine stands in for any
 //! upstream, one that may well call tools, and accepts them all.
 
 use serde_json::Value;
@@ -47,17 +47,6 @@ fn refusal(param: &str, value: &Value) -> Option<&'static str> {
             Some("none" | "auto") => None,
             _ => Some(TOOLS),
         },
-        "response_format" => match value.get("type").and_then(Value::as_str) {
-            Some("text") => None,
-            _ => Some(
-                "this engine does not constrain its output (json_object, json_schema); ask for \
-                 the format in the prompt, or send the request without response_format",
-            ),
-        },
-        // Chat's is a boolean; completions' a count, where even 0 asks for the chosen
-        // token's log probability.
-        "logprobs" if !matches!(value, Value::Bool(false)) => Some(LOGPROBS),
-        "top_logprobs" => Some(LOGPROBS),
         "logit_bias" if !empty => Some("this engine does not bias its sampling by token"),
         "modalities" => match value.as_array().map(Vec::as_slice) {
             Some([only]) if only == "text" => None,
@@ -75,7 +64,6 @@ fn refusal(param: &str, value: &Value) -> Option<&'static str> {
 }
 
 const TOOLS: &str = "this engine does not call tools; send the request without tools";
-const LOGPROBS: &str = "this engine does not report log probabilities";
 
 #[cfg(test)]
 mod tests {
@@ -99,15 +87,6 @@ mod tests {
                 json!({"type": "function", "function": {"name": "f"}}),
             ),
             ("functions", json!([{"name": "f"}])),
-            ("response_format", json!({"type": "json_object"})),
-            (
-                "response_format",
-                json!({"type": "json_schema", "json_schema": {}}),
-            ),
-            ("response_format", json!("json")),
-            ("logprobs", json!(true)),
-            ("logprobs", json!(0)),
-            ("top_logprobs", json!(2)),
             ("logit_bias", json!({"50256": -100})),
             ("modalities", json!(["text", "audio"])),
             ("audio", json!({"voice": "alloy"})),
@@ -126,8 +105,6 @@ mod tests {
             ("tool_choice", json!("none")),
             ("tool_choice", json!("auto")),
             ("function_call", json!("none")),
-            ("response_format", json!({"type": "text"})),
-            ("logprobs", json!(false)),
             ("logit_bias", json!({})),
             ("modalities", json!(["text"])),
             ("echo", json!(false)),
@@ -142,19 +119,16 @@ mod tests {
             );
         }
         // Absent or null: nothing asked.
-        assert_eq!(
-            first_unhonoured([("tools", None), ("logprobs", None)]),
-            None
-        );
+        assert_eq!(first_unhonoured([("tools", None), ("echo", None)]), None);
     }
 
     #[test]
     fn the_first_refused_field_in_order_is_named() {
         let fields = [
             ("tools", json!([])),
-            ("response_format", json!({"type": "json_object"})),
-            ("logprobs", json!(true)),
+            ("logit_bias", json!({"1": 5})),
+            ("echo", json!(true)),
         ];
-        assert_eq!(first(&fields).as_deref(), Some("response_format"));
+        assert_eq!(first(&fields).as_deref(), Some("logit_bias"));
     }
 }

@@ -2,10 +2,10 @@
 //!
 //! Requests keep every field a client may omit as `Option`, so that a missing field is
 //! reported by the handler with its parameter name (OpenAI's wording) rather than by serde.
-//! Fields that change what a reply is but that the native engine cannot act on (tools,
-//! structured output, log probabilities...) are kept as sent and refused by name once the
-//! engine is known (`super::honoured`); the simulated engine accepts them, as it does
-//! sampling and stop, which it ignores. Fields that change nothing in a reply (`user`,
+//! Fields whose shape varies (structured output, log probabilities, tools) are kept as sent
+//! and read by the handler (`completion::output`), or, where the native engine cannot act
+//! on them, refused by name once the engine is known (`super::honoured`); the simulated
+//! engine accepts them, as it does sampling and stop, which it ignores. Fields that change nothing in a reply (`user`,
 //! `metadata`, `store`...) are accepted and ignored. Responses borrow what they can; they
 //! are serialised once and dropped.
 //!
@@ -44,7 +44,8 @@ pub struct ChatCompletionRequest {
     pub presence_penalty: Option<f64>,
     pub frequency_penalty: Option<f64>,
     pub stop: Option<Stop>,
-    /// What only some engines can honour, as sent (see `super::honoured`).
+    /// As sent: read by `completion::output`, or refused where the engine cannot honour
+    /// them (`super::honoured`).
     pub tools: Option<Value>,
     pub tool_choice: Option<Value>,
     pub functions: Option<Value>,
@@ -95,7 +96,7 @@ pub struct CompletionRequest {
     pub presence_penalty: Option<f64>,
     pub frequency_penalty: Option<f64>,
     pub stop: Option<Stop>,
-    /// What only some engines can honour, as sent (see `super::honoured`).
+    /// As for chat.
     pub logprobs: Option<Value>,
     pub echo: Option<Value>,
     pub suffix: Option<Value>,
@@ -362,7 +363,7 @@ pub struct ChatCompletion<'a> {
 pub struct ChatChoice {
     pub index: u32,
     pub message: AssistantMessage,
-    pub logprobs: Option<()>,
+    pub logprobs: Option<ChatLogprobs>,
     pub finish_reason: FinishReason,
 }
 
@@ -390,7 +391,7 @@ pub struct ChatChunk<'a> {
 pub struct ChatChunkChoice<'a> {
     pub index: u32,
     pub delta: Delta<'a>,
-    pub logprobs: Option<()>,
+    pub logprobs: Option<ChatLogprobs>,
     pub finish_reason: Option<FinishReason>,
 }
 
@@ -421,8 +422,42 @@ pub struct TextCompletion<'a> {
 pub struct TextChoice<'a> {
     pub text: &'a str,
     pub index: u32,
-    pub logprobs: Option<()>,
+    pub logprobs: Option<TextLogprobs>,
     pub finish_reason: Option<FinishReason>,
+}
+
+/// Chat's `logprobs` object: one entry per token in `content`.
+#[derive(Debug, Serialize)]
+pub struct ChatLogprobs {
+    pub content: Vec<ChatTokenLogprob>,
+    pub refusal: Option<()>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ChatTokenLogprob {
+    pub token: String,
+    pub logprob: f32,
+    pub bytes: Vec<u8>,
+    pub top_logprobs: Vec<ChatTopLogprob>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ChatTopLogprob {
+    pub token: String,
+    pub logprob: f32,
+    pub bytes: Vec<u8>,
+}
+
+/// Completions' `logprobs` object: parallel lists, one entry per token.
+#[derive(Debug, Serialize)]
+pub struct TextLogprobs {
+    pub tokens: Vec<String>,
+    pub token_logprobs: Vec<f32>,
+    /// The alternatives of each token, text to log probability (the likeliest first; of
+    /// two tokens with the same text, the likelier).
+    pub top_logprobs: Vec<serde_json::Map<String, Value>>,
+    /// Where each token starts in the reply's text, in characters.
+    pub text_offset: Vec<usize>,
 }
 
 #[derive(Debug, Serialize)]

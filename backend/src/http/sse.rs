@@ -23,7 +23,7 @@ use tokio_stream::wrappers::{ReceiverStream, UnboundedReceiverStream};
 use super::openai::{FinishReason, StreamOptions, Usage};
 use super::state::AppState;
 use super::stream_gates::{gate_name, GateOutcome, GateTicket, GATE_TIMEOUT};
-use crate::engine::generator::Piece;
+use crate::engine::generator::{Logprob, Piece};
 
 /// Events buffered between the generation and the socket: enough to ride out a scheduling
 /// hiccup, small enough that a slow reader slows the generation instead of growing memory.
@@ -41,7 +41,9 @@ pub struct Sequence {
 pub trait ChunkWriter: Send + Sync + 'static {
     /// The event that opens a choice before any token (chat's role chunk), if any.
     fn opening(&self, index: u32) -> Option<Bytes>;
-    fn token(&self, index: u32, text: &str) -> Bytes;
+    /// Text of choice `index`, with its tokens' log probabilities when the request asked
+    /// for them (a writer may keep count of what it wrote, hence `mut`).
+    fn token(&mut self, index: u32, text: &str, logprobs: Option<&[Logprob]>) -> Bytes;
     fn finish(&self, index: u32, reason: FinishReason) -> Bytes;
     fn usage(&self, usage: Usage) -> Bytes;
 }
@@ -67,6 +69,8 @@ pub struct Choice {
     pub index: u32,
     pub text: String,
     pub finish_reason: FinishReason,
+    /// One per token, when the request asked for them.
+    pub logprobs: Option<Vec<Logprob>>,
 }
 
 /// How a completion handler's generation ends, whichever engine ran it.
@@ -114,6 +118,7 @@ pub async fn stream_or_finish<W: ChunkWriter>(
             index: sequence.index,
             text: sequence.tokens.concat(),
             finish_reason: sequence.finish_reason,
+            logprobs: None,
         })
         .collect();
     Outcome::Finished { choices, usage }
@@ -154,6 +159,8 @@ pub struct LiveJob<W> {
     pub choices: Vec<(u32, UnboundedReceiver<Piece>)>,
     pub prompt_tokens: u64,
     pub include_usage: bool,
+    /// Whether each text chunk carries its tokens' log probabilities.
+    pub logprobs: bool,
 }
 
 /// Streams the native engine's pieces as they come. When the client goes away the task
@@ -176,10 +183,11 @@ async fn run_live<W: ChunkWriter>(
 ) -> Result<(), ClientGone> {
     let _running = state.metrics.running();
     let LiveJob {
-        writer,
+        mut writer,
         choices,
         prompt_tokens,
         include_usage,
+        logprobs: with_logprobs,
     } = job;
     for (index, _) in &choices {
         if let Some(opening) = writer.opening(*index) {
@@ -200,7 +208,10 @@ async fn run_live<W: ChunkWriter>(
             () = outlet.0.closed() => return Err(ClientGone),
         };
         match piece {
-            Some((index, Piece::Text(text))) => outlet.send(writer.token(index, &text)).await?,
+            Some((index, Piece::Text { text, logprobs })) => {
+                let logprobs = with_logprobs.then_some(&logprobs[..]);
+                outlet.send(writer.token(index, &text, logprobs)).await?;
+            }
             Some((
                 index,
                 Piece::Done {
@@ -251,7 +262,7 @@ async fn run<W: ChunkWriter>(
 ) -> Result<(), ClientGone> {
     let _generation = state.start_generation().await;
     let StreamJob {
-        writer,
+        mut writer,
         sequences,
         usage,
         gate,
@@ -277,7 +288,9 @@ async fn run<W: ChunkWriter>(
             // Join the gate before the token leaves, so a client that reacts to the token
             // by opening the gate always finds this stream waiting.
             let ticket = gate.take().map(|name| state.gates.join(&name));
-            outlet.send(writer.token(sequence.index, token)).await?;
+            outlet
+                .send(writer.token(sequence.index, token, None))
+                .await?;
             state.metrics.add_generated_tokens(1);
             if let Some(ticket) = ticket {
                 outlet.hold(ticket).await?;

@@ -28,6 +28,8 @@ pub struct LlamaTokenizer {
     /// Each token's bytes (byte-level BPE maps bytes to printable characters; this undoes
     /// it), so text can be streamed by bytes: a token may end inside a UTF-8 character.
     token_bytes: Vec<Vec<u8>>,
+    /// Control tokens (`<|im_end|>`...): markers, never text a reply may spell out.
+    control: Vec<bool>,
     template: Option<minijinja::Environment<'static>>,
     pub bos: Option<u32>,
     pub eos: Option<u32>,
@@ -85,6 +87,7 @@ impl LlamaTokenizer {
             })
             .collect();
 
+        let control = types.iter().map(|&ty| ty == CONTROL).collect();
         let template = gguf
             .get("tokenizer.chat_template")
             .and_then(Value::as_str)
@@ -98,6 +101,7 @@ impl LlamaTokenizer {
         Ok(LlamaTokenizer {
             tokenizer,
             token_bytes,
+            control,
             template,
             bos: id("tokenizer.ggml.bos_token_id"),
             eos: id("tokenizer.ggml.eos_token_id"),
@@ -157,6 +161,9 @@ impl LlamaTokenizer {
                 }
             })
             .collect();
+        let control = (0..vocab_size as u32)
+            .map(|id| added.get(&id).is_some_and(|token| token.special))
+            .collect();
 
         // A token is written as its text, or as an object with a `content` field.
         let token_text = |value: &serde_json::Value| {
@@ -192,6 +199,7 @@ impl LlamaTokenizer {
             add_bos: config["add_bos_token"].as_bool().unwrap_or(false),
             tokenizer,
             token_bytes,
+            control,
             template,
         })
     }
@@ -220,6 +228,11 @@ impl LlamaTokenizer {
         self.token_bytes
             .get(id as usize)
             .map_or(&[][..], Vec::as_slice)
+    }
+
+    /// Whether `id` is a control token (a marker such as end-of-turn, not text).
+    pub fn is_control(&self, id: u32) -> bool {
+        self.control.get(id as usize).copied().unwrap_or(false)
     }
 
     /// The text of `ids`, bytes joined first so characters split across tokens come out

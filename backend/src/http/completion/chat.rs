@@ -7,8 +7,10 @@ use axum::body::Bytes;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 
+use super::output;
 use super::sampling::SamplingFields;
 use super::{Asked, CompletionRoute, ReplyHeader};
+use crate::engine::generator::Logprob;
 use crate::engine::sim::{self, count_tokens, MESSAGE_OVERHEAD_TOKENS};
 use crate::engine::speculation;
 use crate::engine::{Finish, TextModel};
@@ -17,7 +19,7 @@ use crate::http::honoured::{first_unhonoured, Unhonoured};
 use crate::http::metrics::Route;
 use crate::http::openai::{
     AssistantMessage, ChatChoice, ChatChunk, ChatChunkChoice, ChatCompletion,
-    ChatCompletionRequest, ChatMessage, Delta, FinishReason, MessageContent, Usage,
+    ChatCompletionRequest, ChatLogprobs, ChatMessage, Delta, FinishReason, MessageContent, Usage,
 };
 use crate::http::request::{choice_count, required, token_cap};
 use crate::http::sse::{self, Choice, ChunkWriter, Sequence};
@@ -60,14 +62,14 @@ impl CompletionRoute for Chat {
                 "the conversation must contain at least one message",
             ));
         }
+        let logprobs =
+            output::chat_logprobs(request.logprobs.as_ref(), request.top_logprobs.as_ref())?;
+        let format = output::response_format(request.response_format.as_ref())?;
         let unhonoured = first_unhonoured([
             ("tools", request.tools.as_ref()),
             ("tool_choice", request.tool_choice.as_ref()),
             ("functions", request.functions.as_ref()),
             ("function_call", request.function_call.as_ref()),
-            ("response_format", request.response_format.as_ref()),
-            ("logprobs", request.logprobs.as_ref()),
-            ("top_logprobs", request.top_logprobs.as_ref()),
             ("logit_bias", request.logit_bias.as_ref()),
             ("modalities", request.modalities.as_ref()),
             ("audio", request.audio.as_ref()),
@@ -95,6 +97,8 @@ impl CompletionRoute for Chat {
             speculate: request
                 .speculative_decoding
                 .unwrap_or(speculation::ON_BY_DEFAULT),
+            logprobs,
+            format,
         })
     }
 
@@ -155,11 +159,11 @@ impl CompletionRoute for Chat {
                 .into_iter()
                 .map(|choice| ChatChoice {
                     index: choice.index,
+                    logprobs: choice.logprobs.as_deref().map(ChatLogprobs::new),
                     message: AssistantMessage {
                         role: "assistant",
                         content: choice.text,
                     },
-                    logprobs: None,
                     finish_reason: choice.finish_reason,
                 })
                 .collect(),
@@ -226,12 +230,16 @@ impl ChunkWriter for ChatChunks {
         Some(self.chunk(Some(choice(index, delta, None)), None))
     }
 
-    fn token(&self, index: u32, text: &str) -> Bytes {
+    fn token(&mut self, index: u32, text: &str, logprobs: Option<&[Logprob]>) -> Bytes {
         let delta = Delta {
             role: None,
             content: Some(text),
         };
-        self.chunk(Some(choice(index, delta, None)), None)
+        let choice = ChatChunkChoice {
+            logprobs: logprobs.map(ChatLogprobs::new),
+            ..choice(index, delta, None)
+        };
+        self.chunk(Some(choice), None)
     }
 
     fn finish(&self, index: u32, reason: FinishReason) -> Bytes {

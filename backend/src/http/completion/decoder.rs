@@ -4,6 +4,7 @@
 
 use std::sync::Arc;
 
+use crate::engine::constraint::{Constraint, Format};
 use crate::engine::generator::{self, GenerateJob};
 use crate::engine::sampling::SamplingParams;
 use crate::engine::TextModel;
@@ -20,15 +21,37 @@ pub struct GenerationRequest {
     pub params: SamplingParams,
     pub stop: Vec<String>,
     pub speculate: bool,
+    /// `Some(k)`: each token's log probability and the `k` likeliest tokens'.
+    pub logprobs: Option<usize>,
+    /// The format every reply must follow (`response_format`).
+    pub format: Option<Format>,
     /// The request field the prompts came from, named when one is too long.
     pub prompt_param: &'static str,
+}
+
+/// Compiles `format` for `engine`'s vocabulary, off the async runtime (a large schema takes
+/// milliseconds). A schema the parser cannot follow is the client's error.
+async fn constraint(
+    engine: &Arc<TextModel>,
+    format: Option<Format>,
+) -> Result<Option<Constraint>, ApiError> {
+    let Some(format) = format else {
+        return Ok(None);
+    };
+    let engine = engine.clone();
+    let compiled = tokio::task::spawn_blocking(move || engine.formats().compile(&format))
+        .await
+        .map_err(|err| ApiError::Generation(format!("the format compiler failed: {err}")))?;
+    compiled
+        .map(Some)
+        .map_err(|err| ApiError::invalid_value("response_format", err.0))
 }
 
 /// Runs `request` on `engine`: streamed through `writer` (told whether the client asked
 /// for a usage chunk) when `stream` asks for it, else collected.
 pub async fn run<W: ChunkWriter>(
     state: &Arc<AppState>,
-    engine: &TextModel,
+    engine: &Arc<TextModel>,
     request: GenerationRequest,
     stream: StreamRequest<'_>,
     writer: impl FnOnce(bool) -> W,
@@ -49,6 +72,7 @@ pub async fn run<W: ChunkWriter>(
             });
         }
     }
+    let constraint = constraint(engine, request.format).await?;
     let prompt_tokens: u64 = request.prompts.iter().map(|p| p.len() as u64).sum();
     let mut choices = Vec::with_capacity(request.prompts.len() * request.n as usize);
     for (k, prompt) in request.prompts.iter().enumerate() {
@@ -66,6 +90,8 @@ pub async fn run<W: ChunkWriter>(
                 max_tokens,
                 stop: request.stop.clone(),
                 speculate: request.speculate,
+                logprobs: request.logprobs,
+                constraint: constraint.clone(),
                 reply,
             });
             if !queued {
@@ -87,6 +113,7 @@ pub async fn run<W: ChunkWriter>(
             choices,
             prompt_tokens,
             include_usage,
+            logprobs: request.logprobs.is_some(),
         };
         return Ok(Outcome::Streamed(sse::respond_live(state.clone(), job)));
     }
@@ -94,21 +121,21 @@ pub async fn run<W: ChunkWriter>(
     let _running = state.metrics.running();
     let replies =
         futures::future::try_join_all(choices.into_iter().map(|(index, pieces)| async move {
-            generator::collect(pieces)
-                .await
-                .map(|(text, finish, tokens)| (index, text, finish, tokens))
+            generator::collect(pieces).await.map(|reply| (index, reply))
         }))
         .await
         .map_err(ApiError::Generation)?;
-    let completion_tokens = replies.iter().map(|reply| reply.3).sum();
+    let completion_tokens = replies.iter().map(|(_, r)| r.completion_tokens).sum();
     state.metrics.add_generated_tokens(completion_tokens);
+    let with_logprobs = request.logprobs.is_some();
     Ok(Outcome::Finished {
         choices: replies
             .into_iter()
-            .map(|(index, text, finish, _)| Choice {
+            .map(|(index, reply)| Choice {
                 index,
-                text,
-                finish_reason: finish.into(),
+                text: reply.text,
+                finish_reason: reply.finish.into(),
+                logprobs: with_logprobs.then_some(reply.logprobs),
             })
             .collect(),
         usage: Usage::new(prompt_tokens, completion_tokens),

@@ -10,6 +10,7 @@
 
 pub mod chat;
 mod decoder;
+mod output;
 mod sampling;
 pub mod text;
 
@@ -30,6 +31,7 @@ use super::openai::{ReplyId, StreamOptions, Usage, NATIVE_FINGERPRINT, SYSTEM_FI
 use super::request::parse_body;
 use super::sse::{self, Choice, ChunkWriter, Outcome, Sequence, StreamRequest};
 use super::state::{AppState, ModelEngine};
+use crate::engine::constraint::Format;
 use crate::engine::{Finish, TextModel};
 
 /// What a chat or text completion request asks for, once its own fields are checked.
@@ -51,6 +53,10 @@ pub struct Asked<P> {
     pub unhonoured: Option<Unhonoured>,
     /// Whether a native decoder drafts tokens for the reply (`speculative_decoding`).
     pub speculate: bool,
+    /// `Some(k)`: each token's log probability and the `k` likeliest tokens'.
+    pub logprobs: Option<usize>,
+    /// The format a native decoder's reply must follow (`response_format`).
+    pub format: Option<Format>,
 }
 
 /// Who wrote a reply and under which id: what every chunk of a stream and the whole body
@@ -148,6 +154,8 @@ pub async fn complete<R: CompletionRoute>(
                 params,
                 stop,
                 speculate: asked.speculate,
+                logprobs: asked.logprobs,
+                format: asked.format,
                 prompt_param: R::PROMPT_PARAM,
             };
             decoder::run(&state, &engine, request, stream, chunks).await?

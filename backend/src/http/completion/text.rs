@@ -4,19 +4,25 @@
 //! is index k·n + j). A stream's chunks are `text_completion` objects, with no role to
 //! announce.
 
+use std::collections::HashMap;
+
 use axum::body::Bytes;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 
+use super::output;
 use super::sampling::SamplingFields;
 use super::{Asked, CompletionRoute, ReplyHeader};
+use crate::engine::generator::Logprob;
 use crate::engine::sim::{self, count_input_tokens};
 use crate::engine::speculation;
 use crate::engine::{Finish, ModelInput, TextModel};
 use crate::http::error::ApiError;
 use crate::http::honoured::first_unhonoured;
 use crate::http::metrics::Route;
-use crate::http::openai::{CompletionRequest, FinishReason, TextChoice, TextCompletion, Usage};
+use crate::http::openai::{
+    CompletionRequest, FinishReason, TextChoice, TextCompletion, TextLogprobs, Usage,
+};
 use crate::http::request::{choice_count, required, token_cap};
 use crate::http::sse::{self, Choice, ChunkWriter, Sequence};
 
@@ -42,6 +48,7 @@ impl CompletionRoute for Text {
                 "the list of prompts must not be empty",
             ));
         }
+        let logprobs = output::completion_logprobs(request.logprobs.as_ref())?;
         Ok(Asked {
             model,
             prompt: prompts.into_iter().map(ModelInput::from).collect(),
@@ -61,7 +68,6 @@ impl CompletionRoute for Text {
             stream_options: request.stream_options,
             user: request.user,
             unhonoured: first_unhonoured([
-                ("logprobs", request.logprobs.as_ref()),
                 ("echo", request.echo.as_ref()),
                 ("suffix", request.suffix.as_ref()),
                 ("best_of", request.best_of.as_ref()),
@@ -70,6 +76,8 @@ impl CompletionRoute for Text {
             speculate: request
                 .speculative_decoding
                 .unwrap_or(speculation::ON_BY_DEFAULT),
+            logprobs,
+            format: None,
         })
     }
 
@@ -120,6 +128,7 @@ impl CompletionRoute for Text {
         TextChunks {
             header,
             include_usage,
+            offsets: HashMap::new(),
         }
     }
 
@@ -135,7 +144,7 @@ impl CompletionRoute for Text {
                 .map(|choice| TextChoice {
                     text: &choice.text,
                     index: choice.index,
-                    logprobs: None,
+                    logprobs: choice.logprobs.as_deref().map(|l| TextLogprobs::new(l, 0)),
                     finish_reason: Some(choice.finish_reason),
                 })
                 .collect(),
@@ -149,6 +158,8 @@ impl CompletionRoute for Text {
 pub struct TextChunks {
     header: ReplyHeader,
     include_usage: bool,
+    /// Where each choice's next token starts in its text, in characters (`text_offset`).
+    offsets: HashMap<u32, usize>,
 }
 
 impl TextChunks {
@@ -171,8 +182,20 @@ impl ChunkWriter for TextChunks {
         None
     }
 
-    fn token(&self, index: u32, text: &str) -> Bytes {
-        self.chunk(Some(choice(index, text, None)), None)
+    fn token(&mut self, index: u32, text: &str, logprobs: Option<&[Logprob]>) -> Bytes {
+        let logprobs = logprobs.map(|tokens| {
+            let offset = self.offsets.entry(index).or_default();
+            let logprobs = TextLogprobs::new(tokens, *offset);
+            if !tokens.is_empty() {
+                *offset = logprobs.end();
+            }
+            logprobs
+        });
+        let choice = TextChoice {
+            logprobs,
+            ..choice(index, text, None)
+        };
+        self.chunk(Some(choice), None)
     }
 
     fn finish(&self, index: u32, reason: FinishReason) -> Bytes {
