@@ -12,13 +12,11 @@ mod common;
 
 use std::collections::HashMap;
 
+use common::{chat, smollm2};
 use sluice_backend::device::cpu::Cpu;
 use sluice_backend::engine::sampling::SamplingParams;
 use sluice_backend::engine::scheduler::{Event, Request, Scheduler};
 use sluice_backend::engine::Finish;
-use sluice_backend::model::gguf::Gguf;
-use sluice_backend::model::llama::Llama;
-use sluice_backend::model::tokenizer::{ChatMessage, LlamaTokenizer};
 
 const MAX_TOKENS: usize = 8;
 const BLOCK_SIZE: usize = 16;
@@ -59,26 +57,6 @@ fn drain_counting(scheduler: &mut Scheduler<'_, Cpu>) -> (Replies, (u64, u64)) {
         .map(|(id, (tokens, finish))| (id, (tokens, finish.expect("finished"))))
         .collect();
     (out, drafts)
-}
-
-/// SmolLM2 on the CPU and its tokenizer, or `None` (said, and a failure under CI) without
-/// the weights.
-fn smollm2() -> Option<(Llama<Cpu>, LlamaTokenizer)> {
-    let path = common::smollm2_weights()?;
-    let gguf = Gguf::open(&path).unwrap();
-    let tokenizer = LlamaTokenizer::from_gguf(&gguf).unwrap();
-    let model = Llama::load(Cpu, &gguf, &path).unwrap();
-    Some((model, tokenizer))
-}
-
-/// A conversation as the model's chat template turns it into tokens.
-fn chat(tokenizer: &LlamaTokenizer, turns: &[(&str, &str)]) -> Vec<u32> {
-    let messages: Vec<ChatMessage> = turns
-        .iter()
-        .map(|&(role, content)| ChatMessage { role, content })
-        .collect();
-    let prompt = tokenizer.apply_chat_template(&messages).unwrap();
-    tokenizer.encode(&prompt).unwrap()
 }
 
 #[test]

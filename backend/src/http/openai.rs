@@ -128,6 +128,23 @@ pub struct ChatMessage {
     pub role: String,
     /// Absent or null for an assistant turn that only carried tool calls.
     pub content: Option<MessageContent>,
+    /// An earlier assistant turn's calls, as sent back by the client.
+    pub tool_calls: Option<Vec<SentToolCall>>,
+}
+
+/// A tool call in the conversation so far.
+#[derive(Debug, Deserialize)]
+#[serde(expecting = "a tool call object with a function")]
+pub struct SentToolCall {
+    pub function: SentFunction,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(expecting = "a function object with a name and arguments")]
+pub struct SentFunction {
+    pub name: String,
+    /// JSON text.
+    pub arguments: String,
 }
 
 impl ChatMessage {
@@ -292,6 +309,9 @@ fn token_ids(items: &[Value]) -> Option<Vec<u32>> {
 pub enum FinishReason {
     Stop,
     Length,
+    /// The reply is a tool call (`tool_calls`).
+    #[serde(rename = "tool_calls")]
+    ToolCalls,
 }
 
 impl From<Finish> for FinishReason {
@@ -370,7 +390,44 @@ pub struct ChatChoice {
 #[derive(Debug, Serialize)]
 pub struct AssistantMessage {
     pub role: &'static str,
-    pub content: String,
+    /// `null` when the reply is a tool call.
+    pub content: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tool_calls: Option<Vec<ToolCall>>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ToolCall {
+    pub id: String,
+    #[serde(rename = "type")]
+    pub kind: &'static str,
+    pub function: ToolFunction,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ToolFunction {
+    pub name: String,
+    /// The arguments as JSON text, as the model wrote them.
+    pub arguments: String,
+}
+
+/// A piece of a streamed tool call: the first carries its id, type and name; each one a
+/// piece of the arguments' text.
+#[derive(Debug, Serialize)]
+pub struct ToolCallDelta {
+    pub index: u32,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+    #[serde(rename = "type", skip_serializing_if = "Option::is_none")]
+    pub kind: Option<&'static str>,
+    pub function: ToolFunctionDelta,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ToolFunctionDelta {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    pub arguments: String,
 }
 
 #[derive(Debug, Serialize)]
@@ -401,6 +458,8 @@ pub struct Delta<'a> {
     pub role: Option<&'static str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub content: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tool_calls: Option<Vec<ToolCallDelta>>,
 }
 
 /// Both the non-streamed `text_completion` and each of its stream chunks: OpenAI uses the

@@ -44,7 +44,7 @@ pub trait ChunkWriter: Send + Sync + 'static {
     /// Text of choice `index`, with its tokens' log probabilities when the request asked
     /// for them (a writer may keep count of what it wrote, hence `mut`).
     fn token(&mut self, index: u32, text: &str, logprobs: Option<&[Logprob]>) -> Bytes;
-    fn finish(&self, index: u32, reason: FinishReason) -> Bytes;
+    fn finish(&mut self, index: u32, reason: FinishReason) -> Bytes;
     fn usage(&self, usage: Usage) -> Bytes;
 }
 

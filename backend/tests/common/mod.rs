@@ -3,6 +3,11 @@
 
 use std::path::{Path, PathBuf};
 
+use sluice_backend::device::cpu::Cpu;
+use sluice_backend::model::gguf::Gguf;
+use sluice_backend::model::llama::Llama;
+use sluice_backend::model::tokenizer::{ChatMessage, LlamaTokenizer};
+
 /// Whether what a test needs is here. If not, the test says so and passes, except under
 /// `CI=true` (scripts/test.sh installs and fetches everything there), where a missing piece
 /// is a broken setup and fails it.
@@ -28,6 +33,28 @@ pub fn smollm2_weights() -> Option<PathBuf> {
                 (scripts/test.sh does this)";
     present(path.is_some(), what);
     path
+}
+
+/// SmolLM2 on the CPU and its tokenizer, or `None` (said, and a failure under CI) without
+/// the weights.
+#[allow(dead_code)]
+pub fn smollm2() -> Option<(Llama<Cpu>, LlamaTokenizer)> {
+    let path = smollm2_weights()?;
+    let gguf = Gguf::open(&path).unwrap();
+    let tokenizer = LlamaTokenizer::from_gguf(&gguf).unwrap();
+    let model = Llama::load(Cpu, &gguf, &path).unwrap();
+    Some((model, tokenizer))
+}
+
+/// A conversation as the model's chat template turns it into tokens.
+#[allow(dead_code)]
+pub fn chat(tokenizer: &LlamaTokenizer, turns: &[(&str, &str)]) -> Vec<u32> {
+    let messages: Vec<ChatMessage> = turns
+        .iter()
+        .map(|&(role, content)| ChatMessage { role, content })
+        .collect();
+    let prompt = tokenizer.apply_chat_template(&messages).unwrap();
+    tokenizer.encode(&prompt).unwrap()
 }
 
 /// SLUICE_TEST_PYTHON, else the repository's .venv, else python3.

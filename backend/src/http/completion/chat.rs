@@ -3,12 +3,15 @@
 //! through the model's chat template; its reply is one assistant message per choice,
 //! streamed as `chat.completion.chunk` deltas that open with the role.
 
+use std::collections::HashMap;
+
 use axum::body::Bytes;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 
 use super::output;
 use super::sampling::SamplingFields;
+use super::tools::{self, CallStream, ToolPlan};
 use super::{Asked, CompletionRoute, ReplyHeader};
 use crate::engine::generator::Logprob;
 use crate::engine::sim::{self, count_tokens, MESSAGE_OVERHEAD_TOKENS};
@@ -19,7 +22,8 @@ use crate::http::honoured::{first_unhonoured, Unhonoured};
 use crate::http::metrics::Route;
 use crate::http::openai::{
     AssistantMessage, ChatChoice, ChatChunk, ChatChunkChoice, ChatCompletion,
-    ChatCompletionRequest, ChatLogprobs, ChatMessage, Delta, FinishReason, MessageContent, Usage,
+    ChatCompletionRequest, ChatLogprobs, ChatMessage, Delta, FinishReason, MessageContent, ReplyId,
+    Usage,
 };
 use crate::http::request::{choice_count, required, token_cap};
 use crate::http::sse::{self, Choice, ChunkWriter, Sequence};
@@ -45,7 +49,7 @@ fn beyond_text(messages: &[ChatMessage]) -> Option<Unhonoured> {
 
 impl CompletionRoute for Chat {
     type Request = ChatCompletionRequest;
-    type Prompt = Vec<ChatMessage>;
+    type Prompt = Conversation;
     type Chunks = ChatChunks;
 
     const ROUTE: Route = Route::ChatCompletions;
@@ -53,7 +57,7 @@ impl CompletionRoute for Chat {
     const ID_PREFIX: &'static str = "chatcmpl";
     const PROMPT_PARAM: &'static str = "messages";
 
-    fn read(request: ChatCompletionRequest) -> Result<Asked<Vec<ChatMessage>>, ApiError> {
+    fn read(request: ChatCompletionRequest) -> Result<Asked<Conversation>, ApiError> {
         let model = required(request.model, "model")?;
         let messages = required(request.messages, "messages")?;
         if messages.is_empty() {
@@ -64,20 +68,40 @@ impl CompletionRoute for Chat {
         }
         let logprobs =
             output::chat_logprobs(request.logprobs.as_ref(), request.top_logprobs.as_ref())?;
-        let format = output::response_format(request.response_format.as_ref())?;
-        let unhonoured = first_unhonoured([
-            ("tools", request.tools.as_ref()),
-            ("tool_choice", request.tool_choice.as_ref()),
-            ("functions", request.functions.as_ref()),
-            ("function_call", request.function_call.as_ref()),
-            ("logit_bias", request.logit_bias.as_ref()),
-            ("modalities", request.modalities.as_ref()),
-            ("audio", request.audio.as_ref()),
-        ])
-        .or_else(|| beyond_text(&messages));
+        let mut format = output::response_format(request.response_format.as_ref())?;
+        let (tools, unhonoured_tools) =
+            match tools::plan(request.tools.as_ref(), request.tool_choice.as_ref())? {
+                ToolPlan::NoCall => (None, None),
+                ToolPlan::Unhonoured(refused) => (None, Some(refused)),
+                ToolPlan::Call {
+                    format: call,
+                    instructions,
+                } => {
+                    if format.is_some() {
+                        return Err(ApiError::invalid_value(
+                            "response_format",
+                            "a reply that must call a tool cannot also follow a response_format",
+                        ));
+                    }
+                    format = Some(call);
+                    (Some(instructions), None)
+                }
+            };
+        let unhonoured = unhonoured_tools
+            .or_else(|| {
+                first_unhonoured([
+                    ("functions", request.functions.as_ref()),
+                    ("function_call", request.function_call.as_ref()),
+                    ("logit_bias", request.logit_bias.as_ref()),
+                    ("modalities", request.modalities.as_ref()),
+                    ("audio", request.audio.as_ref()),
+                ])
+            })
+            .or_else(|| beyond_text(&messages));
         Ok(Asked {
             model,
-            prompt: messages,
+            tool_call: tools.is_some(),
+            prompt: Conversation { messages, tools },
             n: choice_count(request.n)?,
             cap: token_cap(request.max_tokens, request.max_completion_tokens)?,
             seed: request.seed,
@@ -103,13 +127,13 @@ impl CompletionRoute for Chat {
     }
 
     fn simulate(
-        messages: &Vec<ChatMessage>,
+        conversation: &Conversation,
         seed: Option<i64>,
         n: u32,
         len: usize,
         finish: Finish,
     ) -> (Vec<Sequence>, u64) {
-        let prompt = ChatPrompt::new(messages);
+        let prompt = ChatPrompt::new(&conversation.messages);
         let sequences = (0..n)
             .map(|index| Sequence {
                 index,
@@ -120,14 +144,26 @@ impl CompletionRoute for Chat {
         (sequences, prompt.tokens)
     }
 
-    /// The model's chat template applied to the conversation: one prompt.
-    fn tokenize(engine: &TextModel, messages: Vec<ChatMessage>) -> Result<Vec<Vec<u32>>, ApiError> {
-        let texts: Vec<String> = messages.iter().map(|m| m.texts().collect()).collect();
-        let chat: Vec<tokenizer::ChatMessage<'_>> = messages
+    /// The model's chat template applied to the conversation, with the tools to call
+    /// described in its system message: one prompt.
+    fn tokenize(engine: &TextModel, conversation: Conversation) -> Result<Vec<Vec<u32>>, ApiError> {
+        let Conversation { messages, tools } = conversation;
+        let mut texts: Vec<String> = messages.iter().map(message_text).collect();
+        let mut roles: Vec<&str> = messages.iter().map(|m| m.role.as_str()).collect();
+        if let Some(tools) = tools {
+            match roles.first() {
+                Some(&"system") => texts[0] = format!("{}\n\n{tools}", texts[0]),
+                _ => {
+                    roles.insert(0, "system");
+                    texts.insert(0, tools);
+                }
+            }
+        }
+        let chat: Vec<tokenizer::ChatMessage<'_>> = roles
             .iter()
             .zip(&texts)
-            .map(|(message, text)| tokenizer::ChatMessage {
-                role: &message.role,
+            .map(|(role, text)| tokenizer::ChatMessage {
+                role,
                 content: text,
             })
             .collect();
@@ -141,14 +177,15 @@ impl CompletionRoute for Chat {
         Ok(vec![prompt])
     }
 
-    fn chunks(header: ReplyHeader, include_usage: bool) -> ChatChunks {
+    fn chunks(header: ReplyHeader, include_usage: bool, tool_call: bool) -> ChatChunks {
         ChatChunks {
             header,
             include_usage,
+            calls: tool_call.then(HashMap::new),
         }
     }
 
-    fn body(header: &ReplyHeader, choices: Vec<Choice>, usage: Usage) -> Response {
+    fn body(header: &ReplyHeader, choices: Vec<Choice>, usage: Usage, tool_call: bool) -> Response {
         let completion = ChatCompletion {
             id: &header.id.id,
             object: "chat.completion",
@@ -157,20 +194,67 @@ impl CompletionRoute for Chat {
             system_fingerprint: header.fingerprint,
             choices: choices
                 .into_iter()
-                .map(|choice| ChatChoice {
-                    index: choice.index,
-                    logprobs: choice.logprobs.as_deref().map(ChatLogprobs::new),
-                    message: AssistantMessage {
-                        role: "assistant",
-                        content: choice.text,
-                    },
-                    finish_reason: choice.finish_reason,
+                .map(|choice| {
+                    let call = tool_call
+                        .then(|| tools::call(&choice.text, &call_id(&header.id, choice.index)))
+                        .flatten();
+                    let logprobs = choice.logprobs.as_deref().map(ChatLogprobs::new);
+                    match call {
+                        Some(call) => ChatChoice {
+                            index: choice.index,
+                            logprobs,
+                            message: AssistantMessage {
+                                role: "assistant",
+                                content: None,
+                                tool_calls: Some(vec![call]),
+                            },
+                            finish_reason: FinishReason::ToolCalls,
+                        },
+                        None => ChatChoice {
+                            index: choice.index,
+                            logprobs,
+                            message: AssistantMessage {
+                                role: "assistant",
+                                content: Some(choice.text),
+                                tool_calls: None,
+                            },
+                            finish_reason: choice.finish_reason,
+                        },
+                    }
                 })
                 .collect(),
             usage,
         };
         Json(completion).into_response()
     }
+}
+
+/// A chat request's prompt: the conversation, and the tools to describe to the model when
+/// the reply must call one.
+pub struct Conversation {
+    messages: Vec<ChatMessage>,
+    tools: Option<String>,
+}
+
+/// What a message says in the prompt: its text, then any tool calls it made, each as the
+/// JSON object a call is written as.
+fn message_text(message: &ChatMessage) -> String {
+    let mut text: String = message.texts().collect();
+    for call in message.tool_calls.iter().flatten() {
+        let arguments = serde_json::from_str::<serde_json::Value>(&call.function.arguments)
+            .unwrap_or_else(|_| call.function.arguments.clone().into());
+        let written = serde_json::json!({"name": call.function.name, "arguments": arguments});
+        if !text.is_empty() {
+            text.push('\n');
+        }
+        text.push_str(&written.to_string());
+    }
+    text
+}
+
+/// The id of the tool call in choice `index` of reply `id`.
+fn call_id(id: &ReplyId, index: u32) -> String {
+    format!("call_{}_{index}", id.id.trim_start_matches("chatcmpl-"))
 }
 
 /// A conversation as the simulated engine reads it.
@@ -205,6 +289,8 @@ impl ChatPrompt {
 pub struct ChatChunks {
     header: ReplyHeader,
     include_usage: bool,
+    /// When the reply is a tool call: each choice's call so far.
+    calls: Option<HashMap<u32, CallStream>>,
 }
 
 impl ChatChunks {
@@ -226,14 +312,26 @@ impl ChunkWriter for ChatChunks {
         let delta = Delta {
             role: Some("assistant"),
             content: Some(""),
+            tool_calls: None,
         };
         Some(self.chunk(Some(choice(index, delta, None)), None))
     }
 
     fn token(&mut self, index: u32, text: &str, logprobs: Option<&[Logprob]>) -> Bytes {
-        let delta = Delta {
-            role: None,
-            content: Some(text),
+        let delta = match &mut self.calls {
+            None => Delta {
+                role: None,
+                content: Some(text),
+                tool_calls: None,
+            },
+            Some(calls) => {
+                let id = call_id(&self.header.id, index);
+                let call = calls.entry(index).or_default().push(text, &id);
+                Delta {
+                    tool_calls: call.map(|call| vec![call]),
+                    ..Delta::default()
+                }
+            }
         };
         let choice = ChatChunkChoice {
             logprobs: logprobs.map(ChatLogprobs::new),
@@ -242,8 +340,22 @@ impl ChunkWriter for ChatChunks {
         self.chunk(Some(choice), None)
     }
 
-    fn finish(&self, index: u32, reason: FinishReason) -> Bytes {
-        self.chunk(Some(choice(index, Delta::default(), Some(reason))), None)
+    fn finish(&mut self, index: u32, reason: FinishReason) -> Bytes {
+        let Some(calls) = &mut self.calls else {
+            return self.chunk(Some(choice(index, Delta::default(), Some(reason))), None);
+        };
+        let call = calls.entry(index).or_default();
+        let (rest, reason) = match reason {
+            // A call that ran out of tokens, or never began, is not a call.
+            FinishReason::Length => (None, reason),
+            _ if !call.started() => (None, reason),
+            _ => (call.finish(), FinishReason::ToolCalls),
+        };
+        let delta = Delta {
+            tool_calls: rest.map(|call| vec![call]),
+            ..Delta::default()
+        };
+        self.chunk(Some(choice(index, delta, Some(reason))), None)
     }
 
     fn usage(&self, usage: Usage) -> Bytes {

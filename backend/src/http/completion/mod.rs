@@ -13,6 +13,7 @@ mod decoder;
 mod output;
 mod sampling;
 pub mod text;
+mod tools;
 
 use std::sync::Arc;
 
@@ -55,8 +56,10 @@ pub struct Asked<P> {
     pub speculate: bool,
     /// `Some(k)`: each token's log probability and the `k` likeliest tokens'.
     pub logprobs: Option<usize>,
-    /// The format a native decoder's reply must follow (`response_format`).
+    /// The format a native decoder's reply must follow (`response_format`, or a tool call).
     pub format: Option<Format>,
+    /// Whether a native decoder's reply is a tool call, written as `tool_calls`.
+    pub tool_call: bool,
 }
 
 /// Who wrote a reply and under which id: what every chunk of a stream and the whole body
@@ -104,11 +107,12 @@ pub trait CompletionRoute {
     /// The token prompts a native decoder runs, one per prompt of the request.
     fn tokenize(engine: &TextModel, prompt: Self::Prompt) -> Result<Vec<Vec<u32>>, ApiError>;
 
-    /// The chunks of a streamed reply, with the usage chunk when `include_usage`.
-    fn chunks(header: ReplyHeader, include_usage: bool) -> Self::Chunks;
+    /// The chunks of a streamed reply, with the usage chunk when `include_usage`; its text
+    /// is a tool call when `tool_call`.
+    fn chunks(header: ReplyHeader, include_usage: bool, tool_call: bool) -> Self::Chunks;
 
-    /// The body of a reply that is not streamed.
-    fn body(header: &ReplyHeader, choices: Vec<Choice>, usage: Usage) -> Response;
+    /// The body of a reply that is not streamed (a tool call when `tool_call`).
+    fn body(header: &ReplyHeader, choices: Vec<Choice>, usage: Usage, tool_call: bool) -> Response;
 }
 
 /// `POST` on a completion route `R`: the whole life of a request, whichever engine answers.
@@ -136,7 +140,9 @@ pub async fn complete<R: CompletionRoute>(
         options: asked.stream_options.as_ref(),
         user: asked.user.as_deref(),
     };
-    let chunks = |include_usage| R::chunks(header.clone(), include_usage);
+    // Only a native decoder writes a tool call; the simulated engine's text is text.
+    let tool_call = native.is_some() && asked.tool_call;
+    let chunks = |include_usage| R::chunks(header.clone(), include_usage, tool_call);
     let outcome = match native {
         Some(engine) => {
             if let Some(Unhonoured { param, reason }) = asked.unhonoured {
@@ -171,6 +177,6 @@ pub async fn complete<R: CompletionRoute>(
     };
     Ok(match outcome {
         Outcome::Streamed(response) => response,
-        Outcome::Finished { choices, usage } => R::body(&header, choices, usage),
+        Outcome::Finished { choices, usage } => R::body(&header, choices, usage, tool_call),
     })
 }

@@ -78,6 +78,7 @@ impl CompletionRoute for Text {
                 .unwrap_or(speculation::ON_BY_DEFAULT),
             logprobs,
             format: None,
+            tool_call: false,
         })
     }
 
@@ -124,7 +125,8 @@ impl CompletionRoute for Text {
             .collect()
     }
 
-    fn chunks(header: ReplyHeader, include_usage: bool) -> TextChunks {
+    /// Text completions have no tools: `tool_call` is never set.
+    fn chunks(header: ReplyHeader, include_usage: bool, _tool_call: bool) -> TextChunks {
         TextChunks {
             header,
             include_usage,
@@ -132,7 +134,12 @@ impl CompletionRoute for Text {
         }
     }
 
-    fn body(header: &ReplyHeader, choices: Vec<Choice>, usage: Usage) -> Response {
+    fn body(
+        header: &ReplyHeader,
+        choices: Vec<Choice>,
+        usage: Usage,
+        _tool_call: bool,
+    ) -> Response {
         let completion = TextCompletion {
             id: &header.id.id,
             object: "text_completion",
@@ -198,7 +205,7 @@ impl ChunkWriter for TextChunks {
         self.chunk(Some(choice), None)
     }
 
-    fn finish(&self, index: u32, reason: FinishReason) -> Bytes {
+    fn finish(&mut self, index: u32, reason: FinishReason) -> Bytes {
         self.chunk(Some(choice(index, "", Some(reason))), None)
     }
 
