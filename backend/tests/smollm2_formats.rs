@@ -169,13 +169,13 @@ fn follows_person_schema(value: &Value) -> Result<(), String> {
     if keys != ["age", "name", "role", "tags"] {
         return Err(format!("keys {keys:?}"));
     }
-    if !object["name"]
+    if object["name"]
         .as_str()
-        .is_some_and(|n| n.chars().count() <= 20)
+        .is_none_or(|n| n.chars().count() > 20)
     {
         return Err("name".into());
     }
-    if !object["age"].as_u64().is_some_and(|a| a <= 120) {
+    if object["age"].as_u64().is_none_or(|a| a > 120) {
         return Err("age".into());
     }
     if !matches!(object["role"].as_str(), Some("admin" | "editor" | "viewer")) {
