@@ -5,9 +5,13 @@ Run by tests/tests/smollm2_chat.rs with BACKEND_URL, SLUICE_URL, SLUICE_KEY and 
 Prints "ALL OK" when every check passed; any failure raises.
 """
 
+import json
 import os
+from typing import Literal
 
+import jsonschema
 import openai
+import pydantic
 
 model = os.environ["MODEL"]
 question = [{"role": "user", "content": "What is the capital of France?"}]
@@ -63,15 +67,16 @@ weather = {
     "type": "function",
     "function": {
         "name": "weather",
-        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
-    },
-}
-schema = {
-    "type": "json_schema",
-    "json_schema": {
-        "name": "capital",
-        "strict": True,
-        "schema": {"type": "object", "properties": {"city": {"type": "string"}}},
+        "description": "The weather now in a city",
+        "parameters": {
+            "type": "object",
+            "properties": {
+                "city": {"type": "string", "maxLength": 30},
+                "unit": {"enum": ["celsius", "fahrenheit"]},
+            },
+            "required": ["city", "unit"],
+            "additionalProperties": False,
+        },
     },
 }
 picture = [
@@ -79,11 +84,10 @@ picture = [
     {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}},
 ]
 refused = [
-    ("tools", dict(messages=question, tools=[weather])),
-    ("tool_choice", dict(messages=question, tool_choice="required")),
-    ("response_format", dict(messages=question, response_format=schema)),
-    ("response_format", dict(messages=question, response_format={"type": "json_object"})),
-    ("logprobs", dict(messages=question, logprobs=True, top_logprobs=2)),
+    # Tools without a choice (or "auto"): the engine does not choose between a call and text.
+    ("tool_choice", dict(messages=question, tools=[weather])),
+    ("tool_choice", dict(messages=question, tools=[weather], tool_choice="auto")),
+    ("functions", dict(messages=question, functions=[weather["function"]])),
     ("messages[0].content[1].type", dict(messages=[{"role": "user", "content": picture}])),
 ]
 for name, client in clients.items():
@@ -106,6 +110,7 @@ for name, client in clients.items():
         temperature=0,
         max_tokens=48,
         tools=[],
+        tool_choice="none",
         response_format={"type": "text"},
         logprobs=False,
     )
@@ -116,4 +121,247 @@ for name, client in clients.items():
         assert err.body.get("param") == "echo", (name, err.body)
     else:
         raise AssertionError(f"{name}: echo was answered, not refused")
+
+# Structured outputs: replies bound to a JSON schema validate against it, greedy (directly)
+# and sampled (through the gateway); nested objects, enums, arrays and $defs/$ref.
+person = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "maxLength": 24},
+        "age": {"type": "integer", "minimum": 0, "maximum": 120},
+        "role": {"enum": ["admin", "editor", "viewer"]},
+        "tags": {"type": "array", "items": {"type": "string", "maxLength": 12}, "maxItems": 3},
+    },
+    "required": ["name", "age", "role", "tags"],
+    "additionalProperties": False,
+}
+order = {
+    "type": "object",
+    "properties": {
+        "customer": {
+            "type": "object",
+            "properties": {
+                "name": {"type": "string", "maxLength": 24},
+                "vip": {"type": "boolean"},
+            },
+            "required": ["name", "vip"],
+            "additionalProperties": False,
+        },
+        "items": {
+            "type": "array",
+            "items": {"$ref": "#/$defs/item"},
+            "minItems": 1,
+            "maxItems": 3,
+        },
+        "status": {"enum": ["new", "paid", "shipped"]},
+    },
+    "required": ["customer", "items", "status"],
+    "additionalProperties": False,
+    "$defs": {
+        "item": {
+            "type": "object",
+            "properties": {
+                "product": {"type": "string", "maxLength": 20},
+                "quantity": {"type": "integer", "minimum": 1, "maximum": 99},
+                "price": {"type": "number", "minimum": 0, "maximum": 10000},
+            },
+            "required": ["product", "quantity", "price"],
+            "additionalProperties": False,
+        }
+    },
+}
+forecast = {
+    "type": "object",
+    "properties": {
+        "city": {"type": "string", "maxLength": 24},
+        "days": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "properties": {
+                    "day": {"enum": ["monday", "tuesday", "wednesday", "thursday", "friday"]},
+                    "sky": {"enum": ["sunny", "cloudy", "rain", "snow"]},
+                    "high_celsius": {"type": "integer", "minimum": -40, "maximum": 50},
+                },
+                "required": ["day", "sky", "high_celsius"],
+                "additionalProperties": False,
+            },
+            "minItems": 1,
+            "maxItems": 3,
+        },
+    },
+    "required": ["city", "days"],
+    "additionalProperties": False,
+}
+cases = [
+    (person, "Invent a person who edits a newspaper."),
+    (person, "Describe the administrator of a small website."),
+    (order, "A customer orders two books and a lamp. Write the order."),
+    (order, "Record an order of three apples for Ann, who is a regular."),
+    (forecast, "Give the weather for Paris for the next two days."),
+    (forecast, "What will the weather be like in Oslo on Monday?"),
+]
+for name, client in clients.items():
+    for schema, prompt in cases:
+        sampled = dict(temperature=0.8, seed=7) if name == "gateway" else dict(temperature=0)
+        reply = client.chat.completions.create(
+            model=model,
+            messages=[{"role": "user", "content": prompt}],
+            response_format={
+                "type": "json_schema",
+                "json_schema": {"name": "reply", "strict": True, "schema": schema},
+            },
+            max_tokens=200,
+            **sampled,
+        )
+        choice = reply.choices[0]
+        assert choice.finish_reason == "stop", (name, prompt, choice)
+        jsonschema.validate(json.loads(choice.message.content), schema)
+
+    # The client's own structured-output helper, from a pydantic model.
+    class Capital(pydantic.BaseModel):
+        country: str = pydantic.Field(max_length=30)
+        capital: str = pydantic.Field(max_length=30)
+        continent: Literal["africa", "america", "asia", "europe", "oceania"]
+
+    parsed = client.chat.completions.parse(
+        model=model, messages=question, response_format=Capital, temperature=0, max_tokens=80
+    )
+    assert isinstance(parsed.choices[0].message.parsed, Capital), (name, parsed)
+
+    # Any JSON object.
+    reply = client.chat.completions.create(
+        model=model,
+        messages=[{"role": "user", "content": "Reply with a JSON object giving the capital of France."}],
+        response_format={"type": "json_object"},
+        temperature=0,
+        max_tokens=60,
+    )
+    assert isinstance(json.loads(reply.choices[0].message.content), dict), (name, reply)
+
+    # A schema the engine cannot follow is the client's error, named.
+    try:
+        client.chat.completions.create(
+            model=model,
+            messages=question,
+            response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": {"$ref": "#/$defs/none"}}},
+        )
+    except openai.BadRequestError as err:
+        assert err.body.get("param") == "response_format", (name, err.body)
+    else:
+        raise AssertionError(f"{name}: an unresolvable schema was answered")
+
+# Tool calls: when a call is required (or a function named), the reply is one call whose
+# arguments validate against the function's parameters; streamed, the pieces add up to
+# the same call.
+ask_weather = [{"role": "user", "content": "What is the weather like in Paris today?"}]
+named = {"type": "function", "function": {"name": "weather"}}
+clock = {
+    "type": "function",
+    "function": {
+        "name": "clock",
+        "parameters": {"type": "object", "properties": {}, "additionalProperties": False},
+    },
+}
+for name, client in clients.items():
+    for choice_param in ("required", named):
+        reply = client.chat.completions.create(
+            model=model,
+            messages=ask_weather,
+            tools=[weather, clock] if choice_param == "required" else [clock, weather],
+            tool_choice=choice_param,
+            temperature=0,
+            max_tokens=80,
+        )
+        choice = reply.choices[0]
+        assert choice.finish_reason == "tool_calls", (name, choice)
+        assert choice.message.content is None, (name, choice)
+        [call] = choice.message.tool_calls
+        assert call.type == "function" and call.id, (name, call)
+        if choice_param == named:
+            assert call.function.name == "weather", (name, call)
+        tool = weather if call.function.name == "weather" else clock
+        jsonschema.validate(json.loads(call.function.arguments), tool["function"]["parameters"])
+
+        stream = client.chat.completions.create(
+            model=model,
+            messages=ask_weather,
+            tools=[weather, clock] if choice_param == "required" else [clock, weather],
+            tool_choice=choice_param,
+            temperature=0,
+            max_tokens=80,
+            stream=True,
+        )
+        ids, names, arguments, finish = set(), [], "", None
+        for chunk in stream:
+            for c in chunk.choices:
+                for delta in c.delta.tool_calls or []:
+                    assert delta.index == 0
+                    if delta.id:
+                        ids.add(delta.id)
+                    if delta.function and delta.function.name:
+                        names.append(delta.function.name)
+                    if delta.function and delta.function.arguments:
+                        arguments += delta.function.arguments
+                if c.finish_reason:
+                    finish = c.finish_reason
+        assert finish == "tool_calls" and len(ids) == 1, (name, finish, ids)
+        assert names == [call.function.name], (name, names, call)
+        assert json.loads(arguments) == json.loads(call.function.arguments), (name, arguments, call)
+
+    # The call goes back into the conversation, with the tool's answer, and is read.
+    follow = client.chat.completions.create(
+        model=model,
+        messages=ask_weather
+        + [
+            {"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
+            {"role": "tool", "tool_call_id": call.id, "content": "18 degrees and sunny"},
+        ],
+        temperature=0,
+        max_tokens=30,
+    )
+    assert follow.choices[0].message.content, (name, follow)
+
+# Log probabilities: one per token, the chosen token the likeliest under greedy decoding,
+# alternatives in order; streamed they are the same numbers.
+for name, client in clients.items():
+    whole = client.chat.completions.create(
+        model=model, messages=question, temperature=0, max_tokens=12, logprobs=True, top_logprobs=3
+    )
+    content = whole.choices[0].logprobs.content
+    assert len(content) == whole.usage.completion_tokens, (name, whole)
+    assert "".join(t.token for t in content) == whole.choices[0].message.content, (name, content)
+    for t in content:
+        assert t.logprob <= 0 and len(t.top_logprobs) == 3, (name, t)
+        assert t.top_logprobs[0].token == t.token, (name, t)
+        assert t.top_logprobs[0].logprob == t.logprob, (name, t)
+        assert [a.logprob for a in t.top_logprobs] == sorted((a.logprob for a in t.top_logprobs), reverse=True)
+        assert bytes(t.bytes) == t.token.encode(), (name, t)
+    streamed = []
+    for chunk in client.chat.completions.create(
+        model=model, messages=question, temperature=0, max_tokens=12, logprobs=True, top_logprobs=3, stream=True
+    ):
+        for c in chunk.choices:
+            if c.logprobs and c.logprobs.content:
+                streamed.extend(c.logprobs.content)
+    assert [(t.token, t.logprob) for t in streamed] == [(t.token, t.logprob) for t in content], name
+
+    text = client.completions.create(
+        model=model, prompt="The capital of France is", temperature=0, max_tokens=6, logprobs=2
+    ).choices[0]
+    lp = text.logprobs
+    assert "".join(lp.tokens) == text.text, (name, text)
+    assert len(lp.token_logprobs) == len(lp.tokens) == len(lp.top_logprobs) == len(lp.text_offset)
+    assert lp.text_offset == sorted(lp.text_offset) and lp.text_offset[0] == 0, (name, lp)
+    for token, top in zip(lp.tokens, lp.top_logprobs):
+        assert len(top) <= 2 and token in top, (name, token, top)
+
+    # top_logprobs without logprobs, and out of range, are the client's errors.
+    for bad in (dict(top_logprobs=2), dict(logprobs=True, top_logprobs=21)):
+        try:
+            client.chat.completions.create(model=model, messages=question, **bad)
+        except openai.BadRequestError as err:
+            assert err.body.get("param") == "top_logprobs", (name, bad, err.body)
+        else:
+            raise AssertionError(f"{name}: {bad} was answered")
 print("ALL OK")
