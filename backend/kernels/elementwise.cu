@@ -151,13 +151,13 @@ extern "C" __global__ void softmax_rows(float* x, unsigned rows, unsigned d) {
 // turn itself in unfused f32, as on the CPU. head_dim must be even.
 // Launch: grid (rows), any block (e.g. 64); each thread computes one angle and applies it
 // to that pair of every head.
-extern "C" __global__ void rope(float* x, const unsigned* positions, unsigned rows, unsigned heads, unsigned head_dim, float base) {
+extern "C" __global__ void rope(float* x, const unsigned* positions, unsigned rows, unsigned heads, unsigned head_dim, float base, const float* divisors) {
     const unsigned r = blockIdx.x;
     if (r >= rows) return;
     float* xr = x + (size_t)r * heads * head_dim;
     const double pos = (double)positions[r];
     for (unsigned i = threadIdx.x; i < head_dim / 2; i += blockDim.x) {
-        const double inv_freq = pow((double)base, -2.0 * (double)i / (double)head_dim);
+        const double inv_freq = pow((double)base, -2.0 * (double)i / (double)head_dim) / (double)divisors[i];
         double s, c;
         sincos(pos * inv_freq, &s, &c);
         const float sin_f = (float)s, cos_f = (float)c;

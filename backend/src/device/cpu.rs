@@ -165,6 +165,15 @@ impl Device for Cpu {
         Ok(Tensor::from_parts(out, vec![m, n]))
     }
 
+    fn add_bias(&self, x: &mut CpuTensor, bias: &CpuTensor) -> Result<(), DeviceError> {
+        let d = x.cols();
+        assert_eq!(bias.len(), d, "add_bias: {bias:?} on rows of {d}");
+        for row in x.data_mut().chunks_exact_mut(d) {
+            row.iter_mut().zip(bias.data()).for_each(|(x, b)| *x += b);
+        }
+        Ok(())
+    }
+
     fn add_assign(&self, x: &mut CpuTensor, y: &CpuTensor) -> Result<(), DeviceError> {
         assert_eq!(x.shape(), y.shape(), "add_assign");
         x.data_mut()
@@ -391,13 +400,18 @@ impl Device for Cpu {
         heads: usize,
         positions: &[u32],
         base: f32,
+        divisors: &CpuTensor,
     ) -> Result<(), DeviceError> {
         let width = x.cols();
         let head_dim = rope_head_dim(x, heads, positions);
+        assert_eq!(divisors.len(), head_dim / 2, "rope: one divisor per pair");
         // The angles in f64: position · base^(−2i/d) in f32 is off by ~1e-3 radians at
         // positions in the thousands.
         let inv_freq: Vec<f64> = (0..head_dim / 2)
-            .map(|i| f64::from(base).powf(-2.0 * i as f64 / head_dim as f64))
+            .zip(divisors.data())
+            .map(|(i, &div)| {
+                f64::from(base).powf(-2.0 * i as f64 / head_dim as f64) / f64::from(div)
+            })
             .collect();
         for (row, &pos) in x.data_mut().chunks_exact_mut(width).zip(positions) {
             let turns: Vec<(f32, f32)> = inv_freq
@@ -883,9 +897,11 @@ mod tests {
     #[test]
     fn rope_turns_adjacent_pairs_of_each_head_by_position() {
         // Two heads of 4: pair 0 turns by pos·1, pair 1 by pos·base^(-1/2) = pos/10.
+        // The second pair's divisor of 2 halves its angle.
         let mut t = tensor(vec![1.0, 0.0, 1.0, 0.0, 0.0, 1.0, 0.0, 1.0], &[1, 8]);
-        Cpu.rope(&mut t, 2, &[3], 100.0).unwrap();
-        let (a, b) = (3.0f64, 0.3f64);
+        let divisors = tensor(vec![1.0, 2.0], &[2]);
+        Cpu.rope(&mut t, 2, &[3], 100.0, &divisors).unwrap();
+        let (a, b) = (3.0f64, 0.15f64);
         let want = [
             a.cos(),
             a.sin(),

@@ -276,6 +276,14 @@ pub trait Device: Send + Sync + 'static {
         bias: Option<&Tensor<Self::Storage>>,
     ) -> Result<Tensor<Self::Storage>, DeviceError>;
 
+    /// `bias` (one value per column) added to every row of `x`: the query/key/value biases
+    /// of Qwen2-style attention.
+    fn add_bias(
+        &self,
+        x: &mut Tensor<Self::Storage>,
+        bias: &Tensor<Self::Storage>,
+    ) -> Result<(), DeviceError>;
+
     /// `x += y`, element-wise, for residual connections.
     fn add_assign(
         &self,
@@ -348,14 +356,17 @@ pub trait Device: Send + Sync + 'static {
 
     /// Rotary position embedding in place, on `x` of `[rows, heads · head_dim]` with row `r`
     /// at position `positions[r]`. Pairs are *adjacent* columns `(2i, 2i + 1)` of each head,
-    /// turned by `position · base^(−2i / head_dim)`: GGUF's llama weights are permuted for
-    /// this pairing (not the "rotate half" one of Hugging Face's code).
+    /// turned by `position · base^(−2i / head_dim) / divisors[i]`: GGUF's llama weights are
+    /// permuted for this pairing (not the "rotate half" one of Hugging Face's code), and
+    /// `divisors` (`head_dim / 2` values, all 1 but for frequency scaling such as Llama 3's)
+    /// slow each pair's turning.
     fn rope(
         &self,
         x: &mut Tensor<Self::Storage>,
         heads: usize,
         positions: &[u32],
         base: f32,
+        divisors: &Tensor<Self::Storage>,
     ) -> Result<(), DeviceError>;
 
     /// `gate = silu(gate) · up`, element-wise: the SwiGLU feed-forward's gating.

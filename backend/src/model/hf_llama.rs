@@ -1,6 +1,9 @@
 //! How is a Llama-family decoder read from a Hugging Face folder? `config.json` for the
 //! shape, `model.safetensors` (or the shards that `model.safetensors.index.json` lists) for
-//! the weights, kept in their saved encoding (F32, F16 or BF16).
+//! the weights, kept in their saved encoding (F32, F16 or BF16). The family is `model_type`:
+//! `llama` (with Llama 3's or linear `rope_scaling`, and `attention_bias`), `mistral` (a
+//! sliding attention window is served by capping the context at it, where the window covers
+//! every position) and `qwen2` (biases on the query, key and value products).
 //!
 //! Hugging Face's code applies rotary embeddings to the two *halves* of each head; the
 //! forward pass here (like llama.cpp's) turns *adjacent* pairs. The two agree once the
@@ -11,7 +14,10 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
-use super::llama::{Layer, Llama, LlamaConfig};
+use super::llama::{
+    interleave_rope_rows, interleave_rope_values, rope_divisors, AttentionBiases, Layer, Llama,
+    LlamaConfig, RopeScaling,
+};
 use super::weights::Weights;
 use super::LoadError;
 use crate::device::Device;
@@ -43,7 +49,14 @@ struct HfConfig {
     #[serde(default)]
     mlp_bias: bool,
     hidden_act: Option<String>,
+    /// Mistral's and Qwen2's sliding attention window, if one is used.
+    sliding_window: Option<usize>,
+    /// Qwen2's switch for its window (off in its released models).
+    use_sliding_window: Option<bool>,
 }
+
+/// The families this engine runs from a Hugging Face folder.
+const MODEL_TYPES: [&str; 3] = ["llama", "mistral", "qwen2"];
 
 fn default_rms_eps() -> f64 {
     1e-6
@@ -58,17 +71,76 @@ fn default_context() -> usize {
 }
 
 impl HfConfig {
+    fn model_type(&self) -> &str {
+        self.model_type.as_deref().unwrap_or("llama")
+    }
+
+    /// Which of the attention's products have a bias: (q, k and v; o).
+    fn biases(&self) -> (bool, bool) {
+        match self.model_type() {
+            "qwen2" => (true, false),
+            _ => (self.attention_bias, self.attention_bias),
+        }
+    }
+
+    /// `rope_scaling`, read; `None` when there is none.
+    fn rope_scaling(&self) -> Result<Option<RopeScaling>, String> {
+        let Some(scaling) = self.rope_scaling.as_ref().filter(|v| !v.is_null()) else {
+            return Ok(None);
+        };
+        let number = |key: &str| -> Result<f64, String> {
+            scaling
+                .get(key)
+                .and_then(serde_json::Value::as_f64)
+                .filter(|v| v.is_finite() && *v > 0.0)
+                .ok_or_else(|| format!("rope_scaling.{key} is missing or not a positive number"))
+        };
+        let kind = scaling
+            .get("rope_type")
+            .or_else(|| scaling.get("type"))
+            .and_then(serde_json::Value::as_str)
+            .unwrap_or("");
+        match kind {
+            "default" => Ok(None),
+            "linear" => Ok(Some(RopeScaling::Linear {
+                factor: number("factor")?,
+            })),
+            "llama3" => {
+                let scaling = RopeScaling::Llama3 {
+                    factor: number("factor")?,
+                    low_freq_factor: number("low_freq_factor")?,
+                    high_freq_factor: number("high_freq_factor")?,
+                    original_context: number("original_max_position_embeddings")?,
+                };
+                match scaling {
+                    RopeScaling::Llama3 {
+                        low_freq_factor,
+                        high_freq_factor,
+                        ..
+                    } if high_freq_factor <= low_freq_factor => Err(
+                        "rope_scaling.high_freq_factor must be above low_freq_factor".to_owned(),
+                    ),
+                    scaling => Ok(Some(scaling)),
+                }
+            }
+            other => Err(format!(
+                "rope_scaling type `{other}` is not supported by this engine (llama3 and linear are)"
+            )),
+        }
+    }
+
     /// The network's shape, or why this engine cannot run it.
     fn llama_config(&self) -> Result<LlamaConfig, String> {
-        if let Some(kind) = self.model_type.as_deref().filter(|t| *t != "llama") {
-            return Err(format!("model_type `{kind}` (only `llama` runs here)"));
+        let kind = self.model_type();
+        if !MODEL_TYPES.contains(&kind) {
+            return Err(format!(
+                "model_type `{kind}` (these run here: {})",
+                MODEL_TYPES.join(", ")
+            ));
         }
         let unsupported = |what: &str| Err(format!("{what} is not supported by this engine"));
-        if self.rope_scaling.as_ref().is_some_and(|v| !v.is_null()) {
-            return unsupported("rope_scaling");
-        }
-        if self.attention_bias || self.mlp_bias {
-            return unsupported("a bias on the attention or feed-forward weights");
+        if self.mlp_bias {
+            return unsupported("a bias on the feed-forward weights (mlp_bias)");
         }
         if let Some(act) = self.hidden_act.as_deref().filter(|a| *a != "silu") {
             return unsupported(&format!("hidden_act `{act}`"));
@@ -91,6 +163,17 @@ impl HfConfig {
                 "head_dim {head_dim} other than hidden_size / num_attention_heads"
             ));
         }
+        let head_dim = self.hidden_size / heads;
+        // A window that covers the whole context is no window: positions past it are not
+        // served, so every position attends to all before it, exactly as the model would.
+        let window = match (kind, self.use_sliding_window) {
+            ("qwen2", Some(true)) | ("mistral", _) => self.sliding_window,
+            _ => None,
+        };
+        let context_length = match window {
+            Some(window) => self.max_position_embeddings.min(window),
+            None => self.max_position_embeddings,
+        };
         Ok(LlamaConfig {
             vocab_size: self.vocab_size,
             hidden_size: self.hidden_size,
@@ -100,7 +183,11 @@ impl HfConfig {
             ffn_size: self.intermediate_size,
             rms_eps: self.rms_norm_eps as f32,
             rope_base: self.rope_theta as f32,
-            context_length: self.max_position_embeddings,
+            rope_divisors: self
+                .rope_scaling()?
+                .map(|scaling| scaling.divisors(self.rope_theta, head_dim))
+                .unwrap_or_default(),
+            context_length,
         })
     }
 }
@@ -165,25 +252,6 @@ impl Checkpoint {
     }
 }
 
-/// Reorders each head's rows from Hugging Face's halves (row `i` pairs with row
-/// `i + head_dim/2`) to adjacent pairs (rows `2i`, `2i + 1`): new row `2i + t` of a head is
-/// old row `t · head_dim/2 + i`. Rows move whole, so any encoding works.
-fn interleave_rope_rows(matrix: QMatrix, heads: usize) -> QMatrix {
-    let head_dim = matrix.rows / heads;
-    let half = head_dim / 2;
-    let row_bytes = matrix.bytes.len() / matrix.rows;
-    let mut bytes = Vec::with_capacity(matrix.bytes.len());
-    for h in 0..heads {
-        for i in 0..half {
-            for t in 0..2 {
-                let old = h * head_dim + t * half + i;
-                bytes.extend_from_slice(&matrix.bytes[old * row_bytes..(old + 1) * row_bytes]);
-            }
-        }
-    }
-    QMatrix::new(matrix.dtype, matrix.rows, matrix.cols, bytes)
-}
-
 impl<D: Device> Llama<D> {
     /// Loads the decoder in the Hugging Face folder `dir` onto `device`.
     pub fn load_safetensors(device: D, dir: &Path) -> Result<Self, LoadError> {
@@ -210,15 +278,35 @@ impl<D: Device> Llama<D> {
         let vector = |name: &str| -> Result<_, LoadError> {
             Ok(device.upload(&checkpoint.vector(name, d)?, &[d])?)
         };
+        let (qkv_bias, o_bias) = hf.biases();
+        // A bias, when the family has one; query and key biases reordered as their rows are.
+        let bias = |present: bool, name: &str, len: usize, heads: Option<usize>| {
+            if !present {
+                return Ok(None);
+            }
+            let values = checkpoint.vector(name, len)?;
+            let values = match heads {
+                Some(heads) => interleave_rope_values(&values, heads),
+                None => values,
+            };
+            Ok::<_, LoadError>(Some(device.upload(&values, &[len])?))
+        };
         let layers = (0..config.layers)
             .map(|i| {
                 let name = |part: &str| format!("model.layers.{i}.{part}.weight");
+                let bias_name = |part: &str| format!("model.layers.{i}.self_attn.{part}.bias");
                 Ok(Layer {
                     attn_norm: vector(&name("input_layernorm"))?,
                     q: rope_matrix(&name("self_attn.q_proj"), d, config.heads)?,
                     k: rope_matrix(&name("self_attn.k_proj"), kv, config.kv_heads)?,
                     v: matrix(&name("self_attn.v_proj"), kv, d)?,
                     o: matrix(&name("self_attn.o_proj"), d, d)?,
+                    biases: AttentionBiases {
+                        q: bias(qkv_bias, &bias_name("q_proj"), d, Some(config.heads))?,
+                        k: bias(qkv_bias, &bias_name("k_proj"), kv, Some(config.kv_heads))?,
+                        v: bias(qkv_bias, &bias_name("v_proj"), kv, None)?,
+                        o: bias(o_bias, &bias_name("o_proj"), d, None)?,
+                    },
                     ffn_norm: vector(&name("post_attention_layernorm"))?,
                     gate: matrix(&name("mlp.gate_proj"), config.ffn_size, d)?,
                     up: matrix(&name("mlp.up_proj"), config.ffn_size, d)?,
@@ -236,6 +324,7 @@ impl<D: Device> Llama<D> {
             norm: vector("model.norm.weight")?,
             layers,
             output,
+            rope_divisors: rope_divisors(&device, &config)?,
             config,
             device,
         })
@@ -272,12 +361,13 @@ mod tests {
         let config = parse(&format!("{{{base}}}")).unwrap();
         assert_eq!((config.kv_heads, config.rope_base), (2, 10_000.0));
         for (extra, named) in [
-            (r#","model_type":"qwen2""#, "qwen2"),
+            (r#","model_type":"gemma""#, "gemma"),
+            (r#","rope_scaling":{"type":"yarn","factor":2}"#, "yarn"),
             (
-                r#","rope_scaling":{"type":"linear","factor":2}"#,
-                "rope_scaling",
+                r#","rope_scaling":{"rope_type":"llama3","factor":8}"#,
+                "low_freq_factor",
             ),
-            (r#","attention_bias":true"#, "bias"),
+            (r#","mlp_bias":true"#, "mlp_bias"),
             (r#","hidden_act":"gelu""#, "gelu"),
             (r#","num_key_value_heads":3"#, "3 key/value heads"),
         ] {

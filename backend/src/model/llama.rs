@@ -4,7 +4,8 @@
 //! cache ([`crate::kv_cache`]).
 //!
 //! Per layer: RMSNorm, grouped-query self-attention with rotary position embeddings (GGUF's
-//! adjacent-pair form), a residual add, RMSNorm, a SwiGLU feed-forward block, a residual
+//! adjacent-pair form, with Llama 3's or linear frequency scaling where the model has it;
+//! Qwen2's query/key/value biases where it has them), a residual add, RMSNorm, a SwiGLU feed-forward block, a residual
 //! add; then a final RMSNorm and the output head, which is the token embedding itself when
 //! the file has no `output.weight` (tied). Weights stay in their stored encoding on the
 //! device. One forward pass runs a batch of sequences, each with its own new tokens (a
@@ -17,7 +18,7 @@ use super::gguf::{Gguf, Value};
 use super::LoadError;
 use crate::device::{Device, DeviceError, PagedAttention, PagedSequence, Tensor};
 use crate::kv_cache::{KvCache, SeqCache};
-use crate::quant::{dequantize, QMatrix};
+use crate::quant::{dequantize, GgmlType, QMatrix};
 
 /// The shape of the network, from the GGUF's `llama.*` metadata.
 #[derive(Debug, Clone, PartialEq)]
@@ -30,7 +31,54 @@ pub struct LlamaConfig {
     pub ffn_size: usize,
     pub rms_eps: f32,
     pub rope_base: f32,
+    /// How much slower each rotary pair turns than `rope_base` says (`head_dim / 2`
+    /// values); empty when none is (no frequency scaling).
+    pub rope_divisors: Vec<f32>,
     pub context_length: usize,
+}
+
+/// Rotary frequency scaling, as Hugging Face's `rope_scaling` describes it.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RopeScaling {
+    /// Every frequency divided by `factor`.
+    Linear { factor: f64 },
+    /// Llama 3's: low frequencies divided by `factor`, high ones kept, a smooth blend
+    /// between.
+    Llama3 {
+        factor: f64,
+        low_freq_factor: f64,
+        high_freq_factor: f64,
+        original_context: f64,
+    },
+}
+
+impl RopeScaling {
+    /// Each rotary pair's divisor for heads `head_dim` wide turning at `base`.
+    pub fn divisors(&self, base: f64, head_dim: usize) -> Vec<f32> {
+        (0..head_dim / 2)
+            .map(|i| match *self {
+                RopeScaling::Linear { factor } => factor as f32,
+                RopeScaling::Llama3 {
+                    factor,
+                    low_freq_factor,
+                    high_freq_factor,
+                    original_context,
+                } => {
+                    let inv_freq = base.powf(-2.0 * i as f64 / head_dim as f64);
+                    let wavelength = 2.0 * std::f64::consts::PI / inv_freq;
+                    if wavelength < original_context / high_freq_factor {
+                        1.0
+                    } else if wavelength > original_context / low_freq_factor {
+                        factor as f32
+                    } else {
+                        let smooth = (original_context / wavelength - low_freq_factor)
+                            / (high_freq_factor - low_freq_factor);
+                        (1.0 / ((1.0 - smooth) / factor + smooth)) as f32
+                    }
+                }
+            })
+            .collect()
+    }
 }
 
 impl LlamaConfig {
@@ -38,33 +86,39 @@ impl LlamaConfig {
         self.hidden_size / self.heads
     }
 
+    /// The network's shape from a GGUF's metadata under its architecture's prefix
+    /// (`llama.*`, `qwen2.*`).
     pub fn from_gguf(gguf: &Gguf) -> Result<LlamaConfig, String> {
-        let arch = gguf
-            .get("general.architecture")
-            .and_then(Value::as_str)
-            .ok_or("no general.architecture")?;
-        if arch != "llama" {
-            return Err(format!(
-                "general.architecture `{arch}` (only `llama` runs here)"
-            ));
-        }
+        let arch = architecture(gguf)?;
         let int = |key: &str| -> Result<usize, String> {
-            gguf.get(&format!("llama.{key}"))
+            gguf.get(&format!("{arch}.{key}"))
                 .and_then(Value::as_u64)
                 .and_then(|v| usize::try_from(v).ok())
-                .ok_or_else(|| format!("llama.{key} is missing or not an integer"))
+                .ok_or_else(|| format!("{arch}.{key} is missing or not an integer"))
         };
         let float = |key: &str, default: Option<f64>| -> Result<f32, String> {
-            match gguf.get(&format!("llama.{key}")) {
+            match gguf.get(&format!("{arch}.{key}")) {
                 Some(v) => v
                     .as_f64()
                     .map(|v| v as f32)
-                    .ok_or_else(|| format!("llama.{key} is not a number")),
+                    .ok_or_else(|| format!("{arch}.{key} is not a number")),
                 None => default
                     .map(|v| v as f32)
-                    .ok_or_else(|| format!("llama.{key} is missing")),
+                    .ok_or_else(|| format!("{arch}.{key} is missing")),
             }
         };
+        match gguf
+            .get(&format!("{arch}.rope.scaling.type"))
+            .and_then(Value::as_str)
+        {
+            None | Some("none") => {}
+            Some(kind) => {
+                return Err(format!(
+                    "{arch}.rope.scaling.type `{kind}` (frequency scaling here comes from a \
+                     rope_freqs tensor, as llama.cpp writes Llama 3's)"
+                ))
+            }
+        }
         let heads = int("attention.head_count")?;
         let config = LlamaConfig {
             vocab_size: match int("vocab_size") {
@@ -84,6 +138,8 @@ impl LlamaConfig {
             rms_eps: float("attention.layer_norm_rms_epsilon", None)?,
             // llama.cpp's default when a file does not say.
             rope_base: float("rope.freq_base", Some(10_000.0))?,
+            // From the `rope_freqs` tensor, if the file has one (read with the weights).
+            rope_divisors: Vec::new(),
             context_length: int("context_length")?,
         };
         let head_dim = config.hidden_size / heads.max(1);
@@ -109,18 +165,100 @@ impl LlamaConfig {
     }
 }
 
-/// One decoder layer's weights. `q` and `k` rows are in GGUF's order, permuted for
-/// adjacent-pair rotary embeddings (see [`Device::rope`]).
+/// The decoder families a GGUF may hold, by `general.architecture`: Llama's (also
+/// Mistral's and TinyLlama's, which llama.cpp writes as `llama`) and Qwen2's.
+const ARCHITECTURES: [&str; 2] = ["llama", "qwen2"];
+
+fn architecture(gguf: &Gguf) -> Result<&str, String> {
+    let arch = gguf
+        .get("general.architecture")
+        .and_then(Value::as_str)
+        .ok_or("no general.architecture")?;
+    if !ARCHITECTURES.contains(&arch) {
+        return Err(format!(
+            "general.architecture `{arch}` (these run here: {})",
+            ARCHITECTURES.join(", ")
+        ));
+    }
+    Ok(arch)
+}
+
+/// One decoder layer's weights. `q` and `k` rows (and their biases) are in GGUF's llama
+/// order, permuted for adjacent-pair rotary embeddings (see [`Device::rope`]).
 pub(super) struct Layer<D: Device> {
     pub(super) attn_norm: Tensor<D::Storage>,
     pub(super) q: D::Matrix,
     pub(super) k: D::Matrix,
     pub(super) v: D::Matrix,
     pub(super) o: D::Matrix,
+    /// Biases of the attention's products, where the model has them (Qwen2: q, k and v;
+    /// Llama's `attention_bias`: all four).
+    pub(super) biases: AttentionBiases<D>,
     pub(super) ffn_norm: Tensor<D::Storage>,
     pub(super) gate: D::Matrix,
     pub(super) up: D::Matrix,
     pub(super) down: D::Matrix,
+}
+
+/// Added after the attention's products; `None` where the model has no bias.
+pub(super) struct AttentionBiases<D: Device> {
+    pub(super) q: Option<Tensor<D::Storage>>,
+    pub(super) k: Option<Tensor<D::Storage>>,
+    pub(super) v: Option<Tensor<D::Storage>>,
+    pub(super) o: Option<Tensor<D::Storage>>,
+}
+
+/// `x + bias`, where there is a bias.
+fn biased<D: Device>(
+    dev: &D,
+    mut x: Tensor<D::Storage>,
+    bias: &Option<Tensor<D::Storage>>,
+) -> Result<Tensor<D::Storage>, DeviceError> {
+    if let Some(bias) = bias {
+        dev.add_bias(&mut x, bias)?;
+    }
+    Ok(x)
+}
+
+/// Reorders each head's rows from Hugging Face's halves (row `i` pairs with row
+/// `i + head_dim/2`) to adjacent pairs (rows `2i`, `2i + 1`): new row `2i + t` of a head is
+/// old row `t · head_dim/2 + i`. Rows move whole, so any encoding works.
+pub(super) fn interleave_rope_rows(matrix: QMatrix, heads: usize) -> QMatrix {
+    let head_dim = matrix.rows / heads;
+    let half = head_dim / 2;
+    let row_bytes = matrix.bytes.len() / matrix.rows;
+    let mut bytes = Vec::with_capacity(matrix.bytes.len());
+    for h in 0..heads {
+        for i in 0..half {
+            for t in 0..2 {
+                let old = h * head_dim + t * half + i;
+                bytes.extend_from_slice(&matrix.bytes[old * row_bytes..(old + 1) * row_bytes]);
+            }
+        }
+    }
+    QMatrix::new(matrix.dtype, matrix.rows, matrix.cols, bytes)
+}
+
+/// [`interleave_rope_rows`] for one value per row (a query or key bias).
+pub(super) fn interleave_rope_values(values: &[f32], heads: usize) -> Vec<f32> {
+    let bytes = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+    let rows = interleave_rope_rows(QMatrix::new(GgmlType::F32, values.len(), 1, bytes), heads);
+    rows.bytes
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes(b.try_into().expect("4 bytes")))
+        .collect()
+}
+
+/// The rotary divisors a model runs with on `device`: its own, or 1 for every pair.
+pub(super) fn rope_divisors<D: Device>(
+    device: &D,
+    config: &LlamaConfig,
+) -> Result<Tensor<D::Storage>, DeviceError> {
+    let pairs = config.head_dim() / 2;
+    match config.rope_divisors.len() {
+        0 => device.upload(&vec![1.0; pairs], &[pairs]),
+        _ => device.upload(&config.rope_divisors, &[pairs]),
+    }
 }
 
 /// Which positions' logits a forward pass returns.
@@ -144,6 +282,8 @@ pub struct Llama<D: Device> {
     pub(super) norm: Tensor<D::Storage>,
     /// `None`: the output head is `embed` (tied).
     pub(super) output: Option<D::Matrix>,
+    /// [`LlamaConfig::rope_divisors`] on the device (all 1 without frequency scaling).
+    pub(super) rope_divisors: Tensor<D::Storage>,
 }
 
 /// One sequence's part in a forward pass.
@@ -166,9 +306,12 @@ impl<D: Device> Llama<D> {
             path: path.to_owned(),
             message,
         };
-        let config = LlamaConfig::from_gguf(gguf).map_err(invalid)?;
+        let mut config = LlamaConfig::from_gguf(gguf).map_err(invalid)?;
+        // Qwen2's files keep Hugging Face's rotate-half order of query and key rows (llama.cpp
+        // runs them with its NEOX rotation); reordered here, they run as llama's do.
+        let halves = architecture(gguf).map_err(invalid)? == "qwen2";
         let (d, kv) = (config.hidden_size, config.kv_heads * config.head_dim());
-        let matrix = |name: &str, rows: usize, cols: usize| -> Result<D::Matrix, LoadError> {
+        let stored = |name: &str, rows: usize, cols: usize| -> Result<QMatrix, LoadError> {
             let (info, bytes) = gguf.tensor(name).ok_or_else(|| LoadError::MissingTensor {
                 path: path.to_owned(),
                 name: name.to_owned(),
@@ -180,33 +323,68 @@ impl<D: Device> Llama<D> {
                     expected: vec![cols, rows],
                 });
             }
-            Ok(device.upload_matrix(QMatrix::new(info.dtype, rows, cols, bytes.to_vec()))?)
+            Ok(QMatrix::new(info.dtype, rows, cols, bytes.to_vec()))
         };
-        let vector = |name: &str| -> Result<Tensor<D::Storage>, LoadError> {
+        let matrix = |name: &str, rows: usize, cols: usize| -> Result<D::Matrix, LoadError> {
+            Ok(device.upload_matrix(stored(name, rows, cols)?)?)
+        };
+        let rope_matrix = |name: &str, rows: usize, heads: usize| -> Result<D::Matrix, LoadError> {
+            let weights = stored(name, rows, d)?;
+            Ok(device.upload_matrix(match halves {
+                true => interleave_rope_rows(weights, heads),
+                false => weights,
+            })?)
+        };
+        let values = |name: &str, len: usize| -> Result<Vec<f32>, LoadError> {
             let (info, bytes) = gguf.tensor(name).ok_or_else(|| LoadError::MissingTensor {
                 path: path.to_owned(),
                 name: name.to_owned(),
             })?;
-            if info.dims != [d] {
+            if info.dims != [len] {
                 return Err(LoadError::TensorShape {
                     name: name.to_owned(),
                     found: info.dims.clone(),
-                    expected: vec![d],
+                    expected: vec![len],
                 });
             }
-            let mut values = vec![0.0f32; d];
+            let mut values = vec![0.0f32; len];
             dequantize(info.dtype, bytes, &mut values);
-            Ok(device.upload(&values, &[d])?)
+            Ok(values)
         };
+        let vector = |name: &str| -> Result<Tensor<D::Storage>, LoadError> {
+            Ok(device.upload(&values(name, d)?, &[d])?)
+        };
+        // A bias, if the file has one; query and key biases reordered as their rows are.
+        let bias = |name: &str, len: usize, heads: Option<usize>| {
+            if !gguf.tensors.contains_key(name) {
+                return Ok(None);
+            }
+            let values = values(name, len)?;
+            let values = match (halves, heads) {
+                (true, Some(heads)) => interleave_rope_values(&values, heads),
+                _ => values,
+            };
+            Ok::<_, LoadError>(Some(device.upload(&values, &[len])?))
+        };
+        if gguf.tensors.contains_key("rope_freqs.weight") {
+            config.rope_divisors = values("rope_freqs.weight", config.head_dim() / 2)?;
+        }
         let layers = (0..config.layers)
             .map(|i| {
                 let name = |part: &str| format!("blk.{i}.{part}.weight");
+                let bias_name = |part: &str| format!("blk.{i}.{part}.bias");
                 Ok(Layer {
                     attn_norm: vector(&name("attn_norm"))?,
-                    q: matrix(&name("attn_q"), d, d)?,
-                    k: matrix(&name("attn_k"), kv, d)?,
+                    q: rope_matrix(&name("attn_q"), d, config.heads)?,
+                    k: rope_matrix(&name("attn_k"), kv, config.kv_heads)?,
                     v: matrix(&name("attn_v"), kv, d)?,
                     o: matrix(&name("attn_output"), d, d)?,
+                    biases: AttentionBiases {
+                        q: bias(&bias_name("attn_q"), d, Some(config.heads))?,
+                        k: bias(&bias_name("attn_k"), kv, Some(config.kv_heads))?,
+                        v: bias(&bias_name("attn_v"), kv, None)?,
+                        o: bias(&bias_name("attn_output"), d, None)?,
+                    },
                     ffn_norm: vector(&name("ffn_norm"))?,
                     gate: matrix(&name("ffn_gate"), config.ffn_size, d)?,
                     up: matrix(&name("ffn_up"), config.ffn_size, d)?,
@@ -223,6 +401,7 @@ impl<D: Device> Llama<D> {
             norm: vector("output_norm.weight")?,
             layers,
             output,
+            rope_divisors: rope_divisors(&device, &config)?,
             config,
             device,
         })
@@ -327,16 +506,19 @@ impl<D: Device> Llama<D> {
         let mut x = dev.gather_matrix_rows(&self.embed, &ids)?;
         for (i, layer) in self.layers.iter().enumerate() {
             let h = dev.rms_norm(&x, &layer.attn_norm, c.rms_eps)?;
-            let mut q = dev.matmul(&h, &layer.q, &prompt_rows)?;
-            let mut k = dev.matmul(&h, &layer.k, &prompt_rows)?;
-            let v = dev.matmul(&h, &layer.v, &prompt_rows)?;
-            dev.rope(&mut q, c.heads, &positions, c.rope_base)?;
-            dev.rope(&mut k, c.kv_heads, &positions, c.rope_base)?;
+            let b = &layer.biases;
+            let mut q = biased(dev, dev.matmul(&h, &layer.q, &prompt_rows)?, &b.q)?;
+            let mut k = biased(dev, dev.matmul(&h, &layer.k, &prompt_rows)?, &b.k)?;
+            let v = biased(dev, dev.matmul(&h, &layer.v, &prompt_rows)?, &b.v)?;
+            let divisors = &self.rope_divisors;
+            dev.rope(&mut q, c.heads, &positions, c.rope_base, divisors)?;
+            dev.rope(&mut k, c.kv_heads, &positions, c.rope_base, divisors)?;
             let (keys, values) = cache.layer_mut(i);
             dev.scatter_rows(keys, &k, &slots)?;
             dev.scatter_rows(values, &v, &slots)?;
             let attended = dev.paged_attention(&q, keys, values, layout)?;
-            dev.add_assign(&mut x, &dev.matmul(&attended, &layer.o, &prompt_rows)?)?;
+            let out = biased(dev, dev.matmul(&attended, &layer.o, &prompt_rows)?, &b.o)?;
+            dev.add_assign(&mut x, &out)?;
 
             let h = dev.rms_norm(&x, &layer.ffn_norm, c.rms_eps)?;
             let mut gate = dev.matmul(&h, &layer.gate, &prompt_rows)?;

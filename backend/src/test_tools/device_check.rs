@@ -193,9 +193,20 @@ impl<R: Device, D: Device> Pair<'_, R, D> {
         // Positions in the thousands, where f32 angles would be visibly off.
         let positions = [0, 1, 2, 1000, 5000, 7];
         let mut x = self.upload(&[6, LLAMA_HEADS * 64])?;
-        r.rope(&mut x.0, LLAMA_HEADS, &positions, 100_000.0)?;
-        d.rope(&mut x.1, LLAMA_HEADS, &positions, 100_000.0)?;
+        // Frequency scaling's divisors: 1 for the fast pairs, up to 8 for the slow ones.
+        let divisors: Vec<f32> = (0..32)
+            .map(|i| 1.0 + (i as f32 / 31.0).powi(2) * 7.0)
+            .collect();
+        let divisors = (r.upload(&divisors, &[32])?, d.upload(&divisors, &[32])?);
+        r.rope(&mut x.0, LLAMA_HEADS, &positions, 100_000.0, &divisors.0)?;
+        d.rope(&mut x.1, LLAMA_HEADS, &positions, 100_000.0, &divisors.1)?;
         self.record("rope".into(), (&x.0, &x.1), ROUNDING)?;
+
+        let mut x = self.upload(&[5, LLAMA_WIDTH])?;
+        let bias = self.upload(&[LLAMA_WIDTH])?;
+        r.add_bias(&mut x.0, &bias.0)?;
+        d.add_bias(&mut x.1, &bias.1)?;
+        self.record("add_bias".into(), (&x.0, &x.1), EXACT)?;
 
         let width = LLAMA_KV_HEADS * 64;
         let mut dest = (r.zeros(&[64, width])?, d.zeros(&[64, width])?);
@@ -399,6 +410,7 @@ mod tests {
             "softmax",
             "silu_mul",
             "rope",
+            "add_bias",
             "zeros + scatter_rows",
             "mean_pool",
             "linear + bias",

@@ -445,6 +445,13 @@ impl Device for CudaDevice {
         Ok(Tensor::from_parts(out, vec![m, n]))
     }
 
+    fn add_bias(&self, x: &mut CudaTensor, bias: &CudaTensor) -> Result<(), DeviceError> {
+        let (m, n) = (x.rows(), x.cols());
+        assert_eq!(bias.len(), n, "add_bias: {bias:?} on rows of {n}");
+        let (rows, d) = (u32_of(m), u32_of(n));
+        launch!(self, "add_bias_rows", elements(m * n); x.data_mut(), bias.data(), &rows, &d)
+    }
+
     fn add_assign(&self, x: &mut CudaTensor, y: &CudaTensor) -> Result<(), DeviceError> {
         assert_eq!(x.shape(), y.shape(), "add_assign");
         let n = u32_of(x.len());
@@ -599,14 +606,16 @@ impl Device for CudaDevice {
         heads: usize,
         positions: &[u32],
         base: f32,
+        divisors: &CudaTensor,
     ) -> Result<(), DeviceError> {
         let head_dim = rope_head_dim(x, heads, positions);
+        assert_eq!(divisors.len(), head_dim / 2, "rope: one divisor per pair");
         let positions = self.indices("positions", positions)?;
         let (rows, heads32, hd) = (u32_of(x.rows()), u32_of(heads), u32_of(head_dim));
         // One thread per pair of a head, in whole warps.
         let block = (head_dim / 2).next_multiple_of(32).min(1024) as u32;
         launch!(self, "rope", shape((x.rows(), 1), block);
-            x.data_mut(), &*positions, &rows, &heads32, &hd, &base)
+            x.data_mut(), &*positions, &rows, &heads32, &hd, &base, divisors.data())
     }
 
     fn silu_mul(&self, gate: &mut CudaTensor, up: &CudaTensor) -> Result<(), DeviceError> {
