@@ -15,8 +15,8 @@ use std::str::FromStr;
 pub enum EngineKind {
     /// Deterministic simulated replies and embeddings; loads no weights.
     Sim,
-    /// Real models from local files (this build: BERT embedding models from safetensors,
-    /// Llama-family chat models from GGUF).
+    /// Real models from local files (this build: BERT embedding models from safetensors;
+    /// Llama, Mistral and Qwen2 chat models from GGUF or Hugging Face folders).
     Native,
 }
 
