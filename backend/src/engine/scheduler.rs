@@ -22,6 +22,11 @@
 //! without a draft, so speculation never changes an output, greedy or seeded: it only
 //! emits several tokens for one pass over the weights when the draft was right.
 //!
+//! A sequence bound to a format ([`Constraint`]) samples only among the tokens the format
+//! allows next (the others' logits masked to minus infinity in a copy) and is never drafted
+//! for; the others in its batch are untouched. Log probabilities, when asked for, are taken
+//! from the unmasked logits of the position each token was sampled at.
+//!
 //! The scheduler is synchronous and single-threaded by design: the engine thread owns it and
 //! calls `step` in a loop. It never blocks and never talks to clients.
 
