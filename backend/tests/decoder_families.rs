@@ -14,12 +14,10 @@ use std::process::Command;
 
 use serde::Deserialize;
 use sluice_backend::device::cpu::Cpu;
-use sluice_backend::device::Device;
 use sluice_backend::engine::sampling::SamplingParams;
 use sluice_backend::engine::scheduler::{Event, Request, Scheduler};
-use sluice_backend::kv_cache::SeqCache;
 use sluice_backend::model::gguf::Gguf;
-use sluice_backend::model::llama::{Llama, Logits, Step};
+use sluice_backend::model::llama::{Llama, Logits};
 
 #[derive(Deserialize)]
 struct Reference {
@@ -61,26 +59,6 @@ fn reference(family: &str, dir: &Path) -> Option<(Reference, Vec<f32>)> {
     Some((reference, logits))
 }
 
-/// The model's logits for every position of `prompt`, in one pass.
-fn logits(model: &Llama<Cpu>, prompt: &[u32]) -> Vec<f32> {
-    let mut cache = model.new_cache(16, 16).unwrap();
-    let mut seq = SeqCache::default();
-    assert!(cache.reserve(&mut seq, prompt.len()));
-    let out = model
-        .forward(
-            &mut cache,
-            &mut [Step {
-                seq: &mut seq,
-                tokens: prompt,
-                generated: 0,
-                outputs: 1,
-            }],
-            Logits::All,
-        )
-        .unwrap();
-    model.device().download(&out).unwrap()
-}
-
 /// The model's greedy continuation of `prompt`, through the engine's scheduler (prompt in
 /// chunks, then one token per step).
 fn greedy(model: &Llama<Cpu>, prompt: &[u32], tokens: usize) -> Vec<u32> {
@@ -110,7 +88,7 @@ fn greedy(model: &Llama<Cpu>, prompt: &[u32], tokens: usize) -> Vec<u32> {
 
 /// `model` against the reference: every logit within 1e-3, the same greedy tokens.
 fn check(family: &str, source: &str, model: &Llama<Cpu>, reference: &Reference, want: &[f32]) {
-    let got = logits(model, &reference.prompt);
+    let got = common::one_pass(model, &reference.prompt, 0, Logits::All);
     assert_eq!(got.len(), reference.prompt.len() * reference.vocab);
     let worst = got
         .iter()

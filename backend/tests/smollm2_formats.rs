@@ -14,12 +14,10 @@ use std::sync::Arc;
 
 use serde_json::{json, Value};
 use sluice_backend::device::cpu::Cpu;
-use sluice_backend::device::Device;
 use sluice_backend::engine::constraint::{Format, Formats};
 use sluice_backend::engine::sampling::{SamplingParams, TokenLogprobs};
 use sluice_backend::engine::scheduler::{Event, Request, Scheduler};
-use sluice_backend::kv_cache::SeqCache;
-use sluice_backend::model::llama::{Llama, Logits, Step};
+use sluice_backend::model::llama::Logits;
 
 use common::{chat, smollm2};
 
@@ -63,27 +61,6 @@ fn greedy(id: u64, prompt: Vec<u32>, max_tokens: usize) -> Request {
     }
 }
 
-/// The logits after each of `tokens`, from one pass over all of them; those after the
-/// first `prompt` tokens are computed as generated tokens, as in decoding.
-fn all_logits(model: &Llama<Cpu>, tokens: &[u32], prompt: usize) -> Vec<f32> {
-    let mut cache = model.new_cache(64, BLOCK_SIZE).unwrap();
-    let mut seq = SeqCache::default();
-    assert!(cache.reserve(&mut seq, tokens.len()));
-    let out = model
-        .forward(
-            &mut cache,
-            &mut [Step {
-                seq: &mut seq,
-                tokens,
-                generated: tokens.len() - prompt,
-                outputs: 1,
-            }],
-            Logits::All,
-        )
-        .unwrap();
-    model.device().download(&out).unwrap()
-}
-
 #[test]
 fn log_probabilities_are_the_log_softmax_of_the_models_logits_and_change_no_token() {
     let Some((model, tokenizer)) = smollm2() else {
@@ -124,7 +101,7 @@ fn log_probabilities_are_the_log_softmax_of_the_models_logits_and_change_no_toke
             .chain(&tokens[..tokens.len() - 1])
             .copied()
             .collect();
-        let logits = all_logits(&model, &fed, prompt.len());
+        let logits = common::one_pass(&model, &fed, fed.len() - prompt.len(), Logits::All);
         let rows: Vec<&[f32]> = logits.chunks_exact(vocab).skip(prompt.len() - 1).collect();
         assert_eq!(rows.len(), tokens.len());
         for (k, ((row, got), &token)) in rows.iter().zip(logprobs).zip(tokens).enumerate() {

@@ -14,11 +14,9 @@ use std::path::Path;
 use std::process::Command;
 
 use sluice_backend::device::cpu::Cpu;
-use sluice_backend::device::Device;
 use sluice_backend::engine::sampling::argmax;
-use sluice_backend::kv_cache::SeqCache;
 use sluice_backend::model::gguf::Gguf;
-use sluice_backend::model::llama::{Llama, Logits, Step};
+use sluice_backend::model::llama::{Llama, Logits};
 use sluice_backend::model::tokenizer::{ChatMessage, LlamaTokenizer};
 
 /// Converts `gguf` into a fresh Hugging Face folder of `dtype` weights.
@@ -42,22 +40,7 @@ fn convert(gguf: &Path, dtype: &str) -> tempfile::TempDir {
 
 /// The last position's logits for `tokens`, run as one prompt.
 fn last_logits(model: &Llama<Cpu>, tokens: &[u32]) -> Vec<f32> {
-    let mut cache = model.new_cache(tokens.len().div_ceil(16), 16).unwrap();
-    let mut seq = SeqCache::default();
-    assert!(cache.reserve(&mut seq, tokens.len()));
-    let out = model
-        .forward(
-            &mut cache,
-            &mut [Step {
-                seq: &mut seq,
-                tokens,
-                generated: 0,
-                outputs: 1,
-            }],
-            Logits::Last,
-        )
-        .unwrap();
-    model.device().download(&out).unwrap()
+    common::one_pass(model, tokens, 0, Logits::Last)
 }
 
 /// Greedy continuation of `prompt`, `count` tokens or up to `eos`.

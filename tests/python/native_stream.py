@@ -265,7 +265,7 @@ clock = {
 }
 for name, client in clients.items():
     for choice_param in ("required", named):
-        reply = client.chat.completions.create(
+        asked = dict(
             model=model,
             messages=ask_weather,
             tools=[weather, clock] if choice_param == "required" else [clock, weather],
@@ -273,6 +273,7 @@ for name, client in clients.items():
             temperature=0,
             max_tokens=80,
         )
+        reply = client.chat.completions.create(**asked)
         choice = reply.choices[0]
         assert choice.finish_reason == "tool_calls", (name, choice)
         assert choice.message.content is None, (name, choice)
@@ -283,15 +284,7 @@ for name, client in clients.items():
         tool = weather if call.function.name == "weather" else clock
         jsonschema.validate(json.loads(call.function.arguments), tool["function"]["parameters"])
 
-        stream = client.chat.completions.create(
-            model=model,
-            messages=ask_weather,
-            tools=[weather, clock] if choice_param == "required" else [clock, weather],
-            tool_choice=choice_param,
-            temperature=0,
-            max_tokens=80,
-            stream=True,
-        )
+        stream = client.chat.completions.create(**asked, stream=True)
         ids, names, arguments, finish = set(), [], "", None
         for chunk in stream:
             for c in chunk.choices:

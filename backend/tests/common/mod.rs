@@ -4,8 +4,10 @@
 use std::path::{Path, PathBuf};
 
 use sluice_backend::device::cpu::Cpu;
+use sluice_backend::device::Device;
+use sluice_backend::kv_cache::SeqCache;
 use sluice_backend::model::gguf::Gguf;
-use sluice_backend::model::llama::Llama;
+use sluice_backend::model::llama::{Llama, Logits, Step};
 use sluice_backend::model::tokenizer::{ChatMessage, LlamaTokenizer};
 
 /// Whether what a test needs is here. If not, the test says so and passes, except under
@@ -55,6 +57,28 @@ pub fn chat(tokenizer: &LlamaTokenizer, turns: &[(&str, &str)]) -> Vec<u32> {
         .collect();
     let prompt = tokenizer.apply_chat_template(&messages).unwrap();
     tokenizer.encode(&prompt).unwrap()
+}
+
+/// `tokens` through `model` in one pass on a cache of their own, the last `generated` of
+/// them as generated tokens; the logits `which` asks for, downloaded.
+#[allow(dead_code)]
+pub fn one_pass(model: &Llama<Cpu>, tokens: &[u32], generated: usize, which: Logits) -> Vec<f32> {
+    let mut cache = model.new_cache(tokens.len().div_ceil(16), 16).unwrap();
+    let mut seq = SeqCache::default();
+    assert!(cache.reserve(&mut seq, tokens.len()));
+    let out = model
+        .forward(
+            &mut cache,
+            &mut [Step {
+                seq: &mut seq,
+                tokens,
+                generated,
+                outputs: 1,
+            }],
+            which,
+        )
+        .unwrap();
+    model.device().download(&out).unwrap()
 }
 
 /// SLUICE_TEST_PYTHON, else the repository's .venv, else python3.
