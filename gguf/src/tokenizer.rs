@@ -11,8 +11,17 @@ use tokenizers::models::bpe::BPE;
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::pre_tokenizers::digits::Digits;
 use tokenizers::pre_tokenizers::sequence::Sequence;
+use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
 use tokenizers::pre_tokenizers::PreTokenizerWrapper;
-use tokenizers::{AddedToken, Tokenizer};
+use tokenizers::{AddedToken, SplitDelimiterBehavior, Tokenizer};
+
+/// Llama 3's split before its byte-level mapping (its tokenizer.json, and llama.cpp's
+/// `llama-bpe`): contractions, letter runs with one leading non-letter, numbers up to three
+/// digits, punctuation runs, newlines, spaces.
+const LLAMA3_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+
+/// Qwen2's: Llama 3's with every digit on its own.
+const QWEN2_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
 /// GGUF's `token_type` of control tokens (`<|im_start|>`...).
 pub const CONTROL: i64 = 3;
@@ -57,12 +66,28 @@ pub fn byte_pairs(metadata: &BTreeMap<String, Value>) -> Result<BytePairs, Strin
     // What Hugging Face's tokenizer.json says for these models: SmolLM's splits every
     // digit on its own before GPT-2's regex.
     let byte_level = ByteLevel::new(false, true, true);
+    // Llama 3's and Qwen2's split by their own pattern, then map bytes without GPT-2's.
+    let split_then_bytes = |pattern: &str| -> Result<PreTokenizerWrapper, String> {
+        let split = Split::new(
+            SplitPattern::Regex(pattern.to_owned()),
+            SplitDelimiterBehavior::Isolated,
+            false,
+        )
+        .map_err(|err| format!("the pre-tokenizer's pattern: {err}"))?;
+        Ok(Sequence::new(vec![
+            split.into(),
+            ByteLevel::new(false, true, false).into(),
+        ])
+        .into())
+    };
     let pre_tokenizer: PreTokenizerWrapper = match pre {
         "smollm" => Sequence::new(vec![Digits::new(true).into(), byte_level.into()]).into(),
         "gpt2" | "default" => byte_level.into(),
+        "llama-bpe" | "llama3" => split_then_bytes(LLAMA3_SPLIT)?,
+        "qwen2" => split_then_bytes(QWEN2_SPLIT)?,
         other => {
             return Err(format!(
-                "tokenizer.ggml.pre `{other}` (known: smollm, gpt2, default)"
+                "tokenizer.ggml.pre `{other}` (known: smollm, gpt2, default, llama-bpe, qwen2)"
             ))
         }
     };
@@ -182,10 +207,48 @@ mod tests {
         assert_eq!(ids(&smollm, "12"), [5, 6]);
     }
 
+    /// The pieces `pre` cuts `text` into, before byte-level mapping is undone.
+    fn pieces(pre: &str, text: &str) -> Vec<String> {
+        use tokenizers::tokenizer::{OffsetReferential, OffsetType, PreTokenizedString};
+        use tokenizers::PreTokenizer;
+        let pairs = byte_pairs(&metadata(pre)).unwrap();
+        let mut split = PreTokenizedString::from(text);
+        pairs
+            .tokenizer
+            .get_pre_tokenizer()
+            .unwrap()
+            .pre_tokenize(&mut split)
+            .unwrap();
+        split
+            .get_splits(OffsetReferential::Original, OffsetType::Byte)
+            .into_iter()
+            .map(|(piece, _, _)| piece.to_owned())
+            .collect()
+    }
+
+    /// The expected pieces are what Hugging Face's Python `tokenizers` gives for the same
+    /// split and byte-level steps.
+    #[test]
+    fn llama3_and_qwen2_split_numbers_words_and_spaces_as_their_tokenizers_do() {
+        let text = "I'll pay 12345 now,\n\n  ok";
+        // Byte-level characters: `Ġ` a space, `Ċ` a newline.
+        assert_eq!(
+            pieces("llama-bpe", text),
+            ["I", "'ll", "Ġpay", "Ġ", "123", "45", "Ġnow", ",ĊĊ", "Ġ", "Ġok"]
+        );
+        assert_eq!(
+            pieces("qwen2", text),
+            ["I", "'ll", "Ġpay", "Ġ", "1", "2", "3", "4", "5", "Ġnow", ",ĊĊ", "Ġ", "Ġok"]
+        );
+    }
+
     #[test]
     fn what_is_not_a_known_byte_level_bpe_is_refused_with_the_key() {
         let mut unknown_pre = metadata("gpt2");
-        unknown_pre.insert("tokenizer.ggml.pre".into(), Value::String("qwen2".into()));
+        unknown_pre.insert(
+            "tokenizer.ggml.pre".into(),
+            Value::String("deepseek".into()),
+        );
         assert!(byte_pairs(&unknown_pre)
             .err()
             .unwrap()
