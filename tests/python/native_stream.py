@@ -349,6 +349,22 @@ for name, client in clients.items():
     for token, top in zip(lp.tokens, lp.top_logprobs):
         assert len(top) <= 2 and token in top, (name, token, top)
 
+    # A bias of 100 all but forces a token: every token of the reply is that one.
+    forced = client.chat.completions.create(
+        model=model, messages=question, temperature=0, max_tokens=3, logprobs=True,
+        logit_bias={"28": 100},
+    )
+    tokens = [t.token for t in forced.choices[0].logprobs.content]
+    assert len(tokens) == 3 and len(set(tokens)) == 1, (name, tokens)
+    # Ids past the vocabulary, biases past ±100 and keys that are no ids are refused.
+    for bad in ({"99999999": 5}, {"28": 101}, {"x": 1}):
+        try:
+            client.chat.completions.create(model=model, messages=question, logit_bias=bad)
+        except openai.BadRequestError as err:
+            assert err.body.get("param") == "logit_bias", (name, bad, err.body)
+        else:
+            raise AssertionError(f"{name}: logit_bias {bad} was answered")
+
     # top_logprobs without logprobs, and out of range, are the client's errors.
     for bad in (dict(top_logprobs=2), dict(logprobs=True, top_logprobs=21)):
         try:

@@ -2,7 +2,8 @@
 //! it.
 //!
 //! Order of operations (that of vLLM and llama.cpp): presence and frequency penalties on
-//! the raw logits, over the tokens this sequence has generated so far; then temperature;
+//! the raw logits, over the tokens this sequence has generated so far, and any per-token
+//! bias (`logit_bias`); then temperature;
 //! then top-k and top-p (nucleus) filtering of the resulting distribution; then one draw.
 //! Temperature 0 is greedy: the largest logit, the lowest id on a tie, and no draw, so
 //! greedy output never depends on a seed. A seed makes a sequence's draws reproducible.
@@ -25,6 +26,9 @@ pub struct SamplingParams {
     pub presence_penalty: f32,
     pub frequency_penalty: f32,
     pub seed: Option<u64>,
+    /// Added to the logit of each listed token before anything else (OpenAI's
+    /// `logit_bias`, -100 to 100: -100 all but bans a token, 100 all but forces it).
+    pub logit_bias: Vec<(u32, f32)>,
 }
 
 impl Default for SamplingParams {
@@ -37,6 +41,7 @@ impl Default for SamplingParams {
             presence_penalty: 0.0,
             frequency_penalty: 0.0,
             seed: None,
+            logit_bias: Vec::new(),
         }
     }
 }
@@ -76,18 +81,26 @@ impl Sampler {
     /// generated, for the penalties of the tokens after it.
     pub fn sample(&mut self, logits: &[f32]) -> u32 {
         let p = &self.params;
-        // The penalties touch only the tokens generated so far: applied to those alone, the
-        // vocabulary-wide pass below needs no look-up per token.
+        // The penalties touch only the tokens generated so far, and the biases only the
+        // tokens they name: applied to those alone, the vocabulary-wide pass below needs no
+        // look-up per token.
         let penalised: Vec<f32>;
-        let logits = if self.counts.is_empty()
-            || (p.presence_penalty == 0.0 && p.frequency_penalty == 0.0)
-        {
+        let penalties =
+            !self.counts.is_empty() && (p.presence_penalty != 0.0 || p.frequency_penalty != 0.0);
+        let logits = if !penalties && p.logit_bias.is_empty() {
             logits
         } else {
             let mut adjusted = logits.to_vec();
-            for (&id, &n) in &self.counts {
+            if penalties {
+                for (&id, &n) in &self.counts {
+                    if let Some(logit) = adjusted.get_mut(id as usize) {
+                        *logit -= p.presence_penalty + p.frequency_penalty * n as f32;
+                    }
+                }
+            }
+            for &(id, bias) in &p.logit_bias {
                 if let Some(logit) = adjusted.get_mut(id as usize) {
-                    *logit -= p.presence_penalty + p.frequency_penalty * n as f32;
+                    *logit += bias;
                 }
             }
             penalised = adjusted;
@@ -231,6 +244,24 @@ pub fn argmax(logits: &[f32]) -> u32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_logit_bias_bans_or_forces_a_token_greedy_or_sampled() {
+        let logits = [2.0f32, 1.0, 0.5, -1.0];
+        for temperature in [0.0, 1.0] {
+            let with = |logit_bias: Vec<(u32, f32)>| SamplingParams {
+                temperature,
+                seed: Some(3),
+                logit_bias,
+                ..SamplingParams::default()
+            };
+            for _ in 0..20 {
+                assert_eq!(Sampler::new(with(vec![(3, 100.0)])).sample(&logits), 3);
+                let banned = Sampler::new(with(vec![(0, -100.0), (1, -100.0)])).sample(&logits);
+                assert!(banned >= 2, "{banned}");
+            }
+        }
+    }
 
     #[test]
     fn log_probs_are_the_log_softmax_with_the_likeliest_first() {

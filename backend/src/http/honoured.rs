@@ -1,8 +1,9 @@
 //! Which request fields can the native engine honour? Those that change what a reply is
-//! and that it cannot act on (tools, token biases, audio, echo, a suffix) are refused by
-//! name, so that a client never gets a 200 that quietly ignored what it asked for.
-//! (Structured output and log probabilities it honours: `completion::output`.) A field
-//! sent as `null`, or with the value that asks for nothing (`"tools": []`, `"echo":
+//! and that it cannot act on (legacy functions, audio, echo, a suffix, candidates to rank)
+//! are refused by name, so that a client never gets a 200 that quietly ignored what it
+//! asked for. (Structured output, tool calls and log probabilities it honours:
+//! `completion::output`, `completion::tools`; token biases: `completion::sampling`.) A field
+//! sent as `null`, or with the value that asks for nothing (`"functions": []`, `"echo":
 //! false`), is no request and passes. The simulated engine stands in for any
 //! upstream, one that may well call tools, and accepts them all.
 
@@ -11,7 +12,7 @@ use serde_json::Value;
 /// A field the engine cannot act on, and why.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Unhonoured {
-    /// The parameter's path, as errors name it: `tools`, `messages[0].content[1].type`.
+    /// The parameter's path, as errors name it: `echo`, `messages[0].content[1].type`.
     pub param: String,
     pub reason: &'static str,
 }
@@ -41,13 +42,12 @@ fn refusal(param: &str, value: &Value) -> Option<&'static str> {
         Value::Number(_) => false,
     };
     match param {
-        "tools" | "functions" if !empty => Some(TOOLS),
+        "functions" if !empty => Some(FUNCTIONS),
         // "none", and "auto" with nothing to call, ask for no call.
-        "tool_choice" | "function_call" => match value.as_str() {
+        "function_call" => match value.as_str() {
             Some("none" | "auto") => None,
-            _ => Some(TOOLS),
+            _ => Some(FUNCTIONS),
         },
-        "logit_bias" if !empty => Some("this engine does not bias its sampling by token"),
         "modalities" => match value.as_array().map(Vec::as_slice) {
             Some([only]) if only == "text" => None,
             _ => Some("this engine writes text only"),
@@ -63,7 +63,8 @@ fn refusal(param: &str, value: &Value) -> Option<&'static str> {
     }
 }
 
-const TOOLS: &str = "this engine does not call tools; send the request without tools";
+const FUNCTIONS: &str = "this engine does not read the legacy functions; send them as tools, \
+                         with tool_choice \"required\" or naming the function";
 
 #[cfg(test)]
 mod tests {
@@ -77,17 +78,8 @@ mod tests {
     #[test]
     fn a_field_asking_for_something_is_named_and_one_asking_for_nothing_passes() {
         for (param, asks) in [
-            (
-                "tools",
-                json!([{"type": "function", "function": {"name": "f"}}]),
-            ),
-            ("tool_choice", json!("required")),
-            (
-                "tool_choice",
-                json!({"type": "function", "function": {"name": "f"}}),
-            ),
             ("functions", json!([{"name": "f"}])),
-            ("logit_bias", json!({"50256": -100})),
+            ("function_call", json!({"name": "f"})),
             ("modalities", json!(["text", "audio"])),
             ("audio", json!({"voice": "alloy"})),
             ("echo", json!(true)),
@@ -101,11 +93,9 @@ mod tests {
             );
         }
         for (param, nothing) in [
-            ("tools", json!([])),
-            ("tool_choice", json!("none")),
-            ("tool_choice", json!("auto")),
+            ("functions", json!([])),
             ("function_call", json!("none")),
-            ("logit_bias", json!({})),
+            ("function_call", json!("auto")),
             ("modalities", json!(["text"])),
             ("echo", json!(false)),
             ("suffix", json!("")),
@@ -119,16 +109,19 @@ mod tests {
             );
         }
         // Absent or null: nothing asked.
-        assert_eq!(first_unhonoured([("tools", None), ("echo", None)]), None);
+        assert_eq!(
+            first_unhonoured([("functions", None), ("echo", None)]),
+            None
+        );
     }
 
     #[test]
     fn the_first_refused_field_in_order_is_named() {
         let fields = [
-            ("tools", json!([])),
-            ("logit_bias", json!({"1": 5})),
+            ("functions", json!([])),
+            ("suffix", json!("}")),
             ("echo", json!(true)),
         ];
-        assert_eq!(first(&fields).as_deref(), Some("logit_bias"));
+        assert_eq!(first(&fields).as_deref(), Some("suffix"));
     }
 }

@@ -92,7 +92,6 @@ impl CompletionRoute for Chat {
                 first_unhonoured([
                     ("functions", request.functions.as_ref()),
                     ("function_call", request.function_call.as_ref()),
-                    ("logit_bias", request.logit_bias.as_ref()),
                     ("modalities", request.modalities.as_ref()),
                     ("audio", request.audio.as_ref()),
                 ])
@@ -113,6 +112,7 @@ impl CompletionRoute for Chat {
                 frequency_penalty: request.frequency_penalty,
                 seed: request.seed,
                 stop: request.stop,
+                logit_bias: request.logit_bias,
             },
             stream: request.stream,
             stream_options: request.stream_options,

@@ -72,6 +72,18 @@ pub async fn run<W: ChunkWriter>(
             });
         }
     }
+    let vocab = engine.tokenizer().vocab_size();
+    if let Some(&(id, _)) = request
+        .params
+        .logit_bias
+        .iter()
+        .find(|&&(id, _)| id as usize >= vocab)
+    {
+        return Err(ApiError::invalid_value(
+            "logit_bias",
+            format!("token {id} is not in the model's vocabulary of {vocab}"),
+        ));
+    }
     let constraint = constraint(engine, request.format).await?;
     let prompt_tokens: u64 = request.prompts.iter().map(|p| p.len() as u64).sum();
     let mut choices = Vec::with_capacity(request.prompts.len() * request.n as usize);

@@ -2,6 +2,8 @@
 //! the fields as sent into the engine's [`SamplingParams`] and stop strings, for a native
 //! decoder; the simulated engine ignores them.
 
+use serde_json::Value;
+
 use crate::engine::sampling::SamplingParams;
 use crate::http::error::ApiError;
 use crate::http::openai::Stop;
@@ -15,6 +17,52 @@ pub struct SamplingFields {
     pub frequency_penalty: Option<f64>,
     pub seed: Option<i64>,
     pub stop: Option<Stop>,
+    /// As sent: an object from token ids (as strings) to biases.
+    pub logit_bias: Option<Value>,
+}
+
+/// The most tokens a `logit_bias` may name.
+const MAX_BIASED_TOKENS: usize = 1024;
+
+/// `logit_bias` read: token ids and their biases, in id order. Whether the ids are in the
+/// model's vocabulary is checked once the model is known.
+fn logit_bias(value: Option<Value>) -> Result<Vec<(u32, f32)>, ApiError> {
+    let fields = match value {
+        None | Some(Value::Null) => return Ok(Vec::new()),
+        Some(Value::Object(fields)) => fields,
+        Some(_) => {
+            return Err(ApiError::InvalidType {
+                param: "logit_bias".to_owned(),
+                message: "expected an object from token ids to biases".to_owned(),
+            })
+        }
+    };
+    if fields.len() > MAX_BIASED_TOKENS {
+        return Err(ApiError::invalid_value(
+            "logit_bias",
+            format!(
+                "{} tokens; at most {MAX_BIASED_TOKENS} may be biased",
+                fields.len()
+            ),
+        ));
+    }
+    let mut biases = fields
+        .iter()
+        .map(|(key, value)| {
+            let id = key.parse::<u32>().map_err(|_| {
+                ApiError::invalid_value("logit_bias", format!("`{key}` is not a token id"))
+            })?;
+            match value.as_f64() {
+                Some(bias) if (-100.0..=100.0).contains(&bias) => Ok((id, bias as f32)),
+                _ => Err(ApiError::invalid_value(
+                    "logit_bias",
+                    format!("the bias of token {id} must be a number from -100 to 100"),
+                )),
+            }
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    biases.sort_unstable_by_key(|&(id, _)| id);
+    Ok(biases)
 }
 
 /// The most stop strings a request may give, as OpenAI allows.
@@ -82,6 +130,7 @@ impl SamplingFields {
             frequency_penalty: ranged("frequency_penalty", self.frequency_penalty, -2.0, 2.0, 0.0)?,
             // The seed's bits, whatever its sign: any i64 names a distinct stream.
             seed: self.seed.map(|seed| seed as u64),
+            logit_bias: logit_bias(self.logit_bias)?,
         };
         Ok((params, stop))
     }

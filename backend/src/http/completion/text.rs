@@ -63,6 +63,7 @@ impl CompletionRoute for Text {
                 frequency_penalty: request.frequency_penalty,
                 seed: request.seed,
                 stop: request.stop,
+                logit_bias: request.logit_bias,
             },
             stream: request.stream,
             stream_options: request.stream_options,
@@ -71,7 +72,6 @@ impl CompletionRoute for Text {
                 ("echo", request.echo.as_ref()),
                 ("suffix", request.suffix.as_ref()),
                 ("best_of", request.best_of.as_ref()),
-                ("logit_bias", request.logit_bias.as_ref()),
             ]),
             speculate: request
                 .speculative_decoding
