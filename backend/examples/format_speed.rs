@@ -14,11 +14,11 @@ use std::time::Instant;
 use serde_json::json;
 use sluice_backend::device::cpu::Cpu;
 use sluice_backend::engine::constraint::{Format, Formats};
-use sluice_backend::engine::sampling::SamplingParams;
 use sluice_backend::engine::scheduler::{Event, Request, Scheduler};
 use sluice_backend::model::gguf::Gguf;
 use sluice_backend::model::llama::Llama;
-use sluice_backend::model::tokenizer::{ChatMessage, LlamaTokenizer};
+use sluice_backend::model::tokenizer::LlamaTokenizer;
+use sluice_backend::test_tools::requests::{greedy, user_turn};
 
 const MAX_TOKENS: usize = 96;
 
@@ -79,28 +79,11 @@ fn main() -> anyhow::Result<()> {
         "vocabulary trie and schema compiled in {:.0} ms",
         compiled.elapsed().as_secs_f64() * 1000.0
     );
-    let prompt = |text: &str| -> anyhow::Result<Vec<u32>> {
-        let chat = tokenizer
-            .apply_chat_template(&[ChatMessage {
-                role: "user",
-                content: text,
-            }])
-            .map_err(anyhow::Error::msg)?;
-        tokenizer.encode(&chat).map_err(anyhow::Error::msg)
-    };
     let request = |id: u64, text: &str, bound: bool| -> anyhow::Result<Request> {
+        let prompt = user_turn(&tokenizer, text).map_err(anyhow::Error::msg)?;
         Ok(Request {
-            id,
-            prompt: prompt(text)?,
-            params: SamplingParams {
-                temperature: 0.0,
-                ..SamplingParams::default()
-            },
-            // Stops only at the cap, so every run decodes as many tokens.
-            max_tokens: MAX_TOKENS,
-            speculate: false,
-            logprobs: None,
             constraint: bound.then(|| constraint.clone()),
+            ..greedy(id, prompt, MAX_TOKENS)
         })
     };
     let recipe = "Write a recipe for bread as JSON with a title and its steps.";

@@ -24,14 +24,14 @@ use std::time::Instant;
 use sluice_backend::device::cpu::Cpu;
 use sluice_backend::device::cuda::CudaDevice;
 use sluice_backend::device::Device;
-use sluice_backend::engine::sampling::SamplingParams;
-use sluice_backend::engine::scheduler::{Event, Request, Scheduler};
+use sluice_backend::engine::scheduler::{Event, Scheduler};
 use sluice_backend::model::bert::{cosine, Bert, BertConfig};
 use sluice_backend::model::gguf::Gguf;
 use sluice_backend::model::llama::Llama;
 use sluice_backend::model::tokenizer::{ChatMessage, LlamaTokenizer};
 use sluice_backend::model::weights::Weights;
 use sluice_backend::test_tools::device_check;
+use sluice_backend::test_tools::requests;
 use sluice_backend::test_tools::speed;
 
 const QUESTIONS: [&str; 8] = [
@@ -207,18 +207,7 @@ fn greedy<D: Device>(
     together: bool,
     eos: Option<u32>,
 ) -> anyhow::Result<Vec<Vec<u32>>> {
-    let request = |i: usize| Request {
-        id: i as u64,
-        prompt: prompts[i].clone(),
-        params: SamplingParams {
-            temperature: 0.0,
-            ..SamplingParams::default()
-        },
-        max_tokens: MAX_TOKENS,
-        speculate: false,
-        logprobs: None,
-        constraint: None,
-    };
+    let request = |i: usize| requests::greedy(i as u64, prompts[i].clone(), MAX_TOKENS);
     let longest = prompts.iter().map(Vec::len).max().unwrap_or(0) + MAX_TOKENS;
     let per_sequence = longest.div_ceil(BLOCK_SIZE);
     let mut tokens: HashMap<u64, Vec<u32>> = HashMap::new();

@@ -14,7 +14,8 @@ use sluice_backend::engine::sampling::SamplingParams;
 use sluice_backend::engine::scheduler::{Event, Request, Scheduler};
 use sluice_backend::model::gguf::Gguf;
 use sluice_backend::model::llama::Llama;
-use sluice_backend::model::tokenizer::{ChatMessage, LlamaTokenizer};
+use sluice_backend::model::tokenizer::LlamaTokenizer;
+use sluice_backend::test_tools::requests::user_turn;
 
 const COPYING: [&str; 3] = [
     "Repeat this paragraph exactly: The river rose in the spring, and the people of the valley moved their boats to higher ground, as their grandparents had done before them.",
@@ -36,15 +37,7 @@ fn main() -> anyhow::Result<()> {
     let tokenizer = LlamaTokenizer::from_gguf(&gguf).map_err(anyhow::Error::msg)?;
     let model = Llama::load(Cpu, &gguf, &path)?;
     drop(gguf);
-    let prompt = |text: &str| -> anyhow::Result<Vec<u32>> {
-        let chat = tokenizer
-            .apply_chat_template(&[ChatMessage {
-                role: "user",
-                content: text,
-            }])
-            .map_err(anyhow::Error::msg)?;
-        tokenizer.encode(&chat).map_err(anyhow::Error::msg)
-    };
+    let prompt = |text: &str| user_turn(&tokenizer, text).map_err(anyhow::Error::msg);
     for (kind, texts) in [("copying", COPYING), ("fresh", FRESH)] {
         let prompts = texts
             .iter()

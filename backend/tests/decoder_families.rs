@@ -14,10 +14,10 @@ use std::process::Command;
 
 use serde::Deserialize;
 use sluice_backend::device::cpu::Cpu;
-use sluice_backend::engine::sampling::SamplingParams;
-use sluice_backend::engine::scheduler::{Event, Request, Scheduler};
+use sluice_backend::engine::scheduler::{Event, Scheduler};
 use sluice_backend::model::gguf::Gguf;
 use sluice_backend::model::llama::{Llama, Logits};
+use sluice_backend::test_tools::requests;
 
 #[derive(Deserialize)]
 struct Reference {
@@ -63,18 +63,7 @@ fn reference(family: &str, dir: &Path) -> Option<(Reference, Vec<f32>)> {
 /// chunks, then one token per step).
 fn greedy(model: &Llama<Cpu>, prompt: &[u32], tokens: usize) -> Vec<u32> {
     let mut scheduler = Scheduler::new(model, 16, 16, 20, None).unwrap();
-    scheduler.add(Request {
-        id: 0,
-        prompt: prompt.to_vec(),
-        params: SamplingParams {
-            temperature: 0.0,
-            ..SamplingParams::default()
-        },
-        max_tokens: tokens,
-        speculate: false,
-        logprobs: None,
-        constraint: None,
-    });
+    scheduler.add(requests::greedy(0, prompt.to_vec(), tokens));
     let mut out = Vec::new();
     while !scheduler.is_idle() {
         for event in scheduler.step().unwrap() {

@@ -18,6 +18,7 @@ use sluice_backend::engine::constraint::{Format, Formats};
 use sluice_backend::engine::sampling::{SamplingParams, TokenLogprobs};
 use sluice_backend::engine::scheduler::{Event, Request, Scheduler};
 use sluice_backend::model::llama::Logits;
+use sluice_backend::test_tools::requests::greedy;
 
 use common::{chat, smollm2};
 
@@ -44,21 +45,6 @@ fn drain(scheduler: &mut Scheduler<'_, Cpu>) -> HashMap<u64, (Vec<u32>, Vec<Toke
         assert!(steps < 10_000, "the scheduler makes no progress");
     }
     out
-}
-
-fn greedy(id: u64, prompt: Vec<u32>, max_tokens: usize) -> Request {
-    Request {
-        id,
-        prompt,
-        params: SamplingParams {
-            temperature: 0.0,
-            ..SamplingParams::default()
-        },
-        max_tokens,
-        speculate: false,
-        logprobs: None,
-        constraint: None,
-    }
 }
 
 #[test]
