@@ -8,7 +8,9 @@ use crate::backend_spec::BackendSpec;
 use crate::keys::{KeyHash, KeyRecord};
 use crate::usage::UsageEvent;
 use async_trait::async_trait;
-use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
+use redb::{
+    Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition, TableHandle,
+};
 use sluice_policies::ledger::{Admit, Charge, Refresh, Settle, Verdict};
 use sluice_policies::quota::Counters;
 use sluice_policies::{tenants, Tenant, Tier};
@@ -31,8 +33,13 @@ const DRAINING: TableDefinition<&str, ()> = TableDefinition::new("draining_backe
 const POOL: TableDefinition<&str, &[u8]> = TableDefinition::new("backend_pool");
 /// `{time_ms:020}/{event id}` -> JSON `UsageEvent`, so a range scan is a time range
 const USAGE: TableDefinition<&str, &[u8]> = TableDefinition::new("usage_events");
-/// event id -> its USAGE key: what makes an event count once
-const USAGE_IDS: TableDefinition<&str, &str> = TableDefinition::new("usage_event_ids");
+/// USAGE keys of events a tenant purge deleted: a replay of one (from a journal) must not
+/// bring it back. An event's key is its time and id, so the key counts it once.
+const USAGE_PURGED: TableDefinition<&str, ()> = TableDefinition::new("usage_purged");
+/// Before 2026-12: event id -> its USAGE key, a second index that made an event count once.
+/// Its random ids made every event dirty a page of its own at the batch's commit; a store
+/// that still has it is moved to USAGE_PURGED when opened (`forget_event_ids`).
+const LEGACY_USAGE_IDS: TableDefinition<&str, &str> = TableDefinition::new("usage_event_ids");
 
 /// alert id -> the alert's JSON
 const ALERTS: TableDefinition<&str, &[u8]> = TableDefinition::new("alerts");
@@ -43,6 +50,31 @@ const AUDIT: TableDefinition<u64, &[u8]> = TableDefinition::new("audit");
 const CAPTURES: TableDefinition<(u64, u64), &[u8]> = TableDefinition::new("captures");
 /// `{time_ms:020}/{alert id}` -> (): the alerts in the order they were recorded
 const ALERT_TIMES: TableDefinition<&str, ()> = TableDefinition::new("alert_times");
+
+/// Moves a store from the id index to purge tombstones: the ids whose events are gone (a
+/// tenant purge deleted them) become tombstones of their keys; the index is dropped.
+fn forget_event_ids(txn: &redb::WriteTransaction) -> Result<(), StoreError> {
+    let legacy = txn
+        .list_tables()
+        .map_err(embedded_err)?
+        .any(|table| table.name() == LEGACY_USAGE_IDS.name());
+    if !legacy {
+        return Ok(());
+    }
+    {
+        let ids = txn.open_table(LEGACY_USAGE_IDS).map_err(embedded_err)?;
+        let usage = txn.open_table(USAGE).map_err(embedded_err)?;
+        let mut purged = txn.open_table(USAGE_PURGED).map_err(embedded_err)?;
+        for row in ids.iter().map_err(embedded_err)? {
+            let (_, key) = row.map_err(embedded_err)?;
+            if usage.get(key.value()).map_err(embedded_err)?.is_none() {
+                purged.insert(key.value(), ()).map_err(embedded_err)?;
+            }
+        }
+    }
+    txn.delete_table(LEGACY_USAGE_IDS).map_err(embedded_err)?;
+    Ok(())
+}
 
 fn usage_key(time_ms: i64, id: &str) -> String {
     // Times before 1970 do not occur; clamp so the key order stays the time order.
@@ -95,11 +127,12 @@ impl EmbeddedStore {
         txn.open_table(TENANTS).map_err(embedded_err)?;
         txn.open_table(DRAINING).map_err(embedded_err)?;
         txn.open_table(POOL).map_err(embedded_err)?;
-        txn.open_table(USAGE_IDS).map_err(embedded_err)?;
+        txn.open_table(USAGE_PURGED).map_err(embedded_err)?;
         txn.open_table(ALERTS).map_err(embedded_err)?;
         txn.open_table(AUDIT).map_err(embedded_err)?;
         txn.open_table(ALERT_TIMES).map_err(embedded_err)?;
         txn.open_table(CAPTURES).map_err(embedded_err)?;
+        forget_event_ids(&txn)?;
         txn.commit().map_err(embedded_err)?;
         Ok(EmbeddedStore {
             db: Arc::new(db),
@@ -286,29 +319,23 @@ impl Store for EmbeddedStore {
     async fn append_usage(&self, events: &[UsageEvent]) -> Result<usize, StoreError> {
         let rows = events
             .iter()
-            .map(|e| {
-                Ok((
-                    e.id.clone(),
-                    usage_key(e.time_ms, &e.id),
-                    serde_json::to_vec(e)?,
-                ))
-            })
+            .map(|e| Ok((usage_key(e.time_ms, &e.id), serde_json::to_vec(e)?)))
             .collect::<Result<Vec<_>, StoreError>>()?;
         self.blocking(move |db| {
             let txn = db.begin_write().map_err(embedded_err)?;
             let mut added = 0;
             {
-                let mut ids = txn.open_table(USAGE_IDS).map_err(embedded_err)?;
+                // Keys are in time order, so a batch's inserts land on the table's last pages.
                 let mut usage = txn.open_table(USAGE).map_err(embedded_err)?;
-                for (id, key, json) in &rows {
-                    if ids.get(id.as_str()).map_err(embedded_err)?.is_some() {
+                let purged = txn.open_table(USAGE_PURGED).map_err(embedded_err)?;
+                for (key, json) in &rows {
+                    let key = key.as_str();
+                    if usage.get(key).map_err(embedded_err)?.is_some()
+                        || purged.get(key).map_err(embedded_err)?.is_some()
+                    {
                         continue;
                     }
-                    ids.insert(id.as_str(), key.as_str())
-                        .map_err(embedded_err)?;
-                    usage
-                        .insert(key.as_str(), json.as_slice())
-                        .map_err(embedded_err)?;
+                    usage.insert(key, json.as_slice()).map_err(embedded_err)?;
                     added += 1;
                 }
             }
@@ -361,16 +388,22 @@ impl Store for EmbeddedStore {
             let txn = db.begin_write().map_err(embedded_err)?;
             let purged = {
                 let mut usage = txn.open_table(USAGE).map_err(embedded_err)?;
-                let mut purged = 0;
+                let mut doomed = Vec::new();
                 usage
-                    .retain(|_, json| {
+                    .retain(|key, json| {
                         let of_tenant = serde_json::from_slice::<UsageEvent>(json)
                             .is_ok_and(|e| e.tenant == tenant);
-                        purged += u64::from(of_tenant);
+                        if of_tenant {
+                            doomed.push(key.to_owned());
+                        }
                         !of_tenant
                     })
                     .map_err(embedded_err)?;
-                purged
+                let mut tombstones = txn.open_table(USAGE_PURGED).map_err(embedded_err)?;
+                for key in &doomed {
+                    tombstones.insert(key.as_str(), ()).map_err(embedded_err)?;
+                }
+                doomed.len() as u64
             };
             txn.commit().map_err(embedded_err)?;
             Ok(purged)
