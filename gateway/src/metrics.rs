@@ -280,7 +280,12 @@ impl Metrics {
     }
 
     pub fn record_request(&self, r: &RequestRecord<'_>) {
-        let status = r.status.to_string();
+        // A status code's own text, not a String per request (0, "no answer", is not a code).
+        let code = http::StatusCode::from_u16(r.status).ok();
+        let status: std::borrow::Cow<str> = match &code {
+            Some(code) => code.as_str().into(),
+            None => r.status.to_string().into(),
+        };
         self.requests
             .with_label_values(&[r.route, r.model, r.tier, &status, r.cache])
             .inc();
