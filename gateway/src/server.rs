@@ -17,9 +17,12 @@ use pingora_core::server::Server;
 pub fn run(config: Config) -> anyhow::Result<()> {
     crate::tls::install_crypto_provider();
     // Store connections, the admin API and background followers live on their own small
-    // runtime, so they keep running while pingora's proxy threads serve traffic.
+    // runtime, so they keep running while pingora's proxy threads serve traffic. One worker:
+    // with two, each task it spawned (a lease taken ahead, a store write) woke the other to
+    // steal it, a context switch on cores the proxy threads need (docs/benchmarks.md, fourth
+    // profile); its blocking work (the embedded store's writes) has threads of its own.
     let support = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+        .worker_threads(1)
         .thread_name("sluice-support")
         .enable_all()
         .build()?;
