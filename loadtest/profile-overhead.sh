@@ -70,9 +70,7 @@ SLUICE_ADMIN_TOKEN="$admin_token" SLUICE_LOG=info "$SLUICE_BIN" serve --config "
 pids+=($!)
 sluice_pid=$!
 wait_for "http://127.0.0.1:$sluice_port/health"
-key=$(curl -fsS "http://127.0.0.1:$admin_port/admin/v1/keys" -H "Authorization: Bearer $admin_token" \
-  -d '{"name":"profile","tenant":"profile","tier":"enterprise","limits":{"requests_per_minute":100000000,"tokens_per_minute":100000000000,"max_concurrent":100000}}' \
-  | sed -n 's/.*"key":"\([^"]*\)".*/\1/p')
+key=$(bench_key "$admin_port" "$admin_token" unlimited)
 
 load=(--concurrency "$CONCURRENCY" --duration "$DURATION" --warmup 1s --max-tokens 16 --json)
 [ -n "$STREAM" ] && load+=(--stream)
