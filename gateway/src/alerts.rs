@@ -174,7 +174,7 @@ impl Alerts {
                         .normalize()
                         .to_string(),
                     currency: self.currency(&identity.tier),
-                    month: month.clone(),
+                    month: month.to_string(),
                     created_at: now,
                 };
                 let body = serde_json::to_string(&alert).expect("an alert serializes");

@@ -4,6 +4,7 @@
 //! [`Clock`] is what code that decides by time holds: the system clock in production, a
 //! clock a test moves by hand otherwise.
 
+use std::cell::RefCell;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
 use time::OffsetDateTime;
@@ -106,10 +107,28 @@ impl Month {
 }
 
 /// `YYYY-MM` of a unix second, and the seconds left in that month (at least 1).
-pub fn month_of(sec: i64) -> (String, u64) {
-    let month = Month::of_sec(sec);
-    let left = month.end_ms.div_euclid(1000) - sec;
-    (month.label, left.max(1) as u64)
+///
+/// Every admitted request asks for it: each thread keeps the last month it worked out and
+/// hands out that label (shared) while the second falls inside it.
+pub fn month_of(sec: i64) -> (Arc<str>, u64) {
+    thread_local! {
+        /// (first second, first second of the next month, label) of the last month asked for.
+        static LAST: RefCell<Option<(i64, i64, Arc<str>)>> = const { RefCell::new(None) };
+    }
+    LAST.with_borrow_mut(|last| {
+        let (_, end, label) = match last {
+            Some((start, end, _)) if (*start..*end).contains(&sec) => {
+                last.as_ref().expect("matched")
+            }
+            _ => {
+                let month = Month::of_sec(sec);
+                let start = month.start_ms.div_euclid(1000);
+                let end = month.end_ms.div_euclid(1000);
+                last.insert((start, end, Arc::from(month.label)))
+            }
+        };
+        (label.clone(), (end - sec).max(1) as u64)
+    })
 }
 
 /// `YYYY-MM-DD` of a unix millisecond.
@@ -126,9 +145,9 @@ mod tests {
     fn months_roll_over_at_utc_midnight_and_at_year_end() {
         // 2026-12-31T23:59:59Z
         let (label, left) = month_of(1_798_761_599);
-        assert_eq!((label.as_str(), left), ("2026-12", 1));
+        assert_eq!((&*label, left), ("2026-12", 1));
         let (label, left) = month_of(1_798_761_600);
-        assert_eq!((label.as_str(), left), ("2027-01", 31 * 86_400));
+        assert_eq!((&*label, left), ("2027-01", 31 * 86_400));
         let m = Month::of_ms(1_798_761_600_000);
         assert_eq!((m.year, m.month, m.start_ms), (2027, 1, 1_798_761_600_000));
         assert_eq!(day_label(1_798_761_599_000), "2026-12-31");

@@ -11,9 +11,11 @@
 
 use prometheus::core::Collector;
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry, TextEncoder,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, Opts, Registry,
+    TextEncoder,
 };
-use std::collections::BTreeMap;
+use std::cell::{OnceCell, RefCell};
+use std::collections::{BTreeMap, HashMap};
 use std::fmt::Write as _;
 use std::sync::LazyLock;
 use std::time::Duration;
@@ -113,6 +115,68 @@ pub struct RequestRecord<'a> {
     pub currency: &'a str,
     /// The limit that refused it, if one did.
     pub refused_by: Option<&'a str>,
+}
+
+/// The series one kind of request (route, model, tier, status, cache) counts in.
+struct RequestSeries {
+    requests: IntCounter,
+    duration: Histogram,
+    // Made when first used, so that a series nothing was counted in is not shown.
+    first_byte: OnceCell<Histogram>,
+    /// Prompt, completion and cached tokens.
+    tokens: [OnceCell<IntCounter>; 3],
+}
+
+/// Each thread's series, by request kind. `with_label_values` hashes every label and takes
+/// the vector's lock on each call, which every request did five times or more; here a
+/// request does one lookup in its own thread's map.
+#[derive(Default)]
+struct ThreadSeries {
+    by_kind: HashMap<Box<str>, RequestSeries>,
+    /// The lookup key, reused.
+    key: String,
+}
+
+/// Kinds kept per thread at most (labels are bounded, see the top of this file; this bounds
+/// the map even so).
+const SERIES_PER_THREAD: usize = 4096;
+
+thread_local! {
+    static SERIES: RefCell<ThreadSeries> = RefCell::default();
+}
+
+impl ThreadSeries {
+    fn of(&mut self, metrics: &Metrics, r: &RequestRecord<'_>) -> &RequestSeries {
+        // A status code's own text, not a String per request (0, "no answer", is not a code).
+        let code = http::StatusCode::from_u16(r.status).ok();
+        let status: std::borrow::Cow<str> = match &code {
+            Some(code) => code.as_str().into(),
+            None => r.status.to_string().into(),
+        };
+        self.key.clear();
+        for label in [r.route, r.model, r.tier, &status, r.cache] {
+            // A label never holds a NUL (Prometheus' text format would not carry it).
+            self.key.push_str(label);
+            self.key.push('\0');
+        }
+        if !self.by_kind.contains_key(self.key.as_str()) {
+            if self.by_kind.len() >= SERIES_PER_THREAD {
+                self.by_kind.clear();
+            }
+            let series = RequestSeries {
+                requests: metrics
+                    .requests
+                    .with_label_values(&[r.route, r.model, r.tier, &status, r.cache]),
+                duration: metrics
+                    .duration
+                    .with_label_values(&[r.route, r.model, r.tier]),
+                first_byte: OnceCell::new(),
+                tokens: Default::default(),
+            };
+            self.by_kind.insert(self.key.as_str().into(), series);
+        }
+        &self.by_kind[self.key.as_str()]
+    }
 }
 
 impl Metrics {
@@ -280,34 +344,31 @@ impl Metrics {
     }
 
     pub fn record_request(&self, r: &RequestRecord<'_>) {
-        // A status code's own text, not a String per request (0, "no answer", is not a code).
-        let code = http::StatusCode::from_u16(r.status).ok();
-        let status: std::borrow::Cow<str> = match &code {
-            Some(code) => code.as_str().into(),
-            None => r.status.to_string().into(),
-        };
-        self.requests
-            .with_label_values(&[r.route, r.model, r.tier, &status, r.cache])
-            .inc();
-        self.duration
-            .with_label_values(&[r.route, r.model, r.tier])
-            .observe(r.duration.as_secs_f64());
-        if let Some(first) = r.first_byte {
-            self.first_byte
-                .with_label_values(&[r.route, r.model])
-                .observe(first.as_secs_f64());
-        }
-        for (kind, n) in [
-            ("prompt", r.prompt_tokens),
-            ("completion", r.completion_tokens),
-            ("cached", r.cached_tokens),
-        ] {
-            if n > 0 {
-                self.tokens
-                    .with_label_values(&[r.model, r.tier, kind])
-                    .inc_by(n);
+        SERIES.with_borrow_mut(|series| {
+            let found = series.of(self, r);
+            found.requests.inc();
+            found.duration.observe(r.duration.as_secs_f64());
+            if let Some(first) = r.first_byte {
+                found
+                    .first_byte
+                    .get_or_init(|| self.first_byte.with_label_values(&[r.route, r.model]))
+                    .observe(first.as_secs_f64());
             }
-        }
+            for ((kind, n), counter) in [
+                ("prompt", r.prompt_tokens),
+                ("completion", r.completion_tokens),
+                ("cached", r.cached_tokens),
+            ]
+            .into_iter()
+            .zip(&found.tokens)
+            {
+                if n > 0 {
+                    counter
+                        .get_or_init(|| self.tokens.with_label_values(&[r.model, r.tier, kind]))
+                        .inc_by(n);
+                }
+            }
+        });
         if r.cost_nano > 0 {
             self.cost
                 .with_label_values(&[r.model, r.tier, r.currency])

@@ -93,6 +93,7 @@ impl Run {
         let r = self.reservation(requests);
         let id = self.fresh_id(if requests > 1 { "lease" } else { "req" });
         let (month, secs_to_month_end) = month_of(self.now);
+        let month = month.to_string();
         let scopes = [
             Scope {
                 ledger: &self.ledger_ids[key],
@@ -202,7 +203,7 @@ impl Run {
                 key,
                 self.fresh_id("charge"),
                 at_sec,
-                month_of(at_sec).0,
+                month_of(at_sec).0.to_string(),
                 self.reservation(1),
             );
             self.charges.push(charge.clone());

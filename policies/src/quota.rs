@@ -372,11 +372,18 @@ pub fn never_fits(limits: &Limits, r: &Reservation) -> Option<LimitKind> {
 
 /// OpenAI's duration format for reset headers: `1s`, `6m0s`, `1h2m3s`.
 pub fn reset_duration(secs: u64) -> String {
+    let mut text = String::new();
+    write_reset_duration(&mut text, secs).expect("a String takes any text");
+    text
+}
+
+/// [`reset_duration`], written into `out` (digits and unit letters only).
+pub fn write_reset_duration(out: &mut impl std::fmt::Write, secs: u64) -> std::fmt::Result {
     let (h, m, s) = (secs / 3600, (secs / 60) % 60, secs % 60);
     match (h, m) {
-        (0, 0) => format!("{s}s"),
-        (0, _) => format!("{m}m{s}s"),
-        _ => format!("{h}h{m}m{s}s"),
+        (0, 0) => write!(out, "{s}s"),
+        (0, _) => write!(out, "{m}m{s}s"),
+        _ => write!(out, "{h}h{m}m{s}s"),
     }
 }
 

@@ -135,7 +135,7 @@ async fn quota_view(
         used: spent.normalize().to_string(),
         remaining: budget.map(|b| (b - spent).max(Decimal::ZERO).normalize().to_string()),
         currency: currency.map(str::to_owned),
-        month,
+        month: month.to_string(),
         resets_in_secs: to_month_end,
     };
     Ok((limit_states, budget_state))

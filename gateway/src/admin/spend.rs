@@ -140,7 +140,7 @@ pub(super) async fn spend(
     let (top_tenants, top_keys) = top_spenders(&gateway, &caller, top).await?;
     Ok(Json(SpendView {
         object: "spend",
-        month,
+        month: month.to_string(),
         thresholds: gateway
             .config
             .alerts

@@ -23,7 +23,7 @@ pub struct OwedCharge {
     pub ledgers: Ledgers,
     pub id: String,
     pub at_sec: i64,
-    pub month: String,
+    pub month: Arc<str>,
     pub amount: Reservation,
 }
 
@@ -49,7 +49,7 @@ struct Owed {
     front_seq: u64,
     /// (ledgers, minute, month) -> the sequence number of the charge still taking that
     /// minute's usage.
-    open: HashMap<(Ledgers, i64, String), u64>,
+    open: HashMap<(Ledgers, i64, Arc<str>), u64>,
     /// The charge being sent to the store: nothing more is added to it, since a send that
     /// failed after the store counted it will be retried under the same id and ignored.
     sending: Option<u64>,

@@ -36,7 +36,7 @@ struct Lease {
     /// The ledgers it was counted in, and is given back to.
     ledgers: Ledgers,
     admitted_sec: i64,
-    month: String,
+    month: Arc<str>,
     expires: Instant,
     granted: Reservation,
     /// Taken by requests: reservations, replaced by actual use as they settle.
@@ -207,7 +207,7 @@ impl Leases {
         ledgers: Ledgers,
         id: String,
         admitted_sec: i64,
-        month: String,
+        month: Arc<str>,
         granted: Reservation,
         first: Option<Reservation>,
         headers: RateHeaders,
@@ -335,7 +335,7 @@ pub struct IdleLease {
     pub ledgers: Ledgers,
     pub id: String,
     pub admitted_sec: i64,
-    pub month: String,
+    pub month: Arc<str>,
     pub granted: Reservation,
     pub used: Reservation,
 }

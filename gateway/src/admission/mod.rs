@@ -62,7 +62,7 @@ pub struct Admitted {
     pub reservation: Reservation,
     pub reservation_id: String,
     pub admitted_sec: i64,
-    pub month: String,
+    pub month: Arc<str>,
     pub headers: RateHeaders,
     /// Admitted by this replica alone while the store was unreachable: what it uses is
     /// charged to the store later.
@@ -421,7 +421,7 @@ impl Admission {
         model: &str,
         plan: &QuotaPlan<'_>,
         reservation: &Reservation,
-        (now, month, secs_to_month_end): (i64, &str, u64),
+        (now, month, secs_to_month_end): (i64, &Arc<str>, u64),
     ) -> Option<Admitted> {
         /// How long a request waits, in all, for leases other requests are taking.
         const LEASE_WAIT: std::time::Duration = std::time::Duration::from_millis(50);
@@ -439,7 +439,7 @@ impl Admission {
                         reservation: *reservation,
                         reservation_id: leased.lease_id.clone(),
                         admitted_sec: leased.admitted_sec,
-                        month: month.to_owned(),
+                        month: month.clone(),
                         headers: leased.headers,
                         local_only: false,
                         lease: Some(leased.lease_id),
@@ -483,7 +483,7 @@ impl Admission {
         plan: &QuotaPlan<'_>,
         first: &Reservation,
         size: u64,
-        when: (i64, &str, u64),
+        when: (i64, &Arc<str>, u64),
     ) -> Option<Admitted> {
         let (lease_id, mut headers) = self
             .lease(identity, plan, first, size, Some(*first), when)
@@ -494,7 +494,7 @@ impl Admission {
             reservation: *first,
             reservation_id: lease_id.clone(),
             admitted_sec: now,
-            month: month.to_owned(),
+            month: month.clone(),
             headers,
             local_only: false,
             lease: Some(lease_id),
@@ -513,7 +513,7 @@ impl Admission {
         per_request: &Reservation,
         size: u64,
         first: Option<Reservation>,
-        (now, month, secs_to_month_end): (i64, &str, u64),
+        (now, month, secs_to_month_end): (i64, &Arc<str>, u64),
     ) -> Option<(String, RateHeaders)> {
         let lease_id = mint_reservation_id();
         let bulk = Reservation {
@@ -579,7 +579,7 @@ impl Admission {
         let plan = refill.identity.quota_plan(&refill.model);
         let now = self.clock.now_sec();
         let (month, secs_to_month_end) = month_of(now);
-        let when = (now, month.as_str(), secs_to_month_end);
+        let when = (now, &month, secs_to_month_end);
         let (identity, reservation) = (&refill.identity, &refill.reservation);
         self.lease(identity, &plan, reservation, refill.size, None, when)
             .await;
@@ -641,34 +641,50 @@ impl Admission {
 }
 
 /// OpenAI's `x-ratelimit-*` headers for the limits a key has, and `Retry-After` when given:
-/// the (name, value) pairs an answer carries. Every answer carries these, so nothing here is
-/// parsed or formatted twice: numbers become values directly, and names are static strings,
-/// which pingora keeps as they are (a `HeaderName` it would copy into a new buffer first).
+/// the (name, value) pairs an answer carries. Every answer carries these, so they cost little:
+/// the values are written into one buffer that they all share (one allocation, not one per
+/// value), and names are static strings.
 pub fn rate_limit_headers(
     h: &RateHeaders,
     retry_after: Option<u64>,
 ) -> impl Iterator<Item = (&'static str, HeaderValue)> {
-    use quota::reset_duration;
-    let number = |v: Option<u64>| v.map(HeaderValue::from);
-    // reset_duration writes digits and unit letters only: always a valid value.
-    let duration = |v: Option<u64>| v.and_then(|v| HeaderValue::try_from(reset_duration(v)).ok());
-    [
-        ("x-ratelimit-limit-requests", number(h.limit_requests)),
+    use std::fmt::Write;
+    let fields = [
+        ("x-ratelimit-limit-requests", h.limit_requests, false),
         (
             "x-ratelimit-remaining-requests",
-            number(h.remaining_requests),
+            h.remaining_requests,
+            false,
         ),
-        (
-            "x-ratelimit-reset-requests",
-            duration(h.reset_requests_secs),
-        ),
-        ("x-ratelimit-limit-tokens", number(h.limit_tokens)),
-        ("x-ratelimit-remaining-tokens", number(h.remaining_tokens)),
-        ("x-ratelimit-reset-tokens", duration(h.reset_tokens_secs)),
-        ("retry-after", number(retry_after)),
-    ]
-    .into_iter()
-    .filter_map(|(name, value)| Some((name, value?)))
+        ("x-ratelimit-reset-requests", h.reset_requests_secs, true),
+        ("x-ratelimit-limit-tokens", h.limit_tokens, false),
+        ("x-ratelimit-remaining-tokens", h.remaining_tokens, false),
+        ("x-ratelimit-reset-tokens", h.reset_tokens_secs, true),
+        ("retry-after", retry_after, false),
+    ];
+    // Seven values of at most 20 digits (or a duration of as many) fit.
+    let mut text = bytes::BytesMut::with_capacity(fields.len() * 24);
+    let mut spans: [Option<std::ops::Range<usize>>; 7] = Default::default();
+    for ((_, value, is_duration), span) in fields.iter().zip(&mut spans) {
+        let Some(value) = *value else { continue };
+        let start = text.len();
+        let written = if *is_duration {
+            quota::write_reset_duration(&mut text, value)
+        } else {
+            write!(text, "{value}")
+        };
+        written.expect("BytesMut takes any text");
+        *span = Some(start..text.len());
+    }
+    let text = text.freeze();
+    fields
+        .into_iter()
+        .zip(spans)
+        .filter_map(move |((name, _, _), span)| {
+            // Digits and unit letters only: always a valid value.
+            let value = HeaderValue::from_maybe_shared(text.slice(span?)).ok()?;
+            Some((name, value))
+        })
 }
 
 fn refusal_error(owner: LimitOwner<'_>, kind: LimitKind, retry_after: u64) -> ApiError {

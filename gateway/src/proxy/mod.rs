@@ -297,7 +297,8 @@ impl ProxyHttp for Proxy {
         }
         respond::insert_rate_limit_headers(upstream_response, ctx)?;
         if let Some(status) = ctx.cache_status {
-            upstream_response.insert_header("x-sluice-cache", status.as_str())?;
+            let status = http::HeaderValue::from_static(status.as_str());
+            upstream_response.insert_header("x-sluice-cache", status)?;
         }
         let status = upstream_response.status.as_u16();
         let encoded = upstream_response

@@ -7,6 +7,7 @@ use crate::cache::answer::Shape;
 use crate::cache::Hit;
 use crate::metering::Usage;
 use bytes::Bytes;
+use http::HeaderValue;
 use pingora_core::Result;
 use pingora_http::ResponseHeader;
 use pingora_proxy::Session;
@@ -123,10 +124,14 @@ pub async fn cached(
         Shape::Json => "application/json",
         Shape::Stream { .. } => "text/event-stream",
     };
-    header.insert_header("content-type", content_type)?;
-    header.insert_header("content-length", body.len().to_string())?;
+    // Static and numeric values need no copy or parse.
+    header.insert_header("content-type", HeaderValue::from_static(content_type))?;
+    header.insert_header("content-length", HeaderValue::from(body.len()))?;
     header.insert_header("x-request-id", &ctx.request_id)?;
-    header.insert_header("x-sluice-cache", hit.status.as_str())?;
+    header.insert_header(
+        "x-sluice-cache",
+        HeaderValue::from_static(hit.status.as_str()),
+    )?;
     if let Some(similarity) = hit.similarity {
         header.insert_header("x-sluice-cache-similarity", format!("{similarity:.4}"))?;
     }
