@@ -8,6 +8,13 @@
 #   loadtest/profile-overhead.sh                      # embedded store, json
 #   STORE=redis STREAM=1 loadtest/profile-overhead.sh
 #   TARGETS=sluice SLUICE_BIN=/tmp/other/sluice loadtest/profile-overhead.sh
+#   ALLOCS=1 loadtest/profile-overhead.sh             # also count heap allocations per request
+#
+# ALLOCS=1 puts a uprobe on mimalloc's allocation entry points (`mi_malloc_aligned`,
+# `mi_realloc_aligned`, what Rust's global allocator calls) in each binary and counts their
+# calls per request and thread beside the other counters; a uprobe costs microseconds per
+# call, so the CPU figures of such a run are not the target's. Record where allocations
+# come from with PERF_EVENT="-e alloc:sluice_malloc" CALL_GRAPH="--call-graph dwarf,8192".
 #
 # Everything listens on 127.0.0.1 and stops when the script ends.
 set -euo pipefail
@@ -23,6 +30,7 @@ FREQ="${FREQ:-999}"
 CALL_GRAPH="${CALL_GRAPH:-}"         # e.g. "--call-graph dwarf" (default: frame pointers, -g)
 PERF_EVENT="${PERF_EVENT:-}"         # e.g. "-e page-faults -c 1" (default: CPU time sampled at FREQ)
 TOP="${TOP:-40}"
+ALLOCS="${ALLOCS:-}"                 # 1: count heap allocations per request (uprobes)
 TARGETS="${TARGETS:-sluice pingora}"
 OUT_DIR="${OUT_DIR:-/tmp/sluice-profile}"
 PORT_BASE="${PORT_BASE:-19300}"
@@ -31,6 +39,17 @@ command -v perf >/dev/null || { echo "profile: perf is not installed" >&2; exit 
 [ "$STORE" = redis ] && scripts/ensure-redis.sh
 bench_setup
 SLUICE_BIN="${SLUICE_BIN:-$bin/sluice}"
+stat_events=raw_syscalls:sys_enter,context-switches,page-faults,cpu-migrations
+if [ -n "$ALLOCS" ]; then
+  bench_extra_cleanup() { perf probe -q -d 'alloc:*' 2>/dev/null || true; }
+  bench_extra_cleanup
+  # Event names are unique across binaries: alloc:sluice_malloc, alloc:pingora_malloc, ...
+  for probe in "sluice $SLUICE_BIN" "pingora $bin/bare-pingora"; do
+    set -- $probe
+    perf probe -q -x "$2" --add "alloc:$1_malloc=mi_malloc_aligned" \
+      --add "alloc:$1_realloc=mi_realloc_aligned"
+  done
+fi
 mkdir -p "$OUT_DIR"
 
 backend_port=$PORT_BASE; sluice_port=$((PORT_BASE + 1)); admin_port=$((PORT_BASE + 2))
@@ -87,7 +106,11 @@ for target in $TARGETS; do
   before=$(cpu_ticks "$pid")
   perf record -q ${PERF_EVENT:--F $FREQ} ${CALL_GRAPH:--g} -p "$pid" -o "$data" -- sleep 60 >/dev/null 2>&1 &
   perf_pid=$!
-  perf stat -e raw_syscalls:sys_enter,context-switches,page-faults,cpu-migrations --per-thread -x, \
+  events=$stat_events
+  if [ -n "$ALLOCS" ]; then
+    events="$events,alloc:${target}_malloc,alloc:${target}_realloc"
+  fi
+  perf stat -e "$events" --per-thread -x, \
     -p "$pid" -o "$OUT_DIR/$target.stat" -- sleep 60 >/dev/null 2>&1 &
   stat_pid=$!
   sleep 0.5
