@@ -91,7 +91,9 @@ sluice_pid=$!
 wait_for "http://127.0.0.1:$sluice_port/health"
 key=$(bench_key "$admin_port" "$admin_token" unlimited)
 
-load=(--concurrency "$CONCURRENCY" --duration "$DURATION" --warmup 1s --max-tokens 16 --json)
+# No warm-up of its own: the target was warmed before recording, and everything counted while
+# recording is divided by the requests this load completes.
+load=(--concurrency "$CONCURRENCY" --duration "$DURATION" --warmup 0s --max-tokens 16 --json)
 [ -n "$STREAM" ] && load+=(--stream)
 for target in $TARGETS; do
   case "$target" in
