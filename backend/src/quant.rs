@@ -85,6 +85,16 @@ impl GgmlType {
         }
     }
 
+    /// Bytes of a block's scales (the f16 `d`, and `m` for Q4_1), the rest of it being its
+    /// quantised values; 0 for the float encodings.
+    pub fn scale_bytes(self) -> usize {
+        match self {
+            GgmlType::F32 | GgmlType::F16 | GgmlType::BF16 => 0,
+            GgmlType::Q4_0 | GgmlType::Q8_0 => 2,
+            GgmlType::Q4_1 => 4,
+        }
+    }
+
     /// The encoding's name in lower case (`q4_1`), as the CUDA kernels for it end.
     pub fn short_name(self) -> &'static str {
         match self {
@@ -135,45 +145,83 @@ pub fn dequantize(dtype: GgmlType, bytes: &[u8], out: &mut [f32]) {
                 *o = bf16::from_le_bytes([b[0], b[1]]).to_f32();
             }
         }
-        // Fixed-size arrays per block let the compiler drop bounds checks and vectorise.
+        GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q8_0 => {
+            let (bb, sb) = (dtype.block_bytes(), dtype.scale_bytes());
+            for (o, b) in out.chunks_exact_mut(32).zip(bytes.chunks_exact(bb)) {
+                let (scales, q) = b.split_at(sb);
+                dequantize_block(dtype, scales, q, o.try_into().expect("32 values"));
+            }
+        }
+    }
+}
+
+/// Decodes one block of 32 values from its scales and its quantised values.
+// Fixed-size arrays let the compiler drop bounds checks and vectorise.
+#[inline(always)]
+fn dequantize_block(dtype: GgmlType, scales: &[u8], q: &[u8], o: &mut [f32; 32]) {
+    match dtype {
         GgmlType::Q4_0 => {
-            for (o, b) in out.chunks_exact_mut(32).zip(bytes.chunks_exact(18)) {
-                let o: &mut [f32; 32] = o.try_into().expect("32 values");
-                let q: &[u8; 16] = b[2..].try_into().expect("16 bytes");
-                let d = f16_at(b, 0);
-                let (lo, hi) = o.split_at_mut(16);
-                for (o, q) in lo.iter_mut().zip(q) {
-                    *o = d * (f32::from(q & 0x0f) - 8.0);
-                }
-                for (o, q) in hi.iter_mut().zip(q) {
-                    *o = d * (f32::from(q >> 4) - 8.0);
-                }
+            let q: &[u8; 16] = q.try_into().expect("16 bytes");
+            let d = f16_at(scales, 0);
+            let (lo, hi) = o.split_at_mut(16);
+            for (o, q) in lo.iter_mut().zip(q) {
+                *o = d * (f32::from(q & 0x0f) - 8.0);
+            }
+            for (o, q) in hi.iter_mut().zip(q) {
+                *o = d * (f32::from(q >> 4) - 8.0);
             }
         }
         GgmlType::Q4_1 => {
-            for (o, b) in out.chunks_exact_mut(32).zip(bytes.chunks_exact(20)) {
-                let o: &mut [f32; 32] = o.try_into().expect("32 values");
-                let q: &[u8; 16] = b[4..].try_into().expect("16 bytes");
-                let (d, m) = (f16_at(b, 0), f16_at(b, 2));
-                let (lo, hi) = o.split_at_mut(16);
-                for (o, q) in lo.iter_mut().zip(q) {
-                    *o = d * f32::from(q & 0x0f) + m;
-                }
-                for (o, q) in hi.iter_mut().zip(q) {
-                    *o = d * f32::from(q >> 4) + m;
-                }
+            let q: &[u8; 16] = q.try_into().expect("16 bytes");
+            let (d, m) = (f16_at(scales, 0), f16_at(scales, 2));
+            let (lo, hi) = o.split_at_mut(16);
+            for (o, q) in lo.iter_mut().zip(q) {
+                *o = d * f32::from(q & 0x0f) + m;
+            }
+            for (o, q) in hi.iter_mut().zip(q) {
+                *o = d * f32::from(q >> 4) + m;
             }
         }
         GgmlType::Q8_0 => {
-            for (o, b) in out.chunks_exact_mut(32).zip(bytes.chunks_exact(34)) {
-                let o: &mut [f32; 32] = o.try_into().expect("32 values");
-                let q: &[u8; 32] = b[2..].try_into().expect("32 bytes");
-                let d = f16_at(b, 0);
-                for (o, &q) in o.iter_mut().zip(q) {
-                    *o = d * f32::from(q as i8);
-                }
+            let q: &[u8; 32] = q.try_into().expect("32 bytes");
+            let d = f16_at(scales, 0);
+            for (o, &q) in o.iter_mut().zip(q) {
+                *o = d * f32::from(q as i8);
             }
         }
+        GgmlType::F32 | GgmlType::F16 | GgmlType::BF16 => unreachable!("{dtype:?} has no blocks"),
+    }
+}
+
+/// How the rows of a [`QMatrix`] of a block encoding keep their blocks' scales.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RowLayout {
+    /// As GGUF stores them: each block's scales in front of its values.
+    Interleaved,
+    /// All of a row's scales first, in block order, then all its values: the same bytes,
+    /// moved. What the CPU's fused kernels read ([`QMatrix::with_scales_first`]): a row's
+    /// scales are widened to f32 eight or sixteen at a time, where one block's took four
+    /// shuffles on the vector unit the weight lookups need (docs/benchmarks.md).
+    ScalesFirst,
+}
+
+/// Decodes the row `row` of `dtype`, laid out as `layout`, into `out`.
+#[inline(always)]
+pub fn dequantize_row_in(dtype: GgmlType, layout: RowLayout, row: &[u8], out: &mut [f32]) {
+    let sb = dtype.scale_bytes();
+    if layout == RowLayout::Interleaved || sb == 0 {
+        return dequantize(dtype, row, out);
+    }
+    assert_eq!(row.len(), dtype.row_bytes(out.len()), "{dtype:?} row");
+    let blocks = out.len() / 32;
+    let (scales, q) = row.split_at(blocks * sb);
+    let qb = dtype.block_bytes() - sb;
+    for ((o, s), q) in out
+        .chunks_exact_mut(32)
+        .zip(scales.chunks_exact(sb))
+        .zip(q.chunks_exact(qb))
+    {
+        dequantize_block(dtype, s, q, o.try_into().expect("32 values"));
     }
 }
 
@@ -185,6 +233,7 @@ pub struct QMatrix {
     pub rows: usize,
     pub cols: usize,
     pub bytes: Vec<u8>,
+    pub layout: RowLayout,
 }
 
 impl QMatrix {
@@ -203,7 +252,26 @@ impl QMatrix {
             rows,
             cols,
             bytes,
+            layout: RowLayout::Interleaved,
         }
+    }
+
+    /// The same matrix with each row's scales moved in front of its values
+    /// ([`RowLayout::ScalesFirst`]); float encodings, which have no scales, as they are.
+    pub fn with_scales_first(mut self) -> QMatrix {
+        let sb = self.dtype.scale_bytes();
+        if sb == 0 || self.layout == RowLayout::ScalesFirst {
+            return self;
+        }
+        let (bb, n) = (self.dtype.block_bytes(), self.row_bytes());
+        let mut moved = Vec::with_capacity(self.bytes.len());
+        for row in self.bytes.chunks_exact(n) {
+            moved.extend(row.chunks_exact(bb).flat_map(|b| &b[..sb]));
+            moved.extend(row.chunks_exact(bb).flat_map(|b| &b[sb..]));
+        }
+        self.bytes = moved;
+        self.layout = RowLayout::ScalesFirst;
+        self
     }
 
     #[inline(always)]
@@ -215,7 +283,12 @@ impl QMatrix {
     #[inline(always)]
     pub fn dequantize_row(&self, r: usize, out: &mut [f32]) {
         let n = self.row_bytes();
-        dequantize(self.dtype, &self.bytes[r * n..(r + 1) * n], out);
+        dequantize_row_in(
+            self.dtype,
+            self.layout,
+            &self.bytes[r * n..(r + 1) * n],
+            out,
+        );
     }
 }
 
@@ -302,7 +375,7 @@ fn band<const FMA: bool>(
 #[target_feature(enable = "avx2,fma")]
 unsafe fn band_avx2(w: &QMatrix, x: &[f32], first: usize, row: &mut [f32], part: &mut [f32]) {
     band::<true>(w, x, first, row, part, |bytes, out| {
-        dequantize(w.dtype, bytes, out)
+        dequantize_row_in(w.dtype, w.layout, bytes, out)
     });
 }
 
@@ -312,24 +385,30 @@ fn run_band(w: &QMatrix, x: &[f32], first: usize, row: &mut [f32], part: &mut [f
         let (bytes, k) = (&w.bytes[..], w.cols);
         let avx512 = std::is_x86_feature_detected!("avx512f");
         let avx2 = std::is_x86_feature_detected!("avx2");
+        // The fused kernels read rows whose scales come first (see `Cpu::upload_matrix`).
+        let fused = w.layout == RowLayout::ScalesFirst;
         // SAFETY: each kernel runs only where the CPU has the features it is compiled for,
         // checked just now.
         unsafe {
-            match (w.dtype, avx512, avx2) {
-                (GgmlType::Q4_1, true, _) => x86::avx512::band_q4_1(bytes, k, x, first, part),
-                (GgmlType::Q8_0, true, _) => x86::avx512::band_q8_0(bytes, k, x, first, part),
-                (GgmlType::Q4_1, false, true) => x86::avx2::band_q4_1(bytes, k, x, first, part),
-                (GgmlType::Q8_0, false, true) => x86::avx2::band_q8_0(bytes, k, x, first, part),
-                (_, _, true) => band_avx2(w, x, first, row, part),
+            match (w.dtype, fused && avx512, fused && avx2) {
+                (GgmlType::Q4_1, true, _) => x86::avx512::band_q4_1(bytes, k, x, first, part, row),
+                (GgmlType::Q8_0, true, _) => x86::avx512::band_q8_0(bytes, k, x, first, part, row),
+                (GgmlType::Q4_1, false, true) => {
+                    x86::avx2::band_q4_1(bytes, k, x, first, part, row)
+                }
+                (GgmlType::Q8_0, false, true) => {
+                    x86::avx2::band_q8_0(bytes, k, x, first, part, row)
+                }
+                _ if avx2 => band_avx2(w, x, first, row, part),
                 _ => band::<true>(w, x, first, row, part, |bytes, out| {
-                    dequantize(w.dtype, bytes, out)
+                    dequantize_row_in(w.dtype, w.layout, bytes, out)
                 }),
             }
         }
         return;
     }
     band::<false>(w, x, first, row, part, |bytes, out| {
-        dequantize(w.dtype, bytes, out)
+        dequantize_row_in(w.dtype, w.layout, bytes, out)
     });
 }
 
@@ -436,18 +515,23 @@ pub fn gemm(x: &[f32], m: usize, w: &QMatrix, out: &mut [f32]) {
 /// Weight rows `first..` of `w`, as many as `out` holds, decoded into `out`.
 fn decode_rows(w: &QMatrix, first: usize, out: &mut [f32]) {
     let n = w.row_bytes();
-    let rows = out.len() / w.cols;
-    let bytes = &w.bytes[first * n..(first + rows) * n];
     #[cfg(target_arch = "x86_64")]
-    if std::is_x86_feature_detected!("avx2") {
-        // SAFETY: the CPU has AVX2, checked just now.
-        match w.dtype {
-            GgmlType::Q4_1 => return unsafe { x86::avx2::dequantize_q4_1(bytes, out) },
-            GgmlType::Q8_0 => return unsafe { x86::avx2::dequantize_q8_0(bytes, out) },
-            _ => {}
+    if w.layout == RowLayout::ScalesFirst && std::is_x86_feature_detected!("avx2") {
+        let sb = w.dtype.scale_bytes() * w.cols / 32;
+        for (r, out) in out.chunks_exact_mut(w.cols).enumerate() {
+            let (scales, q) = w.bytes[(first + r) * n..][..n].split_at(sb);
+            // SAFETY: the CPU has AVX2, checked just now.
+            match w.dtype {
+                GgmlType::Q4_1 => unsafe { x86::avx2::dequantize_q4_1(scales, q, out) },
+                GgmlType::Q8_0 => unsafe { x86::avx2::dequantize_q8_0(scales, q, out) },
+                _ => dequantize_row_in(w.dtype, w.layout, &w.bytes[(first + r) * n..][..n], out),
+            }
         }
+        return;
     }
-    dequantize(w.dtype, bytes, out);
+    for (r, out) in out.chunks_exact_mut(w.cols).enumerate() {
+        w.dequantize_row(first + r, out);
+    }
 }
 
 #[cfg(test)]
@@ -464,6 +548,10 @@ mod tests {
                 (state >> 40) as f32 / (1u64 << 23) as f32 - 1.0
             })
             .collect()
+    }
+
+    fn bits(values: &[f32]) -> Vec<u32> {
+        values.iter().map(|v| v.to_bits()).collect()
     }
 
     fn bytes(n: usize, seed: u64) -> Vec<u8> {
@@ -547,6 +635,7 @@ mod tests {
                 (4, 128 + 37, 64),
             ] {
                 let w = random_matrix(dtype, n, k, 7);
+                let moved = w.clone().with_scales_first();
                 let x = values(m * k, 8);
                 let mut dense = vec![0.0f32; n * k];
                 dequantize(dtype, &w.bytes, &mut dense);
@@ -554,6 +643,20 @@ mod tests {
                 matmul(&x, m, &w, &mut got);
                 let mut by_gemm = vec![0.0f32; m * n];
                 gemm(&x, m, &w, &mut by_gemm);
+                // The CPU's own layout (its fused kernels, where this CPU has them) gives the
+                // same bits on either path.
+                let mut moved_dot = vec![0.0f32; m * n];
+                matmul(&x, m, &moved, &mut moved_dot);
+                let mut moved_gemm = vec![0.0f32; m * n];
+                gemm(&x, m, &moved, &mut moved_gemm);
+                assert!(
+                    bits(&moved_dot) == bits(&got),
+                    "{dtype:?} dot, scales first"
+                );
+                assert!(
+                    bits(&moved_gemm) == bits(&by_gemm),
+                    "{dtype:?} gemm, scales first"
+                );
                 // The portable kernel too, which this machine's AVX2 dispatch skips: its
                 // output is [n, m], the transpose.
                 let mut portable = vec![0.0f32; n * m];
@@ -590,7 +693,7 @@ mod tests {
     #[test]
     fn a_row_gets_the_same_bits_alone_or_among_others_on_either_path() {
         let (m, n, k) = (9, 300, 576);
-        let w = random_matrix(GgmlType::Q4_1, n, k, 11);
+        let w = random_matrix(GgmlType::Q4_1, n, k, 11).with_scales_first();
         let x = values(m * k, 12);
         for path in [matmul as fn(&[f32], usize, &QMatrix, &mut [f32]), gemm] {
             let mut batch = vec![0.0f32; m * n];
@@ -603,6 +706,28 @@ mod tests {
         }
     }
 
+    #[test]
+    fn scales_first_rows_decode_to_the_same_values() {
+        for dtype in GgmlType::ALL {
+            let w = random_matrix(dtype, 5, 576, 3);
+            let moved = w.clone().with_scales_first();
+            assert_eq!(moved.bytes.len(), w.bytes.len(), "{dtype:?}");
+            let expected = if dtype.scale_bytes() == 0 {
+                RowLayout::Interleaved
+            } else {
+                RowLayout::ScalesFirst
+            };
+            assert_eq!(moved.layout, expected, "{dtype:?}");
+            for r in 0..w.rows {
+                let (mut a, mut b) = (vec![0.0f32; 576], vec![1.0f32; 576]);
+                w.dequantize_row(r, &mut a);
+                moved.dequantize_row(r, &mut b);
+                let same = a.iter().zip(&b).all(|(a, b)| a.to_bits() == b.to_bits());
+                assert!(same, "{dtype:?} row {r}");
+            }
+        }
+    }
+
     #[cfg(target_arch = "x86_64")]
     #[test]
     fn avx2_decoders_match_the_portable_ones_bit_for_bit() {
@@ -611,17 +736,13 @@ mod tests {
             return;
         }
         for dtype in [GgmlType::Q4_1, GgmlType::Q8_0] {
-            let w = random_matrix(dtype, 3, 256, 21);
-            let mut portable = vec![0.0f32; 3 * 256];
-            let mut simd = vec![1.0f32; 3 * 256];
+            let (rows, k) = (3, 256);
+            let w = random_matrix(dtype, rows, k, 21);
+            let mut portable = vec![0.0f32; rows * k];
             dequantize(dtype, &w.bytes, &mut portable);
-            // SAFETY: AVX2 is present, checked above.
-            unsafe {
-                match dtype {
-                    GgmlType::Q4_1 => x86::avx2::dequantize_q4_1(&w.bytes, &mut simd),
-                    _ => x86::avx2::dequantize_q8_0(&w.bytes, &mut simd),
-                }
-            }
+            let moved = w.with_scales_first();
+            let mut simd = vec![1.0f32; rows * k];
+            decode_rows(&moved, 0, &mut simd);
             assert!(
                 portable
                     .iter()
@@ -638,7 +759,7 @@ mod tests {
     #[cfg(target_arch = "x86_64")]
     #[test]
     fn fused_kernels_give_the_portable_dot_products_bits_for_any_group() {
-        type Kernel = unsafe fn(&[u8], usize, &[f32], usize, &mut [f32]);
+        type Kernel = unsafe fn(&[u8], usize, &[f32], usize, &mut [f32], &mut [f32]);
         let has = |f: &str| match f {
             "avx512f" => std::is_x86_feature_detected!("avx512f"),
             _ => std::is_x86_feature_detected!("avx2"),
@@ -659,25 +780,31 @@ mod tests {
                 eprintln!("skipping {feature} {dtype:?}: not on this CPU");
                 continue;
             }
-            let (n, k) = (7, 96);
-            let w = random_matrix(dtype, n, k, 31);
-            for m in 1..=17 {
-                let x = values(m * k, 40 + m as u64);
-                let mut want = vec![0.0f32; n * m];
-                // SAFETY: AVX2 and FMA are present (checked above: AVX-512 implies AVX2).
-                unsafe { band_avx2(&w, &x, 0, &mut vec![0.0; k], &mut want) };
-                let mut got = vec![f32::NAN; n * m];
-                // SAFETY: the kernel's features are present, checked above.
-                unsafe { kernel(&w.bytes, k, &x, 0, &mut got) };
-                let same = got
-                    .iter()
-                    .zip(&want)
-                    .all(|(a, b)| a.to_bits() == b.to_bits());
-                assert!(
-                    same,
-                    "{feature} {dtype:?} with {m} rows: {got:?} against {want:?}"
-                );
-                ran += 1;
+            // Row widths whose scale counts leave every tail of the widening (8, 4, 1); an
+            // odd number of rows, so that a lone activation row's pairs leave one over; a
+            // band that does not start at the first row.
+            for (n, k, first) in [(7, 96, 0), (9, 576, 2), (4, 288, 1)] {
+                let w = random_matrix(dtype, n, k, 31 + k as u64);
+                let moved = w.clone().with_scales_first();
+                for m in 1..=17 {
+                    let x = values(m * k, 40 + m as u64);
+                    let rows = n - first;
+                    let mut want = vec![0.0f32; rows * m];
+                    // SAFETY: AVX2 and FMA are present (checked above: AVX-512 implies AVX2).
+                    unsafe { band_avx2(&w, &x, first, &mut vec![0.0; k], &mut want) };
+                    let mut got = vec![f32::NAN; rows * m];
+                    // SAFETY: the kernel's features are present, checked above.
+                    unsafe { kernel(&moved.bytes, k, &x, first, &mut got, &mut vec![0.0; k]) };
+                    let same = got
+                        .iter()
+                        .zip(&want)
+                        .all(|(a, b)| a.to_bits() == b.to_bits());
+                    assert!(
+                        same,
+                        "{feature} {dtype:?} {n}×{k} from {first}, {m} rows: {got:?} against {want:?}"
+                    );
+                    ran += 1;
+                }
             }
         }
         assert!(ran > 0, "no kernel ran");

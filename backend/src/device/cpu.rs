@@ -322,7 +322,8 @@ impl Device for Cpu {
     }
 
     fn upload_matrix(&self, matrix: QMatrix) -> Result<QMatrix, DeviceError> {
-        Ok(matrix)
+        // The layout the fused decode kernels read (quant::RowLayout::ScalesFirst).
+        Ok(matrix.with_scales_first())
     }
 
     fn matmul(

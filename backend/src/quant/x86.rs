@@ -10,29 +10,43 @@
 //! accumulating positions `l mod 32` by fused multiply-adds in block order, the same
 //! [`super::reduce32`]), so the bits depend on neither the group nor the instruction set.
 //! Weight rows are prefetched a few rows ahead ([`prefetch`]).
+//!
+//! The kernels read rows laid out scales first ([`super::RowLayout::ScalesFirst`]): a row's
+//! f16 scales are widened to f32 eight at a time into a small buffer ([`widen_scales`]),
+//! and each block's are then read from it by the multiply and add that build its weights,
+//! as broadcasts from memory. Widened one block at a time in place, a block's scale and
+//! minimum took four shuffles on the port that the weight lookups also need: 6-7 cycles a
+//! block instead of 4-5 (docs/benchmarks.md). A lone activation row is multiplied with two
+//! weight rows at a time, so that four chains of fused multiply-adds, not two, wait on
+//! their latency.
 
 use std::arch::x86_64::*;
 
 use super::{f16_at, reduce32};
 
-/// Scale and minimum of a Q4_1 block (two f16s at its start), widened by F16C's exact
-/// conversion: the same values as [`f16_at`].
+/// Widens the `count` f16 scales at `src` to f32 at `dst`: eight at a time, then four,
+/// then one (F16C's exact conversion: the values of [`f16_at`]).
 #[inline(always)]
-unsafe fn q4_1_scale_min(b: *const u8) -> (f32, f32) {
-    // SAFETY (caller): b points at a block's 4 header bytes.
-    let dm = unsafe { _mm_cvtph_ps(_mm_cvtsi32_si128(b.cast::<i32>().read_unaligned())) };
-    (_mm_cvtss_f32(dm), _mm_cvtss_f32(_mm_movehdup_ps(dm)))
-}
-
-#[inline(always)]
-unsafe fn f16_scale(b: *const u8) -> f32 {
-    // SAFETY (caller): b points at 2 readable bytes.
-    let d = unsafe {
-        _mm_cvtph_ps(_mm_cvtsi32_si128(i32::from(
-            b.cast::<u16>().read_unaligned(),
-        )))
-    };
-    _mm_cvtss_f32(d)
+unsafe fn widen_scales(src: *const u8, count: usize, dst: *mut f32) {
+    let mut i = 0;
+    // SAFETY (caller): src holds `count` f16s, dst room for `count` f32s.
+    unsafe {
+        while i + 8 <= count {
+            let v = _mm256_cvtph_ps(_mm_loadu_si128(src.add(2 * i).cast()));
+            _mm256_storeu_ps(dst.add(i), v);
+            i += 8;
+        }
+        while i + 4 <= count {
+            let v = _mm_cvtph_ps(_mm_loadl_epi64(src.add(2 * i).cast()));
+            _mm_storeu_ps(dst.add(i), v);
+            i += 4;
+        }
+        while i < count {
+            let h = i32::from(src.add(2 * i).cast::<u16>().read_unaligned());
+            *dst.add(i) = _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(h)));
+            i += 1;
+        }
+    }
 }
 
 /// How many weight rows ahead of the one being multiplied its cache lines are asked for.
@@ -53,34 +67,67 @@ fn prefetch(bytes: &[u8], at: usize, len: usize) {
     }
 }
 
-/// A band kernel: weight rows `first..` of the matrix in `bytes` (rows of `k` weights, in
-/// blocks of `$block_bytes`) against the `m` rows of `x`, into `part` (`[weight rows, m]`),
-/// by `$dots` over groups of up to `$largest` activation rows. Every group size listed,
-/// and one, has its own kernel: a group decodes the weights once, so five rows go in one
-/// pass, not four and one.
+/// A band kernel: weight rows `first..` of the matrix in `bytes` (rows of `k` weights in
+/// blocks of `$block_bytes`, laid out scales first, `$scales` f16s a block) against the `m`
+/// rows of `x`, into `part` (`[weight rows, m]`), by `$dots` over groups of up to `$largest`
+/// activation rows; `scratch` holds at least `k / 8` floats (two rows' widened scales). Every
+/// group size listed, and one, has its own kernel: a group decodes the weights once, so
+/// five rows go in one pass, not four and one.
 macro_rules! band {
-    ($features:literal, $name:ident, $dots:ident, $block_bytes:expr, $largest:literal; $($size:literal)*) => {
+    ($features:literal, $name:ident, $dots:ident, $block_bytes:expr, $scales:expr, $largest:literal; $($size:literal)*) => {
         #[doc = concat!("The band kernel (see `band!`) for `", $features, "`.")]
         #[target_feature(enable = $features)]
-        pub unsafe fn $name(bytes: &[u8], k: usize, x: &[f32], first: usize, part: &mut [f32]) {
+        pub unsafe fn $name(
+            bytes: &[u8],
+            k: usize,
+            x: &[f32],
+            first: usize,
+            part: &mut [f32],
+            scratch: &mut [f32],
+        ) {
             let m = x.len() / k;
-            let n = k / 32 * $block_bytes;
+            let (blocks, rows) = (k / 32, part.len() / m);
+            let n = blocks * $block_bytes;
+            let (scales, values_at) = (blocks * $scales, blocks * $scales * 2);
+            assert!(x.len() == m * k && k % 32 == 0, "{m} rows of {k}");
+            assert!(bytes.len() >= (first + rows) * n, "rows {first}+{rows}");
+            assert!(scratch.len() >= 2 * scales, "scratch of {}", scratch.len());
             prefetch(bytes, first * n, PREFETCH_ROWS * n);
-            for (j, out) in part.chunks_exact_mut(m).enumerate() {
-                let row = &bytes[(first + j) * n..][..n];
+            let at = |j: usize| bytes.as_ptr().add((first + j) * n);
+            let mut j = 0;
+            if m == 1 {
+                while j + 2 <= rows {
+                    prefetch(bytes, (first + j + PREFETCH_ROWS) * n, 2 * n);
+                    let (a, b) = (at(j), at(j + 1));
+                    widen_scales(a, scales, scratch.as_mut_ptr());
+                    widen_scales(b, scales, scratch.as_mut_ptr().add(scales));
+                    // Opaque, so that the compiler reads the scales back from memory as
+                    // broadcasts instead of shuffling them out of the registers it stored.
+                    let s = std::hint::black_box(scratch.as_ptr());
+                    let v = [a.add(values_at), b.add(values_at)];
+                    let out = $dots::<2, 1>(v, [s, s.add(scales)], x.as_ptr(), k);
+                    part[j] = out[0][0];
+                    part[j + 1] = out[1][0];
+                    j += 2;
+                }
+            }
+            while j < rows {
                 prefetch(bytes, (first + j + PREFETCH_ROWS) * n, n);
+                let a = at(j);
+                widen_scales(a, scales, scratch.as_mut_ptr());
+                let s = std::hint::black_box(scratch.as_ptr());
+                let v = [a.add(values_at)];
+                let out = &mut part[j * m..(j + 1) * m];
                 let mut i = 0;
                 while i < m {
-                    let xs = &x[i * k..];
-                    // SAFETY: xs holds at least as many rows as each arm takes.
-                    i += unsafe {
-                        match m - i {
-                            $largest.. => put(out, i, $dots::<$largest>(row, xs, k)),
-                            $($size => put(out, i, $dots::<$size>(row, xs, k)),)*
-                            _ => put(out, i, $dots::<1>(row, xs, k)),
-                        }
+                    let xs = x.as_ptr().add(i * k);
+                    i += match m - i {
+                        $largest.. => put(out, i, $dots::<1, $largest>(v, [s], xs, k)[0]),
+                        $($size => put(out, i, $dots::<1, $size>(v, [s], xs, k)[0]),)*
+                        _ => put(out, i, $dots::<1, 1>(v, [s], xs, k)[0]),
                     };
                 }
+                j += 1;
             }
         }
     };
@@ -93,72 +140,83 @@ fn put<const R: usize>(out: &mut [f32], at: usize, values: [f32; R]) -> usize {
     R
 }
 
+/// The results of a `dots` kernel: `W` weight rows against `R` activation rows.
+type Dots<const W: usize, const R: usize> = [[f32; R]; W];
+
 pub mod avx512 {
     use super::*;
 
-    /// `R` dot products of one Q4_1 weight row with `R` activation rows `x[r·k..]`.
+    /// `W × R` dot products: `W` Q4_1 weight rows (their values `v[w]`, their widened
+    /// scales and minimums `s[w]`, in pairs) with `R` activation rows `x[r·k..]`.
     #[inline(always)]
-    unsafe fn dots_q4_1<const R: usize>(row: &[u8], x: &[f32], k: usize) -> [f32; R] {
-        let mut acc = [[_mm512_setzero_ps(); 2]; R];
+    unsafe fn dots_q4_1<const W: usize, const R: usize>(
+        v: [*const u8; W],
+        s: [*const f32; W],
+        x: *const f32,
+        k: usize,
+    ) -> Dots<W, R> {
+        let mut acc = [[[_mm512_setzero_ps(); 2]; R]; W];
         let levels = _mm512_setr_ps(
             0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0, 10.0, 11.0, 12.0, 13.0, 14.0, 15.0,
         );
-        for (blk, b) in row.chunks_exact(20).enumerate() {
-            // SAFETY: b is one 20-byte block; x holds R rows of k = 32 · blocks floats.
-            unsafe {
-                let (d, m) = q4_1_scale_min(b.as_ptr());
-                let (d, m) = (_mm512_set1_ps(d), _mm512_set1_ps(m));
-                // The block's 16 possible weights, d·q + m for q = 0..15 (a multiply then an
-                // add, as everywhere), looked up by nibble: two permutes in place of masking
-                // and converting each half, and the same values.
-                let table = _mm512_add_ps(_mm512_mul_ps(d, levels), m);
-                let bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128(b.as_ptr().add(4).cast()));
-                // A permute reads only an index's low 4 bits: the low nibble as it is, the
-                // high one shifted down.
-                let w = [
-                    _mm512_permutexvar_ps(bytes, table),
-                    _mm512_permutexvar_ps(_mm512_srli_epi32::<4>(bytes), table),
-                ];
-                for (r, acc) in acc.iter_mut().enumerate() {
-                    let xs = x.as_ptr().add(r * k + 32 * blk);
-                    acc[0] = _mm512_fmadd_ps(_mm512_loadu_ps(xs), w[0], acc[0]);
-                    acc[1] = _mm512_fmadd_ps(_mm512_loadu_ps(xs.add(16)), w[1], acc[1]);
+        for blk in 0..k / 32 {
+            for (acc, (v, s)) in acc.iter_mut().zip(v.iter().zip(s)) {
+                // SAFETY (caller): v holds k / 2 bytes, s k / 16 floats, x R rows of k.
+                unsafe {
+                    let d = _mm512_set1_ps(*s.add(2 * blk));
+                    let m = _mm512_set1_ps(*s.add(2 * blk + 1));
+                    // The block's 16 possible weights, d·q + m for q = 0..15 (a multiply then
+                    // an add, as everywhere), looked up by nibble: two permutes in place of
+                    // masking and converting each half, and the same values.
+                    let table = _mm512_add_ps(_mm512_mul_ps(d, levels), m);
+                    let bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128(v.add(16 * blk).cast()));
+                    // A permute reads only an index's low 4 bits: the low nibble as it is,
+                    // the high one shifted down.
+                    let w = [
+                        _mm512_permutexvar_ps(bytes, table),
+                        _mm512_permutexvar_ps(_mm512_srli_epi32::<4>(bytes), table),
+                    ];
+                    for (r, acc) in acc.iter_mut().enumerate() {
+                        let xs = x.add(r * k + 32 * blk);
+                        acc[0] = _mm512_fmadd_ps(_mm512_loadu_ps(xs), w[0], acc[0]);
+                        acc[1] = _mm512_fmadd_ps(_mm512_loadu_ps(xs.add(16)), w[1], acc[1]);
+                    }
                 }
             }
         }
-        let mut out = [0.0f32; R];
-        for (o, a) in out.iter_mut().zip(acc) {
-            *o = lanes(a);
-        }
-        out
+        acc.map(|acc| acc.map(lanes))
     }
 
-    /// `R` dot products of one Q8_0 weight row with `R` activation rows.
+    /// `W × R` dot products of Q8_0 weight rows (values `v[w]`, widened scales `s[w]`) with
+    /// `R` activation rows.
     #[inline(always)]
-    unsafe fn dots_q8_0<const R: usize>(row: &[u8], x: &[f32], k: usize) -> [f32; R] {
-        let mut acc = [[_mm512_setzero_ps(); 2]; R];
-        for (blk, b) in row.chunks_exact(34).enumerate() {
-            // SAFETY: b is one 34-byte block; x as above.
-            unsafe {
-                let d = _mm512_set1_ps(f16_scale(b.as_ptr()));
-                let q0 = _mm_loadu_si128(b.as_ptr().add(2).cast());
-                let q1 = _mm_loadu_si128(b.as_ptr().add(18).cast());
-                let w = [
-                    _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q0))),
-                    _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q1))),
-                ];
-                for (r, acc) in acc.iter_mut().enumerate() {
-                    let xs = x.as_ptr().add(r * k + 32 * blk);
-                    acc[0] = _mm512_fmadd_ps(_mm512_loadu_ps(xs), w[0], acc[0]);
-                    acc[1] = _mm512_fmadd_ps(_mm512_loadu_ps(xs.add(16)), w[1], acc[1]);
+    unsafe fn dots_q8_0<const W: usize, const R: usize>(
+        v: [*const u8; W],
+        s: [*const f32; W],
+        x: *const f32,
+        k: usize,
+    ) -> Dots<W, R> {
+        let mut acc = [[[_mm512_setzero_ps(); 2]; R]; W];
+        for blk in 0..k / 32 {
+            for (acc, (v, s)) in acc.iter_mut().zip(v.iter().zip(s)) {
+                // SAFETY (caller): v holds k bytes, s k / 32 floats, x R rows of k.
+                unsafe {
+                    let d = _mm512_set1_ps(*s.add(blk));
+                    let q0 = _mm_loadu_si128(v.add(32 * blk).cast());
+                    let q1 = _mm_loadu_si128(v.add(32 * blk + 16).cast());
+                    let w = [
+                        _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q0))),
+                        _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q1))),
+                    ];
+                    for (r, acc) in acc.iter_mut().enumerate() {
+                        let xs = x.add(r * k + 32 * blk);
+                        acc[0] = _mm512_fmadd_ps(_mm512_loadu_ps(xs), w[0], acc[0]);
+                        acc[1] = _mm512_fmadd_ps(_mm512_loadu_ps(xs.add(16)), w[1], acc[1]);
+                    }
                 }
             }
         }
-        let mut out = [0.0f32; R];
-        for (o, a) in out.iter_mut().zip(acc) {
-            *o = lanes(a);
-        }
-        out
+        acc.map(|acc| acc.map(lanes))
     }
 
     #[inline(always)]
@@ -167,74 +225,80 @@ pub mod avx512 {
         reduce32(&unsafe { std::mem::transmute::<[__m512; 2], [f32; 32]>(acc) })
     }
 
-    band!("avx512f,f16c,fma", band_q4_1, dots_q4_1, 20, 8; 7 6 5 4 3 2);
-    band!("avx512f,f16c,fma", band_q8_0, dots_q8_0, 34, 8; 7 6 5 4 3 2);
+    band!("avx512f,f16c,fma", band_q4_1, dots_q4_1, 20, 2, 8; 7 6 5 4 3 2);
+    band!("avx512f,f16c,fma", band_q8_0, dots_q8_0, 34, 1, 8; 7 6 5 4 3 2);
 }
 
 pub mod avx2 {
     use super::*;
 
-    /// `R` dot products of one Q4_1 weight row with `R` activation rows (four 8-wide
+    /// `W × R` dot products of Q4_1 weight rows with `R` activation rows (four 8-wide
     /// accumulators per row: lane `l` of accumulator `a` is position `8a + l`).
     #[inline(always)]
-    unsafe fn dots_q4_1<const R: usize>(row: &[u8], x: &[f32], k: usize) -> [f32; R] {
-        let mut acc = [[_mm256_setzero_ps(); 4]; R];
+    unsafe fn dots_q4_1<const W: usize, const R: usize>(
+        v: [*const u8; W],
+        s: [*const f32; W],
+        x: *const f32,
+        k: usize,
+    ) -> Dots<W, R> {
+        let mut acc = [[[_mm256_setzero_ps(); 4]; R]; W];
         let mask = _mm_set1_epi8(0x0f);
-        for (blk, b) in row.chunks_exact(20).enumerate() {
-            // SAFETY: b is one 20-byte block; x holds R rows of k = 32 · blocks floats.
-            unsafe {
-                let (d, m) = q4_1_scale_min(b.as_ptr());
-                let (d, m) = (_mm256_set1_ps(d), _mm256_set1_ps(m));
-                let q = _mm_loadu_si128(b.as_ptr().add(4).cast());
-                let lo = _mm_and_si128(q, mask);
-                let hi = _mm_and_si128(_mm_srli_epi16::<4>(q), mask);
-                let parts = [lo, _mm_srli_si128::<8>(lo), hi, _mm_srli_si128::<8>(hi)];
-                let mut w = [_mm256_setzero_ps(); 4];
-                for (w, part) in w.iter_mut().zip(parts) {
-                    let f = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(part));
-                    *w = _mm256_add_ps(_mm256_mul_ps(d, f), m);
-                }
-                for (r, acc) in acc.iter_mut().enumerate() {
-                    let xs = x.as_ptr().add(r * k + 32 * blk);
-                    for (a, (acc, w)) in acc.iter_mut().zip(w).enumerate() {
-                        *acc = _mm256_fmadd_ps(_mm256_loadu_ps(xs.add(8 * a)), w, *acc);
+        for blk in 0..k / 32 {
+            for (acc, (v, s)) in acc.iter_mut().zip(v.iter().zip(s)) {
+                // SAFETY (caller): v holds k / 2 bytes, s k / 16 floats, x R rows of k.
+                unsafe {
+                    let d = _mm256_set1_ps(*s.add(2 * blk));
+                    let m = _mm256_set1_ps(*s.add(2 * blk + 1));
+                    let q = _mm_loadu_si128(v.add(16 * blk).cast());
+                    let lo = _mm_and_si128(q, mask);
+                    let hi = _mm_and_si128(_mm_srli_epi16::<4>(q), mask);
+                    let parts = [lo, _mm_srli_si128::<8>(lo), hi, _mm_srli_si128::<8>(hi)];
+                    let mut w = [_mm256_setzero_ps(); 4];
+                    for (w, part) in w.iter_mut().zip(parts) {
+                        let f = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(part));
+                        *w = _mm256_add_ps(_mm256_mul_ps(d, f), m);
+                    }
+                    for (r, acc) in acc.iter_mut().enumerate() {
+                        let xs = x.add(r * k + 32 * blk);
+                        for (a, (acc, w)) in acc.iter_mut().zip(w).enumerate() {
+                            *acc = _mm256_fmadd_ps(_mm256_loadu_ps(xs.add(8 * a)), w, *acc);
+                        }
                     }
                 }
             }
         }
-        let mut out = [0.0f32; R];
-        for (o, a) in out.iter_mut().zip(acc) {
-            *o = lanes(a);
-        }
-        out
+        acc.map(|acc| acc.map(lanes))
     }
 
-    /// `R` dot products of one Q8_0 weight row with `R` activation rows.
+    /// `W × R` dot products of Q8_0 weight rows with `R` activation rows.
     #[inline(always)]
-    unsafe fn dots_q8_0<const R: usize>(row: &[u8], x: &[f32], k: usize) -> [f32; R] {
-        let mut acc = [[_mm256_setzero_ps(); 4]; R];
-        for (blk, b) in row.chunks_exact(34).enumerate() {
-            // SAFETY: b is one 34-byte block; x as above.
-            unsafe {
-                let d = _mm256_set1_ps(f16_scale(b.as_ptr()));
-                let mut w = [_mm256_setzero_ps(); 4];
-                for (a, w) in w.iter_mut().enumerate() {
-                    let q = _mm_loadl_epi64(b.as_ptr().add(2 + 8 * a).cast());
-                    *w = _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q)));
-                }
-                for (r, acc) in acc.iter_mut().enumerate() {
-                    let xs = x.as_ptr().add(r * k + 32 * blk);
-                    for (a, (acc, w)) in acc.iter_mut().zip(w).enumerate() {
-                        *acc = _mm256_fmadd_ps(_mm256_loadu_ps(xs.add(8 * a)), w, *acc);
+    unsafe fn dots_q8_0<const W: usize, const R: usize>(
+        v: [*const u8; W],
+        s: [*const f32; W],
+        x: *const f32,
+        k: usize,
+    ) -> Dots<W, R> {
+        let mut acc = [[[_mm256_setzero_ps(); 4]; R]; W];
+        for blk in 0..k / 32 {
+            for (acc, (v, s)) in acc.iter_mut().zip(v.iter().zip(s)) {
+                // SAFETY (caller): v holds k bytes, s k / 32 floats, x R rows of k.
+                unsafe {
+                    let d = _mm256_set1_ps(*s.add(blk));
+                    let mut w = [_mm256_setzero_ps(); 4];
+                    for (a, w) in w.iter_mut().enumerate() {
+                        let q = _mm_loadl_epi64(v.add(32 * blk + 8 * a).cast());
+                        *w = _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q)));
+                    }
+                    for (r, acc) in acc.iter_mut().enumerate() {
+                        let xs = x.add(r * k + 32 * blk);
+                        for (a, (acc, w)) in acc.iter_mut().zip(w).enumerate() {
+                            *acc = _mm256_fmadd_ps(_mm256_loadu_ps(xs.add(8 * a)), w, *acc);
+                        }
                     }
                 }
             }
         }
-        let mut out = [0.0f32; R];
-        for (o, a) in out.iter_mut().zip(acc) {
-            *o = lanes(a);
-        }
-        out
+        acc.map(|acc| acc.map(lanes))
     }
 
     #[inline(always)]
@@ -243,19 +307,22 @@ pub mod avx2 {
         reduce32(&unsafe { std::mem::transmute::<[__m256; 4], [f32; 32]>(acc) })
     }
 
-    band!("avx2,f16c,fma", band_q4_1, dots_q4_1, 20, 2;);
-    band!("avx2,f16c,fma", band_q8_0, dots_q8_0, 34, 2;);
+    band!("avx2,f16c,fma", band_q4_1, dots_q4_1, 20, 2, 2;);
+    band!("avx2,f16c,fma", band_q8_0, dots_q8_0, 34, 1, 2;);
 
+    /// Decodes a Q4_1 row laid out scales first (`scales`: its blocks' `d` and `m`, `q`:
+    /// their values) into `out`.
     #[target_feature(enable = "avx2")]
-    pub unsafe fn dequantize_q4_1(bytes: &[u8], out: &mut [f32]) {
-        assert_eq!(bytes.len() / 20 * 32, out.len());
-        for (o, b) in out.chunks_exact_mut(32).zip(bytes.chunks_exact(20)) {
-            let d = _mm256_set1_ps(f16_at(b, 0));
-            let m = _mm256_set1_ps(f16_at(b, 2));
-            let mask = _mm_set1_epi8(0x0f);
-            // SAFETY: b holds 20 bytes, so 16 from offset 4; o holds 32 floats.
+    pub unsafe fn dequantize_q4_1(scales: &[u8], q: &[u8], out: &mut [f32]) {
+        assert!(scales.len() / 4 * 32 == out.len() && q.len() / 16 * 32 == out.len());
+        let mask = _mm_set1_epi8(0x0f);
+        let blocks = out.chunks_exact_mut(32).zip(scales.chunks_exact(4));
+        for ((o, s), q) in blocks.zip(q.chunks_exact(16)) {
+            let d = _mm256_set1_ps(f16_at(s, 0));
+            let m = _mm256_set1_ps(f16_at(s, 2));
+            // SAFETY: q holds 16 bytes; o holds 32 floats.
             unsafe {
-                let q = _mm_loadu_si128(b.as_ptr().add(4).cast());
+                let q = _mm_loadu_si128(q.as_ptr().cast());
                 let lo = _mm_and_si128(q, mask);
                 let hi = _mm_and_si128(_mm_srli_epi16::<4>(q), mask);
                 let parts = [lo, _mm_srli_si128::<8>(lo), hi, _mm_srli_si128::<8>(hi)];
@@ -268,15 +335,17 @@ pub mod avx2 {
         }
     }
 
+    /// Decodes a Q8_0 row laid out scales first into `out`.
     #[target_feature(enable = "avx2")]
-    pub unsafe fn dequantize_q8_0(bytes: &[u8], out: &mut [f32]) {
-        assert_eq!(bytes.len() / 34 * 32, out.len());
-        for (o, b) in out.chunks_exact_mut(32).zip(bytes.chunks_exact(34)) {
-            let d = _mm256_set1_ps(f16_at(b, 0));
-            // SAFETY: b holds 34 bytes, so 32 from offset 2; o holds 32 floats.
+    pub unsafe fn dequantize_q8_0(scales: &[u8], q: &[u8], out: &mut [f32]) {
+        assert!(scales.len() / 2 * 32 == out.len() && q.len() == out.len());
+        let blocks = out.chunks_exact_mut(32).zip(scales.chunks_exact(2));
+        for ((o, s), q) in blocks.zip(q.chunks_exact(32)) {
+            let d = _mm256_set1_ps(f16_at(s, 0));
+            // SAFETY: q holds 32 bytes; o holds 32 floats.
             unsafe {
                 for k in 0..4 {
-                    let q = _mm_loadl_epi64(b.as_ptr().add(2 + 8 * k).cast());
+                    let q = _mm_loadl_epi64(q.as_ptr().add(8 * k).cast());
                     let f = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q));
                     _mm256_storeu_ps(o.as_mut_ptr().add(8 * k), _mm256_mul_ps(d, f));
                 }

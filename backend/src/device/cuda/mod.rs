@@ -514,6 +514,12 @@ impl Device for CudaDevice {
     }
 
     fn upload_matrix(&self, matrix: QMatrix) -> Result<CudaMatrix, DeviceError> {
+        // The kernels read blocks as GGUF lays them out.
+        assert_eq!(
+            matrix.layout,
+            crate::quant::RowLayout::Interleaved,
+            "CUDA upload"
+        );
         let bytes = self.stream.clone_htod(&matrix.bytes).map_err(|err| {
             self.error(format!(
                 "uploading a {}×{} matrix: {err}",
