@@ -266,8 +266,12 @@ impl QMatrix {
         let (bb, n) = (self.dtype.block_bytes(), self.row_bytes());
         let mut moved = Vec::with_capacity(self.bytes.len());
         for row in self.bytes.chunks_exact(n) {
-            moved.extend(row.chunks_exact(bb).flat_map(|b| &b[..sb]));
-            moved.extend(row.chunks_exact(bb).flat_map(|b| &b[sb..]));
+            for block in row.chunks_exact(bb) {
+                moved.extend_from_slice(&block[..sb]);
+            }
+            for block in row.chunks_exact(bb) {
+                moved.extend_from_slice(&block[sb..]);
+            }
         }
         self.bytes = moved;
         self.layout = RowLayout::ScalesFirst;
