@@ -16,9 +16,9 @@
 //! and each block's are then read from it by the multiply and add that build its weights,
 //! as broadcasts from memory. Widened one block at a time in place, a block's scale and
 //! minimum took four shuffles on the port that the weight lookups also need: 6-7 cycles a
-//! block instead of 4-5 (docs/benchmarks.md). A lone activation row is multiplied with two
-//! weight rows at a time, so that four chains of fused multiply-adds, not two, wait on
-//! their latency.
+//! block instead of 4-5 (docs/benchmarks.md). Weight rows go two at a time: a lone
+//! activation row then has four chains of fused multiply-adds waiting on their latency, not
+//! two, and a batch's activations are read from cache once per pair of weight rows.
 
 use std::arch::x86_64::*;
 
@@ -74,7 +74,8 @@ fn prefetch(bytes: &[u8], at: usize, len: usize) {
 /// group size listed, and one, has its own kernel: a group decodes the weights once, so
 /// five rows go in one pass, not four and one.
 macro_rules! band {
-    ($features:literal, $name:ident, $dots:ident, $block_bytes:expr, $scales:expr, $largest:literal; $($size:literal)*) => {
+    ($features:literal, $name:ident, $dots:ident, $block_bytes:expr, $scales:expr,
+     [$largest:literal; $($size:literal)*], [$pair_largest:literal; $($pair_size:literal)*]) => {
         #[doc = concat!("The band kernel (see `band!`) for `", $features, "`.")]
         #[target_feature(enable = $features)]
         pub unsafe fn $name(
@@ -95,21 +96,30 @@ macro_rules! band {
             prefetch(bytes, first * n, PREFETCH_ROWS * n);
             let at = |j: usize| bytes.as_ptr().add((first + j) * n);
             let mut j = 0;
-            if m == 1 {
-                while j + 2 <= rows {
-                    prefetch(bytes, (first + j + PREFETCH_ROWS) * n, 2 * n);
-                    let (a, b) = (at(j), at(j + 1));
-                    widen_scales(a, scales, scratch.as_mut_ptr());
-                    widen_scales(b, scales, scratch.as_mut_ptr().add(scales));
-                    // Opaque, so that the compiler reads the scales back from memory as
-                    // broadcasts instead of shuffling them out of the registers it stored.
-                    let s = std::hint::black_box(scratch.as_ptr());
-                    let v = [a.add(values_at), b.add(values_at)];
-                    let out = $dots::<2, 1>(v, [s, s.add(scales)], x.as_ptr(), k);
-                    part[j] = out[0][0];
-                    part[j + 1] = out[1][0];
-                    j += 2;
+            // Two weight rows at a time: each activation block loaded feeds both (a batch's
+            // activations are read from cache once per pair of rows, not per row), and a
+            // lone activation row has four chains of multiply-adds, not two.
+            while j + 2 <= rows {
+                prefetch(bytes, (first + j + PREFETCH_ROWS) * n, 2 * n);
+                let (a, b) = (at(j), at(j + 1));
+                widen_scales(a, scales, scratch.as_mut_ptr());
+                widen_scales(b, scales, scratch.as_mut_ptr().add(scales));
+                // Opaque, so that the compiler reads the scales back from memory as
+                // broadcasts instead of shuffling them out of the registers it stored.
+                let s = std::hint::black_box(scratch.as_ptr());
+                let (v, s) = ([a.add(values_at), b.add(values_at)], [s, s.add(scales)]);
+                let (first_row, second_row) = part[j * m..(j + 2) * m].split_at_mut(m);
+                let mut i = 0;
+                while i < m {
+                    let xs = x.as_ptr().add(i * k);
+                    let out = (&mut *first_row, &mut *second_row);
+                    i += match m - i {
+                        $pair_largest.. => put2(out, i, $dots::<2, $pair_largest>(v, s, xs, k)),
+                        $($pair_size => put2(out, i, $dots::<2, $pair_size>(v, s, xs, k)),)*
+                        _ => put2(out, i, $dots::<2, 1>(v, s, xs, k)),
+                    };
                 }
+                j += 2;
             }
             while j < rows {
                 prefetch(bytes, (first + j + PREFETCH_ROWS) * n, n);
@@ -133,6 +143,15 @@ macro_rules! band {
     };
 }
 
+/// Writes a group's results for two weight rows at `at` of each; returns how many
+/// activation rows it covered.
+#[inline(always)]
+fn put2<const R: usize>(out: (&mut [f32], &mut [f32]), at: usize, values: Dots<2, R>) -> usize {
+    out.0[at..at + R].copy_from_slice(&values[0]);
+    out.1[at..at + R].copy_from_slice(&values[1]);
+    R
+}
+
 /// Writes a group's results at `at`; returns how many rows it covered.
 #[inline(always)]
 fn put<const R: usize>(out: &mut [f32], at: usize, values: [f32; R]) -> usize {
@@ -142,6 +161,23 @@ fn put<const R: usize>(out: &mut [f32], at: usize, values: [f32; R]) -> usize {
 
 /// The results of a `dots` kernel: `W` weight rows against `R` activation rows.
 type Dots<const W: usize, const R: usize> = [[f32; R]; W];
+
+/// Each accumulator of a `dots` kernel summed by `lanes`. Plain loops: a closure (as
+/// `array::map` takes) is compiled without its caller's target features, and passing it
+/// vector registers went through memory (a fifth of a 16-sequence decode step).
+#[inline(always)]
+fn reduced<A: Copy, const W: usize, const R: usize>(
+    acc: [[A; R]; W],
+    lanes: impl Fn(A) -> f32,
+) -> Dots<W, R> {
+    let mut out = [[0.0f32; R]; W];
+    for (out, acc) in out.iter_mut().zip(acc) {
+        for (out, acc) in out.iter_mut().zip(acc) {
+            *out = lanes(acc);
+        }
+    }
+    out
+}
 
 pub mod avx512 {
     use super::*;
@@ -184,7 +220,7 @@ pub mod avx512 {
                 }
             }
         }
-        acc.map(|acc| acc.map(lanes))
+        reduced(acc, lanes)
     }
 
     /// `W × R` dot products of Q8_0 weight rows (values `v[w]`, widened scales `s[w]`) with
@@ -216,7 +252,7 @@ pub mod avx512 {
                 }
             }
         }
-        acc.map(|acc| acc.map(lanes))
+        reduced(acc, lanes)
     }
 
     #[inline(always)]
@@ -225,8 +261,8 @@ pub mod avx512 {
         reduce32(&unsafe { std::mem::transmute::<[__m512; 2], [f32; 32]>(acc) })
     }
 
-    band!("avx512f,f16c,fma", band_q4_1, dots_q4_1, 20, 2, 8; 7 6 5 4 3 2);
-    band!("avx512f,f16c,fma", band_q8_0, dots_q8_0, 34, 1, 8; 7 6 5 4 3 2);
+    band!("avx512f,f16c,fma", band_q4_1, dots_q4_1, 20, 2, [8; 7 6 5 4 3 2], [4; 3 2]);
+    band!("avx512f,f16c,fma", band_q8_0, dots_q8_0, 34, 1, [8; 7 6 5 4 3 2], [4; 3 2]);
 }
 
 pub mod avx2 {
@@ -267,7 +303,7 @@ pub mod avx2 {
                 }
             }
         }
-        acc.map(|acc| acc.map(lanes))
+        reduced(acc, lanes)
     }
 
     /// `W × R` dot products of Q8_0 weight rows with `R` activation rows.
@@ -298,7 +334,7 @@ pub mod avx2 {
                 }
             }
         }
-        acc.map(|acc| acc.map(lanes))
+        reduced(acc, lanes)
     }
 
     #[inline(always)]
@@ -307,8 +343,8 @@ pub mod avx2 {
         reduce32(&unsafe { std::mem::transmute::<[__m256; 4], [f32; 32]>(acc) })
     }
 
-    band!("avx2,f16c,fma", band_q4_1, dots_q4_1, 20, 2, 2;);
-    band!("avx2,f16c,fma", band_q8_0, dots_q8_0, 34, 1, 2;);
+    band!("avx2,f16c,fma", band_q4_1, dots_q4_1, 20, 2, [2;], [1;]);
+    band!("avx2,f16c,fma", band_q8_0, dots_q8_0, 34, 1, [2;], [1;]);
 
     /// Decodes a Q4_1 row laid out scales first (`scales`: its blocks' `d` and `m`, `q`:
     /// their values) into `out`.
