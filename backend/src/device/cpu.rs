@@ -500,7 +500,13 @@ impl Device for Cpu {
                 #[cfg(target_arch = "x86_64")]
                 if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
                     // SAFETY: the CPU has both features, checked just now.
-                    return unsafe { attend_avx2(&head, seq, kd, vd) };
+                    return unsafe {
+                        match head_dim {
+                            64 => attend_in_registers::<8>(&head, seq, kd, vd),
+                            128 => attend_in_registers::<16>(&head, seq, kd, vd),
+                            _ => attend_avx2(&head, seq, kd, vd),
+                        }
+                    };
                 }
                 attend::<false>(&head, seq, kd, vd)
             })
@@ -627,6 +633,17 @@ fn short_dot(a: &[f32], b: &[f32]) -> f32 {
     pair[0] + pair[1] + tail
 }
 
+/// The sum of an 8-lane register as [`short_dot`] folds its lanes.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+#[inline]
+unsafe fn fold8(acc: std::arch::x86_64::__m256) -> f32 {
+    use std::arch::x86_64::*;
+    let quad = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps::<1>(acc));
+    let pair = _mm_add_ps(quad, _mm_movehl_ps(quad, quad));
+    _mm_cvtss_f32(_mm_add_ss(pair, _mm_movehdup_ps(pair)))
+}
+
 /// [`short_dot`] in one AVX2 register with fused multiply-adds, folded the same way. (Left
 /// to itself, the compiler splits the portable one's 8 lanes into four 2-lane registers.)
 #[cfg(target_arch = "x86_64")]
@@ -650,9 +667,8 @@ unsafe fn short_dot_avx2(a: &[f32], b: &[f32]) -> f32 {
     for j in whole..n {
         tail += a[j] * b[j];
     }
-    let quad = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps::<1>(acc));
-    let pair = _mm_add_ps(quad, _mm_movehl_ps(quad, quad));
-    _mm_cvtss_f32(_mm_add_ss(pair, _mm_movehdup_ps(pair))) + tail
+    // SAFETY: the caller's CPU has AVX2 and FMA, as this function requires.
+    unsafe { fold8(acc) + tail }
 }
 
 /// [`attend`] compiled for AVX2 and FMA.
@@ -665,6 +681,80 @@ unsafe fn attend_avx2(
     v: &[f32],
 ) -> Vec<f32> {
     attend::<true>(head, seq, k, v)
+}
+
+/// [`attend`] for heads of `8 · CH` dimensions, with the same arithmetic (so the same
+/// bits): four keys' scores at a time, each [`short_dot_avx2`]'s fused multiply-adds and
+/// folding (one key at a time, each score waited on its own chain of eight dependent
+/// multiply-adds), and the weighted sum of values kept in `CH` registers across positions
+/// (a multiply, then an add, per element and position, as `attend`'s loop does through
+/// memory).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn attend_in_registers<const CH: usize>(
+    head: &AttendedHead<'_>,
+    seq: super::PagedSequence<'_>,
+    k: &[f32],
+    v: &[f32],
+) -> Vec<f32> {
+    use std::arch::x86_64::*;
+    let d = head.head_dim;
+    assert_eq!(d, 8 * CH, "a head of {d}");
+    let bs = head.block_size;
+    let seen_all = seq.past + seq.new;
+    let rows_needed = seq.blocks.len() * bs;
+    assert!(
+        rows_needed >= seen_all,
+        "{seen_all} positions in {rows_needed} rows"
+    );
+    for &b in seq.blocks {
+        let last = (b as usize + 1) * bs - 1;
+        assert!(
+            last * head.kv_width + head.kv + d <= k.len().min(v.len()),
+            "block {b}"
+        );
+    }
+    let row_at = |p: usize| seq.blocks[p / bs] as usize * bs + p % bs;
+    let mut out = vec![0.0f32; seq.new * d];
+    let mut scores = vec![0.0f32; seen_all];
+    for i in 0..seq.new {
+        let qi = &head.q[i * head.width..][..d];
+        let seen = seq.past + i + 1;
+        let mut p = 0;
+        while p < seen {
+            // Four consecutive positions, or what is left.
+            let group = (seen - p).min(4);
+            let mut acc = [_mm256_setzero_ps(); 4];
+            let mut keys = [k.as_ptr(); 4];
+            for (t, key) in keys.iter_mut().enumerate().take(group) {
+                *key = k.as_ptr().add(row_at(p + t) * head.kv_width + head.kv);
+            }
+            for c in 0..CH {
+                let q = _mm256_loadu_ps(qi.as_ptr().add(8 * c));
+                for (acc, key) in acc.iter_mut().zip(keys).take(group) {
+                    *acc = _mm256_fmadd_ps(q, _mm256_loadu_ps(key.add(8 * c)), *acc);
+                }
+            }
+            for (t, &acc) in acc.iter().enumerate().take(group) {
+                // `+ 0.0`: short_dot_avx2 adds its (empty) tail, which turns a -0 into +0.
+                scores[p + t] = (fold8(acc) + 0.0) * head.scale;
+            }
+            p += group;
+        }
+        softmax_row(&mut scores[..seen]);
+        let mut acc = [_mm256_setzero_ps(); CH];
+        for (p, &w) in scores[..seen].iter().enumerate() {
+            let vp = v.as_ptr().add(row_at(p) * head.kv_width + head.kv);
+            let w = _mm256_set1_ps(w);
+            for (c, acc) in acc.iter_mut().enumerate() {
+                *acc = _mm256_add_ps(*acc, _mm256_mul_ps(w, _mm256_loadu_ps(vp.add(8 * c))));
+            }
+        }
+        for (c, acc) in acc.iter().enumerate() {
+            _mm256_storeu_ps(out.as_mut_ptr().add(i * d + 8 * c), *acc);
+        }
+    }
+    out
 }
 
 #[inline(always)]
@@ -932,6 +1022,56 @@ mod tests {
             .unwrap();
         let silu = |v: f64| v / (1.0 + (-v).exp());
         assert_close(gate.data(), &[silu(-1.0) * 2.0, 0.0, silu(2.0) * 0.5], 1e-6);
+    }
+
+    /// Heads of 64 and 128 dimensions (SmolLM2's, Llama's) take the register-held kernel:
+    /// the same bits as the general one, over blocks that split its groups of four keys.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn attention_in_registers_gives_the_general_kernels_bits() {
+        if !(std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma")) {
+            eprintln!("skipping: this CPU has no AVX2 and FMA");
+            return;
+        }
+        let (heads, kv_heads, bs) = (6usize, 2usize, 3usize);
+        for hd in [64usize, 128] {
+            let kvw = kv_heads * hd;
+            let blocks = [4u32, 0, 6, 2, 5];
+            let (k, v) = (values(7 * bs * kvw, 21), values(7 * bs * kvw, 22));
+            for (past, new) in [(9usize, 1usize), (5, 3), (0, 13), (0, 1)] {
+                let width = heads * hd;
+                let q = values(new * width, 23 + past as u64);
+                let seq = PagedSequence {
+                    past,
+                    new,
+                    blocks: &blocks,
+                };
+                for h in 0..heads {
+                    let head = AttendedHead {
+                        q: &q[h * hd..],
+                        width,
+                        head_dim: hd,
+                        kv: (h / (heads / kv_heads)) * hd,
+                        kv_width: kvw,
+                        block_size: bs,
+                        scale: 1.0 / (hd as f32).sqrt(),
+                    };
+                    // SAFETY: AVX2 and FMA are present, checked above.
+                    let (general, registers) = unsafe {
+                        let registers = match hd {
+                            64 => attend_in_registers::<8>(&head, seq, &k, &v),
+                            _ => attend_in_registers::<16>(&head, seq, &k, &v),
+                        };
+                        (attend_avx2(&head, seq, &k, &v), registers)
+                    };
+                    let same = general
+                        .iter()
+                        .zip(&registers)
+                        .all(|(a, b)| a.to_bits() == b.to_bits());
+                    assert!(same, "head {h} of {hd}, {past} past, {new} new");
+                }
+            }
+        }
     }
 
     #[test]
