@@ -460,15 +460,27 @@ pub fn matmul(x: &[f32], m: usize, w: &QMatrix, out: &mut [f32]) {
     }
 }
 
-/// Weight rows per task of [`gemm`]: decoded into an f32 tile of `GEMM_TILE × k` (288 KiB
-/// for SmolLM2's widest, 576, so it stays in L2 while the GEMM packs it). Measured on
-/// SmolLM2's feed-forward shape: 64 rows gave 83 GFLOP/s, 128 and 192 about 90.
-const GEMM_TILE: usize = 128;
+/// About how many weight rows a task of [`gemm`] decodes into an f32 tile (`GEMM_TILE × k`:
+/// 576 KiB at SmolLM2's widest common width, 576, within L2 while the GEMM packs it). The
+/// GEMM packs the whole prompt again for every tile, so fewer, larger tiles cost less at
+/// long prompts: 256 rows against 128 gave 1.05-1.1× the prefill tokens per second at 16
+/// prompts of 128 tokens, the same at one (docs/benchmarks.md).
+const GEMM_TILE: usize = 256;
+
+/// Weight rows per task of [`gemm`] for a matrix of `n` rows: about [`GEMM_TILE`], and as
+/// many tiles for every thread (576 rows in tiles of 256 would leave one of two threads a
+/// single tile against two).
+fn gemm_tile_rows(n: usize) -> usize {
+    let threads = rayon::current_num_threads().max(1);
+    let tiles_per_thread = n.div_ceil(threads * GEMM_TILE).max(1);
+    n.div_ceil(threads * tiles_per_thread).max(1)
+}
 
 /// `out[m × w.rows] = x[m × w.cols] · wᵀ` through `matrixmultiply`'s GEMM, a band of
-/// [`GEMM_TILE`] weight rows decoded into an f32 tile at a time (never the whole matrix):
-/// the fastest way for many rows (a prompt). Each result's sums run over `k` in the same
-/// order whatever `m` is, so a row gets the same bits in any batch.
+/// weight rows ([`gemm_tile_rows`]) decoded into an f32 tile at a time (never the whole
+/// matrix): the fastest way for many rows (a prompt). Each result's sums run over `k` in
+/// the same order whatever `m` is, or however the rows are banded, so a row gets the same
+/// bits in any batch.
 pub fn gemm(x: &[f32], m: usize, w: &QMatrix, out: &mut [f32]) {
     let (n, k) = (w.rows, w.cols);
     assert_eq!(x.len(), m * k, "gemm: x is not {m}×{k}");
@@ -476,16 +488,20 @@ pub fn gemm(x: &[f32], m: usize, w: &QMatrix, out: &mut [f32]) {
     if m == 0 {
         return;
     }
-    let bands: Vec<Vec<f32>> = (0..n.div_ceil(GEMM_TILE))
+    // Each task writes its tile's columns of `out` in place (row stride n), where a part of
+    // its own was zeroed, filled and copied over (a tenth of a long prompt's time).
+    let columns = Columns(out.as_mut_ptr());
+    let tile_rows = gemm_tile_rows(n);
+    (0..n.div_ceil(tile_rows))
         .into_par_iter()
-        .map_init(Vec::new, |tile, band| {
-            let first = band * GEMM_TILE;
-            let rows = GEMM_TILE.min(n - first);
+        .for_each_init(Vec::new, |tile, band| {
+            let first = band * tile_rows;
+            let rows = tile_rows.min(n - first);
             tile.resize(rows * k, 0.0);
             decode_rows(w, first, &mut tile[..rows * k]);
-            let mut part = vec![0.0f32; m * rows];
             // SAFETY: x is m×k (row stride k); the tile, rows×k, is read transposed as
-            // k×rows (row stride 1, column stride k); part is m×rows (row stride rows).
+            // k×rows (row stride 1, column stride k); out is m×n (row stride n), of which
+            // this task writes columns first..first + rows and no other task does.
             unsafe {
                 matrixmultiply::sgemm(
                     m,
@@ -499,20 +515,25 @@ pub fn gemm(x: &[f32], m: usize, w: &QMatrix, out: &mut [f32]) {
                     1,
                     k as isize,
                     0.0,
-                    part.as_mut_ptr(),
-                    rows as isize,
+                    columns.at(first),
+                    n as isize,
                     1,
                 );
             }
-            part
-        })
-        .collect();
-    for (band, part) in bands.iter().enumerate() {
-        let first = band * GEMM_TILE;
-        let rows = part.len() / m;
-        for (out_row, part_row) in out.chunks_exact_mut(n).zip(part.chunks_exact(rows)) {
-            out_row[first..first + rows].copy_from_slice(part_row);
-        }
+        });
+}
+
+/// The start of [`gemm`]'s output, shared by its tasks, each writing only its own columns.
+#[derive(Clone, Copy)]
+struct Columns(*mut f32);
+// SAFETY: see `gemm`: the tasks write disjoint columns of a buffer that outlives them.
+unsafe impl Send for Columns {}
+unsafe impl Sync for Columns {}
+
+impl Columns {
+    // A method, not field access, so closures capture the whole Send wrapper.
+    fn at(self, column: usize) -> *mut f32 {
+        self.0.wrapping_add(column)
     }
 }
 
