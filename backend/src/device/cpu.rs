@@ -25,6 +25,25 @@ impl Cpu {
     }
 }
 
+/// Elements below which an element-wise or row-wise operation runs on the calling thread
+/// alone: a decode step's few rows take microseconds, less than a hand-off to the pool;
+/// a prompt's (thousands of rows) left the pool's other threads idle for a tenth of a
+/// prefill (docs/benchmarks.md).
+const PARALLEL_ELEMENTS: usize = 1 << 16;
+
+/// `f(x, y)` for each element of `x` and the matching one of `y`, on the pool's threads
+/// when there are many.
+fn elementwise(x: &mut [f32], y: &[f32], f: impl Fn(&mut f32, &f32) + Sync) {
+    if x.len() < PARALLEL_ELEMENTS {
+        x.iter_mut().zip(y).for_each(|(x, y)| f(x, y));
+    } else {
+        let chunk = PARALLEL_ELEMENTS / 4;
+        x.par_chunks_mut(chunk)
+            .zip(y.par_chunks(chunk))
+            .for_each(|(x, y)| x.iter_mut().zip(y).for_each(|(x, y)| f(x, y)));
+    }
+}
+
 /// A raw output pointer shared by threads that write disjoint parts of one buffer.
 #[derive(Clone, Copy)]
 struct SharedOut(*mut f32);
@@ -176,10 +195,7 @@ impl Device for Cpu {
 
     fn add_assign(&self, x: &mut CpuTensor, y: &CpuTensor) -> Result<(), DeviceError> {
         assert_eq!(x.shape(), y.shape(), "add_assign");
-        x.data_mut()
-            .iter_mut()
-            .zip(y.data())
-            .for_each(|(x, y)| *x += y);
+        elementwise(x.data_mut(), y.data(), |x, y| *x += y);
         Ok(())
     }
 
@@ -386,11 +402,16 @@ impl Device for Cpu {
         assert_eq!(weight.len(), d, "rms_norm over {d}");
         let mut out = x.data().clone();
         let w = weight.data();
-        for row in out.chunks_exact_mut(d) {
+        let norm = |row: &mut [f32]| {
             // The mean square in f64: 576 squares summed in f32 lose the last digits.
             let ms = row.iter().map(|&v| f64::from(v).powi(2)).sum::<f64>() / d as f64;
             let inv = (1.0 / (ms + f64::from(eps)).sqrt()) as f32;
             row.iter_mut().zip(w).for_each(|(v, w)| *v = *v * inv * w);
+        };
+        if out.len() < PARALLEL_ELEMENTS {
+            out.chunks_exact_mut(d).for_each(norm);
+        } else {
+            out.par_chunks_exact_mut(d).for_each(norm);
         }
         Ok(Tensor::from_parts(out, x.shape().to_vec()))
     }
@@ -435,10 +456,9 @@ impl Device for Cpu {
 
     fn silu_mul(&self, gate: &mut CpuTensor, up: &CpuTensor) -> Result<(), DeviceError> {
         assert_eq!(gate.shape(), up.shape(), "silu_mul");
-        gate.data_mut()
-            .iter_mut()
-            .zip(up.data())
-            .for_each(|(g, u)| *g = *g / (1.0 + (-*g).exp()) * u);
+        elementwise(gate.data_mut(), up.data(), |g, u| {
+            *g = *g / (1.0 + (-*g).exp()) * u
+        });
         Ok(())
     }
 
@@ -1004,6 +1024,37 @@ mod tests {
             b.cos(),
         ];
         assert_close(t.data(), &want, 1e-6);
+    }
+
+    /// A prompt's rows are normed, gated and added on the pool's threads: each element
+    /// and row gets the bits it gets alone.
+    #[test]
+    fn large_element_wise_operations_give_each_rows_own_bits() {
+        let (rows, d) = (200, 576);
+        assert!(rows * d >= PARALLEL_ELEMENTS);
+        let x = tensor(values(rows * d, 31), &[rows, d]);
+        let y = tensor(values(rows * d, 32), &[rows, d]);
+        let weight = tensor(values(d, 33), &[d]);
+        let normed = Cpu.rms_norm(&x, &weight, 1e-5).unwrap();
+        let mut gated = x.clone();
+        Cpu.silu_mul(&mut gated, &y).unwrap();
+        let mut added = x.clone();
+        Cpu.add_assign(&mut added, &y).unwrap();
+        for r in 0..rows {
+            let row = |t: &CpuTensor| tensor(t.data()[r * d..(r + 1) * d].to_vec(), &[1, d]);
+            let bits = |t: &CpuTensor| t.data().iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+            let mut alone = [row(&x), row(&x), row(&x)];
+            alone[0] = Cpu.rms_norm(&alone[0], &weight, 1e-5).unwrap();
+            Cpu.silu_mul(&mut alone[1], &row(&y)).unwrap();
+            Cpu.add_assign(&mut alone[2], &row(&y)).unwrap();
+            for (name, all, alone) in [
+                ("rms_norm", &normed, &alone[0]),
+                ("silu_mul", &gated, &alone[1]),
+                ("add_assign", &added, &alone[2]),
+            ] {
+                assert!(bits(&row(all)) == bits(alone), "{name}, row {r}");
+            }
+        }
     }
 
     #[test]
