@@ -490,7 +490,7 @@ pub fn gemm(x: &[f32], m: usize, w: &QMatrix, out: &mut [f32]) {
     }
     // Each task writes its tile's columns of `out` in place (row stride n), where a part of
     // its own was zeroed, filled and copied over (a tenth of a long prompt's time).
-    let columns = Columns(out.as_mut_ptr());
+    let columns = SharedOut(out.as_mut_ptr());
     let tile_rows = gemm_tile_rows(n);
     (0..n.div_ceil(tile_rows))
         .into_par_iter()
@@ -515,7 +515,7 @@ pub fn gemm(x: &[f32], m: usize, w: &QMatrix, out: &mut [f32]) {
                     1,
                     k as isize,
                     0.0,
-                    columns.at(first),
+                    columns.ptr().wrapping_add(first),
                     n as isize,
                     1,
                 );
@@ -523,17 +523,20 @@ pub fn gemm(x: &[f32], m: usize, w: &QMatrix, out: &mut [f32]) {
         });
 }
 
-/// The start of [`gemm`]'s output, shared by its tasks, each writing only its own columns.
+/// A raw output pointer shared by threads that write disjoint parts of one buffer (here
+/// [`gemm`]'s tiles, each its own columns; the CPU device's products and attention).
 #[derive(Clone, Copy)]
-struct Columns(*mut f32);
-// SAFETY: see `gemm`: the tasks write disjoint columns of a buffer that outlives them.
-unsafe impl Send for Columns {}
-unsafe impl Sync for Columns {}
+pub(crate) struct SharedOut(pub(crate) *mut f32);
+// SAFETY: every user writes through it only to elements no other thread touches, and the
+// buffer outlives the parallel section that uses it.
+unsafe impl Send for SharedOut {}
+unsafe impl Sync for SharedOut {}
 
-impl Columns {
-    // A method, not field access, so closures capture the whole Send wrapper.
-    fn at(self, column: usize) -> *mut f32 {
-        self.0.wrapping_add(column)
+impl SharedOut {
+    // A method, not field access, so closures capture the whole Send wrapper (edition 2021
+    // closures would otherwise capture the bare pointer field).
+    pub(crate) fn ptr(self) -> *mut f32 {
+        self.0
     }
 }
 

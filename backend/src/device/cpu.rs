@@ -8,7 +8,7 @@
 use rayon::prelude::*;
 
 use super::{check_scatter, rope_head_dim, Attention, Device, DeviceError, PagedAttention, Tensor};
-use crate::quant::{self, QMatrix};
+use crate::quant::{self, QMatrix, SharedOut};
 
 /// Roughly the multiply-adds below which an operation runs on the calling thread.
 const PARALLEL_FLOPS: usize = 1 << 16;
@@ -41,22 +41,6 @@ fn elementwise(x: &mut [f32], y: &[f32], f: impl Fn(&mut f32, &f32) + Sync) {
         x.par_chunks_mut(chunk)
             .zip(y.par_chunks(chunk))
             .for_each(|(x, y)| x.iter_mut().zip(y).for_each(|(x, y)| f(x, y)));
-    }
-}
-
-/// A raw output pointer shared by threads that write disjoint parts of one buffer.
-#[derive(Clone, Copy)]
-struct SharedOut(*mut f32);
-// SAFETY: every user below writes through it only to elements no other thread touches, and
-// the buffer outlives the parallel section that uses it.
-unsafe impl Send for SharedOut {}
-unsafe impl Sync for SharedOut {}
-
-impl SharedOut {
-    // A method, not field access, so closures capture the whole Send wrapper (edition 2021
-    // closures would otherwise capture the bare pointer field).
-    fn ptr(self) -> *mut f32 {
-        self.0
     }
 }
 
