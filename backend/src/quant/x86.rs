@@ -220,7 +220,7 @@ pub mod avx512 {
                 }
             }
         }
-        reduced(acc, lanes)
+        reduce_together(acc)
     }
 
     /// `W × R` dot products of Q8_0 weight rows (values `v[w]`, widened scales `s[w]`) with
@@ -252,13 +252,67 @@ pub mod avx512 {
                 }
             }
         }
-        reduced(acc, lanes)
+        reduce_together(acc)
     }
 
+    /// Each output's two accumulators (lanes 0-15 and 16-31) summed as [`reduce32`] sums
+    /// them, for up to eight outputs together: the tree's steps are adds of whole registers
+    /// whose lanes were shuffled into place, so every output gets the same additions in the
+    /// same order as alone, in a few dozen instructions for all eight where reducing each
+    /// through memory took a third of a 16-sequence step's kernel time (docs/benchmarks.md).
     #[inline(always)]
-    fn lanes(acc: [__m512; 2]) -> f32 {
-        // SAFETY: two 16-float registers are 32 floats, in lane order.
-        reduce32(&unsafe { std::mem::transmute::<[__m512; 2], [f32; 32]>(acc) })
+    unsafe fn reduce_together<const W: usize, const R: usize>(
+        acc: [[[__m512; 2]; R]; W],
+    ) -> Dots<W, R> {
+        const { assert!(W * R <= 8, "eight outputs at most") };
+        // SAFETY (all intrinsics): the caller's CPU has AVX-512F (the kernels' features).
+        unsafe {
+            // v[i] += v[i + 16]: one register per output.
+            let mut v = [_mm512_setzero_ps(); 8];
+            for (w, acc) in acc.iter().enumerate() {
+                for (r, [low, high]) in acc.iter().enumerate() {
+                    v[w * R + r] = _mm512_add_ps(*low, *high);
+                }
+            }
+            // v[i] += v[i + 8]: outputs 2p and 2p + 1 in register p, eight lanes each.
+            let mut halves = [_mm512_setzero_ps(); 4];
+            for (p, halves) in halves.iter_mut().enumerate() {
+                let (a, b) = (v[2 * p], v[2 * p + 1]);
+                let low = _mm512_shuffle_f32x4::<0b01_00_01_00>(a, b);
+                let high = _mm512_shuffle_f32x4::<0b11_10_11_10>(a, b);
+                *halves = _mm512_add_ps(low, high);
+            }
+            // v[i] += v[i + 4]: outputs 4h..4h + 4 in register h, a quarter each.
+            let mut quarters = [_mm512_setzero_ps(); 2];
+            for (h, quarters) in quarters.iter_mut().enumerate() {
+                let (a, b) = (halves[2 * h], halves[2 * h + 1]);
+                let low = _mm512_shuffle_f32x4::<0b10_00_10_00>(a, b);
+                let high = _mm512_shuffle_f32x4::<0b11_01_11_01>(a, b);
+                *quarters = _mm512_add_ps(low, high);
+            }
+            // v[i] += v[i + 2]: quarter j holds output j's two lanes, then output j + 4's.
+            let (a, b) = (quarters[0], quarters[1]);
+            let pairs = _mm512_add_ps(
+                _mm512_shuffle_ps::<0b01_00_01_00>(a, b),
+                _mm512_shuffle_ps::<0b11_10_11_10>(a, b),
+            );
+            // v[0] += v[1]: quarter j starts with outputs j and j + 4.
+            let sums = _mm512_add_ps(
+                _mm512_shuffle_ps::<0b10_00_10_00>(pairs, pairs),
+                _mm512_shuffle_ps::<0b11_01_11_01>(pairs, pairs),
+            );
+            let order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 0, 0, 0, 0, 0, 0, 0, 0);
+            let mut all = [0.0f32; 8];
+            _mm256_storeu_ps(
+                all.as_mut_ptr(),
+                _mm512_castps512_ps256(_mm512_permutexvar_ps(order, sums)),
+            );
+            let mut out = [[0.0f32; R]; W];
+            for (w, out) in out.iter_mut().enumerate() {
+                out.copy_from_slice(&all[w * R..(w + 1) * R]);
+            }
+            out
+        }
     }
 
     band!("avx512f,f16c,fma", band_q4_1, dots_q4_1, 20, 2, [8; 7 6 5 4 3 2], [4; 3 2]);
