@@ -23,6 +23,7 @@
 //! | [`model`] | the model families (Llama, BERT), their loaders and tokenizer |
 //! | [`quant`] | GGML's weight encodings, and products that read them as stored (models and devices share them) |
 //! | [`kv_cache`] | the paged key/value cache's blocks |
+//! | [`team`] | the threads that share a forward pass's parallel work |
 //! | [`device`] | the `Device` trait and its CPU and CUDA implementations |
 //!
 //! The binary in `main.rs` is a thin shell over [`serve`].
@@ -34,6 +35,7 @@ pub mod http;
 pub mod kv_cache;
 pub mod model;
 pub mod quant;
+pub mod team;
 #[cfg(feature = "test-tools")]
 pub mod test_tools;
 

@@ -9,7 +9,9 @@
 //! the activations (as llama.cpp's Q8 dot products do) changes its answers.
 
 use half::{bf16, f16};
-use rayon::prelude::*;
+use std::cell::RefCell;
+
+use crate::team;
 
 #[cfg(target_arch = "x86_64")]
 mod x86;
@@ -345,9 +347,10 @@ pub(crate) fn reduce32(lanes: &[f32; 32]) -> f32 {
 /// weight row at a time, so its size does not change what stays in cache.
 const MIN_ROWS_PER_TASK: usize = 16;
 
-/// Tasks per thread for [`matmul`]: a few, so that a thread that finishes early can take
-/// another's, but no more, since each hand-off costs a few microseconds and a decode step
-/// runs some 200 products.
+/// Tasks per thread for [`matmul`] over a batch of rows: a few, so that a thread that
+/// finishes early can take another's. One activation row (a lone sequence's decode step) is
+/// a stream of weights: one contiguous band per thread streams best, and each claim moves a
+/// cache line between cores (four per thread decoded SmolLM2 9% slower, docs/benchmarks.md).
 const TASKS_PER_THREAD: usize = 4;
 
 /// Weight rows `first..` of `w` against every row of `x`, into `part` (`[rows, m]`), through
@@ -427,37 +430,42 @@ pub fn matmul(x: &[f32], m: usize, w: &QMatrix, out: &mut [f32]) {
     if m == 0 {
         return;
     }
-    // Each task owns a band of weight rows, that is a band of output columns. Its results
-    // are gathered per task and scattered after, so no two tasks write one cache line.
+    // Each task owns a band of weight rows, that is a band of output columns.
     let per_task = n
-        .div_ceil(rayon::current_num_threads() * TASKS_PER_THREAD)
+        .div_ceil(team::threads() * if m == 1 { 1 } else { TASKS_PER_THREAD })
         .max(MIN_ROWS_PER_TASK);
-    if m == 1 {
-        // One activation row: a band's results, `[rows, 1]`, are already in output order.
-        out.par_chunks_mut(per_task)
-            .enumerate()
-            .for_each(|(band, part)| run_band(w, x, band * per_task, &mut vec![0.0; k], part));
-        return;
-    }
-    let bands: Vec<Vec<f32>> = (0..n.div_ceil(per_task))
-        .into_par_iter()
-        .map(|band| {
-            let first = band * per_task;
-            let last = (first + per_task).min(n);
-            let mut row = vec![0.0f32; k];
-            let mut part = vec![0.0f32; (last - first) * m];
-            run_band(w, x, first, &mut row, &mut part);
-            part
-        })
-        .collect();
-    for (band, part) in bands.iter().enumerate() {
+    let columns = SharedOut(out.as_mut_ptr());
+    team::for_each(n.div_ceil(per_task), |band| {
         let first = band * per_task;
-        for (j, col) in part.chunks_exact(m).enumerate() {
-            for (i, &v) in col.iter().enumerate() {
-                out[i * n + first + j] = v;
+        let rows = per_task.min(n - first);
+        BAND_SCRATCH.with_borrow_mut(|(row, part)| {
+            row.resize(k, 0.0);
+            if m == 1 {
+                // One activation row: a band's results, `[rows, 1]`, are in output order.
+                // SAFETY: out is 1×n; this task alone writes first..first + rows.
+                let part =
+                    unsafe { std::slice::from_raw_parts_mut(columns.ptr().add(first), rows) };
+                run_band(w, x, first, row, part);
+                return;
             }
-        }
-    }
+            // A band's results come out `[rows, m]`; the task puts them into their columns
+            // of `out` itself, so the transposition runs on every thread.
+            part.resize(rows * m, 0.0);
+            run_band(w, x, first, row, &mut part[..rows * m]);
+            for (j, column) in part[..rows * m].chunks_exact(m).enumerate() {
+                for (i, &value) in column.iter().enumerate() {
+                    // SAFETY: out is m×n; this task alone writes columns first..first + rows.
+                    unsafe { *columns.ptr().add(i * n + first + j) = value };
+                }
+            }
+        });
+    });
+}
+
+thread_local! {
+    /// A [`matmul`] task's buffers, kept by each thread: a decoded weight row (or a row's
+    /// widened scales) and its band's results.
+    static BAND_SCRATCH: RefCell<(Vec<f32>, Vec<f32>)> = const { RefCell::new((Vec::new(), Vec::new())) };
 }
 
 /// About how many weight rows a task of [`gemm`] decodes into an f32 tile (`GEMM_TILE × k`:
@@ -471,7 +479,7 @@ const GEMM_TILE: usize = 256;
 /// many tiles for every thread (576 rows in tiles of 256 would leave one of two threads a
 /// single tile against two).
 fn gemm_tile_rows(n: usize) -> usize {
-    let threads = rayon::current_num_threads().max(1);
+    let threads = team::threads();
     let tiles_per_thread = n.div_ceil(threads * GEMM_TILE).max(1);
     n.div_ceil(threads * tiles_per_thread).max(1)
 }
@@ -492,9 +500,8 @@ pub fn gemm(x: &[f32], m: usize, w: &QMatrix, out: &mut [f32]) {
     // its own was zeroed, filled and copied over (a tenth of a long prompt's time).
     let columns = SharedOut(out.as_mut_ptr());
     let tile_rows = gemm_tile_rows(n);
-    (0..n.div_ceil(tile_rows))
-        .into_par_iter()
-        .for_each_init(Vec::new, |tile, band| {
+    team::for_each(n.div_ceil(tile_rows), |band| {
+        GEMM_TILE_SCRATCH.with_borrow_mut(|tile| {
             let first = band * tile_rows;
             let rows = tile_rows.min(n - first);
             tile.resize(rows * k, 0.0);
@@ -521,6 +528,12 @@ pub fn gemm(x: &[f32], m: usize, w: &QMatrix, out: &mut [f32]) {
                 );
             }
         });
+    });
+}
+
+thread_local! {
+    /// A [`gemm`] task's decoded tile, kept by each thread.
+    static GEMM_TILE_SCRATCH: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
 }
 
 /// A raw output pointer shared by threads that write disjoint parts of one buffer (here

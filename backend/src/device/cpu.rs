@@ -9,6 +9,7 @@ use rayon::prelude::*;
 
 use super::{check_scatter, rope_head_dim, Attention, Device, DeviceError, PagedAttention, Tensor};
 use crate::quant::{self, QMatrix, SharedOut};
+use crate::team;
 
 /// Roughly the multiply-adds below which an operation runs on the calling thread.
 const PARALLEL_FLOPS: usize = 1 << 16;
@@ -38,9 +39,14 @@ fn elementwise(x: &mut [f32], y: &[f32], f: impl Fn(&mut f32, &f32) + Sync) {
         x.iter_mut().zip(y).for_each(|(x, y)| f(x, y));
     } else {
         let chunk = PARALLEL_ELEMENTS / 4;
-        x.par_chunks_mut(chunk)
-            .zip(y.par_chunks(chunk))
-            .for_each(|(x, y)| x.iter_mut().zip(y).for_each(|(x, y)| f(x, y)));
+        let (len, out) = (x.len(), SharedOut(x.as_mut_ptr()));
+        team::for_each(len.div_ceil(chunk), |c| {
+            let at = c * chunk;
+            let n = chunk.min(len - at);
+            // SAFETY: x holds len elements; this task alone touches at..at + n.
+            let x = unsafe { std::slice::from_raw_parts_mut(out.ptr().add(at), n) };
+            x.iter_mut().zip(&y[at..at + n]).for_each(|(x, y)| f(x, y));
+        });
     }
 }
 
@@ -395,7 +401,16 @@ impl Device for Cpu {
         if out.len() < PARALLEL_ELEMENTS {
             out.chunks_exact_mut(d).for_each(norm);
         } else {
-            out.par_chunks_exact_mut(d).for_each(norm);
+            let rows_per_task = (PARALLEL_ELEMENTS / 4).div_ceil(d);
+            let (rows, rows_out) = (out.len() / d, SharedOut(out.as_mut_ptr()));
+            team::for_each(rows.div_ceil(rows_per_task), |t| {
+                let first = t * rows_per_task;
+                let n = rows_per_task.min(rows - first);
+                // SAFETY: out holds rows×d; this task alone touches rows first..first + n.
+                let part =
+                    unsafe { std::slice::from_raw_parts_mut(rows_out.ptr().add(first * d), n * d) };
+                part.chunks_exact_mut(d).for_each(norm);
+            });
         }
         Ok(Tensor::from_parts(out, x.shape().to_vec()))
     }
@@ -487,40 +502,30 @@ impl Device for Cpu {
             start += seq.new;
         }
         let (qd, kd, vd) = (q.data(), k.data(), v.data());
-        // One task per (sequence, head), each writing its own rows and columns: gathered per
-        // task and scattered after, so no two threads write one buffer.
-        let parts: Vec<Vec<f32>> = tasks
-            .par_iter()
-            .map(|&(start, seq, h)| {
-                let head = AttendedHead {
-                    q: &qd[start * width + h * head_dim..],
-                    width,
-                    head_dim,
-                    kv: (h / group) * head_dim,
-                    kv_width,
-                    block_size,
-                    scale,
-                };
-                #[cfg(target_arch = "x86_64")]
-                if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
-                    // SAFETY: the CPU has both features, checked just now.
-                    return unsafe {
-                        match head_dim {
-                            64 => attend_in_registers::<8>(&head, seq, kd, vd),
-                            128 => attend_in_registers::<16>(&head, seq, kd, vd),
-                            _ => attend_avx2(&head, seq, kd, vd),
-                        }
-                    };
-                }
-                attend::<false>(&head, seq, kd, vd)
-            })
-            .collect();
         let mut out = vec![0.0f32; rows * width];
-        for (&(start, _, h), part) in tasks.iter().zip(&parts) {
-            for (i, row) in part.chunks_exact(head_dim).enumerate() {
-                out[(start + i) * width + h * head_dim..][..head_dim].copy_from_slice(row);
+        let columns = SharedOut(out.as_mut_ptr());
+        // One task per (sequence, head), each writing its own rows' columns of the head.
+        team::for_each(tasks.len(), |t| {
+            let (start, seq, h) = tasks[t];
+            let head = AttendedHead {
+                q: &qd[start * width + h * head_dim..],
+                width,
+                head_dim,
+                kv: (h / group) * head_dim,
+                kv_width,
+                block_size,
+                scale,
+            };
+            let attended = attend_fastest(&head, seq, kd, vd);
+            for (i, row) in attended.chunks_exact(head_dim).enumerate() {
+                let at = (start + i) * width + h * head_dim;
+                // SAFETY: out is rows×width; rows start..start + seq.new, columns of head h
+                // are this task's alone.
+                unsafe {
+                    std::ptr::copy_nonoverlapping(row.as_ptr(), columns.ptr().add(at), head_dim)
+                };
             }
-        }
+        });
         Ok(Tensor::from_parts(out, vec![rows, width]))
     }
 
@@ -558,6 +563,27 @@ struct AttendedHead<'a> {
     kv_width: usize,
     block_size: usize,
     scale: f32,
+}
+
+/// [`attend`] by the fastest kernel this CPU has for the head's width (the same bits).
+fn attend_fastest(
+    head: &AttendedHead<'_>,
+    seq: super::PagedSequence<'_>,
+    k: &[f32],
+    v: &[f32],
+) -> Vec<f32> {
+    #[cfg(target_arch = "x86_64")]
+    if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+        // SAFETY: the CPU has both features, checked just now.
+        return unsafe {
+            match head.head_dim {
+                64 => attend_in_registers::<8>(head, seq, k, v),
+                128 => attend_in_registers::<16>(head, seq, k, v),
+                _ => attend_avx2(head, seq, k, v),
+            }
+        };
+    }
+    attend::<false>(head, seq, k, v)
 }
 
 /// The attended values of `head` for each of `seq`'s new rows, `[seq.new, head_dim]`. Each
@@ -718,7 +744,16 @@ unsafe fn attend_in_registers<const CH: usize>(
             "block {b}"
         );
     }
-    let row_at = |p: usize| seq.blocks[p / bs] as usize * bs + p % bs;
+    // Where each position's key and value start, worked out once for every new row (a
+    // division per position to find its block, twice per row, cost more than the position's
+    // dot product).
+    let at: Vec<usize> = seq
+        .blocks
+        .iter()
+        .flat_map(|&b| b as usize * bs..(b as usize + 1) * bs)
+        .take(seen_all)
+        .map(|row| row * head.kv_width + head.kv)
+        .collect();
     let mut out = vec![0.0f32; seq.new * d];
     let mut scores = vec![0.0f32; seen_all];
     for i in 0..seq.new {
@@ -731,7 +766,7 @@ unsafe fn attend_in_registers<const CH: usize>(
             let mut acc = [_mm256_setzero_ps(); 4];
             let mut keys = [k.as_ptr(); 4];
             for (t, key) in keys.iter_mut().enumerate().take(group) {
-                *key = k.as_ptr().add(row_at(p + t) * head.kv_width + head.kv);
+                *key = k.as_ptr().add(at[p + t]);
             }
             for c in 0..CH {
                 let q = _mm256_loadu_ps(qi.as_ptr().add(8 * c));
@@ -748,7 +783,7 @@ unsafe fn attend_in_registers<const CH: usize>(
         softmax_row(&mut scores[..seen]);
         let mut acc = [_mm256_setzero_ps(); CH];
         for (p, &w) in scores[..seen].iter().enumerate() {
-            let vp = v.as_ptr().add(row_at(p) * head.kv_width + head.kv);
+            let vp = v.as_ptr().add(at[p]);
             let w = _mm256_set1_ps(w);
             for (c, acc) in acc.iter_mut().enumerate() {
                 *acc = _mm256_add_ps(*acc, _mm256_mul_ps(w, _mm256_loadu_ps(vp.add(8 * c))));
