@@ -452,10 +452,14 @@ pub fn matmul(x: &[f32], m: usize, w: &QMatrix, out: &mut [f32]) {
             // of `out` itself, so the transposition runs on every thread.
             part.resize(rows * m, 0.0);
             run_band(w, x, first, row, &mut part[..rows * m]);
-            for (j, column) in part[..rows * m].chunks_exact(m).enumerate() {
-                for (i, &value) in column.iter().enumerate() {
-                    // SAFETY: out is m×n; this task alone writes columns first..first + rows.
-                    unsafe { *columns.ptr().add(i * n + first + j) = value };
+            for i in 0..m {
+                // SAFETY: out is m×n; this task alone writes columns first..first + rows.
+                let row = unsafe {
+                    std::slice::from_raw_parts_mut(columns.ptr().add(i * n + first), rows)
+                };
+                // Row by row of `out`: its writes are contiguous, the reads stay in L1.
+                for (j, value) in row.iter_mut().enumerate() {
+                    *value = part[j * m + i];
                 }
             }
         });

@@ -27,10 +27,27 @@ impl Cpu {
 }
 
 /// Elements below which an element-wise or row-wise operation runs on the calling thread
-/// alone: a decode step's few rows take microseconds, less than a hand-off to the pool;
-/// a prompt's (thousands of rows) left the pool's other threads idle for a tenth of a
-/// prefill (docs/benchmarks.md).
-const PARALLEL_ELEMENTS: usize = 1 << 16;
+/// alone: a lone sequence's rows take a microsecond or two, less than a hand-off to the
+/// team. A batch of 16 decoding sequences (9,216 to 24,576 elements) is worth splitting
+/// (1.08× its decode), and a prompt's thousands of rows left the other threads idle for a
+/// tenth of a prefill (docs/benchmarks.md).
+const PARALLEL_ELEMENTS: usize = 1 << 13;
+
+/// The sines and cosines [`Cpu::rope`] last turned rows by, with what they were for: a
+/// forward pass turns queries and keys at the same positions in every layer, and working
+/// them out (in f64) cost more than the turning.
+#[derive(Default)]
+struct RopeTurns {
+    positions: Vec<u32>,
+    base: u32,
+    divisors: Vec<f32>,
+    /// `(sin, cos)` for each position, then each pair of a head.
+    turns: Vec<(f32, f32)>,
+}
+
+thread_local! {
+    static ROPE_TURNS: std::cell::RefCell<RopeTurns> = std::cell::RefCell::new(RopeTurns::default());
+}
 
 /// `f(x, y)` for each element of `x` and the matching one of `y`, on the pool's threads
 /// when there are many.
@@ -426,30 +443,42 @@ impl Device for Cpu {
         let width = x.cols();
         let head_dim = rope_head_dim(x, heads, positions);
         assert_eq!(divisors.len(), head_dim / 2, "rope: one divisor per pair");
-        // The angles in f64: position · base^(−2i/d) in f32 is off by ~1e-3 radians at
-        // positions in the thousands.
-        let inv_freq: Vec<f64> = (0..head_dim / 2)
-            .zip(divisors.data())
-            .map(|(i, &div)| {
-                f64::from(base).powf(-2.0 * i as f64 / head_dim as f64) / f64::from(div)
-            })
-            .collect();
-        for (row, &pos) in x.data_mut().chunks_exact_mut(width).zip(positions) {
-            let turns: Vec<(f32, f32)> = inv_freq
-                .iter()
-                .map(|f| {
-                    let (sin, cos) = (f64::from(pos) * f).sin_cos();
-                    (sin as f32, cos as f32)
-                })
-                .collect();
-            for head in row.chunks_exact_mut(head_dim) {
-                for (pair, &(sin, cos)) in head.chunks_exact_mut(2).zip(&turns) {
-                    let (a, b) = (pair[0], pair[1]);
-                    pair[0] = a * cos - b * sin;
-                    pair[1] = a * sin + b * cos;
+        let pairs = head_dim / 2;
+        ROPE_TURNS.with_borrow_mut(|cache| {
+            if cache.positions != positions
+                || cache.base != base.to_bits()
+                || cache.divisors[..] != divisors.data()[..]
+            {
+                // The angles in f64: position · base^(−2i/d) in f32 is off by ~1e-3 radians
+                // at positions in the thousands.
+                let inv_freq: Vec<f64> = (0..pairs)
+                    .zip(divisors.data())
+                    .map(|(i, &div)| {
+                        f64::from(base).powf(-2.0 * i as f64 / head_dim as f64) / f64::from(div)
+                    })
+                    .collect();
+                cache.turns.clear();
+                for &pos in positions {
+                    cache.turns.extend(inv_freq.iter().map(|f| {
+                        let (sin, cos) = (f64::from(pos) * f).sin_cos();
+                        (sin as f32, cos as f32)
+                    }));
+                }
+                cache.positions = positions.to_vec();
+                cache.base = base.to_bits();
+                cache.divisors = divisors.data().clone();
+            }
+            let rows = x.data_mut().chunks_exact_mut(width);
+            for (row, turns) in rows.zip(cache.turns.chunks_exact(pairs)) {
+                for head in row.chunks_exact_mut(head_dim) {
+                    for (pair, &(sin, cos)) in head.chunks_exact_mut(2).zip(turns) {
+                        let (a, b) = (pair[0], pair[1]);
+                        pair[0] = a * cos - b * sin;
+                        pair[1] = a * sin + b * cos;
+                    }
                 }
             }
-        }
+        });
         Ok(())
     }
 
