@@ -524,18 +524,32 @@ impl Device for Cpu {
         let head_dim = layout.head_dim(q, k, v);
         let kv_width = kv_heads * head_dim;
         let group = heads / kv_heads;
+        // Query heads that share a key/value head go to one task together, as many as one
+        // kernel holds, where there are enough such tasks to keep every thread busy (a lone
+        // sequence's three groups would leave one of two threads idle for a third).
+        let together = if seqs.len() * kv_heads >= 4 * team::threads() {
+            heads_together(head_dim).min(group)
+        } else {
+            1
+        };
         let mut tasks = Vec::with_capacity(seqs.len() * heads);
         let mut start = 0;
         for seq in seqs {
-            tasks.extend((0..heads).map(|h| (start, *seq, h)));
+            for kv in 0..kv_heads {
+                let heads = kv * group..(kv + 1) * group;
+                tasks.extend(heads.step_by(together).map(|h| {
+                    let count = together.min((kv + 1) * group - h);
+                    (start, *seq, h, count)
+                }));
+            }
             start += seq.new;
         }
         let (qd, kd, vd) = (q.data(), k.data(), v.data());
         let mut out = vec![0.0f32; rows * width];
         let columns = SharedOut(out.as_mut_ptr());
-        // One task per (sequence, head), each writing its own rows' columns of the head.
+        // Each task writes its own rows' columns of its heads.
         team::for_each(tasks.len(), |t| {
-            let (start, seq, h) = tasks[t];
+            let (start, seq, h, count) = tasks[t];
             let head = AttendedHead {
                 q: &qd[start * width + h * head_dim..],
                 width,
@@ -545,14 +559,13 @@ impl Device for Cpu {
                 block_size,
                 scale,
             };
-            let attended = attend_fastest(&head, seq, kd, vd);
-            for (i, row) in attended.chunks_exact(head_dim).enumerate() {
+            let attended = attend_heads(&head, count, seq, kd, vd);
+            let span = count * head_dim;
+            for (i, row) in attended.chunks_exact(span).enumerate() {
                 let at = (start + i) * width + h * head_dim;
-                // SAFETY: out is rows×width; rows start..start + seq.new, columns of head h
-                // are this task's alone.
-                unsafe {
-                    std::ptr::copy_nonoverlapping(row.as_ptr(), columns.ptr().add(at), head_dim)
-                };
+                // SAFETY: out is rows×width; rows start..start + seq.new, the columns of
+                // heads h..h + count, are this task's alone.
+                unsafe { std::ptr::copy_nonoverlapping(row.as_ptr(), columns.ptr().add(at), span) };
             }
         });
         Ok(Tensor::from_parts(out, vec![rows, width]))
@@ -592,6 +605,54 @@ struct AttendedHead<'a> {
     kv_width: usize,
     block_size: usize,
     scale: f32,
+}
+
+/// How many query heads of `head_dim` [`attend_heads`] takes at once: as many as keep a
+/// kernel's running sums in registers (16 of AVX-512's 32), where the CPU has one for the
+/// width.
+fn heads_together(head_dim: usize) -> usize {
+    #[cfg(target_arch = "x86_64")]
+    if std::is_x86_feature_detected!("avx512f")
+        && std::is_x86_feature_detected!("avx512vl")
+        && std::is_x86_feature_detected!("fma")
+    {
+        return match head_dim {
+            64 => 4,
+            128 => 2,
+            _ => 1,
+        };
+    }
+    let _ = head_dim;
+    1
+}
+
+/// [`attend`] for `count` consecutive query heads from `head` (sharing its key/value head):
+/// `[seq.new, count · head_dim]`, each head's columns its own result, with the same bits.
+fn attend_heads(
+    head: &AttendedHead<'_>,
+    count: usize,
+    seq: super::PagedSequence<'_>,
+    k: &[f32],
+    v: &[f32],
+) -> Vec<f32> {
+    if count == 1 {
+        return attend_fastest(head, seq, k, v);
+    }
+    assert!(count <= heads_together(head.head_dim), "{count} heads");
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: heads_together allows more than one head only where the CPU has AVX-512F,
+    // AVX-512VL and FMA (AVX2 with them), and only for these widths.
+    unsafe {
+        match (head.head_dim, count) {
+            (64, 2) => attend_heads_avx512::<4, 2>(head, seq, k, v),
+            (64, 3) => attend_heads_avx512::<4, 3>(head, seq, k, v),
+            (64, 4) => attend_heads_avx512::<4, 4>(head, seq, k, v),
+            (128, 2) => attend_heads_avx512::<8, 2>(head, seq, k, v),
+            _ => unreachable!("heads_together allows {count} of {}", head.head_dim),
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    unreachable!("heads_together allows one head at a time here")
 }
 
 /// [`attend`] by the fastest kernel this CPU has for the head's width (the same bits).
@@ -759,30 +820,8 @@ unsafe fn attend_in_registers<const CH: usize>(
     use std::arch::x86_64::*;
     let d = head.head_dim;
     assert_eq!(d, 8 * CH, "a head of {d}");
-    let bs = head.block_size;
     let seen_all = seq.past + seq.new;
-    let rows_needed = seq.blocks.len() * bs;
-    assert!(
-        rows_needed >= seen_all,
-        "{seen_all} positions in {rows_needed} rows"
-    );
-    for &b in seq.blocks {
-        let last = (b as usize + 1) * bs - 1;
-        assert!(
-            last * head.kv_width + head.kv + d <= k.len().min(v.len()),
-            "block {b}"
-        );
-    }
-    // Where each position's key and value start, worked out once for every new row (a
-    // division per position to find its block, twice per row, cost more than the position's
-    // dot product).
-    let at: Vec<usize> = seq
-        .blocks
-        .iter()
-        .flat_map(|&b| b as usize * bs..(b as usize + 1) * bs)
-        .take(seen_all)
-        .map(|row| row * head.kv_width + head.kv)
-        .collect();
+    let at = cache_rows(head, seq, k.len().min(v.len()));
     let mut out = vec![0.0f32; seq.new * d];
     let mut scores = vec![0.0f32; seen_all];
     for i in 0..seq.new {
@@ -823,6 +862,142 @@ unsafe fn attend_in_registers<const CH: usize>(
         }
     }
     out
+}
+
+/// [`attend`] for `H` query heads that share one key/value head (`head` is the first; the
+/// others follow it, `head_dim` columns apart), of `16 · CH` dimensions, with AVX-512:
+/// `[seq.new, H · head_dim]`. Each cached key and value is loaded once for all `H` heads,
+/// and the `4 · H` scores of four keys, and the `H · CH` running sums of values, are
+/// independent chains, where one head's four scores left half of the multiply-adds' slots
+/// empty waiting on their latency. Each head's arithmetic is [`attend_in_registers`]'s
+/// (8-lane score chains folded by [`fold8`]; each value element a multiply then an add, in
+/// position order), so the same bits.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512vl,avx2,fma")]
+unsafe fn attend_heads_avx512<const CH: usize, const H: usize>(
+    head: &AttendedHead<'_>,
+    seq: super::PagedSequence<'_>,
+    k: &[f32],
+    v: &[f32],
+) -> Vec<f32> {
+    use std::arch::x86_64::*;
+    let d = head.head_dim;
+    assert_eq!(d, 16 * CH, "a head of {d}");
+    if seq.new == 0 {
+        return Vec::new();
+    }
+    assert!(
+        head.q.len() >= (seq.new - 1) * head.width + H * d,
+        "{H} heads' queries"
+    );
+    let at = cache_rows(head, seq, k.len().min(v.len()));
+    let seen_all = seq.past + seq.new;
+    let mut out = vec![0.0f32; seq.new * H * d];
+    let mut scores = vec![0.0f32; H * seen_all];
+    for i in 0..seq.new {
+        let q = head.q.as_ptr().add(i * head.width);
+        let seen = seq.past + i + 1;
+        let mut p = 0;
+        while p < seen {
+            // Four consecutive positions; past the last, the last again (its scores unused).
+            let group = (seen - p).min(4);
+            let mut keys = [k.as_ptr(); 4];
+            for (t, key) in keys.iter_mut().enumerate() {
+                *key = k.as_ptr().add(at[p + t.min(group - 1)]);
+            }
+            for &row in at[..seen].iter().skip(p + PREFETCH_POSITIONS).take(4) {
+                prefetch_row(k.as_ptr().add(row), d);
+            }
+            let mut acc = [[_mm256_setzero_ps(); 4]; H];
+            for c in 0..2 * CH {
+                let mut qc = [_mm256_setzero_ps(); H];
+                for (h, qc) in qc.iter_mut().enumerate() {
+                    *qc = _mm256_loadu_ps(q.add(h * d + 8 * c));
+                }
+                for (t, key) in keys.iter().enumerate() {
+                    let key = _mm256_loadu_ps(key.add(8 * c));
+                    for (acc, &qc) in acc.iter_mut().zip(&qc) {
+                        acc[t] = _mm256_fmadd_ps(qc, key, acc[t]);
+                    }
+                }
+            }
+            for (h, acc) in acc.iter().enumerate() {
+                for (t, &acc) in acc.iter().enumerate().take(group) {
+                    // `+ 0.0`: short_dot_avx2 adds its (empty) tail, which turns -0 into +0.
+                    scores[h * seen_all + p + t] = (fold8(acc) + 0.0) * head.scale;
+                }
+            }
+            p += group;
+        }
+        for h in 0..H {
+            softmax_row(&mut scores[h * seen_all..][..seen]);
+        }
+        let mut acc = [[_mm512_setzero_ps(); CH]; H];
+        for (p, &row) in at[..seen].iter().enumerate() {
+            let vp = v.as_ptr().add(row);
+            if let Some(&ahead) = at[..seen].get(p + PREFETCH_POSITIONS) {
+                prefetch_row(v.as_ptr().add(ahead), d);
+            }
+            let mut w = [_mm512_setzero_ps(); H];
+            for (h, w) in w.iter_mut().enumerate() {
+                *w = _mm512_set1_ps(scores[h * seen_all + p]);
+            }
+            for c in 0..CH {
+                let value = _mm512_loadu_ps(vp.add(16 * c));
+                for (acc, &w) in acc.iter_mut().zip(&w) {
+                    acc[c] = _mm512_add_ps(acc[c], _mm512_mul_ps(w, value));
+                }
+            }
+        }
+        for (h, acc) in acc.iter().enumerate() {
+            for (c, &acc) in acc.iter().enumerate() {
+                _mm512_storeu_ps(out.as_mut_ptr().add((i * H + h) * d + 16 * c), acc);
+            }
+        }
+    }
+    out
+}
+
+/// How many positions ahead of the one being read [`attend_heads_avx512`] asks for cached
+/// keys and values: a 16-sequence decode step reads more of the caches than of the weights,
+/// from memory, each position a few cache lines in rows a stride apart.
+#[cfg(target_arch = "x86_64")]
+const PREFETCH_POSITIONS: usize = 16;
+
+/// Asks for the cache lines of the `len` floats at `at`.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+fn prefetch_row(at: *const f32, len: usize) {
+    use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+    for line in (0..len).step_by(16) {
+        // SAFETY: a prefetch never faults; the address is computed without being read.
+        unsafe { _mm_prefetch::<_MM_HINT_T0>(at.wrapping_add(line).cast()) };
+    }
+}
+
+/// Where each of `seq`'s positions' key and value start in the caches (`len` elements
+/// each), worked out once per task: finding a position's block takes a division.
+fn cache_rows(head: &AttendedHead<'_>, seq: super::PagedSequence<'_>, len: usize) -> Vec<usize> {
+    let bs = head.block_size;
+    let seen_all = seq.past + seq.new;
+    assert!(
+        seq.blocks.len() * bs >= seen_all,
+        "{seen_all} positions in {} rows",
+        seq.blocks.len() * bs
+    );
+    for &b in seq.blocks {
+        let last = (b as usize + 1) * bs - 1;
+        assert!(
+            last * head.kv_width + head.kv + head.head_dim <= len,
+            "block {b}"
+        );
+    }
+    seq.blocks
+        .iter()
+        .flat_map(|&b| b as usize * bs..(b as usize + 1) * bs)
+        .take(seen_all)
+        .map(|row| row * head.kv_width + head.kv)
+        .collect()
 }
 
 #[inline(always)]
@@ -1126,6 +1301,68 @@ mod tests {
     /// Heads of 64 and 128 dimensions (SmolLM2's, Llama's) take the register-held kernel:
     /// the same bits as the general one, over blocks that split its groups of four keys.
     #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn heads_attended_together_get_each_heads_own_bits() {
+        let (heads, kv_heads, bs) = (8usize, 2usize, 3usize);
+        for hd in [64usize, 128] {
+            let most = heads_together(hd);
+            if most == 1 {
+                eprintln!("skipping {hd}: no kernel for several heads on this CPU");
+                continue;
+            }
+            let kvw = kv_heads * hd;
+            let blocks = [4u32, 0, 6, 2, 5];
+            let (k, v) = (values(7 * bs * kvw, 31), values(7 * bs * kvw, 32));
+            for (past, new) in [(9usize, 1usize), (5, 3), (0, 13), (0, 1), (2, 2)] {
+                let width = heads * hd;
+                let q = values(new * width, 33 + past as u64);
+                let seq = PagedSequence {
+                    past,
+                    new,
+                    blocks: &blocks,
+                };
+                let head = |h: usize| AttendedHead {
+                    q: &q[h * hd..],
+                    width,
+                    head_dim: hd,
+                    kv: (h / (heads / kv_heads)) * hd,
+                    kv_width: kvw,
+                    block_size: bs,
+                    scale: 1.0 / (hd as f32).sqrt(),
+                };
+                for count in 2..=most {
+                    // The first heads of the second key/value head: a kv column not at 0.
+                    let first = heads / kv_heads;
+                    let together = attend_heads(&head(first), count, seq, &k, &v);
+                    for j in 0..count {
+                        let alone = attend::<false>(&head(first + j), seq, &k, &v);
+                        let fastest = attend_fastest(&head(first + j), seq, &k, &v);
+                        for i in 0..new {
+                            let got = &together[(i * count + j) * hd..][..hd];
+                            let want = &fastest[i * hd..][..hd];
+                            let same = got
+                                .iter()
+                                .zip(want)
+                                .all(|(a, b)| a.to_bits() == b.to_bits());
+                            assert!(
+                                same,
+                                "{count} heads of {hd}: head {j}, row {i}, {past} past"
+                            );
+                            let close = got
+                                .iter()
+                                .zip(&alone[i * hd..][..hd])
+                                .all(|(a, b)| (a - b).abs() < 1e-5);
+                            assert!(
+                                close,
+                                "{count} heads of {hd}: head {j}, row {i} against attend"
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+
     #[test]
     fn attention_in_registers_gives_the_general_kernels_bits() {
         if !(std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma")) {
