@@ -418,8 +418,9 @@ async fn the_python_openai_client_streams_from_the_backend_and_through_the_gatew
     .await;
 }
 
-/// `"speculative_decoding": true` drafts tokens by prompt lookup for a reply that copies its
-/// prompt: the reply is the same as without, and /metrics counts drafted and kept tokens.
+/// Speculative decoding (on unless a request says `"speculative_decoding": false`) drafts
+/// tokens by prompt lookup for a reply that copies its prompt: the reply is the same as
+/// without, and /metrics counts drafted and kept tokens.
 #[tokio::test]
 async fn speculative_decoding_keeps_the_reply_and_counts_its_drafts() {
     let Some(file) = weights() else { return };
@@ -433,15 +434,16 @@ async fn speculative_decoding_keeps_the_reply_and_counts_its_drafts() {
     });
     let drafted = format!("sluice_backend_engine_drafted_tokens_total{{model=\"{MODEL}\"}}");
     let accepted = format!("sluice_backend_engine_accepted_tokens_total{{model=\"{MODEL}\"}}");
-    let plain: Value = post(&backend, copy.clone()).await.json().await.unwrap();
+    let mut off = copy.clone();
+    off["speculative_decoding"] = json!(false);
+    let plain: Value = post(&backend, off).await.json().await.unwrap();
     assert_eq!(
         metric(&backend, &drafted).await,
         0.0,
-        "drafts are off by default"
+        "no drafts for a request that turned them off"
     );
-    let mut asked = copy.clone();
-    asked["speculative_decoding"] = json!(true);
-    let speculated: Value = post(&backend, asked).await.json().await.unwrap();
+    // On by default.
+    let speculated: Value = post(&backend, copy.clone()).await.json().await.unwrap();
     assert_eq!(
         speculated["choices"][0]["message"], plain["choices"][0]["message"],
         "{speculated} against {plain}"

@@ -94,6 +94,9 @@ struct Sequence {
     /// wrong; and how long the next such pause is (doubling while drafts keep missing).
     pause: usize,
     next_pause: usize,
+    /// How many tokens the next draft may have: one more than the last draft kept, up to
+    /// [`MAX_DRAFT`], so a text that copies in short runs is not charged for long guesses.
+    draft_len: usize,
 }
 
 impl Sequence {
@@ -171,6 +174,7 @@ impl<'m, D: Device> Scheduler<'m, D> {
             drafted: 0,
             pause: 0,
             next_pause: 1,
+            draft_len: MAX_DRAFT,
         });
     }
 
@@ -255,7 +259,7 @@ impl<'m, D: Device> Scheduler<'m, D> {
         // The last generated token is sampled from the draft's last position at best, so a
         // draft never takes a sequence past its max_tokens.
         let room = seq.request.max_tokens - seq.generated.len();
-        let limit = MAX_DRAFT.min(room.saturating_sub(1));
+        let limit = seq.draft_len.min(room.saturating_sub(1));
         let history: Vec<u32> = seq.tokens().collect();
         let draft = speculation::prompt_lookup(&history, limit);
         seq.drafted = draft.len();
@@ -457,6 +461,7 @@ impl<'m, D: Device> Scheduler<'m, D> {
                 } else {
                     seq.next_pause = 1;
                 }
+                seq.draft_len = (confirmed + 1).min(MAX_DRAFT);
             }
             if seq.drafted > confirmed {
                 let fed = seq.cache.len();

@@ -11,11 +11,12 @@
 /// is kept.
 pub const MAX_DRAFT: usize = 4;
 
-/// Whether a request that does not say (`speculative_decoding`) gets drafts. Off: on the
-/// CPU a drafted row costs about half a one-token step, so replies that copy their prompt
-/// came 1.13× faster but others 0.92× (`examples/speculation_speed.rs`,
-/// docs/benchmarks.md), and most chat replies do not copy.
-pub const ON_BY_DEFAULT: bool = false;
+/// Whether a request that does not say (`speculative_decoding`) gets drafts. On: drafts
+/// are fed only while few sequences decode, a wholly wrong one pauses drafting and a draft
+/// is at most one token longer than the last one kept, so replies that copy their context
+/// came 1.3× faster and others 0.98-0.99× (`examples/speculation_speed.rs`,
+/// docs/benchmarks.md). A request can still say `false`.
+pub const ON_BY_DEFAULT: bool = true;
 
 /// The longest and shortest n-grams looked up: a longer match is a better guess. A single
 /// token's match was too weak a one: drafts from it were kept a quarter as often, and
