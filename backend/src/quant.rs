@@ -454,11 +454,11 @@ pub fn matmul(x: &[f32], m: usize, w: &QMatrix, out: &mut [f32]) {
             run_band(w, x, first, row, &mut part[..rows * m]);
             for i in 0..m {
                 // SAFETY: out is m×n; this task alone writes columns first..first + rows.
-                let row = unsafe {
+                let out_row = unsafe {
                     std::slice::from_raw_parts_mut(columns.ptr().add(i * n + first), rows)
                 };
                 // Row by row of `out`: its writes are contiguous, the reads stay in L1.
-                for (j, value) in row.iter_mut().enumerate() {
+                for (j, value) in out_row.iter_mut().enumerate() {
                     *value = part[j * m + i];
                 }
             }

@@ -1,6 +1,9 @@
 //! How does a model run on the CPU? [`Device`] with matrix products through
-//! `matrixmultiply`'s SIMD kernels, split across rayon's threads, and the element-wise
-//! operations as plain loops over rows.
+//! `matrixmultiply`'s SIMD kernels and the fused kernels of [`quant`], and the element-wise
+//! operations as plain loops over rows. A Llama model's parallel work (products over
+//! quantised weights, paged attention, large element-wise operations) goes through the
+//! [`team`], whose threads stay awake between a forward pass's operations; BERT's dense
+//! products and attention through rayon's pool.
 //!
 //! Work is split only when there is enough of it: below [`PARALLEL_FLOPS`] a rayon hand-off
 //! costs more than it saves, which matters for one short sentence.
@@ -49,7 +52,7 @@ thread_local! {
     static ROPE_TURNS: std::cell::RefCell<RopeTurns> = std::cell::RefCell::new(RopeTurns::default());
 }
 
-/// `f(x, y)` for each element of `x` and the matching one of `y`, on the pool's threads
+/// `f(x, y)` for each element of `x` and the matching one of `y`, on the team's threads
 /// when there are many.
 fn elementwise(x: &mut [f32], y: &[f32], f: impl Fn(&mut f32, &f32) + Sync) {
     if x.len() < PARALLEL_ELEMENTS {
