@@ -1,14 +1,11 @@
 //! How does a model run on the CPU? [`Device`] with matrix products through
 //! `matrixmultiply`'s SIMD kernels and the fused kernels of [`quant`], and the element-wise
-//! operations as plain loops over rows. A Llama model's parallel work (products over
-//! quantised weights, paged attention, large element-wise operations) goes through the
-//! [`team`], whose threads stay awake between a forward pass's operations; BERT's dense
-//! products and attention through rayon's pool.
+//! operations as plain loops over rows. Parallel work (products, attention, large
+//! element-wise and row-wise operations) goes through the [`team`], whose threads stay
+//! awake between a forward pass's operations.
 //!
-//! Work is split only when there is enough of it: below [`PARALLEL_FLOPS`] a rayon hand-off
-//! costs more than it saves, which matters for one short sentence.
-
-use rayon::prelude::*;
+//! Work is split only when there is enough of it: below [`PARALLEL_FLOPS`] a hand-off costs
+//! more than it saves, which matters for one short sentence.
 
 use super::{check_scatter, rope_head_dim, Attention, Device, DeviceError, PagedAttention, Tensor};
 use crate::quant::{self, QMatrix, SharedOut};
@@ -17,7 +14,7 @@ use crate::team;
 /// Roughly the multiply-adds below which an operation runs on the calling thread.
 const PARALLEL_FLOPS: usize = 1 << 16;
 
-/// The CPU, using every core rayon's global pool has.
+/// The CPU, using as many threads as rayon's global pool has (the [`team`]).
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Cpu;
 
@@ -25,7 +22,7 @@ pub type CpuTensor = Tensor<Vec<f32>>;
 
 impl Cpu {
     fn threads() -> usize {
-        rayon::current_num_threads().max(1)
+        team::threads()
     }
 }
 
@@ -58,16 +55,28 @@ fn elementwise(x: &mut [f32], y: &[f32], f: impl Fn(&mut f32, &f32) + Sync) {
     if x.len() < PARALLEL_ELEMENTS {
         x.iter_mut().zip(y).for_each(|(x, y)| f(x, y));
     } else {
-        let chunk = PARALLEL_ELEMENTS / 4;
-        let (len, out) = (x.len(), SharedOut(x.as_mut_ptr()));
-        team::for_each(len.div_ceil(chunk), |c| {
-            let at = c * chunk;
-            let n = chunk.min(len - at);
-            // SAFETY: x holds len elements; this task alone touches at..at + n.
-            let x = unsafe { std::slice::from_raw_parts_mut(out.ptr().add(at), n) };
-            x.iter_mut().zip(&y[at..at + n]).for_each(|(x, y)| f(x, y));
+        parts_on_team(x, PARALLEL_ELEMENTS / 4, |at, x| {
+            x.iter_mut().zip(&y[at..]).for_each(|(x, y)| f(x, y))
         });
     }
+}
+
+/// `f(at, part)` for each part of `data` of `size` elements (the last may be shorter), `at`
+/// its first element's index, on the team's threads.
+fn parts_on_team(data: &mut [f32], size: usize, f: impl Fn(usize, &mut [f32]) + Sync) {
+    let (len, data) = (data.len(), SharedOut(data.as_mut_ptr()));
+    team::for_each(len.div_ceil(size), |part| {
+        let at = part * size;
+        // SAFETY: data holds len elements; this task alone touches at..at + its size.
+        f(at, unsafe {
+            std::slice::from_raw_parts_mut(data.ptr().add(at), size.min(len - at))
+        });
+    });
+}
+
+/// Elements of whole rows of `d` making up a part of about `elements`.
+fn row_parts(elements: usize, d: usize) -> usize {
+    elements.div_ceil(d).max(1) * d
 }
 
 /// `c[m×n] = alpha · a[m×k] · b[k×n] + beta · c`, each operand with its own row and column
@@ -185,11 +194,7 @@ impl Device for Cpu {
         if threads == 1 {
             run(0);
         } else {
-            (0..n)
-                .step_by(band)
-                .collect::<Vec<_>>()
-                .into_par_iter()
-                .for_each(run);
+            team::for_each(n.div_ceil(band), |b| run(b * band));
         }
         Ok(Tensor::from_parts(out, vec![m, n]))
     }
@@ -237,7 +242,9 @@ impl Device for Cpu {
         if out.len() < PARALLEL_FLOPS {
             out.chunks_mut(d).for_each(norm);
         } else {
-            out.par_chunks_mut(d).for_each(norm);
+            parts_on_team(&mut out, row_parts(PARALLEL_FLOPS / 4, d), |_, rows| {
+                rows.chunks_mut(d).for_each(norm)
+            });
         }
         Ok(Tensor::from_parts(out, x.shape().to_vec()))
     }
@@ -251,8 +258,7 @@ impl Device for Cpu {
         if data.len() < PARALLEL_FLOPS {
             data.iter_mut().for_each(gelu);
         } else {
-            data.par_chunks_mut(4096)
-                .for_each(|chunk| chunk.iter_mut().for_each(gelu));
+            parts_on_team(data, 4096, |_, part| part.iter_mut().for_each(gelu));
         }
         Ok(())
     }
@@ -263,7 +269,9 @@ impl Device for Cpu {
         if data.len() < PARALLEL_FLOPS {
             data.chunks_mut(d).for_each(softmax_row);
         } else {
-            data.par_chunks_mut(d).for_each(softmax_row);
+            parts_on_team(data, row_parts(PARALLEL_FLOPS / 4, d), |_, rows| {
+                rows.chunks_mut(d).for_each(softmax_row)
+            });
         }
         Ok(())
     }
@@ -342,7 +350,7 @@ impl Device for Cpu {
         if work < PARALLEL_FLOPS {
             tasks.iter().for_each(run);
         } else {
-            tasks.par_iter().for_each(run);
+            team::for_each(tasks.len(), |t| run(&tasks[t]));
         }
         Ok(Tensor::from_parts(out, vec![tokens, width]))
     }
@@ -421,15 +429,8 @@ impl Device for Cpu {
         if out.len() < PARALLEL_ELEMENTS {
             out.chunks_exact_mut(d).for_each(norm);
         } else {
-            let rows_per_task = (PARALLEL_ELEMENTS / 4).div_ceil(d);
-            let (rows, rows_out) = (out.len() / d, SharedOut(out.as_mut_ptr()));
-            team::for_each(rows.div_ceil(rows_per_task), |t| {
-                let first = t * rows_per_task;
-                let n = rows_per_task.min(rows - first);
-                // SAFETY: out holds rows×d; this task alone touches rows first..first + n.
-                let part =
-                    unsafe { std::slice::from_raw_parts_mut(rows_out.ptr().add(first * d), n * d) };
-                part.chunks_exact_mut(d).for_each(norm);
+            parts_on_team(&mut out, row_parts(PARALLEL_ELEMENTS / 4, d), |_, rows| {
+                rows.chunks_exact_mut(d).for_each(norm)
             });
         }
         Ok(Tensor::from_parts(out, x.shape().to_vec()))
