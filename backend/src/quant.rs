@@ -15,6 +15,8 @@ use crate::team;
 
 #[cfg(target_arch = "x86_64")]
 mod x86;
+#[cfg(target_arch = "x86_64")]
+pub(crate) use x86::prefetch;
 
 /// The element encodings this engine reads.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

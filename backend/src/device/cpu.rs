@@ -693,20 +693,13 @@ fn attend<const FMA: bool>(
     // Plain loops, no closures: a closure is compiled on its own, without the target
     // features of the function it is written in, and `dot` would call `fmaf` per element.
     let d = head.head_dim;
-    let bs = head.block_size;
+    let rows = cache_rows(head, seq, k.len().min(v.len()));
     let mut out = vec![0.0f32; seq.new * d];
     let mut scores = vec![0.0f32; seq.past + seq.new];
     for i in 0..seq.new {
         let qi = &head.q[i * head.width..][..d];
         let seen = seq.past + i + 1;
-        // Position p's row in the caches, block by block (a division per position, to find
-        // its block, cost as much as its dot product).
-        let rows = seq.blocks.iter().flat_map(|&b| {
-            let first = b as usize * bs;
-            first..first + bs
-        });
-        for (p, row) in rows.clone().take(seen).enumerate() {
-            let at = row * head.kv_width + head.kv;
+        for (p, &at) in rows[..seen].iter().enumerate() {
             let kp = &k[at..][..d];
             #[cfg(target_arch = "x86_64")]
             let dot = match FMA {
@@ -720,8 +713,7 @@ fn attend<const FMA: bool>(
         }
         softmax_row(&mut scores[..seen]);
         let oi = &mut out[i * d..][..d];
-        for (p, row) in rows.take(seen).enumerate() {
-            let at = row * head.kv_width + head.kv;
+        for (p, &at) in rows[..seen].iter().enumerate() {
             let (w, vp) = (scores[p], &v[at..][..d]);
             for j in 0..d {
                 oi[j] += w * vp[j];
@@ -910,7 +902,7 @@ unsafe fn attend_heads_avx512<const CH: usize, const H: usize>(
                 *key = k.as_ptr().add(at[p + t.min(group - 1)]);
             }
             for &row in at[..seen].iter().skip(p + PREFETCH_POSITIONS).take(4) {
-                prefetch_row(k.as_ptr().add(row), d);
+                quant::prefetch(k, row, d);
             }
             let mut acc = [[_mm256_setzero_ps(); 4]; H];
             for c in 0..2 * CH {
@@ -940,7 +932,7 @@ unsafe fn attend_heads_avx512<const CH: usize, const H: usize>(
         for (p, &row) in at[..seen].iter().enumerate() {
             let vp = v.as_ptr().add(row);
             if let Some(&ahead) = at[..seen].get(p + PREFETCH_POSITIONS) {
-                prefetch_row(v.as_ptr().add(ahead), d);
+                quant::prefetch(v, ahead, d);
             }
             let mut w = [_mm512_setzero_ps(); H];
             for (h, w) in w.iter_mut().enumerate() {
@@ -967,17 +959,6 @@ unsafe fn attend_heads_avx512<const CH: usize, const H: usize>(
 /// from memory, each position a few cache lines in rows a stride apart.
 #[cfg(target_arch = "x86_64")]
 const PREFETCH_POSITIONS: usize = 16;
-
-/// Asks for the cache lines of the `len` floats at `at`.
-#[cfg(target_arch = "x86_64")]
-#[inline(always)]
-fn prefetch_row(at: *const f32, len: usize) {
-    use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
-    for line in (0..len).step_by(16) {
-        // SAFETY: a prefetch never faults; the address is computed without being read.
-        unsafe { _mm_prefetch::<_MM_HINT_T0>(at.wrapping_add(line).cast()) };
-    }
-}
 
 /// Where each of `seq`'s positions' key and value start in the caches (`len` elements
 /// each), worked out once per task: finding a position's block takes a division.

@@ -52,18 +52,20 @@ unsafe fn widen_scales(src: *const u8, count: usize, dst: *mut f32) {
 /// How many weight rows ahead of the one being multiplied its cache lines are asked for.
 const PREFETCH_ROWS: usize = 4;
 
-/// Asks for the cache lines of `bytes[at..at + len]` (as far as `bytes` goes). Decoding a
+/// Asks for the cache lines of `data[at..at + len]` (as far as `data` goes). Decoding a
 /// lone row is quick enough that it waits on memory; asking a few rows ahead took SmolLM2's
 /// one-sequence decode from 51 to 120 tokens/s (docs/benchmarks.md). Two to eight rows
-/// ahead measured the same; one row is a few hundred bytes.
+/// ahead measured the same; one row is a few hundred bytes. Paged attention asks for cached
+/// keys and values the same way.
 #[inline(always)]
-fn prefetch(bytes: &[u8], at: usize, len: usize) {
-    let end = (at + len).min(bytes.len());
+pub(crate) fn prefetch<T>(data: &[T], at: usize, len: usize) {
+    let end = (at + len).min(data.len());
+    let step = (64 / std::mem::size_of::<T>()).max(1);
     let mut line = at;
     while line < end {
-        // SAFETY: the address is inside `bytes`; a prefetch never faults anyway.
-        unsafe { _mm_prefetch::<_MM_HINT_T0>(bytes.as_ptr().add(line).cast()) };
-        line += 64;
+        // SAFETY: the address is inside `data`; a prefetch never faults anyway.
+        unsafe { _mm_prefetch::<_MM_HINT_T0>(data.as_ptr().add(line).cast()) };
+        line += step;
     }
 }
 
