@@ -16,6 +16,10 @@
 # call, so the CPU figures of such a run are not the target's. Record where allocations
 # come from with PERF_EVENT="-e alloc:sluice_malloc" CALL_GRAPH="--call-graph dwarf,8192".
 #
+# STAT_EVENTS replaces the events counted per thread (system calls, context switches, page
+# faults, migrations), e.g. STAT_EVENTS="syscalls:sys_enter_sendto,syscalls:sys_enter_recvfrom"
+# for the calls one by one.
+#
 # Everything listens on 127.0.0.1 and stops when the script ends.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -39,7 +43,7 @@ command -v perf >/dev/null || { echo "profile: perf is not installed" >&2; exit 
 [ "$STORE" = redis ] && scripts/ensure-redis.sh
 bench_setup
 SLUICE_BIN="${SLUICE_BIN:-$bin/sluice}"
-stat_events=raw_syscalls:sys_enter,context-switches,page-faults,cpu-migrations
+stat_events=${STAT_EVENTS:-raw_syscalls:sys_enter,context-switches,page-faults,cpu-migrations}
 if [ -n "$ALLOCS" ]; then
   bench_extra_cleanup() { perf probe -q -d 'alloc:*' 2>/dev/null || true; }
   bench_extra_cleanup

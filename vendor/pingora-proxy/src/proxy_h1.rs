@@ -119,7 +119,18 @@ where
 
         debug!("Sending header to upstream {:?}", req);
 
-        match client_session.write_request_header(Box::new(req)).await {
+        // SLUICE PATCH: a body already read whole (by a filter, or kept for a retry) goes out
+        // with the header in one write (see vendor/README.md, patch 5).
+        let body_in_hand =
+            session.is_body_done() && !session.is_body_empty() && !is_h1_upgrade_req(&req);
+        let written = if body_in_hand {
+            client_session
+                .write_request_header_with_body(Box::new(req))
+                .await
+        } else {
+            client_session.write_request_header(Box::new(req)).await
+        };
+        match written {
             Ok(_) => { /* Continue */ }
             Err(e) => {
                 return (false, false, Some(e.into_up()));
