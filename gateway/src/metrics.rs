@@ -20,6 +20,27 @@ use std::fmt::Write as _;
 use std::sync::LazyLock;
 use std::time::Duration;
 
+/// How a request was admitted (`sluice_quota_admissions_total`'s `path`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AdmissionPath {
+    /// From this replica's quota lease, no store call.
+    Lease,
+    /// By one atomic store step.
+    Store,
+    /// By the local limiter alone, the store unreachable (fail-open).
+    Local,
+}
+
+impl AdmissionPath {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AdmissionPath::Lease => "lease",
+            AdmissionPath::Store => "store",
+            AdmissionPath::Local => "local",
+        }
+    }
+}
+
 pub struct Metrics {
     registry: Registry,
     requests: IntCounterVec,
@@ -29,6 +50,9 @@ pub struct Metrics {
     cost: IntCounterVec,
     refused: IntCounterVec,
     admissions: IntCounterVec,
+    /// `admissions`' series by path, each looked up once, on its first admission (every
+    /// request is admitted, and a label lookup hashes and takes the vector's lock).
+    admission_paths: [std::sync::OnceLock<IntCounter>; 3],
     budget_alerts: IntCounterVec,
     budget_alert_deliveries: IntCounterVec,
     dataset_captures: IntCounterVec,
@@ -227,6 +251,7 @@ impl Metrics {
                 "Requests admitted, by how: from this replica's quota lease (no store call), by one atomic store step, or by the local limiter alone while the store was unreachable (fail-open).",
                 &["path"],
             ),
+            admission_paths: Default::default(),
             budget_alerts: counter(
                 &r,
                 "sluice_budget_alerts_total",
@@ -404,9 +429,10 @@ impl Metrics {
         self.shed.with_label_values(&[mark]).inc();
     }
 
-    /// `path`: `lease`, `store` or `local`.
-    pub fn record_admission(&self, path: &str) {
-        self.admissions.with_label_values(&[path]).inc();
+    pub fn record_admission(&self, path: AdmissionPath) {
+        self.admission_paths[path as usize]
+            .get_or_init(|| self.admissions.with_label_values(&[path.as_str()]))
+            .inc();
     }
 
     pub fn record_budget_alert(&self, budget: &str) {

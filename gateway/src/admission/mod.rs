@@ -241,7 +241,7 @@ impl Admission {
     /// Reserves for one request, or says why not.
     pub async fn admit(
         &self,
-        identity: &Identity,
+        identity: &Arc<Identity>,
         route: Route,
         view: &RequestView<'_>,
     ) -> Result<Admitted, Refused> {
@@ -287,7 +287,7 @@ impl Admission {
     /// Reserves for a request already [counted](Admission::count), or says why not.
     pub async fn admit_counted(
         &self,
-        identity: &Identity,
+        identity: &Arc<Identity>,
         route: Route,
         view: &RequestView<'_>,
         counted: Counted,
@@ -301,7 +301,7 @@ impl Admission {
 
     async fn decide(
         &self,
-        identity: &Identity,
+        identity: &Arc<Identity>,
         route: Route,
         view: &RequestView<'_>,
     ) -> Result<Admitted, Refused> {
@@ -417,7 +417,7 @@ impl Admission {
     /// busy; `None` when the request is to be decided alone.
     async fn admit_leased(
         &self,
-        identity: &Identity,
+        identity: &Arc<Identity>,
         model: &str,
         plan: &QuotaPlan<'_>,
         reservation: &Reservation,
@@ -557,13 +557,13 @@ impl Admission {
     /// queue is full), the key's next request takes it, as without refills.
     fn ask_for_refill(
         &self,
-        identity: &Identity,
+        identity: &Arc<Identity>,
         model: &str,
         reservation: &Reservation,
         size: u64,
     ) {
         let refill = Refill {
-            identity: Arc::new(identity.clone()),
+            identity: identity.clone(),
             model: model.to_owned(),
             reservation: *reservation,
             size,
@@ -762,10 +762,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let clock = Clock::manual(1_796_299_200_000);
         let admission = admission(dir.path(), clock.clone());
-        let who = identity(Limits {
+        let who = Arc::new(identity(Limits {
             requests_per_minute: Some(2),
             ..Limits::default()
-        });
+        }));
         let body = br#"{"model":"m","messages":[{"role":"user","content":"hi"}]}"#;
         let view = RequestView::parse(Route::ChatCompletions, body).unwrap();
         for _ in 0..2 {

@@ -13,6 +13,7 @@ use crate::request::{self, RequestView, Route};
 use crate::traces;
 use bytes::Bytes;
 use pingora_proxy::Session;
+use std::sync::Arc;
 use tracing::Instrument;
 
 impl Proxy {
@@ -164,7 +165,7 @@ impl Proxy {
         &self,
         ctx: &mut RequestCtx,
         route: Route,
-        identity: &Identity,
+        identity: &Arc<Identity>,
         view: &RequestView<'_>,
         counted: Counted,
     ) -> Result<(), ApiError> {
@@ -175,10 +176,11 @@ impl Proxy {
             .instrument(traces::child(ctx.span.as_ref(), "admission"));
         match admitting.await {
             Ok(admitted) => {
+                use crate::metrics::AdmissionPath;
                 let path = match (&admitted.lease, admitted.local_only) {
-                    (_, true) => "local",
-                    (Some(_), false) => "lease",
-                    (None, false) => "store",
+                    (_, true) => AdmissionPath::Local,
+                    (Some(_), false) => AdmissionPath::Lease,
+                    (None, false) => AdmissionPath::Store,
                 };
                 crate::metrics::get().record_admission(path);
                 ctx.admitted = Some(admitted);
