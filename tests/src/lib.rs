@@ -455,8 +455,13 @@ pub struct GatewayOptions {
 
 impl GatewayOptions {
     pub fn new(backend: &Backend, store: StoreKind) -> GatewayOptions {
+        GatewayOptions::for_urls(vec![backend.url.clone()], store)
+    }
+
+    /// The same defaults, for backends a test runs itself, by URL.
+    pub fn for_urls(backends: Vec<String>, store: StoreKind) -> GatewayOptions {
         GatewayOptions {
-            backends: vec![backend.url.clone()],
+            backends,
             store,
             max_body_bytes: 1024 * 1024,
             extra_config: String::new(),

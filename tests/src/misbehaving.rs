@@ -116,8 +116,9 @@ async fn connection(
 }
 
 /// The request line's path, the body length and the head's length, once a whole head is in
-/// `buffer`; `None` when the connection closed.
-async fn read_head(
+/// `buffer` (read from `tcp` as needed); `None` when the connection closed. Also for other
+/// raw-socket backends in the tests.
+pub async fn read_head(
     tcp: &mut TcpStream,
     buffer: &mut Vec<u8>,
 ) -> std::io::Result<Option<(String, usize, usize)>> {

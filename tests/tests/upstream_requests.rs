@@ -4,6 +4,7 @@
 //! each small request in one TCP segment, and a large body arrives whole.
 
 use serde_json::{json, Value};
+use sluice_e2e::misbehaving::read_head;
 use sluice_e2e::{Gateway, GatewayOptions, StoreKind, SIM_MODEL};
 use std::os::fd::AsRawFd;
 use std::sync::{Arc, Mutex};
@@ -81,27 +82,9 @@ async fn serve(mut tcp: TcpStream, noted: Arc<Mutex<Vec<Received>>>) -> std::io:
     let mut buffer = Vec::new();
     let mut segments_before = 0;
     loop {
-        let head_end = loop {
-            if let Some(end) = buffer.windows(4).position(|w| w == b"\r\n\r\n") {
-                break end + 4;
-            }
-            let mut more = [0u8; 65536];
-            let n = tcp.read(&mut more).await?;
-            if n == 0 {
-                return Ok(());
-            }
-            buffer.extend_from_slice(&more[..n]);
+        let Some((path, length, head_end)) = read_head(&mut tcp, &mut buffer).await? else {
+            return Ok(());
         };
-        let head = String::from_utf8_lossy(&buffer[..head_end]).to_string();
-        let path = head.split(' ').nth(1).unwrap_or("/").to_owned();
-        let length: usize = head
-            .lines()
-            .find_map(|l| {
-                let (name, value) = l.split_once(':')?;
-                name.eq_ignore_ascii_case("content-length")
-                    .then(|| value.trim().parse().ok())?
-            })
-            .unwrap_or(0);
         while buffer.len() < head_end + length {
             let mut more = [0u8; 65536];
             let n = tcp.read(&mut more).await?;
@@ -143,14 +126,11 @@ async fn a_request_reaches_the_backend_header_and_body_in_one_segment_and_a_larg
     let backend = CountingBackend::start().await;
     let dir = tempfile::tempdir().unwrap();
     let gw = Gateway::start(GatewayOptions {
-        backends: vec![backend.url.clone()],
-        store: StoreKind::Embedded(dir.path().to_owned()),
         max_body_bytes: 4 << 20,
-        extra_config: String::new(),
-        server_config: String::new(),
-        env: Vec::new(),
-        jwt_config: String::new(),
-        hosts_file: None,
+        ..GatewayOptions::for_urls(
+            vec![backend.url.clone()],
+            StoreKind::Embedded(dir.path().to_owned()),
+        )
     })
     .await
     .unwrap();
