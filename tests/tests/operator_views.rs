@@ -199,13 +199,9 @@ fn errors(traffic: &Value, status: &str) -> u64 {
 /// Sends `refused` requests without a valid key and `chats` chats (each different, so
 /// nothing is cached) to `gw`: the completion tokens the chats' answers reported.
 async fn traffic_on(gw: &Gateway, key: &str, refused: usize, chats: usize) -> u64 {
-    for _ in 0..refused {
-        let r = gw
-            .post_raw("/v1/chat/completions", Some("sk-made-up"), chat("x"))
-            .await
-            .unwrap();
-        assert_eq!(r.status(), 401);
-    }
+    // The chats first, the refusals last: a replica adds a 5-second bucket's counts when it
+    // ends, in order, so once every refusal is counted (what `traffic_once_counted` waits
+    // for) every chat before it is too, even when a bucket ended between them.
     let mut completion = 0;
     for i in 0..chats {
         let r = gw
@@ -219,6 +215,13 @@ async fn traffic_on(gw: &Gateway, key: &str, refused: usize, chats: usize) -> u6
         assert_eq!(r.status(), 200);
         let body: Value = r.json().await.unwrap();
         completion += body["usage"]["completion_tokens"].as_u64().unwrap();
+    }
+    for _ in 0..refused {
+        let r = gw
+            .post_raw("/v1/chat/completions", Some("sk-made-up"), chat("x"))
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 401);
     }
     completion
 }
