@@ -239,7 +239,7 @@ impl ProxyHttp for Proxy {
             // A compressed answer could not be read for usage.
             upstream_request.remove_header("accept-encoding");
         }
-        upstream_request.insert_header("x-request-id", &ctx.request_id)?;
+        upstream_request.insert_static_header("x-request-id", &ctx.request_id)?;
         if let Some(span) = &ctx.upstream_span {
             // The backend continues this trace under the upstream attempt's span.
             let mut context = Vec::new();
@@ -265,7 +265,7 @@ impl ProxyHttp for Proxy {
         if ctx.body_rewritten || ctx.usage_chunk_added || ctx.attempt_body.is_some() {
             let length = ctx.attempt_body.as_ref().unwrap_or(&ctx.body).len();
             upstream_request.remove_header("transfer-encoding");
-            upstream_request.insert_header("content-length", length.to_string())?;
+            upstream_request.insert_static_header("content-length", length.to_string())?;
         }
         Ok(())
     }
@@ -291,14 +291,14 @@ impl ProxyHttp for Proxy {
         upstream_response: &mut ResponseHeader,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
-        upstream_response.insert_header("x-request-id", &ctx.request_id)?;
+        upstream_response.insert_static_header("x-request-id", &ctx.request_id)?;
         if let Some(backend) = &ctx.backend {
-            upstream_response.insert_header("x-sluice-backend", &backend.name)?;
+            upstream_response.insert_static_header("x-sluice-backend", &backend.name)?;
         }
         respond::insert_rate_limit_headers(upstream_response, ctx)?;
         if let Some(status) = ctx.cache_status {
             let status = http::HeaderValue::from_static(status.as_str());
-            upstream_response.insert_header("x-sluice-cache", status)?;
+            upstream_response.insert_static_header("x-sluice-cache", status)?;
         }
         let status = upstream_response.status.as_u16();
         let encoded = upstream_response

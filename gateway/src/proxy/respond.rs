@@ -25,7 +25,7 @@ pub enum LocalAnswer {
 /// (whose: `key`, `tenant`, `key/MODEL` or `tenant/MODEL`, and the limit).
 pub fn insert_rate_limit_headers(header: &mut ResponseHeader, ctx: &RequestCtx) -> Result<()> {
     if let Some((scope, kind)) = &ctx.refused_limit {
-        header.insert_header("x-sluice-limit", format!("{scope}.{}", kind.name()))?;
+        header.insert_static_header("x-sluice-limit", format!("{scope}.{}", kind.name()))?;
     }
     let (headers, retry_after) = match (&ctx.refused_headers, &ctx.admitted) {
         (Some((headers, retry_after)), _) => (headers, *retry_after),
@@ -33,7 +33,7 @@ pub fn insert_rate_limit_headers(header: &mut ResponseHeader, ctx: &RequestCtx) 
         (None, None) => return Ok(()),
     };
     for (name, value) in rate_limit_headers(headers, retry_after) {
-        header.insert_header(name, value)?;
+        header.insert_static_header(name, value)?;
     }
     Ok(())
 }
@@ -68,8 +68,8 @@ pub fn insert_cost_headers(
     ctx: &RequestCtx,
 ) -> Result<()> {
     if let Some((cost, currency)) = cost(prices, ctx) {
-        header.insert_header("x-sluice-cost", cost)?;
-        header.insert_header("x-sluice-cost-currency", currency)?;
+        header.insert_static_header("x-sluice-cost", cost)?;
+        header.insert_static_header("x-sluice-cost-currency", currency)?;
     }
     Ok(())
 }
@@ -86,9 +86,9 @@ pub fn cost_comment(prices: &PriceBook, ctx: &RequestCtx) -> Option<Bytes> {
 /// An answer the gateway writes itself: JSON, with the request id.
 pub async fn json(session: &mut Session, ctx: &RequestCtx, status: u16, body: Bytes) -> Result<()> {
     let mut header = ResponseHeader::build(status, Some(4))?;
-    header.insert_header("content-type", "application/json")?;
-    header.insert_header("content-length", body.len().to_string())?;
-    header.insert_header("x-request-id", &ctx.request_id)?;
+    header.insert_static_header("content-type", "application/json")?;
+    header.insert_static_header("content-length", body.len().to_string())?;
+    header.insert_static_header("x-request-id", &ctx.request_id)?;
     insert_rate_limit_headers(&mut header, ctx)?;
     session
         .write_response_header(Box::new(header), false)
@@ -125,15 +125,15 @@ pub async fn cached(
         Shape::Stream { .. } => "text/event-stream",
     };
     // Static and numeric values need no copy or parse.
-    header.insert_header("content-type", HeaderValue::from_static(content_type))?;
-    header.insert_header("content-length", HeaderValue::from(body.len()))?;
-    header.insert_header("x-request-id", &ctx.request_id)?;
-    header.insert_header(
+    header.insert_static_header("content-type", HeaderValue::from_static(content_type))?;
+    header.insert_static_header("content-length", HeaderValue::from(body.len()))?;
+    header.insert_static_header("x-request-id", &ctx.request_id)?;
+    header.insert_static_header(
         "x-sluice-cache",
         HeaderValue::from_static(hit.status.as_str()),
     )?;
     if let Some(similarity) = hit.similarity {
-        header.insert_header("x-sluice-cache-similarity", format!("{similarity:.4}"))?;
+        header.insert_static_header("x-sluice-cache-similarity", format!("{similarity:.4}"))?;
     }
     insert_rate_limit_headers(&mut header, ctx)?;
     insert_cost_headers(&mut header, prices, ctx)?;

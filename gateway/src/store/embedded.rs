@@ -77,8 +77,15 @@ fn forget_event_ids(txn: &redb::WriteTransaction) -> Result<(), StoreError> {
 }
 
 fn usage_key(time_ms: i64, id: &str) -> String {
+    let mut key = String::with_capacity(21 + id.len());
+    write_usage_key(&mut key, time_ms, id);
+    key
+}
+
+fn write_usage_key(out: &mut String, time_ms: i64, id: &str) {
+    use std::fmt::Write;
     // Times before 1970 do not occur; clamp so the key order stays the time order.
-    format!("{:020}/{id}", time_ms.max(0))
+    write!(out, "{:020}/{id}", time_ms.max(0)).expect("a String takes any text");
 }
 
 /// A captured conversation's id, `<ms>-<seq>`, as its table key.
@@ -317,10 +324,18 @@ impl Store for EmbeddedStore {
     }
 
     async fn append_usage(&self, events: &[UsageEvent]) -> Result<usize, StoreError> {
-        let rows = events
-            .iter()
-            .map(|e| Ok((usage_key(e.time_ms, &e.id), serde_json::to_vec(e)?)))
-            .collect::<Result<Vec<_>, StoreError>>()?;
+        // Every key and every event's JSON written into one buffer each, rather than a string
+        // and a growing vector per event: a busy replica writes thousands a second.
+        let mut keys = String::with_capacity(events.len() * 64);
+        let mut json = Vec::with_capacity(events.len() * 512);
+        let mut rows = Vec::with_capacity(events.len());
+        for event in events {
+            let key_start = keys.len();
+            write_usage_key(&mut keys, event.time_ms, &event.id);
+            let json_start = json.len();
+            serde_json::to_writer(&mut json, event)?;
+            rows.push((key_start..keys.len(), json_start..json.len()));
+        }
         self.blocking(move |db| {
             let txn = db.begin_write().map_err(embedded_err)?;
             let mut added = 0;
@@ -330,15 +345,20 @@ impl Store for EmbeddedStore {
                 let purged = txn.open_table(USAGE_PURGED).map_err(embedded_err)?;
                 // Nearly always empty: a purge is an operator's rare data-deletion request.
                 let any_purged = !purged.is_empty().map_err(embedded_err)?;
-                for (key, json) in &rows {
-                    let key = key.as_str();
-                    if usage.get(key).map_err(embedded_err)?.is_some()
-                        || (any_purged && purged.get(key).map_err(embedded_err)?.is_some())
-                    {
+                for (key, value) in rows {
+                    let key = &keys[key];
+                    if any_purged && purged.get(key).map_err(embedded_err)?.is_some() {
                         continue;
                     }
-                    usage.insert(key, json.as_slice()).map_err(embedded_err)?;
-                    added += 1;
+                    // An event already stored (a replay) has the same key and the same JSON:
+                    // writing it again changes nothing, and the old value says not to count it.
+                    let replaced = usage
+                        .insert(key, &json[value])
+                        .map_err(embedded_err)?
+                        .is_some();
+                    if !replaced {
+                        added += 1;
+                    }
                 }
             }
             txn.commit().map_err(embedded_err)?;

@@ -351,15 +351,23 @@ impl Store for RedisStore {
         if events.is_empty() {
             return Ok(0);
         }
+        // The events' JSON written into one buffer, rather than a string per event.
+        let mut json = Vec::with_capacity(events.len() * 512);
+        let mut ends = Vec::with_capacity(events.len());
+        for event in events {
+            serde_json::to_writer(&mut json, event)?;
+            ends.push(json.len());
+        }
         let mut invocation = APPEND_USAGE.prepare_invoke();
         invocation
             .key(self.usage_ids_key())
             .key(self.usage_events_key());
-        for event in events {
+        let starts = std::iter::once(0).chain(ends.iter().copied());
+        for ((event, start), end) in events.iter().zip(starts).zip(&ends) {
             invocation
                 .arg(&event.id)
                 .arg(event.time_ms)
-                .arg(serde_json::to_string(event)?);
+                .arg(&json[start..*end]);
         }
         let mut conn = self.conn.clone();
         let added: usize = invocation.invoke_async(&mut conn).await?;

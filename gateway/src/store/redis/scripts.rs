@@ -19,6 +19,32 @@ return added
 pub(super) static APPEND_USAGE: std::sync::LazyLock<redis::Script> =
     std::sync::LazyLock::new(|| redis::Script::new(APPEND_USAGE_V1));
 
+/// Lua for the members `id:1` .. `id:n` of a reservation's concurrency slots, in groups of at
+/// most 512 arguments for one ZADD or ZREM each (each member after `score` when one is
+/// given). A lease holds as many slots as it has requests, in every ledger; a command per
+/// member made Lua's per-call cost most of Redis's CPU per request, and the groups keep
+/// `unpack` far below Lua's stack limit. The same members, fewer commands: no script changes
+/// meaning, so none changes its versioned name.
+macro_rules! slot_groups_lua {
+    () => {
+        r"
+local function slot_groups(id, n, score)
+  local groups, group = {}, {}
+  for i = 1, n do
+    if score then group[#group + 1] = score end
+    group[#group + 1] = id .. ':' .. i
+    if #group >= 512 then
+      groups[#groups + 1] = group
+      group = {}
+    end
+  end
+  if #group > 0 then groups[#groups + 1] = group end
+  return groups
+end
+"
+    };
+}
+
 /// One admission into several ledgers, atomically: `sluice_policies::ledger::admit_together`,
 /// line for line. Each ledger's keys share a hash tag; ledgers of one admission share a slot
 /// on a standalone Redis only (on a cluster the store admits ledger by ledger, see `quota`).
@@ -29,9 +55,11 @@ pub(super) static APPEND_USAGE: std::sync::LazyLock<redis::Script> =
 /// Returns {admitted, {per ledger: minute requests (second, count, ...), minute tokens, day
 /// requests, day tokens, in flight, month spend, soonest slot expiry or -1}}, counted
 /// before this request.
-const ADMIT_V4: &str = r"
--- sluice_admit_v4
-local now = tonumber(ARGV[1])
+const ADMIT_V4: &str = concat!(
+    r"
+-- sluice_admit_v4",
+    slot_groups_lua!(),
+    r"local now = tonumber(ARGV[1])
 local tokens, cost, n = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[6])
 local function window(key)
   local all = redis.call('HGETALL', key)
@@ -73,6 +101,7 @@ for l = 0, #KEYS / 5 - 1 do
   states[#states + 1] = {mr, mt, day_r, day_t, in_flight, spend, next_expiry}
 end
 if admitted == 1 then
+  local slots = slot_groups(ARGV[4], n, ARGV[5])
   for l = 0, #KEYS / 5 - 1 do
     local k = l * 5
     redis.call('HINCRBY', KEYS[k + 1], now, n)
@@ -84,22 +113,25 @@ if admitted == 1 then
     redis.call('EXPIRE', KEYS[k + 3], 172800)
     redis.call('INCRBY', KEYS[k + 4], cost)
     redis.call('EXPIRE', KEYS[k + 4], 3456000)
-    for i = 1, n do
-      redis.call('ZADD', KEYS[k + 5], ARGV[5], ARGV[4] .. ':' .. i)
+    for _, group in ipairs(slots) do
+      redis.call('ZADD', KEYS[k + 5], unpack(group))
     end
     redis.call('EXPIRE', KEYS[k + 5], 86400)
   end
 end
 return {admitted, states}
-";
+"
+);
 
 /// Settles a reservation (or a lease) in each of its ledgers: `KeyLedger::settle`, ledger
 /// by ledger. Frees its slots and moves its counters from reserved to actual.
 /// KEYS: per ledger, its minute tokens, day, month spend, in-flight, minute requests.
 /// ARGV: admitted second, token delta, cost delta, reservation id, slots, request delta.
-const SETTLE_V4: &str = r"
--- sluice_settle_v4
-local function adjust(key, field, delta)
+const SETTLE_V4: &str = concat!(
+    r"
+-- sluice_settle_v4",
+    slot_groups_lua!(),
+    r"local function adjust(key, field, delta)
   if delta ~= 0 and redis.call('HEXISTS', key, field) == 1 then
     if redis.call('HINCRBY', key, field, delta) < 0 then
       redis.call('HSET', key, field, 0)
@@ -107,10 +139,11 @@ local function adjust(key, field, delta)
   end
 end
 local d, c, r = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[6])
+local slots = slot_groups(ARGV[4], tonumber(ARGV[5]))
 for l = 0, #KEYS / 5 - 1 do
   local k = l * 5
-  for i = 1, tonumber(ARGV[5]) do
-    redis.call('ZREM', KEYS[k + 4], ARGV[4] .. ':' .. i)
+  for _, group in ipairs(slots) do
+    redis.call('ZREM', KEYS[k + 4], unpack(group))
   end
   adjust(KEYS[k + 1], ARGV[1], d)
   adjust(KEYS[k + 2], 't', d)
@@ -123,21 +156,25 @@ for l = 0, #KEYS / 5 - 1 do
   end
 end
 return 1
-";
+"
+);
 
 /// Renews a running reservation's slots: `KeyLedger::refresh`.
 /// KEYS: in-flight. ARGV: now, new expiry, reservation id, slots.
-const REFRESH_V1: &str = r"
--- sluice_refresh_v1
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[1])
-for i = 1, tonumber(ARGV[4]) do
-  redis.call('ZADD', KEYS[1], 'XX', ARGV[2], ARGV[3] .. ':' .. i)
+const REFRESH_V1: &str = concat!(
+    r"
+-- sluice_refresh_v1",
+    slot_groups_lua!(),
+    r"redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[1])
+for _, group in ipairs(slot_groups(ARGV[3], tonumber(ARGV[4]), ARGV[2])) do
+  redis.call('ZADD', KEYS[1], 'XX', unpack(group))
 end
 if redis.call('EXISTS', KEYS[1]) == 1 then
   redis.call('EXPIRE', KEYS[1], 86400)
 end
 return 1
-";
+"
+);
 
 /// Counts usage admitted without the store, once per id: `KeyLedger::charge`.
 /// KEYS: charge ids, minute requests, minute tokens, day (of the charge), month spend.
