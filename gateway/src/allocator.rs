@@ -4,7 +4,12 @@
 //! connections clients open meanwhile) then leaves its high-water mark behind as resident
 //! memory: in a soak with two Redis restarts, RSS ended 17% above its steady level with the
 //! defaults and 10% with memory returned at once (docs/benchmarks.md, "Soak"). A gateway
-//! replica is sized by its steady memory, so it returns freed pages at once.
+//! replica is sized by its steady memory, so it keeps no empty pages and returns freed ones
+//! after 100 ms. Not at once: under load a page freed by one request is wanted again
+//! milliseconds later, and returning it at once made the kernel fault it back (and, with
+//! transparent huge pages, zero 2 MiB) several times a second per thread, 5% of a busy
+//! replica's CPU; a tenth of a second keeps those pages while a burst's memory still goes
+//! back (docs/benchmarks.md, "Seventh profile").
 //!
 //! The operator's own `MIMALLOC_PURGE_DELAY` or `MIMALLOC_PAGE_FULL_RETAIN` (mimalloc reads
 //! them at start) are left as they are.
@@ -27,16 +32,19 @@ const PURGE_DELAY: c_int = 15;
 /// `mi_option_page_full_retain` (empty pages kept per size class; 2 by default).
 const PAGE_FULL_RETAIN: c_int = 36;
 
-/// Sets mimalloc to return freed pages at once and keep no empty ones, where the operator
-/// has not chosen otherwise. Call first thing in `main`.
+/// How long the gateway lets a freed page wait for reuse before returning it (milliseconds).
+pub const PURGE_DELAY_MS: c_long = 100;
+
+/// Sets mimalloc to return freed pages after `PURGE_DELAY_MS` and keep no empty ones, where
+/// the operator has not chosen otherwise. Call first thing in `main`.
 pub fn return_freed_memory_promptly() {
-    for (option, variable) in [
-        (PURGE_DELAY, "MIMALLOC_PURGE_DELAY"),
-        (PAGE_FULL_RETAIN, "MIMALLOC_PAGE_FULL_RETAIN"),
+    for (option, variable, value) in [
+        (PURGE_DELAY, "MIMALLOC_PURGE_DELAY", PURGE_DELAY_MS),
+        (PAGE_FULL_RETAIN, "MIMALLOC_PAGE_FULL_RETAIN", 0),
     ] {
         if std::env::var_os(variable).is_none() {
             // SAFETY: sets one of mimalloc's process-wide options, which it reads atomically.
-            unsafe { mi_option_set(option, 0) };
+            unsafe { mi_option_set(option, value) };
         }
     }
 }
@@ -67,6 +75,6 @@ mod tests {
         }
         assert_eq!(settings(), (1000, 2), "mimalloc's defaults");
         return_freed_memory_promptly();
-        assert_eq!(settings(), (0, 0));
+        assert_eq!(settings(), (PURGE_DELAY_MS, 0));
     }
 }
