@@ -324,17 +324,14 @@ impl Store for EmbeddedStore {
     }
 
     async fn append_usage(&self, events: &[UsageEvent]) -> Result<usize, StoreError> {
-        // Every key and every event's JSON written into one buffer each, rather than a string
-        // and a growing vector per event: a busy replica writes thousands a second.
+        let (json, spans) = super::events_json(events)?;
+        // The keys likewise, one buffer for the batch.
         let mut keys = String::with_capacity(events.len() * 64);
-        let mut json = Vec::with_capacity(events.len() * 512);
         let mut rows = Vec::with_capacity(events.len());
-        for event in events {
-            let key_start = keys.len();
+        for (event, span) in events.iter().zip(spans) {
+            let start = keys.len();
             write_usage_key(&mut keys, event.time_ms, &event.id);
-            let json_start = json.len();
-            serde_json::to_writer(&mut json, event)?;
-            rows.push((key_start..keys.len(), json_start..json.len()));
+            rows.push((start..keys.len(), span));
         }
         self.blocking(move |db| {
             let txn = db.begin_write().map_err(embedded_err)?;

@@ -44,6 +44,22 @@ pub struct BufferedUsage {
     pub(crate) handles: Vec<(String, String)>,
 }
 
+/// Every event's JSON, one after another in one buffer, and where each one is in it: a batch
+/// of events costs two allocations to encode, not a string per event (a busy replica writes
+/// thousands a second).
+fn events_json(
+    events: &[UsageEvent],
+) -> Result<(Vec<u8>, Vec<std::ops::Range<usize>>), StoreError> {
+    let mut json = Vec::with_capacity(events.len() * 512);
+    let mut spans = Vec::with_capacity(events.len());
+    for event in events {
+        let start = json.len();
+        serde_json::to_writer(&mut json, event)?;
+        spans.push(start..json.len());
+    }
+    Ok((json, spans))
+}
+
 /// Usage events read per store call when reading a range page by page.
 pub const USAGE_PAGE: usize = 1000;
 

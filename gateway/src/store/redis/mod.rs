@@ -351,23 +351,16 @@ impl Store for RedisStore {
         if events.is_empty() {
             return Ok(0);
         }
-        // The events' JSON written into one buffer, rather than a string per event.
-        let mut json = Vec::with_capacity(events.len() * 512);
-        let mut ends = Vec::with_capacity(events.len());
-        for event in events {
-            serde_json::to_writer(&mut json, event)?;
-            ends.push(json.len());
-        }
+        let (json, spans) = super::events_json(events)?;
         let mut invocation = APPEND_USAGE.prepare_invoke();
         invocation
             .key(self.usage_ids_key())
             .key(self.usage_events_key());
-        let starts = std::iter::once(0).chain(ends.iter().copied());
-        for ((event, start), end) in events.iter().zip(starts).zip(&ends) {
+        for (event, span) in events.iter().zip(spans) {
             invocation
                 .arg(&event.id)
                 .arg(event.time_ms)
-                .arg(&json[start..*end]);
+                .arg(&json[span]);
         }
         let mut conn = self.conn.clone();
         let added: usize = invocation.invoke_async(&mut conn).await?;

@@ -21,10 +21,11 @@ pub(super) static APPEND_USAGE: std::sync::LazyLock<redis::Script> =
 
 /// Lua for the members `id:1` .. `id:n` of a reservation's concurrency slots, in groups of at
 /// most 512 arguments for one ZADD or ZREM each (each member after `score` when one is
-/// given). A lease holds as many slots as it has requests, in every ledger; a command per
-/// member made Lua's per-call cost most of Redis's CPU per request, and the groups keep
-/// `unpack` far below Lua's stack limit. The same members, fewer commands: no script changes
-/// meaning, so none changes its versioned name.
+/// given). A lease holds as many slots as it has requests, in every ledger: a command per
+/// member was 128 commands for a lease of 32 requests in two ledgers, 4 of Redis's 5 sorted-set
+/// commands per request (docs/benchmarks.md, "Seventh profile"). The groups keep `unpack` far
+/// below Lua's stack limit. The same members, fewer commands: no script changes meaning, so
+/// none changes its versioned name.
 macro_rules! slot_groups_lua {
     () => {
         r"
