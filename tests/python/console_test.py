@@ -67,6 +67,16 @@ def accept_confirmation():
     wait.until(ec.alert_is_present()).accept()
 
 
+def click_key_control(key_id, control):
+    """Clicks a control in a key's row. Every change reloads the table from the API, so the
+    row found a moment ago may have been replaced by the time of the click: find it afresh
+    until the click lands."""
+    def clicked(d):
+        d.find_element(By.CSS_SELECTOR, f'#keys tr[data-key="{key_id}"] {control}').click()
+        return True
+    WebDriverWait(driver, 30, ignored_exceptions=(StaleElementReferenceException,)).until(clicked)
+
+
 def rgb(hex_colour):
     h = hex_colour.lstrip("#")
     return tuple(int(h[i:i + 2], 16) for i in (0, 2, 4))
@@ -166,18 +176,21 @@ try:
     wait.until(lambda d: "sim-*" in d.find_element(By.CSS_SELECTOR, f'#keys tr[data-key="{key_id}"]').text)
     row = driver.find_element(By.CSS_SELECTOR, f'#keys tr[data-key="{key_id}"]')  # re-rendered
 
-    # Change its tier; the change is in the API afterwards.
+    # Change its tier; the change is in the API afterwards. (The select shows the choice at
+    # once; the table is reloaded only when the API has answered.)
     Select(row.find_element(By.CSS_SELECTOR, "select.tier")).select_by_visible_text("pro")
-    wait.until(lambda d: Select(d.find_element(By.CSS_SELECTOR, f'#keys tr[data-key="{key_id}"] select.tier'))
-               .first_selected_option.text == "pro")
+    wait.until(lambda d: admin("GET", f"/admin/v1/keys/{key_id}")["tier"] == "pro")
+    WebDriverWait(driver, 30, ignored_exceptions=(StaleElementReferenceException,)).until(
+        lambda d: Select(d.find_element(By.CSS_SELECTOR, f'#keys tr[data-key="{key_id}"] select.tier'))
+        .first_selected_option.text == "pro")
 
     # Its live quota.
-    driver.find_element(By.CSS_SELECTOR, f'#keys tr[data-key="{key_id}"] .show-quota').click()
+    click_key_control(key_id, ".show-quota")
     wait.until(lambda d: "requests_per_minute" in css("#quota-rows").text)
     check(key_id in css("#quota-key").text, "quota panel names the key")
 
     # Revoke it, once confirmed.
-    driver.find_element(By.CSS_SELECTOR, f'#keys tr[data-key="{key_id}"] .revoke').click()
+    click_key_control(key_id, ".revoke")
     accept_confirmation()
     wait.until(lambda d: "revoked" in d.find_element(By.CSS_SELECTOR, f'#keys tr[data-key="{key_id}"]').text)
     screenshot("keys")
