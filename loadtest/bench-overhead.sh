@@ -210,7 +210,12 @@ for scenario in "${scenarios[@]}"; do
   [ "$2" = stream ] && load+=(--stream)
   [ "$2" = hit ] && load+=(--mix "$work/hit.jsonl")
   for round in $(seq "$ROUNDS"); do
-    for target in "${targets[@]}"; do
+    # Each round starts one target further on: with a fixed order, the same build measured
+    # twice came out up to 11% apart by its place in the round (docs/benchmarks.md, "Eighth
+    # profile").
+    shift_by=$(( (round - 1) % ${#targets[@]} ))
+    ordered=("${targets[@]:shift_by}" "${targets[@]:0:shift_by}")
+    for target in "${ordered[@]}"; do
       [ "$2" = hit ] && [[ "$target" != sluice* && "$target" != baseline* ]] && continue
       keyarg=()
       [ "$target" = sluice ] && keyarg=(--key "$key")

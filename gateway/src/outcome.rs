@@ -59,7 +59,7 @@ impl RequestOutcome<'_> {
         let identity = self.identity?;
         let usage = self.usage.unwrap_or_default();
         Some(UsageEvent {
-            id: uuid::Uuid::now_v7().to_string(),
+            id: crate::request::time_ordered_id(),
             time_ms,
             request_id: self.request_id.to_owned(),
             key_id: identity.key_id.clone(),

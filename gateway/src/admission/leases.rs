@@ -32,7 +32,7 @@ use std::time::{Duration, Instant};
 
 /// A lease being taken or held for one key on this replica.
 struct Lease {
-    id: String,
+    id: Arc<str>,
     /// The ledgers it was counted in, and is given back to.
     ledgers: Ledgers,
     admitted_sec: i64,
@@ -79,7 +79,7 @@ struct KeyLeases {
 /// A request admitted from a lease.
 #[derive(Debug, Clone)]
 pub struct LeasedAdmission {
-    pub lease_id: String,
+    pub lease_id: Arc<str>,
     pub admitted_sec: i64,
     pub headers: RateHeaders,
     /// Take the key's next lease, of this many requests, in the background: the current
@@ -134,7 +134,12 @@ impl Leases {
         now_sec: i64,
     ) -> Result<LeasedAdmission, Miss> {
         let mut keys = self.keys.lock();
-        let k = keys.entry(key_id.to_owned()).or_default();
+        // Looked up before it is inserted: a busy key is nearly always there, and `entry`
+        // would copy its id on every request.
+        if !keys.contains_key(key_id) {
+            keys.insert(key_id.to_owned(), KeyLeases::default());
+        }
+        let k = keys.get_mut(key_id).expect("inserted above");
         if k.second.0 == now_sec {
             k.second.1 += 1;
         } else {
@@ -205,7 +210,7 @@ impl Leases {
         &self,
         key_id: &str,
         ledgers: Ledgers,
-        id: String,
+        id: Arc<str>,
         admitted_sec: i64,
         month: Arc<str>,
         granted: Reservation,
@@ -273,7 +278,7 @@ impl Leases {
             .current
             .iter_mut()
             .chain(k.retiring.iter_mut())
-            .find(|l| l.id == lease_id);
+            .find(|l| *l.id == *lease_id);
         if let Some(lease) = lease {
             lease.in_flight = lease.in_flight.saturating_sub(1);
             lease.used.tokens = (lease.used.tokens + actual.tokens).saturating_sub(reserved.tokens);
@@ -333,7 +338,7 @@ impl Leases {
 pub struct IdleLease {
     /// The ledgers the lease was counted in.
     pub ledgers: Ledgers,
-    pub id: String,
+    pub id: Arc<str>,
     pub admitted_sec: i64,
     pub month: Arc<str>,
     pub granted: Reservation,
@@ -453,7 +458,7 @@ mod tests {
         let taken = leases
             .try_admit("k", &[&limits], &r(5), 100)
             .expect("one more fits");
-        assert_eq!(taken.lease_id, "L");
+        assert_eq!(&*taken.lease_id, "L");
         assert!(
             leases.try_admit("k", &[&limits], &r(5), 100).is_err(),
             "the lease is spent"
@@ -487,7 +492,7 @@ mod tests {
         // 8 granted, the first taken: the next four leave more than a quarter.
         for _ in 0..4 {
             let admitted = leases.try_admit("k", &[&limits], &r(5), 100).unwrap();
-            assert_eq!((admitted.lease_id.as_str(), admitted.refill), ("L1", None));
+            assert_eq!((&*admitted.lease_id, admitted.refill), ("L1", None));
         }
         let admitted = leases.try_admit("k", &[&limits], &r(5), 100).unwrap();
         let Some(size) = admitted.refill else {
@@ -519,7 +524,7 @@ mod tests {
         for _ in 0..6 {
             let admitted = leases.try_admit("k", &[&limits], &r(5), 100).unwrap();
             assert_eq!(
-                admitted.lease_id, "L2",
+                &*admitted.lease_id, "L2",
                 "all eight of a lease taken ahead admit"
             );
         }
@@ -530,7 +535,7 @@ mod tests {
         }
         let idle = leases.sweep();
         assert_eq!(idle.len(), 1);
-        assert_eq!((idle[0].id.as_str(), idle[0].used.requests), ("L1", 8));
+        assert_eq!((&*idle[0].id, idle[0].used.requests), ("L1", 8));
     }
 
     #[test]

@@ -48,19 +48,19 @@ pub use reserve::TEMPLATE_ALLOWANCE;
 const LOCAL_PRUNE_EVERY: Duration = Duration::from_secs(10);
 
 /// A reservation id no other request of any replica has: this process's random tag and a
-/// counter.
-pub fn mint_reservation_id() -> String {
+/// counter. Shared, not copied: a lease's id goes with each of the requests it admits.
+pub fn mint_reservation_id() -> Arc<str> {
     static REPLICA: LazyLock<String> =
         LazyLock::new(|| uuid::Uuid::new_v4().simple().to_string()[..12].to_owned());
     static NEXT: AtomicU64 = AtomicU64::new(1);
-    format!("{}-{:x}", *REPLICA, NEXT.fetch_add(1, Ordering::Relaxed))
+    format!("{}-{:x}", *REPLICA, NEXT.fetch_add(1, Ordering::Relaxed)).into()
 }
 
 /// A reservation that was granted, kept in the request context until it is settled.
 #[derive(Debug, Clone)]
 pub struct Admitted {
     pub reservation: Reservation,
-    pub reservation_id: String,
+    pub reservation_id: Arc<str>,
     pub admitted_sec: i64,
     pub month: Arc<str>,
     pub headers: RateHeaders,
@@ -68,7 +68,7 @@ pub struct Admitted {
     /// charged to the store later.
     pub local_only: bool,
     /// Admitted from this replica's lease (see `leases`): settled into the lease.
-    pub lease: Option<String>,
+    pub lease: Option<Arc<str>>,
     /// The tokens it was reserved for: what an unreadable answer is billed at, at most.
     pub ceiling: Ceiling,
     /// The quota ledgers it was counted in (settled, renewed and charged there).
@@ -514,7 +514,7 @@ impl Admission {
         size: u64,
         first: Option<Reservation>,
         (now, month, secs_to_month_end): (i64, &Arc<str>, u64),
-    ) -> Option<(String, RateHeaders)> {
+    ) -> Option<(Arc<str>, RateHeaders)> {
         let lease_id = mint_reservation_id();
         let bulk = Reservation {
             requests: size,
@@ -603,7 +603,7 @@ impl Admission {
         if admitted.local_only {
             self.held.owe(OwedCharge {
                 ledgers: admitted.ledgers.clone(),
-                id: admitted.reservation_id,
+                id: admitted.reservation_id.to_string(),
                 at_sec: admitted.admitted_sec,
                 month: admitted.month,
                 amount: actual,
