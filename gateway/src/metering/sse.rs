@@ -147,8 +147,9 @@ impl SseUsageScanner {
                 *text = String::new();
             }
         }
-        // Only a chunk that names "usage" can carry it; the rest are not parsed at all.
-        if memfind(data, b"\"usage\"").is_none() {
+        // Only a chunk with a `"usage"` that is not `null` can carry it; the rest (with
+        // include_usage, every chunk but the last says `"usage":null`) are not parsed at all.
+        if !may_carry_usage(data) {
             return true;
         }
         match serde_json::from_slice::<Chunk>(data) {
@@ -258,14 +259,29 @@ impl EventBoundary {
 
 /// The payload of an event's `data:` line (OpenAI streams send one per event).
 fn event_data(event: &[u8]) -> Option<&[u8]> {
-    event
-        .split(|&b| b == b'\n' || b == b'\r')
-        .find_map(|line| line.strip_prefix(b"data:"))
-        .map(|d| d.strip_prefix(b" ").unwrap_or(d))
+    let mut rest = event;
+    loop {
+        let end = memchr::memchr2(b'\n', b'\r', rest).unwrap_or(rest.len());
+        if let Some(data) = rest[..end].strip_prefix(b"data:") {
+            return Some(data.strip_prefix(b" ").unwrap_or(data));
+        }
+        rest = rest.get(end + 1..)?;
+    }
 }
 
-fn memfind(haystack: &[u8], needle: &[u8]) -> Option<usize> {
-    memchr::memmem::find(haystack, needle)
+/// Whether a chunk may carry usage: some `"usage"` in it is followed by anything but `: null`.
+/// A `"usage"` inside a string value is escaped (`\"usage\"`) and never matches; one that is
+/// a string value itself is not followed by a colon; anything unexpected says parse.
+fn may_carry_usage(data: &[u8]) -> bool {
+    static USAGE: std::sync::LazyLock<memchr::memmem::Finder<'static>> =
+        std::sync::LazyLock::new(|| memchr::memmem::Finder::new(b"\"usage\""));
+    USAGE.find_iter(data).any(|at| {
+        let rest = data[at + USAGE.needle().len()..].trim_ascii_start();
+        match rest.strip_prefix(b":") {
+            Some(value) => !value.trim_ascii_start().starts_with(b"null"),
+            None => false,
+        }
+    })
 }
 
 #[cfg(test)]
@@ -426,5 +442,37 @@ mod tests {
             "oversized bytes are not held"
         );
         assert_eq!(scanner.malformed(), 1);
+    }
+
+    #[test]
+    fn only_a_chunk_whose_usage_is_not_null_is_parsed() {
+        assert!(!may_carry_usage(br#"{"choices":[],"usage":null}"#));
+        assert!(!may_carry_usage(br#"{"choices":[], "usage" :  null }"#));
+        assert!(!may_carry_usage(
+            br#"{"choices":[{"delta":{"content":"\"usage\": {}"}}]}"#
+        ));
+        assert!(!may_carry_usage(
+            br#"{"choices":[{"delta":{"content":"usage"}}]}"#
+        ));
+        assert!(!may_carry_usage(
+            br#"{"choices":[{"delta":{"content":"Hi"}}]}"#
+        ));
+        assert!(may_carry_usage(
+            br#"{"choices":[],"usage":{"prompt_tokens":1}}"#
+        ));
+        assert!(may_carry_usage(
+            br#"{"usage":null,"x":{"usage": {"prompt_tokens":1}}}"#
+        ));
+        // Not what an OpenAI backend sends; parsed (and found malformed or not) as before.
+        assert!(may_carry_usage(br#"{"usage":7}"#));
+    }
+
+    #[test]
+    fn the_data_line_is_found_whatever_ends_the_lines() {
+        assert_eq!(event_data(b"data: {}\n\n"), Some(&b"{}"[..]));
+        assert_eq!(event_data(b"event: x\r\ndata:{}\r\n\r\n"), Some(&b"{}"[..]));
+        assert_eq!(event_data(b"id: 1\rdata: [DONE]"), Some(&b"[DONE]"[..]));
+        assert_eq!(event_data(b": comment\n\n"), None);
+        assert_eq!(event_data(b""), None);
     }
 }
