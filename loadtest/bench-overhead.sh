@@ -5,7 +5,7 @@
 # through Sluice's full policy path (API-key auth, quotas with leases, metering, cache on,
 # balancer) on Redis and on the embedded store, and on the embedded store with a price for the
 # model (sluice-priced: every answer says its cost, a non-streamed one held until its end for
-# the x-sluice-cost header). Targets alternate round by round so that a
+# the x-sluice-cost header). Each round starts one target further on, so that a
 # noisy machine shifts them alike. Besides throughput and latency it reads each proxy's CPU
 # time (and Redis's, for Sluice on Redis) from /proc around every run, as CPU per request.
 # Writes the table to docs/benchmarks.md.
