@@ -118,9 +118,9 @@ fn embedded_err(e: impl Into<redb::Error>) -> StoreError {
 
 /// The most of the file redb keeps in memory. Its default, 1 GiB, is a ceiling a busy gateway
 /// reaches: usage events are appended, every page written stays cached, and the process grew
-/// by about 14 MB a second at 17,000 requests a second (docs/benchmarks.md, "Eighth profile"),
-/// each new page a fresh page fault. What is read again is small: keys, tiers, tenants and
-/// the usage table's last pages; an export reads the file in order, once.
+/// by about 14 MB a second at 17,000 requests a second (docs/benchmarks.md, "Eighth
+/// profile"). What is read again is small: keys, tiers, tenants and the usage table's last
+/// pages; an export reads the file in order, once.
 const CACHE_BYTES: usize = 64 << 20;
 
 impl EmbeddedStore {
