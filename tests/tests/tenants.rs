@@ -282,7 +282,21 @@ async fn tenant_request_limit_holds_exactly(gws: &[Gateway]) {
     let answers = burst(gws, &[a, b], 150, chat(2)).await;
     let ok: Vec<&Answer> = answers.iter().filter(|a| a.status == 200).collect();
     assert_eq!(ok.len(), 40, "exactly the tenant's limit across the fleet");
-    assert!(ok.iter().any(|a| a.key == 0) && ok.iter().any(|a| a.key == 1));
+    // What each key got, by status: said when a key got nothing (seen once in CI, under
+    // load, and not again in six runs alone).
+    let by_key = |key: usize| {
+        let mut statuses = std::collections::BTreeMap::<u16, usize>::new();
+        for a in answers.iter().filter(|a| a.key == key) {
+            *statuses.entry(a.status).or_default() += 1;
+        }
+        statuses
+    };
+    assert!(
+        ok.iter().any(|a| a.key == 0) && ok.iter().any(|a| a.key == 1),
+        "both keys are served; statuses (and how many) of key 0: {:?}, of key 1: {:?}",
+        by_key(0),
+        by_key(1)
+    );
     refused_by_the_tenant(&answers, "requests_per_minute", "rate_limit_exceeded");
     let q = quota_when(&gws[0], "/admin/v1/tenants/acme/quota", |q| {
         q["max_concurrent"]["in_flight"] == 0
