@@ -107,6 +107,16 @@ async fn send(gw: &Gateway, key: &str, body: &Value) -> Answer {
 async fn send_until_cached(gw: &Gateway, key: &str, body: &Value) -> Answer {
     for _ in 0..100 {
         let answer = send(gw, key, body).await;
+        // An error answer carries no cache header: say what it was rather than let the
+        // caller's `cache() == "hit"` fail with an empty string.
+        assert_eq!(
+            answer.status,
+            200,
+            "waiting for a hit, got {} {}\n{}",
+            answer.status,
+            answer.body,
+            gw.log()
+        );
         if answer.cache() != "miss" {
             return answer;
         }
@@ -215,7 +225,8 @@ async fn the_same_question_from_another_tenant_is_a_miss() {
         assert!(answer.headers.contains_key("x-sluice-backend"));
     }
     // The tenant, not the key, owns an entry: acme's other key finds it.
-    assert_eq!(send(&gw, &acme_too, &question).await.cache(), "hit");
+    let answer = send(&gw, &acme_too, &question).await;
+    assert_eq!(answer.cache(), "hit", "{} {}", answer.status, answer.body);
 }
 
 #[tokio::test]

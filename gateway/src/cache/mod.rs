@@ -351,7 +351,7 @@ impl ResponseCache {
                 plan.embedding = self.embed(question).await;
             }
         }
-        let id = uuid::Uuid::now_v7().to_string();
+        let id = crate::request::time_ordered_id();
         let ttl_ms = plan.rules.ttl_secs.saturating_mul(1000);
         let expires_ms = crate::clock::now_ms().saturating_add(ttl_ms as i64);
         let embedding = plan.embedding.unwrap_or_default();

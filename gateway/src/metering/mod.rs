@@ -6,6 +6,7 @@
 
 mod feed;
 pub mod journal;
+mod json_scan;
 mod spool;
 mod sse;
 mod target;
@@ -338,9 +339,19 @@ impl Meter {
                 }
                 let (first, rest) = (first.take(), std::mem::take(rest));
                 let body: &[u8] = first.as_deref().unwrap_or(&rest);
-                let usage = match serde_json::from_slice::<WithUsage>(body) {
-                    Ok(WithUsage { usage: Some(usage) }) => Some(usage),
-                    Ok(WithUsage { usage: None }) => {
+                // The top-level `usage` alone when it can be found by a scan; the whole body
+                // parsed otherwise (no such field, or a body the scan cannot vouch for).
+                let scanned = json_scan::top_level_field(body, b"usage").and_then(|value| {
+                    Option::<Usage>::deserialize(&mut serde_json::Deserializer::from_slice(value))
+                        .ok()
+                });
+                let read = match scanned {
+                    Some(usage) => Ok(usage),
+                    None => serde_json::from_slice::<WithUsage>(body).map(|w| w.usage),
+                };
+                let usage = match read {
+                    Ok(Some(usage)) => Some(usage),
+                    Ok(None) => {
                         *text_bytes = Some(self::text_bytes(body));
                         let mut generated = String::new();
                         generated_text(body, &mut generated);
@@ -470,6 +481,36 @@ mod tests {
         assert_eq!(passed, body);
         let usage = meter.finish().1.expect("usage read across pieces");
         assert_eq!((usage.prompt_tokens, usage.completion_tokens), (11, 4));
+    }
+
+    #[test]
+    fn only_the_answers_own_usage_counts_wherever_it_stands() {
+        let read = |body: &'static [u8]| {
+            let mut meter = Meter::for_response(Some(b"application/json"), false);
+            meter.feed(Bytes::from_static(body));
+            meter
+                .finish()
+                .1
+                .map(|u| (u.prompt_tokens, u.completion_tokens))
+        };
+        // A usage of a choice's, or one quoted in the content, is not the answer's.
+        let nested_after = br#"{"usage":{"prompt_tokens":7,"completion_tokens":2},"choices":[{"message":{"content":"\"usage\":{\"prompt_tokens\":1}","meta":{"usage":{"prompt_tokens":900}}}}]}"#;
+        assert_eq!(read(nested_after), Some((7, 2)));
+        // Spelled with an escape, or given twice: the full parse decides, as before.
+        assert_eq!(
+            read(br#"{"\u0075sage":{"prompt_tokens":4,"completion_tokens":1}}"#),
+            Some((4, 1))
+        );
+        assert_eq!(
+            read(br#"{"usage":{"prompt_tokens":4},"usage":{"prompt_tokens":5}}"#),
+            None
+        );
+        // `null`, or a body cut short: no usage read.
+        assert_eq!(read(br#"{"choices":[],"usage":null}"#), None);
+        assert_eq!(
+            read(br#"{"usage":{"prompt_tokens":4,"completion_tokens":1}"#),
+            None
+        );
     }
 
     #[test]
