@@ -96,8 +96,11 @@ pub struct KeyLedger {
     day: (i64, u64, u64),
     /// (month label, spend in nano-units)
     month: (String, i64),
-    /// slot name -> expiry (unix seconds)
-    slots: HashMap<String, i64>,
+    /// reservation id -> the expiry (unix seconds) of each of its slots, the `i`-th at
+    /// `i - 1`; a freed slot's is [`FREED`]. Kept per reservation rather than per slot name
+    /// (what the Redis scripts keep): a lease of 256 requests is one entry, not 256 names
+    /// formatted and hashed at its admission and again at its settlement.
+    slots: HashMap<String, Vec<i64>>,
     /// charge id -> when it was charged for (unix seconds)
     charged: HashMap<String, i64>,
 }
@@ -107,10 +110,8 @@ pub fn model_ledger(ledger: &str, model: &str) -> String {
     format!("{ledger}/model:{model}")
 }
 
-/// The name of a reservation's `i`-th concurrency slot (1-based).
-pub fn slot_name(reservation_id: &str, i: u64) -> String {
-    format!("{reservation_id}:{i}")
-}
+/// The expiry of a slot that was freed: never live.
+const FREED: i64 = i64::MIN;
 
 /// The outcome of an admission into several ledgers.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -193,7 +194,11 @@ fn adjust(value: u64, actual: u64, reserved: u64) -> u64 {
 impl KeyLedger {
     /// The counters at `now_sec`, for the month labelled `month`.
     pub fn counters(&self, now_sec: i64, month: &str) -> Counters {
-        let live_slots = self.slots.values().filter(|&&expiry| expiry > now_sec);
+        let live_slots = self
+            .slots
+            .values()
+            .flatten()
+            .filter(|&&expiry| expiry > now_sec);
         let today = self.day.0 == day_of(now_sec);
         Counters {
             minute: self
@@ -229,7 +234,7 @@ impl KeyLedger {
     /// day or month to change until a new admission or charge has counted there.
     fn decide(&mut self, limits: &Limits, a: &Admit) -> Decision {
         self.minute.retain(|b| b.second > a.now_sec - WINDOW_SECS);
-        self.slots.retain(|_, expiry| *expiry > a.now_sec);
+        self.drop_expired_slots(a.now_sec);
         let counters = self.counters(a.now_sec, a.month);
         quota::decide(
             limits,
@@ -250,15 +255,26 @@ impl KeyLedger {
         self.day.1 += r.requests;
         self.day.2 += r.tokens;
         self.month.1 = self.month.1.saturating_add(r.cost_nano);
-        for i in 1..=r.requests {
-            self.slots
-                .insert(slot_name(a.reservation_id, i), a.now_sec + a.slot_ttl_secs);
+        if r.requests > 0 {
+            let expiries = match self.slots.get_mut(a.reservation_id) {
+                Some(expiries) => expiries,
+                None => self.slots.entry(a.reservation_id.to_owned()).or_default(),
+            };
+            let n = r.requests as usize;
+            if expiries.len() < n {
+                expiries.resize(n, FREED);
+            }
+            expiries[..n].fill(a.now_sec + a.slot_ttl_secs);
         }
     }
 
     pub fn settle(&mut self, s: &Settle) {
-        for i in 1..=s.reserved.requests {
-            self.slots.remove(&slot_name(s.reservation_id, i));
+        if let Some(expiries) = self.slots.get_mut(s.reservation_id) {
+            let n = (s.reserved.requests as usize).min(expiries.len());
+            expiries[..n].fill(FREED);
+            if expiries.iter().all(|&expiry| expiry == FREED) {
+                self.slots.remove(s.reservation_id);
+            }
         }
         let (a, r) = (s.actual, s.reserved);
         if let Some(b) = self.minute.iter_mut().find(|b| b.second == s.admitted_sec) {
@@ -275,9 +291,10 @@ impl KeyLedger {
     }
 
     pub fn refresh(&mut self, f: &Refresh) {
-        self.slots.retain(|_, expiry| *expiry > f.now_sec);
-        for i in 1..=f.slots {
-            if let Some(expiry) = self.slots.get_mut(&slot_name(f.reservation_id, i)) {
+        self.drop_expired_slots(f.now_sec);
+        if let Some(expiries) = self.slots.get_mut(f.reservation_id) {
+            let n = (f.slots as usize).min(expiries.len());
+            for expiry in expiries[..n].iter_mut().filter(|e| **e > f.now_sec) {
                 *expiry = f.now_sec + f.slot_ttl_secs;
             }
         }
@@ -323,6 +340,21 @@ impl KeyLedger {
     pub fn add_month_spend(&mut self, month: &str, nano: i64) {
         self.roll_month(month);
         self.month.1 = self.month.1.saturating_add(nano);
+    }
+
+    /// Frees the slots that expired by `now_sec`, and forgets reservations left with none.
+    fn drop_expired_slots(&mut self, now_sec: i64) {
+        self.slots.retain(|_, expiries| {
+            let mut live = false;
+            for expiry in expiries.iter_mut() {
+                if *expiry > now_sec {
+                    live = true;
+                } else {
+                    *expiry = FREED;
+                }
+            }
+            live
+        });
     }
 
     fn roll_day(&mut self, day: i64) {
