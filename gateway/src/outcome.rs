@@ -8,6 +8,7 @@ use crate::cache::CacheStatus;
 use crate::metering::{Usage, UsageSource};
 use crate::request::Route;
 use crate::usage::UsageEvent;
+use std::borrow::Cow;
 use std::time::Duration;
 
 /// How a request ended.
@@ -67,11 +68,11 @@ impl RequestOutcome<'_> {
             tier: identity.tier.clone(),
             model: self.model.to_owned(),
             backend: self.backend.to_owned(),
-            route: self.route.map_or("", Route::name).to_owned(),
+            route: Cow::Borrowed(self.route.map_or("", Route::name)),
             prompt_tokens: usage.prompt_tokens,
             completion_tokens: usage.completion_tokens,
             cached_tokens: usage.cached_tokens,
-            cache_status: self.cache.unwrap_or(CacheStatus::Miss).as_str().to_owned(),
+            cache_status: Cow::Borrowed(self.cache.unwrap_or(CacheStatus::Miss).as_str()),
             status,
             latency_ms: self.duration.as_millis() as u64,
             ttft_ms: self.first_byte.map(|t| t.as_millis() as u64),

@@ -2,6 +2,7 @@
 //! came from. Only the types: the store keeps them, metering writes them, billing prices them.
 
 use serde::{Deserialize, Serialize};
+use std::borrow::Cow;
 
 /// Where a request's billed usage came from: the backend's own report; an estimate from
 /// what was sent and received (the backend reported none, or the stream was cut before its
@@ -38,14 +39,16 @@ pub struct UsageEvent {
     pub tier: String,
     pub model: String,
     pub backend: String,
-    pub route: String,
+    /// Static names, so borrowed when an event is made (`Cow`): two allocations fewer per
+    /// request, and owned when one is read back.
+    pub route: Cow<'static, str>,
     pub prompt_tokens: u64,
     pub completion_tokens: u64,
     /// Prompt tokens the backend served from its prompt cache; for an answer from Sluice's
     /// response cache (`cache_status` hit or semantic), every token of it.
     pub cached_tokens: u64,
     /// `miss`, `hit` or `semantic`.
-    pub cache_status: String,
+    pub cache_status: Cow<'static, str>,
     pub status: u16,
     pub latency_ms: u64,
     /// Milliseconds to the first token of a stream; `null` otherwise.
