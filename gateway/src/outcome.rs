@@ -159,21 +159,13 @@ impl RequestOutcome<'_> {
     /// The access line as tracing's JSON formatter writes it (same fields, same order), with
     /// its newline.
     fn write_json_line(&self, out: &mut Vec<u8>, now: time::OffsetDateTime) {
-        use std::io::Write;
         let identity = self.identity;
         let usage = self.usage.unwrap_or_default();
         let mut line = JsonLine(out);
-        let _ = write!(
-            line.0,
-            "{{\"timestamp\":\"{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:06}Z\",\"level\":\"INFO\",\"message\":\"request\"",
-            now.year(),
-            u8::from(now.month()),
-            now.day(),
-            now.hour(),
-            now.minute(),
-            now.second(),
-            now.microsecond()
-        );
+        line.0.extend_from_slice(b"{\"timestamp\":\"");
+        write_timestamp(line.0, now);
+        line.0
+            .extend_from_slice(b"\",\"level\":\"INFO\",\"message\":\"request\"");
         line.str("request_id", self.request_id);
         line.str("method", self.method);
         line.str("protocol", self.protocol);
@@ -208,6 +200,30 @@ impl RequestOutcome<'_> {
         line.str("target", "sluice::access");
         line.0.extend_from_slice(b"}\n");
     }
+}
+
+/// `now` as RFC 3339 in UTC to the microsecond (`2026-12-06T07:05:09.123456Z`), written
+/// digit by digit: through `write!` it was a fifth of the access line's cost.
+fn write_timestamp(out: &mut Vec<u8>, now: time::OffsetDateTime) {
+    let digits = |out: &mut Vec<u8>, value: u32, width: u32| {
+        for place in (0..width).rev() {
+            out.push(b'0' + (value / 10u32.pow(place) % 10) as u8);
+        }
+    };
+    digits(out, now.year().clamp(0, 9999) as u32, 4);
+    out.push(b'-');
+    digits(out, u8::from(now.month()).into(), 2);
+    out.push(b'-');
+    digits(out, now.day().into(), 2);
+    out.push(b'T');
+    digits(out, now.hour().into(), 2);
+    out.push(b':');
+    digits(out, now.minute().into(), 2);
+    out.push(b':');
+    digits(out, now.second().into(), 2);
+    out.push(b'.');
+    digits(out, now.microsecond(), 6);
+    out.push(b'Z');
 }
 
 thread_local! {
@@ -306,6 +322,18 @@ mod tests {
             .expect("one JSON object");
         let (_, after) = line.split_once("Z\",").expect("a timestamp first");
         after
+    }
+
+    #[test]
+    fn the_timestamp_is_rfc3339_to_the_microsecond_with_every_leading_zero() {
+        let mut out = Vec::new();
+        let at =
+            time::OffsetDateTime::from_unix_timestamp_nanos(1_767_323_045_000_006_000).unwrap();
+        write_timestamp(&mut out, at);
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            "2026-01-02T03:04:05.000006Z"
+        );
     }
 
     #[test]
