@@ -27,13 +27,12 @@ pub fn top_level_field<'a>(json: &'a [u8], key: &[u8]) -> Option<&'a [u8]> {
                 i = end + 1;
                 continue;
             }
-            b':' => {
-                if pending_key.take() == Some(key) {
-                    if found.is_some() {
-                        return None;
-                    }
-                    found = Some(i + 1);
+            // (The key is forgotten below, as after any byte but whitespace.)
+            b':' if pending_key == Some(key) => {
+                if found.is_some() {
+                    return None;
                 }
+                found = Some(i + 1);
             }
             b'{' | b'[' => depth += 1,
             b'}' | b']' => {
