@@ -56,8 +56,9 @@ pub fn top_level_field<'a>(json: &'a [u8], key: &[u8]) -> Option<&'a [u8]> {
     None
 }
 
-/// The index of the quote that closes the string whose content starts at `from`.
-fn string_end(json: &[u8], mut from: usize) -> Option<usize> {
+/// The index of the quote that closes the JSON string whose content starts at `from`;
+/// `None` when `json` ends first.
+pub(super) fn string_end(json: &[u8], mut from: usize) -> Option<usize> {
     loop {
         let at = from + memchr::memchr2(b'"', b'\\', json.get(from..)?)?;
         if json[at] == b'"' {

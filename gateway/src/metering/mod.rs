@@ -113,15 +113,7 @@ fn string_value(rest: &[u8]) -> Option<(usize, Option<usize>)> {
         return None;
     }
     let start = i + 1;
-    let mut j = start;
-    while let Some(&b) = rest.get(j) {
-        match b {
-            b'\\' => j += 2,
-            b'"' => return Some((start, Some(j))),
-            _ => j += 1,
-        }
-    }
-    Some((start, None))
+    Some((start, json_scan::string_end(rest, start)))
 }
 
 /// Token usage as OpenAI reports it.
